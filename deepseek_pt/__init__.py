@@ -1,0 +1,1 @@
+"""deepseek_pt: DeepSeek-V3-style pretraining (MLA + MoE) on DeepSpeed."""

@@ -1,0 +1,429 @@
+"""Typed run configuration: YAML -> dataclasses, dotted overrides, validation with key paths.
+
+Every field is documented where it is declared. `load_config(path, overrides)` is the one way in:
+unknown keys, wrong types and impossible values raise `ConfigError` naming the file and the full
+key path (e.g. `configs/smoke.yaml: model.moe.top_k: 9 > model.moe.n_routed_experts (8)`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad configuration value; the message names the source and the key path."""
+
+
+# --------------------------------------------------------------------------------------------
+# Model
+
+
+@dataclass
+class RopeConfig:
+    theta: float = 10000.0
+    """Base of the rotary frequencies."""
+    scaling: Literal["none", "yarn"] = "none"
+    """`yarn` stretches the low frequencies for long context (DeepSeek-V2/V3)."""
+    factor: float = 1.0
+    """YaRN: context extension factor."""
+    original_max_position_embeddings: int = 4096
+    """YaRN: context length the frequencies were trained for."""
+    beta_fast: float = 32.0
+    """YaRN: rotations above which a frequency is kept as is."""
+    beta_slow: float = 1.0
+    """YaRN: rotations below which a frequency is fully interpolated."""
+    mscale: float = 1.0
+    """YaRN: magnitude scale of the rotary embedding."""
+    mscale_all_dim: float = 0.0
+    """YaRN: softmax-scale correction; the attention scale is multiplied by mscale(factor, this)^2."""
+
+
+@dataclass
+class AttentionConfig:
+    n_heads: int = 16
+    """Number of attention heads."""
+    q_lora_rank: int = 0
+    """Rank of the low-rank query path (q_a_proj -> RMSNorm -> q_b_proj); 0 = full-rank q_proj."""
+    kv_lora_rank: int = 512
+    """Rank of the joint key/value compression: the latent that the decode cache stores."""
+    qk_nope_head_dim: int = 128
+    """Per-head query/key dimension without rotary embedding."""
+    qk_rope_head_dim: int = 64
+    """Per-head query dimension with rotary embedding; the rotary key is shared across heads."""
+    v_head_dim: int = 128
+    """Per-head value dimension."""
+    use_output_subspace: bool = False
+    """MLA-o: split the output projection into o_a_proj (heads*v -> o_latent_dim) -> o_b_proj."""
+    o_latent_dim: int | None = None
+    """MLA-o latent width; required and positive when use_output_subspace is on."""
+    o_init: Literal["normal", "xavier"] = "normal"
+    """MLA-o init of a fresh model: `normal` (std from model.init_std) or `xavier` (the prototype's)."""
+    rope: RopeConfig = field(default_factory=RopeConfig)
+
+
+@dataclass
+class MoEConfig:
+    n_routed_experts: int = 64
+    """Routed experts per MoE layer."""
+    n_shared_experts: int = 2
+    """Shared experts (always active), fused into one SwiGLU of width n_shared * expert_inter_dim."""
+    top_k: int = 6
+    """Routed experts per token."""
+    expert_inter_dim: int = 1408
+    """Hidden width of one expert's SwiGLU."""
+    n_expert_groups: int = 1
+    """Experts are split into this many groups for group-limited routing."""
+    n_limited_groups: int = 1
+    """Each token routes within its best this-many groups."""
+    score_func: Literal["sigmoid", "softmax"] = "sigmoid"
+    """Affinity function: sigmoid (V3) or softmax (V2)."""
+    norm_topk_prob: bool = True
+    """Normalise the selected experts' weights to sum to one."""
+    route_scale: float = 1.0
+    """Routed scaling factor applied to the gating weights."""
+    n_dense_layers: int = 1
+    """The first this-many layers use a dense SwiGLU instead of MoE."""
+    bias_update_rate: float = 0.001
+    """Auxiliary-loss-free balancing step u: bias += u * sign(mean_load - load); 0 disables."""
+    seq_aux_loss_alpha: float = 0.0
+    """Weight of the complementary sequence-wise balance loss; 0 disables."""
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 32000
+    """Vocabulary size; the tokenizer's vocabulary must fit."""
+    dim: int = 2048
+    """Hidden size."""
+    inter_dim: int = 10944
+    """Hidden width of the dense SwiGLU layers."""
+    n_layers: int = 4
+    """Transformer blocks."""
+    max_seq_len: int = 4096
+    """Longest sequence the rotary tables are built for."""
+    norm_eps: float = 1e-6
+    """RMSNorm epsilon."""
+    init_std: float = 0.006
+    """Std of the normal init of every weight matrix (DeepSeek-V3 uses 0.006)."""
+    tie_embeddings: bool = False
+    """Share the embedding and output head weights."""
+    mtp_depth: int = 0
+    """Multi-token prediction modules (DeepSeek-V3 MTP); 0 disables."""
+    mtp_loss_weight: float = 0.3
+    """Weight lambda of the averaged MTP losses."""
+    attention: AttentionConfig = field(default_factory=AttentionConfig)
+    moe: MoEConfig = field(default_factory=MoEConfig)
+
+
+# --------------------------------------------------------------------------------------------
+# Run
+
+
+@dataclass
+class DataConfig:
+    path: str = "data/shards"
+    """Directory holding manifest.json and the token shards (built by data_prep/build_shards.py)."""
+    seq_len: int = 2048
+    """Training sequence length (each sample reads seq_len + 1 tokens)."""
+    seed: int = 1234
+    """Seed of the sample order."""
+    verify_checksums: bool = False
+    """Hash every shard against the manifest on open (sizes are always checked)."""
+    train_split: str = "train"
+    """Manifest split to train on."""
+    val_split: str = "val"
+    """Manifest split to evaluate on."""
+
+
+@dataclass
+class TrainConfig:
+    micro_batch_size: int = 4
+    """Sequences per rank per micro-step."""
+    grad_accum_steps: int = 1
+    """Micro-steps per optimizer step."""
+    max_steps: int = 1000
+    """Optimizer steps of the whole run (the LR schedule spans these)."""
+    exit_at_step: int | None = None
+    """Checkpoint and exit 0 at this step (for chained jobs); null = run to max_steps."""
+    exit_after_minutes: float | None = None
+    """Checkpoint and exit 0 once this much wall time has passed (a job near its time limit)."""
+    resume: str = "auto"
+    """`auto` = latest complete checkpoint in run.dir if any; `none` = start fresh; or a checkpoint path."""
+    lr: float = 3e-4
+    """Peak learning rate."""
+    min_lr: float = 3e-5
+    """Final learning rate of the decay."""
+    warmup_steps: int = 100
+    """Linear warmup steps."""
+    schedule: Literal["cosine", "wsd", "constant"] = "cosine"
+    """Decay after warmup: cosine, warmup-stable-decay, or constant."""
+    wsd_decay_fraction: float = 0.1
+    """WSD: fraction of max_steps spent in the final linear decay."""
+    weight_decay: float = 0.1
+    """AdamW weight decay (not applied to norms, biases and embeddings)."""
+    beta1: float = 0.9
+    """AdamW beta1."""
+    beta2: float = 0.95
+    """AdamW beta2."""
+    adam_eps: float = 1e-8
+    """AdamW epsilon."""
+    grad_clip: float = 1.0
+    """Global gradient-norm clip; 0 disables."""
+    seed: int = 42
+    """Seed of the model init and every other RNG."""
+    activation_checkpointing: bool = False
+    """Recompute each block's activations in backward."""
+    eval_every: int = 0
+    """Evaluate on the val split every this many steps (and at the end); 0 disables."""
+    eval_batches: int = 8
+    """Micro-batches per rank in one evaluation."""
+    save_every: int = 0
+    """Checkpoint every this many steps; 0 = only at exit points."""
+    keep_last: int = 3
+    """Checkpoints to keep; older ones are deleted once a newer one is complete."""
+    log_every: int = 1
+    """Console refresh interval in steps (metrics.jsonl gets every step)."""
+
+
+@dataclass
+class ParallelConfig:
+    zero_stage: Literal[0, 1, 2, 3] = 3
+    """DeepSpeed ZeRO stage."""
+    expert_parallel_size: int = 1
+    """Ranks one MoE layer's routed experts are split over (DeepSpeed AutoEP); must divide them."""
+    overlap_comm: bool = True
+    """Overlap ZeRO-3 gathers/reductions with compute."""
+    backend: Literal["auto", "nccl", "gloo"] = "auto"
+    """torch.distributed backend; auto = nccl on GPU, gloo on CPU."""
+
+
+@dataclass
+class Fp8Config:
+    recipe: Literal["tensorwise", "rowwise", "blockwise"] = "rowwise"
+    """Float8 scaling: per-tensor, per-row, or DeepSeek-V3 1x128 / 128x128 blocks."""
+    emulate: bool = False
+    """Allow precision=fp8 without FP8 hardware by emulating it (slow, for tests)."""
+
+
+@dataclass
+class RunConfig:
+    dir: str = "runs/default"
+    """Run directory: resolved config, metrics.jsonl, checkpoints/."""
+    name: str | None = None
+    """Run name for logs and wandb; defaults to the run directory's name."""
+    wandb: Literal["disabled", "online", "offline"] = "disabled"
+    """Weights & Biases mode."""
+    wandb_project: str = "deepseek_pt"
+    """Weights & Biases project."""
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    precision: Literal["fp32", "bf16", "fp8"] = "bf16"
+    """Compute precision; master weights and optimizer state stay fp32."""
+    fp8: Fp8Config = field(default_factory=Fp8Config)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
+        return " | ".join(_type_name(a) for a in typing.get_args(tp))
+    return "null" if tp is type(None) else getattr(tp, "__name__", str(tp))
+
+
+def _convert(value: Any, tp: Any, key: str, where: str) -> Any:
+    """Check `value` against annotation `tp`, building nested dataclasses; ints widen to floats."""
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: {key}: expected a mapping, got {value!r}")
+        return _build(tp, value, key, where)
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        if value not in typing.get_args(tp) or isinstance(value, bool) != any(
+            isinstance(a, bool) for a in typing.get_args(tp)
+        ):
+            raise ConfigError(f"{where}: {key}: {value!r} is not one of {_type_name(tp)}")
+        return value
+    if isinstance(tp, types.UnionType) or origin is typing.Union:
+        errors = []
+        for option in typing.get_args(tp):
+            if option is type(None):
+                if value is None:
+                    return None
+                continue
+            try:
+                return _convert(value, option, key, where)
+            except ConfigError as e:
+                errors.append(e)
+        raise ConfigError(f"{where}: {key}: expected {_type_name(tp)}, got {value!r}")
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is float and isinstance(value, str):
+        try:  # YAML 1.1 reads "3e-4" as a string
+            return float(value)
+        except ValueError:
+            pass
+    if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
+        raise ConfigError(f"{where}: {key}: expected {_type_name(tp)}, got {value!r}")
+    return value
+
+
+def _build(cls: type, data: dict, prefix: str, where: str):
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for k in data:
+        if k not in names:
+            path = f"{prefix}.{k}" if prefix else str(k)
+            raise ConfigError(f"{where}: {path}: unknown key (allowed: {', '.join(sorted(names))})")
+    kwargs = {}
+    for k, v in data.items():
+        path = f"{prefix}.{k}" if prefix else k
+        kwargs[k] = _convert(v, hints[k], path, where)
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any, where: str) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for i, k in enumerate(keys[:-1]):
+        child = node.setdefault(k, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{where}: {'.'.join(keys[: i + 1])}: is a value, not a section")
+        node = child
+    node[keys[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
+    """`key.path=value` strings -> (key, YAML-parsed value)."""
+    parsed = []
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key or any(not part for part in key.split(".")):
+            raise ConfigError(f"override {item!r}: expected key.path=value")
+        parsed.append((key, yaml.safe_load(raw) if raw != "" else None))
+    return parsed
+
+
+def config_from_dict(data: dict, where: str = "<dict>", overrides: list[str] = ()) -> Config:
+    data = dict(data or {})
+    for key, value in parse_overrides(list(overrides)):
+        _set_dotted(data, key, value, f"{where} (override {key}={value!r})")
+    cfg = _build(Config, data, "", where)
+    validate(cfg, where)
+    return cfg
+
+
+def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
+    """Load a YAML config, apply `key.path=value` overrides, validate; ConfigError on bad input."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if data is not None and not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
+    return config_from_dict(data or {}, str(path), overrides)
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    path = Path(path)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    tmp.replace(path)
+
+
+# --------------------------------------------------------------------------------------------
+# Validation: impossible values, named by key path
+
+
+def validate(cfg: Config, where: str = "<config>") -> None:
+    def check(ok: bool, key: str, msg: str) -> None:
+        if not ok:
+            raise ConfigError(f"{where}: {key}: {msg}")
+
+    m, a, moe, r = cfg.model, cfg.model.attention, cfg.model.moe, cfg.model.attention.rope
+    for key, v in [
+        ("model.vocab_size", m.vocab_size), ("model.dim", m.dim), ("model.inter_dim", m.inter_dim),
+        ("model.n_layers", m.n_layers), ("model.max_seq_len", m.max_seq_len),
+        ("model.attention.n_heads", a.n_heads), ("model.attention.kv_lora_rank", a.kv_lora_rank),
+        ("model.attention.qk_rope_head_dim", a.qk_rope_head_dim), ("model.attention.v_head_dim", a.v_head_dim),
+        ("model.moe.n_routed_experts", moe.n_routed_experts), ("model.moe.top_k", moe.top_k),
+        ("model.moe.expert_inter_dim", moe.expert_inter_dim), ("model.moe.n_expert_groups", moe.n_expert_groups),
+        ("model.moe.n_limited_groups", moe.n_limited_groups),
+        ("data.seq_len", cfg.data.seq_len), ("train.micro_batch_size", cfg.train.micro_batch_size),
+        ("train.grad_accum_steps", cfg.train.grad_accum_steps), ("train.max_steps", cfg.train.max_steps),
+        ("train.eval_batches", cfg.train.eval_batches), ("train.keep_last", cfg.train.keep_last),
+        ("train.log_every", cfg.train.log_every), ("parallel.expert_parallel_size", cfg.parallel.expert_parallel_size),
+    ]:
+        check(v > 0, key, f"must be positive, got {v}")
+    for key, v in [
+        ("model.attention.q_lora_rank", a.q_lora_rank), ("model.attention.qk_nope_head_dim", a.qk_nope_head_dim),
+        ("model.moe.n_shared_experts", moe.n_shared_experts), ("model.moe.bias_update_rate", moe.bias_update_rate),
+        ("model.moe.seq_aux_loss_alpha", moe.seq_aux_loss_alpha), ("model.mtp_depth", m.mtp_depth),
+        ("model.mtp_loss_weight", m.mtp_loss_weight), ("train.warmup_steps", cfg.train.warmup_steps),
+        ("train.min_lr", cfg.train.min_lr), ("train.weight_decay", cfg.train.weight_decay),
+        ("train.grad_clip", cfg.train.grad_clip), ("train.eval_every", cfg.train.eval_every),
+        ("train.save_every", cfg.train.save_every),
+    ]:
+        check(v >= 0, key, f"must be >= 0, got {v}")
+    check(m.init_std > 0, "model.init_std", f"must be positive, got {m.init_std}")
+    check(m.norm_eps > 0, "model.norm_eps", f"must be positive, got {m.norm_eps}")
+    check(a.qk_rope_head_dim % 2 == 0, "model.attention.qk_rope_head_dim", f"must be even, got {a.qk_rope_head_dim}")
+    if a.use_output_subspace:
+        check(a.o_latent_dim is not None, "model.attention.o_latent_dim",
+              "required when model.attention.use_output_subspace is true")
+        check(a.o_latent_dim > 0, "model.attention.o_latent_dim", f"must be positive, got {a.o_latent_dim}")
+    check(r.theta > 0, "model.attention.rope.theta", f"must be positive, got {r.theta}")
+    if r.scaling == "yarn":
+        check(r.factor >= 1, "model.attention.rope.factor", f"must be >= 1 for yarn, got {r.factor}")
+        check(r.original_max_position_embeddings > 0, "model.attention.rope.original_max_position_embeddings",
+              f"must be positive, got {r.original_max_position_embeddings}")
+        check(r.beta_fast > r.beta_slow, "model.attention.rope.beta_fast",
+              f"must exceed beta_slow ({r.beta_slow}), got {r.beta_fast}")
+    check(moe.top_k <= moe.n_routed_experts, "model.moe.top_k",
+          f"{moe.top_k} > model.moe.n_routed_experts ({moe.n_routed_experts})")
+    check(moe.n_routed_experts % moe.n_expert_groups == 0, "model.moe.n_expert_groups",
+          f"{moe.n_expert_groups} groups do not divide model.moe.n_routed_experts ({moe.n_routed_experts})")
+    check(moe.n_limited_groups <= moe.n_expert_groups, "model.moe.n_limited_groups",
+          f"{moe.n_limited_groups} > model.moe.n_expert_groups ({moe.n_expert_groups})")
+    per_group = moe.n_routed_experts // moe.n_expert_groups
+    check(moe.n_limited_groups * per_group >= moe.top_k, "model.moe.n_limited_groups",
+          f"{moe.n_limited_groups} groups of {per_group} experts hold fewer than model.moe.top_k ({moe.top_k})")
+    check(moe.n_dense_layers <= m.n_layers, "model.moe.n_dense_layers",
+          f"{moe.n_dense_layers} > model.n_layers ({m.n_layers})")
+    check(moe.n_routed_experts % cfg.parallel.expert_parallel_size == 0, "parallel.expert_parallel_size",
+          f"{cfg.parallel.expert_parallel_size} does not divide model.moe.n_routed_experts ({moe.n_routed_experts})")
+    check(cfg.data.seq_len <= m.max_seq_len, "data.seq_len", f"{cfg.data.seq_len} > model.max_seq_len ({m.max_seq_len})")
+    check(cfg.train.lr > 0, "train.lr", f"must be positive, got {cfg.train.lr}")
+    check(cfg.train.min_lr <= cfg.train.lr, "train.min_lr", f"{cfg.train.min_lr} > train.lr ({cfg.train.lr})")
+    check(0 <= cfg.train.beta1 < 1, "train.beta1", f"must be in [0, 1), got {cfg.train.beta1}")
+    check(0 <= cfg.train.beta2 < 1, "train.beta2", f"must be in [0, 1), got {cfg.train.beta2}")
+    check(0 < cfg.train.wsd_decay_fraction <= 1, "train.wsd_decay_fraction",
+          f"must be in (0, 1], got {cfg.train.wsd_decay_fraction}")
+    if cfg.train.exit_at_step is not None:
+        check(0 < cfg.train.exit_at_step <= cfg.train.max_steps, "train.exit_at_step",
+              f"must be in [1, train.max_steps={cfg.train.max_steps}], got {cfg.train.exit_at_step}")
+    if cfg.train.exit_after_minutes is not None:
+        check(cfg.train.exit_after_minutes > 0, "train.exit_after_minutes",
+              f"must be positive, got {cfg.train.exit_after_minutes}")
