@@ -1,0 +1,135 @@
+"""The DeepSeek-V3 decoder: pre-norm blocks of MLA + (dense SwiGLU | MoE), optional MTP modules."""
+from __future__ import annotations
+
+import copy
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ModelConfig
+from .layers import RMSNorm, SwiGLU
+from .mla import MLA, MLACache, fold_output_projection, split_output_projection
+from .moe import MoE
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig, moe: bool):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.dim, config.norm_eps)
+        self.self_attn = MLA(config)
+        self.post_attention_layernorm = RMSNorm(config.dim, config.norm_eps)
+        self.mlp = MoE(config) if moe else SwiGLU(config.dim, config.inter_dim)
+
+    def forward(self, x: torch.Tensor, cache: MLACache | None = None, start_pos: int = 0) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cache, start_pos)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class MTPModule(nn.Module):
+    """DeepSeek-V3 multi-token prediction depth k: combines the previous depth's hidden state at i with
+    the embedding of token i+k, runs one block, and predicts token i+k+1 through the shared head."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.enorm = RMSNorm(config.dim, config.norm_eps)
+        self.hnorm = RMSNorm(config.dim, config.norm_eps)
+        self.eh_proj = nn.Linear(2 * config.dim, config.dim, bias=False)
+        self.block = Block(config, moe=config.moe.n_dense_layers < config.n_layers)
+        self.norm = RMSNorm(config.dim, config.norm_eps)
+
+    def forward(self, h_prev: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        return self.block(self.eh_proj(torch.cat([self.hnorm(h_prev), self.enorm(emb)], dim=-1)))
+
+
+class Transformer(nn.Module):
+    """`model(input_ids)` -> logits [B, T, vocab]; `model(input_ids, targets)` -> scalar training loss
+    (next-token CE + MTP + sequence balance terms; the parts are in `model.last_losses`)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = copy.deepcopy(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.dim)
+        self.layers = nn.ModuleList(Block(config, moe=i >= config.moe.n_dense_layers) for i in range(config.n_layers))
+        self.norm = RMSNorm(config.dim, config.norm_eps)
+        self.lm_head = nn.Linear(config.dim, config.vocab_size, bias=False)
+        self.mtp = nn.ModuleList(MTPModule(config) for _ in range(config.mtp_depth))
+        # Set by the engine to recompute each block in backward (activation checkpointing).
+        self.checkpoint_fn: Callable | None = None
+        self.last_losses: dict[str, float] = {}
+        self.reset_parameters()
+        if config.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        std = self.config.init_std
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+        for moe in self.moe_layers():
+            nn.init.normal_(moe.gate.weight, mean=0.0, std=std)
+        if self.config.attention.use_output_subspace and self.config.attention.o_init == "xavier":
+            for layer in self.attention_layers():
+                nn.init.xavier_uniform_(layer.o_a_proj.weight)
+                nn.init.xavier_uniform_(layer.o_b_proj.weight)
+
+    def attention_layers(self) -> list[MLA]:
+        return [m for m in self.modules() if isinstance(m, MLA)]
+
+    def moe_layers(self) -> list[MoE]:
+        return [m for m in self.modules() if isinstance(m, MoE)]
+
+    def _run_block(self, block: Block, h: torch.Tensor) -> torch.Tensor:
+        return self.checkpoint_fn(block, h) if self.checkpoint_fn is not None and self.training else block(h)
+
+    def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None,
+                caches: list[MLACache] | None = None, start_pos: int = 0) -> torch.Tensor:
+        h = self.embed_tokens(input_ids)
+        for i, block in enumerate(self.layers):
+            h = block(h, caches[i], start_pos) if caches is not None else self._run_block(block, h)
+        if targets is None:
+            return self.lm_head(self.norm(h))
+        losses = {"lm_loss": _cross_entropy(self.lm_head(self.norm(h)), targets)}
+        total = losses["lm_loss"]
+        if len(self.mtp):
+            # Depth k sees positions [0, T-k): the previous hidden state there, the embedding of the
+            # input token k ahead, and predicts targets k ahead.
+            T, mtp_losses = input_ids.shape[1], []
+            for k, module in enumerate(self.mtp, start=1):
+                h = module(h[:, : T - k], self.embed_tokens(input_ids[:, k:]))
+                mtp_losses.append(_cross_entropy(self.lm_head(module.norm(h)), targets[:, k:]))
+            losses["mtp_loss"] = torch.stack(mtp_losses).mean()
+            total = total + self.config.mtp_loss_weight * losses["mtp_loss"]
+        aux = [m.aux_loss for m in self.moe_layers() if m.aux_loss is not None]
+        if aux:
+            losses["balance_loss"] = torch.stack(aux).sum()
+            total = total + losses["balance_loss"]
+        self.last_losses = {k: v.detach() for k, v in losses.items()}
+        return total
+
+    def new_caches(self, batch: int, max_len: int, dtype=torch.float32, device=None) -> list[MLACache]:
+        return [MLACache.empty(self.config, batch, max_len, dtype, device) for _ in self.layers]
+
+
+def _cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
+
+
+def to_output_subspace(model: Transformer, o_latent_dim: int, init: str = "svd") -> list[float]:
+    """Convert every MLA of `model` to MLA-o of width o_latent_dim; returns each layer's relative error."""
+    if model.config.attention.use_output_subspace:
+        raise ValueError("model already uses MLA-o (model.attention.use_output_subspace is true)")
+    errors = [split_output_projection(attn, o_latent_dim, init) for attn in model.attention_layers()]
+    model.config.attention.use_output_subspace, model.config.attention.o_latent_dim = True, o_latent_dim
+    return errors
+
+
+def to_plain_output(model: Transformer) -> None:
+    """Convert every MLA-o of `model` back to a single o_proj (their exact product)."""
+    if not model.config.attention.use_output_subspace:
+        raise ValueError("model does not use MLA-o (model.attention.use_output_subspace is false)")
+    for attn in model.attention_layers():
+        fold_output_projection(attn)
+    model.config.attention.use_output_subspace, model.config.attention.o_latent_dim = False, None
