@@ -1,0 +1,67 @@
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from deepseek_pt.config import ConfigError, load_config
+from deepseek_pt.params import main as params_main
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in CONFIGS.glob("*.yaml")))
+def test_shipped_configs_load(name):
+    load_config(CONFIGS / name)
+
+
+def _write(tmp_path, data) -> Path:
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+@pytest.mark.parametrize("data, overrides, message", [
+    ({"model": {"moe": {"topk": 2}}}, [], "model.moe.topk: unknown key"),
+    ({"model": {"dim": "wide"}}, [], "model.dim: expected int, got 'wide'"),
+    ({"model": {"moe": {"top_k": 9, "n_routed_experts": 8}}}, [], "model.moe.top_k: 9 > model.moe.n_routed_experts (8)"),
+    ({"model": {"moe": {"n_routed_experts": 8, "n_expert_groups": 3}}}, [], "model.moe.n_expert_groups: 3 groups do not divide"),
+    ({"model": {"attention": {"use_output_subspace": True}}}, [], "model.attention.o_latent_dim: required"),
+    ({"model": {"attention": {"use_output_subspace": True, "o_latent_dim": 0}}}, [], "model.attention.o_latent_dim: must be positive"),
+    ({"precision": "fp16"}, [], "precision: 'fp16' is not one of 'fp32' | 'bf16' | 'fp8'"),
+    ({"train": {"exit_at_step": 20, "max_steps": 10}}, [], "train.exit_at_step: must be in [1, train.max_steps=10]"),
+    ({}, ["model.attention.use_output_subspace=true"], "model.attention.o_latent_dim: required"),
+    ({}, ["parallel.expert_parallel_size=5"], "parallel.expert_parallel_size: 5 does not divide"),
+    ({}, ["model.moe.bogus=1"], "model.moe.bogus: unknown key"),
+    ({}, ["model.dim"], "expected key.path=value"),
+    ({"model": 3}, [], "model: expected a mapping"),
+])
+def test_errors_name_the_file_and_key(tmp_path, data, overrides, message):
+    path = _write(tmp_path, data)
+    with pytest.raises(ConfigError) as err:
+        load_config(path, overrides)
+    assert message in str(err.value)
+    if "key.path=value" not in message:
+        assert str(path) in str(err.value)
+
+
+def test_overrides_are_typed_and_applied(tmp_path):
+    cfg = load_config(_write(tmp_path, {}), ["model.attention.use_output_subspace=true",
+                                             "model.attention.o_latent_dim=256", "train.lr=1e-3", "run.dir=/tmp/x"])
+    assert cfg.model.attention.use_output_subspace and cfg.model.attention.o_latent_dim == 256
+    assert cfg.train.lr == 1e-3 and cfg.run.dir == "/tmp/x"
+
+
+def test_params_report_on_the_published_671b_shape(capsys):
+    assert params_main([str(CONFIGS / "deepseek-v3-671b.yaml"), "model.mtp_depth=0"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert round(report["total_params"] / 1e9) == 671
+    assert round(report["active_params"] / 1e9) == 37
+    # 61 layers x (512 latent + 64 rope) x 2 bytes
+    assert report["kv_cache_bytes_per_token"] == 61 * 576 * 2
+    assert report["shape"]["n_layers"] == 61 and report["shape"]["n_routed_experts"] == 256
+
+
+def test_params_cli_reports_bad_config(tmp_path, capsys):
+    assert params_main([str(_write(tmp_path, {"model": {"moe": {"top_k": 0}}}))]) == 2
+    assert "model.moe.top_k: must be positive" in capsys.readouterr().err
