@@ -189,6 +189,11 @@ class TrainConfig:
     """Checkpoints to keep; older ones are deleted once a newer one is complete."""
     log_every: int = 1
     """Console refresh interval in steps (metrics.jsonl gets every step)."""
+    init_from: str | None = None
+    """Export directory (deepseek_pt.export, e.g. from `convert hf-to-ds`) whose weights start a fresh
+    run: continued pretraining. Ignored when resuming from a checkpoint."""
+    peak_tflops: float | None = None
+    """Per-device peak for MFU; null = the GPU's dense bf16 peak by name (none on CPU: MFU is null)."""
 
 
 @dataclass

@@ -1,0 +1,1 @@
+"""The training engine on DeepSpeed: config generation, balancing, checkpoints, metrics."""

@@ -1,0 +1,202 @@
+"""Sharded DeepSpeed checkpoints that count only once complete, verified on load.
+
+Layout under `<run.dir>/checkpoints/`:
+    step_00000020/               DeepSpeed's files (one ZeRO-3 partition per rank) + ours:
+        rng/rank_R.pt            each rank's RNG state
+        meta.json                written last by rank 0, after every rank finished: step, world and
+                                 EP size, and the size + sha256 of every file (the completion marker)
+    step_00000020_universal/     made on demand to resume on another world size or EP size
+    latest                       the newest complete tag, replaced atomically after meta.json
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+FORMAT_VERSION = 1
+
+
+class CheckpointError(RuntimeError):
+    """A missing, partial or corrupt checkpoint; the message names it."""
+
+
+def checkpoints_dir(run_dir: str | Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def tag_for(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.replace(path)
+
+
+def atomic_torch_save(obj, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    torch.save(obj, tmp)
+    tmp.replace(path)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _files(tag_dir: Path) -> list[str]:
+    return sorted(str(p.relative_to(tag_dir)) for p in tag_dir.rglob("*")
+                  if p.is_file() and p.name != "meta.json" and not p.name.startswith("."))
+
+
+def _hash_share(tag_dir: Path, names: list[str]) -> dict[str, dict]:
+    """Every rank hashes its share of the files; rank 0 gets them all."""
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    mine = {n: {"bytes": (tag_dir / n).stat().st_size, "sha256": _sha256(tag_dir / n)} for n in names[rank::world]}
+    if world == 1:
+        return mine
+    parts = [None] * world
+    dist.all_gather_object(parts, mine)
+    return {k: v for part in parts for k, v in part.items()}
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def save(engine, run_dir: Path, step: int, client_state: dict, ep_size: int, keep_last: int) -> Path:
+    """Collective: every rank calls it. Returns the checkpoint directory."""
+    root = checkpoints_dir(run_dir)
+    tag = tag_for(step)
+    tag_dir = root / tag
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if rank == 0 and tag_dir.exists():  # leftovers of an interrupted save of the same step
+        shutil.rmtree(tag_dir)
+    dist.barrier()
+    engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False)
+    (tag_dir / "rng").mkdir(parents=True, exist_ok=True)
+    atomic_torch_save(rng_state(), tag_dir / "rng" / f"rank_{rank}.pt")
+    dist.barrier()
+    files = _hash_share(tag_dir, _files(tag_dir))
+    if rank == 0:
+        meta = {"format_version": FORMAT_VERSION, "step": step, "world_size": world, "ep_size": ep_size, "files": files}
+        atomic_write_text(tag_dir / "meta.json", json.dumps(meta, indent=1))
+        atomic_write_text(root / "latest", tag + "\n")
+        _prune(root, keep_last)
+    dist.barrier()
+    return tag_dir
+
+
+def _prune(root: Path, keep_last: int) -> None:
+    """Delete complete checkpoints beyond the newest keep_last, and any incomplete older one."""
+    tags = sorted(p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith("_universal"))
+    complete = [p for p in tags if (p / "meta.json").exists()]
+    keep = set(complete[-keep_last:])
+    newest = complete[-1] if complete else None
+    for p in tags:
+        if p not in keep and (p in complete or (newest is not None and p.name < newest.name)):
+            shutil.rmtree(p, ignore_errors=True)
+            shutil.rmtree(p.with_name(p.name + "_universal"), ignore_errors=True)
+
+
+def resolve(resume: str, run_dir: Path) -> Path | None:
+    """The checkpoint directory to resume from: `auto` (latest complete, if any), `none`, or a path."""
+    if resume == "none":
+        return None
+    if resume == "auto":
+        latest = checkpoints_dir(run_dir) / "latest"
+        if not latest.exists():
+            return None
+        tag_dir = latest.parent / latest.read_text().strip()
+        if not (tag_dir / "meta.json").exists():
+            raise CheckpointError(f"{latest} points to {tag_dir}, which is missing or incomplete (no meta.json)")
+        return tag_dir
+    tag_dir = Path(resume)
+    if (tag_dir / "latest").exists() and not (tag_dir / "meta.json").exists():  # a checkpoints/ dir
+        return resolve("auto", tag_dir.parent)
+    if not tag_dir.is_dir():
+        raise CheckpointError(f"train.resume: checkpoint {tag_dir} does not exist")
+    if not (tag_dir / "meta.json").exists():
+        raise CheckpointError(f"train.resume: {tag_dir} is not a complete checkpoint (no meta.json)")
+    return tag_dir
+
+
+def read_meta(tag_dir: Path) -> dict:
+    try:
+        return json.loads((tag_dir / "meta.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{tag_dir / 'meta.json'}: unreadable ({e})") from None
+
+
+def verify(tag_dir: Path) -> dict:
+    """Collective: check every file of the checkpoint against meta.json (sizes, then sha256 shared
+    over ranks). Raises CheckpointError naming the first bad file on every rank."""
+    meta = read_meta(tag_dir)
+    problems = []
+    for name, want in meta["files"].items():
+        path = tag_dir / name
+        if not path.exists():
+            problems.append(f"{path}: missing")
+        elif path.stat().st_size != want["bytes"]:
+            problems.append(f"{path}: {path.stat().st_size} bytes, meta.json says {want['bytes']} (truncated or overwritten)")
+    if not problems:
+        got = _hash_share(tag_dir, sorted(meta["files"]))
+        problems = [f"{tag_dir / n}: sha256 mismatch (corrupt)" for n, want in meta["files"].items()
+                    if got[n]["sha256"] != want["sha256"]]
+    if problems:
+        raise CheckpointError(f"checkpoint {tag_dir} failed verification: " + "; ".join(problems[:5]))
+    return meta
+
+
+def ensure_universal(tag_dir: Path) -> Path:
+    """Collective: rank 0 converts the checkpoint with DeepSpeed's ds_to_universal (once; the result
+    is kept beside it), the others wait. Returns the universal checkpoint's directory."""
+    out = tag_dir.with_name(tag_dir.name + "_universal")
+    if dist.get_rank() == 0 and not (out / "meta.json").exists():
+        tmp = tag_dir.with_name(f".{out.name}.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(tag_dir),
+               "--output_folder", str(tmp), "--num_extract_workers", "1", "--num_merge_workers", "1"]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise CheckpointError(f"ds_to_universal failed on {tag_dir}:\n{proc.stderr[-3000:]}")
+        shutil.copytree(tag_dir / "rng", tmp / "rng", dirs_exist_ok=True)
+        shutil.copy2(tag_dir / "meta.json", tmp / "meta.json")
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    dist.barrier()
+    return out
+
+
+def unshare_optimizer_steps(optimizer) -> None:
+    """DeepSpeed 0.19.8 defect: after a universal load every ZeRO-3 sub-group's Adam state shares one
+    `step` tensor, so it advances once per group per step. Give each its own copy."""
+    inner = getattr(optimizer, "optimizer", optimizer)
+    for state in inner.state.values():
+        if torch.is_tensor(state.get("step")):
+            state["step"] = state["step"].clone()

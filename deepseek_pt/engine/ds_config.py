@@ -1,0 +1,85 @@
+"""The DeepSpeed config, generated from ours (never written by hand beside it)."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..config import Config
+
+# Our MoE blocks: layers.N.mlp and mtp.K.block.mlp. Dense layers match too; AutoEP leaves blocks
+# without an `experts` child alone.
+MOE_LAYER_PATTERN = r"(layers\.\d+|mtp\.\d+\.block)\.mlp"
+
+
+def autoep_section(cfg: Config) -> dict:
+    """DeepSpeed AutoEP settings that reproduce our MoE block exactly. Every key is explicit: unset
+    ones fall back to softmax scoring and fused gate_up names, and shared experts are dropped
+    silently without both has_shared_experts and shared_experts_pattern."""
+    moe = cfg.model.moe
+    grouped = moe.n_expert_groups > 1
+    return {
+        "enabled": True,
+        "autoep_size": cfg.parallel.expert_parallel_size,
+        "moe_layer_pattern": MOE_LAYER_PATTERN,
+        "router_pattern": "gate",
+        "expert_pattern": "experts",
+        "expert_w1": "gate_proj",
+        "expert_w2": "down_proj",
+        "expert_w3": "up_proj",
+        "has_shared_experts": moe.n_shared_experts > 0,
+        "shared_experts_pattern": "shared_experts" if moe.n_shared_experts > 0 else None,
+        "score_func": moe.score_func,
+        "score_apply": "post",
+        "route_norm": moe.norm_topk_prob,
+        "route_scale": moe.route_scale,
+        "routed_scaling_factor": moe.route_scale,
+        "top_k": moe.top_k,
+        "num_expert_groups": moe.n_expert_groups if grouped else None,
+        "num_limited_groups": moe.n_limited_groups if grouped else None,
+        "use_grouped_mm": torch.cuda.is_available(),
+    }
+
+
+def lr_at(cfg: Config, step: int) -> float:
+    """Learning rate after `step` optimizer steps: linear warmup, then cosine / WSD / constant."""
+    t = cfg.train
+    if step < t.warmup_steps:
+        return t.lr * (step + 1) / t.warmup_steps
+    if t.schedule == "constant":
+        return t.lr
+    if t.schedule == "wsd":
+        decay_start = t.max_steps - max(1, round(t.wsd_decay_fraction * t.max_steps))
+        if step < decay_start:
+            return t.lr
+        frac = min(1.0, (step - decay_start) / max(1, t.max_steps - decay_start))
+        return t.lr + (t.min_lr - t.lr) * frac
+    frac = min(1.0, (step - t.warmup_steps) / max(1, t.max_steps - t.warmup_steps))
+    return t.min_lr + 0.5 * (t.lr - t.min_lr) * (1 + math.cos(math.pi * frac))
+
+
+def build_ds_config(cfg: Config, world_size: int, has_moe: bool, load_universal: bool = False) -> dict:
+    t, p = cfg.train, cfg.parallel
+    ds = {
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": t.grad_accum_steps,
+        "train_batch_size": t.micro_batch_size * t.grad_accum_steps * world_size,
+        "gradient_clipping": t.grad_clip,
+        "steps_per_print": 2**31 - 1,  # we log ourselves
+        "optimizer": {
+            "type": "AdamW",
+            "params": {"lr": t.lr, "betas": [t.beta1, t.beta2], "eps": t.adam_eps, "weight_decay": t.weight_decay,
+                       # FusedAdam is a CUDA kernel; on CPU torch's AdamW does the same update.
+                       **({} if torch.cuda.is_available() else {"torch_adam": True})},
+        },
+        "zero_optimization": {
+            "stage": p.zero_stage,
+            "overlap_comm": p.overlap_comm and torch.cuda.is_available(),
+            "contiguous_gradients": True,
+        },
+        "bf16": {"enabled": cfg.precision in ("bf16", "fp8")},
+        "checkpoint": {"load_universal": load_universal},
+    }
+    if has_moe:
+        ds["expert_parallel"] = autoep_section(cfg)
+    return ds

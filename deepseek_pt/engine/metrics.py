@@ -1,0 +1,82 @@
+"""Per-step metrics: metrics.jsonl (every step, rank 0), a console progress bar, optional wandb."""
+from __future__ import annotations
+
+import json
+import os
+import resource
+import sys
+from pathlib import Path
+
+import torch
+
+# Dense bf16 peak of the GPU, by name fragment: the MFU denominator (FP8 runs are measured against it too).
+PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "H800": 989.0, "A100": 312.0, "A800": 312.0, "L40S": 362.0}
+
+
+def peak_flops(configured_tflops: float | None) -> float | None:
+    if configured_tflops:
+        return configured_tflops * 1e12
+    if torch.cuda.is_available():
+        name = torch.cuda.get_device_name()
+        for key, tflops in PEAK_BF16_TFLOPS.items():
+            if key in name:
+                return tflops * 1e12
+    return None  # CPU or unknown GPU: no honest peak to divide by
+
+
+def peak_memory_gib() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+
+
+class MetricsLogger:
+    """Rank 0 writes; other ranks hold a no-op logger so the loop needs no rank checks."""
+
+    def __init__(self, run_dir: Path, cfg, enabled: bool, start_step: int, wandb_id: str | None):
+        self.enabled = enabled
+        self.bar = None
+        self.wandb = None
+        self.wandb_id = wandb_id
+        if not enabled:
+            return
+        self.file = open(run_dir / "metrics.jsonl", "a", buffering=1)
+        if sys.stderr.isatty() or os.environ.get("DEEPSEEK_PT_PROGRESS") == "1":
+            from tqdm import tqdm
+            self.bar = tqdm(total=cfg.train.max_steps, initial=start_step, dynamic_ncols=True, desc="train")
+        if cfg.run.wandb != "disabled":
+            import wandb
+            self.wandb = wandb.init(project=cfg.run.wandb_project, name=cfg.run.name or run_dir.name,
+                                    dir=str(run_dir), mode=cfg.run.wandb, id=wandb_id, resume="allow",
+                                    config=cfg.to_dict())
+            self.wandb_id = self.wandb.id
+
+    def log(self, record: dict, console_every: int = 1) -> None:
+        if not self.enabled:
+            return
+        self.file.write(json.dumps(record) + "\n")
+        if self.wandb is not None:
+            self.wandb.log({k: v for k, v in record.items() if k != "step" and v is not None}, step=record["step"])
+        shown = {k: record.get(k) for k in ("loss", "lr", "grad_norm", "tokens_per_s", "mfu", "expert_load", "eval_loss")}
+        text = " ".join(f"{k}={_fmt(v)}" for k, v in shown.items() if v is not None)
+        if self.bar is not None:
+            self.bar.n = record["step"]
+            self.bar.set_postfix_str(text, refresh=False)
+            self.bar.refresh()
+        elif record["step"] % console_every == 0 or "eval_loss" in record:
+            print(f"step {record['step']} {text}", flush=True)
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+        self.file.close()
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)

@@ -1,0 +1,291 @@
+"""python -m deepseek_pt.train --config FILE [key.path=value ...] (started by the deepspeed launcher)
+
+The loop: DeepSpeed ZeRO-3 (+ AutoEP expert parallelism) steps, aux-loss-free bias balancing after
+each optimizer step, one metrics.jsonl line per step, evaluation and checkpoints on schedule, and a
+clean checkpoint + exit 0 at train.exit_at_step, train.exit_after_minutes, or SIGTERM/SIGINT.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from .config import Config, ConfigError, load_config, save_config
+from .engine import balance, checkpoint
+from .engine.checkpoint import CheckpointError
+from .engine.ds_config import build_ds_config, lr_at
+from .engine.metrics import MetricsLogger, peak_flops, peak_memory_gib
+from .model import Transformer
+from .model.counting import count_params, train_flops_per_token
+
+
+class PreflightError(ValueError):
+    """Bad input found before any process group or run directory is touched."""
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(prog="python -m deepseek_pt.train", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="YAML config (configs/*.yaml)")
+    parser.add_argument("--check-only", action="store_true", help="validate config and inputs, then exit")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=100")
+    return parser.parse_args(argv)
+
+
+def uses_autoep(cfg: Config) -> bool:
+    """Routed experts go through DeepSpeed AutoEP, except a model that needs our own block's forward
+    (the sequence-wise balance loss, which AutoEP's replacement layer cannot compute)."""
+    return cfg.model.moe.n_dense_layers < cfg.model.n_layers and not cfg.model.moe.seq_aux_loss_alpha
+
+
+def preflight(cfg: Config, world_size: int) -> None:
+    """Everything that can be refused before starting: names the key or path at fault."""
+    from .data import DataError, open_manifest
+
+    has_moe = cfg.model.moe.n_dense_layers < cfg.model.n_layers
+    ep = cfg.parallel.expert_parallel_size
+    if has_moe and world_size % ep:
+        raise PreflightError(f"parallel.expert_parallel_size: {ep} does not divide the world size ({world_size} processes)")
+    if cfg.model.moe.seq_aux_loss_alpha and has_moe and ep > 1:
+        raise PreflightError(
+            "model.moe.seq_aux_loss_alpha: the sequence-wise balance loss needs deepseek_pt's own MoE block, but "
+            f"parallel.expert_parallel_size={ep} hands routed experts to DeepSpeed AutoEP, whose layer cannot "
+            "compute it; set it to 0 (bias balancing, model.moe.bias_update_rate, balances load) or use EP size 1")
+    if cfg.parallel.zero_stage == 3 and has_moe and not uses_autoep(cfg) and ep > 1:
+        raise PreflightError("parallel.expert_parallel_size > 1 requires DeepSpeed AutoEP")
+    if cfg.precision == "fp8" and not torch.cuda.is_available():
+        raise PreflightError("precision: fp8 needs a GPU with FP8 tensor cores (compute capability >= 8.9); "
+                             "this machine has none: use precision=bf16 or fp32")
+    try:
+        manifest = open_manifest(cfg.data.path)
+    except DataError as e:
+        raise PreflightError(f"data.path: {e}") from None
+    if manifest.vocab_size > cfg.model.vocab_size:
+        raise PreflightError(f"model.vocab_size: {cfg.model.vocab_size} is smaller than the tokenizer's vocabulary "
+                             f"({manifest.vocab_size}, from {Path(cfg.data.path) / 'manifest.json'})")
+    for key, split in (("data.train_split", cfg.data.train_split), ("data.val_split", cfg.data.val_split)):
+        if split == cfg.data.val_split and not cfg.train.eval_every:
+            continue
+        if split not in manifest.splits or not manifest.shards(split):
+            raise PreflightError(f"{key}: split {split!r} not in {manifest.path} (has: {sorted(manifest.splits)})")
+    if cfg.train.init_from:
+        from .export import ExportError, load_export_config
+        try:
+            exported = load_export_config(cfg.train.init_from)
+        except ExportError as e:
+            raise PreflightError(f"train.init_from: {e}") from None
+        if exported.model != cfg.model:
+            raise PreflightError(f"train.init_from: the model section of {cfg.train.init_from} differs from model.*")
+    try:
+        checkpoint.resolve(cfg.train.resume, Path(cfg.run.dir))
+    except CheckpointError as e:
+        raise PreflightError(str(e)) from None
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: matrices decay; norms, biases and the embedding don't."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (no_decay if p.ndim < 2 or name == "embed_tokens.weight" else decay).append(p)
+    return [{"name": "decay", "params": decay, "weight_decay": weight_decay},
+            {"name": "no_decay", "params": no_decay, "weight_decay": 0.0}]
+
+
+class StopSignal:
+    """Remembers SIGTERM/SIGINT so the loop can checkpoint at the end of the step and exit 0."""
+
+    def __init__(self):
+        self.received: str | None = None
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        self.received = signal.Signals(signum).name
+
+
+def agree(flag: bool, device) -> bool:
+    """True on every rank if it is true on any (ranks see signals and clocks at different moments)."""
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def mean_over_ranks(value: float, device) -> float:
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.item() / dist.get_world_size()
+
+
+def evaluate(engine, cfg: Config, rank: int, world: int, device) -> float:
+    from .data import val_batches
+
+    engine.eval()
+    total, n = 0.0, 0
+    with torch.no_grad():
+        for inputs, targets in val_batches(cfg.data.path, split=cfg.data.val_split, seq_len=cfg.data.seq_len,
+                                           micro_batch_size=cfg.train.micro_batch_size, dp_rank=rank,
+                                           dp_world=world, max_batches=cfg.train.eval_batches):
+            engine(inputs.to(device), targets.to(device))
+            total += engine.module.last_losses["lm_loss"].item()
+            n += 1
+    engine.train()
+    balance.reset_counts(engine.module)  # evaluation routing must not steer the bias
+    sums = torch.tensor([total, n], dtype=torch.float64, device=device)
+    dist.all_reduce(sums)
+    return (sums[0] / sums[1]).item() if sums[1] else float("nan")
+
+
+def train(cfg: Config) -> int:
+    import deepspeed
+
+    from .data import PretrainDataset, TrainLoader
+
+    stop = StopSignal()
+    started = time.monotonic()
+    backend = cfg.parallel.backend if cfg.parallel.backend != "auto" else ("nccl" if torch.cuda.is_available() else "gloo")
+    deepspeed.init_distributed(dist_backend=backend)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    run_dir = Path(cfg.run.dir)
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+
+    resume_dir = checkpoint.resolve(cfg.train.resume, run_dir)
+    meta = checkpoint.verify(resume_dir) if resume_dir else None
+    reshard = meta is not None and (meta["world_size"], meta["ep_size"]) != (world, cfg.parallel.expert_parallel_size)
+    if reshard:
+        resume_dir = checkpoint.ensure_universal(resume_dir)
+
+    torch.manual_seed(cfg.train.seed)
+    model = Transformer(cfg.model)
+    if cfg.train.init_from and resume_dir is None:
+        from .export import load_export_weights
+        load_export_weights(model, cfg.train.init_from)
+    if cfg.train.activation_checkpointing:
+        from functools import partial
+
+        from torch.utils.checkpoint import checkpoint as recompute
+        model.checkpoint_fn = partial(recompute, use_reentrant=False)
+    counts = count_params(model)
+    flops_per_token = train_flops_per_token(cfg.model, cfg.data.seq_len, counts["active_params"])
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, model_parameters=param_groups(model, cfg.train.weight_decay),
+        config=build_ds_config(cfg, world, has_moe=uses_autoep(cfg), load_universal=reshard),
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(cfg, s) / cfg.train.lr))
+    for _, bias in balance.moe_routers(engine.module):  # selection bias must keep fp32 resolution
+        bias.data = bias.data.float()
+
+    loader = TrainLoader(PretrainDataset(cfg.data.path, cfg.data.train_split, cfg.data.seq_len, cfg.data.verify_checksums),
+                         cfg.train.micro_batch_size, dp_rank=rank, dp_world=world, seed=cfg.data.seed)
+    step, tokens_seen, wandb_id = 0, 0, None
+    if resume_dir is not None:
+        _, client = engine.load_checkpoint(str(resume_dir.parent), tag=resume_dir.name)
+        if client is None:
+            raise CheckpointError(f"DeepSpeed could not load {resume_dir}")
+        if reshard:
+            checkpoint.unshare_optimizer_steps(engine.optimizer)
+        balance.restore_balance_biases(engine.module, client["balance_bias"])  # universal loads drop buffers
+        loader.load_state_dict(client["loader"])
+        step, tokens_seen, wandb_id = client["step"], client["tokens_seen"], client.get("wandb_id")
+        rng_file = resume_dir / "rng" / f"rank_{rank}.pt"
+        if not reshard and rng_file.exists():
+            checkpoint.set_rng_state(torch.load(rng_file, weights_only=False))
+        if rank == 0:
+            print(f"resumed from {resume_dir} at step {step}" + (" (universal: resharded)" if reshard else ""), flush=True)
+
+    log = MetricsLogger(run_dir, cfg, rank == 0, step, wandb_id)
+    peak = peak_flops(cfg.train.peak_tflops)
+    tokens_per_step = cfg.train.micro_batch_size * cfg.train.grad_accum_steps * world * cfg.data.seq_len
+    last_saved = step if resume_dir is not None else None
+
+    def save(at_step: int) -> None:
+        nonlocal last_saved
+        client = {"step": at_step, "tokens_seen": tokens_seen, "loader": loader.state_dict(),
+                  "balance_bias": balance.balance_biases(engine.module), "wandb_id": log.wandb_id}
+        checkpoint.save(engine, run_dir, at_step, client, cfg.parallel.expert_parallel_size, cfg.train.keep_last)
+        last_saved = at_step
+
+    exit_reason = None
+    while step < cfg.train.max_steps:
+        t0 = time.perf_counter()
+        loss_sum = 0.0
+        for _ in range(cfg.train.grad_accum_steps):
+            inputs, targets = next(loader)
+            loss = engine(inputs.to(device), targets.to(device))
+            engine.backward(loss)
+            engine.step()
+            loss_sum += loss.item()
+        step += 1
+        tokens_seen += tokens_per_step
+        expert_load = balance.update_balance(engine.module, cfg.model.moe.bias_update_rate)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        dt = time.perf_counter() - t0
+        grad_norm = engine.get_global_grad_norm()
+        record = {
+            "step": step,
+            "loss": mean_over_ranks(loss_sum / cfg.train.grad_accum_steps, device),
+            "lr": engine.get_lr()[0],
+            "grad_norm": float(grad_norm) if grad_norm is not None else None,
+            "tokens_seen": tokens_seen,
+            "tokens_per_s": tokens_per_step / dt,
+            "mfu": flops_per_token * tokens_per_step / dt / (peak * world) if peak else None,
+            "peak_mem_gib": peak_memory_gib(),
+            "expert_load": expert_load,
+            "step_time_s": dt,
+        }
+        if cfg.train.eval_every and (step % cfg.train.eval_every == 0 or step == cfg.train.max_steps):
+            record["eval_loss"] = evaluate(engine, cfg, rank, world, device)
+        log.log(record, cfg.train.log_every)
+
+        timed_out = cfg.train.exit_after_minutes is not None and time.monotonic() - started > 60 * cfg.train.exit_after_minutes
+        if agree(stop.received is not None or timed_out, device):
+            exit_reason = "signal" if stop.received else "time limit"
+        elif cfg.train.exit_at_step is not None and step >= cfg.train.exit_at_step:
+            exit_reason = "train.exit_at_step"
+        if exit_reason or step == cfg.train.max_steps or (cfg.train.save_every and step % cfg.train.save_every == 0):
+            save(step)
+        if exit_reason:
+            break
+
+    if last_saved != step:
+        save(step)
+    log.close()
+    if rank == 0:
+        print(f"stopped at step {step}: {exit_reason or 'train.max_steps reached'}; checkpoint {checkpoint.tag_for(step)}",
+              flush=True)
+    dist.barrier()
+    dist.destroy_process_group()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        preflight(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+    except (ConfigError, PreflightError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.check_only:
+        print(f"ok: {args.config} is valid", flush=True)
+        return 0
+    try:
+        return train(cfg)
+    except CheckpointError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
