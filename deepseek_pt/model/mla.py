@@ -46,12 +46,13 @@ class MLA(nn.Module):
         qk_dim = a.qk_nope_head_dim + a.qk_rope_head_dim
         if a.q_lora_rank:
             self.q_a_proj = nn.Linear(config.dim, a.q_lora_rank, bias=False)
-            self.q_a_layernorm = RMSNorm(a.q_lora_rank, config.norm_eps)
+            # The latent norms use eps 1e-6 whatever norm_eps is, as DeepSeek's reference and HF do.
+            self.q_a_layernorm = RMSNorm(a.q_lora_rank)
             self.q_b_proj = nn.Linear(a.q_lora_rank, a.n_heads * qk_dim, bias=False)
         else:
             self.q_proj = nn.Linear(config.dim, a.n_heads * qk_dim, bias=False)
         self.kv_a_proj_with_mqa = nn.Linear(config.dim, a.kv_lora_rank + a.qk_rope_head_dim, bias=False)
-        self.kv_a_layernorm = RMSNorm(a.kv_lora_rank, config.norm_eps)
+        self.kv_a_layernorm = RMSNorm(a.kv_lora_rank)
         self.kv_b_proj = nn.Linear(a.kv_lora_rank, a.n_heads * (a.qk_nope_head_dim + a.v_head_dim), bias=False)
         if a.use_output_subspace:
             self.o_a_proj = nn.Linear(a.n_heads * a.v_head_dim, a.o_latent_dim, bias=False)
