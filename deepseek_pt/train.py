@@ -189,11 +189,12 @@ def train(cfg: Config) -> int:
                          cfg.train.micro_batch_size, dp_rank=rank, dp_world=world, seed=cfg.data.seed)
     step, tokens_seen, wandb_id = 0, 0, None
     if resume_dir is not None:
+        weight_decay = checkpoint.weight_decays(engine.optimizer)
         _, client = engine.load_checkpoint(str(resume_dir.parent), tag=resume_dir.name)
         if client is None:
             raise CheckpointError(f"DeepSpeed could not load {resume_dir}")
         if reshard:
-            checkpoint.unshare_optimizer_steps(engine.optimizer)
+            checkpoint.repair_universal_load(engine.optimizer, weight_decay)
         balance.restore_balance_biases(engine.module, client["balance_bias"])  # universal loads drop buffers
         loader.load_state_dict(client["loader"])
         step, tokens_seen, wandb_id = client["step"], client["tokens_seen"], client.get("wandb_id")

@@ -193,10 +193,21 @@ def ensure_universal(tag_dir: Path) -> Path:
     return out
 
 
-def unshare_optimizer_steps(optimizer) -> None:
-    """DeepSpeed 0.19.8 defect: after a universal load every ZeRO-3 sub-group's Adam state shares one
-    `step` tensor, so it advances once per group per step. Give each its own copy."""
+def weight_decays(optimizer) -> list[float]:
+    inner = getattr(optimizer, "optimizer", optimizer)
+    return [g["weight_decay"] for g in inner.param_groups]
+
+
+def repair_universal_load(optimizer, weight_decay: list[float]) -> None:
+    """Undo two DeepSpeed 0.19.8 defects of a universal (resharding) load:
+    - every ZeRO-3 sub-group's Adam state shares one `step` tensor, which then advances once per
+      sub-group per step: give each its own copy;
+    - group 0's hyperparameters are copied onto every param group, so the no-decay group starts
+      decaying: put back each group's own weight decay, as snapshotted before the load (the
+      learning rate it copies is right: every group shares the schedule)."""
     inner = getattr(optimizer, "optimizer", optimizer)
     for state in inner.state.values():
         if torch.is_tensor(state.get("step")):
             state["step"] = state["step"].clone()
+    for group, decay in zip(inner.param_groups, weight_decay, strict=True):
+        group["weight_decay"] = decay
