@@ -1,0 +1,142 @@
+"""Input files and Hub datasets -> a deterministic stream of documents, read through HF `datasets`.
+
+Local inputs are read in streaming mode by default: rows come straight from the files in file
+order, nothing is copied into the datasets cache and memory stays flat whatever the input size.
+Every document has a position (input index, row index) so that a build can resume mid-corpus.
+"""
+from __future__ import annotations
+
+import glob
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+from deepseek_pt.data import DataError
+
+BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+COMPRESSIONS = (".gz", ".bz2", ".xz", ".zst")
+TXT_DOC_MODES = ("document", "paragraph", "line")
+HUB_PREFIX = "hf:"
+_READ_ROWS = 128
+
+
+@dataclass(frozen=True)
+class Input:
+    spec: str
+    """Absolute file path, or hf:NAME[:CONFIG][@SPLIT] for a Hugging Face Hub dataset."""
+    builder: str
+    """datasets builder: text, json, parquet, or hub."""
+    bytes: int | None = None
+    mtime_ns: int | None = None
+
+    def to_json(self) -> dict:
+        return {"path": self.spec, "format": self.builder, "bytes": self.bytes, "mtime_ns": self.mtime_ns}
+
+
+def _builder(path: Path) -> str | None:
+    name = path.name.lower()
+    for comp in COMPRESSIONS:
+        name = name.removesuffix(comp)
+    return BUILDERS.get(Path(name).suffix)
+
+
+def _file_input(path: Path, spec: str) -> Input:
+    builder = _builder(path)
+    if builder is None:
+        raise DataError(f"input {spec}: unsupported file type (supported: {', '.join(BUILDERS)}, "
+                        f"optionally compressed {', '.join(COMPRESSIONS)})")
+    st = path.stat()
+    return Input(str(path.resolve()), builder, st.st_size, st.st_mtime_ns)
+
+
+def resolve_inputs(specs: list[str]) -> list[Input]:
+    """Expand paths, directories (recursively, sorted) and globs; `hf:` names pass through."""
+    if not specs:
+        raise DataError("no --input given")
+    inputs: list[Input] = []
+    for spec in specs:
+        if spec.startswith(HUB_PREFIX):
+            if not spec[len(HUB_PREFIX):].split("@")[0].split(":")[0]:
+                raise DataError(f"input {spec}: expected hf:NAME[:CONFIG][@SPLIT]")
+            inputs.append(Input(spec, "hub"))
+            continue
+        path = Path(spec).expanduser()
+        if glob.has_magic(spec):
+            matches = sorted(Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).is_file())
+            if not matches:
+                raise DataError(f"input {spec}: the pattern matches no file")
+            inputs += [_file_input(p, str(p)) for p in matches]
+        elif path.is_dir():
+            files = sorted(p for p in path.rglob("*") if p.is_file() and _builder(p))
+            if not files:
+                raise DataError(f"input {spec}: directory has no {', '.join(BUILDERS)} files")
+            inputs += [_file_input(p, str(p)) for p in files]
+        elif path.is_file():
+            inputs.append(_file_input(path, spec))
+        else:
+            raise DataError(f"input {spec}: no such file or directory "
+                            f"(for a Hugging Face Hub dataset write {HUB_PREFIX}NAME[:CONFIG][@SPLIT])")
+    seen = set()
+    for inp in inputs:
+        if inp.spec in seen:
+            raise DataError(f"input {inp.spec} is given twice: its documents would be duplicated")
+        seen.add(inp.spec)
+    return inputs
+
+
+def _load(inp: Input, text_field: str, txt_doc: str, streaming: bool):
+    import datasets  # imported here: worker processes and --help should not pay for it
+
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # failures surface as DataError
+    datasets.disable_progress_bars()
+    if inp.builder == "hub":
+        name, _, split = inp.spec[len(HUB_PREFIX):].partition("@")
+        name, _, config = name.partition(":")
+        return datasets.load_dataset(name, config or None, split=split or "train", streaming=streaming)
+    kwargs = {}
+    if inp.builder == "text":
+        kwargs["sample_by"] = txt_doc
+    elif inp.builder == "parquet":
+        import pyarrow.parquet as pq
+
+        if not inp.spec.lower().endswith(COMPRESSIONS):
+            columns = pq.read_schema(inp.spec).names
+            if text_field not in columns:
+                raise DataError(f"input {inp.spec}: no column {text_field!r} (columns: {', '.join(columns)}); "
+                                "choose one with --text-field")
+        kwargs["columns"] = [text_field]
+    return datasets.load_dataset(inp.builder, data_files=[inp.spec], split="train", streaming=streaming, **kwargs)
+
+
+def iter_texts(inp: Input, text_field: str = "text", txt_doc: str = "document", streaming: bool = True,
+               start_row: int = 0) -> Iterator[str | None]:
+    """The input's documents from row `start_row` on: the text field of each row, None if null."""
+    if txt_doc not in TXT_DOC_MODES:
+        raise DataError(f"txt_doc {txt_doc!r} is not one of {', '.join(TXT_DOC_MODES)}")
+    field = "text" if inp.builder == "text" else text_field
+    try:
+        ds = _load(inp, text_field, txt_doc, streaming)
+        if start_row:
+            ds = ds.skip(start_row)
+        batches = iter(ds.iter(batch_size=_READ_ROWS))
+    except DataError:
+        raise
+    except Exception as e:  # datasets/pyarrow/network errors: name the input, keep the reason
+        raise DataError(f"input {inp.spec}: cannot open as {inp.builder}: {type(e).__name__}: {e}") from e
+    row = start_row
+    while True:
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        except Exception as e:
+            raise DataError(f"input {inp.spec}: read failed after row {row}: {type(e).__name__}: {e}") from e
+        if field not in batch:
+            raise DataError(f"input {inp.spec}: row {row} has no field {field!r} "
+                            f"(fields: {', '.join(batch) or 'none'}); choose one with --text-field")
+        for text in batch[field]:
+            if text is not None and not isinstance(text, str):
+                raise DataError(f"input {inp.spec}: row {row}: field {field!r} is a "
+                                f"{type(text).__name__}, expected a string")
+            row += 1
+            yield text

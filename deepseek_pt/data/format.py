@@ -1,0 +1,246 @@
+"""The token-shard format: manifest schema, validation and per-shard checks (docs/data-format.md).
+
+Shared by the writer (data_prep/build_shards.py), the checker (data_prep/verify_shards.py) and the
+loader, so that all three agree on what a valid shard directory is.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import numpy as np
+
+FORMAT_NAME = "deepseek_pt.token_shards"
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+BUILD_LOG_NAME = "build_log.jsonl"
+"""Present while a build is unfinished; build_shards.py resumes from it."""
+DTYPES = {"uint16": np.dtype("<u2"), "uint32": np.dtype("<u4")}
+DOC_BOUNDARIES = ("eos", "bos_eos")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+class DataError(ValueError):
+    """Bad or missing data; the message names the file or shard and what is wrong with it."""
+
+
+def dtype_for_vocab(vocab_size: int) -> str:
+    """Smallest shard dtype that holds every id of a vocabulary of this size."""
+    return "uint16" if vocab_size <= 1 << 16 else "uint32"
+
+
+def sha256_file(path: str | Path, chunk_bytes: int = 8 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk_bytes):
+            h.update(block)
+    return h.hexdigest()
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write `data` so that `path` is either its old content or the complete new one, never partial."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2) + "\n").encode())
+
+
+def fsync_dir(path: str | Path) -> None:
+    """Persist a directory's entries (a rename is durable only once its directory is synced)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    path: str
+    """Path relative to the shard directory (POSIX separators)."""
+    num_tokens: int
+    num_docs: int
+    """Documents whose boundary (end-of-document) token lies in this shard."""
+    sha256: str
+    dtype: str
+
+    @property
+    def nbytes(self) -> int:
+        return self.num_tokens * DTYPES[self.dtype].itemsize
+
+    def to_json(self) -> dict:
+        return {"path": self.path, "num_tokens": self.num_tokens, "num_docs": self.num_docs,
+                "sha256": self.sha256, "dtype": self.dtype}
+
+
+@dataclass(frozen=True)
+class Manifest:
+    dir: Path
+    """Absolute shard directory; shard paths are relative to it."""
+    vocab_size: int
+    dtype: str
+    tokenizer_path: Path | None
+    """Absolute path of the tokenizer copy in the directory; None when that file is absent."""
+    tokenizer_sha256: str
+    bos_id: int | None
+    eos_id: int | None
+    pad_id: int | None
+    unk_id: int | None
+    doc_boundary: str
+    splits: dict[str, tuple[ShardInfo, ...]]
+    raw: dict
+    """The manifest as parsed, for fields this class does not model (inputs, build, stats)."""
+
+    @property
+    def path(self) -> Path:
+        return self.dir / MANIFEST_NAME
+
+    @property
+    def np_dtype(self) -> np.dtype:
+        return DTYPES[self.dtype]
+
+    def shards(self, split: str) -> tuple[ShardInfo, ...]:
+        if split not in self.splits:
+            raise DataError(f"{self.path}: no split {split!r} (has: {', '.join(sorted(self.splits)) or 'none'})")
+        return self.splits[split]
+
+    def num_tokens(self, split: str) -> int:
+        return sum(s.num_tokens for s in self.shards(split))
+
+    def shard_file(self, shard: ShardInfo) -> Path:
+        return self.dir / shard.path
+
+
+def _field(obj: dict, key: str, types: type | tuple, where: str, optional: bool = False) -> Any:
+    if key not in obj:
+        if optional:
+            return None
+        raise DataError(f"{where}: missing field {key!r}")
+    value = obj[key]
+    if value is None and optional:
+        return None
+    if not isinstance(value, types) or (isinstance(value, bool) and types is int):
+        raise DataError(f"{where}: field {key!r} has the wrong type: {value!r}")
+    return value
+
+
+def _relative_path(value: str, where: str) -> str:
+    p = PurePosixPath(value)
+    if not value or p.is_absolute() or ".." in p.parts or "\\" in value:
+        raise DataError(f"{where}: path {value!r} must be relative to the shard directory, without '..'")
+    return value
+
+
+def parse_shard(entry: Any, dtype: str, where: str) -> ShardInfo:
+    if not isinstance(entry, dict):
+        raise DataError(f"{where}: expected an object, got {entry!r}")
+    shard = ShardInfo(
+        path=_relative_path(_field(entry, "path", str, where), where),
+        num_tokens=_field(entry, "num_tokens", int, where),
+        num_docs=_field(entry, "num_docs", int, where),
+        sha256=_field(entry, "sha256", str, where),
+        dtype=_field(entry, "dtype", str, where),
+    )
+    if shard.num_tokens < 0 or shard.num_docs < 0:
+        raise DataError(f"{where}: negative num_tokens/num_docs in {entry!r}")
+    if not _SHA256.fullmatch(shard.sha256):
+        raise DataError(f"{where}: sha256 {shard.sha256!r} is not 64 lowercase hex digits")
+    if shard.dtype != dtype:
+        raise DataError(f"{where}: shard dtype {shard.dtype!r} differs from the manifest dtype {dtype!r}")
+    return shard
+
+
+def parse_manifest(raw: Any, directory: Path, where: str) -> Manifest:
+    """Validate a parsed manifest.json; DataError names the first bad field."""
+    if not isinstance(raw, dict):
+        raise DataError(f"{where}: top level must be an object")
+    if raw.get("format") != FORMAT_NAME:
+        raise DataError(f"{where}: format is {raw.get('format')!r}, expected {FORMAT_NAME!r}")
+    version = _field(raw, "format_version", int, where)
+    if version > FORMAT_VERSION:
+        raise DataError(f"{where}: format_version {version} is newer than this reader ({FORMAT_VERSION}); update deepseek_pt")
+    vocab_size = _field(raw, "vocab_size", int, where)
+    dtype = _field(raw, "dtype", str, where)
+    if vocab_size <= 0:
+        raise DataError(f"{where}: vocab_size must be positive, got {vocab_size}")
+    if dtype not in DTYPES:
+        raise DataError(f"{where}: dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    if vocab_size > np.iinfo(DTYPES[dtype]).max + 1:
+        raise DataError(f"{where}: vocab_size {vocab_size} does not fit dtype {dtype}")
+    boundary = _field(raw, "doc_boundary", str, where)
+    if boundary not in DOC_BOUNDARIES:
+        raise DataError(f"{where}: doc_boundary {boundary!r} is not one of {', '.join(DOC_BOUNDARIES)}")
+
+    tok = _field(raw, "tokenizer", dict, where)
+    tok_where = f"{where}: tokenizer"
+    ids = {}
+    for name in ("bos_id", "eos_id", "pad_id", "unk_id"):
+        value = _field(tok, name, int, tok_where, optional=True)
+        if value is not None and not 0 <= value < vocab_size:
+            raise DataError(f"{tok_where}: {name} {value} is outside the vocabulary [0, {vocab_size})")
+        ids[name] = value
+    if ids["eos_id"] is None:
+        raise DataError(f"{tok_where}: eos_id is required (it marks document boundaries)")
+    tok_file = directory / _relative_path(_field(tok, "path", str, tok_where), tok_where)
+
+    splits_raw = _field(raw, "splits", dict, where)
+    splits, seen = {}, set()
+    for split, entries in splits_raw.items():
+        if not isinstance(entries, list):
+            raise DataError(f"{where}: splits.{split} must be a list of shards")
+        shards = tuple(parse_shard(e, dtype, f"{where}: splits.{split}[{i}]") for i, e in enumerate(entries))
+        for s in shards:
+            if s.path in seen:
+                raise DataError(f"{where}: shard {s.path} is listed twice")
+            seen.add(s.path)
+        splits[split] = shards
+    return Manifest(
+        dir=directory, vocab_size=vocab_size, dtype=dtype,
+        tokenizer_path=tok_file if tok_file.is_file() else None,
+        tokenizer_sha256=_field(tok, "sha256", str, tok_where), doc_boundary=boundary,
+        splits=splits, raw=raw, **ids,
+    )
+
+
+def open_manifest(path: str | Path) -> Manifest:
+    """Read and validate DIR/manifest.json (`path` is the directory or the manifest file itself)."""
+    path = Path(path).expanduser().absolute()
+    file = path / MANIFEST_NAME if path.is_dir() or path.suffix != ".json" else path
+    if not file.is_file():
+        hint = " (the build is incomplete: re-run build_shards.py to finish it)" if (file.parent / BUILD_LOG_NAME).exists() else ""
+        raise DataError(f"{file}: manifest not found{hint}")
+    try:
+        raw = json.loads(file.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DataError(f"{file}: not valid JSON: {e}") from None
+    return parse_manifest(raw, file.parent, str(file))
+
+
+def check_shard(manifest: Manifest, shard: ShardInfo, checksum: bool = False) -> None:
+    """Size (and optionally sha256) of one shard file against the manifest; DataError if they differ."""
+    file = manifest.shard_file(shard)
+    try:
+        size = file.stat().st_size
+    except FileNotFoundError:
+        raise DataError(f"shard {file}: missing (listed in {manifest.path})") from None
+    if size != shard.nbytes:
+        what = "truncated" if size < shard.nbytes else "too long"
+        raise DataError(f"shard {file}: {what}: {size} bytes, manifest says {shard.num_tokens} tokens "
+                        f"x {DTYPES[shard.dtype].itemsize} = {shard.nbytes} bytes")
+    if checksum:
+        digest = sha256_file(file)
+        if digest != shard.sha256:
+            raise DataError(f"shard {file}: corrupt: sha256 {digest} != manifest {shard.sha256}")

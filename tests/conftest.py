@@ -1,0 +1,37 @@
+"""Shared fixtures: a real tokenizer and token shards built from CPython's pydoc topics."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import NamedTuple
+
+import pytest
+
+
+class PydocData(NamedTuple):
+    shards_dir: Path
+    """Shard directory (manifest.json, train and val shards, tokenizer copy)."""
+    tokenizer_model: Path
+    vocab_size: int
+    corpus: Path
+    """The JSON-lines corpus the shards were built from (field `text`)."""
+
+
+PYDOC_VOCAB = 1024
+PYDOC_SHARD_TOKENS = 16384  # several shards per split, so that samples cross shard boundaries
+PYDOC_VAL_FRACTION = 0.1
+
+
+@pytest.fixture(scope="session")
+def pydoc_data_dir(tmp_path_factory) -> PydocData:
+    """Tokenizer (bpe, 1024 pieces) and shards (train + val, eos boundaries) of the pydoc corpus,
+    built once per test session through the data_prep scripts' functions."""
+    from data_prep import build_shards, pydoc_corpus, train_tokenizer
+
+    root = tmp_path_factory.mktemp("pydoc_data")
+    corpus = root / "pydoc.jsonl"
+    pydoc_corpus.write_corpus(corpus)
+    info = train_tokenizer.train([str(corpus)], PYDOC_VOCAB, root / "tokenizer", num_threads=2, progress=False)
+    model = root / "tokenizer" / info["model"]
+    build_shards.build([str(corpus)], model, root / "shards", shard_tokens=PYDOC_SHARD_TOKENS,
+                       val_fraction=PYDOC_VAL_FRACTION, num_proc=1, progress=False)
+    return PydocData(root / "shards", model, info["vocab_size"], corpus)

@@ -1,0 +1,363 @@
+"""data_prep: tokenizer training, shard building (round trip, determinism, resume), verification."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import sentencepiece as spm
+
+from data_prep import build_shards, pydoc_corpus, shard_writer, train_tokenizer, verify_shards
+from data_prep.tokenize_worker import is_val
+from deepseek_pt.data import DataError, open_manifest
+
+REPO = Path(__file__).resolve().parents[1]
+DOCS = [text for _, text in pydoc_corpus.documents()]
+
+
+def split_tokens(shards_dir: Path, split: str) -> np.ndarray:
+    m = open_manifest(shards_dir)
+    parts = [np.fromfile(m.shard_file(s), dtype=m.np_dtype) for s in m.shards(split)]
+    return np.concatenate(parts) if parts else np.zeros(0, m.np_dtype)
+
+
+def split_docs(tokens: np.ndarray, eos: int) -> list[list[int]]:
+    """Token stream -> documents (without their EOS); the stream must end with an EOS."""
+    assert len(tokens) == 0 or tokens[-1] == eos
+    ends = np.flatnonzero(tokens == eos)
+    starts = np.concatenate([[0], ends[:-1] + 1])
+    return [tokens[a:b].tolist() for a, b in zip(starts, ends)]
+
+
+def shard_bytes(shards_dir: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(shards_dir.glob("*.bin"))}
+
+
+def write_jsonl(path: Path, texts: list[str]) -> Path:
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    return path
+
+
+# ------------------------------------------------------------------------------------------------
+# Tokenizer
+
+
+def test_tokenizer_metadata_and_lossless_encoding(pydoc_data_dir):
+    info = json.loads((pydoc_data_dir.tokenizer_model.parent / "tokenizer.json").read_text())
+    assert info["vocab_size"] == pydoc_data_dir.vocab_size == 1024
+    assert (info["pad_id"], info["unk_id"], info["bos_id"], info["eos_id"]) == (0, 1, 2, 3)
+    assert info["sha256"] == open_manifest(pydoc_data_dir.shards_dir).tokenizer_sha256
+    assert info["training"]["documents"] == len(DOCS)
+    vocab_lines = (pydoc_data_dir.tokenizer_model.parent / "tokenizer.vocab").read_text().splitlines()
+    assert len(vocab_lines) == 1024 and vocab_lines[3].startswith("</s>\t")
+
+    sp = spm.SentencePieceProcessor(model_file=str(pydoc_data_dir.tokenizer_model))
+    assert (sp.pad_id(), sp.unk_id(), sp.bos_id(), sp.eos_id()) == (0, 1, 2, 3)
+    text = "  Ünïcödé 😀 ∑ x\ty\n\n  trailing  "  # unseen characters, tabs, newlines, runs of spaces
+    ids = sp.encode(text)
+    assert sp.decode(ids) == text and sp.unk_id() not in ids  # byte fallback, no normalisation
+    assert sp.encode("2024", out_type=str) == ["2", "0", "2", "4"]  # digits split
+
+
+def test_tokenizer_custom_ids_and_sampling(tmp_path):
+    corpus = write_jsonl(tmp_path / "c.jsonl", DOCS[:40])
+    info = train_tokenizer.train([str(corpus)], 400, tmp_path / "tok", sample_docs=10, pad_id=-1, unk_id=0,
+                                 bos_id=-1, eos_id=1, num_threads=2, progress=False)
+    sp = spm.SentencePieceProcessor(model_file=str(tmp_path / "tok" / "tokenizer.model"))
+    assert (sp.pad_id(), sp.unk_id(), sp.bos_id(), sp.eos_id()) == (-1, 0, -1, 1)
+    assert (info["pad_id"], info["bos_id"], info["eos_id"]) == (None, None, 1)
+    assert info["training"]["documents"] == 10
+    with pytest.raises(DataError, match="exists; pass --overwrite"):
+        train_tokenizer.train([str(corpus)], 400, tmp_path / "tok", progress=False)
+    with pytest.raises(DataError, match="--eos-id 3: same id as --bos-id"):
+        train_tokenizer.train([str(corpus)], 400, tmp_path / "t2", bos_id=3, eos_id=3, progress=False)
+
+
+def test_tokenizer_cli_reports_bad_vocab_size(tmp_path, capsys):
+    corpus = write_jsonl(tmp_path / "c.jsonl", DOCS[:5])
+    rc = train_tokenizer.main(["--input", str(corpus), "--vocab-size", "50", "--out", str(tmp_path / "t"), "--quiet"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "error: --vocab-size 50" in err and "Traceback" not in err
+
+
+# ------------------------------------------------------------------------------------------------
+# Building shards
+
+
+def test_round_trip(pydoc_data_dir):
+    m = open_manifest(pydoc_data_dir.shards_dir)
+    sp = spm.SentencePieceProcessor(model_file=str(pydoc_data_dir.tokenizer_model))
+    key = (0).to_bytes(8, "little")
+    expected = {"train": [], "val": []}
+    for text in DOCS:
+        expected["val" if is_val(text.encode(), 0.1, key) else "train"].append(text)
+    assert expected["val"] and expected["train"]
+
+    assert m.dtype == "uint16" and m.vocab_size == 1024 and m.doc_boundary == "eos"
+    for split, texts in expected.items():
+        tokens = split_tokens(pydoc_data_dir.shards_dir, split)
+        # token count = per-document encodings + one EOS per document
+        assert len(tokens) == sum(len(ids) + 1 for ids in sp.encode(texts)) == m.num_tokens(split)
+        docs = split_docs(tokens, m.eos_id)
+        assert [sp.decode(d) for d in docs] == texts  # documents come back exactly, in input order
+        shards = m.shards(split)
+        assert all(s.num_tokens == 16384 for s in shards[:-1]) and 0 < shards[-1].num_tokens <= 16384
+        assert sum(s.num_docs for s in shards) == len(texts) == m.raw["stats"]["docs"][split]
+        for s in shards:  # num_docs counts the documents whose EOS lies in the shard
+            assert s.num_docs == int((np.fromfile(m.shard_file(s), m.np_dtype) == m.eos_id).sum())
+    assert not list(pydoc_data_dir.shards_dir.glob("*.partial"))
+    assert not (pydoc_data_dir.shards_dir / "build_log.jsonl").exists()
+
+
+def test_bos_eos_boundaries_and_blank_docs(tmp_path, pydoc_data_dir):
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in [DOCS[0], "", "   \n", DOCS[1]])
+                      + '{"text": null}\n')
+    m = build_shards.build([str(corpus)], pydoc_data_dir.tokenizer_model, tmp_path / "out", shard_tokens=1000,
+                           doc_boundary="bos_eos", num_proc=1, progress=False)
+    assert m["stats"]["empty_docs"] == 3 and m["stats"]["docs"]["train"] == 2
+    sp = spm.SentencePieceProcessor(model_file=str(pydoc_data_dir.tokenizer_model))
+    tokens = split_tokens(tmp_path / "out", "train").tolist()
+    assert tokens == [t for ids in sp.encode(DOCS[:2]) for t in [sp.bos_id(), *ids, sp.eos_id()]]
+    assert open_manifest(tmp_path / "out").doc_boundary == "bos_eos"
+
+
+@pytest.fixture(scope="module")
+def mixed_inputs(tmp_path_factory) -> list[str]:
+    """The pydoc corpus spread over a jsonl file, a parquet file and a directory of .txt files."""
+    root = tmp_path_factory.mktemp("mixed")
+    write_jsonl(root / "a.jsonl", DOCS[:30])
+    pq.write_table(pa.table({"id": list(range(25)), "text": DOCS[30:55]}), root / "b.parquet", row_group_size=8)
+    (root / "c").mkdir()
+    for i, text in enumerate(DOCS[55:]):
+        (root / "c" / f"{i:03d}.txt").write_text(text)
+    return [str(root / "a.jsonl"), str(root / "b.parquet"), str(root / "c")]
+
+
+def test_mixed_formats_and_identical_across_num_proc(tmp_path, mixed_inputs, pydoc_data_dir, monkeypatch):
+    monkeypatch.setattr(build_shards, "_TASK_CHARS", 20_000)  # many tasks, so workers interleave
+    runs = {}
+    for p in (1, 2):
+        build_shards.build(mixed_inputs, pydoc_data_dir.tokenizer_model, tmp_path / f"p{p}", shard_tokens=7000,
+                           val_fraction=0.1, num_proc=p, progress=False)
+        runs[p] = shard_bytes(tmp_path / f"p{p}")
+    assert len(runs[1]) > 20 and runs[1] == runs[2]
+    m1, m2 = open_manifest(tmp_path / "p1"), open_manifest(tmp_path / "p2")
+    assert m1.splits == m2.splits
+    # same documents, same order as the single-file fixture build
+    assert [len(m1.raw["inputs"]), m1.raw["inputs"][1]["format"]] == [2 + len(DOCS[55:]), "parquet"]
+    for split in ("train", "val"):
+        assert np.array_equal(split_tokens(tmp_path / "p1", split), split_tokens(pydoc_data_dir.shards_dir, split))
+
+
+# ------------------------------------------------------------------------------------------------
+# Resume
+
+
+class Crash(BaseException):
+    """Stands in for the process dying (not an Exception: nothing may catch it)."""
+
+
+@pytest.fixture(scope="module")
+def small_build(tmp_path_factory, pydoc_data_dir):
+    """Corpus of 40 documents and the bytes of its uninterrupted build (many small shards)."""
+    root = tmp_path_factory.mktemp("small")
+    corpus = write_jsonl(root / "c.jsonl", DOCS[:40])
+    args = dict(inputs=[str(corpus)], tokenizer=pydoc_data_dir.tokenizer_model, shard_tokens=3000,
+                val_fraction=0.2, num_proc=1, progress=False)
+    build_shards._TASK_CHARS, saved = 15_000, build_shards._TASK_CHARS
+    try:
+        manifest = build_shards.build(out=root / "ref", **args)
+    finally:
+        build_shards._TASK_CHARS = saved
+    return args, shard_bytes(root / "ref"), manifest
+
+
+def crash_on_log_append(monkeypatch, n: int, after_write: bool) -> None:
+    """Die at the n-th log append: just before it (a shard renamed but unlogged, or a checkpoint
+    missing) or just after it."""
+    original, count = shard_writer.BuildLog.append, [0]
+
+    def append(self, record):
+        count[0] += 1
+        if count[0] == n and not after_write:
+            raise Crash
+        original(self, record)
+        if count[0] == n:
+            raise Crash
+
+    monkeypatch.setattr(shard_writer.BuildLog, "append", append)
+
+
+@pytest.mark.parametrize("n, after_write", [(1, False), (4, True), (9, False), (14, True)])
+def test_resume_after_crash_is_byte_identical(tmp_path, small_build, monkeypatch, n, after_write):
+    args, reference, ref_manifest = small_build
+    monkeypatch.setattr(build_shards, "_TASK_CHARS", 15_000)
+    with monkeypatch.context() as patch:
+        crash_on_log_append(patch, n, after_write)
+        with pytest.raises(Crash):
+            build_shards.build(out=tmp_path / "out", **args)
+    assert not (tmp_path / "out" / "manifest.json").exists()
+    with open(tmp_path / "out" / "build_log.jsonl", "ab") as f:
+        f.write(b'{"type": "checkpoint", "posi')  # a record torn by the crash
+    for p in (tmp_path / "out").glob("*.partial"):  # tokens written after the last checkpoint
+        with open(p, "ab") as f:
+            f.write(b"\x07\x00" * 50)
+    manifest = build_shards.build(out=tmp_path / "out", **args)
+    assert shard_bytes(tmp_path / "out") == reference
+    assert manifest["splits"] == ref_manifest["splits"] and manifest["stats"] == ref_manifest["stats"]
+    assert not (tmp_path / "out" / "build_log.jsonl").exists()
+
+
+def test_resume_rebuilds_a_corrupted_finished_shard(tmp_path, small_build, monkeypatch):
+    args, reference, _ = small_build
+    monkeypatch.setattr(build_shards, "_TASK_CHARS", 15_000)
+    with monkeypatch.context() as patch:
+        crash_on_log_append(patch, 16, after_write=True)
+        with pytest.raises(Crash):
+            build_shards.build(out=tmp_path / "out", **args)
+    victim = tmp_path / "out" / "train-00002.bin"
+    data = bytearray(victim.read_bytes())
+    data[10] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    build_shards.build(out=tmp_path / "out", **args)
+    assert shard_bytes(tmp_path / "out") == reference
+
+
+def test_resume_after_sigkill(tmp_path, small_build):
+    args, reference, _ = small_build
+    out = tmp_path / "out"
+    argv = ["--input", *args["inputs"], "--tokenizer", str(args["tokenizer"]), "--out", str(out),
+            "--shard-tokens", "3000", "--val-fraction", "0.2", "--num-proc", "2", "--quiet"]
+    # a real kill -9 after the 6th log record: no finally blocks, no flushes, workers orphaned
+    script = f"""
+import os, signal, sys
+sys.path.insert(0, {str(REPO)!r})
+from data_prep import build_shards, shard_writer
+build_shards._TASK_CHARS = 15_000
+original, count = shard_writer.BuildLog.append, [0]
+def append(self, record):
+    original(self, record)
+    count[0] += 1
+    if count[0] == 6:
+        os.kill(os.getpid(), signal.SIGKILL)
+shard_writer.BuildLog.append = append
+build_shards.main({argv!r})
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    assert (out / "build_log.jsonl").exists() and not (out / "manifest.json").exists()
+    assert build_shards.main(argv) == 0
+    assert shard_bytes(out) == reference
+
+
+def test_rerun_of_finished_build_and_changed_flags(tmp_path, small_build, capsys):
+    args, reference, _ = small_build
+    out = tmp_path / "out"
+    build_shards.build(out=out, **args)
+    mtimes = {p: p.stat().st_mtime_ns for p in out.iterdir()}
+    build_shards.build(out=out, **args)  # finished: only checked
+    assert {p: p.stat().st_mtime_ns for p in out.iterdir()} == mtimes
+    with pytest.raises(DataError, match=r"holds another build .*build.shard_tokens: 3000 -> 2000"):
+        build_shards.build(out=out, **{**args, "shard_tokens": 2000})
+    (out / "val-00000.bin").write_bytes(b"")
+    with pytest.raises(DataError, match=r"finished build but shard .*val-00000.bin: truncated"):
+        build_shards.build(out=out, **args)
+    build_shards.build(out=out, **{**args, "shard_tokens": 2000}, overwrite=True)
+    assert open_manifest(out).raw["build"]["shard_tokens"] == 2000
+    assert all(s.num_tokens == 2000 for s in open_manifest(out).shards("train")[:-1])
+
+
+# ------------------------------------------------------------------------------------------------
+# Bad input
+
+
+def test_input_errors_name_the_input(tmp_path, pydoc_data_dir):
+    tok, runs = pydoc_data_dir.tokenizer_model, iter(range(100))
+
+    def build(inputs):
+        return build_shards.build([str(i) for i in inputs], tok, tmp_path / f"o{next(runs)}", shard_tokens=100,
+                                  num_proc=1, progress=False)
+
+    (tmp_path / "body.jsonl").write_text('{"body": "x"}\n')
+    with pytest.raises(DataError, match=r"body.jsonl: row 0 has no field 'text' \(fields: body\)"):
+        build([tmp_path / "body.jsonl"])
+    (tmp_path / "bad.jsonl").write_text('{"text": "a"}\n{"text": \n')
+    with pytest.raises(DataError, match=r"bad.jsonl: .*JSON"):
+        build([tmp_path / "bad.jsonl"])
+    (tmp_path / "num.jsonl").write_text('{"text": 5}\n')
+    with pytest.raises(DataError, match=r"num.jsonl: row 0: field 'text' is a int"):
+        build([tmp_path / "num.jsonl"])
+    pq.write_table(pa.table({"body": ["x"]}), tmp_path / "p.parquet")
+    with pytest.raises(DataError, match=r"p.parquet: no column 'text' \(columns: body\)"):
+        build([tmp_path / "p.parquet"])
+    with pytest.raises(DataError, match=r"input .*missing.jsonl: no such file"):
+        build([tmp_path / "missing.jsonl"])
+    (tmp_path / "x.csv").write_text("a,b\n")
+    with pytest.raises(DataError, match=r"x.csv: unsupported file type"):
+        build([tmp_path / "x.csv"])
+    with pytest.raises(DataError, match=r"given twice"):
+        build([tmp_path / "body.jsonl", tmp_path / "body.jsonl"])
+    with pytest.raises(DataError, match=r"tokenizer .*nope.model: no such file"):
+        build_shards.build([str(tmp_path / "body.jsonl")], tmp_path / "nope.model", tmp_path / "o", 100)
+
+
+def test_scripts_run_as_files_and_modules(tmp_path):
+    for cmd in ([sys.executable, "data_prep/build_shards.py", "--help"],
+                [sys.executable, "-m", "data_prep.verify_shards", "--help"]):
+        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0 and "usage:" in proc.stdout
+    proc = subprocess.run([sys.executable, "data_prep/build_shards.py", "--input", str(tmp_path / "none.jsonl"),
+                           "--tokenizer", "x.model", "--out", str(tmp_path / "o"), "--shard-tokens", "10"],
+                          cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and proc.stderr.startswith("error: tokenizer x.model: no such file")
+    assert "Traceback" not in proc.stderr
+    proc = subprocess.run([sys.executable, "data_prep/pydoc_corpus.py", "--out", str(tmp_path / "p.jsonl")],
+                          cwd=REPO, capture_output=True, text=True, timeout=60)
+    lines = (tmp_path / "p.jsonl").read_text().splitlines()
+    assert proc.returncode == 0 and [json.loads(x)["text"] for x in lines] == DOCS
+
+
+# ------------------------------------------------------------------------------------------------
+# Verification
+
+
+def test_verify_names_each_bad_shard(tmp_path, pydoc_data_dir, capsys):
+    d = tmp_path / "shards"
+    shutil.copytree(pydoc_data_dir.shards_dir, d)
+    assert verify_shards.verify(d, progress=False) == []
+    assert verify_shards.main([str(d), "--quiet"]) == 0
+
+    flipped = d / "train-00001.bin"
+    data = bytearray(flipped.read_bytes())
+    data[101] ^= 0x80  # the id becomes >= 32768, far outside the vocabulary
+    flipped.write_bytes(bytes(data))
+    os.truncate(d / "train-00002.bin", 1000)
+    (d / "val-00000.bin").unlink()
+    problems = verify_shards.verify(d, progress=False)
+    assert any("train-00001.bin: corrupt: sha256" in p for p in problems)
+    assert any("train-00001.bin: token 50 has an id >= vocab_size 1024" in p for p in problems)
+    assert any("train-00002.bin: truncated: 1000 bytes" in p for p in problems)
+    assert any("val-00000.bin: missing" in p for p in problems)
+    assert len(problems) == 4
+    assert verify_shards.verify(d, quick=True, progress=False) == [p for p in problems if "corrupt" not in p
+                                                                     and "token 50" not in p]
+    capsys.readouterr()
+    assert verify_shards.main([str(d), "--quiet"]) == 1
+    assert "error: shard " in capsys.readouterr().err
+
+    m = json.loads((d / "manifest.json").read_text())
+    m["splits"]["val"][1]["num_docs"] += 1
+    (d / "manifest.json").write_text(json.dumps(m))
+    assert any("end-of-document tokens (id 3) but manifest num_docs" in p for p in verify_shards.verify(d, progress=False))
+    (d / "manifest.json").write_text("{")
+    assert verify_shards.main([str(d), "--quiet"]) == 2
+    assert "not valid JSON" in capsys.readouterr().err
