@@ -1,0 +1,125 @@
+"""python -m deepseek_pt.convert {hf-to-ds, ds-to-hf, mla-o} ...: move models between formats.
+
+  hf-to-ds HF_DIR OUT      an HF DeepseekV3 directory -> an export (config.yaml + model.safetensors);
+                           train on from it with `train.init_from: OUT` (--base-config supplies the
+                           data/train/parallel sections, the model section comes from the HF config)
+  ds-to-hf CKPT OUT        a run dir, checkpoint or export -> a directory transformers loads
+                           (MLA-o models need --fold: HF has no o_a_proj/o_b_proj)
+  mla-o CKPT OUT --o-latent-dim N
+                           any checkpoint (HF included) -> an MLA-o export whose o_a_proj/o_b_proj
+                           start from the best rank-N approximation of o_proj (svd)
+"""
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+from pathlib import Path
+
+import sentencepiece as spm
+
+from .config import load_config
+from .export import save_export
+from .interop.checkpoints import load_checkpoint
+from .interop.cli import DTYPE_CHOICES, UsageError, run_cli
+from .interop.hf import full_config, load_hf, read_hf_config, save_hf
+from .model import to_output_subspace
+from .model.counting import count_params
+
+
+def _fresh_dir(path: str, force: bool) -> Path:
+    out = Path(path)
+    if out.exists() and any(out.iterdir()) and not force:
+        raise UsageError(f"{out}: exists and is not empty (pass --force to write into it)")
+    return out
+
+
+def _describe(model) -> str:
+    m, counts = model.config, count_params(model)
+    return (f"{counts['total_params']:,} params ({counts['active_params']:,} active), "
+            f"{m.n_layers} layers, dim {m.dim}, {m.moe.n_routed_experts} experts, MTP depth {m.mtp_depth}")
+
+
+def hf_to_ds(args) -> None:
+    out = _fresh_dir(args.out, args.force)
+    read_hf_config(args.hf_dir)  # a clear error for a non-HF directory before any weights load
+    model = load_hf(args.hf_dir, dtype=DTYPE_CHOICES.get(args.dtype))
+    base = load_config(args.base_config) if args.base_config else None
+    config = full_config(model.config, base, where=args.base_config or args.hf_dir)
+    tokenizer = args.tokenizer or Path(args.hf_dir) / "tokenizer.model"
+    save_export(model, config, out, source=str(Path(args.hf_dir).absolute()),
+                tokenizer=tokenizer if args.tokenizer or tokenizer.is_file() else None)
+    print(f"{args.hf_dir} -> {out}: {_describe(model)}")
+
+
+def ds_to_hf(args) -> None:
+    out = _fresh_dir(args.out, args.force)
+    ckpt = load_checkpoint(args.checkpoint, dtype=DTYPE_CHOICES.get(args.dtype))
+    if ckpt.model.config.attention.use_output_subspace and not args.fold:
+        raise UsageError(f"{args.checkpoint}: is an MLA-o model (o_a_proj -> o_b_proj), which HF DeepseekV3 "
+                         "cannot represent; pass --fold to store o_proj = o_b_proj @ o_a_proj instead")
+    bos = eos = None
+    if ckpt.tokenizer:  # HF generate() stops at eos_token_id: it must be the tokenizer's
+        sp = spm.SentencePieceProcessor(model_proto=ckpt.tokenizer)
+        bos, eos = (i if i >= 0 else None for i in (sp.bos_id(), sp.eos_id()))
+    errors = save_hf(ckpt.model, out, fold=args.fold, bos_id=bos, eos_id=eos,
+                     max_shard_bytes=int(args.max_shard_gb * 1024**3))
+    if ckpt.tokenizer:
+        (out / "tokenizer.model").write_bytes(ckpt.tokenizer)
+    if errors:
+        print(f"folded MLA-o into o_proj: relative error of the stored o_proj against o_b_proj @ o_a_proj, "
+              f"max over {len(errors)} layers: {max(errors):.2e} (rounding to the stored dtype)")
+    print(f"{args.checkpoint} -> {out}: {_describe(ckpt.model)}")
+
+
+def mla_o(args) -> None:
+    out = _fresh_dir(args.out, args.force)
+    ckpt = load_checkpoint(args.checkpoint, dtype=DTYPE_CHOICES.get(args.dtype))
+    if ckpt.model.config.attention.use_output_subspace:
+        raise UsageError(f"{args.checkpoint}: already uses MLA-o (o_latent_dim {ckpt.model.config.attention.o_latent_dim})")
+    errors = to_output_subspace(ckpt.model, args.o_latent_dim, init=args.init)
+    save_export(ckpt.model, ckpt.config, out, source=str(Path(args.checkpoint).absolute()),
+                tokenizer=ckpt.tokenizer, doc_boundary=ckpt.doc_boundary)
+    print(f"o_proj -> o_a_proj/o_b_proj of width {args.o_latent_dim} ({args.init}): relative error of "
+          f"o_b @ o_a against o_proj per layer: " + " ".join(f"{e:.3f}" for e in errors))
+    print(f"{args.checkpoint} -> {out}: {_describe(ckpt.model)}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m deepseek_pt.convert", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    h = sub.add_parser("hf-to-ds", help="HF DeepseekV3 directory -> export")
+    h.add_argument("hf_dir")
+    h.add_argument("out")
+    h.add_argument("--base-config", help="YAML whose non-model sections (data, train, ...) the export's config takes")
+    h.add_argument("--tokenizer", help="sentencepiece model to store (default: HF_DIR/tokenizer.model if present)")
+    h.set_defaults(fn=hf_to_ds)
+    d = sub.add_parser("ds-to-hf", help="run dir / checkpoint / export -> HF DeepseekV3 directory")
+    d.add_argument("checkpoint")
+    d.add_argument("out")
+    d.add_argument("--fold", action="store_true", help="store an MLA-o model's o_b_proj @ o_a_proj as o_proj")
+    d.add_argument("--max-shard-gb", type=float, default=5.0, help="split the safetensors above this size")
+    d.set_defaults(fn=ds_to_hf)
+    o = sub.add_parser("mla-o", help="any checkpoint -> MLA-o export")
+    o.add_argument("checkpoint")
+    o.add_argument("out")
+    o.add_argument("--o-latent-dim", type=int, required=True)
+    o.add_argument("--init", choices=["svd", "xavier"], default="svd")
+    o.set_defaults(fn=mla_o)
+    for s in (h, d, o):
+        s.add_argument("--dtype", choices=DTYPE_CHOICES, default=None, help="default: the source's")
+        s.add_argument("--force", action="store_true", help="write into a non-empty output directory")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "o_latent_dim", 1) < 1 or getattr(args, "max_shard_gb", 1) <= 0:
+        parser.error("--o-latent-dim and --max-shard-gb must be positive")
+    return run_cli(lambda: args.fn(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,165 @@
+"""Consolidated model exports: one directory that generation, evaluation, HF conversion and
+`train.init_from` read, whatever world size and parallel layout trained the model.
+
+    EXPORT_DIR/config.yaml        the full resolved deepseek_pt Config (save_config)
+    EXPORT_DIR/model.safetensors  the Transformer's state_dict names, fp32 or bf16 (router bias always fp32)
+    EXPORT_DIR/tokenizer.model    optional: the sentencepiece model the data was tokenized with
+    EXPORT_DIR/export.json        written last: format_version, step, source, sha256 of model.safetensors,
+                                  dtype, doc_boundary (how documents were framed, when known)
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .config import Config, ConfigError, load_config, save_config
+from .model import Transformer
+
+FORMAT_VERSION = 1
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+FP32_TENSORS = ("e_score_correction_bias",)
+"""Kept fp32 in any export: the balancing bias moves in steps far below bf16 resolution."""
+
+
+class ExportError(ValueError):
+    """A missing, corrupt or mismatching export; the message names the file and what is wrong."""
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    for name, dt in DTYPES.items():
+        if dt == dtype:
+            return name
+    raise ExportError(f"dtype {dtype} is not one of {', '.join(DTYPES)}")
+
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def expected_tensors(model: Transformer) -> dict[str, torch.Tensor]:
+    """The tensors an export of `model` stores: state_dict without tied aliases (lm_head = embedding)."""
+    seen, out = set(), {}
+    for name, t in model.state_dict(keep_vars=True).items():
+        if id(t) not in seen:
+            seen.add(id(t))
+            out[name] = t
+    return out
+
+
+def cast_model(model: Transformer, dtype: torch.dtype | None) -> Transformer:
+    """`model.to(dtype)` keeping the routers in fp32, as HF DeepseekV3 does (`gate` computes in fp32)."""
+    if dtype is None:
+        return model
+    model.to(dtype)
+    for moe in model.moe_layers():
+        moe.gate.float()
+    return model
+
+
+def save_export(model: Transformer, config: Config, out_dir: str | Path, step: int | None = None,
+                source: str | None = None, tokenizer: str | Path | bytes | None = None, dtype: torch.dtype | None = None,
+                doc_boundary: str | None = None) -> Path:
+    """Write `model` as an export. The config's model section is taken from `model.config` (it changes
+    under MLA-o conversion); dtype defaults to the model's; `tokenizer` is a sentencepiece model file
+    or its bytes. Returns the directory."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    config = dataclasses.replace(config, model=model.config)
+    dtype = dtype or model.embed_tokens.weight.dtype
+    tensors = {name: t.detach().to("cpu", torch.float32 if name.endswith(FP32_TENSORS) else dtype).contiguous()
+               for name, t in expected_tensors(model).items()}
+    weights = out / "model.safetensors"
+    tmp = weights.with_name(f".{weights.name}.tmp{os.getpid()}")
+    save_file(tensors, tmp, metadata={"format": "pt"})
+    digest = sha256_file(tmp)
+    tmp.replace(weights)
+    save_config(config, out / "config.yaml")
+    if tokenizer is not None:
+        data = tokenizer if isinstance(tokenizer, bytes) else Path(tokenizer).read_bytes()
+        tmp = out / f".tokenizer.model.tmp{os.getpid()}"
+        tmp.write_bytes(data)
+        tmp.replace(out / "tokenizer.model")
+    info = {"format_version": FORMAT_VERSION, "step": step, "source": None if source is None else str(source),
+            "sha256": digest, "dtype": dtype_name(dtype), "doc_boundary": doc_boundary}
+    _atomic_write_text(out / "export.json", json.dumps(info, indent=2) + "\n")
+    return out
+
+
+def is_export(path: str | Path) -> bool:
+    return (Path(path) / "export.json").is_file()
+
+
+def read_export_info(path: str | Path) -> dict:
+    file = Path(path) / "export.json"
+    if not file.is_file():
+        raise ExportError(f"{file}: not found ({path} is not a complete export)")
+    try:
+        info = json.loads(file.read_text())
+    except json.JSONDecodeError as e:
+        raise ExportError(f"{file}: not valid JSON: {e}") from None
+    if not isinstance(info, dict) or not isinstance(info.get("format_version"), int):
+        raise ExportError(f"{file}: missing format_version")
+    if info["format_version"] > FORMAT_VERSION:
+        raise ExportError(f"{file}: format_version {info['format_version']} is newer than this reader "
+                          f"({FORMAT_VERSION}); update deepseek_pt")
+    if info.get("dtype") not in DTYPES or not isinstance(info.get("sha256"), str):
+        raise ExportError(f"{file}: dtype must be one of {', '.join(DTYPES)} and sha256 a string")
+    return info
+
+
+def load_export(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+                verify: bool = True) -> tuple[Transformer, Config]:
+    """Read an export: checksum, then every tensor's name and shape against the config, then the
+    weights. dtype=None keeps the stored dtype. ExportError names the file and tensor on a mismatch."""
+    path = Path(path)
+    info = read_export_info(path)
+    weights = path / "model.safetensors"
+    if not weights.is_file():
+        raise ExportError(f"{weights}: not found")
+    if verify and (digest := sha256_file(weights)) != info["sha256"]:
+        raise ExportError(f"{weights}: corrupt: sha256 {digest} != {info['sha256']} recorded in export.json")
+    try:
+        config = load_config(path / "config.yaml")
+    except ConfigError as e:
+        raise ExportError(str(e)) from None
+    with torch.device(device):
+        model = cast_model(Transformer(config.model), dtype or DTYPES[info["dtype"]])
+    expected = expected_tensors(model)
+    with safe_open(weights, framework="pt", device=str(device)) as f:
+        stored = {name: f.get_slice(name).get_shape() for name in f.keys()}
+        check_tensor_names(stored, {n: list(t.shape) for n, t in expected.items()}, weights, path / "config.yaml")
+        state = {name: f.get_tensor(name) for name in stored}
+    model.load_state_dict(state, strict=False)  # casts into the model's dtypes; tied aliases come along
+    return model.eval(), config
+
+
+def check_tensor_names(stored: dict[str, list[int]], expected: dict[str, list[int]], file: Path, config_file) -> None:
+    missing = sorted(set(expected) - set(stored))
+    unexpected = sorted(set(stored) - set(expected))
+    if missing:
+        raise ExportError(f"{file}: tensor {missing[0]} is missing ({len(missing)} missing in all), "
+                          f"but {config_file} needs it")
+    if unexpected:
+        raise ExportError(f"{file}: tensor {unexpected[0]} is not part of the model that {config_file} "
+                          f"describes ({len(unexpected)} such tensors)")
+    for name, shape in expected.items():
+        if list(stored[name]) != shape:
+            raise ExportError(f"{file}: tensor {name} has shape {list(stored[name])}, but {config_file} "
+                              f"gives {shape}")

@@ -1,0 +1,178 @@
+"""python -m deepseek_pt.generate --checkpoint CKPT --prompt TEXT | --interactive: sample from a model.
+
+CKPT is a training run directory (any world size), one of its checkpoints, an export or an HF
+DeepseekV3 directory. Decoding runs MLA's absorbed path against the compressed cache, which holds
+only the normalised latent and the shared rotary key per token and layer; --no-cache recomputes the
+whole prefix every step instead. Greedy output (--temperature 0) is the same either way.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from typing import Iterator
+
+import sentencepiece as spm
+import torch
+
+from .interop.checkpoints import load_checkpoint
+from .interop.cli import DTYPE_CHOICES, UsageError, default_device, run_cli
+from .model import Transformer
+from .model.counting import kv_cache_bytes_per_token
+
+
+def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """logits [B, V] with everything outside the top-k and outside the smallest set of tokens whose
+    probability reaches top_p set to -inf (0 / 1.0 disable either)."""
+    if top_k and top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(dim=-1)
+        # Drop a token when the tokens ranked above it already reach top_p (the best one always stays).
+        drop = probs.cumsum(dim=-1) - probs >= top_p
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    return logits
+
+
+def sample(logits: torch.Tensor, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+           generator: torch.Generator | None = None) -> torch.Tensor:
+    """Next token ids [B] from logits [B, V]: argmax at temperature 0, else a draw from the filtered softmax."""
+    logits = logits.float()
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    probs = filter_logits(logits / temperature, top_k, top_p).softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def generate_tokens(model: Transformer, prompt: list[int], max_new_tokens: int, temperature: float = 0.0,
+                    top_k: int = 0, top_p: float = 1.0, generator: torch.Generator | None = None,
+                    use_cache: bool = True, stop_ids: tuple[int, ...] = (), vocab_size: int | None = None) -> Iterator[int]:
+    """Yield up to max_new_tokens sampled continuations of `prompt`, stopping after a stop id. Only
+    ids below vocab_size are drawn (a model's vocabulary is often padded beyond its tokenizer's)."""
+    if not prompt:
+        raise ValueError("the prompt must hold at least one token")
+    device = model.embed_tokens.weight.device
+    ids = torch.tensor([prompt], device=device)
+    caches = model.new_caches(1, len(prompt) + max_new_tokens, model.embed_tokens.weight.dtype, device) if use_cache else None
+    logits = model(ids, caches=caches)[:, -1]
+    for step in range(max_new_tokens):
+        token = sample(logits[:, :vocab_size], temperature, top_k, top_p, generator)
+        yield token.item()
+        if token.item() in stop_ids or step == max_new_tokens - 1:
+            return
+        ids = torch.cat([ids, token[:, None]], dim=1)
+        logits = (model(ids[:, -1:], caches=caches, start_pos=ids.shape[1] - 1) if use_cache else model(ids))[:, -1]
+
+
+def cache_report(model: Transformer) -> str:
+    """Decode-cache bytes per token against what full multi-head K/V would take, at the model's dtype."""
+    m, a = model.config, model.config.attention
+    width = model.embed_tokens.weight.element_size()
+    sizes = kv_cache_bytes_per_token(m, width)
+    mla, mha = sizes["kv_cache_bytes_per_token"], sizes["mha_kv_cache_bytes_per_token"]
+    return (f"KV cache: {mla:,} B/token = {m.n_layers} layers x (latent {a.kv_lora_rank} + rotary key "
+            f"{a.qk_rope_head_dim}) x {width} B; full multi-head K/V would take {mha:,} B/token "
+            f"({mha / mla:.1f}x)")
+
+
+def prompt_ids(sp: spm.SentencePieceProcessor, text: str, prefix: str) -> list[int]:
+    """Token ids of `text` after a document-start marker: `bos`, `eos` (what precedes a document in
+    eos-separated training data) or `none`."""
+    marker = {"bos": sp.bos_id(), "eos": sp.eos_id(), "none": -1}[prefix]
+    return ([marker] if marker >= 0 else []) + sp.encode(text)
+
+
+def _default_prefix(doc_boundary: str | None, sp: spm.SentencePieceProcessor) -> str:
+    if doc_boundary == "eos":
+        return "eos"
+    return "bos" if doc_boundary == "bos_eos" or sp.bos_id() >= 0 else "none"
+
+
+def _complete(model, sp, text: str, args, generator, out=sys.stdout) -> None:
+    ids = prompt_ids(sp, text, args.prefix)
+    room = model.config.max_seq_len - len(ids)
+    if not ids or room <= 0:
+        raise UsageError(f"the prompt has {len(ids)} tokens; it needs 1 to {model.config.max_seq_len - 1} "
+                         f"(model.max_seq_len {model.config.max_seq_len})")
+    if args.max_new_tokens > room:
+        print(f"note: max-new-tokens {args.max_new_tokens} capped at {room} (model.max_seq_len "
+              f"{model.config.max_seq_len})", file=sys.stderr)
+    stop = () if args.ignore_eos or sp.eos_id() < 0 else (sp.eos_id(),)
+    out.write(text)
+    new, shown, start = [], "", time.perf_counter()
+    for token in generate_tokens(model, ids, min(args.max_new_tokens, room), args.temperature, args.top_k,
+                                 args.top_p, generator, not args.no_cache, stop, sp.vocab_size()):
+        new.append(token)
+        text_now = sp.decode(new)
+        if not text_now.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+            out.write(text_now[len(shown):])
+            out.flush()
+            shown = text_now
+    out.write(sp.decode(new)[len(shown):] + "\n")
+    seconds = time.perf_counter() - start
+    print(f"[{len(ids)} prompt + {len(new)} new tokens in {seconds:.2f}s: {len(new) / seconds:.1f} tokens/s, "
+          f"{'no cache' if args.no_cache else 'compressed cache'}]", file=sys.stderr)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m deepseek_pt.generate", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="run dir, DeepSpeed checkpoint, export dir or HF dir")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--prompt", help="text to continue")
+    what.add_argument("--interactive", action="store_true", help="read prompts from stdin until EOF")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens (0 = all)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
+    p.add_argument("--seed", type=int, default=None, help="sampling seed (default: random)")
+    p.add_argument("--no-cache", action="store_true", help="recompute the whole prefix each step")
+    p.add_argument("--ignore-eos", action="store_true", help="keep going past the end-of-document token")
+    p.add_argument("--prefix", choices=["auto", "bos", "eos", "none"], default="auto",
+                   help="document-start token before the prompt (auto: what the training data used)")
+    p.add_argument("--tokenizer", help="sentencepiece model (default: the checkpoint's tokenizer.model)")
+    p.add_argument("--device", default=default_device())
+    p.add_argument("--dtype", choices=DTYPE_CHOICES, default=None, help="default: the checkpoint's")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.max_new_tokens < 1 or args.temperature < 0 or args.top_k < 0 or not 0 < args.top_p <= 1:
+        parser.error("need --max-new-tokens >= 1, --temperature >= 0, --top-k >= 0 and 0 < --top-p <= 1")
+
+    def run() -> None:
+        ckpt = load_checkpoint(args.checkpoint, args.device, DTYPE_CHOICES.get(args.dtype))
+        if args.tokenizer is None and ckpt.tokenizer is None:
+            raise UsageError(f"{args.checkpoint}: holds no tokenizer.model; pass --tokenizer")
+        sp = spm.SentencePieceProcessor(model_file=args.tokenizer) if args.tokenizer else \
+            spm.SentencePieceProcessor(model_proto=ckpt.tokenizer)
+        if sp.vocab_size() > ckpt.model.config.vocab_size:
+            raise UsageError(f"tokenizer has {sp.vocab_size()} pieces, the model only {ckpt.model.config.vocab_size}")
+        if args.prefix == "auto":
+            args.prefix = _default_prefix(ckpt.doc_boundary, sp)
+        generator = torch.Generator(args.device)
+        generator.manual_seed(args.seed if args.seed is not None else torch.seed())
+        print(cache_report(ckpt.model) if not args.no_cache else "no cache: the prefix is recomputed every step",
+              file=sys.stderr)
+        prompts = [args.prompt] if args.prompt is not None else _read_prompts()
+        for text in prompts:
+            _complete(ckpt.model, sp, text, args, generator)
+
+    return run_cli(run)
+
+
+def _read_prompts() -> Iterator[str]:
+    while True:
+        try:
+            yield input("> " if sys.stdin.isatty() else "")
+        except EOFError:
+            return
+
+
+if __name__ == "__main__":
+    sys.exit(main())

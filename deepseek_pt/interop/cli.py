@@ -1,0 +1,37 @@
+"""What the generate / evaluate / convert command lines share: user errors become `error: ...` on
+stderr and exit status 2, never a traceback."""
+from __future__ import annotations
+
+import sys
+from typing import Callable
+
+import torch
+
+from ..config import ConfigError
+from ..data import DataError
+from ..export import DTYPES, ExportError
+from .hf import HFConversionError
+
+DTYPE_CHOICES = DTYPES
+
+
+class UsageError(ValueError):
+    """Arguments that do not fit the checkpoint or data (caught by run_cli)."""
+
+
+USER_ERRORS = (UsageError, ExportError, HFConversionError, ConfigError, DataError, OSError)
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def run_cli(fn: Callable[[], None]) -> int:
+    try:
+        fn()
+    except USER_ERRORS as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0

@@ -1,0 +1,339 @@
+"""HF transformers DeepseekV3 checkpoints <-> deepseek_pt models.
+
+`load_hf(dir)` reads a directory that `DeepseekV3ForCausalLM.save_pretrained` (or DeepSeek's own
+release, FP8 included) wrote; `save_hf(model, dir)` writes one that transformers loads. Only
+config.json and the safetensors are read and written here: transformers is not needed to convert.
+
+Names already match inside blocks; what differs:
+- HF prefixes the decoder with `model.`; DeepSeek stores MTP depth k as decoder layer n_layers + k
+  (`enorm, hnorm, eh_proj, shared_head.norm`, the block's own names, and copies of the embedding and
+  head). Its eh_proj reads [embedding; hidden], ours [hidden; embedding]: the column halves swap.
+- rope_interleave=false checkpoints rotate (i, i + d/2) pairs; we rotate (2i, 2i+1), so the rotary
+  rows of the query and shared-key projections are permuted on the way in (we always write true).
+- MLA-o has no HF equivalent: it is refused, or folded into o_proj = o_b_proj @ o_a_proj on request.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from contextlib import ExitStack
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from ..config import Config, ConfigError, ModelConfig, config_from_dict
+from ..export import DTYPES, FP32_TENSORS, cast_model, dtype_name, expected_tensors
+from ..model import Transformer
+
+MAX_SHARD_BYTES = 5 * 1024**3
+
+
+class HFConversionError(ValueError):
+    """A checkpoint or model that cannot be converted; the message says what and why."""
+
+
+def is_hf_dir(path: str | Path) -> bool:
+    return (Path(path) / "config.json").is_file()
+
+
+def read_hf_config(path: str | Path) -> dict:
+    file = Path(path) / "config.json"
+    if not file.is_file():
+        raise HFConversionError(f"{file}: not found ({path} is not an HF model directory)")
+    try:
+        return json.loads(file.read_text())
+    except json.JSONDecodeError as e:
+        raise HFConversionError(f"{file}: not valid JSON: {e}") from None
+
+
+# --------------------------------------------------------------------------------------------
+# Configs
+
+
+def _rope_from_hf(hf: dict, where: str) -> dict:
+    # transformers 5 writes rope_parameters; 4.x and DeepSeek's release write rope_theta + rope_scaling.
+    rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
+    theta = float(rope.get("rope_theta", hf.get("rope_theta", 10000.0)))
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    if kind == "default":
+        return {"theta": theta}
+    if kind != "yarn":
+        raise HFConversionError(f"{where}: rope type {kind!r} is not supported (deepseek_pt has default and yarn)")
+    if rope.get("attention_factor") is not None or rope.get("truncate", True) is False:
+        raise HFConversionError(f"{where}: yarn with attention_factor or truncate=false is not supported")
+    max_pos = hf["max_position_embeddings"]
+    original = rope.get("original_max_position_embeddings", max_pos)
+    mscale, mscale_all_dim = rope.get("mscale"), rope.get("mscale_all_dim")
+    if mscale_all_dim and not mscale:
+        # transformers then scales cos/sin by mscale(factor) alone; we always divide by mscale_all_dim's.
+        raise HFConversionError(f"{where}: yarn with mscale_all_dim but no mscale is not supported")
+    return {"theta": theta, "scaling": "yarn", "factor": float(rope.get("factor") or max_pos / original),
+            "original_max_position_embeddings": original, "beta_fast": float(rope.get("beta_fast") or 32),
+            "beta_slow": float(rope.get("beta_slow") or 1), "mscale": float(mscale or 1.0),
+            "mscale_all_dim": float(mscale_all_dim or 0.0)}
+
+
+def model_dict_from_hf(hf: dict, mtp_depth: int, where: str) -> dict:
+    """deepseek_pt's `model` section for an HF DeepseekV3 config.json."""
+    def refuse_unless(ok: bool, msg: str) -> None:
+        if not ok:
+            raise HFConversionError(f"{where}: {msg}")
+
+    refuse_unless(hf.get("model_type") == "deepseek_v3",
+                  f"model_type is {hf.get('model_type')!r}; only 'deepseek_v3' (DeepseekV3ForCausalLM) converts")
+    refuse_unless(not hf.get("attention_bias"), "attention_bias: true is not supported (our projections have no bias)")
+    refuse_unless(hf.get("hidden_act", "silu") == "silu", f"hidden_act {hf.get('hidden_act')!r} is not supported")
+    refuse_unless(hf.get("scoring_func", "sigmoid") == "sigmoid",
+                  f"scoring_func {hf.get('scoring_func')!r}: transformers' DeepseekV3 routes with sigmoid")
+    try:
+        heads = hf["num_attention_heads"]
+        refuse_unless(hf.get("num_key_value_heads") in (None, heads),
+                      "num_key_value_heads must equal num_attention_heads (MLA expands keys per head)")
+        return {
+            "vocab_size": hf["vocab_size"], "dim": hf["hidden_size"], "inter_dim": hf["intermediate_size"],
+            "n_layers": hf["num_hidden_layers"], "max_seq_len": hf["max_position_embeddings"],
+            "norm_eps": hf.get("rms_norm_eps", 1e-6), "init_std": hf.get("initializer_range", 0.02),
+            "tie_embeddings": bool(hf.get("tie_word_embeddings", False)), "mtp_depth": mtp_depth,
+            "attention": {
+                "n_heads": heads, "q_lora_rank": hf["q_lora_rank"] or 0, "kv_lora_rank": hf["kv_lora_rank"],
+                "qk_nope_head_dim": hf["qk_nope_head_dim"], "qk_rope_head_dim": hf["qk_rope_head_dim"],
+                "v_head_dim": hf["v_head_dim"], "rope": _rope_from_hf(hf, where),
+            },
+            "moe": {
+                "n_routed_experts": hf["n_routed_experts"], "n_shared_experts": hf["n_shared_experts"],
+                "top_k": hf["num_experts_per_tok"], "expert_inter_dim": hf["moe_intermediate_size"],
+                "n_expert_groups": hf["n_group"], "n_limited_groups": hf["topk_group"], "score_func": "sigmoid",
+                "norm_topk_prob": bool(hf["norm_topk_prob"]), "route_scale": float(hf["routed_scaling_factor"]),
+                "n_dense_layers": min(hf["first_k_dense_replace"], hf["num_hidden_layers"]),
+            },
+        }
+    except KeyError as e:
+        raise HFConversionError(f"{where}: missing key {e.args[0]!r}") from None
+
+
+def full_config(model: ModelConfig | dict, base: Config | None = None, where: str = "<hf>") -> Config:
+    """A complete run Config around a model section: `base`'s other sections, or the defaults with
+    data.seq_len capped at the model's max_seq_len."""
+    model = model if isinstance(model, dict) else dataclasses.asdict(model)
+    data = base.to_dict() if base is not None else {"data": {"seq_len": min(Config().data.seq_len, model["max_seq_len"])}}
+    try:
+        return config_from_dict({**data, "model": model}, where)
+    except ConfigError as e:
+        raise HFConversionError(str(e)) from None
+
+
+def hf_config_dict(m: ModelConfig, dtype: torch.dtype, bos_id: int | None = None, eos_id: int | None = None) -> dict:
+    """config.json for `m`, in the layout of DeepSeek's release (rope_theta + rope_scaling), which
+    transformers 4.x and 5.x both read."""
+    a, moe, r = m.attention, m.moe, m.attention.rope
+    problems = []
+    if moe.score_func != "sigmoid" and moe.n_dense_layers < m.n_layers:
+        problems.append("model.moe.score_func softmax: transformers' DeepseekV3 routes with sigmoid only")
+    if moe.n_routed_experts // moe.n_expert_groups < 2 and moe.n_dense_layers < m.n_layers:
+        problems.append("model.moe: transformers' DeepseekV3 scores a group by its best 2 experts; groups hold fewer")
+    if r.scaling == "yarn" and r.mscale_all_dim and not r.mscale:
+        problems.append("model.attention.rope.mscale 0 with mscale_all_dim: transformers would read it as mscale 1")
+    if r.scaling == "yarn" and (not r.beta_fast or not r.beta_slow):
+        problems.append("model.attention.rope.beta_fast/beta_slow 0: transformers would read them as 32/1")
+    if problems:
+        raise HFConversionError("cannot express this model as HF DeepseekV3: " + "; ".join(problems))
+    rope_scaling = None if r.scaling == "none" else {
+        "type": "yarn", "rope_type": "yarn", "factor": r.factor,
+        "original_max_position_embeddings": r.original_max_position_embeddings, "beta_fast": r.beta_fast,
+        "beta_slow": r.beta_slow, "mscale": r.mscale, "mscale_all_dim": r.mscale_all_dim}
+    return {
+        "architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3",
+        "vocab_size": m.vocab_size, "hidden_size": m.dim, "intermediate_size": m.inter_dim,
+        "num_hidden_layers": m.n_layers, "max_position_embeddings": m.max_seq_len, "rms_norm_eps": m.norm_eps,
+        "initializer_range": m.init_std, "tie_word_embeddings": m.tie_embeddings, "hidden_act": "silu",
+        "num_attention_heads": a.n_heads, "num_key_value_heads": a.n_heads, "q_lora_rank": a.q_lora_rank or None,
+        "kv_lora_rank": a.kv_lora_rank, "qk_nope_head_dim": a.qk_nope_head_dim,
+        "qk_rope_head_dim": a.qk_rope_head_dim, "v_head_dim": a.v_head_dim, "attention_bias": False,
+        "attention_dropout": 0.0, "rope_theta": r.theta, "rope_scaling": rope_scaling, "rope_interleave": True,
+        "n_routed_experts": moe.n_routed_experts, "n_shared_experts": moe.n_shared_experts,
+        "num_experts_per_tok": moe.top_k, "moe_intermediate_size": moe.expert_inter_dim, "n_group": moe.n_expert_groups,
+        "topk_group": moe.n_limited_groups, "norm_topk_prob": moe.norm_topk_prob,
+        "routed_scaling_factor": moe.route_scale, "scoring_func": "sigmoid", "topk_method": "noaux_tc",
+        "first_k_dense_replace": moe.n_dense_layers, "num_nextn_predict_layers": m.mtp_depth,
+        "bos_token_id": bos_id, "eos_token_id": eos_id, "use_cache": True, "dtype": dtype_name(dtype),
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Tensor names and layouts
+
+
+def hf_name(name: str, n_layers: int) -> str:
+    """The HF checkpoint key of one of our state_dict names."""
+    if name.startswith("mtp."):
+        k, rest = name[len("mtp."):].split(".", 1)
+        layer = f"model.layers.{n_layers + int(k)}."
+        if rest.startswith("block."):
+            return layer + rest[len("block."):]
+        return layer + ("shared_head.norm.weight" if rest == "norm.weight" else rest)
+    return name if name.startswith("lm_head.") else "model." + name
+
+
+def _swap_halves(w: torch.Tensor) -> torch.Tensor:
+    return torch.cat(w.chunk(2, dim=1)[::-1], dim=1)
+
+
+def _interleave_rope_rows(w: torch.Tensor, row_groups: int, rope_dim: int) -> torch.Tensor:
+    """Rows of each group's trailing rope_dim block reordered from half-split pairs (i, i + d/2) to
+    interleaved pairs (2i, 2i + 1)."""
+    half = rope_dim // 2
+    perm = torch.stack([torch.arange(half), torch.arange(half) + half], dim=-1).flatten()
+    groups = w.reshape(row_groups, -1, w.shape[-1])
+    rope = groups[:, -rope_dim:][:, perm]
+    return torch.cat([groups[:, :-rope_dim], rope], dim=1).reshape(w.shape)
+
+
+def _dequantize_fp8(w: torch.Tensor, scale_inv: torch.Tensor, block: list[int]) -> torch.Tensor:
+    """DeepSeek's block-scaled FP8: each [block[0], block[1]] tile of w is multiplied by its scale."""
+    rows, cols = w.shape
+    scale = scale_inv.float().repeat_interleave(block[0], 0)[:rows].repeat_interleave(block[1], 1)[:, :cols]
+    return w.float() * scale
+
+
+class _Weights:
+    """The tensors of an HF checkpoint directory: one safetensors file or an index of shards."""
+
+    def __init__(self, path: Path, stack: ExitStack):
+        index = path / "model.safetensors.index.json"
+        if index.is_file():
+            self.file_of = {k: path / v for k, v in json.loads(index.read_text())["weight_map"].items()}
+        else:
+            self.file_of = {}
+            for file in sorted(path.glob("*.safetensors")):
+                with safe_open(file, framework="pt") as f:
+                    self.file_of.update(dict.fromkeys(f.keys(), file))
+        if not self.file_of:
+            raise HFConversionError(f"{path}: no *.safetensors weights found")
+        self._stack, self._handles = stack, {}
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.file_of
+
+    def get(self, key: str) -> torch.Tensor:
+        file = self.file_of[key]
+        if file not in self._handles:
+            self._handles[file] = self._stack.enter_context(safe_open(file, framework="pt"))
+        return self._handles[file].get_tensor(key)
+
+
+# --------------------------------------------------------------------------------------------
+# Load and save
+
+
+def _mtp_depth(hf: dict, weights: _Weights) -> int:
+    """MTP depths whose weights the checkpoint holds (config.json often announces one it lacks)."""
+    n, announced = hf["num_hidden_layers"], hf.get("num_nextn_predict_layers") or 0
+    return next((k for k in range(announced) if f"model.layers.{n + k}.eh_proj.weight" not in weights), announced)
+
+
+def load_hf(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> Transformer:
+    """A deepseek_pt Transformer with the weights of an HF DeepseekV3 checkpoint directory.
+    dtype=None keeps the checkpoint's (bf16 for FP8 releases); FP8 weights are dequantized."""
+    path = Path(path)
+    hf = read_hf_config(path)
+    with ExitStack() as stack:
+        weights = _Weights(path, stack)
+        where = str(path / "config.json")
+        config = full_config(model_dict_from_hf(hf, _mtp_depth(hf, weights), where), where=where)
+        m, a = config.model, config.model.attention
+        dtype = dtype or DTYPES.get(hf.get("dtype") or hf.get("torch_dtype"), torch.float32)
+        with torch.device(device):
+            model = cast_model(Transformer(m), dtype)
+        block = (hf.get("quantization_config") or {}).get("weight_block_size", [128, 128])
+        used, state = set(), {}
+        for name, param in expected_tensors(model).items():
+            key = hf_name(name, m.n_layers)
+            if key not in weights:
+                raise HFConversionError(f"{path}: tensor {key} is missing (deepseek_pt's {name})")
+            t = weights.get(key)
+            used.add(key)
+            if f"{key}_scale_inv" in weights:
+                t = _dequantize_fp8(t, weights.get(f"{key}_scale_inv"), block)
+                used.add(f"{key}_scale_inv")
+            if name.endswith("eh_proj.weight"):
+                t = _swap_halves(t)
+            if not hf.get("rope_interleave", True):
+                if name.endswith(("q_proj.weight", "q_b_proj.weight")):
+                    t = _interleave_rope_rows(t, a.n_heads, a.qk_rope_head_dim)
+                elif name.endswith("kv_a_proj_with_mqa.weight"):
+                    t = _interleave_rope_rows(t, 1, a.qk_rope_head_dim)
+            if t.shape != param.shape:
+                raise HFConversionError(f"{path}: tensor {key} has shape {list(t.shape)}, config.json gives "
+                                        f"{list(param.shape)}")
+            state[name] = t
+        # DeepSeek's MTP layers carry copies of the shared embedding and head; ours are shared.
+        copies = {f"model.layers.{m.n_layers + k}.{n}" for k in range(m.mtp_depth)
+                  for n in ("embed_tokens.weight", "shared_head.head.weight")}
+        left = sorted(k for k in weights.file_of if k not in used | copies and not k.endswith("rotary_emb.inv_freq"))
+        if left:
+            raise HFConversionError(f"{path}: tensor {left[0]} has no deepseek_pt counterpart ({len(left)} such)")
+        model.load_state_dict(state, strict=False)
+    return model.eval()
+
+
+def hf_tensors(model: Transformer, dtype: torch.dtype, fold: bool = False) -> tuple[dict[str, torch.Tensor], list[float]]:
+    """HF checkpoint tensors of `model`, and for a folded MLA-o model each layer's relative error of
+    the stored o_proj against the exact product o_b_proj @ o_a_proj."""
+    m = model.config
+    if m.attention.use_output_subspace and not fold:
+        raise HFConversionError(
+            "this model uses MLA-o (model.attention.use_output_subspace: o_a_proj -> o_b_proj), which HF "
+            "DeepseekV3 cannot represent; fold it into a single o_proj (--fold / fold=True) to export it")
+    state = expected_tensors(model)
+    out, fold_errors = {}, []
+    for name, t in state.items():
+        t = t.detach().cpu()
+        if name.endswith("self_attn.o_a_proj.weight"):
+            continue
+        if name.endswith("self_attn.o_b_proj.weight"):
+            exact = t.double() @ state[name.replace("o_b_proj", "o_a_proj")].detach().cpu().double()
+            t = exact.to(dtype)
+            fold_errors.append(((t.double() - exact).norm() / exact.norm()).item())
+            name = name.replace("o_b_proj", "o_proj")
+        if name.endswith("eh_proj.weight"):
+            t = _swap_halves(t)
+        out[hf_name(name, m.n_layers)] = t.to(torch.float32 if name.endswith(FP32_TENSORS) else dtype).contiguous()
+    for k in range(m.mtp_depth):
+        layer = f"model.layers.{m.n_layers + k}."
+        out[layer + "embed_tokens.weight"] = out["model.embed_tokens.weight"].clone()
+        out[layer + "shared_head.head.weight"] = out.get("lm_head.weight", out["model.embed_tokens.weight"]).clone()
+    return out, fold_errors
+
+
+def save_hf(model: Transformer, path: str | Path, fold: bool = False, dtype: torch.dtype | None = None,
+            bos_id: int | None = None, eos_id: int | None = None, max_shard_bytes: int = MAX_SHARD_BYTES) -> list[float]:
+    """Write `model` as an HF DeepseekV3ForCausalLM directory (config.json, generation_config.json,
+    safetensors, sharded with an index above max_shard_bytes). Returns the per-layer fold errors
+    (empty unless an MLA-o model was folded)."""
+    path = Path(path)
+    dtype = dtype or model.embed_tokens.weight.dtype
+    config = hf_config_dict(model.config, dtype, bos_id, eos_id)
+    tensors, fold_errors = hf_tensors(model, dtype, fold)
+    path.mkdir(parents=True, exist_ok=True)
+    shards, size = [{}], 0
+    for key, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][key] = t
+        size += nbytes
+    names = (["model.safetensors"] if len(shards) == 1 else
+             [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+    for name, shard in zip(names, shards):
+        save_file(shard, path / name, metadata={"format": "pt"})
+    if len(shards) > 1:
+        index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
+                 "weight_map": {k: n for n, shard in zip(names, shards) for k in shard}}
+        (path / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    generation = {"bos_token_id": bos_id, "eos_token_id": eos_id}
+    (path / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+    (path / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return fold_errors
