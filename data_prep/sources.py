@@ -50,7 +50,8 @@ def _file_input(path: Path, spec: str) -> Input:
 
 
 def resolve_inputs(specs: list[str]) -> list[Input]:
-    """Expand paths, directories (recursively, sorted) and globs; `hf:` names pass through."""
+    """Expand paths, directories (recursively, sorted, hidden entries skipped) and globs;
+    `hf:` names pass through."""
     if not specs:
         raise DataError("no --input given")
     inputs: list[Input] = []
@@ -67,7 +68,8 @@ def resolve_inputs(specs: list[str]) -> list[Input]:
                 raise DataError(f"input {spec}: the pattern matches no file")
             inputs += [_file_input(p, str(p)) for p in matches]
         elif path.is_dir():
-            files = sorted(p for p in path.rglob("*") if p.is_file() and _builder(p))
+            files = sorted(p for p in path.rglob("*") if p.is_file() and _builder(p)
+                           and not any(part.startswith(".") for part in p.relative_to(path).parts))
             if not files:
                 raise DataError(f"input {spec}: directory has no {', '.join(BUILDERS)} files")
             inputs += [_file_input(p, str(p)) for p in files]

@@ -139,6 +139,7 @@ def mixed_inputs(tmp_path_factory) -> list[str]:
     (root / "c").mkdir()
     for i, text in enumerate(DOCS[55:]):
         (root / "c" / f"{i:03d}.txt").write_text(text)
+    (root / "c" / ".notes.txt").write_text("hidden files are not inputs")
     return [str(root / "a.jsonl"), str(root / "b.parquet"), str(root / "c")]
 
 

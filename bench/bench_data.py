@@ -1,0 +1,93 @@
+"""Data pipeline throughput: tokenization (build_shards end to end, per --num-proc) against plain
+single-process sentencepiece on the same text, and the training loader.
+
+Corpus: CPython's pydoc topics repeated --repeat times (real English, no download). Prints a
+markdown table (the figures in docs/benchmarks.md come from it).
+
+    python bench/bench_data.py --repeat 40 --num-proc 1 2
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import sentencepiece as spm
+
+from data_prep import build_shards, pydoc_corpus, train_tokenizer
+from deepseek_pt.data import PretrainDataset, TrainLoader
+
+
+def bench_sentencepiece(model: Path, texts: list[str]) -> tuple[int, float]:
+    """(tokens, seconds) of sentencepiece alone: one process, one thread, text already in memory."""
+    sp = spm.SentencePieceProcessor(model_file=str(model))
+    t = time.perf_counter()
+    n = sum(len(ids) for ids in sp.encode(texts, num_threads=1))
+    return n, time.perf_counter() - t
+
+
+def bench_build(corpus: Path, model: Path, out: Path, num_proc: int) -> tuple[int, float]:
+    """(tokens, seconds) of the whole build: read jsonl, tokenize, write + hash shards, manifest."""
+    t = time.perf_counter()
+    m = build_shards.build([str(corpus)], model, out, shard_tokens=1 << 22, val_fraction=0.001,
+                           num_proc=num_proc, progress=False)
+    return sum(m["stats"]["tokens"].values()), time.perf_counter() - t
+
+
+def bench_loader(shards: Path, seq_len: int, micro_batch_size: int, steps: int) -> float:
+    """Tokens per second delivered by TrainLoader (shuffled random reads, page cache warm)."""
+    loader = TrainLoader(PretrainDataset(shards, seq_len=seq_len), micro_batch_size, seed=0)
+    next(loader)
+    t = time.perf_counter()
+    for _ in range(steps):
+        next(loader)
+    return steps * micro_batch_size * seq_len / (time.perf_counter() - t)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--repeat", type=int, default=40, help="copies of the pydoc corpus (~465K chars each)")
+    p.add_argument("--vocab-size", type=int, default=8192)
+    p.add_argument("--num-proc", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--seq-len", type=int, default=2048)
+    p.add_argument("--micro-batch-size", type=int, default=8)
+    p.add_argument("--loader-steps", type=int, default=500)
+    a = p.parse_args()
+
+    texts = [text for _ in range(a.repeat) for _, text in pydoc_corpus.documents()]
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        corpus = tmp / "corpus.jsonl"
+        corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+        pydoc_corpus.write_corpus(tmp / "pydoc.jsonl")
+        train_tokenizer.train([str(tmp / "pydoc.jsonl")], a.vocab_size, tmp / "tok", progress=False)
+        model = tmp / "tok" / "tokenizer.model"
+
+        chars = sum(map(len, texts))
+        print(f"corpus: {len(texts)} documents, {chars / 1e6:.1f}M characters; tokenizer: bpe, "
+              f"{a.vocab_size} pieces; machine: {os.cpu_count()} CPU cores, {platform.processor() or platform.machine()}")
+        n, dt = bench_sentencepiece(model, texts)
+        print(f"\n| tokenizer | processes | tokens/s | tokens/s per process | speed-up |\n|---|---:|---:|---:|---:|")
+        print(f"| sentencepiece `encode` (in memory, 1 thread) | 1 | {n / dt:,.0f} | {n / dt:,.0f} | 1.00 |")
+        base = n / dt
+        for proc in a.num_proc:
+            n, dt = bench_build(corpus, model, tmp / f"shards{proc}", proc)
+            print(f"| build_shards.py end to end | {proc} | {n / dt:,.0f} | {n / dt / proc:,.0f} | {n / dt / base:.2f} |")
+        print(f"\n({n / 1e6:.1f}M tokens; end to end = reading jsonl through datasets, tokenizing, writing and "
+              "hashing shards, manifest; process start-up included)")
+
+        rate = bench_loader(tmp / f"shards{a.num_proc[0]}", a.seq_len, a.micro_batch_size, a.loader_steps)
+        print(f"\n| loader | tokens/s | batches/s |\n|---|---:|---:|")
+        print(f"| TrainLoader B={a.micro_batch_size} T={a.seq_len} | {rate:,.0f} | "
+              f"{rate / (a.micro_batch_size * a.seq_len):,.0f} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,250 @@
+"""deepseek_pt.data: manifest validation, samples, shuffled resumable loader, validation batches."""
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from deepseek_pt.data import DataError, PretrainDataset, TrainLoader, open_manifest, val_batches
+from deepseek_pt.data.shuffle import Permutation
+
+T = 32
+
+
+def stream(d, split="train") -> np.ndarray:
+    m = open_manifest(d)
+    return np.concatenate([np.fromfile(m.shard_file(s), dtype=m.np_dtype) for s in m.shards(split)]).astype(np.int64)
+
+
+@pytest.fixture
+def shards(tmp_path, pydoc_data_dir):
+    """A private copy of the pydoc shards, for tests that damage them."""
+    return shutil.copytree(pydoc_data_dir.shards_dir, tmp_path / "shards")
+
+
+def edit_manifest(d, edit) -> None:
+    m = json.loads((d / "manifest.json").read_text())
+    edit(m)
+    (d / "manifest.json").write_text(json.dumps(m))
+
+
+# ------------------------------------------------------------------------------------------------
+# Manifest and dataset
+
+
+def test_open_manifest(pydoc_data_dir):
+    m = open_manifest(pydoc_data_dir.shards_dir)
+    assert (m.vocab_size, m.dtype, m.bos_id, m.eos_id, m.pad_id) == (pydoc_data_dir.vocab_size, "uint16", 2, 3, 0)
+    assert m.tokenizer_path == pydoc_data_dir.shards_dir / "tokenizer.model" and m.tokenizer_path.is_absolute()
+    assert set(m.splits) == {"train", "val"} and len(m.splits["train"]) > 1
+    assert open_manifest(pydoc_data_dir.shards_dir / "manifest.json").splits == m.splits
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda m: m.update(dtype="int8"), "dtype 'int8' is not one of uint16, uint32"),
+    (lambda m: m.update(format_version=99), "format_version 99 is newer"),
+    (lambda m: m.update(vocab_size=70000), "vocab_size 70000 does not fit dtype uint16"),
+    (lambda m: m["splits"]["train"][0].update(path="../x.bin"), r"splits.train\[0\]: path '../x.bin' must be relative"),
+    (lambda m: m["splits"]["train"][1].update(num_tokens="7"), r"splits.train\[1\]: field 'num_tokens' has the wrong type"),
+    (lambda m: m["splits"]["val"][0].update(dtype="uint32"), "differs from the manifest dtype"),
+    (lambda m: m["splits"]["val"].append(m["splits"]["train"][0]), "listed twice"),
+    (lambda m: m["tokenizer"].update(eos_id=5000), "eos_id 5000 is outside the vocabulary"),
+    (lambda m: m.pop("splits"), "missing field 'splits'"),
+])
+def test_bad_manifest_is_named(shards, edit, message):
+    edit_manifest(shards, edit)
+    with pytest.raises(DataError, match=message) as e:
+        open_manifest(shards)
+    assert str(shards / "manifest.json") in str(e.value)
+
+
+def test_missing_or_unfinished_manifest(tmp_path, shards):
+    with pytest.raises(DataError, match=r"manifest.json: manifest not found$"):
+        open_manifest(tmp_path / "nothing")
+    (shards / "manifest.json").unlink()
+    (shards / "build_log.jsonl").write_text("")
+    with pytest.raises(DataError, match="build is incomplete: re-run build_shards.py"):
+        PretrainDataset(shards, seq_len=T)
+
+
+def test_samples_are_stride_t_windows_across_shards(pydoc_data_dir):
+    ds = PretrainDataset(pydoc_data_dir.shards_dir, split="train", seq_len=T)
+    tokens = stream(pydoc_data_dir.shards_dir)
+    assert len(ds) == (len(tokens) - 1) // T and ds.num_tokens == len(tokens)
+    boundary = open_manifest(pydoc_data_dir.shards_dir).shards("train")[0].num_tokens
+    crossing = (boundary - 1) // T  # this window starts in shard 0 and ends in shard 1
+    assert crossing * T < boundary < crossing * T + T + 1
+    for i in (0, 1, crossing, len(ds) - 1):
+        x = ds[i]
+        assert x.dtype == torch.int64 and x.shape == (T + 1,)
+        assert torch.equal(x, torch.from_numpy(tokens[i * T:i * T + T + 1]))
+    with pytest.raises(IndexError):
+        ds[len(ds)]
+    ds2 = pickle.loads(pickle.dumps(ds))  # DataLoader workers receive a pickled copy
+    assert torch.equal(ds2[crossing], ds[crossing])
+
+
+def test_truncated_missing_and_corrupt_shards_are_named(shards):
+    m = open_manifest(shards)
+    victim = m.shard_file(m.shards("train")[2])
+    os.truncate(victim, victim.stat().st_size - 2)
+    with pytest.raises(DataError, match=f"shard {victim}: truncated: 32766 bytes, manifest says 16384 tokens"):
+        PretrainDataset(shards, seq_len=T)
+    victim.unlink()
+    with pytest.raises(DataError, match=f"shard {victim}: missing"):
+        PretrainDataset(shards, seq_len=T)
+    PretrainDataset(shards, split="val", seq_len=T)  # other split unaffected
+
+    flipped = m.shard_file(m.shards("val")[1])
+    data = bytearray(flipped.read_bytes())
+    data[2 * 7 + 1] ^= 0x40  # token 7 gets id >= 16384
+    flipped.write_bytes(bytes(data))
+    with pytest.raises(DataError, match=f"shard {flipped}: corrupt: sha256"):
+        PretrainDataset(shards, split="val", seq_len=T, verify_checksums=True)
+    ds = PretrainDataset(shards, split="val", seq_len=T)  # sizes are fine: reading catches the bad id
+    first = m.shards("val")[0].num_tokens // T
+    with pytest.raises(DataError, match=f"shard {flipped}: token 7 has id \\d+ >= vocab_size 1024"):
+        for i in range(first, first + 2):
+            ds[i]
+
+
+def test_missing_split_and_too_few_tokens(pydoc_data_dir):
+    with pytest.raises(DataError, match=r"no split 'test' \(has: train, val\)"):
+        PretrainDataset(pydoc_data_dir.shards_dir, split="test", seq_len=T)
+    n = open_manifest(pydoc_data_dir.shards_dir).num_tokens("val")
+    with pytest.raises(DataError, match=f"split 'val' has {n} tokens, fewer than one sample of seq_len \\+ 1 = {n + 1}"):
+        PretrainDataset(pydoc_data_dir.shards_dir, split="val", seq_len=n)
+    assert len(PretrainDataset(pydoc_data_dir.shards_dir, split="val", seq_len=n - 1)) == 1
+
+
+# ------------------------------------------------------------------------------------------------
+# Shuffle
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 7, 64, 1000, 4099])
+def test_permutation_is_a_bijection(n):
+    p = Permutation(n, seed=5, epoch=3)(np.arange(n))
+    assert sorted(p.tolist()) == list(range(n))
+
+
+def test_permutation_depends_on_seed_and_epoch():
+    idx = np.arange(10_000)
+    base = Permutation(10_000, 1, 0)(idx)
+    assert not np.array_equal(base, idx)
+    assert np.array_equal(base, Permutation(10_000, 1, 0)(idx))
+    for other in (Permutation(10_000, 2, 0), Permutation(10_000, 1, 1)):
+        assert (other(idx) == base).mean() < 0.01
+    big = Permutation(3 * 10**12, 1, 0)(np.array([0, 1, 3 * 10**12 - 1]))  # no memory cost for huge n
+    assert len(set(big.tolist())) == 3 and big.max() < 3 * 10**12
+
+
+# ------------------------------------------------------------------------------------------------
+# Training loader
+
+
+def global_batches(ds, b, w, seed, steps, start=0):
+    """The concatenation over ranks of each global step's micro-batches."""
+    loaders = [TrainLoader(ds, b, r, w, seed=seed, consumed_samples=start) for r in range(w)]
+    out = []
+    for _ in range(steps):
+        parts = [next(lo) for lo in loaders]
+        out.append((torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])))
+    return out
+
+
+@pytest.fixture(scope="module")
+def train_ds(pydoc_data_dir):
+    return PretrainDataset(pydoc_data_dir.shards_dir, split="train", seq_len=T)
+
+
+def test_batches_are_shifted_windows_and_epochs_cover_every_sample(train_ds):
+    n = len(train_ds)
+    loader = TrainLoader(train_ds, micro_batch_size=n, seed=7)
+    for epoch in range(2):
+        x, y = next(loader)
+        assert x.shape == y.shape == (n, T) and x.dtype == y.dtype == torch.int64
+        assert torch.equal(x[:, 1:], y[:, :-1])
+        rows = sorted(tuple(r) for r in torch.cat([x, y[:, -1:]], 1).tolist())
+        assert rows == sorted(tuple(train_ds[i].tolist()) for i in range(n))  # each sample once per epoch
+        if epoch == 0:
+            first = x
+    assert not torch.equal(first, x)  # epoch 1 is reshuffled
+    assert loader.epoch == 2 and loader.state_dict()["consumed_samples"] == 2 * n
+
+
+def test_order_depends_only_on_seed(train_ds):
+    a, b, c = (TrainLoader(train_ds, 4, seed=s) for s in (1, 1, 2))
+    for _ in range(5):
+        xa, xb, xc = next(a)[0], next(b)[0], next(c)[0]
+        assert torch.equal(xa, xb) and not torch.equal(xa, xc)
+
+
+def test_world_size_does_not_change_the_global_order(train_ds):
+    n = len(train_ds)
+    steps = (2 * n) // 8 + 3  # runs into the third epoch
+    reference = global_batches(train_ds, 8, 1, seed=3, steps=steps)
+    for b, w in ((4, 2), (2, 4), (1, 8)):
+        got = global_batches(train_ds, b, w, seed=3, steps=steps)
+        assert all(torch.equal(g[0], r[0]) and torch.equal(g[1], r[1]) for g, r in zip(got, reference))
+    # ranks read disjoint samples within a step
+    loaders = [TrainLoader(train_ds, 4, r, 2, seed=3) for r in range(2)]
+    assert not set(map(tuple, next(loaders[0])[0].tolist())) & set(map(tuple, next(loaders[1])[0].tolist()))
+
+
+def test_resume_sees_the_same_batches_even_with_another_world_size(train_ds):
+    reference = global_batches(train_ds, 4, 1, seed=9, steps=40)
+    # 5 steps on 2 ranks (B=2), checkpoint, resume on 4 ranks (B=1) and on 1 rank (B=4)
+    before = [TrainLoader(train_ds, 2, r, 2, seed=9) for r in range(2)]
+    for _ in range(5):
+        for lo in before:
+            next(lo)
+    state = json.loads(json.dumps(before[0].state_dict()))  # goes through a JSON checkpoint
+    assert state["consumed_samples"] == 20 == before[1].state_dict()["consumed_samples"]
+    for b, w in ((1, 4), (4, 1)):
+        after = [TrainLoader(train_ds, b, r, w, seed=9) for r in range(w)]
+        for lo in after:
+            lo.load_state_dict(state)
+        for step in range(5, 40):
+            x = torch.cat([next(lo)[0] for lo in after])
+            assert torch.equal(x, reference[step][0])
+
+
+def test_load_state_dict_refuses_other_data(train_ds, pydoc_data_dir):
+    state = TrainLoader(train_ds, 2, seed=1).state_dict()
+    with pytest.raises(DataError, match="seed: checkpoint 1, now 2"):
+        TrainLoader(train_ds, 2, seed=2).load_state_dict(state)
+    other = PretrainDataset(pydoc_data_dir.shards_dir, split="train", seq_len=T + 1)
+    with pytest.raises(DataError, match=r"seq_len: checkpoint 32, now 33.*num_samples"):
+        TrainLoader(other, 2, seed=1).load_state_dict(state)
+    lo = TrainLoader(other, 2, seed=1)
+    lo.load_state_dict({**state, "consumed_samples": 6}, strict=False)
+    assert lo.consumed_samples == 6
+    with pytest.raises(DataError, match="consumed_samples must be a non-negative int"):
+        lo.load_state_dict({"consumed_samples": -1})
+    with pytest.raises(DataError, match=r"dp_rank 2 is not in \[0, dp_world=2\)"):
+        TrainLoader(train_ds, 2, dp_rank=2, dp_world=2)
+
+
+# ------------------------------------------------------------------------------------------------
+# Validation batches
+
+
+def test_val_batches_are_ordered_disjoint_and_equal_in_number(pydoc_data_dir):
+    d = pydoc_data_dir.shards_dir
+    ds = PretrainDataset(d, split="val", seq_len=T)
+    b, w = 3, 2
+    per_rank = [list(val_batches(d, "val", T, b, r, w)) for r in range(w)]
+    steps = len(ds) // (b * w)
+    assert [len(p) for p in per_rank] == [steps, steps]
+    got = torch.cat([torch.cat([per_rank[r][s][0] for r in range(w)]) for s in range(steps)])
+    expected = torch.stack([ds[i][:-1] for i in range(steps * b * w)])
+    assert torch.equal(got, expected)  # in order, rank r takes [r*B, (r+1)*B) of each step
+    again = list(val_batches(d, "val", T, b, 1, w, max_batches=4))
+    assert len(again) == 4 and all(torch.equal(a[1], p[1]) for a, p in zip(again, per_rank[1]))
+    with pytest.raises(DataError, match="fewer than one global batch"):
+        val_batches(d, "val", T, micro_batch_size=len(ds), dp_world=2)
