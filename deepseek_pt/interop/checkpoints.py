@@ -7,6 +7,7 @@
 """
 from __future__ import annotations
 
+import importlib
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,19 +37,31 @@ def _from_export(path: Path, device, dtype) -> Checkpoint:
                       read_export_info(path).get("doc_boundary"))
 
 
+ENGINE_EXPORTERS = ("deepseek_pt.engine.export", "deepseek_pt.engine.checkpoint")
+"""Where the training engine's `export_checkpoint(run_dir_or_ckpt, out_dir)` may live, first found wins."""
+
+
+def _engine_exporter(path: Path):
+    for name in ENGINE_EXPORTERS:
+        try:
+            module = importlib.import_module(name)
+        except ImportError:
+            continue
+        if hasattr(module, "export_checkpoint"):
+            return module.export_checkpoint, importlib.import_module("deepseek_pt.engine.checkpoint").CheckpointError
+    raise ExportError(f"{path}: is neither an export (export.json) nor an HF directory (config.json), and this "
+                      "installation cannot read training checkpoints (no export_checkpoint in "
+                      f"{' or '.join(ENGINE_EXPORTERS)})")
+
+
 def _from_training_run(path: Path, device, dtype) -> Checkpoint:
-    try:
-        from ..engine.checkpoint import CheckpointError, export_checkpoint
-    except ImportError:
-        raise ExportError(f"{path}: is neither an export (export.json) nor an HF directory (config.json), and this "
-                          "installation cannot read training checkpoints (deepseek_pt.engine.checkpoint."
-                          "export_checkpoint is missing)") from None
+    export_checkpoint, checkpoint_error = _engine_exporter(path)
     with tempfile.TemporaryDirectory(prefix="deepseek_pt_export_") as tmp:
         try:
-            export_checkpoint(path, tmp)
-        except CheckpointError as e:
+            export_checkpoint(path, Path(tmp) / "export")
+        except checkpoint_error as e:
             raise ExportError(str(e)) from None
-        return _from_export(Path(tmp), device, dtype)
+        return _from_export(Path(tmp) / "export", device, dtype)
 
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> Checkpoint:

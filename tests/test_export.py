@@ -1,0 +1,157 @@
+"""Consolidated exports: exact round trips, dtype handling, and clear errors on bad input."""
+import json
+import sys
+import types
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from deepseek_pt.export import ExportError, load_export, read_export_info, save_export, sha256_file
+from deepseek_pt.interop.checkpoints import load_checkpoint
+from deepseek_pt.model import Transformer, to_output_subspace
+from model_configs import tiny
+
+
+def _model(cfg, seed=0):
+    torch.manual_seed(seed)
+    model = Transformer(cfg.model).eval()
+    with torch.no_grad():
+        for moe in model.moe_layers():  # a trained model's balancing bias is not zero
+            moe.gate.e_score_correction_bias.normal_(0, 1e-3)
+    return model
+
+
+def _assert_same_state(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert sa[k].dtype == sb[k].dtype and torch.equal(sa[k], sb[k]), k
+
+
+@pytest.mark.parametrize("overrides", [{}, {"tie_embeddings": True, "mtp_depth": 1}])
+def test_round_trip_is_exact(tmp_path, overrides):
+    cfg = tiny(**overrides)
+    model = _model(cfg)
+    tok = tmp_path / "tok.model"
+    tok.write_bytes(b"sentencepiece bytes")
+    save_export(model, cfg, tmp_path / "exp", step=12, source="runs/x/checkpoints/step_00000012", tokenizer=tok,
+                doc_boundary="eos")
+    loaded, loaded_cfg = load_export(tmp_path / "exp")
+    _assert_same_state(model, loaded)
+    assert loaded_cfg == cfg
+    info = read_export_info(tmp_path / "exp")
+    assert (info["step"], info["dtype"], info["doc_boundary"]) == (12, "float32", "eos")
+    assert (tmp_path / "exp" / "tokenizer.model").read_bytes() == b"sentencepiece bytes"
+    if cfg.model.tie_embeddings:  # stored once, still shared after loading
+        assert "lm_head.weight" not in load_file(tmp_path / "exp" / "model.safetensors")
+        assert loaded.lm_head.weight is loaded.embed_tokens.weight
+
+
+def test_mla_o_model_exports_its_own_config(tmp_path):
+    cfg = tiny()
+    model = _model(cfg)
+    to_output_subspace(model, 8)
+    save_export(model, cfg, tmp_path / "exp")
+    loaded, loaded_cfg = load_export(tmp_path / "exp")
+    assert loaded_cfg.model.attention.use_output_subspace and loaded_cfg.model.attention.o_latent_dim == 8
+    _assert_same_state(model, loaded)
+
+
+def test_bf16_export_keeps_router_bias_fp32(tmp_path):
+    cfg = tiny()
+    model = _model(cfg)
+    save_export(model, cfg, tmp_path / "exp", dtype=torch.bfloat16)
+    stored = load_file(tmp_path / "exp" / "model.safetensors")
+    assert stored["embed_tokens.weight"].dtype == torch.bfloat16
+    bias = "layers.1.mlp.gate.e_score_correction_bias"
+    assert stored[bias].dtype == torch.float32
+    loaded, _ = load_export(tmp_path / "exp")
+    assert loaded.embed_tokens.weight.dtype == torch.bfloat16
+    assert torch.equal(loaded.state_dict()[bias], model.state_dict()[bias])
+    assert torch.equal(loaded.layers[1].mlp.gate.weight, model.layers[1].mlp.gate.weight.bfloat16().float())
+    as_fp32, _ = load_export(tmp_path / "exp", dtype=torch.float32)
+    assert as_fp32.embed_tokens.weight.dtype == torch.float32
+
+
+@pytest.fixture
+def export_dir(tmp_path):
+    cfg = tiny()
+    return save_export(_model(cfg), cfg, tmp_path / "exp")
+
+
+def test_corrupt_weights_are_refused(export_dir):
+    data = bytearray((export_dir / "model.safetensors").read_bytes())
+    data[-1] ^= 1
+    (export_dir / "model.safetensors").write_bytes(bytes(data))
+    with pytest.raises(ExportError, match=r"model\.safetensors: corrupt: sha256"):
+        load_export(export_dir)
+
+
+def _rewrite_weights(export_dir, edit):
+    """Change the stored tensors and re-record the checksum, so that only the name/shape check can object."""
+    file = export_dir / "model.safetensors"
+    tensors = load_file(file)
+    edit(tensors)
+    save_file(tensors, file)
+    info = json.loads((export_dir / "export.json").read_text())
+    info["sha256"] = sha256_file(file)
+    (export_dir / "export.json").write_text(json.dumps(info))
+
+
+def test_shape_mismatch_names_file_and_tensor(export_dir):
+    _rewrite_weights(export_dir, lambda t: t.update({"layers.0.self_attn.kv_b_proj.weight": torch.zeros(3, 3)}))
+    with pytest.raises(ExportError, match=r"model\.safetensors: tensor layers\.0\.self_attn\.kv_b_proj\.weight "
+                                          r"has shape \[3, 3\], but .*config\.yaml gives \[80, 16\]"):
+        load_export(export_dir)
+
+
+def test_missing_and_unexpected_tensors_are_named(export_dir):
+    _rewrite_weights(export_dir, lambda t: t.pop("norm.weight"))
+    with pytest.raises(ExportError, match=r"tensor norm\.weight is missing"):
+        load_export(export_dir)
+    _rewrite_weights(export_dir, lambda t: t.update({"norm.weight": torch.ones(48), "extra.weight": torch.ones(1)}))
+    with pytest.raises(ExportError, match=r"tensor extra\.weight is not part of the model"):
+        load_export(export_dir)
+
+
+def test_incomplete_or_newer_exports_are_refused(export_dir):
+    info = json.loads((export_dir / "export.json").read_text())
+    (export_dir / "export.json").write_text(json.dumps({**info, "format_version": 99}))
+    with pytest.raises(ExportError, match="format_version 99 is newer"):
+        load_export(export_dir)
+    (export_dir / "export.json").unlink()
+    with pytest.raises(ExportError, match="export.json: not found"):
+        load_export(export_dir)
+
+
+def test_training_run_dirs_go_through_the_engines_export(tmp_path, monkeypatch, export_dir):
+    """A run dir is handed to the engine's export_checkpoint, imported only then."""
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    calls = []
+
+    def export_checkpoint(src, out):
+        calls.append(src)
+        model, cfg = load_export(export_dir)
+        save_export(model, cfg, out, source=str(src))
+
+    class CheckpointError(RuntimeError):
+        pass
+
+    engine_export = types.SimpleNamespace(export_checkpoint=export_checkpoint)
+    monkeypatch.setitem(sys.modules, "deepseek_pt.engine.export", engine_export)
+    monkeypatch.setitem(sys.modules, "deepseek_pt.engine.checkpoint", types.SimpleNamespace(CheckpointError=CheckpointError))
+    ckpt = load_checkpoint(run_dir)
+    assert calls == [run_dir]
+    _assert_same_state(ckpt.model, load_export(export_dir)[0])
+
+    def broken(src, out):
+        raise CheckpointError(f"{src}: no complete checkpoint")
+
+    engine_export.export_checkpoint = broken
+    with pytest.raises(ExportError, match="no complete checkpoint"):
+        load_checkpoint(run_dir)
+    del engine_export.export_checkpoint
+    with pytest.raises(ExportError, match="cannot read training checkpoints"):
+        load_checkpoint(run_dir)

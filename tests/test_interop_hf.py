@@ -1,0 +1,221 @@
+"""HF transformers DeepseekV3 <-> deepseek_pt: logits parity both ways on tiny random models (fp32)."""
+import json
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+from safetensors.torch import load_file, save_file  # noqa: E402
+from transformers import DeepseekV3Config, DeepseekV3ForCausalLM  # noqa: E402
+
+from deepseek_pt.config import load_config  # noqa: E402
+from deepseek_pt.convert import main as convert_main  # noqa: E402
+from deepseek_pt.export import load_export, save_export  # noqa: E402
+from deepseek_pt.interop.hf import HFConversionError, load_hf, model_dict_from_hf, save_hf  # noqa: E402
+from deepseek_pt.model import Transformer, to_output_subspace  # noqa: E402
+from model_configs import tiny  # noqa: E402
+
+YARN = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 16,
+        "mscale": 1.0, "mscale_all_dim": 0.8, "beta_fast": 32, "beta_slow": 1}
+
+
+def hf_config(**overrides) -> DeepseekV3Config:
+    kw = dict(vocab_size=97, hidden_size=48, intermediate_size=96, moe_intermediate_size=16, num_hidden_layers=3,
+              num_attention_heads=4, num_key_value_heads=4, n_shared_experts=1, n_routed_experts=8,
+              routed_scaling_factor=2.5, kv_lora_rank=16, q_lora_rank=24, qk_rope_head_dim=4, v_head_dim=12,
+              qk_nope_head_dim=8, n_group=4, topk_group=2, num_experts_per_tok=2, first_k_dense_replace=1,
+              max_position_embeddings=64, rope_parameters=YARN)
+    return DeepseekV3Config(**{**kw, **overrides})
+
+
+@torch.no_grad()
+def randomize(model: torch.nn.Module, seed: int = 0) -> None:
+    """Weights far from init (norm gains != 1, nonzero routing bias) so that any mapping slip shows."""
+    g = torch.Generator().manual_seed(seed)
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if "norm" in name:
+            t.copy_(torch.rand(t.shape, generator=g) + 0.5)
+        elif name.endswith("e_score_correction_bias"):
+            t.copy_(torch.randn(t.shape, generator=g) * 0.5)
+        elif t.is_floating_point() and "inv_freq" not in name and "tokens_per_expert" not in name:
+            t.copy_(torch.randn(t.shape, generator=g) * 0.3)
+
+
+def ids(T=48):
+    return torch.randint(0, 97, (2, T), generator=torch.Generator().manual_seed(1))
+
+
+def assert_logits_close(ours, theirs):
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4 * theirs.abs().max().item())
+
+
+HF_VARIANTS = {
+    "q_lora+yarn+groups+dense_first": {},
+    "no_q_lora+half_split_rope+eps+all_moe": dict(
+        q_lora_rank=None, rope_interleave=False, rope_parameters={"rope_type": "default", "rope_theta": 500.0},
+        rms_norm_eps=1e-2, first_k_dense_replace=0, n_group=1, topk_group=1, norm_topk_prob=False,
+        n_shared_experts=2),
+    "tied+all_dense": dict(tie_word_embeddings=True, first_k_dense_replace=3),
+}
+
+
+@pytest.mark.parametrize("variant", HF_VARIANTS)
+def test_load_hf_gives_transformers_logits(tmp_path, variant):
+    hf = DeepseekV3ForCausalLM(hf_config(**HF_VARIANTS[variant])).eval()
+    randomize(hf)
+    hf.save_pretrained(tmp_path)
+    ours = load_hf(tmp_path)
+    with torch.no_grad():
+        assert_logits_close(ours(ids()), hf(ids()).logits)
+    if hf.config.first_k_dense_replace < 3:
+        assert ours.moe_layers()[0].gate.e_score_correction_bias.abs().sum() > 0
+
+
+def random_model(cfg, seed=0) -> Transformer:
+    model = Transformer(cfg.model).eval()
+    randomize(model, seed)
+    return model
+
+
+OUR_VARIANTS = {
+    "q_lora+yarn+mtp": dict(mtp_depth=1),
+    "no_q_lora+plain_rope+tied": dict(attention__q_lora_rank=0, attention__rope={"theta": 500.0}, tie_embeddings=True,
+                                      moe__n_dense_layers=0, moe__n_expert_groups=1, moe__n_limited_groups=1),
+}
+
+
+@pytest.mark.parametrize("variant", OUR_VARIANTS)
+def test_save_hf_loads_in_transformers_with_the_same_logits(tmp_path, variant):
+    model = random_model(tiny(**OUR_VARIANTS[variant]))
+    assert save_hf(model, tmp_path) == []
+    hf = DeepseekV3ForCausalLM.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        assert_logits_close(model(ids()), hf(ids()).logits)
+    back = load_hf(tmp_path)  # and the way back is exact, MTP and routing bias included
+    assert back.config == model.config
+    for k, v in model.state_dict().items():
+        assert torch.equal(back.state_dict()[k], v), k
+
+
+def test_mtp_layers_follow_deepseeks_layout(tmp_path):
+    """Our MTP depth 0 is decoder layer n_layers in the checkpoint; transformers' own MTP layer (which
+    reads [embedding; hidden]) computes what ours does from the converted weights."""
+    from transformers.modeling_layers import MtpLayer
+    from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3DecoderLayer, DeepseekV3RMSNorm
+
+    model = random_model(tiny(mtp_depth=1))
+    save_hf(model, tmp_path)
+    hf = DeepseekV3ForCausalLM.from_pretrained(tmp_path)
+    layer = MtpLayer(hf.config.get_mtp_config(), DeepseekV3DecoderLayer, DeepseekV3RMSNorm, 0).eval()
+    prefix, E = "model.layers.3.", model.config.moe.n_routed_experts
+    stored = {k[len(prefix):]: v for k, v in load_file(tmp_path / "model.safetensors").items() if k.startswith(prefix)}
+    assert torch.equal(stored.pop("embed_tokens.weight"), model.embed_tokens.weight)
+    assert torch.equal(stored.pop("shared_head.head.weight"), model.lm_head.weight)
+    expert = [{w: stored.pop(f"mlp.experts.{i}.{w}.weight") for w in ("gate_proj", "up_proj", "down_proj")} for i in range(E)]
+    state = {("post_norm.weight" if k == "shared_head.norm.weight" else k if k.split(".")[0] in ("enorm", "hnorm", "eh_proj")
+              else "mtp_block." + k): v for k, v in stored.items()}
+    state["mtp_block.mlp.experts.gate_up_proj"] = torch.stack([torch.cat([e["gate_proj"], e["up_proj"]]) for e in expert])
+    state["mtp_block.mlp.experts.down_proj"] = torch.stack([e["down_proj"] for e in expert])
+    layer.load_state_dict(state, strict=True)
+    h, emb, pos = torch.randn(2, 10, 48), torch.randn(2, 10, 48), torch.arange(10)[None]
+    mask = transformers.masking_utils.create_causal_mask(config=layer.config, inputs_embeds=h, attention_mask=None,
+                                                         cache=None, position_ids=pos)
+    with torch.no_grad():
+        theirs = layer(emb, h, position_embeddings=hf.model.rotary_emb(h, pos), attention_mask=mask, position_ids=pos,
+                       cache=None)
+        mtp = model.mtp[0]
+        torch.testing.assert_close(mtp.norm(mtp(h, emb)), theirs, rtol=1e-4, atol=1e-5)
+
+
+def test_mla_o_is_refused_unless_folded(tmp_path):
+    model = random_model(tiny())
+    to_output_subspace(model, 16)
+    with pytest.raises(HFConversionError, match="MLA-o.*fold"):
+        save_hf(model, tmp_path)
+    errors = save_hf(model, tmp_path, fold=True)
+    assert len(errors) == 3 and max(errors) < 1e-6  # fp32 rounding of the exact product
+    hf = DeepseekV3ForCausalLM.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        assert_logits_close(model(ids()), hf(ids()).logits)
+    assert save_hf(model, tmp_path / "bf16", fold=True, dtype=torch.bfloat16) and \
+        max(save_hf(model, tmp_path / "bf16", fold=True, dtype=torch.bfloat16)) > 1e-4
+
+
+def quantize_fp8(w: torch.Tensor, block: int):
+    """DeepSeek-style block FP8: per [block x block] tile, scale = amax / 448."""
+    rows, cols = w.shape
+    scale = torch.ones(-(-rows // block), -(-cols // block))
+    q = torch.empty_like(w, dtype=torch.float8_e4m3fn)
+    for i in range(scale.shape[0]):
+        for j in range(scale.shape[1]):
+            tile = w[i * block:(i + 1) * block, j * block:(j + 1) * block]
+            scale[i, j] = tile.abs().max() / 448
+            q[i * block:(i + 1) * block, j * block:(j + 1) * block] = (tile / scale[i, j]).to(torch.float8_e4m3fn)
+    return q, scale
+
+
+def test_fp8_release_checkpoints_are_dequantized(tmp_path):
+    hf = DeepseekV3ForCausalLM(hf_config()).eval()
+    randomize(hf)
+    hf.save_pretrained(tmp_path / "src")
+    tensors, block, expected = load_file(tmp_path / "src" / "model.safetensors"), 16, {}
+    for name in [n for n in tensors if n.endswith("proj.weight") or n.endswith("proj_with_mqa.weight")]:
+        q, scale = quantize_fp8(tensors[name], block)
+        tensors[name], tensors[f"{name}_scale_inv"] = q, scale
+        expected[name] = torch.cat([torch.cat([q[i:i + block, j:j + block].float() * scale[i // block, j // block]
+                                               for j in range(0, q.shape[1], block)], 1)
+                                    for i in range(0, q.shape[0], block)], 0)
+    (tmp_path / "fp8").mkdir()
+    save_file(tensors, tmp_path / "fp8" / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((tmp_path / "src" / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [block, block]}
+    (tmp_path / "fp8" / "config.json").write_text(json.dumps(config))
+    ours = load_hf(tmp_path / "fp8")
+    state = ours.state_dict()
+    assert "model.layers.0.self_attn.kv_a_proj_with_mqa.weight" in expected  # 20 rows: a partial tile
+    for name, w in expected.items():
+        assert torch.equal(state[name.removeprefix("model.")], w), name
+
+
+def test_unsupported_hf_configs_are_refused(tmp_path):
+    good = hf_config().to_dict()
+    for change, message in [({"model_type": "llama"}, "model_type is 'llama'"),
+                            ({"attention_bias": True}, "attention_bias"),
+                            ({"rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}}, "rope type 'linear'"),
+                            ({"num_key_value_heads": 2}, "num_key_value_heads")]:
+        with pytest.raises(HFConversionError, match=message):
+            model_dict_from_hf({**good, **change}, 0, "config.json")
+    with pytest.raises(HFConversionError, match="softmax"):
+        save_hf(random_model(tiny(moe__score_func="softmax")), tmp_path)
+
+
+def test_convert_cli_both_ways(tmp_path, capsys):
+    cfg = tiny()
+    model = random_model(cfg)
+    save_export(model, cfg, tmp_path / "exp")
+    assert convert_main(["ds-to-hf", str(tmp_path / "exp"), str(tmp_path / "hf")]) == 0
+    hf = DeepseekV3ForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    with torch.no_grad():
+        assert_logits_close(model(ids()), hf(ids()).logits)
+    # hf-to-ds for continued pretraining: model section from HF, the rest from the training config.
+    assert convert_main(["hf-to-ds", str(tmp_path / "hf"), str(tmp_path / "back"), "--base-config", "configs/smoke.yaml"]) == 0
+    back, back_cfg = load_export(tmp_path / "back")
+    assert back_cfg.model == cfg.model
+    assert back_cfg.train == load_config("configs/smoke.yaml").train
+    assert torch.equal(back.layers[1].mlp.gate.e_score_correction_bias, model.layers[1].mlp.gate.e_score_correction_bias)
+    capsys.readouterr()
+
+
+def test_convert_cli_errors_are_one_line(tmp_path, capsys):
+    cfg = tiny()
+    model = random_model(cfg)
+    to_output_subspace(model, 8)
+    save_export(model, cfg, tmp_path / "mla_o")
+    for argv, message in [(["hf-to-ds", str(tmp_path / "missing"), str(tmp_path / "o1")], "config.json: not found"),
+                          (["ds-to-hf", str(tmp_path / "mla_o"), str(tmp_path / "o2")], "pass --fold"),
+                          (["ds-to-hf", str(tmp_path / "mla_o"), str(tmp_path / "mla_o")], "not empty")]:
+        assert convert_main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and message in err and "Traceback" not in err
+    assert convert_main(["ds-to-hf", str(tmp_path / "mla_o"), str(tmp_path / "o3"), "--fold"]) == 0
+    assert "folded MLA-o into o_proj" in capsys.readouterr().out
