@@ -123,33 +123,76 @@ def _clear(out: Path) -> None:
 
 def _already_built(out: Path, header: dict, overwrite: bool) -> dict | None:
     """The finished manifest if `out` holds this very build; clears or refuses a different one."""
-    if not (out / MANIFEST_NAME).exists() and not (out / BUILD_LOG_NAME).exists():
+    manifest_file, log_file = out / MANIFEST_NAME, out / BUILD_LOG_NAME
+    if not manifest_file.exists() and not log_file.exists():
         return None
-    if (out / MANIFEST_NAME).exists():
-        m = open_manifest(out)
-        old, what = {k: m.raw.get(k) for k in header}, f"{out / MANIFEST_NAME}"
-    else:
-        records = BuildLog(out / BUILD_LOG_NAME).read()
-        old = {k: v for k, v in records[0][0].items() if k != "type"} if records else {}
-        what = f"unfinished build {out / BUILD_LOG_NAME}"
-    changes = _diff(old, header)
+    m, what = None, str(manifest_file)
+    try:
+        if manifest_file.exists():
+            m = open_manifest(out)
+            old = {k: m.raw.get(k) for k in header}
+        else:
+            what = f"unfinished build {log_file}"
+            records = BuildLog(log_file).read()
+            old = {k: v for k, v in records[0][0].items() if k != "type"} if records else {}
+        changes = _diff(old, header)
+    except DataError as e:  # unreadable: certainly not this build
+        m, changes = None, [str(e)]
     if changes and not overwrite:
         raise DataError(f"{out} holds another build ({what}): " + "; ".join(changes[:5])
                         + "; pass --overwrite to replace it, or choose another --out")
     if changes:
         _clear(out)
         return None
-    if (out / MANIFEST_NAME).exists():
-        for split in m.splits.values():
-            for shard in split:
-                try:
-                    check_shard(m, shard)
-                except DataError as e:
-                    raise DataError(f"{out} is a finished build but {e}; run verify_shards.py, or pass "
-                                    "--overwrite to rebuild") from None
-        (out / BUILD_LOG_NAME).unlink(missing_ok=True)
-        return m.raw
-    return None
+    if m is None:
+        return None  # same build, unfinished: resume it
+    for split in m.splits.values():
+        for shard in split:
+            try:
+                check_shard(m, shard)
+            except DataError as e:
+                raise DataError(f"{out} is a finished build but {e}; run verify_shards.py, or pass "
+                                "--overwrite to rebuild") from None
+    log_file.unlink(missing_ok=True)  # left behind if the build died right after its manifest
+    return m.raw
+
+
+def _load_tokenizer(path: Path, doc_boundary: str) -> tuple[spm.SentencePieceProcessor, dict]:
+    """The model and its special ids (None where it has none)."""
+    if not path.is_file():
+        raise DataError(f"tokenizer {path}: no such file")
+    try:
+        sp = spm.SentencePieceProcessor(model_file=str(path))
+    except (OSError, RuntimeError) as e:
+        raise DataError(f"tokenizer {path}: not a sentencepiece model: {e}") from None
+    ids = {name: (getattr(sp, name)() if getattr(sp, name)() >= 0 else None)
+           for name in ("bos_id", "eos_id", "pad_id", "unk_id")}
+    if ids["eos_id"] is None:
+        raise DataError(f"tokenizer {path}: has no end-of-document token (eos_id)")
+    if doc_boundary == "bos_eos" and ids["bos_id"] is None:
+        raise DataError(f"tokenizer {path}: --doc-boundary bos_eos needs a bos_id, the model has none")
+    return sp, ids
+
+
+def _start_or_resume(out: Path, log: BuildLog, writers: dict[str, SplitWriter], header: dict, num_proc: int,
+                     progress: bool) -> tuple[tuple[int, int], dict]:
+    """Input position and stats to continue from: the last intact checkpoint of an interrupted
+    build (writers restored to it), or the very beginning."""
+    records = log.read() if log.path.exists() else []
+    if not records:  # a fresh build: drop shard files a build without a log may have left
+        _clear_shards(out)
+        log.start(header)
+        return (0, 0), {"docs": {s: 0 for s in SPLITS}, "empty_docs": 0}
+    cp, kept = restore(out, log, records, header["dtype"], num_proc, progress)
+    for s, w in writers.items():
+        st = cp["splits"][s] if cp else {"partial_tokens": 0, "partial_docs": 0}
+        w.resume(kept[s], st["partial_tokens"], st["partial_docs"])
+    if progress:
+        print(f"{out}: resuming an interrupted build ({sum(map(len, kept.values()))} finished shards kept)",
+              file=sys.stderr)
+    if cp is None:
+        return (0, 0), {"docs": {s: 0 for s in SPLITS}, "empty_docs": 0}
+    return (cp["position"]["input"], cp["position"]["row"]), cp["stats"]
 
 
 def build(inputs: list[str], tokenizer: str | Path, out: str | Path, shard_tokens: int,
@@ -169,18 +212,7 @@ def build(inputs: list[str], tokenizer: str | Path, out: str | Path, shard_token
         raise DataError(f"split_seed {split_seed} is not in [0, 2^64)")
     num_proc = num_proc or os.cpu_count() or 1
     tokenizer, out = Path(tokenizer), Path(out)
-    if not tokenizer.is_file():
-        raise DataError(f"tokenizer {tokenizer}: no such file")
-    try:
-        sp = spm.SentencePieceProcessor(model_file=str(tokenizer))
-    except (OSError, RuntimeError) as e:
-        raise DataError(f"tokenizer {tokenizer}: not a sentencepiece model: {e}") from None
-    ids = {name: (getattr(sp, name)() if getattr(sp, name)() >= 0 else None)
-           for name in ("bos_id", "eos_id", "pad_id", "unk_id")}
-    if ids["eos_id"] is None:
-        raise DataError(f"tokenizer {tokenizer}: has no end-of-document token (eos_id)")
-    if doc_boundary == "bos_eos" and ids["bos_id"] is None:
-        raise DataError(f"tokenizer {tokenizer}: --doc-boundary bos_eos needs a bos_id, the model has none")
+    sp, ids = _load_tokenizer(tokenizer, doc_boundary)
     resolved = resolve_inputs(list(inputs))
     dtype = dtype_for_vocab(sp.get_piece_size())
     header = {
@@ -204,23 +236,7 @@ def build(inputs: list[str], tokenizer: str | Path, out: str | Path, shard_token
         atomic_write_bytes(copy, tokenizer.read_bytes())
     log = BuildLog(out / BUILD_LOG_NAME)
     writers = {s: SplitWriter(out, s, dtype, shard_tokens, log) for s in SPLITS}
-    stats = {"docs": {s: 0 for s in SPLITS}, "empty_docs": 0}
-    start = (0, 0)
-    records = log.read() if log.path.exists() else []
-    if records:
-        cp, kept = restore(out, log, records, dtype, num_proc, progress)
-        for s, w in writers.items():
-            st = cp["splits"][s] if cp else {"partial_tokens": 0, "partial_docs": 0}
-            w.resume(kept[s], st["partial_tokens"], st["partial_docs"])
-        if cp:
-            start, stats = (cp["position"]["input"], cp["position"]["row"]), cp["stats"]
-        if progress:
-            print(f"{out}: resuming at input {start[0]} row {start[1]} "
-                  f"({sum(map(len, kept.values()))} finished shards kept)", file=sys.stderr)
-    else:  # a fresh build: drop shard files a build without a log may have left
-        _clear_shards(out)
-        log.start(header)
-
+    start, stats = _start_or_resume(out, log, writers, header, num_proc, progress)
     spec = tokenize_worker.TokenizeSpec(str(copy), dtype, ids["eos_id"],
                                         ids["bos_id"] if doc_boundary == "bos_eos" else None,
                                         val_fraction, split_seed)
@@ -239,6 +255,8 @@ def build(inputs: list[str], tokenizer: str | Path, out: str | Path, shard_token
                             "stats": stats, "splits": {s: w.checkpoint() for s, w in writers.items()}})
             bar.set_postfix(docs=sum(stats["docs"].values()), shards=sum(len(w.shards) for w in writers.values()),
                             input=f"{min(task.end[0] + 1, len(resolved))}/{len(resolved)}")
+        if not any(stats["docs"].values()):
+            raise DataError(f"inputs {', '.join(inputs)}: no non-blank documents in field {text_field!r}")
         for w in writers.values():
             w.finish()
     finally:

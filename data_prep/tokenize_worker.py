@@ -59,9 +59,11 @@ def tokenize(texts: list[str]) -> dict[str, SplitTokens]:
     sp, spec = _state
     key = spec.split_seed.to_bytes(8, "little")
     val = [spec.val_fraction > 0 and is_val(t.encode(), spec.val_fraction, key) for t in texts]
-    ids = sp.encode(texts, num_threads=1)  # parallelism comes from the worker processes
-    head = [spec.bos_id] if spec.bos_id is not None else []
-    docs = [head + d + [spec.eos_id] for d in ids]
+    docs = sp.encode(texts, num_threads=1)  # parallelism comes from the worker processes
+    for d in docs:  # in place: a copy per document costs ~2% of the tokenization time
+        d.append(spec.eos_id)
+        if spec.bos_id is not None:
+            d.insert(0, spec.bos_id)
     splits = {}
     for name, want in (("train", False), ("val", True)):
         chosen = [d for d, v in zip(docs, val) if v == want]

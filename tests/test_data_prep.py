@@ -218,17 +218,23 @@ def test_resume_after_crash_is_byte_identical(tmp_path, small_build, monkeypatch
     assert not (tmp_path / "out" / "build_log.jsonl").exists()
 
 
-def test_resume_rebuilds_a_corrupted_finished_shard(tmp_path, small_build, monkeypatch):
+@pytest.mark.parametrize("n, victim", [(16, "finished"), (6, "partial")])
+def test_resume_rebuilds_corrupted_shard_files(tmp_path, small_build, monkeypatch, n, victim):
+    """A shard damaged after it was written is not kept: the build goes back to a checkpoint
+    before it. `finished`: the last shard finished before the last checkpoint; `partial`: the
+    shard that was partial at the last checkpoint and was renamed before the crash."""
     args, reference, _ = small_build
     monkeypatch.setattr(build_shards, "_TASK_CHARS", 15_000)
     with monkeypatch.context() as patch:
-        crash_on_log_append(patch, 16, after_write=True)
+        crash_on_log_append(patch, n, after_write=True)
         with pytest.raises(Crash):
             build_shards.build(out=tmp_path / "out", **args)
-    victim = tmp_path / "out" / "train-00002.bin"
-    data = bytearray(victim.read_bytes())
+    records = [json.loads(line) for line in (tmp_path / "out" / "build_log.jsonl").read_text().splitlines()]
+    finished = [r for r in records if r["type"] == "checkpoint"][-1]["splits"]["train"]["shards"]
+    path = tmp_path / "out" / shard_writer.shard_name("train", finished - 1 if victim == "finished" else finished)
+    data = bytearray(path.read_bytes())
     data[10] ^= 0xFF
-    victim.write_bytes(bytes(data))
+    path.write_bytes(bytes(data))
     build_shards.build(out=tmp_path / "out", **args)
     assert shard_bytes(tmp_path / "out") == reference
 
@@ -305,6 +311,9 @@ def test_input_errors_name_the_input(tmp_path, pydoc_data_dir):
     (tmp_path / "x.csv").write_text("a,b\n")
     with pytest.raises(DataError, match=r"x.csv: unsupported file type"):
         build([tmp_path / "x.csv"])
+    (tmp_path / "blank.jsonl").write_text('{"text": ""}\n{"text": " "}\n')
+    with pytest.raises(DataError, match=r"blank.jsonl: no non-blank documents in field 'text'"):
+        build([tmp_path / "blank.jsonl"])
     with pytest.raises(DataError, match=r"given twice"):
         build([tmp_path / "body.jsonl", tmp_path / "body.jsonl"])
     with pytest.raises(DataError, match=r"tokenizer .*nope.model: no such file"):
