@@ -91,7 +91,7 @@ def _default_prefix(doc_boundary: str | None, sp: spm.SentencePieceProcessor) ->
     return "bos" if doc_boundary == "bos_eos" or sp.bos_id() >= 0 else "none"
 
 
-def _complete(model, sp, text: str, args, generator, out=sys.stdout) -> None:
+def _complete(model, sp, text: str, args, generator) -> None:
     ids = prompt_ids(sp, text, args.prefix)
     room = model.config.max_seq_len - len(ids)
     if not ids or room <= 0:
@@ -101,6 +101,7 @@ def _complete(model, sp, text: str, args, generator, out=sys.stdout) -> None:
         print(f"note: max-new-tokens {args.max_new_tokens} capped at {room} (model.max_seq_len "
               f"{model.config.max_seq_len})", file=sys.stderr)
     stop = () if args.ignore_eos or sp.eos_id() < 0 else (sp.eos_id(),)
+    out = sys.stdout
     out.write(text)
     new, shown, start = [], "", time.perf_counter()
     for token in generate_tokens(model, ids, min(args.max_new_tokens, room), args.temperature, args.top_k,

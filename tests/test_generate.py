@@ -1,0 +1,156 @@
+"""Generation (compressed-cache decoding, sampling, CLI) and evaluation (loss, CLI)."""
+import io
+import json
+import math
+
+import pytest
+import torch
+
+from deepseek_pt.evaluate import evaluate, main as evaluate_main
+from deepseek_pt.export import save_export
+from deepseek_pt.generate import cache_report, filter_logits, generate_tokens, main as generate_main, sample
+from deepseek_pt.interop.hf import save_hf
+from deepseek_pt.model import Transformer, to_output_subspace
+from model_configs import tiny
+
+
+def random_model(cfg, seed=0, std=0.15) -> Transformer:
+    torch.manual_seed(seed)
+    model = Transformer(cfg.model).eval()
+    with torch.no_grad():  # larger than init, so that greedy continuations vary
+        for name, p in model.named_parameters():
+            if "norm" not in name:
+                p.normal_(0, std)
+    return model
+
+
+@pytest.mark.parametrize("variant", ["q_lora+yarn", "no_q_lora+plain_rope", "mla_o"])
+def test_cached_and_uncached_greedy_decoding_agree(variant):
+    cfg = tiny(**({"attention__q_lora_rank": 0, "attention__rope": {"theta": 500.0}} if variant == "no_q_lora+plain_rope" else {}))
+    model = random_model(cfg)
+    if variant == "mla_o":
+        to_output_subspace(model, 16)
+    prompt = torch.randint(0, cfg.model.vocab_size, (5,), generator=torch.Generator().manual_seed(3)).tolist()
+    cached = list(generate_tokens(model, prompt, 50, temperature=0.0, use_cache=True))
+    uncached = list(generate_tokens(model, prompt, 50, temperature=0.0, use_cache=False))
+    assert cached == uncached
+    assert len(cached) == 50 and len(set(cached)) > 5  # a real continuation, not one token repeated
+
+
+def test_generation_stops_at_a_stop_id_and_respects_the_vocabulary():
+    model = random_model(tiny())
+    greedy = list(generate_tokens(model, [1, 2, 3], 30, temperature=0.0))
+    stop = greedy[4]
+    assert list(generate_tokens(model, [1, 2, 3], 30, temperature=0.0, stop_ids=(stop,))) == greedy[:greedy.index(stop) + 1]
+    limited = list(generate_tokens(model, [1, 2, 3], 30, temperature=1.0, vocab_size=10,
+                                   generator=torch.Generator().manual_seed(0)))
+    assert max(limited) < 10
+
+
+def test_top_k_and_top_p_keep_the_right_tokens():
+    probs = torch.tensor([[0.05, 0.5, 0.15, 0.3]])  # ranked: 1, 3, 2, 0
+    logits = probs.log()
+    kept = lambda **kw: torch.isfinite(filter_logits(logits, **kw))[0].nonzero().flatten().tolist()  # noqa: E731
+    assert kept(top_k=2) == [1, 3]
+    assert kept(top_p=0.5) == [1]  # the best token alone reaches 0.5
+    assert kept(top_p=0.7) == [1, 3]
+    assert kept(top_p=0.81) == [1, 2, 3]
+    assert kept(top_k=3, top_p=0.7) == [1, 3]
+    assert kept() == [0, 1, 2, 3]
+
+
+def test_sampling_follows_the_filtered_distribution():
+    logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0]).repeat(40000, 1)
+    g = torch.Generator().manual_seed(0)
+    for kw, allowed in [({}, 5), ({"top_k": 3}, 3)]:
+        draws = sample(logits, temperature=0.7, generator=g, **kw)
+        freq = torch.bincount(draws, minlength=5).float() / len(draws)
+        expected = torch.zeros(5)
+        expected[:allowed] = (logits[0, :allowed] / 0.7).softmax(-1)
+        torch.testing.assert_close(freq, expected, atol=0.01, rtol=0)
+    assert torch.equal(sample(logits[:3], temperature=0.0), torch.zeros(3, dtype=torch.long))
+    assert torch.equal(sample(logits[:3], temperature=1.0, top_k=1, generator=g), torch.zeros(3, dtype=torch.long))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cache_report_counts_the_cache_that_decoding_uses(dtype):
+    model = random_model(tiny()).to(dtype)
+    caches = model.new_caches(1, 10, dtype)
+    per_token = sum(c.bytes_per_token() for c in caches)
+    a = model.config.attention
+    mha = model.config.n_layers * a.n_heads * (a.qk_nope_head_dim + a.qk_rope_head_dim + a.v_head_dim) * dtype.itemsize
+    report = cache_report(model)
+    assert f"KV cache: {per_token:,} B/token" in report and f"would take {mha:,} B/token" in report
+
+
+@pytest.fixture
+def pydoc(request):
+    pytest.importorskip("data_prep.build_shards", reason="data_prep (tokenizer and shard building) is not there yet")
+    return request.getfixturevalue("pydoc_data_dir")
+
+
+@pytest.fixture
+def export_1024(tmp_path, pydoc):
+    """A random model over the pydoc tokenizer's 1024 pieces, exported with that tokenizer."""
+    cfg = tiny(vocab_size=pydoc.vocab_size)
+    return save_export(random_model(cfg, std=0.05), cfg, tmp_path / "exp", tokenizer=pydoc.tokenizer_model,
+                       doc_boundary="eos")
+
+
+def test_generate_cli_cached_equals_uncached(export_1024, capsys, monkeypatch):
+    args = ["--checkpoint", str(export_1024), "--prompt", "The with statement", "--temperature", "0",
+            "--max-new-tokens", "20", "--ignore-eos"]
+    assert generate_main(args) == 0
+    cached = capsys.readouterr()
+    assert generate_main(args + ["--no-cache"]) == 0
+    uncached = capsys.readouterr()
+    assert cached.out == uncached.out and cached.out.startswith("The with statement")
+    assert len(cached.out) > len("The with statement\n")
+    assert "KV cache:" in cached.err and "full multi-head K/V" in cached.err and "20 new tokens" in cached.err
+    monkeypatch.setattr("sys.stdin", io.StringIO("def\nclass\n"))
+    assert generate_main(["--checkpoint", str(export_1024), "--interactive", "--max-new-tokens", "3", "--seed", "1"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2 and lines[0].startswith("def") and lines[1].startswith("class")
+
+
+def test_generate_cli_errors(tmp_path, pydoc, capsys):
+    cfg = tiny(vocab_size=pydoc.vocab_size)
+    save_export(random_model(cfg), cfg, tmp_path / "no_tok")
+    assert generate_main(["--checkpoint", str(tmp_path / "no_tok"), "--prompt", "x"]) == 2
+    assert "pass --tokenizer" in capsys.readouterr().err
+    assert generate_main(["--checkpoint", str(tmp_path / "no_tok"), "--prompt", "x", "--max-new-tokens", "2",
+                          "--tokenizer", str(pydoc.tokenizer_model)]) == 0
+    small = tiny()  # 97 ids: the 1024-piece tokenizer does not fit
+    save_export(random_model(small), small, tmp_path / "small", tokenizer=pydoc.tokenizer_model)
+    assert generate_main(["--checkpoint", str(tmp_path / "small"), "--prompt", "x"]) == 2
+    assert "tokenizer has 1024 pieces, the model only 97" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        generate_main(["--checkpoint", str(tmp_path / "small"), "--prompt", "x", "--top-p", "0"])
+    assert e.value.code == 2
+
+
+def test_evaluate_matches_the_models_own_loss():
+    cfg = tiny()
+    model = random_model(cfg, std=0.05)
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randint(0, 97, (2, 16), generator=g), torch.randint(0, 97, (2, 16), generator=g)) for _ in range(3)]
+    result = evaluate(model, batches)
+    with torch.no_grad():
+        expected = torch.stack([model(x, y) for x, y in batches]).mean().item()
+    assert result["tokens"] == 3 * 2 * 16 and result["batches"] == 3
+    assert result["loss"] == pytest.approx(expected, rel=1e-5)
+    assert result["perplexity"] == pytest.approx(math.exp(expected), rel=1e-5)
+    assert result["tokens_per_s"] > 0
+
+
+def test_evaluate_cli_on_an_export_and_its_hf_copy(export_1024, tmp_path, pydoc, capsys):
+    argv = ["--data", str(pydoc.shards_dir), "--seq-len", "32", "--batch-size", "2", "--max-batches", "3", "--json"]
+    assert evaluate_main(["--checkpoint", str(export_1024)] + argv) == 0
+    from_export = json.loads(capsys.readouterr().out)
+    assert from_export["tokens"] == 3 * 2 * 32 and math.isfinite(from_export["loss"])
+    from deepseek_pt.export import load_export
+    save_hf(load_export(export_1024)[0], tmp_path / "hf")
+    assert evaluate_main(["--checkpoint", str(tmp_path / "hf")] + argv) == 0
+    assert json.loads(capsys.readouterr().out)["loss"] == pytest.approx(from_export["loss"], rel=1e-6)
+    assert evaluate_main(["--checkpoint", str(export_1024), "--data", str(tmp_path / "nowhere")]) == 2
+    assert capsys.readouterr().err.startswith("error: ")
