@@ -1,0 +1,218 @@
+"""The training engine end to end: 2-4 CPU processes (gloo) under the deepspeed launcher, ZeRO-3 + AutoEP.
+
+Runs are shared through module-scoped fixtures: `baseline` trains 8 steps uninterrupted; `stopped`
+stops at step 4 and resumes to 8; the other runs start from `stopped`'s step-4 checkpoint.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+SMOKE = ROOT / "configs" / "smoke.yaml"
+STEPS = 8
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env() -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+
+
+def _launch_cmd(nproc: int, run_dir: Path, data: Path, *overrides: str) -> list[str]:
+    deepspeed = str(Path(sys.executable).parent / "deepspeed")
+    return [deepspeed, "--num_gpus", str(nproc), "--master_port", str(_free_port()), "--module", "deepseek_pt.train",
+            "--config", str(SMOKE), f"data.path={data}", f"run.dir={run_dir}", f"train.max_steps={STEPS}",
+            "train.eval_every=0", "train.save_every=0", *overrides]
+
+
+def train(nproc: int, run_dir: Path, data: Path, *overrides: str, expect_rc: int = 0) -> subprocess.CompletedProcess:
+    proc = subprocess.run(_launch_cmd(nproc, run_dir, data, *overrides), cwd=ROOT, env=_env(),
+                          capture_output=True, text=True, timeout=600)
+    if proc.returncode != expect_rc:
+        raise AssertionError(f"exit {proc.returncode} (expected {expect_rc}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    return {m["step"]: m["loss"] for m in metrics(run_dir)}
+
+
+def ckpt(run_dir: Path, step: int) -> Path:
+    return run_dir / "checkpoints" / f"step_{step:08d}"
+
+
+@pytest.fixture(scope="module")
+def data(pydoc_data_dir) -> Path:
+    return pydoc_data_dir.shards_dir
+
+
+@pytest.fixture(scope="module")
+def baseline(tmp_path_factory, data) -> Path:
+    run = tmp_path_factory.mktemp("baseline")
+    train(2, run, data, "train.eval_every=4", "train.save_every=4")
+    return run
+
+
+@pytest.fixture(scope="module")
+def stopped(tmp_path_factory, data) -> Path:
+    run = tmp_path_factory.mktemp("stopped")
+    train(2, run, data, "train.exit_at_step=4", "train.eval_every=4")
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step_00000004"
+    train(2, run, data, "train.eval_every=4")
+    return run
+
+
+@pytest.mark.slow
+def test_loss_falls_and_every_step_is_logged(baseline):
+    records = metrics(baseline)
+    assert [r["step"] for r in records] == list(range(1, STEPS + 1))
+    assert records[-1]["loss"] < records[0]["loss"] - 0.3
+    for key in ("loss", "lr", "grad_norm", "tokens_seen", "tokens_per_s", "peak_mem_gib", "expert_load"):
+        assert all(r[key] is not None for r in records), key
+    assert [r["step"] for r in records if "eval_loss" in r] == [4, 8]
+    assert records[-1]["tokens_seen"] == STEPS * 2 * 4 * 64  # steps x ranks x micro-batch x seq_len
+
+
+@pytest.mark.slow
+def test_checkpoints_are_complete_and_pruned(baseline):
+    root = baseline / "checkpoints"
+    assert (root / "latest").read_text().strip() == "step_00000008"
+    meta = json.loads((ckpt(baseline, 8) / "meta.json").read_text())
+    assert meta["world_size"] == 2 and meta["ep_size"] == 2 and meta["step"] == 8
+    assert {"zero_pp_rank_0_mp_rank_00_model_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt",
+            "rng/rank_1.pt"} <= set(meta["files"])
+    resolved = (baseline / "config.yaml").read_text()
+    assert "expert_parallel_size: 2" in resolved
+
+
+@pytest.mark.slow
+def test_stop_and_resume_logs_the_same_losses(baseline, stopped):
+    a, b = losses(baseline), losses(stopped)
+    assert sorted(b) == list(range(1, STEPS + 1))
+    for step in a:
+        assert b[step] == pytest.approx(a[step], abs=1e-5), step
+    evals = lambda run: [m["eval_loss"] for m in metrics(run) if "eval_loss" in m]  # noqa: E731
+    assert evals(stopped) == pytest.approx(evals(baseline), abs=1e-5)
+
+
+@pytest.mark.slow
+def test_balancing_bias_is_identical_on_every_rank_and_saved(baseline):
+    states = [torch.load(ckpt(baseline, 8) / f"zero_pp_rank_{r}_mp_rank_00_model_states.pt", weights_only=False)
+              for r in range(2)]
+    bias0, bias1 = states[0]["balance_bias"], states[1]["balance_bias"]
+    assert len(bias0) == 1 and bias0[0].dtype == torch.float32
+    assert torch.equal(bias0[0], bias1[0]) and bias0[0].abs().sum() > 0
+    # The router's persistent buffer (AutoEP's copy of gate.e_score_correction_bias) is the same tensor.
+    module = states[0]["module"]
+    assert torch.equal(module["layers.1.mlp.router.e_score_correction_bias"], bias0[0])
+
+
+@pytest.mark.slow
+def test_expert_parallel_1_and_2_give_the_same_losses(tmp_path, baseline, data):
+    train(2, tmp_path, data, "parallel.expert_parallel_size=1")
+    a, b = losses(baseline), losses(tmp_path)
+    for step in a:
+        assert b[step] == pytest.approx(a[step], abs=1e-5), step
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("nproc, overrides", [
+    (4, ["train.micro_batch_size=2"]),            # 2 -> 4 processes, same global batch
+    (2, ["parallel.expert_parallel_size=1"]),     # EP 2 -> 1
+], ids=["2-to-4-processes", "ep2-to-ep1"])
+def test_universal_resume_on_another_topology(tmp_path, baseline, stopped, data, nproc, overrides):
+    proc = train(nproc, tmp_path, data, f"train.resume={ckpt(stopped, 4)}", *overrides)
+    assert "universal: resharded" in proc.stdout
+    a, b = losses(baseline), losses(tmp_path)
+    assert sorted(b) == list(range(5, STEPS + 1))
+    for step in b:
+        assert b[step] == pytest.approx(a[step], abs=1e-4), step
+
+
+@pytest.mark.slow
+def test_sigterm_checkpoints_the_current_step(tmp_path, data):
+    proc = subprocess.Popen(_launch_cmd(2, tmp_path, data, "train.max_steps=100000"), cwd=ROOT, env=_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and not ((tmp_path / "metrics.jsonl").exists() and len(metrics(tmp_path)) >= 3):
+        assert proc.poll() is None, proc.stdout.read()
+        time.sleep(0.5)
+    # Preemption signals every process of the job (as SLURM does): the launcher, its launch.py child
+    # and the ranks; the ranks finish the step, checkpoint and exit 0.
+    os.killpg(proc.pid, signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert "stopped at step" in out and ": signal" in out, out[-3000:]
+    last = metrics(tmp_path)[-1]["step"]
+    assert (tmp_path / "checkpoints" / "latest").read_text().strip() == f"step_{last:08d}"
+    assert (ckpt(tmp_path, last) / "meta.json").exists()
+
+
+@pytest.mark.slow
+def test_corrupt_checkpoint_is_named(tmp_path, stopped, data):
+    import shutil
+    run = tmp_path / "run"
+    shutil.copytree(stopped, run)
+    victim = ckpt(run, 8) / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    blob = bytearray(victim.read_bytes())
+    blob[len(blob) // 2] ^= 0xFF
+    victim.write_bytes(bytes(blob))
+    proc = train(2, run, data, "train.max_steps=10", expect_rc=2)
+    assert f"{victim}: sha256 mismatch" in proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stdout + proc.stderr
+
+
+# ------------------------------------------------------------------------------------------------
+# Bad input: refused before any process group starts, by the module itself (fast).
+
+
+def _direct(tmp_path: Path, *args: str, world: int = 2) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "deepseek_pt.train", "--config", str(SMOKE), *args],
+                          cwd=ROOT, env={**_env(), "WORLD_SIZE": str(world)}, capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("args, world, message", [
+    (["model.moe.topk=2"], 2, "model.moe.topk: unknown key"),
+    (["data.path=/nonexistent/shards"], 2, "data.path: /nonexistent/shards/manifest.json: manifest not found"),
+    (["parallel.expert_parallel_size=2"], 3, "parallel.expert_parallel_size: 2 does not divide the world size (3 processes)"),
+    (["parallel.expert_parallel_size=3"], 3, "parallel.expert_parallel_size: 3 does not divide model.moe.n_routed_experts (8)"),
+    (["model.vocab_size=512"], 2, "model.vocab_size: 512 is smaller than the tokenizer's vocabulary (1024"),
+    (["precision=fp8"], 2, "precision: fp8 needs a GPU"),
+    (["model.moe.seq_aux_loss_alpha=0.01"], 2, "model.moe.seq_aux_loss_alpha: the sequence-wise balance loss needs"),
+    (["train.resume=/nonexistent/ckpt"], 2, "train.resume: checkpoint /nonexistent/ckpt does not exist"),
+])
+def test_bad_input_is_refused_before_start(tmp_path, data, args, world, message):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("sentinel")
+    args = [f"data.path={data}", f"run.dir={run}", *args]
+    proc = _direct(tmp_path, *args, world=world)
+    assert proc.returncode == 2
+    assert message in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert (run / "config.yaml").read_text() == "sentinel" and sorted(p.name for p in run.iterdir()) == ["config.yaml"]
+
+
+def test_incomplete_latest_checkpoint_is_refused(tmp_path, data):
+    run = tmp_path / "run"
+    (run / "checkpoints" / "step_00000004").mkdir(parents=True)
+    (run / "checkpoints" / "latest").write_text("step_00000004\n")
+    proc = _direct(tmp_path, f"data.path={data}", f"run.dir={run}")
+    assert proc.returncode == 2 and "step_00000004, which is missing or incomplete (no meta.json)" in proc.stderr
