@@ -12,6 +12,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import sys
 import tempfile
 import time
@@ -22,7 +23,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import sentencepiece as spm
 
 from data_prep import build_shards, pydoc_corpus, train_tokenizer
-from deepseek_pt.data import PretrainDataset, TrainLoader
+from deepseek_pt.data import PretrainDataset, TrainLoader, open_manifest
+
+
+def best_rate(run, trials: int) -> float:
+    """Highest tokens/s of `trials` runs of run() -> (tokens, seconds): the least disturbed one."""
+    return max(n / dt for n, dt in (run() for _ in range(trials)))
 
 
 def bench_sentencepiece(model: Path, texts: list[str]) -> tuple[int, float]:
@@ -35,6 +41,7 @@ def bench_sentencepiece(model: Path, texts: list[str]) -> tuple[int, float]:
 
 def bench_build(corpus: Path, model: Path, out: Path, num_proc: int) -> tuple[int, float]:
     """(tokens, seconds) of the whole build: read jsonl, tokenize, write + hash shards, manifest."""
+    shutil.rmtree(out, ignore_errors=True)
     t = time.perf_counter()
     m = build_shards.build([str(corpus)], model, out, shard_tokens=1 << 22, val_fraction=0.001,
                            num_proc=num_proc, progress=False)
@@ -59,6 +66,7 @@ def main() -> None:
     p.add_argument("--seq-len", type=int, default=2048)
     p.add_argument("--micro-batch-size", type=int, default=8)
     p.add_argument("--loader-steps", type=int, default=500)
+    p.add_argument("--trials", type=int, default=3, help="runs per figure; the fastest is reported")
     a = p.parse_args()
 
     texts = [text for _ in range(a.repeat) for _, text in pydoc_corpus.documents()]
@@ -73,15 +81,16 @@ def main() -> None:
         chars = sum(map(len, texts))
         print(f"corpus: {len(texts)} documents, {chars / 1e6:.1f}M characters; tokenizer: bpe, "
               f"{a.vocab_size} pieces; machine: {os.cpu_count()} CPU cores, {platform.processor() or platform.machine()}")
-        n, dt = bench_sentencepiece(model, texts)
+        base = best_rate(lambda: bench_sentencepiece(model, texts), a.trials)
         print(f"\n| tokenizer | processes | tokens/s | tokens/s per process | speed-up |\n|---|---:|---:|---:|---:|")
-        print(f"| sentencepiece `encode` (in memory, 1 thread) | 1 | {n / dt:,.0f} | {n / dt:,.0f} | 1.00 |")
-        base = n / dt
+        print(f"| sentencepiece `encode` (in memory, 1 thread) | 1 | {base:,.0f} | {base:,.0f} | 1.00 |")
         for proc in a.num_proc:
-            n, dt = bench_build(corpus, model, tmp / f"shards{proc}", proc)
-            print(f"| build_shards.py end to end | {proc} | {n / dt:,.0f} | {n / dt / proc:,.0f} | {n / dt / base:.2f} |")
-        print(f"\n({n / 1e6:.1f}M tokens; end to end = reading jsonl through datasets, tokenizing, writing and "
-              "hashing shards, manifest; process start-up included)")
+            rate = best_rate(lambda: bench_build(corpus, model, tmp / f"shards{proc}", proc), a.trials)
+            print(f"| build_shards.py end to end | {proc} | {rate:,.0f} | {rate / proc:,.0f} | {rate / base:.2f} |")
+        tokens = open_manifest(tmp / f"shards{a.num_proc[0]}").num_tokens("train")
+        print(f"\n(about {tokens / 1e6:.1f}M tokens; end to end = reading jsonl through datasets, tokenizing, "
+              "writing and hashing shards, manifest; process start-up included; best of "
+              f"{a.trials} runs)")
 
         rate = bench_loader(tmp / f"shards{a.num_proc[0]}", a.seq_len, a.micro_batch_size, a.loader_steps)
         print(f"\n| loader | tokens/s | batches/s |\n|---|---:|---:|")

@@ -285,7 +285,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="tokens per shard (every shard but the last of a split has exactly N)")
     p.add_argument("--val-fraction", type=fraction, default=0.0, metavar="F",
                    help="expected share of documents in the val split (default %(default)s)")
-    p.add_argument("--split-seed", type=non_negative_int, default=0, help="key of the train/val hash")
+    p.add_argument("--split-seed", type=non_negative_int, default=0, metavar="S", help="key of the train/val hash")
     p.add_argument("--num-proc", type=positive_int, default=None, metavar="P",
                    help="tokenizer processes (default: all cores); does not change the output")
     p.add_argument("--text-field", default="text", help="field holding the text in json/parquet rows")

@@ -144,12 +144,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--input", nargs="+", required=True, metavar="PATH",
                    help="files (.txt .jsonl .json .parquet, optionally .gz/.zst...), directories, globs, "
                         "or hf:NAME[:CONFIG][@SPLIT] Hub datasets")
-    p.add_argument("--vocab-size", type=positive_int, required=True, help="pieces in the vocabulary")
+    p.add_argument("--vocab-size", type=positive_int, required=True, metavar="N", help="pieces in the vocabulary")
     p.add_argument("--out", required=True, metavar="DIR", help="output directory")
     p.add_argument("--model-type", choices=("bpe", "unigram"), default="bpe")
-    p.add_argument("--sample-docs", type=non_negative_int, default=1_000_000,
+    p.add_argument("--sample-docs", type=non_negative_int, default=1_000_000, metavar="N",
                    help="documents to train on, spread over the inputs (0 = all; default %(default)s)")
-    p.add_argument("--max-sentences", type=non_negative_int, default=10_000_000,
+    p.add_argument("--max-sentences", type=non_negative_int, default=10_000_000, metavar="N",
                    help="lines sentencepiece samples from those documents (0 = all; default %(default)s)")
     p.add_argument("--character-coverage", type=float, default=0.9995,
                    help="share of characters given their own piece; the rest fall back to bytes")

@@ -134,27 +134,30 @@ def test_bos_eos_boundaries_and_blank_docs(tmp_path, pydoc_data_dir):
 def mixed_inputs(tmp_path_factory) -> list[str]:
     """The pydoc corpus spread over a jsonl file, a parquet file and a directory of .txt files."""
     root = tmp_path_factory.mktemp("mixed")
-    write_jsonl(root / "a.jsonl", DOCS[:30])
-    pq.write_table(pa.table({"id": list(range(25)), "text": DOCS[30:55]}), root / "b.parquet", row_group_size=8)
+    write_jsonl(root / "a.jsonl", DOCS[:40])
+    pq.write_table(pa.table({"id": list(range(35)), "text": DOCS[40:75]}), root / "b.parquet", row_group_size=8)
     (root / "c").mkdir()
-    for i, text in enumerate(DOCS[55:]):
+    for i, text in enumerate(DOCS[75:]):
         (root / "c" / f"{i:03d}.txt").write_text(text)
     (root / "c" / ".notes.txt").write_text("hidden files are not inputs")
     return [str(root / "a.jsonl"), str(root / "b.parquet"), str(root / "c")]
 
 
 def test_mixed_formats_and_identical_across_num_proc(tmp_path, mixed_inputs, pydoc_data_dir, monkeypatch):
+    import datasets
+
     monkeypatch.setattr(build_shards, "_TASK_CHARS", 20_000)  # many tasks, so workers interleave
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf_cache")  # for streaming=False
     runs = {}
-    for p in (1, 2):
-        build_shards.build(mixed_inputs, pydoc_data_dir.tokenizer_model, tmp_path / f"p{p}", shard_tokens=7000,
-                           val_fraction=0.1, num_proc=p, progress=False)
-        runs[p] = shard_bytes(tmp_path / f"p{p}")
-    assert len(runs[1]) > 20 and runs[1] == runs[2]
+    for name, p, streaming in (("p1", 1, True), ("p2", 2, True), ("cached", 1, False)):
+        build_shards.build(mixed_inputs, pydoc_data_dir.tokenizer_model, tmp_path / name, shard_tokens=7000,
+                           val_fraction=0.1, num_proc=p, streaming=streaming, progress=False)
+        runs[name] = shard_bytes(tmp_path / name)
+    assert len(runs["p1"]) > 20 and runs["p1"] == runs["p2"] == runs["cached"]
     m1, m2 = open_manifest(tmp_path / "p1"), open_manifest(tmp_path / "p2")
     assert m1.splits == m2.splits
     # same documents, same order as the single-file fixture build
-    assert [len(m1.raw["inputs"]), m1.raw["inputs"][1]["format"]] == [2 + len(DOCS[55:]), "parquet"]
+    assert [len(m1.raw["inputs"]), m1.raw["inputs"][1]["format"]] == [2 + len(DOCS[75:]), "parquet"]
     for split in ("train", "val"):
         assert np.array_equal(split_tokens(tmp_path / "p1", split), split_tokens(pydoc_data_dir.shards_dir, split))
 
