@@ -14,6 +14,7 @@ import hashlib
 import io
 import json
 import os
+import random
 import re
 import sys
 from pathlib import Path
@@ -60,6 +61,21 @@ def sentences(text: str, max_chars: int) -> list[str]:
             for i in range(0, len(line), max_chars)]
 
 
+def sample_lines(texts, max_lines: int, max_chars: int) -> tuple[list[str], int]:
+    """(training lines, documents read): a uniform sample of at most max_lines lines (0 = all),
+    by seeded reservoir sampling, so memory stays bounded however many documents are read."""
+    rng, lines, seen, docs = random.Random(0), [], 0, 0
+    for text in texts:
+        docs += 1
+        for line in sentences(text, max_chars):
+            seen += 1
+            if not max_lines or len(lines) < max_lines:
+                lines.append(line)
+            elif (j := rng.randrange(seen)) < max_lines:
+                lines[j] = line
+    return lines, docs
+
+
 def _check_ids(ids: dict[str, int], vocab_size: int) -> None:
     for name in ("unk_id", "eos_id"):
         if ids[name] < 0:
@@ -92,10 +108,8 @@ def train(inputs: list[str], vocab_size: int, out: str | Path, model_type: str =
         raise DataError(f"{model_file} exists; pass --overwrite to replace it")
     resolved = resolve_inputs(list(inputs))
 
-    lines, n_docs = [], 0
-    for text in sample_texts(resolved, sample_docs, text_field, txt_doc, streaming, progress):
-        lines += sentences(text, max_sentence_chars)
-        n_docs += 1
+    lines, n_docs = sample_lines(sample_texts(resolved, sample_docs, text_field, txt_doc, streaming, progress),
+                                 max_sentences, max_sentence_chars)
     if not lines:
         raise DataError(f"inputs {', '.join(inputs)}: no non-empty text in field {text_field!r}")
     if progress:
@@ -107,7 +121,6 @@ def train(inputs: list[str], vocab_size: int, out: str | Path, model_type: str =
             character_coverage=character_coverage, byte_fallback=True, split_digits=True,
             normalization_rule_name="identity", add_dummy_prefix=False, remove_extra_whitespaces=False,
             allow_whitespace_only_pieces=True, max_sentence_length=max_sentence_chars * 4,
-            input_sentence_size=max_sentences, shuffle_input_sentence=True,
             user_defined_symbols=list(user_defined_symbols), num_threads=num_threads or os.cpu_count(),
             minloglevel=0 if verbose else 2,
             **ids, **{name.replace("_id", "_piece"): piece for name, piece in SPECIALS.items()},
@@ -150,7 +163,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--sample-docs", type=non_negative_int, default=1_000_000, metavar="N",
                    help="documents to train on, spread over the inputs (0 = all; default %(default)s)")
     p.add_argument("--max-sentences", type=non_negative_int, default=10_000_000, metavar="N",
-                   help="lines sentencepiece samples from those documents (0 = all; default %(default)s)")
+                   help="lines sampled from those documents to train on (0 = all; default %(default)s)")
     p.add_argument("--character-coverage", type=float, default=0.9995,
                    help="share of characters given their own piece; the rest fall back to bytes")
     p.add_argument("--text-field", default="text", help="field holding the text in json/parquet rows")

@@ -75,6 +75,10 @@ def test_tokenizer_custom_ids_and_sampling(tmp_path):
     assert (sp.pad_id(), sp.unk_id(), sp.bos_id(), sp.eos_id()) == (-1, 0, -1, 1)
     assert (info["pad_id"], info["bos_id"], info["eos_id"]) == (None, None, 1)
     assert info["training"]["documents"] == 10
+    lines = [line for text in DOCS[:40] for line in train_tokenizer.sentences(text, 8192)]
+    sample, docs = train_tokenizer.sample_lines(iter(DOCS[:40]), 50, 8192)
+    assert docs == 40 and len(sample) == 50 and set(sample) <= set(lines)
+    assert sample != lines[:50] and sample == train_tokenizer.sample_lines(iter(DOCS[:40]), 50, 8192)[0]
     with pytest.raises(DataError, match="exists; pass --overwrite"):
         train_tokenizer.train([str(corpus)], 400, tmp_path / "tok", progress=False)
     with pytest.raises(DataError, match="--eos-id 3: same id as --bos-id"):
