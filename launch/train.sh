@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# Train on this node: every visible GPU, or NPROC processes on CPU (gloo).
+#
+#   launch/train.sh CONFIG [key.path=value ...]
+#
+# Environment: NPROC (processes; default: all visible GPUs, 2 on CPU), MASTER_PORT (default: a free
+# port), PYTHON (default: $VIRTUAL_ENV/bin/python, else python3). The config is checked for the
+# planned world size before any process starts. SIGTERM/SIGINT/SIGUSR1: the ranks checkpoint at the
+# end of the step and the script exits 0. See docs/launch.md.
+set -euo pipefail
+
+usage() {
+    sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//' >&2
+    exit 2
+}
+(($# >= 1)) || usage
+[[ $1 != -h && $1 != --help ]] || usage
+config=$1
+shift
+
+# shellcheck source=launch/lib.sh
+source "$(dirname -- "${BASH_SOURCE[0]}")/lib.sh"
+resolve_python
+detect_devices
+
+select=()
+if [[ $DEVICE_KIND == cuda ]]; then
+    nproc=${NPROC:-$DEVICE_COUNT}
+    is_uint "$nproc" && ((nproc >= 1 && nproc <= DEVICE_COUNT)) ||
+        die 2 "NPROC=$nproc: this node has $DEVICE_COUNT visible GPUs"
+    if [[ -n ${CUDA_VISIBLE_DEVICES:-} ]]; then
+        # The launcher would drop CUDA_VISIBLE_DEVICES with --num_gpus: name the devices instead.
+        IFS=, read -r -a ids <<<"$CUDA_VISIBLE_DEVICES"
+        select=(--include "localhost:$(IFS=,; echo "${ids[*]:0:nproc}")")
+    else
+        select=(--num_gpus "$nproc")
+    fi
+else
+    nproc=${NPROC:-2}
+    is_uint "$nproc" && ((nproc >= 1)) || die 2 "NPROC=$nproc: expected a positive number of processes"
+    select=(--num_gpus "$nproc")  # on CPU the launcher starts this many processes
+fi
+
+setup_env
+validate "$nproc" "$config" "$@"
+port=${MASTER_PORT:-$("$PYTHON" "$LAUNCH_DIR/plan.py" free-port)}
+
+# No hostfile: a stray /job/hostfile must not turn this into a pdsh multi-node launch.
+cmd=("$PYTHON" -m deepspeed.launcher.runner --hostfile /dev/null "${select[@]}" --master_port "$port"
+    --module deepseek_pt.train --config "$config" "$@")
+print_cmd "${cmd[@]}"
+status=0
+run_supervised "${cmd[@]}" || status=$?
+exit "$status"
