@@ -16,13 +16,11 @@ import shutil
 import sys
 from pathlib import Path
 
-import sentencepiece as spm
-
 from .config import load_config
 from .export import save_export
 from .interop.checkpoints import load_checkpoint
 from .interop.cli import DTYPE_CHOICES, UsageError, run_cli
-from .interop.hf import full_config, load_hf, read_hf_config, save_hf
+from .interop.hf import full_config, load_hf, read_hf_config, save_hf, save_hf_tokenizer
 from .model import to_output_subspace
 from .model.counting import count_params
 
@@ -60,12 +58,9 @@ def ds_to_hf(args) -> None:
                          "cannot represent; pass --fold to store o_proj = o_b_proj @ o_a_proj instead")
     bos = eos = None
     if ckpt.tokenizer:  # HF generate() stops at eos_token_id: it must be the tokenizer's
-        sp = spm.SentencePieceProcessor(model_proto=ckpt.tokenizer)
-        bos, eos = (i if i >= 0 else None for i in (sp.bos_id(), sp.eos_id()))
+        bos, eos = save_hf_tokenizer(out, ckpt.tokenizer, ckpt.model.config.max_seq_len, add_bos=ckpt.doc_boundary == "bos_eos")
     errors = save_hf(ckpt.model, out, fold=args.fold, bos_id=bos, eos_id=eos,
                      max_shard_bytes=int(args.max_shard_gb * 1024**3))
-    if ckpt.tokenizer:
-        (out / "tokenizer.model").write_bytes(ckpt.tokenizer)
     if errors:
         print(f"folded MLA-o into o_proj: relative error of the stored o_proj against o_b_proj @ o_a_proj, "
               f"max over {len(errors)} layers: {max(errors):.2e} (rounding to the stored dtype)")

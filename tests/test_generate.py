@@ -84,9 +84,8 @@ def test_cache_report_counts_the_cache_that_decoding_uses(dtype):
 
 
 @pytest.fixture
-def pydoc(request):
-    pytest.importorskip("data_prep.build_shards", reason="data_prep (tokenizer and shard building) is not there yet")
-    return request.getfixturevalue("pydoc_data_dir")
+def pydoc(pydoc_data_dir):
+    return pydoc_data_dir
 
 
 @pytest.fixture

@@ -206,6 +206,24 @@ def test_convert_cli_both_ways(tmp_path, capsys):
     capsys.readouterr()
 
 
+def test_hf_copy_carries_a_tokenizer_that_autotokenizer_reads(tmp_path, pydoc_data_dir, capsys):
+    import sentencepiece as spm
+
+    cfg = tiny(vocab_size=pydoc_data_dir.vocab_size)
+    save_export(random_model(cfg), cfg, tmp_path / "exp", tokenizer=pydoc_data_dir.tokenizer_model, doc_boundary="eos")
+    assert convert_main(["ds-to-hf", str(tmp_path / "exp"), str(tmp_path / "hf")]) == 0
+    sp = spm.SentencePieceProcessor(model_file=str(pydoc_data_dir.tokenizer_model))
+    tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    texts = [json.loads(line)["text"] for line in pydoc_data_dir.corpus.read_text().splitlines()[:10]]
+    for text in texts + ["  two spaces, digits 12345, \u00fcn\u00efc\u00f8d\u00e9 and \U0001F600"]:
+        ids_ = sp.encode(text)
+        assert tok(text, add_special_tokens=False)["input_ids"] == ids_
+        assert tok.decode(ids_) == text
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert (config["bos_token_id"], config["eos_token_id"]) == (sp.bos_id(), sp.eos_id()) == (tok.bos_token_id, tok.eos_token_id)
+    capsys.readouterr()
+
+
 def test_convert_cli_errors_are_one_line(tmp_path, capsys):
     cfg = tiny()
     model = random_model(cfg)

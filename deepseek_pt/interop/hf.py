@@ -19,6 +19,7 @@ import json
 from contextlib import ExitStack
 from pathlib import Path
 
+import sentencepiece as spm
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -337,3 +338,19 @@ def save_hf(model: Transformer, path: str | Path, fold: bool = False, dtype: tor
     (path / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
     (path / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     return fold_errors
+
+
+def save_hf_tokenizer(path: str | Path, sp_model: bytes, max_len: int, add_bos: bool) -> tuple[int | None, int | None]:
+    """tokenizer.model + tokenizer_config.json, which transformers' AutoTokenizer reads as a
+    LlamaTokenizer that encodes exactly as sentencepiece does. Returns the (bos, eos) ids."""
+    sp = spm.SentencePieceProcessor(model_proto=sp_model)
+    ids = {"bos_token": sp.bos_id(), "eos_token": sp.eos_id(), "unk_token": sp.unk_id(), "pad_token": sp.pad_id()}
+    config = {"tokenizer_class": "LlamaTokenizer", "add_bos_token": add_bos, "add_eos_token": False,
+              # A dummy prefix shows as a leading "▁" on the first piece of a text.
+              "add_prefix_space": sp.encode("a", out_type=str)[0].startswith("\u2581"), "legacy": False,
+              "model_max_length": max_len, **{name: sp.id_to_piece(i) for name, i in ids.items() if i >= 0}}
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "tokenizer.model").write_bytes(sp_model)
+    (path / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return (ids["bos_token"] if ids["bos_token"] >= 0 else None, ids["eos_token"] if ids["eos_token"] >= 0 else None)
