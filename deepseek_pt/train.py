@@ -76,13 +76,15 @@ def preflight(cfg: Config, world_size: int) -> None:
         if split not in manifest.splits or not manifest.shards(split):
             raise PreflightError(f"{key}: split {split!r} not in {manifest.path} (has: {sorted(manifest.splits)})")
     if cfg.train.init_from:
-        from .export import ExportError, load_export_config
+        from .export import ExportError, read_export_info
         try:
-            exported = load_export_config(cfg.train.init_from)
-        except ExportError as e:
+            read_export_info(cfg.train.init_from)
+            exported = load_config(Path(cfg.train.init_from) / "config.yaml")
+        except (ExportError, ConfigError) as e:
             raise PreflightError(f"train.init_from: {e}") from None
         if exported.model != cfg.model:
-            raise PreflightError(f"train.init_from: the model section of {cfg.train.init_from} differs from model.*")
+            raise PreflightError(f"train.init_from: the model section of {cfg.train.init_from}/config.yaml differs "
+                                 "from this config's model.*: train with that model section")
     try:
         checkpoint.resolve(cfg.train.resume, Path(cfg.run.dir))
     except CheckpointError as e:
@@ -169,8 +171,9 @@ def train(cfg: Config) -> int:
     torch.manual_seed(cfg.train.seed)
     model = Transformer(cfg.model)
     if cfg.train.init_from and resume_dir is None:
-        from .export import load_export_weights
-        load_export_weights(model, cfg.train.init_from)
+        from .export import load_export
+        exported, _ = load_export(cfg.train.init_from, dtype=torch.float32)
+        model.load_state_dict(exported.state_dict())
     if cfg.train.activation_checkpointing:
         from functools import partial
 

@@ -184,6 +184,7 @@ def ensure_universal(tag_dir: Path) -> Path:
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             raise CheckpointError(f"ds_to_universal failed on {tag_dir}:\n{proc.stderr[-3000:]}")
+        (tag_dir.parent / "latest_universal").unlink(missing_ok=True)  # its pointer names our temp dir
         shutil.copytree(tag_dir / "rng", tmp / "rng", dirs_exist_ok=True)
         shutil.copy2(tag_dir / "meta.json", tmp / "meta.json")
         if out.exists():
