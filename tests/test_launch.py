@@ -1,0 +1,197 @@
+"""launch/: config refused before anything starts, two nodes of one job on this machine (node.sh
+directly, and slurm.sbatch through stand-in srun/scontrol), and SIGTERM -> checkpoint + exit 0.
+
+The multi-process tests train the smoke model on the pydoc shards (conftest) for a few steps on CPU
+(gloo); each costs one DeepSpeed start-up (~10-20 s on 2 cores).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+LAUNCH = ROOT / "launch"
+SMOKE = ROOT / "configs" / "smoke.yaml"
+STEPS = 5
+TIMEOUT = 400
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env(**extra: str) -> dict:
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("SLURM_") and k not in {"NODE_RANK", "NNODES", "MASTER_ADDR", "MASTER_PORT",
+                                                       "NPROC", "NPROC_PER_NODE", "WORLD_SIZE", "RANK"}}
+    return {**env, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", **extra}
+
+
+def _overrides(data: Path, run_dir: Path, *more: str) -> list[str]:
+    return [f"data.path={data}", f"run.dir={run_dir}", f"train.max_steps={STEPS}", "train.eval_every=0",
+            "train.save_every=0", *more]
+
+
+def _metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _assert_trained_together(run_dir: Path, world: int, steps: int = STEPS) -> None:
+    """One checkpoint holding every rank's files, and one finite loss per step, falling."""
+    root = run_dir / "checkpoints"
+    tag = f"step_{steps:08d}"
+    assert (root / "latest").read_text().strip() == tag
+    meta = json.loads((root / tag / "meta.json").read_text())
+    assert meta["world_size"] == world and meta["step"] == steps
+    for r in range(world):
+        for kind in ("model", "optim"):
+            assert (root / tag / f"zero_pp_rank_{r}_mp_rank_00_{kind}_states.pt").is_file(), (r, kind)
+        assert (root / tag / "rng" / f"rank_{r}.pt").is_file()
+    assert not (root / tag / f"zero_pp_rank_{world}_mp_rank_00_model_states.pt").exists()
+    metrics = _metrics(run_dir)
+    assert [m["step"] for m in metrics] == list(range(1, steps + 1))
+    losses = [m["loss"] for m in metrics]
+    assert all(math.isfinite(x) for x in losses), losses
+    assert losses[-1] < losses[0], losses
+
+
+def _run(cmd: list, env: dict, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run([str(c) for c in cmd], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def data(pydoc_data_dir) -> Path:
+    return pydoc_data_dir.shards_dir
+
+
+# ------------------------------------------------------------------------------------------------
+# Refused before start: non-zero exit, the key named, no run directory
+
+
+@pytest.mark.parametrize("script, env, args, message", [
+    ("train.sh", {}, ["train.max_stepz=3"], "train.max_stepz: unknown key"),
+    ("train.sh", {}, ["model.moe.top_k=9"], "model.moe.top_k: 9 > model.moe.n_routed_experts"),
+    ("train.sh", {"NPROC": "3"}, [], "parallel.expert_parallel_size: 2 does not divide the world size (3 processes)"),
+    ("node.sh", {"NNODES": "3", "NODE_RANK": "0", "MASTER_ADDR": "127.0.0.1"}, [],
+     "parallel.expert_parallel_size: 2 does not divide the world size (3 processes)"),
+    ("node.sh", {"NNODES": "2", "NODE_RANK": "2", "MASTER_ADDR": "127.0.0.1"}, [], "NODE_RANK=2: expected 0 .. 1"),
+    ("node.sh", {"NNODES": "2", "NODE_RANK": "0"}, [], "MASTER_ADDR is not set"),
+])
+def test_bad_config_is_refused_before_start(tmp_path, data, script, env, args, message):
+    run_dir = tmp_path / "run"
+    proc = _run([LAUNCH / script, SMOKE, *_overrides(data, run_dir, *args)], _env(**env))
+    assert proc.returncode == 2, proc.stderr
+    assert message in proc.stderr, proc.stderr
+    assert "running:" not in proc.stderr
+    assert not run_dir.exists()
+
+
+def test_missing_config_and_usage(tmp_path):
+    proc = _run([LAUNCH / "train.sh", tmp_path / "nope.yaml"], _env())
+    assert proc.returncode == 2 and "nope.yaml: config file not found" in proc.stderr
+    for script in ("train.sh", "node.sh", "hostfile.sh"):
+        proc = _run([LAUNCH / script], _env())
+        assert proc.returncode == 2 and "CONFIG [key.path=value ...]" in proc.stderr, (script, proc.stderr)
+
+
+def test_bad_hostfile_is_named(tmp_path, data):
+    hostfile = tmp_path / "hosts"
+    hostfile.write_text("# workers\nworker-0 slots=2\nworker-1 slot=2\n")
+    proc = _run([LAUNCH / "hostfile.sh", hostfile, SMOKE, *_overrides(data, tmp_path / "run")], _env())
+    assert proc.returncode == 2 and f"{hostfile}:3: expected 'HOST slots=N', got 'worker-1 slot=2'" in proc.stderr
+
+
+# ------------------------------------------------------------------------------------------------
+# Two nodes of one job on this machine
+
+
+@pytest.mark.slow
+def test_node_sh_two_nodes_one_rank_each(tmp_path, data):
+    run_dir = tmp_path / "run"
+    port = str(_free_port())
+    nodes = [subprocess.Popen([str(LAUNCH / "node.sh"), str(SMOKE), *_overrides(data, run_dir)], cwd=ROOT,
+                              env=_env(NNODES="2", NODE_RANK=str(r), MASTER_ADDR="127.0.0.1", MASTER_PORT=port),
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for r in (0, 1)]
+    outs = [p.communicate(timeout=TIMEOUT)[0] for p in nodes]
+    for p, out in zip(nodes, outs):
+        assert p.returncode == 0, out[-4000:]
+    assert "ranks 1..1 of 2" in outs[1] and "stopped at step 5" in outs[0]
+    _assert_trained_together(run_dir, world=2)
+
+
+STAND_INS = {
+    # srun --ntasks-per-node=1 --nodes=N ... CMD: CMD once per "node", each with its SLURM_NODEID
+    "srun": """#!/usr/bin/env bash
+nodes=$SLURM_JOB_NUM_NODES
+while [[ $1 == --* ]]; do [[ $1 == --nodes=* ]] && nodes=${1#--nodes=}; shift; done
+pids=()
+for ((i = 0; i < nodes; i++)); do SLURM_NODEID=$i SLURM_PROCID=$i "$@" & pids+=($!); done
+trap 'kill -USR1 "${pids[@]}"' USR1
+status=0
+for p in "${pids[@]}"; do wait "$p" || status=$?; done
+exit $status
+""",
+    "scontrol": """#!/usr/bin/env bash
+[[ $1 == show && $2 == hostnames ]] && printf '127.0.0.1\\n127.0.0.2\\n'
+""",
+}
+
+
+@pytest.mark.slow
+def test_slurm_sbatch_two_nodes_two_ranks_each(tmp_path, data):
+    """slurm.sbatch as SLURM would run it, with srun/scontrol stand-ins: two node.sh on this machine."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, text in STAND_INS.items():
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    run_dir = tmp_path / "run"
+    env = _env(PATH=f"{bin_dir}:{os.environ['PATH']}", SLURM_JOB_ID="4242", SLURM_JOB_NODELIST="n[1-2]",
+               SLURM_JOB_NUM_NODES="2", SLURM_SUBMIT_DIR=str(ROOT), NPROC_PER_NODE="2",
+               MASTER_PORT=str(_free_port()), NODE_RANK="7")  # a stray NODE_RANK must not leak into the nodes
+    proc = _run(["bash", LAUNCH / "slurm.sbatch", SMOKE, *_overrides(data, run_dir)], env, timeout=TIMEOUT)
+    assert proc.returncode == 0, (proc.stdout[-4000:], proc.stderr[-4000:])
+    assert "2 nodes, master 127.0.0.1" in proc.stderr
+    _assert_trained_together(run_dir, world=4)
+
+
+# ------------------------------------------------------------------------------------------------
+# Preemption
+
+
+@pytest.mark.slow
+def test_train_sh_sigterm(tmp_path, data):
+    """SIGTERM to train.sh: the ranks checkpoint the step they are in and everything exits 0."""
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen([str(LAUNCH / "train.sh"), str(SMOKE), *_overrides(data, run_dir, "train.max_steps=100000")],
+                            cwd=ROOT, env=_env(NPROC="2"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    deadline = time.monotonic() + TIMEOUT
+    while not ((run_dir / "metrics.jsonl").exists() and len(_metrics(run_dir)) >= 2):
+        assert proc.poll() is None, proc.stdout.read()[-4000:]
+        assert time.monotonic() < deadline, "no training steps"
+        time.sleep(0.25)
+    proc.send_signal(signal.SIGTERM)  # to train.sh alone, as a scheduler or `kill PID` would
+    out, _ = proc.communicate(timeout=TIMEOUT)
+    assert proc.returncode == 0, out[-4000:]
+    assert "[launch] SIGTERM: asking the ranks" in out and "stopped at step" in out, out[-4000:]
+    last = _metrics(run_dir)[-1]["step"]
+    tag = f"step_{last:08d}"
+    assert f"stopped at step {last}: signal" in out
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == tag
+    meta = json.loads((run_dir / "checkpoints" / tag / "meta.json").read_text())
+    assert meta["step"] == last and meta["world_size"] == 2
+    leftover = subprocess.run(["pgrep", "-f", f"run.dir={run_dir}"], capture_output=True, text=True).stdout
+    assert not leftover.strip(), leftover
