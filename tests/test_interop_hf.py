@@ -79,8 +79,9 @@ def random_model(cfg, seed=0) -> Transformer:
 
 OUR_VARIANTS = {
     "q_lora+yarn+mtp": dict(mtp_depth=1),
-    "no_q_lora+plain_rope+tied": dict(attention__q_lora_rank=0, attention__rope={"theta": 500.0}, tie_embeddings=True,
-                                      moe__n_dense_layers=0, moe__n_expert_groups=1, moe__n_limited_groups=1),
+    "no_q_lora+plain_rope+tied+no_shared_experts": dict(
+        attention__q_lora_rank=0, attention__rope={"theta": 500.0}, tie_embeddings=True, moe__n_dense_layers=0,
+        moe__n_expert_groups=1, moe__n_limited_groups=1, moe__n_shared_experts=0),
 }
 
 
@@ -95,6 +96,9 @@ def test_save_hf_loads_in_transformers_with_the_same_logits(tmp_path, variant):
     assert back.config == model.config
     for k, v in model.state_dict().items():
         assert torch.equal(back.state_dict()[k], v), k
+    hf.save_pretrained(tmp_path / "resaved")  # transformers' own layout of the same model reads back too
+    with torch.no_grad():
+        assert_logits_close(load_hf(tmp_path / "resaved")(ids()), hf(ids()).logits)
 
 
 def test_mtp_layers_follow_deepseeks_layout(tmp_path):

@@ -26,7 +26,7 @@ from safetensors.torch import save_file
 
 from ..config import Config, ConfigError, ModelConfig, config_from_dict
 from ..export import DTYPES, FP32_TENSORS, cast_model, dtype_name, expected_tensors
-from ..model import Transformer
+from ..model import MoE, Transformer
 
 MAX_SHARD_BYTES = 5 * 1024**3
 
@@ -272,7 +272,8 @@ def load_hf(path: str | Path, device: str | torch.device = "cpu", dtype: torch.d
         # DeepSeek's MTP layers carry copies of the shared embedding and head; ours are shared.
         copies = {f"model.layers.{m.n_layers + k}.{n}" for k in range(m.mtp_depth)
                   for n in ("embed_tokens.weight", "shared_head.head.weight")}
-        left = sorted(k for k in weights.file_of if k not in used | copies and not k.endswith("rotary_emb.inv_freq"))
+        left = sorted(k for k in weights.file_of if k not in used | copies and not k.endswith("rotary_emb.inv_freq")
+                      and weights.get(k).numel())  # zero-width shared experts: transformers' n_shared_experts 0
         if left:
             raise HFConversionError(f"{path}: tensor {left[0]} has no deepseek_pt counterpart ({len(left)} such)")
         model.load_state_dict(state, strict=False)
@@ -301,6 +302,11 @@ def hf_tensors(model: Transformer, dtype: torch.dtype, fold: bool = False) -> tu
         if name.endswith("eh_proj.weight"):
             t = _swap_halves(t)
         out[hf_name(name, m.n_layers)] = t.to(torch.float32 if name.endswith(FP32_TENSORS) else dtype).contiguous()
+    if not m.moe.n_shared_experts:  # transformers builds zero-width shared experts: store them so
+        for name, module in model.named_modules():  # that it reports nothing missing
+            if isinstance(module, MoE):
+                for proj, shape in (("gate_proj", (0, m.dim)), ("up_proj", (0, m.dim)), ("down_proj", (m.dim, 0))):
+                    out[hf_name(f"{name}.shared_experts.{proj}.weight", m.n_layers)] = torch.zeros(shape, dtype=dtype)
     for k in range(m.mtp_depth):
         layer = f"model.layers.{m.n_layers + k}."
         out[layer + "embed_tokens.weight"] = out["model.embed_tokens.weight"].clone()
