@@ -3,6 +3,7 @@
     plan.py devices                          -> "cuda N" (N GPUs visible to this process) or "cpu 0"
     plan.py run-dir CONFIG [key.path=value]  -> run.dir of the resolved config (prints nothing if
                                                 the config is invalid: --check-only reports that)
+    plan.py value KEY CONFIG [key.path=value] -> one value (dotted KEY) of the resolved config
     plan.py free-port                        -> a TCP port that is free on this host right now
     plan.py exec-group PROGRAM [ARGS ...]    -> exec PROGRAM in a process group of its own, so that
                                                 the supervisor can find and signal every process of
@@ -29,14 +30,17 @@ def devices() -> str:
     return "cpu 0"
 
 
-def run_dir(config: str, overrides: list[str]) -> str:
+def value(key: str, config: str, overrides: list[str]) -> str:
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     from deepseek_pt.config import ConfigError, load_config
 
     try:
-        return load_config(config, overrides).run.dir
+        node = load_config(config, overrides)
     except ConfigError:
         return ""
+    for part in key.split("."):
+        node = getattr(node, part)
+    return "" if node is None else str(node)
 
 
 def free_port() -> str:
@@ -53,7 +57,9 @@ def main(argv: list[str]) -> int:
     if cmd == "devices" and not args:
         print(devices())
     elif cmd == "run-dir" and args:
-        print(run_dir(args[0], args[1:]))
+        print(value("run.dir", args[0], args[1:]))
+    elif cmd == "value" and len(args) >= 2:
+        print(value(args[0], args[1], args[2:]))
     elif cmd == "free-port" and not args:
         print(free_port())
     elif cmd == "exec-group" and args:
