@@ -63,10 +63,8 @@ def expected_tensors(model: Transformer) -> dict[str, torch.Tensor]:
     return out
 
 
-def cast_model(model: Transformer, dtype: torch.dtype | None) -> Transformer:
+def cast_model(model: Transformer, dtype: torch.dtype) -> Transformer:
     """`model.to(dtype)` keeping the routers in fp32, as HF DeepseekV3 does (`gate` computes in fp32)."""
-    if dtype is None:
-        return model
     model.to(dtype)
     for moe in model.moe_layers():
         moe.gate.float()
@@ -81,6 +79,8 @@ def save_export(model: Transformer, config: Config, out_dir: str | Path, step: i
     or its bytes. Returns the directory."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    # Overwriting an export: it counts as incomplete until the new export.json is in place.
+    (out / "export.json").unlink(missing_ok=True)
     config = dataclasses.replace(config, model=model.config)
     dtype = dtype or model.embed_tokens.weight.dtype
     tensors = {name: t.detach().to("cpu", torch.float32 if name.endswith(FP32_TENSORS) else dtype).contiguous()
@@ -96,6 +96,8 @@ def save_export(model: Transformer, config: Config, out_dir: str | Path, step: i
         tmp = out / f".tokenizer.model.tmp{os.getpid()}"
         tmp.write_bytes(data)
         tmp.replace(out / "tokenizer.model")
+    else:
+        (out / "tokenizer.model").unlink(missing_ok=True)
     info = {"format_version": FORMAT_VERSION, "step": step, "source": None if source is None else str(source),
             "sha256": digest, "dtype": dtype_name(dtype), "doc_boundary": doc_boundary}
     _atomic_write_text(out / "export.json", json.dumps(info, indent=2) + "\n")
@@ -145,8 +147,9 @@ def load_export(path: str | Path, device: str | torch.device = "cpu", dtype: tor
     with safe_open(weights, framework="pt", device=str(device)) as f:
         stored = {name: f.get_slice(name).get_shape() for name in f.keys()}
         check_tensor_names(stored, {n: list(t.shape) for n, t in expected.items()}, weights, path / "config.yaml")
-        state = {name: f.get_tensor(name) for name in stored}
-    model.load_state_dict(state, strict=False)  # casts into the model's dtypes; tied aliases come along
+        with torch.no_grad():  # tensor by tensor, into the model's dtypes: no second copy of the weights
+            for name, t in expected.items():
+                t.copy_(f.get_tensor(name))
     return model.eval(), config
 
 

@@ -248,7 +248,7 @@ def load_hf(path: str | Path, device: str | torch.device = "cpu", dtype: torch.d
         with torch.device(device):
             model = cast_model(Transformer(m), dtype)
         block = (hf.get("quantization_config") or {}).get("weight_block_size", [128, 128])
-        used, state = set(), {}
+        used = set()
         for name, param in expected_tensors(model).items():
             key = hf_name(name, m.n_layers)
             if key not in weights:
@@ -268,15 +268,16 @@ def load_hf(path: str | Path, device: str | torch.device = "cpu", dtype: torch.d
             if t.shape != param.shape:
                 raise HFConversionError(f"{path}: tensor {key} has shape {list(t.shape)}, config.json gives "
                                         f"{list(param.shape)}")
-            state[name] = t
-        # DeepSeek's MTP layers carry copies of the shared embedding and head; ours are shared.
+            with torch.no_grad():  # tensor by tensor: no second copy of the weights
+                param.copy_(t)
+        # DeepSeek's MTP layers carry copies of the shared embedding and head, tied models may carry
+        # the head: ours share them.
         copies = {f"model.layers.{m.n_layers + k}.{n}" for k in range(m.mtp_depth)
-                  for n in ("embed_tokens.weight", "shared_head.head.weight")}
+                  for n in ("embed_tokens.weight", "shared_head.head.weight")} | ({"lm_head.weight"} if m.tie_embeddings else set())
         left = sorted(k for k in weights.file_of if k not in used | copies and not k.endswith("rotary_emb.inv_freq")
                       and weights.get(k).numel())  # zero-width shared experts: transformers' n_shared_experts 0
         if left:
             raise HFConversionError(f"{path}: tensor {left[0]} has no deepseek_pt counterpart ({len(left)} such)")
-        model.load_state_dict(state, strict=False)
     return model.eval()
 
 
