@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
 from pathlib import Path
 
@@ -58,7 +57,8 @@ def ds_to_hf(args) -> None:
                          "cannot represent; pass --fold to store o_proj = o_b_proj @ o_a_proj instead")
     bos = eos = None
     if ckpt.tokenizer:  # HF generate() stops at eos_token_id: it must be the tokenizer's
-        bos, eos = save_hf_tokenizer(out, ckpt.tokenizer, ckpt.model.config.max_seq_len, add_bos=ckpt.doc_boundary == "bos_eos")
+        bos, eos = save_hf_tokenizer(out, ckpt.tokenizer, ckpt.model.config.max_seq_len,
+                                     add_bos=ckpt.doc_boundary == "bos_eos")
     errors = save_hf(ckpt.model, out, fold=args.fold, bos_id=bos, eos_id=eos,
                      max_shard_bytes=int(args.max_shard_gb * 1024**3))
     if errors:
@@ -71,7 +71,8 @@ def mla_o(args) -> None:
     out = _fresh_dir(args.out, args.force)
     ckpt = load_checkpoint(args.checkpoint, dtype=DTYPE_CHOICES.get(args.dtype))
     if ckpt.model.config.attention.use_output_subspace:
-        raise UsageError(f"{args.checkpoint}: already uses MLA-o (o_latent_dim {ckpt.model.config.attention.o_latent_dim})")
+        raise UsageError(f"{args.checkpoint}: already uses MLA-o "
+                         f"(o_latent_dim {ckpt.model.config.attention.o_latent_dim})")
     errors = to_output_subspace(ckpt.model, args.o_latent_dim, init=args.init)
     save_export(ckpt.model, ckpt.config, out, source=str(Path(args.checkpoint).absolute()),
                 tokenizer=ckpt.tokenizer, doc_boundary=ckpt.doc_boundary)

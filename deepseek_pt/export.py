@@ -72,8 +72,8 @@ def cast_model(model: Transformer, dtype: torch.dtype) -> Transformer:
 
 
 def save_export(model: Transformer, config: Config, out_dir: str | Path, step: int | None = None,
-                source: str | None = None, tokenizer: str | Path | bytes | None = None, dtype: torch.dtype | None = None,
-                doc_boundary: str | None = None) -> Path:
+                source: str | None = None, tokenizer: str | Path | bytes | None = None,
+                dtype: torch.dtype | None = None, doc_boundary: str | None = None) -> Path:
     """Write `model` as an export. The config's model section is taken from `model.config` (it changes
     under MLA-o conversion); dtype defaults to the model's; `tokenizer` is a sentencepiece model file
     or its bytes. Returns the directory."""

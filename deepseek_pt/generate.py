@@ -49,14 +49,16 @@ def sample(logits: torch.Tensor, temperature: float = 0.0, top_k: int = 0, top_p
 @torch.no_grad()
 def generate_tokens(model: Transformer, prompt: list[int], max_new_tokens: int, temperature: float = 0.0,
                     top_k: int = 0, top_p: float = 1.0, generator: torch.Generator | None = None,
-                    use_cache: bool = True, stop_ids: tuple[int, ...] = (), vocab_size: int | None = None) -> Iterator[int]:
+                    use_cache: bool = True, stop_ids: tuple[int, ...] = (),
+                    vocab_size: int | None = None) -> Iterator[int]:
     """Yield up to max_new_tokens sampled continuations of `prompt`, stopping after a stop id. Only
     ids below vocab_size are drawn (a model's vocabulary is often padded beyond its tokenizer's)."""
     if not prompt:
         raise ValueError("the prompt must hold at least one token")
     device = model.embed_tokens.weight.device
     ids = torch.tensor([prompt], device=device)
-    caches = model.new_caches(1, len(prompt) + max_new_tokens, model.embed_tokens.weight.dtype, device) if use_cache else None
+    dtype = model.embed_tokens.weight.dtype
+    caches = model.new_caches(1, len(prompt) + max_new_tokens, dtype, device) if use_cache else None
     logits = model(ids, caches=caches)[:, -1]
     for step in range(max_new_tokens):
         token = sample(logits[:, :vocab_size], temperature, top_k, top_p, generator)

@@ -64,7 +64,8 @@ def _from_training_run(path: Path, device, dtype) -> Checkpoint:
         return _from_export(Path(tmp) / "export", device, dtype)
 
 
-def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> Checkpoint:
+def load_checkpoint(path: str | Path, device: str | torch.device = "cpu",
+                    dtype: torch.dtype | None = None) -> Checkpoint:
     """Load any accepted checkpoint (see the module doc); ExportError / HFConversionError say why not."""
     path = Path(path)
     if not path.exists():

@@ -118,9 +118,10 @@ def full_config(model: ModelConfig | dict, base: Config | None = None, where: st
     """A complete run Config around a model section: `base`'s other sections, or the defaults with
     data.seq_len capped at the model's max_seq_len."""
     model = model if isinstance(model, dict) else dataclasses.asdict(model)
-    data = base.to_dict() if base is not None else {"data": {"seq_len": min(Config().data.seq_len, model["max_seq_len"])}}
+    seq_len = min(Config().data.seq_len, model["max_seq_len"])
+    rest = base.to_dict() if base is not None else {"data": {"seq_len": seq_len}}
     try:
-        return config_from_dict({**data, "model": model}, where)
+        return config_from_dict({**rest, "model": model}, where)
     except ConfigError as e:
         raise HFConversionError(str(e)) from None
 
@@ -273,7 +274,8 @@ def load_hf(path: str | Path, device: str | torch.device = "cpu", dtype: torch.d
         # DeepSeek's MTP layers carry copies of the shared embedding and head, tied models may carry
         # the head: ours share them.
         copies = {f"model.layers.{m.n_layers + k}.{n}" for k in range(m.mtp_depth)
-                  for n in ("embed_tokens.weight", "shared_head.head.weight")} | ({"lm_head.weight"} if m.tie_embeddings else set())
+                  for n in ("embed_tokens.weight", "shared_head.head.weight")}
+        copies |= {"lm_head.weight"} if m.tie_embeddings else set()
         left = sorted(k for k in weights.file_of if k not in used | copies and not k.endswith("rotary_emb.inv_freq")
                       and weights.get(k).numel())  # zero-width shared experts: transformers' n_shared_experts 0
         if left:
@@ -281,7 +283,8 @@ def load_hf(path: str | Path, device: str | torch.device = "cpu", dtype: torch.d
     return model.eval()
 
 
-def hf_tensors(model: Transformer, dtype: torch.dtype, fold: bool = False) -> tuple[dict[str, torch.Tensor], list[float]]:
+def hf_tensors(model: Transformer, dtype: torch.dtype,
+               fold: bool = False) -> tuple[dict[str, torch.Tensor], list[float]]:
     """HF checkpoint tensors of `model`, and for a folded MLA-o model each layer's relative error of
     the stored o_proj against the exact product o_b_proj @ o_a_proj."""
     m = model.config
@@ -316,7 +319,8 @@ def hf_tensors(model: Transformer, dtype: torch.dtype, fold: bool = False) -> tu
 
 
 def save_hf(model: Transformer, path: str | Path, fold: bool = False, dtype: torch.dtype | None = None,
-            bos_id: int | None = None, eos_id: int | None = None, max_shard_bytes: int = MAX_SHARD_BYTES) -> list[float]:
+            bos_id: int | None = None, eos_id: int | None = None,
+            max_shard_bytes: int = MAX_SHARD_BYTES) -> list[float]:
     """Write `model` as an HF DeepseekV3ForCausalLM directory (config.json, generation_config.json,
     safetensors, sharded with an index above max_shard_bytes). Returns the per-layer fold errors
     (empty unless an MLA-o model was folded)."""
