@@ -18,11 +18,13 @@ from .layers import SwiGLU
 class Gate(nn.Module):
     """Router: affinities, group-limited top-k on (affinity + bias), weights from the unbiased affinities."""
 
-    def __init__(self, dim: int, moe: MoEConfig):
+    def __init__(self, dim: int, moe: MoEConfig, init_std: float = 0.006):
         super().__init__()
         self.top_k, self.n_groups, self.n_limited_groups = moe.top_k, moe.n_expert_groups, moe.n_limited_groups
         self.score_func, self.norm_topk_prob, self.route_scale = moe.score_func, moe.norm_topk_prob, moe.route_scale
         self.weight = nn.Parameter(torch.empty(moe.n_routed_experts, dim))
+        if not self.weight.is_meta:
+            nn.init.normal_(self.weight, std=init_std)
         # Auxiliary-loss-free balancing bias: selection only, updated by the engine, kept in fp32.
         self.register_buffer("e_score_correction_bias", torch.zeros(moe.n_routed_experts, dtype=torch.float32))
 
@@ -55,7 +57,7 @@ class MoE(nn.Module):
         super().__init__()
         moe = config.moe
         self.n_experts, self.top_k, self.seq_aux_loss_alpha = moe.n_routed_experts, moe.top_k, moe.seq_aux_loss_alpha
-        self.gate = Gate(config.dim, moe)
+        self.gate = Gate(config.dim, moe, config.init_std)
         self.experts = nn.ModuleList(SwiGLU(config.dim, moe.expert_inter_dim) for _ in range(moe.n_routed_experts))
         self.shared_experts = (SwiGLU(config.dim, moe.n_shared_experts * moe.expert_inter_dim)
                                if moe.n_shared_experts else None)

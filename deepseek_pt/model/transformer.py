@@ -64,6 +64,8 @@ class Transformer(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
+        if self.embed_tokens.weight.is_meta:  # shape-only model (parameter counting): nothing to fill
+            return
         std = self.config.init_std
         for module in self.modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
