@@ -105,16 +105,18 @@ def _complete(model, sp, text: str, args, generator) -> None:
     stop = () if args.ignore_eos or sp.eos_id() < 0 else (sp.eos_id(),)
     out = sys.stdout
     out.write(text)
+    # Decode prompt and continuation together: a piece's leading space may depend on what precedes it.
+    prompt_text = sp.decode(ids)
     new, shown, start = [], "", time.perf_counter()
     for token in generate_tokens(model, ids, min(args.max_new_tokens, room), args.temperature, args.top_k,
                                  args.top_p, generator, not args.no_cache, stop, sp.vocab_size()):
         new.append(token)
-        text_now = sp.decode(new)
+        text_now = sp.decode(ids + new)[len(prompt_text):]
         if not text_now.endswith("\ufffd"):  # wait for the rest of a multi-byte character
             out.write(text_now[len(shown):])
             out.flush()
             shown = text_now
-    out.write(sp.decode(new)[len(shown):] + "\n")
+    out.write(sp.decode(ids + new)[len(prompt_text) + len(shown):] + "\n")
     seconds = time.perf_counter() - start
     print(f"[{len(ids)} prompt + {len(new)} new tokens in {seconds:.2f}s: {len(new) / seconds:.1f} tokens/s, "
           f"{'no cache' if args.no_cache else 'compressed cache'}]", file=sys.stderr)
