@@ -101,6 +101,19 @@ def test_save_hf_loads_in_transformers_with_the_same_logits(tmp_path, variant):
         assert_logits_close(load_hf(tmp_path / "resaved")(ids()), hf(ids()).logits)
 
 
+def test_transformers_generate_equals_our_compressed_cache_decoding(tmp_path):
+    from deepseek_pt.generate import generate_tokens
+
+    model = random_model(tiny())
+    save_hf(model, tmp_path)
+    hf = DeepseekV3ForCausalLM.from_pretrained(tmp_path).eval()
+    prompt = ids(6)[0].tolist()
+    theirs = hf.generate(torch.tensor([prompt]), max_new_tokens=40, do_sample=False, eos_token_id=None,
+                         pad_token_id=0)[0, len(prompt):].tolist()
+    ours = list(generate_tokens(model, prompt, 40, temperature=0.0))
+    assert ours == theirs and len(set(ours)) > 5
+
+
 def test_mtp_layers_follow_deepseeks_layout(tmp_path):
     """Our MTP depth 0 is decoder layer n_layers in the checkpoint; transformers' own MTP layer (which
     reads [embedding; hidden]) computes what ours does from the converted weights."""
