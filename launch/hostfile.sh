@@ -39,20 +39,21 @@ while IFS= read -r line || [[ -n $line ]]; do
         [[ $h != "${BASH_REMATCH[1]}" ]] || die 2 "$hostfile:$lineno: host ${BASH_REMATCH[1]} listed twice"
     done
     hosts+=("${BASH_REMATCH[1]}")
-    slots+=("${BASH_REMATCH[2]}")
+    slots+=("$((10#${BASH_REMATCH[2]}))")
 done <"$hostfile"
 ((${#hosts[@]} > 0)) || die 2 "$hostfile: no 'HOST slots=N' entries"
 
 select=()
 if [[ -n ${NNODES:-} ]]; then
-    is_uint "$NNODES" && ((NNODES >= 1 && NNODES <= ${#hosts[@]})) ||
-        die 2 "NNODES=$NNODES: $hostfile lists ${#hosts[@]} hosts"
+    require_uint "$NNODES" 1 "${#hosts[@]}" "NNODES=$NNODES: $hostfile lists ${#hosts[@]} hosts"
+    NNODES=$((10#$NNODES))
     hosts=("${hosts[@]:0:NNODES}")
     slots=("${slots[@]:0:NNODES}")
     select+=(--num_nodes "$NNODES")
 fi
 if [[ -n ${NPROC_PER_NODE:-} ]]; then
-    is_uint "$NPROC_PER_NODE" && ((NPROC_PER_NODE >= 1)) || die 2 "NPROC_PER_NODE=$NPROC_PER_NODE: expected a positive integer"
+    require_uint "$NPROC_PER_NODE" 1 "" "NPROC_PER_NODE=$NPROC_PER_NODE: expected a positive integer"
+    NPROC_PER_NODE=$((10#$NPROC_PER_NODE))
     for i in "${!slots[@]}"; do slots[i]=$NPROC_PER_NODE; done
     select+=(--num_gpus "$NPROC_PER_NODE")
 fi
@@ -90,6 +91,7 @@ else
     export DS_ENV_FILE=$tmp/deepspeed_env
     # Stop signal: SIGTERM to the ranks (children of this job's deepspeed.launcher.launch) on every
     # host, leaving pdsh and the launchers alone so that they report the ranks' exit status.
+    # shellcheck disable=SC2317  # called from the signal trap (REMOTE_STOP)
     remote_stop() {
         local pattern="^[^ ]*python[^ ]* -u -m deepspeed[.]launcher[.]launch .*--master_port=$port( |\$)"
         PDSH_RCMD_TYPE=ssh pdsh -S -f 1024 -w "$(IFS=,; echo "${hosts[*]}")" \

@@ -17,6 +17,17 @@ die() {  # die EXIT_CODE MESSAGE
 
 is_uint() { [[ $1 =~ ^[0-9]+$ ]]; }
 
+# require_uint VALUE MIN MAX MESSAGE: die with MESSAGE unless VALUE is an integer in [MIN, MAX]
+# (MAX empty: no upper bound).
+require_uint() {
+    local value=$1 min=$2 max=$3 message=$4
+    [[ $value =~ ^[0-9]+$ ]] || die 2 "$message"
+    value=$((10#$value))
+    if ((value < min)) || { [[ -n $max ]] && ((value > max)); }; then
+        die 2 "$message"
+    fi
+}
+
 # PYTHON: the interpreter that has torch + deepspeed (it also runs the ranks: the deepspeed launcher
 # starts them with its own sys.executable). Default: $VIRTUAL_ENV's, else python3 on PATH.
 resolve_python() {
@@ -35,6 +46,7 @@ resolve_python() {
 detect_devices() {
     local out
     out=$("$PYTHON" "$LAUNCH_DIR/plan.py" devices) || die 2 "could not inspect the devices with $PYTHON"
+    # shellcheck disable=SC2034  # read by the scripts that source this file
     read -r DEVICE_KIND DEVICE_COUNT <<<"$out"
 }
 
@@ -130,7 +142,7 @@ on_signal() {
     fi
     pids=$(rank_pids) || true
     if [[ -n $pids ]]; then
-        log "SIG$sig: asking the ranks ($(echo $pids)) to checkpoint at the end of this step and exit"
+        log "SIG$sig: asking the ranks (${pids//$'\n'/ }) to checkpoint at the end of this step and exit"
         # shellcheck disable=SC2086  # one pid per word
         kill -TERM $pids 2>/dev/null || true
     else

@@ -30,15 +30,17 @@ master_port=${MASTER_PORT:-29500}
 [[ -n $nnodes ]] || die 2 "NNODES is not set (number of nodes in the job)"
 [[ -n $node_rank ]] || die 2 "NODE_RANK is not set (this node's index, 0 .. NNODES-1)"
 [[ -n $master_addr ]] || die 2 "MASTER_ADDR is not set (address of node 0, reachable from every node)"
-is_uint "$nnodes" && ((nnodes >= 1)) || die 2 "NNODES=$nnodes: expected a positive integer"
-is_uint "$node_rank" && ((node_rank < nnodes)) || die 2 "NODE_RANK=$node_rank: expected 0 .. $((nnodes - 1))"
-is_uint "$master_port" && ((master_port > 0 && master_port < 65536)) || die 2 "MASTER_PORT=$master_port: not a port"
+require_uint "$nnodes" 1 "" "NNODES=$nnodes: expected a positive integer"
+nnodes=$((10#$nnodes))
+require_uint "$node_rank" 0 $((nnodes - 1)) "NODE_RANK=$node_rank: expected 0 .. $((nnodes - 1))"
+node_rank=$((10#$node_rank))
+require_uint "$master_port" 1 65535 "MASTER_PORT=$master_port: not a port"
 
 detect_devices
 if [[ $DEVICE_KIND == cuda ]]; then
     nproc=${NPROC_PER_NODE:-$DEVICE_COUNT}
-    is_uint "$nproc" && ((nproc >= 1 && nproc <= DEVICE_COUNT)) ||
-        die 2 "NPROC_PER_NODE=$nproc: this node has $DEVICE_COUNT visible GPUs"
+    require_uint "$nproc" 1 "$DEVICE_COUNT" "NPROC_PER_NODE=$nproc: this node has $DEVICE_COUNT visible GPUs"
+    nproc=$((10#$nproc))
     if [[ -n ${CUDA_VISIBLE_DEVICES:-} ]]; then
         IFS=, read -r -a ids <<<"$CUDA_VISIBLE_DEVICES"
         ids=("${ids[@]:0:nproc}")
@@ -51,7 +53,8 @@ if [[ $DEVICE_KIND == cuda ]]; then
     done
 else
     nproc=${NPROC_PER_NODE:-1}
-    is_uint "$nproc" && ((nproc >= 1)) || die 2 "NPROC_PER_NODE=$nproc: expected a positive number of processes"
+    require_uint "$nproc" 1 "" "NPROC_PER_NODE=$nproc: expected a positive number of processes"
+    nproc=$((10#$nproc))
     ids=()
     for ((i = 0; i < nproc; i++)); do ids+=("$i"); done
 fi

@@ -26,8 +26,8 @@ detect_devices
 select=()
 if [[ $DEVICE_KIND == cuda ]]; then
     nproc=${NPROC:-$DEVICE_COUNT}
-    is_uint "$nproc" && ((nproc >= 1 && nproc <= DEVICE_COUNT)) ||
-        die 2 "NPROC=$nproc: this node has $DEVICE_COUNT visible GPUs"
+    require_uint "$nproc" 1 "$DEVICE_COUNT" "NPROC=$nproc: this node has $DEVICE_COUNT visible GPUs"
+    nproc=$((10#$nproc))
     if [[ -n ${CUDA_VISIBLE_DEVICES:-} ]]; then
         # The launcher would drop CUDA_VISIBLE_DEVICES with --num_gpus: name the devices instead.
         IFS=, read -r -a ids <<<"$CUDA_VISIBLE_DEVICES"
@@ -37,7 +37,8 @@ if [[ $DEVICE_KIND == cuda ]]; then
     fi
 else
     nproc=${NPROC:-2}
-    is_uint "$nproc" && ((nproc >= 1)) || die 2 "NPROC=$nproc: expected a positive number of processes"
+    require_uint "$nproc" 1 "" "NPROC=$nproc: expected a positive number of processes"
+    nproc=$((10#$nproc))
     select=(--num_gpus "$nproc")  # on CPU the launcher starts this many processes
 fi
 
