@@ -88,7 +88,9 @@ OUR_VARIANTS = {
 @pytest.mark.parametrize("variant", OUR_VARIANTS)
 def test_save_hf_loads_in_transformers_with_the_same_logits(tmp_path, variant):
     model = random_model(tiny(**OUR_VARIANTS[variant]))
-    assert save_hf(model, tmp_path) == []
+    assert save_hf(model, tmp_path, max_shard_bytes=100_000) == []  # sharded, with an index
+    assert len(json.loads((tmp_path / "model.safetensors.index.json").read_text())["weight_map"]) > 0
+    assert len(list(tmp_path.glob("model-*-of-*.safetensors"))) > 1
     hf = DeepseekV3ForCausalLM.from_pretrained(tmp_path).eval()
     with torch.no_grad():
         assert_logits_close(model(ids()), hf(ids()).logits)
