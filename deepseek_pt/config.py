@@ -204,6 +204,9 @@ class ParallelConfig:
     """Ranks one MoE layer's routed experts are split over (DeepSpeed AutoEP); must divide them."""
     overlap_comm: bool = True
     """Overlap ZeRO-3 gathers/reductions with compute."""
+    zero_persistence_threshold: int = 100_000
+    """ZeRO-3: parameters of fewer elements stay gathered between steps (DeepSpeed's
+    stage3_param_persistence_threshold). On one or a few GPUs, a large value skips re-gathering."""
     backend: Literal["auto", "nccl", "gloo"] = "auto"
     """torch.distributed backend; auto = nccl on GPU, gloo on CPU."""
 

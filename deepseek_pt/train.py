@@ -22,7 +22,7 @@ from .engine.checkpoint import CheckpointError
 from .engine.ds_config import build_ds_config, lr_at
 from .engine.metrics import MetricsLogger, peak_flops, peak_memory_gib
 from .model import Transformer
-from .model.counting import count_params, train_flops_per_token
+from .model.counting import train_flops_per_token
 
 
 class PreflightError(ValueError):
@@ -144,19 +144,47 @@ def evaluate(engine, cfg: Config, rank: int, world: int, device) -> float:
     return (sums[0] / sums[1]).item() if sums[1] else float("nan")
 
 
-def train(cfg: Config) -> int:
+def init_distributed(cfg: Config) -> tuple[int, int, torch.device]:
     import deepspeed
 
+    backend = cfg.parallel.backend if cfg.parallel.backend != "auto" else ("nccl" if torch.cuda.is_available() else "gloo")
+    deepspeed.init_distributed(dist_backend=backend)
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def build_engine(cfg: Config, world: int, init_from: str | None = None, load_universal: bool = False):
+    """The model and its DeepSpeed engine, as training (and bench/) use them."""
+    import deepspeed
+
+    torch.manual_seed(cfg.train.seed)
+    model = Transformer(cfg.model)
+    if init_from:
+        from .export import load_export
+        exported, _ = load_export(init_from, dtype=torch.float32)
+        model.load_state_dict(exported.state_dict())
+    if cfg.train.activation_checkpointing:
+        from functools import partial
+
+        from torch.utils.checkpoint import checkpoint as recompute
+        model.checkpoint_fn = partial(recompute, use_reentrant=False)
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, model_parameters=param_groups(model, cfg.train.weight_decay),
+        config=build_ds_config(cfg, world, has_moe=uses_autoep(cfg), load_universal=load_universal),
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(cfg, s) / cfg.train.lr))
+    for _, bias in balance.moe_routers(engine.module):  # selection bias must keep fp32 resolution
+        bias.data = bias.data.float()
+    return engine
+
+
+def train(cfg: Config) -> int:
     from .data import PretrainDataset, TrainLoader
 
     stop = StopSignal()
     started = time.monotonic()
-    backend = cfg.parallel.backend if cfg.parallel.backend != "auto" else ("nccl" if torch.cuda.is_available() else "gloo")
-    deepspeed.init_distributed(dist_backend=backend)
-    rank, world = dist.get_rank(), dist.get_world_size()
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else torch.device("cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
+    rank, world, device = init_distributed(cfg)
     run_dir = Path(cfg.run.dir)
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -168,25 +196,9 @@ def train(cfg: Config) -> int:
     if reshard:
         resume_dir = checkpoint.ensure_universal(resume_dir)
 
-    torch.manual_seed(cfg.train.seed)
-    model = Transformer(cfg.model)
-    if cfg.train.init_from and resume_dir is None:
-        from .export import load_export
-        exported, _ = load_export(cfg.train.init_from, dtype=torch.float32)
-        model.load_state_dict(exported.state_dict())
-    if cfg.train.activation_checkpointing:
-        from functools import partial
-
-        from torch.utils.checkpoint import checkpoint as recompute
-        model.checkpoint_fn = partial(recompute, use_reentrant=False)
-    counts = count_params(model)
-    flops_per_token = train_flops_per_token(cfg.model, cfg.data.seq_len, counts["active_params"])
-    engine, _, _, _ = deepspeed.initialize(
-        model=model, model_parameters=param_groups(model, cfg.train.weight_decay),
-        config=build_ds_config(cfg, world, has_moe=uses_autoep(cfg), load_universal=reshard),
-        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(cfg, s) / cfg.train.lr))
-    for _, bias in balance.moe_routers(engine.module):  # selection bias must keep fp32 resolution
-        bias.data = bias.data.float()
+    engine = build_engine(cfg, world, init_from=cfg.train.init_from if resume_dir is None else None,
+                          load_universal=reshard)
+    flops_per_token = train_flops_per_token(cfg.model, cfg.data.seq_len)
 
     loader = TrainLoader(PretrainDataset(cfg.data.path, cfg.data.train_split, cfg.data.seq_len, cfg.data.verify_checksums),
                          cfg.train.micro_batch_size, dp_rank=rank, dp_world=world, seed=cfg.data.seed)

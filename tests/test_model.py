@@ -153,7 +153,7 @@ def test_moe_dispatch_equals_per_token_reference():
     w, idx, _ = moe.gate(flat)
     ref = torch.stack([sum(w[t, j] * moe.experts[idx[t, j]](flat[t]) for j in range(idx.shape[1]))
                        + moe.shared_experts(flat[t]) for t in range(flat.shape[0])])
-    torch.testing.assert_close(y.view(-1, cfg.model.dim), ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(y.view(-1, cfg.model.dim), ref, rtol=1e-4, atol=1e-5)
 
 
 def test_sequence_balance_loss_matches_its_definition():

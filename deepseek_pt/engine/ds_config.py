@@ -68,14 +68,15 @@ def build_ds_config(cfg: Config, world_size: int, has_moe: bool, load_universal:
         "steps_per_print": 2**31 - 1,  # we log ourselves
         "optimizer": {
             "type": "AdamW",
+            # torch's AdamW: fused kernel on GPU (DeepSpeed's FusedAdam would JIT-build first), plain on CPU.
             "params": {"lr": t.lr, "betas": [t.beta1, t.beta2], "eps": t.adam_eps, "weight_decay": t.weight_decay,
-                       # FusedAdam is a CUDA kernel; on CPU torch's AdamW does the same update.
-                       **({} if torch.cuda.is_available() else {"torch_adam": True})},
+                       "torch_adam": True, **({"fused": True} if torch.cuda.is_available() else {})},
         },
         "zero_optimization": {
             "stage": p.zero_stage,
             "overlap_comm": p.overlap_comm and torch.cuda.is_available(),
             "contiguous_gradients": True,
+            "stage3_param_persistence_threshold": p.zero_persistence_threshold,
         },
         "bf16": {"enabled": cfg.precision in ("bf16", "fp8")},
         "checkpoint": {"load_universal": load_universal},

@@ -12,10 +12,15 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..config import ModelConfig
 from .layers import RMSNorm
 from .rope import apply_rope, inv_frequencies, rope_cos_sin, softmax_scale
+
+# Flash attention refuses q/k head dim 192 with v 128; cuDNN takes it (fastest on Hopper), then the
+# memory-efficient kernel; math is the CPU path.
+SDPA_PRIORITY = [SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.MATH]
 
 
 @dataclass
@@ -94,8 +99,9 @@ class MLA(nn.Module):
         k_nope, v = self.kv_b_proj(c_kv).view(B, T, H, -1).split([self.nope_dim, self.v_dim], dim=-1)
         q = torch.cat([q_nope, q_pe], dim=-1)
         k = torch.cat([k_nope, k_pe.unsqueeze(2).expand(B, T, H, self.rope_dim)], dim=-1)
-        o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                           is_causal=True, scale=self.softmax_scale)
+        with sdpa_kernel(SDPA_PRIORITY, set_priority=True):
+            o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                               is_causal=True, scale=self.softmax_scale)
         return self.output(o.transpose(1, 2).reshape(B, T, H * self.v_dim))
 
     def _absorbed(self, q_nope, q_pe, kv, pe, start_pos: int) -> torch.Tensor:

@@ -1,0 +1,98 @@
+"""One training-throughput measurement on this GPU: deepseek_pt's engine or the HF peer, same shape.
+
+    python bench/gpu_bench.py --impl ours|hf [--config configs/bench-2b.yaml] [--steps N] [key=value ...]
+
+Both go through DeepSpeed ZeRO-3 with the optimizer, clipping and precision our config generates;
+`ours` is exactly what `python -m deepseek_pt.train` builds (deepseek_pt.train.build_engine), `hf` is
+transformers' DeepseekV3ForCausalLM of the same shape. Random tokens (a fixed batch per step index).
+Prints one JSON line: tokens/s, MFU (our FLOP count of the shape, dense bf16 peak), peak memory.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+
+from deepseek_pt.config import Config, load_config  # noqa: E402
+from deepseek_pt.engine.ds_config import build_ds_config  # noqa: E402
+from deepseek_pt.engine.metrics import peak_flops  # noqa: E402
+from deepseek_pt.model.counting import train_flops_per_token  # noqa: E402
+from deepseek_pt.train import build_engine, init_distributed, param_groups  # noqa: E402
+
+
+def hf_engine(cfg: Config, world: int):
+    """The peer: HF DeepseekV3ForCausalLM of our shape under the same DeepSpeed config (no AutoEP)."""
+    import deepspeed
+    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+
+    m, a, moe = cfg.model, cfg.model.attention, cfg.model.moe
+    hf_cfg = DeepseekV3Config(
+        vocab_size=m.vocab_size, hidden_size=m.dim, intermediate_size=m.inter_dim, moe_intermediate_size=moe.expert_inter_dim,
+        num_hidden_layers=m.n_layers, num_attention_heads=a.n_heads, num_key_value_heads=a.n_heads,
+        n_shared_experts=moe.n_shared_experts, n_routed_experts=moe.n_routed_experts, num_experts_per_tok=moe.top_k,
+        n_group=moe.n_expert_groups, topk_group=moe.n_limited_groups, routed_scaling_factor=moe.route_scale,
+        first_k_dense_replace=moe.n_dense_layers, norm_topk_prob=moe.norm_topk_prob, q_lora_rank=a.q_lora_rank or None,
+        kv_lora_rank=a.kv_lora_rank, qk_nope_head_dim=a.qk_nope_head_dim, qk_rope_head_dim=a.qk_rope_head_dim,
+        v_head_dim=a.v_head_dim, max_position_embeddings=m.max_seq_len, tie_word_embeddings=False)
+    hf_cfg._attn_implementation = "sdpa"
+    torch.manual_seed(cfg.train.seed)
+    model = DeepseekV3ForCausalLM(hf_cfg)
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=param_groups(model, cfg.train.weight_decay),
+                                      config=build_ds_config(cfg, world, has_moe=False))
+    return engine
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--impl", choices=["ours", "hf"], required=True)
+    parser.add_argument("--config", default="configs/bench-2b.yaml")
+    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--warmup", type=int, default=4)
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_args()
+    for k, v in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29561"}.items():
+        os.environ.setdefault(k, v)
+    cfg = load_config(args.config, ["train.grad_accum_steps=1", *args.overrides])
+    rank, world, device = init_distributed(cfg)
+    engine = build_engine(cfg, world) if args.impl == "ours" else hf_engine(cfg, world)
+    B, T, V = cfg.train.micro_batch_size, cfg.data.seq_len, cfg.model.vocab_size
+    gen = torch.Generator(device=device).manual_seed(0)
+    batches = [torch.randint(0, V, (B, T + 1), device=device, generator=gen) for _ in range(4)]
+
+    def step(i: int) -> float:
+        tokens = batches[i % len(batches)]
+        if args.impl == "ours":
+            loss = engine(tokens[:, :-1], tokens[:, 1:])
+        else:
+            loss = engine(input_ids=tokens[:, :-1], labels=tokens[:, :-1].clone()).loss  # HF shifts labels itself
+        engine.backward(loss)
+        engine.step()
+        return loss
+
+    for i in range(args.warmup):
+        step(i)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    for i in range(args.steps):
+        loss = step(i)
+    torch.cuda.synchronize()
+    dt = (time.perf_counter() - t0) / args.steps
+    tokens_per_s = B * T * world / dt
+    flops = train_flops_per_token(cfg.model, T)
+    peak = peak_flops(cfg.train.peak_tflops)
+    print(json.dumps({"impl": args.impl, "precision": cfg.precision, "seq": T, "micro_batch": B,
+                      "tokens_per_s": round(tokens_per_s), "mfu": round(flops * tokens_per_s / (peak * world), 4) if peak else None,
+                      "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2), "step_ms": round(dt * 1e3, 1),
+                      "loss": round(float(loss), 4), "overrides": args.overrides}), flush=True)
+
+
+if __name__ == "__main__":
+    main()

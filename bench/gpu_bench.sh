@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# The GPU benchmark matrix in one device call: HF + DeepSpeed peer and deepseek_pt, same shape.
+# Usage: bench/gpu_bench.sh [CASES_FILE]   (each line: --impl ours|hf [overrides])
+# On the device machine, wheels for what its image lacks (deepspeed, hjson, pydantic, torchao) come
+# from .whl/ (see docs/benchmarks.md).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+if [ -d .whl ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+export TORCH_CUDA_ARCH_LIST=9.0 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+export PYTHONWARNINGS=ignore PYTHONUNBUFFERED=1
+out=${OUT:-/tmp}/gpu_bench.jsonl
+: > "$out"
+cases=${1:-bench/gpu_cases.txt}
+while read -r line; do
+  [ -z "$line" ] || [ "${line:0:1}" = "#" ] && continue
+  # shellcheck disable=SC2086
+  timeout 300 python3 bench/gpu_bench.py $line 2> "${out%.jsonl}.$(echo "$line" | tr -c 'a-z0-9' '_' | cut -c1-60).err" \
+    | grep '^{' | tee -a "$out" || echo "{\"failed\": \"$line\"}" | tee -a "$out"
+done < "$cases"
+python3 - "$out" <<'PY'
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1]) if l.startswith("{")]
+peer = {(r["seq"], r["micro_batch"]): r["tokens_per_s"] for r in rows if r.get("impl") == "hf"}
+print(f"{'impl':5} {'prec':5} {'seq':>5} {'mb':>3} {'tok/s':>8} {'MFU':>6} {'mem GiB':>8} {'x peer':>7}  overrides")
+for r in rows:
+    if "failed" in r:
+        print("FAILED", r["failed"]); continue
+    ratio = r["tokens_per_s"] / peer[(r["seq"], r["micro_batch"])] if (r["seq"], r["micro_batch"]) in peer else float("nan")
+    print(f"{r['impl']:5} {r['precision']:5} {r['seq']:>5} {r['micro_batch']:>3} {r['tokens_per_s']:>8} {r['mfu'] or 0:>6.3f} {r['peak_mem_gib']:>8} {ratio:>7.2f}  {' '.join(r['overrides'])}")
+PY
