@@ -14,6 +14,16 @@ from deepseek_pt.model import Transformer, to_output_subspace
 from model_configs import tiny
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Token-by-token decoding of tiny models: thread hand-offs cost more than they save (much more on a
+    busy machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def random_model(cfg, seed=0, std=0.15) -> Transformer:
     torch.manual_seed(seed)
     model = Transformer(cfg.model).eval()
