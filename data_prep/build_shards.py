@@ -315,7 +315,7 @@ def _main(argv: list[str] | None) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_cli(_main, argv)
+    return run_cli(_main, argv, interrupted="interrupted: re-run the same command to resume")
 
 
 if __name__ == "__main__":

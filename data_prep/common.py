@@ -29,7 +29,8 @@ def fraction(text: str) -> float:
     return value
 
 
-def run_cli(main: Callable[[list[str] | None], int], argv: list[str] | None = None) -> int:
+def run_cli(main: Callable[[list[str] | None], int], argv: list[str] | None = None,
+            interrupted: str = "interrupted") -> int:
     """Run `main`; bad data becomes `error: ...` and exit status 2 rather than a traceback."""
     try:
         return main(argv)
@@ -37,5 +38,5 @@ def run_cli(main: Callable[[list[str] | None], int], argv: list[str] | None = No
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        print(interrupted, file=sys.stderr)
         return 130
