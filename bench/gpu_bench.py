@@ -55,6 +55,7 @@ def main() -> None:
     parser.add_argument("--config", default="configs/bench-2b.yaml")
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--warmup", type=int, default=4)
+    parser.add_argument("--profile", action="store_true", help="print the top kernels and CPU ops of 3 steps")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     for k, v in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29561"}.items():
@@ -85,6 +86,15 @@ def main() -> None:
         loss = step(i)
     torch.cuda.synchronize()
     dt = (time.perf_counter() - t0) / args.steps
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for i in range(3):
+                step(i)
+            torch.cuda.synchronize()
+        table = prof.key_averages()
+        print(table.table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=60), file=sys.stderr)
+        print(table.table(sort_by="self_cpu_time_total", row_limit=20, max_name_column_width=60), file=sys.stderr)
     tokens_per_s = B * T * world / dt
     flops = train_flops_per_token(cfg.model, T)
     peak = peak_flops(cfg.train.peak_tflops)
