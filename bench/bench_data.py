@@ -12,6 +12,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import shutil
 import sys
 import tempfile
@@ -23,33 +24,44 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import sentencepiece as spm
 
 from data_prep import build_shards, pydoc_corpus, train_tokenizer
-from deepseek_pt.data import PretrainDataset, TrainLoader, open_manifest
+from deepseek_pt.data import open_manifest
 
 
-def best_rate(run, trials: int) -> float:
-    """Highest tokens/s of `trials` runs of run() -> (tokens, seconds): the least disturbed one."""
-    return max(n / dt for n, dt in (run() for _ in range(trials)))
+def cpu_seconds() -> float:
+    """CPU time of this process and its finished children (the build's worker processes)."""
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
 
 
-def bench_sentencepiece(model: Path, texts: list[str]) -> tuple[int, float]:
-    """(tokens, seconds) of sentencepiece alone: one process, one thread, text already in memory."""
+def best(run, trials: int) -> tuple[float, float]:
+    """(tokens per wall second, tokens per CPU second) of the fastest of `trials` runs of
+    run() -> tokens: the run least disturbed by other load on the machine."""
+    results = []
+    for _ in range(trials):
+        t, c = time.perf_counter(), cpu_seconds()
+        n = run()
+        results.append((n / (time.perf_counter() - t), n / (cpu_seconds() - c)))
+    return max(results)
+
+
+def bench_sentencepiece(model: Path, texts: list[str]) -> int:
+    """Sentencepiece alone: one process, one thread, text already in memory."""
     sp = spm.SentencePieceProcessor(model_file=str(model))
-    t = time.perf_counter()
-    n = sum(len(ids) for ids in sp.encode(texts, num_threads=1))
-    return n, time.perf_counter() - t
+    return sum(len(ids) for ids in sp.encode(texts, num_threads=1))
 
 
-def bench_build(corpus: Path, model: Path, out: Path, num_proc: int) -> tuple[int, float]:
-    """(tokens, seconds) of the whole build: read jsonl, tokenize, write + hash shards, manifest."""
+def bench_build(corpus: Path, model: Path, out: Path, num_proc: int) -> int:
+    """The whole build: read jsonl through datasets, tokenize, write and hash shards, manifest."""
     shutil.rmtree(out, ignore_errors=True)
-    t = time.perf_counter()
     m = build_shards.build([str(corpus)], model, out, shard_tokens=1 << 22, val_fraction=0.001,
                            num_proc=num_proc, progress=False)
-    return sum(m["stats"]["tokens"].values()), time.perf_counter() - t
+    return sum(m["stats"]["tokens"].values())
 
 
 def bench_loader(shards: Path, seq_len: int, micro_batch_size: int, steps: int) -> float:
     """Tokens per second delivered by TrainLoader (shuffled random reads, page cache warm)."""
+    from deepseek_pt.data import PretrainDataset, TrainLoader  # not at the top: spawned build workers
+    # re-import this module, and should not pay for importing torch
     loader = TrainLoader(PretrainDataset(shards, seq_len=seq_len), micro_batch_size, seed=0)
     next(loader)
     t = time.perf_counter()
@@ -81,12 +93,14 @@ def main() -> None:
         chars = sum(map(len, texts))
         print(f"corpus: {len(texts)} documents, {chars / 1e6:.1f}M characters; tokenizer: bpe, "
               f"{a.vocab_size} pieces; machine: {os.cpu_count()} CPU cores, {platform.processor() or platform.machine()}")
-        base = best_rate(lambda: bench_sentencepiece(model, texts), a.trials)
-        print(f"\n| tokenizer | processes | tokens/s | tokens/s per process | speed-up |\n|---|---:|---:|---:|---:|")
-        print(f"| sentencepiece `encode` (in memory, 1 thread) | 1 | {base:,.0f} | {base:,.0f} | 1.00 |")
+        base, base_cpu = best(lambda: bench_sentencepiece(model, texts), a.trials)
+        print("\n| tokenizer | processes | tokens/s | tokens/s per process | speed-up | tokens per CPU-second |\n"
+              "|---|---:|---:|---:|---:|---:|")
+        print(f"| sentencepiece `encode` (in memory, 1 thread) | 1 | {base:,.0f} | {base:,.0f} | 1.00 | {base_cpu:,.0f} |")
         for proc in a.num_proc:
-            rate = best_rate(lambda: bench_build(corpus, model, tmp / f"shards{proc}", proc), a.trials)
-            print(f"| build_shards.py end to end | {proc} | {rate:,.0f} | {rate / proc:,.0f} | {rate / base:.2f} |")
+            rate, cpu = best(lambda: bench_build(corpus, model, tmp / f"shards{proc}", proc), a.trials)
+            print(f"| build_shards.py end to end | {proc} | {rate:,.0f} | {rate / proc:,.0f} | "
+                  f"{rate / base:.2f} | {cpu:,.0f} |")
         tokens = open_manifest(tmp / f"shards{a.num_proc[0]}").num_tokens("train")
         print(f"\n(about {tokens / 1e6:.1f}M tokens; end to end = reading jsonl through datasets, tokenizing, "
               "writing and hashing shards, manifest; process start-up included; best of "
