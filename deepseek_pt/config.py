@@ -179,6 +179,8 @@ class TrainConfig:
     """Seed of the model init and every other RNG."""
     activation_checkpointing: bool = False
     """Recompute each block's activations in backward."""
+    compile: bool = False
+    """torch.compile the pointwise pieces (RMSNorm, RoPE, SwiGLU activation) into fused kernels."""
     eval_every: int = 0
     """Evaluate on the val split every this many steps (and at the end); 0 disables."""
     eval_batches: int = 8
@@ -213,10 +215,8 @@ class ParallelConfig:
 
 @dataclass
 class Fp8Config:
-    recipe: Literal["tensorwise", "rowwise", "blockwise"] = "rowwise"
-    """Float8 scaling: per-tensor, per-row, or DeepSeek-V3 1x128 / 128x128 blocks."""
-    emulate: bool = False
-    """Allow precision=fp8 without FP8 hardware by emulating it (slow, for tests)."""
+    recipe: Literal["tensorwise", "rowwise"] = "rowwise"
+    """torchao float8 scaling of the attention, dense and shared-expert linears: per tensor or per row."""
 
 
 @dataclass

@@ -165,6 +165,12 @@ def build_engine(cfg: Config, world: int, init_from: str | None = None, load_uni
         from .export import load_export
         exported, _ = load_export(init_from, dtype=torch.float32)
         model.load_state_dict(exported.state_dict())
+    if cfg.train.compile:
+        from .model.layers import compile_pointwise
+        compile_pointwise()
+    if cfg.precision == "fp8":
+        from .engine.fp8 import convert_to_fp8
+        convert_to_fp8(model, cfg.fp8.recipe)
     if cfg.train.activation_checkpointing:
         from functools import partial
 

@@ -6,6 +6,29 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    # Normalise in fp32: bf16 sums of squares lose too much over wide hidden sizes.
+    return F.rms_norm(x.float(), (x.shape[-1],), weight.float(), eps).to(x.dtype)
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return F.silu(gate) * up
+
+
+# Pointwise pieces that torch.compile fuses (casts included) when the engine asks: see compile_pointwise.
+POINTWISE = {"rms_norm": rms_norm, "swiglu": swiglu}
+
+
+def compile_pointwise() -> None:
+    """Swap the pointwise functions for compiled ones (fused kernels, no fp32 round trips in memory).
+    Done per function, not per module, so it composes with DeepSpeed ZeRO-3's parameter hooks."""
+    from .rope import apply_rope
+    POINTWISE.setdefault("apply_rope", apply_rope)
+    for name, fn in list(POINTWISE.items()):
+        if not hasattr(fn, "_torchdynamo_orig_callable"):
+            POINTWISE[name] = torch.compile(fn, fullgraph=True)  # sizes that vary become dynamic
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
@@ -13,8 +36,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in fp32: bf16 sums of squares lose too much over wide hidden sizes.
-        return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).to(x.dtype)
+        return POINTWISE["rms_norm"](x, self.weight, self.eps)
 
 
 class SwiGLU(nn.Module):
@@ -27,4 +49,4 @@ class SwiGLU(nn.Module):
         self.down_proj = nn.Linear(inter_dim, dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(POINTWISE["swiglu"](self.gate_proj(x), self.up_proj(x)))

@@ -15,7 +15,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..config import ModelConfig
-from .layers import RMSNorm
+from .layers import POINTWISE, RMSNorm
 from .rope import apply_rope, inv_frequencies, rope_cos_sin, softmax_scale
 
 # Flash attention refuses q/k head dim 192 with v 128; cuDNN takes it (fastest on Hopper), then the
@@ -78,8 +78,9 @@ class MLA(nn.Module):
         q_nope, q_pe = q.view(B, T, self.n_heads, -1).split([self.nope_dim, self.rope_dim], dim=-1)
         c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
         cos, sin = rope_cos_sin(self.inv_freq, positions, self.rope_magnitude)
-        q_pe = apply_rope(q_pe, cos, sin)
-        k_pe = apply_rope(k_pe.unsqueeze(2), cos, sin).squeeze(2)
+        rope = POINTWISE.get("apply_rope", apply_rope)
+        q_pe = rope(q_pe, cos, sin)
+        k_pe = rope(k_pe.unsqueeze(2), cos, sin).squeeze(2)
         return q_nope, q_pe, self.kv_a_layernorm(c_kv), k_pe
 
     def forward(self, x: torch.Tensor, cache: MLACache | None = None, start_pos: int = 0) -> torch.Tensor:
