@@ -49,6 +49,25 @@ def hf_engine(cfg: Config, world: int):
     return engine
 
 
+def patch_ds_config(items: list[str]) -> None:
+    import yaml
+
+    import deepseek_pt.train as train_module
+    generate = train_module.build_ds_config
+
+    def patched(*a, **kw):
+        ds = generate(*a, **kw)
+        for item in items:
+            key, _, value = item.partition("=")
+            *parents, leaf = key.split(".")
+            node = ds
+            for p in parents:
+                node = node.setdefault(p, {})
+            node[leaf] = yaml.safe_load(value)
+        return ds
+    train_module.build_ds_config = patched
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--impl", choices=["ours", "hf"], required=True)
@@ -56,11 +75,15 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--warmup", type=int, default=4)
     parser.add_argument("--profile", action="store_true", help="print the top kernels and CPU ops of 3 steps")
+    parser.add_argument("--ds", action="append", default=[], metavar="dotted.key=value",
+                        help="patch the generated DeepSpeed config (to measure a knob before it becomes a config key)")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     for k, v in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29561"}.items():
         os.environ.setdefault(k, v)
     cfg = load_config(args.config, ["train.grad_accum_steps=1", *args.overrides])
+    if args.ds:
+        patch_ds_config(args.ds)
     rank, world, device = init_distributed(cfg)
     engine = build_engine(cfg, world) if args.impl == "ours" else hf_engine(cfg, world)
     B, T, V = cfg.train.micro_batch_size, cfg.data.seq_len, cfg.model.vocab_size
@@ -101,7 +124,7 @@ def main() -> None:
     print(json.dumps({"impl": args.impl, "precision": cfg.precision, "seq": T, "micro_batch": B,
                       "tokens_per_s": round(tokens_per_s), "mfu": round(flops * tokens_per_s / (peak * world), 4) if peak else None,
                       "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2), "step_ms": round(dt * 1e3, 1),
-                      "loss": round(float(loss), 4), "overrides": args.overrides}), flush=True)
+                      "loss": round(float(loss), 4), "overrides": args.overrides + [f"ds:{d}" for d in args.ds]}), flush=True)
 
 
 if __name__ == "__main__":
