@@ -135,6 +135,8 @@ def _already_built(out: Path, header: dict, overwrite: bool) -> dict | None:
             what = f"unfinished build {log_file}"
             records = BuildLog(log_file).read()
             old = {k: v for k, v in records[0][0].items() if k != "type"} if records else {}
+            if len(records) <= 1:  # it failed before finishing a shard: nothing to lose
+                overwrite = True
         changes = _diff(old, header)
     except DataError as e:  # unreadable: certainly not this build
         m, changes = None, [str(e)]

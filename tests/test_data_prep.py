@@ -304,6 +304,10 @@ def test_input_errors_name_the_input(tmp_path, pydoc_data_dir):
     (tmp_path / "body.jsonl").write_text('{"body": "x"}\n')
     with pytest.raises(DataError, match=r"body.jsonl: row 0 has no field 'text' \(fields: body\)"):
         build([tmp_path / "body.jsonl"])
+    # that build failed before any shard: the corrected command may reuse its directory
+    m = build_shards.build([str(tmp_path / "body.jsonl")], tok, tmp_path / "o0", shard_tokens=100,
+                           text_field="body", num_proc=1, progress=False)
+    assert m["stats"]["docs"]["train"] == 1 and m["build"]["text_field"] == "body"
     (tmp_path / "bad.jsonl").write_text('{"text": "a"}\n{"text": \n')
     with pytest.raises(DataError, match=r"bad.jsonl: .*JSON"):
         build([tmp_path / "bad.jsonl"])
