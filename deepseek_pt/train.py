@@ -287,7 +287,6 @@ def train(cfg: Config) -> int:
         print(f"stopped at step {step}: {exit_reason or 'train.max_steps reached'}; checkpoint {checkpoint.tag_for(step)}",
               flush=True)
     dist.barrier()
-    dist.destroy_process_group()
     return 0
 
 
@@ -307,6 +306,10 @@ def main(argv: list[str] | None = None) -> int:
     except CheckpointError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    finally:
+        # A rank leaving with its gloo/NCCL group alive can abort at exit ("terminate called ...").
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -64,9 +64,9 @@ def _files(tag_dir: Path) -> list[str]:
                   if p.is_file() and p.name != "meta.json" and not p.name.startswith("."))
 
 
-def _hash_share(tag_dir: Path, names: list[str]) -> dict[str, dict]:
-    """Every rank hashes its share of the files; rank 0 gets them all."""
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+def _hash_share(tag_dir: Path, names: list[str], collective: bool = True) -> dict[str, dict]:
+    """Every rank hashes its share of the files and all get them all (alone: this process hashes all)."""
+    rank, world = (dist.get_rank(), dist.get_world_size()) if collective and dist.is_initialized() else (0, 1)
     mine = {n: {"bytes": (tag_dir / n).stat().st_size, "sha256": _sha256(tag_dir / n)} for n in names[rank::world]}
     if world == 1:
         return mine
@@ -146,15 +146,23 @@ def resolve(resume: str, run_dir: Path) -> Path | None:
 
 
 def read_meta(tag_dir: Path) -> dict:
+    file = tag_dir / "meta.json"
     try:
-        return json.loads((tag_dir / "meta.json").read_text())
+        meta = json.loads(file.read_text())
     except (OSError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{tag_dir / 'meta.json'}: unreadable ({e})") from None
+        raise CheckpointError(f"{file}: unreadable ({e})") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("files"), dict) or "step" not in meta:
+        raise CheckpointError(f"{file}: not a checkpoint meta.json (no step / files)")
+    if meta.get("format_version", 0) > FORMAT_VERSION:
+        raise CheckpointError(f"{file}: format_version {meta['format_version']} is newer than this reader "
+                              f"({FORMAT_VERSION}); update deepseek_pt")
+    return meta
 
 
-def verify(tag_dir: Path) -> dict:
-    """Collective: check every file of the checkpoint against meta.json (sizes, then sha256 shared
-    over ranks). Raises CheckpointError naming the first bad file on every rank."""
+def verify(tag_dir: Path, collective: bool = True) -> dict:
+    """Check every file of the checkpoint against meta.json: sizes, then sha256 (shared over the ranks
+    when collective and a process group is up, else all in this process). Raises CheckpointError
+    naming the first bad files."""
     meta = read_meta(tag_dir)
     problems = []
     for name, want in meta["files"].items():
@@ -164,7 +172,7 @@ def verify(tag_dir: Path) -> dict:
         elif path.stat().st_size != want["bytes"]:
             problems.append(f"{path}: {path.stat().st_size} bytes, meta.json says {want['bytes']} (truncated or overwritten)")
     if not problems:
-        got = _hash_share(tag_dir, sorted(meta["files"]))
+        got = _hash_share(tag_dir, sorted(meta["files"]), collective)
         problems = [f"{tag_dir / n}: sha256 mismatch (corrupt)" for n, want in meta["files"].items()
                     if got[n]["sha256"] != want["sha256"]]
     if problems:

@@ -39,7 +39,7 @@ import torch
 
 from ..config import Config, ConfigError, load_config
 from ..model.moe import MoE
-from .checkpoint import FORMAT_VERSION, CheckpointError, _sha256, checkpoints_dir, read_meta
+from .checkpoint import CheckpointError, checkpoints_dir, verify
 
 DTYPE_NAMES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
 EXPERT_WEIGHTS = ("w1", "w2", "w3")
@@ -78,30 +78,6 @@ def resolve_checkpoint(path: str | Path) -> Path:
     if not (tag_dir / "meta.json").exists():
         raise CheckpointError(f"{latest} points to {tag_dir}, which is missing or incomplete (no meta.json)")
     return tag_dir
-
-
-def verify_checkpoint(tag_dir: Path) -> dict:
-    """checkpoint.verify without communication (it shares the hashing over ranks when torch.distributed
-    is up; an export is one process either way): every file of meta.json, size then sha256."""
-    meta = read_meta(tag_dir)
-    if not isinstance(meta, dict) or not isinstance(meta.get("files"), dict) or "step" not in meta:
-        raise CheckpointError(f"{tag_dir / 'meta.json'}: not a checkpoint meta.json (no step / files)")
-    if meta.get("format_version", 0) > FORMAT_VERSION:
-        raise CheckpointError(f"{tag_dir / 'meta.json'}: format_version {meta['format_version']} is newer than "
-                              f"this reader ({FORMAT_VERSION}); update deepseek_pt")
-    problems = []
-    for name, want in sorted(meta["files"].items()):
-        path = tag_dir / name
-        if not path.exists():
-            problems.append(f"{path}: missing")
-        elif path.stat().st_size != want["bytes"]:
-            problems.append(f"{path}: {path.stat().st_size} bytes, meta.json says {want['bytes']} "
-                            "(truncated or overwritten)")
-        elif _sha256(path) != want["sha256"]:
-            problems.append(f"{path}: sha256 mismatch (corrupt)")
-    if problems:
-        raise CheckpointError(f"checkpoint {tag_dir} failed verification: " + "; ".join(problems[:5]))
-    return meta
 
 
 def _model_states_file(tag_dir: Path) -> Path:
@@ -322,7 +298,7 @@ def load_checkpoint_model(checkpoint: str | Path, scratch_parent: str | Path | N
     from ..model import Transformer
 
     tag_dir = resolve_checkpoint(checkpoint)
-    meta = verify_checkpoint(tag_dir)
+    meta = verify(tag_dir, collective=False)
     config_file = tag_dir.parent.parent / "config.yaml"
     if not config_file.is_file():
         raise CheckpointError(f"{config_file}: not found (the run's resolved config; {tag_dir} must lie in "
