@@ -216,3 +216,17 @@ def test_incomplete_latest_checkpoint_is_refused(tmp_path, data):
     (run / "checkpoints" / "latest").write_text("step_00000004\n")
     proc = _direct(tmp_path, f"data.path={data}", f"run.dir={run}")
     assert proc.returncode == 2 and "step_00000004, which is missing or incomplete (no meta.json)" in proc.stderr
+
+
+@pytest.mark.slow
+def test_time_limit_exit_and_offline_wandb_resume_the_same_run(tmp_path, data):
+    first = train(2, tmp_path, data, "train.max_steps=100", "train.exit_after_minutes=0.0001", "run.wandb=offline",
+                  "train.warmup_steps=1")
+    assert "stopped at step 1: time limit" in first.stdout
+    state = lambda step: torch.load(ckpt(tmp_path, step) / "zero_pp_rank_0_mp_rank_00_model_states.pt",  # noqa: E731
+                                    weights_only=False)
+    wandb_id = state(1)["wandb_id"]
+    assert wandb_id and any((tmp_path / "wandb").glob(f"offline-run-*-{wandb_id}"))
+    train(2, tmp_path, data, "train.max_steps=3", "run.wandb=offline", "train.warmup_steps=1")
+    assert [m["step"] for m in metrics(tmp_path)] == [1, 2, 3]
+    assert state(3)["wandb_id"] == wandb_id
