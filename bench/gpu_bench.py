@@ -121,7 +121,9 @@ def main() -> None:
     tokens_per_s = B * T * world / dt
     flops = train_flops_per_token(cfg.model, T)
     peak = peak_flops(cfg.train.peak_tflops)
-    print(json.dumps({"impl": args.impl, "precision": cfg.precision, "seq": T, "micro_batch": B,
+    if rank != 0:
+        return
+    print(json.dumps({"impl": args.impl, "gpus": world, "precision": cfg.precision, "seq": T, "micro_batch": B,
                       "tokens_per_s": round(tokens_per_s), "mfu": round(flops * tokens_per_s / (peak * world), 4) if peak else None,
                       "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2), "step_ms": round(dt * 1e3, 1),
                       "loss": round(float(loss), 4), "overrides": args.overrides + [f"ds:{d}" for d in args.ds]}), flush=True)

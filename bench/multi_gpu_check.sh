@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# Multi-GPU expert parallelism on one host (issue 6), in one device call, through launch/train.sh:
+#  correctness on a reduced bench-2b (64 experts, 3 layers, dim 512), bf16, random tokens:
+#   A: EP = N on N GPUs, 10 steps     B: the same stopped at 5 and resumed
+#   C: EP = 1 on N GPUs               D: B's step-5 checkpoint resumed on N/2 GPUs (universal)
+#  weak scaling on the full bench-2b shape: bench/gpu_bench.py on 1 .. N GPUs, EP = GPUs.
+# Usage: bench/multi_gpu_check.sh N
+set -uo pipefail
+cd "$(dirname "$0")/.."
+N=${1:?number of GPUs}
+if [ -d .whl ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+export PYTHONWARNINGS=ignore PYTHONUNBUFFERED=1
+out=${OUT:-/tmp}
+python3 bench/random_shards.py /tmp/rs || exit 1
+small="model.dim=512 model.inter_dim=1536 model.n_layers=3 model.attention.n_heads=8 model.attention.kv_lora_rank=128 model.moe.expert_inter_dim=256"
+common="data.path=/tmp/rs train.max_steps=10 train.warmup_steps=2 train.eval_every=0 $small"
+run() { local name=$1 nproc=$2; shift 2
+  # shellcheck disable=SC2086
+  NPROC=$nproc launch/train.sh configs/bench-2b.yaml $common run.dir=/tmp/$name "$@" > "$out/$name.log" 2>&1
+  echo "$name exit $?"; }
+run A "$N" parallel.expert_parallel_size="$N"
+run B "$N" parallel.expert_parallel_size="$N" train.exit_at_step=5
+run B "$N" parallel.expert_parallel_size="$N"
+run C "$N" parallel.expert_parallel_size=1
+half=$((N / 2)); [ "$half" -ge 1 ] || half=1
+run D "$half" parallel.expert_parallel_size="$half" train.micro_batch_size=$((4 * N / half)) train.resume=/tmp/B/checkpoints/step_00000005
+python3 - <<'PY'
+import json
+def losses(r):
+    try:
+        return {m["step"]: m["loss"] for m in map(json.loads, open(f"/tmp/{r}/metrics.jsonl"))}
+    except OSError:
+        return {}
+L = {r: losses(r) for r in "ABCD"}
+print("step " + " ".join(f"{r:>10}" for r in "ABCD"))
+for s in range(1, 11):
+    print(f"{s:4} " + " ".join(f"{L[r].get(s, float('nan')):10.5f}" for r in "ABCD"))
+for r in "BCD":
+    common = [s for s in L[r] if s in L["A"]]
+    if common:
+        print(f"max |{r} - A| over steps {min(common)}-{max(common)}: {max(abs(L[r][s] - L['A'][s]) for s in common):.2e}")
+PY
+grep -h "universal: resharded\|stopped at step" "$out"/D.log | head -2
+for g in $(seq 1 "$N"); do
+  python3 -m deepspeed.launcher.runner --num_gpus "$g" --master_port $((29700 + g)) bench/gpu_bench.py --impl ours \
+    parallel.expert_parallel_size="$g" parallel.zero_persistence_threshold=1000000000 2> "$out/scale$g.err" | grep '^{'
+done
