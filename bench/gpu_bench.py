@@ -77,6 +77,7 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true", help="print the top kernels and CPU ops of 3 steps")
     parser.add_argument("--ds", action="append", default=[], metavar="dotted.key=value",
                         help="patch the generated DeepSpeed config (to measure a knob before it becomes a config key)")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # the launcher's
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     for k, v in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29561"}.items():

@@ -215,8 +215,9 @@ def repair_universal_load(optimizer, weight_decay: list[float]) -> None:
       decaying: put back each group's own weight decay, as snapshotted before the load (the
       learning rate it copies is right: every group shares the schedule)."""
     inner = getattr(optimizer, "optimizer", optimizer)
-    for state in inner.state.values():
+    fused = any(g.get("fused") for g in inner.param_groups)  # fused AdamW wants `step` beside the param
+    for param, state in inner.state.items():
         if torch.is_tensor(state.get("step")):
-            state["step"] = state["step"].clone()
+            state["step"] = state["step"].clone().to(param.device if fused else "cpu")
     for group, decay in zip(inner.param_groups, weight_decay, strict=True):
         group["weight_decay"] = decay
