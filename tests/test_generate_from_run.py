@@ -32,3 +32,27 @@ def test_generate_and_evaluate_from_a_sharded_ep_run(tmp_path, pydoc_data_dir):
     text = [g.stdout for g in greedy]
     assert text[0].strip() and text[0] == text[1]
     assert "B/token" in greedy[0].stdout + greedy[0].stderr  # the compressed-cache size report
+
+
+@pytest.mark.slow
+def test_training_starts_from_an_export(tmp_path, pydoc_data_dir):
+    """train.init_from: step 1's loss is the exported model's loss on the same first batches."""
+    import torch
+
+    from deepseek_pt.config import load_config
+    from deepseek_pt.data import PretrainDataset, TrainLoader
+    from deepseek_pt.export import save_export
+    from deepseek_pt.model import Transformer
+
+    data = pydoc_data_dir.shards_dir
+    cfg = load_config(ROOT / "configs" / "smoke.yaml", [f"data.path={data}"])
+    torch.manual_seed(123)  # not the config's seed: the run must take these weights, not its own init
+    model = Transformer(cfg.model)
+    save_export(model, cfg, tmp_path / "export")
+    run = tmp_path / "run"
+    train(2, run, data, "train.max_steps=1", f"train.init_from={tmp_path / 'export'}")
+    ds = PretrainDataset(data, "train", cfg.data.seq_len)
+    with torch.no_grad():
+        expected = sum(model(*next(TrainLoader(ds, cfg.train.micro_batch_size, dp_rank=r, dp_world=2,
+                                               seed=cfg.data.seed))).item() for r in range(2)) / 2
+    assert metrics(run)[0]["loss"] == pytest.approx(expected, abs=1e-5)

@@ -197,6 +197,7 @@ def _direct(tmp_path: Path, *args: str, world: int = 2) -> subprocess.CompletedP
     (["precision=fp8"], 2, "precision: fp8 needs a GPU"),
     (["model.moe.seq_aux_loss_alpha=0.01"], 2, "model.moe.seq_aux_loss_alpha: the sequence-wise balance loss needs"),
     (["train.resume=/nonexistent/ckpt"], 2, "train.resume: checkpoint /nonexistent/ckpt does not exist"),
+    (["train.init_from=/nonexistent/export"], 2, "train.init_from: /nonexistent/export/export.json: not found"),
 ])
 def test_bad_input_is_refused_before_start(tmp_path, data, args, world, message):
     run = tmp_path / "run"
