@@ -107,7 +107,7 @@ def main() -> None:
               f"{a.trials} runs)")
 
         rate = bench_loader(tmp / f"shards{a.num_proc[0]}", a.seq_len, a.micro_batch_size, a.loader_steps)
-        print(f"\n| loader | tokens/s | batches/s |\n|---|---:|---:|")
+        print("\n| loader | tokens/s | batches/s |\n|---|---:|---:|")
         print(f"| TrainLoader B={a.micro_batch_size} T={a.seq_len} | {rate:,.0f} | "
               f"{rate / (a.micro_batch_size * a.seq_len):,.0f} |")
 

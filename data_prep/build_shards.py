@@ -18,7 +18,6 @@ import argparse
 import importlib.metadata
 import multiprocessing
 import os
-import shutil
 import sys
 from collections import deque
 from dataclasses import dataclass
