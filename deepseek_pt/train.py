@@ -266,6 +266,9 @@ def train(cfg: Config) -> int:
             "expert_load": expert_load,
             "step_time_s": dt,
         }
+        for part, value in engine.module.last_losses.items():  # mtp_loss, balance_loss when present
+            if part != "lm_loss":
+                record[part] = mean_over_ranks(value.item(), device)
         if cfg.train.eval_every and (step % cfg.train.eval_every == 0 or step == cfg.train.max_steps):
             record["eval_loss"] = evaluate(engine, cfg, rank, world, device)
         log.log(record, cfg.train.log_every)

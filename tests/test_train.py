@@ -231,3 +231,31 @@ def test_time_limit_exit_and_offline_wandb_resume_the_same_run(tmp_path, data):
     train(2, tmp_path, data, "train.max_steps=3", "run.wandb=offline", "train.warmup_steps=1")
     assert [m["step"] for m in metrics(tmp_path)] == [1, 2, 3]
     assert state(3)["wandb_id"] == wandb_id
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("overrides, parts", [
+    (["model.mtp_depth=1", "parallel.expert_parallel_size=2"], {"mtp_loss"}),  # MTP's MoE block under AutoEP
+    (["model.moe.seq_aux_loss_alpha=0.01", "parallel.expert_parallel_size=1"], {"balance_loss"}),  # our own block
+], ids=["mtp-autoep", "sequence-balance-loss-native-block"])
+def test_mtp_and_sequence_balance_loss_train_under_zero3(tmp_path, data, overrides, parts):
+    train(2, tmp_path, data, "train.max_steps=3", *overrides)
+    records = metrics(tmp_path)
+    assert len(records) == 3
+    for r in records:
+        assert parts <= set(r) and all(r[p] > 0 for p in parts)
+
+
+def test_keep_last_prunes_old_and_incomplete_checkpoints(tmp_path):
+    from deepseek_pt.engine.checkpoint import _prune
+    root = tmp_path / "checkpoints"
+    for step, complete in [(2, True), (4, False), (6, True), (8, True), (10, True), (12, False)]:
+        tag = root / f"step_{step:08d}"
+        tag.mkdir(parents=True)
+        if complete:
+            (tag / "meta.json").write_text("{}")
+    (root / "step_00000002_universal").mkdir()
+    _prune(root, keep_last=2)
+    # The newest two complete ones stay; an incomplete one older than the newest complete goes; one
+    # newer (a save in flight) stays.
+    assert sorted(p.name for p in root.iterdir()) == ["step_00000008", "step_00000010", "step_00000012"]
