@@ -240,13 +240,13 @@ def train(cfg: Config) -> int:
     exit_reason = None
     while step < cfg.train.max_steps:
         t0 = time.perf_counter()
-        loss_sum = 0.0
+        loss_sum = torch.zeros((), device=device)  # summed on device: one host sync per step, not per micro-step
         for _ in range(cfg.train.grad_accum_steps):
             inputs, targets = next(loader)
             loss = engine(inputs.to(device), targets.to(device))
             engine.backward(loss)
             engine.step()
-            loss_sum += loss.item()
+            loss_sum += loss.detach().float()
         step += 1
         tokens_seen += tokens_per_step
         expert_load = balance.update_balance(engine.module, cfg.model.moe.bias_update_rate)
@@ -256,7 +256,7 @@ def train(cfg: Config) -> int:
         grad_norm = engine.get_global_grad_norm()
         record = {
             "step": step,
-            "loss": mean_over_ranks(loss_sum / cfg.train.grad_accum_steps, device),
+            "loss": mean_over_ranks(loss_sum.item() / cfg.train.grad_accum_steps, device),
             "lr": engine.get_lr()[0],
             "grad_norm": float(grad_norm) if grad_norm is not None else None,
             "tokens_seen": tokens_seen,
