@@ -35,9 +35,10 @@ from data_prep.common import fraction, non_negative_int, positive_int, run_cli
 from data_prep.shard_writer import SPLITS, BuildLog, SplitWriter, restore, shard_files
 from data_prep.sources import TXT_DOC_MODES, Input, iter_texts, resolve_inputs
 from deepseek_pt.data.format import (
-    BUILD_LOG_NAME, DOC_BOUNDARIES, FORMAT_NAME, FORMAT_VERSION, MANIFEST_NAME, DataError,
-    atomic_write_bytes, atomic_write_json, check_shard, dtype_for_vocab, open_manifest, sha256_file,
+    BUILD_LOG_NAME, DOC_BOUNDARIES, FORMAT_NAME, FORMAT_VERSION, MANIFEST_NAME, DataError, check_shard,
+    dtype_for_vocab, open_manifest,
 )
+from deepseek_pt.fileio import atomic_write_bytes, atomic_write_json, sha256_file
 
 TOKENIZER_COPY = "tokenizer.model"
 _TASK_CHARS = 1 << 20  # ~0.2 s of tokenization per worker task

@@ -16,7 +16,7 @@ if __package__ in (None, ""):  # run as a file: put the repository root on the p
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from data_prep.common import run_cli
-from deepseek_pt.data.format import atomic_write_bytes
+from deepseek_pt.fileio import atomic_write_bytes
 
 
 def documents() -> list[tuple[str, str]]:

@@ -20,7 +20,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from deepseek_pt.data.format import DTYPES, ShardInfo, atomic_write_bytes, fsync_dir, sha256_file
+from deepseek_pt.data.format import DTYPES, ShardInfo
+from deepseek_pt.fileio import atomic_write_bytes, fsync_dir, sha256_file
 
 SPLITS = ("train", "val")
 _SHARD_FILE = re.compile(r"(?P<split>[a-z]+)-(?P<index>\d{5,})\.bin(?P<partial>\.partial)?")

@@ -27,7 +27,7 @@ from tqdm import tqdm
 from data_prep.common import non_negative_int, positive_int, run_cli
 from data_prep.sources import TXT_DOC_MODES, Input, iter_texts, resolve_inputs
 from deepseek_pt.data import DataError
-from deepseek_pt.data.format import atomic_write_bytes, atomic_write_json
+from deepseek_pt.fileio import atomic_write_bytes, atomic_write_json
 
 TOKENIZER_FORMAT = "deepseek_pt.tokenizer"
 SPECIALS = {"pad_id": "<pad>", "unk_id": "<unk>", "bos_id": "<s>", "eos_id": "</s>"}

@@ -25,7 +25,8 @@ import numpy as np
 from tqdm import tqdm
 
 from data_prep.common import positive_int, run_cli
-from deepseek_pt.data.format import BUILD_LOG_NAME, DataError, Manifest, ShardInfo, check_shard, open_manifest, sha256_file
+from deepseek_pt.data.format import BUILD_LOG_NAME, DataError, Manifest, ShardInfo, check_shard, open_manifest
+from deepseek_pt.fileio import sha256_file
 
 _BLOCK = 8 << 20  # a multiple of every itemsize, so blocks split on token boundaries
 

@@ -15,6 +15,8 @@ from typing import Any, Literal
 
 import yaml
 
+from .fileio import atomic_write_text
+
 
 class ConfigError(ValueError):
     """A bad configuration value; the message names the source and the key path."""
@@ -355,10 +357,7 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
-    path = Path(path)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    tmp.replace(path)
+    atomic_write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
 
 # --------------------------------------------------------------------------------------------

@@ -10,9 +10,7 @@
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
-import os
 from pathlib import Path
 
 import torch
@@ -20,6 +18,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .config import Config, ConfigError, load_config, save_config
+from .fileio import atomic_path, atomic_write_bytes, atomic_write_text, sha256_file
 from .model import Transformer
 
 FORMAT_VERSION = 1
@@ -37,20 +36,6 @@ def dtype_name(dtype: torch.dtype) -> str:
         if dt == dtype:
             return name
     raise ExportError(f"dtype {dtype} is not one of {', '.join(DTYPES)}")
-
-
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    tmp.replace(path)
 
 
 def expected_tensors(model: Transformer) -> dict[str, torch.Tensor]:
@@ -85,22 +70,18 @@ def save_export(model: Transformer, config: Config, out_dir: str | Path, step: i
     dtype = dtype or model.embed_tokens.weight.dtype
     tensors = {name: t.detach().to("cpu", torch.float32 if name.endswith(FP32_TENSORS) else dtype).contiguous()
                for name, t in expected_tensors(model).items()}
-    weights = out / "model.safetensors"
-    tmp = weights.with_name(f".{weights.name}.tmp{os.getpid()}")
-    save_file(tensors, tmp, metadata={"format": "pt"})
-    digest = sha256_file(tmp)
-    tmp.replace(weights)
+    with atomic_path(out / "model.safetensors") as tmp:
+        save_file(tensors, tmp, metadata={"format": "pt"})
+        digest = sha256_file(tmp)
     save_config(config, out / "config.yaml")
     if tokenizer is not None:
-        data = tokenizer if isinstance(tokenizer, bytes) else Path(tokenizer).read_bytes()
-        tmp = out / f".tokenizer.model.tmp{os.getpid()}"
-        tmp.write_bytes(data)
-        tmp.replace(out / "tokenizer.model")
+        atomic_write_bytes(out / "tokenizer.model",
+                           tokenizer if isinstance(tokenizer, bytes) else Path(tokenizer).read_bytes())
     else:
         (out / "tokenizer.model").unlink(missing_ok=True)
     info = {"format_version": FORMAT_VERSION, "step": step, "source": None if source is None else str(source),
             "sha256": digest, "dtype": dtype_name(dtype), "doc_boundary": doc_boundary}
-    _atomic_write_text(out / "export.json", json.dumps(info, indent=2) + "\n")
+    atomic_write_text(out / "export.json", json.dumps(info, indent=2) + "\n")
     return out
 
 

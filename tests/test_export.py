@@ -7,7 +7,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from deepseek_pt.export import ExportError, load_export, read_export_info, save_export, sha256_file
+from deepseek_pt.export import ExportError, load_export, read_export_info, save_export
+from deepseek_pt.fileio import sha256_file
 from deepseek_pt.interop.checkpoints import load_checkpoint
 from deepseek_pt.model import Transformer, to_output_subspace
 from model_configs import tiny

@@ -5,15 +5,15 @@ loader, so that all three agree on what a valid shard directory is.
 """
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 import numpy as np
+
+from ..fileio import sha256_file
 
 FORMAT_NAME = "deepseek_pt.token_shards"
 FORMAT_VERSION = 1
@@ -32,39 +32,6 @@ class DataError(ValueError):
 def dtype_for_vocab(vocab_size: int) -> str:
     """Smallest shard dtype that holds every id of a vocabulary of this size."""
     return "uint16" if vocab_size <= 1 << 16 else "uint32"
-
-
-def sha256_file(path: str | Path, chunk_bytes: int = 8 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk_bytes):
-            h.update(block)
-    return h.hexdigest()
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write `data` so that `path` is either its old content or the complete new one, never partial."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
-
-
-def atomic_write_json(path: str | Path, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2) + "\n").encode())
-
-
-def fsync_dir(path: str | Path) -> None:
-    """Persist a directory's entries (a rename is durable only once its directory is synced)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 @dataclass(frozen=True)

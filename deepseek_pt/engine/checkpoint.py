@@ -10,9 +10,7 @@ Layout under `<run.dir>/checkpoints/`:
 """
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -20,6 +18,8 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+
+from ..fileio import atomic_path, atomic_write_text, sha256_file
 
 FORMAT_VERSION = 1
 
@@ -36,29 +36,6 @@ def tag_for(step: int) -> str:
     return f"step_{step:08d}"
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(path)
-
-
-def atomic_torch_save(obj, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save(obj, tmp)
-    tmp.replace(path)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _files(tag_dir: Path) -> list[str]:
     return sorted(str(p.relative_to(tag_dir)) for p in tag_dir.rglob("*")
                   if p.is_file() and p.name != "meta.json" and not p.name.startswith("."))
@@ -67,7 +44,7 @@ def _files(tag_dir: Path) -> list[str]:
 def _hash_share(tag_dir: Path, names: list[str], collective: bool = True) -> dict[str, dict]:
     """Every rank hashes its share of the files and all get them all (alone: this process hashes all)."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if collective and dist.is_initialized() else (0, 1)
-    mine = {n: {"bytes": (tag_dir / n).stat().st_size, "sha256": _sha256(tag_dir / n)} for n in names[rank::world]}
+    mine = {n: {"bytes": (tag_dir / n).stat().st_size, "sha256": sha256_file(tag_dir / n)} for n in names[rank::world]}
     if world == 1:
         return mine
     parts = [None] * world
@@ -99,7 +76,8 @@ def save(engine, run_dir: Path, step: int, client_state: dict, ep_size: int, kee
     dist.barrier()
     engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False)
     (tag_dir / "rng").mkdir(parents=True, exist_ok=True)
-    atomic_torch_save(rng_state(), tag_dir / "rng" / f"rank_{rank}.pt")
+    with atomic_path(tag_dir / "rng" / f"rank_{rank}.pt") as tmp:
+        torch.save(rng_state(), tmp)
     dist.barrier()
     files = _hash_share(tag_dir, _files(tag_dir))
     if rank == 0:
