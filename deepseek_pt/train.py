@@ -144,10 +144,22 @@ def evaluate(engine, cfg: Config, rank: int, world: int, device) -> float:
     return (sums[0] / sums[1]).item() if sums[1] else float("nan")
 
 
+def _skip_cpu_shm_allreduce() -> None:
+    """A CPU process group makes DeepSpeed JIT-build its shared-memory all-reduce (meant for tensor-parallel
+    inference) and give every rank a 69 MB /dev/shm segment that is never unlinked: runs leak them until /dev/shm
+    is full, and where /dev/shm is small (64 MB in a default container) the ranks block at start. Training never
+    uses that op, so it is marked incompatible, which DeepSpeed reads as "skip it"."""
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
 def init_distributed(cfg: Config) -> tuple[int, int, torch.device]:
     import deepspeed
 
     backend = cfg.parallel.backend if cfg.parallel.backend != "auto" else ("nccl" if torch.cuda.is_available() else "gloo")
+    if backend == "gloo":
+        _skip_cpu_shm_allreduce()
     deepspeed.init_distributed(dist_backend=backend)
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else torch.device("cpu")
     if device.type == "cuda":

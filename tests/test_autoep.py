@@ -1,24 +1,17 @@
 """Our MoE block and its DeepSpeed AutoEP conversion compute the same function (2 CPU processes)."""
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-
-from test_train import _free_port
-
-ROOT = Path(__file__).resolve().parent.parent
+from jobs import ROOT, free_port, run_job
 
 
 @pytest.mark.slow
 def test_block_forward_equals_autoep_converted_forward():
     deepspeed = str(Path(sys.executable).parent / "deepspeed")
-    proc = subprocess.run([deepspeed, "--num_gpus", "2", "--master_port", str(_free_port()),
-                           str(ROOT / "tests" / "dist" / "autoep_parity.py")], cwd=ROOT, capture_output=True, text=True,
-                          env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "PYTHONPATH": str(ROOT)},
-                          timeout=300)
+    proc = run_job([deepspeed, "--num_gpus", "2", "--master_port", str(free_port()),
+                    ROOT / "tests" / "dist" / "autoep_parity.py"], timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads([line for line in proc.stdout.splitlines() if line.startswith("{")][-1])
     assert result["converted"] == 3  # 2 MoE layers + the MTP block's

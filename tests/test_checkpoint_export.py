@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import socket
-import subprocess
 import sys
 from pathlib import Path
 from typing import NamedTuple
@@ -14,6 +11,7 @@ from typing import NamedTuple
 import numpy as np
 import pytest
 import torch
+from jobs import free_port, run_job
 from safetensors.torch import load_file
 
 from deepseek_pt.config import load_config
@@ -66,22 +64,14 @@ def data(request, tmp_path_factory) -> Data:
     return Data(Path(pydoc.shards_dir), pydoc.vocab_size)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _train(run_dir: Path, data: Data, *overrides: str) -> Path:
     """`deepspeed --num_gpus 2 --module deepseek_pt.train` on the smoke config; returns run_dir."""
     launcher = Path(sys.executable).parent / "deepspeed"
     cmd = [str(launcher)] if launcher.exists() else [sys.executable, "-m", "deepspeed.launcher.runner"]
-    cmd += ["--num_gpus", "2", "--master_port", str(_free_port()), "--module", "deepseek_pt.train",
+    cmd += ["--num_gpus", "2", "--master_port", str(free_port()), "--module", "deepseek_pt.train",
             "--config", str(SMOKE), f"data.path={data.shards_dir}", f"run.dir={run_dir}",
             f"model.vocab_size={max(1024, data.vocab_size)}", "train.save_every=0", *overrides]
-    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    proc = run_job(cmd, timeout=300)
     assert proc.returncode == 0, f"training failed ({proc.returncode}):\n{(proc.stdout + proc.stderr)[-4000:]}"
     return run_dir
 

@@ -4,12 +4,12 @@ import subprocess
 import sys
 
 import pytest
-
-from test_train import ROOT, metrics, train
+from jobs import ROOT, run_job
+from test_train import metrics, train
 
 
 def _cli(module: str, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    return run_job([sys.executable, "-m", module, *args], timeout=300)
 
 
 @pytest.mark.slow

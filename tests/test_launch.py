@@ -10,13 +10,12 @@ import json
 import math
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
+from jobs import finish_job, free_port, job_env, kill_job, run_job, start_job, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 LAUNCH = ROOT / "launch"
@@ -25,17 +24,11 @@ STEPS = 5
 TIMEOUT = 400
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _env(**extra: str) -> dict:
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith("SLURM_") and k not in {"NODE_RANK", "NNODES", "MASTER_ADDR", "MASTER_PORT",
-                                                       "NPROC", "NPROC_PER_NODE", "WORLD_SIZE", "RANK"}}
-    return {**env, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", **extra}
+    env = {k: v for k, v in job_env(PYTHON=sys.executable, **extra).items()
+           if k in extra or not (k.startswith("SLURM_") or k in {"NODE_RANK", "NNODES", "MASTER_ADDR", "MASTER_PORT",
+                                                                 "NPROC", "NPROC_PER_NODE", "WORLD_SIZE", "RANK"})}
+    return env
 
 
 def _overrides(data: Path, run_dir: Path, *more: str) -> list[str]:
@@ -67,7 +60,7 @@ def _assert_trained_together(run_dir: Path, world: int, steps: int = STEPS) -> N
 
 
 def _run(cmd: list, env: dict, timeout: float = 60) -> subprocess.CompletedProcess:
-    return subprocess.run([str(c) for c in cmd], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    return run_job(cmd, env, timeout)
 
 
 @pytest.fixture(scope="module")
@@ -119,12 +112,15 @@ def test_bad_hostfile_is_named(tmp_path, data):
 @pytest.mark.slow
 def test_node_sh_two_nodes_one_rank_each(tmp_path, data):
     run_dir = tmp_path / "run"
-    port = str(_free_port())
-    nodes = [subprocess.Popen([str(LAUNCH / "node.sh"), str(SMOKE), *_overrides(data, run_dir)], cwd=ROOT,
-                              env=_env(NNODES="2", NODE_RANK=str(r), MASTER_ADDR="127.0.0.1", MASTER_PORT=port),
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    port = str(free_port())
+    nodes = [start_job([LAUNCH / "node.sh", SMOKE, *_overrides(data, run_dir)],
+                       _env(NNODES="2", NODE_RANK=str(r), MASTER_ADDR="127.0.0.1", MASTER_PORT=port))
              for r in (0, 1)]
-    outs = [p.communicate(timeout=TIMEOUT)[0] for p in nodes]
+    try:
+        outs = [finish_job(p, TIMEOUT)[0] for p in nodes]
+    finally:
+        for p in nodes:
+            kill_job(p)
     for p, out in zip(nodes, outs):
         assert p.returncode == 0, out[-4000:]
     assert "ranks 1..1 of 2" in outs[1] and "stopped at step 5" in outs[0]
@@ -160,7 +156,7 @@ def test_slurm_sbatch_two_nodes_two_ranks_each(tmp_path, data):
     run_dir = tmp_path / "run"
     env = _env(PATH=f"{bin_dir}:{os.environ['PATH']}", SLURM_JOB_ID="4242", SLURM_JOB_NODELIST="n[1-2]",
                SLURM_JOB_NUM_NODES="2", SLURM_SUBMIT_DIR=str(ROOT), NPROC_PER_NODE="2",
-               MASTER_PORT=str(_free_port()), NODE_RANK="7")  # a stray NODE_RANK must not leak into the nodes
+               MASTER_PORT=str(free_port()), NODE_RANK="7")  # a stray NODE_RANK must not leak into the nodes
     proc = _run(["bash", LAUNCH / "slurm.sbatch", SMOKE, *_overrides(data, run_dir)], env, timeout=TIMEOUT)
     assert proc.returncode == 0, (proc.stdout[-4000:], proc.stderr[-4000:])
     assert "2 nodes, master 127.0.0.1" in proc.stderr
@@ -175,16 +171,11 @@ def test_slurm_sbatch_two_nodes_two_ranks_each(tmp_path, data):
 def test_train_sh_sigterm(tmp_path, data):
     """SIGTERM to train.sh: the ranks checkpoint the step they are in and everything exits 0."""
     run_dir = tmp_path / "run"
-    proc = subprocess.Popen([str(LAUNCH / "train.sh"), str(SMOKE), *_overrides(data, run_dir, "train.max_steps=100000")],
-                            cwd=ROOT, env=_env(NPROC="2"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
-    deadline = time.monotonic() + TIMEOUT
-    while not ((run_dir / "metrics.jsonl").exists() and len(_metrics(run_dir)) >= 2):
-        assert proc.poll() is None, proc.stdout.read()[-4000:]
-        assert time.monotonic() < deadline, "no training steps"
-        time.sleep(0.25)
+    proc = start_job([LAUNCH / "train.sh", SMOKE, *_overrides(data, run_dir, "train.max_steps=100000")], _env(NPROC="2"))
+    wait_until(proc, lambda: (run_dir / "metrics.jsonl").exists() and len(_metrics(run_dir)) >= 2, TIMEOUT,
+               "2 training steps")
     proc.send_signal(signal.SIGTERM)  # to train.sh alone, as a scheduler or `kill PID` would
-    out, _ = proc.communicate(timeout=TIMEOUT)
+    out, _ = finish_job(proc, TIMEOUT)
     assert proc.returncode == 0, out[-4000:]
     assert "[launch] SIGTERM: asking the ranks" in out and "stopped at step" in out, out[-4000:]
     last = _metrics(run_dir)[-1]["step"]

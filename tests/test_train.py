@@ -8,40 +8,28 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
+from jobs import finish_job, free_port, job_env, run_job, start_job, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 SMOKE = ROOT / "configs" / "smoke.yaml"
 STEPS = 8
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _env() -> dict:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-
-
 def _launch_cmd(nproc: int, run_dir: Path, data: Path, *overrides: str) -> list[str]:
     deepspeed = str(Path(sys.executable).parent / "deepspeed")
-    return [deepspeed, "--num_gpus", str(nproc), "--master_port", str(_free_port()), "--module", "deepseek_pt.train",
+    return [deepspeed, "--num_gpus", str(nproc), "--master_port", str(free_port()), "--module", "deepseek_pt.train",
             "--config", str(SMOKE), f"data.path={data}", f"run.dir={run_dir}", f"train.max_steps={STEPS}",
             "train.eval_every=0", "train.save_every=0", *overrides]
 
 
 def train(nproc: int, run_dir: Path, data: Path, *overrides: str, expect_rc: int = 0) -> subprocess.CompletedProcess:
-    proc = subprocess.run(_launch_cmd(nproc, run_dir, data, *overrides), cwd=ROOT, env=_env(),
-                          capture_output=True, text=True, timeout=600)
+    proc = run_job(_launch_cmd(nproc, run_dir, data, *overrides))
     if proc.returncode != expect_rc:
         raise AssertionError(f"exit {proc.returncode} (expected {expect_rc}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
     return proc
@@ -149,16 +137,13 @@ def test_universal_resume_on_another_topology(tmp_path, baseline, stopped, data,
 
 @pytest.mark.slow
 def test_sigterm_checkpoints_the_current_step(tmp_path, data):
-    proc = subprocess.Popen(_launch_cmd(2, tmp_path, data, "train.max_steps=100000"), cwd=ROOT, env=_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and not ((tmp_path / "metrics.jsonl").exists() and len(metrics(tmp_path)) >= 3):
-        assert proc.poll() is None, proc.stdout.read()
-        time.sleep(0.5)
+    proc = start_job(_launch_cmd(2, tmp_path, data, "train.max_steps=100000"), job_env())
+    wait_until(proc, lambda: (tmp_path / "metrics.jsonl").exists() and len(metrics(tmp_path)) >= 3, 300,
+               "3 training steps")
     # Preemption signals every process of the job (as SLURM does): the launcher, its launch.py child
     # and the ranks; the ranks finish the step, checkpoint and exit 0.
     os.killpg(proc.pid, signal.SIGTERM)
-    out, _ = proc.communicate(timeout=120)
+    out, _ = finish_job(proc, 120)
     assert "stopped at step" in out and ": signal" in out, out[-3000:]
     last = metrics(tmp_path)[-1]["step"]
     assert (tmp_path / "checkpoints" / "latest").read_text().strip() == f"step_{last:08d}"
@@ -184,8 +169,8 @@ def test_corrupt_checkpoint_is_named(tmp_path, stopped, data):
 
 
 def _direct(tmp_path: Path, *args: str, world: int = 2) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "deepseek_pt.train", "--config", str(SMOKE), *args],
-                          cwd=ROOT, env={**_env(), "WORLD_SIZE": str(world)}, capture_output=True, text=True, timeout=120)
+    return run_job([sys.executable, "-m", "deepseek_pt.train", "--config", str(SMOKE), *args],
+                   job_env(WORLD_SIZE=str(world)), timeout=120)
 
 
 @pytest.mark.parametrize("args, world, message", [

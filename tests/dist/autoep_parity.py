@@ -13,12 +13,12 @@ from model_configs import tiny  # noqa: E402
 
 from deepseek_pt.engine.ds_config import build_ds_config  # noqa: E402
 from deepseek_pt.model import Transformer  # noqa: E402
+from deepseek_pt.train import init_distributed  # noqa: E402
 
 
 def main():
-    deepspeed.init_distributed(dist_backend="gloo")
-    world = dist.get_world_size()
     cfg = tiny(mtp_depth=1)
+    _, world, _ = init_distributed(cfg)
     cfg.parallel.expert_parallel_size = world
     cfg.train.micro_batch_size = 2
     cfg.precision = "fp32"

@@ -1,0 +1,74 @@
+"""Multi-process jobs started by tests: a free port, a quiet single-threaded environment, and a timeout that
+kills the whole job (launcher and ranks), then fails every later job at once instead of letting each one hang
+for its own timeout."""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+_hung: str | None = None  # the first job that ran past its timeout, if any
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def job_env(**extra: str) -> dict:
+    """One thread per rank (2 cores, up to 4 ranks) and a 3-minute collective timeout (DeepSpeed reads
+    DEEPSPEED_TIMEOUT, in minutes), so that a stuck rank ends its job with an error rather than sleeping."""
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "DEEPSPEED_TIMEOUT": "3",
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])), **extra}
+
+
+def start_job(cmd: list, env: dict, merge_stderr: bool = True) -> subprocess.Popen:
+    """The job in a session of its own, so that `finish_job` can kill every process it started."""
+    if _hung:
+        pytest.fail(f"not started: an earlier job hung ({_hung})")
+    return subprocess.Popen([str(c) for c in cmd], cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True,
+                            stderr=subprocess.STDOUT if merge_stderr else subprocess.PIPE, start_new_session=True)
+
+
+def finish_job(proc: subprocess.Popen, timeout: float) -> tuple[str, str]:
+    """(stdout, stderr) once `proc` exits; past `timeout` seconds its whole session is killed and the test fails."""
+    global _hung
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        kill_job(proc)
+        out, err = proc.communicate()
+        _hung = f"{' '.join(map(str, proc.args[:6]))} ... after {timeout:.0f} s"
+        pytest.fail(f"job killed after {timeout:.0f} s: {proc.args}\n{(out or '')[-4000:]}\n{(err or '')[-4000:]}")
+    return out or "", err or ""
+
+
+def kill_job(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def run_job(cmd: list, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+    """`subprocess.run(cmd, capture_output=True, text=True)` from the repo root, with `finish_job`'s timeout."""
+    proc = start_job(cmd, job_env() if env is None else env, merge_stderr=False)
+    out, err = finish_job(proc, timeout)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def wait_until(proc: subprocess.Popen, ready, timeout: float, what: str) -> None:
+    """Poll `ready()` while `proc` runs; kill the job and fail if it exits or `timeout` passes first."""
+    deadline = time.monotonic() + timeout
+    while not ready():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            kill_job(proc)
+            pytest.fail(f"{what}: not within {timeout:.0f} s (exit {proc.poll()})\n{proc.communicate()[0][-4000:]}")
+        time.sleep(0.25)
