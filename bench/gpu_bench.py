@@ -77,6 +77,9 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true", help="print the top kernels and CPU ops of 3 steps")
     parser.add_argument("--ds", action="append", default=[], metavar="dotted.key=value",
                         help="patch the generated DeepSpeed config (to measure a knob before it becomes a config key)")
+    parser.add_argument("--engine-compile", action="store_true",
+                        help="engine.compile() after initialize: torch.compile of the whole model, or DeepCompile "
+                             "with --ds compile.deepcompile=true")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # the launcher's
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
@@ -87,6 +90,8 @@ def main() -> None:
         patch_ds_config(args.ds)
     rank, world, device = init_distributed(cfg)
     engine = build_engine(cfg, world) if args.impl == "ours" else hf_engine(cfg, world)
+    if args.engine_compile:
+        engine.compile()
     B, T, V = cfg.train.micro_batch_size, cfg.data.seq_len, cfg.model.vocab_size
     gen = torch.Generator(device=device).manual_seed(0)
     batches = [torch.randint(0, V, (B, T + 1), device=device, generator=gen) for _ in range(4)]
@@ -127,7 +132,7 @@ def main() -> None:
     print(json.dumps({"impl": args.impl, "gpus": world, "precision": cfg.precision, "seq": T, "micro_batch": B,
                       "tokens_per_s": round(tokens_per_s), "mfu": round(flops * tokens_per_s / (peak * world), 4) if peak else None,
                       "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2), "step_ms": round(dt * 1e3, 1),
-                      "loss": round(float(loss), 4), "overrides": args.overrides + [f"ds:{d}" for d in args.ds]}), flush=True)
+                      "loss": round(float(loss), 4), "overrides": args.overrides + [f"ds:{d}" for d in args.ds] + ["engine.compile()"] * args.engine_compile}), flush=True)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU benchmark matrix in one device call: HF + DeepSpeed peer and deepseek_pt, same shape.
-# Usage: bench/gpu_bench.sh [CASES_FILE]   (each line: --impl ours|hf [overrides])
+# Usage: [CASE_TIMEOUT=seconds] bench/gpu_bench.sh [CASES_FILE]   (each line: --impl ours|hf [overrides])
 # On the device machine, wheels for what its image lacks (deepspeed, hjson, pydantic, torchao) come
 # from .whl/ (see docs/benchmarks.md).
 set -uo pipefail
@@ -17,7 +17,7 @@ cases=${1:-bench/gpu_cases.txt}
 while read -r line; do
   [ -z "$line" ] || [ "${line:0:1}" = "#" ] && continue
   # shellcheck disable=SC2086
-  timeout 300 python3 bench/gpu_bench.py $line 2> "${out%.jsonl}.$(echo "$line" | tr -c 'a-z0-9' '_' | cut -c1-60).err" \
+  timeout "${CASE_TIMEOUT:-300}" python3 bench/gpu_bench.py $line 2> "${out%.jsonl}.$(echo "$line" | tr -c 'a-z0-9' '_' | cut -c1-60).err" \
     | grep '^{' | tee -a "$out" || echo "{\"failed\": \"$line\"}" | tee -a "$out"
 done < "$cases"
 python3 - "$out" <<'PY'
