@@ -217,8 +217,9 @@ class ParallelConfig:
 
 @dataclass
 class Fp8Config:
-    recipe: Literal["tensorwise", "rowwise"] = "rowwise"
-    """torchao float8 scaling of the attention, dense and shared-expert linears: per tensor or per row."""
+    recipe: Literal["tensorwise", "rowwise", "blockwise"] = "rowwise"
+    """Scaling of the attention, dense and shared-expert linears: torchao float8 per tensor or per row (GPU
+    FP8 GEMMs), or DeepSeek-V3's 1x128 / 128x128 blocks, emulated in fp32 on any device (numerics, not speed)."""
 
 
 @dataclass

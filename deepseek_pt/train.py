@@ -60,9 +60,10 @@ def preflight(cfg: Config, world_size: int) -> None:
             "compute it; set it to 0 (bias balancing, model.moe.bias_update_rate, balances load) or use EP size 1")
     if cfg.parallel.zero_stage == 3 and has_moe and not uses_autoep(cfg) and ep > 1:
         raise PreflightError("parallel.expert_parallel_size > 1 requires DeepSpeed AutoEP")
-    if cfg.precision == "fp8" and not torch.cuda.is_available():
-        raise PreflightError("precision: fp8 needs a GPU with FP8 tensor cores (compute capability >= 8.9); "
-                             "this machine has none: use precision=bf16 or fp32")
+    if cfg.precision == "fp8" and cfg.fp8.recipe != "blockwise" and not torch.cuda.is_available():
+        raise PreflightError(f"precision: fp8 with fp8.recipe={cfg.fp8.recipe} needs a GPU with FP8 tensor cores "
+                             "(compute capability >= 8.9); this machine has none: use precision=bf16 or fp32, or "
+                             "fp8.recipe=blockwise (emulated)")
     try:
         manifest = open_manifest(cfg.data.path)
     except DataError as e:
@@ -182,7 +183,10 @@ def build_engine(cfg: Config, world: int, init_from: str | None = None, load_uni
         compile_pointwise()
     if cfg.precision == "fp8":
         from .engine.fp8 import convert_to_fp8
-        convert_to_fp8(model, cfg.fp8.recipe)
+        n = convert_to_fp8(model, cfg.fp8.recipe)
+        if int(os.environ.get("RANK", 0)) == 0:
+            how = "emulated in fp32 (numerics only, slower than bf16)" if cfg.fp8.recipe == "blockwise" else "torchao"
+            print(f"fp8: {n} linears, {cfg.fp8.recipe} scaling, {how}", flush=True)
     if cfg.train.activation_checkpointing:
         from functools import partial
 

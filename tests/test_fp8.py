@@ -1,0 +1,92 @@
+"""The DeepSeek-V3 blockwise FP8 recipe (emulated): block scales, tile orientation per GEMM, conversion rules."""
+import pytest
+import torch
+from torch import nn
+
+from deepseek_pt.engine.fp8 import BlockwiseFp8Linear, convert_to_fp8, fp8_round
+from deepseek_pt.model import Transformer
+from model_configs import tiny
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def test_block_scales_confine_an_outlier_to_its_block():
+    torch.manual_seed(0)
+    t = torch.randn(256, 384)
+    t[3, 5] = 1e6
+    blockwise, tensorwise = fp8_round(t, 128, 128), fp8_round(t, 256, 384)
+    assert blockwise[3, 5] == 1e6 and blockwise.shape == t.shape  # a block's amax is exact
+    others = (slice(128, 256), slice(128, 384))  # blocks without the outlier
+    assert rel_err(blockwise[others], t[others]) < 0.04  # e4m3: 3 mantissa bits
+    assert rel_err(tensorwise[others], t[others]) > 0.5  # one scale for all: they sink below e4m3's range
+    assert torch.equal(fp8_round(torch.zeros(3, 200), 1, 128), torch.zeros(3, 200))
+
+
+@pytest.fixture
+def layer():
+    torch.manual_seed(0)
+    lin = nn.Linear(256, 384, bias=False)
+    lin.__class__ = BlockwiseFp8Linear
+    return lin
+
+
+def _grads(layer: nn.Module, x: torch.Tensor, grad_out: torch.Tensor, exact: bool):
+    x = x.clone().requires_grad_()
+    w = layer.weight
+    y = x @ w.T if exact else layer(x)
+    gx, gw = torch.autograd.grad(y, (x, w), grad_out)
+    return y.detach(), gx, gw
+
+
+def test_tiles_run_along_each_gemms_reduction_dimension(layer):
+    """An outlier token must not cost the other tokens precision in fprop and dgrad (1x128 tiles per token),
+    nor an outlier channel the other channels' weight gradients (128x1 tiles along tokens in wgrad)."""
+    torch.manual_seed(1)
+    x, grad_out = torch.randn(512, 256), torch.randn(512, 384)
+    x[7] *= 1e5  # outlier token
+    grad_out[9] *= 1e5  # outlier token gradient
+    (y, gx, _), (y_ref, gx_ref, _) = _grads(layer, x, grad_out, False), _grads(layer, x, grad_out, True)
+    rest = torch.arange(512) != 7
+    assert rel_err(y[rest], y_ref[rest]) < 0.05
+    rest = torch.arange(512) != 9
+    assert rel_err(gx[rest], gx_ref[rest]) < 0.05
+
+    x, grad_out = torch.randn(512, 256), torch.randn(512, 384)
+    x[:, 11] *= 1e5  # outlier channel
+    (_, _, gw), (_, _, gw_ref) = _grads(layer, x, grad_out, False), _grads(layer, x, grad_out, True)
+    rest = torch.arange(256) != 11
+    assert rel_err(gw[:, rest], gw_ref[:, rest]) < 0.05
+    assert rel_err(gw, gw_ref) < 0.05
+
+
+def test_bf16_inputs_keep_their_dtype(layer):
+    layer = layer.to(torch.bfloat16)
+    x = torch.randn(2, 5, 256, dtype=torch.bfloat16, requires_grad=True)
+    y = layer(x)
+    y.sum().backward()
+    assert y.shape == (2, 5, 384) and y.dtype == x.grad.dtype == layer.weight.grad.dtype == torch.bfloat16
+
+
+def test_conversion_rules_and_state_dict():
+    torch.manual_seed(0)
+    cfg = tiny(attention__q_lora_rank=32)
+    model = Transformer(cfg.model)
+    keys = set(model.state_dict())
+    ids = torch.randint(0, cfg.model.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
+    before = model(ids, ids)
+    n = convert_to_fp8(model, "blockwise")
+    converted = {name for name, m in model.named_modules() if isinstance(m, BlockwiseFp8Linear)}
+    assert n == len(converted) > 0
+    assert not any(name.endswith(("lm_head", "mlp.gate")) for name in converted)
+    assert any("attn" in name for name in converted) and any("shared" in name for name in converted)
+    # Linears whose dimensions FP8 GEMMs cannot take (not multiples of 16) stay as they are.
+    for name, m in model.named_modules():
+        if type(m) is nn.Linear:
+            assert name.endswith("lm_head") or m.in_features % 16 or m.out_features % 16, name
+    assert set(model.state_dict()) == keys
+    after = model(ids, ids)
+    assert after.item() == pytest.approx(before.item(), rel=0.02)
+    after.backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad and p.dim() == 2 and p.numel() > 0)
