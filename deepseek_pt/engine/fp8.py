@@ -26,7 +26,9 @@ BLOCK = 128
 
 
 def _fp8_eligible(module: nn.Module, fqn: str) -> bool:
-    return (isinstance(module, nn.Linear) and fqn.split(".")[-1] not in HIGH_PRECISION
+    parts = fqn.split(".")
+    return (isinstance(module, nn.Linear) and parts[-1] not in HIGH_PRECISION
+            and "experts" not in parts  # routed experts: AutoEP takes their weights into its own grouped GEMM
             and module.in_features % 16 == 0 and module.out_features % 16 == 0)
 
 
