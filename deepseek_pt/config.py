@@ -179,8 +179,9 @@ class TrainConfig:
     """Global gradient-norm clip; 0 disables."""
     seed: int = 42
     """Seed of the model init and every other RNG."""
-    activation_checkpointing: bool = False
-    """Recompute each block's activations in backward."""
+    activation_checkpointing: bool | list[int] = False
+    """Recompute blocks' activations in backward instead of keeping them: true for every block, or a list of
+    block indices (e.g. only the MoE blocks, whose expert activations dominate memory)."""
     compile: bool = False
     """torch.compile the pointwise pieces (RMSNorm, RoPE, SwiGLU activation) into fused kernels."""
     eval_every: int = 0
@@ -258,6 +259,8 @@ def _type_name(tp: Any) -> str:
         return " | ".join(repr(a) for a in typing.get_args(tp))
     if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
         return " | ".join(_type_name(a) for a in typing.get_args(tp))
+    if typing.get_origin(tp) is list:
+        return f"list of {_type_name(typing.get_args(tp)[0])}"
     return "null" if tp is type(None) else getattr(tp, "__name__", str(tp))
 
 
@@ -274,6 +277,10 @@ def _convert(value: Any, tp: Any, key: str, where: str) -> Any:
         ):
             raise ConfigError(f"{where}: {key}: {value!r} is not one of {_type_name(tp)}")
         return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: {key}: expected {_type_name(tp)}, got {value!r}")
+        return [_convert(v, typing.get_args(tp)[0], f"{key}[{i}]", where) for i, v in enumerate(value)]
     if isinstance(tp, types.UnionType) or origin is typing.Union:
         errors = []
         for option in typing.get_args(tp):
@@ -423,6 +430,12 @@ def validate(cfg: Config, where: str = "<config>") -> None:
     check(moe.n_routed_experts % cfg.parallel.expert_parallel_size == 0, "parallel.expert_parallel_size",
           f"{cfg.parallel.expert_parallel_size} does not divide model.moe.n_routed_experts ({moe.n_routed_experts})")
     check(cfg.data.seq_len <= m.max_seq_len, "data.seq_len", f"{cfg.data.seq_len} > model.max_seq_len ({m.max_seq_len})")
+    if isinstance(cfg.train.activation_checkpointing, list):
+        layers = cfg.train.activation_checkpointing
+        bad = [i for i in layers if not 0 <= i < m.n_layers]
+        check(not bad, "train.activation_checkpointing", f"block {bad[0] if bad else 0} is not in 0 .. {m.n_layers - 1} "
+              "(model.n_layers)")
+        check(len(set(layers)) == len(layers), "train.activation_checkpointing", f"a block is listed twice: {layers}")
     check(cfg.train.lr > 0, "train.lr", f"must be positive, got {cfg.train.lr}")
     check(cfg.train.min_lr <= cfg.train.lr, "train.min_lr", f"{cfg.train.min_lr} > train.lr ({cfg.train.lr})")
     check(0 <= cfg.train.beta1 < 1, "train.beta1", f"must be in [0, 1), got {cfg.train.beta1}")

@@ -191,7 +191,8 @@ def build_engine(cfg: Config, world: int, init_from: str | None = None, load_uni
         from functools import partial
 
         from torch.utils.checkpoint import checkpoint as recompute
-        model.checkpoint_fn = partial(recompute, use_reentrant=False)
+        layers = cfg.train.activation_checkpointing
+        model.recompute_in_backward(partial(recompute, use_reentrant=False), None if layers is True else layers)
     engine, _, _, _ = deepspeed.initialize(
         model=model, model_parameters=param_groups(model, cfg.train.weight_decay),
         config=build_ds_config(cfg, world, has_moe=uses_autoep(cfg), load_universal=load_universal),

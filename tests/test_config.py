@@ -35,6 +35,9 @@ def _write(tmp_path, data) -> Path:
     ({}, ["model.moe.bogus=1"], "model.moe.bogus: unknown key"),
     ({}, ["model.dim"], "expected key.path=value"),
     ({"model": 3}, [], "model: expected a mapping"),
+    ({}, ["train.activation_checkpointing=[0, 7]"], "train.activation_checkpointing: block 7 is not in 0 .. "),
+    ({}, ["train.activation_checkpointing=[1, 1]"], "train.activation_checkpointing: a block is listed twice"),
+    ({}, ["train.activation_checkpointing=[1, x]"], "train.activation_checkpointing: expected bool | list of int"),
 ])
 def test_errors_name_the_file_and_key(tmp_path, data, overrides, message):
     path = _write(tmp_path, data)
@@ -50,6 +53,8 @@ def test_overrides_are_typed_and_applied(tmp_path):
                                              "model.attention.o_latent_dim=256", "train.lr=1e-3", "run.dir=/tmp/x"])
     assert cfg.model.attention.use_output_subspace and cfg.model.attention.o_latent_dim == 256
     assert cfg.train.lr == 1e-3 and cfg.run.dir == "/tmp/x"
+    assert load_config(_write(tmp_path, {}), ["train.activation_checkpointing=[1]"]).train.activation_checkpointing == [1]
+    assert load_config(_write(tmp_path, {}), ["train.activation_checkpointing=true"]).train.activation_checkpointing is True
 
 
 def test_params_report_on_the_published_671b_shape(capsys):

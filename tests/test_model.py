@@ -193,3 +193,38 @@ def test_mtp_depth_two_trains_each_depth_on_its_targets():
     parts = model.last_losses
     assert loss.item() == pytest.approx((parts["lm_loss"] + 0.5 * parts["mtp_loss"]).item(), rel=1e-6)
     assert len(model.mtp) == 2
+
+
+def test_recompute_in_backward_runs_only_the_chosen_blocks_twice_and_keeps_gradients():
+    from functools import partial
+
+    from torch.utils.checkpoint import checkpoint
+
+    cfg = tiny()  # blocks: 0 dense, 1 and 2 MoE
+    torch.manual_seed(0)
+    model = Transformer(cfg.model)
+    ids = _ids(cfg)
+
+    def grads_and_counts(layers):
+        model.zero_grad()
+        for moe in model.moe_layers():
+            moe.tokens_per_expert.zero_()
+        if layers is not None:
+            model.recompute_in_backward(partial(checkpoint, use_reentrant=False), layers)
+        model(ids, ids).backward()
+        return ([p.grad.clone() for p in model.parameters() if p.grad is not None],
+                [moe.tokens_per_expert.clone() for moe in model.moe_layers()])
+
+    plain, (c1, c2) = grads_and_counts(None)
+    chosen, (r1, r2) = grads_and_counts([1])
+    # A recomputed MoE block routes its tokens again, identically: its counts double, which the sign-based
+    # bias update and the max/mean load metric do not see. The other block's counts are untouched.
+    assert torch.equal(r1, 2 * c1) and torch.equal(r2, c2)
+    assert len(plain) == len(chosen) and all(torch.allclose(a, b, atol=1e-6) for a, b in zip(plain, chosen))
+    _, (a1, a2) = grads_and_counts(range(3))
+    assert torch.equal(a1, 2 * c1) and torch.equal(a2, 2 * c2)
+    model.eval()
+    model.moe_layers()[0].tokens_per_expert.zero_()
+    with torch.no_grad():
+        model(ids)  # outside training nothing is recomputed (and nothing needs to be)
+    assert torch.equal(model.moe_layers()[0].tokens_per_expert, c1)

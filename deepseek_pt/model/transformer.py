@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import copy
-from typing import Callable
+from collections.abc import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -55,8 +55,9 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(config.dim, config.norm_eps)
         self.lm_head = nn.Linear(config.dim, config.vocab_size, bias=False)
         self.mtp = nn.ModuleList(MTPModule(config) for _ in range(config.mtp_depth))
-        # Set by the engine to recompute each block in backward (activation checkpointing).
+        # Set by `recompute_in_backward` (activation checkpointing): the checkpoint function, and which blocks.
         self.checkpoint_fn: Callable | None = None
+        self.recomputed: frozenset[int] = frozenset()
         self.last_losses: dict[str, float] = {}
         self.reset_parameters()
         if config.tie_embeddings:
@@ -83,14 +84,21 @@ class Transformer(nn.Module):
     def moe_layers(self) -> list[MoE]:
         return [m for m in self.modules() if isinstance(m, MoE)]
 
-    def _run_block(self, block: Block, h: torch.Tensor) -> torch.Tensor:
-        return self.checkpoint_fn(block, h) if self.checkpoint_fn is not None and self.training else block(h)
+    def recompute_in_backward(self, checkpoint_fn: Callable, layers: Iterable[int] | None = None) -> None:
+        """Run blocks `layers` (all if None) through `checkpoint_fn(block, h)` while training: their activations
+        are recomputed in backward rather than kept."""
+        self.checkpoint_fn = checkpoint_fn
+        self.recomputed = frozenset(range(len(self.layers)) if layers is None else layers)
+
+    def _run_block(self, i: int, h: torch.Tensor) -> torch.Tensor:
+        block = self.layers[i]
+        return self.checkpoint_fn(block, h) if i in self.recomputed and self.training else block(h)
 
     def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None,
                 caches: list[MLACache] | None = None, start_pos: int = 0) -> torch.Tensor:
         h = self.embed_tokens(input_ids)
         for i, block in enumerate(self.layers):
-            h = block(h, caches[i], start_pos) if caches is not None else self._run_block(block, h)
+            h = block(h, caches[i], start_pos) if caches is not None else self._run_block(i, h)
         if targets is None:
             return self.lm_head(self.norm(h))
         losses = {"lm_loss": _cross_entropy(self.lm_head(self.norm(h)), targets)}
