@@ -214,6 +214,10 @@ class ParallelConfig:
     stage3_param_persistence_threshold). On one or a few GPUs, a large value skips re-gathering."""
     backend: Literal["auto", "nccl", "gloo"] = "auto"
     """torch.distributed backend; auto = nccl on GPU, gloo on CPU."""
+    timeout_minutes: float | None = None
+    """How long a collective waits for the slowest rank before the job fails, so that a dead or hung rank ends
+    the run instead of stalling it; null = DeepSpeed's default ($DEEPSPEED_TIMEOUT, else 10 minutes). Raise it
+    if a checkpoint save or an evaluation on some ranks can outlast it."""
 
 
 @dataclass
@@ -436,6 +440,9 @@ def validate(cfg: Config, where: str = "<config>") -> None:
         check(not bad, "train.activation_checkpointing", f"block {bad[0] if bad else 0} is not in 0 .. {m.n_layers - 1} "
               "(model.n_layers)")
         check(len(set(layers)) == len(layers), "train.activation_checkpointing", f"a block is listed twice: {layers}")
+    if cfg.parallel.timeout_minutes is not None:
+        check(cfg.parallel.timeout_minutes > 0, "parallel.timeout_minutes",
+              f"must be positive, got {cfg.parallel.timeout_minutes}")
     check(cfg.train.lr > 0, "train.lr", f"must be positive, got {cfg.train.lr}")
     check(cfg.train.min_lr <= cfg.train.lr, "train.min_lr", f"{cfg.train.min_lr} > train.lr ({cfg.train.lr})")
     check(0 <= cfg.train.beta1 < 1, "train.beta1", f"must be in [0, 1), got {cfg.train.beta1}")

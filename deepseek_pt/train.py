@@ -11,6 +11,7 @@ import os
 import signal
 import sys
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -161,7 +162,8 @@ def init_distributed(cfg: Config) -> tuple[int, int, torch.device]:
     backend = cfg.parallel.backend if cfg.parallel.backend != "auto" else ("nccl" if torch.cuda.is_available() else "gloo")
     if backend == "gloo":
         _skip_cpu_shm_allreduce()
-    deepspeed.init_distributed(dist_backend=backend)
+    timeout = cfg.parallel.timeout_minutes
+    deepspeed.init_distributed(dist_backend=backend, **({"timeout": timedelta(minutes=timeout)} if timeout else {}))
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)

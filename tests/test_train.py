@@ -267,3 +267,13 @@ def test_keep_last_prunes_old_and_incomplete_checkpoints(tmp_path):
     # The newest two complete ones stay; an incomplete one older than the newest complete goes; one
     # newer (a save in flight) stays.
     assert sorted(p.name for p in root.iterdir()) == ["step_00000008", "step_00000010", "step_00000012"]
+
+
+@pytest.mark.slow
+def test_parallel_timeout_minutes_ends_a_wait_on_a_hung_rank():
+    deepspeed = str(Path(sys.executable).parent / "deepspeed")
+    proc = run_job([deepspeed, "--num_gpus", "2", "--master_port", str(free_port()),
+                    ROOT / "tests" / "dist" / "collective_timeout.py", "0.05"], timeout=120)
+    result = json.loads([line for line in proc.stdout.splitlines() if line.startswith("{")][-1])
+    # 3 s, not DeepSpeed's default (here 3 minutes), nor the 15 s until the stalled rank exits
+    assert result["error"] and 2.5 <= result["waited_s"] < 10, result
