@@ -16,9 +16,12 @@ out=${OUT:-/tmp}/gpu_bench.jsonl
 cases=${1:-bench/gpu_cases.txt}
 while read -r line; do
   [ -z "$line" ] || [ "${line:0:1}" = "#" ] && continue
+  err="${out%.jsonl}.$(echo "$line" | tr -c 'a-z0-9' '_' | cut -c1-60).err"
   # shellcheck disable=SC2086
-  timeout "${CASE_TIMEOUT:-300}" python3 bench/gpu_bench.py $line 2> "${out%.jsonl}.$(echo "$line" | tr -c 'a-z0-9' '_' | cut -c1-60).err" \
-    | grep '^{' | tee -a "$out" || echo "{\"failed\": \"$line\"}" | tee -a "$out"
+  if ! timeout "${CASE_TIMEOUT:-300}" python3 bench/gpu_bench.py $line 2> "$err" | grep '^{' | tee -a "$out"; then
+    echo "{\"failed\": \"$line\"}" | tee -a "$out"
+    grep -v -e WARN -e INFO "$err" | tail -n 8 >&2  # why, without waiting for the files to come back
+  fi
 done < "$cases"
 python3 - "$out" <<'PY'
 import json, sys
