@@ -121,10 +121,11 @@ def agree(flag: bool, device) -> bool:
     return bool(t.item())
 
 
-def mean_over_ranks(value: float, device) -> float:
-    t = torch.tensor([value], dtype=torch.float64, device=device)
+def mean_over_ranks(values: dict[str, torch.Tensor]) -> dict[str, float]:
+    """The mean over the ranks of each named scalar, in float64: one all-reduce and one host sync for all."""
+    t = torch.stack([v.detach().double().reshape(()) for v in values.values()])
     dist.all_reduce(t)
-    return t.item() / dist.get_world_size()
+    return dict(zip(values, (t / dist.get_world_size()).tolist(), strict=True))
 
 
 def evaluate(engine, cfg: Config, rank: int, world: int, device) -> float:
@@ -273,9 +274,11 @@ def train(cfg: Config) -> int:
             torch.cuda.synchronize()
         dt = time.perf_counter() - t0
         grad_norm = engine.get_global_grad_norm()
+        parts = {p: v for p, v in engine.module.last_losses.items() if p != "lm_loss"}  # mtp_loss, balance_loss
+        means = mean_over_ranks({"loss": loss_sum.double() / cfg.train.grad_accum_steps, **parts})
         record = {
             "step": step,
-            "loss": mean_over_ranks(loss_sum.item() / cfg.train.grad_accum_steps, device),
+            "loss": means.pop("loss"),
             "lr": engine.get_lr()[0],
             "grad_norm": float(grad_norm) if grad_norm is not None else None,
             "tokens_seen": tokens_seen,
@@ -284,10 +287,8 @@ def train(cfg: Config) -> int:
             "peak_mem_gib": peak_memory_gib(),
             "expert_load": expert_load,
             "step_time_s": dt,
+            **means,
         }
-        for part, value in engine.module.last_losses.items():  # mtp_loss, balance_loss when present
-            if part != "lm_loss":
-                record[part] = mean_over_ranks(value.item(), device)
         if cfg.train.eval_every and (step % cfg.train.eval_every == 0 or step == cfg.train.max_steps):
             record["eval_loss"] = evaluate(engine, cfg, rank, world, device)
         log.log(record, cfg.train.log_every)
