@@ -3,10 +3,12 @@ kills the whole job (launcher and ranks), then fails every later job at once ins
 for its own timeout."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -20,6 +22,16 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def deepspeed_cmd(nproc: int, *args, port: int | None = None) -> list:
+    """`deepspeed --num_gpus N --master_port P ARGS...` with this interpreter's launcher (N CPU ranks here)."""
+    return [Path(sys.executable).parent / "deepspeed", "--num_gpus", nproc, "--master_port", port or free_port(), *args]
+
+
+def last_json(stdout: str) -> dict:
+    """The last line of `stdout` that is a JSON object (what rank 0 of a test script prints)."""
+    return json.loads([line for line in stdout.splitlines() if line.startswith("{")][-1])
 
 
 def job_env(**extra: str) -> dict:

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 import pytest
 import torch
-from jobs import free_port, run_job
+from jobs import deepspeed_cmd, run_job
 from safetensors.torch import load_file
 
 from deepseek_pt.config import load_config
@@ -66,12 +65,9 @@ def data(request, tmp_path_factory) -> Data:
 
 def _train(run_dir: Path, data: Data, *overrides: str) -> Path:
     """`deepspeed --num_gpus 2 --module deepseek_pt.train` on the smoke config; returns run_dir."""
-    launcher = Path(sys.executable).parent / "deepspeed"
-    cmd = [str(launcher)] if launcher.exists() else [sys.executable, "-m", "deepspeed.launcher.runner"]
-    cmd += ["--num_gpus", "2", "--master_port", str(free_port()), "--module", "deepseek_pt.train",
-            "--config", str(SMOKE), f"data.path={data.shards_dir}", f"run.dir={run_dir}",
-            f"model.vocab_size={max(1024, data.vocab_size)}", "train.save_every=0", *overrides]
-    proc = run_job(cmd, timeout=300)
+    proc = run_job(deepspeed_cmd(2, "--module", "deepseek_pt.train", "--config", SMOKE, f"data.path={data.shards_dir}",
+                                 f"run.dir={run_dir}", f"model.vocab_size={max(1024, data.vocab_size)}",
+                                 "train.save_every=0", *overrides), timeout=300)
     assert proc.returncode == 0, f"training failed ({proc.returncode}):\n{(proc.stdout + proc.stderr)[-4000:]}"
     return run_dir
 

@@ -14,18 +14,25 @@ from pathlib import Path
 
 import pytest
 import torch
-from jobs import finish_job, free_port, job_env, run_job, start_job, wait_until
+from jobs import (
+    deepspeed_cmd,
+    finish_job,
+    job_env,
+    last_json,
+    run_job,
+    start_job,
+    wait_until,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 SMOKE = ROOT / "configs" / "smoke.yaml"
 STEPS = 8
 
 
-def _launch_cmd(nproc: int, run_dir: Path, data: Path, *overrides: str) -> list[str]:
-    deepspeed = str(Path(sys.executable).parent / "deepspeed")
-    return [deepspeed, "--num_gpus", str(nproc), "--master_port", str(free_port()), "--module", "deepseek_pt.train",
-            "--config", str(SMOKE), f"data.path={data}", f"run.dir={run_dir}", f"train.max_steps={STEPS}",
-            "train.eval_every=0", "train.save_every=0", *overrides]
+def _launch_cmd(nproc: int, run_dir: Path, data: Path, *overrides: str) -> list:
+    return deepspeed_cmd(nproc, "--module", "deepseek_pt.train", "--config", SMOKE, f"data.path={data}",
+                         f"run.dir={run_dir}", f"train.max_steps={STEPS}", "train.eval_every=0", "train.save_every=0",
+                         *overrides)
 
 
 def train(nproc: int, run_dir: Path, data: Path, *overrides: str, expect_rc: int = 0) -> subprocess.CompletedProcess:
@@ -271,9 +278,7 @@ def test_keep_last_prunes_old_and_incomplete_checkpoints(tmp_path):
 
 @pytest.mark.slow
 def test_parallel_timeout_minutes_ends_a_wait_on_a_hung_rank():
-    deepspeed = str(Path(sys.executable).parent / "deepspeed")
-    proc = run_job([deepspeed, "--num_gpus", "2", "--master_port", str(free_port()),
-                    ROOT / "tests" / "dist" / "collective_timeout.py", "0.05"], timeout=120)
-    result = json.loads([line for line in proc.stdout.splitlines() if line.startswith("{")][-1])
+    proc = run_job(deepspeed_cmd(2, ROOT / "tests" / "dist" / "collective_timeout.py", "0.05"), timeout=120)
+    result = last_json(proc.stdout)
     # 3 s, not DeepSpeed's default (here 3 minutes), nor the 15 s until the stalled rank exits
     assert result["error"] and 2.5 <= result["waited_s"] < 10, result

@@ -75,8 +75,7 @@ class BlockwiseFp8Linear(nn.Linear):
     """nn.Linear (no bias) whose GEMMs follow the DeepSeek-V3 blockwise FP8 recipe, emulated."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = self.weight.to(x.dtype) if x.dtype != self.weight.dtype else self.weight
-        return _BlockwiseFp8Matmul.apply(x.flatten(0, -2), weight).unflatten(0, x.shape[:-1])
+        return _BlockwiseFp8Matmul.apply(x.flatten(0, -2), self.weight.to(x.dtype)).unflatten(0, x.shape[:-1])
 
 
 def _convert_blockwise(model: nn.Module) -> int:
