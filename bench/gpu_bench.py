@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 
@@ -117,13 +118,16 @@ def main() -> None:
     dt = (time.perf_counter() - t0) / args.steps
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        from profile_summary import summarize
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], with_stack=True) as prof:
             for i in range(3):
                 step(i)
             torch.cuda.synchronize()
+        summarize(prof, steps=3)
         table = prof.key_averages()
-        print(table.table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=60), file=sys.stderr)
-        print(table.table(sort_by="self_cpu_time_total", row_limit=20, max_name_column_width=60), file=sys.stderr)
+        print(table.table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=60), file=sys.stderr)
+        if os.environ.get("OUT"):
+            prof.export_chrome_trace(os.path.join(os.environ["OUT"], f"trace_rank{rank}.json"))
     tokens_per_s = B * T * world / dt
     flops = train_flops_per_token(cfg.model, T)
     peak = peak_flops(cfg.train.peak_tflops)

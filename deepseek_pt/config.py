@@ -184,6 +184,9 @@ class TrainConfig:
     block indices (e.g. only the MoE blocks, whose expert activations dominate memory)."""
     compile: bool = False
     """torch.compile the pointwise pieces (RMSNorm, RoPE, SwiGLU activation) into fused kernels."""
+    compile_blocks: bool = False
+    """torch.compile each transformer block's forward whole (attention, MoE routing and experts). Under ZeRO-3
+    this needs parallel.zero_leaf_blocks, so that no DeepSpeed hook runs inside a block."""
     eval_every: int = 0
     """Evaluate on the val split every this many steps (and at the end); 0 disables."""
     eval_batches: int = 8
@@ -212,6 +215,10 @@ class ParallelConfig:
     zero_persistence_threshold: int = 100_000
     """ZeRO-3: parameters of fewer elements stay gathered between steps (DeepSpeed's
     stage3_param_persistence_threshold). On one or a few GPUs, a large value skips re-gathering."""
+    zero_leaf_blocks: bool = True
+    """ZeRO-3: fetch, release and reduce each transformer block's parameters as one unit (a DeepSpeed leaf
+    module) instead of hooking every linear and norm inside it: far fewer Python hooks per step, one
+    gather per block. Turn off only to measure the difference."""
     backend: Literal["auto", "nccl", "gloo"] = "auto"
     """torch.distributed backend; auto = nccl on GPU, gloo on CPU."""
     timeout_minutes: float | None = None
@@ -440,6 +447,10 @@ def validate(cfg: Config, where: str = "<config>") -> None:
         check(not bad, "train.activation_checkpointing", f"block {bad[0] if bad else 0} is not in 0 .. {m.n_layers - 1} "
               "(model.n_layers)")
         check(len(set(layers)) == len(layers), "train.activation_checkpointing", f"a block is listed twice: {layers}")
+    if cfg.train.compile_blocks and cfg.parallel.zero_stage == 3:
+        check(cfg.parallel.zero_leaf_blocks, "train.compile_blocks",
+              "under ZeRO-3 needs parallel.zero_leaf_blocks: true (DeepSpeed's per-module hooks inside a compiled "
+              "block break its graph at every linear)")
     if cfg.parallel.timeout_minutes is not None:
         check(cfg.parallel.timeout_minutes > 0, "parallel.timeout_minutes",
               f"must be positive, got {cfg.parallel.timeout_minutes}")

@@ -23,6 +23,8 @@ from .engine.checkpoint import CheckpointError
 from .engine.ds_config import build_ds_config, lr_at
 from .engine.metrics import MetricsLogger, peak_flops, peak_memory_gib
 from .model import Transformer
+from .model.layers import SwiGLU
+from .model.transformer import Block
 from .model.counting import train_flops_per_token
 
 
@@ -190,6 +192,9 @@ def build_engine(cfg: Config, world: int, init_from: str | None = None, load_uni
         if int(os.environ.get("RANK", 0)) == 0:
             how = "emulated in fp32 (numerics only, slower than bf16)" if cfg.fp8.recipe == "blockwise" else "torchao"
             print(f"fp8: {n} linears, {cfg.fp8.recipe} scaling, {how}", flush=True)
+    if cfg.parallel.zero_stage == 3 and cfg.parallel.zero_leaf_blocks:
+        from deepspeed.utils import set_z3_leaf_modules
+        set_z3_leaf_modules(model, [Block])
     if cfg.train.activation_checkpointing:
         from functools import partial
 
@@ -202,7 +207,20 @@ def build_engine(cfg: Config, world: int, init_from: str | None = None, load_uni
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(cfg, s) / cfg.train.lr))
     for _, bias in balance.moe_routers(engine.module):  # selection bias must keep fp32 resolution
         bias.data = bias.data.float()
+    if cfg.train.compile_blocks:
+        compile_blocks(engine.module)
     return engine
+
+
+def compile_blocks(model: torch.nn.Module) -> None:
+    """torch.compile each block's attention half, and its MLP half where that is a dense SwiGLU. Methods, not
+    modules, are compiled: the block's call and ZeRO-3's leaf hooks around it stay eager. DeepSpeed AutoEP's
+    MoE layer stays eager too: its split plans and collectives run on the host."""
+    for block in model.modules():
+        if isinstance(block, Block):
+            block.attention_residual = torch.compile(block.attention_residual)
+            if isinstance(block.mlp, SwiGLU):
+                block.mlp_residual = torch.compile(block.mlp_residual)
 
 
 def train(cfg: Config) -> int:

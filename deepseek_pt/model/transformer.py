@@ -23,7 +23,15 @@ class Block(nn.Module):
         self.mlp = MoE(config) if moe else SwiGLU(config.dim, config.inter_dim)
 
     def forward(self, x: torch.Tensor, cache: MLACache | None = None, start_pos: int = 0) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cache, start_pos)
+        x = self.attention_residual(x, cache, start_pos)
+        return self.mlp_residual(x)
+
+    # The two halves are separate methods so that the engine can compile them apart (train.compile_blocks):
+    # DeepSpeed AutoEP's MoE layer, with its host-side split plans and collectives, stays eager.
+    def attention_residual(self, x: torch.Tensor, cache: MLACache | None = None, start_pos: int = 0) -> torch.Tensor:
+        return x + self.self_attn(self.input_layernorm(x), cache, start_pos)
+
+    def mlp_residual(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.mlp(self.post_attention_layernorm(x))
 
 

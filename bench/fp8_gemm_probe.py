@@ -1,0 +1,144 @@
+"""What FP8 GEMMs buy on this GPU at the bench-2b shapes: bf16 against FP8 (tensorwise, rowwise,
+DeepSeek-style blockwise 1x128 x 128x128) for the dense linears, and bf16 against rowwise FP8 grouped
+GEMM for the routed experts. GEMM alone and with the quantization of both operands.
+
+    python bench/fp8_gemm_probe.py [--tokens 8192]
+
+Prints one line per (shape, variant): median ms, TFLOP/s, relative error against an fp32 product of
+the dequantized operands (blockwise layouts that the library rejects are reported, not fatal).
+"""
+from __future__ import annotations
+
+import argparse
+
+import torch
+import torch.nn.functional as F
+
+E4M3_MAX = torch.finfo(torch.float8_e4m3fn).max
+
+
+def bench(fn, reps: int = 30) -> float:
+    for _ in range(3):
+        fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(reps):
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2]
+
+
+def quant_rows(x: torch.Tensor, block: int | None):
+    """e4m3 with one scale per row (block None) or per 1 x block tile; returns (fp8, dequant scales)."""
+    xs = x.float() if block is None else x.float().unflatten(-1, (-1, block))
+    amax = xs.abs().amax(dim=-1, keepdim=True).clamp(min=1e-12)
+    q = (xs * (E4M3_MAX / amax)).to(torch.float8_e4m3fn)
+    return q.reshape(x.shape), (amax / E4M3_MAX).squeeze(-1)
+
+
+def quant_blocks(w: torch.Tensor, block: int = 128):
+    """e4m3 with one scale per block x block tile of w [N, K]; returns (fp8 [N, K], scales [N/b, K/b])."""
+    N, K = w.shape
+    t = w.float().view(N // block, block, K // block, block)
+    amax = t.abs().amax(dim=(1, 3), keepdim=True).clamp(min=1e-12)
+    q = (t * (E4M3_MAX / amax)).to(torch.float8_e4m3fn).view(N, K)
+    return q, (amax / E4M3_MAX).view(N // block, K // block)
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((out.float() - ref).norm() / ref.norm()).item()
+
+
+def dense(M: int, K: int, N: int, name: str) -> None:
+    x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(N, K, device="cuda", dtype=torch.bfloat16) * 0.02
+    flops = 2 * M * K * N
+    ref = x.float() @ w.float().t()
+    rows = []
+    ms = bench(lambda: x @ w.t())
+    rows.append(("bf16", ms, ms, rel_err(x @ w.t(), ref)))
+    # tensorwise
+    sx, sw = x.abs().amax().float() / E4M3_MAX, w.abs().amax().float() / E4M3_MAX
+    xq, wq = (x / sx).to(torch.float8_e4m3fn), (w / sw).to(torch.float8_e4m3fn)
+    gemm = lambda: torch._scaled_mm(xq, wq.t(), scale_a=sx, scale_b=sw, out_dtype=torch.bfloat16)
+    full = lambda: torch._scaled_mm((x / (x.abs().amax().float() / E4M3_MAX)).to(torch.float8_e4m3fn), wq.t(),
+                                    scale_a=sx, scale_b=sw, out_dtype=torch.bfloat16)
+    rows.append(("fp8 tensorwise", bench(gemm), bench(full), rel_err(gemm(), ref)))
+    # rowwise
+    xq, sxr = quant_rows(x, None)
+    wq, swr = quant_rows(w, None)
+    gemm = lambda: torch._scaled_mm(xq, wq.t(), scale_a=sxr[:, None], scale_b=swr[None, :], out_dtype=torch.bfloat16)
+    full = lambda: torch._scaled_mm(quant_rows(x, None)[0], wq.t(), scale_a=sxr[:, None], scale_b=swr[None, :],
+                                    out_dtype=torch.bfloat16)
+    rows.append(("fp8 rowwise", bench(gemm), bench(full), rel_err(gemm(), ref)))
+    # blockwise (DeepSeek-V3): activations in 1x128 tiles, weights in 128x128 blocks. cuBLAS wants both scale
+    # tensors outer-dim-major: A's [M, K/128] with strides (1, M), B's [K/128, N/128] with strides (1, K/128).
+    if K % 128 == 0 and N % 128 == 0:
+        wq, swb = quant_blocks(w)  # scales [N/128, K/128]
+
+        def blockwise(q_x: torch.Tensor, s_x: torch.Tensor) -> torch.Tensor:
+            return F.scaled_mm(q_x, wq.t(), s_x.t().contiguous().t(), F.ScalingType.BlockWise1x128, swb.t(),
+                               F.ScalingType.BlockWise128x128, output_dtype=torch.bfloat16)
+        xq, sxb = quant_rows(x, 128)
+        try:
+            err = rel_err(blockwise(xq, sxb), ref)
+            rows.append(("fp8 blockwise 1x128 x 128x128", bench(lambda: blockwise(xq, sxb)),
+                         bench(lambda: blockwise(*quant_rows(x, 128))), err))
+        except (RuntimeError, ValueError) as e:  # a layout or size cuBLAS refuses: say which, go on
+            rows.append((f"fp8 blockwise: {type(e).__name__}: {str(e).splitlines()[0][:90]}", None, None, None))
+    for label, ms, ms_full, err in rows:
+        if ms is None:
+            print(f"{name:>10} {M}x{K}x{N}  {label}")
+            continue
+        print(f"{name:>10} {M}x{K}x{N}  {label:38} gemm {ms:6.3f} ms {flops / ms / 1e9:6.0f} TFLOP/s | "
+              f"with quant {ms_full:6.3f} ms | rel err {err:.1e}", flush=True)
+
+
+def grouped(tokens: int, E: int, top_k: int, K: int, N: int) -> None:
+    rows_per_expert = tokens * top_k // E
+    M = rows_per_expert * E
+    x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(E, N, K, device="cuda", dtype=torch.bfloat16) * 0.02
+    offs = torch.arange(1, E + 1, device="cuda", dtype=torch.int32) * rows_per_expert
+    flops = 2 * M * K * N
+    bf = lambda: torch._grouped_mm(x, w.transpose(-2, -1), offs=offs)
+    ref = bf().float()
+    ms = bench(bf)
+    print(f"   experts {E}x[{rows_per_expert}x{K}x{N}]  bf16 grouped_mm {'':22} gemm {ms:6.3f} ms "
+          f"{flops / ms / 1e9:6.0f} TFLOP/s", flush=True)
+    xq, sx = quant_rows(x, None)
+    wq, sw = quant_rows(w, None)  # [E, N, K], scales [E, N]
+    try:
+        fn = lambda: torch._scaled_grouped_mm(xq, wq.transpose(-2, -1), sx, sw, offs=offs,
+                                              out_dtype=torch.bfloat16)
+        err = rel_err(fn(), ref)
+        ms = bench(fn)
+        full = lambda: torch._scaled_grouped_mm(quant_rows(x, None)[0], wq.transpose(-2, -1), sx, sw,
+                                                offs=offs, out_dtype=torch.bfloat16)
+        print(f"   experts {E}x[{rows_per_expert}x{K}x{N}]  fp8 rowwise scaled_grouped_mm {'':7} gemm {ms:6.3f} ms "
+              f"{flops / ms / 1e9:6.0f} TFLOP/s | with quant {bench(full):6.3f} ms | rel err vs bf16 {err:.1e}", flush=True)
+    except (RuntimeError, ValueError) as e:
+        print(f"   experts: fp8 rowwise scaled_grouped_mm: {type(e).__name__}: {str(e).splitlines()[0][:100]}")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tokens", type=int, default=8192)
+    M = p.parse_args().tokens
+    global quant_rows  # fused amax + scale + cast kernels: what a real recipe pays for quantization
+    quant_rows = torch.compile(quant_rows)
+    torch.manual_seed(0)
+    print(torch.cuda.get_device_name(), torch.__version__, flush=True)
+    for name, K, N in [("q_proj", 2048, 3072), ("kv_a", 2048, 640), ("kv_b", 512, 4096), ("o_proj", 2048, 2048),
+                       ("dense_up", 2048, 10944), ("dense_down", 10944, 2048), ("shared_up", 2048, 2816),
+                       ("lm_head", 2048, 32000)]:
+        dense(M, K, N, name)
+    grouped(M, 64, 6, 2048, 1408)
+    grouped(M, 64, 6, 1408, 2048)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,82 @@
+"""Where a training step's time goes, from a torch profiler run with stacks: GPU busy vs idle, the host
+syncs (what waits on the GPU, from which line of Python), the heaviest kernels and CPU ops.
+
+    summarize(prof, steps)   # prof: torch.profiler.profile(..., with_stack=True) over `steps` steps
+
+A host sync stalls the CPU until the GPU drains; the GPU then idles until the CPU has queued work
+again, so under ZeRO-3's per-module Python hooks every sync costs the launch latency of what follows.
+"""
+from __future__ import annotations
+
+import sys
+from collections import defaultdict
+
+SYNC_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")
+OWN_CODE_SKIP = ("torch/nn/modules/module.py", "torch/autograd", "torch/_tensor.py", "<built-in", "torch/utils/_",
+                 "torch/profiler", "contextlib.py", "<frozen")
+
+
+def _union_us(intervals: list[tuple[float, float]]) -> float:
+    total, end = 0.0, float("-inf")
+    for s, e in sorted(intervals):
+        if e <= end:
+            continue
+        total += e - max(s, end)
+        end = e
+    return total
+
+
+def _is_python(evt) -> bool:
+    return ".py(" in evt.name
+
+
+def _site(evt) -> str:
+    """The few innermost Python frames (outside torch's plumbing) that led to this runtime call; the
+    profiler records Python calls as events, parents of the ops they run."""
+    frames, node = [], evt.cpu_parent
+    while node is not None and len(frames) < 3:
+        if _is_python(node) and not any(s in node.name for s in OWN_CODE_SKIP):
+            frames.append(node.name.split("site-packages/")[-1])
+        node = node.cpu_parent
+    return " <- ".join(frames) or f"{evt.name} (no Python frame)"
+
+
+def summarize(prof, steps: int, out=sys.stderr) -> None:
+    events = prof.events()
+    kernels = [e for e in events if e.device_type.name == "CUDA"]
+    cpu = [e for e in events if e.device_type.name == "CPU"]
+    if not kernels:
+        print("profile: no GPU kernels recorded", file=out)
+        return
+    t0 = min(e.time_range.start for e in cpu)
+    t1 = max(max(e.time_range.end for e in kernels), max(e.time_range.end for e in cpu))
+    busy = _union_us([(e.time_range.start, e.time_range.end) for e in kernels])
+    wall = t1 - t0
+    print(f"profile over {steps} steps: wall {wall / steps / 1e3:.1f} ms/step, GPU busy {busy / steps / 1e3:.1f} ms/step "
+          f"({100 * busy / wall:.0f}%), GPU idle {(wall - busy) / steps / 1e3:.1f} ms/step", file=out)
+
+    syncs: dict[str, list[float]] = defaultdict(list)
+    for e in cpu:
+        if e.name in SYNC_CALLS:
+            syncs[_site(e)].append(e.time_range.end - e.time_range.start)
+    n = sum(len(v) for v in syncs.values())
+    print(f"host syncs: {n / steps:.1f} per step, CPU waiting {sum(map(sum, syncs.values())) / steps / 1e3:.1f} ms/step; "
+          "by site (count per step, wait ms per step):", file=out)
+    for site, waits in sorted(syncs.items(), key=lambda kv: -sum(kv[1]))[:25]:
+        print(f"  {len(waits) / steps:5.1f} {sum(waits) / steps / 1e3:7.2f}  {site}", file=out)
+
+    by_kernel: dict[str, list[float]] = defaultdict(list)
+    for e in kernels:
+        by_kernel[e.name[:90]].append(e.time_range.end - e.time_range.start)
+    print("heaviest GPU kernels (ms per step, launches per step):", file=out)
+    for name, ds in sorted(by_kernel.items(), key=lambda kv: -sum(kv[1]))[:40]:
+        print(f"  {sum(ds) / steps / 1e3:7.2f} {len(ds) / steps:6.0f}  {name}", file=out)
+    launches = len(kernels) / steps
+    inclusive: dict[str, list[float]] = defaultdict(list)
+    for e in cpu:
+        if _is_python(e) and not any(s in e.name for s in OWN_CODE_SKIP):
+            inclusive[e.name.split("site-packages/")[-1]].append(e.time_range.end - e.time_range.start)
+    print("Python functions by inclusive CPU time (ms per step, calls per step):", file=out)
+    for name, ds in sorted(inclusive.items(), key=lambda kv: -sum(kv[1]))[:45]:
+        print(f"  {sum(ds) / steps / 1e3:7.2f} {len(ds) / steps:6.0f}  {name[:110]}", file=out)
+    print(f"kernel launches per step: {launches:.0f}", file=out)
