@@ -27,6 +27,8 @@ def _write(tmp_path, data) -> Path:
     ({"model": {"moe": {"top_k": 9, "n_routed_experts": 8}}}, [], "model.moe.top_k: 9 > model.moe.n_routed_experts (8)"),
     ({"model": {"moe": {"n_routed_experts": 8, "n_expert_groups": 3}}}, [], "model.moe.n_expert_groups: 3 groups do not divide"),
     ({"model": {"attention": {"use_output_subspace": True}}}, [], "model.attention.o_latent_dim: required"),
+    ({"train": {"compile_blocks": True}, "parallel": {"zero_leaf_blocks": False}}, [],
+     "train.compile_blocks: under ZeRO-3 needs parallel.zero_leaf_blocks: true"),
     ({"model": {"attention": {"use_output_subspace": True, "o_latent_dim": 0}}}, [], "model.attention.o_latent_dim: must be positive"),
     ({"precision": "fp16"}, [], "precision: 'fp16' is not one of 'fp32' | 'bf16' | 'fp8'"),
     ({"train": {"exit_at_step": 20, "max_steps": 10}}, [], "train.exit_at_step: must be in [1, train.max_steps=10]"),

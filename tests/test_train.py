@@ -282,3 +282,24 @@ def test_parallel_timeout_minutes_ends_a_wait_on_a_hung_rank():
     result = last_json(proc.stdout)
     # 3 s, not DeepSpeed's default (here 3 minutes), nor the 15 s until the stalled rank exits
     assert result["error"] and 2.5 <= result["waited_s"] < 10, result
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("overrides, leaf, compiled", [
+    (["parallel.zero_leaf_blocks=false"], [], []),
+    (["train.compile_blocks=true"], ["layers.0", "layers.1"],
+     ["layers.0.attention_residual", "layers.0.mlp_residual", "layers.1.attention_residual"]),
+], ids=["hooks-per-linear", "leaf-and-compiled-blocks"])
+def test_zero3_block_granularity_and_compiled_blocks(tmp_path, baseline, data, overrides, leaf, compiled):
+    """Blocks as ZeRO-3 leaf modules (the default) and compiled block halves change the hooks, not the math:
+    the wiring is what the engine reports, and 8 training steps give the baseline's losses."""
+    proc = run_job(deepspeed_cmd(2, ROOT / "tests" / "dist" / "zero3_hooks.py", *overrides), timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    wiring = last_json(proc.stdout)
+    assert wiring["leaf"] == leaf and wiring["compiled"] == compiled  # the AutoEP MoE half stays eager
+    assert wiring["hooked_linears"] == (1 if leaf else 18)  # with leaf blocks only the output head is hooked
+    train(2, tmp_path, data, *overrides)
+    a, b = losses(baseline), losses(tmp_path)
+    assert sorted(b) == sorted(a)
+    for step in a:
+        assert b[step] == pytest.approx(a[step], abs=1e-5), step

@@ -1,0 +1,36 @@
+"""Run under the deepspeed launcher: build the training engine (smoke config + overrides from argv) and report,
+on rank 0, which modules ZeRO-3 fetches as a unit (leaf modules), how many linears it hooks one by one, and
+which block methods were compiled. One JSON line."""
+import json
+import sys
+from pathlib import Path
+
+from torch import nn
+
+ROOT = Path(__file__).resolve().parent.parent.parent
+sys.path.insert(0, str(ROOT))
+from deepspeed.utils import z3_leaf_module  # noqa: E402
+
+from deepseek_pt.config import load_config  # noqa: E402
+from deepseek_pt.model.transformer import Block  # noqa: E402
+from deepseek_pt.train import build_engine, init_distributed  # noqa: E402
+
+
+def main():
+    cfg = load_config(ROOT / "configs" / "smoke.yaml", [a for a in sys.argv[1:] if not a.startswith("--local_rank")])
+    rank, world, _ = init_distributed(cfg)
+    engine = build_engine(cfg, world)
+    modules = dict(engine.module.named_modules())
+    blocks = [name for name, m in modules.items() if isinstance(m, Block)]
+    if rank == 0:
+        print(json.dumps({
+            "blocks": blocks,
+            "leaf": [name for name, m in modules.items() if z3_leaf_module(m)],
+            "hooked_linears": sum(1 for m in modules.values() if isinstance(m, nn.Linear) and m._forward_pre_hooks),
+            "compiled": sorted({f"{name}.{method}" for name in blocks for method in ("attention_residual", "mlp_residual")
+                                if hasattr(getattr(modules[name], method), "_torchdynamo_orig_callable")}),
+        }), flush=True)
+
+
+if __name__ == "__main__":
+    main()
