@@ -83,7 +83,7 @@ def main() -> None:
                              "with --ds compile.deepcompile=true")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # the launcher's
     parser.add_argument("overrides", nargs="*")
-    args = parser.parse_args()
+    args = parser.parse_intermixed_args()  # overrides may come before or after the flags
     for k, v in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29561"}.items():
         os.environ.setdefault(k, v)
     cfg = load_config(args.config, ["train.grad_accum_steps=1", *args.overrides])

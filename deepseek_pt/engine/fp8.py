@@ -4,7 +4,8 @@ By rule, only nn.Linear layers with both dimensions divisible by 16 (what FP8 GE
 converted: attention projections, dense SwiGLUs and shared experts. The embedding, the output head
 (its logits feed the loss directly), the router (Gate: not a Linear; its scores pick experts) and the
 norms stay in bf16. Master weights and optimizer state stay fp32 in ZeRO-3. Routed experts run in
-AutoEP's bf16 grouped GEMMs (FP8 grouped GEMM is not wired in yet).
+AutoEP's bf16 grouped GEMMs: torch 2.11's rowwise FP8 grouped GEMM ran at half their speed on an H100
+at the bench shape (docs/benchmarks.md), so it is not used.
 
 Recipes:
 - `tensorwise`, `rowwise`: torchao float8 training (Float8Linear), real FP8 GEMMs; GPU only.
