@@ -3,6 +3,9 @@ syncs (what waits on the GPU, from which line of Python), the heaviest kernels a
 
     summarize(prof, steps)   # prof: torch.profiler.profile(..., with_stack=True) over `steps` steps
 
+Sync sites and the Python-function table come from the profiler's Python events: torch 2.13 on CPU records
+them; on the H100 image (torch 2.11 + CUDA 13) they were absent, so sites print as "(no Python frame)".
+
 A host sync stalls the CPU until the GPU drains; the GPU then idles until the CPU has queued work
 again, so under ZeRO-3's per-module Python hooks every sync costs the launch latency of what follows.
 """
