@@ -29,8 +29,9 @@ def _union_us(intervals: list[tuple[float, float]]) -> float:
     return total
 
 
-def _is_python(evt) -> bool:
-    return ".py(" in evt.name
+def _own_python(evt) -> bool:
+    """A Python-call event (the profiler names them `file.py(line): function`) outside torch's plumbing."""
+    return ".py(" in evt.name and not any(s in evt.name for s in OWN_CODE_SKIP)
 
 
 def _site(evt) -> str:
@@ -38,7 +39,7 @@ def _site(evt) -> str:
     profiler records Python calls as events, parents of the ops they run."""
     frames, node = [], evt.cpu_parent
     while node is not None and len(frames) < 3:
-        if _is_python(node) and not any(s in node.name for s in OWN_CODE_SKIP):
+        if _own_python(node):
             frames.append(node.name.split("site-packages/")[-1])
         node = node.cpu_parent
     return " <- ".join(frames) or f"{evt.name} (no Python frame)"
@@ -74,12 +75,12 @@ def summarize(prof, steps: int, out=sys.stderr) -> None:
     print("heaviest GPU kernels (ms per step, launches per step):", file=out)
     for name, ds in sorted(by_kernel.items(), key=lambda kv: -sum(kv[1]))[:40]:
         print(f"  {sum(ds) / steps / 1e3:7.2f} {len(ds) / steps:6.0f}  {name}", file=out)
-    launches = len(kernels) / steps
+    print(f"kernel launches per step: {len(kernels) / steps:.0f}", file=out)
+
     inclusive: dict[str, list[float]] = defaultdict(list)
     for e in cpu:
-        if _is_python(e) and not any(s in e.name for s in OWN_CODE_SKIP):
+        if _own_python(e):
             inclusive[e.name.split("site-packages/")[-1]].append(e.time_range.end - e.time_range.start)
     print("Python functions by inclusive CPU time (ms per step, calls per step):", file=out)
     for name, ds in sorted(inclusive.items(), key=lambda kv: -sum(kv[1]))[:45]:
         print(f"  {sum(ds) / steps / 1e3:7.2f} {len(ds) / steps:6.0f}  {name[:110]}", file=out)
-    print(f"kernel launches per step: {launches:.0f}", file=out)

@@ -22,9 +22,7 @@ from .engine import balance, checkpoint
 from .engine.checkpoint import CheckpointError
 from .engine.ds_config import build_ds_config, lr_at
 from .engine.metrics import MetricsLogger, peak_flops, peak_memory_gib
-from .model import Transformer
-from .model.layers import SwiGLU
-from .model.transformer import Block
+from .model import Block, SwiGLU, Transformer
 from .model.counting import train_flops_per_token
 
 
