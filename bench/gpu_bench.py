@@ -10,6 +10,7 @@ Prints one JSON line: tokens/s, MFU (our FLOP count of the shape, dense bf16 pea
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import sys
@@ -25,7 +26,7 @@ from deepseek_pt.config import Config, load_config  # noqa: E402
 from deepseek_pt.engine.ds_config import build_ds_config  # noqa: E402
 from deepseek_pt.engine.metrics import peak_flops  # noqa: E402
 from deepseek_pt.model.counting import train_flops_per_token  # noqa: E402
-from deepseek_pt.train import build_engine, init_distributed, param_groups  # noqa: E402
+from deepseek_pt.train import build_engine, init_distributed, param_groups, train_step  # noqa: E402
 
 
 def hf_engine(cfg: Config, world: int):
@@ -73,9 +74,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--impl", choices=["ours", "hf"], required=True)
     parser.add_argument("--config", default="configs/bench-2b.yaml")
-    parser.add_argument("--steps", type=int, default=12)
-    parser.add_argument("--warmup", type=int, default=4)
-    parser.add_argument("--profile", action="store_true", help="print the top kernels and CPU ops of 3 steps")
+    parser.add_argument("--steps", type=int, default=12, help="timed micro-steps (rounded up to whole optimizer steps)")
+    parser.add_argument("--warmup", type=int, default=4, help="untimed micro-steps first (rounded up likewise)")
+    parser.add_argument("--profile", action="store_true",
+                        help="print the top kernels and CPU ops of one optimizer step (torch profiler)")
+    parser.add_argument("--cprofile", action="store_true",
+                        help="print the Python functions that take the host's time over 3 optimizer steps (cProfile; "
+                             "the main thread only, not the autograd thread that runs backward hooks)")
     parser.add_argument("--ds", action="append", default=[], metavar="dotted.key=value",
                         help="patch the generated DeepSpeed config (to measure a knob before it becomes a config key)")
     parser.add_argument("--engine-compile", action="store_true",
@@ -93,37 +98,44 @@ def main() -> None:
     engine = build_engine(cfg, world) if args.impl == "ours" else hf_engine(cfg, world)
     if args.engine_compile:
         engine.compile()
-    B, T, V = cfg.train.micro_batch_size, cfg.data.seq_len, cfg.model.vocab_size
+    B, T, V, accum = cfg.train.micro_batch_size, cfg.data.seq_len, cfg.model.vocab_size, cfg.train.grad_accum_steps
     gen = torch.Generator(device=device).manual_seed(0)
-    batches = [torch.randint(0, V, (B, T + 1), device=device, generator=gen) for _ in range(4)]
+    tokens = [torch.randint(0, V, (B, T + 1), device=device, generator=gen) for _ in range(4)]
+    batches = itertools.cycle([(t[:, :-1], t[:, 1:]) for t in tokens])
+    # The same optimizer step as training (train_step); the peer's call differs: HF shifts the labels itself.
+    forward = None if args.impl == "ours" else lambda engine, inputs, _: engine(input_ids=inputs, labels=inputs.clone()).loss
 
-    def step(i: int) -> float:
-        tokens = batches[i % len(batches)]
-        if args.impl == "ours":
-            loss = engine(tokens[:, :-1], tokens[:, 1:])
-        else:
-            loss = engine(input_ids=tokens[:, :-1], labels=tokens[:, :-1].clone()).loss  # HF shifts labels itself
-        engine.backward(loss)
-        engine.step()
-        return loss
+    def run(micro_steps: int) -> torch.Tensor:
+        for _ in range(-(-micro_steps // accum)):
+            loss_sum = train_step(engine, cfg, batches, forward)
+        return loss_sum / accum
 
-    for i in range(args.warmup):
-        step(i)
+    run(args.warmup)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
+    timed = -(-args.steps // accum) * accum
     t0 = time.perf_counter()
-    for i in range(args.steps):
-        loss = step(i)
+    loss = run(timed)
     torch.cuda.synchronize()
-    dt = (time.perf_counter() - t0) / args.steps
+    dt = (time.perf_counter() - t0) / timed
+    if args.cprofile:
+        import cProfile
+        import pstats
+        profiler = cProfile.Profile()
+        profiler.enable()
+        run(3 * accum)
+        torch.cuda.synchronize()
+        profiler.disable()
+        stats = pstats.Stats(profiler, stream=sys.stderr)
+        stats.sort_stats("tottime").print_stats(40)
+        stats.sort_stats("cumulative").print_stats(60)
     if args.profile:
-        from torch.profiler import ProfilerActivity, profile
         from profile_summary import summarize
+        from torch.profiler import ProfilerActivity, profile
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], with_stack=True) as prof:
-            for i in range(3):
-                step(i)
+            run(accum)
             torch.cuda.synchronize()
-        summarize(prof, steps=3)
+        summarize(prof, steps=accum)  # per micro-step
         table = prof.key_averages()
         print(table.table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=60), file=sys.stderr)
         if os.environ.get("OUT"):

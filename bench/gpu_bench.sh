@@ -14,9 +14,11 @@ export PYTHONWARNINGS=ignore PYTHONUNBUFFERED=1
 out=${OUT:-/tmp}/gpu_bench.jsonl
 : > "$out"
 cases=${1:-bench/gpu_cases.txt}
+n=0
 while read -r line; do
   [ -z "$line" ] || [ "${line:0:1}" = "#" ] && continue
-  err="${out%.jsonl}.$(echo "$line" | tr -c 'a-z0-9' '_' | cut -c1-60).err"
+  n=$((n + 1))
+  err="${out%.jsonl}.$n.$(echo "$line" | tr -c 'a-z0-9' '_' | cut -c1-60).err"
   # shellcheck disable=SC2086
   if ! timeout "${CASE_TIMEOUT:-300}" python3 bench/gpu_bench.py $line 2> "$err" | grep '^{' | tee -a "$out"; then
     echo "{\"failed\": \"$line\"}" | tee -a "$out"

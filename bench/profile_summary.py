@@ -56,31 +56,31 @@ def summarize(prof, steps: int, out=sys.stderr) -> None:
     t1 = max(max(e.time_range.end for e in kernels), max(e.time_range.end for e in cpu))
     busy = _union_us([(e.time_range.start, e.time_range.end) for e in kernels])
     wall = t1 - t0
-    print(f"profile over {steps} steps: wall {wall / steps / 1e3:.1f} ms/step, GPU busy {busy / steps / 1e3:.1f} ms/step "
-          f"({100 * busy / wall:.0f}%), GPU idle {(wall - busy) / steps / 1e3:.1f} ms/step", file=out)
+    print(f"profile over {steps} micro-steps: wall {wall / steps / 1e3:.1f} ms/micro-step, GPU busy {busy / steps / 1e3:.1f} ms/micro-step "
+          f"({100 * busy / wall:.0f}%), GPU idle {(wall - busy) / steps / 1e3:.1f} ms/micro-step", file=out)
 
     syncs: dict[str, list[float]] = defaultdict(list)
     for e in cpu:
         if e.name in SYNC_CALLS:
             syncs[_site(e)].append(e.time_range.end - e.time_range.start)
     n = sum(len(v) for v in syncs.values())
-    print(f"host syncs: {n / steps:.1f} per step, CPU waiting {sum(map(sum, syncs.values())) / steps / 1e3:.1f} ms/step; "
-          "by site (count per step, wait ms per step):", file=out)
+    print(f"host syncs: {n / steps:.1f} per micro-step, CPU waiting {sum(map(sum, syncs.values())) / steps / 1e3:.1f} ms/micro-step; "
+          "by site (count per micro-step, wait ms per micro-step):", file=out)
     for site, waits in sorted(syncs.items(), key=lambda kv: -sum(kv[1]))[:25]:
         print(f"  {len(waits) / steps:5.1f} {sum(waits) / steps / 1e3:7.2f}  {site}", file=out)
 
     by_kernel: dict[str, list[float]] = defaultdict(list)
     for e in kernels:
         by_kernel[e.name[:90]].append(e.time_range.end - e.time_range.start)
-    print("heaviest GPU kernels (ms per step, launches per step):", file=out)
+    print("heaviest GPU kernels (ms per micro-step, launches per micro-step):", file=out)
     for name, ds in sorted(by_kernel.items(), key=lambda kv: -sum(kv[1]))[:40]:
         print(f"  {sum(ds) / steps / 1e3:7.2f} {len(ds) / steps:6.0f}  {name}", file=out)
-    print(f"kernel launches per step: {len(kernels) / steps:.0f}", file=out)
+    print(f"kernel launches per micro-step: {len(kernels) / steps:.0f}", file=out)
 
     inclusive: dict[str, list[float]] = defaultdict(list)
     for e in cpu:
         if _own_python(e):
             inclusive[e.name.split("site-packages/")[-1]].append(e.time_range.end - e.time_range.start)
-    print("Python functions by inclusive CPU time (ms per step, calls per step):", file=out)
+    print("Python functions by inclusive CPU time (ms per micro-step, calls per micro-step):", file=out)
     for name, ds in sorted(inclusive.items(), key=lambda kv: -sum(kv[1]))[:45]:
         print(f"  {sum(ds) / steps / 1e3:7.2f} {len(ds) / steps:6.0f}  {name[:110]}", file=out)

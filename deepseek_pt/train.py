@@ -7,10 +7,12 @@ clean checkpoint + exit 0 at train.exit_at_step, train.exit_after_minutes, or SI
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import signal
 import sys
 import time
+from collections.abc import Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
 
@@ -20,7 +22,7 @@ import torch.distributed as dist
 from .config import Config, ConfigError, load_config, save_config
 from .engine import balance, checkpoint
 from .engine.checkpoint import CheckpointError
-from .engine.ds_config import build_ds_config, lr_at
+from .engine.ds_config import build_ds_config, deepspeed_micro_steps, lr_at
 from .engine.metrics import MetricsLogger, peak_flops, peak_memory_gib
 from .model import Block, SwiGLU, Transformer
 from .model.counting import train_flops_per_token
@@ -210,6 +212,28 @@ def build_engine(cfg: Config, world: int, init_from: str | None = None, load_uni
     return engine
 
 
+def train_step(engine, cfg: Config, batches: Iterator[tuple[torch.Tensor, torch.Tensor]],
+               forward: Callable | None = None) -> torch.Tensor:
+    """One optimizer step over train.grad_accum_steps micro-batches from `batches`; returns the sum of their
+    losses, on device. `forward(engine, inputs, targets) -> loss` defaults to our model's call."""
+    accum = cfg.train.grad_accum_steps
+    coalesce = deepspeed_micro_steps(cfg) != accum
+    loss_sum = torch.zeros((), device=engine.device)
+    with engine.coalesce_grad_reduction() if coalesce else contextlib.nullcontext():
+        for _ in range(accum):
+            inputs, targets = next(batches)
+            loss = forward(engine, inputs, targets) if forward else engine(inputs, targets)
+            if coalesce:  # DeepSpeed counts one micro-step per optimizer step: average the losses here
+                engine.backward(loss / accum)
+            else:  # DeepSpeed scales by 1/accum and steps the optimizer on the last micro-step
+                engine.backward(loss)
+                engine.step()
+            loss_sum += loss.detach().float()
+    if coalesce:
+        engine.step()
+    return loss_sum
+
+
 def compile_blocks(model: torch.nn.Module) -> None:
     """torch.compile each block's attention half, and its MLP half where that is a dense SwiGLU. Methods, not
     modules, are compiled: the block's call and ZeRO-3's leaf hooks around it stay eager. DeepSpeed AutoEP's
@@ -276,13 +300,8 @@ def train(cfg: Config) -> int:
     exit_reason = None
     while step < cfg.train.max_steps:
         t0 = time.perf_counter()
-        loss_sum = torch.zeros((), device=device)  # summed on device: one host sync per step, not per micro-step
-        for _ in range(cfg.train.grad_accum_steps):
-            inputs, targets = next(loader)
-            loss = engine(inputs.to(device), targets.to(device))
-            engine.backward(loss)
-            engine.step()
-            loss_sum += loss.detach().float()
+        # Summed on device: one host sync per step, not per micro-step.
+        loss_sum = train_step(engine, cfg, ((x.to(device), y.to(device)) for x, y in loader))
         step += 1
         tokens_seen += tokens_per_step
         expert_load = balance.update_balance(engine.module, cfg.model.moe.bias_update_rate)

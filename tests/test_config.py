@@ -29,6 +29,8 @@ def _write(tmp_path, data) -> Path:
     ({"model": {"attention": {"use_output_subspace": True}}}, [], "model.attention.o_latent_dim: required"),
     ({"train": {"compile_blocks": True}, "parallel": {"zero_leaf_blocks": False}}, [],
      "train.compile_blocks: under ZeRO-3 needs parallel.zero_leaf_blocks: true"),
+    ({"parallel": {"coalesce_grad_reduction": True, "zero_stage": 0}}, [],
+     "parallel.coalesce_grad_reduction: needs parallel.zero_stage 1, 2 or 3"),
     ({"model": {"attention": {"use_output_subspace": True, "o_latent_dim": 0}}}, [], "model.attention.o_latent_dim: must be positive"),
     ({"precision": "fp16"}, [], "precision: 'fp16' is not one of 'fp32' | 'bf16' | 'fp8'"),
     ({"train": {"exit_at_step": 20, "max_steps": 10}}, [], "train.exit_at_step: must be in [1, train.max_steps=10]"),

@@ -129,6 +129,19 @@ def test_expert_parallel_1_and_2_give_the_same_losses(tmp_path, baseline, data):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("coalesce", [False, True], ids=["reduced-per-micro-step", "reduced-per-step"])
+def test_two_micro_steps_of_two_give_the_losses_of_one_of_four(tmp_path, baseline, data, coalesce):
+    """Gradient accumulation is exact in fp32: 2 micro-batches of 2 sequences train like the baseline's 1 of 4,
+    whether ZeRO reduces after each micro-step's backward or once per optimizer step."""
+    train(2, tmp_path, data, "train.micro_batch_size=2", "train.grad_accum_steps=2",
+          f"parallel.coalesce_grad_reduction={str(coalesce).lower()}")
+    a, b = losses(baseline), losses(tmp_path)
+    assert sorted(b) == sorted(a)
+    for step in a:
+        assert b[step] == pytest.approx(a[step], abs=1e-5), step
+
+
+@pytest.mark.slow
 def test_recomputing_the_moe_block_gives_the_same_losses(tmp_path, baseline, data):
     """Activation checkpointing of block 1 (AutoEP's MoE layer under ZeRO-3) changes memory, not the math."""
     train(2, tmp_path, data, "train.activation_checkpointing=[1]")
@@ -298,6 +311,7 @@ def test_zero3_block_granularity_and_compiled_blocks(tmp_path, baseline, data, o
     wiring = last_json(proc.stdout)
     assert wiring["leaf"] == leaf and wiring["compiled"] == compiled  # the AutoEP MoE half stays eager
     assert wiring["hooked_linears"] == (1 if leaf else 18)  # with leaf blocks only the output head is hooked
+    assert not wiring["throughput_timer"]  # DeepSpeed's would synchronize the GPU at every forward
     train(2, tmp_path, data, *overrides)
     a, b = losses(baseline), losses(tmp_path)
     assert sorted(b) == sorted(a)

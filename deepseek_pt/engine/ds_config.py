@@ -60,14 +60,23 @@ def lr_at(cfg: Config, step: int) -> float:
     return t.min_lr + 0.5 * (t.lr - t.min_lr) * (1 + math.cos(math.pi * frac))
 
 
+def deepspeed_micro_steps(cfg: Config) -> int:
+    """Micro-steps per optimizer step as DeepSpeed counts them: coalesced, the engine sees one backward's worth of
+    reduction per step, so it runs with 1 and the loop averages the micro-step losses itself (train_step)."""
+    return 1 if cfg.parallel.coalesce_grad_reduction else cfg.train.grad_accum_steps
+
+
 def build_ds_config(cfg: Config, world_size: int, has_moe: bool, load_universal: bool = False) -> dict:
     t, p = cfg.train, cfg.parallel
     ds = {
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
-        "gradient_accumulation_steps": t.grad_accum_steps,
-        "train_batch_size": t.micro_batch_size * t.grad_accum_steps * world_size,
+        "gradient_accumulation_steps": deepspeed_micro_steps(cfg),
+        "train_batch_size": t.micro_batch_size * deepspeed_micro_steps(cfg) * world_size,
         "gradient_clipping": t.grad_clip,
         "steps_per_print": 2**31 - 1,  # we log ourselves
+        # DeepSpeed's throughput timer synchronizes the GPU at every forward: a host sync per micro-step that
+        # stalls the CPU's queueing ahead (10 ms per micro-step on the bench shape). We time steps ourselves.
+        "timers": {"throughput": {"enabled": False}},
         "optimizer": {
             "type": "AdamW",
             # torch's AdamW: fused kernel on GPU (DeepSpeed's FusedAdam would JIT-build first), plain on CPU.

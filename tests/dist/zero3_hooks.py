@@ -1,6 +1,7 @@
 """Run under the deepspeed launcher: build the training engine (smoke config + overrides from argv) and report,
 on rank 0, which modules ZeRO-3 fetches as a unit (leaf modules), how many linears it hooks one by one, and
-which block methods were compiled. One JSON line."""
+which block methods were compiled, and whether DeepSpeed's throughput timer (a GPU sync per forward) runs.
+One JSON line."""
 import json
 import sys
 from pathlib import Path
@@ -29,6 +30,7 @@ def main():
             "hooked_linears": sum(1 for m in modules.values() if isinstance(m, nn.Linear) and m._forward_pre_hooks),
             "compiled": sorted({f"{name}.{method}" for name in blocks for method in ("attention_residual", "mlp_residual")
                                 if hasattr(getattr(modules[name], method), "_torchdynamo_orig_callable")}),
+            "throughput_timer": engine.tput_timer.config.enabled,
         }), flush=True)
 
 
