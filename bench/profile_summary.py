@@ -47,7 +47,8 @@ def _site(evt) -> str:
 
 def summarize(prof, steps: int, out=sys.stderr) -> None:
     events = prof.events()
-    kernels = [e for e in events if e.device_type.name == "CUDA"]
+    # GPU work only: user annotations (e.g. "Optimizer.step#AdamW.step") span the kernels they contain.
+    kernels = [e for e in events if e.device_type.name == "CUDA" and not getattr(e, "is_user_annotation", False)]
     cpu = [e for e in events if e.device_type.name == "CPU"]
     if not kernels:
         print("profile: no GPU kernels recorded", file=out)
