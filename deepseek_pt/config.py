@@ -185,9 +185,10 @@ class TrainConfig:
     compile: bool = False
     """torch.compile the pointwise pieces (RMSNorm, RoPE, SwiGLU activation) into fused kernels."""
     compile_blocks: bool = False
-    """torch.compile each transformer block's attention half (norm, MLA, residual), and its MLP half where that is
-    a dense SwiGLU; DeepSpeed AutoEP's MoE layer stays eager. Under ZeRO-3 this needs parallel.zero_leaf_blocks,
-    so that no DeepSpeed hook runs inside a compiled half."""
+    """torch.compile each transformer block's attention half (norm, MLA, residual), its MLP half where that is a
+    dense SwiGLU, and the token loss (fp32 cross-entropy fused: no fp32 logits in memory); DeepSpeed AutoEP's MoE
+    layer stays eager. Under ZeRO-3 this needs parallel.zero_leaf_blocks, so that no DeepSpeed hook runs inside a
+    compiled half."""
     eval_every: int = 0
     """Evaluate on the val split every this many steps (and at the end); 0 disables."""
     eval_batches: int = 8

@@ -234,15 +234,16 @@ def train_step(engine, cfg: Config, batches: Iterator[tuple[torch.Tensor, torch.
     return loss_sum
 
 
-def compile_blocks(model: torch.nn.Module) -> None:
-    """torch.compile each block's attention half, and its MLP half where that is a dense SwiGLU. Methods, not
-    modules, are compiled: the block's call and ZeRO-3's leaf hooks around it stay eager. DeepSpeed AutoEP's
-    MoE layer stays eager too: its split plans and collectives run on the host."""
+def compile_blocks(model: Transformer) -> None:
+    """torch.compile each block's attention half, its MLP half where that is a dense SwiGLU, and the token loss.
+    Methods, not modules, are compiled: the block's call and ZeRO-3's leaf hooks around it stay eager. DeepSpeed
+    AutoEP's MoE layer stays eager too: its split plans and collectives run on the host."""
     for block in model.modules():
         if isinstance(block, Block):
             block.attention_residual = torch.compile(block.attention_residual)
             if isinstance(block.mlp, SwiGLU):
                 block.mlp_residual = torch.compile(block.mlp_residual)
+    model.token_loss = torch.compile(model.token_loss)
 
 
 def train(cfg: Config) -> int:

@@ -301,7 +301,7 @@ def test_parallel_timeout_minutes_ends_a_wait_on_a_hung_rank():
 @pytest.mark.parametrize("overrides, leaf, compiled", [
     (["parallel.zero_leaf_blocks=false"], [], []),
     (["train.compile_blocks=true"], ["layers.0", "layers.1"],
-     ["layers.0.attention_residual", "layers.0.mlp_residual", "layers.1.attention_residual"]),
+     ["layers.0.attention_residual", "layers.0.mlp_residual", "layers.1.attention_residual", "token_loss"]),
 ], ids=["hooks-per-linear", "leaf-and-compiled-blocks"])
 def test_zero3_block_granularity_and_compiled_blocks(tmp_path, baseline, data, overrides, leaf, compiled):
     """Blocks as ZeRO-3 leaf modules (the default) and compiled block halves change the hooks, not the math:

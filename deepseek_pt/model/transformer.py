@@ -109,7 +109,7 @@ class Transformer(nn.Module):
             h = block(h, caches[i], start_pos) if caches is not None else self._run_block(i, h)
         if targets is None:
             return self.lm_head(self.norm(h))
-        losses = {"lm_loss": _cross_entropy(self.lm_head(self.norm(h)), targets)}
+        losses = {"lm_loss": self.token_loss(self.lm_head(self.norm(h)), targets)}
         total = losses["lm_loss"]
         if len(self.mtp):
             # Depth k sees positions [0, T-k): the previous hidden state there, the embedding of the
@@ -117,7 +117,7 @@ class Transformer(nn.Module):
             T, mtp_losses = input_ids.shape[1], []
             for k, module in enumerate(self.mtp, start=1):
                 h = module(h[:, : T - k], self.embed_tokens(input_ids[:, k:]))
-                mtp_losses.append(_cross_entropy(self.lm_head(module.norm(h)), targets[:, k:]))
+                mtp_losses.append(self.token_loss(self.lm_head(module.norm(h)), targets[:, k:]))
             losses["mtp_loss"] = torch.stack(mtp_losses).mean()
             total = total + self.config.mtp_loss_weight * losses["mtp_loss"]
         aux = [m.aux_loss for m in self.moe_layers() if m.aux_loss is not None]
@@ -127,12 +127,14 @@ class Transformer(nn.Module):
         self.last_losses = {k: v.detach() for k, v in losses.items()}
         return total
 
+    def token_loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Mean cross-entropy in fp32 over targets that are not -100. A method so that the engine can compile it
+        (train.compile_blocks): fused, the fp32 copy of the logits is never written to memory."""
+        return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
+
     def new_caches(self, batch: int, max_len: int, dtype=torch.float32, device=None) -> list[MLACache]:
         return [MLACache.empty(self.config, batch, max_len, dtype, device) for _ in self.layers]
 
-
-def _cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
 
 
 def to_output_subspace(model: Transformer, o_latent_dim: int, init: str = "svd") -> list[float]:

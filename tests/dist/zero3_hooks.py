@@ -28,8 +28,9 @@ def main():
             "blocks": blocks,
             "leaf": [name for name, m in modules.items() if z3_leaf_module(m)],
             "hooked_linears": sum(1 for m in modules.values() if isinstance(m, nn.Linear) and m._forward_pre_hooks),
-            "compiled": sorted({f"{name}.{method}" for name in blocks for method in ("attention_residual", "mlp_residual")
-                                if hasattr(getattr(modules[name], method), "_torchdynamo_orig_callable")}),
+            "compiled": sorted({f"{name}.{method}".lstrip(".") for name in ["", *blocks]
+                                for method in ("attention_residual", "mlp_residual", "token_loss")
+                                if hasattr(getattr(modules[name], method, None), "_torchdynamo_orig_callable")}),
             "throughput_timer": engine.tput_timer.config.enabled,
         }), flush=True)
 
