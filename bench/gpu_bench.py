@@ -2,9 +2,10 @@
 
     python bench/gpu_bench.py --impl ours|hf [--config configs/bench-2b.yaml] [--steps N] [key=value ...]
 
-Both go through DeepSpeed ZeRO-3 with the optimizer, clipping and precision our config generates;
-`ours` is exactly what `python -m deepseek_pt.train` builds (deepseek_pt.train.build_engine), `hf` is
-transformers' DeepseekV3ForCausalLM of the same shape. Random tokens (a fixed batch per step index).
+Both go through DeepSpeed ZeRO-3 with the optimizer, clipping and precision our config generates, and
+the training loop's optimizer step (deepseek_pt.train.train_step, so parallel.coalesce_grad_reduction
+applies to both); `ours` is exactly what `python -m deepseek_pt.train` builds (build_engine), `hf` is
+transformers' DeepseekV3ForCausalLM of the same shape. Four fixed batches of random tokens in turn.
 Prints one JSON line: tokens/s, MFU (our FLOP count of the shape, dense bf16 peak), peak memory.
 """
 from __future__ import annotations

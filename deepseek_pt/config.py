@@ -224,7 +224,7 @@ class ParallelConfig:
     coalesce_grad_reduction: bool = False
     """With train.grad_accum_steps > 1: reduce gradients once per optimizer step (DeepSpeed's
     coalesce_grad_reduction) instead of after every micro-step's backward. Saves ZeRO's per-micro-step reduce
-    work (17% faster at 4 micro-steps on the bench shape, docs/benchmarks.md), at two costs: micro-step
+    work (9% faster at 4 micro-steps on the bench shape, docs/benchmarks.md), at two costs: micro-step
     gradients add up on the parameters' .grad in their compute dtype (bf16 under precision bf16/fp8, where the
     default adds them into fp32 partitions), and every rank holds a full unpartitioned gradient until the step."""
     backend: Literal["auto", "nccl", "gloo"] = "auto"

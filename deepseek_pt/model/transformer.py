@@ -136,7 +136,6 @@ class Transformer(nn.Module):
         return [MLACache.empty(self.config, batch, max_len, dtype, device) for _ in self.layers]
 
 
-
 def to_output_subspace(model: Transformer, o_latent_dim: int, init: str = "svd") -> list[float]:
     """Convert every MLA of `model` to MLA-o of width o_latent_dim; returns each layer's relative error."""
     if model.config.attention.use_output_subspace:
