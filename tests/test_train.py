@@ -129,12 +129,17 @@ def test_expert_parallel_1_and_2_give_the_same_losses(tmp_path, baseline, data):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("coalesce", [False, True], ids=["reduced-per-micro-step", "reduced-per-step"])
-def test_two_micro_steps_of_two_give_the_losses_of_one_of_four(tmp_path, baseline, data, coalesce):
+@pytest.mark.parametrize("coalesce, resumed", [(False, False), (True, False), (True, True)],
+                         ids=["reduced-per-micro-step", "reduced-per-step", "reduced-per-step-stopped-and-resumed"])
+def test_two_micro_steps_of_two_give_the_losses_of_one_of_four(tmp_path, baseline, data, coalesce, resumed):
     """Gradient accumulation is exact in fp32: 2 micro-batches of 2 sequences train like the baseline's 1 of 4,
-    whether ZeRO reduces after each micro-step's backward or once per optimizer step."""
-    train(2, tmp_path, data, "train.micro_batch_size=2", "train.grad_accum_steps=2",
-          f"parallel.coalesce_grad_reduction={str(coalesce).lower()}")
+    whether ZeRO reduces after each micro-step's backward or once per optimizer step, and across a resume."""
+    overrides = ("train.micro_batch_size=2", "train.grad_accum_steps=2",
+                 f"parallel.coalesce_grad_reduction={str(coalesce).lower()}")
+    if resumed:
+        train(2, tmp_path, data, *overrides, "train.exit_at_step=4")
+    train(2, tmp_path, data, *overrides)
+    assert len(metrics(tmp_path)) == STEPS  # a resume went on from step 4, it did not start again
     a, b = losses(baseline), losses(tmp_path)
     assert sorted(b) == sorted(a)
     for step in a:
