@@ -4,7 +4,7 @@
 # On the device machine, wheels for what its image lacks (deepspeed, hjson, pydantic, torchao) come
 # from .whl/ (see docs/benchmarks.md).
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 1
 if [ -d .whl ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
   export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}

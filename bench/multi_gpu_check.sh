@@ -3,10 +3,11 @@
 #  correctness on a reduced bench-2b (64 experts, 3 layers, dim 512), bf16, random tokens:
 #   A: EP = N on N GPUs, 10 steps     B: the same stopped at 5 and resumed
 #   C: EP = 1 on N GPUs               D: B's step-5 checkpoint resumed on N/2 GPUs (universal)
-#  weak scaling on the full bench-2b shape: bench/gpu_bench.py on 1 .. N GPUs, EP = GPUs.
+#  weak scaling on the full bench-2b shape: bench/gpu_bench.py on 1 .. N GPUs, EP = GPUs, then a profile
+#  at N GPUs for the collectives' share of the step (bench/profile_summary.py).
 # Usage: bench/multi_gpu_check.sh N
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 1
 N=${1:?number of GPUs}
 if [ -d .whl ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
@@ -46,7 +47,13 @@ for r in "BCD":
         print(f"max |{r} - A| over steps {min(common)}-{max(common)}: {max(abs(L[r][s] - L['A'][s]) for s in common):.2e}")
 PY
 grep -h "universal: resharded\|stopped at step" "$out"/D.log | head -2
+scale="train.grad_accum_steps=4 --warmup 4 --steps 16"  # bench-2b: compiled blocks, coalesced reduction
 for g in $(seq 1 "$N"); do
+  # shellcheck disable=SC2086
   python3 -m deepspeed.launcher.runner --num_gpus "$g" --master_port $((29700 + g)) bench/gpu_bench.py --impl ours \
-    parallel.expert_parallel_size="$g" parallel.zero_persistence_threshold=1000000000 2> "$out/scale$g.err" | grep '^{'
+    parallel.expert_parallel_size="$g" $scale 2> "$out/scale$g.err" | grep '^{'
 done
+# The all-to-all's share of the step at N GPUs: NCCL kernel time by collective, and the exposed part.
+python3 -m deepspeed.launcher.runner --num_gpus "$N" --master_port 29799 bench/gpu_bench.py --impl ours --profile \
+  parallel.expert_parallel_size="$N" train.grad_accum_steps=4 --warmup 4 --steps 4 2> "$out/profile$N.err" | grep '^{'
+grep -A5 "^collectives" "$out/profile$N.err" | head -12

@@ -45,6 +45,26 @@ def _site(evt) -> str:
     return " <- ".join(frames) or f"{evt.name} (no Python frame)"
 
 
+def _collectives(kernels, busy: float, wall: float, steps: int, out) -> None:
+    """NCCL kernel time by collective (SendRecv = AutoEP's all-to-all; AllGather / ReduceScatter = ZeRO-3), and
+    the exposed part: GPU time in which only collectives ran. A collective kernel's span includes waiting for
+    its peers, so the per-collective figures are upper bounds; the exposed figure is what the step pays."""
+    comm = [e for e in kernels if e.name.startswith(("ncclDevKernel_", "ncclKernel_"))]
+    if not comm:
+        return
+    by_kind: dict[str, float] = defaultdict(float)
+    for e in comm:
+        kind = e.name.split("(")[0].split("_")[1]
+        by_kind[kind + " (all-to-all)" if kind == "SendRecv" else kind] += e.time_range.end - e.time_range.start
+    comm_ids = {id(e) for e in comm}
+    compute = _union_us([(e.time_range.start, e.time_range.end) for e in kernels if id(e) not in comm_ids])
+    exposed = busy - compute
+    print(f"collectives: exposed {exposed / steps / 1e3:.1f} ms/micro-step ({100 * exposed / wall:.1f}% of wall); "
+          "kernel time by kind (ms per micro-step, % of wall):", file=out)
+    for kind, us in sorted(by_kind.items(), key=lambda kv: -kv[1]):
+        print(f"  {us / steps / 1e3:7.2f} {100 * us / wall:5.1f}%  {kind}", file=out)
+
+
 def summarize(prof, steps: int, out=sys.stderr) -> None:
     events = prof.events()
     # GPU work only: user annotations (e.g. "Optimizer.step#AdamW.step") span the kernels they contain.
@@ -59,6 +79,8 @@ def summarize(prof, steps: int, out=sys.stderr) -> None:
     wall = t1 - t0
     print(f"profile over {steps} micro-steps: wall {wall / steps / 1e3:.1f} ms/micro-step, GPU busy {busy / steps / 1e3:.1f} ms/micro-step "
           f"({100 * busy / wall:.0f}%), GPU idle {(wall - busy) / steps / 1e3:.1f} ms/micro-step", file=out)
+
+    _collectives(kernels, busy, wall, steps, out)
 
     syncs: dict[str, list[float]] = defaultdict(list)
     for e in cpu:
