@@ -50,6 +50,16 @@ def losses(run_dir: Path) -> dict[int, float]:
     return {m["step"]: m["loss"] for m in metrics(run_dir)}
 
 
+def assert_same_losses(run: Path, reference: Path, steps: range | None = None, **tolerance) -> dict[int, float]:
+    """`run` logged `steps` (default: the reference's), each loss within `tolerance` (pytest.approx) of the
+    reference's at that step; returns run's losses."""
+    a, b = losses(reference), losses(run)
+    assert sorted(b) == (sorted(a) if steps is None else list(steps))
+    for step in b:
+        assert b[step] == pytest.approx(a[step], **tolerance), step
+    return b
+
+
 def ckpt(run_dir: Path, step: int) -> Path:
     return run_dir / "checkpoints" / f"step_{step:08d}"
 
@@ -100,10 +110,7 @@ def test_checkpoints_are_complete_and_pruned(baseline):
 
 @pytest.mark.slow
 def test_stop_and_resume_logs_the_same_losses(baseline, stopped):
-    a, b = losses(baseline), losses(stopped)
-    assert sorted(b) == list(range(1, STEPS + 1))
-    for step in a:
-        assert b[step] == pytest.approx(a[step], abs=1e-5), step
+    assert_same_losses(stopped, baseline, range(1, STEPS + 1), abs=1e-5)
     evals = lambda run: [m["eval_loss"] for m in metrics(run) if "eval_loss" in m]  # noqa: E731
     assert evals(stopped) == pytest.approx(evals(baseline), abs=1e-5)
 
@@ -123,9 +130,7 @@ def test_balancing_bias_is_identical_on_every_rank_and_saved(baseline):
 @pytest.mark.slow
 def test_expert_parallel_1_and_2_give_the_same_losses(tmp_path, baseline, data):
     train(2, tmp_path, data, "parallel.expert_parallel_size=1")
-    a, b = losses(baseline), losses(tmp_path)
-    for step in a:
-        assert b[step] == pytest.approx(a[step], abs=1e-5), step
+    assert_same_losses(tmp_path, baseline, abs=1e-5)
 
 
 @pytest.mark.slow
@@ -140,20 +145,14 @@ def test_two_micro_steps_of_two_give_the_losses_of_one_of_four(tmp_path, baselin
         train(2, tmp_path, data, *overrides, "train.exit_at_step=4")
     train(2, tmp_path, data, *overrides)
     assert len(metrics(tmp_path)) == STEPS  # a resume went on from step 4, it did not start again
-    a, b = losses(baseline), losses(tmp_path)
-    assert sorted(b) == sorted(a)
-    for step in a:
-        assert b[step] == pytest.approx(a[step], abs=1e-5), step
+    assert_same_losses(tmp_path, baseline, abs=1e-5)
 
 
 @pytest.mark.slow
 def test_recomputing_the_moe_block_gives_the_same_losses(tmp_path, baseline, data):
     """Activation checkpointing of block 1 (AutoEP's MoE layer under ZeRO-3) changes memory, not the math."""
     train(2, tmp_path, data, "train.activation_checkpointing=[1]")
-    a, b = losses(baseline), losses(tmp_path)
-    assert sorted(b) == sorted(a)
-    for step in a:
-        assert b[step] == pytest.approx(a[step], abs=1e-5), step
+    assert_same_losses(tmp_path, baseline, abs=1e-5)
 
 
 @pytest.mark.slow
@@ -162,10 +161,7 @@ def test_fp8_blockwise_emulation_trains_like_fp32(tmp_path, baseline, data):
     the fp32 baseline's."""
     proc = train(2, tmp_path, data, "precision=fp8", "fp8.recipe=blockwise")
     assert "blockwise scaling, emulated" in proc.stdout
-    a, b = losses(baseline), losses(tmp_path)
-    assert sorted(b) == sorted(a)
-    for step in a:
-        assert b[step] == pytest.approx(a[step], rel=0.01), step
+    b = assert_same_losses(tmp_path, baseline, rel=0.01)
     assert b[STEPS] < b[1] - 0.1
 
 
@@ -177,10 +173,7 @@ def test_fp8_blockwise_emulation_trains_like_fp32(tmp_path, baseline, data):
 def test_universal_resume_on_another_topology(tmp_path, baseline, stopped, data, nproc, overrides):
     proc = train(nproc, tmp_path, data, f"train.resume={ckpt(stopped, 4)}", *overrides)
     assert "universal: resharded" in proc.stdout
-    a, b = losses(baseline), losses(tmp_path)
-    assert sorted(b) == list(range(5, STEPS + 1))
-    for step in b:
-        assert b[step] == pytest.approx(a[step], abs=1e-4), step
+    assert_same_losses(tmp_path, baseline, range(5, STEPS + 1), abs=1e-4)
 
 
 @pytest.mark.slow
@@ -318,7 +311,4 @@ def test_zero3_block_granularity_and_compiled_blocks(tmp_path, baseline, data, o
     assert wiring["hooked_linears"] == (1 if leaf else 18)  # with leaf blocks only the output head is hooked
     assert not wiring["throughput_timer"]  # DeepSpeed's would synchronize the GPU at every forward
     train(2, tmp_path, data, *overrides)
-    a, b = losses(baseline), losses(tmp_path)
-    assert sorted(b) == sorted(a)
-    for step in a:
-        assert b[step] == pytest.approx(a[step], abs=1e-5), step
+    assert_same_losses(tmp_path, baseline, abs=1e-5)
