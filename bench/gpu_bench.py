@@ -107,9 +107,11 @@ def main() -> None:
     forward = None if args.impl == "ours" else lambda engine, inputs, _: engine(input_ids=inputs, labels=inputs.clone()).loss
 
     def run(micro_steps: int) -> torch.Tensor:
+        """Whole optimizer steps covering `micro_steps`; the last one's mean loss (0 if none ran)."""
+        loss = torch.zeros((), device=device)
         for _ in range(-(-micro_steps // accum)):
-            loss_sum = train_step(engine, cfg, batches, forward)
-        return loss_sum / accum
+            loss = train_step(engine, cfg, batches, forward) / accum
+        return loss
 
     run(args.warmup)
     torch.cuda.synchronize()

@@ -67,11 +67,11 @@ def deepspeed_micro_steps(cfg: Config) -> int:
 
 
 def build_ds_config(cfg: Config, world_size: int, has_moe: bool, load_universal: bool = False) -> dict:
-    t, p = cfg.train, cfg.parallel
+    t, p, micro_steps = cfg.train, cfg.parallel, deepspeed_micro_steps(cfg)
     ds = {
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
-        "gradient_accumulation_steps": deepspeed_micro_steps(cfg),
-        "train_batch_size": t.micro_batch_size * deepspeed_micro_steps(cfg) * world_size,
+        "gradient_accumulation_steps": micro_steps,
+        "train_batch_size": t.micro_batch_size * micro_steps * world_size,
         "gradient_clipping": t.grad_clip,
         "steps_per_print": 2**31 - 1,  # we log ourselves
         # DeepSpeed's throughput timer synchronizes the GPU at every forward: a host sync per micro-step that
