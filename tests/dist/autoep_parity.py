@@ -1,5 +1,7 @@
-"""Run under the deepspeed launcher: our MoE block's forward vs the same weights after DeepSpeed AutoEP
-conversion (ZeRO-3, expert parallel = world size). Prints one JSON line on rank 0."""
+"""Run under the deepspeed launcher (or as one process with RANK/WORLD_SIZE set): our MoE block's forward and
+backward vs the same weights after DeepSpeed AutoEP conversion (ZeRO-3, expert parallel = world size), on the
+device the engine picks (GPU: AutoEP's fused Triton combine; CPU: its eager one). Prints one JSON line on rank 0."""
+import copy
 import json
 import os
 import sys
@@ -7,6 +9,7 @@ import sys
 import deepspeed
 import torch
 import torch.distributed as dist
+from deepspeed.utils import safe_get_full_grad
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(__file__)))
 from model_configs import tiny  # noqa: E402
@@ -16,9 +19,15 @@ from deepseek_pt.model import Transformer  # noqa: E402
 from deepseek_pt.train import init_distributed  # noqa: E402
 
 
+def max_over_ranks(value: float) -> float:
+    t = torch.tensor([value], dtype=torch.float64, device="cuda" if torch.cuda.is_available() else "cpu")
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.item()
+
+
 def main():
     cfg = tiny(mtp_depth=1)
-    _, world, _ = init_distributed(cfg)
+    _, world, device = init_distributed(cfg)
     cfg.parallel.expert_parallel_size = world
     cfg.train.micro_batch_size = 2
     cfg.precision = "fp32"
@@ -27,21 +36,36 @@ def main():
     for moe in model.moe_layers():  # a nonzero bias must reach AutoEP's router
         moe.gate.e_score_correction_bias.copy_(torch.linspace(-0.05, 0.05, moe.n_experts))
     n_params_before = sum(p.numel() for p in model.parameters())
+    reference = copy.deepcopy(model).to(device)
     ids = torch.randint(0, cfg.model.vocab_size, (2, 24), generator=torch.Generator().manual_seed(dist.get_rank()))
-    with torch.no_grad():
-        reference = model(ids)
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
-                                      config=build_ds_config(cfg, world, has_moe=True))
-    converted = [type(m).__name__ for m in engine.module.modules() if getattr(m, "_is_autoep_layer", False)]
-    shared_kept = all(m.shared_experts is not None for m in engine.module.modules() if getattr(m, "_is_autoep_layer", False))
+    ids = ids.to(device)
+    probe = torch.randn(2, 24, cfg.model.vocab_size, generator=torch.Generator().manual_seed(1)).to(device)
+    ref_out = reference(ids)
+    (ref_out * probe).sum().backward()
+    ref_grad = reference.embed_tokens.weight.grad
+    dist.all_reduce(ref_grad)  # DeepSpeed averages the data-parallel gradients
+    ref_grad /= world
+
+    ds_config = build_ds_config(cfg, world, has_moe=True)
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config)
+    converted = [m for m in engine.module.modules() if getattr(m, "_is_autoep_layer", False)]
     n_params_after = sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters())
-    with torch.no_grad():
-        out = engine(ids)
-    diff = torch.tensor([(out - reference).abs().max().item()])
-    dist.all_reduce(diff, op=dist.ReduceOp.MAX)
+    out = engine(ids)
+    engine.backward((out * probe).sum())
+    grad = safe_get_full_grad(engine.module.embed_tokens.weight)
+    result = {
+        "max_abs_diff": max_over_ranks((out - ref_out).abs().max().item()),
+        "grad_max_abs_diff": max_over_ranks((grad - ref_grad).abs().max().item()),
+        "grad_max_abs": ref_grad.abs().max().item(),
+        "converted": len(converted),
+        "shared_kept": all(m.shared_experts is not None for m in converted),
+        "combine_impl": sorted({m.combine_impl for m in converted}),
+        "device": device.type,
+        "params_before": n_params_before,
+        "params_after_per_rank": n_params_after,
+    }
     if dist.get_rank() == 0:
-        print(json.dumps({"max_abs_diff": diff.item(), "converted": len(converted), "shared_kept": shared_kept,
-                          "params_before": n_params_before, "params_after_per_rank": n_params_after}), flush=True)
+        print(json.dumps(result), flush=True)
     dist.barrier()
     dist.destroy_process_group()
 
