@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# FP8 against bf16 on real text, on one GPU: the training loop (python -m deepseek_pt.train) on the same model,
+# data and seed in bf16, torchao rowwise and tensorwise FP8; each run's metrics.jsonl goes to $OUT (or /tmp),
+# then a table of mean train losses per window of steps.
+# Usage: [RUNS=...] [RUN_TIMEOUT=seconds] bench/fp8_loss_check.sh SHARDS_DIR [STEPS [key=value ...]]   (shards with vocabulary <= 8192, e.g. the pydoc corpus:
+#   data_prep/pydoc_corpus.py, train_tokenizer.py --vocab-size 8192, build_shards.py; see docs/benchmarks.md)
+set -uo pipefail
+cd "$(dirname "$0")/.." || exit 1
+shards=${1:?usage: bench/fp8_loss_check.sh SHARDS_DIR [STEPS]}
+steps=${2:-300}
+shift $(($# > 1 ? 2 : 1))  # the rest: key=value overrides for every run
+out=${OUT:-/tmp}
+if [ -d .whl ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} RANK=0 LOCAL_RANK=0 WORLD_SIZE=1 MASTER_ADDR=127.0.0.1
+export TORCH_CUDA_ARCH_LIST=9.0 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONWARNINGS=ignore
+# bench-2b's layout at a quarter of its width (156M parameters, 70M active): every FP8 linear keeps dims that are
+# multiples of 16, and 300 steps take seconds.
+model=(model.vocab_size=8192 model.dim=1024 model.inter_dim=2816 model.attention.n_heads=8 model.attention.kv_lora_rank=256
+       model.moe.n_routed_experts=16 model.moe.top_k=4 model.moe.expert_inter_dim=704)
+train=(data.path="$shards" data.seq_len=512 train.micro_batch_size=8 train.max_steps="$steps" train.warmup_steps=30
+       train.eval_every=0 train.save_every=0)
+port=29510
+# RUNS: bf16, bf16_repeat, fp8_RECIPE, or bf16_seedN (bf16 from another initialization).
+runs=${RUNS:-bf16 fp8_rowwise fp8_tensorwise}
+for name in $runs; do
+  case $name in
+    bf16 | bf16_repeat) settings=(precision=bf16) ;;  # a repeat shows the GPU's run-to-run spread
+    bf16_seed*) settings=(precision=bf16 train.seed="${name#bf16_seed}") ;;
+    fp8_*) settings=(precision=fp8 fp8.recipe="${name#fp8_}") ;;
+    *) echo "unknown run $name" >&2; exit 2 ;;
+  esac
+  port=$((port + 1))
+  MASTER_PORT=$port timeout "${RUN_TIMEOUT:-300}" python3 -m deepseek_pt.train --config configs/bench-2b.yaml "${model[@]}" "${train[@]}" \
+    run.dir="/tmp/fp8_loss_$name" "${settings[@]}" "$@" > "$out/train_$name.log" 2>&1 ||
+    { echo "FAILED: $name" >&2; tail -n 20 "$out/train_$name.log" >&2; }
+  cp "/tmp/fp8_loss_$name/metrics.jsonl" "$out/metrics_$name.jsonl" 2>/dev/null
+  rm -rf "/tmp/fp8_loss_$name"
+done
+# shellcheck disable=SC2086
+python3 - "$out" "$steps" $runs <<'PY'
+import json, os, sys
+out, steps = sys.argv[1], int(sys.argv[2])
+runs = {}
+for name in sys.argv[3:]:
+    path = os.path.join(out, f"metrics_{name}.jsonl")
+    if os.path.exists(path):
+        runs[name] = {r["step"]: r for r in map(json.loads, open(path))}
+if "bf16" not in runs:
+    sys.exit("no bf16 run to compare against")
+names = list(runs)
+print("| steps (mean train loss) | " + " | ".join(names) + " | " + " | ".join(f"{n} vs bf16" for n in names[1:]) + " |")
+print("|---" * (2 * len(names)) + "|")
+window = max(1, steps // 10)
+for start in range(1, steps + 1, window):
+    span = range(start, min(start + window, steps + 1))
+    means = {n: sum(r[s]["loss"] for s in span if s in r) / max(1, sum(s in r for s in span)) for n, r in runs.items()}
+    rel = [f"{100 * (means[n] / means['bf16'] - 1):+.2f}%" for n in names[1:]]
+    print(f"| {span[0]}-{span[-1]} | " + " | ".join(f"{means[n]:.4f}" for n in names) + " | " + " | ".join(rel) + " |")
+for n, r in runs.items():
+    tail = [r[s]["tokens_per_s"] for s in r if s > steps // 2]
+    print(f"{n}: {len(r)} steps, median tokens/s over the second half {sorted(tail)[len(tail) // 2]:,.0f}, "
+          f"peak memory {max(x['peak_mem_gib'] for x in r.values()):.1f} GiB")
+PY
