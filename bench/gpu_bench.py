@@ -24,14 +24,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 
 from deepseek_pt.config import Config, load_config  # noqa: E402
-from deepseek_pt.engine.ds_config import build_ds_config  # noqa: E402
+from deepseek_pt.engine.ds_config import build_ds_config, lr_scheduler  # noqa: E402
 from deepseek_pt.engine.metrics import peak_flops  # noqa: E402
 from deepseek_pt.model.counting import train_flops_per_token  # noqa: E402
 from deepseek_pt.train import build_engine, init_distributed, param_groups, train_step  # noqa: E402
 
 
 def hf_engine(cfg: Config, world: int):
-    """The peer: HF DeepseekV3ForCausalLM of our shape under the same DeepSpeed config (no AutoEP)."""
+    """The peer: HF DeepseekV3ForCausalLM of our shape under the same DeepSpeed config (no AutoEP) and schedule."""
     import deepspeed
     from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
 
@@ -48,7 +48,7 @@ def hf_engine(cfg: Config, world: int):
     torch.manual_seed(cfg.train.seed)
     model = DeepseekV3ForCausalLM(hf_cfg)
     engine, *_ = deepspeed.initialize(model=model, model_parameters=param_groups(model, cfg.train.weight_decay),
-                                      config=build_ds_config(cfg, world, has_moe=False))
+                                      config=build_ds_config(cfg, world, has_moe=False), lr_scheduler=lr_scheduler(cfg))
     return engine
 
 
@@ -155,4 +155,8 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    finally:  # as training does: a process leaving with its NCCL group alive can abort or hang at exit
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()

@@ -22,7 +22,7 @@ import torch.distributed as dist
 from .config import Config, ConfigError, load_config, save_config
 from .engine import balance, checkpoint
 from .engine.checkpoint import CheckpointError
-from .engine.ds_config import build_ds_config, deepspeed_micro_steps, lr_at
+from .engine.ds_config import build_ds_config, deepspeed_micro_steps, lr_scheduler
 from .engine.metrics import MetricsLogger, peak_flops, peak_memory_gib
 from .model import Block, SwiGLU, Transformer
 from .model.counting import train_flops_per_token
@@ -204,7 +204,7 @@ def build_engine(cfg: Config, world: int, init_from: str | None = None, load_uni
     engine, _, _, _ = deepspeed.initialize(
         model=model, model_parameters=param_groups(model, cfg.train.weight_decay),
         config=build_ds_config(cfg, world, has_moe=uses_autoep(cfg), load_universal=load_universal),
-        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(cfg, s) / cfg.train.lr))
+        lr_scheduler=lr_scheduler(cfg))
     for _, bias in balance.moe_routers(engine.module):  # selection bias must keep fp32 resolution
         bias.data = bias.data.float()
     if cfg.train.compile_blocks:

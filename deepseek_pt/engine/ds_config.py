@@ -64,6 +64,12 @@ def lr_at(cfg: Config, step: int) -> float:
     return t.min_lr + 0.5 * (t.lr - t.min_lr) * (1 + math.cos(math.pi * frac))
 
 
+def lr_scheduler(cfg: Config):
+    """DeepSpeed's `lr_scheduler` argument: a factory giving the optimizer lr_at's schedule, stepped by the engine
+    once per optimizer step."""
+    return lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_at(cfg, step) / cfg.train.lr)
+
+
 def deepspeed_micro_steps(cfg: Config) -> int:
     """Micro-steps per optimizer step as DeepSpeed counts them: coalesced, the engine sees one backward's worth of
     reduction per step, so it runs with 1 and the loop averages the micro-step losses itself (train_step)."""
