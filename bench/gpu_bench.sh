@@ -20,10 +20,18 @@ while read -r line; do
   n=$((n + 1))
   err="${out%.jsonl}.$n.$(echo "$line" | tr -c 'a-z0-9' '_' | cut -c1-60).err"
   # shellcheck disable=SC2086
-  if ! timeout "${CASE_TIMEOUT:-300}" python3 bench/gpu_bench.py $line 2> "$err" | grep '^{' | tee -a "$out"; then
-    echo "{\"failed\": \"$line\"}" | tee -a "$out"
-    grep -v -e WARN -e INFO "$err" | tail -n 8 >&2  # why, without waiting for the files to come back
+  result=$(timeout "${CASE_TIMEOUT:-300}" python3 bench/gpu_bench.py $line 2> "$err" < /dev/null)
+  rc=$?
+  result=$(grep '^{' <<< "$result")
+  if [ -n "$result" ]; then
+    # A case that printed its measurement and then failed on the way out (124: CASE_TIMEOUT ran out in teardown)
+    # keeps its figures, flagged with the exit status.
+    [ "$rc" -eq 0 ] || result="${result%\}}, \"exit_status\": $rc}"
+    tee -a "$out" <<< "$result"
+  else
+    echo "{\"failed\": \"$line\", \"exit_status\": $rc}" | tee -a "$out"
   fi
+  [ "$rc" -eq 0 ] || grep -v -e WARN -e INFO "$err" | tail -n 8 >&2  # why, without waiting for the files to come back
 done < "$cases"
 python3 - "$out" <<'PY'
 import json, sys
@@ -34,5 +42,6 @@ for r in rows:
     if "failed" in r:
         print("FAILED", r["failed"]); continue
     ratio = r["tokens_per_s"] / peer[(r["seq"], r["micro_batch"])] if (r["seq"], r["micro_batch"]) in peer else float("nan")
-    print(f"{r['impl']:5} {r['precision']:5} {r['seq']:>5} {r['micro_batch']:>3} {r['tokens_per_s']:>8} {r['mfu'] or 0:>6.3f} {r['peak_mem_gib']:>8} {ratio:>7.2f}  {' '.join(r['overrides'])}")
+    exited = f"  (exit status {r['exit_status']} after its result)" if "exit_status" in r else ""
+    print(f"{r['impl']:5} {r['precision']:5} {r['seq']:>5} {r['micro_batch']:>3} {r['tokens_per_s']:>8} {r['mfu'] or 0:>6.3f} {r['peak_mem_gib']:>8} {ratio:>7.2f}  {' '.join(r['overrides'])}{exited}")
 PY
