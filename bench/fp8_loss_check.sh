@@ -29,7 +29,7 @@ for name in $runs; do
   case $name in
     bf16 | bf16_repeat) settings=(precision=bf16) ;;  # a repeat shows the GPU's run-to-run spread
     bf16_seed*) settings=(precision=bf16 train.seed="${name#bf16_seed}") ;;
-    fp8_*) settings=(precision=fp8 fp8.recipe="${name#fp8_}") ;;
+    fp8_*) settings=(precision=fp8 fp8.recipe="${name#fp8_}" fp8.layers=all) ;;  # all: numerics of every eligible linear, not only the wide ones
     *) echo "unknown run $name" >&2; exit 2 ;;
   esac
   port=$((port + 1))

@@ -158,5 +158,7 @@ if __name__ == "__main__":
     try:
         main()
     finally:  # as training does: a process leaving with its NCCL group alive can abort or hang at exit
+        import faulthandler
+        faulthandler.dump_traceback_later(30)  # a teardown slower than this prints where it waits, into stderr
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()

@@ -188,10 +188,14 @@ def build_engine(cfg: Config, world: int, init_from: str | None = None, load_uni
         compile_pointwise()
     if cfg.precision == "fp8":
         from .engine.fp8 import convert_to_fp8
-        n = convert_to_fp8(model, cfg.fp8.recipe)
+        n, narrow = convert_to_fp8(model, cfg.fp8.recipe, cfg.fp8.layers)
         if int(os.environ.get("RANK", 0)) == 0:
             how = "emulated in fp32 (numerics only, slower than bf16)" if cfg.fp8.recipe == "blockwise" else "torchao"
-            print(f"fp8: {n} linears, {cfg.fp8.recipe} scaling, {how}", flush=True)
+            kept = f"; {narrow} too narrow to gain left in bf16 (fp8.layers=auto)" if narrow else ""
+            print(f"fp8: {n} linears, {cfg.fp8.recipe} scaling, {how}{kept}", flush=True)
+            if n == 0:
+                print("fp8: no linear converted, this run computes in bf16; fp8.layers=all converts the narrow ones "
+                      "too", flush=True)
     if cfg.parallel.zero_stage == 3 and cfg.parallel.zero_leaf_blocks:
         from deepspeed.utils import set_z3_leaf_modules
         set_z3_leaf_modules(model, [Block])

@@ -1,9 +1,12 @@
 """The DeepSeek-V3 blockwise FP8 recipe (emulated): block scales, tile orientation per GEMM, conversion rules."""
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
 
-from deepseek_pt.engine.fp8 import BlockwiseFp8Linear, convert_to_fp8, fp8_round
+from deepseek_pt.config import load_config
+from deepseek_pt.engine.fp8 import BlockwiseFp8Linear, convert_to_fp8, fp8_round, fp8_targets
 from deepseek_pt.model import Transformer
 from model_configs import tiny
 
@@ -76,7 +79,8 @@ def test_conversion_rules_and_state_dict():
     keys = set(model.state_dict())
     ids = torch.randint(0, cfg.model.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
     before = model(ids, ids)
-    n = convert_to_fp8(model, "blockwise")
+    n, narrow = convert_to_fp8(model, "blockwise")
+    assert narrow == 0  # the blockwise recipe takes every eligible linear, however narrow
     converted = {name for name, m in model.named_modules() if isinstance(m, BlockwiseFp8Linear)}
     assert n == len(converted) > 0
     assert not any(name.endswith(("lm_head", "mlp.gate")) for name in converted)
@@ -91,3 +95,34 @@ def test_conversion_rules_and_state_dict():
     assert after.item() == pytest.approx(before.item(), rel=0.02)
     after.backward()
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad and p.dim() == 2 and p.numel() > 0)
+
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+
+
+def bench_model(config: str) -> nn.Module:
+    with torch.device("meta"):
+        return Transformer(load_config(CONFIGS / f"{config}.yaml", []).model)
+
+
+def test_auto_keeps_linears_too_narrow_to_gain_in_bf16():
+    bench = bench_model("bench-2b")
+    everything, none_left = fp8_targets(bench, "rowwise", "all")
+    assert len(everything) == 28 and none_left == 0  # 4 x 4 attention, 3 dense, 3 x 3 shared-expert linears
+    rowwise, narrow = fp8_targets(bench, "rowwise", "auto")  # dim 2048: only the dense SwiGLU's 2048 -> 10944
+    assert rowwise == {"layers.0.mlp.gate_proj", "layers.0.mlp.up_proj"} and narrow == 26
+    assert fp8_targets(bench, "tensorwise", "auto") == (rowwise, narrow)
+    assert fp8_targets(bench, "blockwise", "auto") == (everything, 0)
+    # DeepSeek-V3's dense-layer widths: the wide projections gain, the down-projections into the latents do not.
+    wide = bench_model("bench-v3-dense")
+    rowwise, narrow = fp8_targets(wide, "rowwise", "auto")
+    assert {n.split(".")[-1] for n in rowwise} == {"q_b_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    assert len(rowwise) == 3 * 5 and narrow == 3 * 3  # q_a (N 1536), kv_a (N 576), kv_b (K 512) in each layer
+    assert fp8_targets(wide, "tensorwise", "auto") == (rowwise, narrow)
+
+
+def test_a_model_too_narrow_for_fp8_converts_nothing():
+    model = Transformer(tiny().model)  # dim 48: no GEMM wide enough; torchao is not even imported
+    eligible = len(fp8_targets(model, "rowwise", "all")[0])
+    assert eligible > 0 and convert_to_fp8(model, "rowwise") == (0, eligible)
+    assert all(type(m) is nn.Linear for m in model.modules() if isinstance(m, nn.Linear))

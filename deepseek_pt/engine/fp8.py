@@ -1,11 +1,12 @@
 """FP8 mixed precision: which linears go FP8, and how they are scaled.
 
 By rule, only nn.Linear layers with both dimensions divisible by 16 (what FP8 GEMMs need) are
-converted: attention projections, dense SwiGLUs and shared experts. The embedding, the output head
+eligible: attention projections, dense SwiGLUs and shared experts. The embedding, the output head
 (its logits feed the loss directly), the router (Gate: not a Linear; its scores pick experts) and the
 norms stay in bf16. Master weights and optimizer state stay fp32 in ZeRO-3. Routed experts run in
 AutoEP's bf16 grouped GEMMs: torch 2.11's rowwise FP8 grouped GEMM ran at half their speed on an H100
-at the bench shape (docs/benchmarks.md), so it is not used.
+at the bench shape (docs/benchmarks.md), so it is not used. Of the eligible linears, `fp8.layers: auto`
+converts only those wide enough to gain (`fp8_gemm_pays`); `all` converts every one.
 
 Recipes:
 - `tensorwise`, `rowwise`: torchao float8 training (Float8Linear), real FP8 GEMMs; GPU only.
@@ -33,15 +34,38 @@ def _fp8_eligible(module: nn.Module, fqn: str) -> bool:
             and module.in_features % 16 == 0 and module.out_features % 16 == 0)
 
 
-def convert_to_fp8(model: nn.Module, recipe: str) -> int:
-    """Swap eligible linears for FP8 ones in place; returns how many were converted."""
+def fp8_gemm_pays(in_features: int, out_features: int, recipe: str) -> bool:
+    """Whether a linear this size trains faster with FP8 GEMMs than in bf16, counting the casts that feed its three
+    GEMMs (forward, input and weight gradients). An FP8 GEMM is at most ~1.8x a bf16 one on an H100, while each
+    cast reads a whole operand: narrow GEMMs lose. The thresholds are those of torchao's H100 table for rowwise
+    Float8Linear forward + backward; they hold for tensorwise here too: with torchao's looser tensorwise rule
+    (which converts 24 of bench-2b's 28 eligible linears, K and N of 512-3072) the step ran at 0.80x bf16, and
+    with every eligible linear in rowwise at 0.81x (docs/benchmarks.md)."""
     if recipe == "blockwise":
-        return _convert_blockwise(model)
-    from torchao.float8 import Float8LinearConfig, convert_to_float8_training
+        return True  # DeepSeek-V3's recipe quantizes every eligible linear, and the emulation has no speed to keep
+    K, N = in_features, out_features
+    return N > 2048 and K > 1024 and not (N <= 4096 and K <= 2048)
 
-    convert_to_float8_training(model, config=Float8LinearConfig.from_recipe_name(recipe),
-                               module_filter_fn=_fp8_eligible)
-    return sum(type(m).__name__ == "Float8Linear" for m in model.modules())
+
+def fp8_targets(model: nn.Module, recipe: str, layers: str) -> tuple[set[str], int]:
+    """Names of the linears to convert, and how many eligible ones `layers: auto` leaves in bf16 as too narrow."""
+    eligible = {fqn: m for fqn, m in model.named_modules() if _fp8_eligible(m, fqn)}
+    chosen = {fqn for fqn, m in eligible.items()
+              if layers == "all" or fp8_gemm_pays(m.in_features, m.out_features, recipe)}
+    return chosen, len(eligible) - len(chosen)
+
+
+def convert_to_fp8(model: nn.Module, recipe: str, layers: str = "auto") -> tuple[int, int]:
+    """Swap the chosen linears (fp8_targets) for FP8 ones in place; returns (converted, left in bf16 as too narrow)."""
+    chosen, narrow = fp8_targets(model, recipe, layers)
+    if recipe == "blockwise":
+        return _convert_blockwise(model, chosen), narrow
+    if chosen:
+        from torchao.float8 import Float8LinearConfig, convert_to_float8_training
+
+        convert_to_float8_training(model, config=Float8LinearConfig.from_recipe_name(recipe),
+                                   module_filter_fn=lambda _, fqn: fqn in chosen)
+    return sum(type(m).__name__ == "Float8Linear" for m in model.modules()), narrow
 
 
 def fp8_round(t: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
@@ -79,10 +103,10 @@ class BlockwiseFp8Linear(nn.Linear):
         return _BlockwiseFp8Matmul.apply(x.flatten(0, -2), self.weight.to(x.dtype)).unflatten(0, x.shape[:-1])
 
 
-def _convert_blockwise(model: nn.Module) -> int:
+def _convert_blockwise(model: nn.Module, chosen: set[str]) -> int:
     converted = 0
     for fqn, module in list(model.named_modules()):
-        if _fp8_eligible(module, fqn) and module.bias is None and type(module) is nn.Linear:
+        if fqn in chosen and module.bias is None and type(module) is nn.Linear:
             module.__class__ = BlockwiseFp8Linear  # same parameters, same state-dict keys
             converted += 1
     return converted
