@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU benchmark matrix in one device call: HF + DeepSpeed peer and deepseek_pt, same shape.
-# Usage: [CASE_TIMEOUT=seconds] bench/gpu_bench.sh [CASES_FILE]   (each line: --impl ours|hf [overrides])
+# Usage: [CASE_TIMEOUT=seconds] bench/gpu_bench.sh [CASES_FILE]   (each line: --impl ours|hf [overrides]; the
+# case files behind docs/benchmarks.md's tables are in bench/cases/)
 # On the device machine, wheels for what its image lacks (deepspeed, hjson, pydantic, torchao) come
 # from .whl/ (see docs/benchmarks.md).
 set -uo pipefail
@@ -13,7 +14,7 @@ export TORCH_CUDA_ARCH_LIST=9.0 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTIC
 export PYTHONWARNINGS=ignore PYTHONUNBUFFERED=1
 out=${OUT:-/tmp}/gpu_bench.jsonl
 : > "$out"
-cases=${1:-bench/gpu_cases.txt}
+cases=${1:-bench/cases/default.txt}
 n=0
 while read -r line; do
   [ -z "$line" ] || [ "${line:0:1}" = "#" ] && continue
