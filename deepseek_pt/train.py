@@ -63,10 +63,11 @@ def preflight(cfg: Config, world_size: int) -> None:
             "compute it; set it to 0 (bias balancing, model.moe.bias_update_rate, balances load) or use EP size 1")
     if cfg.parallel.zero_stage == 3 and has_moe and not uses_autoep(cfg) and ep > 1:
         raise PreflightError("parallel.expert_parallel_size > 1 requires DeepSpeed AutoEP")
-    if cfg.precision == "fp8" and cfg.fp8.recipe != "blockwise" and not torch.cuda.is_available():
-        raise PreflightError(f"precision: fp8 with fp8.recipe={cfg.fp8.recipe} needs a GPU with FP8 tensor cores "
-                             "(compute capability >= 8.9); this machine has none: use precision=bf16 or fp32, or "
-                             "fp8.recipe=blockwise (emulated)")
+    if cfg.precision == "fp8":
+        from .engine.fp8 import fp8_unavailable
+        if why := fp8_unavailable(cfg.fp8.recipe):
+            raise PreflightError(f"precision: fp8 with fp8.recipe={cfg.fp8.recipe} {why}: use precision=bf16 or "
+                                 "fp32, or fp8.recipe=blockwise (emulated)")
     try:
         manifest = open_manifest(cfg.data.path)
     except DataError as e:

@@ -6,7 +6,8 @@ import torch
 from torch import nn
 
 from deepseek_pt.config import load_config
-from deepseek_pt.engine.fp8 import BlockwiseFp8Linear, convert_to_fp8, fp8_round, fp8_targets
+from deepseek_pt.engine import fp8
+from deepseek_pt.engine.fp8 import BlockwiseFp8Linear, convert_to_fp8, fp8_round, fp8_targets, fp8_unavailable
 from deepseek_pt.model import Transformer
 from model_configs import tiny
 
@@ -126,3 +127,18 @@ def test_a_model_too_narrow_for_fp8_converts_nothing():
     eligible = len(fp8_targets(model, "rowwise", "all")[0])
     assert eligible > 0 and convert_to_fp8(model, "rowwise") == (0, eligible)
     assert all(type(m) is nn.Linear for m in model.modules() if isinstance(m, nn.Linear))
+
+
+def test_fp8_refusals_name_what_the_machine_lacks(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert fp8_unavailable("blockwise") is None  # the emulation runs anywhere
+    assert "this machine has none" in fp8_unavailable("rowwise")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda: "NVIDIA A100-SXM4-80GB")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda: (8, 0))
+    assert fp8_unavailable("tensorwise").endswith("NVIDIA A100-SXM4-80GB has 8.0")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda: (9, 0))
+    monkeypatch.setattr(fp8.importlib.util, "find_spec", lambda name: None if name == "torchao" else object())
+    assert "torchao" in fp8_unavailable("rowwise") and "pip install" in fp8_unavailable("rowwise")
+    monkeypatch.setattr(fp8.importlib.util, "find_spec", lambda name: object())
+    assert fp8_unavailable("rowwise") is None

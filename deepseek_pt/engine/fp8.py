@@ -18,6 +18,8 @@ Recipes:
 """
 from __future__ import annotations
 
+import importlib.util
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -32,6 +34,24 @@ def _fp8_eligible(module: nn.Module, fqn: str) -> bool:
     return (isinstance(module, nn.Linear) and parts[-1] not in HIGH_PRECISION
             and "experts" not in parts  # routed experts: AutoEP takes their weights into its own grouped GEMM
             and module.in_features % 16 == 0 and module.out_features % 16 == 0)
+
+
+def fp8_unavailable(recipe: str) -> str | None:
+    """Why this machine cannot run `recipe` as real FP8 GEMMs (None if it can): the emulated blockwise recipe runs
+    anywhere; tensorwise and rowwise need FP8 tensor cores (compute capability 8.9: Ada, Hopper and later) and
+    torchao's float8 training."""
+    if recipe == "blockwise":
+        return None
+    if not torch.cuda.is_available():
+        return "needs a GPU with FP8 tensor cores (compute capability >= 8.9); this machine has none"
+    major, minor = torch.cuda.get_device_capability()
+    if (major, minor) < (8, 9):
+        return (f"needs a GPU with FP8 tensor cores (compute capability >= 8.9); {torch.cuda.get_device_name()} "
+                f"has {major}.{minor}")
+    if importlib.util.find_spec("torchao") is None:
+        return ("runs on torchao's float8 training, which is not installed: pip install 'torchao>=0.18' (the project's "
+                "fp8 extra)")
+    return None
 
 
 def fp8_gemm_pays(in_features: int, out_features: int, recipe: str) -> bool:
