@@ -242,7 +242,7 @@ class Fp8Config:
     FP8 GEMMs), or DeepSeek-V3's 1x128 / 128x128 blocks, emulated in fp32 on any device (numerics, not speed)."""
     layers: Literal["auto", "all"] = "auto"
     """Which of those linears go FP8: `auto` only the ones wide enough that FP8's faster GEMMs outweigh its casts
-    (engine/fp8.py's fp8_gemm_pays, per recipe; blockwise takes all, as DeepSeek-V3 does), `all` every one. On a
+    (engine/fp8.py's fp8_gemm_pays; blockwise takes all, as DeepSeek-V3 does), `all` every one. On a
     narrow model `auto` may convert none: the run says so and trains in bf16."""
 
 
