@@ -1,6 +1,7 @@
-"""What FP8 GEMMs buy on this GPU at the bench-2b shapes: bf16 against FP8 (tensorwise, rowwise,
-DeepSeek-style blockwise 1x128 x 128x128) for the dense linears, and bf16 against rowwise FP8 grouped
-GEMM for the routed experts. GEMM alone and with the quantization of both operands.
+"""What FP8 GEMMs buy on this GPU at the bench-2b shapes and at DeepSeek-V3's dense widths (bench-v3-dense):
+bf16 against FP8 (tensorwise, rowwise, DeepSeek-style blockwise 1x128 x 128x128) for the dense linears, and
+bf16 against rowwise FP8 grouped GEMM for bench-2b's routed experts. The forward GEMM alone (weights
+pre-quantized) and with the compiled quantization of its activation.
 
     python bench/fp8_gemm_probe.py [--tokens 8192]
 
@@ -17,17 +18,21 @@ import torch.nn.functional as F
 E4M3_MAX = torch.finfo(torch.float8_e4m3fn).max
 
 
-def bench(fn, reps: int = 30) -> float:
+def bench(fn, calls: int = 20, reps: int = 7) -> float:
+    """Median ms per call over `reps` runs of `calls` back-to-back calls: the GPU never waits for the host to
+    launch the next call, as in training, so a compiled cast's Python overhead does not count as GPU time."""
     for _ in range(3):
         fn()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     times = []
     for _ in range(reps):
+        torch.cuda.synchronize()
         start.record()
-        fn()
+        for _ in range(calls):
+            fn()
         end.record()
         torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
+        times.append(start.elapsed_time(end) / calls)
     return sorted(times)[len(times) // 2]
 
 
@@ -134,7 +139,10 @@ def main() -> None:
     print(torch.cuda.get_device_name(), torch.__version__, flush=True)
     for name, K, N in [("q_proj", 2048, 3072), ("kv_a", 2048, 640), ("kv_b", 512, 4096), ("o_proj", 2048, 2048),
                        ("dense_up", 2048, 10944), ("dense_down", 10944, 2048), ("shared_up", 2048, 2816),
-                       ("lm_head", 2048, 32000)]:
+                       ("lm_head", 2048, 32000),
+                       # bench-v3-dense (dim 7168)
+                       ("v3 q_b", 1536, 24576), ("v3 o_proj", 16384, 7168), ("v3 up", 7168, 18432),
+                       ("v3 down", 18432, 7168)]:
         dense(M, K, N, name)
     grouped(M, 64, 6, 2048, 1408)
     grouped(M, 64, 6, 1408, 2048)
