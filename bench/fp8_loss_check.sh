@@ -2,7 +2,7 @@
 # FP8 against bf16 on real text, on one GPU: the training loop (python -m deepseek_pt.train) on the same model,
 # data and seed in bf16, torchao rowwise and tensorwise FP8; each run's metrics.jsonl goes to $OUT (or /tmp),
 # then a table of mean train losses per window of steps.
-# Usage: [RUNS=...] [RUN_TIMEOUT=seconds] bench/fp8_loss_check.sh SHARDS_DIR [STEPS [key=value ...]]   (shards with vocabulary <= 8192, e.g. the pydoc corpus:
+# Usage: [RUNS=...] [RUN_TIMEOUT=seconds] [CONFIG=yaml] bench/fp8_loss_check.sh SHARDS_DIR [STEPS [key=value ...]]   (shards with vocabulary <= 8192, e.g. the pydoc corpus:
 #   data_prep/pydoc_corpus.py, train_tokenizer.py --vocab-size 8192, build_shards.py; see docs/benchmarks.md)
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
@@ -16,10 +16,12 @@ if [ -d .whl ]; then
 fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} RANK=0 LOCAL_RANK=0 WORLD_SIZE=1 MASTER_ADDR=127.0.0.1
 export TORCH_CUDA_ARCH_LIST=9.0 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONWARNINGS=ignore
-# bench-2b's layout at a quarter of its width (156M parameters, 70M active): every FP8 linear keeps dims that are
-# multiples of 16, and 300 steps take seconds.
-model=(model.vocab_size=8192 model.dim=1024 model.inter_dim=2816 model.attention.n_heads=8 model.attention.kv_lora_rank=256
-       model.moe.n_routed_experts=16 model.moe.top_k=4 model.moe.expert_inter_dim=704)
+# The model: CONFIG as it is, or by default bench-2b's layout at a quarter of its width (156M parameters, 70M
+# active): every FP8 linear keeps dims that are multiples of 16, and 300 steps take seconds.
+config=${CONFIG:-configs/bench-2b.yaml}
+model=()
+[ -n "${CONFIG:-}" ] || model=(model.vocab_size=8192 model.dim=1024 model.inter_dim=2816 model.attention.n_heads=8
+  model.attention.kv_lora_rank=256 model.moe.n_routed_experts=16 model.moe.top_k=4 model.moe.expert_inter_dim=704)
 train=(data.path="$shards" data.seq_len=512 train.micro_batch_size=8 train.max_steps="$steps" train.warmup_steps=30
        train.eval_every=0 train.save_every=0)
 port=29510
@@ -33,7 +35,7 @@ for name in $runs; do
     *) echo "unknown run $name" >&2; exit 2 ;;
   esac
   port=$((port + 1))
-  MASTER_PORT=$port timeout "${RUN_TIMEOUT:-300}" python3 -m deepseek_pt.train --config configs/bench-2b.yaml "${model[@]}" "${train[@]}" \
+  MASTER_PORT=$port timeout "${RUN_TIMEOUT:-300}" python3 -m deepseek_pt.train --config "$config" "${model[@]}" "${train[@]}" \
     run.dir="/tmp/fp8_loss_$name" "${settings[@]}" "$@" > "$out/train_$name.log" 2>&1 ||
     { echo "FAILED: $name" >&2; tail -n 20 "$out/train_$name.log" >&2; }
   cp "/tmp/fp8_loss_$name/metrics.jsonl" "$out/metrics_$name.jsonl" 2>/dev/null
