@@ -217,6 +217,12 @@ class ParallelConfig:
     zero_persistence_threshold: int = 100_000
     """ZeRO-3: parameters of fewer elements stay gathered between steps (DeepSpeed's
     stage3_param_persistence_threshold). On one or a few GPUs, a large value skips re-gathering."""
+    zero_init: bool = False
+    """ZeRO-3: build the model already partitioned (deepspeed.zero.Init), so that each rank holds 1/world of the
+    parameters from the start instead of a full fp32 copy in host memory (4 bytes x parameters per process:
+    DeepSeek-V3's 671B would need 2.7 TB on every rank). Needed once a node cannot hold a full model per process.
+    Each module's parameters are drawn in turn, on rank 0, on the training device: on a GPU its random generator
+    gives another (equally distributed) initialization than the same seed on the CPU."""
     zero_leaf_blocks: bool = True
     """ZeRO-3: fetch, release and reduce each transformer block's parameters as one unit (a DeepSpeed leaf
     module) instead of hooking every linear and norm inside it: far fewer Python hooks per step, one
@@ -459,6 +465,11 @@ def validate(cfg: Config, where: str = "<config>") -> None:
         check(not bad, "train.activation_checkpointing", f"block {bad[0] if bad else 0} is not in 0 .. {m.n_layers - 1} "
               "(model.n_layers)")
         check(len(set(layers)) == len(layers), "train.activation_checkpointing", f"a block is listed twice: {layers}")
+    if cfg.parallel.zero_init:
+        check(cfg.parallel.zero_stage == 3, "parallel.zero_init",
+              f"needs parallel.zero_stage: 3 (got {cfg.parallel.zero_stage})")
+        check(not m.tie_embeddings, "parallel.zero_init", "cannot build a model whose head shares the embedding "
+              "(model.tie_embeddings: true) partitioned")
     if cfg.train.compile_blocks and cfg.parallel.zero_stage == 3:
         check(cfg.parallel.zero_leaf_blocks, "train.compile_blocks",
               "under ZeRO-3 needs parallel.zero_leaf_blocks: true (DeepSpeed's per-module hooks inside a compiled "

@@ -24,7 +24,7 @@ from .engine import balance, checkpoint
 from .engine.checkpoint import CheckpointError
 from .engine.ds_config import build_ds_config, deepspeed_micro_steps, lr_scheduler
 from .engine.metrics import MetricsLogger, peak_flops, peak_memory_gib
-from .model import Block, SwiGLU, Transformer
+from .model import Block, SwiGLU, Transformer, writable
 from .model.counting import train_flops_per_token
 
 
@@ -100,7 +100,8 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     """AdamW groups: matrices decay; norms, biases and the embedding don't."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
-        (no_decay if p.ndim < 2 or name == "embed_tokens.weight" else decay).append(p)
+        ndim = len(getattr(p, "ds_shape", p.shape))  # a parameter built partitioned (zero_init) is flat locally
+        (no_decay if ndim < 2 or name == "embed_tokens.weight" else decay).append(p)
     return [{"name": "decay", "params": decay, "weight_decay": weight_decay},
             {"name": "no_decay", "params": no_decay, "weight_decay": 0.0}]
 
@@ -178,12 +179,18 @@ def build_engine(cfg: Config, world: int, init_from: str | None = None, load_uni
     """The model and its DeepSpeed engine, as training (and bench/) use them."""
     import deepspeed
 
+    ds_config = build_ds_config(cfg, world, has_moe=uses_autoep(cfg), load_universal=load_universal)
     torch.manual_seed(cfg.train.seed)
-    model = Transformer(cfg.model)
+    with deepspeed.zero.Init(config_dict_or_path=ds_config, enabled=cfg.parallel.zero_init):
+        model = Transformer(cfg.model)
+    if cfg.parallel.zero_init and int(os.environ.get("RANK", 0)) == 0:
+        held, total = sum(p.ds_tensor.numel() for p in model.parameters()), sum(p.ds_numel for p in model.parameters())
+        print(f"zero_init: model built partitioned, rank 0 holds {held:,} of {total:,} parameters", flush=True)
     if init_from:
         from .export import load_export
         exported, _ = load_export(init_from, dtype=torch.float32)
-        model.load_state_dict(exported.state_dict())
+        with writable(*model.parameters()):  # the export is whole on every rank anyway
+            model.load_state_dict(exported.state_dict())
     if cfg.train.compile:
         from .model.layers import compile_pointwise
         compile_pointwise()
@@ -208,8 +215,7 @@ def build_engine(cfg: Config, world: int, init_from: str | None = None, load_uni
         model.recompute_in_backward(partial(recompute, use_reentrant=False), None if layers is True else layers)
     engine, _, _, _ = deepspeed.initialize(
         model=model, model_parameters=param_groups(model, cfg.train.weight_decay),
-        config=build_ds_config(cfg, world, has_moe=uses_autoep(cfg), load_universal=load_universal),
-        lr_scheduler=lr_scheduler(cfg))
+        config=ds_config, lr_scheduler=lr_scheduler(cfg))
     for _, bias in balance.moe_routers(engine.module):  # selection bias must keep fp32 resolution
         bias.data = bias.data.float()
     if cfg.train.compile_blocks:
@@ -264,7 +270,8 @@ def train(cfg: Config) -> int:
 
     resume_dir = checkpoint.resolve(cfg.train.resume, run_dir)
     meta = checkpoint.verify(resume_dir) if resume_dir else None
-    reshard = meta is not None and (meta["world_size"], meta["ep_size"]) != (world, cfg.parallel.expert_parallel_size)
+    layout = (world, cfg.parallel.expert_parallel_size, cfg.parallel.zero_init)
+    reshard = meta is not None and (meta["world_size"], meta["ep_size"], meta.get("zero_init", False)) != layout
     if reshard:
         resume_dir = checkpoint.ensure_universal(resume_dir)
 
@@ -300,7 +307,8 @@ def train(cfg: Config) -> int:
         nonlocal last_saved
         client = {"step": at_step, "tokens_seen": tokens_seen, "loader": loader.state_dict(),
                   "balance_bias": balance.balance_biases(engine.module), "wandb_id": log.wandb_id}
-        checkpoint.save(engine, run_dir, at_step, client, cfg.parallel.expert_parallel_size, cfg.train.keep_last)
+        checkpoint.save(engine, run_dir, at_step, client, cfg.parallel.expert_parallel_size, cfg.train.keep_last,
+                        cfg.parallel.zero_init)
         last_saved = at_step
 
     exit_reason = None

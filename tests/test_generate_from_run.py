@@ -34,7 +34,8 @@ def test_generate_and_evaluate_from_a_sharded_ep_run(tmp_path, pydoc_data_dir):
 
 
 @pytest.mark.slow
-def test_training_starts_from_an_export(tmp_path, pydoc_data_dir):
+@pytest.mark.parametrize("zero_init", [False, True], ids=["built-whole", "built-partitioned"])
+def test_training_starts_from_an_export(tmp_path, pydoc_data_dir, zero_init):
     """train.init_from: step 1's loss is the exported model's loss on the same first batches."""
     import torch
 
@@ -49,7 +50,7 @@ def test_training_starts_from_an_export(tmp_path, pydoc_data_dir):
     model = Transformer(cfg.model)
     save_export(model, cfg, tmp_path / "export")
     run = tmp_path / "run"
-    train(2, run, data, "train.max_steps=1", f"train.init_from={tmp_path / 'export'}")
+    train(2, run, data, "train.max_steps=1", f"train.init_from={tmp_path / 'export'}", f"parallel.zero_init={zero_init}")
     ds = PretrainDataset(data, "train", cfg.data.seq_len)
     with torch.no_grad():
         expected = sum(model(*next(TrainLoader(ds, cfg.train.micro_batch_size, dp_rank=r, dp_world=2,

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -134,6 +135,18 @@ def test_expert_parallel_1_and_2_give_the_same_losses(tmp_path, baseline, data):
 
 
 @pytest.mark.slow
+def test_zero_init_builds_the_model_partitioned_and_trains_like_the_default(tmp_path, baseline, data):
+    proc = train(2, tmp_path, data, "parallel.zero_init=true", "train.eval_every=4", "train.save_every=4")
+    held, total = (int(n.replace(",", "")) for n in
+                   re.search(r"rank 0 holds ([\d,]+) of ([\d,]+) parameters", proc.stdout).groups())
+    assert 0.45 * total < held < 0.55 * total  # half of every parameter from the start, never a full copy
+    # Same seed, same initialization (rank 0 draws each module's weights in the default's order); weight decay
+    # still sees matrices as matrices although they are flat locally.
+    assert_same_losses(tmp_path, baseline, abs=1e-6)
+    assert json.loads((ckpt(tmp_path, 8) / "meta.json").read_text())["zero_init"] is True
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("coalesce, resumed", [(False, False), (True, False), (True, True)],
                          ids=["reduced-per-micro-step", "reduced-per-step", "reduced-per-step-stopped-and-resumed"])
 def test_two_micro_steps_of_two_give_the_losses_of_one_of_four(tmp_path, baseline, data, coalesce, resumed):
@@ -169,7 +182,8 @@ def test_fp8_blockwise_emulation_trains_like_fp32(tmp_path, baseline, data):
 @pytest.mark.parametrize("nproc, overrides", [
     (4, ["train.micro_batch_size=2"]),            # 2 -> 4 processes, same global batch
     (2, ["parallel.expert_parallel_size=1"]),     # EP 2 -> 1
-], ids=["2-to-4-processes", "ep2-to-ep1"])
+    (2, ["parallel.zero_init=true"]),             # built whole -> built partitioned: other partition layout
+], ids=["2-to-4-processes", "ep2-to-ep1", "to-zero-init"])
 def test_universal_resume_on_another_topology(tmp_path, baseline, stopped, data, nproc, overrides):
     proc = train(nproc, tmp_path, data, f"train.resume={ckpt(stopped, 4)}", *overrides)
     assert "universal: resharded" in proc.stdout

@@ -65,8 +65,11 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def save(engine, run_dir: Path, step: int, client_state: dict, ep_size: int, keep_last: int) -> Path:
-    """Collective: every rank calls it. Returns the checkpoint directory."""
+def save(engine, run_dir: Path, step: int, client_state: dict, ep_size: int, keep_last: int,
+         zero_init: bool = False) -> Path:
+    """Collective: every rank calls it. Returns the checkpoint directory. `ep_size` and `zero_init` (how the model
+    was built: its partitions are laid out differently) go into meta.json with the world size: a resume that changes
+    any of them goes through the universal checkpoint."""
     root = checkpoints_dir(run_dir)
     tag = tag_for(step)
     tag_dir = root / tag
@@ -81,7 +84,8 @@ def save(engine, run_dir: Path, step: int, client_state: dict, ep_size: int, kee
     dist.barrier()
     files = _hash_share(tag_dir, _files(tag_dir))
     if rank == 0:
-        meta = {"format_version": FORMAT_VERSION, "step": step, "world_size": world, "ep_size": ep_size, "files": files}
+        meta = {"format_version": FORMAT_VERSION, "step": step, "world_size": world, "ep_size": ep_size,
+                "zero_init": zero_init, "files": files}
         atomic_write_text(tag_dir / "meta.json", json.dumps(meta, indent=1))
         atomic_write_text(root / "latest", tag + "\n")
         _prune(root, keep_last)

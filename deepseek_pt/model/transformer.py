@@ -1,6 +1,7 @@
 """The DeepSeek-V3 decoder: pre-norm blocks of MLA + (dense SwiGLU | MoE), optional MTP modules."""
 from __future__ import annotations
 
+import contextlib
 import copy
 from collections.abc import Callable, Iterable
 
@@ -12,6 +13,16 @@ from ..config import ModelConfig
 from .layers import RMSNorm, SwiGLU
 from .mla import MLA, MLACache, fold_output_projection, split_output_projection
 from .moe import MoE
+
+
+def writable(*params: nn.Parameter):
+    """Context in which `params` can be overwritten in place. Parameters built partitioned (ZeRO-3's
+    deepspeed.zero.Init, parallel.zero_init) are gathered for its duration, and rank 0's values become every rank's
+    on the way out; plain ones need nothing."""
+    if not any(hasattr(p, "ds_id") for p in params):
+        return contextlib.nullcontext()
+    import deepspeed
+    return deepspeed.zero.GatheredParameters(list(params), modifier_rank=0)
 
 
 class Block(nn.Module):
@@ -76,15 +87,19 @@ class Transformer(nn.Module):
         if self.embed_tokens.weight.is_meta:  # shape-only model (parameter counting): nothing to fill
             return
         std = self.config.init_std
+        # One module at a time: a partitioned model (parallel.zero_init) is never whole on one rank.
         for module in self.modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(module.weight, mean=0.0, std=std)
+                with writable(module.weight):
+                    nn.init.normal_(module.weight, mean=0.0, std=std)
         for moe in self.moe_layers():
-            nn.init.normal_(moe.gate.weight, mean=0.0, std=std)
+            with writable(moe.gate.weight):
+                nn.init.normal_(moe.gate.weight, mean=0.0, std=std)
         if self.config.attention.use_output_subspace and self.config.attention.o_init == "xavier":
             for layer in self.attention_layers():
-                nn.init.xavier_uniform_(layer.o_a_proj.weight)
-                nn.init.xavier_uniform_(layer.o_b_proj.weight)
+                with writable(layer.o_a_proj.weight, layer.o_b_proj.weight):
+                    nn.init.xavier_uniform_(layer.o_a_proj.weight)
+                    nn.init.xavier_uniform_(layer.o_b_proj.weight)
 
     def attention_layers(self) -> list[MLA]:
         return [m for m in self.modules() if isinstance(m, MLA)]
