@@ -25,7 +25,7 @@ from .engine.checkpoint import CheckpointError
 from .engine.ds_config import build_ds_config, deepspeed_micro_steps, lr_scheduler
 from .engine.metrics import MetricsLogger, peak_flops, peak_memory_gib
 from .model import Block, SwiGLU, Transformer, writable
-from .model.counting import train_flops_per_token
+from .model.counting import meta_model, train_flops_per_token
 
 
 class PreflightError(ValueError):
@@ -48,6 +48,17 @@ def uses_autoep(cfg: Config) -> bool:
     return cfg.model.moe.n_dense_layers < cfg.model.n_layers and not cfg.model.moe.seq_aux_loss_alpha
 
 
+def host_memory_available() -> int | None:
+    """Bytes of memory the kernel says new allocations can take on this node (MemAvailable), None if unknown."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 def preflight(cfg: Config, world_size: int) -> None:
     """Everything that can be refused before starting: names the key or path at fault."""
     from .data import DataError, open_manifest
@@ -68,6 +79,17 @@ def preflight(cfg: Config, world_size: int) -> None:
         if why := fp8_unavailable(cfg.fp8.recipe):
             raise PreflightError(f"precision: fp8 with fp8.recipe={cfg.fp8.recipe} {why}: use precision=bf16 or "
                                  "fp32, or fp8.recipe=blockwise (emulated)")
+    if not cfg.parallel.zero_init:  # each process builds the whole model in fp32 before DeepSpeed partitions it
+        n_params = sum(p.numel() for p in meta_model(cfg.model).parameters())
+        procs = int(os.environ.get("LOCAL_SIZE") or os.environ.get("LOCAL_WORLD_SIZE") or world_size)
+        need, available = 4 * n_params * procs, host_memory_available()
+        if available is not None and need > available:
+            fix = ("set parallel.zero_init=true (the model is then built partitioned)" if cfg.parallel.zero_stage == 3
+                   else "use parallel.zero_stage=3 with parallel.zero_init=true")
+            raise PreflightError(
+                f"parallel.zero_init: false builds the whole model in fp32 in each of this node's {procs} processes: "
+                f"{need / 2**30:,.1f} GiB ({n_params:,} parameters x 4 bytes x {procs}), more than the "
+                f"{available / 2**30:,.1f} GiB of memory available here; {fix}")
     try:
         manifest = open_manifest(cfg.data.path)
     except DataError as e:

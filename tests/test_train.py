@@ -235,6 +235,8 @@ def _direct(tmp_path: Path, *args: str, world: int = 2) -> subprocess.CompletedP
     (["parallel.expert_parallel_size=3"], 3, "parallel.expert_parallel_size: 3 does not divide model.moe.n_routed_experts (8)"),
     (["model.vocab_size=512"], 2, "model.vocab_size: 512 is smaller than the tokenizer's vocabulary (1024"),
     (["precision=fp8"], 2, "precision: fp8 with fp8.recipe=rowwise needs a GPU"),
+    (["model.dim=8192", "model.moe.expert_inter_dim=65536", "model.moe.n_routed_experts=64"], 2,  # 103B parameters
+     "parallel.zero_init: false builds the whole model in fp32 in each of this node's 2 processes: 780.2 GiB"),
     (["model.moe.seq_aux_loss_alpha=0.01"], 2, "model.moe.seq_aux_loss_alpha: the sequence-wise balance loss needs"),
     (["train.resume=/nonexistent/ckpt"], 2, "train.resume: checkpoint /nonexistent/ckpt does not exist"),
     (["train.init_from=/nonexistent/export"], 2, "train.init_from: /nonexistent/export/export.json: not found"),
@@ -326,3 +328,15 @@ def test_zero3_block_granularity_and_compiled_blocks(tmp_path, baseline, data, o
     assert not wiring["throughput_timer"]  # DeepSpeed's would synchronize the GPU at every forward
     train(2, tmp_path, data, *overrides)
     assert_same_losses(tmp_path, baseline, abs=1e-5)
+
+
+def test_a_partitioned_build_needs_no_whole_model_in_host_memory(monkeypatch, data):
+    import deepseek_pt.train as train_module
+    from deepseek_pt.config import load_config
+
+    cfg = load_config(SMOKE, [f"data.path={data}"])
+    monkeypatch.setattr(train_module, "host_memory_available", lambda: 1024)  # no whole model fits in 1 KiB
+    with pytest.raises(train_module.PreflightError, match="parallel.zero_init: false builds the whole model"):
+        train_module.preflight(cfg, 2)
+    cfg.parallel.zero_init = True
+    train_module.preflight(cfg, 2)
