@@ -57,8 +57,8 @@ if [[ -n ${NPROC_PER_NODE:-} ]]; then
     for i in "${!slots[@]}"; do slots[i]=$NPROC_PER_NODE; done
     select+=(--num_gpus "$NPROC_PER_NODE")
 fi
-world=0
-for s in "${slots[@]}"; do world=$((world + s)); done
+world=0 per_node=0
+for s in "${slots[@]}"; do world=$((world + s)); ((s <= per_node)) || per_node=$s; done
 ((world > 0)) || die 2 "$hostfile: no slots"
 
 if ((${#hosts[@]} > 1)); then
@@ -67,7 +67,7 @@ fi
 
 detect_devices  # of this host; the others are assumed alike (CPU or GPU) for the env defaults
 setup_env
-validate "$world" "$config" "$@"
+validate "$world" "$per_node" "$config" "$@"
 
 port=${MASTER_PORT:-29500}
 tmp=$(mktemp -d "${TMPDIR:-/tmp}/deepseek_pt_hostfile.XXXXXX")

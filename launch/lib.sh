@@ -72,13 +72,14 @@ setup_env() {
     export PYTHONPATH="$REPO_ROOT${PYTHONPATH:+:$PYTHONPATH}"
 }
 
-# validate WORLD_SIZE CONFIG [overrides...]: the trainer's own --check-only, for the planned world
-# size (so parallel.expert_parallel_size is checked against it). Exits 2 on a bad config.
+# validate WORLD_SIZE PROCS_PER_NODE CONFIG [overrides...]: the trainer's own --check-only, for the planned
+# world size (so parallel.expert_parallel_size is checked against it) and processes per node (the host memory
+# a whole-model build takes). Exits 2 on a bad config.
 validate() {
-    local world=$1 config=$2
-    shift 2
+    local world=$1 per_node=$2 config=$3
+    shift 3
     [[ -f $config ]] || die 2 "$config: config file not found (nothing started)"
-    if ! WORLD_SIZE=$world "$PYTHON" -m deepseek_pt.train --check-only --config "$config" "$@" >/dev/null; then
+    if ! WORLD_SIZE=$world LOCAL_SIZE=$per_node "$PYTHON" -m deepseek_pt.train --check-only --config "$config" "$@" >/dev/null; then
         die 2 "$config: the configuration was refused for $world processes (nothing started)"
     fi
     RUN_DIR=$("$PYTHON" "$LAUNCH_DIR/plan.py" run-dir "$config" "$@")

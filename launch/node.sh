@@ -61,7 +61,7 @@ fi
 world=$((nnodes * nproc))
 
 setup_env
-validate "$world" "$config" "$@"
+validate "$world" "$nproc" "$config" "$@"
 
 # With --no_ssh the deepspeed runner still needs the whole job's layout (ranks of node r are
 # r*nproc .. r*nproc+nproc-1, node r's launcher picks entry r): a hostfile of NNODES placeholder

@@ -43,7 +43,7 @@ else
 fi
 
 setup_env
-validate "$nproc" "$config" "$@"
+validate "$nproc" "$nproc" "$config" "$@"
 port=${MASTER_PORT:-$("$PYTHON" "$LAUNCH_DIR/plan.py" free-port)}
 
 # No hostfile: a stray /job/hostfile must not turn this into a pdsh multi-node launch.
