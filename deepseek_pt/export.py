@@ -49,10 +49,12 @@ def expected_tensors(model: Transformer) -> dict[str, torch.Tensor]:
 
 
 def cast_model(model: Transformer, dtype: torch.dtype) -> Transformer:
-    """`model.to(dtype)` keeping the routers in fp32, as HF DeepseekV3 does (`gate` computes in fp32)."""
+    """`model.to(dtype)` keeping the routers in fp32, as HF DeepseekV3 does (`gate` computes in fp32), and the RoPE
+    frequencies as training used them (fp32)."""
     model.to(dtype)
     for moe in model.moe_layers():
         moe.gate.float()
+    model.reset_rope()
     return model
 
 

@@ -238,6 +238,9 @@ def build_engine(cfg: Config, world: int, init_from: str | None = None, load_uni
     engine, _, _, _ = deepspeed.initialize(
         model=model, model_parameters=param_groups(model, cfg.train.weight_decay),
         config=ds_config, lr_scheduler=lr_scheduler(cfg))
+    # DeepSpeed casts the whole module to bf16, buffers too (and zero.Init computes them in bf16); an export computes
+    # the RoPE frequencies afresh, so training must rotate positions with the same fp32 ones.
+    engine.module.reset_rope()
     for _, bias in balance.moe_routers(engine.module):  # selection bias must keep fp32 resolution
         bias.data = bias.data.float()
     if cfg.train.compile_blocks:

@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from deepseek_pt.export import ExportError, load_export, read_export_info, save_export
+from deepseek_pt.export import ExportError, cast_model, load_export, read_export_info, save_export
 from deepseek_pt.fileio import sha256_file
 from deepseek_pt.interop.checkpoints import load_checkpoint
 from deepseek_pt.model import Transformer, to_output_subspace
@@ -156,3 +156,14 @@ def test_training_run_dirs_go_through_the_engines_export(tmp_path, monkeypatch, 
     del engine_export.export_checkpoint
     with pytest.raises(ExportError, match="cannot read training checkpoints"):
         load_checkpoint(run_dir)
+
+
+def test_a_bf16_model_rotates_positions_with_fp32_frequencies():
+    from deepseek_pt.model.rope import inv_frequencies
+
+    cfg = tiny(mtp_depth=1)
+    model = cast_model(Transformer(cfg.model), torch.bfloat16)
+    exact, _ = inv_frequencies(cfg.model.attention)
+    layers = model.attention_layers()
+    assert len(layers) == cfg.model.n_layers + 1 and all(torch.equal(layer.inv_freq, exact) for layer in layers)
+    assert model.lm_head.weight.dtype == torch.bfloat16

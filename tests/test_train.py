@@ -330,6 +330,18 @@ def test_zero3_block_granularity_and_compiled_blocks(tmp_path, baseline, data, o
     assert_same_losses(tmp_path, baseline, abs=1e-5)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("zero_init", [False, True], ids=["built-whole", "built-partitioned"])
+def test_bf16_engine_keeps_rope_frequencies_and_balance_bias_in_fp32(zero_init):
+    proc = run_job(deepspeed_cmd(2, ROOT / "tests" / "dist" / "engine_dtypes.py", "precision=bf16",
+                                 f"parallel.zero_init={zero_init}"), timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = last_json(proc.stdout)
+    assert report["param_dtypes"] == ["torch.bfloat16"]
+    assert report["rope_dtypes"] == ["torch.float32"] and report["rope_exact"]
+    assert report["bias_dtypes"] == ["torch.float32"]
+
+
 def test_a_partitioned_build_needs_no_whole_model_in_host_memory(monkeypatch, data):
     import deepseek_pt.train as train_module
     from deepseek_pt.config import load_config
