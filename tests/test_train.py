@@ -147,6 +147,16 @@ def test_zero_init_builds_the_model_partitioned_and_trains_like_the_default(tmp_
 
 
 @pytest.mark.slow
+def test_zero_init_in_bf16_builds_the_same_model(tmp_path, data):
+    """Under bf16 zero.Init builds the parameters in bf16 from the start, the default casts them later: the weights
+    are drawn in fp32 either way, so both runs start from the same model and log the same losses."""
+    whole, partitioned = tmp_path / "whole", tmp_path / "partitioned"
+    train(2, whole, data, "precision=bf16", "train.max_steps=3")
+    train(2, partitioned, data, "precision=bf16", "train.max_steps=3", "parallel.zero_init=true")
+    assert_same_losses(partitioned, whole, abs=1e-6)
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("coalesce, resumed", [(False, False), (True, False), (True, True)],
                          ids=["reduced-per-micro-step", "reduced-per-step", "reduced-per-step-stopped-and-resumed"])
 def test_two_micro_steps_of_two_give_the_losses_of_one_of_four(tmp_path, baseline, data, coalesce, resumed):
