@@ -206,7 +206,8 @@ def build_engine(cfg: Config, world: int, init_from: str | None = None, load_uni
     with deepspeed.zero.Init(config_dict_or_path=ds_config, enabled=cfg.parallel.zero_init):
         model = Transformer(cfg.model)
     if cfg.parallel.zero_init and int(os.environ.get("RANK", 0)) == 0:
-        held, total = sum(p.ds_tensor.numel() for p in model.parameters()), sum(p.ds_numel for p in model.parameters())
+        held = sum(p.ds_tensor.numel() for p in model.parameters())
+        total = sum(p.ds_numel for p in model.parameters())
         print(f"zero_init: model built partitioned, rank 0 holds {held:,} of {total:,} parameters", flush=True)
     if init_from:
         from .export import load_export

@@ -12,8 +12,8 @@ from torch import nn
 from ..config import ModelConfig
 from .layers import RMSNorm, SwiGLU
 from .mla import MLA, MLACache, fold_output_projection, split_output_projection
-from .rope import inv_frequencies
 from .moe import MoE
+from .rope import inv_frequencies
 
 
 def writable(*params: nn.Parameter):
