@@ -239,8 +239,8 @@ def build_engine(cfg: Config, world: int, init_from: str | None = None, load_uni
     engine, _, _, _ = deepspeed.initialize(
         model=model, model_parameters=param_groups(model, cfg.train.weight_decay),
         config=ds_config, lr_scheduler=lr_scheduler(cfg))
-    # DeepSpeed casts the whole module to bf16, buffers too (and zero.Init computes them in bf16); an export computes
-    # the RoPE frequencies afresh, so training must rotate positions with the same fp32 ones.
+    # DeepSpeed keeps fp32 buffers when it casts to bf16, but under zero.Init the RoPE frequencies were computed in
+    # bf16; exports compute them afresh in fp32, and training must rotate positions as they will.
     engine.module.reset_rope()
     for _, bias in balance.moe_routers(engine.module):  # selection bias must keep fp32 resolution
         bias.data = bias.data.float()

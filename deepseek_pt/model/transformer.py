@@ -123,8 +123,8 @@ class Transformer(nn.Module):
 
     @torch.no_grad()
     def reset_rope(self) -> None:
-        """Set every attention layer's RoPE frequencies again, in fp32, as computed: `model.to(bf16)` and DeepSpeed's
-        bf16 cast round them too (off by up to 0.4%: at position 4096 an angle turns by radians)."""
+        """Set every attention layer's RoPE frequencies again, in fp32, as computed: `model.to(bf16)` rounds them, and
+        deepspeed.zero.Init computes them in bf16 (off by up to 0.4%: at position 4096 an angle turns by radians)."""
         inv_freq, _ = inv_frequencies(self.config.attention)
         for layer in self.attention_layers():
             layer.inv_freq = inv_freq.to(layer.inv_freq.device, copy=True)  # one buffer per layer, as built
