@@ -330,7 +330,7 @@ def test_parallel_timeout_minutes_ends_a_wait_on_a_hung_rank():
 def test_zero3_block_granularity_and_compiled_blocks(tmp_path, baseline, data, overrides, leaf, compiled):
     """Blocks as ZeRO-3 leaf modules (the default) and compiled block halves change the hooks, not the math:
     the wiring is what the engine reports, and 8 training steps give the baseline's losses."""
-    proc = run_job(deepspeed_cmd(2, ROOT / "tests" / "dist" / "zero3_hooks.py", *overrides), timeout=300)
+    proc = run_job(deepspeed_cmd(2, ROOT / "tests" / "dist" / "engine_report.py", *overrides), timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     wiring = last_json(proc.stdout)
     assert wiring["leaf"] == leaf and wiring["compiled"] == compiled  # the AutoEP MoE half stays eager
@@ -343,7 +343,7 @@ def test_zero3_block_granularity_and_compiled_blocks(tmp_path, baseline, data, o
 @pytest.mark.slow
 @pytest.mark.parametrize("zero_init", [False, True], ids=["built-whole", "built-partitioned"])
 def test_bf16_engine_keeps_rope_frequencies_and_balance_bias_in_fp32(zero_init):
-    proc = run_job(deepspeed_cmd(2, ROOT / "tests" / "dist" / "engine_dtypes.py", "precision=bf16",
+    proc = run_job(deepspeed_cmd(2, ROOT / "tests" / "dist" / "engine_report.py", "precision=bf16",
                                  f"parallel.zero_init={zero_init}"), timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = last_json(proc.stdout)

@@ -1,11 +1,13 @@
-"""Run under the deepspeed launcher: build the training engine (smoke config + overrides from argv) and report,
-on rank 0, which modules ZeRO-3 fetches as a unit (leaf modules), how many linears it hooks one by one, and
-which block methods were compiled, and whether DeepSpeed's throughput timer (a GPU sync per forward) runs.
-One JSON line."""
+"""Run under the deepspeed launcher: build the training engine (smoke config + overrides from argv) and report, on
+rank 0, how it is wired: which modules ZeRO-3 fetches as a unit (leaf modules), how many linears it hooks one by
+one, which block methods were compiled, whether DeepSpeed's throughput timer (a GPU sync per forward) runs; and the
+dtypes it computes in: parameters, and the buffers that must keep fp32 (RoPE frequencies equal to a fresh
+computation, the balancing bias). One JSON line."""
 import json
 import sys
 from pathlib import Path
 
+import torch
 from torch import nn
 
 ROOT = Path(__file__).resolve().parent.parent.parent
@@ -13,6 +15,8 @@ sys.path.insert(0, str(ROOT))
 from deepspeed.utils import z3_leaf_module  # noqa: E402
 
 from deepseek_pt.config import load_config  # noqa: E402
+from deepseek_pt.engine import balance  # noqa: E402
+from deepseek_pt.model.rope import inv_frequencies  # noqa: E402
 from deepseek_pt.model.transformer import Block  # noqa: E402
 from deepseek_pt.train import build_engine, init_distributed  # noqa: E402
 
@@ -23,6 +27,8 @@ def main():
     engine = build_engine(cfg, world)
     modules = dict(engine.module.named_modules())
     blocks = [name for name, m in modules.items() if isinstance(m, Block)]
+    exact, _ = inv_frequencies(cfg.model.attention)
+    rope = [b for name, b in engine.module.named_buffers() if name.endswith("inv_freq")]
     if rank == 0:
         print(json.dumps({
             "blocks": blocks,
@@ -32,6 +38,10 @@ def main():
                                 for method in ("attention_residual", "mlp_residual", "token_loss")
                                 if hasattr(getattr(modules[name], method, None), "_torchdynamo_orig_callable")}),
             "throughput_timer": engine.tput_timer.config.enabled,
+            "param_dtypes": sorted({str(p.dtype) for p in engine.module.parameters()}),
+            "rope_dtypes": sorted({str(b.dtype) for b in rope}),
+            "rope_exact": len(rope) == cfg.model.n_layers and all(torch.equal(b.cpu(), exact) for b in rope),
+            "bias_dtypes": sorted({str(b.dtype) for _, b in balance.moe_routers(engine.module)}),
         }), flush=True)
 
 
