@@ -3,7 +3,8 @@
 # data and seed in bf16, torchao rowwise and tensorwise FP8; each run's metrics.jsonl goes to $OUT (or /tmp),
 # then a table of mean train losses per window of steps.
 # Usage: [RUNS=...] [RUN_TIMEOUT=seconds] [CONFIG=yaml] bench/fp8_loss_check.sh SHARDS_DIR [STEPS [key=value ...]]   (shards with vocabulary <= 8192, e.g. the pydoc corpus:
-#   data_prep/pydoc_corpus.py, train_tokenizer.py --vocab-size 8192, build_shards.py; see docs/benchmarks.md)
+#   data_prep/pydoc_corpus.py [--stdlib-docstrings], train_tokenizer.py --vocab-size 8192, build_shards.py; see
+#   docs/benchmarks.md). Held-out losses too with train.eval_every=N (shards with a validation split).
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
 shards=${1:?usage: bench/fp8_loss_check.sh SHARDS_DIR [STEPS]}
@@ -25,11 +26,14 @@ model=()
 train=(data.path="$shards" data.seq_len=512 train.micro_batch_size=8 train.max_steps="$steps" train.warmup_steps=30
        train.eval_every=0 train.save_every=0)
 port=29510
-# RUNS: bf16, bf16_repeat, fp8_RECIPE, or bf16_seedN (bf16 from another initialization).
+# RUNS: bf16, bf16_repeat, bf16_eager, fp8_RECIPE, or bf16_seedN (bf16 from another initialization).
 runs=${RUNS:-bf16 fp8_rowwise fp8_tensorwise}
 for name in $runs; do
   case $name in
     bf16 | bf16_repeat) settings=(precision=bf16) ;;  # a repeat shows the GPU's run-to-run spread
+    # The same bf16 model and data through other kernels (nothing compiled): how far a change of rounding
+    # alone moves the curve, the yardstick for FP8's gap that a new seed (a new initialization) is not.
+    bf16_eager) settings=(precision=bf16 train.compile=false train.compile_blocks=false) ;;
     bf16_seed*) settings=(precision=bf16 train.seed="${name#bf16_seed}") ;;
     fp8_*) settings=(precision=fp8 fp8.recipe="${name#fp8_}" fp8.layers=all) ;;  # all: numerics of every eligible linear, not only the wide ones
     *) echo "unknown run $name" >&2; exit 2 ;;
@@ -63,6 +67,7 @@ for start in range(1, steps + 1, window):
     print(f"| {span[0]}-{span[-1]} | " + " | ".join(f"{means[n]:.4f}" for n in names) + " | " + " | ".join(rel) + " |")
 for n, r in runs.items():
     tail = [r[s]["tokens_per_s"] for s in r if s > steps // 2]
+    evals = ", ".join(f"{s}: {r[s]['eval_loss']:.4f}" for s in sorted(r) if "eval_loss" in r[s])
     print(f"{n}: {len(r)} steps, median tokens/s over the second half {sorted(tail)[len(tail) // 2]:,.0f}, "
-          f"peak memory {max(x['peak_mem_gib'] for x in r.values()):.1f} GiB")
+          f"peak memory {max(x['peak_mem_gib'] for x in r.values()):.1f} GiB" + (f", eval loss at step {evals}" if evals else ""))
 PY

@@ -347,6 +347,33 @@ def test_scripts_run_as_files_and_modules(tmp_path):
     assert proc.returncode == 0 and [json.loads(x)["text"] for x in lines] == DOCS
 
 
+def test_stdlib_docstrings_corpus(tmp_path):
+    """Each module's docstrings under their qualified names, in source order; tests, nested functions and files
+    that do not parse left out; the real library's modules after the pydoc topics."""
+    import inspect
+
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "__init__.py").write_text('"""The package."""\n')
+    (tmp_path / "pkg" / "mod.py").write_text(
+        '"""Module doc."""\nclass A:\n    """Class doc."""\n    def f(self):\n        """Method doc."""\n'
+        '        def inner():\n            """Nested: left out."""\n\ndef g():\n    pass\n')
+    (tmp_path / "pkg" / "bare.py").write_text("x = 1\n")
+    (tmp_path / "tests").mkdir()
+    (tmp_path / "tests" / "test_a.py").write_text('"""A test."""\n')
+    (tmp_path / "broken.py").write_text('"""Doc."""\ndef (:\n')
+    assert pydoc_corpus.module_docstrings(tmp_path) == [
+        ("module:pkg", "pkg\n\nThe package."),
+        ("module:pkg.mod", "pkg.mod\n\nModule doc.\n\npkg.mod.A\n\nClass doc.\n\npkg.mod.A.f\n\nMethod doc."),
+    ]
+    docs = pydoc_corpus.documents(stdlib_docstrings=True)
+    assert [text for _, text in docs[:len(DOCS)]] == DOCS
+    modules = dict(docs[len(DOCS):])
+    assert list(modules) == sorted(modules, key=lambda m: m.split(":")[1].split("."))  # by name, package first
+    assert modules["module:json"].startswith("json\n\n" + inspect.cleandoc(json.__doc__))
+    assert "json.decoder.JSONDecoder.decode\n\n" in modules["module:json.decoder"]
+    assert not [m for m in modules if m.startswith(("module:test.", "module:idlelib"))]
+
+
 # ------------------------------------------------------------------------------------------------
 # Verification
 
