@@ -27,7 +27,7 @@ from deepseek_pt.config import Config, load_config  # noqa: E402
 from deepseek_pt.engine.ds_config import build_ds_config, lr_scheduler  # noqa: E402
 from deepseek_pt.engine.metrics import peak_flops  # noqa: E402
 from deepseek_pt.model.counting import train_flops_per_token  # noqa: E402
-from deepseek_pt.train import build_engine, init_distributed, param_groups, train_step  # noqa: E402
+from deepseek_pt.train import build_engine, exit_process, init_distributed, param_groups, train_step  # noqa: E402
 
 
 def hf_engine(cfg: Config, world: int):
@@ -157,8 +157,10 @@ def main() -> None:
 if __name__ == "__main__":
     try:
         main()
-    finally:  # as training does: a process leaving with its NCCL group alive can abort or hang at exit
+    finally:  # as training does: a process leaving with its NCCL group alive can abort or hang at exit, and so
+        # can one that runs the interpreter's finalization (exit_process)
         import faulthandler
         faulthandler.dump_traceback_later(30)  # a teardown slower than this prints where it waits, into stderr
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
+    exit_process(0)

@@ -7,6 +7,7 @@ clean checkpoint + exit 0 at train.exit_at_step, train.exit_after_minutes, or SI
 from __future__ import annotations
 
 import argparse
+import atexit
 import contextlib
 import os
 import signal
@@ -15,6 +16,7 @@ import time
 from collections.abc import Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 import torch.distributed as dist
@@ -410,5 +412,18 @@ def main(argv: list[str] | None = None) -> int:
             dist.destroy_process_group()
 
 
+def exit_process(code: int) -> NoReturn:
+    """End the process with `code` once its work is done, without the interpreter's finalization. There, a C++
+    thread still alive that takes the GIL (a process group's worker dropping its last tensor, say) is stopped by
+    Python mid-destructor and the process aborts after a successful run: "terminate called without an active
+    exception", exit -6, seen once in CI after a rank had saved its checkpoint. What a normal exit does before
+    that point is done here: the atexit callbacks (torch.compile's worker pools among them) and flushing stdout
+    and stderr."""
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

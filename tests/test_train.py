@@ -86,6 +86,22 @@ def stopped(tmp_path_factory, data) -> Path:
     return run
 
 
+def test_a_finished_process_exits_with_its_code_flushed_and_without_finalization():
+    """exit_process, how training's processes end: atexit callbacks run and buffered output reaches the pipe,
+    but the interpreter's finalization (where a live C++ thread can abort the process) never starts."""
+    code = ("import atexit, sys\n"
+            "from deepseek_pt.train import exit_process\n"
+            "class Global:\n"
+            "    def __del__(self): print('finalized')\n"
+            "kept = Global()\n"
+            "atexit.register(print, 'atexit ran')\n"
+            "sys.stdout.write('buffered ')\n"
+            "exit_process(3)\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=job_env(), capture_output=True, text=True,
+                          timeout=120)
+    assert (proc.returncode, proc.stdout) == (3, "buffered atexit ran\n"), proc.stderr
+
+
 @pytest.mark.slow
 def test_loss_falls_and_every_step_is_logged(baseline):
     records = metrics(baseline)

@@ -16,7 +16,7 @@ from model_configs import tiny  # noqa: E402
 
 from deepseek_pt.engine.ds_config import build_ds_config  # noqa: E402
 from deepseek_pt.model import Transformer  # noqa: E402
-from deepseek_pt.train import init_distributed  # noqa: E402
+from deepseek_pt.train import exit_process, init_distributed  # noqa: E402
 
 
 def max_over_ranks(value: float) -> float:
@@ -72,3 +72,4 @@ def main():
 
 if __name__ == "__main__":
     main()
+    exit_process(0)  # as training leaves: not through the interpreter's finalization

@@ -10,7 +10,7 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.dirname(os.path.dirname(__file__)))
 from model_configs import tiny  # noqa: E402
 
-from deepseek_pt.train import init_distributed  # noqa: E402
+from deepseek_pt.train import exit_process, init_distributed  # noqa: E402
 
 
 def main():
@@ -27,7 +27,7 @@ def main():
     except Exception as e:  # gloo raises on timeout
         error = str(e)[:300]
     print(json.dumps({"waited_s": time.monotonic() - started, "error": error}), flush=True)
-    os._exit(0)  # the peer is still asleep; do not wait for it at exit
+    exit_process(0)  # the peer is still asleep; do not wait for it at exit
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ from deepseek_pt.config import load_config  # noqa: E402
 from deepseek_pt.engine import balance  # noqa: E402
 from deepseek_pt.model.rope import inv_frequencies  # noqa: E402
 from deepseek_pt.model.transformer import Block  # noqa: E402
-from deepseek_pt.train import build_engine, init_distributed  # noqa: E402
+from deepseek_pt.train import build_engine, exit_process, init_distributed  # noqa: E402
 
 
 def main():
@@ -47,3 +47,4 @@ def main():
 
 if __name__ == "__main__":
     main()
+    exit_process(0)  # as training leaves: not through the interpreter's finalization
