@@ -4,7 +4,7 @@ By default one JSON line per pydoc help topic (`pydoc_data.topics`), sorted by t
 documents and 465K characters, enough for tests and smoke runs of the whole pipeline. With
 `--stdlib-docstrings`, one more line per standard-library module (read from its source, not imported):
 the docstrings of the module and of its classes and functions, in source order; about 500 documents
-and 1.6M characters more (CPython 3.11), so that a few hundred training steps of a benchmark's loss check
+and 1.8M characters more (CPython 3.11), so that a few hundred training steps of a benchmark's loss check
 read each token about once instead of memorising a corpus they repeat. Each line is
 {"topic": ..., "text": ...}; the corpus depends on the Python version that writes it.
 
@@ -28,6 +28,7 @@ from deepseek_pt.fileio import atomic_write_bytes
 # Standard-library folders that are not the library's own prose: tests, the IDLE and turtle demo apps,
 # lib2to3's grammar fixtures, and installed third-party packages.
 _NOT_LIBRARY = {"test", "tests", "idlelib", "turtledemo", "lib2to3", "site-packages"}
+_FUNCTIONS = (ast.FunctionDef, ast.AsyncFunctionDef)
 
 
 def documents(stdlib_docstrings: bool = False) -> list[tuple[str, str]]:
@@ -59,10 +60,10 @@ def module_docstrings(root: Path) -> list[tuple[str, str]]:
             doc = ast.get_docstring(node)
             if doc:
                 pieces.append(f"{name}\n\n{doc}")
+            in_function = isinstance(node, _FUNCTIONS)
             for child in node.body:
-                if isinstance(child, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
-                    if isinstance(child, ast.ClassDef) or not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
-                        visit(child, f"{name}.{child.name}")
+                if isinstance(child, ast.ClassDef) or (isinstance(child, _FUNCTIONS) and not in_function):
+                    visit(child, f"{name}.{child.name}")
 
         visit(tree, module)
         if pieces:
