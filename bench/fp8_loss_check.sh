@@ -1,22 +1,21 @@
 #!/usr/bin/env bash
 # FP8 against bf16 on real text, on one GPU: the training loop (python -m deepseek_pt.train) on the same model,
-# data and seed in bf16, torchao rowwise and tensorwise FP8; each run's metrics.jsonl goes to $OUT (or /tmp),
-# then a table of mean train losses per window of steps.
-# Usage: [RUNS=...] [RUN_TIMEOUT=seconds] [CONFIG=yaml] bench/fp8_loss_check.sh SHARDS_DIR [STEPS [key=value ...]]   (shards with vocabulary <= 8192, e.g. the pydoc corpus:
-#   data_prep/pydoc_corpus.py [--stdlib-docstrings], train_tokenizer.py --vocab-size 8192, build_shards.py; see
-#   docs/benchmarks.md). Held-out losses too with train.eval_every=N (shards with a validation split).
+# data and seed in bf16, torchao rowwise and tensorwise FP8, or the other RUNS below; each run's metrics.jsonl
+# goes to $OUT (or /tmp), then a table of mean train losses per window of steps and over the second half.
+# Usage: [RUNS=...] [PARALLEL=1] [RUN_TIMEOUT=seconds] [CONFIG=yaml] [MASTER_PORT=first port - 1] \
+#          bench/fp8_loss_check.sh SHARDS_DIR [STEPS [key=value ...]]
+# SHARDS_DIR: vocabulary <= 8192 unless CONFIG is set, e.g. the pydoc corpus (data_prep/pydoc_corpus.py
+# [--stdlib-docstrings], train_tokenizer.py --vocab-size 8192, build_shards.py; docs/benchmarks.md). Held-out
+# losses too with train.eval_every=N (shards with a validation split).
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
 shards=${1:?usage: bench/fp8_loss_check.sh SHARDS_DIR [STEPS]}
 steps=${2:-300}
 shift $(($# > 1 ? 2 : 1))  # the rest: key=value overrides for every run
 out=${OUT:-/tmp}
-if [ -d .whl ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
-fi
+mkdir -p "$out" || exit 1
+source bench/device_env.sh
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} RANK=0 LOCAL_RANK=0 WORLD_SIZE=1 MASTER_ADDR=127.0.0.1
-export TORCH_CUDA_ARCH_LIST=9.0 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONWARNINGS=ignore
 # The model: CONFIG as it is, or by default bench-2b's layout at a quarter of its width (156M parameters, 70M
 # active): every FP8 linear keeps dims that are multiples of 16, and 300 steps take seconds.
 config=${CONFIG:-configs/bench-2b.yaml}
@@ -25,26 +24,38 @@ model=()
   model.attention.kv_lora_rank=256 model.moe.n_routed_experts=16 model.moe.top_k=4 model.moe.expert_inter_dim=704)
 train=(data.path="$shards" data.seq_len=512 train.micro_batch_size=8 train.max_steps="$steps" train.warmup_steps=30
        train.eval_every=0 train.save_every=0)
-port=29510
-# RUNS: bf16, bf16_repeat, bf16_eager, fp8_RECIPE, or bf16_seedN (bf16 from another initialization).
+port=${MASTER_PORT:-29510}
+# RUNS: bf16, bf16_repeat, bf16_eager, bf16_pointwise, fp32, fp8_RECIPE, or bf16_seedN (bf16 from another
+# initialization).
 runs=${RUNS:-bf16 fp8_rowwise fp8_tensorwise}
+run_one() {  # name port settings...: one training run, its log and metrics to $out
+  local name=$1 port=$2
+  shift 2
+  MASTER_PORT=$port timeout "${RUN_TIMEOUT:-300}" python3 -m deepseek_pt.train --config "$config" "${model[@]}" \
+    "${train[@]}" run.dir="/tmp/fp8_loss_$name" "$@" "${overrides[@]}" > "$out/train_$name.log" 2>&1 ||
+    { echo "FAILED: $name" >&2; tail -n 20 "$out/train_$name.log" >&2; }
+  cp "/tmp/fp8_loss_$name/metrics.jsonl" "$out/metrics_$name.jsonl" 2>/dev/null
+  rm -rf "/tmp/fp8_loss_$name"
+}
+overrides=("$@")
 for name in $runs; do
   case $name in
     bf16 | bf16_repeat) settings=(precision=bf16) ;;  # a repeat shows the GPU's run-to-run spread
     # The same bf16 model and data through other kernels (nothing compiled): how far a change of rounding
     # alone moves the curve, the yardstick for FP8's gap that a new seed (a new initialization) is not.
     bf16_eager) settings=(precision=bf16 train.compile=false train.compile_blocks=false) ;;
+    bf16_pointwise) settings=(precision=bf16 train.compile=true train.compile_blocks=false) ;;  # a smaller change of kernels
+    fp32) settings=(precision=fp32) ;;  # the reference both bf16 and FP8 round away from
     bf16_seed*) settings=(precision=bf16 train.seed="${name#bf16_seed}") ;;
     fp8_*) settings=(precision=fp8 fp8.recipe="${name#fp8_}" fp8.layers=all) ;;  # all: numerics of every eligible linear, not only the wide ones
     *) echo "unknown run $name" >&2; exit 2 ;;
   esac
   port=$((port + 1))
-  MASTER_PORT=$port timeout "${RUN_TIMEOUT:-300}" python3 -m deepseek_pt.train --config "$config" "${model[@]}" "${train[@]}" \
-    run.dir="/tmp/fp8_loss_$name" "${settings[@]}" "$@" > "$out/train_$name.log" 2>&1 ||
-    { echo "FAILED: $name" >&2; tail -n 20 "$out/train_$name.log" >&2; }
-  cp "/tmp/fp8_loss_$name/metrics.jsonl" "$out/metrics_$name.jsonl" 2>/dev/null
-  rm -rf "/tmp/fp8_loss_$name"
+  # PARALLEL=1: all runs at once on the one GPU (each needs its own memory: three 2.2B runs fit an H200), so
+  # that runs compared with each other share a machine and a call; their tokens/s then mean nothing.
+  if [ "${PARALLEL:-0}" = 1 ]; then run_one "$name" "$port" "${settings[@]}" & else run_one "$name" "$port" "${settings[@]}"; fi
 done
+wait
 # shellcheck disable=SC2086
 python3 - "$out" "$steps" $runs <<'PY'
 import json, os, sys
@@ -60,14 +71,17 @@ names = list(runs)
 print("| steps (mean train loss) | " + " | ".join(names) + " | " + " | ".join(f"{n} vs bf16" for n in names[1:]) + " |")
 print("|---" * (2 * len(names)) + "|")
 window = max(1, steps // 10)
-for start in range(1, steps + 1, window):
-    span = range(start, min(start + window, steps + 1))
-    means = {n: sum(r[s]["loss"] for s in span if s in r) / max(1, sum(s in r for s in span)) for n, r in runs.items()}
-    rel = [f"{100 * (means[n] / means['bf16'] - 1):+.2f}%" for n in names[1:]]
-    print(f"| {span[0]}-{span[-1]} | " + " | ".join(f"{means[n]:.4f}" for n in names) + " | " + " | ".join(rel) + " |")
+spans = [range(start, min(start + window, steps + 1)) for start in range(1, steps + 1, window)]
+for span in spans + [range(steps // 2 + 1, steps + 1)]:  # the last row: the whole second half
+    means = {n: sum(r[s]["loss"] for s in span if s in r) / sum(s in r for s in span)
+             for n, r in runs.items() if any(s in r for s in span)}  # a run that stopped early has no later windows
+    rel = [f"{100 * (means[n] / means['bf16'] - 1):+.2f}%" if n in means and "bf16" in means else "-" for n in names[1:]]
+    print(f"| {span[0]}-{span[-1]} | " + " | ".join(f"{means[n]:.4f}" if n in means else "-" for n in names) + " | "
+          + " | ".join(rel) + " |")
 for n, r in runs.items():
-    tail = [r[s]["tokens_per_s"] for s in r if s > steps // 2]
+    tail = sorted(r[s]["tokens_per_s"] for s in r if s > steps // 2)
+    speed = f", median tokens/s over the second half {tail[len(tail) // 2]:,.0f}" if tail else ""
     evals = ", ".join(f"{s}: {r[s]['eval_loss']:.4f}" for s in sorted(r) if "eval_loss" in r[s])
-    print(f"{n}: {len(r)} steps, median tokens/s over the second half {sorted(tail)[len(tail) // 2]:,.0f}, "
-          f"peak memory {max(x['peak_mem_gib'] for x in r.values()):.1f} GiB" + (f", eval loss at step {evals}" if evals else ""))
+    print(f"{n}: {len(r)} steps{speed}, peak memory {max(x['peak_mem_gib'] for x in r.values()):.1f} GiB"
+          + (f", eval loss at step {evals}" if evals else ""))
 PY

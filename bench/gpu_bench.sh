@@ -6,12 +6,7 @@
 # from .whl/ (see docs/benchmarks.md).
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
-if [ -d .whl ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
-fi
-export TORCH_CUDA_ARCH_LIST=9.0 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-export PYTHONWARNINGS=ignore PYTHONUNBUFFERED=1
+source bench/device_env.sh
 out=${OUT:-/tmp}/gpu_bench.jsonl
 : > "$out"
 cases=${1:-bench/cases/default.txt}

@@ -9,11 +9,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
 N=${1:?number of GPUs}
-if [ -d .whl ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
-fi
-export PYTHONWARNINGS=ignore PYTHONUNBUFFERED=1
+source bench/device_env.sh
 out=${OUT:-/tmp}
 python3 bench/random_shards.py /tmp/rs || exit 1
 small="model.dim=512 model.inter_dim=1536 model.n_layers=3 model.attention.n_heads=8 model.attention.kv_lora_rank=128 model.moe.expert_inter_dim=256"

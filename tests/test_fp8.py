@@ -113,6 +113,7 @@ def test_auto_keeps_linears_too_narrow_to_gain_in_bf16():
     rowwise, narrow = fp8_targets(bench, "rowwise", "auto")  # dim 2048: only the dense SwiGLU's 2048 -> 10944
     assert rowwise == {"layers.0.mlp.gate_proj", "layers.0.mlp.up_proj"} and narrow == 26
     assert fp8_targets(bench, "tensorwise", "auto") == (rowwise, narrow)
+    assert fp8_targets(bench, "rowwise_with_gw_hp", "auto") == (rowwise, narrow)
     assert fp8_targets(bench, "blockwise", "auto") == (everything, 0)
     # DeepSeek-V3's dense-layer widths: the wide projections gain, the down-projections into the latents do not.
     wide = bench_model("bench-v3-dense")

@@ -10,6 +10,8 @@ converts only those wide enough to gain (`fp8_gemm_pays`); `all` converts every 
 
 Recipes:
 - `tensorwise`, `rowwise`: torchao float8 training (Float8Linear), real FP8 GEMMs; GPU only.
+- `rowwise_with_gw_hp`: torchao's rowwise with the weight-gradient GEMM (the one that reduces over tokens) left
+  in bf16, and output gradients cast to e4m3 rather than e5m2: two FP8 GEMMs of three, torchao's most accurate.
 - `blockwise`: DeepSeek-V3's fine-grained scaling (one scale per 1x128 activation tile and per 128x128
   weight block; 128x1 tiles where the GEMM reduces over tokens), emulated: every GEMM operand is rounded
   through float8 e4m3 with its block scales and the GEMM runs in fp32. It reproduces the recipe's

@@ -1,0 +1,33 @@
+"""The loss-comparison script on CPU: runs side by side (PARALLEL=1), each run's metrics, the summary table."""
+from __future__ import annotations
+
+import os
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.jobs import ROOT, finish_job, free_port, job_env, start_job
+
+
+@pytest.mark.slow
+def test_fp8_loss_check_compares_runs_started_side_by_side(tmp_path, pydoc_data_dir):
+    # smoke compiles nothing, so bf16_eager is bf16 again: the same losses to the last bit, as a rerun on one
+    # machine must give; fp8_blockwise (emulated, the one FP8 recipe a CPU runs) must differ from both.
+    env = job_env(OUT=str(tmp_path), CONFIG="configs/smoke.yaml", PARALLEL="1", MASTER_PORT=str(free_port()),
+                  RUNS="bf16 bf16_eager fp8_blockwise", RUN_TIMEOUT="150",
+                  PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]]))
+    proc = start_job(["bash", ROOT / "bench/fp8_loss_check.sh", pydoc_data_dir.shards_dir, 8, "data.seq_len=64",
+                      "train.micro_batch_size=2", "train.eval_every=4", "train.eval_batches=1",
+                      "parallel.expert_parallel_size=1"], env)
+    out, _ = finish_job(proc, timeout=200)
+    assert proc.returncode == 0 and "FAILED" not in out, out
+    rows = [line for line in out.splitlines() if re.match(r"\| \d+-\d+ \|", line)]
+    assert [r.split(" | ")[0] for r in rows] == [f"| {s}-{s}" for s in range(1, 9)] + ["| 5-8"], out
+    cells = [row.strip("| ").split(" | ")[1:] for row in rows]  # bf16, eager, blockwise, eager vs bf16, blockwise vs
+    assert all(eager == bf16 and eager_rel == "+0.00%" for bf16, eager, _, eager_rel, _ in cells), out
+    assert any(blockwise != bf16 for bf16, _, blockwise, _, _ in cells), out
+    for name in ("bf16", "bf16_eager", "fp8_blockwise"):
+        assert (tmp_path / f"metrics_{name}.jsonl").read_text().count("\n") == 8
+        assert re.search(rf"^{name}: 8 steps, .*eval loss at step 4: [\d.]+, 8: [\d.]+$", out, re.M), out
