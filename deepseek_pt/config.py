@@ -246,7 +246,8 @@ class Fp8Config:
     recipe: Literal["tensorwise", "rowwise", "rowwise_with_gw_hp", "blockwise"] = "rowwise"
     """Scaling of the attention, dense and shared-expert linears: torchao float8 per tensor or per row (GPU
     FP8 GEMMs; `rowwise_with_gw_hp` is rowwise with the weight-gradient GEMM kept in bf16), or DeepSeek-V3's
-    1x128 / 128x128 blocks, emulated in fp32 on any device (numerics, not speed)."""
+    1x128 / 128x128 blocks: real FP8 GEMMs on a Hopper GPU with torchao and Triton (for the linears whose
+    dimensions are multiples of 128), emulated in fp32 elsewhere (numerics, not speed)."""
     layers: Literal["auto", "all"] = "auto"
     """Which of those linears go FP8: `auto` only the ones wide enough that FP8's faster GEMMs outweigh its casts
     (engine/fp8.py's fp8_gemm_pays; blockwise takes all, as DeepSeek-V3 does), `all` every one. On a

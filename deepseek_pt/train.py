@@ -77,10 +77,16 @@ def preflight(cfg: Config, world_size: int) -> None:
     if cfg.parallel.zero_stage == 3 and has_moe and not uses_autoep(cfg) and ep > 1:
         raise PreflightError("parallel.expert_parallel_size > 1 requires DeepSpeed AutoEP")
     if cfg.precision == "fp8":
-        from .engine.fp8 import fp8_unavailable
+        from .engine.fp8 import BLOCK, blockwise_gemms_unavailable, fp8_unavailable
         if why := fp8_unavailable(cfg.fp8.recipe):
             raise PreflightError(f"precision: fp8 with fp8.recipe={cfg.fp8.recipe} {why}: use precision=bf16 or "
                                  "fp32, or fp8.recipe=blockwise (emulated)")
+        tokens = cfg.data.seq_len * cfg.train.micro_batch_size
+        if cfg.fp8.recipe == "blockwise" and tokens % BLOCK and not blockwise_gemms_unavailable():
+            raise PreflightError(
+                f"data.seq_len x train.micro_batch_size: {cfg.data.seq_len} x {cfg.train.micro_batch_size} = {tokens} "
+                f"tokens per micro-step; fp8.recipe=blockwise's FP8 GEMMs scale the weight gradient in tiles of "
+                f"{BLOCK} tokens, so it must be a multiple of {BLOCK}")
     if not cfg.parallel.zero_init:  # each process builds the whole model in fp32 before DeepSpeed partitions it
         n_params = sum(p.numel() for p in meta_model(cfg.model).parameters())
         procs = int(os.environ.get("LOCAL_SIZE") or os.environ.get("LOCAL_WORLD_SIZE") or world_size)
@@ -221,12 +227,15 @@ def build_engine(cfg: Config, world: int, init_from: str | None = None, load_uni
         compile_pointwise()
     if cfg.precision == "fp8":
         from .engine.fp8 import convert_to_fp8
-        n, narrow = convert_to_fp8(model, cfg.fp8.recipe, cfg.fp8.layers)
+        fp8 = convert_to_fp8(model, cfg.fp8.recipe, cfg.fp8.layers)
         if int(os.environ.get("RANK", 0)) == 0:
-            how = "emulated in fp32 (numerics only, slower than bf16)" if cfg.fp8.recipe == "blockwise" else "torchao"
-            kept = f"; {narrow} too narrow to gain left in bf16 (fp8.layers=auto)" if narrow else ""
-            print(f"fp8: {n} linears, {cfg.fp8.recipe} scaling, {how}{kept}", flush=True)
-            if n == 0:
+            how = (f"emulated in fp32 (numerics only, slower than bf16; real FP8 GEMMs {fp8.emulated})" if fp8.emulated
+                   else "torchao's blockwise kernels" if cfg.fp8.recipe == "blockwise" else "torchao")
+            kept = f"; {fp8.too_narrow} too narrow to gain left in bf16 (fp8.layers=auto)" if fp8.too_narrow else ""
+            if fp8.unaligned:
+                kept += f"; {fp8.unaligned} with a dimension not a multiple of 128 left in bf16"
+            print(f"fp8: {fp8.converted} linears, {cfg.fp8.recipe} scaling, {how}{kept}", flush=True)
+            if fp8.converted == 0:
                 print("fp8: no linear converted, this run computes in bf16; fp8.layers=all converts the narrow ones "
                       "too", flush=True)
     if cfg.parallel.zero_stage == 3 and cfg.parallel.zero_leaf_blocks:

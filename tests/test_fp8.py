@@ -1,4 +1,8 @@
-"""The DeepSeek-V3 blockwise FP8 recipe (emulated): block scales, tile orientation per GEMM, conversion rules."""
+"""FP8 conversion: the DeepSeek-V3 blockwise recipe (emulated, and as real GEMMs on a Hopper GPU), block scales, tile
+orientation per GEMM, which linears convert, and what a machine without FP8 GEMMs is told."""
+import importlib.util
+import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -7,7 +11,8 @@ from torch import nn
 
 from deepseek_pt.config import load_config
 from deepseek_pt.engine import fp8
-from deepseek_pt.engine.fp8 import BlockwiseFp8Linear, convert_to_fp8, fp8_round, fp8_targets, fp8_unavailable
+from deepseek_pt.engine.fp8 import (BlockwiseFp8GemmLinear, BlockwiseFp8Linear, Fp8Conversion, convert_to_fp8,
+                                    fp8_round, fp8_targets, fp8_unavailable)
 from deepseek_pt.model import Transformer
 from model_configs import tiny
 
@@ -80,10 +85,11 @@ def test_conversion_rules_and_state_dict():
     keys = set(model.state_dict())
     ids = torch.randint(0, cfg.model.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
     before = model(ids, ids)
-    n, narrow = convert_to_fp8(model, "blockwise")
-    assert narrow == 0  # the blockwise recipe takes every eligible linear, however narrow
+    conversion = convert_to_fp8(model, "blockwise")
+    assert conversion.too_narrow == 0  # the blockwise recipe takes every eligible linear, however narrow
+    assert "this machine has none" in conversion.emulated  # no GPU here: emulated, and the run is told why
     converted = {name for name, m in model.named_modules() if isinstance(m, BlockwiseFp8Linear)}
-    assert n == len(converted) > 0
+    assert conversion.converted == len(converted) > 0
     assert not any(name.endswith(("lm_head", "mlp.gate")) for name in converted)
     assert any("attn" in name for name in converted) and any("shared" in name for name in converted)
     assert not any(".experts." in name for name in converted)  # AutoEP's grouped GEMM owns the routed experts
@@ -126,7 +132,7 @@ def test_auto_keeps_linears_too_narrow_to_gain_in_bf16():
 def test_a_model_too_narrow_for_fp8_converts_nothing():
     model = Transformer(tiny().model)  # dim 48: no GEMM wide enough; torchao is not even imported
     eligible = len(fp8_targets(model, "rowwise", "all")[0])
-    assert eligible > 0 and convert_to_fp8(model, "rowwise") == (0, eligible)
+    assert eligible > 0 and convert_to_fp8(model, "rowwise") == Fp8Conversion(0, eligible)
     assert all(type(m) is nn.Linear for m in model.modules() if isinstance(m, nn.Linear))
 
 
@@ -143,3 +149,76 @@ def test_fp8_refusals_name_what_the_machine_lacks(monkeypatch):
     assert "torchao" in fp8_unavailable("rowwise") and "pip install" in fp8_unavailable("rowwise")
     monkeypatch.setattr(fp8.importlib.util, "find_spec", lambda name: object())
     assert fp8_unavailable("rowwise") is None
+
+
+def test_fp8_refusals_say_why_blockwise_is_emulated(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda: "NVIDIA L4")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda: (8, 9))  # FP8 tensor cores, not Hopper's
+    assert fp8.blockwise_gemms_unavailable() == "need compute capability >= 9.0; NVIDIA L4 has 8.9"
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda: (9, 0))
+    monkeypatch.setattr(fp8.importlib.util, "find_spec", lambda name: None if name == "triton" else object())
+    assert fp8.blockwise_gemms_unavailable() == "need triton, which is not installed"
+    monkeypatch.setattr(fp8.importlib.util, "find_spec", lambda name: object())
+    assert fp8.blockwise_gemms_unavailable() is None
+
+
+def _emulated_blockwise_mm(x, weight, block, out_dtype, use_triton):
+    """Stands in for torchao's fp8_blockwise_mm.apply on a machine without it: the emulation, same arguments."""
+    assert block == 128 and out_dtype == torch.bfloat16 and use_triton is False
+    return BlockwiseFp8Linear.forward(types.SimpleNamespace(weight=weight), x).to(out_dtype)
+
+
+def test_blockwise_as_real_gemms_takes_the_linears_a_block_divides(monkeypatch):
+    monkeypatch.setattr(fp8, "blockwise_gemms_unavailable", lambda: None)
+    fake = types.ModuleType("torchao.prototype.blockwise_fp8_training.linear")
+    fake.fp8_blockwise_mm = types.SimpleNamespace(apply=_emulated_blockwise_mm)
+    monkeypatch.setitem(sys.modules, fake.__name__, fake)
+    model = Transformer(tiny(dim=256, inter_dim=384, attention__q_lora_rank=128, attention__kv_lora_rank=124,
+                             moe__expert_inter_dim=128).model)
+    chosen, _ = fp8_targets(model, "blockwise", "auto")
+    conversion = convert_to_fp8(model, "blockwise")
+    real = {name for name, m in model.named_modules() if isinstance(m, BlockwiseFp8GemmLinear)}
+    unaligned = {name for name in chosen if name not in real}
+    assert conversion == Fp8Conversion(len(real), 0, len(unaligned)) and real and unaligned
+    for name, m in model.named_modules():  # only a dimension that is not a multiple of 128 keeps a linear in bf16
+        if name in chosen:
+            assert (name in real) == (m.in_features % 128 == 0 and m.out_features % 128 == 0), name
+    assert not any(isinstance(m, BlockwiseFp8Linear) for m in model.modules())  # nothing emulated beside them
+    lin = model.get_submodule("layers.0.mlp.up_proj")  # 256 -> 384: through torchao's entry point, as on a GPU
+    assert isinstance(lin, BlockwiseFp8GemmLinear)
+    assert lin(torch.randn(3, 256, dtype=torch.bfloat16)).dtype == torch.bfloat16
+
+
+def test_blockwise_gemms_need_a_micro_step_of_whole_token_tiles(monkeypatch, tmp_path):
+    from deepseek_pt.train import PreflightError, preflight
+
+    monkeypatch.setattr(fp8, "blockwise_gemms_unavailable", lambda: None)
+    cfg = load_config(CONFIGS / "smoke.yaml", ["precision=fp8", "fp8.recipe=blockwise", "data.seq_len=100",
+                                               "train.micro_batch_size=3", f"data.path={tmp_path}"])
+    with pytest.raises(PreflightError, match=r"data.seq_len x train.micro_batch_size: 100 x 3 = 300 tokens per "
+                                             r"micro-step; .* must be a multiple of 128"):
+        preflight(cfg, 2)
+
+
+def _real_blockwise_gemms() -> bool:
+    return (torch.cuda.is_available() and torch.cuda.get_device_capability() >= (9, 0)
+            and all(importlib.util.find_spec(p) for p in ("torchao", "triton")))
+
+
+@pytest.mark.skipif(not _real_blockwise_gemms(), reason="real blockwise FP8 GEMMs need Hopper, torchao and Triton")
+def test_real_blockwise_gemms_match_the_emulation_on_gpu():
+    torch.manual_seed(0)
+    emulated = nn.Linear(1024, 768, bias=False, device="cuda", dtype=torch.bfloat16)
+    real = nn.Linear(1024, 768, bias=False, device="cuda", dtype=torch.bfloat16)
+    real.weight = emulated.weight
+    emulated.__class__, real.__class__ = BlockwiseFp8Linear, BlockwiseFp8GemmLinear
+    x = torch.randn(2, 256, 1024, device="cuda", dtype=torch.bfloat16)
+    x[..., 7] *= 50  # an outlier channel, which the 1x128 tiles confine
+    grad_out = torch.randn(2, 256, 768, device="cuda", dtype=torch.bfloat16)
+    (y, gx, gw), (y_ref, gx_ref, gw_ref) = _grads(real, x, grad_out, False), _grads(emulated, x, grad_out, False)
+    exact = _grads(real, x, grad_out, True)
+    for got, want, bf16 in zip((y, gx, gw), (y_ref, gx_ref, gw_ref), exact):
+        assert got.dtype == torch.bfloat16
+        assert rel_err(got, want) < 0.01  # the same quantization: only summation order and bf16 output differ
+        assert 0.005 < rel_err(got, bf16) < 0.1  # and it is FP8: visibly off the bf16 GEMM, within the recipe's error

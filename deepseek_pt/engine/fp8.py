@@ -13,14 +13,17 @@ Recipes:
 - `rowwise_with_gw_hp`: torchao's rowwise with the weight-gradient GEMM (the one that reduces over tokens) left
   in bf16, and output gradients cast to e4m3 rather than e5m2: two FP8 GEMMs of three, torchao's most accurate.
 - `blockwise`: DeepSeek-V3's fine-grained scaling (one scale per 1x128 activation tile and per 128x128
-  weight block; 128x1 tiles where the GEMM reduces over tokens), emulated: every GEMM operand is rounded
-  through float8 e4m3 with its block scales and the GEMM runs in fp32. It reproduces the recipe's
-  numerics exactly (up to summation order) on any device, so its loss can be compared with bf16's, but it
-  is slower than bf16: it measures quality, not speed.
+  weight block; 128x1 tiles where the GEMM reduces over tokens). On a GPU of compute capability 9.0 with
+  torchao and Triton, real FP8 GEMMs: torchao's blockwise kernels (Triton casts, cuBLAS block-scaled
+  GEMMs), for the linears whose dimensions are multiples of 128 (the others stay bf16). Elsewhere emulated:
+  every GEMM operand is rounded through float8 e4m3 with its block scales and the GEMM runs in fp32. The
+  emulation reproduces the recipe's numerics (up to summation order and the output's rounding) on any
+  device, so its loss can be compared with bf16's, but it is slower than bf16: it measures quality, not speed.
 """
 from __future__ import annotations
 
 import importlib.util
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -56,6 +59,20 @@ def fp8_unavailable(recipe: str) -> str | None:
     return None
 
 
+def blockwise_gemms_unavailable() -> str | None:
+    """Why the blockwise recipe runs emulated here rather than as real FP8 GEMMs (None if it need not): torchao's
+    blockwise kernels need compute capability 9.0 (Hopper) and Triton."""
+    if not torch.cuda.is_available():
+        return "need a GPU of compute capability >= 9.0; this machine has none"
+    major, minor = torch.cuda.get_device_capability()
+    if major < 9:
+        return f"need compute capability >= 9.0; {torch.cuda.get_device_name()} has {major}.{minor}"
+    for package in ("torchao", "triton"):
+        if importlib.util.find_spec(package) is None:
+            return f"need {package}, which is not installed"
+    return None
+
+
 def fp8_gemm_pays(in_features: int, out_features: int, recipe: str) -> bool:
     """Whether a linear this size trains faster with FP8 GEMMs than in bf16, counting the casts that feed its three
     GEMMs (forward, input and weight gradients). An FP8 GEMM is at most ~1.8x a bf16 one on an H100, while each
@@ -77,17 +94,33 @@ def fp8_targets(model: nn.Module, recipe: str, layers: str) -> tuple[set[str], i
     return chosen, len(eligible) - len(chosen)
 
 
-def convert_to_fp8(model: nn.Module, recipe: str, layers: str = "auto") -> tuple[int, int]:
-    """Swap the chosen linears (fp8_targets) for FP8 ones in place; returns (converted, left in bf16 as too narrow)."""
+@dataclass(frozen=True)
+class Fp8Conversion:
+    converted: int
+    """Linears that now run FP8 GEMMs (or, emulated, their numerics)."""
+    too_narrow: int
+    """Eligible linears that `fp8.layers: auto` left in bf16 as too narrow to gain."""
+    unaligned: int = 0
+    """Blockwise as real GEMMs: eligible linears left in bf16 because a dimension is not a multiple of 128."""
+    emulated: str | None = None
+    """Blockwise only: why this machine emulates its GEMMs (None: real FP8 GEMMs)."""
+
+
+def convert_to_fp8(model: nn.Module, recipe: str, layers: str = "auto") -> Fp8Conversion:
+    """Swap the chosen linears (fp8_targets) for FP8 ones in place."""
     chosen, narrow = fp8_targets(model, recipe, layers)
     if recipe == "blockwise":
-        return _convert_blockwise(model, chosen), narrow
+        if why := blockwise_gemms_unavailable():
+            return Fp8Conversion(_swap_class(model, chosen, BlockwiseFp8Linear), narrow, emulated=why)
+        aligned = {fqn for fqn, m in model.named_modules()
+                   if fqn in chosen and m.in_features % BLOCK == 0 and m.out_features % BLOCK == 0}
+        return Fp8Conversion(_swap_class(model, aligned, BlockwiseFp8GemmLinear), narrow, len(chosen) - len(aligned))
     if chosen:
         from torchao.float8 import Float8LinearConfig, convert_to_float8_training
 
         convert_to_float8_training(model, config=Float8LinearConfig.from_recipe_name(recipe),
                                    module_filter_fn=lambda _, fqn: fqn in chosen)
-    return sum(type(m).__name__ == "Float8Linear" for m in model.modules()), narrow
+    return Fp8Conversion(sum(type(m).__name__ == "Float8Linear" for m in model.modules()), narrow)
 
 
 def fp8_round(t: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
@@ -125,10 +158,21 @@ class BlockwiseFp8Linear(nn.Linear):
         return _BlockwiseFp8Matmul.apply(x.flatten(0, -2), self.weight.to(x.dtype)).unflatten(0, x.shape[:-1])
 
 
-def _convert_blockwise(model: nn.Module, chosen: set[str]) -> int:
+class BlockwiseFp8GemmLinear(nn.Linear):
+    """nn.Linear (no bias, dimensions multiples of 128) whose GEMMs follow the blockwise recipe as real FP8 GEMMs,
+    bf16 out: torchao's Triton casts and cuBLAS's block-scaled GEMMs. The tokens of a micro-step must be a multiple
+    of 128 too: the weight-gradient GEMM reduces over them in 128-token tiles (train.py's preflight checks it)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from torchao.prototype.blockwise_fp8_training.linear import fp8_blockwise_mm  # imports Triton: GPU only
+
+        return fp8_blockwise_mm.apply(x, self.weight, BLOCK, torch.bfloat16, False)  # False: cuBLAS, not Triton GEMMs
+
+
+def _swap_class(model: nn.Module, chosen: set[str], cls: type[nn.Linear]) -> int:
     converted = 0
     for fqn, module in list(model.named_modules()):
         if fqn in chosen and module.bias is None and type(module) is nn.Linear:
-            module.__class__ = BlockwiseFp8Linear  # same parameters, same state-dict keys
+            module.__class__ = cls  # same parameters, same state-dict keys
             converted += 1
     return converted
