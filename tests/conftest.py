@@ -1,6 +1,8 @@
-"""Shared fixtures: a real tokenizer and token shards built from CPython's pydoc topics."""
+"""Shared fixtures: a real tokenizer and token shards built from CPython's pydoc topics, and the committed shards
+(tests/assets) that the engine's loss reference was recorded on."""
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import NamedTuple
 
@@ -35,3 +37,10 @@ def pydoc_data_dir(tmp_path_factory) -> PydocData:
     build_shards.build([str(corpus)], model, root / "shards", shard_tokens=PYDOC_SHARD_TOKENS,
                        val_fraction=PYDOC_VAL_FRACTION, num_proc=1, progress=False)
     return PydocData(root / "shards", model, info["vocab_size"], corpus)
+
+
+@pytest.fixture(scope="session")
+def smoke_shards(tmp_path_factory) -> Path:
+    """A copy of tests/assets/smoke_shards (40 pydoc topics, vocabulary 1024, 55K train and 19K val tokens in
+    8,192-token shards): the same tokens on every Python version, unlike pydoc_data_dir."""
+    return shutil.copytree(Path(__file__).parent / "assets" / "smoke_shards", tmp_path_factory.mktemp("assets") / "shards")

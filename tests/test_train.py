@@ -27,6 +27,7 @@ from jobs import (
 
 ROOT = Path(__file__).resolve().parent.parent
 SMOKE = ROOT / "configs" / "smoke.yaml"
+LOSS_REFERENCE = ROOT / "tests" / "assets" / "smoke_losses.json"
 STEPS = 8
 
 
@@ -66,8 +67,8 @@ def ckpt(run_dir: Path, step: int) -> Path:
 
 
 @pytest.fixture(scope="module")
-def data(pydoc_data_dir) -> Path:
-    return pydoc_data_dir.shards_dir
+def data(smoke_shards) -> Path:
+    return smoke_shards
 
 
 @pytest.fixture(scope="module")
@@ -114,6 +115,21 @@ def test_loss_falls_and_every_step_is_logged(baseline):
 
 
 @pytest.mark.slow
+def test_losses_match_the_committed_reference(baseline):
+    """Any change to the model, its initialization, the data order, the optimizer or the schedule moves these
+    losses. After an intended one: UPDATE_LOSS_REFERENCE=1 pytest tests/test_train.py -k reference, and say in
+    the commit why they moved."""
+    got = {str(m["step"]): {k: m[k] for k in ("loss", "eval_loss") if k in m} for m in metrics(baseline)}
+    if os.environ.get("UPDATE_LOSS_REFERENCE"):
+        LOSS_REFERENCE.write_text(json.dumps({"run": "test_train.py's baseline: configs/smoke.yaml, 2 processes, "
+                                              "tests/assets/smoke_shards", "torch": torch.__version__,
+                                              "steps": got}, indent=1) + "\n")
+    want = json.loads(LOSS_REFERENCE.read_text())["steps"]
+    assert got.keys() == want.keys()
+    for step, values in got.items():  # fp32 on CPU: other CPUs round differently, by far less than any real change
+        assert values == pytest.approx(want[step], rel=2e-5), f"step {step}: {values} against {want[step]}"
+
+
 def test_checkpoints_are_complete_and_pruned(baseline):
     root = baseline / "checkpoints"
     assert (root / "latest").read_text().strip() == "step_00000008"
