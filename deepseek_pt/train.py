@@ -236,8 +236,8 @@ def build_engine(cfg: Config, world: int, init_from: str | None = None, load_uni
                 kept += f"; {fp8.unaligned} with a dimension not a multiple of 128 left in bf16"
             print(f"fp8: {fp8.converted} linears, {cfg.fp8.recipe} scaling, {how}{kept}", flush=True)
             if fp8.converted == 0:
-                print("fp8: no linear converted, this run computes in bf16; fp8.layers=all converts the narrow ones "
-                      "too", flush=True)
+                hint = "; fp8.layers=all converts the narrow ones too" if fp8.too_narrow else ""
+                print(f"fp8: no linear converted, this run computes in bf16{hint}", flush=True)
     if cfg.parallel.zero_stage == 3 and cfg.parallel.zero_leaf_blocks:
         from deepspeed.utils import set_z3_leaf_modules
         set_z3_leaf_modules(model, [Block])
