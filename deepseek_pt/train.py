@@ -229,7 +229,7 @@ def build_engine(cfg: Config, world: int, init_from: str | None = None, load_uni
         from .engine.fp8 import convert_to_fp8
         fp8 = convert_to_fp8(model, cfg.fp8.recipe, cfg.fp8.layers)
         if int(os.environ.get("RANK", 0)) == 0:
-            how = (f"emulated in fp32 (numerics only, slower than bf16; real FP8 GEMMs {fp8.emulated})" if fp8.emulated
+            how = (f"emulated in fp32 (numerics only, slower than bf16: the real-GEMM path {fp8.emulated})" if fp8.emulated
                    else "torchao's blockwise kernels" if cfg.fp8.recipe == "blockwise" else "torchao")
             kept = f"; {fp8.too_narrow} too narrow to gain left in bf16 (fp8.layers=auto)" if fp8.too_narrow else ""
             if fp8.unaligned:

@@ -155,10 +155,10 @@ def test_fp8_refusals_say_why_blockwise_is_emulated(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda: "NVIDIA L4")
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda: (8, 9))  # FP8 tensor cores, not Hopper's
-    assert fp8.blockwise_gemms_unavailable() == "need compute capability >= 9.0; NVIDIA L4 has 8.9"
+    assert fp8.blockwise_gemms_unavailable() == "needs a Hopper GPU (compute capability >= 9.0); NVIDIA L4 has 8.9"
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda: (9, 0))
     monkeypatch.setattr(fp8.importlib.util, "find_spec", lambda name: None if name == "triton" else object())
-    assert fp8.blockwise_gemms_unavailable() == "need triton, which is not installed"
+    assert fp8.blockwise_gemms_unavailable() == "needs triton, which is not installed: pip install triton"
     monkeypatch.setattr(fp8.importlib.util, "find_spec", lambda name: object())
     assert fp8.blockwise_gemms_unavailable() is None
 

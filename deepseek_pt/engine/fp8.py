@@ -41,36 +41,37 @@ def _fp8_eligible(module: nn.Module, fqn: str) -> bool:
             and module.in_features % 16 == 0 and module.out_features % 16 == 0)
 
 
+_INSTALL = {"torchao": "pip install 'torchao>=0.18' (the project's fp8 extra)", "triton": "pip install triton"}
+
+
+def _machine_lacks(hardware: str, capability: tuple[int, int], packages: tuple[str, ...]) -> str | None:
+    """What this machine lacks of `hardware` (a GPU of at least `capability`) and `packages`, as "needs ..."; None
+    if nothing."""
+    need = f"needs {hardware} (compute capability >= {capability[0]}.{capability[1]})"
+    if not torch.cuda.is_available():
+        return f"{need}; this machine has none"
+    major, minor = torch.cuda.get_device_capability()
+    if (major, minor) < capability:
+        return f"{need}; {torch.cuda.get_device_name()} has {major}.{minor}"
+    for package in packages:
+        if importlib.util.find_spec(package) is None:
+            return f"needs {package}, which is not installed: {_INSTALL[package]}"
+    return None
+
+
 def fp8_unavailable(recipe: str) -> str | None:
-    """Why this machine cannot run `recipe` as real FP8 GEMMs (None if it can): the emulated blockwise recipe runs
-    anywhere; tensorwise and rowwise need FP8 tensor cores (compute capability 8.9: Ada, Hopper and later) and
-    torchao's float8 training."""
+    """Why this machine cannot run `recipe` (None if it can): the blockwise recipe runs anywhere, emulated where its
+    real GEMMs cannot (blockwise_gemms_unavailable); tensorwise and rowwise need FP8 tensor cores (Ada, Hopper and
+    later) and torchao's float8 training."""
     if recipe == "blockwise":
         return None
-    if not torch.cuda.is_available():
-        return "needs a GPU with FP8 tensor cores (compute capability >= 8.9); this machine has none"
-    major, minor = torch.cuda.get_device_capability()
-    if (major, minor) < (8, 9):
-        return (f"needs a GPU with FP8 tensor cores (compute capability >= 8.9); {torch.cuda.get_device_name()} "
-                f"has {major}.{minor}")
-    if importlib.util.find_spec("torchao") is None:
-        return ("runs on torchao's float8 training, which is not installed: pip install 'torchao>=0.18' (the project's "
-                "fp8 extra)")
-    return None
+    return _machine_lacks("a GPU with FP8 tensor cores", (8, 9), ("torchao",))
 
 
 def blockwise_gemms_unavailable() -> str | None:
     """Why the blockwise recipe runs emulated here rather than as real FP8 GEMMs (None if it need not): torchao's
-    blockwise kernels need compute capability 9.0 (Hopper) and Triton."""
-    if not torch.cuda.is_available():
-        return "need a GPU of compute capability >= 9.0; this machine has none"
-    major, minor = torch.cuda.get_device_capability()
-    if major < 9:
-        return f"need compute capability >= 9.0; {torch.cuda.get_device_name()} has {major}.{minor}"
-    for package in ("torchao", "triton"):
-        if importlib.util.find_spec(package) is None:
-            return f"need {package}, which is not installed"
-    return None
+    blockwise kernels need a Hopper GPU and Triton."""
+    return _machine_lacks("a Hopper GPU", (9, 0), ("torchao", "triton"))
 
 
 def fp8_gemm_pays(in_features: int, out_features: int, recipe: str) -> bool:
