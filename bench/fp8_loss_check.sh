@@ -51,8 +51,9 @@ for name in $runs; do
     *) echo "unknown run $name" >&2; exit 2 ;;
   esac
   port=$((port + 1))
-  # PARALLEL=1: all runs at once on the one GPU (each needs its own memory: three 2.2B runs fit an H200), so
-  # that runs compared with each other share a machine and a call; their tokens/s then mean nothing.
+  # PARALLEL=1: all runs at once on the one GPU, so that runs compared with each other share a machine and a
+  # call; their tokens/s then mean nothing. Each needs its own memory: three bf16 or FP8 runs of the 2.2B
+  # bench-v3-dense fit an H200 (40 GiB each), an fp32 run (48 GiB) beside two others did not.
   if [ "${PARALLEL:-0}" = 1 ]; then run_one "$name" "$port" "${settings[@]}" & else run_one "$name" "$port" "${settings[@]}"; fi
 done
 wait
