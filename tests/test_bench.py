@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.jobs import ROOT, finish_job, free_port, job_env, start_job
+from jobs import ROOT, finish_job, free_port, job_env, start_job
 
 
 @pytest.mark.slow

@@ -1,7 +1,7 @@
 """Rebuild tests/assets/smoke_shards: the token shards that the engine tests train on, committed so that their
 losses (tests/assets/smoke_losses.json) do not depend on the Python version whose pydoc topics they come from.
 
-    python tests/assets/build_smoke_shards.py   # then: UPDATE_LOSS_REFERENCE=1 pytest tests/test_train.py -k regression
+    python tests/assets/build_smoke_shards.py   # then: UPDATE_LOSS_REFERENCE=1 pytest tests/test_train.py -k reference
 
 The first 40 pydoc topics (by name), a 1,024-piece BPE tokenizer trained on them, shards of 8,192 tokens (several
 per split, so samples cross shard boundaries) and a 10% validation split. The shards written here differ from the
