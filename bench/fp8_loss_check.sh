@@ -29,13 +29,17 @@ port=${MASTER_PORT:-29510}
 # initialization).
 runs=${RUNS:-bf16 fp8_rowwise fp8_tensorwise}
 run_one() {  # name port settings...: one training run, its log and metrics to $out
-  local name=$1 port=$2
+  local name=$1 port=$2 dir=/tmp/fp8_loss_$1 pid
   shift 2
   MASTER_PORT=$port timeout "${RUN_TIMEOUT:-300}" python3 -m deepseek_pt.train --config "$config" "${model[@]}" \
-    "${train[@]}" run.dir="/tmp/fp8_loss_$name" "$@" "${overrides[@]}" > "$out/train_$name.log" 2>&1 ||
-    { echo "FAILED: $name" >&2; tail -n 20 "$out/train_$name.log" >&2; }
-  cp "/tmp/fp8_loss_$name/metrics.jsonl" "$out/metrics_$name.jsonl" 2>/dev/null
-  rm -rf "/tmp/fp8_loss_$name"
+    "${train[@]}" run.dir="$dir" "$@" "${overrides[@]}" > "$out/train_$name.log" 2>&1 &
+  pid=$!
+  # Copy the curve while it grows: a device call's limit can stop this script, and the run's exit checkpoint
+  # (RUN_TIMEOUT's SIGTERM saves one) can take long, before the run ends.
+  while kill -0 "$pid" 2> /dev/null; do cp "$dir/metrics.jsonl" "$out/metrics_$name.jsonl" 2> /dev/null; sleep 5; done
+  wait "$pid" || { echo "FAILED: $name" >&2; tail -n 20 "$out/train_$name.log" >&2; }
+  cp "$dir/metrics.jsonl" "$out/metrics_$name.jsonl" 2> /dev/null
+  rm -rf "$dir"
 }
 overrides=("$@")
 for name in $runs; do

@@ -235,6 +235,9 @@ def build_engine(cfg: Config, world: int, init_from: str | None = None, load_uni
             if fp8.unaligned:
                 kept += f"; {fp8.unaligned} with a dimension not a multiple of 128 left in bf16"
             print(f"fp8: {fp8.converted} linears, {cfg.fp8.recipe} scaling, {how}{kept}", flush=True)
+            if cfg.fp8.recipe == "blockwise" and fp8.converted and not fp8.emulated:
+                print("fp8: the first micro-step autotunes torchao's Triton casts for each shape (minutes on a "
+                      "fresh machine); Triton's cache keeps the results for later runs", flush=True)
             if fp8.converted == 0:
                 hint = "; fp8.layers=all converts the narrow ones too" if fp8.too_narrow else ""
                 print(f"fp8: no linear converted, this run computes in bf16{hint}", flush=True)

@@ -1,6 +1,8 @@
-"""The loss-comparison script on CPU: runs side by side (PARALLEL=1), each run's metrics, the summary table."""
+"""The loss-comparison script on CPU: runs side by side (PARALLEL=1), each run's metrics, the summary table, and
+the curve of a run that a device call's limit cut off."""
 from __future__ import annotations
 
+import json
 import os
 import re
 import sys
@@ -8,16 +10,19 @@ from pathlib import Path
 
 import pytest
 
-from jobs import ROOT, finish_job, free_port, job_env, start_job
+from jobs import ROOT, finish_job, free_port, job_env, kill_job, start_job, wait_until
+
+
+def _env(out_dir: Path, **extra: str) -> dict:
+    return job_env(OUT=str(out_dir), CONFIG="configs/smoke.yaml", PARALLEL="1", MASTER_PORT=str(free_port()),
+                   PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]]), **extra)
 
 
 @pytest.mark.slow
 def test_fp8_loss_check_compares_runs_started_side_by_side(tmp_path, pydoc_data_dir):
     # smoke compiles nothing, so bf16_eager is bf16 again: the same losses to the last bit, as a rerun on one
     # machine must give; fp8_blockwise (emulated, the one FP8 recipe a CPU runs) must differ from both.
-    env = job_env(OUT=str(tmp_path), CONFIG="configs/smoke.yaml", PARALLEL="1", MASTER_PORT=str(free_port()),
-                  RUNS="bf16 bf16_eager fp8_blockwise", RUN_TIMEOUT="150",
-                  PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]]))
+    env = _env(tmp_path, RUNS="bf16 bf16_eager fp8_blockwise", RUN_TIMEOUT="150")
     proc = start_job(["bash", ROOT / "bench/fp8_loss_check.sh", pydoc_data_dir.shards_dir, 8, "data.seq_len=64",
                       "train.micro_batch_size=2", "train.eval_every=4", "train.eval_batches=1",
                       "parallel.expert_parallel_size=1"], env)
@@ -31,3 +36,17 @@ def test_fp8_loss_check_compares_runs_started_side_by_side(tmp_path, pydoc_data_
     for name in ("bf16", "bf16_eager", "fp8_blockwise"):
         assert (tmp_path / f"metrics_{name}.jsonl").read_text().count("\n") == 8
         assert re.search(rf"^{name}: 8 steps, .*eval loss at step 4: [\d.]+, 8: [\d.]+$", out, re.M), out
+
+
+@pytest.mark.slow
+def test_fp8_loss_check_keeps_the_curve_of_a_run_killed_midway(tmp_path, pydoc_data_dir):
+    # A device call's limit kills the script and its runs at once (SIGKILL to all): the steps trained so far must
+    # already be in $OUT.
+    proc = start_job(["bash", ROOT / "bench/fp8_loss_check.sh", pydoc_data_dir.shards_dir, 100000, "data.seq_len=64",
+                      "train.micro_batch_size=2", "parallel.expert_parallel_size=1"], _env(tmp_path, RUNS="bf16"))
+    metrics = tmp_path / "metrics_bf16.jsonl"
+    wait_until(proc, lambda: metrics.exists() and metrics.read_text().count("\n") >= 3, 120, "the curve in $OUT")
+    kill_job(proc)
+    proc.communicate()
+    steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines() if line.endswith("}")]
+    assert len(steps) >= 3 and steps == list(range(1, len(steps) + 1))

@@ -177,7 +177,10 @@ def test_blockwise_as_real_gemms_takes_the_linears_a_block_divides(monkeypatch):
     model = Transformer(tiny(dim=256, inter_dim=384, attention__q_lora_rank=128, attention__kv_lora_rank=124,
                              moe__expert_inter_dim=128).model)
     chosen, _ = fp8_targets(model, "blockwise", "auto")
+    monkeypatch.setenv("TRITON_CACHE_AUTOTUNING", "")  # recorded, so that teardown restores what was there
+    monkeypatch.delenv("TRITON_CACHE_AUTOTUNING")
     conversion = convert_to_fp8(model, "blockwise")
+    assert fp8.os.environ["TRITON_CACHE_AUTOTUNING"] == "1"  # the casts' autotuning is paid once per machine
     real = {name for name, m in model.named_modules() if isinstance(m, BlockwiseFp8GemmLinear)}
     unaligned = {name for name in chosen if name not in real}
     assert conversion == Fp8Conversion(len(real), 0, len(unaligned)) and real and unaligned
