@@ -72,6 +72,7 @@ def patch_ds_config(items: list[str]) -> None:
 
 
 def main() -> None:
+    started = time.perf_counter()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--impl", choices=["ours", "hf"], required=True)
     parser.add_argument("--config", default="configs/bench-2b.yaml")
@@ -96,7 +97,13 @@ def main() -> None:
     if args.ds:
         patch_ds_config(args.ds)
     rank, world, device = init_distributed(cfg)
+
+    def progress(what: str) -> None:  # to stderr: where a case that ran out of time got to
+        if rank == 0:
+            print(f"[{time.perf_counter() - started:.0f} s] {what}", file=sys.stderr, flush=True)
+
     engine = build_engine(cfg, world) if args.impl == "ours" else hf_engine(cfg, world)
+    progress("engine built")
     if args.engine_compile:
         engine.compile()
     B, T, V, accum = cfg.train.micro_batch_size, cfg.data.seq_len, cfg.model.vocab_size, cfg.train.grad_accum_steps
@@ -113,8 +120,13 @@ def main() -> None:
             loss = train_step(engine, cfg, batches, forward) / accum
         return loss
 
-    run(args.warmup)
+    if args.warmup > 0:  # the first optimizer step alone: it carries the compiling and autotuning
+        run(1)
+        torch.cuda.synchronize()
+        progress("first optimizer step done")
+    run(max(0, args.warmup - accum))
     torch.cuda.synchronize()
+    progress("warm-up done")
     torch.cuda.reset_peak_memory_stats()
     timed = -(-args.steps // accum) * accum
     t0 = time.perf_counter()

@@ -7,6 +7,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
 source bench/device_env.sh
+mkdir -p "${OUT:-/tmp}" || exit 1
 out=${OUT:-/tmp}/gpu_bench.jsonl
 : > "$out"
 cases=${1:-bench/cases/default.txt}
@@ -14,11 +15,11 @@ n=0
 while read -r line; do
   [ -z "$line" ] || [ "${line:0:1}" = "#" ] && continue
   n=$((n + 1))
-  err="${out%.jsonl}.$n.$(echo "$line" | tr -c 'a-z0-9' '_' | cut -c1-60).err"
+  log="${out%.jsonl}.$n.$(echo "$line" | tr -c 'a-z0-9' '_' | cut -c1-60).log"  # stdout and stderr: what it got to
   # shellcheck disable=SC2086
-  result=$(timeout "${CASE_TIMEOUT:-300}" python3 bench/gpu_bench.py $line 2> "$err" < /dev/null)
+  timeout "${CASE_TIMEOUT:-300}" python3 bench/gpu_bench.py $line > "$log" 2>&1 < /dev/null
   rc=$?
-  result=$(grep '^{' <<< "$result")
+  result=$(grep '^{' "$log")
   if [ -n "$result" ]; then
     # A case that printed its measurement and then failed on the way out (124: CASE_TIMEOUT ran out in teardown)
     # keeps its figures, flagged with the exit status.
@@ -27,7 +28,8 @@ while read -r line; do
   else
     echo "{\"failed\": \"$line\", \"exit_status\": $rc}" | tee -a "$out"
   fi
-  [ "$rc" -eq 0 ] || grep -v -e WARN -e INFO "$err" | tail -n 8 >&2  # why, without waiting for the files to come back
+  [ "$rc" -ne 124 ] || echo "timed out after CASE_TIMEOUT=${CASE_TIMEOUT:-300} s" >&2
+  [ "$rc" -eq 0 ] || grep -v -e WARN -e INFO "$log" | tail -n 8 >&2  # why, without waiting for the files to come back
 done < "$cases"
 python3 - "$out" <<'PY'
 import json, sys
