@@ -25,11 +25,14 @@ model=()
 train=(data.path="$shards" data.seq_len=512 train.micro_batch_size=8 train.max_steps="$steps" train.warmup_steps=30
        train.eval_every=0 train.save_every=0)
 port=${MASTER_PORT:-29510}
+# The runs' directories (checkpoints included), new for each call of this script: a run killed before its cleanup
+# must not leave a metrics.jsonl that the next call's run of that name would append to.
+work=$(mktemp -d "${TMPDIR:-/tmp}/fp8_loss.XXXXXX") || exit 1
 # RUNS: bf16, bf16_repeat, bf16_eager, bf16_pointwise, fp32, fp8_RECIPE, or bf16_seedN (bf16 from another
 # initialization).
 runs=${RUNS:-bf16 fp8_rowwise fp8_tensorwise}
 run_one() {  # name port settings...: one training run, its log and metrics to $out
-  local name=$1 port=$2 dir=/tmp/fp8_loss_$1 pid
+  local name=$1 port=$2 dir=$work/$1 pid
   shift 2
   MASTER_PORT=$port timeout "${RUN_TIMEOUT:-300}" python3 -m deepseek_pt.train --config "$config" "${model[@]}" \
     "${train[@]}" run.dir="$dir" "$@" "${overrides[@]}" > "$out/train_$name.log" 2>&1 &
@@ -61,6 +64,7 @@ for name in $runs; do
   if [ "${PARALLEL:-0}" = 1 ]; then run_one "$name" "$port" "${settings[@]}" & else run_one "$name" "$port" "${settings[@]}"; fi
 done
 wait
+rmdir "$work"
 # shellcheck disable=SC2086
 python3 - "$out" "$steps" $runs <<'PY'
 import json, os, sys

@@ -63,10 +63,14 @@ def finish_job(proc: subprocess.Popen, timeout: float) -> tuple[str, str]:
 
 
 def kill_job(proc: subprocess.Popen) -> None:
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
+    """SIGKILL every process of the job's session, also those in process groups of their own (`timeout` makes one
+    for the command it runs), as a machine's time limit kills them all."""
+    for pid in [int(p) for p in os.listdir("/proc") if p.isdigit()]:
+        try:
+            if os.getsid(pid) == proc.pid:
+                os.kill(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
 
 
 def run_job(cmd: list, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -14,8 +15,10 @@ from jobs import ROOT, finish_job, free_port, job_env, kill_job, start_job, wait
 
 
 def _env(out_dir: Path, **extra: str) -> dict:
+    (out_dir / "tmp").mkdir()  # the runs' directories: what a killed run leaves stays in the test's own tmp_path
     return job_env(OUT=str(out_dir), CONFIG="configs/smoke.yaml", PARALLEL="1", MASTER_PORT=str(free_port()),
-                   PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]]), **extra)
+                   TMPDIR=str(out_dir / "tmp"), PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]]),
+                   **extra)
 
 
 @pytest.mark.slow
@@ -42,11 +45,23 @@ def test_fp8_loss_check_compares_runs_started_side_by_side(tmp_path, pydoc_data_
 def test_fp8_loss_check_keeps_the_curve_of_a_run_killed_midway(tmp_path, pydoc_data_dir):
     # A device call's limit kills the script and its runs at once (SIGKILL to all): the steps trained so far must
     # already be in $OUT.
-    proc = start_job(["bash", ROOT / "bench/fp8_loss_check.sh", pydoc_data_dir.shards_dir, 100000, "data.seq_len=64",
-                      "train.micro_batch_size=2", "parallel.expert_parallel_size=1"], _env(tmp_path, RUNS="bf16"))
-    metrics = tmp_path / "metrics_bf16.jsonl"
+    env = _env(tmp_path, RUNS="bf16")
+
+    def check(steps: int) -> subprocess.Popen:
+        return start_job(["bash", ROOT / "bench/fp8_loss_check.sh", pydoc_data_dir.shards_dir, steps,
+                          "data.seq_len=64", "train.micro_batch_size=2", "parallel.expert_parallel_size=1"], env)
+
+    def steps_in(metrics: Path) -> list[int]:
+        return [json.loads(line)["step"] for line in metrics.read_text().splitlines() if line.endswith("}")]
+
+    proc, metrics = check(100000), tmp_path / "metrics_bf16.jsonl"
     wait_until(proc, lambda: metrics.exists() and metrics.read_text().count("\n") >= 3, 120, "the curve in $OUT")
     kill_job(proc)
     proc.communicate()
-    steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines() if line.endswith("}")]
+    steps = steps_in(metrics)
     assert len(steps) >= 3 and steps == list(range(1, len(steps) + 1))
+    # The next call (same machine, same run name) starts a curve of its own, not one appended to the killed run's.
+    metrics.unlink()
+    proc = check(3)
+    out, _ = finish_job(proc, timeout=120)
+    assert proc.returncode == 0 and steps_in(metrics) == [1, 2, 3], out
