@@ -6,7 +6,9 @@ Both go through DeepSpeed ZeRO-3 with the optimizer, clipping and precision our 
 the training loop's optimizer step (deepseek_pt.train.train_step, so parallel.coalesce_grad_reduction
 applies to both); `ours` is exactly what `python -m deepseek_pt.train` builds (build_engine), `hf` is
 transformers' DeepseekV3ForCausalLM of the same shape. Four fixed batches of random tokens in turn.
-Prints one JSON line: tokens/s, MFU (our FLOP count of the shape, dense bf16 peak), peak memory.
+Prints one JSON line: tokens/s, MFU (our FLOP count of the shape, dense bf16 peak), peak memory. It runs on a
+CPU too (peak memory is then the process's peak RSS): tests/test_bench.py runs it there, so that a device call
+does not find its bugs.
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ import torch  # noqa: E402
 
 from deepseek_pt.config import Config, load_config  # noqa: E402
 from deepseek_pt.engine.ds_config import build_ds_config, lr_scheduler  # noqa: E402
-from deepseek_pt.engine.metrics import peak_flops  # noqa: E402
+from deepseek_pt.engine.metrics import peak_flops, peak_memory_gib  # noqa: E402
 from deepseek_pt.model.counting import train_flops_per_token  # noqa: E402
 from deepseek_pt.train import build_engine, exit_process, init_distributed, param_groups, train_step  # noqa: E402
 
@@ -113,6 +115,10 @@ def main() -> None:
     # The same optimizer step as training (train_step); the peer's call differs: HF shifts the labels itself.
     forward = None if args.impl == "ours" else lambda engine, inputs, _: engine(input_ids=inputs, labels=inputs.clone()).loss
 
+    def synchronize() -> None:  # a CPU (CI runs this script on one) computes eagerly
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
     def run(micro_steps: int) -> torch.Tensor:
         """Whole optimizer steps covering `micro_steps`; the last one's mean loss (0 if none ran)."""
         loss = torch.zeros((), device=device)
@@ -122,16 +128,17 @@ def main() -> None:
 
     if args.warmup > 0:  # the first optimizer step alone: it carries the compiling and autotuning
         run(1)
-        torch.cuda.synchronize()
+        synchronize()
         progress("first optimizer step done")
     run(max(0, args.warmup - accum))
-    torch.cuda.synchronize()
+    synchronize()
     progress("warm-up done")
-    torch.cuda.reset_peak_memory_stats()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()  # the timed steps' peak; on a CPU, the process's peak RSS
     timed = -(-args.steps // accum) * accum
     t0 = time.perf_counter()
     loss = run(timed)
-    torch.cuda.synchronize()
+    synchronize()
     dt = (time.perf_counter() - t0) / timed
     if args.cprofile:
         import cProfile
@@ -139,7 +146,7 @@ def main() -> None:
         profiler = cProfile.Profile()
         profiler.enable()
         run(3 * accum)
-        torch.cuda.synchronize()
+        synchronize()
         profiler.disable()
         stats = pstats.Stats(profiler, stream=sys.stderr)
         stats.sort_stats("tottime").print_stats(40)
@@ -149,7 +156,7 @@ def main() -> None:
         from torch.profiler import ProfilerActivity, profile
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], with_stack=True) as prof:
             run(accum)
-            torch.cuda.synchronize()
+            synchronize()
         summarize(prof, steps=accum)  # per micro-step
         table = prof.key_averages()
         print(table.table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=60), file=sys.stderr)
@@ -162,7 +169,7 @@ def main() -> None:
         return
     print(json.dumps({"impl": args.impl, "gpus": world, "precision": cfg.precision, "seq": T, "micro_batch": B,
                       "tokens_per_s": round(tokens_per_s), "mfu": round(flops * tokens_per_s / (peak * world), 4) if peak else None,
-                      "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2), "step_ms": round(dt * 1e3, 1),
+                      "peak_mem_gib": round(peak_memory_gib(), 2), "step_ms": round(dt * 1e3, 1),
                       "loss": round(float(loss), 4), "overrides": args.overrides + [f"ds:{d}" for d in args.ds] + ["engine.compile()"] * args.engine_compile}), flush=True)
 
 

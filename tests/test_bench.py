@@ -1,5 +1,6 @@
-"""The loss-comparison script on CPU: runs side by side (PARALLEL=1), each run's metrics, the summary table, and
-the curve of a run that a device call's limit cut off."""
+"""The device calls' scripts on CPU. The loss comparison: runs side by side (PARALLEL=1), each run's metrics, the
+summary table, and the curve of a run that a device call's limit cut off. The throughput benchmark: the peer and
+our engine on one shape, and the side-by-side table."""
 from __future__ import annotations
 
 import json
@@ -65,3 +66,25 @@ def test_fp8_loss_check_keeps_the_curve_of_a_run_killed_midway(tmp_path, pydoc_d
     proc = check(3)
     out, _ = finish_job(proc, timeout=120)
     assert proc.returncode == 0 and steps_in(metrics) == [1, 2, 3], out
+
+
+@pytest.mark.slow
+def test_gpu_bench_runs_ours_and_the_peer_side_by_side(tmp_path):
+    # The device calls' benchmark script, on CPU: a case file with a comment, the HF peer and our engine on one
+    # shape, one JSON line each, the side-by-side table with our ratio to the peer, and each case's progress log.
+    shape = "--config configs/smoke.yaml parallel.expert_parallel_size=1 --warmup 2 --steps 4"
+    cases = tmp_path / "cases.txt"
+    cases.write_text(f"# the peer first, as in bench/cases/\n--impl hf {shape}\n\n--impl ours {shape}\n")
+    env = job_env(OUT=str(tmp_path), MASTER_PORT=str(free_port()),
+                  PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]]))
+    proc = start_job(["bash", ROOT / "bench/gpu_bench.sh", cases], env)
+    out, _ = finish_job(proc, timeout=300)
+    assert proc.returncode == 0 and "FAILED" not in out, out
+    rows = [json.loads(line) for line in (tmp_path / "gpu_bench.jsonl").read_text().splitlines()]
+    assert [(r["impl"], r["seq"], r["precision"]) for r in rows] == [("hf", 64, "fp32"), ("ours", 64, "fp32")], rows
+    assert all(r["tokens_per_s"] > 0 and r["peak_mem_gib"] > 0 and r["loss"] > 0 for r in rows), rows
+    ours = next(line for line in out.splitlines() if line.startswith("ours "))
+    assert float(ours.split()[7]) == pytest.approx(rows[1]["tokens_per_s"] / rows[0]["tokens_per_s"], abs=0.006), out
+    for log in sorted(tmp_path.glob("gpu_bench.*.log")):
+        stages = re.findall(r"^\[\d+ s\] (.+)$", log.read_text(), re.M)
+        assert stages == ["engine built", "first optimizer step done", "warm-up done"], log.read_text()[-2000:]
