@@ -88,3 +88,22 @@ def test_gpu_bench_runs_ours_and_the_peer_side_by_side(tmp_path):
     for log in sorted(tmp_path.glob("gpu_bench.*.log")):
         stages = re.findall(r"^\[\d+ s\] (.+)$", log.read_text(), re.M)
         assert stages == ["engine built", "first optimizer step done", "warm-up done"], log.read_text()[-2000:]
+
+
+@pytest.mark.slow
+def test_multi_gpu_check_runs_on_cpu_ranks(tmp_path):
+    # Issue 6's one-call check, on 2 CPU processes with the smoke model: EP 2 against a stop-and-resume (exact),
+    # EP 1 (data parallel only) and a universal resume on 1 process, then the scaling runs and the profile.
+    (tmp_path / "tmp").mkdir()
+    env = job_env(OUT=str(tmp_path), TMPDIR=str(tmp_path / "tmp"), CONFIG="configs/smoke.yaml", SMALL="",
+                  SCALE="--warmup 1 --steps 2", PROFILE="--warmup 1 --steps 1",
+                  PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]]))
+    proc = start_job(["bash", ROOT / "bench/multi_gpu_check.sh", 2], env)
+    out, _ = finish_job(proc, timeout=480)
+    assert re.findall(r"^(\w) exit (\d+)$", out, re.M) == [(run, "0") for run in "ABBCD"], out
+    gaps = {run: float(gap) for run, gap in re.findall(r"^max \|(\w) - A\| over steps [\d-]+: (\S+)$", out, re.M)}
+    assert gaps.keys() == {"B", "C", "D"} and gaps["B"] == 0 and gaps["C"] < 1e-5 and gaps["D"] < 1e-5, out
+    assert "(universal: resharded)" in out, out
+    runs = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    assert [r["gpus"] for r in runs] == [1, 2, 2] and all(r["tokens_per_s"] > 0 for r in runs), out
+    assert not list((tmp_path / "tmp").glob("multi_gpu.*"))  # the shards and run directories are gone
