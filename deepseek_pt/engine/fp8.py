@@ -83,8 +83,8 @@ def fp8_gemm_pays(in_features: int, out_features: int, recipe: str) -> bool:
     (which converts 24 of bench-2b's 28 eligible linears, K and N of 512-3072) the step ran at 0.80x bf16, and
     with every eligible linear in rowwise at 0.81x (docs/benchmarks.md)."""
     if recipe == "blockwise":
-        # DeepSeek-V3's recipe quantizes every eligible linear. As real GEMMs it gained 1.18x at V3's widths so
-        # (21 linears; docs/benchmarks.md); whether the thresholds below would gain more is not yet measured.
+        # DeepSeek-V3's recipe quantizes every eligible linear. As real GEMMs, all 21 aligned ones at V3's widths
+        # gained 1.18x (docs/benchmarks.md); whether the thresholds below would gain more is not yet measured.
         return True
     K, N = in_features, out_features
     return N > 2048 and K > 1024 and not (N <= 4096 and K <= 2048)
@@ -118,9 +118,9 @@ def convert_to_fp8(model: nn.Module, recipe: str, layers: str = "auto") -> Fp8Co
             return Fp8Conversion(_swap_class(model, chosen, BlockwiseFp8Linear), narrow, emulated=why)
         aligned = {fqn for fqn, m in model.named_modules()
                    if fqn in chosen and m.in_features % BLOCK == 0 and m.out_features % BLOCK == 0}
-        # torchao's Triton casts autotune on first use, per shape: ~6 minutes at DeepSeek-V3's widths on a fresh
+        # torchao's Triton casts autotune on first use, per shape: 5-7 minutes at DeepSeek-V3's widths on a fresh
         # H200 (docs/benchmarks.md). Triton keeps the results in its cache directory only when asked, and reads
-        # the setting when the kernels are imported (first forward), so set it now: a resumed run skips the wait.
+        # the setting when the kernels are imported (first forward), so set it now, for later runs on the machine.
         os.environ.setdefault("TRITON_CACHE_AUTOTUNING", "1")
         return Fp8Conversion(_swap_class(model, aligned, BlockwiseFp8GemmLinear), narrow, len(chosen) - len(aligned))
     if chosen:
