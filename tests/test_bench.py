@@ -15,18 +15,23 @@ import pytest
 from jobs import ROOT, finish_job, free_port, job_env, kill_job, start_job, wait_until
 
 
-def _env(out_dir: Path, **extra: str) -> dict:
-    (out_dir / "tmp").mkdir()  # the runs' directories: what a killed run leaves stays in the test's own tmp_path
-    return job_env(OUT=str(out_dir), CONFIG="configs/smoke.yaml", PARALLEL="1", MASTER_PORT=str(free_port()),
-                   TMPDIR=str(out_dir / "tmp"), PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]]),
-                   **extra)
+def _script_env(out_dir: Path, **extra: str) -> dict:
+    """A device script's environment here: $OUT, a free port, this interpreter's venv first on PATH (the scripts call
+    python3), and TMPDIR inside the test's tmp_path, so that what a killed run leaves stays there."""
+    (out_dir / "tmp").mkdir()
+    return job_env(OUT=str(out_dir), TMPDIR=str(out_dir / "tmp"), MASTER_PORT=str(free_port()),
+                   PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]]), **extra)
+
+
+def _loss_check_env(out_dir: Path, **extra: str) -> dict:
+    return _script_env(out_dir, CONFIG="configs/smoke.yaml", PARALLEL="1", **extra)
 
 
 @pytest.mark.slow
 def test_fp8_loss_check_compares_runs_started_side_by_side(tmp_path, pydoc_data_dir):
     # smoke compiles nothing, so bf16_eager is bf16 again: the same losses to the last bit, as a rerun on one
     # machine must give; fp8_blockwise (emulated, the one FP8 recipe a CPU runs) must differ from both.
-    env = _env(tmp_path, RUNS="bf16 bf16_eager fp8_blockwise", RUN_TIMEOUT="150")
+    env = _loss_check_env(tmp_path, RUNS="bf16 bf16_eager fp8_blockwise", RUN_TIMEOUT="150")
     proc = start_job(["bash", ROOT / "bench/fp8_loss_check.sh", pydoc_data_dir.shards_dir, 8, "data.seq_len=64",
                       "train.micro_batch_size=2", "train.eval_every=4", "train.eval_batches=1",
                       "parallel.expert_parallel_size=1"], env)
@@ -46,7 +51,7 @@ def test_fp8_loss_check_compares_runs_started_side_by_side(tmp_path, pydoc_data_
 def test_fp8_loss_check_keeps_the_curve_of_a_run_killed_midway(tmp_path, pydoc_data_dir):
     # A device call's limit kills the script and its runs at once (SIGKILL to all): the steps trained so far must
     # already be in $OUT.
-    env = _env(tmp_path, RUNS="bf16")
+    env = _loss_check_env(tmp_path, RUNS="bf16")
 
     def check(steps: int) -> subprocess.Popen:
         return start_job(["bash", ROOT / "bench/fp8_loss_check.sh", pydoc_data_dir.shards_dir, steps,
@@ -75,9 +80,7 @@ def test_gpu_bench_runs_ours_and_the_peer_side_by_side(tmp_path):
     shape = "--config configs/smoke.yaml parallel.expert_parallel_size=1 --warmup 2 --steps 4"
     cases = tmp_path / "cases.txt"
     cases.write_text(f"# the peer first, as in bench/cases/\n--impl hf {shape}\n\n--impl ours {shape}\n")
-    env = job_env(OUT=str(tmp_path), MASTER_PORT=str(free_port()),
-                  PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]]))
-    proc = start_job(["bash", ROOT / "bench/gpu_bench.sh", cases], env)
+    proc = start_job(["bash", ROOT / "bench/gpu_bench.sh", cases], _script_env(tmp_path))
     out, _ = finish_job(proc, timeout=300)
     assert proc.returncode == 0 and "FAILED" not in out, out
     rows = [json.loads(line) for line in (tmp_path / "gpu_bench.jsonl").read_text().splitlines()]
@@ -94,10 +97,8 @@ def test_gpu_bench_runs_ours_and_the_peer_side_by_side(tmp_path):
 def test_multi_gpu_check_runs_on_cpu_ranks(tmp_path):
     # Issue 6's one-call check, on 2 CPU processes with the smoke model: EP 2 against a stop-and-resume (exact),
     # EP 1 (data parallel only) and a universal resume on 1 process, then the scaling runs and the profile.
-    (tmp_path / "tmp").mkdir()
-    env = job_env(OUT=str(tmp_path), TMPDIR=str(tmp_path / "tmp"), CONFIG="configs/smoke.yaml", SMALL="",
-                  SCALE="--warmup 1 --steps 2", PROFILE="--warmup 1 --steps 1",
-                  PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]]))
+    env = _script_env(tmp_path, CONFIG="configs/smoke.yaml", SMALL="", SCALE="--warmup 1 --steps 2",
+                      PROFILE="--warmup 1 --steps 1")
     proc = start_job(["bash", ROOT / "bench/multi_gpu_check.sh", 2], env)
     out, _ = finish_job(proc, timeout=480)
     assert re.findall(r"^(\w) exit (\d+)$", out, re.M) == [(run, "0") for run in "ABBCD"], out
