@@ -130,6 +130,7 @@ def test_losses_match_the_committed_reference(baseline):
         assert values == pytest.approx(want[step], rel=2e-5), f"step {step}: {values} against {want[step]}"
 
 
+@pytest.mark.slow
 def test_checkpoints_are_complete_and_pruned(baseline):
     root = baseline / "checkpoints"
     assert (root / "latest").read_text().strip() == "step_00000008"
