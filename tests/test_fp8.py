@@ -1,6 +1,5 @@
 """FP8 conversion: the DeepSeek-V3 blockwise recipe (emulated, and as real GEMMs on a Hopper GPU), block scales, tile
 orientation per GEMM, which linears convert, and what a machine without FP8 GEMMs is told."""
-import importlib.util
 import sys
 import types
 from pathlib import Path
@@ -204,12 +203,8 @@ def test_blockwise_gemms_need_a_micro_step_of_whole_token_tiles(monkeypatch, tmp
         preflight(cfg, 2)
 
 
-def _real_blockwise_gemms() -> bool:
-    return (torch.cuda.is_available() and torch.cuda.get_device_capability() >= (9, 0)
-            and all(importlib.util.find_spec(p) for p in ("torchao", "triton")))
-
-
-@pytest.mark.skipif(not _real_blockwise_gemms(), reason="real blockwise FP8 GEMMs need Hopper, torchao and Triton")
+@pytest.mark.skipif(fp8.blockwise_gemms_unavailable() is not None,
+                    reason=f"real blockwise FP8 GEMMs {fp8.blockwise_gemms_unavailable()}")
 def test_real_blockwise_gemms_match_the_emulation_on_gpu():
     torch.manual_seed(0)
     emulated = nn.Linear(1024, 768, bias=False, device="cuda", dtype=torch.bfloat16)
