@@ -252,6 +252,12 @@ class Fp8Config:
     """Which of those linears go FP8: `auto` only the ones wide enough that FP8's faster GEMMs outweigh its casts
     (engine/fp8.py's fp8_gemm_pays; blockwise takes all, as DeepSeek-V3 does), `all` every one. On a
     narrow model `auto` may convert none: the run says so and trains in bf16."""
+    experts: bool = False
+    """Also run the routed experts' grouped GEMMs in FP8 (engine/fp8_experts.py): forward and input-gradient GEMMs
+    rowwise scaled e4m3 on torch._scaled_grouped_mm, weight gradients in bf16, whatever `recipe` says for the
+    linears. Needs the experts in DeepSpeed AutoEP, model.dim and model.moe.expert_inter_dim multiples of 16, and
+    a Hopper GPU (emulated on a CPU); costs 2 bytes per local routed-expert parameter (the FP8 weights, cast once
+    per optimizer step)."""
 
 
 @dataclass
@@ -479,6 +485,12 @@ def validate(cfg: Config, where: str = "<config>") -> None:
     if cfg.parallel.coalesce_grad_reduction:
         check(cfg.parallel.zero_stage > 0, "parallel.coalesce_grad_reduction",
               "needs parallel.zero_stage 1, 2 or 3 (DeepSpeed coalesces only ZeRO's gradient reduction)")
+    if cfg.precision == "fp8" and cfg.fp8.experts:
+        check(moe.n_dense_layers < m.n_layers and not moe.seq_aux_loss_alpha, "fp8.experts",
+              "needs routed experts in DeepSpeed AutoEP: a model with MoE layers (model.moe.n_dense_layers < "
+              "model.n_layers) and model.moe.seq_aux_loss_alpha: 0")
+        for key, v in (("model.dim", m.dim), ("model.moe.expert_inter_dim", moe.expert_inter_dim)):
+            check(v % 16 == 0, key, f"{v} is not a multiple of 16, which fp8.experts' FP8 grouped GEMMs need")
     if cfg.parallel.timeout_minutes is not None:
         check(cfg.parallel.timeout_minutes > 0, "parallel.timeout_minutes",
               f"must be positive, got {cfg.parallel.timeout_minutes}")

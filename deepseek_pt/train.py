@@ -77,10 +77,13 @@ def preflight(cfg: Config, world_size: int) -> None:
     if cfg.parallel.zero_stage == 3 and has_moe and not uses_autoep(cfg) and ep > 1:
         raise PreflightError("parallel.expert_parallel_size > 1 requires DeepSpeed AutoEP")
     if cfg.precision == "fp8":
-        from .engine.fp8 import BLOCK, blockwise_gemms_unavailable, fp8_unavailable
+        from .engine.fp8 import BLOCK, blockwise_gemms_unavailable, expert_gemms_unavailable, fp8_unavailable
         if why := fp8_unavailable(cfg.fp8.recipe):
             raise PreflightError(f"precision: fp8 with fp8.recipe={cfg.fp8.recipe} {why}: use precision=bf16 or "
                                  "fp32, or fp8.recipe=blockwise (emulated)")
+        if cfg.fp8.experts and torch.cuda.is_available() and (why := expert_gemms_unavailable()):
+            raise PreflightError(f"fp8.experts: FP8 grouped GEMMs {why}: set fp8.experts=false (only a CPU "
+                                 "emulates them)")
         tokens = cfg.data.seq_len * cfg.train.micro_batch_size
         if cfg.fp8.recipe == "blockwise" and tokens % BLOCK and not blockwise_gemms_unavailable():
             raise PreflightError(
@@ -256,6 +259,15 @@ def build_engine(cfg: Config, world: int, init_from: str | None = None, load_uni
     # DeepSpeed keeps fp32 buffers when it casts to bf16, but under zero.Init the RoPE frequencies were computed in
     # bf16; exports compute them afresh in fp32, and training must rotate positions as they will.
     engine.module.reset_rope()
+    if cfg.precision == "fp8" and cfg.fp8.experts:  # AutoEP's expert layers exist from initialize on
+        from .engine.fp8 import expert_gemms_unavailable
+        from .engine.fp8_experts import convert_experts_to_fp8
+        why = expert_gemms_unavailable()
+        layers = convert_experts_to_fp8(engine.module, lambda: engine.global_steps, emulate=why is not None)
+        if int(os.environ.get("RANK", 0)) == 0:
+            how = f"emulated in fp32 (numerics only: the real-GEMM path {why})" if why else "torch._scaled_grouped_mm"
+            print(f"fp8: routed experts of {layers} MoE layer{'s' * (layers != 1)}, rowwise scaling, weight gradients "
+                  f"in bf16, {how}", flush=True)
     for _, bias in balance.moe_routers(engine.module):  # selection bias must keep fp32 resolution
         bias.data = bias.data.float()
     if cfg.train.compile_blocks:

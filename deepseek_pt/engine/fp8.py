@@ -4,9 +4,8 @@ By rule, only nn.Linear layers with both dimensions divisible by 16 (what FP8 GE
 eligible: attention projections, dense SwiGLUs and shared experts. The embedding, the output head
 (its logits feed the loss directly), the router (Gate: not a Linear; its scores pick experts) and the
 norms stay in bf16. Master weights and optimizer state stay fp32 in ZeRO-3. Routed experts run in
-AutoEP's bf16 grouped GEMMs: torch 2.11's rowwise FP8 grouped GEMM ran at half their speed on an H100
-at the bench shape (docs/benchmarks.md), so it is not used. Of the eligible linears, `fp8.layers: auto`
-converts only those wide enough to gain (`fp8_gemm_pays`); `all` converts every one.
+AutoEP's grouped GEMMs, bf16 unless `fp8.experts` (fp8_experts.py). Of the eligible linears,
+`fp8.layers: auto` converts only those wide enough to gain (`fp8_gemm_pays`); `all` converts every one.
 
 Recipes:
 - `tensorwise`, `rowwise`: torchao float8 training (Float8Linear), real FP8 GEMMs; GPU only.
@@ -38,7 +37,7 @@ BLOCK = 128
 def _fp8_eligible(module: nn.Module, fqn: str) -> bool:
     parts = fqn.split(".")
     return (isinstance(module, nn.Linear) and parts[-1] not in HIGH_PRECISION
-            and "experts" not in parts  # routed experts: AutoEP takes their weights into its own grouped GEMM
+            and "experts" not in parts  # routed experts: AutoEP's grouped GEMM (fp8.experts: fp8_experts.py)
             and module.in_features % 16 == 0 and module.out_features % 16 == 0)
 
 
@@ -73,6 +72,12 @@ def blockwise_gemms_unavailable() -> str | None:
     """Why the blockwise recipe runs emulated here rather than as real FP8 GEMMs (None if it need not): torchao's
     blockwise kernels need a Hopper GPU and Triton."""
     return _machine_lacks("a Hopper GPU", (9, 0), ("torchao", "triton"))
+
+
+def expert_gemms_unavailable() -> str | None:
+    """Why the routed experts' FP8 grouped GEMMs (fp8.experts) run emulated here (None if they need not):
+    torch._scaled_grouped_mm's rowwise kernels are Hopper's."""
+    return _machine_lacks("a Hopper GPU", (9, 0), ())
 
 
 def fp8_gemm_pays(in_features: int, out_features: int, recipe: str) -> bool:

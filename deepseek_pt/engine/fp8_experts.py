@@ -1,0 +1,180 @@
+"""Routed experts' grouped GEMMs in FP8 (`fp8.experts`), on DeepSpeed AutoEP's expert layer.
+
+The expert SwiGLU runs as one autograd function over AutoEP's expert-sorted token rows:
+    gate_up = x @ [w1; w3][e].T      h = silu(gate) * up      y = h @ w2[e].T
+- Forward and input-gradient GEMMs are FP8 (e4m3, rowwise scaled, fast accumulation) on
+  `torch._scaled_grouped_mm`. Gate and up run as one grouped GEMM.
+- The weight-gradient GEMMs reduce over each expert's tokens and stay bf16 (`torch._grouped_mm`):
+  rowwise scales cannot follow that axis, and scales per expert and column would need casts of their
+  own (torchao's `rowwise_with_gw_hp` keeps this GEMM in bf16 for the linears too).
+- Every scale is a power of two, one per token row and one per weight row along the GEMM's reduction
+  dimension. Scaling is then exact, and e4m3's rounding is the only error.
+- Weights are cast once per optimizer step, not once per micro-step: the two FP8 layouts of each
+  expert weight (forward, and transposed for the input gradient) are kept until the engine's step
+  counter moves, as TransformerEngine does across micro-batches. That costs 2 bytes per local
+  routed-expert parameter.
+
+Where `torch._scaled_grouped_mm` cannot run (no Hopper GPU), the same quantization is emulated: the
+operands are rounded through e4m3 with their scales, and the GEMM runs in fp32. That reproduces the
+numerics for CPU runs and tests, not the speed.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from deepspeed.moe import ep_kernels
+from deepspeed.moe.ep_experts import GroupedExperts
+
+E4M3 = torch.float8_e4m3fn
+E4M3_MAX = torch.finfo(E4M3).max  # 448
+ALIGN = 16  # FP8 grouped GEMMs need every expert's rows to start on a 16-row boundary, and K, N multiples of 16
+
+
+def quantize_rows(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """t [..., K] -> (e4m3 [..., K], fp32 dequantization scales [...]): per row, the largest power of two that keeps
+    the row's amax within e4m3's 448. An all-zero row stays zero."""
+    amax = t.abs().amax(dim=-1).float().clamp(min=1e-12)
+    scale = torch.exp2(torch.floor(torch.log2(E4M3_MAX / amax)))
+    return (t.float() * scale.unsqueeze(-1)).to(E4M3), scale.reciprocal()
+
+
+def _swiglu_quantized(gate_up: torch.Tensor):
+    """h = silu(gate) * up from gate_up [M, 2H] (bf16), and h quantized for the down projection."""
+    gate, up = gate_up.float().chunk(2, dim=-1)
+    h = (F.silu(gate) * up).to(gate_up.dtype)
+    return (h, *quantize_rows(h))
+
+
+def _swiglu_backward_quantized(gate_up: torch.Tensor, grad_h: torch.Tensor):
+    """d(gate_up) [M, 2H] from dh [M, H] (bf16), and it quantized for the input-gradient GEMM."""
+    gate, up = gate_up.float().chunk(2, dim=-1)
+    dh, sig = grad_h.float(), torch.sigmoid(gate)
+    grad = torch.cat([dh * up * sig * (1 + gate * (1 - sig)), dh * gate * sig], dim=-1).to(gate_up.dtype)
+    return (grad, *quantize_rows(grad))
+
+
+def _cast_weights(w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor):
+    """The four FP8 layouts of Fp8ExpertWeights, flattened: gate_up, down, gate_up_t, down_t."""
+    gate_up = torch.cat([w1, w3], dim=1)  # [E, 2H, dim]
+    return (*quantize_rows(gate_up), *quantize_rows(w2),
+            *quantize_rows(gate_up.transpose(-2, -1).contiguous()), *quantize_rows(w2.transpose(-2, -1).contiguous()))
+
+
+# Each piece fused by torch.compile on a GPU, with static shapes: AutoEP's expert-sorted buffer has the same number
+# of rows at every micro-step, and each piece sees one or two shapes.
+_PIECES = {f.__name__: f for f in (quantize_rows, _swiglu_quantized, _swiglu_backward_quantized, _cast_weights)}
+_COMPILED: dict[str, Callable] = {}
+
+
+def _fused(fn: Callable, t: torch.Tensor) -> Callable:
+    if t.device.type != "cuda":
+        return fn
+    if fn.__name__ not in _COMPILED:
+        _COMPILED[fn.__name__] = torch.compile(_PIECES[fn.__name__], fullgraph=True, dynamic=False)
+    return _COMPILED[fn.__name__]
+
+
+def scaled_grouped_mm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor,
+                      offs: torch.Tensor, emulate: bool) -> torch.Tensor:
+    """Per expert e, rows offs[e-1]:offs[e] of a [M, K] (e4m3, row scales [M]) times b[e].T, b [E, N, K] (e4m3, row
+    scales [E, N]): [M, N] bf16. Rows past offs[-1] are padding, left unset as in torch._grouped_mm. Emulated: the
+    same operands dequantized, an fp32 GEMM per expert."""
+    if not emulate:
+        return torch._scaled_grouped_mm(a, b.transpose(-2, -1), a_scale, b_scale, offs=offs,
+                                        out_dtype=torch.bfloat16, use_fast_accum=True)
+    out = torch.empty(a.shape[0], b.shape[1], dtype=torch.bfloat16, device=a.device)
+    for e, (start, end) in enumerate(zip([0, *offs.tolist()], offs.tolist())):
+        rows = a[start:end].float() * a_scale[start:end, None]
+        out[start:end] = rows @ (b[e].float() * b_scale[e, :, None]).T
+    return out
+
+
+class Fp8ExpertWeights:
+    """The FP8 layouts of one expert layer's weights, each an (e4m3 [E, N, K], scales [E, N]) pair scaled along the
+    GEMM's reduction dimension K: gate_up (w1 and w3 stacked, for the forward), down (w2), and their transposes
+    for the input gradient, down_t and gate_up_t."""
+
+    def __init__(self, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor):
+        layouts = _fused(_cast_weights, w1)(w1.detach(), w3.detach(), w2.detach())
+        self.gate_up, self.down, self.gate_up_t, self.down_t = (layouts[i:i + 2] for i in range(0, 8, 2))
+
+
+class _Fp8ExpertSwiGLU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, w1, w3, w2, offs, weights: Fp8ExpertWeights, emulate: bool):
+        x_q, x_s = _fused(quantize_rows, x)(x)
+        gate_up = scaled_grouped_mm(x_q, x_s, *weights.gate_up, offs, emulate)
+        h, h_q, h_s = _fused(_swiglu_quantized, x)(gate_up)
+        ctx.save_for_backward(x, gate_up, h, offs)
+        ctx.weights, ctx.emulate = weights, emulate
+        return scaled_grouped_mm(h_q, h_s, *weights.down, offs, emulate).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, gate_up, h, offs = ctx.saved_tensors
+        weights, emulate = ctx.weights, ctx.emulate
+        grad_y = grad_y.to(h.dtype).contiguous()
+        g_q, g_s = _fused(quantize_rows, grad_y)(grad_y)
+        grad_h = scaled_grouped_mm(g_q, g_s, *weights.down_t, offs, emulate)
+        grad_w2 = torch._grouped_mm(grad_y.t(), h, offs=offs)  # [E, dim, H]: bf16, reduced over each expert's rows
+        grad_gate_up, gu_q, gu_s = _fused(_swiglu_backward_quantized, grad_y)(gate_up, grad_h)
+        grad_x = scaled_grouped_mm(gu_q, gu_s, *weights.gate_up_t, offs, emulate).to(x.dtype)
+        # One GEMM per weight, each writing its own contiguous [E, H, dim]. With strided views of one [E, 2H, dim]
+        # product instead, a bench-2b profile showed non-vectorized gradient adds costing 3.2 ms per micro-step
+        # (docs/benchmarks.md).
+        grad_w1, grad_w3 = (torch._grouped_mm(half.t(), x, offs=offs) for half in grad_gate_up.chunk(2, dim=1))
+        return grad_x, grad_w1, grad_w3, grad_w2, None, None, None
+
+
+def fp8_expert_swiglu(x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor, offs: torch.Tensor,
+                      weights: Fp8ExpertWeights, emulate: bool) -> torch.Tensor:
+    """The routed experts' SwiGLU over expert-sorted rows x [M, dim] (group e ends at offs[e], each group a multiple
+    of ALIGN rows), with `weights` the FP8 layouts of w1, w3 [E, H, dim] and w2 [E, dim, H]; gradients reach the
+    bf16 weights."""
+    return _Fp8ExpertSwiGLU.apply(x, w1, w3, w2, offs, weights, emulate)
+
+
+def expert_layers(model: torch.nn.Module) -> list[GroupedExperts]:
+    """AutoEP's expert modules in `model`."""
+    return [m for m in model.modules() if isinstance(m, GroupedExperts)]
+
+
+def convert_experts_to_fp8(model: torch.nn.Module, optimizer_steps: Callable[[], int], emulate: bool) -> int:
+    """Run every AutoEP expert layer of `model` through fp8_expert_swiglu; `optimizer_steps()` counts the engine's
+    optimizer steps (the FP8 weights are recast when it moves). Returns how many layers were converted."""
+    layers = expert_layers(model)
+    for layer in layers:
+        if layer.activation != "swiglu" or layer.use_triton_grouped_mm or layer.gate_up_impl != "separate":
+            raise ValueError(f"fp8.experts: AutoEP's expert layer runs activation={layer.activation!r}, "
+                             f"triton={layer.use_triton_grouped_mm}, gate_up_impl={layer.gate_up_impl!r}; "
+                             "FP8 experts take swiglu on torch._grouped_mm with separate gate and up weights")
+        layer.__class__ = Fp8GroupedExperts
+        layer.optimizer_steps, layer.emulate, layer.fp8_weights = optimizer_steps, emulate, None
+    if layers:
+        # AutoEP pads each expert's rows to this many when it sorts tokens by expert; read at every forward.
+        ep_kernels.TOKEN_GROUP_ALIGN_SIZE_M = max(ep_kernels.TOKEN_GROUP_ALIGN_SIZE_M, ALIGN)
+    return len(layers)
+
+
+class Fp8GroupedExperts(GroupedExperts):
+    """AutoEP's GroupedExperts (same parameters, same state dict) computing through fp8_expert_swiglu."""
+
+    optimizer_steps: Callable[[], int]
+    emulate: bool
+    fp8_weights: tuple[tuple, Fp8ExpertWeights] | None
+
+    def forward(self, x: torch.Tensor, num_tokens_per_expert: torch.Tensor) -> torch.Tensor:
+        offs = torch.cumsum(num_tokens_per_expert, dim=0, dtype=torch.int32)
+        return fp8_expert_swiglu(x, self.w1, self.w3, self.w2, offs, self.current_fp8_weights(), self.emulate)
+
+    def current_fp8_weights(self) -> Fp8ExpertWeights:
+        """The FP8 layouts of this optimizer step's weights: cast at the step's first forward, reused by its other
+        micro-steps and recomputed forwards. The key also holds the weights' addresses, so that weights ZeRO-3
+        gathers into new memory are cast again."""
+        key = (self.optimizer_steps(), self.w1.data_ptr(), self.w3.data_ptr(), self.w2.data_ptr())
+        if self.fp8_weights is None or self.fp8_weights[0] != key:
+            self.fp8_weights = None  # free the old layouts before casting the new ones
+            self.fp8_weights = (key, Fp8ExpertWeights(self.w1, self.w3, self.w2))
+        return self.fp8_weights[1]

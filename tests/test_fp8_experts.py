@@ -1,0 +1,156 @@
+"""Routed experts' grouped GEMMs in FP8 (fp8.experts): the rowwise power-of-two scales, the expert SwiGLU's
+forward and gradients against AutoEP's bf16 experts, the FP8 weights cast once per optimizer step, the conversion
+of AutoEP's expert layers, and the real GEMMs against the emulation on a Hopper GPU."""
+import pytest
+import torch
+from deepspeed.moe import ep_kernels
+from deepspeed.moe.ep_experts import GroupedExperts, _run_experts_grouped_mm
+
+from deepseek_pt.config import ConfigError, load_config
+from deepseek_pt.engine import fp8
+from deepseek_pt.engine.fp8_experts import (ALIGN, Fp8ExpertWeights, Fp8GroupedExperts, convert_experts_to_fp8,
+                                            fp8_expert_swiglu, quantize_rows, scaled_grouped_mm)
+from test_fp8 import CONFIGS, rel_err
+
+# The emulation's tests run where AutoEP's bf16 experts run: on a GPU machine DeepSpeed takes its Triton SwiGLU,
+# which refuses CPU tensors.
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def test_row_scales_are_powers_of_two_that_fit_each_row_in_e4m3():
+    torch.manual_seed(0)
+    t = torch.randn(6, 256) * torch.tensor([1e-6, 1e-2, 1.0, 3.0, 1e4, 0.0])[:, None]
+    q, scale = quantize_rows(t)
+    assert q.dtype == torch.float8_e4m3fn and scale.shape == (6,)
+    assert torch.equal(scale.log2(), scale.log2().round())  # exact scaling: only e4m3's rounding is lost
+    amax = q.float().abs().amax(dim=-1)
+    assert (amax[:5] <= 448).all() and (amax[:5] >= 224).all()  # each row uses the top binade of e4m3
+    assert torch.equal(q[5].float(), torch.zeros(256))  # an all-zero row (AutoEP's padding) stays zero
+    back = q.float() * scale[:, None]
+    assert rel_err(back[:5], t[:5]) < 2**-4  # 3 mantissa bits
+
+
+def _routed_rows(dim: int, counts: list[int]):
+    """Expert-sorted rows as AutoEP hands them over: groups of ALIGN-multiple sizes, some empty, zero padding after."""
+    offs = torch.tensor(counts, device=DEVICE).cumsum(0).to(torch.int32)
+    x = torch.randn(int(offs[-1]) + ALIGN, dim, dtype=torch.bfloat16, device=DEVICE)
+    x[int(offs[-1]):] = 0
+    return x, offs
+
+
+def _expert_weights(E: int, dim: int, H: int):
+    w1, w3 = (torch.randn(E, H, dim, device=DEVICE).mul(dim**-0.5).bfloat16().requires_grad_() for _ in range(2))
+    return w1, w3, torch.randn(E, dim, H, device=DEVICE).mul(H**-0.5).bfloat16().requires_grad_()
+
+
+@pytest.fixture
+def experts():
+    torch.manual_seed(0)
+    x, offs = _routed_rows(128, [32, 0, 80, 48])
+    return x, offs, *_expert_weights(4, 128, 64)
+
+
+def _forward_backward(run, x, offs, w1, w3, w2):
+    """Output rows and gradients (input, w1, w3, w2) of one expert-SwiGLU implementation."""
+    torch.manual_seed(1)
+    n = int(offs[-1])
+    x = x.clone().requires_grad_()
+    y = run(x, w1, w3, w2)
+    grad_y = torch.randn_like(y)
+    grad_y[n:] = 0  # AutoEP's unpermute reads only the routed rows
+    grads = torch.autograd.grad(y, (x, w1, w3, w2), grad_y)
+    return y[:n], grads[0][:n], *grads[1:]
+
+
+def test_fp8_expert_swiglu_computes_autoeps_experts_within_e4m3_error(experts):
+    x, offs, w1, w3, w2 = experts
+    counts = torch.diff(offs, prepend=offs.new_zeros(1))
+    bf16 = _forward_backward(lambda x, w1, w3, w2: _run_experts_grouped_mm(w1, w2, w3, x, counts), *experts)
+    weights = Fp8ExpertWeights(w1, w3, w2)
+    got = _forward_backward(lambda x, w1, w3, w2: fp8_expert_swiglu(x, w1, w3, w2, offs, weights, True), *experts)
+    for name, a, b in zip(("y", "dx", "dw1", "dw3", "dw2"), got, bf16):
+        assert a.dtype == b.dtype == torch.bfloat16 and a.shape == b.shape, name
+        # e4m3 rounds each operand by up to 2^-4; the products' errors average out to a few percent. A scale on the
+        # wrong axis, a transposed weight or a gradient routed to the wrong expert is off by far more.
+        assert 0.01 < rel_err(a, b) < 0.09, (name, rel_err(a, b))
+    assert all(g.is_contiguous() for g in got[2:])  # .grad accumulates them at full bandwidth
+    empty = slice(1, 2)  # expert 1 received no tokens: its weights get zero gradients
+    assert all(g[empty].abs().max() == 0 for g in got[2:])
+
+
+def test_fp8_weights_are_cast_once_per_optimizer_step(monkeypatch):
+    torch.manual_seed(0)
+    layer = GroupedExperts(dim=64, hidden_dim=32, num_experts=4).to(DEVICE, torch.bfloat16)
+    for w in layer.parameters():
+        torch.nn.init.normal_(w, std=0.1)
+    steps = [0]
+    monkeypatch.setattr(ep_kernels, "TOKEN_GROUP_ALIGN_SIZE_M", 8)
+    keys = set(layer.state_dict())
+    x, offs = _routed_rows(64, [16, 32, 0, 16])
+    counts = torch.diff(offs, prepend=offs.new_zeros(1))
+    reference = layer(x, counts)
+    assert convert_experts_to_fp8(torch.nn.Sequential(layer), lambda: steps[0], emulate=True) == 1
+    assert isinstance(layer, Fp8GroupedExperts) and set(layer.state_dict()) == keys
+    assert ep_kernels.TOKEN_GROUP_ALIGN_SIZE_M == ALIGN  # AutoEP now pads each expert's rows for FP8 GEMMs
+    n = int(offs[-1])
+    y = layer(x, counts)
+    assert 0.005 < rel_err(y[:n], reference[:n]) < 0.09
+    first = layer.current_fp8_weights()
+    layer(x, counts).sum().backward()  # the step's other micro-steps reuse the cast
+    assert layer.current_fp8_weights() is first
+    with torch.no_grad():
+        layer.w2.mul_(2)  # the optimizer steps
+    steps[0] += 1
+    recast = layer.current_fp8_weights()
+    assert recast is not first and torch.equal(recast.down[1], first.down[1] * 2)  # e4m3 values kept, scales doubled
+    assert rel_err(layer(x, counts)[:n], y[:n] * 2) < 0.01  # w2 enters linearly: the output doubles
+    layer.w1.data = layer.w1.data.clone()  # ZeRO-3 gathered the weights into new memory
+    assert layer.current_fp8_weights() is not recast
+
+
+def test_fp8_experts_config_names_what_it_needs(tmp_path):
+    def load(*overrides):
+        return load_config(CONFIGS / "smoke.yaml", ["precision=fp8", "fp8.recipe=blockwise", "fp8.experts=true",
+                                                    *overrides])
+    assert load().fp8.experts
+    with pytest.raises(ConfigError, match=r"model.moe.expert_inter_dim: 40 is not a multiple of 16"):
+        load("model.moe.expert_inter_dim=40")
+    with pytest.raises(ConfigError, match=r"fp8.experts: needs routed experts in DeepSpeed AutoEP"):
+        load("model.moe.seq_aux_loss_alpha=0.001")
+    with pytest.raises(ConfigError, match=r"fp8.experts: needs routed experts"):
+        load("model.moe.n_dense_layers=2")
+
+
+def test_fp8_experts_refuse_a_gpu_without_hoppers_kernels(monkeypatch, tmp_path):
+    from deepseek_pt.train import PreflightError, preflight
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda: "NVIDIA L40S")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda: (8, 9))
+    monkeypatch.setattr(fp8.importlib.util, "find_spec", lambda name: object())
+    cfg = load_config(CONFIGS / "smoke.yaml", ["precision=fp8", "fp8.recipe=tensorwise", "fp8.experts=true",
+                                               f"data.path={tmp_path}"])
+    with pytest.raises(PreflightError, match=r"fp8.experts: FP8 grouped GEMMs needs a Hopper GPU \(compute "
+                                             r"capability >= 9.0\); NVIDIA L40S has 8.9: set fp8.experts=false"):
+        preflight(cfg, 2)
+
+
+@pytest.mark.skipif(fp8.expert_gemms_unavailable() is not None,
+                    reason=f"real FP8 grouped GEMMs {fp8.expert_gemms_unavailable()}")
+def test_real_fp8_grouped_gemms_match_the_emulation_on_gpu():
+    torch.manual_seed(0)
+    x, offs = _routed_rows(512, [64, 0, 128, 16, 256, 32, 48, 96])
+    x[:, 7] *= 30  # an outlier channel: row scales take it, so the other rows keep their precision
+    w1, w3, w2 = _expert_weights(8, 512, 256)
+    weights = Fp8ExpertWeights(w1, w3, w2)
+    n = int(offs[-1])
+    x_q, x_s = quantize_rows(x)
+    real, emulated = (scaled_grouped_mm(x_q, x_s, *weights.gate_up, offs, emulate)[:n] for emulate in (False, True))
+    assert rel_err(real, emulated) < 0.002  # one GEMM of the same operands: fast accumulation and bf16 rounding
+    real, emulated = (_forward_backward(lambda x, w1, w3, w2: fp8_expert_swiglu(x, w1, w3, w2, offs, weights, emulate),
+                                        x, offs, w1, w3, w2) for emulate in (False, True))
+    for name, a, b in zip(("y", "dx", "dw1", "dw3", "dw2"), real, emulated):
+        assert torch.isfinite(a).all() and a.dtype == torch.bfloat16, name
+        # Through the block, an intermediate that differs in its last bits now and then rounds to the neighbouring
+        # e4m3 value (6% apart) when it is quantized for the next GEMM: about 1% in all.
+        assert rel_err(a, b) < 0.02, (name, rel_err(a, b))
