@@ -1,9 +1,10 @@
 """What FP8 GEMMs buy on this GPU at the bench-2b shapes and at DeepSeek-V3's dense widths (bench-v3-dense):
 bf16 against FP8 (tensorwise, rowwise, DeepSeek-style blockwise 1x128 x 128x128) for the dense linears, and
-bf16 against rowwise FP8 grouped GEMM for bench-2b's routed experts. The forward GEMM alone (weights
-pre-quantized) and with the compiled quantization of its activation.
+bf16 against rowwise FP8 grouped GEMM (with and without fast accumulation) for bench-2b's routed experts. The
+forward GEMM alone (weights pre-quantized) and with the compiled quantization of its activation. Then the
+routed experts' whole SwiGLU, forward and backward: AutoEP's bf16, torchao's FP8, and fp8.experts' own.
 
-    python bench/fp8_gemm_probe.py [--tokens 8192]
+    python bench/fp8_gemm_probe.py [--tokens 8192] [--experts-only]
 
 Prints one line per (shape, variant): median ms, TFLOP/s, relative error against an fp32 product of
 the dequantized operands (blockwise layouts that the library rejects are reported, not fatal).
@@ -11,6 +12,10 @@ the dequantized operands (blockwise layouts that the library rejects are reporte
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch
 import torch.nn.functional as F
@@ -116,36 +121,100 @@ def grouped(tokens: int, E: int, top_k: int, K: int, N: int) -> None:
           f"{flops / ms / 1e9:6.0f} TFLOP/s", flush=True)
     xq, sx = quant_rows(x, None)
     wq, sw = quant_rows(w, None)  # [E, N, K], scales [E, N]
-    try:
-        fn = lambda: torch._scaled_grouped_mm(xq, wq.transpose(-2, -1), sx, sw, offs=offs,
-                                              out_dtype=torch.bfloat16)
-        err = rel_err(fn(), ref)
-        ms = bench(fn)
-        full = lambda: torch._scaled_grouped_mm(quant_rows(x, None)[0], wq.transpose(-2, -1), sx, sw,
-                                                offs=offs, out_dtype=torch.bfloat16)
-        print(f"   experts {E}x[{rows_per_expert}x{K}x{N}]  fp8 rowwise scaled_grouped_mm {'':7} gemm {ms:6.3f} ms "
-              f"{flops / ms / 1e9:6.0f} TFLOP/s | with quant {bench(full):6.3f} ms | rel err vs bf16 {err:.1e}", flush=True)
-    except (RuntimeError, ValueError) as e:
-        print(f"   experts: fp8 rowwise scaled_grouped_mm: {type(e).__name__}: {str(e).splitlines()[0][:100]}")
+    # use_fast_accum=False promotes CUTLASS's FP8 partial sums to fp32 every few K-steps (slower, more exact);
+    # torchao's MoE training passes True.
+    for fast in (False, True):
+        try:
+            fn = lambda: torch._scaled_grouped_mm(xq, wq.transpose(-2, -1), sx, sw, offs=offs,
+                                                  out_dtype=torch.bfloat16, use_fast_accum=fast)
+            err = rel_err(fn(), ref)
+            ms = bench(fn)
+            full = lambda: torch._scaled_grouped_mm(quant_rows(x, None)[0], wq.transpose(-2, -1), sx, sw, offs=offs,
+                                                    out_dtype=torch.bfloat16, use_fast_accum=fast)
+            print(f"   experts {E}x[{rows_per_expert}x{K}x{N}]  fp8 rowwise scaled_grouped_mm fast_accum={fast!s:5} "
+                  f"gemm {ms:6.3f} ms {flops / ms / 1e9:6.0f} TFLOP/s | with quant {bench(full):6.3f} ms | "
+                  f"rel err vs bf16 {err:.1e}", flush=True)
+        except (RuntimeError, ValueError) as e:
+            print(f"   experts: fp8 rowwise scaled_grouped_mm: {type(e).__name__}: {str(e).splitlines()[0][:100]}")
+
+
+def expert_mlp(tokens: int, E: int, top_k: int, dim: int, hidden: int) -> None:
+    """The routed experts' SwiGLU, forward and backward, over expert-sorted rows as AutoEP hands them over (uneven
+    groups of multiples of 16 rows, zero padding after): AutoEP's bf16 grouped GEMMs, torchao's FP8 rowwise grouped
+    GEMM, and ours (engine/fp8_experts.py) with the step's FP8 weights already cast (every micro-step after an
+    optimizer step's first) and with the cast. Then where ours and bf16 spend the GPU's time, per kernel."""
+    from deepspeed.moe.ep_experts import _run_experts_grouped_mm
+    from torchao.prototype.moe_training.fp8_grouped_mm import _to_fp8_rowwise_then_scaled_grouped_mm as fp8_gmm
+
+    from deepseek_pt.engine.fp8_experts import Fp8ExpertWeights, fp8_expert_swiglu
+
+    rows = tokens * top_k
+    load = torch.rand(E, device="cuda") + 0.5  # experts 0.5-1.5x the mean load
+    counts = (load / load.sum() * rows / 16).round().int() * 16
+    offs = counts.cumsum(0, dtype=torch.int32)
+    M = int(offs[-1]) + 16 * E  # AutoEP's permuted buffer: every group padded, the rest zero rows
+    x = torch.randn(M, dim, device="cuda", dtype=torch.bfloat16)
+    x[int(offs[-1]):] = 0
+    w1, w3, w2 = [torch.randn(E, *s, device="cuda", dtype=torch.bfloat16).mul_(0.02).requires_grad_()
+                  for s in ((hidden, dim), (hidden, dim), (dim, hidden))]
+    dy = torch.randn(M, dim, device="cuda", dtype=torch.bfloat16)
+    dy[int(offs[-1]):] = 0
+    cast = Fp8ExpertWeights(w1, w3, w2)
+    gmm_fp8 = lambda a, w: fp8_gmm(a, w.transpose(-2, -1), offs, pad_token_groups_for_grouped_mm=False)
+    variants = {
+        "bf16 (AutoEP grouped_mm)": lambda xi: _run_experts_grouped_mm(w1, w2, w3, xi, counts),
+        "fp8 torchao rowwise": lambda xi: gmm_fp8(F.silu(gmm_fp8(xi, w1)) * gmm_fp8(xi, w3), w2),
+        "fp8 ours, weights cast": lambda xi: fp8_expert_swiglu(xi, w1, w3, w2, offs, cast, False),
+        "fp8 ours, + weight cast": lambda xi: fp8_expert_swiglu(xi, w1, w3, w2, offs, Fp8ExpertWeights(w1, w3, w2),
+                                                                False),
+    }
+
+    def step(run):
+        xi = x.detach().requires_grad_()
+        y = run(xi)
+        return y, torch.autograd.grad(y, [xi, w1, w3, w2], dy)
+
+    n = int(offs[-1])
+    ref_y, ref_g = step(variants["bf16 (AutoEP grouped_mm)"])
+    flops = 3 * 2 * n * dim * hidden * 3  # three GEMMs, each forward + two backward
+    for label, run in variants.items():
+        y, g = step(run)
+        errs = " ".join(f"{name} {rel_err(a[:n] if i < 2 else a, b[:n] if i < 2 else b):.1e}" for i, (name, a, b) in
+                        enumerate(zip(("y", "dx", "dw1", "dw3", "dw2"), (y, *g), (ref_y, *ref_g))))
+        ms = bench(lambda: step(run), calls=5)
+        print(f"   expert MLP {E}x[~{n // E}x{dim}x{hidden}] fwd+bwd {label:24} {ms:6.3f} ms "
+              f"{flops / ms / 1e9:6.0f} TFLOP/s | rel err vs bf16: {errs}", flush=True)
+    for label in ("bf16 (AutoEP grouped_mm)", "fp8 ours, weights cast"):
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            for _ in range(5):
+                step(variants[label])
+            torch.cuda.synchronize()
+        print(f"   -- {label}: GPU time per fwd+bwd, by kernel", flush=True)
+        for evt in sorted(prof.key_averages(), key=lambda e: -e.device_time_total)[:14]:
+            print(f"   {evt.device_time_total / 5e3:7.3f} ms {evt.count // 5:3d}x  {evt.key[:110]}", flush=True)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tokens", type=int, default=8192)
-    M = p.parse_args().tokens
+    p.add_argument("--experts-only", action="store_true", help="only the routed experts' grouped GEMMs")
+    args = p.parse_args()
+    M = args.tokens
     global quant_rows  # fused amax + scale + cast kernels: what a real recipe pays for quantization
     quant_rows = torch.compile(quant_rows)
     torch.manual_seed(0)
     print(torch.cuda.get_device_name(), torch.__version__, flush=True)
-    for name, K, N in [("q_proj", 2048, 3072), ("kv_a", 2048, 640), ("kv_b", 512, 4096), ("o_proj", 2048, 2048),
-                       ("dense_up", 2048, 10944), ("dense_down", 10944, 2048), ("shared_up", 2048, 2816),
-                       ("lm_head", 2048, 32000),
-                       # bench-v3-dense (dim 7168)
-                       ("v3 q_b", 1536, 24576), ("v3 o_proj", 16384, 7168), ("v3 up", 7168, 18432),
-                       ("v3 down", 18432, 7168)]:
+    dense_shapes = [("q_proj", 2048, 3072), ("kv_a", 2048, 640), ("kv_b", 512, 4096), ("o_proj", 2048, 2048),
+                    ("dense_up", 2048, 10944), ("dense_down", 10944, 2048), ("shared_up", 2048, 2816),
+                    ("lm_head", 2048, 32000),
+                    # bench-v3-dense (dim 7168)
+                    ("v3 q_b", 1536, 24576), ("v3 o_proj", 16384, 7168), ("v3 up", 7168, 18432),
+                    ("v3 down", 18432, 7168)]
+    for name, K, N in [] if args.experts_only else dense_shapes:
         dense(M, K, N, name)
     grouped(M, 64, 6, 2048, 1408)
     grouped(M, 64, 6, 1408, 2048)
+    expert_mlp(M, 64, 6, 2048, 1408)
 
 
 if __name__ == "__main__":

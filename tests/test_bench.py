@@ -30,8 +30,9 @@ def _loss_check_env(out_dir: Path, **extra: str) -> dict:
 @pytest.mark.slow
 def test_fp8_loss_check_compares_runs_started_side_by_side(tmp_path, pydoc_data_dir):
     # smoke compiles nothing, so bf16_eager is bf16 again: the same losses to the last bit, as a rerun on one
-    # machine must give; fp8_blockwise (emulated, the one FP8 recipe a CPU runs) must differ from both.
-    env = _loss_check_env(tmp_path, RUNS="bf16 bf16_eager fp8_blockwise", RUN_TIMEOUT="150")
+    # machine must give; fp8_blockwise (emulated, the one FP8 recipe a CPU runs) must differ from both, and FP8 in
+    # the routed experts as well (fp8_blockwise_experts) from that.
+    env = _loss_check_env(tmp_path, RUNS="bf16 bf16_eager fp8_blockwise fp8_blockwise_experts", RUN_TIMEOUT="150")
     proc = start_job(["bash", ROOT / "bench/fp8_loss_check.sh", pydoc_data_dir.shards_dir, 8, "data.seq_len=64",
                       "train.micro_batch_size=2", "train.eval_every=4", "train.eval_batches=1",
                       "parallel.expert_parallel_size=1"], env)
@@ -39,10 +40,13 @@ def test_fp8_loss_check_compares_runs_started_side_by_side(tmp_path, pydoc_data_
     assert proc.returncode == 0 and "FAILED" not in out, out
     rows = [line for line in out.splitlines() if re.match(r"\| \d+-\d+ \|", line)]
     assert [r.split(" | ")[0] for r in rows] == [f"| {s}-{s}" for s in range(1, 9)] + ["| 5-8"], out
-    cells = [row.strip("| ").split(" | ")[1:] for row in rows]  # bf16, eager, blockwise, eager vs bf16, blockwise vs
-    assert all(eager == bf16 and eager_rel == "+0.00%" for bf16, eager, _, eager_rel, _ in cells), out
-    assert any(blockwise != bf16 for bf16, _, blockwise, _, _ in cells), out
-    for name in ("bf16", "bf16_eager", "fp8_blockwise"):
+    # bf16, eager, blockwise, + experts, then each against bf16
+    cells = [row.strip("| ").split(" | ")[1:] for row in rows]
+    assert all(eager == bf16 and eager_rel == "+0.00%" for bf16, eager, _, _, eager_rel, *_ in cells), out
+    assert any(blockwise != bf16 for bf16, _, blockwise, *_ in cells), out
+    assert any(experts != blockwise for _, _, blockwise, experts, *_ in cells), out
+    assert "fp8: routed experts of 1 MoE layer" in (tmp_path / "train_fp8_blockwise_experts.log").read_text()
+    for name in ("bf16", "bf16_eager", "fp8_blockwise", "fp8_blockwise_experts"):
         assert (tmp_path / f"metrics_{name}.jsonl").read_text().count("\n") == 8
         assert re.search(rf"^{name}: 8 steps, .*eval loss at step 4: [\d.]+, 8: [\d.]+$", out, re.M), out
 
