@@ -409,6 +409,12 @@ def save_config(cfg: Config, path: str | Path) -> None:
 # Validation: impossible values, named by key path
 
 
+def uses_autoep(cfg: Config) -> bool:
+    """Routed experts go through DeepSpeed AutoEP, except a model that needs our own block's forward
+    (the sequence-wise balance loss, which AutoEP's replacement layer cannot compute)."""
+    return cfg.model.moe.n_dense_layers < cfg.model.n_layers and not cfg.model.moe.seq_aux_loss_alpha
+
+
 def validate(cfg: Config, where: str = "<config>") -> None:
     def check(ok: bool, key: str, msg: str) -> None:
         if not ok:
@@ -486,7 +492,7 @@ def validate(cfg: Config, where: str = "<config>") -> None:
         check(cfg.parallel.zero_stage > 0, "parallel.coalesce_grad_reduction",
               "needs parallel.zero_stage 1, 2 or 3 (DeepSpeed coalesces only ZeRO's gradient reduction)")
     if cfg.precision == "fp8" and cfg.fp8.experts:
-        check(moe.n_dense_layers < m.n_layers and not moe.seq_aux_loss_alpha, "fp8.experts",
+        check(uses_autoep(cfg), "fp8.experts",
               "needs routed experts in DeepSpeed AutoEP: a model with MoE layers (model.moe.n_dense_layers < "
               "model.n_layers) and model.moe.seq_aux_loss_alpha: 0")
         for key, v in (("model.dim", m.dim), ("model.moe.expert_inter_dim", moe.expert_inter_dim)):

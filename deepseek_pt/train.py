@@ -21,7 +21,7 @@ from typing import NoReturn
 import torch
 import torch.distributed as dist
 
-from .config import Config, ConfigError, load_config, save_config
+from .config import Config, ConfigError, load_config, save_config, uses_autoep
 from .engine import balance, checkpoint
 from .engine.checkpoint import CheckpointError
 from .engine.ds_config import build_ds_config, deepspeed_micro_steps, lr_scheduler
@@ -42,12 +42,6 @@ def parse_args(argv):
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=100")
     return parser.parse_args(argv)
-
-
-def uses_autoep(cfg: Config) -> bool:
-    """Routed experts go through DeepSpeed AutoEP, except a model that needs our own block's forward
-    (the sequence-wise balance loss, which AutoEP's replacement layer cannot compute)."""
-    return cfg.model.moe.n_dense_layers < cfg.model.n_layers and not cfg.model.moe.seq_aux_loss_alpha
 
 
 def host_memory_available() -> int | None:

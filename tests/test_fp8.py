@@ -135,13 +135,18 @@ def test_a_model_too_narrow_for_fp8_converts_nothing():
     assert all(type(m) is nn.Linear for m in model.modules() if isinstance(m, nn.Linear))
 
 
+def pretend_gpu(monkeypatch, name: str, capability: tuple[int, int]) -> None:
+    """torch.cuda reports one GPU of this name and compute capability."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda: name)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda: capability)
+
+
 def test_fp8_refusals_name_what_the_machine_lacks(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert fp8_unavailable("blockwise") is None  # the emulation runs anywhere
     assert "this machine has none" in fp8_unavailable("rowwise")
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda: "NVIDIA A100-SXM4-80GB")
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda: (8, 0))
+    pretend_gpu(monkeypatch, "NVIDIA A100-SXM4-80GB", (8, 0))
     assert fp8_unavailable("tensorwise").endswith("NVIDIA A100-SXM4-80GB has 8.0")
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda: (9, 0))
     monkeypatch.setattr(fp8.importlib.util, "find_spec", lambda name: None if name == "torchao" else object())
@@ -151,9 +156,7 @@ def test_fp8_refusals_name_what_the_machine_lacks(monkeypatch):
 
 
 def test_fp8_refusals_say_why_blockwise_is_emulated(monkeypatch):
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda: "NVIDIA L4")
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda: (8, 9))  # FP8 tensor cores, not Hopper's
+    pretend_gpu(monkeypatch, "NVIDIA L4", (8, 9))  # FP8 tensor cores, not Hopper's
     assert fp8.blockwise_gemms_unavailable() == "needs a Hopper GPU (compute capability >= 9.0); NVIDIA L4 has 8.9"
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda: (9, 0))
     monkeypatch.setattr(fp8.importlib.util, "find_spec", lambda name: None if name == "triton" else object())

@@ -10,7 +10,7 @@ from deepseek_pt.config import ConfigError, load_config
 from deepseek_pt.engine import fp8
 from deepseek_pt.engine.fp8_experts import (ALIGN, Fp8ExpertWeights, Fp8GroupedExperts, convert_experts_to_fp8,
                                             fp8_expert_swiglu, quantize_rows, scaled_grouped_mm)
-from test_fp8 import CONFIGS, rel_err
+from test_fp8 import CONFIGS, pretend_gpu, rel_err
 
 # The emulation's tests run where AutoEP's bf16 experts run: on a GPU machine DeepSpeed takes its Triton SwiGLU,
 # which refuses CPU tensors.
@@ -124,9 +124,7 @@ def test_fp8_experts_config_names_what_it_needs(tmp_path):
 def test_fp8_experts_refuse_a_gpu_without_hoppers_kernels(monkeypatch, tmp_path):
     from deepseek_pt.train import PreflightError, preflight
 
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda: "NVIDIA L40S")
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda: (8, 9))
+    pretend_gpu(monkeypatch, "NVIDIA L40S", (8, 9))
     monkeypatch.setattr(fp8.importlib.util, "find_spec", lambda name: object())
     cfg = load_config(CONFIGS / "smoke.yaml", ["precision=fp8", "fp8.recipe=tensorwise", "fp8.experts=true",
                                                f"data.path={tmp_path}"])

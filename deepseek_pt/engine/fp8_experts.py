@@ -27,8 +27,8 @@ import torch.nn.functional as F
 from deepspeed.moe import ep_kernels
 from deepspeed.moe.ep_experts import GroupedExperts
 
-E4M3 = torch.float8_e4m3fn
-E4M3_MAX = torch.finfo(E4M3).max  # 448
+from .fp8 import E4M3_MAX
+
 ALIGN = 16  # FP8 grouped GEMMs need every expert's rows to start on a 16-row boundary, and K, N multiples of 16
 
 
@@ -37,7 +37,7 @@ def quantize_rows(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     the row's amax within e4m3's 448. An all-zero row stays zero."""
     amax = t.abs().amax(dim=-1).float().clamp(min=1e-12)
     scale = torch.exp2(torch.floor(torch.log2(E4M3_MAX / amax)))
-    return (t.float() * scale.unsqueeze(-1)).to(E4M3), scale.reciprocal()
+    return (t.float() * scale.unsqueeze(-1)).to(torch.float8_e4m3fn), scale.reciprocal()
 
 
 def _swiglu_quantized(gate_up: torch.Tensor):
@@ -64,16 +64,15 @@ def _cast_weights(w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor):
 
 # Each piece fused by torch.compile on a GPU, with static shapes: AutoEP's expert-sorted buffer has the same number
 # of rows at every micro-step, and each piece sees one or two shapes.
-_PIECES = {f.__name__: f for f in (quantize_rows, _swiglu_quantized, _swiglu_backward_quantized, _cast_weights)}
-_COMPILED: dict[str, Callable] = {}
+_COMPILED: dict[Callable, Callable] = {}
 
 
 def _fused(fn: Callable, t: torch.Tensor) -> Callable:
     if t.device.type != "cuda":
         return fn
-    if fn.__name__ not in _COMPILED:
-        _COMPILED[fn.__name__] = torch.compile(_PIECES[fn.__name__], fullgraph=True, dynamic=False)
-    return _COMPILED[fn.__name__]
+    if fn not in _COMPILED:
+        _COMPILED[fn] = torch.compile(fn, fullgraph=True, dynamic=False)
+    return _COMPILED[fn]
 
 
 def scaled_grouped_mm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor,
