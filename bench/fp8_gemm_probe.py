@@ -1,8 +1,9 @@
 """What FP8 GEMMs buy on this GPU at the bench-2b shapes and at DeepSeek-V3's dense widths (bench-v3-dense):
 bf16 against FP8 (tensorwise, rowwise, DeepSeek-style blockwise 1x128 x 128x128) for the dense linears, and
 bf16 against rowwise FP8 grouped GEMM (with and without fast accumulation) for bench-2b's routed experts. The
-forward GEMM alone (weights pre-quantized) and with the compiled quantization of its activation. Then the
-routed experts' whole SwiGLU, forward and backward: AutoEP's bf16, torchao's FP8, and fp8.experts' own.
+forward GEMM alone (weights pre-quantized) and with the compiled quantization of its activation. Then
+fp8.experts' activation casts (Triton against torch.compile), and the routed experts' whole SwiGLU, forward and
+backward: AutoEP's bf16, torchao's FP8, and fp8.experts' own.
 
     python bench/fp8_gemm_probe.py [--tokens 8192] [--experts-only]
 
@@ -194,6 +195,28 @@ def expert_mlp(tokens: int, E: int, top_k: int, dim: int, hidden: int) -> None:
             print(f"   {evt.device_time_total / 5e3:7.3f} ms {evt.count // 5:3d}x  {evt.key[:110]}", flush=True)
 
 
+def expert_casts(tokens: int, top_k: int, dim: int, hidden: int) -> None:
+    """fp8.experts' three activation casts on a step's worth of rows: its Triton kernels (fp8_expert_casts.py)
+    against their torch references compiled as the first version ran them, with the bandwidth each reaches."""
+    from deepseek_pt.engine import fp8_expert_casts as kernels
+    from deepseek_pt.engine import fp8_experts as reference
+
+    M = tokens * top_k
+    x, dy = (torch.randn(M, dim, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    gate_up = torch.randn(M, 2 * hidden, device="cuda", dtype=torch.bfloat16)
+    grad_h = torch.randn(M, hidden, device="cuda", dtype=torch.bfloat16)
+    cases = [  # name, args, bytes read and written
+        ("quantize x", "quantize_rows", (x,), M * dim * 3),
+        ("swiglu + quantize h", "swiglu_quantized", (gate_up,), M * hidden * (4 + 2 + 1)),
+        ("swiglu backward + quantize", "swiglu_backward_quantized", (gate_up, grad_h), M * hidden * (4 + 2 + 4 + 2)),
+    ]
+    for name, fn, args, nbytes in cases:
+        compiled = torch.compile(getattr(reference, fn), fullgraph=True, dynamic=False)
+        for label, run in (("torch.compile", compiled), ("triton", getattr(kernels, fn))):
+            ms = bench(lambda: run(*args))
+            print(f"   cast {name:28} {label:13} {ms:6.3f} ms {nbytes / ms / 1e9:6.0f} GB/s", flush=True)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tokens", type=int, default=8192)
@@ -214,6 +237,7 @@ def main() -> None:
         dense(M, K, N, name)
     grouped(M, 64, 6, 2048, 1408)
     grouped(M, 64, 6, 1408, 2048)
+    expert_casts(M, 6, 2048, 1408)
     expert_mlp(M, 64, 6, 2048, 1408)
 
 

@@ -252,6 +252,10 @@ class Fp8Config:
     """Which of those linears go FP8: `auto` only the ones wide enough that FP8's faster GEMMs outweigh its casts
     (engine/fp8.py's fp8_gemm_pays; blockwise takes all, as DeepSeek-V3 does), `all` every one. On a
     narrow model `auto` may convert none: the run says so and trains in bf16."""
+    fast_accum: Literal["forward", "all"] = "forward"
+    """Which of torchao's FP8 GEMMs (tensorwise and rowwise recipes) accumulate with the tensor cores' fast
+    accumulation: `forward` only, as torchao and TransformerEngine do by default (the two backward GEMMs then
+    take a slower kernel that promotes partial sums to fp32), or `all` three. fp8.experts' GEMMs always do."""
     experts: bool = False
     """Also run the routed experts' grouped GEMMs in FP8 (engine/fp8_experts.py): forward and input-gradient GEMMs
     rowwise scaled e4m3 on torch._scaled_grouped_mm, weight gradients in bf16, whatever `recipe` says for the
@@ -491,6 +495,9 @@ def validate(cfg: Config, where: str = "<config>") -> None:
     if cfg.parallel.coalesce_grad_reduction:
         check(cfg.parallel.zero_stage > 0, "parallel.coalesce_grad_reduction",
               "needs parallel.zero_stage 1, 2 or 3 (DeepSpeed coalesces only ZeRO's gradient reduction)")
+    if cfg.precision == "fp8" and cfg.fp8.fast_accum != "forward":
+        check(cfg.fp8.recipe != "blockwise", "fp8.fast_accum",
+              f"{cfg.fp8.fast_accum!r} applies to torchao's tensorwise and rowwise recipes, not fp8.recipe: blockwise")
     if cfg.precision == "fp8" and cfg.fp8.experts:
         check(uses_autoep(cfg), "fp8.experts",
               "needs routed experts in DeepSpeed AutoEP: a model with MoE layers (model.moe.n_dense_layers < "

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from deepseek_pt.config import load_config
+from deepseek_pt.config import ConfigError, load_config
 from deepseek_pt.engine import fp8
 from deepseek_pt.engine.fp8 import (BlockwiseFp8GemmLinear, BlockwiseFp8Linear, Fp8Conversion, convert_to_fp8,
                                     fp8_round, fp8_targets, fp8_unavailable)
@@ -223,3 +223,33 @@ def test_real_blockwise_gemms_match_the_emulation_on_gpu():
         assert got.dtype == torch.bfloat16
         assert rel_err(got, want) < 0.01  # the same quantization: only summation order and bf16 output differ
         assert 0.005 < rel_err(got, bf16) < 0.1  # and it is FP8: visibly off the bf16 GEMM, within the recipe's error
+
+
+def test_fast_accum_is_for_torchaos_recipes(tmp_path):
+    def load(recipe):
+        return load_config(CONFIGS / "smoke.yaml", ["precision=fp8", f"fp8.recipe={recipe}", "fp8.fast_accum=all"])
+    assert load("rowwise").fp8.fast_accum == "all"
+    with pytest.raises(ConfigError, match=r"fp8.fast_accum: 'all' applies to torchao's tensorwise and rowwise "
+                                          r"recipes, not fp8.recipe: blockwise"):
+        load("blockwise")
+
+
+@pytest.mark.skipif(fp8.fp8_unavailable("rowwise") is not None,
+                    reason=f"torchao's FP8 GEMMs {fp8.fp8_unavailable('rowwise')}")
+@pytest.mark.parametrize("recipe", ["tensorwise", "rowwise"])
+def test_fast_accum_all_reaches_torchaos_backward_gemms_on_gpu(recipe):
+    torch.manual_seed(0)
+    x = torch.randn(4, 512, 1024, device="cuda", dtype=torch.bfloat16)
+    grad_out = torch.randn(4, 512, 3072, device="cuda", dtype=torch.bfloat16)
+    runs = {}
+    for fast_accum in ("forward", "all"):
+        torch.manual_seed(1)
+        model = nn.Sequential(nn.Linear(1024, 3072, bias=False)).cuda().bfloat16()
+        assert convert_to_fp8(model, recipe, "all", fast_accum).converted == 1
+        gemms = model[0].config
+        assert gemms.gemm_config_output.use_fast_accum
+        assert gemms.gemm_config_grad_input.use_fast_accum == gemms.gemm_config_grad_weight.use_fast_accum \
+            == (fast_accum == "all")
+        runs[fast_accum] = _grads(model[0], x, grad_out, False)
+    for fast, promoted in zip(runs["all"], runs["forward"]):
+        assert rel_err(fast, promoted) < 0.01  # the same FP8 operands; only the accumulation differs

@@ -152,3 +152,35 @@ def test_real_fp8_grouped_gemms_match_the_emulation_on_gpu():
         # Through the block, an intermediate that differs in its last bits now and then rounds to the neighbouring
         # e4m3 value (6% apart) when it is quantized for the next GEMM: about 1% in all.
         assert rel_err(a, b) < 0.02, (name, rel_err(a, b))
+
+
+@pytest.mark.skipif(fp8.expert_gemms_unavailable() is not None,
+                    reason=f"the Triton casts {fp8.expert_gemms_unavailable()}")
+def test_triton_casts_compute_their_torch_references_on_gpu():
+    from deepseek_pt.engine import fp8_expert_casts as kernels
+    from deepseek_pt.engine.fp8_experts import swiglu_backward_quantized, swiglu_quantized
+
+    torch.manual_seed(0)
+    M, H = 1001, 704  # rows not a multiple of a program's, width not a power of two
+    gate_up, grad_h = torch.randn(M, 2 * H, device="cuda"), torch.randn(M, H, device="cuda")
+    gate_up[:, 3] *= 40  # an outlier channel
+    gate_up[7], grad_h[8] = 0, 0  # all-zero rows (AutoEP's padding) stay zero
+    gate_up, grad_h = gate_up.bfloat16(), grad_h.bfloat16()
+
+    def same(got, want, name):
+        """Equal up to the last bit of a bf16 SwiGLU now and then (Triton's sigmoid is not torch's), which can move a
+        value to its e4m3 neighbour or, at a row's amax, the row's scale by one power of two."""
+        for a, b in zip(got, want):
+            assert a.shape == b.shape and a.dtype == b.dtype, name
+            a, b = a.float(), b.float()
+            assert torch.isfinite(a).all(), name
+            assert (a == b).float().mean() > 0.99, (name, (a == b).float().mean())
+        (hq, hs), (rq, rs) = got[-2:], want[-2:]
+        assert rel_err(hq.float() * hs[:, None], rq.float() * rs[:, None]) < 1e-3, name
+
+    q, s = kernels.quantize_rows(gate_up)
+    rq, rs = quantize_rows(gate_up)
+    assert torch.equal(s, rs) and torch.equal(q.view(torch.uint8), rq.view(torch.uint8))  # no arithmetic to differ
+    assert q[7].float().abs().max() == 0
+    same(kernels.swiglu_quantized(gate_up), swiglu_quantized(gate_up), "swiglu")
+    same(kernels.swiglu_backward_quantized(gate_up, grad_h), swiglu_backward_quantized(gate_up, grad_h), "backward")

@@ -21,6 +21,7 @@ Recipes:
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import os
 from dataclasses import dataclass
@@ -76,8 +77,8 @@ def blockwise_gemms_unavailable() -> str | None:
 
 def expert_gemms_unavailable() -> str | None:
     """Why the routed experts' FP8 grouped GEMMs (fp8.experts) run emulated here (None if they need not):
-    torch._scaled_grouped_mm's rowwise kernels are Hopper's."""
-    return _machine_lacks("a Hopper GPU", (9, 0), ())
+    torch._scaled_grouped_mm's rowwise kernels are Hopper's, and their operands' casts are Triton kernels."""
+    return _machine_lacks("a Hopper GPU", (9, 0), ("triton",))
 
 
 def fp8_gemm_pays(in_features: int, out_features: int, recipe: str) -> bool:
@@ -115,7 +116,20 @@ class Fp8Conversion:
     """Blockwise only: why this machine emulates its GEMMs (None: real FP8 GEMMs)."""
 
 
-def convert_to_fp8(model: nn.Module, recipe: str, layers: str = "auto") -> Fp8Conversion:
+def torchao_config(recipe: str, fast_accum: str = "forward"):
+    """torchao's Float8LinearConfig for `recipe`, with fast accumulation in its backward GEMMs too if
+    `fast_accum` is "all" (torchao's recipes use it in the forward GEMM only)."""
+    from torchao.float8 import Float8LinearConfig
+    from torchao.float8.config import Float8GemmConfig
+
+    config = Float8LinearConfig.from_recipe_name(recipe)
+    if fast_accum == "all":
+        fast = Float8GemmConfig(use_fast_accum=True)
+        config = dataclasses.replace(config, gemm_config_grad_input=fast, gemm_config_grad_weight=fast)
+    return config
+
+
+def convert_to_fp8(model: nn.Module, recipe: str, layers: str = "auto", fast_accum: str = "forward") -> Fp8Conversion:
     """Swap the chosen linears (fp8_targets) for FP8 ones in place."""
     chosen, narrow = fp8_targets(model, recipe, layers)
     if recipe == "blockwise":
@@ -129,9 +143,9 @@ def convert_to_fp8(model: nn.Module, recipe: str, layers: str = "auto") -> Fp8Co
         os.environ.setdefault("TRITON_CACHE_AUTOTUNING", "1")
         return Fp8Conversion(_swap_class(model, aligned, BlockwiseFp8GemmLinear), narrow, len(chosen) - len(aligned))
     if chosen:
-        from torchao.float8 import Float8LinearConfig, convert_to_float8_training
+        from torchao.float8 import convert_to_float8_training
 
-        convert_to_float8_training(model, config=Float8LinearConfig.from_recipe_name(recipe),
+        convert_to_float8_training(model, config=torchao_config(recipe, fast_accum),
                                    module_filter_fn=lambda _, fqn: fqn in chosen)
     return Fp8Conversion(sum(type(m).__name__ == "Float8Linear" for m in model.modules()), narrow)
 

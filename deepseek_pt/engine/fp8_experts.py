@@ -13,6 +13,8 @@ The expert SwiGLU runs as one autograd function over AutoEP's expert-sorted toke
   expert weight (forward, and transposed for the input gradient) are kept until the engine's step
   counter moves, as TransformerEngine does across micro-batches. That costs 2 bytes per local
   routed-expert parameter.
+- On a GPU the activations' casts (with SwiGLU and its derivative fused in) are Triton kernels
+  (fp8_expert_casts.py); the torch functions here are their reference and run on a CPU.
 
 Where `torch._scaled_grouped_mm` cannot run (no Hopper GPU), the same quantization is emulated: the
 operands are rounded through e4m3 with their scales, and the GEMM runs in fp32. That reproduces the
@@ -20,6 +22,7 @@ numerics for CPU runs and tests, not the speed.
 """
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import torch
@@ -40,14 +43,14 @@ def quantize_rows(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (t.float() * scale.unsqueeze(-1)).to(torch.float8_e4m3fn), scale.reciprocal()
 
 
-def _swiglu_quantized(gate_up: torch.Tensor):
+def swiglu_quantized(gate_up: torch.Tensor):
     """h = silu(gate) * up from gate_up [M, 2H] (bf16), and h quantized for the down projection."""
     gate, up = gate_up.float().chunk(2, dim=-1)
     h = (F.silu(gate) * up).to(gate_up.dtype)
     return (h, *quantize_rows(h))
 
 
-def _swiglu_backward_quantized(gate_up: torch.Tensor, grad_h: torch.Tensor):
+def swiglu_backward_quantized(gate_up: torch.Tensor, grad_h: torch.Tensor):
     """d(gate_up) [M, 2H] from dh [M, H] (bf16), and it quantized for the input-gradient GEMM."""
     gate, up = gate_up.float().chunk(2, dim=-1)
     dh, sig = grad_h.float(), torch.sigmoid(gate)
@@ -62,17 +65,20 @@ def _cast_weights(w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor):
             *quantize_rows(gate_up.transpose(-2, -1).contiguous()), *quantize_rows(w2.transpose(-2, -1).contiguous()))
 
 
-# Each piece fused by torch.compile on a GPU, with static shapes: AutoEP's expert-sorted buffer has the same number
-# of rows at every micro-step, and each piece sees one or two shapes.
-_COMPILED: dict[Callable, Callable] = {}
-
-
-def _fused(fn: Callable, t: torch.Tensor) -> Callable:
+def _activation_casts(t: torch.Tensor):
+    """The activation casts for t's device: on a GPU fp8_expert_casts' Triton kernels, which read each row once (the
+    same functions through torch.compile read it twice); elsewhere the torch functions above, which the kernels
+    are tested against."""
     if t.device.type != "cuda":
-        return fn
-    if fn not in _COMPILED:
-        _COMPILED[fn] = torch.compile(fn, fullgraph=True, dynamic=False)
-    return _COMPILED[fn]
+        return quantize_rows, swiglu_quantized, swiglu_backward_quantized
+    from . import fp8_expert_casts as kernels
+    return kernels.quantize_rows, kernels.swiglu_quantized, kernels.swiglu_backward_quantized
+
+
+@functools.cache
+def _compiled_weight_cast() -> Callable:
+    # One graph with static shapes: the weights keep theirs, and the cast runs once per optimizer step.
+    return torch.compile(_cast_weights, fullgraph=True, dynamic=False)
 
 
 def scaled_grouped_mm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor,
@@ -96,16 +102,18 @@ class Fp8ExpertWeights:
     for the input gradient, down_t and gate_up_t."""
 
     def __init__(self, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor):
-        layouts = _fused(_cast_weights, w1)(w1.detach(), w3.detach(), w2.detach())
+        cast = _compiled_weight_cast() if w1.device.type == "cuda" else _cast_weights
+        layouts = cast(w1.detach(), w3.detach(), w2.detach())
         self.gate_up, self.down, self.gate_up_t, self.down_t = (layouts[i:i + 2] for i in range(0, 8, 2))
 
 
 class _Fp8ExpertSwiGLU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w1, w3, w2, offs, weights: Fp8ExpertWeights, emulate: bool):
-        x_q, x_s = _fused(quantize_rows, x)(x)
+        quantize, swiglu, _ = _activation_casts(x)
+        x_q, x_s = quantize(x)
         gate_up = scaled_grouped_mm(x_q, x_s, *weights.gate_up, offs, emulate)
-        h, h_q, h_s = _fused(_swiglu_quantized, x)(gate_up)
+        h, h_q, h_s = swiglu(gate_up)
         ctx.save_for_backward(x, gate_up, h, offs)
         ctx.weights, ctx.emulate = weights, emulate
         return scaled_grouped_mm(h_q, h_s, *weights.down, offs, emulate).to(x.dtype)
@@ -115,10 +123,11 @@ class _Fp8ExpertSwiGLU(torch.autograd.Function):
         x, gate_up, h, offs = ctx.saved_tensors
         weights, emulate = ctx.weights, ctx.emulate
         grad_y = grad_y.to(h.dtype).contiguous()
-        g_q, g_s = _fused(quantize_rows, grad_y)(grad_y)
+        quantize, _, swiglu_backward = _activation_casts(grad_y)
+        g_q, g_s = quantize(grad_y)
         grad_h = scaled_grouped_mm(g_q, g_s, *weights.down_t, offs, emulate)
         grad_w2 = torch._grouped_mm(grad_y.t(), h, offs=offs)  # [E, dim, H]: bf16, reduced over each expert's rows
-        grad_gate_up, gu_q, gu_s = _fused(_swiglu_backward_quantized, grad_y)(gate_up, grad_h)
+        grad_gate_up, gu_q, gu_s = swiglu_backward(gate_up, grad_h)
         grad_x = scaled_grouped_mm(gu_q, gu_s, *weights.gate_up_t, offs, emulate).to(x.dtype)
         # One GEMM per weight, each writing its own contiguous [E, H, dim]. With strided views of one [E, 2H, dim]
         # product instead, a bench-2b profile showed non-vectorized gradient adds costing 3.2 ms per micro-step
