@@ -214,7 +214,7 @@ def expert_casts(tokens: int, top_k: int, dim: int, hidden: int) -> None:
         compiled = torch.compile(getattr(reference, fn), fullgraph=True, dynamic=False)
         for label, run in (("torch.compile", compiled), ("triton", getattr(kernels, fn))):
             ms = bench(lambda: run(*args))
-            print(f"   cast {name:28} {label:13} {ms:6.3f} ms {nbytes / ms / 1e9:6.0f} GB/s", flush=True)
+            print(f"   cast {name:28} {label:13} {ms:6.3f} ms {nbytes / ms / 1e6:6.0f} GB/s", flush=True)
 
 
 def main() -> None:

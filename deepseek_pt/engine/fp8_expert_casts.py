@@ -84,7 +84,7 @@ def _launch(kernel, rows: int, width: int, segments: int, *args) -> None:
     if width > MAX_ROW:
         raise ValueError(f"fp8.experts' casts take rows of at most {MAX_ROW} values, not {width}")
     block = triton.next_power_of_2(width)
-    per_program = max(1, ELEMENTS_PER_PROGRAM // (block * segments))
+    per_program = triton.next_power_of_2(max(1, ELEMENTS_PER_PROGRAM // (block * segments)) + 1) // 2  # a power of 2
     kernel[(triton.cdiv(rows, per_program),)](*args, fp8_max=E4M3_MAX, ROWS=per_program, BLOCK=block, num_warps=8)
 
 
