@@ -28,8 +28,8 @@ port=${MASTER_PORT:-29510}
 # The runs' directories (checkpoints included), new for each call of this script: a run killed before its cleanup
 # must not leave a metrics.jsonl that the next call's run of that name would append to.
 work=$(mktemp -d "${TMPDIR:-/tmp}/fp8_loss.XXXXXX") || exit 1
-# RUNS: bf16, bf16_repeat, bf16_eager, bf16_pointwise, fp32, fp8_RECIPE, fp8_RECIPE_experts, or bf16_seedN (bf16
-# from another initialization).
+# RUNS: bf16, bf16_repeat, bf16_eager, bf16_pointwise, fp32, fp8_RECIPE[_experts][_fast] (below), or bf16_seedN
+# (bf16 from another initialization).
 runs=${RUNS:-bf16 fp8_rowwise fp8_tensorwise}
 run_one() {  # name port settings...: one training run, its log and metrics to $out
   local name=$1 port=$2 dir=$work/$1 pid
@@ -54,12 +54,16 @@ for name in $runs; do
     bf16_pointwise) settings=(precision=bf16 train.compile=true train.compile_blocks=false) ;;  # a smaller change of kernels
     fp32) settings=(precision=fp32) ;;  # the reference both bf16 and FP8 round away from
     bf16_seed*) settings=(precision=bf16 train.seed="${name#bf16_seed}") ;;
-    fp8_*_experts) recipe=${name#fp8_}  # the linears in that recipe, and the routed experts' grouped GEMMs in FP8
-      settings=(precision=fp8 fp8.recipe="${recipe%_experts}" fp8.layers=all fp8.experts=true) ;;
-    fp8_*) settings=(precision=fp8 fp8.recipe="${name#fp8_}" fp8.layers=all) ;;  # all: numerics of every eligible linear, not only the wide ones
+    # fp8_RECIPE[_experts][_fast]: every eligible linear in RECIPE (layers=all: the numerics of all, not only of the
+    # wide ones); _experts: the routed experts' grouped GEMMs in FP8 too; _fast: fp8.fast_accum=all.
+    fp8_*) recipe=${name#fp8_} settings=(precision=fp8 fp8.layers=all)
+      [[ $recipe != *_fast ]] || { recipe=${recipe%_fast}; settings+=(fp8.fast_accum=all); }
+      [[ $recipe != *_experts ]] || { recipe=${recipe%_experts}; settings+=(fp8.experts=true); }
+      settings+=(fp8.recipe="$recipe") ;;
     *) echo "unknown run $name" >&2; exit 2 ;;
   esac
   port=$((port + 1))
+  echo "$name: ${settings[*]}"
   # PARALLEL=1: all runs at once on the one GPU, so that runs compared with each other share a machine and a
   # call; their tokens/s then mean nothing. Each needs its own memory: three bf16 or FP8 runs of the 2.2B
   # bench-v3-dense fit an H200 (40 GiB each), an fp32 run (48 GiB) beside two others did not.

@@ -51,6 +51,23 @@ def test_fp8_loss_check_compares_runs_started_side_by_side(tmp_path, pydoc_data_
         assert re.search(rf"^{name}: 8 steps, .*eval loss at step 4: [\d.]+, 8: [\d.]+$", out, re.M), out
 
 
+def test_fp8_loss_check_says_what_each_run_sets(tmp_path, pydoc_data_dir):
+    # The run names compose (fp8_RECIPE[_experts][_fast]); a CPU then refuses torchao's recipes before the start,
+    # and the config refuses fast accumulation for blockwise, each in its run's log.
+    env = _loss_check_env(tmp_path, RUNS="fp8_rowwise_experts_fast fp8_blockwise_fast", RUN_TIMEOUT="60")
+    out, _ = finish_job(start_job(["bash", ROOT / "bench/fp8_loss_check.sh", pydoc_data_dir.shards_dir, 1,
+                                  "data.seq_len=64", "parallel.expert_parallel_size=1"], env), 120)
+    lines = out.splitlines()
+    assert ("fp8_rowwise_experts_fast: precision=fp8 fp8.layers=all fp8.fast_accum=all fp8.experts=true "
+            "fp8.recipe=rowwise") in lines, out
+    assert "fp8_blockwise_fast: precision=fp8 fp8.layers=all fp8.fast_accum=all fp8.recipe=blockwise" in lines, out
+    assert "FAILED: fp8_rowwise_experts_fast" in lines and "FAILED: fp8_blockwise_fast" in lines, out
+    assert "fp8.recipe=rowwise needs a GPU with FP8 tensor cores" in (
+        tmp_path / "train_fp8_rowwise_experts_fast.log").read_text()
+    assert "fp8.fast_accum: 'all' applies to torchao's tensorwise and rowwise recipes" in (
+        tmp_path / "train_fp8_blockwise_fast.log").read_text()
+
+
 @pytest.mark.slow
 def test_fp8_loss_check_keeps_the_curve_of_a_run_killed_midway(tmp_path, pydoc_data_dir):
     # A device call's limit kills the script and its runs at once (SIGKILL to all): the steps trained so far must

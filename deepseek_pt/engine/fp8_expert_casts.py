@@ -27,12 +27,24 @@ def _pow2_scale(amax, fp8_max: tl.constexpr):
 
 
 @triton.jit
+def _tile(M, width, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+    """This program's ROWS rows of an [M, width] operand: their ids, as a column, the columns, the mask."""
+    row_ids = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    rows, cols = row_ids[:, None], tl.arange(0, BLOCK)[None, :]
+    return row_ids, rows, cols, (rows < M) & (cols < width)
+
+
+@triton.jit
+def _load_gate_up(gate_up_ptr, rows, cols, mask, H):
+    """The gate and up halves of gate_up [M, 2H] rows, in fp32."""
+    gate = tl.load(gate_up_ptr + rows * 2 * H + cols, mask=mask, other=0.0).to(tl.float32)
+    return gate, tl.load(gate_up_ptr + rows * 2 * H + H + cols, mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
 def _quantize_rows_kernel(x_ptr, q_ptr, inv_scale_ptr, M, K, fp8_max: tl.constexpr, ROWS: tl.constexpr,
                           BLOCK: tl.constexpr):
-    row_ids = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
-    rows = row_ids[:, None]
-    cols = tl.arange(0, BLOCK)[None, :]
-    mask = (rows < M) & (cols < K)
+    row_ids, rows, cols, mask = _tile(M, K, ROWS, BLOCK)
     x = tl.load(x_ptr + rows * K + cols, mask=mask, other=0.0).to(tl.float32)
     scale = _pow2_scale(tl.max(tl.abs(x), axis=1), fp8_max)
     tl.store(q_ptr + rows * K + cols, (x * scale[:, None]).to(tl.float8e4nv), mask=mask)
@@ -42,12 +54,8 @@ def _quantize_rows_kernel(x_ptr, q_ptr, inv_scale_ptr, M, K, fp8_max: tl.constex
 @triton.jit
 def _swiglu_quantized_kernel(gate_up_ptr, h_ptr, q_ptr, inv_scale_ptr, M, H, fp8_max: tl.constexpr,
                              ROWS: tl.constexpr, BLOCK: tl.constexpr):
-    row_ids = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
-    rows = row_ids[:, None]
-    cols = tl.arange(0, BLOCK)[None, :]
-    mask = (rows < M) & (cols < H)
-    gate = tl.load(gate_up_ptr + rows * 2 * H + cols, mask=mask, other=0.0).to(tl.float32)
-    up = tl.load(gate_up_ptr + rows * 2 * H + H + cols, mask=mask, other=0.0).to(tl.float32)
+    row_ids, rows, cols, mask = _tile(M, H, ROWS, BLOCK)
+    gate, up = _load_gate_up(gate_up_ptr, rows, cols, mask, H)
     h = (gate * tl.sigmoid(gate) * up).to(tl.bfloat16)
     tl.store(h_ptr + rows * H + cols, h, mask=mask)
     h = h.to(tl.float32)  # quantized as rounded to bf16, as the reference quantizes its bf16 h
@@ -59,12 +67,8 @@ def _swiglu_quantized_kernel(gate_up_ptr, h_ptr, q_ptr, inv_scale_ptr, M, H, fp8
 @triton.jit
 def _swiglu_backward_quantized_kernel(gate_up_ptr, grad_h_ptr, grad_ptr, q_ptr, inv_scale_ptr, M, H,
                                       fp8_max: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
-    row_ids = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
-    rows = row_ids[:, None]
-    cols = tl.arange(0, BLOCK)[None, :]
-    mask = (rows < M) & (cols < H)
-    gate = tl.load(gate_up_ptr + rows * 2 * H + cols, mask=mask, other=0.0).to(tl.float32)
-    up = tl.load(gate_up_ptr + rows * 2 * H + H + cols, mask=mask, other=0.0).to(tl.float32)
+    row_ids, rows, cols, mask = _tile(M, H, ROWS, BLOCK)
+    gate, up = _load_gate_up(gate_up_ptr, rows, cols, mask, H)
     dh = tl.load(grad_h_ptr + rows * H + cols, mask=mask, other=0.0).to(tl.float32)
     sig = tl.sigmoid(gate)
     d_gate = (dh * up * sig * (1 + gate * (1 - sig))).to(tl.bfloat16)
