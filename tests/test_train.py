@@ -360,10 +360,13 @@ def test_parallel_timeout_minutes_ends_a_wait_on_a_hung_rank():
     (["parallel.zero_leaf_blocks=false"], [], []),
     (["train.compile_blocks=true"], ["layers.0", "layers.1"],
      ["layers.0.attention_residual", "layers.0.mlp_residual", "layers.1.attention_residual", "token_loss"]),
-], ids=["hooks-per-linear", "leaf-and-compiled-blocks"])
+    (["parallel.zero_persistence_threshold=1000"], ["layers.0", "layers.1"], []),
+], ids=["hooks-per-linear", "leaf-and-compiled-blocks", "params-released"])
 def test_zero3_block_granularity_and_compiled_blocks(tmp_path, baseline, data, overrides, leaf, compiled):
     """Blocks as ZeRO-3 leaf modules (the default) and compiled block halves change the hooks, not the math:
-    the wiring is what the engine reports, and 8 training steps give the baseline's losses."""
+    the wiring is what the engine reports, and 8 training steps give the baseline's losses. So does ZeRO-3
+    releasing parameters after each use and gathering them again: at the default threshold every smoke
+    parameter (the largest, the embedding, has 65,536 elements) stays gathered, so only this case runs that path."""
     proc = run_job(deepspeed_cmd(2, ROOT / "tests" / "dist" / "engine_report.py", *overrides), timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     wiring = last_json(proc.stdout)
