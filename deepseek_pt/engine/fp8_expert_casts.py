@@ -107,7 +107,7 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def swiglu_quantized(gate_up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """fp8_experts._swiglu_quantized for a bf16 CUDA gate_up [M, 2H]."""
+    """fp8_experts.swiglu_quantized for a bf16 CUDA gate_up [M, 2H]."""
     gate_up = gate_up.contiguous()
     M, H = gate_up.shape[0], gate_up.shape[1] // 2
     h = torch.empty(M, H, dtype=gate_up.dtype, device=gate_up.device)
@@ -118,7 +118,7 @@ def swiglu_quantized(gate_up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor,
 
 def swiglu_backward_quantized(gate_up: torch.Tensor, grad_h: torch.Tensor) \
         -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """fp8_experts._swiglu_backward_quantized for bf16 CUDA gate_up [M, 2H] and grad_h [M, H]."""
+    """fp8_experts.swiglu_backward_quantized for bf16 CUDA gate_up [M, 2H] and grad_h [M, H]."""
     gate_up, grad_h = gate_up.contiguous(), grad_h.contiguous()
     M, H = grad_h.shape
     grad = torch.empty_like(gate_up)
