@@ -245,7 +245,8 @@ class ParallelConfig:
 class Fp8Config:
     recipe: Literal["tensorwise", "rowwise", "rowwise_with_gw_hp", "blockwise"] = "rowwise"
     """Scaling of the attention, dense and shared-expert linears: torchao float8 per tensor or per row (GPU
-    FP8 GEMMs; `rowwise_with_gw_hp` is rowwise with the weight-gradient GEMM kept in bf16), or DeepSeek-V3's
+    FP8 GEMMs, or on a CPU torch's CPU FP8 GEMMs, for numerics; `rowwise_with_gw_hp` is rowwise with the
+    weight-gradient GEMM kept in bf16), or DeepSeek-V3's
     1x128 / 128x128 blocks: real FP8 GEMMs on a Hopper GPU with torchao and Triton (for the linears whose
     dimensions are multiples of 128), emulated in fp32 elsewhere (numerics, not speed)."""
     layers: Literal["auto", "all"] = "auto"

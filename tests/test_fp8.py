@@ -146,7 +146,10 @@ def pretend_gpu(monkeypatch, name: str, capability: tuple[int, int]) -> None:
 def test_fp8_refusals_name_what_the_machine_lacks(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert fp8_unavailable("blockwise") is None  # the emulation runs anywhere
-    assert "this machine has none" in fp8_unavailable("rowwise")
+    monkeypatch.setattr(fp8.importlib.util, "find_spec", lambda name: object())
+    assert fp8_unavailable("rowwise") is None  # torch's CPU FP8 GEMMs run torchao's Float8Linear
+    monkeypatch.setattr(fp8.importlib.util, "find_spec", lambda name: None)
+    assert fp8_unavailable("tensorwise").startswith("needs torchao, which is not installed: pip install")
     pretend_gpu(monkeypatch, "NVIDIA A100-SXM4-80GB", (8, 0))
     assert fp8_unavailable("tensorwise").endswith("NVIDIA A100-SXM4-80GB has 8.0")
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda: (9, 0))
@@ -236,9 +239,9 @@ def test_fast_accum_is_for_torchaos_recipes(tmp_path):
 
 
 # torchao's Float8Linear also runs on a CPU (torch's CPU _scaled_mm): its numerics and our configuration of it are
-# tested there, where training with it is refused (fp8_unavailable), and again on the GPU.
+# tested there, and again on the GPU.
 TORCHAO = pytest.mark.skipif(importlib.util.find_spec("torchao") is None, reason="torchao is not installed")
-DEVICE = "cuda" if fp8.fp8_unavailable("rowwise") is None else "cpu"
+DEVICE = "cuda" if torch.cuda.is_available() and fp8.fp8_unavailable("rowwise") is None else "cpu"
 
 
 @TORCHAO

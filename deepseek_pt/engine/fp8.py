@@ -8,7 +8,8 @@ AutoEP's grouped GEMMs, bf16 unless `fp8.experts` (fp8_experts.py). Of the eligi
 `fp8.layers: auto` converts only those wide enough to gain (`fp8_gemm_pays`); `all` converts every one.
 
 Recipes:
-- `tensorwise`, `rowwise`: torchao float8 training (Float8Linear), real FP8 GEMMs; GPU only.
+- `tensorwise`, `rowwise`: torchao float8 training (Float8Linear), real FP8 GEMMs on a GPU. A CPU runs the same
+  Float8Linear through torch's CPU FP8 GEMMs: the recipe's numerics (for tests and loss comparisons), not its speed.
 - `rowwise_with_gw_hp`: torchao's rowwise with the weight-gradient GEMM (the one that reduces over tokens) left
   in bf16, and output gradients cast to e4m3 rather than e5m2: two FP8 GEMMs of three, torchao's most accurate.
 - `blockwise`: DeepSeek-V3's fine-grained scaling (one scale per 1x128 activation tile and per 128x128
@@ -54,6 +55,10 @@ def _machine_lacks(hardware: str, capability: tuple[int, int], packages: tuple[s
     major, minor = torch.cuda.get_device_capability()
     if (major, minor) < capability:
         return f"{need}; {torch.cuda.get_device_name()} has {major}.{minor}"
+    return _packages_lacking(packages)
+
+
+def _packages_lacking(packages: tuple[str, ...]) -> str | None:
     for package in packages:
         if importlib.util.find_spec(package) is None:
             return f"needs {package}, which is not installed: {_INSTALL[package]}"
@@ -62,10 +67,13 @@ def _machine_lacks(hardware: str, capability: tuple[int, int], packages: tuple[s
 
 def fp8_unavailable(recipe: str) -> str | None:
     """Why this machine cannot run `recipe` (None if it can): the blockwise recipe runs anywhere, emulated where its
-    real GEMMs cannot (blockwise_gemms_unavailable); tensorwise and rowwise need FP8 tensor cores (Ada, Hopper and
-    later) and torchao's float8 training."""
+    real GEMMs cannot (blockwise_gemms_unavailable); tensorwise and rowwise need torchao's float8 training, and on a
+    GPU FP8 tensor cores (Ada, Hopper and later). Without a GPU, torch's CPU FP8 GEMMs run torchao's Float8Linear:
+    the recipe's numerics, not its speed."""
     if recipe == "blockwise":
         return None
+    if not torch.cuda.is_available():
+        return _packages_lacking(("torchao",))
     return _machine_lacks("a GPU with FP8 tensor cores", (8, 9), ("torchao",))
 
 
@@ -143,6 +151,10 @@ def convert_to_fp8(model: nn.Module, recipe: str, layers: str = "auto", fast_acc
         os.environ.setdefault("TRITON_CACHE_AUTOTUNING", "1")
         return Fp8Conversion(_swap_class(model, aligned, BlockwiseFp8GemmLinear), narrow, len(chosen) - len(aligned))
     if chosen:
+        if not torch.cuda.is_available():
+            # torchao's compiled extensions are CUDA kernels that Float8Linear does not use; on a CPU their failed
+            # loads would only print warnings on every rank.
+            os.environ.setdefault("TORCHAO_FORCE_SKIP_LOADING_SO_FILES", "1")
         from torchao.float8 import convert_to_float8_training
 
         convert_to_float8_training(model, config=torchao_config(recipe, fast_accum),
