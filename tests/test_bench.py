@@ -30,7 +30,7 @@ def _loss_check_env(out_dir: Path, **extra: str) -> dict:
 @pytest.mark.slow
 def test_fp8_loss_check_compares_runs_started_side_by_side(tmp_path, pydoc_data_dir):
     # smoke compiles nothing, so bf16_eager is bf16 again: the same losses to the last bit, as a rerun on one
-    # machine must give; fp8_blockwise (emulated, the one FP8 recipe a CPU runs) must differ from both, and FP8 in
+    # machine must give; fp8_blockwise (emulated here) must differ from both, and FP8 in
     # the routed experts as well (fp8_blockwise_experts) from that.
     env = _loss_check_env(tmp_path, RUNS="bf16 bf16_eager fp8_blockwise fp8_blockwise_experts", RUN_TIMEOUT="150")
     proc = start_job(["bash", ROOT / "bench/fp8_loss_check.sh", pydoc_data_dir.shards_dir, 8, "data.seq_len=64",

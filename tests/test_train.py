@@ -292,7 +292,8 @@ def _direct(tmp_path: Path, *args: str, world: int = 2) -> subprocess.CompletedP
     (["parallel.expert_parallel_size=2"], 3, "parallel.expert_parallel_size: 2 does not divide the world size (3 processes)"),
     (["parallel.expert_parallel_size=3"], 3, "parallel.expert_parallel_size: 3 does not divide model.moe.n_routed_experts (8)"),
     (["model.vocab_size=512"], 2, "model.vocab_size: 512 is smaller than the tokenizer's vocabulary (1024"),
-    (["precision=fp8"], 2, "precision: fp8 with fp8.recipe=rowwise needs a GPU"),
+    (["precision=fp8", "fp8.recipe=blockwise", "fp8.fast_accum=all"], 2,
+     "fp8.fast_accum: 'all' applies to torchao's tensorwise and rowwise recipes, not fp8.recipe: blockwise"),
     (["model.dim=8192", "model.moe.expert_inter_dim=65536", "model.moe.n_routed_experts=64"], 2,  # 103B parameters
      "parallel.zero_init: false builds the whole model in fp32 in each of this node's 2 processes: 780.2 GiB"),
     (["model.moe.seq_aux_loss_alpha=0.01"], 2, "model.moe.seq_aux_loss_alpha: the sequence-wise balance loss needs"),
