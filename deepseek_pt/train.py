@@ -226,11 +226,15 @@ def build_engine(cfg: Config, world: int, init_from: str | None = None, load_uni
         from .engine.fp8 import convert_to_fp8
         fp8 = convert_to_fp8(model, cfg.fp8.recipe, cfg.fp8.layers, cfg.fp8.fast_accum)
         if int(os.environ.get("RANK", 0)) == 0:
-            how = (f"emulated in fp32 (numerics only, slower than bf16: the real-GEMM path {fp8.emulated})" if fp8.emulated
-                   else "torchao's blockwise kernels" if cfg.fp8.recipe == "blockwise"
-                   else f"torchao, fast accumulation in the {'forward GEMM' if cfg.fp8.fast_accum == 'forward' else 'three GEMMs'}"
-                   + ("" if torch.cuda.is_available() else "; on a CPU: torch's CPU FP8 GEMMs, the recipe's numerics, "
-                      "slower than bf16"))
+            if fp8.emulated:
+                how = f"emulated in fp32 (numerics only, slower than bf16: the real-GEMM path {fp8.emulated})"
+            elif cfg.fp8.recipe == "blockwise":
+                how = "torchao's blockwise kernels"
+            else:
+                gemms = "forward GEMM" if cfg.fp8.fast_accum == "forward" else "three GEMMs"
+                how = f"torchao, fast accumulation in the {gemms}"
+                if not torch.cuda.is_available():
+                    how += "; on a CPU: torch's CPU FP8 GEMMs, the recipe's numerics, slower than bf16"
             kept = f"; {fp8.too_narrow} too narrow to gain left in bf16 (fp8.layers=auto)" if fp8.too_narrow else ""
             if fp8.unaligned:
                 kept += f"; {fp8.unaligned} with a dimension not a multiple of 128 left in bf16"

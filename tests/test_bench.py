@@ -51,6 +51,7 @@ def test_fp8_loss_check_compares_runs_started_side_by_side(tmp_path, pydoc_data_
         assert re.search(rf"^{name}: 8 steps, .*eval loss at step 4: [\d.]+, 8: [\d.]+$", out, re.M), out
 
 
+@pytest.mark.slow
 def test_fp8_loss_check_says_what_each_run_sets(tmp_path, pydoc_data_dir):
     # The run names compose (fp8_RECIPE[_experts][_fast]): a CPU trains the first (torchao's Float8Linear on torch's
     # CPU FP8 GEMMs, the experts emulated), and the config refuses fast accumulation for blockwise, in its run's log.
