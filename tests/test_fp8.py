@@ -199,15 +199,21 @@ def test_blockwise_as_real_gemms_takes_the_linears_a_block_divides(monkeypatch):
     assert lin(torch.randn(3, 256, dtype=torch.bfloat16)).dtype == torch.bfloat16
 
 
-def test_blockwise_gemms_need_a_micro_step_of_whole_token_tiles(monkeypatch, tmp_path):
+def assert_preflight_refuses(tmp_path, overrides: list[str], match: str) -> None:
+    """Preflight, for 2 processes on this (possibly faked) machine, refuses the smoke config with these overrides."""
     from deepseek_pt.train import PreflightError, preflight
 
-    monkeypatch.setattr(fp8, "blockwise_gemms_unavailable", lambda: None)
-    cfg = load_config(CONFIGS / "smoke.yaml", ["precision=fp8", "fp8.recipe=blockwise", "data.seq_len=100",
-                                               "train.micro_batch_size=3", f"data.path={tmp_path}"])
-    with pytest.raises(PreflightError, match=r"data.seq_len x train.micro_batch_size: 100 x 3 = 300 tokens per "
-                                             r"micro-step; .* must be a multiple of 128"):
+    cfg = load_config(CONFIGS / "smoke.yaml", [*overrides, f"data.path={tmp_path}"])
+    with pytest.raises(PreflightError, match=match):
         preflight(cfg, 2)
+
+
+def test_blockwise_gemms_need_a_micro_step_of_whole_token_tiles(monkeypatch, tmp_path):
+    monkeypatch.setattr(fp8, "blockwise_gemms_unavailable", lambda: None)
+    assert_preflight_refuses(tmp_path, ["precision=fp8", "fp8.recipe=blockwise", "data.seq_len=100",
+                                        "train.micro_batch_size=3"],
+                             r"data.seq_len x train.micro_batch_size: 100 x 3 = 300 tokens per micro-step; .* must "
+                             r"be a multiple of 128")
 
 
 @pytest.mark.skipif(fp8.blockwise_gemms_unavailable() is not None,

@@ -10,7 +10,7 @@ from deepseek_pt.config import ConfigError, load_config
 from deepseek_pt.engine import fp8
 from deepseek_pt.engine.fp8_experts import (ALIGN, Fp8ExpertWeights, Fp8GroupedExperts, convert_experts_to_fp8,
                                             fp8_expert_swiglu, quantize_rows, scaled_grouped_mm)
-from test_fp8 import CONFIGS, pretend_gpu, rel_err
+from test_fp8 import CONFIGS, assert_preflight_refuses, pretend_gpu, rel_err
 
 # The emulation's tests run where AutoEP's bf16 experts run: on a GPU machine DeepSpeed takes its Triton SwiGLU,
 # which refuses CPU tensors.
@@ -122,15 +122,11 @@ def test_fp8_experts_config_names_what_it_needs(tmp_path):
 
 
 def test_fp8_experts_refuse_a_gpu_without_hoppers_kernels(monkeypatch, tmp_path):
-    from deepseek_pt.train import PreflightError, preflight
-
     pretend_gpu(monkeypatch, "NVIDIA L40S", (8, 9))
     monkeypatch.setattr(fp8.importlib.util, "find_spec", lambda name: object())
-    cfg = load_config(CONFIGS / "smoke.yaml", ["precision=fp8", "fp8.recipe=tensorwise", "fp8.experts=true",
-                                               f"data.path={tmp_path}"])
-    with pytest.raises(PreflightError, match=r"fp8.experts: FP8 grouped GEMMs needs a Hopper GPU \(compute "
-                                             r"capability >= 9.0\); NVIDIA L40S has 8.9: set fp8.experts=false"):
-        preflight(cfg, 2)
+    assert_preflight_refuses(tmp_path, ["precision=fp8", "fp8.recipe=tensorwise", "fp8.experts=true"],
+                             r"fp8.experts: FP8 grouped GEMMs needs a Hopper GPU \(compute capability >= 9.0\); "
+                             r"NVIDIA L40S has 8.9: set fp8.experts=false")
 
 
 @pytest.mark.skipif(fp8.expert_gemms_unavailable() is not None,
