@@ -243,12 +243,14 @@ class ParallelConfig:
 
 @dataclass
 class Fp8Config:
-    recipe: Literal["tensorwise", "rowwise", "rowwise_with_gw_hp", "blockwise"] = "rowwise"
+    recipe: Literal["tensorwise", "rowwise", "rowwise_with_gw_hp", "blockwise"] = "tensorwise"
     """Scaling of the attention, dense and shared-expert linears: torchao float8 per tensor or per row (GPU
     FP8 GEMMs, or on a CPU torch's CPU FP8 GEMMs, for numerics; `rowwise_with_gw_hp` is rowwise with the
     weight-gradient GEMM kept in bf16), or DeepSeek-V3's
     1x128 / 128x128 blocks: real FP8 GEMMs on a Hopper GPU with torchao and Triton (for the linears whose
-    dimensions are multiples of 128), emulated in fp32 elsewhere (numerics, not speed)."""
+    dimensions are multiples of 128), emulated in fp32 elsewhere (numerics, not speed). Tensorwise is the
+    fastest on an H200 at bench-2b's and DeepSeek-V3's widths, with its loss within 1% of bf16's there
+    (docs/benchmarks.md)."""
     layers: Literal["auto", "all"] = "auto"
     """Which of those linears go FP8: `auto` only the ones wide enough that FP8's faster GEMMs outweigh its casts
     (engine/fp8.py's fp8_gemm_pays; blockwise takes all, as DeepSeek-V3 does), `all` every one. On a

@@ -130,3 +130,33 @@ def test_multi_gpu_check_runs_on_cpu_ranks(tmp_path):
     runs = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
     assert [r["gpus"] for r in runs] == [1, 2, 2] and all(r["tokens_per_s"] > 0 for r in runs), out
     assert not list((tmp_path / "tmp").glob("multi_gpu.*"))  # the shards and run directories are gone
+
+
+@pytest.mark.slow
+def test_dense_block_probe_variants_compute_the_same_mlp(monkeypatch):
+    """bench/fp8_dense_block.py's variants on a CPU (its timing needs a GPU): each one the dense MLP half of the
+    same block, within FP8's error of bf16; gate and up fused into one linear give rowwise's output to the bit."""
+    import importlib.util
+
+    import torch
+
+    from deepseek_pt.config import load_config
+
+    spec = importlib.util.spec_from_file_location("fp8_dense_block", ROOT / "bench" / "fp8_dense_block.py")
+    probe = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, probe)  # torch.compile looks the module up by name
+    spec.loader.exec_module(probe)
+    # The narrowest widths that fp8.layers=auto converts (engine/fp8.py's fp8_gemm_pays).
+    model = load_config(ROOT / "configs" / "bench-2b.yaml", ["model.dim=1040", "model.inter_dim=4112"]).model
+    torch.manual_seed(0)
+    block = probe.Block(model, moe=False).to(torch.bfloat16)
+    x = torch.randn(1, 32, model.dim, dtype=torch.bfloat16)
+    outputs = {name: forward(x).float() for name, _, forward in probe.variants(block, "forward")}
+    assert list(outputs) == ["bf16", "fp8 rowwise", "fp8 rowwise, gate+up fused", "fp8 tensorwise",
+                             "fp8 tensorwise, gate+up fused", "fp8 rowwise, norm apart",
+                             "fp8 rowwise, tiled reductions"]
+    mlp = outputs["bf16"] - x.float()
+    for name, out in outputs.items():
+        err = ((out - outputs["bf16"]).norm() / mlp.norm()).item()
+        assert (err == 0) if name == "bf16" else 0.01 < err < 0.1, (name, err)
+    assert torch.equal(outputs["fp8 rowwise, gate+up fused"], outputs["fp8 rowwise"])

@@ -362,6 +362,34 @@ def test_keep_last_prunes_old_and_incomplete_checkpoints(tmp_path):
     assert sorted(p.name for p in root.iterdir()) == ["step_00000008", "step_00000010", "step_00000012"]
 
 
+def test_a_save_that_fills_the_disk_is_named_and_keeps_the_last_checkpoint(tmp_path):
+    import torch.distributed as dist
+
+    from deepseek_pt.engine import checkpoint
+
+    class DiskFullEngine:  # writes part of a partition, then fails as torch.save does on a full disk
+        def save_checkpoint(self, root, tag, client_state, save_latest):
+            (Path(root) / tag).mkdir(parents=True)
+            (Path(root) / tag / "zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(b"partial")
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 21812932864 vs 21812932760")
+
+    root = checkpoint.checkpoints_dir(tmp_path)
+    (root / "step_00000002").mkdir(parents=True)
+    (root / "step_00000002" / "meta.json").write_text("{}")
+    (root / "latest").write_text("step_00000002\n")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    try:
+        with pytest.raises(checkpoint.CheckpointError) as failed:
+            checkpoint.save(DiskFullEngine(), tmp_path, 4, {}, ep_size=1, keep_last=3)
+    finally:
+        dist.destroy_process_group()
+    message = str(failed.value)
+    assert message.startswith(f"{root / 'step_00000004'}: writing the checkpoint failed on rank 0 ([enforce fail")
+    assert "GiB free on that filesystem" in message and "ignored on resume" in message
+    assert (root / "latest").read_text() == "step_00000002\n" and not (root / "step_00000004" / "meta.json").exists()
+    assert checkpoint.resolve("auto", tmp_path) == root / "step_00000002"
+
+
 @pytest.mark.slow
 def test_parallel_timeout_minutes_ends_a_wait_on_a_hung_rank():
     proc = run_job(deepspeed_cmd(2, ROOT / "tests" / "dist" / "collective_timeout.py", "0.05"), timeout=120)

@@ -77,11 +77,20 @@ def save(engine, run_dir: Path, step: int, client_state: dict, ep_size: int, kee
     if rank == 0 and tag_dir.exists():  # leftovers of an interrupted save of the same step
         shutil.rmtree(tag_dir)
     dist.barrier()
-    engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False)
-    (tag_dir / "rng").mkdir(parents=True, exist_ok=True)
-    with atomic_path(tag_dir / "rng" / f"rank_{rank}.pt") as tmp:
-        torch.save(rng_state(), tmp)
-    dist.barrier()
+    try:
+        engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False)
+        (tag_dir / "rng").mkdir(parents=True, exist_ok=True)
+        with atomic_path(tag_dir / "rng" / f"rank_{rank}.pt") as tmp:
+            torch.save(rng_state(), tmp)
+        failure = None
+    except (OSError, RuntimeError) as e:  # a full disk: OSError from plain writes, RuntimeError from torch.save
+        failure = (f"{tag_dir}: writing the checkpoint failed on rank {rank} ({str(e).strip().splitlines()[0]}); "
+                   f"{shutil.disk_usage(root).free / 2**30:.1f} GiB free on that filesystem. The incomplete "
+                   f"{tag} (no meta.json) is ignored on resume and pruned by a later save")
+    failures = [None] * world  # every rank learns of any rank's failure, so none waits for the others below
+    dist.all_gather_object(failures, failure)
+    if failed := next((f for f in failures if f), None):
+        raise CheckpointError(failed)
     files = _hash_share(tag_dir, _files(tag_dir))
     if rank == 0:
         meta = {"format_version": FORMAT_VERSION, "step": step, "world_size": world, "ep_size": ep_size,

@@ -95,7 +95,9 @@ def fp8_gemm_pays(in_features: int, out_features: int, recipe: str) -> bool:
     cast reads a whole operand: narrow GEMMs lose. The thresholds are those of torchao's H100 table for rowwise
     Float8Linear forward + backward; they hold for tensorwise here too: with torchao's looser tensorwise rule
     (which converts 24 of bench-2b's 28 eligible linears, K and N of 512-3072) the step ran at 0.80x bf16, and
-    with every eligible linear in rowwise at 0.81x (docs/benchmarks.md)."""
+    with every eligible linear in rowwise at 0.81x (docs/benchmarks.md). At the edge, bench-2b's dense gate and up
+    (2048 -> 10944), tensorwise took the block's GPU time to 0.87-0.92x bf16 and rowwise to 1.05-1.13x
+    (bench/fp8_dense_block.py): rowwise's backward casts cost more there than its GEMMs save."""
     if recipe == "blockwise":
         # DeepSeek-V3's recipe quantizes every eligible linear. As real GEMMs, all 21 aligned ones at V3's widths
         # gained 1.18x (docs/benchmarks.md); whether the thresholds below would gain more is not yet measured.
