@@ -22,10 +22,12 @@ config=${CONFIG:-configs/bench-2b.yaml}
 model=()
 [ -n "${CONFIG:-}" ] || model=(model.vocab_size=8192 model.dim=1024 model.inter_dim=2816 model.attention.n_heads=8
   model.attention.kv_lora_rank=256 model.moe.n_routed_experts=16 model.moe.top_k=4 model.moe.expert_inter_dim=704)
+# No checkpoints: nothing resumes these runs, and three exit checkpoints of bench-v3-dense (22 GB each) overfilled a
+# device machine's 64 GiB disk.
 train=(data.path="$shards" data.seq_len=512 train.micro_batch_size=8 train.max_steps="$steps" train.warmup_steps=30
-       train.eval_every=0 train.save_every=0)
+       train.eval_every=0 train.save_every=0 train.checkpoints=false)
 port=${MASTER_PORT:-29510}
-# The runs' directories (checkpoints included), new for each call of this script: a run killed before its cleanup
+# The runs' directories, new for each call of this script: a run killed before its cleanup
 # must not leave a metrics.jsonl that the next call's run of that name would append to.
 work=$(mktemp -d "${TMPDIR:-/tmp}/fp8_loss.XXXXXX") || exit 1
 # RUNS: bf16, bf16_repeat, bf16_eager, bf16_pointwise, fp32, fp8_RECIPE[_experts][_fast] (below), or bf16_seedN
@@ -37,8 +39,7 @@ run_one() {  # name port settings...: one training run, its log and metrics to $
   MASTER_PORT=$port timeout "${RUN_TIMEOUT:-300}" python3 -m deepseek_pt.train --config "$config" "${model[@]}" \
     "${train[@]}" run.dir="$dir" "$@" "${overrides[@]}" > "$out/train_$name.log" 2>&1 &
   pid=$!
-  # Copy the curve while it grows: a device call's limit can stop this script, and the run's exit checkpoint
-  # (RUN_TIMEOUT's SIGTERM saves one) can take long, before the run ends.
+  # Copy the curve while it grows: a device call's limit can stop this script before the run ends.
   while kill -0 "$pid" 2> /dev/null; do cp "$dir/metrics.jsonl" "$out/metrics_$name.jsonl" 2> /dev/null; sleep 5; done
   wait "$pid" || { echo "FAILED: $name" >&2; tail -n 20 "$out/train_$name.log" >&2; }
   cp "$dir/metrics.jsonl" "$out/metrics_$name.jsonl" 2> /dev/null

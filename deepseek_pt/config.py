@@ -195,6 +195,9 @@ class TrainConfig:
     """Micro-batches per rank in one evaluation."""
     save_every: int = 0
     """Checkpoint every this many steps; 0 = only at exit points."""
+    checkpoints: bool = True
+    """Write checkpoints (every save_every steps, at exit points and at the end). false for runs nothing will resume,
+    such as benchmarks and loss comparisons: no time or disk spent on them (a 2B-parameter model's is 22 GB)."""
     keep_last: int = 3
     """Checkpoints to keep; older ones are deleted once a newer one is complete."""
     log_every: int = 1
@@ -452,6 +455,8 @@ def validate(cfg: Config, where: str = "<config>") -> None:
         ("train.save_every", cfg.train.save_every),
     ]:
         check(v >= 0, key, f"must be >= 0, got {v}")
+    check(cfg.train.checkpoints or not cfg.train.save_every, "train.save_every",
+          f"{cfg.train.save_every} asks for checkpoints, but train.checkpoints is false")
     check(m.init_std > 0, "model.init_std", f"must be positive, got {m.init_std}")
     check(m.norm_eps > 0, "model.norm_eps", f"must be positive, got {m.norm_eps}")
     check(a.qk_rope_head_dim % 2 == 0, "model.attention.qk_rope_head_dim", f"must be even, got {a.qk_rope_head_dim}")

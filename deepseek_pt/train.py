@@ -400,17 +400,19 @@ def train(cfg: Config) -> int:
             exit_reason = "signal" if stop.received else "time limit"
         elif cfg.train.exit_at_step is not None and step >= cfg.train.exit_at_step:
             exit_reason = "train.exit_at_step"
-        if exit_reason or step == cfg.train.max_steps or (cfg.train.save_every and step % cfg.train.save_every == 0):
+        if cfg.train.checkpoints and (exit_reason or step == cfg.train.max_steps
+                                      or (cfg.train.save_every and step % cfg.train.save_every == 0)):
             save(step)
         if exit_reason:
             break
 
-    if last_saved != step:
+    if cfg.train.checkpoints and last_saved != step:
         save(step)
     log.close()
     if rank == 0:
-        print(f"stopped at step {step}: {exit_reason or 'train.max_steps reached'}; checkpoint {checkpoint.tag_for(step)}",
-              flush=True)
+        saved = (f"checkpoint {checkpoint.tag_for(step)}" if cfg.train.checkpoints
+                 else "no checkpoint (train.checkpoints: false)")
+        print(f"stopped at step {step}: {exit_reason or 'train.max_steps reached'}; {saved}", flush=True)
     dist.barrier()
     return 0
 
