@@ -161,7 +161,9 @@ def main() -> None:
         table = prof.key_averages()
         print(table.table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=60), file=sys.stderr)
         if os.environ.get("OUT"):
-            prof.export_chrome_trace(os.path.join(os.environ["OUT"], f"trace_rank{rank}.json"))
+            # gzipped (Perfetto and chrome://tracing read it so): a step's trace is hundreds of MB of JSON, and a
+            # device call brings back files of up to 16 MiB
+            prof.export_chrome_trace(os.path.join(os.environ["OUT"], f"trace_rank{rank}.json.gz"))
     tokens_per_s = B * T * world / dt
     flops = train_flops_per_token(cfg.model, T)
     peak = peak_flops(cfg.train.peak_tflops)

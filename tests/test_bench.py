@@ -3,6 +3,7 @@ summary table, and the curve of a run that a device call's limit cut off. The th
 our engine on one shape, and the side-by-side table. Issue 6's multi-GPU check, on 2 CPU processes."""
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import re
@@ -132,6 +133,9 @@ def test_multi_gpu_check_runs_on_cpu_ranks(tmp_path):
     runs = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
     assert [r["gpus"] for r in runs] == [1, 2, 2] and all(r["tokens_per_s"] > 0 for r in runs), out
     assert not list((tmp_path / "tmp").glob("multi_gpu.*"))  # the shards and run directories are gone
+    for rank in (0, 1):  # the profile's traces, gzipped to come back from a device call
+        with gzip.open(tmp_path / f"trace_rank{rank}.json.gz") as trace:
+            assert json.load(trace)["traceEvents"]
 
 
 @pytest.mark.slow
