@@ -1,6 +1,6 @@
 """The dense layer's MLP half (RMSNorm, gate and up, SwiGLU, down, residual) at bench-2b's widths, forward and
 backward, compiled as train.compile_blocks compiles it: bf16 against rowwise FP8 on gate and up (what
-`fp8.layers: auto` converts), and two ways to restructure the FP8 version:
+`fp8.layers: auto` converts), and three ways to restructure the rowwise version:
 
 - `norm apart`: the RMSNorm compiled apart from the MLP, so that Inductor cannot fuse the norm's backward (a
   reduction along each token's row) with the column-wise amax over tokens that the weight-gradient GEMMs' casts

@@ -69,7 +69,8 @@ def save(engine, run_dir: Path, step: int, client_state: dict, ep_size: int, kee
          zero_init: bool = False) -> Path:
     """Collective: every rank calls it. Returns the checkpoint directory. `ep_size` and `zero_init` (how the model
     was built: its partitions are laid out differently) go into meta.json with the world size: a resume that changes
-    any of them goes through the universal checkpoint."""
+    any of them goes through the universal checkpoint. A write that fails on any rank (a full disk) raises
+    CheckpointError on every rank, naming the checkpoint, the rank and the free space."""
     root = checkpoints_dir(run_dir)
     tag = tag_for(step)
     tag_dir = root / tag
