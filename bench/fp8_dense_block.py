@@ -110,7 +110,8 @@ def dump_kernels(pattern: str) -> None:
             name = chunk.split("def ", 1)[1].split("(", 1)[0] if "def " in chunk else ""
             if pattern in name and name not in seen:
                 seen.add(name)
-                print(f"\n# --- {name} ({path.name})\n@triton.jit{chunk.split(chr(10) + chr(10) + chr(10))[0]}")
+                source = chunk.split("\n\n\n")[0]  # the kernel's body ends at the blank lines before the next one
+                print(f"\n# --- {name} ({path.name})\n@triton.jit{source}")
 
 
 def main() -> None:

@@ -358,6 +358,8 @@ def train(cfg: Config) -> int:
 
     def save(at_step: int) -> None:
         nonlocal last_saved
+        if not cfg.train.checkpoints:  # a run nothing resumes: every save point passes
+            return
         client = {"step": at_step, "tokens_seen": tokens_seen, "loader": loader.state_dict(),
                   "balance_bias": balance.balance_biases(engine.module), "wandb_id": log.wandb_id}
         checkpoint.save(engine, run_dir, at_step, client, cfg.parallel.expert_parallel_size, cfg.train.keep_last,
@@ -400,13 +402,12 @@ def train(cfg: Config) -> int:
             exit_reason = "signal" if stop.received else "time limit"
         elif cfg.train.exit_at_step is not None and step >= cfg.train.exit_at_step:
             exit_reason = "train.exit_at_step"
-        if cfg.train.checkpoints and (exit_reason or step == cfg.train.max_steps
-                                      or (cfg.train.save_every and step % cfg.train.save_every == 0)):
+        if exit_reason or step == cfg.train.max_steps or (cfg.train.save_every and step % cfg.train.save_every == 0):
             save(step)
         if exit_reason:
             break
 
-    if cfg.train.checkpoints and last_saved != step:
+    if last_saved != step:
         save(step)
     log.close()
     if rank == 0:

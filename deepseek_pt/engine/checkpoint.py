@@ -78,12 +78,12 @@ def save(engine, run_dir: Path, step: int, client_state: dict, ep_size: int, kee
     if rank == 0 and tag_dir.exists():  # leftovers of an interrupted save of the same step
         shutil.rmtree(tag_dir)
     dist.barrier()
+    failure = None
     try:
         engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False)
         (tag_dir / "rng").mkdir(parents=True, exist_ok=True)
         with atomic_path(tag_dir / "rng" / f"rank_{rank}.pt") as tmp:
             torch.save(rng_state(), tmp)
-        failure = None
     except (OSError, RuntimeError) as e:  # a full disk: OSError from plain writes, RuntimeError from torch.save
         failure = (f"{tag_dir}: writing the checkpoint failed on rank {rank} ({str(e).strip().splitlines()[0]}); "
                    f"{shutil.disk_usage(root).free / 2**30:.1f} GiB free on that filesystem. The incomplete "
