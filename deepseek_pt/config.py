@@ -189,6 +189,13 @@ class TrainConfig:
     dense SwiGLU, and the token loss (fp32 cross-entropy fused: no fp32 logits in memory); DeepSpeed AutoEP's MoE
     layer stays eager. Under ZeRO-3 this needs parallel.zero_leaf_blocks, so that no DeepSpeed hook runs inside a
     compiled half."""
+    compile_deterministic: bool = False
+    """Let torch.compile choose its kernels' launch configurations without timing candidates on the device
+    (Inductor's deterministic mode). The timed choice, and with it the order of a reduction's sums, depends on what
+    else the GPU is doing while the run compiles: on an H200 the same bf16 run, compiled beside different runs,
+    ended 1.8% apart in mean train loss over the second half of 580 steps, and with this set it matched to the bit
+    alone and beside another run. For comparisons between runs (ablations, loss checks); it costs whatever speed
+    the timed choice would have found."""
     eval_every: int = 0
     """Evaluate on the val split every this many steps (and at the end); 0 disables."""
     eval_batches: int = 8
@@ -256,7 +263,7 @@ class Fp8Config:
     (docs/benchmarks.md)."""
     layers: Literal["auto", "all"] = "auto"
     """Which of those linears go FP8: `auto` only the ones wide enough that FP8's faster GEMMs outweigh its casts
-    (engine/fp8.py's fp8_gemm_pays; blockwise takes all, as DeepSeek-V3 does), `all` every one. On a
+    (engine/fp8.py's fp8_gemm_pays), `all` every one (DeepSeek-V3's blockwise recipe quantizes all). On a
     narrow model `auto` may convert none: the run says so and trains in bf16."""
     fast_accum: Literal["forward", "all"] = "forward"
     """Which of torchao's FP8 GEMMs (tensorwise and rowwise recipes) accumulate with the tensor cores' fast

@@ -207,6 +207,12 @@ def build_engine(cfg: Config, world: int, init_from: str | None = None, load_uni
     import deepspeed
 
     ds_config = build_ds_config(cfg, world, has_moe=uses_autoep(cfg), load_universal=load_universal)
+    if cfg.train.compile_deterministic:
+        from torch._inductor import config as inductor_config
+        inductor_config.deterministic = True  # read when a kernel is compiled: every compile below
+        if int(os.environ.get("RANK", 0)) == 0:
+            print("compile: Inductor's deterministic mode (train.compile_deterministic), kernel configurations chosen "
+                  "without timing them", flush=True)
     torch.manual_seed(cfg.train.seed)
     with deepspeed.zero.Init(config_dict_or_path=ds_config, enabled=cfg.parallel.zero_init):
         model = Transformer(cfg.model)

@@ -49,8 +49,9 @@ def test_fp8_loss_check_compares_runs_started_side_by_side(tmp_path, pydoc_data_
     assert "fp8: routed experts of 1 MoE layer" in (tmp_path / "train_fp8_blockwise_experts.log").read_text()
     for name in ("bf16", "bf16_eager", "fp8_blockwise", "fp8_blockwise_experts"):
         assert (tmp_path / f"metrics_{name}.jsonl").read_text().count("\n") == 8
-        assert "stopped at step 8: train.max_steps reached; no checkpoint (train.checkpoints: false)" in (
-            tmp_path / f"train_{name}.log").read_text()
+        log = (tmp_path / f"train_{name}.log").read_text()
+        assert "stopped at step 8: train.max_steps reached; no checkpoint (train.checkpoints: false)" in log
+        assert "compile: Inductor's deterministic mode (train.compile_deterministic)" in log  # what the runs share
         assert re.search(rf"^{name}: 8 steps, .*eval loss at step 4: [\d.]+, 8: [\d.]+$", out, re.M), out
 
 

@@ -85,8 +85,8 @@ def test_conversion_rules_and_state_dict():
     keys = set(model.state_dict())
     ids = torch.randint(0, cfg.model.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
     before = model(ids, ids)
-    conversion = convert_to_fp8(model, "blockwise")
-    assert conversion.too_narrow == 0  # the blockwise recipe takes every eligible linear, however narrow
+    conversion = convert_to_fp8(model, "blockwise", "all")
+    assert conversion.too_narrow == 0  # DeepSeek-V3's recipe: every eligible linear, however narrow
     assert "this machine has none" in conversion.emulated  # no GPU here: emulated, and the run is told why
     converted = {name for name, m in model.named_modules() if isinstance(m, BlockwiseFp8Linear)}
     assert conversion.converted == len(converted) > 0
@@ -114,24 +114,23 @@ def bench_model(config: str) -> nn.Module:
 
 def test_auto_keeps_linears_too_narrow_to_gain_in_bf16():
     bench = bench_model("bench-2b")
-    everything, none_left = fp8_targets(bench, "rowwise", "all")
+    everything, none_left = fp8_targets(bench, "all")
     assert len(everything) == 28 and none_left == 0  # 4 x 4 attention, 3 dense, 3 x 3 shared-expert linears
-    rowwise, narrow = fp8_targets(bench, "rowwise", "auto")  # dim 2048: only the dense SwiGLU's 2048 -> 10944
-    assert rowwise == {"layers.0.mlp.gate_proj", "layers.0.mlp.up_proj"} and narrow == 26
-    assert fp8_targets(bench, "tensorwise", "auto") == (rowwise, narrow)
-    assert fp8_targets(bench, "rowwise_with_gw_hp", "auto") == (rowwise, narrow)
-    assert fp8_targets(bench, "blockwise", "auto") == (everything, 0)
+    wide_enough, narrow = fp8_targets(bench, "auto")  # dim 2048: only the dense SwiGLU's 2048 -> 10944
+    assert wide_enough == {"layers.0.mlp.gate_proj", "layers.0.mlp.up_proj"} and narrow == 26
     # DeepSeek-V3's dense-layer widths: the wide projections gain, the down-projections into the latents do not.
     wide = bench_model("bench-v3-dense")
-    rowwise, narrow = fp8_targets(wide, "rowwise", "auto")
-    assert {n.split(".")[-1] for n in rowwise} == {"q_b_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
-    assert len(rowwise) == 3 * 5 and narrow == 3 * 3  # q_a (N 1536), kv_a (N 576), kv_b (K 512) in each layer
-    assert fp8_targets(wide, "tensorwise", "auto") == (rowwise, narrow)
+    wide_enough, narrow = fp8_targets(wide, "auto")
+    assert {n.split(".")[-1] for n in wide_enough} == {"q_b_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    assert len(wide_enough) == 3 * 5 and narrow == 3 * 3  # q_a (N 1536), kv_a (N 576), kv_b (K 512) in each layer
+    # Every recipe goes by that rule, blockwise too (emulated here; as real GEMMs it would also need multiples of 128,
+    # which these 15 are).
+    assert convert_to_fp8(wide, "blockwise") == Fp8Conversion(15, 9, emulated=fp8.blockwise_gemms_unavailable())
 
 
 def test_a_model_too_narrow_for_fp8_converts_nothing():
     model = Transformer(tiny().model)  # dim 48: no GEMM wide enough; torchao is not even imported
-    eligible = len(fp8_targets(model, "rowwise", "all")[0])
+    eligible = len(fp8_targets(model, "all")[0])
     assert eligible > 0 and convert_to_fp8(model, "rowwise") == Fp8Conversion(0, eligible)
     assert all(type(m) is nn.Linear for m in model.modules() if isinstance(m, nn.Linear))
 
@@ -182,10 +181,10 @@ def test_blockwise_as_real_gemms_takes_the_linears_a_block_divides(monkeypatch):
     monkeypatch.setitem(sys.modules, fake.__name__, fake)
     model = Transformer(tiny(dim=256, inter_dim=384, attention__q_lora_rank=128, attention__kv_lora_rank=124,
                              moe__expert_inter_dim=128).model)
-    chosen, _ = fp8_targets(model, "blockwise", "auto")
+    chosen, _ = fp8_targets(model, "all")
     monkeypatch.setenv("TRITON_CACHE_AUTOTUNING", "")  # recorded, so that teardown restores what was there
     monkeypatch.delenv("TRITON_CACHE_AUTOTUNING")
-    conversion = convert_to_fp8(model, "blockwise")
+    conversion = convert_to_fp8(model, "blockwise", "all")
     assert fp8.os.environ["TRITON_CACHE_AUTOTUNING"] == "1"  # the casts' autotuning is paid once per machine
     real = {name for name, m in model.named_modules() if isinstance(m, BlockwiseFp8GemmLinear)}
     unaligned = {name for name in chosen if name not in real}

@@ -216,7 +216,7 @@ def test_recomputing_the_moe_block_gives_the_same_losses(tmp_path, baseline, dat
 def test_fp8_blockwise_emulation_trains_like_fp32(tmp_path, baseline, data):
     """DeepSeek-V3 blockwise FP8 on the linears and rowwise FP8 on the routed experts' grouped GEMMs (both emulated)
     under ZeRO-3 + AutoEP EP 2: the run says so, and its losses track the fp32 baseline's."""
-    proc = train(2, tmp_path, data, "precision=fp8", "fp8.recipe=blockwise", "fp8.experts=true")
+    proc = train(2, tmp_path, data, "precision=fp8", "fp8.recipe=blockwise", "fp8.layers=all", "fp8.experts=true")
     assert "blockwise scaling, emulated in fp32" in proc.stdout and "the real-GEMM path needs a Hopper GPU" in proc.stdout
     assert "fp8: routed experts of 1 MoE layer, rowwise scaling, weight gradients in bf16, emulated" in proc.stdout
     b = assert_same_losses(tmp_path, baseline, rel=0.01)
@@ -404,21 +404,23 @@ def test_parallel_timeout_minutes_ends_a_wait_on_a_hung_rank():
 @pytest.mark.slow
 @pytest.mark.parametrize("overrides, leaf, compiled", [
     (["parallel.zero_leaf_blocks=false"], [], []),
-    (["train.compile_blocks=true"], ["layers.0", "layers.1"],
+    (["train.compile_blocks=true", "train.compile_deterministic=true"], ["layers.0", "layers.1"],
      ["layers.0.attention_residual", "layers.0.mlp_residual", "layers.1.attention_residual", "token_loss"]),
     (["parallel.zero_persistence_threshold=1000"], ["layers.0", "layers.1"], []),
 ], ids=["hooks-per-linear", "leaf-and-compiled-blocks", "params-released"])
 def test_zero3_block_granularity_and_compiled_blocks(tmp_path, baseline, data, overrides, leaf, compiled):
-    """Blocks as ZeRO-3 leaf modules (the default) and compiled block halves change the hooks, not the math:
-    the wiring is what the engine reports, and 8 training steps give the baseline's losses. So does ZeRO-3
-    releasing parameters after each use and gathering them again: at the default threshold every smoke
-    parameter (the largest, the embedding, has 65,536 elements) stays gathered, so only this case runs that path."""
+    """Blocks as ZeRO-3 leaf modules (the default) and compiled block halves (here in Inductor's deterministic
+    mode) change the hooks, not the math: the wiring is what the engine reports, and 8 training steps give the
+    baseline's losses. So does ZeRO-3 releasing parameters after each use and gathering them again: at the
+    default threshold every smoke parameter (the largest, the embedding, has 65,536 elements) stays gathered, so
+    only this case runs that path."""
     proc = run_job(deepspeed_cmd(2, ROOT / "tests" / "dist" / "engine_report.py", *overrides), timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     wiring = last_json(proc.stdout)
     assert wiring["leaf"] == leaf and wiring["compiled"] == compiled  # the AutoEP MoE half stays eager
     assert wiring["hooked_linears"] == (1 if leaf else 18)  # with leaf blocks only the output head is hooked
     assert not wiring["throughput_timer"]  # DeepSpeed's would synchronize the GPU at every forward
+    assert wiring["inductor_deterministic"] == ("train.compile_deterministic=true" in overrides)
     train(2, tmp_path, data, *overrides)
     assert_same_losses(tmp_path, baseline, abs=1e-5)
 

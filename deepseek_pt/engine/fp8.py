@@ -89,7 +89,7 @@ def expert_gemms_unavailable() -> str | None:
     return _machine_lacks("a Hopper GPU", (9, 0), ("triton",))
 
 
-def fp8_gemm_pays(in_features: int, out_features: int, recipe: str) -> bool:
+def fp8_gemm_pays(in_features: int, out_features: int) -> bool:
     """Whether a linear this size trains faster with FP8 GEMMs than in bf16, counting the casts that feed its three
     GEMMs (forward, input and weight gradients). An FP8 GEMM is at most ~1.8x a bf16 one on an H100, while each
     cast reads a whole operand: narrow GEMMs lose. The thresholds are those of torchao's H100 table for rowwise
@@ -97,20 +97,18 @@ def fp8_gemm_pays(in_features: int, out_features: int, recipe: str) -> bool:
     (which converts 24 of bench-2b's 28 eligible linears, K and N of 512-3072) the step ran at 0.80x bf16, and
     with every eligible linear in rowwise at 0.81x (docs/benchmarks.md). At the edge, bench-2b's dense gate and up
     (2048 -> 10944), tensorwise took the block's GPU time to 0.87-0.92x bf16 and rowwise to 1.05-1.13x
-    (bench/fp8_dense_block.py): rowwise's backward casts cost more there than its GEMMs save."""
-    if recipe == "blockwise":
-        # DeepSeek-V3's recipe quantizes every eligible linear. As real GEMMs, all 21 aligned ones at V3's widths
-        # gained 1.18x (docs/benchmarks.md); whether the thresholds below would gain more is not yet measured.
-        return True
+    (bench/fp8_dense_block.py): rowwise's backward casts cost more there than its GEMMs save. Blockwise follows the
+    same rule: at DeepSeek-V3's dense widths the 15 linears it keeps ran at 54,372 tokens/s, where all 21 aligned
+    ones (DeepSeek-V3's recipe, `fp8.layers: all`) ran at 52,948 in an earlier call, with a worse loss."""
     K, N = in_features, out_features
     return N > 2048 and K > 1024 and not (N <= 4096 and K <= 2048)
 
 
-def fp8_targets(model: nn.Module, recipe: str, layers: str) -> tuple[set[str], int]:
+def fp8_targets(model: nn.Module, layers: str) -> tuple[set[str], int]:
     """Names of the linears to convert, and how many eligible ones `layers: auto` leaves in bf16 as too narrow."""
     eligible = {fqn: m for fqn, m in model.named_modules() if _fp8_eligible(m, fqn)}
     chosen = {fqn for fqn, m in eligible.items()
-              if layers == "all" or fp8_gemm_pays(m.in_features, m.out_features, recipe)}
+              if layers == "all" or fp8_gemm_pays(m.in_features, m.out_features)}
     return chosen, len(eligible) - len(chosen)
 
 
@@ -141,7 +139,7 @@ def torchao_config(recipe: str, fast_accum: str = "forward"):
 
 def convert_to_fp8(model: nn.Module, recipe: str, layers: str = "auto", fast_accum: str = "forward") -> Fp8Conversion:
     """Swap the chosen linears (fp8_targets) for FP8 ones in place."""
-    chosen, narrow = fp8_targets(model, recipe, layers)
+    chosen, narrow = fp8_targets(model, layers)
     if recipe == "blockwise":
         if why := blockwise_gemms_unavailable():
             return Fp8Conversion(_swap_class(model, chosen, BlockwiseFp8Linear), narrow, emulated=why)
