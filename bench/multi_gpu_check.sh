@@ -1,17 +1,29 @@
 #!/usr/bin/env bash
-# Multi-GPU expert parallelism on one host (issue 6), in one device call, through launch/train.sh:
+# Multi-GPU expert parallelism on one host (issue 6), through launch/train.sh, in three parts:
 #  correctness on a reduced bench-2b (64 experts, 3 layers, dim 512), bf16, random tokens:
 #   A: EP = N on N GPUs, 10 steps     B: the same stopped at 5 and resumed
 #   C: EP = 1 on N GPUs               D: B's step-5 checkpoint resumed on N/2 GPUs (universal)
-#  weak scaling on the full bench-2b shape: bench/gpu_bench.py on 1 .. N GPUs, EP = GPUs, then a profile
-#  at N GPUs for the collectives' share of the step (bench/profile_summary.py).
-# Usage: [CONFIG=yaml] [SMALL=overrides] [SCALE=args] [PROFILE=args] bench/multi_gpu_check.sh N
+#  scaling: weak scaling on the full bench-2b shape, bench/gpu_bench.py on 1 .. N GPUs, EP = GPUs;
+#  profile: a profile at N GPUs for the collectives' share of the step (bench/profile_summary.py).
+# Usage: [PARTS=...] [SCALE_GPUS=...] [CONFIG=yaml] [SMALL=overrides] [SCALE=args] [PROFILE=args] \
+#          bench/multi_gpu_check.sh N
+#  PARTS: which of "correctness scaling profile" to run (default all three). A device call ends after 10 minutes and
+#  each run here builds its engine anew, so at 8 GPUs split the check over calls: PARTS=correctness, then
+#  PARTS=scaling (SCALE_GPUS="1 2", then "4 8", if one call cannot take all four), then PARTS=profile.
+#  SCALE_GPUS: the GPU counts of the scaling runs (default 1 .. N).
 #  CONFIG (default configs/bench-2b.yaml) and the overrides of each part: SMALL, the correctness runs' shape;
 #  SCALE and PROFILE, gpu_bench.py's arguments for the scaling runs and the profile. tests/test_bench.py runs the
 #  script on CPU processes with the smoke config, so that the multi-GPU call does not find its bugs.
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
 N=${1:?number of GPUs}
+parts=${PARTS:-correctness scaling profile}
+for part in $parts; do
+  case $part in
+    correctness | scaling | profile) ;;
+    *) echo "PARTS: unknown part '$part' (correctness, scaling, profile)" >&2; exit 2 ;;
+  esac
+done
 source bench/device_env.sh
 out=${OUT:-/tmp}
 mkdir -p "$out" || exit 1
@@ -19,26 +31,29 @@ config=${CONFIG:-configs/bench-2b.yaml}
 small=${SMALL-"model.dim=512 model.inter_dim=1536 model.n_layers=3 model.attention.n_heads=8 model.attention.kv_lora_rank=128 model.moe.expert_inter_dim=256"}
 scale=${SCALE-"train.grad_accum_steps=4 --warmup 4 --steps 16"}  # bench-2b: compiled blocks, coalesced reduction
 profile=${PROFILE-"train.grad_accum_steps=4 --warmup 4 --steps 4"}
-read -r vocab micro_batch < <(python3 -c "from deepseek_pt.config import load_config as l; c = l('$config')
-print(c.model.vocab_size, c.train.micro_batch_size)") || exit 1
-work=$(mktemp -d "${TMPDIR:-/tmp}/multi_gpu.XXXXXX") || exit 1  # shards and run directories, new each call
-python3 bench/random_shards.py "$work/rs" --vocab-size "$vocab" || exit 1
-common="data.path=$work/rs train.max_steps=10 train.warmup_steps=2 train.eval_every=0 $small"
-run() { local name=$1 nproc=$2; shift 2
-  # shellcheck disable=SC2086
-  NPROC=$nproc launch/train.sh "$config" $common run.dir="$work/$name" "$@" > "$out/$name.log" 2>&1
-  echo "$name exit $?"; }
-run A "$N" parallel.expert_parallel_size="$N"
-run B "$N" parallel.expert_parallel_size="$N" train.exit_at_step=5
-if [ -z "${QUICK:-}" ]; then  # QUICK=1: only what D and the scaling need
-  run B "$N" parallel.expert_parallel_size="$N"
-  run C "$N" parallel.expert_parallel_size=1
-fi
-half=$((N / 2)); [ "$half" -ge 1 ] || half=1
-# The same global batch on half the ranks: each takes twice the micro-batch.
-run D "$half" parallel.expert_parallel_size="$half" train.micro_batch_size=$((micro_batch * N / half)) \
-  train.resume="$work/B/checkpoints/step_00000005"
-python3 - "$work" <<'PY'
+
+correctness() {
+  local vocab micro_batch work common half
+  read -r vocab micro_batch < <(python3 -c "from deepseek_pt.config import load_config as l; c = l('$config')
+print(c.model.vocab_size, c.train.micro_batch_size)") || return 1
+  work=$(mktemp -d "${TMPDIR:-/tmp}/multi_gpu.XXXXXX") || return 1  # shards and run directories, new each call
+  python3 bench/random_shards.py "$work/rs" --vocab-size "$vocab" || return 1
+  common="data.path=$work/rs train.max_steps=10 train.warmup_steps=2 train.eval_every=0 $small"
+  run() { local name=$1 nproc=$2; shift 2
+    # shellcheck disable=SC2086
+    NPROC=$nproc launch/train.sh "$config" $common run.dir="$work/$name" "$@" > "$out/$name.log" 2>&1
+    echo "$name exit $?"; }
+  run A "$N" parallel.expert_parallel_size="$N"
+  run B "$N" parallel.expert_parallel_size="$N" train.exit_at_step=5
+  if [ -z "${QUICK:-}" ]; then  # QUICK=1: only what D needs
+    run B "$N" parallel.expert_parallel_size="$N"
+    run C "$N" parallel.expert_parallel_size=1
+  fi
+  half=$((N / 2)); [ "$half" -ge 1 ] || half=1
+  # The same global batch on half the ranks: each takes twice the micro-batch.
+  run D "$half" parallel.expert_parallel_size="$half" train.micro_batch_size=$((micro_batch * N / half)) \
+    train.resume="$work/B/checkpoints/step_00000005"
+  python3 - "$work" <<'PY'
 import json, sys
 def losses(r):
     try:
@@ -54,15 +69,26 @@ for r in "BCD":
     if common:
         print(f"max |{r} - A| over steps {min(common)}-{max(common)}: {max(abs(L[r][s] - L['A'][s]) for s in common):.2e}")
 PY
-grep -h "universal: resharded\|stopped at step" "$out"/D.log | head -2
-for g in $(seq 1 "$N"); do
+  grep -h "universal: resharded\|stopped at step" "$out"/D.log | head -2
+  rm -rf "$work"
+}
+
+scaling() {
+  local g
+  for g in ${SCALE_GPUS:-$(seq 1 "$N")}; do
+    # shellcheck disable=SC2086
+    python3 -m deepspeed.launcher.runner --num_gpus "$g" --master_port $((29700 + g)) bench/gpu_bench.py --impl ours \
+      --config "$config" parallel.expert_parallel_size="$g" $scale 2> "$out/scale$g.err" | grep '^{' ||
+      echo "scaling at $g GPUs: no result, see scale$g.err"
+  done
+}
+
+profile() {  # the all-to-all's share of the step at N GPUs: NCCL kernel time by collective, and the exposed part
   # shellcheck disable=SC2086
-  python3 -m deepspeed.launcher.runner --num_gpus "$g" --master_port $((29700 + g)) bench/gpu_bench.py --impl ours \
-    --config "$config" parallel.expert_parallel_size="$g" $scale 2> "$out/scale$g.err" | grep '^{'
-done
-# The all-to-all's share of the step at N GPUs: NCCL kernel time by collective, and the exposed part.
-# shellcheck disable=SC2086
-python3 -m deepspeed.launcher.runner --num_gpus "$N" --master_port 29799 bench/gpu_bench.py --impl ours --profile \
-  --config "$config" parallel.expert_parallel_size="$N" $profile 2> "$out/profile$N.err" | grep '^{'
-grep -A5 "^collectives" "$out/profile$N.err" | head -12
-rm -rf "$work"
+  python3 -m deepspeed.launcher.runner --num_gpus "$N" --master_port 29799 bench/gpu_bench.py --impl ours --profile \
+    --config "$config" parallel.expert_parallel_size="$N" $profile 2> "$out/profile$N.err" | grep '^{' ||
+    echo "profile at $N GPUs: no result, see profile$N.err"
+  grep -A5 "^collectives" "$out/profile$N.err" | head -12
+}
+
+for part in $parts; do "$part" || exit 1; done

@@ -19,7 +19,7 @@ from jobs import ROOT, finish_job, free_port, job_env, kill_job, start_job, wait
 def _script_env(out_dir: Path, **extra: str) -> dict:
     """A device script's environment here: $OUT, a free port, this interpreter's venv first on PATH (the scripts call
     python3), and TMPDIR inside the test's tmp_path, so that what a killed run leaves stays there."""
-    (out_dir / "tmp").mkdir()
+    (out_dir / "tmp").mkdir(exist_ok=True)
     return job_env(OUT=str(out_dir), TMPDIR=str(out_dir / "tmp"), MASTER_PORT=str(free_port()),
                    PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]]), **extra)
 
@@ -121,22 +121,35 @@ def test_gpu_bench_runs_ours_and_the_peer_side_by_side(tmp_path):
 
 @pytest.mark.slow
 def test_multi_gpu_check_runs_on_cpu_ranks(tmp_path):
-    # Issue 6's one-call check, on 2 CPU processes with the smoke model: EP 2 against a stop-and-resume (exact),
-    # EP 1 (data parallel only) and a universal resume on 1 process, then the scaling runs and the profile.
-    env = _script_env(tmp_path, CONFIG="configs/smoke.yaml", SMALL="", SCALE="--warmup 1 --steps 2",
-                      PROFILE="--warmup 1 --steps 1")
-    proc = start_job(["bash", ROOT / "bench/multi_gpu_check.sh", 2], env)
-    out, _ = finish_job(proc, timeout=480)
+    # Issue 6's check, on 2 CPU processes with the smoke model, in two calls as a device's 10-minute limit asks of
+    # 8 GPUs: EP 2 against a stop-and-resume (exact), EP 1 (data parallel only) and a universal resume on 1 process;
+    # then the scaling runs and the profile.
+    settings = dict(CONFIG="configs/smoke.yaml", SMALL="", SCALE="--warmup 1 --steps 2", PROFILE="--warmup 1 --steps 1")
+    proc = start_job(["bash", ROOT / "bench/multi_gpu_check.sh", 2], _script_env(tmp_path, PARTS="correctness",
+                                                                               **settings))
+    out, _ = finish_job(proc, timeout=300)
     assert re.findall(r"^(\w) exit (\d+)$", out, re.M) == [(run, "0") for run in "ABBCD"], out
     gaps = {run: float(gap) for run, gap in re.findall(r"^max \|(\w) - A\| over steps [\d-]+: (\S+)$", out, re.M)}
     assert gaps.keys() == {"B", "C", "D"} and gaps["B"] == 0 and gaps["C"] < 1e-5 and gaps["D"] < 1e-5, out
     assert "(universal: resharded)" in out, out
+    assert not list((tmp_path / "tmp").glob("multi_gpu.*"))  # the shards and run directories are gone
+    assert not list(tmp_path.glob("scale*.err")) and not list(tmp_path.glob("profile*.err"))  # not asked for
+
+    proc = start_job(["bash", ROOT / "bench/multi_gpu_check.sh", 2], _script_env(tmp_path, PARTS="scaling profile",
+                                                                               SCALE_GPUS="1 2", **settings))
+    out, _ = finish_job(proc, timeout=300)
+    assert " exit " not in out, out  # no correctness run this time
     runs = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
     assert [r["gpus"] for r in runs] == [1, 2, 2] and all(r["tokens_per_s"] > 0 for r in runs), out
-    assert not list((tmp_path / "tmp").glob("multi_gpu.*"))  # the shards and run directories are gone
     for rank in (0, 1):  # the profile's traces, gzipped to come back from a device call
         with gzip.open(tmp_path / f"trace_rank{rank}.json.gz") as trace:
             assert json.load(trace)["traceEvents"]
+
+
+def test_multi_gpu_check_names_an_unknown_part(tmp_path):
+    proc = start_job(["bash", ROOT / "bench/multi_gpu_check.sh", 2], _script_env(tmp_path, PARTS="correctness scale"))
+    out, _ = finish_job(proc, timeout=30)
+    assert proc.returncode == 2 and "PARTS: unknown part 'scale' (correctness, scaling, profile)" in out, out
 
 
 @pytest.mark.slow
