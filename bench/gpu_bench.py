@@ -5,7 +5,10 @@
 Both go through DeepSpeed ZeRO-3 with the optimizer, clipping and precision our config generates, and
 the training loop's optimizer step (deepseek_pt.train.train_step, so parallel.coalesce_grad_reduction
 applies to both); `ours` is exactly what `python -m deepseek_pt.train` builds (build_engine), `hf` is
-transformers' DeepseekV3ForCausalLM of the same shape. Four fixed batches of random tokens in turn.
+transformers' DeepseekV3ForCausalLM of the same shape. Four fixed batches of random tokens in turn, in host memory
+and moved to the device each micro-step as training moves its batches (deepseek_pt.data.to_device: pinned, without a
+host wait); `--batches pageable` copies them as the training loop did before (a stream sync per copy), `--batches
+device` keeps them on the device (no copy at all, as this script did before).
 Prints one JSON line: tokens/s, MFU (our FLOP count of the shape, dense bf16 peak), peak memory. It runs on a
 CPU too (peak memory is then the process's peak RSS): tests/test_bench.py runs it there, so that a device call
 does not find its bugs.
@@ -26,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 
 from deepseek_pt.config import Config, load_config  # noqa: E402
+from deepseek_pt.data import to_device  # noqa: E402
 from deepseek_pt.engine.ds_config import build_ds_config, lr_scheduler  # noqa: E402
 from deepseek_pt.engine.metrics import peak_flops, peak_memory_gib  # noqa: E402
 from deepseek_pt.model.counting import train_flops_per_token  # noqa: E402
@@ -90,6 +94,9 @@ def main() -> None:
     parser.add_argument("--engine-compile", action="store_true",
                         help="engine.compile() after initialize: torch.compile of the whole model, or DeepCompile "
                              "with --ds compile.deepcompile=true")
+    parser.add_argument("--batches", choices=["pinned", "pageable", "device"], default="pinned",
+                        help="how the batches reach the device: as training moves them (pinned), through pageable "
+                             "memory (a stream sync per copy), or already there")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # the launcher's
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_intermixed_args()  # overrides may come before or after the flags
@@ -109,9 +116,15 @@ def main() -> None:
     if args.engine_compile:
         engine.compile()
     B, T, V, accum = cfg.train.micro_batch_size, cfg.data.seq_len, cfg.model.vocab_size, cfg.train.grad_accum_steps
-    gen = torch.Generator(device=device).manual_seed(0)
-    tokens = [torch.randint(0, V, (B, T + 1), device=device, generator=gen) for _ in range(4)]
-    batches = itertools.cycle([(t[:, :-1], t[:, 1:]) for t in tokens])
+    gen = torch.Generator().manual_seed(0)
+    tokens = [torch.randint(0, V, (B, T + 1), generator=gen) for _ in range(4)]
+    host = [(t[:, :-1].contiguous(), t[:, 1:].contiguous()) for t in tokens]
+    if args.batches == "device":
+        batches = itertools.cycle([(x.to(device), y.to(device)) for x, y in host])
+    elif args.batches == "pageable":
+        batches = ((x.to(device), y.to(device)) for x, y in itertools.cycle(host))
+    else:
+        batches = to_device(itertools.cycle(host), device)
     # The same optimizer step as training (train_step); the peer's call differs: HF shifts the labels itself.
     forward = None if args.impl == "ours" else lambda engine, inputs, _: engine(input_ids=inputs, labels=inputs.clone()).loss
 
@@ -172,7 +185,8 @@ def main() -> None:
     print(json.dumps({"impl": args.impl, "gpus": world, "precision": cfg.precision, "seq": T, "micro_batch": B,
                       "tokens_per_s": round(tokens_per_s), "mfu": round(flops * tokens_per_s / (peak * world), 4) if peak else None,
                       "peak_mem_gib": round(peak_memory_gib(), 2), "step_ms": round(dt * 1e3, 1),
-                      "loss": round(float(loss), 4), "overrides": args.overrides + [f"ds:{d}" for d in args.ds] + ["engine.compile()"] * args.engine_compile}), flush=True)
+                      "loss": round(float(loss), 4), "overrides": args.overrides + [f"ds:{d}" for d in args.ds] + ["engine.compile()"] * args.engine_compile
+                      + [f"batches:{args.batches}"] * (args.batches != "pinned")}), flush=True)
 
 
 if __name__ == "__main__":

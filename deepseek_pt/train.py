@@ -160,15 +160,16 @@ def mean_over_ranks(values: dict[str, torch.Tensor]) -> dict[str, float]:
 
 
 def evaluate(engine, cfg: Config, rank: int, world: int, device) -> float:
-    from .data import val_batches
+    from .data import to_device, val_batches
 
     engine.eval()
     total, n = 0.0, 0
+    batches = val_batches(cfg.data.path, split=cfg.data.val_split, seq_len=cfg.data.seq_len,
+                          micro_batch_size=cfg.train.micro_batch_size, dp_rank=rank, dp_world=world,
+                          max_batches=cfg.train.eval_batches)
     with torch.no_grad():
-        for inputs, targets in val_batches(cfg.data.path, split=cfg.data.val_split, seq_len=cfg.data.seq_len,
-                                           micro_batch_size=cfg.train.micro_batch_size, dp_rank=rank,
-                                           dp_world=world, max_batches=cfg.train.eval_batches):
-            engine(inputs.to(device), targets.to(device))
+        for inputs, targets in to_device(batches, device):
+            engine(inputs, targets)
             total += engine.module.last_losses["lm_loss"].item()
             n += 1
     engine.train()
@@ -317,7 +318,7 @@ def compile_blocks(model: Transformer) -> None:
 
 
 def train(cfg: Config) -> int:
-    from .data import PretrainDataset, TrainLoader
+    from .data import PretrainDataset, TrainLoader, to_device
 
     stop = StopSignal()
     started = time.monotonic()
@@ -372,11 +373,12 @@ def train(cfg: Config) -> int:
                         cfg.parallel.zero_init)
         last_saved = at_step
 
+    batches = to_device(loader, device)
     exit_reason = None
     while step < cfg.train.max_steps:
         t0 = time.perf_counter()
         # Summed on device: one host sync per step, not per micro-step.
-        loss_sum = train_step(engine, cfg, ((x.to(device), y.to(device)) for x, y in loader))
+        loss_sum = train_step(engine, cfg, batches)
         step += 1
         tokens_seen += tokens_per_step
         expert_load = balance.update_balance(engine.module, cfg.model.moe.bias_update_rate)

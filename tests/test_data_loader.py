@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from deepseek_pt.data import DataError, PretrainDataset, TrainLoader, open_manifest, val_batches
+from deepseek_pt.data import DataError, PretrainDataset, TrainLoader, open_manifest, to_device, val_batches
 from deepseek_pt.data.shuffle import Permutation
 
 T = 32
@@ -248,3 +248,37 @@ def test_val_batches_are_ordered_disjoint_and_equal_in_number(pydoc_data_dir):
     assert len(again) == 4 and all(torch.equal(a[1], p[1]) for a, p in zip(again, per_rank[1]))
     with pytest.raises(DataError, match="fewer than one global batch"):
         val_batches(d, "val", T, micro_batch_size=len(ds), dp_world=2)
+
+
+class _HostTensor:
+    """Stands in for a host tensor on a machine without CUDA: records how it is moved."""
+    def __init__(self, moves: list, pinned: bool = False):
+        self.moves, self.pinned = moves, pinned
+
+    def pin_memory(self):
+        return _HostTensor(self.moves, pinned=True)
+
+    def to(self, device, non_blocking=False):
+        self.moves.append((str(device), self.pinned, non_blocking))
+        return self
+
+
+def test_batches_go_to_a_gpu_through_pinned_memory_without_a_host_wait():
+    moves = []
+    batch = next(to_device(iter([(_HostTensor(moves), _HostTensor(moves))]), torch.device("cuda", 0)))
+    assert len(batch) == 2 and moves == [("cuda:0", True, True)] * 2
+    x, y = torch.arange(6).view(2, 3), torch.arange(6, 12).view(2, 3)
+    assert all(a is b for a, b in zip(next(to_device(iter([(x, y)]), torch.device("cpu"))), (x, y)))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_moving_a_batch_to_the_gpu_does_not_synchronize():
+    x = torch.randint(0, 100, (4, 2048))
+    torch.cuda.set_sync_debug_mode("error")  # a synchronizing CUDA call raises
+    try:
+        with pytest.raises(RuntimeError, match="synchroniz"):
+            x.to("cuda")  # from pageable memory: what training did before, a stream sync per copy
+        (moved,) = next(to_device(iter([(x,)]), torch.device("cuda")))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.equal(moved.cpu(), x)

@@ -9,7 +9,7 @@ global sequence, and each rank's batch depends only on (seed, consumed_samples, 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import numpy as np
 import torch
@@ -126,3 +126,13 @@ def val_batches(path: str | Path, split: str = "val", seq_len: int = 2048, micro
             yield _to_batch(ds, np.arange(start, start + micro_batch_size))
 
     return batches()
+
+
+def to_device(batches: Iterable[tuple[torch.Tensor, ...]], device: torch.device) -> Iterator[tuple[torch.Tensor, ...]]:
+    """`batches`, each tensor moved to `device`. To a GPU through pinned memory, without the host waiting: a copy
+    from pageable memory synchronizes the stream, so every micro-step would let the GPU drain its queue and then
+    wait for the host to launch the next forward. The caching host allocator keeps each pinned buffer until its
+    copy is done."""
+    pinned = device.type == "cuda"
+    for batch in batches:
+        yield tuple(t.pin_memory().to(device, non_blocking=True) if pinned else t.to(device) for t in batch)
