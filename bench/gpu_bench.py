@@ -182,11 +182,12 @@ def main() -> None:
     peak = peak_flops(cfg.train.peak_tflops)
     if rank != 0:
         return
+    settings = (args.overrides + [f"ds:{d}" for d in args.ds] + ["engine.compile()"] * args.engine_compile
+                + [f"batches:{args.batches}"] * (args.batches != "pinned"))
     print(json.dumps({"impl": args.impl, "gpus": world, "precision": cfg.precision, "seq": T, "micro_batch": B,
                       "tokens_per_s": round(tokens_per_s), "mfu": round(flops * tokens_per_s / (peak * world), 4) if peak else None,
                       "peak_mem_gib": round(peak_memory_gib(), 2), "step_ms": round(dt * 1e3, 1),
-                      "loss": round(float(loss), 4), "overrides": args.overrides + [f"ds:{d}" for d in args.ds] + ["engine.compile()"] * args.engine_compile
-                      + [f"batches:{args.batches}"] * (args.batches != "pinned")}), flush=True)
+                      "loss": round(float(loss), 4), "overrides": settings}), flush=True)
 
 
 if __name__ == "__main__":

@@ -259,7 +259,8 @@ class Fp8Config:
     weight-gradient GEMM kept in bf16), or DeepSeek-V3's
     1x128 / 128x128 blocks: real FP8 GEMMs on a Hopper GPU with torchao and Triton (for the linears whose
     dimensions are multiples of 128), emulated in fp32 elsewhere (numerics, not speed). Tensorwise is the
-    fastest on an H200 at bench-2b's and DeepSeek-V3's widths, with its loss within 1% of bf16's there
+    fastest on an H200 at bench-2b's and DeepSeek-V3's widths. Its loss: within 1% of bf16's on bench-2b's layout;
+    at DeepSeek-V3's widths +0.08% to +1.91% over four runs, where one bf16 run moved by 1.8% between calls
     (docs/benchmarks.md)."""
     layers: Literal["auto", "all"] = "auto"
     """Which of those linears go FP8: `auto` only the ones wide enough that FP8's faster GEMMs outweigh its casts

@@ -1,8 +1,8 @@
 """Run under the deepspeed launcher: build the training engine (smoke config + overrides from argv) and report, on
 rank 0, how it is wired: which modules ZeRO-3 fetches as a unit (leaf modules), how many linears it hooks one by
-one, which block methods were compiled and whether in Inductor's deterministic mode, whether DeepSpeed's throughput timer (a GPU sync per forward) runs; and the
-dtypes it computes in: parameters, and the buffers that must keep fp32 (RoPE frequencies equal to a fresh
-computation, the balancing bias). One JSON line."""
+one, which block methods were compiled and whether in Inductor's deterministic mode, whether DeepSpeed's
+throughput timer (a GPU sync per forward) runs; and the dtypes it computes in: parameters, and the buffers that
+must keep fp32 (RoPE frequencies equal to a fresh computation, the balancing bias). One JSON line."""
 import json
 import sys
 from pathlib import Path
