@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch
 from torch import nn
 
-from bench.fp8_gemm_probe import bench
+from bench.fp8_gemm_probe import bench, kernel_table
 from deepseek_pt.config import load_config
 from deepseek_pt.engine.fp8 import convert_to_fp8, torchao_config
 from deepseek_pt.model.layers import POINTWISE, SwiGLU, compile_pointwise
@@ -86,21 +86,6 @@ def variants(block: Block, fast_accum: str):
         tiled.mlp_residual, options={"triton.tile_reductions": True, "triton.prefer_nd_tiling": True})
 
 
-def kernel_table(fn, top: int) -> tuple[float, list[tuple[str, float]]]:
-    """GPU ms per call, and the `top` heaviest kernels (ms per call), over 5 profiled calls."""
-    from torch.profiler import ProfilerActivity, profile
-
-    calls = 5
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(calls):
-            fn()
-        torch.cuda.synchronize()
-    kernels = [(e.key, e.device_time_total / 1e3 / calls) for e in prof.key_averages() if e.device_time_total > 0]
-    kernels = [k for k in kernels if not k[0].startswith(("aten::", "cuda", "Memcpy", "Memset"))]
-    kernels.sort(key=lambda k: -k[1])
-    return sum(ms for _, ms in kernels), kernels[:top]
-
-
 def dump_kernels(pattern: str) -> None:
     """Print the source of each generated kernel whose name contains `pattern`, once per name."""
     seen = set()
@@ -146,8 +131,8 @@ def main() -> None:
         ms = bench(step)
         gpu_ms, top = kernel_table(step, args.kernels)
         print(f"{name:32} fwd+bwd {ms:6.3f} ms | GPU {gpu_ms:6.3f} ms | rel err of the MLP's output {err:.1e}")
-        for kernel, kernel_ms in top:
-            print(f"    {kernel_ms:6.3f} ms  {kernel[:150]}")
+        for kernel, kernel_ms, launches in top:
+            print(f"    {kernel_ms:6.3f} ms {launches:3d}x  {kernel[:150]}")
     if args.dump:
         dump_kernels(args.dump)
 

@@ -42,6 +42,21 @@ def bench(fn, calls: int = 20, reps: int = 7) -> float:
     return sorted(times)[len(times) // 2]
 
 
+def kernel_table(fn, top: int, calls: int = 5) -> tuple[float, list[tuple[str, float, int]]]:
+    """GPU ms per call, and the `top` heaviest kernels (name, ms per call, launches per call) over `calls` profiled
+    calls. Only kernels count: the profiler's aten:: rows repeat the time of the kernels they launch."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    kernels = [(e.key, e.device_time_total / 1e3 / calls, e.count // calls) for e in prof.key_averages()
+               if e.device_time_total > 0 and not e.key.startswith(("aten::", "cuda", "Memcpy", "Memset"))]
+    kernels.sort(key=lambda k: -k[1])
+    return sum(ms for _, ms, _ in kernels), kernels[:top]
+
+
 def quant_rows(x: torch.Tensor, block: int | None):
     """e4m3 with one scale per row (block None) or per 1 x block tile; returns (fp8, dequant scales)."""
     xs = x.float() if block is None else x.float().unflatten(-1, (-1, block))
@@ -186,13 +201,10 @@ def expert_mlp(tokens: int, E: int, top_k: int, dim: int, hidden: int) -> None:
         print(f"   expert MLP {E}x[~{n // E}x{dim}x{hidden}] fwd+bwd {label:24} {ms:6.3f} ms "
               f"{flops / ms / 1e9:6.0f} TFLOP/s | rel err vs bf16: {errs}", flush=True)
     for label in ("bf16 (AutoEP grouped_mm)", "fp8 ours, weights cast"):
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-            for _ in range(5):
-                step(variants[label])
-            torch.cuda.synchronize()
-        print(f"   -- {label}: GPU time per fwd+bwd, by kernel", flush=True)
-        for evt in sorted(prof.key_averages(), key=lambda e: -e.device_time_total)[:14]:
-            print(f"   {evt.device_time_total / 5e3:7.3f} ms {evt.count // 5:3d}x  {evt.key[:110]}", flush=True)
+        gpu_ms, top = kernel_table(lambda: step(variants[label]), 14)
+        print(f"   -- {label}: {gpu_ms:.3f} ms of GPU time per fwd+bwd, by kernel", flush=True)
+        for kernel, ms, launches in top:
+            print(f"   {ms:7.3f} ms {launches:3d}x  {kernel[:110]}", flush=True)
 
 
 def expert_casts(tokens: int, top_k: int, dim: int, hidden: int) -> None:

@@ -32,8 +32,10 @@ port=${MASTER_PORT:-29510}
 # The runs' directories, new for each call of this script: a run killed before its cleanup
 # must not leave a metrics.jsonl that the next call's run of that name would append to.
 work=$(mktemp -d "${TMPDIR:-/tmp}/fp8_loss.XXXXXX") || exit 1
-# RUNS: bf16, bf16_repeat, bf16_eager, bf16_pointwise, fp32, fp8_RECIPE[_experts][_fast] (below), or bf16_seedN
-# (bf16 from another initialization).
+# RUNS: bf16, bf16_repeat, bf16_eager, bf16_pointwise, fp32 or fp8_RECIPE[_experts][_fast] (below), each with an
+# optional _seedN: the same run from another initialization (train.seed=N). A run is compared against the bf16 run
+# of its seed when RUNS has one (fp8_tensorwise_seed1 against bf16_seed1), else against bf16 (bf16_seed1 against
+# bf16: how far a new initialization alone moves the curve).
 runs=${RUNS:-bf16 fp8_rowwise fp8_tensorwise}
 run_one() {  # name port settings...: one training run, its log and metrics to $out
   local name=$1 port=$2 dir=$work/$1 pid
@@ -49,22 +51,24 @@ run_one() {  # name port settings...: one training run, its log and metrics to $
 }
 overrides=("$@")
 for name in $runs; do
-  case $name in
+  seed=()
+  [[ $name != *_seed* ]] || seed=(train.seed="${name##*_seed}")
+  case ${name%_seed*} in
     bf16 | bf16_repeat) settings=(precision=bf16) ;;  # a repeat shows the GPU's run-to-run spread
     # The same bf16 model and data through other kernels (nothing compiled): how far a change of rounding
     # alone moves the curve, the yardstick for FP8's gap that a new seed (a new initialization) is not.
     bf16_eager) settings=(precision=bf16 train.compile=false train.compile_blocks=false) ;;
     bf16_pointwise) settings=(precision=bf16 train.compile=true train.compile_blocks=false) ;;  # a smaller change of kernels
     fp32) settings=(precision=fp32) ;;  # the reference both bf16 and FP8 round away from
-    bf16_seed*) settings=(precision=bf16 train.seed="${name#bf16_seed}") ;;
     # fp8_RECIPE[_experts][_fast]: every eligible linear in RECIPE (layers=all: the numerics of all, not only of the
     # wide ones); _experts: the routed experts' grouped GEMMs in FP8 too; _fast: fp8.fast_accum=all.
-    fp8_*) recipe=${name#fp8_} settings=(precision=fp8 fp8.layers=all)
+    fp8_*) recipe=${name%_seed*} recipe=${recipe#fp8_} settings=(precision=fp8 fp8.layers=all)
       [[ $recipe != *_fast ]] || { recipe=${recipe%_fast}; settings+=(fp8.fast_accum=all); }
       [[ $recipe != *_experts ]] || { recipe=${recipe%_experts}; settings+=(fp8.experts=true); }
       settings+=(fp8.recipe="$recipe") ;;
     *) echo "unknown run $name" >&2; exit 2 ;;
   esac
+  settings+=("${seed[@]}")
   port=$((port + 1))
   echo "$name: ${settings[*]}"
   # PARALLEL=1: all runs at once on the one GPU, so that runs compared with each other share a machine and a
@@ -83,17 +87,24 @@ for name in sys.argv[3:]:
     path = os.path.join(out, f"metrics_{name}.jsonl")
     if os.path.exists(path):
         runs[name] = {r["step"]: r for r in map(json.loads, open(path))}
-if "bf16" not in runs:
-    sys.exit("no bf16 run to compare against")
 names = list(runs)
-print("| steps (mean train loss) | " + " | ".join(names) + " | " + " | ".join(f"{n} vs bf16" for n in names[1:]) + " |")
-print("|---" * (2 * len(names)) + "|")
+base = {}  # each run's bf16 to compare against: its seed's, else bf16 (seed 0)
+for n in names:
+    own = "bf16" + n[n.rindex("_seed"):] if "_seed" in n else "bf16"
+    base[n] = own if own in runs and own != n else "bf16" if "bf16" in runs and n != "bf16" else None
+compared = [n for n in names if base[n]]
+if not compared:
+    sys.exit("no bf16 run to compare against")
+print("| steps (mean train loss) | " + " | ".join(names) + " | " + " | ".join(f"{n} vs {base[n]}" for n in compared)
+      + " |")
+print("|---" * (len(names) + len(compared) + 1) + "|")
 window = max(1, steps // 10)
 spans = [range(start, min(start + window, steps + 1)) for start in range(1, steps + 1, window)]
 for span in spans + [range(steps // 2 + 1, steps + 1)]:  # the last row: the whole second half
     means = {n: sum(r[s]["loss"] for s in span if s in r) / sum(s in r for s in span)
              for n, r in runs.items() if any(s in r for s in span)}  # a run that stopped early has no later windows
-    rel = [f"{100 * (means[n] / means['bf16'] - 1):+.2f}%" if n in means and "bf16" in means else "-" for n in names[1:]]
+    rel = [f"{100 * (means[n] / means[base[n]] - 1):+.2f}%" if n in means and base[n] in means else "-"
+           for n in compared]
     print(f"| {span[0]}-{span[-1]} | " + " | ".join(f"{means[n]:.4f}" if n in means else "-" for n in names) + " | "
           + " | ".join(rel) + " |")
 for n, r in runs.items():

@@ -260,8 +260,8 @@ class Fp8Config:
     1x128 / 128x128 blocks: real FP8 GEMMs on a Hopper GPU with torchao and Triton (for the linears whose
     dimensions are multiples of 128), emulated in fp32 elsewhere (numerics, not speed). Tensorwise is the
     fastest on an H200 at bench-2b's and DeepSeek-V3's widths. Its loss: within 1% of bf16's on bench-2b's layout;
-    at DeepSeek-V3's widths +0.08% to +1.91% over four runs, where one bf16 run moved by 1.8% between calls
-    (docs/benchmarks.md)."""
+    at DeepSeek-V3's widths +1.02%, -0.05% and +0.91% of the same seed's bf16 over three seeds (mean +0.63%),
+    where bf16 itself moved 0.8-1.7% between seeds (docs/benchmarks.md)."""
     layers: Literal["auto", "all"] = "auto"
     """Which of those linears go FP8: `auto` only the ones wide enough that FP8's faster GEMMs outweigh its casts
     (engine/fp8.py's fp8_gemm_pays), `all` every one (DeepSeek-V3's blockwise recipe quantizes all). On a

@@ -74,6 +74,27 @@ def test_fp8_loss_check_says_what_each_run_sets(tmp_path, pydoc_data_dir):
 
 
 @pytest.mark.slow
+def test_fp8_loss_check_compares_each_seed_with_its_own_bf16(tmp_path, pydoc_data_dir):
+    # _seedN on any run sets train.seed; an FP8 run is held against the bf16 of its seed, a bf16 of another seed
+    # against seed 0's, so that a table of several seeds gives FP8's gap and bf16's own spread side by side.
+    env = _loss_check_env(tmp_path, RUNS="bf16 bf16_seed1 fp8_tensorwise_seed1", RUN_TIMEOUT="120")
+    out, _ = finish_job(start_job(["bash", ROOT / "bench/fp8_loss_check.sh", pydoc_data_dir.shards_dir, 2,
+                                  "data.seq_len=64", "train.micro_batch_size=2", "parallel.expert_parallel_size=1"],
+                                 env), 180)
+    lines = out.splitlines()
+    assert "bf16_seed1: precision=bf16 train.seed=1" in lines, out
+    assert "fp8_tensorwise_seed1: precision=fp8 fp8.layers=all fp8.recipe=tensorwise train.seed=1" in lines, out
+    assert ("| steps (mean train loss) | bf16 | bf16_seed1 | fp8_tensorwise_seed1 | bf16_seed1 vs bf16 | "
+            "fp8_tensorwise_seed1 vs bf16_seed1 |") in lines, out
+    first = next(line for line in lines if line.startswith("| 1-1 |")).strip("| ").split(" | ")
+    bf16, seed1, fp8, seed1_rel, fp8_rel = (first[1], first[2], first[3], first[4], first[5])
+    assert seed1 != bf16  # another initialization, another first loss
+    # The table's percentages come from unrounded means, these from the printed 4 decimals: within 0.01 points.
+    assert float(fp8_rel.rstrip("%")) == pytest.approx(100 * (float(fp8) / float(seed1) - 1), abs=0.011), out
+    assert float(seed1_rel.rstrip("%")) == pytest.approx(100 * (float(seed1) / float(bf16) - 1), abs=0.011), out
+
+
+@pytest.mark.slow
 def test_fp8_loss_check_keeps_the_curve_of_a_run_killed_midway(tmp_path, pydoc_data_dir):
     # A device call's limit kills the script and its runs at once (SIGKILL to all): the steps trained so far must
     # already be in $OUT.
