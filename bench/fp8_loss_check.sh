@@ -92,11 +92,10 @@ base = {}  # each run's bf16 to compare against: its seed's, else bf16 (seed 0)
 for n in names:
     own = "bf16" + n[n.rindex("_seed"):] if "_seed" in n else "bf16"
     base[n] = own if own in runs and own != n else "bf16" if "bf16" in runs and n != "bf16" else None
-compared = [n for n in names if base[n]]
-if not compared:
+if not any(n == "bf16" or n.startswith("bf16_seed") for n in names):
     sys.exit("no bf16 run to compare against")
-print("| steps (mean train loss) | " + " | ".join(names) + " | " + " | ".join(f"{n} vs {base[n]}" for n in compared)
-      + " |")
+compared = [n for n in names if base[n]]
+print("| " + " | ".join(["steps (mean train loss)", *names, *(f"{n} vs {base[n]}" for n in compared)]) + " |")
 print("|---" * (len(names) + len(compared) + 1) + "|")
 window = max(1, steps // 10)
 spans = [range(start, min(start + window, steps + 1)) for start in range(1, steps + 1, window)]
@@ -105,8 +104,8 @@ for span in spans + [range(steps // 2 + 1, steps + 1)]:  # the last row: the who
              for n, r in runs.items() if any(s in r for s in span)}  # a run that stopped early has no later windows
     rel = [f"{100 * (means[n] / means[base[n]] - 1):+.2f}%" if n in means and base[n] in means else "-"
            for n in compared]
-    print(f"| {span[0]}-{span[-1]} | " + " | ".join(f"{means[n]:.4f}" if n in means else "-" for n in names) + " | "
-          + " | ".join(rel) + " |")
+    print("| " + " | ".join([f"{span[0]}-{span[-1]}", *(f"{means[n]:.4f}" if n in means else "-" for n in names), *rel])
+          + " |")
 for n, r in runs.items():
     tail = sorted(r[s]["tokens_per_s"] for s in r if s > steps // 2)
     speed = f", median tokens/s over the second half {tail[len(tail) // 2]:,.0f}" if tail else ""
