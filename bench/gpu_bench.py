@@ -77,8 +77,7 @@ def patch_ds_config(items: list[str]) -> None:
     train_module.build_ds_config = patched
 
 
-def main() -> None:
-    started = time.perf_counter()
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--impl", choices=["ours", "hf"], required=True)
     parser.add_argument("--config", default="configs/bench-2b.yaml")
@@ -99,7 +98,12 @@ def main() -> None:
                              "memory (a stream sync per copy), or already there")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # the launcher's
     parser.add_argument("overrides", nargs="*")
-    args = parser.parse_intermixed_args()  # overrides may come before or after the flags
+    return parser.parse_intermixed_args(argv)  # overrides may come before or after the flags
+
+
+def main() -> None:
+    started = time.perf_counter()
+    args = parse_args()
     for k, v in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29561"}.items():
         os.environ.setdefault(k, v)
     cfg = load_config(args.config, ["train.grad_accum_steps=1", *args.overrides])

@@ -181,7 +181,7 @@ def test_dense_block_probe_variants_compute_the_same_mlp(monkeypatch):
 
     import torch
 
-    from deepseek_pt.config import load_config
+    from deepseek_pt.config import ConfigError, load_config
 
     spec = importlib.util.spec_from_file_location("fp8_dense_block", ROOT / "bench" / "fp8_dense_block.py")
     probe = importlib.util.module_from_spec(spec)
@@ -201,3 +201,33 @@ def test_dense_block_probe_variants_compute_the_same_mlp(monkeypatch):
         err = ((out - outputs["bf16"]).norm() / mlp.norm()).item()
         assert (err == 0) if name == "bf16" else 0.01 < err < 0.1, (name, err)
     assert torch.equal(outputs["fp8 rowwise, gate+up fused"], outputs["fp8 rowwise"])
+
+
+def test_every_benchmark_case_parses_and_its_config_loads():
+    # A case with a stale flag or config key would fail only on the GPU, after its device call has started.
+    import importlib.util
+    import shlex
+
+    from deepseek_pt.config import ConfigError, load_config
+
+    spec = importlib.util.spec_from_file_location("gpu_bench", ROOT / "bench" / "gpu_bench.py")
+    gpu_bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_bench)
+    files = sorted((ROOT / "bench" / "cases").glob("*.txt"))
+    assert files
+    refused = []
+    for path in files:
+        lines = [line for line in path.read_text().splitlines() if line.strip() and not line.startswith("#")]
+        assert lines, path
+        for line in lines:
+            try:
+                args = gpu_bench.parse_args(shlex.split(line))
+                load_config(ROOT / args.config, ["train.grad_accum_steps=1", *args.overrides])
+            except SystemExit:
+                refused.append(f"{path.name}: {line}: gpu_bench.py's arguments")
+            except ConfigError as e:
+                refused.append(f"{path.name}: {line}: {e}")
+            else:
+                if not all("=" in item for item in args.ds):
+                    refused.append(f"{path.name}: {line}: --ds takes dotted.key=value")
+    assert not refused, "\n".join(refused)
