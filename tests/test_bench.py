@@ -1,6 +1,7 @@
 """The device calls' scripts on CPU. The loss comparison: runs side by side (PARALLEL=1), each run's metrics, the
 summary table, and the curve of a run that a device call's limit cut off. The throughput benchmark: the peer and
-our engine on one shape, and the side-by-side table. Issue 6's multi-GPU check, on 2 CPU processes."""
+our engine on one shape, the side-by-side table, and every case file's lines. Issue 6's multi-GPU check, on 2 CPU
+processes."""
 from __future__ import annotations
 
 import gzip
