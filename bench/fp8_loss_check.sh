@@ -51,9 +51,9 @@ run_one() {  # name port settings...: one training run, its log and metrics to $
 }
 overrides=("$@")
 for name in $runs; do
-  seed=()
-  [[ $name != *_seed* ]] || seed=(train.seed="${name##*_seed}")
-  case ${name%_seed*} in
+  kind=${name%_seed*} seed=()
+  [[ $name == "$kind" ]] || seed=(train.seed="${name##*_seed}")
+  case $kind in
     bf16 | bf16_repeat) settings=(precision=bf16) ;;  # a repeat shows the GPU's run-to-run spread
     # The same bf16 model and data through other kernels (nothing compiled): how far a change of rounding
     # alone moves the curve, the yardstick for FP8's gap that a new seed (a new initialization) is not.
@@ -62,7 +62,7 @@ for name in $runs; do
     fp32) settings=(precision=fp32) ;;  # the reference both bf16 and FP8 round away from
     # fp8_RECIPE[_experts][_fast]: every eligible linear in RECIPE (layers=all: the numerics of all, not only of the
     # wide ones); _experts: the routed experts' grouped GEMMs in FP8 too; _fast: fp8.fast_accum=all.
-    fp8_*) recipe=${name%_seed*} recipe=${recipe#fp8_} settings=(precision=fp8 fp8.layers=all)
+    fp8_*) recipe=${kind#fp8_} settings=(precision=fp8 fp8.layers=all)
       [[ $recipe != *_fast ]] || { recipe=${recipe%_fast}; settings+=(fp8.fast_accum=all); }
       [[ $recipe != *_experts ]] || { recipe=${recipe%_experts}; settings+=(fp8.experts=true); }
       settings+=(fp8.recipe="$recipe") ;;

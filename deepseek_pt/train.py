@@ -207,17 +207,18 @@ def build_engine(cfg: Config, world: int, init_from: str | None = None, load_uni
     """The model and its DeepSpeed engine, as training (and bench/) use them."""
     import deepspeed
 
+    rank0 = int(os.environ.get("RANK", 0)) == 0  # who reports how the engine was built
     ds_config = build_ds_config(cfg, world, has_moe=uses_autoep(cfg), load_universal=load_universal)
     if cfg.train.compile_deterministic:
         from torch._inductor import config as inductor_config
         inductor_config.deterministic = True  # read when a kernel is compiled: every compile below
-        if int(os.environ.get("RANK", 0)) == 0:
+        if rank0:
             print("compile: Inductor's deterministic mode (train.compile_deterministic), kernel configurations chosen "
                   "without timing them", flush=True)
     torch.manual_seed(cfg.train.seed)
     with deepspeed.zero.Init(config_dict_or_path=ds_config, enabled=cfg.parallel.zero_init):
         model = Transformer(cfg.model)
-    if cfg.parallel.zero_init and int(os.environ.get("RANK", 0)) == 0:
+    if cfg.parallel.zero_init and rank0:
         held = sum(p.ds_tensor.numel() for p in model.parameters())
         total = sum(p.ds_numel for p in model.parameters())
         print(f"zero_init: model built partitioned, rank 0 holds {held:,} of {total:,} parameters", flush=True)
@@ -232,7 +233,7 @@ def build_engine(cfg: Config, world: int, init_from: str | None = None, load_uni
     if cfg.precision == "fp8":
         from .engine.fp8 import convert_to_fp8
         fp8 = convert_to_fp8(model, cfg.fp8.recipe, cfg.fp8.layers, cfg.fp8.fast_accum)
-        if int(os.environ.get("RANK", 0)) == 0:
+        if rank0:
             if fp8.emulated:
                 how = f"emulated in fp32 (numerics only, slower than bf16: the real-GEMM path {fp8.emulated})"
             elif cfg.fp8.recipe == "blockwise":
@@ -272,7 +273,7 @@ def build_engine(cfg: Config, world: int, init_from: str | None = None, load_uni
         from .engine.fp8_experts import convert_experts_to_fp8
         why = expert_gemms_unavailable()
         layers = convert_experts_to_fp8(engine.module, lambda: engine.global_steps, emulate=why is not None)
-        if int(os.environ.get("RANK", 0)) == 0:
+        if rank0:
             how = f"emulated in fp32 (numerics only: the real-GEMM path {why})" if why else "torch._scaled_grouped_mm"
             print(f"fp8: routed experts of {layers} MoE layer{'s' * (layers != 1)}, rowwise scaling, weight gradients "
                   f"in bf16, {how}", flush=True)

@@ -5,6 +5,7 @@ processes."""
 from __future__ import annotations
 
 import gzip
+import importlib.util
 import json
 import os
 import re
@@ -23,6 +24,16 @@ def _script_env(out_dir: Path, **extra: str) -> dict:
     (out_dir / "tmp").mkdir(exist_ok=True)
     return job_env(OUT=str(out_dir), TMPDIR=str(out_dir / "tmp"), MASTER_PORT=str(free_port()),
                    PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]]), **extra)
+
+
+def _bench_module(name: str, monkeypatch) -> object:
+    """bench/NAME.py imported as a module (bench/ is scripts, not a package), registered under its name, which
+    torch.compile looks the module up by."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, name, module)
+    spec.loader.exec_module(module)
+    return module
 
 
 def _loss_check_env(out_dir: Path, **extra: str) -> dict:
@@ -178,16 +189,11 @@ def test_multi_gpu_check_names_an_unknown_part(tmp_path):
 def test_dense_block_probe_variants_compute_the_same_mlp(monkeypatch):
     """bench/fp8_dense_block.py's variants on a CPU (its timing needs a GPU): each one the dense MLP half of the
     same block, within FP8's error of bf16; gate and up fused into one linear give rowwise's output to the bit."""
-    import importlib.util
-
     import torch
 
-    from deepseek_pt.config import ConfigError, load_config
+    from deepseek_pt.config import load_config
 
-    spec = importlib.util.spec_from_file_location("fp8_dense_block", ROOT / "bench" / "fp8_dense_block.py")
-    probe = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, spec.name, probe)  # torch.compile looks the module up by name
-    spec.loader.exec_module(probe)
+    probe = _bench_module("fp8_dense_block", monkeypatch)
     # The narrowest widths that fp8.layers=auto converts (engine/fp8.py's fp8_gemm_pays).
     model = load_config(ROOT / "configs" / "bench-2b.yaml", ["model.dim=1040", "model.inter_dim=4112"]).model
     torch.manual_seed(0)
@@ -204,16 +210,13 @@ def test_dense_block_probe_variants_compute_the_same_mlp(monkeypatch):
     assert torch.equal(outputs["fp8 rowwise, gate+up fused"], outputs["fp8 rowwise"])
 
 
-def test_every_benchmark_case_parses_and_its_config_loads():
+def test_every_benchmark_case_parses_and_its_config_loads(monkeypatch):
     # A case with a stale flag or config key would fail only on the GPU, after its device call has started.
-    import importlib.util
     import shlex
 
     from deepseek_pt.config import ConfigError, load_config
 
-    spec = importlib.util.spec_from_file_location("gpu_bench", ROOT / "bench" / "gpu_bench.py")
-    gpu_bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(gpu_bench)
+    gpu_bench = _bench_module("gpu_bench", monkeypatch)
     files = sorted((ROOT / "bench" / "cases").glob("*.txt"))
     assert files
     refused = []
