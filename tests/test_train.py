@@ -403,7 +403,7 @@ def test_parallel_timeout_minutes_ends_a_wait_on_a_hung_rank():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("overrides, leaf, compiled", [
-    (["parallel.zero_leaf_blocks=false"], [], []),
+    (["parallel.zero_leaf_blocks=false", "parallel.zero_memory_efficient_linear=true"], [], []),
     (["train.compile_blocks=true", "train.compile_deterministic=true"], ["layers.0", "layers.1"],
      ["layers.0.attention_residual", "layers.0.mlp_residual", "layers.1.attention_residual", "token_loss"]),
     (["parallel.zero_persistence_threshold=1000"], ["layers.0", "layers.1"], []),
@@ -413,13 +413,15 @@ def test_zero3_block_granularity_and_compiled_blocks(tmp_path, baseline, data, o
     mode) change the hooks, not the math: the wiring is what the engine reports, and 8 training steps give the
     baseline's losses. So does ZeRO-3 releasing parameters after each use and gathering them again: at the
     default threshold every smoke parameter (the largest, the embedding, has 65,536 elements) stays gathered, so
-    only this case runs that path."""
+    only this case runs that path. DeepSpeed's own F.linear (memory_efficient_linear) runs in the hooks-per-linear
+    case only."""
     proc = run_job(deepspeed_cmd(2, ROOT / "tests" / "dist" / "engine_report.py", *overrides), timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     wiring = last_json(proc.stdout)
     assert wiring["leaf"] == leaf and wiring["compiled"] == compiled  # the AutoEP MoE half stays eager
     assert wiring["hooked_linears"] == (1 if leaf else 18)  # with leaf blocks only the output head is hooked
     assert not wiring["throughput_timer"]  # DeepSpeed's would synchronize the GPU at every forward
+    assert wiring["torch_linear"] == ("parallel.zero_memory_efficient_linear=true" not in overrides)
     assert wiring["inductor_deterministic"] == ("train.compile_deterministic=true" in overrides)
     train(2, tmp_path, data, *overrides)
     assert_same_losses(tmp_path, baseline, abs=1e-5)

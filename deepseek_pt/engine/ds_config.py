@@ -98,6 +98,7 @@ def build_ds_config(cfg: Config, world_size: int, has_moe: bool, load_universal:
             "overlap_comm": p.overlap_comm and torch.cuda.is_available(),
             "contiguous_gradients": True,
             "stage3_param_persistence_threshold": p.zero_persistence_threshold,
+            "memory_efficient_linear": p.zero_memory_efficient_linear,
         },
         "bf16": {"enabled": cfg.precision in ("bf16", "fp8")},
         "checkpoint": {"load_universal": load_universal},

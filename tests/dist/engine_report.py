@@ -1,7 +1,7 @@
 """Run under the deepspeed launcher: build the training engine (smoke config + overrides from argv) and report, on
 rank 0, how it is wired: which modules ZeRO-3 fetches as a unit (leaf modules), how many linears it hooks one by
 one, which block methods were compiled and whether in Inductor's deterministic mode, whether DeepSpeed's
-throughput timer (a GPU sync per forward) runs; and the dtypes it computes in: parameters, and the buffers that
+throughput timer (a GPU sync per forward) runs, whether torch.nn.functional.linear is still torch's; and the dtypes it computes in: parameters, and the buffers that
 must keep fp32 (RoPE frequencies equal to a fresh computation, the balancing bias). One JSON line."""
 import json
 import sys
@@ -39,6 +39,7 @@ def main():
                                 for method in ("attention_residual", "mlp_residual", "token_loss")
                                 if hasattr(getattr(modules[name], method, None), "_torchdynamo_orig_callable")}),
             "throughput_timer": engine.tput_timer.config.enabled,
+            "torch_linear": torch.nn.functional.linear is torch._C._nn.linear,
             "inductor_deterministic": torch._inductor.config.deterministic,
             "param_dtypes": sorted({str(p.dtype) for p in engine.module.parameters()}),
             "rope_dtypes": sorted({str(b.dtype) for b in rope}),
