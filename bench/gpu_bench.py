@@ -58,8 +58,27 @@ def hf_engine(cfg: Config, world: int):
     return engine
 
 
+def ds_patch_problem(item: str) -> str | None:
+    """Why `--ds item` cannot patch the generated DeepSpeed config (None if it can). A zero_optimization key that
+    DeepSpeed does not know would otherwise fail deep inside deepspeed.initialize, after the model is built."""
+    key, eq, _ = item.partition("=")
+    if not (eq and key):
+        return f"--ds {item}: takes dotted.key=value"
+    section, *rest = key.split(".")
+    if section == "zero_optimization" and len(rest) == 1:
+        from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+
+        fields = DeepSpeedZeroConfig.model_fields
+        if rest[0] not in set(fields) | {f.alias for f in fields.values() if f.alias}:
+            return f"--ds {item}: DeepSpeed's zero_optimization has no key {rest[0]!r}"
+    return None
+
+
 def patch_ds_config(items: list[str]) -> None:
     import yaml
+
+    if problems := [problem for item in items if (problem := ds_patch_problem(item))]:
+        raise SystemExit("\n".join(problems))
 
     import deepseek_pt.train as train_module
     generate = train_module.build_ds_config

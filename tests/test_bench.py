@@ -1,7 +1,7 @@
 """The device calls' scripts on CPU. The loss comparison: runs side by side (PARALLEL=1), each run's metrics, the
 summary table, and the curve of a run that a device call's limit cut off. The throughput benchmark: the peer and
-our engine on one shape, the side-by-side table, and every case file's lines. Issue 6's multi-GPU check, on 2 CPU
-processes."""
+our engine on one shape, the side-by-side table, every case file's lines, and --ds patches that DeepSpeed would
+refuse. Issue 6's multi-GPU check, on 2 CPU processes."""
 from __future__ import annotations
 
 import gzip
@@ -232,6 +232,17 @@ def test_every_benchmark_case_parses_and_its_config_loads(monkeypatch):
             except ConfigError as e:
                 refused.append(f"{path.name}: {line}: {e}")
             else:
-                if not all("=" in item for item in args.ds):
-                    refused.append(f"{path.name}: {line}: --ds takes dotted.key=value")
+                refused += [f"{path.name}: {problem}" for item in args.ds
+                            if (problem := gpu_bench.ds_patch_problem(item))]
     assert not refused, "\n".join(refused)
+
+
+def test_a_ds_patch_deepspeed_would_refuse_is_named_before_the_run(monkeypatch):
+    gpu_bench = _bench_module("gpu_bench", monkeypatch)
+    assert gpu_bench.ds_patch_problem("zero_optimization.sub_group_size=4000000000") is None
+    assert gpu_bench.ds_patch_problem("zero_optimization.stage3_param_persistence_threshold=1") is None  # an alias
+    with pytest.raises(SystemExit, match="zero_optimization has no key 'stage3_sub_group_size'"):
+        gpu_bench.patch_ds_config(["zero_optimization.overlap_comm=false",
+                                   "zero_optimization.stage3_sub_group_size=4000000000"])
+    with pytest.raises(SystemExit, match="takes dotted.key=value"):
+        gpu_bench.patch_ds_config(["zero_optimization.overlap_comm"])
