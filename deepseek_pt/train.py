@@ -265,6 +265,9 @@ def build_engine(cfg: Config, world: int, init_from: str | None = None, load_uni
     engine, _, _, _ = deepspeed.initialize(
         model=model, model_parameters=param_groups(model, cfg.train.weight_decay),
         config=ds_config, lr_scheduler=lr_scheduler(cfg))
+    if cfg.parallel.zero_stage == 3 and cfg.parallel.zero_fused_step:
+        from .engine import zero3_step
+        zero3_step.install(engine.optimizer)
     # DeepSpeed keeps fp32 buffers when it casts to bf16, but under zero.Init the RoPE frequencies were computed in
     # bf16; exports compute them afresh in fp32, and training must rotate positions as they will.
     engine.module.reset_rope()

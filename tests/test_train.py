@@ -422,9 +422,47 @@ def test_zero3_block_granularity_and_compiled_blocks(tmp_path, baseline, data, o
     assert wiring["hooked_linears"] == (1 if leaf else 18)  # with leaf blocks only the output head is hooked
     assert not wiring["throughput_timer"]  # DeepSpeed's would synchronize the GPU at every forward
     assert wiring["torch_linear"] == ("parallel.zero_memory_efficient_linear=true" not in overrides)
+    assert wiring["fused_zero_step"]  # parallel.zero_fused_step's default
     assert wiring["inductor_deterministic"] == ("train.compile_deterministic=true" in overrides)
     train(2, tmp_path, data, *overrides)
     assert_same_losses(tmp_path, baseline, abs=1e-5)
+
+
+def zero_step_report(data: Path, *overrides: str) -> dict:
+    proc = run_job(deepspeed_cmd(2, ROOT / "tests" / "dist" / "zero_step_check.py", f"data.path={data}",
+                                 "train.grad_clip=0.5", *overrides), timeout=300)  # smoke norms are 0.7-1.0
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return last_json(proc.stdout)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("overrides, rel", [
+    ([], 1e-6),
+    (["precision=bf16", "train.grad_accum_steps=2", "parallel.coalesce_grad_reduction=true"], 1e-3),
+], ids=["fp32", "bf16-coalesced"])
+def test_zero3_fused_step_updates_and_skips_as_deepspeeds(data, overrides, rel):
+    """engine/zero3_step.py's step against DeepSpeed's own, on 2 ranks with AutoEP (the experts' norms summed over
+    the expert-parallel group), the clip engaged: the same losses and gradient norms (DeepSpeed sums the norm in
+    fp64, ours in fp32; in bf16 the gradients are bf16), and a NaN loss's step skipped alike: master weights,
+    Adam's moments and step count and the learning rate untouched, counted as skipped, the next step training on."""
+    ours, theirs = (zero_step_report(data, *overrides, f"parallel.zero_fused_step={on}") for on in ("true", "false"))
+    assert ours["fused_step"] and not theirs["fused_step"]
+    for step, (got, want) in enumerate(zip(ours["steps"], theirs["steps"]), 1):
+        if step == 2:
+            assert got == want == {"loss": got["loss"], "grad_norm": float("inf"), "state_unchanged": True,
+                                   "lr_unchanged": True}, (got, want)
+            continue
+        assert got["loss"] == pytest.approx(want["loss"], rel=rel) and got["grad_norm"] == pytest.approx(
+            want["grad_norm"], rel=rel), (step, got, want)
+        assert not got["state_unchanged"] and not got["lr_unchanged"], (step, got)
+    assert ours["skipped_steps"] == theirs["skipped_steps"] == 1
+
+
+def test_zero3_fused_step_refuses_an_optimizer_it_does_not_cover():
+    from deepseek_pt.engine import zero3_step
+    with pytest.raises(RuntimeError, match="parallel.zero_fused_step: .* not ZeRO stage 3's; set "
+                                           "parallel.zero_fused_step=false"):
+        zero3_step.install(torch.optim.AdamW([torch.nn.Parameter(torch.ones(2))]))
 
 
 @pytest.mark.slow

@@ -89,9 +89,10 @@ def build_ds_config(cfg: Config, world_size: int, has_moe: bool, load_universal:
         "timers": {"throughput": {"enabled": False}},
         "optimizer": {
             "type": "AdamW",
-            # torch's AdamW: fused kernel on GPU (DeepSpeed's FusedAdam would JIT-build first), plain on CPU.
+            # torch's fused AdamW, on GPU and CPU alike (DeepSpeed's FusedAdam would JIT-build first): its grad_scale
+            # and found_inf carry the clip and the skip of a non-finite step in parallel.zero_fused_step.
             "params": {"lr": t.lr, "betas": [t.beta1, t.beta2], "eps": t.adam_eps, "weight_decay": t.weight_decay,
-                       "torch_adam": True, **({"fused": True} if torch.cuda.is_available() else {})},
+                       "torch_adam": True, "fused": True},
         },
         "zero_optimization": {
             "stage": p.zero_stage,

@@ -1,0 +1,139 @@
+"""ZeRO-3's optimizer step with the gradient clip inside fused AdamW and no host syncs but the one that says
+whether the step was applied.
+
+DeepSpeed's DeepSpeedZeroOptimizer_Stage3.step, per step, over bench-2b's 2.0B parameters on an H200: a norm
+kernel per gradient tensor after copying each one to fp32, a host sync per sub-group (a scalar built on the host
+and copied in) and one more to test the norm, a copy of the sub-group's gradients into a new flat buffer and
+another into fp32, a separate pass multiplying them by the clip factor, then AdamW: ~45-50 ms of GPU time and 15
+host syncs, as long as a whole micro-step (docs/benchmarks.md). Ours reads each sub-group's gradients in place
+(they are one contiguous slice of ZeRO-3's flat gradient buffer), takes its norm in one fp32-accumulating pass
+over the bf16 values, copies them to fp32 once, and hands the clip factor and the finite test to torch's fused
+AdamW (`grad_scale`, `found_inf`: the kernel divides the gradients and skips the whole update, moments and step
+count included, when the norm is not finite). Everything else (gathering, the fp32-to-bf16 copy, releasing
+sub-groups, DeepSpeed's own bookkeeping) is DeepSpeed's code, called as its step calls it.
+
+It covers what our engine builds: ZeRO-3 without offload, swapping, Muon, fp16 loss scaling, torch autocast's
+scaler or tensor parallelism, on torch's fused Adam/AdamW. Anything else is refused at install with the reason.
+"""
+from __future__ import annotations
+
+import math
+import types
+
+import torch
+import torch.distributed as dist
+
+_MARK = "_deepseek_pt_fused_step"
+
+
+def unsupported_reason(zero) -> str | None:
+    """Why `zero` (a DeepSpeed ZeRO optimizer) cannot take our step, or None when it can."""
+    from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
+    if not isinstance(zero, DeepSpeedZeroOptimizer_Stage3):
+        return f"the optimizer is {type(zero).__name__}, not ZeRO stage 3's"
+    for attr, what in (("offload_optimizer", "optimizer offload"), ("swap_optimizer", "optimizer swapping"),
+                       ("use_muon", "Muon"), ("zenflow", "ZenFlow"), ("torch_autocast_gradscaler", "torch autocast")):
+        if getattr(zero, attr, None):
+            return f"{what} is on"
+    if zero.dtype == torch.float16:
+        return "fp16 needs DeepSpeed's loss-scale overflow check"
+    if zero.model_parallel_group is not None:
+        return "tensor parallelism adds norms over its own group"
+    inner = zero.optimizer
+    if not isinstance(inner, (torch.optim.Adam, torch.optim.AdamW)) or not all(g.get("fused") for g in inner.param_groups):
+        return f"the inner optimizer ({type(inner).__name__}) is not torch's fused Adam/AdamW"
+    return None
+
+
+def install(zero) -> None:
+    """Replace `zero.step` (a DeepSpeedZeroOptimizer_Stage3) with ours; raises if it cannot take it."""
+    why = unsupported_reason(zero)
+    if why is not None:
+        raise RuntimeError(f"parallel.zero_fused_step: ZeRO-3's fused step cannot run here: {why}; "
+                           "set parallel.zero_fused_step=false for DeepSpeed's step")
+    zero._norm_process_groups = [_norm_process_groups(zero, params) for params in zero.fp16_groups]
+    zero.step = types.MethodType(_fused_step, zero)
+    setattr(zero, _MARK, True)
+
+
+def installed(zero) -> bool:
+    return getattr(zero, _MARK, False)
+
+
+def _norm_process_groups(zero, params) -> tuple:
+    """The process groups a sub-group's squared gradient norm sums over, as DeepSpeed's get_grad_norm_direct
+    sums it: the group its parameters are partitioned over, then AutoEP's expert-parallel group for experts."""
+    from deepspeed.comm import pg_utils
+    zero._assert_same_partition_group(params)
+    found = [zero._get_param_partition_group(params[0])]
+    expert_group = zero._autoep_expert_parallel_group(params)
+    if pg_utils.is_parallel(expert_group):
+        found.append(expert_group)
+    return tuple(g for g in found if g is not None and dist.get_world_size(group=g) > 1)
+
+
+def _flat_gradients(zero, sub_group: int) -> torch.Tensor:
+    """The sub-group's gradient partitions as one flat tensor: a slice of ZeRO-3's flat gradient buffer when they
+    lie back to back in it (they do: the buffer is laid out parameter by parameter, sub-group by sub-group), a
+    copy otherwise (a frozen parameter's zeros, say)."""
+    grads, buffer = zero.averaged_gradients[sub_group], zero.grad_partitions_flat_buffer
+    start = grads[0].storage_offset()
+    offset = start
+    for g in grads:
+        if g.untyped_storage().data_ptr() != buffer.untyped_storage().data_ptr() or g.storage_offset() != offset \
+                or not g.is_contiguous():
+            return zero.flatten(grads)
+        offset += g.numel()
+    return buffer.narrow(0, start - buffer.storage_offset(), offset - start)
+
+
+def _fused_step(self, closure=None):
+    """DeepSpeedZeroOptimizer_Stage3.step for the configurations unsupported_reason admits (bound as its method)."""
+    self._pre_step()
+    self._partition_all_parameters()
+    self.overflow = False
+
+    # Squared norms summed locally per set of process groups, then reduced once per set: the same sum
+    # get_grad_norm_direct reduces sub-group by sub-group.
+    flats, squares = [], {}
+    for i in range(len(self.fp16_groups)):
+        flat = _flat_gradients(self, i)
+        if flat.numel() != self.fp32_partitioned_groups_flat[i].numel():
+            raise RuntimeError(f"ZeRO-3 sub-group {i}: {flat.numel()} gradient elements for "
+                               f"{self.fp32_partitioned_groups_flat[i].numel()} parameters")
+        flats.append(flat)
+        square = torch.linalg.vector_norm(flat, 2, dtype=torch.float32).square()
+        key = self._norm_process_groups[i]
+        squares[key] = squares[key] + square if key in squares else square
+    total = torch.zeros((), dtype=torch.float32, device=self.device)
+    for process_groups, square in squares.items():
+        for group in process_groups:
+            dist.all_reduce(square, op=dist.ReduceOp.SUM, group=group)
+        total = total + square
+    norm = total.sqrt() / self.loss_scale
+    not_finite = ~torch.isfinite(norm)
+    self._global_grad_norm = torch.where(not_finite, torch.full_like(norm, math.inf), norm)
+
+    scale = torch.full_like(norm, float(self.loss_scale))
+    if self.clip_grad > 0.0:  # as unscale_and_clip_grads: divide by max(1, (norm + 1e-6) / clip)
+        scale = scale * torch.clamp((norm + 1e-6) / self.clip_grad, min=1.0)
+    inner = self.optimizer
+    inner.grad_scale = torch.where(not_finite, torch.ones_like(scale), scale)
+    inner.found_inf = not_finite.float()  # fused AdamW leaves parameters, moments and step count as they were
+
+    self.zero_grad(set_to_none=True)  # the gradients live in the flat buffer now
+    try:
+        for i, flat in enumerate(flats):
+            self.fp32_partitioned_groups_flat[i].grad = flat.to(self.fp32_partitioned_groups_flat[i].dtype)
+            self.averaged_gradients[i] = None
+            self._optimizer_step(i)
+            self._reassign_or_swap_out_partitioned_parameters(i)
+            self._release_sub_group(i, set())
+    finally:
+        del inner.grad_scale, inner.found_inf
+    self._post_step(set())
+
+    # The engine reads `overflow` on the host to skip the LR step and count the skipped step: the one sync, queued
+    # behind the whole update. Then DeepSpeed's loss-scale bookkeeping, and its clean-up after a skipped step.
+    self.overflow = bool(not_finite)
+    self._loss_scale_update_and_overflow_cleanup()

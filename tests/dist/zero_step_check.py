@@ -1,0 +1,51 @@
+"""Run under the deepspeed launcher: three optimizer steps of the smoke config (overrides from argv, data.path
+among them), the second on a NaN loss, and report on rank 0 what ZeRO-3's step did with each: the loss and
+gradient norm, whether the non-finite step left the fp32 master weights, Adam's moments and step count and the
+learning rate as they were, and how many steps the engine counts as skipped. One JSON line."""
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent.parent
+sys.path.insert(0, str(ROOT))
+from deepseek_pt.config import load_config  # noqa: E402
+from deepseek_pt.data import PretrainDataset, TrainLoader, to_device  # noqa: E402
+from deepseek_pt.engine import zero3_step  # noqa: E402
+from deepseek_pt.train import build_engine, exit_process, init_distributed, train_step  # noqa: E402
+
+
+def optimizer_state(engine) -> list[torch.Tensor]:
+    zero = engine.optimizer
+    state = [t.detach().clone() for t in zero.fp32_partitioned_groups_flat]
+    for per_param in zero.optimizer.state.values():
+        state += [per_param[k].detach().clone() for k in ("exp_avg", "exp_avg_sq", "step")]
+    return state
+
+
+def main():
+    cfg = load_config(ROOT / "configs" / "smoke.yaml", [a for a in sys.argv[1:] if not a.startswith("--local_rank")])
+    rank, world, device = init_distributed(cfg)
+    engine = build_engine(cfg, world)
+    loader = TrainLoader(PretrainDataset(cfg.data.path, cfg.data.train_split, cfg.data.seq_len),
+                         cfg.train.micro_batch_size, dp_rank=rank, dp_world=world, seed=cfg.data.seed)
+    batches = to_device(loader, device)
+    nan_loss = lambda engine, inputs, targets: engine(inputs, targets) * float("nan")  # noqa: E731
+
+    steps = []
+    for forward in (None, nan_loss, None):
+        before, lr = optimizer_state(engine), engine.get_lr()[0]
+        loss = train_step(engine, cfg, batches, forward).item() / cfg.train.grad_accum_steps
+        after = optimizer_state(engine)
+        steps.append({"loss": loss, "grad_norm": float(engine.get_global_grad_norm()),
+                      "state_unchanged": all(torch.equal(a, b) for a, b in zip(before, after)),
+                      "lr_unchanged": engine.get_lr()[0] == lr})
+    if rank == 0:
+        print(json.dumps({"fused_step": zero3_step.installed(engine.optimizer), "steps": steps,
+                          "skipped_steps": engine.skipped_steps}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
+    exit_process(0)
