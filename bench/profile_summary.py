@@ -65,6 +65,34 @@ def _collectives(kernels, busy: float, wall: float, steps: int, out) -> None:
         print(f"  {us / steps / 1e3:7.2f} {100 * us / wall:5.1f}%  {kind}", file=out)
 
 
+def _launcher(op) -> str:
+    """The CPU op that launched a kernel and up to three of its ancestors (Python frames where the profiler has
+    them): the host work the GPU was waiting for."""
+    names, node = [], op
+    while node is not None and len(names) < 4:
+        names.append(node.name.split("site-packages/")[-1][:70])
+        node = node.cpu_parent
+    return " < ".join(names) or "(launch not linked to an op)"
+
+
+def _idle_gaps(kernels, cpu, steps: int, out, min_gap_us: float = 5.0) -> None:
+    """GPU idle time by what ended it: every gap between kernels is charged to the op that launched the kernel after
+    it, which the host had not queued in time. Where the host runs ahead, kernels follow each other without gaps."""
+    ops = {e.id: e for e in cpu}
+    ordered = sorted(kernels, key=lambda e: e.time_range.start)
+    gaps: dict[str, list[float]] = defaultdict(list)
+    end = ordered[0].time_range.end
+    for k in ordered[1:]:
+        if k.time_range.start - end > min_gap_us:
+            gaps[_launcher(ops.get(k.linked_correlation_id))].append(k.time_range.start - end)
+        end = max(end, k.time_range.end)
+    total = sum(map(sum, gaps.values()))
+    print(f"GPU idle gaps over {min_gap_us:g} us: {total / steps / 1e3:.2f} ms/micro-step; by the op launched after "
+          "the gap (ms per micro-step, gaps per micro-step):", file=out)
+    for site, ds in sorted(gaps.items(), key=lambda kv: -sum(kv[1]))[:30]:
+        print(f"  {sum(ds) / steps / 1e3:7.2f} {len(ds) / steps:6.1f}  {site}", file=out)
+
+
 def summarize(prof, steps: int, out=sys.stderr) -> None:
     events = prof.events()
     # GPU work only: user annotations (e.g. "Optimizer.step#AdamW.step") span the kernels they contain.
@@ -81,6 +109,7 @@ def summarize(prof, steps: int, out=sys.stderr) -> None:
           f"({100 * busy / wall:.0f}%), GPU idle {(wall - busy) / steps / 1e3:.1f} ms/micro-step", file=out)
 
     _collectives(kernels, busy, wall, steps, out)
+    _idle_gaps(kernels, cpu, steps, out)
 
     syncs: dict[str, list[float]] = defaultdict(list)
     for e in cpu:
