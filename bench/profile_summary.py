@@ -75,17 +75,29 @@ def _launcher(op) -> str:
     return " < ".join(names) or "(launch not linked to an op)"
 
 
-def _idle_gaps(kernels, cpu, steps: int, out, min_gap_us: float = 5.0) -> None:
+def _kernel_launches(prof) -> list[tuple[float, float, int]]:
+    """(start us, end us, id of the CPU op that launched it) for every GPU kernel and copy, from the profiler's raw
+    events: torch 2.11's FunctionEvent drops the launch link."""
+    from torch._C._autograd import DeviceType
+    found = []
+    for e in prof.profiler.kineto_results.events():
+        annotation = getattr(e, "is_user_annotation", lambda: False)()
+        if e.device_type() == DeviceType.CUDA and not annotation:
+            found.append((e.start_ns() / 1e3, (e.start_ns() + e.duration_ns()) / 1e3, e.linked_correlation_id()))
+    return sorted(found)
+
+
+def _idle_gaps(prof, cpu, steps: int, out, min_gap_us: float = 5.0) -> None:
     """GPU idle time by what ended it: every gap between kernels is charged to the op that launched the kernel after
     it, which the host had not queued in time. Where the host runs ahead, kernels follow each other without gaps."""
     ops = {e.id: e for e in cpu}
-    ordered = sorted(kernels, key=lambda e: e.time_range.start)
+    launches = _kernel_launches(prof)
     gaps: dict[str, list[float]] = defaultdict(list)
-    end = ordered[0].time_range.end
-    for k in ordered[1:]:
-        if k.time_range.start - end > min_gap_us:
-            gaps[_launcher(ops.get(k.linked_correlation_id))].append(k.time_range.start - end)
-        end = max(end, k.time_range.end)
+    end = launches[0][1]
+    for start, stop, op_id in launches[1:]:
+        if start - end > min_gap_us:
+            gaps[_launcher(ops.get(op_id))].append(start - end)
+        end = max(end, stop)
     total = sum(map(sum, gaps.values()))
     print(f"GPU idle gaps over {min_gap_us:g} us: {total / steps / 1e3:.2f} ms/micro-step; by the op launched after "
           "the gap (ms per micro-step, gaps per micro-step):", file=out)
@@ -109,7 +121,7 @@ def summarize(prof, steps: int, out=sys.stderr) -> None:
           f"({100 * busy / wall:.0f}%), GPU idle {(wall - busy) / steps / 1e3:.1f} ms/micro-step", file=out)
 
     _collectives(kernels, busy, wall, steps, out)
-    _idle_gaps(kernels, cpu, steps, out)
+    _idle_gaps(prof, cpu, steps, out)
 
     syncs: dict[str, list[float]] = defaultdict(list)
     for e in cpu:
