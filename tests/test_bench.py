@@ -1,7 +1,7 @@
 """The device calls' scripts on CPU. The loss comparison: runs side by side (PARALLEL=1), each run's metrics, the
 summary table, and the curve of a run that a device call's limit cut off. The throughput benchmark: the peer and
 our engine on one shape, the side-by-side table, every case file's lines, and --ds patches that DeepSpeed would
-refuse. Issue 6's multi-GPU check, on 2 CPU processes."""
+refuse. ZeRO-3's hook timer. Issue 6's multi-GPU check, on 2 CPU processes."""
 from __future__ import annotations
 
 import gzip
@@ -150,6 +150,23 @@ def test_gpu_bench_runs_ours_and_the_peer_side_by_side(tmp_path):
     for log in sorted(tmp_path.glob("gpu_bench.*.log")):
         stages = re.findall(r"^\[\d+ s\] (.+)$", log.read_text(), re.M)
         assert stages == ["engine built", "first optimizer step done", "warm-up done"], log.read_text()[-2000:]
+
+
+@pytest.mark.slow
+def test_zero3_hook_time_times_every_hook(tmp_path, smoke_shards):
+    # One rank, every smoke parameter persistent (as on one GPU). The calls per step are those DeepSpeed 0.19.8 makes
+    # on the smoke model with blocks as leaf modules: other counts mean ZeRO-3 now hooks other modules.
+    cmd = [Path(sys.executable).parent / "deepspeed", "--num_gpus", "1", "--master_port", str(free_port()),
+           ROOT / "bench/zero3_hook_time.py", "--steps", "2", f"data.path={smoke_shards}",
+           "parallel.expert_parallel_size=1", "parallel.zero_persistence_threshold=1000000000"]
+    proc = start_job(cmd, _script_env(tmp_path))
+    out, _ = finish_job(proc, timeout=300)
+    assert proc.returncode == 0, out[-3000:]
+    report = json.loads([line for line in out.splitlines() if line.startswith("{")][-1])
+    calls = {name: hook["calls_per_step"] for name, hook in report.items() if name != "ms_per_step"}
+    assert calls == {"pre_sub_module_forward_function": 6, "post_sub_module_forward_function": 6,
+                     "pre_sub_module_backward_function": 6, "post_sub_module_backward_function": 4}, report
+    assert all(0 < hook["us_per_call"] < 1e3 * report["ms_per_step"] for name, hook in report.items() if name != "ms_per_step")
 
 
 @pytest.mark.slow
