@@ -23,9 +23,6 @@ import types
 import torch
 import torch.distributed as dist
 
-_MARK = "_deepseek_pt_fused_step"
-
-
 def unsupported_reason(zero) -> str | None:
     """Why `zero` (a DeepSpeed ZeRO optimizer) cannot take our step, or None when it can."""
     from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
@@ -53,11 +50,10 @@ def install(zero) -> None:
                            "set parallel.zero_fused_step=false for DeepSpeed's step")
     zero._norm_process_groups = [_norm_process_groups(zero, params) for params in zero.fp16_groups]
     zero.step = types.MethodType(_fused_step, zero)
-    setattr(zero, _MARK, True)
 
 
 def installed(zero) -> bool:
-    return getattr(zero, _MARK, False)
+    return getattr(zero.step, "__func__", None) is _fused_step
 
 
 def _norm_process_groups(zero, params) -> tuple:
