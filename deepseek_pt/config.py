@@ -245,7 +245,8 @@ class ParallelConfig:
     zero_fused_step: bool = True
     """ZeRO-3: our optimizer step in place of DeepSpeed's (engine/zero3_step.py): the gradient norm in one pass per
     sub-group over ZeRO-3's flat gradient buffer, the clip and the skip of a non-finite step inside torch's fused
-    AdamW, one host sync per step instead of 15. Same update, same skipped steps; false runs DeepSpeed's own."""
+    AdamW, one host sync of its own per step (DeepSpeed's step had 15). Same update, same skipped steps; false
+    runs DeepSpeed's own."""
     coalesce_grad_reduction: bool = False
     """With train.grad_accum_steps > 1: reduce gradients once per optimizer step (DeepSpeed's
     coalesce_grad_reduction) instead of after every micro-step's backward. Saves ZeRO's per-micro-step reduce

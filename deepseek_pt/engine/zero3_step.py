@@ -1,5 +1,5 @@
-"""ZeRO-3's optimizer step with the gradient clip inside fused AdamW and no host syncs but the one that says
-whether the step was applied.
+"""ZeRO-3's optimizer step with the gradient clip inside fused AdamW, whose own code waits on the GPU once: to
+say whether the step was applied.
 
 DeepSpeed's DeepSpeedZeroOptimizer_Stage3.step, per step, over bench-2b's 2.0B parameters on an H200: a norm
 kernel per gradient tensor after copying each one to fp32, a host sync per sub-group (a scalar built on the host
@@ -10,7 +10,8 @@ host syncs, as long as a whole micro-step (docs/benchmarks.md). Ours reads each 
 over the bf16 values, copies them to fp32 once, and hands the clip factor and the finite test to torch's fused
 AdamW (`grad_scale`, `found_inf`: the kernel divides the gradients and skips the whole update, moments and step
 count included, when the norm is not finite). Everything else (gathering, the fp32-to-bf16 copy, releasing
-sub-groups, DeepSpeed's own bookkeeping) is DeepSpeed's code, called as its step calls it.
+sub-groups, DeepSpeed's own bookkeeping) is DeepSpeed's code, called as its step calls it; `_post_step`, which
+gathers the updated persistent parameters, may still wait on the GPU itself.
 
 It covers what our engine builds: ZeRO-3 without offload, swapping, Muon, fp16 loss scaling, torch autocast's
 scaler or tensor parallelism, on torch's fused Adam/AdamW. Anything else is refused at install with the reason.
@@ -129,7 +130,7 @@ def _fused_step(self, closure=None):
         del inner.grad_scale, inner.found_inf
     self._post_step(set())
 
-    # The engine reads `overflow` on the host to skip the LR step and count the skipped step: the one sync, queued
+    # The engine reads `overflow` on the host to skip the LR step and count the skipped step: our one sync, queued
     # behind the whole update. Then DeepSpeed's loss-scale bookkeeping, and its clean-up after a skipped step.
     self.overflow = bool(not_finite)
     self._loss_scale_update_and_overflow_cleanup()
