@@ -247,6 +247,10 @@ class ParallelConfig:
     sub-group over ZeRO-3's flat gradient buffer, the clip and the skip of a non-finite step inside torch's fused
     AdamW, one host sync of its own per step (DeepSpeed's step had 15). Same update, same skipped steps; false
     runs DeepSpeed's own."""
+    zero_idle_hooks_off: bool = True
+    """ZeRO-3: when every parameter is persistent (none larger than zero_persistence_threshold), remove DeepSpeed's
+    per-module fetch/release hooks, which then gather and release nothing but still cost host time on every
+    module's forward and backward (engine/zero3_hooks.py). false keeps them, to measure the difference."""
     coalesce_grad_reduction: bool = False
     """With train.grad_accum_steps > 1: reduce gradients once per optimizer step (DeepSpeed's
     coalesce_grad_reduction) instead of after every micro-step's backward. Saves ZeRO's per-micro-step reduce

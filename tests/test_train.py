@@ -403,24 +403,28 @@ def test_parallel_timeout_minutes_ends_a_wait_on_a_hung_rank():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("overrides, leaf, compiled", [
-    (["parallel.zero_leaf_blocks=false", "parallel.zero_memory_efficient_linear=true"], [], []),
+@pytest.mark.parametrize("overrides, leaf, compiled, hooked_linears", [
+    (["parallel.zero_leaf_blocks=false", "parallel.zero_memory_efficient_linear=true",
+      "parallel.zero_idle_hooks_off=false"], [], [], 18),
     (["train.compile_blocks=true", "train.compile_deterministic=true"], ["layers.0", "layers.1"],
-     ["layers.0.attention_residual", "layers.0.mlp_residual", "layers.1.attention_residual", "token_loss"]),
-    (["parallel.zero_persistence_threshold=1000"], ["layers.0", "layers.1"], []),
+     ["layers.0.attention_residual", "layers.0.mlp_residual", "layers.1.attention_residual", "token_loss"], 0),
+    (["parallel.zero_persistence_threshold=1000"], ["layers.0", "layers.1"], [], 1),
 ], ids=["hooks-per-linear", "leaf-and-compiled-blocks", "params-released"])
-def test_zero3_block_granularity_and_compiled_blocks(tmp_path, baseline, data, overrides, leaf, compiled):
+def test_zero3_block_granularity_and_compiled_blocks(tmp_path, baseline, data, overrides, leaf, compiled,
+                                                     hooked_linears):
     """Blocks as ZeRO-3 leaf modules (the default) and compiled block halves (here in Inductor's deterministic
     mode) change the hooks, not the math: the wiring is what the engine reports, and 8 training steps give the
-    baseline's losses. So does ZeRO-3 releasing parameters after each use and gathering them again: at the
-    default threshold every smoke parameter (the largest, the embedding, has 65,536 elements) stays gathered, so
-    only this case runs that path. DeepSpeed's own F.linear (memory_efficient_linear) runs in the hooks-per-linear
-    case only."""
+    baseline's losses. So do ZeRO-3's per-module hooks, which the baseline runs without: at the default threshold
+    every smoke parameter (the largest, the embedding, has 65,536 elements) stays gathered, so the engine removes
+    them (parallel.zero_idle_hooks_off); the hooks-per-linear case keeps them. So does ZeRO-3 releasing
+    parameters after each use and gathering them again, which only the params-released case runs. DeepSpeed's
+    own F.linear (memory_efficient_linear) runs in the hooks-per-linear case only."""
     proc = run_job(deepspeed_cmd(2, ROOT / "tests" / "dist" / "engine_report.py", *overrides), timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     wiring = last_json(proc.stdout)
     assert wiring["leaf"] == leaf and wiring["compiled"] == compiled  # the AutoEP MoE half stays eager
-    assert wiring["hooked_linears"] == (1 if leaf else 18)  # with leaf blocks only the output head is hooked
+    # with leaf blocks only the output head is hooked as a linear; with the hooks removed, none
+    assert wiring["hooked_linears"] == hooked_linears and wiring["zero3_module_hooks"] == (hooked_linears > 0)
     assert not wiring["throughput_timer"]  # DeepSpeed's would synchronize the GPU at every forward
     assert wiring["torch_linear"] == ("parallel.zero_memory_efficient_linear=true" not in overrides)
     assert wiring["fused_zero_step"]  # parallel.zero_fused_step's default

@@ -1,9 +1,9 @@
 """Run under the deepspeed launcher: build the training engine (smoke config + overrides from argv) and report, on
-rank 0, how it is wired: which modules ZeRO-3 fetches as a unit (leaf modules), how many linears it hooks one by
-one, which block methods were compiled and whether in Inductor's deterministic mode, whether DeepSpeed's
-throughput timer (a GPU sync per forward) runs, whether torch.nn.functional.linear is still torch's,
-whether ZeRO-3 steps through engine/zero3_step.py; and the dtypes it computes in: parameters, and the buffers that
-must keep fp32 (RoPE frequencies equal to a fresh computation, the balancing bias). One JSON line."""
+rank 0, how it is wired: which modules ZeRO-3 fetches as a unit (leaf modules), whether its per-module hooks are on
+(engine/zero3_hooks.py) and how many linears it hooks one by one, which block methods were compiled and whether in
+Inductor's deterministic mode, whether DeepSpeed's throughput timer (a GPU sync per forward) runs, whether
+torch.nn.functional.linear is still torch's, whether ZeRO-3 steps through engine/zero3_step.py; and the dtypes it
+computes in: parameters, and the buffers that must keep fp32 (RoPE frequencies equal to a fresh computation, the balancing bias). One JSON line."""
 import json
 import sys
 from pathlib import Path
@@ -17,7 +17,7 @@ sys.path.insert(0, str(ROOT))
 from deepspeed.utils import z3_leaf_module  # noqa: E402
 
 from deepseek_pt.config import load_config  # noqa: E402
-from deepseek_pt.engine import balance, zero3_step  # noqa: E402
+from deepseek_pt.engine import balance, zero3_hooks, zero3_step  # noqa: E402
 from deepseek_pt.model.rope import inv_frequencies  # noqa: E402
 from deepseek_pt.model.transformer import Block  # noqa: E402
 from deepseek_pt.train import build_engine, exit_process, init_distributed  # noqa: E402
@@ -42,6 +42,7 @@ def main():
             "throughput_timer": engine.tput_timer.config.enabled,
             "torch_linear": torch.nn.functional.linear is torch._C._nn.linear,
             "fused_zero_step": zero3_step.installed(engine.optimizer),
+            "zero3_module_hooks": zero3_hooks.present(engine),
             "inductor_deterministic": torch._inductor.config.deterministic,
             "param_dtypes": sorted({str(p.dtype) for p in engine.module.parameters()}),
             "rope_dtypes": sorted({str(b.dtype) for b in rope}),
