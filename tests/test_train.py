@@ -464,6 +464,35 @@ def test_zero3_fused_step_updates_and_skips_as_deepspeeds(data, overrides, rel):
     assert ours["skipped_steps"] == theirs["skipped_steps"] == 1
 
 
+@pytest.mark.parametrize("grad_dtype", [torch.float32, torch.bfloat16])
+def test_adamw_update_steps_as_torchs_fused_adamw(grad_dtype):
+    """zero3_step's one-pass update against torch's fused AdamW on the same flat tensors: four steps with a clip
+    factor, the third on a non-finite norm (nothing moves, the step count included), a bf16 copy of the weights
+    written as they change."""
+    from deepseek_pt.engine.zero3_step import adamw_update
+    gen = torch.Generator().manual_seed(0)
+    weights = torch.randn(1000, generator=gen)
+    reference = torch.nn.Parameter(weights.clone())
+    torch_adamw = torch.optim.AdamW([reference], lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, fused=True)
+    exp_avg, exp_avg_sq, step, copy = torch.zeros_like(weights), torch.zeros_like(weights), torch.zeros(()), \
+        torch.empty(1000, dtype=torch.bfloat16)
+    for n, (scale, skip) in enumerate([(1.0, False), (2.5, False), (1.0, True), (1.7, False)]):
+        grad = torch.randn(1000, generator=gen).to(grad_dtype)
+        grad_scale, found_inf = torch.tensor(scale), torch.tensor(float(skip))
+        reference.grad = grad.float().clone()  # torch's kernel divides it in place
+        torch_adamw.grad_scale, torch_adamw.found_inf = grad_scale, found_inf
+        torch_adamw.step()
+        adamw_update(weights, exp_avg, exp_avg_sq, grad, copy, step, grad_scale, found_inf, torch.tensor(1e-2),
+                     0.9, 0.95, 1e-8, 0.1)
+        state = torch_adamw.state[reference]
+        assert step.item() == state["step"].item() == n + (not skip) - (n >= 3)
+        # float rounding apart (torch's CPU kernel orders some operations otherwise)
+        torch.testing.assert_close(weights, reference.detach(), rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(exp_avg, state["exp_avg"], rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(exp_avg_sq, state["exp_avg_sq"], rtol=1e-5, atol=1e-9)
+        assert torch.equal(copy, weights.bfloat16())
+
+
 def test_zero3_fused_step_refuses_an_optimizer_it_does_not_cover():
     from deepseek_pt.engine import zero3_step
     with pytest.raises(RuntimeError, match="parallel.zero_fused_step: .* not ZeRO stage 3's; set "

@@ -1,23 +1,28 @@
-"""ZeRO-3's optimizer step with the gradient clip inside fused AdamW, whose own code waits on the GPU once: to
-say whether the step was applied.
+"""ZeRO-3's optimizer step: the gradient clip, the skip of a non-finite step and AdamW in one pass over each
+sub-group, whose own code waits on the GPU once: to say whether the step was applied.
 
 DeepSpeed's DeepSpeedZeroOptimizer_Stage3.step, per step, over bench-2b's 2.0B parameters on an H200: a norm
 kernel per gradient tensor after copying each one to fp32, a host sync per sub-group (a scalar built on the host
 and copied in) and one more to test the norm, a copy of the sub-group's gradients into a new flat buffer and
-another into fp32, a separate pass multiplying them by the clip factor, then AdamW: ~45-50 ms of GPU time and 15
-host syncs, as long as a whole micro-step (docs/benchmarks.md). Ours reads each sub-group's gradients in place
-(they are one contiguous slice of ZeRO-3's flat gradient buffer), takes its norm in one fp32-accumulating pass
-over the bf16 values, copies them to fp32 once, and hands the clip factor and the finite test to torch's fused
-AdamW (`grad_scale`, `found_inf`: the kernel divides the gradients and skips the whole update, moments and step
-count included, when the norm is not finite). Everything else (gathering, the fp32-to-bf16 copy, releasing
-sub-groups, DeepSpeed's own bookkeeping) is DeepSpeed's code, called as its step calls it; `_post_step`, which
-gathers the updated persistent parameters, may still wait on the GPU itself.
+another into fp32, a separate pass multiplying them by the clip factor, then AdamW, then a copy of the updated fp32
+weights into the bf16 partition: ~45-50 ms of GPU time and 15 host syncs, as long as a whole micro-step
+(docs/benchmarks.md). Ours reads each sub-group's gradients in place (they are one contiguous slice of ZeRO-3's
+flat gradient buffer) and takes their norm in one fp32-accumulating pass over the bf16 values. Then one
+elementwise pass per sub-group (`adamw_update`, compiled into one kernel on a GPU) reads the bf16 gradients, the
+fp32 weights and Adam's moments, and writes the weights, the moments and the bf16 partition: the clip factor
+divides the gradients, and a non-finite norm leaves weights, moments and step count as they were, as torch's fused
+AdamW does with its `grad_scale` and `found_inf`. The moments and step count are the inner torch AdamW's own
+state, so checkpoints keep their layout. Everything else (gathering, releasing sub-groups, DeepSpeed's own
+bookkeeping) is DeepSpeed's code, called as its step calls it; `_post_step`, which gathers the updated persistent
+parameters, may still wait on the GPU itself.
 
 It covers what our engine builds: ZeRO-3 without offload, swapping, Muon, fp16 loss scaling, torch autocast's
-scaler or tensor parallelism, on torch's fused Adam/AdamW. Anything else is refused at install with the reason.
+scaler or tensor parallelism, on torch's AdamW without amsgrad or maximize. Anything else is refused at install
+with the reason.
 """
 from __future__ import annotations
 
+import functools
 import math
 import types
 
@@ -38,8 +43,11 @@ def unsupported_reason(zero) -> str | None:
     if zero.model_parallel_group is not None:
         return "tensor parallelism adds norms over its own group"
     inner = zero.optimizer
-    if not isinstance(inner, (torch.optim.Adam, torch.optim.AdamW)) or not all(g.get("fused") for g in inner.param_groups):
-        return f"the inner optimizer ({type(inner).__name__}) is not torch's fused Adam/AdamW"
+    if type(inner) is not torch.optim.AdamW:
+        return f"the inner optimizer is {type(inner).__name__}, not torch's AdamW"
+    for flag in ("amsgrad", "maximize"):
+        if any(g.get(flag) for g in inner.param_groups):
+            return f"AdamW's {flag} is on"
     return None
 
 
@@ -114,23 +122,56 @@ def _fused_step(self, closure=None):
     scale = torch.full_like(norm, float(self.loss_scale))
     if self.clip_grad > 0.0:  # as unscale_and_clip_grads: divide by max(1, (norm + 1e-6) / clip)
         scale = scale * torch.clamp((norm + 1e-6) / self.clip_grad, min=1.0)
-    inner = self.optimizer
-    inner.grad_scale = torch.where(not_finite, torch.ones_like(scale), scale)
-    inner.found_inf = not_finite.float()  # fused AdamW leaves parameters, moments and step count as they were
+    grad_scale = torch.where(not_finite, torch.ones_like(scale), scale)
+    found_inf = not_finite.float()
 
     self.zero_grad(set_to_none=True)  # the gradients live in the flat buffer now
-    try:
-        for i, flat in enumerate(flats):
-            self.fp32_partitioned_groups_flat[i].grad = flat.to(self.fp32_partitioned_groups_flat[i].dtype)
-            self.averaged_gradients[i] = None
-            self._optimizer_step(i)
-            self._reassign_or_swap_out_partitioned_parameters(i)
-            self._release_sub_group(i, set())
-    finally:
-        del inner.grad_scale, inner.found_inf
+    for i, flat in enumerate(flats):
+        self.averaged_gradients[i] = None
+        weights = self.fp32_partitioned_groups_flat[i]
+        group = self.optimizer.param_groups[self.sub_group_to_group_id[i]]
+        state = self.optimizer.state[weights]
+        if not state:  # as torch's AdamW creates it on its first step (fused: the step count on the device)
+            state.update(step=torch.zeros((), dtype=torch.float32, device=weights.device),
+                         exp_avg=torch.zeros_like(weights), exp_avg_sq=torch.zeros_like(weights))
+        lr = torch.full((), group["lr"], dtype=torch.float32, device=weights.device)  # a tensor: no recompiles
+        update = _compiled_adamw_update() if weights.is_cuda else adamw_update
+        update(weights, state["exp_avg"], state["exp_avg_sq"], flat, self.fp16_partitioned_groups_flat[i],
+               state["step"], grad_scale, found_inf, lr, *group["betas"], group["eps"], group["weight_decay"])
+        self._unflatten_partitioned_parameters(i)
+        self._release_sub_group(i, set())
     self._post_step(set())
 
     # The engine reads `overflow` on the host to skip the LR step and count the skipped step: our one sync, queued
     # behind the whole update. Then DeepSpeed's loss-scale bookkeeping, and its clean-up after a skipped step.
     self.overflow = bool(not_finite)
     self._loss_scale_update_and_overflow_cleanup()
+
+
+@torch.no_grad()
+def adamw_update(weights, exp_avg, exp_avg_sq, grad, weights_copy, step, grad_scale, found_inf, lr,
+                 beta1: float, beta2: float, eps: float, weight_decay: float) -> None:
+    """One AdamW step over flat tensors, in place, as torch's fused AdamW computes it: `grad` (any float dtype) is
+    divided by `grad_scale`; where `found_inf` is 1 nothing changes, the step count included. `weights_copy`
+    (ZeRO-3's bf16 partition) receives the updated weights. step, grad_scale, found_inf and lr are 0-dim tensors on
+    the weights' device."""
+    skip = found_inf > 0
+    new_step = step + 1 - found_inf
+    g = grad.float() / grad_scale
+    m = exp_avg * beta1 + g * (1 - beta1)
+    v = exp_avg_sq * beta2 + g * g * (1 - beta2)
+    denom = v.sqrt() / (1 - beta2 ** new_step).sqrt() + eps
+    updated = weights * (1 - lr * weight_decay) - (lr / (1 - beta1 ** new_step)) * m / denom
+    updated = torch.where(skip, weights, updated)
+    exp_avg.copy_(torch.where(skip, exp_avg, m))
+    exp_avg_sq.copy_(torch.where(skip, exp_avg_sq, v))
+    weights_copy.copy_(updated)
+    weights.copy_(updated)
+    step.copy_(new_step)
+
+
+@functools.cache
+def _compiled_adamw_update():
+    """adamw_update compiled into one kernel per sub-group size, for GPUs: eager it would make a dozen passes over
+    the sub-group. CPUs run it eager, where compiling would cost more than it saves."""
+    return torch.compile(adamw_update, fullgraph=True, dynamic=False)
