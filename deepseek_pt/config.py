@@ -244,9 +244,9 @@ class ParallelConfig:
     memory (docs/benchmarks.md)."""
     zero_fused_step: bool = True
     """ZeRO-3: our optimizer step in place of DeepSpeed's (engine/zero3_step.py): the gradient norm in one pass per
-    sub-group over ZeRO-3's flat gradient buffer, the clip and the skip of a non-finite step inside torch's fused
-    AdamW, one host sync of its own per step (DeepSpeed's step had 15). Same update, same skipped steps; false
-    runs DeepSpeed's own."""
+    sub-group over ZeRO-3's flat gradient buffer, then the clip, the skip of a non-finite step and AdamW in one
+    more, reading the bf16 gradients and writing the bf16 weights too; one host sync of its own per step
+    (DeepSpeed's step had 15). Same update, same skipped steps, same optimizer state; false runs DeepSpeed's own."""
     zero_idle_hooks_off: bool = True
     """ZeRO-3: when every parameter is persistent (none larger than zero_persistence_threshold), remove DeepSpeed's
     per-module fetch/release hooks, which then gather and release nothing but still cost host time on every

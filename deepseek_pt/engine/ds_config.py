@@ -89,8 +89,8 @@ def build_ds_config(cfg: Config, world_size: int, has_moe: bool, load_universal:
         "timers": {"throughput": {"enabled": False}},
         "optimizer": {
             "type": "AdamW",
-            # torch's fused AdamW, on GPU and CPU alike (DeepSpeed's FusedAdam would JIT-build first): its grad_scale
-            # and found_inf carry the clip and the skip of a non-finite step in parallel.zero_fused_step.
+            # torch's AdamW (DeepSpeed's FusedAdam would JIT-build first), fused, for DeepSpeed's own step; under
+            # parallel.zero_fused_step our step updates its state itself (engine/zero3_step.py).
             "params": {"lr": t.lr, "betas": [t.beta1, t.beta2], "eps": t.adam_eps, "weight_decay": t.weight_decay,
                        "torch_adam": True, "fused": True},
         },
