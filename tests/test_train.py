@@ -493,6 +493,31 @@ def test_adamw_update_steps_as_torchs_fused_adamw(grad_dtype):
         assert torch.equal(copy, weights.bfloat16())
 
 
+def test_adamw_update_compiles_to_one_graph_for_every_learning_rate():
+    """GPUs run adamw_update compiled (one kernel per sub-group size): on views into larger buffers, as ZeRO-3's
+    flat gradient and bf16 partition are, it must capture whole (fullgraph), equal the eager update, and not
+    recompile as the learning rate, the clip factor or the skip change from step to step."""
+    import torch._dynamo
+    from deepseek_pt.engine.zero3_step import adamw_update
+
+    def tensors():
+        gen = torch.Generator().manual_seed(0)
+        grad_buffer, lp_buffer = torch.randn(5000, generator=gen).bfloat16(), torch.empty(4000, dtype=torch.bfloat16)
+        return [torch.randn(3000, generator=gen), torch.zeros(3000), torch.zeros(3000), grad_buffer.narrow(0, 1000, 3000),
+                lp_buffer.narrow(0, 500, 3000), torch.zeros(())]
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()  # other tests in this process may have compiled before
+    compiled = torch.compile(adamw_update, fullgraph=True, dynamic=False)
+    eager, traced = tensors(), tensors()
+    for scale, skip, lr in [(1.0, 0.0, 1e-2), (2.0, 0.0, 5e-3), (1.0, 1.0, 4e-3), (1.5, 0.0, 3e-3)]:
+        scalars = (torch.tensor(scale), torch.tensor(skip), torch.tensor(lr), 0.9, 0.95, 1e-8, 0.1)
+        adamw_update(*eager, *scalars)
+        compiled(*traced, *scalars)
+        for want, got in zip(eager, traced):
+            torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+
+
 def test_zero3_fused_step_refuses_an_optimizer_it_does_not_cover():
     from deepseek_pt.engine import zero3_step
     with pytest.raises(RuntimeError, match="parallel.zero_fused_step: .* not ZeRO stage 3's; set "
