@@ -2,6 +2,8 @@
 (leaf) module's forward and backward, timed call by call over 10 optimizer steps of the training loop.
 
     deepspeed --num_gpus 1 bench/zero3_hook_time.py [--config configs/smoke.yaml] [key=value ...]
+    python3 -m deepspeed.launcher.runner --num_gpus 1 bench/zero3_hook_time.py ...   # where DeepSpeed came from
+                                                  # .whl/ (bench/device_env.sh): no `deepspeed` script on the PATH
 
 torch's profiler with Python stacks slows exactly this kind of code severalfold; this wraps the four hook
 methods of DeepSpeedZeRoOffload with a wall clock instead. The hooks are kept on (parallel.zero_idle_hooks_off=false)
