@@ -6,9 +6,10 @@
                                                   # .whl/ (bench/device_env.sh): no `deepspeed` script on the PATH
 
 torch's profiler with Python stacks slows exactly this kind of code severalfold; this wraps the four hook
-methods of DeepSpeedZeRoOffload with a wall clock instead. The hooks are kept on (parallel.zero_idle_hooks_off=false)
-even where every parameter is persistent and the engine would remove them. Prints one JSON line on rank 0: the loop's ms per
-optimizer step, and per hook the calls per optimizer step and microseconds per call."""
+methods of DeepSpeedZeRoOffload with a wall clock instead. The hooks are kept on
+(parallel.zero_idle_hooks_off=false) even where every parameter is persistent and the engine would remove them.
+Prints one JSON line on rank 0: the loop's ms per optimizer step, and per hook the calls per optimizer step and
+microseconds per call."""
 from __future__ import annotations
 
 import argparse

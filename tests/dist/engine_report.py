@@ -3,7 +3,8 @@ rank 0, how it is wired: which modules ZeRO-3 fetches as a unit (leaf modules), 
 (engine/zero3_hooks.py) and how many linears it hooks one by one, which block methods were compiled and whether in
 Inductor's deterministic mode, whether DeepSpeed's throughput timer (a GPU sync per forward) runs, whether
 torch.nn.functional.linear is still torch's, whether ZeRO-3 steps through engine/zero3_step.py; and the dtypes it
-computes in: parameters, and the buffers that must keep fp32 (RoPE frequencies equal to a fresh computation, the balancing bias). One JSON line."""
+computes in: parameters, and the buffers that must keep fp32 (RoPE frequencies equal to a fresh computation, the
+balancing bias). One JSON line."""
 import json
 import sys
 from pathlib import Path
