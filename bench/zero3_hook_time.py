@@ -26,7 +26,7 @@ from deepspeed.runtime.zero.parameter_offload import DeepSpeedZeRoOffload  # noq
 
 from deepseek_pt.config import load_config  # noqa: E402
 from deepseek_pt.data import PretrainDataset, TrainLoader, to_device  # noqa: E402
-from deepseek_pt.train import build_engine, exit_process, init_distributed, train_step  # noqa: E402
+from deepseek_pt.train import build_engine, exit_process, init_distributed, preflight, train_step  # noqa: E402
 
 HOOKS = ("pre_sub_module_forward_function", "post_sub_module_forward_function",
          "pre_sub_module_backward_function", "post_sub_module_backward_function")
@@ -55,6 +55,7 @@ def main() -> None:
     time_hooks(spent)
     cfg = load_config(args.config, ["parallel.zero_idle_hooks_off=false", *args.overrides])
     rank, world, device = init_distributed(cfg)
+    preflight(cfg, world)  # as training checks the shards against the model before building it
     engine = build_engine(cfg, world)
     loader = TrainLoader(PretrainDataset(cfg.data.path, cfg.data.train_split, cfg.data.seq_len),
                          cfg.train.micro_batch_size, dp_rank=rank, dp_world=world, seed=cfg.data.seed)
