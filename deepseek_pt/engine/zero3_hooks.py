@@ -7,8 +7,8 @@ parallel.zero_persistence_threshold) is never released, so when all of them are,
 configs' threshold, the hooks gather and release nothing. They still keep books: module stacks, trace records,
 parameter-set walks, and autograd Functions wrapped around each block's inputs and outputs. On this project's
 2-core CPU (the smoke model, one rank) that was 22 calls per micro-step at 95-128 us each, ~2.6 ms of host time
-per micro-step (`bench/zero3_hook_time.py`, docs/benchmarks.md), paid while the GPU may be waiting for its next
-kernel.
+per micro-step; on an H200's host (bench-2b) 30 calls at 110-218 us, 4.9 ms (`bench/zero3_hook_time.py`,
+docs/benchmarks.md), paid while the GPU may be waiting for its next kernel.
 
 Nothing else depends on them: gradients reach ZeRO-3 through per-parameter hooks, and the optimizer step gathers
 the updated persistent parameters itself (stage 3's `_post_step`), as saving and loading a checkpoint do after
