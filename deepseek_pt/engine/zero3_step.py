@@ -29,6 +29,7 @@ import types
 import torch
 import torch.distributed as dist
 
+
 def unsupported_reason(zero) -> str | None:
     """Why `zero` (a DeepSpeed ZeRO optimizer) cannot take our step, or None when it can."""
     from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
