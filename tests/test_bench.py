@@ -179,8 +179,15 @@ def test_multi_gpu_check_runs_on_cpu_ranks(tmp_path):
                                                                                **settings))
     out, _ = finish_job(proc, timeout=300)
     assert re.findall(r"^(\w) exit (\d+)$", out, re.M) == [(run, "0") for run in "ABBCD"], out
-    gaps = {run: float(gap) for run, gap in re.findall(r"^max \|(\w) - A\| over steps [\d-]+: (\S+)$", out, re.M)}
-    assert gaps.keys() == {"B", "C", "D"} and gaps["B"] == 0 and gaps["C"] < 1e-5 and gaps["D"] < 1e-5, out
+    # Per run against A: (loss or grad norm, first step, last step) -> gap. The resume must be exact. EP 1 and the
+    # universal resume sum in other orders, so: close over their first three steps in common with A, bounded after.
+    gaps = {(run, what, int(first), int(last)): float(gap) for run, what, first, last, gap in re.findall(
+        r"^max \|(\w) (- A\||/ A - 1\| of the grad norm) over steps (\d+)-(\d+): (\S+)$", out, re.M)}
+    loss, norm = "- A|", "/ A - 1| of the grad norm"
+    assert all(gap == 0 for (run, *_), gap in gaps.items() if run == "B"), out
+    for run, first in (("C", 1), ("D", 6)):
+        assert gaps[run, loss, first, first + 2] < 1e-5 and gaps[run, norm, first, first + 2] < 1e-4, out
+        assert gaps[run, loss, first, 10] < 1e-3 and gaps[run, norm, first, 10] < 1e-2, out
     assert "(universal: resharded)" in out, out
     assert not list((tmp_path / "tmp").glob("multi_gpu.*"))  # the shards and run directories are gone
     assert not list(tmp_path.glob("scale*.err")) and not list(tmp_path.glob("profile*.err"))  # not asked for
