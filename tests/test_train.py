@@ -464,36 +464,43 @@ def test_zero3_fused_step_updates_and_skips_as_deepspeeds(data, overrides, rel):
     assert ours["skipped_steps"] == theirs["skipped_steps"] == 1
 
 
+# GPUs run the update compiled (one Triton kernel) and torch's fused AdamW as a CUDA kernel: check both pairs there.
+UPDATE_DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", UPDATE_DEVICES)
 @pytest.mark.parametrize("grad_dtype", [torch.float32, torch.bfloat16])
-def test_adamw_update_steps_as_torchs_fused_adamw(grad_dtype):
-    """zero3_step's one-pass update against torch's fused AdamW on the same flat tensors: four steps with a clip
-    factor, the third on a non-finite norm (nothing moves, the step count included), a bf16 copy of the weights
-    written as they change."""
-    from deepseek_pt.engine.zero3_step import adamw_update
+def test_adamw_update_steps_as_torchs_fused_adamw(grad_dtype, device):
+    """zero3_step's one-pass update, as the step runs it on `device`, against torch's fused AdamW on the same flat
+    tensors: four steps with a clip factor, the third on a non-finite norm (nothing moves, the step count
+    included), a bf16 copy of the weights written as they change."""
+    from deepseek_pt.engine.zero3_step import _compiled_adamw_update, adamw_update
+    update = _compiled_adamw_update() if device == "cuda" else adamw_update
     gen = torch.Generator().manual_seed(0)
-    weights = torch.randn(1000, generator=gen)
+    weights = torch.randn(1000, generator=gen).to(device)
     reference = torch.nn.Parameter(weights.clone())
     torch_adamw = torch.optim.AdamW([reference], lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, fused=True)
-    exp_avg, exp_avg_sq, step, copy = torch.zeros_like(weights), torch.zeros_like(weights), torch.zeros(()), \
-        torch.empty(1000, dtype=torch.bfloat16)
+    exp_avg, exp_avg_sq, step = torch.zeros_like(weights), torch.zeros_like(weights), torch.zeros((), device=device)
+    copy = torch.empty(1000, dtype=torch.bfloat16, device=device)
     for n, (scale, skip) in enumerate([(1.0, False), (2.5, False), (1.0, True), (1.7, False)]):
-        grad = torch.randn(1000, generator=gen).to(grad_dtype)
-        grad_scale, found_inf = torch.tensor(scale), torch.tensor(float(skip))
+        grad = torch.randn(1000, generator=gen).to(device, grad_dtype)
+        grad_scale, found_inf = torch.tensor(scale, device=device), torch.tensor(float(skip), device=device)
         reference.grad = grad.float().clone()  # torch's kernel divides it in place
         torch_adamw.grad_scale, torch_adamw.found_inf = grad_scale, found_inf
         torch_adamw.step()
-        adamw_update(weights, exp_avg, exp_avg_sq, grad, copy, step, grad_scale, found_inf, torch.tensor(1e-2),
-                     0.9, 0.95, 1e-8, 0.1)
+        update(weights, exp_avg, exp_avg_sq, grad, copy, step, grad_scale, found_inf,
+               torch.tensor(1e-2, device=device), 0.9, 0.95, 1e-8, 0.1)
         state = torch_adamw.state[reference]
         assert step.item() == state["step"].item() == n + (not skip) - (n >= 3)
-        # float rounding apart (torch's CPU kernel orders some operations otherwise)
+        # float rounding apart (torch's kernels order some operations otherwise)
         torch.testing.assert_close(weights, reference.detach(), rtol=1e-5, atol=1e-7)
         torch.testing.assert_close(exp_avg, state["exp_avg"], rtol=1e-5, atol=1e-7)
         torch.testing.assert_close(exp_avg_sq, state["exp_avg_sq"], rtol=1e-5, atol=1e-9)
         assert torch.equal(copy, weights.bfloat16())
 
 
-def test_adamw_update_compiles_to_one_graph_for_every_learning_rate():
+@pytest.mark.parametrize("device", UPDATE_DEVICES)
+def test_adamw_update_compiles_to_one_graph_for_every_learning_rate(device):
     """GPUs run adamw_update compiled (one kernel per sub-group size): on views into larger buffers, as ZeRO-3's
     flat gradient and bf16 partition are, it must capture whole (fullgraph), equal the eager update, and not
     recompile as the learning rate, the clip factor or the skip change from step to step."""
@@ -503,14 +510,15 @@ def test_adamw_update_compiles_to_one_graph_for_every_learning_rate():
     def tensors():
         gen = torch.Generator().manual_seed(0)
         grad_buffer, lp_buffer = torch.randn(5000, generator=gen).bfloat16(), torch.empty(4000, dtype=torch.bfloat16)
-        return [torch.randn(3000, generator=gen), torch.zeros(3000), torch.zeros(3000), grad_buffer.narrow(0, 1000, 3000),
-                lp_buffer.narrow(0, 500, 3000), torch.zeros(())]
+        return [t.to(device) for t in (torch.randn(3000, generator=gen), torch.zeros(3000), torch.zeros(3000))] + \
+            [grad_buffer.to(device).narrow(0, 1000, 3000), lp_buffer.to(device).narrow(0, 500, 3000),
+             torch.zeros((), device=device)]
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()  # other tests in this process may have compiled before
     compiled = _compiled_adamw_update()  # as the step compiles it for GPUs
     eager, traced = tensors(), tensors()
     for scale, skip, lr in [(1.0, 0.0, 1e-2), (2.0, 0.0, 5e-3), (1.0, 1.0, 4e-3), (1.5, 0.0, 3e-3)]:
-        scalars = (torch.tensor(scale), torch.tensor(skip), torch.tensor(lr), 0.9, 0.95, 1e-8, 0.1)
+        scalars = [torch.tensor(v, device=device) for v in (scale, skip, lr)] + [0.9, 0.95, 1e-8, 0.1]
         adamw_update(*eager, *scalars)
         compiled(*traced, *scalars)
         for want, got in zip(eager, traced):
