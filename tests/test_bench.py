@@ -184,6 +184,7 @@ def test_multi_gpu_check_runs_on_cpu_ranks(tmp_path):
     gaps = {(run, what, int(first), int(last)): float(gap) for run, what, first, last, gap in re.findall(
         r"^max \|(\w) (- A\||/ A - 1\| of the grad norm) over steps (\d+)-(\d+): (\S+)$", out, re.M)}
     loss, norm = "- A|", "/ A - 1| of the grad norm"
+    assert {run for run, *_ in gaps} == {"B", "C", "D"}, out
     assert all(gap == 0 for (run, *_), gap in gaps.items() if run == "B"), out
     for run, first in (("C", 1), ("D", 6)):
         assert gaps[run, loss, first, first + 2] < 1e-5 and gaps[run, norm, first, first + 2] < 1e-4, out
