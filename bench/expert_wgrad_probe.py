@@ -7,10 +7,11 @@ For each weight-gradient GEMM (gate/up: dgate^T x, down: dy^T h, reduced over ea
     aten            torch._grouped_mm alone (CUTLASS), the GEMM floor
     aten + add_     what autograd does now: the GEMM, then grad += result
     inductor        the GEMM compiled with max-autotune (Triton grouped template against aten)
-    inductor fused  grad.add_(GEMM) compiled with max-autotune, Triton only: the add as the template's epilogue
+    inductor add_   grad.add_(GEMM) compiled with max-autotune, Triton only: the add as the template's epilogue?
     inductor sum    grad + GEMM, the same out of place (a new gradient tensor)
-and the whole expert SwiGLU forward and backward (AutoEP's bf16 grouped GEMMs) with no gradients yet (first
-micro-step) and accumulating (every later one).
+with the kernels each compiled add ran as (one kernel: the add was fused into the GEMM). Then the whole expert
+SwiGLU forward and backward (AutoEP's bf16 grouped GEMMs) with no gradients yet (a step's first micro-step) and
+accumulating (every later one).
 
     python bench/expert_wgrad_probe.py [--tokens 8192]
 """
@@ -37,31 +38,31 @@ def expert_rows(tokens: int, E: int, top_k: int):
 
 
 def wgrad(name: str, a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, E: int) -> None:
-    """Weight gradient [E, a.cols, b.cols] = a[e]^T b[e] over each expert's rows, four ways."""
+    """Weight gradient [E, a.cols, b.cols] = a[e]^T b[e] over each expert's rows, five ways."""
     n = int(offs[-1])
     flops = 2 * n * a.shape[1] * b.shape[1]
     gemm = lambda: torch._grouped_mm(a.t(), b, offs=offs)
     ref = gemm().float()
     grad = torch.randn(E, a.shape[1], b.shape[1], device="cuda", dtype=torch.bfloat16)
-    fused_ref = grad.float() + ref
+    sum_ref = grad.float() + ref
 
     def accumulate(g: torch.Tensor, a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> None:
         g.add_(torch._grouped_mm(a.t(), b, offs=offs))
 
-    compiled_gemm = torch.compile(lambda a, b, o: torch._grouped_mm(a.t(), b, offs=o), mode="max-autotune-no-cudagraphs",
-                                  fullgraph=True, dynamic=False)
+    compiled_gemm = torch.compile(lambda a, b, o: torch._grouped_mm(a.t(), b, offs=o),
+                                  mode="max-autotune-no-cudagraphs", fullgraph=True, dynamic=False)
     with torch._inductor.config.patch(max_autotune_gemm_backends="TRITON"):
-        compiled_fused = torch.compile(accumulate, mode="max-autotune-no-cudagraphs", fullgraph=True, dynamic=False)
+        compiled_add = torch.compile(accumulate, mode="max-autotune-no-cudagraphs", fullgraph=True, dynamic=False)
         g = grad.clone()
-        compiled_fused(g, a, b, offs)
+        compiled_add(g, a, b, offs)
         compiled_sum = torch.compile(lambda g, a, b, o: g + torch._grouped_mm(a.t(), b, offs=o),
                                      mode="max-autotune-no-cudagraphs", fullgraph=True, dynamic=False)
-        sum_err = rel_err(compiled_sum(grad, a, b, offs), fused_ref)  # compiles under the patch
+        sum_err = rel_err(compiled_sum(grad, a, b, offs), sum_ref)  # compiles under the patch
     variants = {
         "aten": (gemm, None),
         "aten + add_": (lambda: accumulate(g, a, b, offs), None),
         "inductor": (lambda: compiled_gemm(a, b, offs), rel_err(compiled_gemm(a, b, offs), ref)),
-        "inductor fused": (lambda: compiled_fused(g, a, b, offs), rel_err(g, fused_ref)),
+        "inductor add_": (lambda: compiled_add(g, a, b, offs), rel_err(g, sum_ref)),
         "inductor sum": (lambda: compiled_sum(grad, a, b, offs), sum_err),
     }
     for label, (fn, err) in variants.items():
@@ -69,7 +70,7 @@ def wgrad(name: str, a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, E: in
         note = f"| rel err {err:.1e}" if err is not None else ""
         print(f"   wgrad {name:9} {E}x[~{n // E} rows]->[{a.shape[1]}x{b.shape[1]}] {label:15} {ms:6.3f} ms "
               f"{flops / ms / 1e9:6.0f} TFLOP/s {note}", flush=True)
-    for label, fn in (("fused", lambda: compiled_fused(g, a, b, offs)), ("sum", lambda: compiled_sum(grad, a, b, offs))):
+    for label, fn in (("add_", lambda: compiled_add(g, a, b, offs)), ("sum", lambda: compiled_sum(grad, a, b, offs))):
         gpu_ms, top = kernel_table(fn, 3)
         print(f"   -- inductor {label}: {gpu_ms:.3f} ms of GPU time, kernels: "
               + "; ".join(f"{k[:60]} {ms:.3f} ms {c}x" for k, ms, c in top), flush=True)
