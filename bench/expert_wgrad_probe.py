@@ -25,16 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch
 
-from bench.fp8_gemm_probe import bench, kernel_table, rel_err
-
-
-def expert_rows(tokens: int, E: int, top_k: int):
-    """Expert-sorted row counts (multiples of 16, 0.5-1.5x the mean), their offsets, and the padded row count."""
-    rows = tokens * top_k
-    load = torch.rand(E, device="cuda", generator=torch.Generator("cuda").manual_seed(0)) + 0.5
-    counts = (load / load.sum() * rows / 16).round().int() * 16
-    offs = counts.cumsum(0, dtype=torch.int32)
-    return counts, offs, int(offs[-1]) + 16 * E
+from bench.fp8_gemm_probe import bench, expert_rows, kernel_table, rel_err
 
 
 def wgrad(name: str, a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, E: int) -> None:
@@ -104,7 +95,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=8192, help="tokens per micro-step (bench-2b: 2048 x 4)")
     args = parser.parse_args()
     E, top_k, dim, hidden = 64, 6, 2048, 1408  # configs/bench-2b.yaml's routed experts
-    counts, offs, M = expert_rows(args.tokens, E, top_k)
+    counts, offs, M = expert_rows(args.tokens, E, top_k, torch.Generator("cuda").manual_seed(0))
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}; {args.tokens} tokens x top-{top_k} over {E} "
           f"experts: {int(offs[-1])} rows, {M} with AutoEP's padding", flush=True)
     rows = lambda cols: torch.randn(M, cols, device="cuda", dtype=torch.bfloat16)

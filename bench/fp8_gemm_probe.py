@@ -154,6 +154,17 @@ def grouped(tokens: int, E: int, top_k: int, K: int, N: int) -> None:
             print(f"   experts: fp8 rowwise scaled_grouped_mm: {type(e).__name__}: {str(e).splitlines()[0][:100]}")
 
 
+def expert_rows(tokens: int, E: int, top_k: int, generator: torch.Generator | None = None):
+    """Expert-sorted rows as AutoEP hands them over: per-expert row counts (multiples of 16, each expert 0.5-1.5x the
+    mean load), their offsets, and the row count of AutoEP's permuted buffer (every group padded, the rest zero
+    rows)."""
+    rows = tokens * top_k
+    load = torch.rand(E, device="cuda", generator=generator) + 0.5
+    counts = (load / load.sum() * rows / 16).round().int() * 16
+    offs = counts.cumsum(0, dtype=torch.int32)
+    return counts, offs, int(offs[-1]) + 16 * E
+
+
 def expert_mlp(tokens: int, E: int, top_k: int, dim: int, hidden: int) -> None:
     """The routed experts' SwiGLU, forward and backward, over expert-sorted rows as AutoEP hands them over (uneven
     groups of multiples of 16 rows, zero padding after): AutoEP's bf16 grouped GEMMs, torchao's FP8 rowwise grouped
@@ -164,11 +175,7 @@ def expert_mlp(tokens: int, E: int, top_k: int, dim: int, hidden: int) -> None:
 
     from deepseek_pt.engine.fp8_experts import Fp8ExpertWeights, fp8_expert_swiglu
 
-    rows = tokens * top_k
-    load = torch.rand(E, device="cuda") + 0.5  # experts 0.5-1.5x the mean load
-    counts = (load / load.sum() * rows / 16).round().int() * 16
-    offs = counts.cumsum(0, dtype=torch.int32)
-    M = int(offs[-1]) + 16 * E  # AutoEP's permuted buffer: every group padded, the rest zero rows
+    counts, offs, M = expert_rows(tokens, E, top_k)
     x = torch.randn(M, dim, device="cuda", dtype=torch.bfloat16)
     x[int(offs[-1]):] = 0
     w1, w3, w2 = [torch.randn(E, *s, device="cuda", dtype=torch.bfloat16).mul_(0.02).requires_grad_()
