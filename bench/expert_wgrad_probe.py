@@ -5,15 +5,17 @@ Under `parallel.coalesce_grad_reduction` every micro-step's expert weight gradie
 parameters) are written by a grouped GEMM and then added onto the parameter's gradient in a pass of their own.
 For each weight-gradient GEMM (gate/up: dgate^T x, down: dy^T h, reduced over each expert's rows) this times:
     aten            torch._grouped_mm alone (CUTLASS), the GEMM floor
-    aten + add_     what autograd does now: the GEMM, then grad += result
+    aten + add_     what autograd does: the GEMM, then grad += result
     inductor        the GEMM compiled with max-autotune (Triton grouped template against aten)
     inductor add_   grad.add_(GEMM) compiled with max-autotune, Triton only: the add as the template's epilogue?
     inductor sum    grad + GEMM, the same out of place (a new gradient tensor)
+    ours add        engine/grouped_wgrad.py: the Triton kernel that adds into grad in its epilogue (training's,
+                    under parallel.expert_grads_in_place), at its default tile shape and others
 with the kernels each compiled add ran as (one kernel: the add was fused into the GEMM). Then the whole expert
-SwiGLU forward and backward (AutoEP's bf16 grouped GEMMs) with no gradients yet (a step's first micro-step) and
-accumulating (every later one).
+SwiGLU forward and backward, AutoEP's layer and ours adding in place, with no gradients yet (a step's first
+micro-step) and accumulating (every later one).
 
-    python bench/expert_wgrad_probe.py [--tokens 8192]
+    python bench/expert_wgrad_probe.py [--tokens 8192] [--no-inductor]
 """
 from __future__ import annotations
 
@@ -26,10 +28,29 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch
 
 from bench.fp8_gemm_probe import bench, expert_rows, kernel_table, rel_err
+from deepseek_pt.engine.grouped_wgrad import grouped_wgrad_
+
+# Tile shapes swept for engine/grouped_wgrad.py: (BLOCK_K, BLOCK_N, BLOCK_R, warps, stages), loads through TMA?
+SWEEP = [(None, None), ((128, 128, 32, 4, 4), False), ((128, 128, 32, 4, 3), True), ((128, 128, 32, 4, 5), True),
+         ((128, 128, 64, 4, 3), True), ((128, 256, 32, 8, 4), True), ((128, 128, 32, 8, 4), True),
+         ((64, 128, 32, 4, 4), True), ((128, 64, 32, 4, 4), True)]
 
 
-def wgrad(name: str, a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, E: int) -> None:
-    """Weight gradient [E, a.cols, b.cols] = a[e]^T b[e] over each expert's rows, five ways."""
+def ours(name: str, a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, flops: int, grad: torch.Tensor,
+         sum_ref: torch.Tensor) -> None:
+    """engine/grouped_wgrad.py's kernel adding into `grad`, at each tile shape of SWEEP (None: its default)."""
+    for config, tma in SWEEP:
+        g = grad.clone()
+        grouped_wgrad_(g, a, b, offs, config=config, use_tma=tma)
+        err = rel_err(g, sum_ref)
+        ms = bench(lambda g=g, config=config, tma=tma: grouped_wgrad_(g, a, b, offs, config=config, use_tma=tma))
+        label = "default" if config is None else f"{config}{' tma' if tma else ''}"
+        print(f"   wgrad {name:9} ours add {label:28} {ms:6.3f} ms {flops / ms / 1e9:6.0f} TFLOP/s | rel err "
+              f"{err:.1e}", flush=True)
+
+
+def wgrad(name: str, a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, E: int, inductor: bool) -> None:
+    """Weight gradient [E, a.cols, b.cols] = a[e]^T b[e] over each expert's rows, five ways and ours."""
     n = int(offs[-1])
     flops = 2 * n * a.shape[1] * b.shape[1]
     gemm = lambda: torch._grouped_mm(a.t(), b, offs=offs)
@@ -39,6 +60,15 @@ def wgrad(name: str, a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, E: in
 
     def accumulate(g: torch.Tensor, a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> None:
         g.add_(torch._grouped_mm(a.t(), b, offs=offs))
+
+    g = grad.clone()
+    for label, fn in (("aten", gemm), ("aten + add_", lambda: accumulate(g, a, b, offs))):
+        ms = bench(fn)
+        print(f"   wgrad {name:9} {E}x[~{n // E} rows]->[{a.shape[1]}x{b.shape[1]}] {label:15} {ms:6.3f} ms "
+              f"{flops / ms / 1e9:6.0f} TFLOP/s", flush=True)
+    ours(name, a, b, offs, flops, grad, sum_ref)
+    if not inductor:
+        return
 
     compiled_gemm = torch.compile(lambda a, b, o: torch._grouped_mm(a.t(), b, offs=o),
                                   mode="max-autotune-no-cudagraphs", fullgraph=True, dynamic=False)
@@ -50,17 +80,14 @@ def wgrad(name: str, a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, E: in
                                      mode="max-autotune-no-cudagraphs", fullgraph=True, dynamic=False)
         sum_err = rel_err(compiled_sum(grad, a, b, offs), sum_ref)  # compiles under the patch
     variants = {
-        "aten": (gemm, None),
-        "aten + add_": (lambda: accumulate(g, a, b, offs), None),
         "inductor": (lambda: compiled_gemm(a, b, offs), rel_err(compiled_gemm(a, b, offs), ref)),
         "inductor add_": (lambda: compiled_add(g, a, b, offs), rel_err(g, sum_ref)),
         "inductor sum": (lambda: compiled_sum(grad, a, b, offs), sum_err),
     }
     for label, (fn, err) in variants.items():
         ms = bench(fn)
-        note = f"| rel err {err:.1e}" if err is not None else ""
         print(f"   wgrad {name:9} {E}x[~{n // E} rows]->[{a.shape[1]}x{b.shape[1]}] {label:15} {ms:6.3f} ms "
-              f"{flops / ms / 1e9:6.0f} TFLOP/s {note}", flush=True)
+              f"{flops / ms / 1e9:6.0f} TFLOP/s | rel err {err:.1e}", flush=True)
     for label, fn in (("add_", lambda: compiled_add(g, a, b, offs)), ("sum", lambda: compiled_sum(grad, a, b, offs))):
         gpu_ms, top = kernel_table(fn, 3)
         print(f"   -- inductor {label}: {gpu_ms:.3f} ms of GPU time, kernels: "
@@ -68,39 +95,50 @@ def wgrad(name: str, a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, E: in
 
 
 def expert_swiglu(counts: torch.Tensor, M: int, E: int, dim: int, hidden: int) -> None:
-    """AutoEP's bf16 expert SwiGLU, forward and backward, without and with gradients already on the weights."""
-    from deepspeed.moe.ep_experts import _run_experts_grouped_mm
+    """The bf16 expert SwiGLU, forward and backward, without gradients on the weights yet (a step's first
+    micro-step) and accumulating (every later one): AutoEP's layer, and engine/expert_grads.py's InPlaceGradExperts
+    (the same parameters) adding its weight gradients in place."""
+    from deepspeed.moe.ep_experts import GroupedExperts
+
+    from deepseek_pt.engine.expert_grads import expert_grads_in_place
 
     x = torch.randn(M, dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     dy = torch.randn(M, dim, device="cuda", dtype=torch.bfloat16)
-    w1, w3, w2 = [torch.randn(E, *s, device="cuda", dtype=torch.bfloat16).mul_(0.02).requires_grad_()
-                  for s in ((hidden, dim), (hidden, dim), (dim, hidden))]
+    layer = GroupedExperts(dim, hidden, E, disable_triton_grouped_mm=True).cuda().bfloat16()
+    for w in layer.parameters():
+        torch.nn.init.normal_(w, std=0.02)
+    model = torch.nn.Sequential(layer)
 
     def step(accumulate: bool):
         if not accumulate:
-            for w in (w1, w3, w2):
-                w.grad = None
-        _run_experts_grouped_mm(w1, w2, w3, x, counts).backward(dy)
+            layer.zero_grad(set_to_none=True)
+        layer(x, counts).backward(dy)
 
-    for accumulate in (False, True):
-        step(True)
-        ms = bench(lambda: step(accumulate), calls=5)
-        gpu_ms, top = kernel_table(lambda: step(accumulate), 4)
-        print(f"   expert SwiGLU fwd+bwd, weight grads {'accumulating' if accumulate else 'new         '} {ms:6.3f} ms "
-              f"({gpu_ms:.3f} ms GPU): " + "; ".join(f"{k[:50]} {t:.3f} ms {c}x" for k, t, c in top), flush=True)
+    for label in ("AutoEP", "in place"):
+        if label == "in place":
+            expert_grads_in_place(model)
+        for accumulate in (False, True):
+            step(True)
+            ms = bench(lambda accumulate=accumulate: step(accumulate), calls=5)
+            gpu_ms, top = kernel_table(lambda accumulate=accumulate: step(accumulate), 4)
+            print(f"   expert SwiGLU fwd+bwd, {label:8}, weight grads {'accumulating' if accumulate else 'new         '} "
+                  f"{ms:6.3f} ms ({gpu_ms:.3f} ms GPU): " + "; ".join(f"{k[:40]} {t:.3f} ms {c}x" for k, t, c in top),
+                  flush=True)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=8192, help="tokens per micro-step (bench-2b: 2048 x 4)")
+    parser.add_argument("--no-inductor", dest="inductor", action="store_false",
+                        help="skip the max-autotune variants (about a minute of autotuning)")
     args = parser.parse_args()
     E, top_k, dim, hidden = 64, 6, 2048, 1408  # configs/bench-2b.yaml's routed experts
     counts, offs, M = expert_rows(args.tokens, E, top_k, torch.Generator("cuda").manual_seed(0))
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}; {args.tokens} tokens x top-{top_k} over {E} "
           f"experts: {int(offs[-1])} rows, {M} with AutoEP's padding", flush=True)
     rows = lambda cols: torch.randn(M, cols, device="cuda", dtype=torch.bfloat16)
-    wgrad("gate, up", rows(hidden), rows(dim), offs, E)
-    wgrad("down", rows(dim), rows(hidden), offs, E)
+    wgrad("gate, up", rows(2 * hidden)[:, :hidden], rows(dim), offs, E, args.inductor)  # a half of d(gate_up)
+    wgrad("down", rows(dim), rows(hidden), offs, E, args.inductor)
     expert_swiglu(counts, M, E, dim, hidden)
 
 

@@ -257,6 +257,11 @@ class ParallelConfig:
     work (9% faster at 4 micro-steps on the bench shape, docs/benchmarks.md), at two costs: micro-step
     gradients add up on the parameters' .grad in their compute dtype (bf16 under precision bf16/fp8, where the
     default adds them into fp32 partitions), and every rank holds a full unpartitioned gradient until the step."""
+    expert_grads_in_place: bool = True
+    """Under coalesce_grad_reduction, AutoEP's routed experts add each micro-step's weight gradients into .grad
+    where their backward computes them (engine/expert_grads.py; on a GPU in the epilogue of a Triton grouped GEMM,
+    engine/grouped_wgrad.py) instead of autograd adding them in a pass of its own. false keeps autograd's add, to
+    measure the difference; without coalesced reduction it has no effect."""
     backend: Literal["auto", "nccl", "gloo"] = "auto"
     """torch.distributed backend; auto = nccl on GPU, gloo on CPU."""
     timeout_minutes: float | None = None

@@ -285,6 +285,12 @@ def build_engine(cfg: Config, world: int, init_from: str | None = None, load_uni
             how = f"emulated in fp32 (numerics only: the real-GEMM path {why})" if why else "torch._scaled_grouped_mm"
             print(f"fp8: routed experts of {layers} MoE layer{'s' * (layers != 1)}, rowwise scaling, weight gradients "
                   f"in bf16, {how}", flush=True)
+    if cfg.parallel.expert_grads_in_place and deepspeed_micro_steps(cfg) != cfg.train.grad_accum_steps:
+        from .engine.expert_grads import expert_grads_in_place
+        converted, layers = expert_grads_in_place(engine.module)
+        if rank0 and layers:
+            print(f"experts: weight gradients added into .grad in place in {converted} of {layers} AutoEP expert "
+                  "layers (parallel.expert_grads_in_place)", flush=True)
     for _, bias in balance.moe_routers(engine.module):  # selection bias must keep fp32 resolution
         bias.data = bias.data.float()
     if cfg.train.compile_blocks:

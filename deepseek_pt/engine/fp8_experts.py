@@ -4,7 +4,8 @@ The expert SwiGLU runs as one autograd function over AutoEP's expert-sorted toke
     gate_up = x @ [w1; w3][e].T      h = silu(gate) * up      y = h @ w2[e].T
 - Forward and input-gradient GEMMs are FP8 (e4m3, rowwise scaled, fast accumulation) on
   `torch._scaled_grouped_mm`. Gate and up run as one grouped GEMM.
-- The weight-gradient GEMMs reduce over each expert's tokens and stay bf16 (`torch._grouped_mm`):
+- The weight-gradient GEMMs reduce over each expert's tokens and stay bf16 (expert_grads.py; `torch._grouped_mm`,
+  or the kernel that adds into `.grad` under `parallel.expert_grads_in_place`):
   rowwise scales cannot follow that axis, and scales per expert and column would need casts of their
   own (torchao's `rowwise_with_gw_hp` keeps this GEMM in bf16 for the linears too).
 - Every scale is a power of two, one per token row and one per weight row along the GEMM's reduction
@@ -30,6 +31,7 @@ import torch.nn.functional as F
 from deepspeed.moe import ep_kernels
 from deepspeed.moe.ep_experts import GroupedExperts
 
+from .expert_grads import expert_weight_grad
 from .fp8 import E4M3_MAX
 
 ALIGN = 16  # FP8 grouped GEMMs need every expert's rows to start on a 16-row boundary, and K, N multiples of 16
@@ -109,39 +111,40 @@ class Fp8ExpertWeights:
 
 class _Fp8ExpertSwiGLU(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, w1, w3, w2, offs, weights: Fp8ExpertWeights, emulate: bool):
+    def forward(ctx, x, w1, w3, w2, offs, weights: Fp8ExpertWeights, emulate: bool, in_place: bool):
         quantize, swiglu, _ = _activation_casts(x)
         x_q, x_s = quantize(x)
         gate_up = scaled_grouped_mm(x_q, x_s, *weights.gate_up, offs, emulate)
         h, h_q, h_s = swiglu(gate_up)
-        ctx.save_for_backward(x, gate_up, h, offs)
-        ctx.weights, ctx.emulate = weights, emulate
+        ctx.save_for_backward(x, gate_up, h, offs, w1, w3, w2)
+        ctx.weights, ctx.emulate, ctx.in_place = weights, emulate, in_place
         return scaled_grouped_mm(h_q, h_s, *weights.down, offs, emulate).to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad_y):
-        x, gate_up, h, offs = ctx.saved_tensors
+        x, gate_up, h, offs, w1, w3, w2 = ctx.saved_tensors
         weights, emulate = ctx.weights, ctx.emulate
         grad_y = grad_y.to(h.dtype).contiguous()
         quantize, _, swiglu_backward = _activation_casts(grad_y)
         g_q, g_s = quantize(grad_y)
         grad_h = scaled_grouped_mm(g_q, g_s, *weights.down_t, offs, emulate)
-        grad_w2 = torch._grouped_mm(grad_y.t(), h, offs=offs)  # [E, dim, H]: bf16, reduced over each expert's rows
+        grad_w2 = expert_weight_grad(w2, grad_y, h, offs, ctx.in_place)  # [E, dim, H], reduced over each expert's rows
         grad_gate_up, gu_q, gu_s = swiglu_backward(gate_up, grad_h)
         grad_x = scaled_grouped_mm(gu_q, gu_s, *weights.gate_up_t, offs, emulate).to(x.dtype)
         # One GEMM per weight, each writing its own contiguous [E, H, dim]. With strided views of one [E, 2H, dim]
         # product instead, a bench-2b profile showed non-vectorized gradient adds costing 3.2 ms per micro-step
         # (docs/benchmarks.md).
-        grad_w1, grad_w3 = (torch._grouped_mm(half.t(), x, offs=offs) for half in grad_gate_up.chunk(2, dim=1))
-        return grad_x, grad_w1, grad_w3, grad_w2, None, None, None
+        grad_w1, grad_w3 = (expert_weight_grad(w, half, x, offs, ctx.in_place)
+                            for w, half in zip((w1, w3), grad_gate_up.chunk(2, dim=1)))
+        return grad_x, grad_w1, grad_w3, grad_w2, None, None, None, None
 
 
 def fp8_expert_swiglu(x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor, offs: torch.Tensor,
-                      weights: Fp8ExpertWeights, emulate: bool) -> torch.Tensor:
+                      weights: Fp8ExpertWeights, emulate: bool, in_place: bool = False) -> torch.Tensor:
     """The routed experts' SwiGLU over expert-sorted rows x [M, dim] (group e ends at offs[e], each group a multiple
     of ALIGN rows), with `weights` the FP8 layouts of w1, w3 [E, H, dim] and w2 [E, dim, H]; gradients reach the
-    bf16 weights."""
-    return _Fp8ExpertSwiGLU.apply(x, w1, w3, w2, offs, weights, emulate)
+    bf16 weights (added into their `.grad` when `in_place`: expert_grads.py)."""
+    return _Fp8ExpertSwiGLU.apply(x, w1, w3, w2, offs, weights, emulate, in_place)
 
 
 def expert_layers(model: torch.nn.Module) -> list[GroupedExperts]:
@@ -172,10 +175,12 @@ class Fp8GroupedExperts(GroupedExperts):
     optimizer_steps: Callable[[], int]
     emulate: bool
     fp8_weights: tuple[tuple, Fp8ExpertWeights] | None
+    grads_in_place = False  # expert_grads.expert_grads_in_place sets it
 
     def forward(self, x: torch.Tensor, num_tokens_per_expert: torch.Tensor) -> torch.Tensor:
         offs = torch.cumsum(num_tokens_per_expert, dim=0, dtype=torch.int32)
-        return fp8_expert_swiglu(x, self.w1, self.w3, self.w2, offs, self.current_fp8_weights(), self.emulate)
+        return fp8_expert_swiglu(x, self.w1, self.w3, self.w2, offs, self.current_fp8_weights(), self.emulate,
+                                 self.grads_in_place)
 
     def current_fp8_weights(self) -> Fp8ExpertWeights:
         """The FP8 layouts of this optimizer step's weights: cast at the step's first forward, reused by its other
