@@ -36,6 +36,11 @@ SWEEP = [(None, None), ((128, 128, 32, 4, 4), False), ((128, 128, 32, 4, 3), Tru
          ((64, 128, 32, 4, 4), True), ((128, 64, 32, 4, 4), True)]
 
 
+def show(name: str, label: str, ms: float, flops: int, err: float | None = None) -> None:
+    note = f" | rel err {err:.1e}" if err is not None else ""
+    print(f"   wgrad {name:9} {label:37} {ms:6.3f} ms {flops / ms / 1e9:6.0f} TFLOP/s{note}", flush=True)
+
+
 def ours(name: str, a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, flops: int, grad: torch.Tensor,
          sum_ref: torch.Tensor) -> None:
     """engine/grouped_wgrad.py's kernel adding into `grad`, at each tile shape of SWEEP (None: its default)."""
@@ -44,9 +49,7 @@ def ours(name: str, a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, flops:
         grouped_wgrad_(g, a, b, offs, config=config, use_tma=tma)
         err = rel_err(g, sum_ref)
         ms = bench(lambda g=g, config=config, tma=tma: grouped_wgrad_(g, a, b, offs, config=config, use_tma=tma))
-        label = "default" if config is None else f"{config}{' tma' if tma else ''}"
-        print(f"   wgrad {name:9} ours add {label:28} {ms:6.3f} ms {flops / ms / 1e9:6.0f} TFLOP/s | rel err "
-              f"{err:.1e}", flush=True)
+        show(name, "ours add " + ("default" if config is None else f"{config}{' tma' if tma else ''}"), ms, flops, err)
 
 
 def wgrad(name: str, a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, E: int, inductor: bool) -> None:
@@ -61,11 +64,10 @@ def wgrad(name: str, a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, E: in
     def accumulate(g: torch.Tensor, a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> None:
         g.add_(torch._grouped_mm(a.t(), b, offs=offs))
 
+    print(f"   wgrad {name}: {E} experts x ~{n // E} rows -> [{a.shape[1]} x {b.shape[1]}] each", flush=True)
     g = grad.clone()
     for label, fn in (("aten", gemm), ("aten + add_", lambda: accumulate(g, a, b, offs))):
-        ms = bench(fn)
-        print(f"   wgrad {name:9} {E}x[~{n // E} rows]->[{a.shape[1]}x{b.shape[1]}] {label:15} {ms:6.3f} ms "
-              f"{flops / ms / 1e9:6.0f} TFLOP/s", flush=True)
+        show(name, label, bench(fn), flops)
     ours(name, a, b, offs, flops, grad, sum_ref)
     if not inductor:
         return
@@ -85,9 +87,7 @@ def wgrad(name: str, a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, E: in
         "inductor sum": (lambda: compiled_sum(grad, a, b, offs), sum_err),
     }
     for label, (fn, err) in variants.items():
-        ms = bench(fn)
-        print(f"   wgrad {name:9} {E}x[~{n // E} rows]->[{a.shape[1]}x{b.shape[1]}] {label:15} {ms:6.3f} ms "
-              f"{flops / ms / 1e9:6.0f} TFLOP/s | rel err {err:.1e}", flush=True)
+        show(name, label, bench(fn), flops, err)
     for label, fn in (("add_", lambda: compiled_add(g, a, b, offs)), ("sum", lambda: compiled_sum(grad, a, b, offs))):
         gpu_ms, top = kernel_table(fn, 3)
         print(f"   -- inductor {label}: {gpu_ms:.3f} ms of GPU time, kernels: "

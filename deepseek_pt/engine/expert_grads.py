@@ -17,15 +17,6 @@ import torch
 from deepspeed.moe.ep_experts import GroupedExperts, apply_expert_activation
 
 
-def _tma_ready(t: torch.Tensor) -> torch.Tensor:
-    """t, or a contiguous copy where the kernel's TMA loads cannot read it: unit column stride, 16-byte rows and
-    base."""
-    size = t.element_size()
-    if t.stride(1) == 1 and t.stride(0) * size % 16 == 0 and t.data_ptr() % 16 == 0:
-        return t
-    return t.contiguous()
-
-
 def expert_weight_grad(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor,
                        in_place: bool) -> torch.Tensor | None:
     """The gradient of weight [E, N, K], a[rows of e]^T b[rows of e] for a [M, N] and b [M, K] with expert e owning
@@ -37,7 +28,7 @@ def expert_weight_grad(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, o
         return torch._grouped_mm(a.t(), b, offs=offs)
     if grad.is_cuda:
         from .grouped_wgrad import grouped_wgrad_
-        grouped_wgrad_(grad, _tma_ready(a), _tma_ready(b), offs)
+        grouped_wgrad_(grad, a, b, offs)
     else:
         grad.add_(torch._grouped_mm(a.t(), b, offs=offs))
     return None
@@ -83,10 +74,11 @@ def expert_grads_in_place(model: torch.nn.Module) -> tuple[int, int]:
     layers = expert_layers(model)
     converted = 0
     for layer in layers:
-        if not isinstance(layer, Fp8GroupedExperts):
-            if layer.use_triton_grouped_mm or not layer.use_grouped_mm or layer.gate_up_impl != "separate":
-                continue
+        if isinstance(layer, Fp8GroupedExperts):
+            layer.grads_in_place = True
+        elif layer.use_grouped_mm and not layer.use_triton_grouped_mm and layer.gate_up_impl == "separate":
             layer.__class__ = InPlaceGradExperts
-        layer.grads_in_place = True
+        else:
+            continue
         converted += 1
     return converted, len(layers)

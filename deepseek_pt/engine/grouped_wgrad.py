@@ -47,8 +47,8 @@ def _load_rows(a, b, r0, end, k0, n0, K, N, stride_a, stride_b, USE_TMA: tl.cons
 
 
 @triton.jit
-def _grouped_wgrad_kernel(a, b, out_ptr, offs_ptr, K, N, stride_a, stride_b, USE_TMA: tl.constexpr, EVEN: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
-                          BLOCK_R: tl.constexpr):
+def _grouped_wgrad_kernel(a, b, out_ptr, offs_ptr, K, N, stride_a, stride_b, USE_TMA: tl.constexpr,
+                          EVEN: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
     expert, tile = tl.program_id(1), tl.program_id(0)
     tiles_n = tl.cdiv(N, BLOCK_N)
     k0, n0 = (tile // tiles_n) * BLOCK_K, (tile % tiles_n) * BLOCK_N
@@ -71,21 +71,28 @@ def _grouped_wgrad_kernel(a, b, out_ptr, offs_ptr, K, N, stride_a, stride_b, USE
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+def _readable(t: torch.Tensor, use_tma: bool) -> torch.Tensor:
+    """t, or a contiguous copy where the kernel's loads cannot read it: they need unit column stride, and TMA also
+    16-byte aligned rows and base."""
+    aligned = t.stride(0) * t.element_size() % 16 == 0 and t.data_ptr() % 16 == 0
+    return t if t.stride(1) == 1 and (aligned or not use_tma) else t.contiguous()
+
+
 def grouped_wgrad_(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor,
                    config: tuple[int, int, int, int, int] | None = None, use_tma: bool | None = None) -> None:
-    """out[e] += a[rows of e]^T b[rows of e], in place, for out [E, K, N] (contiguous) and a [M, K], b [M, N] (bf16,
-    unit column stride) whose expert e owns rows offs[e-1]:offs[e] (int32 [E]); rows past offs[-1] are left out.
-    Loads go through TMA on Hopper and later (a and b then need 16-byte aligned rows), through pointers before.
+    """out[e] += a[rows of e]^T b[rows of e], in place, for out [E, K, N] (contiguous) and a [M, K], b [M, N] (bf16)
+    whose expert e owns rows offs[e-1]:offs[e] (int32 [E]); rows past offs[-1] are left out. Loads go through TMA
+    on Hopper and later, through pointers before; an operand laid out so that they cannot read it is copied first.
     `config` overrides the tile shape (BLOCK_K, BLOCK_N, BLOCK_R, warps, stages) and `use_tma` the load path, for
     the probe."""
     (M, K), N, E = a.shape, b.shape[1], offs.shape[0]
-    if b.shape[0] != M or a.stride(1) != 1 or b.stride(1) != 1:
-        raise ValueError(f"grouped_wgrad_: a {tuple(a.shape)} stride {a.stride()} and b {tuple(b.shape)} stride "
-                         f"{b.stride()} must share their rows and have unit column stride")
+    if b.shape[0] != M:
+        raise ValueError(f"grouped_wgrad_: a {tuple(a.shape)} and b {tuple(b.shape)} must share their rows")
     if out.shape != (E, K, N) or not out.is_contiguous():
         raise ValueError(f"grouped_wgrad_: out {tuple(out.shape)} must be a contiguous [{E}, {K}, {N}]")
     if use_tma is None:
         use_tma = torch.cuda.get_device_capability(a.device) >= (9, 0)
+    a, b = _readable(a, use_tma), _readable(b, use_tma)
     block_k, block_n, block_r, warps, stages = config or (BLOCK_K, BLOCK_N, BLOCK_R, NUM_WARPS, NUM_STAGES)
     strides = a.stride(0), b.stride(0)
     if use_tma:
