@@ -291,6 +291,12 @@ def build_engine(cfg: Config, world: int, init_from: str | None = None, load_uni
         if rank0 and layers:
             print(f"experts: weight gradients added into .grad in place in {converted} of {layers} AutoEP expert "
                   "layers (parallel.expert_grads_in_place)", flush=True)
+    if cfg.parallel.fused_moe_dispatch:
+        from .engine.moe_dispatch import fuse_moe_dispatch
+        converted, layers = fuse_moe_dispatch(engine.module)
+        if rank0 and layers:
+            print(f"moe: tokens dispatched to and combined from the experts' padded rows in one pass each in "
+                  f"{converted} of {layers} AutoEP MoE layers (parallel.fused_moe_dispatch)", flush=True)
     for _, bias in balance.moe_routers(engine.module):  # selection bias must keep fp32 resolution
         bias.data = bias.data.float()
     if cfg.train.compile_blocks:

@@ -164,7 +164,10 @@ def test_balancing_bias_is_identical_on_every_rank_and_saved(baseline):
 
 @pytest.mark.slow
 def test_expert_parallel_1_and_2_give_the_same_losses(tmp_path, baseline, data):
-    train(2, tmp_path, data, "parallel.expert_parallel_size=1", "train.checkpoints=false")  # nothing to resume
+    """Expert parallel 1 also takes the fused dispatch (parallel.fused_moe_dispatch), the baseline's 2 AutoEP's."""
+    proc = train(2, tmp_path, data, "parallel.expert_parallel_size=1", "train.checkpoints=false")  # no resume here
+    fused = re.search(r"padded rows in one pass each in (\d+) of (\d+) AutoEP MoE layers", proc.stdout)
+    assert fused and fused[1] == fused[2] != "0", proc.stdout[-3000:]
     assert_same_losses(tmp_path, baseline, abs=1e-5)
     assert not (tmp_path / "checkpoints").exists()
 

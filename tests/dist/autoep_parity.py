@@ -1,6 +1,7 @@
 """Run under the deepspeed launcher (or as one process with RANK/WORLD_SIZE set): our MoE block's forward and
 backward vs the same weights after DeepSpeed AutoEP conversion (ZeRO-3, expert parallel = world size), on the
-device the engine picks (GPU: AutoEP's fused Triton combine; CPU: its eager one). Prints one JSON line on rank 0."""
+device the engine picks (GPU: AutoEP's fused Triton combine; CPU: its eager one); then the same with AutoEP's
+layers made engine/moe_dispatch.py's where they qualify (expert parallel 1). Prints one JSON line on rank 0."""
 import copy
 import json
 import os
@@ -15,6 +16,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(__file__)))
 from model_configs import tiny  # noqa: E402
 
 from deepseek_pt.engine.ds_config import build_ds_config  # noqa: E402
+from deepseek_pt.engine.moe_dispatch import fuse_moe_dispatch  # noqa: E402
 from deepseek_pt.model import Transformer  # noqa: E402
 from deepseek_pt.train import exit_process, init_distributed  # noqa: E402
 
@@ -53,11 +55,19 @@ def main():
     out = engine(ids)
     engine.backward((out * probe).sum())
     grad = safe_get_full_grad(engine.module.embed_tokens.weight)
+    engine.optimizer.zero_grad()
+    fused, _ = fuse_moe_dispatch(engine.module)
+    fused_out = engine(ids)
+    engine.backward((fused_out * probe).sum())
+    fused_grad = safe_get_full_grad(engine.module.embed_tokens.weight)
     result = {
         "max_abs_diff": max_over_ranks((out - ref_out).abs().max().item()),
         "grad_max_abs_diff": max_over_ranks((grad - ref_grad).abs().max().item()),
         "grad_max_abs": ref_grad.abs().max().item(),
         "converted": len(converted),
+        "fused_dispatch": fused,
+        "fused_max_abs_diff": max_over_ranks((fused_out - out).abs().max().item()),
+        "fused_grad_max_abs_diff": max_over_ranks((fused_grad - grad).abs().max().item()),
         "shared_kept": all(m.shared_experts is not None for m in converted),
         "combine_impl": sorted({m.combine_impl for m in converted}),
         "device": device.type,
