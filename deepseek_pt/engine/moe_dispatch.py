@@ -119,7 +119,7 @@ def _rows_from_tokens(tokens: torch.Tensor, row_pair: torch.Tensor, top_k: int, 
     if out.numel():
         _rows_from_tokens_kernel[(row_pair.numel(),)](
             tokens, row_pair, scores, rows, dots, out, tokens.shape[1], TOP_K=top_k, SCALE=scores is not None,
-            DOT=rows is not None, BLOCK=_block(tokens.shape[1]), num_warps=4)
+            DOT=rows is not None, BLOCK=_block(tokens.shape[1]), num_warps=NUM_WARPS)
     return out, dots
 
 
@@ -132,13 +132,17 @@ def _tokens_from_rows(rows: torch.Tensor, pair_row: torch.Tensor, top_k: int,
     if out.numel():
         # No fused multiply-add: each product rounds to fp32 before the sum, as in AutoEP's combine.
         _tokens_from_rows_kernel[(n_tokens,)](rows, pair_row, scores, out, rows.shape[1], TOP_K=top_k,
-                                              SCALE=scores is not None, BLOCK=_block(rows.shape[1]), num_warps=4,
-                                              enable_fp_fusion=False)
+                                              SCALE=scores is not None, BLOCK=_block(rows.shape[1]),
+                                              num_warps=NUM_WARPS, enable_fp_fusion=False)
     return out
 
 
+# Columns per loop iteration (at most) and warps per program, shared by both kernels.
+MAX_BLOCK, NUM_WARPS = 1024, 4
+
+
 def _block(dim: int) -> int:
-    return min(1024, triton.next_power_of_2(dim))
+    return min(MAX_BLOCK, triton.next_power_of_2(dim))
 
 
 if triton is not None:
