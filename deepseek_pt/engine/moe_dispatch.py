@@ -153,7 +153,8 @@ if triton is not None:
         row = tl.program_id(0).to(tl.int64)
         pair = tl.load(row_pair + row)
         token = tl.where(pair >= 0, pair // TOP_K, 0)
-        mine = tl.full([BLOCK], 0, tl.int64) + pair >= 0  # as a block: a mask for the row's columns
+        # A block, not the scalar: Triton's interpreter (TRITON_INTERPRET=1) refuses a scalar inside a block's mask.
+        mine = tl.full([BLOCK], 0, tl.int64) + pair >= 0
         if SCALE:
             score = tl.load(scores + tl.maximum(pair, 0)).to(tl.float32)  # padding rows store zeros anyway
         dot = tl.zeros([BLOCK], dtype=tl.float32)
