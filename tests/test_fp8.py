@@ -250,6 +250,10 @@ def test_fast_accum_is_for_torchaos_recipes(tmp_path):
 # tested there, and again on the GPU.
 TORCHAO = pytest.mark.skipif(importlib.util.find_spec("torchao") is None, reason="torchao is not installed")
 DEVICE = "cuda" if torch.cuda.is_available() and fp8.fp8_unavailable("rowwise") is None else "cpu"
+# The linear these tests convert, [tokens, IN] -> [tokens, OUT]: small, because torch's CPU FP8 GEMMs are slow (at
+# 512 x 1024 -> 3072 these tests took 6 of CI's 19 minutes), but with every dimension a multiple of torchao's 16 and
+# hundreds of products in every sum.
+TOKENS, IN, OUT = (2, 128), 256, 768
 
 
 @TORCHAO
@@ -257,13 +261,13 @@ DEVICE = "cuda" if torch.cuda.is_available() and fp8.fp8_unavailable("rowwise") 
                                                      ("rowwise_with_gw_hp", False)])
 def test_torchaos_recipes_compute_within_their_fp8_error(recipe, fp8_weight_grad):
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(1024, 3072, bias=False)).to(DEVICE, torch.bfloat16)
-    exact = nn.Linear(1024, 3072, bias=False).to(DEVICE, torch.bfloat16)
+    model = nn.Sequential(nn.Linear(IN, OUT, bias=False)).to(DEVICE, torch.bfloat16)
+    exact = nn.Linear(IN, OUT, bias=False).to(DEVICE, torch.bfloat16)
     exact.weight = model[0].weight
     assert convert_to_fp8(model, recipe, "all").converted == 1 and type(model[0]).__name__ == "Float8Linear"
-    x = torch.randn(4, 128, 1024, device=DEVICE, dtype=torch.bfloat16)
+    x = torch.randn(*TOKENS, IN, device=DEVICE, dtype=torch.bfloat16)
     x[..., 7] *= 50  # an outlier channel
-    grad_out = torch.randn(4, 128, 3072, device=DEVICE, dtype=torch.bfloat16)
+    grad_out = torch.randn(*TOKENS, OUT, device=DEVICE, dtype=torch.bfloat16)
     for name, got, want in zip(("y", "dx", "dw"), _grads(model[0], x, grad_out, False),
                                _grads(exact, x, grad_out, True)):
         assert got.dtype == torch.bfloat16, name
@@ -277,12 +281,12 @@ def test_torchaos_recipes_compute_within_their_fp8_error(recipe, fp8_weight_grad
 @pytest.mark.parametrize("recipe", ["tensorwise", "rowwise"])
 def test_fast_accum_all_reaches_torchaos_backward_gemms(recipe):
     torch.manual_seed(0)
-    x = torch.randn(4, 128, 1024, device=DEVICE, dtype=torch.bfloat16)
-    grad_out = torch.randn(4, 128, 3072, device=DEVICE, dtype=torch.bfloat16)
+    x = torch.randn(*TOKENS, IN, device=DEVICE, dtype=torch.bfloat16)
+    grad_out = torch.randn(*TOKENS, OUT, device=DEVICE, dtype=torch.bfloat16)
     runs = {}
     for fast_accum in ("forward", "all"):
         torch.manual_seed(1)
-        model = nn.Sequential(nn.Linear(1024, 3072, bias=False)).to(DEVICE, torch.bfloat16)
+        model = nn.Sequential(nn.Linear(IN, OUT, bias=False)).to(DEVICE, torch.bfloat16)
         assert convert_to_fp8(model, recipe, "all", fast_accum).converted == 1
         gemms = model[0].config
         assert gemms.gemm_config_output.use_fast_accum
