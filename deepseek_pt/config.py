@@ -263,6 +263,11 @@ class ParallelConfig:
     engine/grouped_wgrad.py) instead of autograd adding them in a pass of its own: +2.3% bf16, +2.8% FP8 tokens/s on
     bench-2b on an H200 (docs/benchmarks.md). false keeps autograd's add, to measure the difference; without
     coalesced reduction it has no effect."""
+    linear_grads_in_place: bool = True
+    """Under coalesce_grad_reduction, the plain linear layers (attention, dense and shared-expert MLPs, router, output
+    head; not torchao's FP8 ones) add each micro-step's weight gradient into .grad in their weight-gradient GEMM
+    (cuBLAS with beta = 1, engine/linear_grads.py) instead of autograd adding a new gradient onto .grad in a pass of
+    its own. false keeps autograd's add, to measure the difference; without coalesced reduction it has no effect."""
     fused_moe_dispatch: bool = True
     """Where a MoE layer's experts are all local (expert_parallel_size 1), gather its tokens straight into the
     experts' padded groups and sum their output straight back into tokens, each backward a gather of the other

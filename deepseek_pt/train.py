@@ -285,12 +285,19 @@ def build_engine(cfg: Config, world: int, init_from: str | None = None, load_uni
             how = f"emulated in fp32 (numerics only: the real-GEMM path {why})" if why else "torch._scaled_grouped_mm"
             print(f"fp8: routed experts of {layers} MoE layer{'s' * (layers != 1)}, rowwise scaling, weight gradients "
                   f"in bf16, {how}", flush=True)
-    if cfg.parallel.expert_grads_in_place and deepspeed_micro_steps(cfg) != cfg.train.grad_accum_steps:
+    coalesced = deepspeed_micro_steps(cfg) != cfg.train.grad_accum_steps
+    if cfg.parallel.expert_grads_in_place and coalesced:
         from .engine.expert_grads import expert_grads_in_place
         converted, layers = expert_grads_in_place(engine.module)
         if rank0 and layers:
             print(f"experts: weight gradients added into .grad in place in {converted} of {layers} AutoEP expert "
                   "layers (parallel.expert_grads_in_place)", flush=True)
+    if cfg.parallel.linear_grads_in_place and coalesced:  # before compile_blocks: the compiled halves trace it
+        from .engine.linear_grads import linear_grads_in_place
+        converted, layers = linear_grads_in_place(engine.module)
+        if rank0:
+            print(f"linears: weight gradients added into .grad by their GEMM in {converted} of {layers} linear "
+                  "layers (parallel.linear_grads_in_place)", flush=True)
     if cfg.parallel.fused_moe_dispatch:
         from .engine.moe_dispatch import fuse_moe_dispatch
         converted, layers = fuse_moe_dispatch(engine.module)

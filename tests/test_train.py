@@ -199,8 +199,9 @@ def test_zero_init_in_bf16_builds_the_same_model(tmp_path, data):
                          ids=["reduced-per-micro-step", "reduced-per-step", "reduced-per-step-stopped-and-resumed"])
 def test_two_micro_steps_of_two_give_the_losses_of_one_of_four(tmp_path, baseline, data, coalesce, resumed):
     """Gradient accumulation is exact in fp32: 2 micro-batches of 2 sequences train like the baseline's 1 of 4,
-    whether ZeRO reduces after each micro-step's backward or once per optimizer step (the routed experts then add
-    their weight gradients into .grad in place: parallel.expert_grads_in_place), and across a resume."""
+    whether ZeRO reduces after each micro-step's backward or once per optimizer step (the routed experts and every
+    linear then add their weight gradients into .grad in place: parallel.expert_grads_in_place and
+    linear_grads_in_place), and across a resume."""
     overrides = ("train.micro_batch_size=2", "train.grad_accum_steps=2",
                  f"parallel.coalesce_grad_reduction={str(coalesce).lower()}")
     if resumed:
@@ -208,6 +209,8 @@ def test_two_micro_steps_of_two_give_the_losses_of_one_of_four(tmp_path, baselin
     proc = train(2, tmp_path, data, *overrides)
     in_place = "weight gradients added into .grad in place in 1 of 1 AutoEP expert layers" in proc.stdout
     assert in_place == coalesce, proc.stdout[-3000:]
+    linears = re.search(r"linears: weight gradients added into \.grad by their GEMM in (\d+) of (\d+) ", proc.stdout)
+    assert (linears is not None and linears[1] == linears[2] != "0") == coalesce, proc.stdout[-3000:]
     assert len(metrics(tmp_path)) == STEPS  # a resume went on from step 4, it did not start again
     assert_same_losses(tmp_path, baseline, abs=1e-5)
 
