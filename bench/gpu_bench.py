@@ -107,6 +107,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--cprofile", action="store_true",
                         help="print the Python functions that take the host's time over 3 optimizer steps (cProfile; "
                              "the main thread only, not the autograd thread that runs backward hooks)")
+    parser.add_argument("--timeline", action="store_true",
+                        help="print GPU busy against the wall of one optimizer step and its longest idle gaps (a "
+                             "kernels-only profile: the host runs at nearly its own speed, which --profile's does not)")
     parser.add_argument("--ds", action="append", default=[], metavar="dotted.key=value",
                         help="patch the generated DeepSpeed config (to measure a knob before it becomes a config key)")
     parser.add_argument("--engine-compile", action="store_true",
@@ -125,6 +128,8 @@ def main() -> None:
     args = parse_args()
     for k, v in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29561"}.items():
         os.environ.setdefault(k, v)
+    if args.timeline and not torch.cuda.is_available():
+        sys.exit("gpu_bench.py: --timeline times GPU kernels, and this machine has no GPU")
     cfg = load_config(args.config, ["train.grad_accum_steps=1", *args.overrides])
     if args.ds:
         patch_ds_config(args.ds)
@@ -187,6 +192,16 @@ def main() -> None:
         stats = pstats.Stats(profiler, stream=sys.stderr)
         stats.sort_stats("tottime").print_stats(40)
         stats.sort_stats("cumulative").print_stats(60)
+    if args.timeline:
+        from profile_summary import gpu_timeline
+        from torch.profiler import ProfilerActivity, profile
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            synchronize()
+            t1 = time.perf_counter()
+            run(accum)
+            synchronize()
+            wall_us = (time.perf_counter() - t1) * 1e6
+        gpu_timeline(prof, accum, wall_us)
     if args.profile:
         from profile_summary import summarize
         from torch.profiler import ProfilerActivity, profile

@@ -105,6 +105,34 @@ def _idle_gaps(prof, cpu, steps: int, out, min_gap_us: float = 5.0) -> None:
         print(f"  {sum(ds) / steps / 1e3:7.2f} {len(ds) / steps:6.1f}  {site}", file=out)
 
 
+def gpu_timeline(prof, steps: int, wall_us: float, out=sys.stderr, top: int = 12) -> None:
+    """GPU busy against the host-timed wall of a profile that recorded kernels only (CUDA activity, no CPU ops or
+    stacks: the host runs at nearly its own speed), and where the idle time lies: the longest gaps between
+    kernels, with what ran before and after each and when in the step."""
+    kernels = sorted((e for e in prof.events() if e.device_type.name == "CUDA"
+                      and not getattr(e, "is_user_annotation", False)), key=lambda e: e.time_range.start)
+    if not kernels:
+        print("profile: no GPU kernels recorded", file=out)
+        return
+    busy = _union_us([(e.time_range.start, e.time_range.end) for e in kernels])
+    gaps, end, last = [], kernels[0].time_range.end, kernels[0]
+    for e in kernels[1:]:
+        if e.time_range.start > end:
+            gaps.append((e.time_range.start - end, end - kernels[0].time_range.start, last.name, e.name))
+        if e.time_range.end > end:
+            end, last = e.time_range.end, e
+    print(f"timeline over {steps} micro-steps: wall {wall_us / steps / 1e3:.2f} ms/micro-step (host-timed), GPU busy "
+          f"{busy / steps / 1e3:.2f}, idle {(wall_us - busy) / steps / 1e3:.2f}; first kernel to last "
+          f"{(end - kernels[0].time_range.start) / steps / 1e3:.2f}", file=out)
+    for floor in (10, 100, 1000):
+        big = [g for g in gaps if g[0] >= floor]
+        print(f"  gaps of {floor} us or more: {len(big) / steps:.1f} per micro-step, "
+              f"{sum(g[0] for g in big) / steps / 1e3:.2f} ms per micro-step", file=out)
+    print(f"  the {top} longest (us, ms into the step, kernel before -> kernel after):", file=out)
+    for gap, at, before, after in sorted(gaps, reverse=True)[:top]:
+        print(f"  {gap:8.0f} {at / 1e3:8.1f}  {before[:60]} -> {after[:60]}", file=out)
+
+
 def summarize(prof, steps: int, out=sys.stderr) -> None:
     events = prof.events()
     # GPU work only: user annotations (e.g. "Optimizer.step#AdamW.step") span the kernels they contain.
