@@ -69,6 +69,20 @@ def test_in_place_linears_train_as_torchs_leaving_autograd_out_after_the_first_m
             assert rel_err(grad_ours, grad_exact) <= rel_err(grad_ref, grad_exact) * 1.05 + 1e-4, name
 
 
+def test_recomputed_in_backward_alike():
+    """Under activation checkpointing the forward runs again in backward: it must take the same path as the first
+    time (the checkpoint refuses other saved tensors), and the gradients come out the same."""
+    from torch.utils.checkpoint import checkpoint
+
+    reference, ours = _pair(torch.float32)
+    for x, grad_y in [(torch.randn(2, 8, 32), torch.randn(2, 8, 32)) for _ in range(3)]:
+        reference(x).backward(grad_y)
+        checkpoint(ours, x, use_reentrant=False).backward(grad_y)
+    for name in ("up", "down"):
+        torch.testing.assert_close(getattr(ours, name).weight.grad, getattr(reference, name).weight.grad,
+                                   rtol=1e-5, atol=1e-5)
+
+
 def test_compiled_backward_adds_into_grad_in_place():
     """Traced as torch's addmm_, AOTAutograd would make the add an out-of-place GEMM and a copy back into .grad:
     the custom op keeps it one GEMM on .grad itself."""
