@@ -38,6 +38,13 @@ def linear_shapes(config_path: str) -> Counter:
                    if type(m) is torch.nn.Linear and m.bias is None and ".experts." not in name)
 
 
+def timings(dy: torch.Tensor, x: torch.Tensor, grad: torch.Tensor) -> dict[str, float]:
+    """ms per call of the weight gradient dy^T x: alone, then added as autograd adds it, then in place."""
+    return {"GEMM": bench(lambda: dy.t() @ x),
+            "GEMM + add_": bench(lambda: grad.add_(dy.t() @ x)),
+            "in place": bench(lambda: add_linear_weight_grad_(grad, dy, x))}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default="configs/bench-2b.yaml")
@@ -53,9 +60,7 @@ def main() -> None:
         in_place = grad.clone()
         add_linear_weight_grad_(in_place, dy, x)
         added = grad + dy.t() @ x
-        times = {"GEMM": bench(lambda: dy.t() @ x),
-                 "GEMM + add_": bench(lambda: grad.add_(dy.t() @ x)),
-                 "in place": bench(lambda: add_linear_weight_grad_(grad, dy, x))}
+        times = timings(dy, x, grad)
         flops = 2 * args.tokens * out_dim * in_dim
         cells = "  ".join(f"{k} {ms:6.3f} ms ({flops / ms / 1e9:4.0f} TFLOP/s)" for k, ms in times.items())
         print(f"[{out_dim:5} x {in_dim:5}] x{count:2}  {cells}  | rel err against fp32: GEMM + add "
