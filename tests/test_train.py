@@ -195,15 +195,20 @@ def test_zero_init_in_bf16_builds_the_same_model(tmp_path, data):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("coalesce, resumed", [(False, False), (True, False), (True, True)],
-                         ids=["reduced-per-micro-step", "reduced-per-step", "reduced-per-step-stopped-and-resumed"])
-def test_two_micro_steps_of_two_give_the_losses_of_one_of_four(tmp_path, baseline, data, coalesce, resumed):
+@pytest.mark.parametrize("coalesce, resumed, partitioned", [
+    (False, False, False), (True, False, False), (True, True, False), (True, False, True)],
+    ids=["reduced-per-micro-step", "reduced-per-step", "reduced-per-step-stopped-and-resumed",
+         "reduced-per-step-parameters-partitioned"])
+def test_two_micro_steps_of_two_give_the_losses_of_one_of_four(tmp_path, baseline, data, coalesce, resumed,
+                                                                partitioned):
     """Gradient accumulation is exact in fp32: 2 micro-batches of 2 sequences train like the baseline's 1 of 4,
     whether ZeRO reduces after each micro-step's backward or once per optimizer step (the routed experts and every
     linear then add their weight gradients into .grad in place: parallel.expert_grads_in_place and
-    linear_grads_in_place), and across a resume."""
+    linear_grads_in_place), and across a resume; also where ZeRO-3 partitions every parameter and gathers it for
+    each use (the smoke model's are all persistent at the default threshold)."""
     overrides = ("train.micro_batch_size=2", "train.grad_accum_steps=2",
-                 f"parallel.coalesce_grad_reduction={str(coalesce).lower()}")
+                 f"parallel.coalesce_grad_reduction={str(coalesce).lower()}",
+                 *(["parallel.zero_persistence_threshold=0"] if partitioned else []))
     if resumed:
         train(2, tmp_path, data, *overrides, "train.exit_at_step=4")
     proc = train(2, tmp_path, data, *overrides)
@@ -211,6 +216,7 @@ def test_two_micro_steps_of_two_give_the_losses_of_one_of_four(tmp_path, baselin
     assert in_place == coalesce, proc.stdout[-3000:]
     linears = re.search(r"linears: weight gradients added into \.grad by their GEMM in (\d+) of (\d+) ", proc.stdout)
     assert (linears is not None and linears[1] == linears[2] != "0") == coalesce, proc.stdout[-3000:]
+    assert ("zero3: every parameter persistent" in proc.stdout) != partitioned, proc.stdout[-3000:]
     assert len(metrics(tmp_path)) == STEPS  # a resume went on from step 4, it did not start again
     assert_same_losses(tmp_path, baseline, abs=1e-5)
 
