@@ -65,6 +65,24 @@ def _collectives(kernels, busy: float, wall: float, steps: int, out) -> None:
         print(f"  {us / steps / 1e3:7.2f} {100 * us / wall:5.1f}%  {kind}", file=out)
 
 
+def _gpu_kernels(events) -> list:
+    """The GPU kernels and copies among a profile's events, by start time. User annotations (e.g.
+    "Optimizer.step#AdamW.step") are recorded on the GPU too, spanning the kernels they contain: left out."""
+    return sorted((e for e in events if e.device_type.name == "CUDA" and not getattr(e, "is_user_annotation", False)),
+                  key=lambda e: e.time_range.start)
+
+
+def _gaps(spans: list[tuple[float, float]]):
+    """For spans (start, end) sorted by start, each stretch where none runs: (its start, its length, the index of
+    the span that ended last before it, the index of the span that ends it)."""
+    end, last = spans[0][1], 0
+    for i, (start, stop) in enumerate(spans[1:], 1):
+        if start > end:
+            yield end, start - end, last, i
+        if stop > end:
+            end, last = stop, i
+
+
 def _launcher(op) -> str:
     """The CPU op that launched a kernel and up to three of its ancestors (Python frames where the profiler has
     them): the host work the GPU was waiting for."""
@@ -93,11 +111,9 @@ def _idle_gaps(prof, cpu, steps: int, out, min_gap_us: float = 5.0) -> None:
     ops = {e.id: e for e in cpu}
     launches = _kernel_launches(prof)
     gaps: dict[str, list[float]] = defaultdict(list)
-    end = launches[0][1]
-    for start, stop, op_id in launches[1:]:
-        if start - end > min_gap_us:
-            gaps[_launcher(ops.get(op_id))].append(start - end)
-        end = max(end, stop)
+    for _, gap, _, after in _gaps([(start, stop) for start, stop, _ in launches]):
+        if gap > min_gap_us:
+            gaps[_launcher(ops.get(launches[after][2]))].append(gap)
     total = sum(map(sum, gaps.values()))
     print(f"GPU idle gaps over {min_gap_us:g} us: {total / steps / 1e3:.2f} ms/micro-step; by the op launched after "
           "the gap (ms per micro-step, gaps per micro-step):", file=out)
@@ -109,21 +125,16 @@ def gpu_timeline(prof, steps: int, wall_us: float, out=sys.stderr, top: int = 12
     """GPU busy against the host-timed wall of a profile that recorded kernels only (CUDA activity, no CPU ops or
     stacks: the host runs at nearly its own speed), and where the idle time lies: the longest gaps between
     kernels, with what ran before and after each and when in the step."""
-    kernels = sorted((e for e in prof.events() if e.device_type.name == "CUDA"
-                      and not getattr(e, "is_user_annotation", False)), key=lambda e: e.time_range.start)
+    kernels = _gpu_kernels(prof.events())
     if not kernels:
         print("profile: no GPU kernels recorded", file=out)
         return
-    busy = _union_us([(e.time_range.start, e.time_range.end) for e in kernels])
-    gaps, end, last = [], kernels[0].time_range.end, kernels[0]
-    for e in kernels[1:]:
-        if e.time_range.start > end:
-            gaps.append((e.time_range.start - end, end - kernels[0].time_range.start, last.name, e.name))
-        if e.time_range.end > end:
-            end, last = e.time_range.end, e
+    spans = [(e.time_range.start, e.time_range.end) for e in kernels]
+    busy, first, end = _union_us(spans), spans[0][0], max(stop for _, stop in spans)
+    gaps = [(gap, at - first, kernels[before].name, kernels[after].name) for at, gap, before, after in _gaps(spans)]
     print(f"timeline over {steps} micro-steps: wall {wall_us / steps / 1e3:.2f} ms/micro-step (host-timed), GPU busy "
           f"{busy / steps / 1e3:.2f}, idle {(wall_us - busy) / steps / 1e3:.2f}; first kernel to last "
-          f"{(end - kernels[0].time_range.start) / steps / 1e3:.2f}", file=out)
+          f"{(end - first) / steps / 1e3:.2f}", file=out)
     for floor in (10, 100, 1000):
         big = [g for g in gaps if g[0] >= floor]
         print(f"  gaps of {floor} us or more: {len(big) / steps:.1f} per micro-step, "
@@ -135,8 +146,7 @@ def gpu_timeline(prof, steps: int, wall_us: float, out=sys.stderr, top: int = 12
 
 def summarize(prof, steps: int, out=sys.stderr) -> None:
     events = prof.events()
-    # GPU work only: user annotations (e.g. "Optimizer.step#AdamW.step") span the kernels they contain.
-    kernels = [e for e in events if e.device_type.name == "CUDA" and not getattr(e, "is_user_annotation", False)]
+    kernels = _gpu_kernels(events)
     cpu = [e for e in events if e.device_type.name == "CPU"]
     if not kernels:
         print("profile: no GPU kernels recorded", file=out)
