@@ -16,15 +16,16 @@ from __future__ import annotations
 import torch
 from deepspeed.moe.ep_experts import GroupedExperts, apply_expert_activation
 
+from .linear_grads import grad_to_add_into
+
 
 def expert_weight_grad(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor,
                        in_place: bool) -> torch.Tensor | None:
     """The gradient of weight [E, N, K], a[rows of e]^T b[rows of e] for a [M, N] and b [M, K] with expert e owning
     rows offs[e-1]:offs[e]. Returned for autograd to accumulate, or, when `in_place` and weight.grad already holds
     this step's sum, added into weight.grad and None returned."""
-    grad = weight.grad
-    if not (in_place and grad is not None and grad.shape == weight.shape and grad.dtype == a.dtype
-            and grad.is_contiguous()):
+    grad = grad_to_add_into(weight, a.dtype) if in_place else None
+    if grad is None:
         return torch._grouped_mm(a.t(), b, offs=offs)
     if grad.is_cuda:
         from .grouped_wgrad import grouped_wgrad_

@@ -22,6 +22,16 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def grad_to_add_into(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
+    """weight.grad where a GEMM of `dtype` can add its gradient into it in place: this step's sum so far, of the
+    weight's shape, that dtype and a plain layout. None where autograd must take the gradient (a step's first
+    micro-step, or a `.grad` of another kind)."""
+    grad = weight.grad
+    if grad is None or grad.shape != weight.shape or grad.dtype != dtype or not grad.is_contiguous():
+        return None
+    return grad
+
+
 @torch.library.custom_op("deepseek_pt::add_linear_weight_grad_", mutates_args=("grad",))
 def add_linear_weight_grad_(grad: torch.Tensor, grad_y: torch.Tensor, x: torch.Tensor) -> None:
     """grad [out, in] += grad_y[..., out]^T x[..., in], summed over every leading dimension, in one GEMM."""
@@ -50,9 +60,8 @@ class InPlaceGradLinear(nn.Linear):
     """nn.Linear without bias whose weight gradient goes into `.grad` in place once `.grad` holds one."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        grad = self.weight.grad
-        if (grad is None or not torch.is_grad_enabled() or not self.weight.requires_grad or grad.dtype != x.dtype
-                or grad.shape != self.weight.shape or not grad.is_contiguous()):
+        grad = grad_to_add_into(self.weight, x.dtype)
+        if grad is None or not torch.is_grad_enabled() or not self.weight.requires_grad:
             return F.linear(x, self.weight)
         return _LinearGradInPlace.apply(x, self.weight, grad)
 
