@@ -22,10 +22,12 @@ def _rows(n_cols: int, device: str, dtype: torch.dtype, padding: int = 16) -> to
     return x
 
 
-def _accumulations(layer: torch.nn.Module) -> list[int]:
-    """How often autograd hands each of w1, w3, w2 a gradient to accumulate (its tensor hooks see None otherwise)."""
-    counts = [0, 0, 0]
-    for i, w in enumerate((layer.w1, layer.w3, layer.w2)):
+def accumulations(weights) -> list[int]:
+    """How often autograd hands each of `weights` a gradient to accumulate (its tensor hooks see None otherwise), as
+    the counts go on."""
+    weights = list(weights)
+    counts = [0] * len(weights)
+    for i, w in enumerate(weights):
         w.register_hook(lambda grad, i=i: counts.__setitem__(i, counts[i] + (grad is not None)))
     return counts
 
@@ -42,7 +44,7 @@ def test_in_place_experts_train_as_autoeps_layer_leaving_autograd_out_after_the_
     assert expert_grads_in_place(torch.nn.Sequential(ours)) == (1, 1) and type(ours) is InPlaceGradExperts
     counts = torch.tensor(COUNTS, device=device)
     micro_steps = [(_rows(64, device, dtype), _rows(64, device, dtype)) for _ in range(3)]
-    accumulated = {id(autoep): _accumulations(autoep), id(ours): _accumulations(ours)}
+    accumulated = {id(layer): accumulations((layer.w1, layer.w3, layer.w2)) for layer in (autoep, ours)}
     outputs = {}
     for layer in (autoep, ours):
         for x, grad_y in micro_steps:
@@ -86,9 +88,7 @@ def test_fp8_experts_add_their_weight_gradients_in_place_alike():
     grads, accumulated = {}, {}
     for in_place in (False, True):
         w1, w3, w2 = (w.clone().requires_grad_() for w in weights)
-        holder = torch.nn.Module()
-        holder.w1, holder.w3, holder.w2 = w1, w3, w2
-        accumulated[in_place] = _accumulations(holder)
+        accumulated[in_place] = accumulations((w1, w3, w2))
         fp8_weights = Fp8ExpertWeights(w1, w3, w2)
         for x, grad_y in micro_steps:
             fp8_expert_swiglu(x, w1, w3, w2, offs, fp8_weights, emulate=True, in_place=in_place).backward(grad_y)

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from deepseek_pt.engine.linear_grads import InPlaceGradLinear, linear_grads_in_place
+from test_expert_grads import accumulations
 from test_fp8 import rel_err
 
 
@@ -29,14 +30,6 @@ def _pair(dtype: torch.dtype) -> tuple[TwoLayers, TwoLayers]:
     return reference, ours
 
 
-def _accumulations(model: nn.Module) -> list[int]:
-    """How often autograd hands each weight a gradient to accumulate (its tensor hooks see None otherwise)."""
-    counts = [0] * len(list(model.parameters()))
-    for i, w in enumerate(model.parameters()):
-        w.register_hook(lambda grad, i=i: counts.__setitem__(i, counts[i] + (grad is not None)))
-    return counts
-
-
 def _micro_steps(model, batches, compiled: bool) -> list[torch.Tensor]:
     forward = torch.compile(model) if compiled else model
     outputs = []
@@ -52,7 +45,7 @@ def _micro_steps(model, batches, compiled: bool) -> list[torch.Tensor]:
 def test_in_place_linears_train_as_torchs_leaving_autograd_out_after_the_first_micro_step(dtype, compiled):
     reference, ours = _pair(dtype)
     batches = [(torch.randn(2, 8, 32, dtype=dtype), torch.randn(2, 8, 32, dtype=dtype)) for _ in range(3)]
-    counts = {id(m): _accumulations(m) for m in (reference, ours)}
+    counts = {id(m): accumulations(m.parameters()) for m in (reference, ours)}
     for y_ref, y_ours in zip(_micro_steps(reference, batches, compiled), _micro_steps(ours, batches, compiled)):
         assert torch.equal(y_ours, y_ref)  # torch's linear forward
     assert counts[id(reference)] == [3, 3]
