@@ -247,6 +247,12 @@ class ParallelConfig:
     sub-group over ZeRO-3's flat gradient buffer, then the clip, the skip of a non-finite step and AdamW in one
     more, reading the bf16 gradients and writing the bf16 weights too; one host sync of its own per step
     (DeepSpeed's step had 15). Same update, same skipped steps, same optimizer state; false runs DeepSpeed's own."""
+    zero_keep_params_gathered: bool = True
+    """ZeRO-3 with zero_fused_step, where every parameter is persistent and partitioned over one rank (one GPU, or a
+    CPU run of one process): the optimizer step leaves the parameters gathered, as views of their partitions that
+    the update writes, instead of releasing every one and gathering them again as DeepSpeed's step does, a walk in
+    Python over the parameters while the GPU idles (engine/zero3_step.py). Where partitions span ranks nothing
+    changes. false keeps DeepSpeed's release and re-gather, to measure the difference."""
     zero_idle_hooks_off: bool = True
     """ZeRO-3: when every parameter is persistent (none larger than zero_persistence_threshold), remove DeepSpeed's
     per-module fetch/release hooks, which then gather and release nothing but still cost host time on every

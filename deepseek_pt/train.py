@@ -273,6 +273,12 @@ def build_engine(cfg: Config, world: int, init_from: str | None = None, load_uni
         if zero3_hooks.remove_if_idle(engine) and rank0:
             print("zero3: every parameter persistent, per-module fetch/release hooks removed "
                   "(parallel.zero_idle_hooks_off)", flush=True)
+    if cfg.parallel.zero_stage == 3 and cfg.parallel.zero_fused_step and cfg.parallel.zero_keep_params_gathered:
+        from .engine import zero3_step
+        kept = zero3_step.keep_params_gathered(engine.optimizer)
+        if kept and rank0:
+            print(f"zero3: all {kept} parameters stay gathered through the optimizer step, views of their one-rank "
+                  "partitions (parallel.zero_keep_params_gathered)", flush=True)
     # DeepSpeed keeps fp32 buffers when it casts to bf16, but under zero.Init the RoPE frequencies were computed in
     # bf16; exports compute them afresh in fp32, and training must rotate positions as they will.
     engine.module.reset_rope()

@@ -232,6 +232,22 @@ def test_one_micro_step_per_step_reduced_after_backward_gives_the_same_losses(tm
 
 
 @pytest.mark.slow
+def test_one_rank_parameters_kept_gathered_through_the_step_train_and_resume_alike(tmp_path, data):
+    """parallel.zero_keep_params_gathered on one rank with every parameter persistent: the step writes the
+    parameters through their partitions instead of releasing and re-gathering them. A checkpoint's save (which
+    releases and re-gathers them) and a resume from it give the losses of DeepSpeed's release and re-gather."""
+    common = [*ONE_RANK_ALL_PERSISTENT, "train.save_every=4"]
+    reference, kept, resumed = tmp_path / "released", tmp_path / "kept", tmp_path / "resumed"
+    proc = train(1, reference, data, *common, "parallel.zero_keep_params_gathered=false")
+    assert "stay gathered through the optimizer step" not in proc.stdout
+    proc = train(1, kept, data, *common)
+    assert re.search(r"zero3: all \d+ parameters stay gathered through the optimizer step", proc.stdout), proc.stdout
+    assert_same_losses(kept, reference, abs=1e-6)
+    train(1, resumed, data, *common, f"train.resume={ckpt(kept, 4)}")
+    assert_same_losses(resumed, reference, range(5, STEPS + 1), abs=1e-6)
+
+
+@pytest.mark.slow
 def test_recomputing_the_moe_block_gives_the_same_losses(tmp_path, baseline, data):
     """Activation checkpointing of block 1 (AutoEP's MoE layer under ZeRO-3) changes memory, not the math."""
     train(2, tmp_path, data, "train.activation_checkpointing=[1]")
@@ -458,25 +474,36 @@ def test_zero3_block_granularity_and_compiled_blocks(tmp_path, baseline, data, o
     assert_same_losses(tmp_path, baseline, abs=1e-5)
 
 
-def zero_step_report(data: Path, *overrides: str) -> dict:
-    proc = run_job(deepspeed_cmd(2, ROOT / "tests" / "dist" / "zero_step_check.py", f"data.path={data}",
+def zero_step_report(data: Path, *overrides: str, nproc: int = 2) -> dict:
+    proc = run_job(deepspeed_cmd(nproc, ROOT / "tests" / "dist" / "zero_step_check.py", f"data.path={data}",
                                  "train.grad_clip=0.5", *overrides), timeout=300)  # smoke norms are 0.7-1.0
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return last_json(proc.stdout)
 
 
+# One rank with every parameter persistent: the step keeps them gathered (parallel.zero_keep_params_gathered).
+ONE_RANK_ALL_PERSISTENT = ["parallel.expert_parallel_size=1", "parallel.zero_persistence_threshold=1000000000"]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("overrides, rel", [
-    ([], 1e-6),
-    (["precision=bf16", "train.grad_accum_steps=2", "parallel.coalesce_grad_reduction=true"], 1e-3),
-], ids=["fp32", "bf16-coalesced"])
-def test_zero3_fused_step_updates_and_skips_as_deepspeeds(data, overrides, rel):
+@pytest.mark.parametrize("nproc, overrides, rel", [
+    (2, [], 1e-6),
+    (2, ["precision=bf16", "train.grad_accum_steps=2", "parallel.coalesce_grad_reduction=true"], 1e-3),
+    (1, ["precision=bf16", *ONE_RANK_ALL_PERSISTENT], 1e-3),
+], ids=["fp32", "bf16-coalesced", "bf16-one-rank-kept-gathered"])
+def test_zero3_fused_step_updates_and_skips_as_deepspeeds(data, nproc, overrides, rel):
     """engine/zero3_step.py's step against DeepSpeed's own, on 2 ranks with AutoEP (the experts' norms summed over
     the expert-parallel group), the clip engaged: the same losses and gradient norms (DeepSpeed sums the norm in
     fp64, ours in fp32; in bf16 the gradients are bf16), and a NaN loss's step skipped alike: master weights,
-    Adam's moments and step count and the learning rate untouched, counted as skipped, the next step training on."""
-    ours, theirs = (zero_step_report(data, *overrides, f"parallel.zero_fused_step={on}") for on in ("true", "false"))
+    Adam's moments and step count and the learning rate untouched, counted as skipped, the next step training on.
+    On one rank with every parameter persistent, ours never releases the parameters (views of their bf16
+    partitions, which the update writes), where DeepSpeed's releases and re-gathers them at every step."""
+    ours, theirs = (zero_step_report(data, *overrides, f"parallel.zero_fused_step={on}", nproc=nproc)
+                    for on in ("true", "false"))
     assert ours["fused_step"] and not theirs["fused_step"]
+    assert theirs["releases"] == 3 and ours["releases"] == (0 if nproc == 1 else 3), (ours, theirs)
+    if nproc == 1:
+        assert ours["partition_views"] == ours["parameters"], ours
     for step, (got, want) in enumerate(zip(ours["steps"], theirs["steps"]), 1):
         if step == 2:  # the NaN loss
             assert math.isnan(got["loss"]) and math.isnan(want["loss"]), (got, want)

@@ -1,7 +1,8 @@
 """Run under the deepspeed launcher: three optimizer steps of the smoke config (overrides from argv, data.path
 among them), the second on a NaN loss, and report on rank 0 what ZeRO-3's step did with each: the loss and
 gradient norm, whether the non-finite step left the fp32 master weights, Adam's moments and step count and the
-learning rate as they were, and how many steps the engine counts as skipped. One JSON line."""
+learning rate as they were, how many steps the engine counts as skipped, how many times the steps released every
+parameter, and how many parameters are views of their ZeRO-3 partitions at the end. One JSON line."""
 import json
 import sys
 from pathlib import Path
@@ -33,6 +34,10 @@ def main():
     batches = to_device(loader, device)
     nan_loss = lambda engine, inputs, targets: engine(inputs, targets) * float("nan")  # noqa: E731
 
+    releases = []
+    release_all = engine.optimizer._partition_all_parameters
+    engine.optimizer._partition_all_parameters = lambda: (releases.append(1), release_all())
+
     steps = []
     for forward in (None, nan_loss, None):
         before, lr = optimizer_state(engine), engine.get_lr()[0]
@@ -41,9 +46,12 @@ def main():
         steps.append({"loss": loss, "grad_norm": float(engine.get_global_grad_norm()),
                       "state_unchanged": all(torch.equal(a, b) for a, b in zip(before, after)),
                       "lr_unchanged": engine.get_lr()[0] == lr})
+    params = list(engine.module.parameters())
+    views = sum(p.data.data_ptr() == p.ds_tensor.data_ptr() and p.data.numel() == p.ds_numel for p in params)
     if rank == 0:
         print(json.dumps({"fused_step": zero3_step.installed(engine.optimizer), "steps": steps,
-                          "skipped_steps": engine.skipped_steps}), flush=True)
+                          "skipped_steps": engine.skipped_steps, "releases": len(releases),
+                          "parameters": len(params), "partition_views": views}), flush=True)
 
 
 if __name__ == "__main__":
