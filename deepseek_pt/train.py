@@ -291,10 +291,7 @@ def build_engine(cfg: Config, world: int, init_from: str | None = None, load_uni
             how = f"emulated in fp32 (numerics only: the real-GEMM path {why})" if why else "torch._scaled_grouped_mm"
             print(f"fp8: routed experts of {layers} MoE layer{'s' * (layers != 1)}, rowwise scaling, weight gradients "
                   f"in bf16, {how}", flush=True)
-    if cfg.parallel.coalesce_grad_reduction and rank0:
-        print("zero: gradients reduced once per optimizer step, after its last backward, not from per-parameter hooks "
-              "during each (parallel.coalesce_grad_reduction)", flush=True)
-    coalesced = deepspeed_micro_steps(cfg) != cfg.train.grad_accum_steps  # micro-step gradients add up in .grad
+    coalesced = deepspeed_micro_steps(cfg) != cfg.train.grad_accum_steps
     if cfg.parallel.expert_grads_in_place and coalesced:
         from .engine.expert_grads import expert_grads_in_place
         converted, layers = expert_grads_in_place(engine.module)
@@ -325,9 +322,7 @@ def train_step(engine, cfg: Config, batches: Iterator[tuple[torch.Tensor, torch.
     """One optimizer step over train.grad_accum_steps micro-batches from `batches`; returns the sum of their
     losses, on device. `forward(engine, inputs, targets) -> loss` defaults to our model's call."""
     accum = cfg.train.grad_accum_steps
-    # Coalesced even at one micro-step per step: ZeRO's per-parameter hooks then stay out of backward, and its one
-    # reduction runs after it.
-    coalesce = cfg.parallel.coalesce_grad_reduction
+    coalesce = deepspeed_micro_steps(cfg) != accum
     loss_sum = torch.zeros((), device=engine.device)
     with engine.coalesce_grad_reduction() if coalesce else contextlib.nullcontext():
         for _ in range(accum):

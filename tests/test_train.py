@@ -222,16 +222,6 @@ def test_two_micro_steps_of_two_give_the_losses_of_one_of_four(tmp_path, baselin
 
 
 @pytest.mark.slow
-def test_one_micro_step_per_step_reduced_after_backward_gives_the_same_losses(tmp_path, baseline, data):
-    """Coalesced reduction at one micro-step per step: ZeRO reduces once after backward instead of from its
-    per-parameter hooks during it; the math is the same."""
-    proc = train(2, tmp_path, data, "parallel.coalesce_grad_reduction=true")
-    assert "zero: gradients reduced once per optimizer step" in proc.stdout, proc.stdout[-3000:]
-    assert "linears: weight gradients added" not in proc.stdout  # nothing to add up over one micro-step
-    assert_same_losses(tmp_path, baseline, abs=1e-5)
-
-
-@pytest.mark.slow
 def test_one_rank_parameters_kept_gathered_through_the_step_train_and_resume_alike(tmp_path, data):
     """parallel.zero_keep_params_gathered on one rank with every parameter persistent: the step writes the
     parameters through their partitions instead of releasing and re-gathering them. A checkpoint's save (which
