@@ -30,6 +30,8 @@ ROOT = Path(__file__).resolve().parent.parent
 SMOKE = ROOT / "configs" / "smoke.yaml"
 LOSS_REFERENCE = ROOT / "tests" / "assets" / "smoke_losses.json"
 STEPS = 8
+# One rank with every parameter persistent: the step keeps them gathered (parallel.zero_keep_params_gathered).
+ONE_RANK_ALL_PERSISTENT = ["parallel.expert_parallel_size=1", "parallel.zero_persistence_threshold=1000000000"]
 
 
 def _launch_cmd(nproc: int, run_dir: Path, data: Path, *overrides: str) -> list:
@@ -469,10 +471,6 @@ def zero_step_report(data: Path, *overrides: str, nproc: int = 2) -> dict:
                                  "train.grad_clip=0.5", *overrides), timeout=300)  # smoke norms are 0.7-1.0
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return last_json(proc.stdout)
-
-
-# One rank with every parameter persistent: the step keeps them gathered (parallel.zero_keep_params_gathered).
-ONE_RANK_ALL_PERSISTENT = ["parallel.expert_parallel_size=1", "parallel.zero_persistence_threshold=1000000000"]
 
 
 @pytest.mark.slow

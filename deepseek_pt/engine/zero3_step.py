@@ -19,8 +19,8 @@ parameters, may still wait on the GPU itself.
 Where every parameter is persistent and partitioned over one rank (one GPU), the step leaves them gathered
 (`keep_params_gathered`, `parallel.zero_keep_params_gathered`). There each parameter is a view of its partition
 (DeepSpeed's gather over one rank copies nothing), which the update writes. DeepSpeed's step still releases every
-parameter before the update and gathers them again after it: a Python walk over the parameters that cost ~3-4 ms
-of host time per step on bench-2b's host, with the GPU idle. A checkpoint's save or load still releases and
+parameter before the update and gathers them again after it: a Python walk over the parameters that held the GPU
+idle ~2-3 ms per step on bench-2b's H200 host. A checkpoint's save or load still releases and
 re-gathers them (DeepSpeed's checkpoint events); the next step checks that each is its partition's view again.
 
 It covers what our engine builds: ZeRO-3 without offload, swapping, Muon, fp16 loss scaling, torch autocast's
