@@ -573,6 +573,24 @@ def test_zero3_fused_step_refuses_an_optimizer_it_does_not_cover():
         zero3_step.install(torch.optim.AdamW([torch.nn.Parameter(torch.ones(2))]))
 
 
+def test_kept_gathered_parameters_become_views_of_their_partitions_again():
+    """What the kept-gathered step does with a parameter a checkpoint left as a gathered copy or released: it points
+    it at its partition again (values from the partition, status available); one in flight is refused."""
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    from deepseek_pt.engine import zero3_step
+    param = torch.nn.Parameter(torch.zeros(4, 8))
+    param.ds_id, param.ds_shape, param.ds_numel, param.ds_tensor = 0, param.shape, 32, torch.arange(34.0)
+    for data, status in ((torch.zeros(4, 8), ZeroParamStatus.AVAILABLE), (torch.empty(0), ZeroParamStatus.NOT_AVAILABLE)):
+        param.data, param.ds_status = data, status
+        zero3_step._as_partition_views([param])
+        assert param.data.data_ptr() == param.ds_tensor.data_ptr() and param.ds_status == ZeroParamStatus.AVAILABLE
+        assert torch.equal(param.data, torch.arange(32.0).view(4, 8))
+    param.ds_status = ZeroParamStatus.INFLIGHT
+    with pytest.raises(RuntimeError, match="parameter 0 is being gathered at the optimizer step"):
+        zero3_step._as_partition_views([param])
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("zero_init", [False, True], ids=["built-whole", "built-partitioned"])
 def test_bf16_engine_keeps_rope_frequencies_and_balance_bias_in_fp32(zero_init):

@@ -97,11 +97,12 @@ def _as_partition_views(params) -> None:
     for param in params:
         if param.ds_status == ZeroParamStatus.INFLIGHT:  # only hooks fetch, and they never fetch persistent ones
             raise RuntimeError(f"ZeRO-3 parameter {param.ds_id} is being gathered at the optimizer step")
-        view = param.ds_tensor.data.narrow(0, 0, param.ds_numel).view(param.ds_shape)
-        if param.data.data_ptr() != view.data_ptr() or param.data.shape != view.shape:
-            if param.data.is_cuda:  # as DeepSpeed's free_param: queued kernels may still read a copy
-                param.data.record_stream(torch.cuda.current_stream())
-            param.data = view
+        # Checked without building the view: every step runs this over every parameter, while the GPU waits.
+        data = param.data
+        if data.data_ptr() != param.ds_tensor.data_ptr() or data.shape != param.ds_shape:
+            if data.is_cuda:  # as DeepSpeed's free_param: queued kernels may still read a copy
+                data.record_stream(torch.cuda.current_stream())
+            param.data = param.ds_tensor.data.narrow(0, 0, param.ds_numel).view(param.ds_shape)
         param.ds_status = ZeroParamStatus.AVAILABLE
 
 
