@@ -485,11 +485,16 @@ def test_zero3_fused_step_updates_and_skips_as_deepspeeds(data, nproc, overrides
     fp64, ours in fp32; in bf16 the gradients are bf16), and a NaN loss's step skipped alike: master weights,
     Adam's moments and step count and the learning rate untouched, counted as skipped, the next step training on.
     On one rank with every parameter persistent, ours never releases the parameters (views of their bf16
-    partitions, which the update writes), where DeepSpeed's releases and re-gathers them at every step."""
+    partitions, which the update writes), where DeepSpeed's releases and re-gathers them at every step. Run on a
+    GPU (one rank), it also checks that the host never waits on ZeRO-3's reduction stream."""
     ours, theirs = (zero_step_report(data, *overrides, f"parallel.zero_fused_step={on}", nproc=nproc)
                     for on in ("true", "false"))
     assert ours["fused_step"] and not theirs["fused_step"]
     assert theirs["releases"] == 3 and ours["releases"] == (0 if nproc == 1 else 3), (ours, theirs)
+    # On a GPU DeepSpeed's backward epilogue waits on the host for its reduction stream at every step (its step
+    # more: 7 waits in 3 steps on an H200); ours has the GPU wait for it. A CPU has no such stream.
+    assert ours["stream_waits"] == 0, ours
+    assert theirs["stream_waits"] >= 3 if ours["device"] == "cuda" else theirs["stream_waits"] == 0, theirs
     if nproc == 1:
         assert ours["partition_views"] == ours["parameters"], ours
     for step, (got, want) in enumerate(zip(ours["steps"], theirs["steps"]), 1):

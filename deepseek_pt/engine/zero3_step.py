@@ -1,5 +1,5 @@
 """ZeRO-3's optimizer step: the gradient clip, the skip of a non-finite step and AdamW in one pass over each
-sub-group, whose own code waits on the GPU once: to say whether the step was applied.
+sub-group, whose own code waits on the GPU once, for the gradient norm: to say whether the step was applied.
 
 DeepSpeed's DeepSpeedZeroOptimizer_Stage3.step, per step, over bench-2b's 2.0B parameters on an H200: a norm
 kernel per gradient tensor after copying each one to fp32, a host sync per sub-group (a scalar built on the host
@@ -22,6 +22,12 @@ Where every parameter is persistent and partitioned over one rank (one GPU), the
 parameter before the update and gathers them again after it: a Python walk over the parameters that held the GPU
 idle ~2-3 ms per step on bench-2b's H200 host. A checkpoint's save or load still releases and
 re-gathers them (DeepSpeed's checkpoint events); the next step checks that each is its partition's view again.
+
+The host's wait for the norm comes after the update is queued, and waits for the norm's copy only: the host goes
+on to the next micro-step while the GPU updates (2B parameters' AdamW, ~12 ms on bench-2b's H200). DeepSpeed's
+backward epilogue, the step's predecessor, waited on the host for its reduction stream; here the GPU waits for it
+instead (`_epilogue_without_host_wait`). At one micro-step per step those two waits left the GPU idle while the
+host prepared the step and then the next micro-step (docs/benchmarks.md).
 
 It covers what our engine builds: ZeRO-3 without offload, swapping, Muon, fp16 loss scaling, torch autocast's
 scaler or tensor parallelism, on torch's AdamW without amsgrad or maximize. Anything else is refused at install
@@ -68,6 +74,8 @@ def install(zero) -> None:
     zero._norm_process_groups = [_norm_process_groups(zero, params) for params in zero.fp16_groups]
     zero._kept_gathered = None
     zero.step = types.MethodType(_fused_step, zero)
+    if isinstance(zero.reduce_and_partition_stream, torch.cuda.Stream):
+        zero.independent_gradient_partition_epilogue = types.MethodType(_epilogue_without_host_wait, zero)
 
 
 def keep_params_gathered(zero) -> int:
@@ -165,6 +173,7 @@ def _fused_step(self, closure=None):
         total = total + square
     norm = total.sqrt() / self.loss_scale
     not_finite = ~torch.isfinite(norm)
+    overflow = _HostFlag(not_finite)  # on its way to the host while the update below is queued
     self._global_grad_norm = torch.where(not_finite, torch.full_like(norm, math.inf), norm)
 
     scale = torch.full_like(norm, float(self.loss_scale))
@@ -190,10 +199,45 @@ def _fused_step(self, closure=None):
         self._release_sub_group(i, set())
     self._post_step(set())  # gathers the persistent parameters released above
 
-    # The engine reads `overflow` on the host to skip the LR step and count the skipped step: our one sync, queued
-    # behind the whole update. Then DeepSpeed's loss-scale bookkeeping, and its clean-up after a skipped step.
-    self.overflow = bool(not_finite)
+    # The engine reads `overflow` on the host to skip the LR step and count the skipped step: our one wait on the
+    # GPU, for the norm only. The update, queued already, runs while the host goes on to the next micro-step.
+    # Then DeepSpeed's loss-scale bookkeeping, and its clean-up after a skipped step.
+    self.overflow = overflow.read()
     self._loss_scale_update_and_overflow_cleanup()
+
+
+class _HostFlag:
+    """A boolean the GPU computes, copied to pinned host memory behind the kernels that compute it. read() waits for
+    that copy only, not for the kernels queued after it (bool() on the GPU tensor would wait for all of them)."""
+
+    def __init__(self, flag: torch.Tensor):
+        self._ready = None
+        if flag.is_cuda:
+            self._flag = torch.empty((), dtype=flag.dtype, pin_memory=True).copy_(flag, non_blocking=True)
+            self._ready = torch.cuda.Event()
+            self._ready.record()
+        else:
+            self._flag = flag
+
+    def read(self) -> bool:
+        if self._ready is not None:
+            self._ready.synchronize()
+        return bool(self._flag)
+
+
+def _epilogue_without_host_wait(self):
+    """DeepSpeed's backward epilogue (the last gradient buckets reduced into their partitions), bound as its method
+    where a CUDA stream carries the reduction: its host wait on that stream becomes the current stream's wait on
+    it. The step's kernels, queued on the current stream, still start after the reduction; the host no longer
+    idles the GPU while it prepares them (the step's start, ~1 ms per step on bench-2b's H200 at one micro-step
+    per step). Tensors the host drops meanwhile are safe: each returns to its own stream's pool, and both pools'
+    next users run after this wait."""
+    stream = self.reduce_and_partition_stream
+    stream.synchronize = functools.partial(torch.cuda.current_stream(stream.device).wait_stream, stream)
+    try:
+        type(self).independent_gradient_partition_epilogue(self)
+    finally:
+        del stream.synchronize
 
 
 @torch.no_grad()

@@ -2,7 +2,8 @@
 among them), the second on a NaN loss, and report on rank 0 what ZeRO-3's step did with each: the loss and
 gradient norm, whether the non-finite step left the fp32 master weights, Adam's moments and step count and the
 learning rate as they were, how many steps the engine counts as skipped, how many times the steps released every
-parameter, and how many parameters are views of their ZeRO-3 partitions at the end. One JSON line."""
+parameter, how many times the host waited on a CUDA stream (DeepSpeed's backward epilogue waits on its reduction
+stream), and how many parameters are views of their ZeRO-3 partitions at the end. One JSON line."""
 import json
 import sys
 from pathlib import Path
@@ -38,6 +39,11 @@ def main():
     release_all = engine.optimizer._partition_all_parameters
     engine.optimizer._partition_all_parameters = lambda: (releases.append(1), release_all())
 
+    stream_waits = []
+    if device.type == "cuda":
+        stream_wait = torch.cuda.Stream.synchronize
+        torch.cuda.Stream.synchronize = lambda stream: (stream_waits.append(1), stream_wait(stream))[1]
+
     steps = []
     for forward in (None, nan_loss, None):
         before, lr = optimizer_state(engine), engine.get_lr()[0]
@@ -51,6 +57,7 @@ def main():
     if rank == 0:
         print(json.dumps({"fused_step": zero3_step.installed(engine.optimizer), "steps": steps,
                           "skipped_steps": engine.skipped_steps, "releases": len(releases),
+                          "device": device.type, "stream_waits": len(stream_waits),
                           "parameters": len(params), "partition_views": views}), flush=True)
 
 
