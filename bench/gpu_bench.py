@@ -108,8 +108,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="print the Python functions that take the host's time over 3 optimizer steps (cProfile; "
                              "the main thread only, not the autograd thread that runs backward hooks)")
     parser.add_argument("--timeline", action="store_true",
-                        help="print GPU busy against the wall of one optimizer step and its longest idle gaps (a "
-                             "kernels-only profile: the host runs at nearly its own speed, which --profile's does not)")
+                        help="print GPU busy against the wall of one optimizer step, queued behind another as in "
+                             "training, and its longest idle gaps (a kernels-only profile: the host runs at nearly "
+                             "its own speed, which --profile's does not)")
     parser.add_argument("--ds", action="append", default=[], metavar="dotted.key=value",
                         help="patch the generated DeepSpeed config (to measure a knob before it becomes a config key)")
     parser.add_argument("--engine-compile", action="store_true",
@@ -196,12 +197,9 @@ def main() -> None:
         from profile_summary import gpu_timeline
         from torch.profiler import ProfilerActivity, profile
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            run(2 * accum)  # a lead-in step, then the step the timeline is of
             synchronize()
-            t1 = time.perf_counter()
-            run(accum)
-            synchronize()
-            wall_us = (time.perf_counter() - t1) * 1e6
-        gpu_timeline(prof, accum, wall_us)
+        gpu_timeline(prof, accum, lead_in=accum)
     if args.profile:
         from profile_summary import summarize
         from torch.profiler import ProfilerActivity, profile

@@ -121,25 +121,34 @@ def _idle_gaps(prof, cpu, steps: int, out, min_gap_us: float = 5.0) -> None:
         print(f"  {sum(ds) / steps / 1e3:7.2f} {len(ds) / steps:6.1f}  {site}", file=out)
 
 
-def gpu_timeline(prof, steps: int, wall_us: float, out=sys.stderr, top: int = 12) -> None:
-    """GPU busy against the host-timed wall of a profile that recorded kernels only (CUDA activity, no CPU ops or
-    stacks: the host runs at nearly its own speed), and where the idle time lies: the longest gaps between
-    kernels, with what ran before and after each and when in the step."""
+def gpu_timeline(prof, steps: int, lead_in: int, out=sys.stderr, top: int = 12) -> None:
+    """GPU busy against the wall of a profile that recorded kernels only (CUDA activity, no CPU ops or stacks: the
+    host runs at nearly its own speed), and where the idle time lies: the longest gaps between kernels, with what
+    ran before and after each and when in the window. The profile holds `lead_in` micro-steps and then `steps`,
+    queued back to back as training queues them; the window is the last `steps`, from the end of the lead-in's
+    last kernel (its kernels: their share of the count, every micro-step launching the same ones). A window that
+    started with the profile would start with an idle GPU and a host that has no head start on it, and blame the
+    step's start for a wait that training overlaps."""
     kernels = _gpu_kernels(prof.events())
-    if not kernels:
-        print("profile: no GPU kernels recorded", file=out)
+    cut = round(len(kernels) * lead_in / (lead_in + steps))
+    if len(kernels) <= cut or cut == 0:
+        print(f"profile: {len(kernels)} GPU kernels recorded, too few for a lead-in of {lead_in} micro-steps", file=out)
         return
-    spans = [(e.time_range.start, e.time_range.end) for e in kernels]
-    busy, first, end = _union_us(spans), spans[0][0], max(stop for _, stop in spans)
-    gaps = [(gap, at - first, kernels[before].name, kernels[after].name) for at, gap, before, after in _gaps(spans)]
-    print(f"timeline over {steps} micro-steps: wall {wall_us / steps / 1e3:.2f} ms/micro-step (host-timed), GPU busy "
-          f"{busy / steps / 1e3:.2f}, idle {(wall_us - busy) / steps / 1e3:.2f}; first kernel to last "
-          f"{(end - first) / steps / 1e3:.2f}", file=out)
+    window = kernels[cut:]
+    spans = [(e.time_range.start, e.time_range.end) for e in window]
+    start = max(e.time_range.end for e in kernels[:cut])
+    busy, end = _union_us([(max(a, start), b) for a, b in spans]), max(stop for _, stop in spans)
+    # A zero-length span at `start` first: a gap before the window's first kernel counts too.
+    names = ["(the lead-in's last kernel)"] + [e.name for e in window]
+    gaps = [(gap, at - start, names[before], names[after]) for at, gap, before, after in _gaps([(start, start), *spans])]
+    wall = end - start
+    print(f"timeline over {steps} micro-steps after {lead_in} (steady state): wall {wall / steps / 1e3:.2f} ms/micro-step "
+          f"(the GPU's clock), GPU busy {busy / steps / 1e3:.2f}, idle {(wall - busy) / steps / 1e3:.2f}", file=out)
     for floor in (10, 100, 1000):
         big = [g for g in gaps if g[0] >= floor]
         print(f"  gaps of {floor} us or more: {len(big) / steps:.1f} per micro-step, "
               f"{sum(g[0] for g in big) / steps / 1e3:.2f} ms per micro-step", file=out)
-    print(f"  the {top} longest (us, ms into the step, kernel before -> kernel after):", file=out)
+    print(f"  the {top} longest (us, ms into the window, kernel before -> kernel after):", file=out)
     for gap, at, before, after in sorted(gaps, reverse=True)[:top]:
         print(f"  {gap:8.0f} {at / 1e3:8.1f}  {before[:60]} -> {after[:60]}", file=out)
 

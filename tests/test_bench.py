@@ -271,3 +271,21 @@ def test_a_ds_patch_deepspeed_would_refuse_is_named_before_the_run(monkeypatch):
                                    "zero_optimization.stage3_sub_group_size=4000000000"])
     with pytest.raises(SystemExit, match="takes dotted.key=value"):
         gpu_bench.patch_ds_config(["zero_optimization.overlap_comm"])
+
+
+def test_gpu_timeline_times_the_step_after_its_lead_in(monkeypatch, capsys):
+    """--timeline's window: the kernels after the lead-in's share, from the end of its last kernel: an idle GPU
+    before the lead-in, and kernels of the lead-in that end inside the window, count for nothing."""
+    from types import SimpleNamespace as Event
+
+    summary = _bench_module("profile_summary", monkeypatch)
+    cuda = Event(name="CUDA")
+    kernels = [("lead_0", 90, 95), ("lead_a", 100, 110), ("lead_b", 112, 121), ("step_a", 120, 130), ("step_b", 140, 150),
+               ("step_c", 146, 151)]  # in us, 3 per micro-step; step_a starts on another stream before lead_b ends
+    events = [Event(name=n, device_type=cuda, time_range=Event(start=a, end=b)) for n, a, b in kernels]
+    summary.gpu_timeline(Event(events=lambda: events), steps=1, lead_in=1, out=sys.stdout)
+    lines = capsys.readouterr().out.splitlines()
+    # The window: 121 -> 151 us; busy 121-130 and 140-151
+    assert lines[0] == "timeline over 1 micro-steps after 1 (steady state): wall 0.03 ms/micro-step (the GPU's clock), GPU busy 0.02, idle 0.01", lines
+    assert lines[1] == "  gaps of 10 us or more: 1.0 per micro-step, 0.01 ms per micro-step", lines
+    assert lines[-1].split() == ["10", "0.0", "step_a", "->", "step_b"], lines
