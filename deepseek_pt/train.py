@@ -433,6 +433,7 @@ def train(cfg: Config) -> int:
             "peak_mem_gib": peak_memory_gib(),
             "expert_load": expert_load,
             "step_time_s": dt,
+            "time": time.time(),  # when the step was logged: wall-clock rates over many steps (bench/train_loop_rate.sh)
             **means,
         }
         if cfg.train.eval_every and (step % cfg.train.eval_every == 0 or step == cfg.train.max_steps):

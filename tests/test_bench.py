@@ -1,7 +1,7 @@
 """The device calls' scripts on CPU. The loss comparison: runs side by side (PARALLEL=1), each run's metrics, the
 summary table, and the curve of a run that a device call's limit cut off. The throughput benchmark: the peer and
 our engine on one shape, the side-by-side table, every case file's lines, and --ds patches that DeepSpeed would
-refuse. ZeRO-3's hook timer. Issue 6's multi-GPU check, on 2 CPU processes."""
+refuse. The training loop's wall-clock rate. ZeRO-3's hook timer. Issue 6's multi-GPU check, on 2 CPU processes."""
 from __future__ import annotations
 
 import gzip
@@ -150,6 +150,25 @@ def test_gpu_bench_runs_ours_and_the_peer_side_by_side(tmp_path):
     for log in sorted(tmp_path.glob("gpu_bench.*.log")):
         stages = re.findall(r"^\[\d+ s\] (.+)$", log.read_text(), re.M)
         assert stages == ["engine built", "first optimizer step done", "warm-up done"], log.read_text()[-2000:]
+
+
+@pytest.mark.slow
+def test_train_loop_rate_times_the_loop_by_its_records(tmp_path):
+    """The training loop's wall-clock rate from its records' `time`: over steps FROM..STEPS, never faster than the
+    steps' own times say (the loop's work after each step comes on top); a FROM outside the run is named."""
+    script = ["bash", ROOT / "bench/train_loop_rate.sh", "configs/smoke.yaml", "parallel.expert_parallel_size=1"]
+    proc = subprocess.run(script, env=_script_env(tmp_path, STEPS="5", FROM="2"), capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    rate = json.loads(proc.stdout.splitlines()[-1])
+    records = [json.loads(line) for line in (tmp_path / "train_loop_rate.jsonl").read_text().splitlines()]
+    assert rate["steps"] == "2-5" and [r["step"] for r in records] == [1, 2, 3, 4, 5], (rate, records)
+    assert rate["ms_per_step_wall"] >= rate["ms_per_step_logged"] > 0, rate
+    tokens_per_step = records[0]["tokens_seen"]
+    assert rate["tokens_per_s_wall"] == pytest.approx(tokens_per_step / rate["ms_per_step_wall"] * 1e3, rel=1e-3), rate
+    proc = subprocess.run(script, env=_script_env(tmp_path, STEPS="3", FROM="3"), capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode != 0 and "FROM=3 must lie in 1..2 (STEPS=3)" in proc.stderr, proc.stderr[-2000:]
 
 
 @pytest.mark.slow
