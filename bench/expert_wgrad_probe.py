@@ -96,11 +96,12 @@ def wgrad(name: str, a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, E: in
 
 def expert_swiglu(counts: torch.Tensor, M: int, E: int, dim: int, hidden: int) -> None:
     """The bf16 expert SwiGLU, forward and backward, without gradients on the weights yet (a step's first
-    micro-step) and accumulating (every later one): AutoEP's layer, and engine/expert_grads.py's InPlaceGradExperts
-    (the same parameters) adding its weight gradients in place."""
+    micro-step) and accumulating (every later one): AutoEP's layer, and engine/expert_grads.py's RoutedExperts
+    (the same parameters) adding its weight gradients in place, then also with its forward and input gradients
+    through engine/grouped_mm.py's Triton kernel."""
     from deepspeed.moe.ep_experts import GroupedExperts
 
-    from deepseek_pt.engine.expert_grads import expert_grads_in_place
+    from deepseek_pt.engine.expert_grads import convert_routed_experts
 
     x = torch.randn(M, dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     dy = torch.randn(M, dim, device="cuda", dtype=torch.bfloat16)
@@ -114,9 +115,10 @@ def expert_swiglu(counts: torch.Tensor, M: int, E: int, dim: int, hidden: int) -
             layer.zero_grad(set_to_none=True)
         layer(x, counts).backward(dy)
 
-    for label in ("AutoEP", "in place"):
+    for label in ("AutoEP", "in place", "+ Triton"):
         if label == "in place":
-            expert_grads_in_place(model)
+            convert_routed_experts(model, grads_in_place=True, triton_gemms=False)
+        layer.triton_gemms = label == "+ Triton"
         for accumulate in (False, True):
             step(True)
             ms = bench(lambda accumulate=accumulate: step(accumulate), calls=5)

@@ -288,16 +288,20 @@ def build_engine(cfg: Config, world: int, init_from: str | None = None, load_uni
         why = expert_gemms_unavailable()
         layers = convert_experts_to_fp8(engine.module, lambda: engine.global_steps, emulate=why is not None)
         if rank0:
-            how = f"emulated in fp32 (numerics only: the real-GEMM path {why})" if why else "torch._scaled_grouped_mm"
+            how = f"emulated in fp32 (numerics only: the real-GEMM path {why})" if why else "real FP8 grouped GEMMs"
             print(f"fp8: routed experts of {layers} MoE layer{'s' * (layers != 1)}, rowwise scaling, weight gradients "
                   f"in bf16, {how}", flush=True)
     coalesced = deepspeed_micro_steps(cfg) != cfg.train.grad_accum_steps
-    if cfg.parallel.expert_grads_in_place and coalesced:
-        from .engine.expert_grads import expert_grads_in_place
-        converted, layers = expert_grads_in_place(engine.module)
+    grads_in_place = cfg.parallel.expert_grads_in_place and coalesced
+    if grads_in_place or cfg.parallel.expert_triton_gemms:
+        from .engine.expert_grads import convert_routed_experts
+        converted, layers = convert_routed_experts(engine.module, grads_in_place, cfg.parallel.expert_triton_gemms)
         if rank0 and layers:
-            print(f"experts: weight gradients added into .grad in place in {converted} of {layers} AutoEP expert "
-                  "layers (parallel.expert_grads_in_place)", flush=True)
+            what = [w for w, on in (("weight gradients added into .grad in place (parallel.expert_grads_in_place)",
+                                     grads_in_place),
+                                    ("forward and input gradients through a Triton kernel on Hopper or later GPUs "
+                                     "(parallel.expert_triton_gemms)", cfg.parallel.expert_triton_gemms)) if on]
+            print(f"experts: {converted} of {layers} AutoEP expert layers on our GEMMs: {'; '.join(what)}", flush=True)
     if cfg.parallel.linear_grads_in_place and coalesced:  # before compile_blocks: the compiled halves trace it
         from .engine.linear_grads import linear_grads_in_place
         converted, layers = linear_grads_in_place(engine.module)

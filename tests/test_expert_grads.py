@@ -1,12 +1,13 @@
-"""Routed experts' weight gradients added into .grad in place (parallel.expert_grads_in_place): the same forward and
-gradients as AutoEP's layer with autograd accumulating, autograd left out from the second micro-step on, the FP8
-experts alike, and on a GPU the Triton kernel against torch's grouped GEMM. Through DeepSpeed with coalesced
-reduction: tests/test_train.py's reduced-per-step runs."""
+"""The routed experts on our GEMMs (engine/expert_grads.py's RoutedExperts): weight gradients added into .grad in place
+(parallel.expert_grads_in_place), the same forward and gradients as AutoEP's layer with autograd accumulating,
+autograd left out from the second micro-step on, the FP8 experts alike; the forward and input gradients through
+engine/grouped_mm.py's Triton kernel (parallel.expert_triton_gemms). On a GPU both Triton kernels against fp32 sums.
+Through DeepSpeed: tests/test_train.py's reduced-per-step runs."""
 import pytest
 import torch
 from deepspeed.moe.ep_experts import GroupedExperts
 
-from deepseek_pt.engine.expert_grads import InPlaceGradExperts, expert_grads_in_place
+from deepseek_pt.engine.expert_grads import RoutedExperts, convert_routed_experts, expert_mm
 from deepseek_pt.engine.fp8_experts import Fp8ExpertWeights, fp8_expert_swiglu
 from test_fp8 import rel_err
 
@@ -32,16 +33,23 @@ def accumulations(weights) -> list[int]:
     return counts
 
 
-def test_in_place_experts_train_as_autoeps_layer_leaving_autograd_out_after_the_first_micro_step():
+@pytest.mark.parametrize("grads_in_place", [True, False], ids=["grads-in-place", "autograd-accumulates"])
+@pytest.mark.parametrize("triton_gemms", [False, True], ids=["torch-grouped-mm", "triton-gemms"])
+def test_routed_experts_train_as_autoeps_layer(grads_in_place, triton_gemms):
+    """Three micro-steps of our layer against AutoEP's with autograd accumulating: the same outputs and gradients
+    (on a CPU, where both run torch._grouped_mm, bit for bit up to x's gradient; on a GPU the Triton kernels, no
+    further from fp32 sums than AutoEP's), and autograd handed the weight gradients only in the first micro-step
+    when they go in place."""
     torch.manual_seed(0)
     device = DEVICE
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32  # the kernel runs in bf16; CPU: the add, exact
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32  # the kernels run in bf16; CPU: torch's, exact
     autoep = GroupedExperts(64, 48, len(COUNTS), disable_triton_grouped_mm=True).to(device, dtype)
     for w in autoep.parameters():
         torch.nn.init.normal_(w, std=0.1)
     ours = GroupedExperts(64, 48, len(COUNTS), disable_triton_grouped_mm=True).to(device, dtype)
     ours.load_state_dict(autoep.state_dict())
-    assert expert_grads_in_place(torch.nn.Sequential(ours)) == (1, 1) and type(ours) is InPlaceGradExperts
+    assert convert_routed_experts(torch.nn.Sequential(ours), grads_in_place, triton_gemms) == (1, 1)
+    assert type(ours) is RoutedExperts and (ours.grads_in_place, ours.triton_gemms) == (grads_in_place, triton_gemms)
     counts = torch.tensor(COUNTS, device=device)
     micro_steps = [(_rows(64, device, dtype), _rows(64, device, dtype)) for _ in range(3)]
     accumulated = {id(layer): accumulations((layer.w1, layer.w3, layer.w2)) for layer in (autoep, ours)}
@@ -53,28 +61,38 @@ def test_in_place_experts_train_as_autoeps_layer_leaving_autograd_out_after_the_
             y.backward(grad_y)
             outputs.setdefault(id(layer), []).append((y.detach(), x.grad))
     n = sum(COUNTS)  # rows past the groups are left unset by torch._grouped_mm
-    for (y_a, gx_a), (y_o, gx_o) in zip(outputs[id(autoep)], outputs[id(ours)]):
-        assert torch.equal(y_o[:n], y_a[:n])  # the same forward, op for op
-        torch.testing.assert_close(gx_o[:n], gx_a[:n])
+    exact = _fp32_layer(autoep, micro_steps, counts) if device == "cuda" else None
+    for i, ((y_a, gx_a), (y_o, gx_o)) in enumerate(zip(outputs[id(autoep)], outputs[id(ours)])):
+        if device == "cpu" or not triton_gemms:
+            assert torch.equal(y_o[:n], y_a[:n])  # the same forward, op for op
+            torch.testing.assert_close(gx_o[:n], gx_a[:n])
+        else:  # one bf16 rounding of each fp32 sum, as CUTLASS's; x's gradient sums gate and up in fp32
+            want_y, want_gx = exact["outputs"][i]
+            assert rel_err(y_o[:n], want_y[:n]) <= rel_err(y_a[:n], want_y[:n]) * 1.05 + 1e-4
+            assert rel_err(gx_o[:n], want_gx[:n]) <= rel_err(gx_a[:n], want_gx[:n]) * 1.05 + 1e-4
     assert accumulated[id(autoep)] == [3, 3, 3]
-    assert accumulated[id(ours)] == [1, 1, 1]  # the first micro-step's gradient is autograd's; then in place
-    exact = _fp32_weight_grads(autoep, micro_steps, counts) if device == "cuda" else None
+    assert accumulated[id(ours)] == ([1, 1, 1] if grads_in_place else [3, 3, 3])
     for name in ("w1", "w3", "w2"):
         grad_a, grad_o = getattr(autoep, name).grad, getattr(ours, name).grad
         if device == "cpu":
             assert torch.equal(grad_o, grad_a), name  # the same adds in the same order
-        else:  # the kernel rounds the sum to bf16 once, autograd twice: no further from the fp32 sum
+        else:  # in place the kernel rounds the sum to bf16 once, autograd twice: no further from the fp32 sum
             assert rel_err(grad_o, exact[name]) <= rel_err(grad_a, exact[name]) * 1.05 + 1e-4, name
 
 
-def _fp32_weight_grads(layer: GroupedExperts, micro_steps, counts) -> dict[str, torch.Tensor]:
-    """The weight gradients summed over `micro_steps` in fp32: the same layer's weights, upcast."""
+def _fp32_layer(layer: GroupedExperts, micro_steps, counts) -> dict:
+    """The same layer's weights upcast to fp32 over `micro_steps`: each micro-step's output and input gradient
+    ("outputs"), and the weight gradients summed over all of them (by name)."""
     ref = GroupedExperts(layer.w1.shape[2], layer.w1.shape[1], layer.num_experts,
                          disable_triton_grouped_mm=True).to(layer.w1.device)
     ref.load_state_dict({k: v.float() for k, v in layer.state_dict().items()})
+    outputs = []
     for x, grad_y in micro_steps:
-        ref(x.float(), counts).backward(grad_y.float())
-    return {name: getattr(ref, name).grad for name in ("w1", "w3", "w2")}
+        x = x.float().requires_grad_()
+        y = ref(x, counts)
+        y.backward(grad_y.float())
+        outputs.append((y.detach(), x.grad))
+    return {"outputs": outputs, **{name: getattr(ref, name).grad for name in ("w1", "w3", "w2")}}
 
 
 def test_fp8_experts_add_their_weight_gradients_in_place_alike():
@@ -119,3 +137,49 @@ def test_grouped_wgrad_adds_each_experts_rows_product_into_out(use_tma):
     assert torch.isfinite(out).all()
     assert rel_err(out, want) < 4e-3  # one bf16 rounding of the fp32 sum
     assert torch.equal(out[1], before[1])  # the idle expert's gradient unchanged
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0),
+                    reason="Triton kernel with TMA loads: Hopper GPUs only")
+@pytest.mark.parametrize("transpose_w", [True, False], ids=["a-w-transposed", "a-w"])
+@pytest.mark.parametrize("two_products", [False, True], ids=["one-product", "two-products"])
+def test_ragged_mm_multiplies_each_experts_rows_by_its_weight(transpose_w, two_products):
+    """grouped_mm.py's kernel against fp32 products per expert: experts of more rows than a tile, fewer, none; K and
+    N off the tiles (TMA's zero fill, the column mask); NaN rows past the last expert left out of every row before;
+    a strided half as the second operand, as the SwiGLU's gradient hands it over."""
+    from deepseek_pt.engine import grouped_mm
+
+    torch.manual_seed(0)
+    counts = [272, 0, 48, 160, 16]  # rows per expert: > 2 tiles, < 1 tile, none
+    offs = torch.tensor(counts, device="cuda").cumsum(0).to(torch.int32)
+    n, E = sum(counts), len(counts)
+    K, N = (200, 72) if transpose_w else (128, 72)  # for a @ w[e], K whole tiles of 64 (grouped_mm.takes)
+    a = torch.randn(n + 40, 2 * K, device="cuda", dtype=torch.bfloat16)[:, K:]
+    a[n:] = float("nan")
+    w = torch.randn(E, *((N, K) if transpose_w else (K, N)), device="cuda", dtype=torch.bfloat16)
+    pairs = [(a, w)]
+    if two_products:
+        pairs.append((torch.randn(n + 40, K, device="cuda", dtype=torch.bfloat16),
+                      torch.randn_like(w)))
+    assert all(grouped_mm.takes(x, wx, transpose_w, two_products) for x, wx in pairs)
+    out = grouped_mm.ragged_mm(*pairs[0], offs, transpose_w, *(pairs[1] if two_products else (None, None)))
+    want = torch.zeros(n, N, device="cuda")
+    for e, (start, end) in enumerate(zip([0, *offs.tolist()], offs.tolist())):
+        for x, wx in pairs:
+            we = wx[e].float()
+            want[start:end] += x[start:end].float() @ (we.t() if transpose_w else we)
+    assert torch.isfinite(out[:n]).all()
+    assert rel_err(out[:n], want) < 4e-3  # one bf16 rounding of the fp32 sum
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the choice between kernels is a GPU's")
+@pytest.mark.parametrize("dtype, K", [(torch.float32, 128), (torch.bfloat16, 72)], ids=["fp32", "K-off-the-tiles"])
+def test_expert_mm_takes_torch_grouped_mm_for_operands_the_kernel_cannot_read(dtype, K):
+    """fp32, or a @ w[e] whose K is no whole number of the kernel's K tiles: torch._grouped_mm's result exactly, the
+    two products summed as autograd would sum them."""
+    torch.manual_seed(0)
+    offs = torch.tensor(COUNTS, device="cuda").cumsum(0).to(torch.int32)
+    a, b = (torch.randn(sum(COUNTS), K, device="cuda", dtype=dtype) for _ in range(2))
+    w1, w3 = (torch.randn(len(COUNTS), K, 64, device="cuda", dtype=dtype) for _ in range(2))
+    want = torch._grouped_mm(a, w1, offs=offs) + torch._grouped_mm(b, w3, offs=offs)
+    assert torch.equal(expert_mm(a, w1, offs, False, True, b, w3), want)

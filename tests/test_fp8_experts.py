@@ -131,7 +131,11 @@ def test_fp8_experts_refuse_a_gpu_without_hoppers_kernels(monkeypatch, tmp_path)
 
 @pytest.mark.skipif(fp8.expert_gemms_unavailable() is not None,
                     reason=f"real FP8 grouped GEMMs {fp8.expert_gemms_unavailable()}")
-def test_real_fp8_grouped_gemms_match_the_emulation_on_gpu():
+@pytest.mark.parametrize("triton_gemms", [False, True], ids=["scaled-grouped-mm", "triton-kernel"])
+def test_real_fp8_grouped_gemms_match_the_emulation_on_gpu(triton_gemms):
+    """torch._scaled_grouped_mm, or grouped_mm.py's Triton kernel with FP8 operands, against the emulation."""
+    from deepseek_pt.engine import grouped_mm
+
     torch.manual_seed(0)
     x, offs = _routed_rows(512, [64, 0, 128, 16, 256, 32, 48, 96])
     x[:, 7] *= 30  # an outlier channel: row scales take it, so the other rows keep their precision
@@ -139,9 +143,12 @@ def test_real_fp8_grouped_gemms_match_the_emulation_on_gpu():
     weights = Fp8ExpertWeights(w1, w3, w2)
     n = int(offs[-1])
     x_q, x_s = quantize_rows(x)
-    real, emulated = (scaled_grouped_mm(x_q, x_s, *weights.gate_up, offs, emulate)[:n] for emulate in (False, True))
+    assert grouped_mm.takes(x_q, weights.gate_up[0], transpose_w=True)  # the kernel, not the fallback, runs
+    real, emulated = (scaled_grouped_mm(x_q, x_s, *weights.gate_up, offs, emulate, triton_gemms)[:n]
+                      for emulate in (False, True))
     assert rel_err(real, emulated) < 0.002  # one GEMM of the same operands: fast accumulation and bf16 rounding
-    real, emulated = (_forward_backward(lambda x, w1, w3, w2: fp8_expert_swiglu(x, w1, w3, w2, offs, weights, emulate),
+    real, emulated = (_forward_backward(lambda x, w1, w3, w2: fp8_expert_swiglu(x, w1, w3, w2, offs, weights, emulate,
+                                                                               triton_gemms=triton_gemms),
                                         x, offs, w1, w3, w2) for emulate in (False, True))
     for name, a, b in zip(("y", "dx", "dw1", "dw3", "dw2"), real, emulated):
         assert torch.isfinite(a).all() and a.dtype == torch.bfloat16, name

@@ -1,15 +1,20 @@
-"""Routed experts' weight gradients added into `.grad` where they are computed (`parallel.expert_grads_in_place`).
+"""The routed experts' bf16 GEMMs: AutoEP's GroupedExperts as RoutedExperts (same parameters, same SwiGLU), with
+two changes of its own, each on its own flag.
 
-Under `parallel.coalesce_grad_reduction` a parameter's gradient sums every micro-step of the optimizer step in
-`.grad`, and ZeRO's per-parameter hooks stand aside until the step's one reduction, which reads `.grad`. Autograd
-then adds each micro-step's weight gradient onto `.grad` in a pass of its own: for bench-2b's routed experts that
-is 0.3 ms per weight and micro-step after a 0.5 ms GEMM (bench/expert_wgrad_probe.py). Here the expert GEMMs'
-backward adds into `.grad` itself and hands autograd no gradient for the weight: on a GPU in the GEMM's epilogue
-(grouped_wgrad.py), elsewhere as the same add autograd would do, so that CPU runs take this code path too.
+Weight gradients added into `.grad` where they are computed (`parallel.expert_grads_in_place`). Under
+`parallel.coalesce_grad_reduction` a parameter's gradient sums every micro-step of the optimizer step in `.grad`, and
+ZeRO's per-parameter hooks stand aside until the step's one reduction, which reads `.grad`. Autograd then adds each
+micro-step's weight gradient onto `.grad` in a pass of its own: for bench-2b's routed experts that is 0.3 ms per
+weight and micro-step after a 0.5 ms GEMM (bench/expert_wgrad_probe.py). Here the expert GEMMs' backward adds into
+`.grad` itself and hands autograd no gradient for the weight: on a GPU in the GEMM's epilogue (grouped_wgrad.py),
+elsewhere as the same add autograd would do, so that CPU runs take this code path too. A step's first micro-step
+finds no `.grad` and returns its gradient to autograd as before; only later ones add in place. That is only right
+while nothing watches autograd's accumulation, so the engine turns it on only inside coalesced reduction (train.py).
 
-A step's first micro-step finds no `.grad` and returns its gradient to autograd as before; only later ones add in
-place. That is only right while nothing watches autograd's accumulation, so the engine turns it on only inside
-coalesced reduction (train.py).
+The forward and input-gradient GEMMs through grouped_mm.py's Triton kernel (`parallel.expert_triton_gemms`), which
+pads each expert's rows less than torch._grouped_mm's CUTLASS kernel, and sums the gate's and the up projection's
+input gradients in one kernel where autograd added two GEMMs' outputs. CPU runs, and operands the kernel cannot
+read, take torch._grouped_mm.
 """
 from __future__ import annotations
 
@@ -35,51 +40,88 @@ def expert_weight_grad(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, o
     return None
 
 
+def expert_mm(a: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, transpose_w: bool, use_triton: bool,
+              a2: torch.Tensor | None = None, w2: torch.Tensor | None = None) -> torch.Tensor:
+    """a[rows of e] @ w[e]^T (transpose_w) or @ w[e] for every expert e, plus a2 @ w2 alike when given: through
+    grouped_mm.py's Triton kernel where `use_triton` and it can read the operands (the sum in fp32), else
+    torch._grouped_mm (the sum of the two rounded products)."""
+    pairs = [(a, w)] + ([(a2, w2)] if a2 is not None else [])
+    if use_triton and a.is_cuda:
+        from . import grouped_mm
+        if all(grouped_mm.takes(x, wx, transpose_w, a2 is not None) for x, wx in pairs):
+            return grouped_mm.ragged_mm(a, w, offs, transpose_w, a2, w2)
+    out = None
+    for x, wx in pairs:
+        product = torch._grouped_mm(x, wx.transpose(-2, -1) if transpose_w else wx, offs=offs)
+        out = product if out is None else out + product
+    return out
+
+
 class _GroupedLinear(torch.autograd.Function):
-    """y = x @ w[e]^T over expert-sorted rows x [M, K], w [E, N, K], as torch._grouped_mm, with its weight gradient
-    from expert_weight_grad."""
+    """y = x @ w[e]^T over expert-sorted rows x [M, K], w [E, N, K], with its weight gradient from
+    expert_weight_grad."""
 
     @staticmethod
-    def forward(ctx, x, w, offs, in_place: bool):
+    def forward(ctx, x, w, offs, in_place: bool, use_triton: bool):
         ctx.save_for_backward(x, w, offs)
-        ctx.in_place = in_place
-        return torch._grouped_mm(x, w.transpose(-2, -1), offs=offs)
+        ctx.in_place, ctx.use_triton = in_place, use_triton
+        return expert_mm(x, w, offs, True, use_triton)
 
     @staticmethod
     def backward(ctx, grad_y):
         x, w, offs = ctx.saved_tensors
-        grad_x = torch._grouped_mm(grad_y, w, offs=offs) if ctx.needs_input_grad[0] else None
-        return grad_x, expert_weight_grad(w, grad_y, x, offs, ctx.in_place), None, None
+        grad_x = expert_mm(grad_y, w, offs, False, ctx.use_triton) if ctx.needs_input_grad[0] else None
+        return grad_x, expert_weight_grad(w, grad_y, x, offs, ctx.in_place), None, None, None
 
 
-class InPlaceGradExperts(GroupedExperts):
-    """AutoEP's GroupedExperts (same parameters, same forward as its torch._grouped_mm path), whose weight gradients
-    go through expert_weight_grad."""
+class _GateUp(torch.autograd.Function):
+    """gate, up = x @ w1[e]^T, x @ w3[e]^T over the same rows; x's gradient from both in one expert_mm."""
 
-    grads_in_place = True
+    @staticmethod
+    def forward(ctx, x, w1, w3, offs, in_place: bool, use_triton: bool):
+        ctx.save_for_backward(x, w1, w3, offs)
+        ctx.in_place, ctx.use_triton = in_place, use_triton
+        return expert_mm(x, w1, offs, True, use_triton), expert_mm(x, w3, offs, True, use_triton)
+
+    @staticmethod
+    def backward(ctx, grad_gate, grad_up):
+        x, w1, w3, offs = ctx.saved_tensors
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = expert_mm(grad_gate, w1, offs, False, ctx.use_triton, grad_up, w3)
+        return (grad_x, expert_weight_grad(w1, grad_gate, x, offs, ctx.in_place),
+                expert_weight_grad(w3, grad_up, x, offs, ctx.in_place), None, None, None)
+
+
+class RoutedExperts(GroupedExperts):
+    """AutoEP's GroupedExperts (same parameters, same SwiGLU) on our GEMMs: weight gradients through
+    expert_weight_grad (added into `.grad` when `grads_in_place`), the forward and input gradients through
+    expert_mm (grouped_mm.py's Triton kernel when `triton_gemms`)."""
+
+    grads_in_place = False
+    triton_gemms = False
 
     def forward(self, x: torch.Tensor, num_tokens_per_expert: torch.Tensor) -> torch.Tensor:
         offs = torch.cumsum(num_tokens_per_expert, dim=0, dtype=torch.int32)
-        gate, up = (_GroupedLinear.apply(x, w, offs, self.grads_in_place) for w in (self.w1, self.w3))
+        gate, up = _GateUp.apply(x, self.w1, self.w3, offs, self.grads_in_place, self.triton_gemms)
         h = apply_expert_activation(gate, up, self.activation, self.activation_alpha, self.activation_limit)
-        return _GroupedLinear.apply(h, self.w2, offs, self.grads_in_place).type_as(x)
+        return _GroupedLinear.apply(h, self.w2, offs, self.grads_in_place, self.triton_gemms).type_as(x)
 
 
-def expert_grads_in_place(model: torch.nn.Module) -> tuple[int, int]:
-    """Have AutoEP's expert layers of `model` add their weight gradients into `.grad` in place: FP8 layers
-    (fp8_experts.py) take the flag, layers on AutoEP's torch._grouped_mm path with separate gate and up weights
-    become InPlaceGradExperts; others (AutoEP's Triton or per-expert paths, on GPUs before Hopper) stay as they are.
-    Returns (layers converted, expert layers)."""
+def convert_routed_experts(model: torch.nn.Module, grads_in_place: bool, triton_gemms: bool) -> tuple[int, int]:
+    """Put AutoEP's expert layers of `model` on our GEMMs: layers on AutoEP's torch._grouped_mm path with separate
+    gate and up weights become RoutedExperts with the two flags, FP8 layers (fp8_experts.py) take them as they are;
+    others (AutoEP's Triton or per-expert paths, on GPUs before Hopper) stay as they are. Returns (layers converted,
+    expert layers)."""
     from .fp8_experts import Fp8GroupedExperts, expert_layers
 
     layers = expert_layers(model)
     converted = 0
     for layer in layers:
-        if isinstance(layer, Fp8GroupedExperts):
-            layer.grads_in_place = True
-        elif layer.use_grouped_mm and not layer.use_triton_grouped_mm and layer.gate_up_impl == "separate":
-            layer.__class__ = InPlaceGradExperts
-        else:
-            continue
+        if not isinstance(layer, Fp8GroupedExperts):
+            if not layer.use_grouped_mm or layer.use_triton_grouped_mm or layer.gate_up_impl != "separate":
+                continue
+            layer.__class__ = RoutedExperts
+        layer.grads_in_place, layer.triton_gemms = grads_in_place, triton_gemms
         converted += 1
     return converted, len(layers)

@@ -3,7 +3,8 @@
 The expert SwiGLU runs as one autograd function over AutoEP's expert-sorted token rows:
     gate_up = x @ [w1; w3][e].T      h = silu(gate) * up      y = h @ w2[e].T
 - Forward and input-gradient GEMMs are FP8 (e4m3, rowwise scaled, fast accumulation) on
-  `torch._scaled_grouped_mm`. Gate and up run as one grouped GEMM.
+  `torch._scaled_grouped_mm`, or with `parallel.expert_triton_gemms` on grouped_mm.py's Triton kernel, whose tiles
+  pad each expert's rows less. Gate and up run as one grouped GEMM.
 - The weight-gradient GEMMs reduce over each expert's tokens and stay bf16 (expert_grads.py; `torch._grouped_mm`,
   or the kernel that adds into `.grad` under `parallel.expert_grads_in_place`):
   rowwise scales cannot follow that axis, and scales per expert and column would need casts of their
@@ -84,11 +85,16 @@ def _compiled_weight_cast() -> Callable:
 
 
 def scaled_grouped_mm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor,
-                      offs: torch.Tensor, emulate: bool) -> torch.Tensor:
+                      offs: torch.Tensor, emulate: bool, use_triton: bool = False) -> torch.Tensor:
     """Per expert e, rows offs[e-1]:offs[e] of a [M, K] (e4m3, row scales [M]) times b[e].T, b [E, N, K] (e4m3, row
-    scales [E, N]): [M, N] bf16. Rows past offs[-1] are padding, left unset as in torch._grouped_mm. Emulated: the
-    same operands dequantized, an fp32 GEMM per expert."""
+    scales [E, N]): [M, N] bf16. Rows past offs[-1] are padding, left unset as in torch._grouped_mm. On
+    grouped_mm.py's Triton kernel where `use_triton` and it can read the operands, else torch._scaled_grouped_mm.
+    Emulated: the same operands dequantized, an fp32 GEMM per expert."""
     if not emulate:
+        if use_triton:
+            from . import grouped_mm
+            if grouped_mm.takes(a, b, transpose_w=True):
+                return grouped_mm.ragged_mm(a, b, offs, True, scales=(a_scale, b_scale))
         return torch._scaled_grouped_mm(a, b.transpose(-2, -1), a_scale, b_scale, offs=offs,
                                         out_dtype=torch.bfloat16, use_fast_accum=True)
     out = torch.empty(a.shape[0], b.shape[1], dtype=torch.bfloat16, device=a.device)
@@ -111,14 +117,14 @@ class Fp8ExpertWeights:
 
 class _Fp8ExpertSwiGLU(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, w1, w3, w2, offs, weights: Fp8ExpertWeights, emulate: bool, in_place: bool):
+    def forward(ctx, x, w1, w3, w2, offs, weights: Fp8ExpertWeights, emulate: bool, in_place: bool, triton: bool):
         quantize, swiglu, _ = _activation_casts(x)
         x_q, x_s = quantize(x)
-        gate_up = scaled_grouped_mm(x_q, x_s, *weights.gate_up, offs, emulate)
+        gate_up = scaled_grouped_mm(x_q, x_s, *weights.gate_up, offs, emulate, triton)
         h, h_q, h_s = swiglu(gate_up)
         ctx.save_for_backward(x, gate_up, h, offs, w1, w3, w2)
-        ctx.weights, ctx.emulate, ctx.in_place = weights, emulate, in_place
-        return scaled_grouped_mm(h_q, h_s, *weights.down, offs, emulate).to(x.dtype)
+        ctx.weights, ctx.emulate, ctx.in_place, ctx.triton = weights, emulate, in_place, triton
+        return scaled_grouped_mm(h_q, h_s, *weights.down, offs, emulate, triton).to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad_y):
@@ -127,24 +133,25 @@ class _Fp8ExpertSwiGLU(torch.autograd.Function):
         grad_y = grad_y.to(h.dtype).contiguous()
         quantize, _, swiglu_backward = _activation_casts(grad_y)
         g_q, g_s = quantize(grad_y)
-        grad_h = scaled_grouped_mm(g_q, g_s, *weights.down_t, offs, emulate)
+        grad_h = scaled_grouped_mm(g_q, g_s, *weights.down_t, offs, emulate, ctx.triton)
         grad_w2 = expert_weight_grad(w2, grad_y, h, offs, ctx.in_place)  # [E, dim, H], reduced over each expert's rows
         grad_gate_up, gu_q, gu_s = swiglu_backward(gate_up, grad_h)
-        grad_x = scaled_grouped_mm(gu_q, gu_s, *weights.gate_up_t, offs, emulate).to(x.dtype)
+        grad_x = scaled_grouped_mm(gu_q, gu_s, *weights.gate_up_t, offs, emulate, ctx.triton).to(x.dtype)
         # One GEMM per weight, each writing its own contiguous [E, H, dim]. With strided views of one [E, 2H, dim]
         # product instead, a bench-2b profile showed non-vectorized gradient adds costing 3.2 ms per micro-step
         # (docs/benchmarks.md).
         grad_w1, grad_w3 = (expert_weight_grad(w, half, x, offs, ctx.in_place)
                             for w, half in zip((w1, w3), grad_gate_up.chunk(2, dim=1)))
-        return grad_x, grad_w1, grad_w3, grad_w2, None, None, None, None
+        return grad_x, grad_w1, grad_w3, grad_w2, None, None, None, None, None
 
 
 def fp8_expert_swiglu(x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor, offs: torch.Tensor,
-                      weights: Fp8ExpertWeights, emulate: bool, in_place: bool = False) -> torch.Tensor:
+                      weights: Fp8ExpertWeights, emulate: bool, in_place: bool = False,
+                      triton_gemms: bool = False) -> torch.Tensor:
     """The routed experts' SwiGLU over expert-sorted rows x [M, dim] (group e ends at offs[e], each group a multiple
     of ALIGN rows), with `weights` the FP8 layouts of w1, w3 [E, H, dim] and w2 [E, dim, H]; gradients reach the
-    bf16 weights (added into their `.grad` when `in_place`: expert_grads.py)."""
-    return _Fp8ExpertSwiGLU.apply(x, w1, w3, w2, offs, weights, emulate, in_place)
+    bf16 weights (added into their `.grad` when `in_place`: expert_grads.py); `triton_gemms`: scaled_grouped_mm's."""
+    return _Fp8ExpertSwiGLU.apply(x, w1, w3, w2, offs, weights, emulate, in_place, triton_gemms)
 
 
 def expert_layers(model: torch.nn.Module) -> list[GroupedExperts]:
@@ -175,12 +182,13 @@ class Fp8GroupedExperts(GroupedExperts):
     optimizer_steps: Callable[[], int]
     emulate: bool
     fp8_weights: tuple[tuple, Fp8ExpertWeights] | None
-    grads_in_place = False  # expert_grads.expert_grads_in_place sets it
+    grads_in_place = False  # expert_grads.convert_routed_experts sets both
+    triton_gemms = False
 
     def forward(self, x: torch.Tensor, num_tokens_per_expert: torch.Tensor) -> torch.Tensor:
         offs = torch.cumsum(num_tokens_per_expert, dim=0, dtype=torch.int32)
         return fp8_expert_swiglu(x, self.w1, self.w3, self.w2, offs, self.current_fp8_weights(), self.emulate,
-                                 self.grads_in_place)
+                                 self.grads_in_place, self.triton_gemms)
 
     def current_fp8_weights(self) -> Fp8ExpertWeights:
         """The FP8 layouts of this optimizer step's weights: cast at the step's first forward, reused by its other

@@ -1,0 +1,95 @@
+"""The routed experts' forward and input-gradient GEMMs (bf16) on bench-2b's shapes: torch._grouped_mm (CUTLASS) in the
+layouts the weights could take, over training's uneven expert groups and over even ones, against
+engine/grouped_mm.py's Triton kernel at several tile shapes.
+
+    python bench/expert_gemm_probe.py [--tokens 8192] [--rounds 3]
+
+Expert-sorted rows as AutoEP hands them over (bench/fp8_gemm_probe.py's expert_rows: multiples of 16, each expert
+0.5-1.5x the mean load). Prints median ms and TFLOP/s per GEMM; the kernel's lines also its relative error against
+CUTLASS's result (the two-product input gradient: against CUTLASS's two rounded products summed). The kernel and
+CUTLASS alternate over `--rounds` rounds: back-to-back timings of one GEMM drift with the GPU's clocks.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch
+
+from bench.fp8_gemm_probe import bench, expert_rows, rel_err
+from deepseek_pt.engine.grouped_mm import CONFIG, CONFIG_TWO_PRODUCTS, ragged_mm
+
+E, DIM, HIDDEN = 64, 2048, 1408  # configs/bench-2b.yaml's routed experts
+CONFIGS = sorted({CONFIG, CONFIG_TWO_PRODUCTS, (128, 128, 64, 8, 4), (128, 128, 64, 4, 4), (128, 128, 128, 8, 3),
+                  (64, 128, 64, 4, 5), (64, 256, 64, 8, 4)})
+
+
+def show(label: str, ms: float, flops: int, note: str = "") -> None:
+    print(f"{label:62} {ms:7.3f} ms {flops / ms / 1e9:6.0f} TFLOP/s{note}", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, default=8192, help="tokens per micro-step (bench-2b: 2048 x 4)")
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    counts, offs, M = expert_rows(args.tokens, E, 6, torch.Generator("cuda").manual_seed(0))
+    n = int(offs[-1])
+    r = lambda *shape: torch.randn(*shape, device="cuda", dtype=torch.bfloat16) * 0.02
+    x, h, dy, d_gate, d_up = r(M, DIM), r(M, HIDDEN), r(M, DIM), r(M, HIDDEN), r(M, HIDDEN)
+    d_gate_up = torch.cat([d_gate, d_up], 1)
+    w1, w3, w2 = r(E, HIDDEN, DIM), r(E, HIDDEN, DIM), r(E, DIM, HIDDEN)
+    gm, flops = torch._grouped_mm, 2 * n * DIM * HIDDEN
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}; {n} routed rows over {E} experts "
+          f"(+{M - n} padding rows)", flush=True)
+
+    # CUTLASS: the weights' layouts, and what its tiles' padding of each expert's rows costs
+    w13 = torch.cat([w1, w3], 1)
+    w1_kn, w2_kn = w1.transpose(-2, -1).contiguous(), w2.transpose(-2, -1).contiguous()  # stored [E, K, N]
+    even = torch.arange(1, E + 1, device="cuda", dtype=torch.int32) * (n // E // 128 * 128)
+    layouts = [
+        ("fwd gate+up, two GEMMs of N=1408", lambda: (gm(x, w1.mT, offs=offs), gm(x, w3.mT, offs=offs)), 2 * flops),
+        ("fwd gate+up, one GEMM of N=2816 over [w1; w3]", lambda: gm(x, w13.mT, offs=offs), 2 * flops),
+        ("fwd gate, w1 [E, N, K]", lambda: gm(x, w1.mT, offs=offs), flops),
+        ("fwd gate, w1 stored [E, K, N]", lambda: gm(x, w1_kn, offs=offs), flops),
+        ("fwd gate, even groups of 128-row multiples", lambda: gm(x, w1.mT, offs=even),
+         2 * int(even[-1]) * DIM * HIDDEN),
+        ("fwd down, w2 [E, N, K]", lambda: gm(h, w2.mT, offs=offs), flops),
+        ("fwd down, w2 stored [E, K, N]", lambda: gm(h, w2_kn, offs=offs), flops),
+        ("dgrad gate+up, two GEMMs and an add", lambda: gm(d_gate, w1, offs=offs) + gm(d_up, w3, offs=offs),
+         2 * flops),
+        ("dgrad gate+up, one GEMM of K=2816 over [w1; w3]",
+         lambda: gm(d_gate_up, w13, offs=offs), 2 * flops),
+        ("dgrad gate, w1 stored [E, K, N]", lambda: gm(d_gate, w1_kn.mT, offs=offs), flops),
+        ("dgrad down", lambda: gm(dy, w2, offs=offs), flops),
+    ]
+    for label, fn, f in layouts:
+        show(f"CUTLASS {label}", bench(fn), f)
+
+    # the Triton kernel against CUTLASS, as training calls each
+    cases = {
+        "fwd gate": (lambda c: ragged_mm(x, w1, offs, True, config=c), lambda: gm(x, w1.mT, offs=offs), flops),
+        "fwd down": (lambda c: ragged_mm(h, w2, offs, True, config=c), lambda: gm(h, w2.mT, offs=offs), flops),
+        "dgrad down": (lambda c: ragged_mm(dy, w2, offs, False, config=c), lambda: gm(dy, w2, offs=offs), flops),
+        "dgrad gate+up, two products": (lambda c: ragged_mm(d_gate, w1, offs, False, d_up, w3, config=c),
+                                        lambda: gm(d_gate, w1, offs=offs) + gm(d_up, w3, offs=offs), 2 * flops),
+    }
+    errors = {}
+    for name, (ours, cutlass, _) in cases.items():
+        want = cutlass()[:n]
+        for c in CONFIGS:
+            errors[name, c] = rel_err(ours(c)[:n], want.float())
+    for round_ in range(args.rounds):
+        for name, (ours, cutlass, f) in cases.items():
+            show(f"round {round_} CUTLASS {name}", bench(cutlass), f)
+            for c in CONFIGS:
+                default = " (default)" if c == (CONFIG_TWO_PRODUCTS if "two" in name else CONFIG) else ""
+                show(f"round {round_} ours {name} {c}{default}", bench(lambda c=c: ours(c)), f,
+                     f" | rel err {errors[name, c]:.1e}")
+
+
+if __name__ == "__main__":
+    main()

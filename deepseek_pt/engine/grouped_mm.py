@@ -1,0 +1,122 @@
+"""The routed experts' forward and input-gradient GEMMs over expert-sorted rows (`parallel.expert_triton_gemms`).
+
+out[rows of e] = a[rows of e] @ w[e]^T (or @ w[e]), plus a second such product where two GEMMs share their output
+rows: the gate's and the up projection's input gradients, which torch._grouped_mm computes apart and autograd then
+adds (a pass over the routed rows, 0.14 ms per bench-2b MoE layer), are summed here in the kernel's fp32 registers.
+
+torch._grouped_mm (CUTLASS, torch 2.11's GroupMM.cu on Hopper) computes 128 x 256 tiles in clusters of two along the
+rows, so each expert's last rows are padded far: on bench-2b's experts (~770 rows each, in multiples of 16) the same
+GEMM over even groups of 128-row multiples ran 18-22% faster than over training's uneven ones
+(bench/expert_gemm_probe.py, H200). Here one program computes one BLOCK_M x BLOCK_N tile of one expert's rows. In
+four rounds of the probe (CUTLASS's own figures moving up to 18% between rounds with the GPU's clocks) the forward
+GEMMs ran between 6% slower and 13% faster than CUTLASS's, the down projection's input gradient 1-11% faster, the
+gate's and up's input gradient in one kernel 11-15% faster than CUTLASS's two GEMMs and their add. In training, per
+bench-2b micro-step, 8.26 ms of kernel time against CUTLASS's 8.59 and 0.41 ms of adds gone: +1.2% tokens/s over
+four interleaved pairs at 16 micro-steps per step, +1.0% at one. The FP8 experts (fp8_experts.py) take the same
+kernel with e4m3 operands and their row scales applied in the epilogue: +1.6-1.7% tokens/s in two pairs
+(docs/benchmarks.md).
+
+Hopper and later, bf16 or e4m3 (TMA loads): `takes` says whether the kernel can read a pair of operands;
+expert_grads.py and fp8_experts.py run torch's grouped GEMMs for those it cannot.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
+
+# Tile shape (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages): the fastest on bench-2b's experts on an H200 of those the
+# probe swept (128 x 256 tiles only for the two-product input gradient; BLOCK_M 64, BLOCK_K 128, 4 warps, 4 stages
+# and Triton's warp specialization were slower).
+CONFIG = (128, 128, 64, 8, 3)
+CONFIG_TWO_PRODUCTS = (128, 256, 64, 8, 3)
+CONFIG_FP8 = (128, 128, 128, 8, 3)  # e4m3: 128 bytes of K per row per load, as bf16's 64
+
+
+@triton.jit
+def _accumulate(acc, a, b, m0, row0, n0, K, B_KMAJOR: tl.constexpr, BLOCK_K: tl.constexpr):
+    """acc += a[m0 rows, :K] @ the expert's block of b, whose rows (b as a 2-D descriptor) start at row0."""
+    for k0 in range(0, K, BLOCK_K):
+        a_tile = a.load([m0, k0])
+        if B_KMAJOR:  # b holds w[e] as [N, K]: out = a @ w[e]^T
+            acc = tl.dot(a_tile, tl.trans(b.load([row0 + n0, k0])), acc)
+        else:  # b holds w[e] as [K, N]: out = a @ w[e]
+            acc = tl.dot(a_tile, b.load([row0 + k0, n0]), acc)
+    return acc
+
+
+@triton.jit
+def _ragged_mm_kernel(a, b, a2, b2, out, offs_ptr, a_scale, b_scale, N, K, K2, stride_out, E: tl.constexpr,
+                      E_POW2: tl.constexpr, B_KMAJOR: tl.constexpr, TWO: tl.constexpr, SCALED: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid = tl.program_id(0)
+    tiles_n = tl.cdiv(N, BLOCK_N)
+    m_tile, n0 = pid // tiles_n, (pid % tiles_n) * BLOCK_N  # neighbouring programs share their rows of a
+    # The experts' row tiles follow each other in expert order: which one is this, and where do its rows start?
+    es = tl.arange(0, E_POW2)
+    ends = tl.load(offs_ptr + es, mask=es < E, other=0)
+    starts = tl.load(offs_ptr + es - 1, mask=(es > 0) & (es < E), other=0)
+    tiles = tl.where(es < E, tl.cdiv(ends - starts, BLOCK_M), 0)
+    tile_ends = tl.cumsum(tiles, 0)
+    expert = tl.sum((tile_ends <= m_tile).to(tl.int32), 0)
+    if expert >= E:  # the grid counts a spare tile per expert
+        return
+    mine = es == expert
+    start, end = tl.sum(tl.where(mine, starts, 0), 0), tl.sum(tl.where(mine, ends, 0), 0)
+    m0 = start + (m_tile - tl.sum(tl.where(mine, tile_ends - tiles, 0), 0)) * BLOCK_M
+    # Rows from `end` on are the next expert's (or zeros past the tensor): computed, never stored.
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = _accumulate(acc, a, b, m0, expert * (N if B_KMAJOR else K), n0, K, B_KMAJOR, BLOCK_K)
+    if TWO:
+        acc = _accumulate(acc, a2, b2, m0, expert * (N if B_KMAJOR else K2), n0, K2, B_KMAJOR, BLOCK_K)
+    rows, cols = m0 + tl.arange(0, BLOCK_M), n0 + tl.arange(0, BLOCK_N)
+    if SCALED:  # FP8 operands: each row of a and each row of w[e] dequantized by its scale
+        acc *= tl.load(a_scale + rows, mask=rows < end, other=0.0)[:, None]
+        acc *= tl.load(b_scale + expert * N + cols, mask=cols < N, other=0.0)[None, :]
+    ptrs = out + rows.to(tl.int64)[:, None] * stride_out + cols[None, :]
+    tl.store(ptrs, acc.to(out.dtype.element_ty), mask=(rows < end)[:, None] & (cols < N)[None, :])
+
+
+def takes(a: torch.Tensor, w: torch.Tensor, transpose_w: bool, two_products: bool = False) -> bool:
+    """Whether the kernel's TMA loads can read a [M, K] and w: bf16 (or e4m3 with w [E, N, K], whose Hopper MMA reads
+    both operands along K) on a Hopper-or-later GPU, w contiguous, unit column stride, 16-byte aligned rows and
+    bases; for w [E, K, N], K whole BLOCK_K tiles (a tile past an expert's rows of w would read the next expert's)."""
+    fp8 = a.dtype == w.dtype == torch.float8_e4m3fn and transpose_w and not two_products
+    if not (a.is_cuda and (a.dtype == w.dtype == torch.bfloat16 or fp8)
+            and torch.cuda.get_device_capability(a.device) >= (9, 0)):
+        return False
+    block_k = (CONFIG_FP8 if fp8 else CONFIG_TWO_PRODUCTS if two_products else CONFIG)[2]
+    aligned = all(t.data_ptr() % 16 == 0 for t in (a, w)) and a.stride(0) * a.element_size() % 16 == 0
+    return w.is_contiguous() and a.stride(1) == 1 and aligned and (transpose_w or a.shape[1] % block_k == 0)
+
+
+def ragged_mm(a: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, transpose_w: bool,
+              a2: torch.Tensor | None = None, w2: torch.Tensor | None = None,
+              scales: tuple[torch.Tensor, torch.Tensor] | None = None,
+              config: tuple[int, int, int, int, int] | None = None) -> torch.Tensor:
+    """For a [M, K] whose expert e owns rows offs[e-1]:offs[e] (int32 [E]) and w [E, N, K] (transpose_w: out =
+    a @ w[e]^T) or [E, K, N] (out = a @ w[e]), the [M, N] product per expert in bf16, plus a2 @ w2[e] (^T) alike when
+    a2 is given. FP8 operands come with `scales`, (a's per row [M], w's per row [E, N], fp32), which dequantize the
+    product. Rows past offs[-1] are left unwritten, as torch._grouped_mm leaves them. Every pair must pass `takes`;
+    `config` overrides the tile shape, for the probe."""
+    pairs = [(a, w)] + ([(a2, w2)] if a2 is not None else [])
+    default = CONFIG_FP8 if scales is not None else CONFIG_TWO_PRODUCTS if a2 is not None else CONFIG
+    block_m, block_n, block_k, warps, stages = config or default
+    E, N = offs.shape[0], w.shape[1] if transpose_w else w.shape[2]
+    descriptors = []
+    for x, wx in pairs:
+        descriptors += [TensorDescriptor.from_tensor(x, [block_m, block_k]),
+                        TensorDescriptor.from_tensor(wx.view(-1, wx.shape[-1]),
+                                                     [block_n, block_k] if transpose_w else [block_k, block_n])]
+    ks = [x.shape[1] for x, _ in pairs]
+    if a2 is None:  # the second pair's arguments, unused
+        descriptors, ks = descriptors * 2, ks + [0]
+    out = torch.empty(a.shape[0], N, device=a.device, dtype=torch.bfloat16 if scales is not None else a.dtype)
+    a_scale, b_scale = scales if scales is not None else (out, out)  # unread unless SCALED
+    grid = ((triton.cdiv(a.shape[0], block_m) + E) * triton.cdiv(N, block_n),)
+    _ragged_mm_kernel[grid](*descriptors, out, offs, a_scale, b_scale, N, ks[0], ks[1], out.stride(0), E=E,
+                            E_POW2=triton.next_power_of_2(E), B_KMAJOR=transpose_w, TWO=a2 is not None,
+                            SCALED=scales is not None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+                            num_warps=warps, num_stages=stages)
+    return out
