@@ -36,7 +36,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=8192, help="tokens per micro-step (bench-2b: 2048 x 4)")
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
-    counts, offs, M = expert_rows(args.tokens, E, 6, torch.Generator("cuda").manual_seed(0))
+    _, offs, M = expert_rows(args.tokens, E, 6, torch.Generator("cuda").manual_seed(0))
     n = int(offs[-1])
     r = lambda *shape: torch.randn(*shape, device="cuda", dtype=torch.bfloat16) * 0.02
     x, h, dy, d_gate, d_up = r(M, DIM), r(M, HIDDEN), r(M, DIM), r(M, HIDDEN), r(M, HIDDEN)
@@ -87,7 +87,7 @@ def main() -> None:
             show(f"round {round_} CUTLASS {name}", bench(cutlass), f)
             for c in CONFIGS:
                 default = " (default)" if c == (CONFIG_TWO_PRODUCTS if "two" in name else CONFIG) else ""
-                show(f"round {round_} ours {name} {c}{default}", bench(lambda c=c: ours(c)), f,
+                show(f"round {round_} ours {name} {c}{default}", bench(lambda c=c, ours=ours: ours(c)), f,
                      f" | rel err {errors[name, c]:.1e}")
 
 

@@ -297,10 +297,10 @@ def build_engine(cfg: Config, world: int, init_from: str | None = None, load_uni
         from .engine.expert_grads import convert_routed_experts
         converted, layers = convert_routed_experts(engine.module, grads_in_place, cfg.parallel.expert_triton_gemms)
         if rank0 and layers:
-            what = [w for w, on in (("weight gradients added into .grad in place (parallel.expert_grads_in_place)",
-                                     grads_in_place),
-                                    ("forward and input gradients through a Triton kernel on Hopper or later GPUs "
-                                     "(parallel.expert_triton_gemms)", cfg.parallel.expert_triton_gemms)) if on]
+            in_place = "weight gradients added into .grad in place (parallel.expert_grads_in_place)"
+            triton = ("forward and input gradients through a Triton kernel on Hopper or later GPUs "
+                      "(parallel.expert_triton_gemms)")
+            what = [w for w, on in ((in_place, grads_in_place), (triton, cfg.parallel.expert_triton_gemms)) if on]
             print(f"experts: {converted} of {layers} AutoEP expert layers on our GEMMs: {'; '.join(what)}", flush=True)
     if cfg.parallel.linear_grads_in_place and coalesced:  # before compile_blocks: the compiled halves trace it
         from .engine.linear_grads import linear_grads_in_place
