@@ -1,0 +1,110 @@
+"""Checks of the engine's Triton kernels against torch on CPU tensors, run by tests/test_triton_interpreted.py in a
+process whose TRITON_INTERPRET=1 makes Triton execute them with numpy: their index arithmetic (which expert a tile
+belongs to, the rows and columns each mask keeps, TMA's zero fill past a tensor) without a GPU. fp32 operands; the
+compiled kernels and their bf16/FP8 numerics are tested on a GPU (tests/test_expert_grads.py, test_fp8_experts.py,
+test_moe_dispatch.py).
+
+    TRITON_INTERPRET=1 python tests/interpreted_kernels.py CHECK
+"""
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+COUNTS = [272, 0, 48, 160, 16]  # rows per expert: more than two 128-row tiles, fewer than one, none
+
+
+def rel_err(out: torch.Tensor, want: torch.Tensor) -> float:
+    return ((out.float() - want).norm() / want.norm()).item()
+
+
+def _expert_rows(n_cols: int, padding: int = 40, stride_cols: int | None = None) -> torch.Tensor:
+    """Rows for COUNTS, then `padding` rows of NaN (past the last expert: no output row may read them); a strided
+    view (every row `stride_cols` wide) when asked."""
+    rows = torch.randn(sum(COUNTS) + padding, stride_cols or n_cols)[:, -n_cols:]
+    rows[sum(COUNTS):] = float("nan")
+    return rows
+
+
+def _bounds():
+    offs = torch.tensor(COUNTS).cumsum(0)
+    return offs.to(torch.int32), list(zip([0, *offs.tolist()], offs.tolist()))
+
+
+def ragged_mm() -> None:
+    """grouped_mm.ragged_mm: out[rows of e] = a @ w[e]^T or a @ w[e], one product or two, and the FP8 form's
+    epilogue (row scales), with K and N off the tiles and a strided operand."""
+    from deepseek_pt.engine.grouped_mm import ragged_mm
+
+    offs, bounds = _bounds()
+    n, E = sum(COUNTS), len(COUNTS)
+    for transpose_w in (True, False):
+        K, N = (200, 72) if transpose_w else (128, 72)  # w [E, K, N] needs whole K tiles
+        pairs = [(_expert_rows(K, stride_cols=2 * K), torch.randn(E, *((N, K) if transpose_w else (K, N))))
+                 for _ in range(2)]
+        for two in (False, True):
+            out = ragged_mm(*pairs[0], offs, transpose_w, *(pairs[1] if two else (None, None)))
+            want = torch.zeros(n, N)
+            for e, (start, end) in enumerate(bounds):
+                for a, w in pairs[:1 + two]:
+                    want[start:end] += a[start:end] @ (w[e].t() if transpose_w else w[e])
+            assert torch.isfinite(out[:n]).all(), (transpose_w, two)
+            assert rel_err(out[:n], want) < 1e-5, (transpose_w, two, rel_err(out[:n], want))
+    a, w = _expert_rows(128), torch.randn(E, 72, 128)
+    a_scale, w_scale = torch.rand(a.shape[0]) + 0.5, torch.rand(E, 72) + 0.5
+    out = ragged_mm(a, w, offs, True, scales=(a_scale, w_scale))
+    want = torch.cat([(a[s:t] * a_scale[s:t, None]) @ (w[e] * w_scale[e, :, None]).t() for e, (s, t) in
+                      enumerate(bounds)])
+    assert out.dtype == torch.bfloat16 and rel_err(out[:n], want) < 1e-2, rel_err(out[:n], want)  # one bf16 rounding
+
+
+def grouped_wgrad() -> None:
+    """grouped_wgrad.grouped_wgrad_: out[e] += a[rows of e]^T b[rows of e], through TMA descriptors and pointers."""
+    from deepseek_pt.engine.grouped_wgrad import grouped_wgrad_
+
+    offs, bounds = _bounds()
+    K, N = 200, 72
+    a, b = _expert_rows(K, stride_cols=2 * K), _expert_rows(N)
+    for use_tma in (True, False):
+        out = torch.randn(len(COUNTS), K, N)
+        want = out.clone()
+        for e, (start, end) in enumerate(bounds):
+            want[e] += a[start:end].t() @ b[start:end]
+        grouped_wgrad_(out, a, b, offs, use_tma=use_tma)
+        assert rel_err(out, want) < 1e-5, (use_tma, rel_err(out, want))
+
+
+def moe_dispatch() -> None:
+    """moe_dispatch's two kernels: each padded row its pair's token row (times the score; the score's gradient as
+    a dot product), and each token the sum of its top-k rows (times the scores)."""
+    from deepseek_pt.engine.moe_dispatch import _rows_from_tokens, _tokens_from_rows
+
+    tokens, top_k, dim = 7, 3, 1100  # dim past one 1024-column block
+    x, scores = torch.randn(tokens, dim), torch.rand(tokens, top_k)
+    pairs = torch.randperm(tokens * top_k)
+    row_pair = torch.cat([pairs, torch.full((5,), -1)])[torch.randperm(tokens * top_k + 5)]  # padding rows: -1
+    pair_row = torch.empty(tokens * top_k, dtype=torch.long)
+    pair_row[row_pair[row_pair >= 0]] = (row_pair >= 0).nonzero().squeeze(1)
+    token_of = torch.where(row_pair >= 0, row_pair // top_k, 0)
+    padding = (row_pair < 0)[:, None]
+    rows, _ = _rows_from_tokens(x, row_pair, top_k)
+    assert torch.equal(rows, torch.where(padding, 0.0, x[token_of]))
+    grad_rows = torch.randn(row_pair.numel(), dim)
+    scaled, dots = _rows_from_tokens(x, row_pair, top_k, scores, grad_rows)
+    score_of = torch.where(row_pair >= 0, scores.flatten()[row_pair.clamp(min=0)], 0.0)
+    torch.testing.assert_close(scaled, torch.where(padding, 0.0, x[token_of] * score_of[:, None]))
+    want_dots = (x[token_of] * grad_rows).sum(1)[pair_row].view(tokens, top_k)
+    torch.testing.assert_close(dots, want_dots, rtol=1e-5, atol=1e-4)
+    summed = _tokens_from_rows(grad_rows, pair_row, top_k, scores)
+    want = (grad_rows[pair_row].view(tokens, top_k, dim) * scores[..., None]).sum(1)
+    torch.testing.assert_close(summed, want, rtol=1e-5, atol=1e-5)
+
+
+if __name__ == "__main__":
+    assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1: the kernels are CPU tensors here"
+    torch.manual_seed(0)
+    globals()[sys.argv[1]]()
+    print(f"{sys.argv[1]}: ok")
