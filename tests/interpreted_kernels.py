@@ -59,6 +59,8 @@ def ragged_mm() -> None:
     want = torch.cat([(a[s:t] * a_scale[s:t, None]) @ (w[e] * w_scale[e, :, None]).t() for e, (s, t) in
                       enumerate(bounds)])
     assert out.dtype == torch.bfloat16 and rel_err(out[:n], want) < 1e-2, rel_err(out[:n], want)  # one bf16 rounding
+    empty = ragged_mm(torch.randn(0, 128), w, torch.zeros(E, dtype=torch.int32), True)  # a rank given no tokens
+    assert empty.shape == (0, 72)
 
 
 def grouped_wgrad() -> None:
@@ -75,6 +77,9 @@ def grouped_wgrad() -> None:
             want[e] += a[start:end].t() @ b[start:end]
         grouped_wgrad_(out, a, b, offs, use_tma=use_tma)
         assert rel_err(out, want) < 1e-5, (use_tma, rel_err(out, want))
+        before = out.clone()
+        grouped_wgrad_(out, a[:0], b[:0], torch.zeros_like(offs), use_tma=use_tma)  # a rank given no tokens
+        assert torch.equal(out, before)
 
 
 def moe_dispatch() -> None:

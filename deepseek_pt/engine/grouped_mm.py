@@ -104,6 +104,9 @@ def ragged_mm(a: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, transpose_w:
     default = CONFIG_FP8 if scales is not None else CONFIG_TWO_PRODUCTS if a2 is not None else CONFIG
     block_m, block_n, block_k, warps, stages = config or default
     E, N = offs.shape[0], w.shape[1] if transpose_w else w.shape[2]
+    out = torch.empty(a.shape[0], N, device=a.device, dtype=torch.bfloat16 if scales is not None else a.dtype)
+    if not a.shape[0]:  # no rows (a rank that received no tokens): TMA descriptors need a non-empty tensor
+        return out
     descriptors = []
     for x, wx in pairs:
         descriptors += [TensorDescriptor.from_tensor(x, [block_m, block_k]),
@@ -112,7 +115,6 @@ def ragged_mm(a: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, transpose_w:
     ks = [x.shape[1] for x, _ in pairs]
     if a2 is None:  # the second pair's arguments, unused
         descriptors, ks = descriptors * 2, ks + [0]
-    out = torch.empty(a.shape[0], N, device=a.device, dtype=torch.bfloat16 if scales is not None else a.dtype)
     a_scale, b_scale = scales if scales is not None else (out, out)  # unread unless SCALED
     grid = ((triton.cdiv(a.shape[0], block_m) + E) * triton.cdiv(N, block_n),)
     _ragged_mm_kernel[grid](*descriptors, out, offs, a_scale, b_scale, N, ks[0], ks[1], out.stride(0), E=E,

@@ -90,6 +90,8 @@ def grouped_wgrad_(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, offs: to
         raise ValueError(f"grouped_wgrad_: a {tuple(a.shape)} and b {tuple(b.shape)} must share their rows")
     if out.shape != (E, K, N) or not out.is_contiguous():
         raise ValueError(f"grouped_wgrad_: out {tuple(out.shape)} must be a contiguous [{E}, {K}, {N}]")
+    if not M:  # no rows (a rank that received no tokens): nothing to add, and TMA descriptors need rows
+        return
     if use_tma is None:
         use_tma = torch.cuda.get_device_capability(a.device) >= (9, 0)
     a, b = _readable(a, use_tma), _readable(b, use_tma)
