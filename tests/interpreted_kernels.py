@@ -13,12 +13,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from test_fp8 import rel_err  # this script's own folder is on the path, as pytest puts it
 
 COUNTS = [272, 0, 48, 160, 16]  # rows per expert: more than two 128-row tiles, fewer than one, none
-
-
-def rel_err(out: torch.Tensor, want: torch.Tensor) -> float:
-    return ((out.float() - want).norm() / want.norm()).item()
 
 
 def _expert_rows(n_cols: int, padding: int = 40, stride_cols: int | None = None) -> torch.Tensor:

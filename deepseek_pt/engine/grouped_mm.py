@@ -78,6 +78,10 @@ def _ragged_mm_kernel(a, b, a2, b2, out, offs_ptr, a_scale, b_scale, N, K, K2, s
     tl.store(ptrs, acc.to(out.dtype.element_ty), mask=(rows < end)[:, None] & (cols < N)[None, :])
 
 
+def _config(fp8: bool, two_products: bool) -> tuple[int, int, int, int, int]:
+    return CONFIG_FP8 if fp8 else CONFIG_TWO_PRODUCTS if two_products else CONFIG
+
+
 def takes(a: torch.Tensor, w: torch.Tensor, transpose_w: bool, two_products: bool = False) -> bool:
     """Whether the kernel's TMA loads can read a [M, K] and w: bf16 (or e4m3 with w [E, N, K], whose Hopper MMA reads
     both operands along K) on a Hopper-or-later GPU, w contiguous, unit column stride, 16-byte aligned rows and
@@ -86,7 +90,7 @@ def takes(a: torch.Tensor, w: torch.Tensor, transpose_w: bool, two_products: boo
     if not (a.is_cuda and (a.dtype == w.dtype == torch.bfloat16 or fp8)
             and torch.cuda.get_device_capability(a.device) >= (9, 0)):
         return False
-    block_k = (CONFIG_FP8 if fp8 else CONFIG_TWO_PRODUCTS if two_products else CONFIG)[2]
+    block_k = _config(fp8, two_products)[2]
     aligned = all(t.data_ptr() % 16 == 0 for t in (a, w)) and a.stride(0) * a.element_size() % 16 == 0
     return w.is_contiguous() and a.stride(1) == 1 and aligned and (transpose_w or a.shape[1] % block_k == 0)
 
@@ -101,8 +105,7 @@ def ragged_mm(a: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, transpose_w:
     product. Rows past offs[-1] are left unwritten, as torch._grouped_mm leaves them. Every pair must pass `takes`;
     `config` overrides the tile shape, for the probe."""
     pairs = [(a, w)] + ([(a2, w2)] if a2 is not None else [])
-    default = CONFIG_FP8 if scales is not None else CONFIG_TWO_PRODUCTS if a2 is not None else CONFIG
-    block_m, block_n, block_k, warps, stages = config or default
+    block_m, block_n, block_k, warps, stages = config or _config(scales is not None, a2 is not None)
     E, N = offs.shape[0], w.shape[1] if transpose_w else w.shape[2]
     out = torch.empty(a.shape[0], N, device=a.device, dtype=torch.bfloat16 if scales is not None else a.dtype)
     if not a.shape[0]:  # no rows (a rank that received no tokens): TMA descriptors need a non-empty tensor
