@@ -325,11 +325,6 @@ class Fp8Config:
     and model.moe.expert_inter_dim multiples of 16, and
     a Hopper GPU (emulated on a CPU); costs 2 bytes per local routed-expert parameter (the FP8 weights, cast once
     per optimizer step)."""
-    expert_weight_grads: bool = False
-    """With fp8.experts, the routed experts' weight-gradient GEMMs in FP8 too (engine/fp8_wgrad.py), scaled as
-    DeepSeek-V3 scales them: each operand per column and 128-row tile of each expert's rows, the GEMM promoting its
-    sum to fp32 at every tile. Each backward casts x, h, the output gradient and the SwiGLU gradient so (one more
-    pass over each)."""
 
 
 @dataclass
@@ -574,9 +569,6 @@ def validate(cfg: Config, where: str = "<config>") -> None:
               "model.n_layers) and model.moe.seq_aux_loss_alpha: 0")
         for key, v in (("model.dim", m.dim), ("model.moe.expert_inter_dim", moe.expert_inter_dim)):
             check(v % 16 == 0, key, f"{v} is not a multiple of 16, which fp8.experts' FP8 grouped GEMMs need")
-    if cfg.precision == "fp8" and cfg.fp8.expert_weight_grads:
-        check(cfg.fp8.experts, "fp8.expert_weight_grads",
-              "needs fp8.experts: true (these are the FP8 routed experts' weight gradients)")
     if cfg.parallel.timeout_minutes is not None:
         check(cfg.parallel.timeout_minutes > 0, "parallel.timeout_minutes",
               f"must be positive, got {cfg.parallel.timeout_minutes}")

@@ -286,14 +286,11 @@ def build_engine(cfg: Config, world: int, init_from: str | None = None, load_uni
         from .engine.fp8 import expert_gemms_unavailable
         from .engine.fp8_experts import convert_experts_to_fp8
         why = expert_gemms_unavailable()
-        layers = convert_experts_to_fp8(engine.module, lambda: engine.global_steps, emulate=why is not None,
-                                        weight_grads=cfg.fp8.expert_weight_grads)
+        layers = convert_experts_to_fp8(engine.module, lambda: engine.global_steps, emulate=why is not None)
         if rank0:
             how = f"emulated in fp32 (numerics only: the real-GEMM path {why})" if why else "real FP8 grouped GEMMs"
-            wgrad = ("in FP8, 128-row tiles (fp8.expert_weight_grads)" if cfg.fp8.expert_weight_grads
-                     else "in bf16")
             print(f"fp8: routed experts of {layers} MoE layer{'s' * (layers != 1)}, rowwise scaling, weight gradients "
-                  f"{wgrad}, {how}", flush=True)
+                  f"in bf16, {how}", flush=True)
     coalesced = deepspeed_micro_steps(cfg) != cfg.train.grad_accum_steps
     grads_in_place = cfg.parallel.expert_grads_in_place and coalesced
     if grads_in_place or cfg.parallel.expert_triton_gemms:

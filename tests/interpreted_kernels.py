@@ -79,40 +79,6 @@ def grouped_wgrad() -> None:
         assert torch.equal(out, before)
 
 
-def fp8_wgrad() -> None:
-    """fp8_wgrad's kernels, fp32 in place of e4m3 (scaled, not rounded): the cast's padded, transposed tiles and
-    their scales against its torch emulation, and the tile-by-tile GEMM against each expert's a^T b, new and added
-    into `.grad`, with a column slice of one cast as an operand."""
-    from deepseek_pt.engine.fp8_wgrad import TILE, cast_tiles, weight_grad
-
-    offs, bounds = _bounds()
-    R, C = 200, 72
-    a, b = _expert_rows(2 * R, stride_cols=3 * R), _expert_rows(C)
-    a[:, 5] *= 1e3  # an outlier column: its own scales
-    casts = {}
-    for emulate in (False, True):
-        casts[emulate] = cast_tiles(a, offs, emulate, torch.float32), cast_tiles(b, offs, emulate, torch.float32)
-    tiles = sum(-(-n // TILE) for n in COUNTS)  # written ones: the rest is spare
-    for kernel, torch_ref in zip(*casts.values()):
-        assert torch.equal(kernel.q[:, :tiles * TILE], torch_ref.q[:, :tiles * TILE])
-        assert torch.equal(kernel.inv_scale[:tiles], torch_ref.inv_scale[:tiles])
-    a_cast, b_cast = casts[False]
-    assert torch.equal(a_cast.q[:, TILE * 2 + 16:TILE * 3], torch.zeros(2 * R, TILE - 16))  # expert 0's padding
-    weight = torch.zeros(len(COUNTS), R, C, requires_grad=True)
-    want = torch.stack([a[s:t, R:].t() @ b[s:t] for s, t in bounds])  # the scales cancel: powers of two
-    got = weight_grad(weight, a_cast.columns(R, 2 * R), b_cast, offs, in_place=True, emulate=False)  # no .grad yet
-    assert rel_err(got, want) < 1e-5, rel_err(got, want)
-    weight.grad = torch.randn_like(weight)
-    before = weight.grad.clone()
-    assert weight_grad(weight, a_cast.columns(R, 2 * R), b_cast, offs, in_place=True, emulate=False) is None
-    assert rel_err(weight.grad, before + want) < 1e-5, rel_err(weight.grad, before + want)
-    empty = torch.zeros(0, C)
-    nothing = torch.zeros_like(offs)  # a rank given no tokens: zero gradients
-    assert torch.equal(weight_grad(weight, cast_tiles(empty, nothing, False, torch.float32),
-                                   cast_tiles(empty, nothing, False, torch.float32), nothing, False, False)[:, :C],
-                       torch.zeros(len(COUNTS), C, C))
-
-
 def moe_dispatch() -> None:
     """moe_dispatch's two kernels: each padded row its pair's token row (times the score; the score's gradient as
     a dot product), and each token the sum of its top-k rows (times the scores)."""

@@ -7,7 +7,7 @@ from deepspeed.moe import ep_kernels
 from deepspeed.moe.ep_experts import GroupedExperts, _run_experts_grouped_mm
 
 from deepseek_pt.config import ConfigError, load_config
-from deepseek_pt.engine import fp8, fp8_wgrad
+from deepseek_pt.engine import fp8
 from deepseek_pt.engine.fp8_experts import (ALIGN, Fp8ExpertWeights, Fp8GroupedExperts, convert_experts_to_fp8,
                                             fp8_expert_swiglu, quantize_rows, scaled_grouped_mm)
 from test_fp8 import CONFIGS, assert_preflight_refuses, pretend_gpu, rel_err
@@ -78,42 +78,6 @@ def test_fp8_expert_swiglu_computes_autoeps_experts_within_e4m3_error(experts):
     assert all(g[empty].abs().max() == 0 for g in got[2:])
 
 
-def test_fp8_weight_grads_scale_each_experts_row_tiles_and_accumulate_in_place(experts):
-    """fp8.expert_weight_grads: the same output and input gradient, weight gradients within e4m3's error of bf16's
-    (none for an expert without rows), exact where every tile's values are exact in e4m3, and added into .grad."""
-    _, offs, w1, w3, w2 = experts
-    weights = Fp8ExpertWeights(w1, w3, w2)
-    run = lambda fp8_wgrad: (lambda x, w1, w3, w2: fp8_expert_swiglu(x, w1, w3, w2, offs, weights, True,
-                                                                     fp8_weight_grads=fp8_wgrad))
-    bf16_wgrads, fp8_wgrads = (_forward_backward(run(on), *experts) for on in (False, True))
-    for name, a, b in zip(("y", "dx"), fp8_wgrads, bf16_wgrads):
-        assert torch.equal(a, b), name
-    for name, a, b in zip(("dw1", "dw3", "dw2"), fp8_wgrads[2:], bf16_wgrads[2:]):
-        assert a.dtype == torch.bfloat16 and a.is_contiguous() and 0.01 < rel_err(a, b) < 0.09, (name, rel_err(a, b))
-        assert a[1].abs().max() == 0, name  # expert 1 received no tokens
-
-    torch.manual_seed(0)
-    counts = [200, 0, 48, 130]  # more than a tile, none, part of one, a tile and two rows
-    offs = torch.tensor(counts, device=DEVICE).cumsum(0).to(torch.int32)
-    # Integers of at most 8 in size are exact in e4m3 at any power-of-two scale that fits their tile's amax in 448,
-    # and so is their fp32 sum: only the result's bf16 rounding is left.
-    a, b = (torch.randint(-8, 9, (sum(counts) + 8, n), device=DEVICE).float() for n in (48, 32))
-    # Expert 0's gradient [3, 5] comes from its first tile alone, 2^-20 of the second's size in a's column 3: exact
-    # only with a scale per tile (one per expert would flush the first tile below e4m3's smallest value).
-    a[:128, 3] *= 2.0 ** -20
-    b[128:200, 5] = 0
-    a[sum(counts):] = b[sum(counts):] = float("nan")  # past the last expert: never read
-    weight = torch.zeros(len(counts), 48, 32, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
-    a_tiles, b_tiles = fp8_wgrad.cast_tiles(a, offs, True), fp8_wgrad.cast_tiles(b, offs, True)
-    got = fp8_wgrad.weight_grad(weight, a_tiles, b_tiles, offs, in_place=True, emulate=True)  # no .grad yet: new
-    bounds = list(zip([0, *offs.tolist()[:-1]], offs.tolist()))
-    want = torch.stack([a[s:t].t() @ b[s:t] for s, t in bounds]).bfloat16()
-    assert torch.equal(got, want)
-    weight.grad = want.clone()
-    assert fp8_wgrad.weight_grad(weight, a_tiles, b_tiles, offs, in_place=True, emulate=True) is None
-    assert torch.equal(weight.grad, (2 * want.float()).bfloat16())
-
-
 def test_fp8_weights_are_cast_once_per_optimizer_step(monkeypatch):
     torch.manual_seed(0)
     layer = GroupedExperts(dim=64, hidden_dim=32, num_experts=4).to(DEVICE, torch.bfloat16)
@@ -155,9 +119,6 @@ def test_fp8_experts_config_names_what_it_needs(tmp_path):
         load("model.moe.seq_aux_loss_alpha=0.001")
     with pytest.raises(ConfigError, match=r"fp8.experts: needs routed experts"):
         load("model.moe.n_dense_layers=2")
-    assert load("fp8.expert_weight_grads=true").fp8.expert_weight_grads
-    with pytest.raises(ConfigError, match=r"fp8.expert_weight_grads: needs fp8.experts: true"):
-        load("fp8.expert_weight_grads=true", "fp8.experts=false")
 
 
 def test_fp8_experts_refuse_a_gpu_without_hoppers_kernels(monkeypatch, tmp_path):
@@ -170,9 +131,8 @@ def test_fp8_experts_refuse_a_gpu_without_hoppers_kernels(monkeypatch, tmp_path)
 
 @pytest.mark.skipif(fp8.expert_gemms_unavailable() is not None,
                     reason=f"real FP8 grouped GEMMs {fp8.expert_gemms_unavailable()}")
-@pytest.mark.parametrize("triton_gemms,fp8_weight_grads", [(False, False), (True, False), (True, True)],
-                         ids=["scaled-grouped-mm", "triton-kernel", "fp8-weight-grads"])
-def test_real_fp8_grouped_gemms_match_the_emulation_on_gpu(triton_gemms, fp8_weight_grads):
+@pytest.mark.parametrize("triton_gemms", [False, True], ids=["scaled-grouped-mm", "triton-kernel"])
+def test_real_fp8_grouped_gemms_match_the_emulation_on_gpu(triton_gemms):
     """torch._scaled_grouped_mm, or grouped_mm.py's Triton kernel with FP8 operands, against the emulation."""
     from deepseek_pt.engine import grouped_mm
 
@@ -187,41 +147,14 @@ def test_real_fp8_grouped_gemms_match_the_emulation_on_gpu(triton_gemms, fp8_wei
     real, emulated = (scaled_grouped_mm(x_q, x_s, *weights.gate_up, offs, emulate, triton_gemms)[:n]
                       for emulate in (False, True))
     assert rel_err(real, emulated) < 0.002  # one GEMM of the same operands: fast accumulation and bf16 rounding
-    real, emulated = (_forward_backward(lambda x, w1, w3, w2: fp8_expert_swiglu(
-        x, w1, w3, w2, offs, weights, emulate, triton_gemms=triton_gemms, fp8_weight_grads=fp8_weight_grads),
-        x, offs, w1, w3, w2) for emulate in (False, True))
+    real, emulated = (_forward_backward(lambda x, w1, w3, w2: fp8_expert_swiglu(x, w1, w3, w2, offs, weights, emulate,
+                                                                               triton_gemms=triton_gemms),
+                                        x, offs, w1, w3, w2) for emulate in (False, True))
     for name, a, b in zip(("y", "dx", "dw1", "dw3", "dw2"), real, emulated):
         assert torch.isfinite(a).all() and a.dtype == torch.bfloat16, name
         # Through the block, an intermediate that differs in its last bits now and then rounds to the neighbouring
         # e4m3 value (6% apart) when it is quantized for the next GEMM: about 1% in all.
         assert rel_err(a, b) < 0.02, (name, rel_err(a, b))
-
-
-@pytest.mark.skipif(fp8.expert_gemms_unavailable() is not None,
-                    reason=f"the Triton kernels {fp8.expert_gemms_unavailable()}")
-def test_weight_gradient_kernels_compute_their_torch_references_on_gpu():
-    """fp8_wgrad's cast bit for bit as its emulation, its GEMM within fast accumulation's and bf16's rounding, new
-    and added into a gradient, on uneven experts (one without rows) and a column slice of a cast."""
-    torch.manual_seed(0)
-    counts = [700, 0, 130, 16, 1000, 256]
-    offs = torch.tensor(counts, device="cuda").cumsum(0).to(torch.int32)
-    a, b = (torch.randn(sum(counts) + 16, n, device="cuda").bfloat16() for n in (2 * 320, 256))
-    a[:, 9] *= 50  # an outlier column
-    tiles = sum(-(-n // fp8_wgrad.TILE) for n in counts) * fp8_wgrad.TILE
-    casts = [(fp8_wgrad.cast_tiles(a, offs, emulate), fp8_wgrad.cast_tiles(b, offs, emulate)) for emulate in (0, 1)]
-    for real, emulated in zip(*casts):
-        assert torch.equal(real.q[:, :tiles].view(torch.uint8), emulated.q[:, :tiles].view(torch.uint8))
-        assert torch.equal(real.inv_scale[:tiles // fp8_wgrad.TILE], emulated.inv_scale[:tiles // fp8_wgrad.TILE])
-    weight = torch.zeros(len(counts), 320, 256, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    (a_real, b_real), (a_emulated, b_emulated) = casts
-    real = fp8_wgrad.weight_grad(weight, a_real.columns(320, 640), b_real, offs, True, emulate=False)
-    emulated = fp8_wgrad.weight_grad(weight, a_emulated.columns(320, 640), b_emulated, offs, True, emulate=True)
-    assert rel_err(real, emulated) < 0.005 and real[1].abs().max() == 0, rel_err(real, emulated)
-    bf16 = torch._grouped_mm(a[:, 320:].t(), b, offs=offs)
-    assert 0.01 < rel_err(real, bf16) < 0.09  # e4m3's rounding of both operands
-    weight.grad = bf16.clone()
-    assert fp8_wgrad.weight_grad(weight, a_real.columns(320, 640), b_real, offs, True, emulate=False) is None
-    assert rel_err(weight.grad, bf16.float() + emulated.float()) < 0.005
 
 
 @pytest.mark.skipif(fp8.expert_gemms_unavailable() is not None,

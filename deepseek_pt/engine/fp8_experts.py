@@ -5,10 +5,10 @@ The expert SwiGLU runs as one autograd function over AutoEP's expert-sorted toke
 - Forward and input-gradient GEMMs are FP8 (e4m3, rowwise scaled, fast accumulation) on
   `torch._scaled_grouped_mm`, or with `parallel.expert_triton_gemms` on grouped_mm.py's Triton kernel, whose tiles
   pad each expert's rows less. Gate and up run as one grouped GEMM.
-- The weight-gradient GEMMs reduce over each expert's tokens, which rowwise scales cannot follow. They stay bf16
-  (expert_grads.py; `torch._grouped_mm`, or the kernel that adds into `.grad` under
-  `parallel.expert_grads_in_place`), as torchao's `rowwise_with_gw_hp` keeps this GEMM bf16 for the linears, unless
-  `fp8.expert_weight_grads`: then FP8 too, their operands cast per column and 128-row tile (fp8_wgrad.py).
+- The weight-gradient GEMMs reduce over each expert's tokens and stay bf16 (expert_grads.py; `torch._grouped_mm`,
+  or the kernel that adds into `.grad` under `parallel.expert_grads_in_place`):
+  rowwise scales cannot follow that axis, and scales per expert and column would need casts of their
+  own (torchao's `rowwise_with_gw_hp` keeps this GEMM in bf16 for the linears too).
 - Every scale is a power of two, one per token row and one per weight row along the GEMM's reduction
   dimension. Scaling is then exact, and e4m3's rounding is the only error.
 - Weights are cast once per optimizer step, not once per micro-step: the two FP8 layouts of each
@@ -32,7 +32,6 @@ import torch.nn.functional as F
 from deepspeed.moe import ep_kernels
 from deepspeed.moe.ep_experts import GroupedExperts
 
-from . import fp8_wgrad
 from .expert_grads import expert_weight_grad
 from .fp8 import E4M3_MAX
 
@@ -118,14 +117,13 @@ class Fp8ExpertWeights:
 
 class _Fp8ExpertSwiGLU(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, w1, w3, w2, offs, weights: Fp8ExpertWeights, emulate: bool, in_place: bool, triton: bool,
-                fp8_wgrad: bool):
+    def forward(ctx, x, w1, w3, w2, offs, weights: Fp8ExpertWeights, emulate: bool, in_place: bool, triton: bool):
         quantize, swiglu, _ = _activation_casts(x)
         x_q, x_s = quantize(x)
         gate_up = scaled_grouped_mm(x_q, x_s, *weights.gate_up, offs, emulate, triton)
         h, h_q, h_s = swiglu(gate_up)
         ctx.save_for_backward(x, gate_up, h, offs, w1, w3, w2)
-        ctx.weights, ctx.emulate, ctx.in_place, ctx.triton, ctx.fp8_wgrad = weights, emulate, in_place, triton, fp8_wgrad
+        ctx.weights, ctx.emulate, ctx.in_place, ctx.triton = weights, emulate, in_place, triton
         return scaled_grouped_mm(h_q, h_s, *weights.down, offs, emulate, triton).to(x.dtype)
 
     @staticmethod
@@ -136,34 +134,24 @@ class _Fp8ExpertSwiGLU(torch.autograd.Function):
         quantize, _, swiglu_backward = _activation_casts(grad_y)
         g_q, g_s = quantize(grad_y)
         grad_h = scaled_grouped_mm(g_q, g_s, *weights.down_t, offs, emulate, ctx.triton)
+        grad_w2 = expert_weight_grad(w2, grad_y, h, offs, ctx.in_place)  # [E, dim, H], reduced over each expert's rows
         grad_gate_up, gu_q, gu_s = swiglu_backward(gate_up, grad_h)
         grad_x = scaled_grouped_mm(gu_q, gu_s, *weights.gate_up_t, offs, emulate, ctx.triton).to(x.dtype)
-        # Weight gradients, each reduced over its expert's rows: w2's [E, dim, H] from grad_y and h, w1's and w3's
-        # [E, H, dim] from the halves of grad_gate_up and x.
-        if ctx.fp8_wgrad:
-            cast = lambda t: fp8_wgrad.cast_tiles(t, offs, emulate)
-            grad_w2 = fp8_wgrad.weight_grad(w2, cast(grad_y), cast(h), offs, ctx.in_place, emulate)
-            gu_tiles, x_tiles, H = cast(grad_gate_up), cast(x), w1.shape[1]
-            grad_w1, grad_w3 = (fp8_wgrad.weight_grad(w, gu_tiles.columns(start, start + H), x_tiles, offs,
-                                                      ctx.in_place, emulate) for w, start in ((w1, 0), (w3, H)))
-        else:
-            grad_w2 = expert_weight_grad(w2, grad_y, h, offs, ctx.in_place)
-            # One GEMM per weight, each writing its own contiguous [E, H, dim]. With strided views of one
-            # [E, 2H, dim] product instead, a bench-2b profile showed non-vectorized gradient adds costing 3.2 ms
-            # per micro-step (docs/benchmarks.md).
-            grad_w1, grad_w3 = (expert_weight_grad(w, half, x, offs, ctx.in_place)
-                                for w, half in zip((w1, w3), grad_gate_up.chunk(2, dim=1)))
-        return grad_x, grad_w1, grad_w3, grad_w2, None, None, None, None, None, None
+        # One GEMM per weight, each writing its own contiguous [E, H, dim]. With strided views of one [E, 2H, dim]
+        # product instead, a bench-2b profile showed non-vectorized gradient adds costing 3.2 ms per micro-step
+        # (docs/benchmarks.md).
+        grad_w1, grad_w3 = (expert_weight_grad(w, half, x, offs, ctx.in_place)
+                            for w, half in zip((w1, w3), grad_gate_up.chunk(2, dim=1)))
+        return grad_x, grad_w1, grad_w3, grad_w2, None, None, None, None, None
 
 
 def fp8_expert_swiglu(x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor, offs: torch.Tensor,
                       weights: Fp8ExpertWeights, emulate: bool, in_place: bool = False,
-                      triton_gemms: bool = False, fp8_weight_grads: bool = False) -> torch.Tensor:
+                      triton_gemms: bool = False) -> torch.Tensor:
     """The routed experts' SwiGLU over expert-sorted rows x [M, dim] (group e ends at offs[e], each group a multiple
     of ALIGN rows), with `weights` the FP8 layouts of w1, w3 [E, H, dim] and w2 [E, dim, H]; gradients reach the
-    bf16 weights (added into their `.grad` when `in_place`: expert_grads.py); `triton_gemms`: scaled_grouped_mm's;
-    `fp8_weight_grads`: the weight-gradient GEMMs in FP8 too (fp8_wgrad.py)."""
-    return _Fp8ExpertSwiGLU.apply(x, w1, w3, w2, offs, weights, emulate, in_place, triton_gemms, fp8_weight_grads)
+    bf16 weights (added into their `.grad` when `in_place`: expert_grads.py); `triton_gemms`: scaled_grouped_mm's."""
+    return _Fp8ExpertSwiGLU.apply(x, w1, w3, w2, offs, weights, emulate, in_place, triton_gemms)
 
 
 def expert_layers(model: torch.nn.Module) -> list[GroupedExperts]:
@@ -171,11 +159,9 @@ def expert_layers(model: torch.nn.Module) -> list[GroupedExperts]:
     return [m for m in model.modules() if isinstance(m, GroupedExperts)]
 
 
-def convert_experts_to_fp8(model: torch.nn.Module, optimizer_steps: Callable[[], int], emulate: bool,
-                           weight_grads: bool = False) -> int:
-    """Run every AutoEP expert layer of `model` through fp8_expert_swiglu, its weight-gradient GEMMs too if
-    `weight_grads`; `optimizer_steps()` counts the engine's optimizer steps (the FP8 weights are recast when it
-    moves). Returns how many layers were converted."""
+def convert_experts_to_fp8(model: torch.nn.Module, optimizer_steps: Callable[[], int], emulate: bool) -> int:
+    """Run every AutoEP expert layer of `model` through fp8_expert_swiglu; `optimizer_steps()` counts the engine's
+    optimizer steps (the FP8 weights are recast when it moves). Returns how many layers were converted."""
     layers = expert_layers(model)
     for layer in layers:
         if layer.activation != "swiglu" or layer.use_triton_grouped_mm or layer.gate_up_impl != "separate":
@@ -184,7 +170,6 @@ def convert_experts_to_fp8(model: torch.nn.Module, optimizer_steps: Callable[[],
                              "FP8 experts take swiglu on torch._grouped_mm with separate gate and up weights")
         layer.__class__ = Fp8GroupedExperts
         layer.optimizer_steps, layer.emulate, layer.fp8_weights = optimizer_steps, emulate, None
-        layer.fp8_weight_grads = weight_grads
     if layers:
         # AutoEP pads each expert's rows to this many when it sorts tokens by expert; read at every forward.
         ep_kernels.TOKEN_GROUP_ALIGN_SIZE_M = max(ep_kernels.TOKEN_GROUP_ALIGN_SIZE_M, ALIGN)
@@ -197,14 +182,13 @@ class Fp8GroupedExperts(GroupedExperts):
     optimizer_steps: Callable[[], int]
     emulate: bool
     fp8_weights: tuple[tuple, Fp8ExpertWeights] | None
-    fp8_weight_grads: bool
     grads_in_place = False  # expert_grads.convert_routed_experts sets both
     triton_gemms = False
 
     def forward(self, x: torch.Tensor, num_tokens_per_expert: torch.Tensor) -> torch.Tensor:
         offs = torch.cumsum(num_tokens_per_expert, dim=0, dtype=torch.int32)
         return fp8_expert_swiglu(x, self.w1, self.w3, self.w2, offs, self.current_fp8_weights(), self.emulate,
-                                 self.grads_in_place, self.triton_gemms, self.fp8_weight_grads)
+                                 self.grads_in_place, self.triton_gemms)
 
     def current_fp8_weights(self) -> Fp8ExpertWeights:
         """The FP8 layouts of this optimizer step's weights: cast at the step's first forward, reused by its other

@@ -47,38 +47,24 @@ def _accumulate(acc, a, b, m0, row0, n0, K, B_KMAJOR: tl.constexpr, BLOCK_K: tl.
 
 
 @triton.jit
-def expert_tiles(offs_ptr, E: tl.constexpr, E_POW2: tl.constexpr, TILE: tl.constexpr):
-    """Each expert's rows offs[e-1]:offs[e] cut in tiles of TILE rows, the experts' tiles numbered one after the
-    other in expert order: per expert (a vector of E_POW2, zero past E) its first row, its end, its tile count and
-    the number of its first tile."""
-    es = tl.arange(0, E_POW2)
-    ends = tl.load(offs_ptr + es, mask=es < E, other=0)
-    starts = tl.load(offs_ptr + es - 1, mask=(es > 0) & (es < E), other=0)
-    tiles = tl.where(es < E, tl.cdiv(ends - starts, TILE), 0)
-    return starts, ends, tiles, tl.cumsum(tiles, 0) - tiles
-
-
-@triton.jit
-def expert_of_tile(offs_ptr, tile, E: tl.constexpr, E_POW2: tl.constexpr, TILE: tl.constexpr):
-    """Which expert's tile (expert_tiles' numbering) `tile` is, its first row and the expert's end; the expert is E
-    past the last tile."""
-    starts, ends, tiles, first_tiles = expert_tiles(offs_ptr, E, E_POW2, TILE)
-    expert = tl.sum((first_tiles + tiles <= tile).to(tl.int32), 0)
-    mine = tl.arange(0, E_POW2) == expert
-    row0 = tl.sum(tl.where(mine, starts, 0), 0) + (tile - tl.sum(tl.where(mine, first_tiles, 0), 0)) * TILE
-    return expert, row0, tl.sum(tl.where(mine, ends, 0), 0)
-
-
-@triton.jit
 def _ragged_mm_kernel(a, b, a2, b2, out, offs_ptr, a_scale, b_scale, N, K, K2, stride_out, E: tl.constexpr,
                       E_POW2: tl.constexpr, B_KMAJOR: tl.constexpr, TWO: tl.constexpr, SCALED: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid = tl.program_id(0)
     tiles_n = tl.cdiv(N, BLOCK_N)
     m_tile, n0 = pid // tiles_n, (pid % tiles_n) * BLOCK_N  # neighbouring programs share their rows of a
-    expert, m0, end = expert_of_tile(offs_ptr, m_tile, E, E_POW2, BLOCK_M)
+    # The experts' row tiles follow each other in expert order: which one is this, and where do its rows start?
+    es = tl.arange(0, E_POW2)
+    ends = tl.load(offs_ptr + es, mask=es < E, other=0)
+    starts = tl.load(offs_ptr + es - 1, mask=(es > 0) & (es < E), other=0)
+    tiles = tl.where(es < E, tl.cdiv(ends - starts, BLOCK_M), 0)
+    tile_ends = tl.cumsum(tiles, 0)
+    expert = tl.sum((tile_ends <= m_tile).to(tl.int32), 0)
     if expert >= E:  # the grid counts a spare tile per expert
         return
+    mine = es == expert
+    start, end = tl.sum(tl.where(mine, starts, 0), 0), tl.sum(tl.where(mine, ends, 0), 0)
+    m0 = start + (m_tile - tl.sum(tl.where(mine, tile_ends - tiles, 0), 0)) * BLOCK_M
     # Rows from `end` on are the next expert's (or zeros past the tensor): computed, never stored.
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc = _accumulate(acc, a, b, m0, expert * (N if B_KMAJOR else K), n0, K, B_KMAJOR, BLOCK_K)
