@@ -3,9 +3,10 @@ bf16 against FP8 (tensorwise, rowwise, DeepSeek-style blockwise 1x128 x 128x128)
 bf16 against rowwise FP8 grouped GEMM (with and without fast accumulation) for bench-2b's routed experts. The
 forward GEMM alone (weights pre-quantized) and with the compiled quantization of its activation. Then
 fp8.experts' activation casts (Triton against torch.compile), and the routed experts' whole SwiGLU, forward and
-backward: AutoEP's bf16, torchao's FP8, and fp8.experts' own.
+backward: AutoEP's bf16, torchao's FP8, and fp8.experts' own. --shared-only: the shared experts' SwiGLU, forward
+and backward, in bf16 and through fp8.shared_experts, in alternating rounds.
 
-    python bench/fp8_gemm_probe.py [--tokens 8192] [--experts-only]
+    python bench/fp8_gemm_probe.py [--tokens 8192] [--experts-only | --shared-only [--rounds N]]
 
 Prints one line per (shape, variant): median ms, TFLOP/s, relative error against an fp32 product of
 the dequantized operands (blockwise layouts that the library rejects are reported, not fatal).
@@ -236,12 +237,46 @@ def expert_casts(tokens: int, top_k: int, dim: int, hidden: int) -> None:
             print(f"   cast {name:28} {label:13} {ms:6.3f} ms {nbytes / ms / 1e6:6.0f} GB/s", flush=True)
 
 
+def shared_mlp(tokens: int, dim: int, width: int, rounds: int) -> None:
+    """The shared experts' SwiGLU (bench-2b: dim 2048, 2 x 1408), forward and backward with accumulating weight
+    gradients: bf16 as training runs it (cuBLAS linears, the compiled SwiGLU) and fp8.shared_experts' (FP8 forward and
+    input gradients on the Triton kernel, the step's FP8 weights already cast), in alternating rounds, since the
+    GPU's clocks move between calls."""
+    from deepseek_pt.engine.fp8_experts import convert_shared_experts_to_fp8
+    from deepseek_pt.model.layers import SwiGLU, compile_pointwise
+
+    compile_pointwise()
+    torch.manual_seed(0)
+    layers = {}
+    for name in ("bf16", "fp8"):
+        layers[name] = torch.nn.Module()
+        layers[name].shared_experts = SwiGLU(dim, width).cuda().bfloat16()
+    layers["fp8"].load_state_dict(layers["bf16"].state_dict())
+    convert_shared_experts_to_fp8(layers["fp8"], lambda: 0, emulate=False, triton_gemms=True)
+    x = torch.randn(tokens, dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    dy = torch.randn(tokens, dim, device="cuda", dtype=torch.bfloat16)
+    step = {name: (lambda m=m: m.shared_experts(x).backward(dy)) for name, m in layers.items()}
+    ys = {name: m.shared_experts(x) for name, m in layers.items()}
+    print(f"shared experts {tokens} x {dim} -> {width}: FP8 output rel err {rel_err(ys['fp8'], ys['bf16']):.1e}",
+          flush=True)
+    for r in range(rounds):
+        for name, fn in step.items():
+            ms = bench(fn, calls=10)
+            gpu_ms, top = kernel_table(fn, 5)
+            print(f"  round {r} {name}: {ms:.3f} ms, {gpu_ms:.3f} ms GPU: "
+                  + "; ".join(f"{k[:40]} {t:.3f} ms {c}x" for k, t, c in top), flush=True)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tokens", type=int, default=8192)
     p.add_argument("--experts-only", action="store_true", help="only the routed experts' grouped GEMMs")
+    p.add_argument("--shared-only", action="store_true", help="only the shared experts' SwiGLU, bf16 and FP8")
+    p.add_argument("--rounds", type=int, default=3, help="--shared-only: alternating rounds")
     args = p.parse_args()
     M = args.tokens
+    if args.shared_only:
+        return shared_mlp(M, 2048, 2 * 1408, args.rounds)
     global quant_rows  # fused amax + scale + cast kernels: what a real recipe pays for quantization
     quant_rows = torch.compile(quant_rows)
     torch.manual_seed(0)

@@ -325,6 +325,15 @@ class Fp8Config:
     and model.moe.expert_inter_dim multiples of 16, and
     a Hopper GPU (emulated on a CPU); costs 2 bytes per local routed-expert parameter (the FP8 weights, cast once
     per optimizer step)."""
+    shared_experts: bool = False
+    """Also run the shared experts' GEMMs in FP8 as fp8.experts runs the routed ones, the shared SwiGLU one expert
+    that every token visits (engine/fp8_experts.py): forward and input-gradient GEMMs rowwise scaled e4m3, weights
+    cast once per optimizer step, weight gradients bf16. torchao's recipes then leave these linears out (at
+    bench-2b's widths `fp8.layers: auto` finds them too narrow for its casts). On bench-2b on an H200: 0.15-0.25 ms
+    less GPU time per MoE layer and micro-step, +1.8% and +1.9% tokens/s in two of three interleaved pairs (-0.6% in
+    the third), the loss within 0.23% of bf16's (docs/benchmarks.md). Needs model.dim and the shared width
+    (model.moe.n_shared_experts x expert_inter_dim) multiples of 16, tokens per micro-step too, and a Hopper GPU
+    (emulated on a CPU); costs 2 bytes per shared-expert parameter."""
 
 
 @dataclass
@@ -569,6 +578,16 @@ def validate(cfg: Config, where: str = "<config>") -> None:
               "model.n_layers) and model.moe.seq_aux_loss_alpha: 0")
         for key, v in (("model.dim", m.dim), ("model.moe.expert_inter_dim", moe.expert_inter_dim)):
             check(v % 16 == 0, key, f"{v} is not a multiple of 16, which fp8.experts' FP8 grouped GEMMs need")
+    if cfg.precision == "fp8" and cfg.fp8.shared_experts:
+        check(moe.n_shared_experts > 0, "fp8.shared_experts", "the model has none (model.moe.n_shared_experts: 0)")
+        need = "a multiple of 16, which fp8.shared_experts' FP8 GEMMs need"
+        check(m.dim % 16 == 0, "model.dim", f"{m.dim} is not {need}")
+        width = moe.n_shared_experts * moe.expert_inter_dim
+        check(width % 16 == 0, "model.moe.expert_inter_dim",
+              f"the shared experts' width {width} (model.moe.n_shared_experts x this) is not {need}")
+        tokens = cfg.train.micro_batch_size * cfg.data.seq_len
+        check(tokens % 16 == 0, "train.micro_batch_size",
+              f"{tokens} tokens per micro-step (this x data.seq_len) is not {need}")
     if cfg.parallel.timeout_minutes is not None:
         check(cfg.parallel.timeout_minutes > 0, "parallel.timeout_minutes",
               f"must be positive, got {cfg.parallel.timeout_minutes}")

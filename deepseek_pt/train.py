@@ -75,9 +75,9 @@ def preflight(cfg: Config, world_size: int) -> None:
         if why := fp8_unavailable(cfg.fp8.recipe):
             raise PreflightError(f"precision: fp8 with fp8.recipe={cfg.fp8.recipe} {why}: use precision=bf16 or "
                                  "fp32, or fp8.recipe=blockwise (emulated)")
-        if cfg.fp8.experts and torch.cuda.is_available() and (why := expert_gemms_unavailable()):
-            raise PreflightError(f"fp8.experts: FP8 grouped GEMMs {why}: set fp8.experts=false (only a CPU "
-                                 "emulates them)")
+        for key, on in (("fp8.experts", cfg.fp8.experts), ("fp8.shared_experts", cfg.fp8.shared_experts)):
+            if on and torch.cuda.is_available() and (why := expert_gemms_unavailable()):
+                raise PreflightError(f"{key}: FP8 grouped GEMMs {why}: set {key}=false (only a CPU emulates them)")
         tokens = cfg.data.seq_len * cfg.train.micro_batch_size
         if cfg.fp8.recipe == "blockwise" and tokens % BLOCK and not blockwise_gemms_unavailable():
             raise PreflightError(
@@ -232,7 +232,7 @@ def build_engine(cfg: Config, world: int, init_from: str | None = None, load_uni
         compile_pointwise()
     if cfg.precision == "fp8":
         from .engine.fp8 import convert_to_fp8
-        fp8 = convert_to_fp8(model, cfg.fp8.recipe, cfg.fp8.layers, cfg.fp8.fast_accum)
+        fp8 = convert_to_fp8(model, cfg.fp8.recipe, cfg.fp8.layers, cfg.fp8.fast_accum, cfg.fp8.shared_experts)
         if rank0:
             if fp8.emulated:
                 how = f"emulated in fp32 (numerics only, slower than bf16: the real-GEMM path {fp8.emulated})"
@@ -290,6 +290,16 @@ def build_engine(cfg: Config, world: int, init_from: str | None = None, load_uni
         if rank0:
             how = f"emulated in fp32 (numerics only: the real-GEMM path {why})" if why else "real FP8 grouped GEMMs"
             print(f"fp8: routed experts of {layers} MoE layer{'s' * (layers != 1)}, rowwise scaling, weight gradients "
+                  f"in bf16, {how}", flush=True)
+    if cfg.precision == "fp8" and cfg.fp8.shared_experts:
+        from .engine.fp8 import expert_gemms_unavailable
+        from .engine.fp8_experts import convert_shared_experts_to_fp8
+        why = expert_gemms_unavailable()
+        layers = convert_shared_experts_to_fp8(engine.module, lambda: engine.global_steps, emulate=why is not None,
+                                               triton_gemms=cfg.parallel.expert_triton_gemms)
+        if rank0:
+            how = f"emulated in fp32 (numerics only: the real-GEMM path {why})" if why else "real FP8 GEMMs"
+            print(f"fp8: shared experts of {layers} MoE layer{'s' * (layers != 1)}, rowwise scaling, weight gradients "
                   f"in bf16, {how}", flush=True)
     coalesced = deepspeed_micro_steps(cfg) != cfg.train.grad_accum_steps
     grads_in_place = cfg.parallel.expert_grads_in_place and coalesced

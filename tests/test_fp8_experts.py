@@ -8,8 +8,10 @@ from deepspeed.moe.ep_experts import GroupedExperts, _run_experts_grouped_mm
 
 from deepseek_pt.config import ConfigError, load_config
 from deepseek_pt.engine import fp8
-from deepseek_pt.engine.fp8_experts import (ALIGN, Fp8ExpertWeights, Fp8GroupedExperts, convert_experts_to_fp8,
-                                            fp8_expert_swiglu, quantize_rows, scaled_grouped_mm)
+from deepseek_pt.engine.fp8_experts import (ALIGN, Fp8ExpertWeights, Fp8GroupedExperts, Fp8SharedExperts,
+                                            convert_experts_to_fp8, convert_shared_experts_to_fp8, fp8_expert_swiglu,
+                                            quantize_rows, scaled_grouped_mm)
+from deepseek_pt.model.layers import SwiGLU
 from test_fp8 import CONFIGS, assert_preflight_refuses, pretend_gpu, rel_err
 
 # The emulation's tests run where AutoEP's bf16 experts run: on a GPU machine DeepSpeed takes its Triton SwiGLU,
@@ -108,6 +110,46 @@ def test_fp8_weights_are_cast_once_per_optimizer_step(monkeypatch):
     assert layer.current_fp8_weights() is not recast
 
 
+def _moe_with_shared_experts(dim: int, width: int) -> torch.nn.Module:
+    """A MoE layer's shared experts, and a dense SwiGLU that is no one's shared expert."""
+    torch.manual_seed(0)
+    moe = torch.nn.Module()
+    moe.shared_experts, moe.mlp = SwiGLU(dim, width), SwiGLU(dim, width)
+    return moe.to(DEVICE, torch.bfloat16)
+
+
+def _shared_forward_backward(moe: torch.nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
+    """The shared experts' output and gradients (input, gate, up, down weights)."""
+    x = x.clone().requires_grad_()
+    y = moe.shared_experts(x)
+    weights = [m.weight for m in (moe.shared_experts.gate_proj, moe.shared_experts.up_proj,
+                                  moe.shared_experts.down_proj)]
+    return [y, *torch.autograd.grad(y, [x, *weights], torch.randn_like(y))]
+
+
+def test_fp8_shared_experts_run_the_shared_swiglu_as_one_expert_within_e4m3_error():
+    moe = _moe_with_shared_experts(128, 96)
+    x = torch.randn(2, 40, 128, device=DEVICE, dtype=torch.bfloat16)  # 80 tokens: one expert of 80 rows
+    keys = set(moe.state_dict())
+    torch.manual_seed(1)
+    bf16 = _shared_forward_backward(moe, x)
+    steps = [0]
+    assert convert_shared_experts_to_fp8(moe, lambda: steps[0], emulate=True, triton_gemms=False) == 1
+    assert isinstance(moe.shared_experts, Fp8SharedExperts) and type(moe.mlp) is SwiGLU
+    assert set(moe.state_dict()) == keys
+    torch.manual_seed(1)
+    got = _shared_forward_backward(moe, x)
+    for name, a, b in zip(("y", "dx", "d_gate", "d_up", "d_down"), got, bf16):
+        assert a.shape == b.shape and a.dtype == torch.bfloat16, name
+        assert 0.01 < rel_err(a, b) < 0.09, (name, rel_err(a, b))  # FP8 forward and input gradients; wgrads via them
+    first = moe.shared_experts.current_fp8_weights()
+    assert first.gate_up[0].shape == (1, 2 * 96, 128)  # gate and up stacked, one expert
+    moe.shared_experts(x)
+    assert moe.shared_experts.current_fp8_weights() is first  # cast once per optimizer step
+    steps[0] += 1
+    assert moe.shared_experts.current_fp8_weights() is not first
+
+
 def test_fp8_experts_config_names_what_it_needs(tmp_path):
     def load(*overrides):
         return load_config(CONFIGS / "smoke.yaml", ["precision=fp8", "fp8.recipe=blockwise", "fp8.experts=true",
@@ -119,6 +161,13 @@ def test_fp8_experts_config_names_what_it_needs(tmp_path):
         load("model.moe.seq_aux_loss_alpha=0.001")
     with pytest.raises(ConfigError, match=r"fp8.experts: needs routed experts"):
         load("model.moe.n_dense_layers=2")
+    assert load("fp8.shared_experts=true").fp8.shared_experts
+    with pytest.raises(ConfigError, match=r"fp8.shared_experts: the model has none \(model.moe.n_shared_experts: 0\)"):
+        load("fp8.shared_experts=true", "model.moe.n_shared_experts=0")
+    with pytest.raises(ConfigError, match=r"model.moe.expert_inter_dim: the shared experts' width 40 "):
+        load("fp8.shared_experts=true", "fp8.experts=false", "model.moe.expert_inter_dim=40")
+    with pytest.raises(ConfigError, match=r"train.micro_batch_size: 66 tokens per micro-step \(this x data.seq_len\)"):
+        load("fp8.shared_experts=true", "data.seq_len=33", "train.micro_batch_size=2")
 
 
 def test_fp8_experts_refuse_a_gpu_without_hoppers_kernels(monkeypatch, tmp_path):
@@ -155,6 +204,23 @@ def test_real_fp8_grouped_gemms_match_the_emulation_on_gpu(triton_gemms):
         # Through the block, an intermediate that differs in its last bits now and then rounds to the neighbouring
         # e4m3 value (6% apart) when it is quantized for the next GEMM: about 1% in all.
         assert rel_err(a, b) < 0.02, (name, rel_err(a, b))
+
+
+@pytest.mark.skipif(fp8.expert_gemms_unavailable() is not None,
+                    reason=f"real FP8 GEMMs {fp8.expert_gemms_unavailable()}")
+@pytest.mark.parametrize("triton_gemms", [False, True], ids=["scaled-grouped-mm", "triton-kernel"])
+def test_real_fp8_shared_experts_match_the_emulation_on_gpu(triton_gemms):
+    moe = _moe_with_shared_experts(512, 384)
+    x = torch.randn(4, 256, 512, device="cuda", dtype=torch.bfloat16)
+    results = []
+    for emulate in (False, True):
+        convert_shared_experts_to_fp8(moe, lambda: 0, emulate=emulate, triton_gemms=triton_gemms)
+        moe.shared_experts.emulate = emulate  # converted once: the flag is the layer's
+        torch.manual_seed(1)
+        results.append(_shared_forward_backward(moe, x))
+    for name, a, b in zip(("y", "dx", "d_gate", "d_up", "d_down"), *results):
+        assert torch.isfinite(a).all(), name
+        assert rel_err(a, b) < 0.02, (name, rel_err(a, b))  # as the routed experts' test
 
 
 @pytest.mark.skipif(fp8.expert_gemms_unavailable() is not None,

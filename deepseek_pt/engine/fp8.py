@@ -36,10 +36,11 @@ E4M3_MAX = torch.finfo(torch.float8_e4m3fn).max  # 448
 BLOCK = 128
 
 
-def _fp8_eligible(module: nn.Module, fqn: str) -> bool:
+def _fp8_eligible(module: nn.Module, fqn: str, shared_experts: bool) -> bool:
     parts = fqn.split(".")
     return (isinstance(module, nn.Linear) and parts[-1] not in HIGH_PRECISION
             and "experts" not in parts  # routed experts: AutoEP's grouped GEMM (fp8.experts: fp8_experts.py)
+            and not (shared_experts and "shared_experts" in parts)  # fp8.shared_experts: fp8_experts.py too
             and module.in_features % 16 == 0 and module.out_features % 16 == 0)
 
 
@@ -105,9 +106,10 @@ def fp8_gemm_pays(in_features: int, out_features: int) -> bool:
     return N > 2048 and K > 1024 and not (N <= 4096 and K <= 2048)
 
 
-def fp8_targets(model: nn.Module, layers: str) -> tuple[set[str], int]:
-    """Names of the linears to convert, and how many eligible ones `layers: auto` leaves in bf16 as too narrow."""
-    eligible = {fqn: m for fqn, m in model.named_modules() if _fp8_eligible(m, fqn)}
+def fp8_targets(model: nn.Module, layers: str, shared_experts: bool = False) -> tuple[set[str], int]:
+    """Names of the linears to convert, and how many eligible ones `layers: auto` leaves in bf16 as too narrow. The
+    shared experts' are not eligible when `shared_experts` (fp8.shared_experts) takes them."""
+    eligible = {fqn: m for fqn, m in model.named_modules() if _fp8_eligible(m, fqn, shared_experts)}
     chosen = {fqn for fqn, m in eligible.items()
               if layers == "all" or fp8_gemm_pays(m.in_features, m.out_features)}
     return chosen, len(eligible) - len(chosen)
@@ -138,9 +140,10 @@ def torchao_config(recipe: str, fast_accum: str = "forward"):
     return config
 
 
-def convert_to_fp8(model: nn.Module, recipe: str, layers: str = "auto", fast_accum: str = "forward") -> Fp8Conversion:
+def convert_to_fp8(model: nn.Module, recipe: str, layers: str = "auto", fast_accum: str = "forward",
+                   shared_experts: bool = False) -> Fp8Conversion:
     """Swap the chosen linears (fp8_targets) for FP8 ones in place."""
-    chosen, narrow = fp8_targets(model, layers)
+    chosen, narrow = fp8_targets(model, layers, shared_experts)
     if recipe == "blockwise":
         if why := blockwise_gemms_unavailable():
             return Fp8Conversion(_swap_class(model, chosen, BlockwiseFp8Linear), narrow, emulated=why)

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from deepspeed.moe import ep_kernels
 from deepspeed.moe.ep_experts import GroupedExperts
 
+from ..model.layers import SwiGLU
 from .expert_grads import expert_weight_grad
 from .fp8 import E4M3_MAX
 
@@ -176,26 +177,65 @@ def convert_experts_to_fp8(model: torch.nn.Module, optimizer_steps: Callable[[],
     return len(layers)
 
 
-class Fp8GroupedExperts(GroupedExperts):
-    """AutoEP's GroupedExperts (same parameters, same state dict) computing through fp8_expert_swiglu."""
+class _StepCachedFp8Weights:
+    """An expert layer whose FP8 weights are cast once per optimizer step (`optimizer_steps()` counts the engine's
+    steps); `expert_weights()` gives its w1, w3 [E, H, dim] and w2 [E, dim, H]."""
 
     optimizer_steps: Callable[[], int]
     emulate: bool
-    fp8_weights: tuple[tuple, Fp8ExpertWeights] | None
-    grads_in_place = False  # expert_grads.convert_routed_experts sets both
-    triton_gemms = False
+    fp8_weights: tuple[tuple, Fp8ExpertWeights] | None = None
+    triton_gemms = False  # expert_grads.convert_routed_experts or convert_shared_experts_to_fp8 sets it
 
-    def forward(self, x: torch.Tensor, num_tokens_per_expert: torch.Tensor) -> torch.Tensor:
-        offs = torch.cumsum(num_tokens_per_expert, dim=0, dtype=torch.int32)
-        return fp8_expert_swiglu(x, self.w1, self.w3, self.w2, offs, self.current_fp8_weights(), self.emulate,
-                                 self.grads_in_place, self.triton_gemms)
+    def expert_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
 
     def current_fp8_weights(self) -> Fp8ExpertWeights:
         """The FP8 layouts of this optimizer step's weights: cast at the step's first forward, reused by its other
         micro-steps and recomputed forwards. The key also holds the weights' addresses, so that weights ZeRO-3
         gathers into new memory are cast again."""
-        key = (self.optimizer_steps(), self.w1.data_ptr(), self.w3.data_ptr(), self.w2.data_ptr())
+        weights = self.expert_weights()
+        key = (self.optimizer_steps(), *(w.data_ptr() for w in weights))
         if self.fp8_weights is None or self.fp8_weights[0] != key:
             self.fp8_weights = None  # free the old layouts before casting the new ones
-            self.fp8_weights = (key, Fp8ExpertWeights(self.w1, self.w3, self.w2))
+            self.fp8_weights = (key, Fp8ExpertWeights(*weights))
         return self.fp8_weights[1]
+
+
+class Fp8GroupedExperts(GroupedExperts, _StepCachedFp8Weights):
+    """AutoEP's GroupedExperts (same parameters, same state dict) computing through fp8_expert_swiglu."""
+
+    grads_in_place = False  # expert_grads.convert_routed_experts sets it
+
+    def expert_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.w1, self.w3, self.w2
+
+    def forward(self, x: torch.Tensor, num_tokens_per_expert: torch.Tensor) -> torch.Tensor:
+        offs = torch.cumsum(num_tokens_per_expert, dim=0, dtype=torch.int32)
+        return fp8_expert_swiglu(x, *self.expert_weights(), offs, self.current_fp8_weights(), self.emulate,
+                                 self.grads_in_place, self.triton_gemms)
+
+
+class Fp8SharedExperts(SwiGLU, _StepCachedFp8Weights):
+    """The shared experts' SwiGLU (same parameters, same state dict) through fp8_expert_swiglu, as one expert that
+    every token visits."""
+
+    def expert_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return tuple(m.weight.unsqueeze(0) for m in (self.gate_proj, self.up_proj, self.down_proj))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, x.shape[-1])
+        offs = torch.full((1,), rows.shape[0], dtype=torch.int32, device=x.device)  # no host-to-device copy
+        return fp8_expert_swiglu(rows, *self.expert_weights(), offs, self.current_fp8_weights(), self.emulate,
+                                 False, self.triton_gemms).view_as(x)
+
+
+def convert_shared_experts_to_fp8(model: torch.nn.Module, optimizer_steps: Callable[[], int], emulate: bool,
+                                  triton_gemms: bool) -> int:
+    """Run the shared experts of `model`'s MoE layers through fp8_expert_swiglu (on grouped_mm.py's Triton kernel if
+    `triton_gemms`); `optimizer_steps()` as convert_experts_to_fp8's. Returns how many were converted."""
+    shared = [m for name, m in model.named_modules() if name.split(".")[-1] == "shared_experts"
+              and type(m) is SwiGLU]
+    for module in shared:
+        module.__class__ = Fp8SharedExperts
+        module.optimizer_steps, module.emulate, module.triton_gemms = optimizer_steps, emulate, triton_gemms
+    return len(shared)
