@@ -329,7 +329,7 @@ class Fp8Config:
     """Also run the shared experts' GEMMs in FP8 as fp8.experts runs the routed ones, the shared SwiGLU one expert
     that every token visits (engine/fp8_experts.py): forward and input-gradient GEMMs rowwise scaled e4m3, weights
     cast once per optimizer step, weight gradients bf16. torchao's recipes then leave these linears out (at
-    bench-2b's widths `fp8.layers: auto` finds them too narrow for its casts). On bench-2b on an H200: 0.15-0.25 ms
+    bench-2b's widths `fp8.layers: auto` finds them too narrow for its casts). On bench-2b on an H200: 0.14-0.26 ms
     less GPU time per MoE layer and micro-step, +1.8% and +1.9% tokens/s in two of three interleaved pairs (-0.6% in
     the third), the loss within 0.23% of bf16's (docs/benchmarks.md). Needs model.dim and the shared width
     (model.moe.n_shared_experts x expert_inter_dim) multiples of 16, tokens per micro-step too, and a Hopper GPU

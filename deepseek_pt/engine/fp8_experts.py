@@ -1,4 +1,5 @@
-"""Routed experts' grouped GEMMs in FP8 (`fp8.experts`), on DeepSpeed AutoEP's expert layer.
+"""Routed experts' grouped GEMMs in FP8 (`fp8.experts`), on DeepSpeed AutoEP's expert layer; the shared experts'
+(`fp8.shared_experts`) as one expert that every token visits.
 
 The expert SwiGLU runs as one autograd function over AutoEP's expert-sorted token rows:
     gate_up = x @ [w1; w3][e].T      h = silu(gate) * up      y = h @ w2[e].T
