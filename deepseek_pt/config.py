@@ -588,6 +588,10 @@ def validate(cfg: Config, where: str = "<config>") -> None:
         tokens = cfg.train.micro_batch_size * cfg.data.seq_len
         check(tokens % 16 == 0, "train.micro_batch_size",
               f"{tokens} tokens per micro-step (this x data.seq_len) is not {need}")
+        if cfg.parallel.zero_stage == 3:
+            check(cfg.parallel.zero_leaf_blocks, "parallel.zero_leaf_blocks",
+                  "fp8.shared_experts under ZeRO-3 needs it true: the shared experts' FP8 path reads their linears' "
+                  "weights without calling the linears, so only a block-wide gather brings them")
     if cfg.parallel.timeout_minutes is not None:
         check(cfg.parallel.timeout_minutes > 0, "parallel.timeout_minutes",
               f"must be positive, got {cfg.parallel.timeout_minutes}")

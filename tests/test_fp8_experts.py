@@ -168,6 +168,8 @@ def test_fp8_experts_config_names_what_it_needs(tmp_path):
         load("fp8.shared_experts=true", "fp8.experts=false", "model.moe.expert_inter_dim=40")
     with pytest.raises(ConfigError, match=r"train.micro_batch_size: 66 tokens per micro-step \(this x data.seq_len\)"):
         load("fp8.shared_experts=true", "data.seq_len=33", "train.micro_batch_size=2")
+    with pytest.raises(ConfigError, match=r"parallel.zero_leaf_blocks: fp8.shared_experts under ZeRO-3 needs it true"):
+        load("fp8.shared_experts=true", "parallel.zero_leaf_blocks=false", "train.compile_blocks=false")
 
 
 def test_fp8_experts_refuse_a_gpu_without_hoppers_kernels(monkeypatch, tmp_path):
