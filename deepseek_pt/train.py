@@ -282,24 +282,20 @@ def build_engine(cfg: Config, world: int, init_from: str | None = None, load_uni
     # DeepSpeed keeps fp32 buffers when it casts to bf16, but under zero.Init the RoPE frequencies were computed in
     # bf16; exports compute them afresh in fp32, and training must rotate positions as they will.
     engine.module.reset_rope()
-    if cfg.precision == "fp8" and cfg.fp8.experts:  # AutoEP's expert layers exist from initialize on
+    if cfg.precision == "fp8" and (cfg.fp8.experts or cfg.fp8.shared_experts):  # AutoEP's layers exist from here on
+        from .engine import fp8_experts
         from .engine.fp8 import expert_gemms_unavailable
-        from .engine.fp8_experts import convert_experts_to_fp8
         why = expert_gemms_unavailable()
-        layers = convert_experts_to_fp8(engine.module, lambda: engine.global_steps, emulate=why is not None)
-        if rank0:
-            how = f"emulated in fp32 (numerics only: the real-GEMM path {why})" if why else "real FP8 grouped GEMMs"
-            print(f"fp8: routed experts of {layers} MoE layer{'s' * (layers != 1)}, rowwise scaling, weight gradients "
-                  f"in bf16, {how}", flush=True)
-    if cfg.precision == "fp8" and cfg.fp8.shared_experts:
-        from .engine.fp8 import expert_gemms_unavailable
-        from .engine.fp8_experts import convert_shared_experts_to_fp8
-        why = expert_gemms_unavailable()
-        layers = convert_shared_experts_to_fp8(engine.module, lambda: engine.global_steps, emulate=why is not None,
-                                               triton_gemms=cfg.parallel.expert_triton_gemms)
-        if rank0:
-            how = f"emulated in fp32 (numerics only: the real-GEMM path {why})" if why else "real FP8 GEMMs"
-            print(f"fp8: shared experts of {layers} MoE layer{'s' * (layers != 1)}, rowwise scaling, weight gradients "
+        steps, emulate = (lambda: engine.global_steps), why is not None
+        converted = []
+        if cfg.fp8.experts:
+            converted.append(("routed", fp8_experts.convert_experts_to_fp8(engine.module, steps, emulate)))
+        if cfg.fp8.shared_experts:
+            converted.append(("shared", fp8_experts.convert_shared_experts_to_fp8(engine.module, steps, emulate,
+                                                                                  cfg.parallel.expert_triton_gemms)))
+        how = f"emulated in fp32 (numerics only: the real-GEMM path {why})" if why else "real FP8 GEMMs"
+        for kind, layers in converted if rank0 else []:
+            print(f"fp8: {kind} experts of {layers} MoE layer{'s' * (layers != 1)}, rowwise scaling, weight gradients "
                   f"in bf16, {how}", flush=True)
     coalesced = deepspeed_micro_steps(cfg) != cfg.train.grad_accum_steps
     grads_in_place = cfg.parallel.expert_grads_in_place and coalesced
