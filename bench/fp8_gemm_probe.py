@@ -4,9 +4,10 @@ bf16 against rowwise FP8 grouped GEMM (with and without fast accumulation) for b
 forward GEMM alone (weights pre-quantized) and with the compiled quantization of its activation. Then
 fp8.experts' activation casts (Triton against torch.compile), and the routed experts' whole SwiGLU, forward and
 backward: AutoEP's bf16, torchao's FP8, and fp8.experts' own. --shared-only: the shared experts' SwiGLU, forward
-and backward, in bf16 and through fp8.shared_experts, in alternating rounds.
+and backward, in bf16 and through fp8.shared_experts, in alternating rounds. --attention-only: the same for the
+attention half and fp8.attention.
 
-    python bench/fp8_gemm_probe.py [--tokens 8192] [--experts-only | --shared-only [--rounds N]]
+    python bench/fp8_gemm_probe.py [--tokens 8192] [--experts-only | --shared-only | --attention-only [--rounds N]]
 
 Prints one line per (shape, variant): median ms, TFLOP/s, relative error against an fp32 product of
 the dequantized operands (blockwise layouts that the library rejects are reported, not fatal).
@@ -267,16 +268,58 @@ def shared_mlp(tokens: int, dim: int, width: int, rounds: int) -> None:
                   + "; ".join(f"{k[:40]} {t:.3f} ms {c}x" for k, t, c in top), flush=True)
 
 
+def attention_half(tokens: int, rounds: int) -> None:
+    """bench-2b's attention half (norm, MLA, residual), compiled as training compiles it, forward and backward with
+    weight gradients added into `.grad`: the projections in bf16 and through fp8.attention (the step's FP8 weights
+    already cast), in alternating rounds."""
+    from deepseek_pt.config import load_config
+    from deepseek_pt.engine.fp8_attention import convert_attention_to_fp8
+    from deepseek_pt.engine.linear_grads import linear_grads_in_place
+    from deepseek_pt.model.layers import compile_pointwise
+    from deepseek_pt.model.transformer import Block
+
+    compile_pointwise()
+    model = load_config(Path(__file__).resolve().parent.parent / "configs" / "bench-2b.yaml", []).model
+    seq = 2048
+    blocks = {}
+    for name in ("bf16", "fp8"):
+        torch.manual_seed(0)
+        blocks[name] = torch.nn.Sequential(Block(model, moe=False)).cuda().bfloat16()
+    convert_attention_to_fp8(blocks["fp8"], lambda: 0, emulate=False, grads_in_place=True)
+    linear_grads_in_place(blocks["bf16"])
+    for m in blocks["fp8"].modules():  # what the block's pre-hook does at a step's start
+        if hasattr(m, "cast_weight_once"):
+            m.cast_weight_once(0)
+    x = torch.randn(tokens // seq, seq, model.dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    dy = torch.randn_like(x)
+    halves = {name: torch.compile(b[0].attention_residual) for name, b in blocks.items()}
+    for half in halves.values():
+        for _ in range(2):  # the first call creates .grad, later ones add into it: two graphs
+            half(x).backward(dy)
+    print(f"attention half {tokens} tokens: FP8 output rel err "
+          f"{rel_err(halves['fp8'](x), halves['bf16'](x)):.1e}", flush=True)
+    for r in range(rounds):
+        for name, half in halves.items():
+            fn = lambda half=half: half(x).backward(dy)
+            ms = bench(fn, calls=10)
+            gpu_ms, top = kernel_table(fn, 6)
+            print(f"  round {r} {name}: {ms:.3f} ms, {gpu_ms:.3f} ms GPU: "
+                  + "; ".join(f"{k[:40]} {t:.3f} ms {c}x" for k, t, c in top), flush=True)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tokens", type=int, default=8192)
     p.add_argument("--experts-only", action="store_true", help="only the routed experts' grouped GEMMs")
     p.add_argument("--shared-only", action="store_true", help="only the shared experts' SwiGLU, bf16 and FP8")
-    p.add_argument("--rounds", type=int, default=3, help="--shared-only: alternating rounds")
+    p.add_argument("--attention-only", action="store_true", help="only the attention half, bf16 and fp8.attention")
+    p.add_argument("--rounds", type=int, default=3, help="--shared-only, --attention-only: alternating rounds")
     args = p.parse_args()
     M = args.tokens
     if args.shared_only:
         return shared_mlp(M, 2048, 2 * 1408, args.rounds)
+    if args.attention_only:
+        return attention_half(M, args.rounds)
     global quant_rows  # fused amax + scale + cast kernels: what a real recipe pays for quantization
     quant_rows = torch.compile(quant_rows)
     torch.manual_seed(0)

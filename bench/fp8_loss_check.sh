@@ -60,11 +60,12 @@ for name in $runs; do
     bf16_eager) settings=(precision=bf16 train.compile=false train.compile_blocks=false) ;;
     bf16_pointwise) settings=(precision=bf16 train.compile=true train.compile_blocks=false) ;;  # a smaller change of kernels
     fp32) settings=(precision=fp32) ;;  # the reference both bf16 and FP8 round away from
-    # fp8_RECIPE[_experts[_shared]][_fast]: every eligible linear in RECIPE (layers=all: the numerics of all, not only
-    # of the wide ones); _experts: the routed experts' grouped GEMMs in FP8 too; _shared: the shared experts' as well
-    # (fp8.shared_experts); _fast: fp8.fast_accum=all.
+    # fp8_RECIPE[_experts[_shared]][_attn][_fast]: every eligible linear in RECIPE (layers=all: the numerics of all,
+    # not only of the wide ones); _experts: the routed experts' grouped GEMMs in FP8 too; _shared: the shared experts'
+    # as well (fp8.shared_experts); _attn: the attention projections through fp8.attention; _fast: fp8.fast_accum=all.
     fp8_*) recipe=${kind#fp8_} settings=(precision=fp8 fp8.layers=all)
       [[ $recipe != *_fast ]] || { recipe=${recipe%_fast}; settings+=(fp8.fast_accum=all); }
+      [[ $recipe != *_attn ]] || { recipe=${recipe%_attn}; settings+=(fp8.attention=true); }
       [[ $recipe != *_experts_shared ]] || { recipe=${recipe%_shared}; settings+=(fp8.shared_experts=true); }
       [[ $recipe != *_experts ]] || { recipe=${recipe%_experts}; settings+=(fp8.experts=true); }
       settings+=(fp8.recipe="$recipe") ;;

@@ -334,6 +334,12 @@ class Fp8Config:
     the third), the loss within 0.23% of bf16's (docs/benchmarks.md). Needs model.dim and the shared width
     (model.moe.n_shared_experts x expert_inter_dim) multiples of 16, tokens per micro-step too, and a Hopper GPU
     (emulated on a CPU); costs 2 bytes per shared-expert parameter."""
+    attention: bool = False
+    """Also run the attention projections' GEMMs in FP8 (engine/fp8_attention.py): forward and input-gradient GEMMs
+    rowwise scaled e4m3 on `torch._scaled_mm`, weights cast once per optimizer step, weight gradients bf16, inside
+    the compiled attention halves. torchao's recipes then leave these linears out (at bench-2b's widths
+    `fp8.layers: auto` finds them too narrow for its casts). Projections with a dimension not a multiple of 16 stay
+    bf16. Needs a Hopper GPU (emulated on a CPU); costs 2 bytes per projection parameter."""
 
 
 @dataclass
@@ -592,6 +598,10 @@ def validate(cfg: Config, where: str = "<config>") -> None:
             check(cfg.parallel.zero_leaf_blocks, "parallel.zero_leaf_blocks",
                   "fp8.shared_experts under ZeRO-3 needs it true: the shared experts' FP8 path reads their linears' "
                   "weights without calling the linears, so only a block-wide gather brings them")
+    if cfg.precision == "fp8" and cfg.fp8.attention and cfg.parallel.zero_stage == 3:
+        check(cfg.parallel.zero_leaf_blocks, "parallel.zero_leaf_blocks",
+              "fp8.attention under ZeRO-3 needs it true: the projections' FP8 weights are cast before the attention "
+              "runs, from weights that only a block-wide gather brings by then")
     if cfg.parallel.timeout_minutes is not None:
         check(cfg.parallel.timeout_minutes > 0, "parallel.timeout_minutes",
               f"must be positive, got {cfg.parallel.timeout_minutes}")

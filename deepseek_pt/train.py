@@ -75,9 +75,11 @@ def preflight(cfg: Config, world_size: int) -> None:
         if why := fp8_unavailable(cfg.fp8.recipe):
             raise PreflightError(f"precision: fp8 with fp8.recipe={cfg.fp8.recipe} {why}: use precision=bf16 or "
                                  "fp32, or fp8.recipe=blockwise (emulated)")
-        for key, on in (("fp8.experts", cfg.fp8.experts), ("fp8.shared_experts", cfg.fp8.shared_experts)):
+        for key, on, gemms in (("fp8.experts", cfg.fp8.experts, "FP8 grouped GEMMs"),
+                               ("fp8.shared_experts", cfg.fp8.shared_experts, "FP8 grouped GEMMs"),
+                               ("fp8.attention", cfg.fp8.attention, "rowwise FP8 GEMMs")):
             if on and torch.cuda.is_available() and (why := expert_gemms_unavailable()):
-                raise PreflightError(f"{key}: FP8 grouped GEMMs {why}: set {key}=false (only a CPU emulates them)")
+                raise PreflightError(f"{key}: {gemms} {why}: set {key}=false (only a CPU emulates them)")
         tokens = cfg.data.seq_len * cfg.train.micro_batch_size
         if cfg.fp8.recipe == "blockwise" and tokens % BLOCK and not blockwise_gemms_unavailable():
             raise PreflightError(
@@ -231,8 +233,9 @@ def build_engine(cfg: Config, world: int, init_from: str | None = None, load_uni
         from .model.layers import compile_pointwise
         compile_pointwise()
     if cfg.precision == "fp8":
-        from .engine.fp8 import convert_to_fp8
-        fp8 = convert_to_fp8(model, cfg.fp8.recipe, cfg.fp8.layers, cfg.fp8.fast_accum, cfg.fp8.shared_experts)
+        from .engine.fp8 import convert_to_fp8, taken_elsewhere
+        fp8 = convert_to_fp8(model, cfg.fp8.recipe, cfg.fp8.layers, cfg.fp8.fast_accum,
+                             taken_elsewhere(cfg.fp8.shared_experts, cfg.fp8.attention))
         if rank0:
             if fp8.emulated:
                 how = f"emulated in fp32 (numerics only, slower than bf16: the real-GEMM path {fp8.emulated})"
@@ -282,22 +285,29 @@ def build_engine(cfg: Config, world: int, init_from: str | None = None, load_uni
     # DeepSpeed keeps fp32 buffers when it casts to bf16, but under zero.Init the RoPE frequencies were computed in
     # bf16; exports compute them afresh in fp32, and training must rotate positions as they will.
     engine.module.reset_rope()
-    if cfg.precision == "fp8" and (cfg.fp8.experts or cfg.fp8.shared_experts):  # AutoEP's layers exist from here on
-        from .engine import fp8_experts
+    coalesced = deepspeed_micro_steps(cfg) != cfg.train.grad_accum_steps
+    # AutoEP's layers exist from here on, and DeepSpeed's hooks are on the blocks (fp8.attention's come after them).
+    if cfg.precision == "fp8" and (cfg.fp8.experts or cfg.fp8.shared_experts or cfg.fp8.attention):
+        from .engine import fp8_attention, fp8_experts
         from .engine.fp8 import expert_gemms_unavailable
         why = expert_gemms_unavailable()
         steps, emulate = (lambda: engine.global_steps), why is not None
         converted = []
         if cfg.fp8.experts:
-            converted.append(("routed", fp8_experts.convert_experts_to_fp8(engine.module, steps, emulate)))
+            layers = fp8_experts.convert_experts_to_fp8(engine.module, steps, emulate)
+            converted.append(f"routed experts of {layers} MoE layer{'s' * (layers != 1)}")
         if cfg.fp8.shared_experts:
-            converted.append(("shared", fp8_experts.convert_shared_experts_to_fp8(engine.module, steps, emulate,
-                                                                                  cfg.parallel.expert_triton_gemms)))
+            layers = fp8_experts.convert_shared_experts_to_fp8(engine.module, steps, emulate,
+                                                               cfg.parallel.expert_triton_gemms)
+            converted.append(f"shared experts of {layers} MoE layer{'s' * (layers != 1)}")
+        if cfg.fp8.attention:
+            fp8_in_place = cfg.parallel.linear_grads_in_place and coalesced
+            n, total = fp8_attention.convert_attention_to_fp8(engine.module, steps, emulate, fp8_in_place)
+            kept = f" ({total - n} with a dimension not a multiple of 16 kept in bf16)" if n < total else ""
+            converted.append(f"{n} attention projections{kept}")
         how = f"emulated in fp32 (numerics only: the real-GEMM path {why})" if why else "real FP8 GEMMs"
-        for kind, layers in converted if rank0 else []:
-            print(f"fp8: {kind} experts of {layers} MoE layer{'s' * (layers != 1)}, rowwise scaling, weight gradients "
-                  f"in bf16, {how}", flush=True)
-    coalesced = deepspeed_micro_steps(cfg) != cfg.train.grad_accum_steps
+        for what in converted if rank0 else []:
+            print(f"fp8: {what}, rowwise scaling, weight gradients in bf16, {how}", flush=True)
     grads_in_place = cfg.parallel.expert_grads_in_place and coalesced
     if grads_in_place or cfg.parallel.expert_triton_gemms:
         from .engine.expert_grads import convert_routed_experts

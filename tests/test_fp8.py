@@ -12,7 +12,7 @@ from torch import nn
 from deepseek_pt.config import ConfigError, load_config
 from deepseek_pt.engine import fp8
 from deepseek_pt.engine.fp8 import (BlockwiseFp8GemmLinear, BlockwiseFp8Linear, Fp8Conversion, convert_to_fp8,
-                                    fp8_round, fp8_targets, fp8_unavailable)
+                                    fp8_round, fp8_targets, fp8_unavailable, taken_elsewhere)
 from deepseek_pt.model import Transformer
 from model_configs import tiny
 
@@ -119,8 +119,10 @@ def test_auto_keeps_linears_too_narrow_to_gain_in_bf16():
     bench = bench_model("bench-2b")
     everything, none_left = fp8_targets(bench, "all")
     assert len(everything) == 28 and none_left == 0  # 4 x 4 attention, 3 dense, 3 x 3 shared-expert linears
-    without_shared, _ = fp8_targets(bench, "all", shared_experts=True)  # fp8.shared_experts takes those 9
+    without_shared, _ = fp8_targets(bench, "all", taken_elsewhere(True, False))  # fp8.shared_experts takes those 9
     assert without_shared == {n for n in everything if ".shared_experts." not in n} and len(without_shared) == 19
+    neither, _ = fp8_targets(bench, "all", taken_elsewhere(True, True))  # and fp8.attention the 16 projections
+    assert neither == {"layers.0.mlp.gate_proj", "layers.0.mlp.up_proj", "layers.0.mlp.down_proj"}
     wide_enough, narrow = fp8_targets(bench, "auto")  # dim 2048: only the dense SwiGLU's 2048 -> 10944
     assert wide_enough == {"layers.0.mlp.gate_proj", "layers.0.mlp.up_proj"} and narrow == 26
     # DeepSeek-V3's dense-layer widths: the wide projections gain, the down-projections into the latents do not.

@@ -249,13 +249,16 @@ def test_recomputing_the_moe_block_gives_the_same_losses(tmp_path, baseline, dat
 
 @pytest.mark.slow
 def test_fp8_blockwise_emulation_trains_like_fp32(tmp_path, baseline, data):
-    """DeepSeek-V3 blockwise FP8 on the linears and rowwise FP8 on the routed and shared experts' GEMMs (all
-    emulated) under ZeRO-3 + AutoEP EP 2: the run says so, and its losses track the fp32 baseline's."""
+    """DeepSeek-V3 blockwise FP8 on the MLP linears and rowwise FP8 on the routed and shared experts' and the attention
+    projections' GEMMs (all emulated) under ZeRO-3 + AutoEP EP 2: the run says so, and its losses track the fp32
+    baseline's."""
     proc = train(2, tmp_path, data, "precision=fp8", "fp8.recipe=blockwise", "fp8.layers=all", "fp8.experts=true",
-                 "fp8.shared_experts=true")
+                 "fp8.shared_experts=true", "fp8.attention=true")
     assert "blockwise scaling, emulated in fp32" in proc.stdout and "the real-GEMM path needs a Hopper GPU" in proc.stdout
     assert "fp8: routed experts of 1 MoE layer, rowwise scaling, weight gradients in bf16, emulated" in proc.stdout
     assert "fp8: shared experts of 1 MoE layer, rowwise scaling, weight gradients in bf16, emulated" in proc.stdout
+    assert re.search(r"fp8: \d+ attention projections( \(\d+ with a dimension not a multiple of 16 kept in bf16\))?, "
+                     r"rowwise scaling, weight gradients in bf16, emulated", proc.stdout), proc.stdout
     b = assert_same_losses(tmp_path, baseline, rel=0.01)
     assert b[STEPS] < b[1] - 0.1
 

@@ -36,12 +36,18 @@ E4M3_MAX = torch.finfo(torch.float8_e4m3fn).max  # 448
 BLOCK = 128
 
 
-def _fp8_eligible(module: nn.Module, fqn: str, shared_experts: bool) -> bool:
+def _fp8_eligible(module: nn.Module, fqn: str, taken: tuple[str, ...]) -> bool:
     parts = fqn.split(".")
     return (isinstance(module, nn.Linear) and parts[-1] not in HIGH_PRECISION
             and "experts" not in parts  # routed experts: AutoEP's grouped GEMM (fp8.experts: fp8_experts.py)
-            and not (shared_experts and "shared_experts" in parts)  # fp8.shared_experts: fp8_experts.py too
+            and not any(part in parts for part in taken)
             and module.in_features % 16 == 0 and module.out_features % 16 == 0)
+
+
+def taken_elsewhere(shared_experts: bool, attention: bool) -> tuple[str, ...]:
+    """The modules whose linears our own FP8 paths take, so that torchao's recipes leave them: the shared experts
+    under fp8.shared_experts (fp8_experts.py), the attention projections under fp8.attention (fp8_attention.py)."""
+    return ("shared_experts",) * shared_experts + ("self_attn",) * attention
 
 
 _INSTALL = {"torchao": "pip install 'torchao>=0.18' (the project's fp8 extra)", "triton": "pip install triton"}
@@ -106,10 +112,10 @@ def fp8_gemm_pays(in_features: int, out_features: int) -> bool:
     return N > 2048 and K > 1024 and not (N <= 4096 and K <= 2048)
 
 
-def fp8_targets(model: nn.Module, layers: str, shared_experts: bool = False) -> tuple[set[str], int]:
+def fp8_targets(model: nn.Module, layers: str, taken: tuple[str, ...] = ()) -> tuple[set[str], int]:
     """Names of the linears to convert, and how many eligible ones `layers: auto` leaves in bf16 as too narrow. The
-    shared experts' are not eligible when `shared_experts` (fp8.shared_experts) takes them."""
-    eligible = {fqn: m for fqn, m in model.named_modules() if _fp8_eligible(m, fqn, shared_experts)}
+    linears of modules named in `taken` (taken_elsewhere) are not eligible."""
+    eligible = {fqn: m for fqn, m in model.named_modules() if _fp8_eligible(m, fqn, taken)}
     chosen = {fqn for fqn, m in eligible.items()
               if layers == "all" or fp8_gemm_pays(m.in_features, m.out_features)}
     return chosen, len(eligible) - len(chosen)
@@ -141,9 +147,9 @@ def torchao_config(recipe: str, fast_accum: str = "forward"):
 
 
 def convert_to_fp8(model: nn.Module, recipe: str, layers: str = "auto", fast_accum: str = "forward",
-                   shared_experts: bool = False) -> Fp8Conversion:
+                   taken: tuple[str, ...] = ()) -> Fp8Conversion:
     """Swap the chosen linears (fp8_targets) for FP8 ones in place."""
-    chosen, narrow = fp8_targets(model, layers, shared_experts)
+    chosen, narrow = fp8_targets(model, layers, taken)
     if recipe == "blockwise":
         if why := blockwise_gemms_unavailable():
             return Fp8Conversion(_swap_class(model, chosen, BlockwiseFp8Linear), narrow, emulated=why)

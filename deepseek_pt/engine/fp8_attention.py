@@ -1,0 +1,152 @@
+"""The attention projections' GEMMs in FP8 (`fp8.attention`), weights cast once per optimizer step.
+
+At bench-2b's widths (K and N of 512-3072) torchao's Float8Linear loses to bf16: it casts each weight again at every
+micro-step and its activations in passes of their own (engine/fp8.py's fp8_gemm_pays). Here, as fp8.experts does
+for the experts (fp8_experts.py):
+- Forward and input-gradient GEMMs are FP8 (e4m3, `torch._scaled_mm`, fast accumulation), every scale a power of two,
+  one per row along the GEMM's reduction dimension: exact scaling, e4m3's rounding the only error.
+- The weight gradient stays bf16 (it reduces over tokens, which row scales cannot follow), added into `.grad` by its
+  GEMM where parallel.linear_grads_in_place does that for the bf16 linears (linear_grads.py).
+- Each weight's two FP8 layouts (forward, and transposed for the input gradient) are cast once per optimizer step,
+  in a forward pre-hook on the block, into buffers the linear reads. The projections run inside the compiled
+  attention halves (train.compile_blocks), so the cache cannot be Python state the traced forward consults: the
+  hook runs eagerly before the half, and the compiled graph sees only the buffers, which keep their storage.
+- The activations' casts are torch ops, which Inductor fuses into the compiled half's kernels (the RMSNorm before
+  q and kv_a, the RoPE and concatenation gradients before their input gradients).
+
+Without a Hopper GPU the GEMMs are emulated: the same operands dequantized, an fp32 GEMM (numerics, not speed).
+"""
+from __future__ import annotations
+
+import functools
+from typing import Callable
+
+import torch
+from torch import nn
+
+from ..model.transformer import Block
+from .fp8_experts import quantize_rows
+from .linear_grads import add_linear_weight_grad_, grad_to_add_into
+
+ALIGN = 16  # FP8 GEMMs need K and N multiples of 16
+
+
+def scaled_mm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor,
+              emulate: bool) -> torch.Tensor:
+    """a [M, K] (e4m3, row scales [M]) times b.T, b [N, K] (e4m3, row scales [N]): [M, N] bf16. Emulated: the
+    operands dequantized, an fp32 GEMM."""
+    if emulate:
+        return ((a.float() * a_scale[:, None]) @ (b.float() * b_scale[:, None]).T).to(torch.bfloat16)
+    return torch._scaled_mm(a, b.T, a_scale[:, None], b_scale[None, :], out_dtype=torch.bfloat16,
+                            use_fast_accum=True)
+
+
+def cast_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """weight [N, K] as (e4m3 [N, K], scales [N]) for the forward and (e4m3 [K, N], scales [K]) for the input
+    gradient, each scaled along its GEMM's reduction dimension."""
+    return (*quantize_rows(weight), *quantize_rows(weight.T.contiguous()))
+
+
+@functools.cache
+def _compiled_weight_cast() -> Callable:
+    # Static shapes: one graph per projection shape, run once per optimizer step.
+    return torch.compile(cast_weight, fullgraph=True, dynamic=False)
+
+
+class _Fp8Linear(torch.autograd.Function):
+    """y = x @ weight.T through the FP8 layouts of weight; weight's gradient in bf16, added into `grad` if given."""
+
+    @staticmethod
+    def forward(ctx, x, weight, w_fp8, w_scale, wt_fp8, wt_scale, grad, emulate: bool):
+        rows = x.reshape(-1, x.shape[-1])
+        y = scaled_mm(*quantize_rows(rows), w_fp8, w_scale, emulate)
+        ctx.save_for_backward(rows, wt_fp8, wt_scale)
+        # Off save_for_backward, as in linear_grads.py: the version check would refuse a `.grad` another use of the
+        # same weight changed first.
+        ctx.grad, ctx.emulate, ctx.weight_dtype = grad, emulate, weight.dtype
+        return y.to(x.dtype).view(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        rows, wt_fp8, wt_scale = ctx.saved_tensors
+        grad_rows = grad_y.reshape(-1, grad_y.shape[-1]).to(rows.dtype)
+        grad_x = scaled_mm(*quantize_rows(grad_rows), wt_fp8, wt_scale, ctx.emulate).to(rows.dtype)
+        grad_w = None
+        if ctx.grad is not None:
+            add_linear_weight_grad_(ctx.grad, grad_rows, rows)
+        elif ctx.needs_input_grad[1]:
+            grad_w = (grad_rows.T @ rows).to(ctx.weight_dtype)
+        return grad_x.view(*grad_y.shape[:-1], rows.shape[-1]), grad_w, None, None, None, None, None, None
+
+
+class Fp8CachedLinear(nn.Linear):
+    """nn.Linear without bias (same parameter, same state dict) whose forward and input-gradient GEMMs read FP8
+    copies of its weight, which `cast_weight_once(step)` refreshes when the optimizer step moves."""
+
+    emulate: bool
+    grads_in_place: bool
+    cast_key: tuple[int, int] | None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        grad = None
+        if self.grads_in_place and torch.is_grad_enabled() and self.weight.requires_grad:
+            grad = grad_to_add_into(self.weight, x.dtype)
+        return _Fp8Linear.apply(x, self.weight, self.weight_fp8, self.weight_scale, self.weight_t_fp8,
+                                self.weight_t_scale, grad, self.emulate)
+
+    @torch.no_grad()
+    def cast_weight_once(self, step: int) -> bool:
+        """Cast the weight into the FP8 buffers unless this step's weight already is; returns whether it cast. The key
+        holds the weight's address too, so that a weight ZeRO-3 gathers into new memory is cast again."""
+        key = (step, self.weight.data_ptr())
+        if self.cast_key == key:
+            return False
+        cast = _compiled_weight_cast() if self.weight.is_cuda and not self.emulate else cast_weight
+        for buffer, value in zip((self.weight_fp8, self.weight_scale, self.weight_t_fp8, self.weight_t_scale),
+                                 cast(self.weight)):
+            buffer.copy_(value)  # in place: the same tensors each step, so no compiled half's guard on them fails
+        self.cast_key = key
+        return True
+
+    def to_fp8(self, emulate: bool, grads_in_place: bool) -> None:
+        N, K = self.out_features, self.in_features
+        device = self.weight.device
+        # Not persistent: checkpoints and exports hold the bf16/fp32 weight only.
+        for name, shape, dtype in (("weight_fp8", (N, K), torch.float8_e4m3fn), ("weight_scale", (N,), torch.float32),
+                                   ("weight_t_fp8", (K, N), torch.float8_e4m3fn),
+                                   ("weight_t_scale", (K,), torch.float32)):
+            self.register_buffer(name, torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.emulate, self.grads_in_place, self.cast_key = emulate, grads_in_place, None
+
+
+def _eligible(linear: nn.Module) -> bool:
+    return (type(linear) is nn.Linear and linear.bias is None
+            and linear.in_features % ALIGN == 0 and linear.out_features % ALIGN == 0)
+
+
+def convert_attention_to_fp8(model: nn.Module, optimizer_steps: Callable[[], int], emulate: bool,
+                             grads_in_place: bool) -> tuple[int, int]:
+    """Run the attention projections of `model`'s blocks (the MTP modules' included) through Fp8CachedLinear, their
+    FP8 weights cast in a forward pre-hook on each block when `optimizer_steps()` (the engine's step counter) moves.
+    Must run before compile_blocks and after DeepSpeed's own hooks are on the blocks (deepspeed.initialize), so that
+    under ZeRO-3 the block's gather comes first. Returns (projections converted, projections in all); the others,
+    with a dimension not a multiple of 16, stay bf16."""
+    converted = total = 0
+    for block in model.modules():
+        if not isinstance(block, Block):
+            continue
+        projections = [m for m in block.self_attn.modules() if isinstance(m, nn.Linear)]
+        fp8 = [m for m in projections if _eligible(m)]
+        total, converted = total + len(projections), converted + len(fp8)
+        for linear in fp8:
+            linear.__class__ = Fp8CachedLinear
+            linear.to_fp8(emulate, grads_in_place)
+        if fp8:
+            block.register_forward_pre_hook(functools.partial(_cast_weights, fp8, optimizer_steps))
+    return converted, total
+
+
+def _cast_weights(linears: list[Fp8CachedLinear], optimizer_steps: Callable[[], int], block, args) -> None:
+    step = optimizer_steps()
+    for linear in linears:
+        linear.cast_weight_once(step)

@@ -1,0 +1,166 @@
+"""The attention projections in FP8 (fp8.attention): their output and gradients against bf16's, the weights cast once
+per optimizer step in the block's pre-hook, the weight gradient added into `.grad`, the compiled attention half
+traced whole without recompiling when the weights move, the config and preflight checks, and the real GEMMs against
+the emulation on a Hopper GPU."""
+import pytest
+import torch
+from torch import nn
+
+from deepseek_pt.config import ConfigError, load_config
+from deepseek_pt.engine import fp8, fp8_attention
+from deepseek_pt.engine.fp8_attention import Fp8CachedLinear, convert_attention_to_fp8
+from deepseek_pt.model import Transformer
+from model_configs import tiny
+from test_fp8 import CONFIGS, assert_preflight_refuses, pretend_gpu, rel_err
+
+# Every projection a multiple of 16 wide: q_a 64 -> 32, q_b 32 -> 4 x 24, kv_a 64 -> 16 + 16, kv_b 16 -> 4 x 20, o.
+ALIGNED = dict(dim=64, attention__q_lora_rank=32, attention__qk_rope_head_dim=16)
+
+
+def _model(emulate: bool = True, device: str = "cpu", **overrides) -> tuple[Transformer, list[int]]:
+    """A bf16 tiny model with its attention projections converted, and the step counter its casts follow."""
+    torch.manual_seed(0)
+    model = Transformer(tiny(**overrides).model).to(device, torch.bfloat16)
+    steps = [0]
+    convert_attention_to_fp8(model, lambda: steps[0], emulate=emulate, grads_in_place=False)
+    return model, steps
+
+
+def _attention_forward_backward(model: Transformer, x: torch.Tensor, seed: int = 1) -> list[torch.Tensor]:
+    """The first block's attention half: output, and gradients of its input and of each projection's weight."""
+    block = model.layers[0]
+    x = x.clone().requires_grad_()
+    y = block.attention_residual(x)
+    weights = [m.weight for m in block.self_attn.modules() if isinstance(m, nn.Linear)]
+    torch.manual_seed(seed)
+    return [y, *torch.autograd.grad(y, [x, *weights], torch.randn_like(y))]
+
+
+def test_projections_compute_their_bf16_results_within_e4m3_error():
+    torch.manual_seed(0)
+    linear = nn.Linear(128, 96, bias=False).bfloat16()
+    x = torch.randn(3, 40, 128) * torch.linspace(0.01, 100, 40)[:, None]  # rows far apart in scale
+    x[:, :, 5] *= 30  # an outlier channel: each row's scale takes it
+    x = x.bfloat16()
+
+    def forward_backward():
+        xr = x.clone().requires_grad_()
+        y = linear(xr)
+        return [y, *torch.autograd.grad(y, [xr, linear.weight], torch.ones_like(y) + torch.randn_like(y))]
+
+    torch.manual_seed(1)
+    bf16 = forward_backward()
+    keys = set(linear.state_dict())
+    linear.__class__ = Fp8CachedLinear
+    linear.to_fp8(emulate=True, grads_in_place=False)
+    assert set(linear.state_dict()) == keys  # the FP8 buffers are not checkpointed
+    assert linear.cast_weight_once(0) and not linear.cast_weight_once(0)
+    assert torch.equal(linear.weight_scale.log2(), linear.weight_scale.log2().round())  # exact, power-of-two scales
+    torch.manual_seed(1)
+    got = forward_backward()
+    for name, a, b in zip(("y", "dx", "dw"), got, bf16):
+        assert a.shape == b.shape and a.dtype == torch.bfloat16, name
+        # y and dx: one e4m3 rounding of each operand (~3%); dw: bf16 GEMM of exact operands, the same as bf16's.
+        assert (0.005 < rel_err(a, b) < 0.06) if name != "dw" else rel_err(a, b) < 1e-2, (name, rel_err(a, b))
+
+
+def test_weights_are_cast_once_per_optimizer_step_by_the_blocks_pre_hook(monkeypatch):
+    casts = []
+    cast = fp8_attention.cast_weight
+    monkeypatch.setattr(fp8_attention, "cast_weight", lambda w: casts.append(w.shape) or cast(w))
+    model, steps = _model()  # tiny(): q_a (48 -> 24), q_b (24 -> 48), kv_a (48 -> 20) are not multiples of 16
+    converted = [n for n, m in model.named_modules() if isinstance(m, Fp8CachedLinear)]
+    assert {n.split(".", 2)[2] for n in converted} == {"self_attn.kv_b_proj", "self_attn.o_proj"}
+    assert len(converted) == 2 * 3
+    tokens = torch.randint(0, 97, (2, 16))
+    model(tokens, tokens).backward()
+    assert len(casts) == 6
+    o_proj = model.layers[1].self_attn.o_proj
+    first, first_scale = o_proj.weight_fp8.clone(), o_proj.weight_scale.clone()
+    model(tokens, tokens).backward()  # the step's other micro-steps
+    assert len(casts) == 6
+    with torch.no_grad():
+        o_proj.weight.mul_(2)  # the optimizer steps
+    steps[0] += 1
+    model(tokens)
+    assert len(casts) == 12
+    assert torch.equal(o_proj.weight_fp8, first) and torch.equal(o_proj.weight_scale, 2 * first_scale)
+
+
+def test_whole_projections_train_within_e4m3_error_of_bf16():
+    torch.manual_seed(0)
+    bf16 = Transformer(tiny(**ALIGNED).model).bfloat16()
+    model, _ = _model(**ALIGNED)
+    assert sum(isinstance(m, Fp8CachedLinear) for m in model.layers[0].self_attn.modules()) == 5
+    x = torch.randn(2, 32, 64, dtype=torch.bfloat16)
+    model(torch.zeros(1, 1, dtype=torch.long))  # the pre-hook casts (attention_residual alone bypasses the block)
+    for name, a, b in zip(("y", "dx", "dq_a", "dq_b", "dkv_a", "dkv_b", "do"),
+                          _attention_forward_backward(model, x), _attention_forward_backward(bf16, x)):
+        assert 0.002 < rel_err(a, b) < 0.09, (name, rel_err(a, b))
+
+
+def test_weight_gradients_are_added_into_grad_in_place():
+    torch.manual_seed(0)
+    linear = nn.Linear(64, 32, bias=False).bfloat16()
+    linear.__class__ = Fp8CachedLinear
+    linear.to_fp8(emulate=True, grads_in_place=True)
+    linear.cast_weight_once(0)
+    x = torch.randn(24, 64, dtype=torch.bfloat16)
+    linear(x).sum().backward()  # no .grad yet: autograd's gradient
+    first = linear.weight.grad
+    assert first is not None and torch.allclose(first.float(), torch.ones(24, 32).T @ x.float(), rtol=1e-2)
+    linear(x).sum().backward()
+    assert linear.weight.grad is first  # the same tensor, added into
+    assert torch.allclose(first.float(), 2 * torch.ones(24, 32).T @ x.float(), rtol=1e-2)
+
+
+def test_compiled_attention_half_traces_whole_and_reads_the_recast_weights():
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()
+    model, steps = _model(**ALIGNED)
+    counter = CompileCounterWithBackend("aot_eager")
+    block = model.layers[0]
+    eager = block.attention_residual
+    compiled = torch.compile(eager, backend=counter, fullgraph=True)
+    x = torch.randn(2, 32, 64, dtype=torch.bfloat16)
+    model(torch.zeros(1, 1, dtype=torch.long))
+    for step in range(2):
+        block.attention_residual = compiled
+        got = _attention_forward_backward(model, x)
+        block.attention_residual = eager
+        want = _attention_forward_backward(model, x)
+        for a, b in zip(got, want):
+            assert torch.allclose(a.float(), b.float(), rtol=1e-2, atol=1e-2)
+        with torch.no_grad():
+            block.self_attn.o_proj.weight.mul_(-1)
+        steps[0] += 1
+        model(torch.zeros(1, 1, dtype=torch.long))  # the pre-hook recasts into the same buffers
+    assert counter.frame_count == 1  # one graph: no recompile when the weights move
+
+
+def test_fp8_attention_config_and_preflight_name_what_they_need(monkeypatch, tmp_path):
+    def load(*overrides):
+        return load_config(CONFIGS / "smoke.yaml", ["precision=fp8", "fp8.attention=true", *overrides])
+    assert load().fp8.attention
+    with pytest.raises(ConfigError, match=r"parallel.zero_leaf_blocks: fp8.attention under ZeRO-3 needs it true"):
+        load("parallel.zero_leaf_blocks=false", "train.compile_blocks=false")
+    pretend_gpu(monkeypatch, "NVIDIA L40S", (8, 9))
+    monkeypatch.setattr(fp8.importlib.util, "find_spec", lambda name: object())
+    assert_preflight_refuses(tmp_path, ["precision=fp8", "fp8.attention=true"],
+                             r"fp8.attention: rowwise FP8 GEMMs needs a Hopper GPU \(compute capability >= 9.0\); "
+                             r"NVIDIA L40S has 8.9: set fp8.attention=false")
+
+
+@pytest.mark.skipif(fp8.expert_gemms_unavailable() is not None,
+                    reason=f"real FP8 GEMMs {fp8.expert_gemms_unavailable()}")
+def test_real_fp8_projections_match_the_emulation_on_gpu():
+    x = torch.randn(3, 37, 64, device="cuda", dtype=torch.bfloat16)  # 111 tokens: not a multiple of 16
+    results = []
+    for emulate in (False, True):
+        model, _ = _model(emulate=emulate, device="cuda", **ALIGNED)
+        model(torch.zeros(1, 1, dtype=torch.long, device="cuda"))
+        results.append(_attention_forward_backward(model, x))
+    for name, a, b in zip(("y", "dx", "dq_a", "dq_b", "dkv_a", "dkv_b", "do"), *results):
+        assert torch.isfinite(a).all(), name
+        assert rel_err(a, b) < 0.02, (name, rel_err(a, b))  # as the experts' test: fast accumulation, rare re-roundings
