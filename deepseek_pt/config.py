@@ -340,9 +340,9 @@ class Fp8Config:
     the compiled attention halves. torchao's recipes then leave these linears out (at bench-2b's widths
     `fp8.layers: auto` finds them too narrow for its casts). Projections with a dimension not a multiple of 16 stay
     bf16. On bench-2b on an H200: the compiled attention half's GPU time 1.92-1.97 ms against bf16's 2.11-2.18 per
-    layer and micro-step, +0.2% to +1.6% tokens/s in four interleaved pairs (one more at +5.4%, its baseline slow),
-    the train loss within 0.36% of bf16's (docs/benchmarks.md). Under ZeRO-3 needs parallel.zero_leaf_blocks, and a
-    Hopper GPU (emulated on a CPU); costs 2 bytes per projection parameter."""
+    layer and micro-step, +0.2%, +0.7% and +1.6% tokens/s in three interleaved pairs (a fourth +5.4%, its baseline
+    slow), the train loss within 0.36% of bf16's (docs/benchmarks.md). Under ZeRO-3 needs parallel.zero_leaf_blocks,
+    and a Hopper GPU (emulated on a CPU); costs 2 bytes per projection parameter."""
 
 
 @dataclass
