@@ -253,7 +253,7 @@ def build_engine(cfg: Config, world: int, init_from: str | None = None, load_uni
             if cfg.fp8.recipe == "blockwise" and fp8.converted and not fp8.emulated:
                 print("fp8: the first micro-step autotunes torchao's Triton casts for each shape (minutes on a "
                       "fresh machine); Triton's cache keeps the results for later runs", flush=True)
-            if fp8.converted == 0:
+            if fp8.converted == 0 and not (cfg.fp8.experts or cfg.fp8.shared_experts or cfg.fp8.attention):
                 hint = "; fp8.layers=all converts the narrow ones too" if fp8.too_narrow else ""
                 print(f"fp8: no linear converted, this run computes in bf16{hint}", flush=True)
     if cfg.parallel.zero_stage == 3 and cfg.parallel.zero_leaf_blocks:
