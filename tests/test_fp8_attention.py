@@ -125,7 +125,7 @@ def test_compiled_attention_half_traces_whole_and_reads_the_recast_weights():
     compiled = torch.compile(eager, backend=counter, fullgraph=True)
     x = torch.randn(2, 32, 64, dtype=torch.bfloat16)
     model(torch.zeros(1, 1, dtype=torch.long))
-    for step in range(2):
+    for _ in range(2):
         block.attention_residual = compiled
         got = _attention_forward_backward(model, x)
         block.attention_residual = eager

@@ -11,8 +11,8 @@ for the experts (fp8_experts.py):
   in a forward pre-hook on the block, into buffers the linear reads. The projections run inside the compiled
   attention halves (train.compile_blocks), so the cache cannot be Python state the traced forward consults: the
   hook runs eagerly before the half, and the compiled graph sees only the buffers, which keep their storage.
-- The activations' casts are torch ops, which Inductor fuses into the compiled half's kernels (the RMSNorm before
-  q and kv_a, the RoPE and concatenation gradients before their input gradients).
+- The activations' casts are torch ops, which Inductor compiles with the half and fuses where it can (on an H200
+  the first one went into the kernel of the RMSNorm before q and kv_a: docs/benchmarks.md).
 
 Without a Hopper GPU the GEMMs are emulated: the same operands dequantized, an fp32 GEMM (numerics, not speed).
 """
