@@ -238,11 +238,21 @@ def expert_casts(tokens: int, top_k: int, dim: int, hidden: int) -> None:
             print(f"   cast {name:28} {label:13} {ms:6.3f} ms {nbytes / ms / 1e6:6.0f} GB/s", flush=True)
 
 
+def alternating_rounds(steps: dict, rounds: int, top: int) -> None:
+    """Time each of `steps` (name -> one forward and backward) in turn, `rounds` times over, since the GPU's clocks
+    move between calls: wall ms per call, GPU ms per call and the `top` heaviest kernels."""
+    for r in range(rounds):
+        for name, fn in steps.items():
+            ms = bench(fn, calls=10)
+            gpu_ms, kernels = kernel_table(fn, top)
+            print(f"  round {r} {name}: {ms:.3f} ms, {gpu_ms:.3f} ms GPU: "
+                  + "; ".join(f"{k[:40]} {t:.3f} ms {c}x" for k, t, c in kernels), flush=True)
+
+
 def shared_mlp(tokens: int, dim: int, width: int, rounds: int) -> None:
     """The shared experts' SwiGLU (bench-2b: dim 2048, 2 x 1408), forward and backward with accumulating weight
     gradients: bf16 as training runs it (cuBLAS linears, the compiled SwiGLU) and fp8.shared_experts' (FP8 forward and
-    input gradients on the Triton kernel, the step's FP8 weights already cast), in alternating rounds, since the
-    GPU's clocks move between calls."""
+    input gradients on the Triton kernel, the step's FP8 weights already cast), in alternating rounds."""
     from deepseek_pt.engine.fp8_experts import convert_shared_experts_to_fp8
     from deepseek_pt.model.layers import SwiGLU, compile_pointwise
 
@@ -260,12 +270,7 @@ def shared_mlp(tokens: int, dim: int, width: int, rounds: int) -> None:
     ys = {name: m.shared_experts(x) for name, m in layers.items()}
     print(f"shared experts {tokens} x {dim} -> {width}: FP8 output rel err {rel_err(ys['fp8'], ys['bf16']):.1e}",
           flush=True)
-    for r in range(rounds):
-        for name, fn in step.items():
-            ms = bench(fn, calls=10)
-            gpu_ms, top = kernel_table(fn, 5)
-            print(f"  round {r} {name}: {ms:.3f} ms, {gpu_ms:.3f} ms GPU: "
-                  + "; ".join(f"{k[:40]} {t:.3f} ms {c}x" for k, t, c in top), flush=True)
+    alternating_rounds(step, rounds, top=5)
 
 
 def attention_half(tokens: int, rounds: int) -> None:
@@ -298,13 +303,7 @@ def attention_half(tokens: int, rounds: int) -> None:
             half(x).backward(dy)
     print(f"attention half {tokens} tokens: FP8 output rel err "
           f"{rel_err(halves['fp8'](x), halves['bf16'](x)):.1e}", flush=True)
-    for r in range(rounds):
-        for name, half in halves.items():
-            fn = lambda half=half: half(x).backward(dy)
-            ms = bench(fn, calls=10)
-            gpu_ms, top = kernel_table(fn, 6)
-            print(f"  round {r} {name}: {ms:.3f} ms, {gpu_ms:.3f} ms GPU: "
-                  + "; ".join(f"{k[:40]} {t:.3f} ms {c}x" for k, t, c in top), flush=True)
+    alternating_rounds({name: (lambda half=half: half(x).backward(dy)) for name, half in halves.items()}, rounds, top=6)
 
 
 def main() -> None:

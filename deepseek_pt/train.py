@@ -210,6 +210,8 @@ def build_engine(cfg: Config, world: int, init_from: str | None = None, load_uni
     import deepspeed
 
     rank0 = int(os.environ.get("RANK", 0)) == 0  # who reports how the engine was built
+    # FP8 GEMMs of our own (fp8_experts.py, fp8_attention.py), beside the linears torchao's recipes convert
+    own_fp8 = cfg.precision == "fp8" and (cfg.fp8.experts or cfg.fp8.shared_experts or cfg.fp8.attention)
     ds_config = build_ds_config(cfg, world, has_moe=uses_autoep(cfg), load_universal=load_universal)
     if cfg.train.compile_deterministic:
         from torch._inductor import config as inductor_config
@@ -253,7 +255,7 @@ def build_engine(cfg: Config, world: int, init_from: str | None = None, load_uni
             if cfg.fp8.recipe == "blockwise" and fp8.converted and not fp8.emulated:
                 print("fp8: the first micro-step autotunes torchao's Triton casts for each shape (minutes on a "
                       "fresh machine); Triton's cache keeps the results for later runs", flush=True)
-            if fp8.converted == 0 and not (cfg.fp8.experts or cfg.fp8.shared_experts or cfg.fp8.attention):
+            if fp8.converted == 0 and not own_fp8:
                 hint = "; fp8.layers=all converts the narrow ones too" if fp8.too_narrow else ""
                 print(f"fp8: no linear converted, this run computes in bf16{hint}", flush=True)
     if cfg.parallel.zero_stage == 3 and cfg.parallel.zero_leaf_blocks:
@@ -287,7 +289,7 @@ def build_engine(cfg: Config, world: int, init_from: str | None = None, load_uni
     engine.module.reset_rope()
     coalesced = deepspeed_micro_steps(cfg) != cfg.train.grad_accum_steps
     # AutoEP's layers exist from here on, and DeepSpeed's hooks are on the blocks (fp8.attention's come after them).
-    if cfg.precision == "fp8" and (cfg.fp8.experts or cfg.fp8.shared_experts or cfg.fp8.attention):
+    if own_fp8:
         from .engine import fp8_attention, fp8_experts
         from .engine.fp8 import expert_gemms_unavailable
         why = expert_gemms_unavailable()

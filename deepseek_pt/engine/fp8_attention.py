@@ -25,10 +25,8 @@ import torch
 from torch import nn
 
 from ..model.transformer import Block
-from .fp8_experts import quantize_rows
+from .fp8_experts import ALIGN, quantize_rows
 from .linear_grads import add_linear_weight_grad_, grad_to_add_into
-
-ALIGN = 16  # FP8 GEMMs need K and N multiples of 16
 
 
 def scaled_mm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor,
