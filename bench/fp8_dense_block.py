@@ -12,7 +12,13 @@ backward, compiled as train.compile_blocks compiles it: bf16 against rowwise FP8
 
 and tensorwise FP8 on gate and up, alone and fused.
 
+--cached compares, as training runs them (weight gradients added into `.grad` in place, the step's FP8 weights
+already cast), in alternating rounds: bf16; tensorwise on gate and up (`fp8.layers: auto`); that with the down
+projection through fp8_linears' Fp8CachedLinear; all three projections through it. (fp8.shared_experts' path
+cannot take this SwiGLU: its Triton casts read rows of at most 8192 values.)
+
     python bench/fp8_dense_block.py [--tokens 8192] [--fast-accum forward|all] [--kernels N] [--dump PATTERN]
+    python bench/fp8_dense_block.py --cached [--rounds 3]
 
 Prints per variant: median ms per forward + backward (back-to-back calls), GPU time per call from the profiler,
 and the N heaviest kernels. --dump prints the Inductor source of every generated kernel whose name contains
@@ -86,6 +92,36 @@ def variants(block: Block, fast_accum: str):
         tiled.mlp_residual, options={"triton.tile_reductions": True, "triton.prefer_nd_tiling": True})
 
 
+def cached_variants(block: Block):
+    """(name, module holding the parameters, forward function) for --cached: every weight gradient added into
+    `.grad` in place, the FP8 copies of Fp8CachedLinear's weights cast before the rounds (once per optimizer step in
+    training)."""
+    from deepseek_pt.engine.fp8_linears import cache_fp8_linears
+    from deepseek_pt.engine.linear_grads import linear_grads_in_place
+
+    def cached(module: Block, linears: list[nn.Linear]) -> Block:
+        cache_fp8_linears(module, linears, lambda: 0, emulate=False, grads_in_place=True)
+        for linear in linears:
+            linear.cast_weight_once(0)
+        linear_grads_in_place(module)
+        return module
+
+    bf16 = copy.deepcopy(block)
+    linear_grads_in_place(bf16)
+    yield "bf16", bf16, torch.compile(bf16.mlp_residual)
+    auto = copy.deepcopy(block)
+    convert_to_fp8(auto, "tensorwise", "auto")
+    linear_grads_in_place(auto)
+    yield "fp8 tensorwise (auto)", auto, torch.compile(auto.mlp_residual)
+    down = copy.deepcopy(block)
+    convert_to_fp8(down, "tensorwise", "auto")
+    cached(down, [down.mlp.down_proj])
+    yield "fp8 tensorwise, down cached", down, torch.compile(down.mlp_residual)
+    every = copy.deepcopy(block)
+    cached(every, [every.mlp.gate_proj, every.mlp.up_proj, every.mlp.down_proj])
+    yield "fp8 gate, up, down cached", every, torch.compile(every.mlp_residual)
+
+
 def dump_kernels(pattern: str) -> None:
     """Print the source of each generated kernel whose name contains `pattern`, once per name."""
     seen = set()
@@ -105,6 +141,8 @@ def main() -> None:
     p.add_argument("--fast-accum", choices=("forward", "all"), default="forward")
     p.add_argument("--kernels", type=int, default=8, help="heaviest kernels to list per variant")
     p.add_argument("--dump", metavar="PATTERN", help="print generated kernels whose names contain PATTERN")
+    p.add_argument("--cached", action="store_true", help="the cached-weight FP8 variants, as training runs them")
+    p.add_argument("--rounds", type=int, default=1, help="time every variant this many times, in turn")
     args = p.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench/fp8_dense_block.py times GPU kernels: this machine has no CUDA GPU")
@@ -116,23 +154,30 @@ def main() -> None:
     block = Block(model, moe=False).cuda().to(torch.bfloat16)
     x = torch.randn(args.tokens // 2048, 2048, model.dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     dy = torch.randn_like(x)
-    reference = None
-    for name, module, forward in variants(block, args.fast_accum):
-        def step():
+    reference, steps = None, {}
+    chosen = cached_variants(block) if args.cached else variants(block, args.fast_accum)
+    for name, module, forward in chosen:
+        def step(module=module, forward=forward):
             x.grad = None
-            for param in module.parameters():
-                param.grad = None
+            if not args.cached:  # --cached: gradients accumulate, added in place from the second step on
+                for param in module.parameters():
+                    param.grad = None
             forward(x).backward(dy)
+        step()
         step()
         out = forward(x).detach().float()
         if reference is None:
             reference = out
         err = ((out - reference).norm() / (reference - x.detach().float()).norm()).item()
-        ms = bench(step)
-        gpu_ms, top = kernel_table(step, args.kernels)
-        print(f"{name:32} fwd+bwd {ms:6.3f} ms | GPU {gpu_ms:6.3f} ms | rel err of the MLP's output {err:.1e}")
-        for kernel, kernel_ms, launches in top:
-            print(f"    {kernel_ms:6.3f} ms {launches:3d}x  {kernel[:150]}")
+        print(f"{name:32} rel err of the MLP's output {err:.1e}", flush=True)
+        steps[name] = step
+    for r in range(args.rounds):
+        for name, step in steps.items():
+            ms = bench(step)
+            gpu_ms, top = kernel_table(step, args.kernels)
+            print(f"round {r} {name:32} fwd+bwd {ms:6.3f} ms | GPU {gpu_ms:6.3f} ms", flush=True)
+            for kernel, kernel_ms, launches in top:
+                print(f"    {kernel_ms:6.3f} ms {launches:3d}x  {kernel[:150]}")
     if args.dump:
         dump_kernels(args.dump)
 

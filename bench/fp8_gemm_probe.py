@@ -278,7 +278,7 @@ def attention_half(tokens: int, rounds: int) -> None:
     weight gradients added into `.grad`: the projections in bf16 and through fp8.attention (the step's FP8 weights
     already cast), in alternating rounds."""
     from deepseek_pt.config import load_config
-    from deepseek_pt.engine.fp8_attention import convert_attention_to_fp8
+    from deepseek_pt.engine.fp8_linears import convert_linears_to_fp8
     from deepseek_pt.engine.linear_grads import linear_grads_in_place
     from deepseek_pt.model.layers import compile_pointwise
     from deepseek_pt.model.transformer import Block
@@ -290,7 +290,8 @@ def attention_half(tokens: int, rounds: int) -> None:
     for name in ("bf16", "fp8"):
         torch.manual_seed(0)
         blocks[name] = torch.nn.Sequential(Block(model, moe=False)).cuda().bfloat16()
-    convert_attention_to_fp8(blocks["fp8"], lambda: 0, emulate=False, grads_in_place=True)
+    convert_linears_to_fp8(blocks["fp8"], lambda: 0, emulate=False, grads_in_place=True, attention=True,
+                           dense_mlp=False)
     linear_grads_in_place(blocks["bf16"])
     for m in blocks["fp8"].modules():  # what the block's pre-hook does at a step's start
         if hasattr(m, "cast_weight_once"):

@@ -77,7 +77,8 @@ def preflight(cfg: Config, world_size: int) -> None:
                                  "fp32, or fp8.recipe=blockwise (emulated)")
         for key, on, gemms in (("fp8.experts", cfg.fp8.experts, "FP8 grouped GEMMs"),
                                ("fp8.shared_experts", cfg.fp8.shared_experts, "FP8 grouped GEMMs"),
-                               ("fp8.attention", cfg.fp8.attention, "rowwise FP8 GEMMs")):
+                               ("fp8.attention", cfg.fp8.attention, "rowwise FP8 GEMMs"),
+                               ("fp8.dense_mlp", cfg.fp8.dense_mlp, "rowwise FP8 GEMMs")):
             if on and torch.cuda.is_available() and (why := expert_gemms_unavailable()):
                 raise PreflightError(f"{key}: {gemms} {why}: set {key}=false (only a CPU emulates them)")
         tokens = cfg.data.seq_len * cfg.train.micro_batch_size
@@ -210,8 +211,9 @@ def build_engine(cfg: Config, world: int, init_from: str | None = None, load_uni
     import deepspeed
 
     rank0 = int(os.environ.get("RANK", 0)) == 0  # who reports how the engine was built
-    # FP8 GEMMs of our own (fp8_experts.py, fp8_attention.py), beside the linears torchao's recipes convert
-    own_fp8 = cfg.precision == "fp8" and (cfg.fp8.experts or cfg.fp8.shared_experts or cfg.fp8.attention)
+    # FP8 GEMMs of our own (fp8_experts.py, fp8_linears.py), beside the linears torchao's recipes convert
+    own_fp8 = cfg.precision == "fp8" and (cfg.fp8.experts or cfg.fp8.shared_experts or cfg.fp8.attention
+                                          or cfg.fp8.dense_mlp)
     ds_config = build_ds_config(cfg, world, has_moe=uses_autoep(cfg), load_universal=load_universal)
     if cfg.train.compile_deterministic:
         from torch._inductor import config as inductor_config
@@ -237,7 +239,7 @@ def build_engine(cfg: Config, world: int, init_from: str | None = None, load_uni
     if cfg.precision == "fp8":
         from .engine.fp8 import convert_to_fp8, taken_elsewhere
         fp8 = convert_to_fp8(model, cfg.fp8.recipe, cfg.fp8.layers, cfg.fp8.fast_accum,
-                             taken_elsewhere(cfg.fp8.shared_experts, cfg.fp8.attention))
+                             taken_elsewhere(cfg.fp8.shared_experts, cfg.fp8.attention, cfg.fp8.dense_mlp))
         if rank0:
             if fp8.emulated:
                 how = f"emulated in fp32 (numerics only, slower than bf16: the real-GEMM path {fp8.emulated})"
@@ -251,7 +253,11 @@ def build_engine(cfg: Config, world: int, init_from: str | None = None, load_uni
             kept = f"; {fp8.too_narrow} too narrow to gain left in bf16 (fp8.layers=auto)" if fp8.too_narrow else ""
             if fp8.unaligned:
                 kept += f"; {fp8.unaligned} with a dimension not a multiple of 128 left in bf16"
-            print(f"fp8: {fp8.converted} linears, {cfg.fp8.recipe} scaling, {how}{kept}", flush=True)
+            if fp8.converted or fp8.too_narrow or not own_fp8:
+                print(f"fp8: {fp8.converted} linears, {cfg.fp8.recipe} scaling, {how}{kept}", flush=True)
+            else:
+                print(f"fp8: no linear left for fp8.recipe={cfg.fp8.recipe}: our FP8 paths (below) take every eligible "
+                      "one", flush=True)
             if cfg.fp8.recipe == "blockwise" and fp8.converted and not fp8.emulated:
                 print("fp8: the first micro-step autotunes torchao's Triton casts for each shape (minutes on a "
                       "fresh machine); Triton's cache keeps the results for later runs", flush=True)
@@ -288,9 +294,9 @@ def build_engine(cfg: Config, world: int, init_from: str | None = None, load_uni
     # bf16; exports compute them afresh in fp32, and training must rotate positions as they will.
     engine.module.reset_rope()
     coalesced = deepspeed_micro_steps(cfg) != cfg.train.grad_accum_steps
-    # AutoEP's layers exist from here on, and DeepSpeed's hooks are on the blocks (fp8.attention's come after them).
+    # AutoEP's layers exist from here on, and DeepSpeed's hooks are on the blocks (fp8_linears' come after them).
     if own_fp8:
-        from .engine import fp8_attention, fp8_experts
+        from .engine import fp8_experts, fp8_linears
         from .engine.fp8 import expert_gemms_unavailable
         why = expert_gemms_unavailable()
         steps, emulate = (lambda: engine.global_steps), why is not None
@@ -302,11 +308,14 @@ def build_engine(cfg: Config, world: int, init_from: str | None = None, load_uni
             layers = fp8_experts.convert_shared_experts_to_fp8(engine.module, steps, emulate,
                                                                cfg.parallel.expert_triton_gemms)
             converted.append(f"shared experts of {layers} MoE layer{'s' * (layers != 1)}")
-        if cfg.fp8.attention:
+        if cfg.fp8.attention or cfg.fp8.dense_mlp:
             fp8_in_place = cfg.parallel.linear_grads_in_place and coalesced
-            n, total = fp8_attention.convert_attention_to_fp8(engine.module, steps, emulate, fp8_in_place)
-            kept = f" ({total - n} with a dimension not a multiple of 16 kept in bf16)" if n < total else ""
-            converted.append(f"{n} attention projections{kept}")
+            counts = fp8_linears.convert_linears_to_fp8(engine.module, steps, emulate, fp8_in_place,
+                                                        cfg.fp8.attention, cfg.fp8.dense_mlp)
+            for part, (n, total) in counts.items():
+                kept = f" ({total - n} with a dimension not a multiple of 16 kept in bf16)" if n < total else ""
+                what = "attention projections" if part == "attention" else "dense MLP projections"
+                converted.append(f"{n} {what}{kept}")
         how = f"emulated in fp32 (numerics only: the real-GEMM path {why})" if why else "real FP8 GEMMs"
         for what in converted if rank0 else []:
             print(f"fp8: {what}, rowwise scaling, weight gradients in bf16, {how}", flush=True)

@@ -119,10 +119,14 @@ def test_auto_keeps_linears_too_narrow_to_gain_in_bf16():
     bench = bench_model("bench-2b")
     everything, none_left = fp8_targets(bench, "all")
     assert len(everything) == 28 and none_left == 0  # 4 x 4 attention, 3 dense, 3 x 3 shared-expert linears
-    without_shared, _ = fp8_targets(bench, "all", taken_elsewhere(True, False))  # fp8.shared_experts takes those 9
+    without_shared, _ = fp8_targets(bench, "all", taken_elsewhere(True, False, False))  # fp8.shared_experts: those 9
     assert without_shared == {n for n in everything if ".shared_experts." not in n} and len(without_shared) == 19
-    neither, _ = fp8_targets(bench, "all", taken_elsewhere(True, True))  # and fp8.attention the 16 projections
+    neither, _ = fp8_targets(bench, "all", taken_elsewhere(True, True, False))  # and fp8.attention the 16 projections
     assert neither == {"layers.0.mlp.gate_proj", "layers.0.mlp.up_proj", "layers.0.mlp.down_proj"}
+    # fp8.dense_mlp takes the dense SwiGLU's three, not the MoE layers' shared experts (also under an `mlp`)
+    not_dense, _ = fp8_targets(bench, "all", taken_elsewhere(False, False, True))
+    assert not_dense == everything - neither and len(not_dense) == 25
+    assert fp8_targets(bench, "all", taken_elsewhere(True, True, True))[0] == set()
     wide_enough, narrow = fp8_targets(bench, "auto")  # dim 2048: only the dense SwiGLU's 2048 -> 10944
     assert wide_enough == {"layers.0.mlp.gate_proj", "layers.0.mlp.up_proj"} and narrow == 26
     # DeepSeek-V3's dense-layer widths: the wide projections gain, the down-projections into the latents do not.

@@ -40,14 +40,17 @@ def _fp8_eligible(module: nn.Module, fqn: str, taken: tuple[str, ...]) -> bool:
     parts = fqn.split(".")
     return (isinstance(module, nn.Linear) and parts[-1] not in HIGH_PRECISION
             and "experts" not in parts  # routed experts: AutoEP's grouped GEMM (fp8.experts: fp8_experts.py)
-            and not any(part in parts for part in taken)
+            and not any(f".{path}." in f".{fqn}." for path in taken)
             and module.in_features % 16 == 0 and module.out_features % 16 == 0)
 
 
-def taken_elsewhere(shared_experts: bool, attention: bool) -> tuple[str, ...]:
-    """The modules whose linears our own FP8 paths take, so that torchao's recipes leave them: the shared experts
-    under fp8.shared_experts (fp8_experts.py), the attention projections under fp8.attention (fp8_attention.py)."""
-    return ("shared_experts",) * shared_experts + ("self_attn",) * attention
+def taken_elsewhere(shared_experts: bool, attention: bool, dense_mlp: bool) -> tuple[str, ...]:
+    """Dotted paths (within a module's name) of the linears our own FP8 paths take, so that torchao's recipes leave
+    them: the shared experts under fp8.shared_experts (fp8_experts.py), the attention projections under
+    fp8.attention and the dense SwiGLUs' projections (a MoE layer's `mlp` holds none) under fp8.dense_mlp
+    (fp8_linears.py)."""
+    dense = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+    return ("shared_experts",) * shared_experts + ("self_attn",) * attention + dense * dense_mlp
 
 
 _INSTALL = {"torchao": "pip install 'torchao>=0.18' (the project's fp8 extra)", "triton": "pip install triton"}
@@ -114,7 +117,7 @@ def fp8_gemm_pays(in_features: int, out_features: int) -> bool:
 
 def fp8_targets(model: nn.Module, layers: str, taken: tuple[str, ...] = ()) -> tuple[set[str], int]:
     """Names of the linears to convert, and how many eligible ones `layers: auto` leaves in bf16 as too narrow. The
-    linears of modules named in `taken` (taken_elsewhere) are not eligible."""
+    linears under the dotted paths of `taken` (taken_elsewhere) are not eligible."""
     eligible = {fqn: m for fqn, m in model.named_modules() if _fp8_eligible(m, fqn, taken)}
     chosen = {fqn for fqn, m in eligible.items()
               if layers == "all" or fp8_gemm_pays(m.in_features, m.out_features)}

@@ -1,14 +1,14 @@
-"""The attention projections in FP8 (fp8.attention): their output and gradients against bf16's, the weights cast once
-per optimizer step in the block's pre-hook, the weight gradient added into `.grad`, the compiled attention half
-traced whole without recompiling when the weights move, the config and preflight checks, and the real GEMMs against
-the emulation on a Hopper GPU."""
+"""The attention projections and the dense MLPs in FP8 (fp8.attention, fp8.dense_mlp): their output and gradients
+against bf16's, the weights cast once per optimizer step in the block's pre-hook, the weight gradient added into
+`.grad`, the compiled halves traced whole without recompiling when the weights move, the config and preflight checks,
+and the real GEMMs against the emulation on a Hopper GPU."""
 import pytest
 import torch
 from torch import nn
 
 from deepseek_pt.config import ConfigError, load_config
-from deepseek_pt.engine import fp8, fp8_attention
-from deepseek_pt.engine.fp8_attention import Fp8CachedLinear, convert_attention_to_fp8
+from deepseek_pt.engine import fp8, fp8_linears
+from deepseek_pt.engine.fp8_linears import Fp8CachedLinear, convert_linears_to_fp8
 from deepseek_pt.model import Transformer
 from model_configs import tiny
 from test_fp8 import CONFIGS, assert_preflight_refuses, pretend_gpu, rel_err
@@ -17,21 +17,27 @@ from test_fp8 import CONFIGS, assert_preflight_refuses, pretend_gpu, rel_err
 ALIGNED = dict(dim=64, attention__q_lora_rank=32, attention__qk_rope_head_dim=16)
 
 
-def _model(emulate: bool = True, device: str = "cpu", **overrides) -> tuple[Transformer, list[int]]:
-    """A bf16 tiny model with its attention projections converted, and the step counter its casts follow."""
+def _model(emulate: bool = True, device: str = "cpu", attention: bool = True, dense_mlp: bool = False,
+           **overrides) -> tuple[Transformer, list[int]]:
+    """A bf16 tiny model with its attention projections (and/or dense MLPs) converted, and the step counter its casts
+    follow."""
     torch.manual_seed(0)
     model = Transformer(tiny(**overrides).model).to(device, torch.bfloat16)
     steps = [0]
-    convert_attention_to_fp8(model, lambda: steps[0], emulate=emulate, grads_in_place=False)
+    convert_linears_to_fp8(model, lambda: steps[0], emulate, False, attention, dense_mlp)
     return model, steps
 
 
-def _attention_forward_backward(model: Transformer, x: torch.Tensor, seed: int = 1) -> list[torch.Tensor]:
-    """The first block's attention half: output, and gradients of its input and of each projection's weight."""
+HALVES = {"attention_residual": "self_attn", "mlp_residual": "mlp"}  # the first block's halves, and what they hold
+
+
+def _attention_forward_backward(model: Transformer, x: torch.Tensor, seed: int = 1,
+                                half: str = "attention_residual") -> list[torch.Tensor]:
+    """A half of the first block (a dense one): output, and gradients of its input and of each linear's weight."""
     block = model.layers[0]
     x = x.clone().requires_grad_()
-    y = block.attention_residual(x)
-    weights = [m.weight for m in block.self_attn.modules() if isinstance(m, nn.Linear)]
+    y = getattr(block, half)(x)
+    weights = [m.weight for m in getattr(block, HALVES[half]).modules() if isinstance(m, nn.Linear)]
     torch.manual_seed(seed)
     return [y, *torch.autograd.grad(y, [x, *weights], torch.randn_like(y))]
 
@@ -66,8 +72,8 @@ def test_projections_compute_their_bf16_results_within_e4m3_error():
 
 def test_weights_are_cast_once_per_optimizer_step_by_the_blocks_pre_hook(monkeypatch):
     casts = []
-    cast = fp8_attention.cast_weight
-    monkeypatch.setattr(fp8_attention, "cast_weight", lambda w: casts.append(w.shape) or cast(w))
+    cast = fp8_linears.cast_weight
+    monkeypatch.setattr(fp8_linears, "cast_weight", lambda w: casts.append(w.shape) or cast(w))
     model, steps = _model()  # tiny(): q_a (48 -> 24), q_b (24 -> 48), kv_a (48 -> 20) are not multiples of 16
     converted = [n for n, m in model.named_modules() if isinstance(m, Fp8CachedLinear)]
     assert {n.split(".", 2)[2] for n in converted} == {"self_attn.kv_b_proj", "self_attn.o_proj"}
@@ -99,6 +105,23 @@ def test_whole_projections_train_within_e4m3_error_of_bf16():
         assert 0.002 < rel_err(a, b) < 0.09, (name, rel_err(a, b))
 
 
+def test_dense_mlp_trains_within_e4m3_error_of_bf16_and_leaves_the_shared_experts():
+    torch.manual_seed(0)
+    bf16 = Transformer(tiny().model).bfloat16()
+    model, _ = _model(attention=False, dense_mlp=True)
+    torch.manual_seed(0)
+    counts = convert_linears_to_fp8(Transformer(tiny().model), lambda: 0, True, False, False, True)
+    assert counts == {"dense_mlp": (3, 3)}  # layer 0's gate, up and down (48 <-> 96); MoE layers have no dense MLP
+    converted = {n for n, m in model.named_modules() if isinstance(m, Fp8CachedLinear)}
+    assert converted == {"layers.0.mlp.gate_proj", "layers.0.mlp.up_proj", "layers.0.mlp.down_proj"}
+    x = torch.randn(2, 32, 48, dtype=torch.bfloat16)
+    model(torch.zeros(1, 1, dtype=torch.long))  # the pre-hook casts
+    for name, a, b in zip(("y", "dx", "dgate", "dup", "ddown"),
+                          _attention_forward_backward(model, x, half="mlp_residual"),
+                          _attention_forward_backward(bf16, x, half="mlp_residual")):
+        assert 0.002 < rel_err(a, b) < 0.09, (name, rel_err(a, b))
+
+
 def test_weight_gradients_are_added_into_grad_in_place():
     torch.manual_seed(0)
     linear = nn.Linear(64, 32, bias=False).bfloat16()
@@ -114,42 +137,45 @@ def test_weight_gradients_are_added_into_grad_in_place():
     assert torch.allclose(first.float(), 2 * torch.ones(24, 32).T @ x.float(), rtol=1e-2)
 
 
-def test_compiled_attention_half_traces_whole_and_reads_the_recast_weights():
+@pytest.mark.parametrize("half", HALVES)
+def test_compiled_half_traces_whole_and_reads_the_recast_weights(half):
     from torch._dynamo.testing import CompileCounterWithBackend
 
     torch._dynamo.reset()
-    model, steps = _model(**ALIGNED)
+    model, steps = _model(dense_mlp=True, **ALIGNED)
     counter = CompileCounterWithBackend("aot_eager")
     block = model.layers[0]
-    eager = block.attention_residual
+    eager = getattr(block, half)
     compiled = torch.compile(eager, backend=counter, fullgraph=True)
+    moved = block.self_attn.o_proj if half == "attention_residual" else block.mlp.down_proj
     x = torch.randn(2, 32, 64, dtype=torch.bfloat16)
     model(torch.zeros(1, 1, dtype=torch.long))
     for _ in range(2):
-        block.attention_residual = compiled
-        got = _attention_forward_backward(model, x)
-        block.attention_residual = eager
-        want = _attention_forward_backward(model, x)
+        setattr(block, half, compiled)
+        got = _attention_forward_backward(model, x, half=half)
+        setattr(block, half, eager)
+        want = _attention_forward_backward(model, x, half=half)
         for a, b in zip(got, want):
             assert torch.allclose(a.float(), b.float(), rtol=1e-2, atol=1e-2)
         with torch.no_grad():
-            block.self_attn.o_proj.weight.mul_(-1)
+            moved.weight.mul_(-1)
         steps[0] += 1
         model(torch.zeros(1, 1, dtype=torch.long))  # the pre-hook recasts into the same buffers
     assert counter.frame_count == 1  # one graph: no recompile when the weights move
 
 
-def test_fp8_attention_config_and_preflight_name_what_they_need(monkeypatch, tmp_path):
+@pytest.mark.parametrize("key", ["fp8.attention", "fp8.dense_mlp"])
+def test_config_and_preflight_name_what_they_need(monkeypatch, tmp_path, key):
     def load(*overrides):
-        return load_config(CONFIGS / "smoke.yaml", ["precision=fp8", "fp8.attention=true", *overrides])
-    assert load().fp8.attention
-    with pytest.raises(ConfigError, match=r"parallel.zero_leaf_blocks: fp8.attention under ZeRO-3 needs it true"):
+        return load_config(CONFIGS / "smoke.yaml", ["precision=fp8", f"{key}=true", *overrides])
+    assert getattr(load().fp8, key.split(".")[1])
+    with pytest.raises(ConfigError, match=rf"parallel.zero_leaf_blocks: {key} under ZeRO-3 needs it true"):
         load("parallel.zero_leaf_blocks=false", "train.compile_blocks=false")
     pretend_gpu(monkeypatch, "NVIDIA L40S", (8, 9))
     monkeypatch.setattr(fp8.importlib.util, "find_spec", lambda name: object())
-    assert_preflight_refuses(tmp_path, ["precision=fp8", "fp8.attention=true"],
-                             r"fp8.attention: rowwise FP8 GEMMs needs a Hopper GPU \(compute capability >= 9.0\); "
-                             r"NVIDIA L40S has 8.9: set fp8.attention=false")
+    assert_preflight_refuses(tmp_path, ["precision=fp8", f"{key}=true"],
+                             rf"{key}: rowwise FP8 GEMMs needs a Hopper GPU \(compute capability >= 9.0\); "
+                             rf"NVIDIA L40S has 8.9: set {key}=false")
 
 
 @pytest.mark.skipif(fp8.expert_gemms_unavailable() is not None,
@@ -158,9 +184,10 @@ def test_real_fp8_projections_match_the_emulation_on_gpu():
     x = torch.randn(3, 37, 64, device="cuda", dtype=torch.bfloat16)  # 111 tokens: not a multiple of 16
     results = []
     for emulate in (False, True):
-        model, _ = _model(emulate=emulate, device="cuda", **ALIGNED)
+        model, _ = _model(emulate=emulate, device="cuda", dense_mlp=True, **ALIGNED)
         model(torch.zeros(1, 1, dtype=torch.long, device="cuda"))
-        results.append(_attention_forward_backward(model, x))
-    for name, a, b in zip(("y", "dx", "dq_a", "dq_b", "dkv_a", "dkv_b", "do"), *results):
+        results.append(_attention_forward_backward(model, x) + _attention_forward_backward(model, x, half="mlp_residual"))
+    names = ("y", "dx", "dq_a", "dq_b", "dkv_a", "dkv_b", "do", "mlp y", "mlp dx", "dgate", "dup", "ddown")
+    for name, a, b in zip(names, *results, strict=True):
         assert torch.isfinite(a).all(), name
         assert rel_err(a, b) < 0.02, (name, rel_err(a, b))  # as the experts' test: fast accumulation, rare re-roundings

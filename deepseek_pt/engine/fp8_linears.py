@@ -1,18 +1,21 @@
-"""The attention projections' GEMMs in FP8 (`fp8.attention`), weights cast once per optimizer step.
+"""The attention projections' and the dense MLPs' GEMMs in FP8 (`fp8.attention`, `fp8.dense_mlp`), weights cast once
+per optimizer step.
 
 At bench-2b's widths (K and N of 512-3072) torchao's Float8Linear loses to bf16: it casts each weight again at every
-micro-step and its activations in passes of their own (engine/fp8.py's fp8_gemm_pays). Here, as fp8.experts does
-for the experts (fp8_experts.py):
+micro-step and its activations in passes of their own (engine/fp8.py's fp8_gemm_pays); on the dense MLP (2048 <->
+10944), where its tensorwise GEMMs gain, its casts still cost more than these (docs/benchmarks.md). Here, as
+fp8.experts does for the experts (fp8_experts.py):
 - Forward and input-gradient GEMMs are FP8 (e4m3, `torch._scaled_mm`, fast accumulation), every scale a power of two,
   one per row along the GEMM's reduction dimension: exact scaling, e4m3's rounding the only error.
 - The weight gradient stays bf16 (it reduces over tokens, which row scales cannot follow), added into `.grad` by its
   GEMM where parallel.linear_grads_in_place does that for the bf16 linears (linear_grads.py).
 - Each weight's two FP8 layouts (forward, and transposed for the input gradient) are cast once per optimizer step,
-  in a forward pre-hook on the block, into buffers the linear reads. The projections run inside the compiled
-  attention halves (train.compile_blocks), so the cache cannot be Python state the traced forward consults: the
-  hook runs eagerly before the half, and the compiled graph sees only the buffers, which keep their storage.
+  in a forward pre-hook on the block, into buffers the linear reads. The linears run inside the compiled attention
+  and dense-MLP halves (train.compile_blocks), so the cache cannot be Python state the traced forward consults: the
+  hook runs eagerly before the block, and the compiled graphs see only the buffers, which keep their storage.
 - The activations' casts are torch ops, which Inductor compiles with the half and fuses where it can (on an H200
-  the first one went into the kernel of the RMSNorm before q and kv_a: docs/benchmarks.md).
+  the first one went into the kernel of the RMSNorm before q and kv_a, and the down projection's input cast into
+  the SwiGLU's: docs/benchmarks.md).
 
 Without a Hopper GPU the GEMMs are emulated: the same operands dequantized, an fp32 GEMM (numerics, not speed).
 """
@@ -24,6 +27,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from ..model.layers import SwiGLU
 from ..model.transformer import Block
 from .fp8_experts import ALIGN, quantize_rows
 from .linear_grads import add_linear_weight_grad_, grad_to_add_into
@@ -122,26 +126,37 @@ def _eligible(linear: nn.Module) -> bool:
             and linear.in_features % ALIGN == 0 and linear.out_features % ALIGN == 0)
 
 
-def convert_attention_to_fp8(model: nn.Module, optimizer_steps: Callable[[], int], emulate: bool,
-                             grads_in_place: bool) -> tuple[int, int]:
-    """Run the attention projections of `model`'s blocks (the MTP modules' included) through Fp8CachedLinear, their
-    FP8 weights cast in a forward pre-hook on each block when `optimizer_steps()` (the engine's step counter) moves.
-    Must run before compile_blocks and after DeepSpeed's own hooks are on the blocks (deepspeed.initialize), so that
-    under ZeRO-3 the block's gather comes first. Returns (projections converted, projections in all); the others,
-    with a dimension not a multiple of 16, stay bf16."""
-    converted = total = 0
+def convert_linears_to_fp8(model: nn.Module, optimizer_steps: Callable[[], int], emulate: bool, grads_in_place: bool,
+                           attention: bool, dense_mlp: bool) -> dict[str, tuple[int, int]]:
+    """Run the attention projections (`attention`) and the dense SwiGLUs' gate, up and down projections (`dense_mlp`)
+    of `model`'s blocks, the MTP modules' included, through Fp8CachedLinear, their FP8 weights cast in a forward
+    pre-hook on each block when `optimizer_steps()` (the engine's step counter) moves. Must run before compile_blocks
+    and after DeepSpeed's own hooks are on the blocks (deepspeed.initialize), so that under ZeRO-3 the block's gather
+    comes first. Returns, for each part asked for, (linears converted, linears in all); the others, with a dimension
+    not a multiple of 16, stay bf16."""
+    counts = {part: (0, 0) for part, on in (("attention", attention), ("dense_mlp", dense_mlp)) if on}
     for block in model.modules():
         if not isinstance(block, Block):
             continue
-        projections = [m for m in block.self_attn.modules() if isinstance(m, nn.Linear)]
-        fp8 = [m for m in projections if _eligible(m)]
-        total, converted = total + len(projections), converted + len(fp8)
-        for linear in fp8:
-            linear.__class__ = Fp8CachedLinear
-            linear.to_fp8(emulate, grads_in_place)
-        if fp8:
-            block.register_forward_pre_hook(functools.partial(_cast_weights, fp8, optimizer_steps))
-    return converted, total
+        parts = {"attention": block.self_attn, "dense_mlp": block.mlp if isinstance(block.mlp, SwiGLU) else None}
+        fp8 = []
+        for part, (converted, total) in counts.items():
+            linears = [m for m in parts[part].modules() if isinstance(m, nn.Linear)] if parts[part] else []
+            eligible = [m for m in linears if _eligible(m)]
+            counts[part] = converted + len(eligible), total + len(linears)
+            fp8 += eligible
+        cache_fp8_linears(block, fp8, optimizer_steps, emulate, grads_in_place)
+    return counts
+
+
+def cache_fp8_linears(block: nn.Module, linears: list[nn.Linear], optimizer_steps: Callable[[], int], emulate: bool,
+                      grads_in_place: bool) -> None:
+    """Make `linears` (of `block`) Fp8CachedLinear, their FP8 weights cast in a forward pre-hook on `block`."""
+    for linear in linears:
+        linear.__class__ = Fp8CachedLinear
+        linear.to_fp8(emulate, grads_in_place)
+    if linears:
+        block.register_forward_pre_hook(functools.partial(_cast_weights, linears, optimizer_steps))
 
 
 def _cast_weights(linears: list[Fp8CachedLinear], optimizer_steps: Callable[[], int], block, args) -> None:
