@@ -256,8 +256,7 @@ def build_engine(cfg: Config, world: int, init_from: str | None = None, load_uni
             if fp8.converted or fp8.too_narrow or not own_fp8:
                 print(f"fp8: {fp8.converted} linears, {cfg.fp8.recipe} scaling, {how}{kept}", flush=True)
             else:
-                print(f"fp8: no linear left for fp8.recipe={cfg.fp8.recipe}: our FP8 paths (below) take every eligible "
-                      "one", flush=True)
+                print(f"fp8: no linear left for fp8.recipe={cfg.fp8.recipe} beside our FP8 paths (below)", flush=True)
             if cfg.fp8.recipe == "blockwise" and fp8.converted and not fp8.emulated:
                 print("fp8: the first micro-step autotunes torchao's Triton casts for each shape (minutes on a "
                       "fresh machine); Triton's cache keeps the results for later runs", flush=True)

@@ -69,9 +69,9 @@ def test_fp8_loss_check_compares_runs_started_side_by_side(tmp_path, pydoc_data_
 
 @pytest.mark.slow
 def test_fp8_loss_check_says_what_each_run_sets(tmp_path, pydoc_data_dir):
-    # The run names compose (fp8_RECIPE[_experts[_shared]][_attn][_dense][_fast]): a CPU trains the first (torchao's
-    # Float8Linear on torch's CPU FP8 GEMMs, the routed and shared experts and the attention projections emulated),
-    # and the config refuses fast accumulation for blockwise, in its run's log.
+    # The run names compose (fp8_RECIPE[_experts[_shared]][_attn][_dense][_fast]): a CPU trains the first (the routed
+    # and shared experts, the attention projections and the dense MLP emulated, which leaves torchao's recipe no
+    # linear), and the config refuses fast accumulation for blockwise, in its run's log.
     first = "fp8_rowwise_experts_shared_attn_dense_fast"
     env = _loss_check_env(tmp_path, RUNS=f"{first} fp8_blockwise_fast", RUN_TIMEOUT="120")
     out, _ = finish_job(start_job(["bash", ROOT / "bench/fp8_loss_check.sh", pydoc_data_dir.shards_dir, 1,
@@ -85,6 +85,7 @@ def test_fp8_loss_check_says_what_each_run_sets(tmp_path, pydoc_data_dir):
     log = (tmp_path / f"train_{first}.log").read_text()
     assert "fp8: routed experts of 1 MoE layer" in log and "fp8: shared experts of 1 MoE layer" in log
     assert "attention projections" in log and "dense MLP projections" in log
+    assert "fp8: no linear left for fp8.recipe=rowwise beside our FP8 paths (below)" in log
     assert "fp8.fast_accum: 'all' applies to torchao's tensorwise and rowwise recipes" in (
         tmp_path / "train_fp8_blockwise_fast.log").read_text()
 

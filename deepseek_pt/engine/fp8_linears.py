@@ -141,7 +141,8 @@ def convert_linears_to_fp8(model: nn.Module, optimizer_steps: Callable[[], int],
         parts = {"attention": block.self_attn, "dense_mlp": block.mlp if isinstance(block.mlp, SwiGLU) else None}
         fp8 = []
         for part, (converted, total) in counts.items():
-            linears = [m for m in parts[part].modules() if isinstance(m, nn.Linear)] if parts[part] else []
+            module = parts[part]
+            linears = [] if module is None else [m for m in module.modules() if isinstance(m, nn.Linear)]
             eligible = [m for m in linears if _eligible(m)]
             counts[part] = converted + len(eligible), total + len(linears)
             fp8 += eligible
