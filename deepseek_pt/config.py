@@ -350,8 +350,8 @@ class Fp8Config:
     bench-2b's dense layer on an H200 (2048 -> 10944 -> 2048, 8,192 tokens): the compiled MLP half's GPU time
     3.94-4.18 ms against 4.40-4.52 with `fp8.layers: auto`'s tensorwise gate and up, and bf16's 5.17-5.34; +0.5%,
     +0.1% and +1.6% tokens/s in three interleaved pairs; the train loss over the second half of 580 steps -0.45% of
-    bf16's, held-out loss +0.35% (docs/benchmarks.md). Under ZeRO-3 needs parallel.zero_leaf_blocks, and a Hopper
-    GPU (emulated on a CPU); costs 2 bytes per dense-MLP parameter."""
+    bf16's, held-out loss +0.35% (docs/benchmarks.md). Needs a dense layer (model.moe.n_dense_layers > 0), under
+    ZeRO-3 parallel.zero_leaf_blocks, and a Hopper GPU (emulated on a CPU); costs 2 bytes per dense-MLP parameter."""
 
 
 @dataclass
@@ -610,6 +610,8 @@ def validate(cfg: Config, where: str = "<config>") -> None:
             check(cfg.parallel.zero_leaf_blocks, "parallel.zero_leaf_blocks",
                   "fp8.shared_experts under ZeRO-3 needs it true: the shared experts' FP8 path reads their linears' "
                   "weights without calling the linears, so only a block-wide gather brings them")
+    if cfg.precision == "fp8" and cfg.fp8.dense_mlp:
+        check(moe.n_dense_layers > 0, "fp8.dense_mlp", "the model has no dense layer (model.moe.n_dense_layers: 0)")
     for key, on in (("fp8.attention", cfg.fp8.attention), ("fp8.dense_mlp", cfg.fp8.dense_mlp)):
         if cfg.precision == "fp8" and on and cfg.parallel.zero_stage == 3:
             check(cfg.parallel.zero_leaf_blocks, "parallel.zero_leaf_blocks",

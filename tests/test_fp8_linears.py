@@ -171,6 +171,10 @@ def test_config_and_preflight_name_what_they_need(monkeypatch, tmp_path, key):
     assert getattr(load().fp8, key.split(".")[1])
     with pytest.raises(ConfigError, match=rf"parallel.zero_leaf_blocks: {key} under ZeRO-3 needs it true"):
         load("parallel.zero_leaf_blocks=false", "train.compile_blocks=false")
+    if key == "fp8.dense_mlp":
+        with pytest.raises(ConfigError, match=r"fp8.dense_mlp: the model has no dense layer "
+                                              r"\(model.moe.n_dense_layers: 0\)"):
+            load("model.moe.n_dense_layers=0")
     pretend_gpu(monkeypatch, "NVIDIA L40S", (8, 9))
     monkeypatch.setattr(fp8.importlib.util, "find_spec", lambda name: object())
     assert_preflight_refuses(tmp_path, ["precision=fp8", f"{key}=true"],
