@@ -30,7 +30,7 @@ from torch import nn
 from ..model.layers import SwiGLU
 from ..model.transformer import Block
 from .fp8_experts import ALIGN, quantize_rows
-from .linear_grads import add_linear_weight_grad_, grad_to_add_into
+from .linear_grads import add_linear_weight_grad_, grad_for_forward
 
 
 def scaled_mm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor,
@@ -90,9 +90,7 @@ class Fp8CachedLinear(nn.Linear):
     cast_key: tuple[int, int] | None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        grad = None
-        if self.grads_in_place and torch.is_grad_enabled() and self.weight.requires_grad:
-            grad = grad_to_add_into(self.weight, x.dtype)
+        grad = grad_for_forward(self.weight, x.dtype) if self.grads_in_place else None
         return _Fp8Linear.apply(x, self.weight, self.weight_fp8, self.weight_scale, self.weight_t_fp8,
                                 self.weight_t_scale, grad, self.emulate)
 

@@ -32,6 +32,14 @@ def grad_to_add_into(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor |
     return grad
 
 
+def grad_for_forward(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
+    """grad_to_add_into, asked by a forward on behalf of its backward: also None where autograd records no backward
+    for the weight (grad mode off, a frozen weight)."""
+    if not torch.is_grad_enabled() or not weight.requires_grad:
+        return None
+    return grad_to_add_into(weight, dtype)
+
+
 @torch.library.custom_op("deepseek_pt::add_linear_weight_grad_", mutates_args=("grad",))
 def add_linear_weight_grad_(grad: torch.Tensor, grad_y: torch.Tensor, x: torch.Tensor) -> None:
     """grad [out, in] += grad_y[..., out]^T x[..., in], summed over every leading dimension, in one GEMM."""
@@ -60,8 +68,8 @@ class InPlaceGradLinear(nn.Linear):
     """nn.Linear without bias whose weight gradient goes into `.grad` in place once `.grad` holds one."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        grad = grad_to_add_into(self.weight, x.dtype)
-        if grad is None or not torch.is_grad_enabled() or not self.weight.requires_grad:
+        grad = grad_for_forward(self.weight, x.dtype)
+        if grad is None:
             return F.linear(x, self.weight)
         return _LinearGradInPlace.apply(x, self.weight, grad)
 
