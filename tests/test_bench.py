@@ -197,13 +197,14 @@ def test_zero3_hook_time_times_every_hook(tmp_path, smoke_shards):
 
 @pytest.mark.slow
 def test_multi_gpu_check_runs_on_cpu_ranks(tmp_path):
-    # Issue 6's check, on 2 CPU processes with the smoke model, in two calls as a device's 10-minute limit asks of
-    # 8 GPUs: EP 2 against a stop-and-resume (exact), EP 1 (data parallel only) and a universal resume on 1 process;
-    # then the scaling runs and the profile.
+    # Issue 6's check on CPU processes with the smoke model, in two calls as a device's 10-minute limit asks of
+    # 8 GPUs. First on 4 processes: EP 4 against a stop-and-resume (exact), EP 1 (data parallel only) and a universal
+    # resume on 2 processes, EP 4 -> 2 (8 -> 4 GPUs' resharding, each rank's experts regrouped); then, on 2, the
+    # scaling runs and the profile.
     settings = dict(CONFIG="configs/smoke.yaml", SMALL="", SCALE="--warmup 1 --steps 2", PROFILE="--warmup 1 --steps 1")
-    proc = start_job(["bash", ROOT / "bench/multi_gpu_check.sh", 2], _script_env(tmp_path, PARTS="correctness",
+    proc = start_job(["bash", ROOT / "bench/multi_gpu_check.sh", 4], _script_env(tmp_path, PARTS="correctness",
                                                                                **settings))
-    out, _ = finish_job(proc, timeout=300)
+    out, _ = finish_job(proc, timeout=480)
     assert re.findall(r"^(\w) exit (\d+)$", out, re.M) == [(run, "0") for run in "ABBCD"], out
     # Per run against A: (loss or grad norm, first step, last step) -> gap. The resume must be exact. EP 1 and the
     # universal resume sum in other orders, so: close over their first three steps in common with A, bounded after.
