@@ -1,4 +1,5 @@
-"""python -m deepseek_pt.train --config FILE [key.path=value ...] (started by the deepspeed launcher)
+"""python -m deepseek_pt.train --config FILE [key.path=value ...] (started by the deepspeed launcher, or alone as one
+process)
 
 The loop: DeepSpeed ZeRO-3 (+ AutoEP expert parallelism) steps, aux-loss-free bias balancing after
 each optimizer step, one metrics.jsonl line per step, evaluation and checkpoints on schedule, and a
@@ -11,6 +12,7 @@ import atexit
 import contextlib
 import os
 import signal
+import socket
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -192,8 +194,38 @@ def _skip_cpu_shm_allreduce() -> None:
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
+RENDEZVOUS_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def rendezvous_env() -> str | None:
+    """Started without a launcher (no variable of RENDEZVOUS_ENV set): one process, with a rendezvous of its own on
+    this host, where DeepSpeed would look for MPI (a traceback without mpi4py); returns a line saying so. With some
+    of them set but not all, or by SLURM's srun with several tasks and none set, refuses, naming what is missing."""
+    given = [k for k in RENDEZVOUS_ENV if k in os.environ]
+    if given:
+        missing = [k for k in RENDEZVOUS_ENV if k not in os.environ]
+        if missing:
+            raise PreflightError(f"the environment sets {', '.join(given)} but not {', '.join(missing)}: start the "
+                                 "ranks with a launcher (launch/train.sh, deepspeed, torchrun), or set none of them "
+                                 "to run one process")
+        return None
+    if any(k in os.environ for k in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK")):
+        return None  # an MPI launch: DeepSpeed's own discovery (mpi4py) sets them
+    if int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+        raise PreflightError(f"SLURM started {os.environ['SLURM_NTASKS']} tasks without {', '.join(RENDEZVOUS_ENV)}: "
+                             "submit launch/slurm.sbatch (one deepspeed launcher per node), not srun python")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    return f"one process (no launcher's {', '.join(RENDEZVOUS_ENV)} in the environment): rendezvous on 127.0.0.1:{port}"
+
+
 def init_distributed(cfg: Config) -> tuple[int, int, torch.device]:
     import deepspeed
+
+    if alone := rendezvous_env():
+        print(alone, flush=True)
 
     backend = cfg.parallel.backend if cfg.parallel.backend != "auto" else ("nccl" if torch.cuda.is_available() else "gloo")
     if backend == "gloo":
@@ -508,7 +540,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         return train(cfg)
-    except CheckpointError as e:
+    except (CheckpointError, PreflightError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     finally:

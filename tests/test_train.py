@@ -357,6 +357,45 @@ def test_bad_input_is_refused_before_start(tmp_path, data, args, world, message)
     assert (run / "config.yaml").read_text() == "sentinel" and sorted(p.name for p in run.iterdir()) == ["config.yaml"]
 
 
+def test_a_process_started_alone_gets_a_rendezvous_of_its_own(monkeypatch):
+    from deepseek_pt import train as train_module
+
+    for key in (*train_module.RENDEZVOUS_ENV, "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "SLURM_NTASKS"):
+        monkeypatch.delenv(key, raising=False)
+    said = train_module.rendezvous_env()
+    assert said.startswith("one process (no launcher's RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT")
+    assert {k: os.environ[k] for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR")} == dict(
+        RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
+    assert said.endswith(f"127.0.0.1:{os.environ['MASTER_PORT']}")
+    assert train_module.rendezvous_env() is None  # a launcher's whole set (here, the one just made) is left alone
+    monkeypatch.delenv("MASTER_PORT")
+    with pytest.raises(train_module.PreflightError, match="the environment sets RANK, LOCAL_RANK, WORLD_SIZE, "
+                                                          "MASTER_ADDR but not MASTER_PORT: start the ranks"):
+        train_module.rendezvous_env()
+    for key in train_module.RENDEZVOUS_ENV:
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("SLURM_NTASKS", "8")  # srun python: 8 lone processes would each train the whole run
+    with pytest.raises(train_module.PreflightError, match="SLURM started 8 tasks without RANK, .*launch/slurm.sbatch"):
+        train_module.rendezvous_env()
+    monkeypatch.setenv("OMPI_COMM_WORLD_SIZE", "8")  # mpirun: DeepSpeed's MPI discovery sets them
+    assert train_module.rendezvous_env() is None and "RANK" not in os.environ
+
+
+@pytest.mark.slow
+def test_one_process_without_a_launcher_trains_like_two_ranks(tmp_path, baseline, data):
+    """`python -m deepseek_pt.train` alone (DeepSpeed would look for MPI): a rendezvous of its own, and the baseline's
+    global batch in one rank gives the baseline's losses."""
+    from deepseek_pt.train import RENDEZVOUS_ENV
+
+    env = {k: v for k, v in job_env().items() if k not in RENDEZVOUS_ENV}
+    proc = run_job([sys.executable, "-m", "deepseek_pt.train", "--config", SMOKE, f"data.path={data}",
+                    f"run.dir={tmp_path}", f"train.max_steps={STEPS}", "train.eval_every=0", "train.save_every=0",
+                    "parallel.expert_parallel_size=1", "train.micro_batch_size=8"], env, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "one process (no launcher's RANK" in proc.stdout
+    assert_same_losses(tmp_path, baseline, abs=1e-4)
+
+
 def test_incomplete_latest_checkpoint_is_refused(tmp_path, data):
     run = tmp_path / "run"
     (run / "checkpoints" / "step_00000004").mkdir(parents=True)
