@@ -129,6 +129,12 @@ def test_generate_cli_errors(tmp_path, pydoc, capsys):
     assert "pass --tokenizer" in capsys.readouterr().err
     assert generate_main(["--checkpoint", str(tmp_path / "no_tok"), "--prompt", "x", "--max-new-tokens", "2",
                           "--tokenizer", str(pydoc.tokenizer_model)]) == 0
+    capsys.readouterr()
+    for path, message in ((tmp_path / "none.model", "no such file"),
+                          (tmp_path / "no_tok" / "export.json", "not a sentencepiece model: ")):
+        assert generate_main(["--checkpoint", str(tmp_path / "no_tok"), "--prompt", "x", "--tokenizer", str(path)]) == 2
+        err = capsys.readouterr().err
+        assert f"--tokenizer {path}: {message}" in err and "Traceback" not in err, err
     small = tiny()  # 97 ids: the 1024-piece tokenizer does not fit
     save_export(random_model(small), small, tmp_path / "small", tokenizer=pydoc.tokenizer_model)
     assert generate_main(["--checkpoint", str(tmp_path / "small"), "--prompt", "x"]) == 2
