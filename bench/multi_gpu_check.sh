@@ -39,19 +39,19 @@ print(c.model.vocab_size, c.train.micro_batch_size)") || return 1
   work=$(mktemp -d "${TMPDIR:-/tmp}/multi_gpu.XXXXXX") || return 1  # shards and run directories, new each call
   python3 bench/random_shards.py "$work/rs" --vocab-size "$vocab" || return 1
   common="data.path=$work/rs train.max_steps=10 train.warmup_steps=2 train.eval_every=0 $small"
-  run() { local name=$1 nproc=$2; shift 2
+  run() { local name=$1 log=$2 nproc=$3; shift 3  # run directory $work/$name, log $out/$log.log
     # shellcheck disable=SC2086
-    NPROC=$nproc launch/train.sh "$config" $common run.dir="$work/$name" "$@" > "$out/$name.log" 2>&1
+    NPROC=$nproc launch/train.sh "$config" $common run.dir="$work/$name" "$@" > "$out/$log.log" 2>&1
     echo "$name exit $?"; }
-  run A "$N" parallel.expert_parallel_size="$N"
-  run B "$N" parallel.expert_parallel_size="$N" train.exit_at_step=5
+  run A A "$N" parallel.expert_parallel_size="$N"
+  run B B "$N" parallel.expert_parallel_size="$N" train.exit_at_step=5
   if [ -z "${QUICK:-}" ]; then  # QUICK=1: only what D needs
-    run B "$N" parallel.expert_parallel_size="$N"
-    run C "$N" parallel.expert_parallel_size=1
+    run B B_resumed "$N" parallel.expert_parallel_size="$N"
+    run C C "$N" parallel.expert_parallel_size=1
   fi
   half=$((N / 2)); [ "$half" -ge 1 ] || half=1
   # The same global batch on half the ranks: each takes twice the micro-batch.
-  run D "$half" parallel.expert_parallel_size="$half" train.micro_batch_size=$((micro_batch * N / half)) \
+  run D D "$half" parallel.expert_parallel_size="$half" train.micro_batch_size=$((micro_batch * N / half)) \
     train.resume="$work/B/checkpoints/step_00000005"
   python3 - "$work" <<'PY'
 import json, sys

@@ -217,6 +217,8 @@ def test_multi_gpu_check_runs_on_cpu_ranks(tmp_path):
         assert gaps[run, loss, first, first + 2] < 1e-5 and gaps[run, norm, first, first + 2] < 1e-4, out
         assert gaps[run, loss, first, 10] < 1e-3 and gaps[run, norm, first, 10] < 1e-2, out
     assert "(universal: resharded)" in out, out
+    assert "stopped at step 5: train.exit_at_step" in (tmp_path / "B.log").read_text()  # each run keeps its log
+    assert "resumed from " in (tmp_path / "B_resumed.log").read_text()
     assert not list((tmp_path / "tmp").glob("multi_gpu.*"))  # the shards and run directories are gone
     assert not list(tmp_path.glob("scale*.err")) and not list(tmp_path.glob("profile*.err"))  # not asked for
 
