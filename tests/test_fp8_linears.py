@@ -1,5 +1,6 @@
-"""The attention projections and the dense MLPs in FP8 (fp8.attention, fp8.dense_mlp): their output and gradients
-against bf16's, the weights cast once per optimizer step in the block's pre-hook, the weight gradient added into
+"""The attention projections and the dense MLPs in FP8 (fp8.attention, fp8.dense_mlp), and q with kv_a as one GEMM
+(fp8.attention_stacked_input): their output and gradients against bf16's (and the stacked GEMM's against the
+separate ones'), the weights cast once per optimizer step in the block's pre-hook, the weight gradients added into
 `.grad`, the compiled halves traced whole without recompiling when the weights move, the config and preflight checks,
 and the real GEMMs against the emulation on a Hopper GPU."""
 import pytest
