@@ -364,8 +364,8 @@ def test_a_process_started_alone_gets_a_rendezvous_of_its_own(monkeypatch):
         monkeypatch.delenv(key, raising=False)
     said = train_module.rendezvous_env()
     assert said.startswith("one process (no launcher's RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT")
-    assert {k: os.environ[k] for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR")} == dict(
-        RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
+    assert {k: os.environ[k] for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR")} == {
+        "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}
     assert said.endswith(f"127.0.0.1:{os.environ['MASTER_PORT']}")
     assert train_module.rendezvous_env() is None  # a launcher's whole set (here, the one just made) is left alone
     monkeypatch.delenv("MASTER_PORT")
