@@ -36,7 +36,7 @@ from data_prep.shard_writer import SPLITS, BuildLog, SplitWriter, restore, shard
 from data_prep.sources import TXT_DOC_MODES, Input, iter_texts, resolve_inputs
 from deepseek_pt.data.format import (
     BUILD_LOG_NAME, DOC_BOUNDARIES, FORMAT_NAME, FORMAT_VERSION, MANIFEST_NAME, DataError, check_shard,
-    dtype_for_vocab, open_manifest,
+    dtype_for_vocab, open_manifest, open_tokenizer,
 )
 from deepseek_pt.fileio import atomic_write_bytes, atomic_write_json, sha256_file
 
@@ -161,12 +161,7 @@ def _already_built(out: Path, header: dict, overwrite: bool) -> dict | None:
 
 def _load_tokenizer(path: Path, doc_boundary: str) -> tuple[spm.SentencePieceProcessor, dict]:
     """The model and its special ids (None where it has none)."""
-    if not path.is_file():
-        raise DataError(f"tokenizer {path}: no such file")
-    try:
-        sp = spm.SentencePieceProcessor(model_file=str(path))
-    except (OSError, RuntimeError) as e:
-        raise DataError(f"tokenizer {path}: not a sentencepiece model: {e}") from None
+    sp = open_tokenizer(path)
     ids = {name: (getattr(sp, name)() if getattr(sp, name)() >= 0 else None)
            for name in ("bos_id", "eos_id", "pad_id", "unk_id")}
     if ids["eos_id"] is None:

@@ -10,12 +10,12 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
 from typing import Iterator
 
 import sentencepiece as spm
 import torch
 
+from .data.format import open_tokenizer
 from .interop.checkpoints import load_checkpoint
 from .interop.cli import DTYPE_CHOICES, UsageError, default_device, run_cli
 from .model import Transformer
@@ -155,7 +155,8 @@ def main(argv: list[str] | None = None) -> int:
         ckpt = load_checkpoint(args.checkpoint, args.device, DTYPE_CHOICES.get(args.dtype))
         if args.tokenizer is None and ckpt.tokenizer is None:
             raise UsageError(f"{args.checkpoint}: holds no tokenizer.model; pass --tokenizer")
-        sp = _tokenizer_file(args.tokenizer) if args.tokenizer else spm.SentencePieceProcessor(model_proto=ckpt.tokenizer)
+        sp = open_tokenizer(args.tokenizer, "--tokenizer") if args.tokenizer else \
+            spm.SentencePieceProcessor(model_proto=ckpt.tokenizer)
         if sp.vocab_size() > ckpt.model.config.vocab_size:
             raise UsageError(f"tokenizer has {sp.vocab_size()} pieces, the model only {ckpt.model.config.vocab_size}")
         if args.prefix == "auto":
@@ -169,15 +170,6 @@ def main(argv: list[str] | None = None) -> int:
             _complete(ckpt.model, sp, text, args, generator)
 
     return run_cli(run)
-
-
-def _tokenizer_file(path: str) -> spm.SentencePieceProcessor:
-    if not Path(path).is_file():
-        raise UsageError(f"--tokenizer {path}: no such file")
-    try:
-        return spm.SentencePieceProcessor(model_file=path)
-    except (OSError, RuntimeError) as e:
-        raise UsageError(f"--tokenizer {path}: not a sentencepiece model: {e}") from None
 
 
 def _read_prompts() -> Iterator[str]:

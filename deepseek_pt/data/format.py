@@ -211,3 +211,16 @@ def check_shard(manifest: Manifest, shard: ShardInfo, checksum: bool = False) ->
         digest = sha256_file(file)
         if digest != shard.sha256:
             raise DataError(f"shard {file}: corrupt: sha256 {digest} != manifest {shard.sha256}")
+
+
+def open_tokenizer(path: str | Path, what: str = "tokenizer"):
+    """The sentencepiece model in file `path`; DataError naming it (as `what`) if it is missing or not one.
+    sentencepiece is imported here, not with the module, which the loaders import without it."""
+    import sentencepiece as spm
+
+    if not Path(path).is_file():
+        raise DataError(f"{what} {path}: no such file")
+    try:
+        return spm.SentencePieceProcessor(model_file=str(path))
+    except (OSError, RuntimeError) as e:
+        raise DataError(f"{what} {path}: not a sentencepiece model: {e}") from None
