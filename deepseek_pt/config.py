@@ -7,6 +7,7 @@ key path (e.g. `configs/smoke.yaml: model.moe.top_k: 9 > model.moe.n_routed_expe
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -128,9 +129,31 @@ class ModelConfig:
 
 
 @dataclass
+class DataSource:
+    """One dataset of a blend (data.blend)."""
+    path: str
+    """Directory holding manifest.json and the token shards."""
+    weight: float = 1.0
+    """This source's share of the training samples: weight / the sum of the blend's weights."""
+    name: str | None = None
+    """Label of its evaluation loss (eval_loss/NAME); default the directory's name."""
+
+    @property
+    def label(self) -> str:
+        return self.name or Path(self.path).name
+
+
+@dataclass
 class DataConfig:
-    path: str = "data/shards"
-    """Directory holding manifest.json and the token shards (built by data_prep/build_shards.py)."""
+    path: str | None = None
+    """Directory holding manifest.json and the token shards (built by data_prep/build_shards.py). Training needs it
+    or data.blend."""
+    blend: list[DataSource] = field(default_factory=list)
+    """Train on several shard directories built with one tokenizer, each sample read from source j with share
+    weight_j / sum(weights), interleaved evenly (a fixed pattern, not a draw). Each source keeps its own shuffled
+    order (data.seed mixed with its index) and is re-read in a new order when exhausted. Evaluation reports each
+    source's data.val_split loss (eval_loss/NAME) and their weighted mean (eval_loss). Changing the blend refuses to
+    resume: the consumed sample count would point into another order."""
     seq_len: int = 2048
     """Training sequence length (each sample reads seq_len + 1 tokens)."""
     seed: int = 1234
@@ -141,6 +164,16 @@ class DataConfig:
     """Manifest split to train on."""
     val_split: str = "val"
     """Manifest split to evaluate on."""
+
+    def sources(self) -> list[DataSource]:
+        """What training reads: data.blend's sources, or data.path alone (weight 1); none when neither is set."""
+        if self.blend:
+            return list(self.blend)
+        return [DataSource(self.path)] if self.path is not None else []
+
+    def source_key(self, j: int) -> str:
+        """Config key of source j's directory, for errors."""
+        return f"data.blend[{j}].path" if self.blend else "data.path"
 
 
 @dataclass
@@ -452,6 +485,9 @@ def _build(cls: type, data: dict, prefix: str, where: str):
     for k, v in data.items():
         path = f"{prefix}.{k}" if prefix else k
         kwargs[k] = _convert(v, hints[k], path, where)
+    for f in dataclasses.fields(cls):
+        if f.name not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"{where}: {prefix}.{f.name}: required")
     return cls(**kwargs)
 
 
@@ -514,6 +550,28 @@ def uses_autoep(cfg: Config) -> bool:
     return cfg.model.moe.n_dense_layers < cfg.model.n_layers and not cfg.model.moe.seq_aux_loss_alpha
 
 
+def _validate_blend(data: DataConfig, check) -> None:
+    from .data.blend import BlendWeightError, blend_counts
+
+    if not data.blend:
+        return
+    n = len(data.blend)
+    check(data.path is None, "data.path", f"{data.path!r} is set and data.blend lists {n} source{'s' * (n > 1)}: "
+          "set data.path: null to train on the blend")
+    seen: dict[str, int] = {}
+    for j, source in enumerate(data.blend):
+        label = source.label
+        check(re.fullmatch(r"[A-Za-z0-9_.-]+", label) is not None, f"data.blend[{j}].name",
+              f"{label!r} names a metric (eval_loss/NAME): use letters, digits, '_', '.' or '-'")
+        check(label not in seen, f"data.blend[{j}].name",
+              f"{label!r} is data.blend[{seen.get(label)}]'s too: give each source its own name")
+        seen[label] = j
+    try:
+        blend_counts([s.weight for s in data.blend])
+    except BlendWeightError as e:
+        check(False, f"data.blend[{e.source}].weight", e.reason)
+
+
 def validate(cfg: Config, where: str = "<config>") -> None:
     def check(ok: bool, key: str, msg: str) -> None:
         if not ok:
@@ -573,6 +631,7 @@ def validate(cfg: Config, where: str = "<config>") -> None:
           f"{moe.n_dense_layers} > model.n_layers ({m.n_layers})")
     check(moe.n_routed_experts % cfg.parallel.expert_parallel_size == 0, "parallel.expert_parallel_size",
           f"{cfg.parallel.expert_parallel_size} does not divide model.moe.n_routed_experts ({moe.n_routed_experts})")
+    _validate_blend(cfg.data, check)
     check(cfg.data.seq_len <= m.max_seq_len, "data.seq_len", f"{cfg.data.seq_len} > model.max_seq_len ({m.max_seq_len})")
     if isinstance(cfg.train.activation_checkpointing, list):
         layers = cfg.train.activation_checkpointing

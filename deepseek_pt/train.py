@@ -59,8 +59,6 @@ def host_memory_available() -> int | None:
 
 def preflight(cfg: Config, world_size: int) -> None:
     """Everything that can be refused before starting: names the key or path at fault."""
-    from .data import DataError, open_manifest
-
     has_moe = cfg.model.moe.n_dense_layers < cfg.model.n_layers
     ep = cfg.parallel.expert_parallel_size
     if has_moe and world_size % ep:
@@ -100,18 +98,7 @@ def preflight(cfg: Config, world_size: int) -> None:
                 f"parallel.zero_init: false builds the whole model in fp32 in each of this node's {procs} processes: "
                 f"{need / 2**30:,.1f} GiB ({n_params:,} parameters x 4 bytes x {procs}), more than the "
                 f"{available / 2**30:,.1f} GiB of memory available here; {fix}")
-    try:
-        manifest = open_manifest(cfg.data.path)
-    except DataError as e:
-        raise PreflightError(f"data.path: {e}") from None
-    if manifest.vocab_size > cfg.model.vocab_size:
-        raise PreflightError(f"model.vocab_size: {cfg.model.vocab_size} is smaller than the tokenizer's vocabulary "
-                             f"({manifest.vocab_size}, from {Path(cfg.data.path) / 'manifest.json'})")
-    for key, split in (("data.train_split", cfg.data.train_split), ("data.val_split", cfg.data.val_split)):
-        if split == cfg.data.val_split and not cfg.train.eval_every:
-            continue
-        if split not in manifest.splits or not manifest.shards(split):
-            raise PreflightError(f"{key}: split {split!r} not in {manifest.path} (has: {sorted(manifest.splits)})")
+    check_data(cfg, world_size)
     if cfg.train.init_from:
         from .export import ExportError, read_export_info
         try:
@@ -126,6 +113,45 @@ def preflight(cfg: Config, world_size: int) -> None:
         checkpoint.resolve(cfg.train.resume, Path(cfg.run.dir))
     except CheckpointError as e:
         raise PreflightError(str(e)) from None
+
+
+def check_data(cfg: Config, world_size: int) -> None:
+    """Every source of training data opens, fits the model's vocabulary, shares one tokenizer, and holds a training
+    sample and (when evaluating) an evaluation batch: found here, not at the first evaluation hours in."""
+    from .data import DataError, open_manifest
+
+    sources = cfg.data.sources()
+    if not sources:
+        raise PreflightError("data.path: required to train: a shard directory (or the sources of data.blend)")
+    first = None
+    for j, source in enumerate(sources):
+        key = cfg.data.source_key(j)
+        try:
+            manifest = open_manifest(source.path)
+        except DataError as e:
+            raise PreflightError(f"{key}: {e}") from None
+        if manifest.vocab_size > cfg.model.vocab_size:
+            raise PreflightError(f"model.vocab_size: {cfg.model.vocab_size} is smaller than the tokenizer's vocabulary "
+                                 f"({manifest.vocab_size}, from {manifest.path})")
+        if first is None:
+            first = manifest
+        elif manifest.tokenizer_sha256 != first.tokenizer_sha256:
+            raise PreflightError(f"{key}: {manifest.path} was tokenized with another tokenizer (sha256 "
+                                 f"{manifest.tokenizer_sha256[:12]}) than {first.path} ({first.tokenizer_sha256[:12]}): "
+                                 "a blend's sources must share one")
+        eval_batch = cfg.train.micro_batch_size * world_size
+        for split_key, split, need in (("data.train_split", cfg.data.train_split, 1),
+                                       ("data.val_split", cfg.data.val_split, eval_batch if cfg.train.eval_every else 0)):
+            if not need:
+                continue
+            if split not in manifest.splits or not manifest.shards(split):
+                raise PreflightError(f"{split_key}: split {split!r} not in {manifest.path} (has: {sorted(manifest.splits)})")
+            samples = max(manifest.num_tokens(split) - 1, 0) // cfg.data.seq_len
+            if samples < need:
+                what = "one sample" if need == 1 else (f"one evaluation batch (train.micro_batch_size x {world_size} "
+                                                       f"processes = {need} samples)")
+                raise PreflightError(f"{split_key}: split {split!r} of {manifest.path} holds {samples} samples of "
+                                     f"data.seq_len + 1 = {cfg.data.seq_len + 1} tokens, fewer than {what}")
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -164,24 +190,31 @@ def mean_over_ranks(values: dict[str, torch.Tensor]) -> dict[str, float]:
     return dict(zip(values, (t / dist.get_world_size()).tolist(), strict=True))
 
 
-def evaluate(engine, cfg: Config, rank: int, world: int, device) -> float:
+def evaluate(engine, cfg: Config, rank: int, world: int, device) -> dict[str, float]:
+    """eval_loss over data.val_split; for a blend, each source's (eval_loss/NAME) and their weighted mean."""
     from .data import to_device, val_batches
 
     engine.eval()
-    total, n = 0.0, 0
-    batches = val_batches(cfg.data.path, split=cfg.data.val_split, seq_len=cfg.data.seq_len,
-                          micro_batch_size=cfg.train.micro_batch_size, dp_rank=rank, dp_world=world,
-                          max_batches=cfg.train.eval_batches)
+    sources = cfg.data.sources()
+    sums = torch.zeros(len(sources), 2, dtype=torch.float64, device=device)  # (loss sum, batches) per source
     with torch.no_grad():
-        for inputs, targets in to_device(batches, device):
-            engine(inputs, targets)
-            total += engine.module.last_losses["lm_loss"].item()
-            n += 1
+        for j, source in enumerate(sources):
+            batches = val_batches(source.path, split=cfg.data.val_split, seq_len=cfg.data.seq_len,
+                                  micro_batch_size=cfg.train.micro_batch_size, dp_rank=rank, dp_world=world,
+                                  max_batches=cfg.train.eval_batches)
+            for inputs, targets in to_device(batches, device):
+                engine(inputs, targets)
+                sums[j, 0] += engine.module.last_losses["lm_loss"].detach().double()
+                sums[j, 1] += 1
     engine.train()
     balance.reset_counts(engine.module)  # evaluation routing must not steer the bias
-    sums = torch.tensor([total, n], dtype=torch.float64, device=device)
     dist.all_reduce(sums)
-    return (sums[0] / sums[1]).item() if sums[1] else float("nan")
+    losses = (sums[:, 0] / sums[:, 1]).tolist()
+    if len(sources) == 1:
+        return {"eval_loss": losses[0]}
+    weights = [s.weight for s in sources]
+    mean = sum(w * loss for w, loss in zip(weights, losses, strict=True)) / sum(weights)
+    return {"eval_loss": mean, **{f"eval_loss/{s.label}": loss for s, loss in zip(sources, losses, strict=True)}}
 
 
 def _skip_cpu_shm_allreduce() -> None:
@@ -439,8 +472,10 @@ def train(cfg: Config) -> int:
                           load_universal=reshard)
     flops_per_token = train_flops_per_token(cfg.model, cfg.data.seq_len)
 
-    loader = TrainLoader(PretrainDataset(cfg.data.path, cfg.data.train_split, cfg.data.seq_len, cfg.data.verify_checksums),
-                         cfg.train.micro_batch_size, dp_rank=rank, dp_world=world, seed=cfg.data.seed)
+    sources = cfg.data.sources()
+    loader = TrainLoader([PretrainDataset(s.path, cfg.data.train_split, cfg.data.seq_len, cfg.data.verify_checksums)
+                          for s in sources], cfg.train.micro_batch_size, dp_rank=rank, dp_world=world,
+                         seed=cfg.data.seed, weights=[s.weight for s in sources])
     step, tokens_seen, wandb_id = 0, 0, None
     if resume_dir is not None:
         weight_decay = checkpoint.weight_decays(engine.optimizer)
@@ -503,7 +538,7 @@ def train(cfg: Config) -> int:
             **means,
         }
         if cfg.train.eval_every and (step % cfg.train.eval_every == 0 or step == cfg.train.max_steps):
-            record["eval_loss"] = evaluate(engine, cfg, rank, world, device)
+            record.update(evaluate(engine, cfg, rank, world, device))
         log.log(record, cfg.train.log_every)
 
         timed_out = cfg.train.exit_after_minutes is not None and time.monotonic() - started > 60 * cfg.train.exit_after_minutes

@@ -44,3 +44,23 @@ def smoke_shards(tmp_path_factory) -> Path:
     """A copy of tests/assets/smoke_shards (40 pydoc topics, vocabulary 1024, 55K train and 19K val tokens in
     8,192-token shards): the same tokens on every Python version, unlike pydoc_data_dir."""
     return shutil.copytree(Path(__file__).parent / "assets" / "smoke_shards", tmp_path_factory.mktemp("assets") / "shards")
+
+
+@pytest.fixture(scope="session")
+def mirrored_smoke_shards(smoke_shards, tmp_path_factory) -> Path:
+    """smoke_shards with every token id mirrored (id -> vocab_size - 1 - id) and the checksums to match: a second
+    corpus of the same tokenizer, none of whose samples can be taken for one of smoke_shards' (data.blend's tests)."""
+    import hashlib
+    import json
+
+    import numpy as np
+
+    mirrored = shutil.copytree(smoke_shards, tmp_path_factory.mktemp("mirrored") / "mirrored")
+    manifest = json.loads((mirrored / "manifest.json").read_text())
+    for shard in (s for split in manifest["splits"].values() for s in split):
+        f = mirrored / shard["path"]
+        tokens = manifest["vocab_size"] - 1 - np.fromfile(f, dtype=manifest["dtype"]).astype(np.int64)
+        tokens.astype(manifest["dtype"]).tofile(f)
+        shard["sha256"] = hashlib.sha256(f.read_bytes()).hexdigest()
+    (mirrored / "manifest.json").write_text(json.dumps(manifest))
+    return mirrored

@@ -45,6 +45,18 @@ def _write(tmp_path, data) -> Path:
     ({}, ["train.activation_checkpointing=[0, 7]"], "train.activation_checkpointing: block 7 is not in 0 .. "),
     ({}, ["train.activation_checkpointing=[1, 1]"], "train.activation_checkpointing: a block is listed twice"),
     ({}, ["train.activation_checkpointing=[1, x]"], "train.activation_checkpointing: expected bool | list of int"),
+    ({"data": {"path": "a", "blend": [{"path": "b"}]}}, [],
+     "data.path: 'a' is set and data.blend lists 1 source: set data.path: null to train on the blend"),
+    ({"data": {"blend": [{"path": "x/web"}, {"path": "y/web"}]}}, [],
+     "data.blend[1].name: 'web' is data.blend[0]'s too: give each source its own name"),
+    ({"data": {"blend": [{"path": "a"}, {"path": "b", "weight": 0}]}}, [],
+     "data.blend[1].weight: weight must be positive and finite, got 0.0"),
+    ({"data": {"blend": [{"path": "a", "weight": 1e7}, {"path": "b", "weight": 1}]}}, [],
+     "data.blend[1].weight: weight 1.0 is below 1/65536 of the total"),
+    ({"data": {"blend": [{"path": "a", "name": "web text"}]}}, [], "data.blend[0].name: 'web text' names a metric"),
+    ({"data": {"blend": [{"weight": 1}]}}, [], "data.blend[0].path: required"),
+    ({"data": {"blend": [{"path": "a", "wieght": 1}]}}, [], "data.blend[0].wieght: unknown key"),
+    ({"data": {"blend": {"path": "a"}}}, [], "data.blend: expected list of DataSource"),
 ])
 def test_errors_name_the_file_and_key(tmp_path, data, overrides, message):
     path = _write(tmp_path, data)
@@ -62,6 +74,20 @@ def test_overrides_are_typed_and_applied(tmp_path):
     assert cfg.train.lr == 1e-3 and cfg.run.dir == "/tmp/x"
     assert load_config(_write(tmp_path, {}), ["train.activation_checkpointing=[1]"]).train.activation_checkpointing == [1]
     assert load_config(_write(tmp_path, {}), ["train.activation_checkpointing=true"]).train.activation_checkpointing is True
+
+
+
+def test_a_blend_from_yaml_or_an_override(tmp_path):
+    blend = [{"path": "/d/web", "weight": 0.7}, {"path": "/d/code", "weight": 0.3, "name": "code-v2"}]
+    cfg = load_config(_write(tmp_path, {"data": {"blend": blend}}))
+    assert [(s.path, s.weight, s.label) for s in cfg.data.sources()] == [("/d/web", 0.7, "web"), ("/d/code", 0.3, "code-v2")]
+    assert [cfg.data.source_key(j) for j in range(2)] == ["data.blend[0].path", "data.blend[1].path"]
+    over = load_config(_write(tmp_path, {"data": {"path": "/d/one"}}),
+                       ["data.path=null", "data.blend=[{path: /d/web, weight: 0.7}, {path: /d/code, weight: 0.3, name: code-v2}]"])
+    assert over.data == cfg.data
+    one = load_config(_write(tmp_path, {"data": {"path": "/d/one"}}))
+    assert [(s.path, s.weight) for s in one.data.sources()] == [("/d/one", 1.0)] and one.data.source_key(0) == "data.path"
+    assert load_config(_write(tmp_path, {})).data.sources() == []  # a model-only config (params, convert)
 
 
 def test_params_report_on_the_published_671b_shape(capsys):

@@ -174,7 +174,7 @@ def test_batches_are_shifted_windows_and_epochs_cover_every_sample(train_ds):
         if epoch == 0:
             first = x
     assert not torch.equal(first, x)  # epoch 1 is reshuffled
-    assert loader.epoch == 2 and loader.state_dict()["consumed_samples"] == 2 * n
+    assert loader.epochs == [2] and loader.state_dict()["consumed_samples"] == 2 * n
 
 
 def test_order_depends_only_on_seed(train_ds):

@@ -9,6 +9,7 @@ import json
 import math
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -150,6 +151,27 @@ def test_stop_and_resume_logs_the_same_losses(baseline, stopped):
     assert_same_losses(stopped, baseline, range(1, STEPS + 1), abs=1e-5)
     evals = lambda run: [m["eval_loss"] for m in metrics(run) if "eval_loss" in m]  # noqa: E731
     assert evals(stopped) == pytest.approx(evals(baseline), abs=1e-5)
+
+
+@pytest.mark.slow
+def test_a_blend_trains_evaluates_each_source_and_resumes_exactly(tmp_path, baseline, data, mirrored_smoke_shards):
+    """data.blend over the smoke shards (weight 3) and their mirrored copy (weight 1): each source's eval loss and
+    their weighted mean are logged, and a run stopped at step 4 and resumed logs the uninterrupted run's losses."""
+    blend = ["data.path=null", "train.eval_every=4",
+             f"data.blend=[{{path: {data}, weight: 3}}, {{path: {mirrored_smoke_shards}, name: mirror}}]"]
+    whole, parted = tmp_path / "whole", tmp_path / "parted"
+    train(2, whole, data, *blend)
+    train(2, parted, data, *blend, "train.exit_at_step=4")
+    train(2, parted, data, *blend)
+    assert_same_losses(parted, whole, range(1, STEPS + 1), abs=1e-5)
+    assert all(abs(a - b) > 1e-3 for a, b in zip(losses(whole).values(), losses(baseline).values()))  # other batches
+    for run in (whole, parted):
+        evals = [m for m in metrics(run) if "eval_loss" in m]
+        assert [m["step"] for m in evals] == [4, 8]
+        for m in evals:
+            assert m["eval_loss"] == pytest.approx((3 * m["eval_loss/shards"] + m["eval_loss/mirror"]) / 4, rel=1e-12)
+    base_evals = [m["eval_loss"] for m in metrics(baseline) if "eval_loss" in m]
+    assert [m["eval_loss/shards"] for m in metrics(whole) if "eval_loss" in m] != pytest.approx(base_evals, abs=1e-5)
 
 
 @pytest.mark.slow
@@ -344,14 +366,31 @@ def _direct(tmp_path: Path, *args: str, world: int = 2) -> subprocess.CompletedP
     (["train.checkpoints=false", "train.save_every=4"], 2,
      "train.save_every: 4 asks for checkpoints, but train.checkpoints is false"),
     (["train.init_from=/nonexistent/export"], 2, "train.init_from: /nonexistent/export/export.json: not found"),
+    (["data.path=null"], 2, "data.path: required to train: a shard directory (or the sources of data.blend)"),
+    (["train.eval_every=4", "train.micro_batch_size=200"], 2,  # 304 samples of 65 tokens
+     ("data.val_split: split 'val' of {data}/manifest.json holds 304 samples of data.seq_len + 1 = 65 tokens, fewer "
+      "than one evaluation batch (train.micro_batch_size x 2 processes = 400 samples)")),
+    (["data.path=null", "data.blend=[{path: {data}}, {path: /nonexistent/code}]"], 2,
+     "data.blend[1].path: /nonexistent/code/manifest.json: manifest not found"),
+    (["data.path=null", "data.blend=[{path: {data}}, {path: {other}}]"], 2,
+     ("data.blend[1].path: {other}/manifest.json was tokenized with another tokenizer (sha256 000000000000) than "
+      "{data}/manifest.json")),
 ])
 def test_bad_input_is_refused_before_start(tmp_path, data, args, world, message):
     run = tmp_path / "run"
     run.mkdir()
     (run / "config.yaml").write_text("sentinel")
-    args = [f"data.path={data}", f"run.dir={run}", *args]
-    proc = _direct(tmp_path, *args, world=world)
+    other = shutil.copytree(data, tmp_path / "other")  # the same shards, said to come from another tokenizer
+    manifest = json.loads((other / "manifest.json").read_text())
+    manifest["tokenizer"]["sha256"] = "0" * 64
+    (other / "manifest.json").write_text(json.dumps(manifest))
+
+    def named(text: str) -> str:
+        return text.replace("{data}", str(data)).replace("{other}", str(other))
+
+    proc = _direct(tmp_path, f"data.path={data}", f"run.dir={run}", *map(named, args), world=world)
     assert proc.returncode == 2
+    message = named(message)
     assert message in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr
     assert (run / "config.yaml").read_text() == "sentinel" and sorted(p.name for p in run.iterdir()) == ["config.yaml"]

@@ -281,11 +281,16 @@ def _dtype(dtype) -> torch.dtype:
 
 
 def _tokenizer(cfg: Config) -> tuple[Path | None, str | None]:
-    """The data's tokenizer copy and doc boundary, when the data directory is reachable."""
+    """The data's tokenizer copy and doc boundary, when the data directory is reachable (a blend's sources share
+    one tokenizer: the first's)."""
     from ..data import DataError, open_manifest
 
+    sources = cfg.data.sources()
+    if not sources:
+        print("note: no tokenizer in the export: the config names no data", file=sys.stderr)
+        return None, None
     try:
-        manifest = open_manifest(cfg.data.path)
+        manifest = open_manifest(sources[0].path)
     except DataError as e:
         print(f"note: no tokenizer in the export: {e}", file=sys.stderr)
         return None, None

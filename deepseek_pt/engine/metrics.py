@@ -58,6 +58,7 @@ class MetricsLogger:
         if self.wandb is not None:
             self.wandb.log({k: v for k, v in record.items() if k != "step" and v is not None}, step=record["step"])
         shown = {k: record.get(k) for k in ("loss", "lr", "grad_norm", "tokens_per_s", "mfu", "expert_load", "eval_loss")}
+        shown.update((k, v) for k, v in record.items() if k.startswith("eval_loss/"))  # a blend's, per source
         text = " ".join(f"{k}={_fmt(v)}" for k, v in shown.items() if v is not None)
         if self.bar is not None:
             self.bar.n = record["step"]
