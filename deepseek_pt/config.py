@@ -164,6 +164,11 @@ class DataConfig:
     """Manifest split to train on."""
     val_split: str = "val"
     """Manifest split to evaluate on."""
+    resume_on_new_data: bool = False
+    """Resume a checkpoint saved on other training data (other sources, shards or blend weights; data.seed and
+    data.seq_len must stay): from the checkpoint's sample count on, each source it trained on (the same shards)
+    continues its own order where it stopped and a new one starts at its beginning. False refuses such a resume,
+    naming what changed."""
 
     def sources(self) -> list[DataSource]:
         """What training reads: data.blend's sources, or data.path alone (weight 1); none when neither is set."""

@@ -451,7 +451,8 @@ def compile_blocks(model: Transformer) -> None:
 
 
 def train(cfg: Config) -> int:
-    from .data import PretrainDataset, TrainLoader, to_device
+    from .data import DataError, PretrainDataset, TrainLoader, to_device
+    from .data.loader import NewDataError
 
     stop = StopSignal()
     started = time.monotonic()
@@ -485,7 +486,14 @@ def train(cfg: Config) -> int:
         if reshard:
             checkpoint.repair_universal_load(engine.optimizer, weight_decay)
         balance.restore_balance_biases(engine.module, client["balance_bias"])  # universal loads drop buffers
-        loader.load_state_dict(client["loader"])
+        try:
+            new_data = loader.load_state_dict(client["loader"], new_data=cfg.data.resume_on_new_data)
+        except DataError as e:
+            hint = "; set data.resume_on_new_data=true to go on with this data" if isinstance(e, NewDataError) else ""
+            raise CheckpointError(f"train.resume: {resume_dir}: {e}{hint}") from None
+        if rank == 0 and new_data:
+            print(f"data: new training data from sample {loader.phase_start}; samples already read per source: "
+                  f"{dict(zip([s.label for s in sources], loader.offsets, strict=True))}", flush=True)
         step, tokens_seen, wandb_id = client["step"], client["tokens_seen"], client.get("wandb_id")
         rng_file = resume_dir / "rng" / f"rank_{rank}.pt"
         if not reshard and rng_file.exists():

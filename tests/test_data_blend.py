@@ -96,14 +96,51 @@ def test_blend_resumes_on_another_world_size(two):
 
 def test_blend_state_refuses_other_weights_or_sources(two):
     state = TrainLoader(two, 2, weights=[2, 1]).state_dict()
-    with pytest.raises(DataError, match=r"blend_counts: checkpoint \[2, 1\], now \[1, 1\]"):
+    with pytest.raises(DataError, match=r"blend counts: checkpoint \[2, 1\] for sources .*, now \[1, 1\]"):
         TrainLoader(two, 2, weights=[1, 1]).load_state_dict(state)
-    with pytest.raises(DataError, match="num_samples"):
+    with pytest.raises(DataError, match=rf"sources no longer trained on \(shard fingerprints\) \['{two[1].fingerprint}'\]"):
         TrainLoader(two[:1], 2).load_state_dict(state)  # a one-dataset run from a blend's checkpoint
-    with pytest.raises(DataError, match="num_samples"):
+    with pytest.raises(DataError, match=rf"new sources \['{two[1].fingerprint}'\]"):
         TrainLoader(two, 2, weights=[2, 1]).load_state_dict(TrainLoader(two[0], 2).state_dict())
 
 
+def read_rows(loader, steps: int) -> list[tuple]:
+    return [tuple(r) for _ in range(steps) for r in next(loader)[0].tolist()]
+
+
+def test_new_data_at_a_resume_continues_each_sources_order(two):
+    """One dataset for 10 steps; then a 1:1 blend with a second one (new_data); then back to the first alone. The
+    first source's samples over the three phases are its own order without a gap or a repeat, the second starts
+    at its beginning, and a plain resume inside a phase, on another world size, changes nothing."""
+    web = two[0]
+    alone = {j: TrainLoader(ds, 1, seed=3 ^ (j * 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF) for j, ds in enumerate(two)}
+    orders = {j: read_rows(lo, 400) for j, lo in alone.items()}  # each source's own order, one sample per step
+
+    first = TrainLoader(web, 4, seed=3)
+    rows = read_rows(first, 10)
+    second = TrainLoader(two, 4, seed=3)
+    second.load_state_dict(json.loads(json.dumps(first.state_dict())), new_data=True)
+    assert (second.phase_start, second.offsets) == (40, [40, 0])
+    rows += read_rows(second, 5)
+    state = json.loads(json.dumps(second.state_dict()))  # a checkpoint inside the blend's phase
+    assert (state["phase_start"], state["source_offsets"], state["epoch"]) == (40, [40, 0], [0, 0])
+    resumed = [TrainLoader(two, 2, r, 2, seed=3) for r in range(2)]
+    for lo in resumed:
+        lo.load_state_dict(state)  # the same data: no new_data needed
+    rows_after = [r for _ in range(5) for lo in resumed for r in next(lo)[0].tolist()]
+    rows += [tuple(r) for r in rows_after]
+    assert resumed[0].source_consumed == [60, 20]
+    third = TrainLoader(web, 4, seed=3)
+    third.load_state_dict(json.loads(json.dumps(resumed[0].state_dict())), new_data=True)
+    rows += read_rows(third, 5)
+    assert third.state_dict()["source_offsets"] == [60] and third.epochs == [0]
+
+    known = [set(orders[0]), set(orders[1])]
+    from_web = [r for r in rows if r in known[0]]
+    from_code = [r for r in rows if r in known[1]]
+    assert len(from_web) + len(from_code) == len(rows) == 100
+    assert from_web == orders[0][:80] and from_code == orders[1][:20]
+    assert [r in known[1] for r in rows[40:48]] == [False, True] * 4  # 1:1 from step 11 on
 def test_blend_loader_arguments(two, smoke_shards):
     with pytest.raises(DataError, match="3 weights for 2 datasets"):
         TrainLoader(two, 2, weights=[1, 1, 1])

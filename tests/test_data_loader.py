@@ -217,15 +217,16 @@ def test_resume_sees_the_same_batches_even_with_another_world_size(train_ds):
 def test_load_state_dict_refuses_other_data(train_ds, pydoc_data_dir):
     state = TrainLoader(train_ds, 2, seed=1).state_dict()
     with pytest.raises(DataError, match="seed: checkpoint 1, now 2"):
-        TrainLoader(train_ds, 2, seed=2).load_state_dict(state)
-    other = PretrainDataset(pydoc_data_dir.shards_dir, split="train", seq_len=T + 1)
-    with pytest.raises(DataError, match=r"seq_len: checkpoint 32, now 33.*num_samples"):
-        TrainLoader(other, 2, seed=1).load_state_dict(state)
-    lo = TrainLoader(other, 2, seed=1)
-    lo.load_state_dict({**state, "consumed_samples": 6}, strict=False)
-    assert lo.consumed_samples == 6
+        TrainLoader(train_ds, 2, seed=2).load_state_dict(state, new_data=True)
+    longer = PretrainDataset(pydoc_data_dir.shards_dir, split="train", seq_len=T + 1)
+    with pytest.raises(DataError, match=r"seq_len: checkpoint 32, now 33"):
+        TrainLoader(longer, 2, seed=1).load_state_dict(state, new_data=True)
+    val = PretrainDataset(pydoc_data_dir.shards_dir, split="val", seq_len=T)
+    with pytest.raises(DataError, match=r"saved on other training data than this \(.*split 'val'\): sources no longer "
+                                        rf"trained on \(shard fingerprints\) \['{train_ds.fingerprint}'\]; new sources"):
+        TrainLoader(val, 2, seed=1).load_state_dict(state)
     with pytest.raises(DataError, match="consumed_samples must be a non-negative int"):
-        lo.load_state_dict({"consumed_samples": -1})
+        TrainLoader(train_ds, 2, seed=1).load_state_dict({"consumed_samples": -1})
     with pytest.raises(DataError, match=r"dp_rank 2 is not in \[0, dp_world=2\)"):
         TrainLoader(train_ds, 2, dp_rank=2, dp_world=2)
 

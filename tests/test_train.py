@@ -175,6 +175,23 @@ def test_a_blend_trains_evaluates_each_source_and_resumes_exactly(tmp_path, base
 
 
 @pytest.mark.slow
+def test_resume_on_new_data_is_refused_unless_asked_for(tmp_path, data, mirrored_smoke_shards):
+    """A run on data.path stopped at step 4 and resumed on a blend that adds a second source: refused, naming the
+    new source and the key that allows it; with data.resume_on_new_data the blend takes over at sample 32."""
+    run = tmp_path / "run"
+    train(2, run, data, "train.exit_at_step=4")
+    blend = ["data.path=null", f"data.blend=[{{path: {data}}}, {{path: {mirrored_smoke_shards}}}]"]
+    refused = train(2, run, data, *blend, expect_rc=2)
+    assert "Traceback" not in refused.stderr
+    assert re.search(r"error: train.resume: \S+step_00000004: loader state was saved on other training data than "
+                     r"this .*: new sources \['\w+'\]; set data.resume_on_new_data=true", refused.stderr), refused.stderr
+    proc = train(2, run, data, *blend, "data.resume_on_new_data=true")
+    assert "data: new training data from sample 32; samples already read per source: {'shards': 32, 'mirrored': 0}" \
+        in proc.stdout
+    assert sorted(losses(run)) == list(range(1, STEPS + 1))
+
+
+@pytest.mark.slow
 def test_balancing_bias_is_identical_on_every_rank_and_saved(baseline):
     states = [torch.load(ckpt(baseline, 8) / f"zero_pp_rank_{r}_mp_rank_00_model_states.pt", weights_only=False)
               for r in range(2)]

@@ -12,8 +12,6 @@ still a function of the position alone.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
@@ -42,6 +40,10 @@ def _to_batch(datasets: Sequence[PretrainDataset], sources: np.ndarray,
         datasets[j].read(i, out=buf[row])
     x = torch.from_numpy(buf)
     return x[:, :-1].contiguous(), x[:, 1:].contiguous()
+
+
+class NewDataError(DataError):
+    """A loader state saved on other training data, which TrainLoader.load_state_dict(new_data=True) would accept."""
 
 
 def source_seed(seed: int, source: int) -> int:
@@ -74,13 +76,22 @@ class TrainLoader:
         if consumed_samples < 0:
             raise DataError(f"consumed_samples must be >= 0, got {consumed_samples}")
         self.consumed_samples = consumed_samples
+        # Where this data took over from other data, at a resume that changed it (load_state_dict), and how many
+        # samples of each source were read before then: the schedule runs from phase_start, each source from its
+        # offset in its own order.
+        self.phase_start, self.offsets = 0, [0] * len(self.datasets)
         self._perms: dict[tuple[int, int], Permutation] = {}
+
+    @property
+    def source_consumed(self) -> list[int]:
+        """How many samples of each source the run has read."""
+        in_phase = self.schedule.consumed(self.consumed_samples - self.phase_start)
+        return [o + n for o, n in zip(self.offsets, in_phase, strict=True)]
 
     @property
     def epochs(self) -> list[int]:
         """Each source's epoch of its next sample."""
-        return [n // len(ds) for n, ds in zip(self.schedule.consumed(self.consumed_samples), self.datasets,
-                                               strict=True)]
+        return [n // len(ds) for n, ds in zip(self.source_consumed, self.datasets, strict=True)]
 
     def _permutation(self, source: int, epoch: int) -> Permutation:
         perm = self._perms.get((source, epoch))
@@ -92,7 +103,8 @@ class TrainLoader:
 
     def global_indices(self, start: int, count: int) -> tuple[np.ndarray, np.ndarray]:
         """(source, sample index) at global positions [start, start + count) of the shuffled sequence."""
-        sources, positions = self.schedule.locate(np.arange(start, start + count, dtype=np.int64))
+        sources, positions = self.schedule.locate(np.arange(start, start + count, dtype=np.int64) - self.phase_start)
+        positions += np.asarray(self.offsets, dtype=np.int64)[sources]
         out = np.empty(count, dtype=np.int64)
         for j in np.unique(sources).tolist():
             at = sources == j
@@ -114,35 +126,79 @@ class TrainLoader:
         return _to_batch(self.datasets, sources, samples)
 
     def state_dict(self) -> dict:
-        """A one-dataset run's keys are scalars; a blend's num_samples, epoch and split are lists, one per source,
-        and its fingerprint covers every source's data and the blend's counts."""
+        """One dataset read from the start keeps the scalar keys of a one-dataset run (data_fingerprint: its
+        shards'); otherwise num_samples, epoch, split and source_fingerprints are lists, one per source, beside the
+        blend's counts and the phase (phase_start, source_offsets)."""
         ds = self.datasets
         state = {"version": _STATE_VERSION, "consumed_samples": self.consumed_samples, "seed": self.seed,
                  "seq_len": ds[0].seq_len}
-        if len(ds) == 1:
+        if len(ds) == 1 and self.phase_start == 0:
             return {**state, "epoch": self.epochs[0], "num_samples": len(ds[0]), "split": ds[0].split,
                     "data_fingerprint": ds[0].fingerprint}
-        blend = json.dumps([[d.fingerprint for d in ds], self.schedule.counts])
         return {**state, "epoch": self.epochs, "num_samples": [len(d) for d in ds], "split": [d.split for d in ds],
-                "blend_counts": self.schedule.counts,
-                "data_fingerprint": hashlib.sha256(blend.encode()).hexdigest()[:16]}
+                "source_fingerprints": [d.fingerprint for d in ds], "blend_counts": self.schedule.counts,
+                "phase_start": self.phase_start, "source_offsets": self.offsets}
 
-    def load_state_dict(self, state: dict, strict: bool = True) -> None:
-        """Resume at state["consumed_samples"]. With strict (the default), refuse a state saved on
-        other data, sequence length, seed or blend: its consumed_samples would point into another order."""
+    def load_state_dict(self, state: dict, new_data: bool = False) -> bool:
+        """Resume at state["consumed_samples"]. A state saved on other data (other sources, shards or weights) is
+        refused, naming the difference, unless new_data: then from that sample count on this data takes over, each
+        source found in the state (same shards) continuing its own order where it stopped, a new one from its
+        start; True says it did. Another seed or seq_len is always refused: every source's order would change
+        under it."""
         consumed = state.get("consumed_samples")
         if not isinstance(consumed, int) or isinstance(consumed, bool) or consumed < 0:
             raise DataError(f"loader state: consumed_samples must be a non-negative int, got {consumed!r}")
-        if strict:
-            mine = self.state_dict()
-            diffs = [f"{k}: checkpoint {state.get(k)!r}, now {mine.get(k)!r}"
-                     for k in ("seed", "seq_len", "num_samples", "blend_counts", "data_fingerprint")
-                     if state.get(k) != mine.get(k)]
-            if diffs:
-                where = ", ".join(f"{d.manifest.path} split {d.split!r}" for d in self.datasets)
-                raise DataError(f"loader state does not match this data ({where}): {'; '.join(diffs)}; pass "
-                                "strict=False to continue at the same consumed_samples on the new data anyway")
+        where = ", ".join(f"{d.manifest.path} split {d.split!r}" for d in self.datasets)
+        diffs = [f"{k}: checkpoint {state.get(k)!r}, now {v!r}" for k, v in (("seed", self.seed),
+                 ("seq_len", self.datasets[0].seq_len)) if state.get(k) != v]
+        if diffs:
+            raise DataError(f"loader state does not match this data ({where}): {'; '.join(diffs)}")
+        saved = _saved_sources(state)
+        mine = [d.fingerprint for d in self.datasets]
+        changed = saved["fingerprints"] != mine or saved["counts"] != self.schedule.counts
+        if not changed:
+            self.phase_start, self.offsets = saved["phase_start"], saved["offsets"]
+        elif not new_data:
+            raise NewDataError(f"loader state was saved on other training data than this ({where}): "
+                               f"{_describe_change(saved, mine, self.schedule.counts)}")
+        else:
+            read: dict[str, list[int]] = {}  # a source listed twice (the same shards) pairs up in order
+            for fp, n in zip(saved["fingerprints"], saved["consumed_at"](consumed), strict=True):
+                read.setdefault(fp, []).append(n)
+            self.phase_start, self.offsets = consumed, [(read.get(fp) or [0]).pop(0) for fp in mine]
         self.consumed_samples = consumed
+        return changed
+
+
+def _saved_sources(state: dict) -> dict:
+    """A loader state's sources: fingerprints, blend counts, phase, and a function giving how many samples of each
+    the run had read at a sample count. States of one dataset read from the start (and of older versions) have
+    only data_fingerprint."""
+    fingerprints = state.get("source_fingerprints") or [state.get("data_fingerprint")]
+    counts = state.get("blend_counts") or [1]
+    phase_start = state.get("phase_start", 0)
+    offsets = state.get("source_offsets") or [0] * len(fingerprints)
+    if not len(fingerprints) == len(counts) == len(offsets):
+        raise DataError(f"loader state: sources {fingerprints}, blend_counts {counts} and source_offsets {offsets} "
+                        "do not describe one blend")
+
+    def consumed_at(samples: int) -> list[int]:
+        in_phase = BlendSchedule(counts).consumed(samples - phase_start)
+        return [o + n for o, n in zip(offsets, in_phase, strict=True)]
+
+    return {"fingerprints": fingerprints, "counts": counts, "phase_start": phase_start, "offsets": offsets,
+            "consumed_at": consumed_at}
+
+
+def _describe_change(saved: dict, fingerprints: list[str], counts: list[int]) -> str:
+    gone = [fp for fp in saved["fingerprints"] if fp not in fingerprints]
+    new = [fp for fp in fingerprints if fp not in saved["fingerprints"]]
+    parts = [f"sources no longer trained on (shard fingerprints) {gone}"] if gone else []
+    parts += [f"new sources {new}"] if new else []
+    if not parts:
+        parts = [(f"blend counts: checkpoint {saved['counts']} for sources {saved['fingerprints']}, now {counts} "
+                  f"for {fingerprints}")]
+    return "; ".join(parts)
 
 
 def val_batches(path: str | Path, split: str = "val", seq_len: int = 2048, micro_batch_size: int = 1,
