@@ -15,6 +15,7 @@ re-running a finished build only checks it. manifest.json is written last, atomi
 from __future__ import annotations
 
 import argparse
+import hashlib
 import importlib.metadata
 import multiprocessing
 import os
@@ -210,12 +211,14 @@ def build(inputs: list[str], tokenizer: str | Path, out: str | Path, shard_token
     num_proc = num_proc or os.cpu_count() or 1
     tokenizer, out = Path(tokenizer), Path(out)
     sp, ids = _load_tokenizer(tokenizer, doc_boundary)
+    # read once, now: --tokenizer may be the copy in `out`, which --overwrite deletes before it is copied
+    tokenizer_bytes = tokenizer.read_bytes()
     resolved = resolve_inputs(list(inputs))
     dtype = dtype_for_vocab(sp.get_piece_size())
     header = {
         "format": FORMAT_NAME, "format_version": FORMAT_VERSION, "vocab_size": sp.get_piece_size(),
         "dtype": dtype, "doc_boundary": doc_boundary,
-        "tokenizer": {"path": TOKENIZER_COPY, "sha256": sha256_file(tokenizer), **ids},
+        "tokenizer": {"path": TOKENIZER_COPY, "sha256": hashlib.sha256(tokenizer_bytes).hexdigest(), **ids},
         "inputs": [i.to_json() for i in resolved],
         "build": {"shard_tokens": shard_tokens, "val_fraction": val_fraction, "split_seed": split_seed,
                   "text_field": text_field, "txt_doc": txt_doc, "sentencepiece_version": spm.__version__,
@@ -230,7 +233,7 @@ def build(inputs: list[str], tokenizer: str | Path, out: str | Path, shard_token
 
     copy = out / TOKENIZER_COPY
     if not copy.is_file() or sha256_file(copy) != header["tokenizer"]["sha256"]:
-        atomic_write_bytes(copy, tokenizer.read_bytes())
+        atomic_write_bytes(copy, tokenizer_bytes)
     log = BuildLog(out / BUILD_LOG_NAME)
     writers = {s: SplitWriter(out, s, dtype, shard_tokens, log) for s in SPLITS}
     start, stats = _start_or_resume(out, log, writers, header, num_proc, progress)

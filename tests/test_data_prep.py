@@ -290,6 +290,19 @@ def test_rerun_of_finished_build_and_changed_flags(tmp_path, small_build, capsys
     assert all(s.num_tokens == 2000 for s in open_manifest(out).shards("train")[:-1])
 
 
+def test_overwrite_with_the_tokenizer_copy_of_the_same_directory(tmp_path, small_build):
+    """--overwrite clears the directory, tokenizer copy included: a build whose --tokenizer is that copy
+    must not lose it."""
+    args, _, _ = small_build
+    out = tmp_path / "out"
+    build_shards.build(out=out, **args)
+    model = out / "tokenizer.model"
+    m = build_shards.build(out=out, **{**args, "tokenizer": model, "shard_tokens": 2000}, overwrite=True)
+    assert m["build"]["shard_tokens"] == 2000
+    assert model.read_bytes() == Path(args["tokenizer"]).read_bytes()
+    assert verify_shards.verify(out, progress=False) == []
+
+
 # ------------------------------------------------------------------------------------------------
 # Bad input
 
