@@ -32,7 +32,7 @@ import sentencepiece as spm
 from tqdm import tqdm
 
 from data_prep import tokenize_worker
-from data_prep.common import fraction, non_negative_int, positive_int, run_cli
+from data_prep.common import fraction, make_output_dir, non_negative_int, positive_int, run_cli
 from data_prep.shard_writer import SPLITS, BuildLog, SplitWriter, restore, shard_files
 from data_prep.sources import TXT_DOC_MODES, Input, iter_texts, resolve_inputs
 from deepseek_pt.data.format import (
@@ -224,7 +224,7 @@ def build(inputs: list[str], tokenizer: str | Path, out: str | Path, shard_token
                   "text_field": text_field, "txt_doc": txt_doc, "sentencepiece_version": spm.__version__,
                   "datasets_version": importlib.metadata.version("datasets")},
     }
-    out.mkdir(parents=True, exist_ok=True)
+    make_output_dir(out)
     done = _already_built(out, header, overwrite)
     if done is not None:
         if progress:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import Callable
 
 from deepseek_pt.data import DataError
@@ -27,6 +28,14 @@ def fraction(text: str) -> float:
     if not 0.0 <= value < 1.0:
         raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
     return value
+
+
+def make_output_dir(path: Path) -> None:
+    """Create the output directory (and its parents); DataError naming it if that is impossible."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # a file of that name, no permission, read-only file system...
+        raise DataError(f"output directory {path}: cannot create it: {e.strerror}") from None
 
 
 def run_cli(main: Callable[[list[str] | None], int], argv: list[str] | None = None,

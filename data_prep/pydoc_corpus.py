@@ -22,7 +22,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a file: put the repository root on the path
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from data_prep.common import run_cli
+from data_prep.common import make_output_dir, run_cli
 from deepseek_pt.fileio import atomic_write_bytes
 
 # Standard-library folders that are not the library's own prose: tests, the IDLE and turtle demo apps,
@@ -75,7 +75,7 @@ def write_corpus(out: str | Path, stdlib_docstrings: bool = False) -> int:
     """Write the corpus as JSON lines; returns the number of documents."""
     docs = documents(stdlib_docstrings)
     lines = "".join(json.dumps({"topic": name, "text": text}) + "\n" for name, text in docs)
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    make_output_dir(Path(out).parent)
     atomic_write_bytes(out, lines.encode())
     return len(docs)
 

@@ -24,7 +24,7 @@ if __package__ in (None, ""):  # run as a file: put the repository root on the p
 import sentencepiece as spm
 from tqdm import tqdm
 
-from data_prep.common import non_negative_int, positive_int, run_cli
+from data_prep.common import make_output_dir, non_negative_int, positive_int, run_cli
 from data_prep.sources import TXT_DOC_MODES, Input, iter_texts, resolve_inputs
 from deepseek_pt.data import DataError
 from deepseek_pt.fileio import atomic_write_bytes, atomic_write_json
@@ -106,6 +106,7 @@ def train(inputs: list[str], vocab_size: int, out: str | Path, model_type: str =
     if model_file.exists() and not overwrite:
         raise DataError(f"{model_file} exists; pass --overwrite to replace it")
     resolved = resolve_inputs(list(inputs))
+    make_output_dir(out)  # before training, which can take hours
 
     lines, n_docs = sample_lines(sample_texts(resolved, sample_docs, text_field, txt_doc, streaming, progress),
                                  max_sentences, max_sentence_chars)
@@ -131,7 +132,6 @@ def train(inputs: list[str], vocab_size: int, out: str | Path, model_type: str =
 
     data = model.getvalue()
     sp = spm.SentencePieceProcessor(model_proto=data)
-    out.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(model_file, data)
     vocab = "".join(f"{sp.id_to_piece(i)}\t{sp.get_score(i)}\n" for i in range(sp.get_piece_size()))
     atomic_write_bytes(out / "tokenizer.vocab", vocab.encode())

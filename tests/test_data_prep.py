@@ -344,6 +344,16 @@ def test_input_errors_name_the_input(tmp_path, pydoc_data_dir):
         build_shards.build([str(tmp_path / "body.jsonl")], tmp_path / "nope.model", tmp_path / "o", 100)
 
 
+def test_output_dir_that_cannot_be_created_is_named(tmp_path, pydoc_data_dir, capsys):
+    corpus = write_jsonl(tmp_path / "c.jsonl", DOCS[:3])  # a file where the output directory should be
+    for script, argv in ((pydoc_corpus, ["--out", f"{corpus}/p.jsonl"]),
+                         (train_tokenizer, ["--input", str(corpus), "--vocab-size", "300", "--out", str(corpus)]),
+                         (build_shards, ["--input", str(corpus), "--tokenizer", str(pydoc_data_dir.tokenizer_model),
+                                         "--out", str(corpus), "--shard-tokens", "100"])):
+        assert script.main(argv) == 2, script
+        assert capsys.readouterr().err.startswith(f"error: output directory {corpus}: cannot create it"), script
+
+
 def test_scripts_run_as_files_and_modules(tmp_path):
     for cmd in ([sys.executable, "data_prep/build_shards.py", "--help"],
                 [sys.executable, "-m", "data_prep.verify_shards", "--help"]):
