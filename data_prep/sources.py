@@ -124,6 +124,10 @@ def iter_texts(inp: Input, text_field: str = "text", txt_doc: str = "document", 
     except DataError:
         raise
     except Exception as e:  # datasets/pyarrow/network errors: name the input, keep the reason
+        # ...but a file without a single row has no documents; datasets' json builder says so by
+        # StopIteration when streaming, "Instruction 'train' corresponds to no data" when not
+        if isinstance(e, StopIteration) or "corresponds to no data" in str(e):
+            return
         raise DataError(f"input {inp.spec}: cannot open as {inp.builder}: {type(e).__name__}: {e}") from e
     row = start_row
     while True:

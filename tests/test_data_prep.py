@@ -344,6 +344,22 @@ def test_input_errors_name_the_input(tmp_path, pydoc_data_dir):
         build_shards.build([str(tmp_path / "body.jsonl")], tmp_path / "nope.model", tmp_path / "o", 100)
 
 
+@pytest.mark.parametrize("streaming", [True, False])
+def test_input_files_without_rows_have_no_documents(tmp_path, pydoc_data_dir, monkeypatch, streaming):
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf_cache")  # for streaming=False
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    (inputs / "a-empty.jsonl").write_text("")
+    (inputs / "b-blank-lines.jsonl").write_text("\n\n")
+    (inputs / "c-no-objects.json").write_text("[]\n")
+    write_jsonl(inputs / "d.jsonl", DOCS[:2])
+    m = build_shards.build([str(inputs)], pydoc_data_dir.tokenizer_model, tmp_path / "out", shard_tokens=1000,
+                           num_proc=1, streaming=streaming, progress=False)
+    assert m["stats"]["docs"]["train"] == 2 and m["stats"]["empty_docs"] == 0
+
+
 def test_output_dir_that_cannot_be_created_is_named(tmp_path, pydoc_data_dir, capsys):
     corpus = write_jsonl(tmp_path / "c.jsonl", DOCS[:3])  # a file where the output directory should be
     for script, argv in ((pydoc_corpus, ["--out", f"{corpus}/p.jsonl"]),
