@@ -88,6 +88,20 @@ def _check_ids(ids: dict[str, int], vocab_size: int) -> None:
         used[value] = name
 
 
+def _check_symbols(symbols: list[str], ids: dict[str, int]) -> None:
+    # sentencepiece turns a symbol spelled like a special token into a user piece and silently
+    # drops that special id (eos_id() == -1), which tokenizer.json would still claim
+    specials = {piece: name for name, piece in SPECIALS.items() if ids[name] >= 0}
+    for i, sym in enumerate(symbols):
+        if not sym:
+            raise DataError("--user-defined-symbols '': an empty string is not a symbol")
+        if sym in specials:
+            flag = "--" + specials[sym].replace("_", "-")
+            raise DataError(f"--user-defined-symbols {sym!r}: is the piece of {flag}; choose another spelling")
+        if sym in symbols[:i]:
+            raise DataError(f"--user-defined-symbols {sym!r}: given twice")
+
+
 def train(inputs: list[str], vocab_size: int, out: str | Path, model_type: str = "bpe",
           sample_docs: int = 1_000_000, max_sentences: int = 10_000_000, character_coverage: float = 0.9995,
           text_field: str = "text", txt_doc: str = "document", pad_id: int = 0, unk_id: int = 1,
@@ -101,6 +115,7 @@ def train(inputs: list[str], vocab_size: int, out: str | Path, model_type: str =
         raise DataError(f"character_coverage {character_coverage} is not in (0, 1]")
     ids = {"pad_id": pad_id, "unk_id": unk_id, "bos_id": bos_id, "eos_id": eos_id}
     _check_ids(ids, vocab_size)
+    _check_symbols(list(user_defined_symbols), ids)
     out = Path(out)
     model_file = out / "tokenizer.model"
     if model_file.exists() and not overwrite:

@@ -83,6 +83,11 @@ def test_tokenizer_custom_ids_and_sampling(tmp_path):
         train_tokenizer.train([str(corpus)], 400, tmp_path / "tok", progress=False)
     with pytest.raises(DataError, match="--eos-id 3: same id as --bos-id"):
         train_tokenizer.train([str(corpus)], 400, tmp_path / "t2", bos_id=3, eos_id=3, progress=False)
+    # a user symbol spelled like a special token would silently take over its piece (eos_id() == -1)
+    for symbols, message in ((["</s>"], "'</s>': is the piece of --eos-id"), (["a", "a"], "'a': given twice"),
+                             ([""], "'': an empty string is not a symbol")):
+        with pytest.raises(DataError, match=f"--user-defined-symbols {message}"):
+            train_tokenizer.train([str(corpus)], 400, tmp_path / "t3", user_defined_symbols=symbols, progress=False)
 
 
 def test_tokenizer_cli_reports_bad_vocab_size(tmp_path, capsys):
