@@ -128,7 +128,8 @@ def iter_texts(inp: Input, text_field: str = "text", txt_doc: str = "document", 
         # StopIteration when streaming, "Instruction 'train' corresponds to no data" when not
         if isinstance(e, StopIteration) or "corresponds to no data" in str(e):
             return
-        raise DataError(f"input {inp.spec}: cannot open as {inp.builder}: {type(e).__name__}: {e}") from e
+        reason = e.__cause__ or e  # --no-streaming: datasets wraps the reader's error (what and which row)
+        raise DataError(f"input {inp.spec}: cannot open as {inp.builder}: {type(reason).__name__}: {reason}") from e
     row = start_row
     while True:
         try:

@@ -312,7 +312,10 @@ def test_overwrite_with_the_tokenizer_copy_of_the_same_directory(tmp_path, small
 # Bad input
 
 
-def test_input_errors_name_the_input(tmp_path, pydoc_data_dir):
+def test_input_errors_name_the_input(tmp_path, pydoc_data_dir, monkeypatch):
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf_cache")  # for streaming=False
     tok, runs = pydoc_data_dir.tokenizer_model, iter(range(100))
 
     def build(inputs):
@@ -329,6 +332,9 @@ def test_input_errors_name_the_input(tmp_path, pydoc_data_dir):
     (tmp_path / "bad.jsonl").write_text('{"text": "a"}\n{"text": \n')
     with pytest.raises(DataError, match=r"bad.jsonl: .*JSON"):
         build([tmp_path / "bad.jsonl"])
+    with pytest.raises(DataError, match=r"bad.jsonl: cannot open as json: ArrowInvalid: JSON parse error: .* in row 1"):
+        build_shards.build([str(tmp_path / "bad.jsonl")], tok, tmp_path / "o-cached", shard_tokens=100,
+                           num_proc=1, streaming=False, progress=False)
     (tmp_path / "num.jsonl").write_text('{"text": 5}\n')
     with pytest.raises(DataError, match=r"num.jsonl: row 0: field 'text' is a int"):
         build([tmp_path / "num.jsonl"])
