@@ -7,6 +7,7 @@ Every document has a position (input index, row index) so that a build can resum
 from __future__ import annotations
 
 import glob
+import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -45,6 +46,8 @@ def _file_input(path: Path, spec: str) -> Input:
     if builder is None:
         raise DataError(f"input {spec}: unsupported file type (supported: {', '.join(BUILDERS)}, "
                         f"optionally compressed {', '.join(COMPRESSIONS)})")
+    if path.name.lower().endswith(".zst") and importlib.util.find_spec("zstandard") is None:
+        raise DataError(f"input {spec}: reading .zst needs the zstandard package (pip install zstandard)")
     st = path.stat()
     return Input(str(path.resolve()), builder, st.st_size, st.st_mtime_ns)
 

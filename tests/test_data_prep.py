@@ -1,6 +1,7 @@
 """data_prep: tokenizer training, shard building (round trip, determinism, resume), verification."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -343,6 +344,10 @@ def test_input_errors_name_the_input(tmp_path, pydoc_data_dir, monkeypatch):
         build([tmp_path / "p.parquet"])
     with pytest.raises(DataError, match=r"input .*missing.jsonl: no such file"):
         build([tmp_path / "missing.jsonl"])
+    if importlib.util.find_spec("zstandard") is None:  # checked before any input is read
+        (tmp_path / "z.jsonl.zst").write_bytes(b"")
+        with pytest.raises(DataError, match=r"z.jsonl.zst: reading .zst needs the zstandard package"):
+            build([write_jsonl(tmp_path / "ok.jsonl", DOCS[:1]), tmp_path / "z.jsonl.zst"])
     (tmp_path / "x.csv").write_text("a,b\n")
     with pytest.raises(DataError, match=r"x.csv: unsupported file type"):
         build([tmp_path / "x.csv"])
