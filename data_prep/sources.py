@@ -46,6 +46,9 @@ def _file_input(path: Path, spec: str) -> Input:
     if builder is None:
         raise DataError(f"input {spec}: unsupported file type (supported: {', '.join(BUILDERS)}, "
                         f"optionally compressed {', '.join(COMPRESSIONS)})")
+    if builder == "parquet" and path.name.lower().endswith(COMPRESSIONS):
+        raise DataError(f"input {spec}: a compressed parquet file cannot be read (parquet compresses its "
+                        "columns itself); decompress it")
     if path.name.lower().endswith(".zst") and importlib.util.find_spec("zstandard") is None:
         raise DataError(f"input {spec}: reading .zst needs the zstandard package (pip install zstandard)")
     st = path.stat()
@@ -104,11 +107,10 @@ def _load(inp: Input, text_field: str, txt_doc: str, streaming: bool):
     elif inp.builder == "parquet":
         import pyarrow.parquet as pq
 
-        if not inp.spec.lower().endswith(COMPRESSIONS):
-            columns = pq.read_schema(inp.spec).names
-            if text_field not in columns:
-                raise DataError(f"input {inp.spec}: no column {text_field!r} (columns: {', '.join(columns)}); "
-                                "choose one with --text-field")
+        columns = pq.read_schema(inp.spec).names
+        if text_field not in columns:
+            raise DataError(f"input {inp.spec}: no column {text_field!r} (columns: {', '.join(columns)}); "
+                            "choose one with --text-field")
         kwargs["columns"] = [text_field]
     return datasets.load_dataset(inp.builder, data_files=[inp.spec], split="train", streaming=streaming, **kwargs)
 

@@ -342,6 +342,9 @@ def test_input_errors_name_the_input(tmp_path, pydoc_data_dir, monkeypatch):
     pq.write_table(pa.table({"body": ["x"]}), tmp_path / "p.parquet")
     with pytest.raises(DataError, match=r"p.parquet: no column 'text' \(columns: body\)"):
         build([tmp_path / "p.parquet"])
+    (tmp_path / "p.parquet.gz").write_bytes(b"")
+    with pytest.raises(DataError, match=r"p.parquet.gz: a compressed parquet file cannot be read"):
+        build([tmp_path / "p.parquet.gz"])
     with pytest.raises(DataError, match=r"input .*missing.jsonl: no such file"):
         build([tmp_path / "missing.jsonl"])
     if importlib.util.find_spec("zstandard") is None:  # checked before any input is read
