@@ -130,10 +130,10 @@ def test_round_trip(pydoc_data_dir):
 def test_bos_eos_boundaries_and_blank_docs(tmp_path, pydoc_data_dir):
     corpus = tmp_path / "c.jsonl"
     corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in [DOCS[0], "", "   \n", DOCS[1]])
-                      + '{"text": null}\n')
+                      + '{"text": null}\n{"body": "a row without the field reads as null"}\n')
     m = build_shards.build([str(corpus)], pydoc_data_dir.tokenizer_model, tmp_path / "out", shard_tokens=1000,
                            doc_boundary="bos_eos", num_proc=1, progress=False)
-    assert m["stats"]["empty_docs"] == 3 and m["stats"]["docs"]["train"] == 2
+    assert m["stats"]["empty_docs"] == 4 and m["stats"]["docs"]["train"] == 2
     sp = spm.SentencePieceProcessor(model_file=str(pydoc_data_dir.tokenizer_model))
     tokens = split_tokens(tmp_path / "out", "train").tolist()
     assert tokens == [t for ids in sp.encode(DOCS[:2]) for t in [sp.bos_id(), *ids, sp.eos_id()]]
