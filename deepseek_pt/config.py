@@ -514,7 +514,12 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
         key, sep, raw = item.partition("=")
         if not sep or not key or any(not part for part in key.split(".")):
             raise ConfigError(f"override {item!r}: expected key.path=value")
-        parsed.append((key, yaml.safe_load(raw) if raw != "" else None))
+        try:
+            parsed.append((key, yaml.safe_load(raw) if raw != "" else None))
+        except yaml.YAMLError as e:  # `run.name=@x`, `model.dim={`: YAML refuses the value itself
+            why = getattr(e, "problem", None) or e
+            raise ConfigError(f"override {item!r}: the value is not valid YAML ({why}); for a string, quote it: "
+                              f"{key}='\"{raw}\"'") from None
     return parsed
 
 

@@ -1,4 +1,5 @@
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -65,6 +66,14 @@ def test_errors_name_the_file_and_key(tmp_path, data, overrides, message):
     assert message in str(err.value)
     if "key.path=value" not in message:
         assert str(path) in str(err.value)
+
+
+@pytest.mark.parametrize("override", ["run.name=@run", "data.path=*shards", "model.dim={"])
+def test_an_override_that_is_not_yaml_is_named(tmp_path, override):
+    with pytest.raises(ConfigError, match=f"override '{re.escape(override)}': the value is not valid YAML"):
+        load_config(_write(tmp_path, {}), [override])
+    name = load_config(_write(tmp_path, {}), ['run.name="@run"']).run.name  # what the message tells to do
+    assert name == "@run"
 
 
 def test_overrides_are_typed_and_applied(tmp_path):
