@@ -541,6 +541,8 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    except (OSError, UnicodeDecodeError) as e:  # unreadable, or not text (a checkpoint passed as --config)
+        raise ConfigError(f"{path}: cannot read the config file ({e})") from None
     if data is not None and not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
     return config_from_dict(data or {}, str(path), overrides)

@@ -76,6 +76,13 @@ def test_an_override_that_is_not_yaml_is_named(tmp_path, override):
     assert name == "@run"
 
 
+def test_a_config_file_that_is_not_text_is_named(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_bytes(b"\x80\x02PK\xff")  # e.g. a checkpoint's .pt given as --config
+    with pytest.raises(ConfigError, match=f"{re.escape(str(path))}: cannot read the config file"):
+        load_config(path)
+
+
 def test_overrides_are_typed_and_applied(tmp_path):
     cfg = load_config(_write(tmp_path, {}), ["model.attention.use_output_subspace=true",
                                              "model.attention.o_latent_dim=256", "train.lr=1e-3", "run.dir=/tmp/x"])
