@@ -606,7 +606,8 @@ def validate(cfg: Config, where: str = "<config>") -> None:
         check(v > 0, key, f"must be positive, got {v}")
     for key, v in [
         ("model.attention.q_lora_rank", a.q_lora_rank), ("model.attention.qk_nope_head_dim", a.qk_nope_head_dim),
-        ("model.moe.n_shared_experts", moe.n_shared_experts), ("model.moe.bias_update_rate", moe.bias_update_rate),
+        ("model.moe.n_shared_experts", moe.n_shared_experts), ("model.moe.n_dense_layers", moe.n_dense_layers),
+        ("model.moe.bias_update_rate", moe.bias_update_rate),
         ("model.moe.seq_aux_loss_alpha", moe.seq_aux_loss_alpha), ("model.mtp_depth", m.mtp_depth),
         ("model.mtp_loss_weight", m.mtp_loss_weight), ("train.warmup_steps", cfg.train.warmup_steps),
         ("train.min_lr", cfg.train.min_lr), ("train.weight_decay", cfg.train.weight_decay),
