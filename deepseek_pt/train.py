@@ -109,6 +109,12 @@ def preflight(cfg: Config, world_size: int) -> None:
         if exported.model != cfg.model:
             raise PreflightError(f"train.init_from: the model section of {cfg.train.init_from}/config.yaml differs "
                                  "from this config's model.*: train with that model section")
+    run_dir = Path(cfg.run.dir)  # train() creates it and writes config.yaml there first thing
+    made = next(p for p in (run_dir, *run_dir.absolute().parents) if p.exists())
+    if not made.is_dir():
+        raise PreflightError(f"run.dir: {run_dir}: {made} is not a directory")
+    if not os.access(made, os.W_OK | os.X_OK):
+        raise PreflightError(f"run.dir: {run_dir}: {made} is not writable")
     try:
         checkpoint.resolve(cfg.train.resume, Path(cfg.run.dir))
     except CheckpointError as e:

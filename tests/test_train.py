@@ -392,6 +392,7 @@ def _direct(tmp_path: Path, *args: str, world: int = 2) -> subprocess.CompletedP
     (["data.path=null", "data.blend=[{path: {data}}, {path: {other}}]"], 2,
      ("data.blend[1].path: {other}/manifest.json was tokenized with another tokenizer (sha256 000000000000) than "
       "{data}/manifest.json")),
+    (["run.dir=/dev/null/run"], 2, "run.dir: /dev/null/run: /dev/null is not a directory"),
 ])
 def test_bad_input_is_refused_before_start(tmp_path, data, args, world, message):
     run = tmp_path / "run"
