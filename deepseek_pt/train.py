@@ -116,9 +116,16 @@ def preflight(cfg: Config, world_size: int) -> None:
     if not os.access(made, os.W_OK | os.X_OK):
         raise PreflightError(f"run.dir: {run_dir}: {made} is not writable")
     try:
-        checkpoint.resolve(cfg.train.resume, Path(cfg.run.dir))
+        resume_dir = checkpoint.resolve(cfg.train.resume, run_dir)
     except CheckpointError as e:
         raise PreflightError(str(e)) from None
+    root = checkpoint.checkpoints_dir(run_dir)
+    if resume_dir is None and cfg.train.checkpoints and (found := sorted(root.glob("step_*[0-9]/meta.json"))):
+        # A fresh run's saves would replace those of the same steps and be pruned in favour of higher ones.
+        why = " (no checkpoints/latest)" if cfg.train.resume == "auto" else ""
+        raise PreflightError(f"train.resume: {cfg.train.resume} starts from step 0{why}, but {root} holds complete "
+                             f"checkpoints (newest {found[-1].parent.name}) that this run's saves would overwrite "
+                             "or prune: use another run.dir, give train.resume a checkpoint's path, or remove them")
 
 
 def check_data(cfg: Config, world_size: int) -> None:

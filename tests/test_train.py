@@ -461,6 +461,21 @@ def test_incomplete_latest_checkpoint_is_refused(tmp_path, data):
     assert proc.returncode == 2 and "step_00000004, which is missing or incomplete (no meta.json)" in proc.stderr
 
 
+@pytest.mark.parametrize("resume, latest", [("none", True), ("auto", False)])
+def test_a_fresh_start_over_complete_checkpoints_is_refused(tmp_path, data, resume, latest):
+    """Its saves would replace the old run's checkpoints of the same steps, and pruning (by step) would delete its
+    own in favour of the old run's later ones, leaving `latest` naming a deleted checkpoint."""
+    run = tmp_path / "run"
+    (run / "checkpoints" / "step_00000008").mkdir(parents=True)
+    (run / "checkpoints" / "step_00000008" / "meta.json").write_text("{}")
+    if latest:
+        (run / "checkpoints" / "latest").write_text("step_00000008\n")
+    proc = _direct(tmp_path, f"data.path={data}", f"run.dir={run}", f"train.resume={resume}", "--check-only")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert (f"train.resume: {resume} starts from step 0" in proc.stderr
+            and f"{run / 'checkpoints'} holds complete checkpoints (newest step_00000008)" in proc.stderr), proc.stderr
+
+
 @pytest.mark.slow
 def test_time_limit_exit_and_offline_wandb_resume_the_same_run(tmp_path, data):
     first = train(2, tmp_path, data, "train.max_steps=100", "train.exit_after_minutes=0.0001", "run.wandb=offline",
