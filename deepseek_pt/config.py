@@ -497,6 +497,11 @@ def _build(cls: type, data: dict, prefix: str, where: str):
     return cls(**kwargs)
 
 
+def model_from_dict(data: dict, where: str) -> ModelConfig:
+    """A model section alone (as a checkpoint records it), typed like load_config's."""
+    return _convert(data, ModelConfig, "model", where)
+
+
 def _set_dotted(tree: dict, dotted: str, value: Any, where: str) -> None:
     keys = dotted.split(".")
     node = tree

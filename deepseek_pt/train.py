@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import atexit
 import contextlib
+import dataclasses
 import os
 import signal
 import socket
@@ -23,7 +24,7 @@ from typing import NoReturn
 import torch
 import torch.distributed as dist
 
-from .config import Config, ConfigError, load_config, save_config, uses_autoep
+from .config import Config, ConfigError, ModelConfig, load_config, model_from_dict, save_config, uses_autoep
 from .engine import balance, checkpoint
 from .engine.checkpoint import CheckpointError
 from .engine.ds_config import build_ds_config, deepspeed_micro_steps, lr_scheduler
@@ -120,6 +121,15 @@ def preflight(cfg: Config, world_size: int) -> None:
     except CheckpointError as e:
         raise PreflightError(str(e)) from None
     root = checkpoint.checkpoints_dir(run_dir)
+    if resume_dir is not None:
+        try:
+            meta = checkpoint.read_meta(resume_dir)
+        except CheckpointError as e:
+            raise PreflightError(str(e)) from None
+        if why := resume_mismatch(meta, cfg, str(resume_dir / "meta.json")):
+            raise PreflightError(f"train.resume: this config cannot resume {resume_dir}: {why}. Resume with the "
+                                 "checkpoint's settings, or start a new run from its weights (python -m "
+                                 "deepseek_pt.engine.export, then train.init_from)")
     if resume_dir is None and cfg.train.checkpoints and (found := sorted(root.glob("step_*[0-9]/meta.json"))):
         # A fresh run's saves would replace those of the same steps and be pruned in favour of higher ones.
         why = " (no checkpoints/latest)" if cfg.train.resume == "auto" else ""
@@ -165,6 +175,45 @@ def check_data(cfg: Config, world_size: int) -> None:
                                                        f"processes = {need} samples)")
                 raise PreflightError(f"{split_key}: split {split!r} of {manifest.path} holds {samples} samples of "
                                      f"data.seq_len + 1 = {cfg.data.seq_len + 1} tokens, fewer than {what}")
+
+
+def resume_settings(cfg: Config) -> dict:
+    """What a checkpoint records of its run for resume_mismatch (meta.json's `settings`)."""
+    return {"model": dataclasses.asdict(cfg.model), "zero_stage": cfg.parallel.zero_stage,
+            "bf16": cfg.precision != "fp32"}
+
+
+def _differences(a, b, prefix: str) -> list[str]:
+    out = []
+    for f in dataclasses.fields(a):
+        x, y = getattr(a, f.name), getattr(b, f.name)
+        if dataclasses.is_dataclass(x):
+            out += _differences(x, y, f"{prefix}.{f.name}")
+        elif x != y:
+            out.append(f"{prefix}.{f.name}: {y!r} here, {x!r} in the checkpoint")
+    return out
+
+
+def resume_mismatch(meta: dict, cfg: Config, where: str) -> str | None:
+    """Why this config cannot load the checkpoint of `meta` (DeepSpeed fails deep inside its load instead), or None.
+    Checkpoints older than meta.json's `settings` are not checked."""
+    saved = meta.get("settings")
+    if not saved:
+        return None
+    if saved["zero_stage"] != cfg.parallel.zero_stage:
+        return (f"parallel.zero_stage: {cfg.parallel.zero_stage} here, {saved['zero_stage']} in the checkpoint "
+                "(its partitions are laid out for that stage)")
+    if saved["bf16"] != (cfg.precision != "fp32"):
+        return (f"precision: {cfg.precision} here, {'bf16 or fp8' if saved['bf16'] else 'fp32'} in the checkpoint "
+                "(DeepSpeed keeps other optimizer files for bf16 training)")
+    try:
+        model: ModelConfig = model_from_dict(saved["model"], where)
+    except ConfigError as e:
+        return f"its model section does not load ({e})"
+    shapes = lambda m: {n: tuple(p.shape) for n, p in meta_model(m).named_parameters()}  # noqa: E731
+    if shapes(model) != shapes(cfg.model):  # keys that shape no parameter (rope, routing, init) may change
+        return "the model's parameter shapes differ: " + "; ".join(_differences(model, cfg.model, "model"))
+    return None
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -526,7 +575,7 @@ def train(cfg: Config) -> int:
         client = {"step": at_step, "tokens_seen": tokens_seen, "loader": loader.state_dict(),
                   "balance_bias": balance.balance_biases(engine.module), "wandb_id": log.wandb_id}
         checkpoint.save(engine, run_dir, at_step, client, cfg.parallel.expert_parallel_size, cfg.train.keep_last,
-                        cfg.parallel.zero_init)
+                        cfg.parallel.zero_init, resume_settings(cfg))
         last_saved = at_step
 
     batches = to_device(loader, device)

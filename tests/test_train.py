@@ -476,6 +476,42 @@ def test_a_fresh_start_over_complete_checkpoints_is_refused(tmp_path, data, resu
             and f"{run / 'checkpoints'} holds complete checkpoints (newest step_00000008)" in proc.stderr), proc.stderr
 
 
+def test_a_checkpoint_this_config_cannot_load_is_refused_before_start(tmp_path, data):
+    """A changed model shape, ZeRO stage or precision failed deep inside DeepSpeed's load (a size mismatch, an
+    assertion, a missing bf16_* file), after config.yaml had been overwritten; meta.json now records them."""
+    import torch.distributed as dist
+
+    import deepseek_pt.train as train_module
+    from deepseek_pt.config import load_config
+    from deepseek_pt.engine import checkpoint
+
+    class Engine:
+        def save_checkpoint(self, root, tag, client_state, save_latest):
+            (Path(root) / tag).mkdir(parents=True)
+            (Path(root) / tag / "zero_pp_rank_0_mp_rank_00_model_states.pt").write_bytes(b"states")
+
+    run = tmp_path / "run"
+    config = lambda *overrides: load_config(SMOKE, [f"data.path={data}", f"run.dir={run}", *overrides])  # noqa: E731
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    try:
+        checkpoint.save(Engine(), run, 4, {}, ep_size=2, keep_last=3, settings=train_module.resume_settings(config()))
+    finally:
+        dist.destroy_process_group()
+    for overrides, why in [
+        (["model.dim=32"], "the model's parameter shapes differ: model.dim: 32 here, 64 in the checkpoint"),
+        (["model.moe.n_routed_experts=4", "model.moe.n_expert_groups=2"],
+         "the model's parameter shapes differ: model.moe.n_routed_experts: 4 here, 8 in the checkpoint; "
+         "model.moe.n_expert_groups: 2 here, 4 in the checkpoint"),
+        (["parallel.zero_stage=2"], "parallel.zero_stage: 2 here, 3 in the checkpoint"),
+        (["precision=bf16"], "precision: bf16 here, fp32 in the checkpoint"),
+    ]:
+        with pytest.raises(train_module.PreflightError) as refused:
+            train_module.preflight(config(*overrides), 2)
+        assert str(refused.value).startswith(f"train.resume: this config cannot resume {run}/checkpoints/step_00000004: "
+                                             f"{why}"), refused.value
+    train_module.preflight(config("model.moe.top_k=3", "model.attention.rope.theta=50000"), 2)  # no shape changes
+
+
 @pytest.mark.slow
 def test_time_limit_exit_and_offline_wandb_resume_the_same_run(tmp_path, data):
     first = train(2, tmp_path, data, "train.max_steps=100", "train.exit_after_minutes=0.0001", "run.wandb=offline",

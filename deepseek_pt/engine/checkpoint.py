@@ -4,7 +4,8 @@ Layout under `<run.dir>/checkpoints/`:
     step_00000020/               DeepSpeed's files (one ZeRO-3 partition per rank) + ours:
         rng/rank_R.pt            each rank's RNG state
         meta.json                written last by rank 0, after every rank finished: step, world and
-                                 EP size, and the size + sha256 of every file (the completion marker)
+                                 EP size, the settings a resume must match (model section, ZeRO
+                                 stage, bf16), and the size + sha256 of every file (the completion marker)
     step_00000020_universal/     made on demand to resume on another world size or EP size
     latest                       the newest complete tag, replaced atomically after meta.json
 """
@@ -66,10 +67,11 @@ def set_rng_state(state: dict) -> None:
 
 
 def save(engine, run_dir: Path, step: int, client_state: dict, ep_size: int, keep_last: int,
-         zero_init: bool = False) -> Path:
+         zero_init: bool = False, settings: dict | None = None) -> Path:
     """Collective: every rank calls it. Returns the checkpoint directory. `ep_size` and `zero_init` (how the model
     was built: its partitions are laid out differently) go into meta.json with the world size: a resume that changes
-    any of them goes through the universal checkpoint. A write that fails on any rank (a full disk) raises
+    any of them goes through the universal checkpoint. `settings` (the model section, ZeRO stage, bf16) go there too:
+    what a resume must match (train.py's resume_mismatch). A write that fails on any rank (a full disk) raises
     CheckpointError on every rank, naming the checkpoint, the rank and the free space."""
     root = checkpoints_dir(run_dir)
     tag = tag_for(step)
@@ -95,7 +97,7 @@ def save(engine, run_dir: Path, step: int, client_state: dict, ep_size: int, kee
     files = _hash_share(tag_dir, _files(tag_dir))
     if rank == 0:
         meta = {"format_version": FORMAT_VERSION, "step": step, "world_size": world, "ep_size": ep_size,
-                "zero_init": zero_init, "files": files}
+                "zero_init": zero_init, **({"settings": settings} if settings else {}), "files": files}
         atomic_write_text(tag_dir / "meta.json", json.dumps(meta, indent=1))
         atomic_write_text(root / "latest", tag + "\n")
         _prune(root, keep_last)
