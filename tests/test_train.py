@@ -513,6 +513,20 @@ def test_a_checkpoint_this_config_cannot_load_is_refused_before_start(tmp_path, 
 
 
 @pytest.mark.slow
+def test_a_resume_on_other_data_is_named(tmp_path, data):
+    from deepseek_pt.train import RENDEZVOUS_ENV
+
+    alone = {k: v for k, v in job_env().items() if k not in RENDEZVOUS_ENV}  # one process, no launcher
+    cmd = [sys.executable, "-m", "deepseek_pt.train", "--config", SMOKE, f"data.path={data}", f"run.dir={tmp_path}",
+           "train.max_steps=2", "train.eval_every=0", *ONE_RANK_ALL_PERSISTENT]
+    assert run_job(cmd, alone, timeout=300).returncode == 0
+    proc = run_job([*cmd, "train.max_steps=4", "data.seq_len=32"], alone, timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert re.search(r"error: train.resume: \S+step_00000002: loader state does not match this data .*seq_len: "
+                     r"checkpoint 64, now 32", proc.stderr), proc.stderr
+
+
+@pytest.mark.slow
 def test_time_limit_exit_and_offline_wandb_resume_the_same_run(tmp_path, data):
     first = train(2, tmp_path, data, "train.max_steps=100", "train.exit_after_minutes=0.0001", "run.wandb=offline",
                   "train.warmup_steps=1")
