@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from .data import open_manifest, val_batches
 from .interop.checkpoints import load_checkpoint
-from .interop.cli import DTYPE_CHOICES, UsageError, default_device, run_cli
+from .interop.cli import DTYPE_CHOICES, UsageError, default_device, device_arg, run_cli
 from .model import Transformer
 
 
@@ -53,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=int, default=None, help="default: the checkpoint's data.seq_len")
     p.add_argument("--batch-size", type=int, default=None, help="default: the checkpoint's train.micro_batch_size")
     p.add_argument("--max-batches", type=int, default=None, help="default: the whole split")
-    p.add_argument("--device", default=default_device())
+    p.add_argument("--device", type=device_arg, default=default_device())
     p.add_argument("--dtype", choices=DTYPE_CHOICES, default=None, help="default: the checkpoint's")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
     return p

@@ -17,7 +17,7 @@ import torch
 
 from .data.format import open_tokenizer
 from .interop.checkpoints import load_checkpoint
-from .interop.cli import DTYPE_CHOICES, UsageError, default_device, run_cli
+from .interop.cli import DTYPE_CHOICES, UsageError, default_device, device_arg, run_cli
 from .model import Transformer
 from .model.counting import kv_cache_bytes_per_token
 
@@ -140,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prefix", choices=["auto", "bos", "eos", "none"], default="auto",
                    help="document-start token before the prompt (auto: what the training data used)")
     p.add_argument("--tokenizer", help="sentencepiece model (default: the checkpoint's tokenizer.model)")
-    p.add_argument("--device", default=default_device())
+    p.add_argument("--device", type=device_arg, default=default_device())
     p.add_argument("--dtype", choices=DTYPE_CHOICES, default=None, help="default: the checkpoint's")
     return p
 

@@ -144,6 +144,15 @@ def test_generate_cli_errors(tmp_path, pydoc, capsys):
     assert e.value.code == 2
 
 
+@pytest.mark.parametrize("device", ["nonsense", "cuda:99"])
+def test_generate_and_evaluate_refuse_an_unusable_device(export_1024, pydoc, device, capsys):
+    for main, extra in ((generate_main, ["--prompt", "x"]), (evaluate_main, ["--data", str(pydoc.shards_dir)])):
+        with pytest.raises(SystemExit) as e:
+            main(["--checkpoint", str(export_1024), "--device", device] + extra)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and f"argument --device: {device!r} is not a usable device" in err, err
+
+
 def test_evaluate_matches_the_models_own_loss():
     cfg = tiny()
     model = random_model(cfg, std=0.05)

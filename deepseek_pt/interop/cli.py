@@ -2,6 +2,7 @@
 stderr and exit status 2, never a traceback."""
 from __future__ import annotations
 
+import argparse
 import sys
 from typing import Callable
 
@@ -24,6 +25,15 @@ USER_ERRORS = (UsageError, ExportError, HFConversionError, ConfigError, DataErro
 
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def device_arg(name: str) -> str:
+    """argparse type of --device: a device this torch can allocate on (checked before any model loads)."""
+    try:
+        torch.empty(0, device=name)
+    except (RuntimeError, AssertionError) as e:  # a malformed name, or a backend this build or host lacks
+        raise argparse.ArgumentTypeError(f"{name!r} is not a usable device here: {e}") from None
+    return name
 
 
 def run_cli(fn: Callable[[], None]) -> int:
