@@ -43,7 +43,11 @@ def sample(logits: torch.Tensor, temperature: float = 0.0, top_k: int = 0, top_p
     logits = logits.float()
     if temperature == 0:
         return logits.argmax(dim=-1)
-    probs = filter_logits(logits / temperature, top_k, top_p).softmax(dim=-1)
+    # Shifted to a max of 0 that stays 0: a tiny temperature (even one below the dtype's range) then
+    # sends the rest to -inf, never to nan (inf - inf in the softmax, or 0 / 0).
+    shifted = logits - logits.amax(dim=-1, keepdim=True)
+    logits = torch.where(shifted == 0, 0.0, shifted / temperature)
+    probs = filter_logits(logits, top_k, top_p).softmax(dim=-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
@@ -148,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.max_new_tokens < 1 or args.temperature < 0 or args.top_k < 0 or not 0 < args.top_p <= 1:
+    if args.max_new_tokens < 1 or not args.temperature >= 0 or args.top_k < 0 or not 0 < args.top_p <= 1:
         parser.error("need --max-new-tokens >= 1, --temperature >= 0, --top-k >= 0 and 0 < --top-p <= 1")
 
     def run() -> None:

@@ -69,6 +69,12 @@ def test_top_k_and_top_p_keep_the_right_tokens():
     assert kept() == [0, 1, 2, 3]
 
 
+def test_a_tiny_temperature_samples_the_argmax():
+    logits = torch.tensor([[1.0, 3.0, 2.0], [-5.0, -7.0, -6.0]])
+    for temperature in (1e-40, 1e-300, 5e-324):  # logits / temperature alone overflow to inf: softmax nan
+        assert sample(logits, temperature, generator=torch.Generator().manual_seed(0)).tolist() == [1, 0]
+
+
 def test_sampling_follows_the_filtered_distribution():
     logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0]).repeat(40000, 1)
     g = torch.Generator().manual_seed(0)
@@ -141,6 +147,9 @@ def test_generate_cli_errors(tmp_path, pydoc, capsys):
     assert "tokenizer has 1024 pieces, the model only 97" in capsys.readouterr().err
     with pytest.raises(SystemExit) as e:
         generate_main(["--checkpoint", str(tmp_path / "small"), "--prompt", "x", "--top-p", "0"])
+    assert e.value.code == 2
+    with pytest.raises(SystemExit) as e:
+        generate_main(["--checkpoint", str(tmp_path / "small"), "--prompt", "x", "--temperature", "nan"])
     assert e.value.code == 2
 
 
