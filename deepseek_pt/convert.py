@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 from .config import load_config
+from .data.format import open_tokenizer, tokenizer_from_bytes
 from .export import save_export
 from .interop.checkpoints import load_checkpoint
 from .interop.cli import DTYPE_CHOICES, UsageError, run_cli
@@ -40,10 +41,12 @@ def _describe(model) -> str:
 def hf_to_ds(args) -> None:
     out = _fresh_dir(args.out, args.force)
     read_hf_config(args.hf_dir)  # a clear error for a non-HF directory before any weights load
+    tokenizer = Path(args.tokenizer or Path(args.hf_dir) / "tokenizer.model")
+    if args.tokenizer or tokenizer.is_file():  # checked before the (slow) load, and never stored unreadable
+        open_tokenizer(tokenizer, "--tokenizer" if args.tokenizer else "tokenizer")
     model = load_hf(args.hf_dir, dtype=DTYPE_CHOICES.get(args.dtype))
     base = load_config(args.base_config) if args.base_config else None
     config = full_config(model.config, base, where=args.base_config or args.hf_dir)
-    tokenizer = args.tokenizer or Path(args.hf_dir) / "tokenizer.model"
     save_export(model, config, out, source=str(Path(args.hf_dir).absolute()),
                 tokenizer=tokenizer if args.tokenizer or tokenizer.is_file() else None)
     print(f"{args.hf_dir} -> {out}: {_describe(model)}")
@@ -57,6 +60,7 @@ def ds_to_hf(args) -> None:
                          "cannot represent; pass --fold to store o_proj = o_b_proj @ o_a_proj instead")
     bos = eos = None
     if ckpt.tokenizer:  # HF generate() stops at eos_token_id: it must be the tokenizer's
+        tokenizer_from_bytes(ckpt.tokenizer, f"{args.checkpoint}: its tokenizer.model")  # before anything is written
         bos, eos = save_hf_tokenizer(out, ckpt.tokenizer, ckpt.model.config.max_seq_len,
                                      add_bos=ckpt.doc_boundary == "bos_eos")
     errors = save_hf(ckpt.model, out, fold=args.fold, bos_id=bos, eos_id=eos,

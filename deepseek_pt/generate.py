@@ -15,7 +15,7 @@ from typing import Iterator
 import sentencepiece as spm
 import torch
 
-from .data.format import open_tokenizer
+from .data.format import open_tokenizer, tokenizer_from_bytes
 from .interop.checkpoints import load_checkpoint
 from .interop.cli import DTYPE_CHOICES, UsageError, default_device, device_arg, run_cli
 from .model import Transformer
@@ -160,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.tokenizer is None and ckpt.tokenizer is None:
             raise UsageError(f"{args.checkpoint}: holds no tokenizer.model; pass --tokenizer")
         sp = open_tokenizer(args.tokenizer, "--tokenizer") if args.tokenizer else \
-            spm.SentencePieceProcessor(model_proto=ckpt.tokenizer)
+            tokenizer_from_bytes(ckpt.tokenizer, f"{args.checkpoint}: its tokenizer.model (pass --tokenizer)")
         if sp.vocab_size() > ckpt.model.config.vocab_size:
             raise UsageError(f"tokenizer has {sp.vocab_size()} pieces, the model only {ckpt.model.config.vocab_size}")
         if args.prefix == "auto":

@@ -141,6 +141,10 @@ def test_generate_cli_errors(tmp_path, pydoc, capsys):
         assert generate_main(["--checkpoint", str(tmp_path / "no_tok"), "--prompt", "x", "--tokenizer", str(path)]) == 2
         err = capsys.readouterr().err
         assert f"--tokenizer {path}: {message}" in err and "Traceback" not in err, err
+    save_export(random_model(cfg), cfg, tmp_path / "bad_tok", tokenizer=b"not a sentencepiece model")
+    assert generate_main(["--checkpoint", str(tmp_path / "bad_tok"), "--prompt", "x"]) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'bad_tok'}: its tokenizer.model (pass --tokenizer): not a sentencepiece model" in err, err
     small = tiny()  # 97 ids: the 1024-piece tokenizer does not fit
     save_export(random_model(small), small, tmp_path / "small", tokenizer=pydoc.tokenizer_model)
     assert generate_main(["--checkpoint", str(tmp_path / "small"), "--prompt", "x"]) == 2

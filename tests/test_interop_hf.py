@@ -256,3 +256,14 @@ def test_convert_cli_errors_are_one_line(tmp_path, capsys):
         assert err.startswith("error: ") and message in err and "Traceback" not in err
     assert convert_main(["ds-to-hf", str(tmp_path / "mla_o"), str(tmp_path / "o3"), "--fold"]) == 0
     assert "folded MLA-o into o_proj" in capsys.readouterr().out
+    save_export(random_model(cfg), cfg, tmp_path / "bad_tok", tokenizer=b"garbage")
+    for argv, message in [(["ds-to-hf", str(tmp_path / "bad_tok"), str(tmp_path / "o4")],
+                           f"{tmp_path / 'bad_tok'}: its tokenizer.model: not a sentencepiece model"),
+                          (["hf-to-ds", str(tmp_path / "o3"), str(tmp_path / "o5"), "--tokenizer", str(tmp_path / "nope")],
+                           f"--tokenizer {tmp_path / 'nope'}: no such file"),
+                          (["hf-to-ds", str(tmp_path / "o3"), str(tmp_path / "o6"), "--tokenizer",
+                            str(tmp_path / "o3" / "config.json")], "not a sentencepiece model")]:
+        assert convert_main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and message in err and "Traceback" not in err, err
+        assert not (tmp_path / argv[2]).exists()  # refused before anything is written

@@ -224,3 +224,17 @@ def open_tokenizer(path: str | Path, what: str = "tokenizer"):
         return spm.SentencePieceProcessor(model_file=str(path))
     except (OSError, RuntimeError) as e:
         raise DataError(f"{what} {path}: not a sentencepiece model: {e}") from None
+
+
+def tokenizer_from_bytes(data: bytes, what: str):
+    """The sentencepiece model serialized in `data` (a checkpoint's stored tokenizer.model); DataError
+    naming it (as `what`) if it is not one."""
+    import sentencepiece as spm
+
+    try:
+        sp = spm.SentencePieceProcessor(model_proto=data)
+    except RuntimeError as e:
+        raise DataError(f"{what}: not a sentencepiece model: {e}") from None
+    if not sp.vocab_size():  # empty bytes load as an uninitialised processor
+        raise DataError(f"{what}: not a sentencepiece model: empty")
+    return sp
