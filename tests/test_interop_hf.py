@@ -208,6 +208,23 @@ def test_unsupported_hf_configs_are_refused(tmp_path):
         save_hf(random_model(tiny(moe__score_func="softmax")), tmp_path)
 
 
+def test_unreadable_hf_dirs_are_refused_naming_the_file(tmp_path):
+    import shutil
+
+    save_hf(random_model(tiny()), tmp_path / "good", max_shard_bytes=50_000)  # sharded: an index
+    weights = next((tmp_path / "good").glob("model-00001-of-*.safetensors"))
+    for name, damage, message in [
+            ("truncated", lambda d: (d / weights.name).write_bytes(weights.read_bytes()[:-100]), "unreadable safetensors"),
+            ("not_safetensors", lambda d: (d / weights.name).write_bytes(b"garbage"), "unreadable safetensors"),
+            ("bad_index", lambda d: (d / "model.safetensors.index.json").write_text("[]"), "not a safetensors index"),
+            ("list_config", lambda d: (d / "config.json").write_text("[1]"), "config.json: holds a JSON list")]:
+        shutil.copytree(tmp_path / "good", tmp_path / name)
+        damage(tmp_path / name)
+        with pytest.raises(HFConversionError, match=message) as e:
+            load_hf(tmp_path / name)
+        assert str(tmp_path / name) in str(e.value)
+
+
 def test_convert_cli_both_ways(tmp_path, capsys):
     cfg = tiny()
     model = random_model(cfg)

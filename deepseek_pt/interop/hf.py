@@ -21,7 +21,7 @@ from pathlib import Path
 
 import sentencepiece as spm
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from ..config import Config, ConfigError, ModelConfig, config_from_dict
@@ -44,9 +44,12 @@ def read_hf_config(path: str | Path) -> dict:
     if not file.is_file():
         raise HFConversionError(f"{file}: not found ({path} is not an HF model directory)")
     try:
-        return json.loads(file.read_text())
+        hf = json.loads(file.read_text())
     except json.JSONDecodeError as e:
         raise HFConversionError(f"{file}: not valid JSON: {e}") from None
+    if not isinstance(hf, dict):
+        raise HFConversionError(f"{file}: holds a JSON {type(hf).__name__}, expected an object")
+    return hf
 
 
 # --------------------------------------------------------------------------------------------
@@ -204,25 +207,34 @@ class _Weights:
 
     def __init__(self, path: Path, stack: ExitStack):
         index = path / "model.safetensors.index.json"
+        self._stack, self._handles = stack, {}
         if index.is_file():
-            self.file_of = {k: path / v for k, v in json.loads(index.read_text())["weight_map"].items()}
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+                self.file_of = {k: path / v for k, v in weight_map.items()}
+            except (json.JSONDecodeError, TypeError, KeyError, AttributeError) as e:
+                raise HFConversionError(f"{index}: not a safetensors index with a weight_map "
+                                        f"({type(e).__name__}: {e})") from None
         else:
             self.file_of = {}
             for file in sorted(path.glob("*.safetensors")):
-                with safe_open(file, framework="pt") as f:
-                    self.file_of.update(dict.fromkeys(f.keys(), file))
+                self.file_of.update(dict.fromkeys(self._open(file).keys(), file))
         if not self.file_of:
             raise HFConversionError(f"{path}: no *.safetensors weights found")
-        self._stack, self._handles = stack, {}
+
+    def _open(self, file: Path):
+        if file not in self._handles:
+            try:
+                self._handles[file] = self._stack.enter_context(safe_open(file, framework="pt"))
+            except (SafetensorError, OSError) as e:  # truncated, not safetensors, or a shard the index invents
+                raise HFConversionError(f"{file}: unreadable safetensors file: {e}") from None
+        return self._handles[file]
 
     def __contains__(self, key: str) -> bool:
         return key in self.file_of
 
     def get(self, key: str) -> torch.Tensor:
-        file = self.file_of[key]
-        if file not in self._handles:
-            self._handles[file] = self._stack.enter_context(safe_open(file, framework="pt"))
-        return self._handles[file].get_tensor(key)
+        return self._open(self.file_of[key]).get_tensor(key)
 
 
 # --------------------------------------------------------------------------------------------
