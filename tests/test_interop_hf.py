@@ -225,6 +225,23 @@ def test_unreadable_hf_dirs_are_refused_naming_the_file(tmp_path):
         assert str(tmp_path / name) in str(e.value)
 
 
+def test_saving_over_an_hf_dir_leaves_none_of_its_weights(tmp_path, capsys):
+    old, new = random_model(tiny(), seed=1), random_model(tiny(), seed=2)
+    save_hf(old, tmp_path / "hf", max_shard_bytes=50_000)  # sharded, with an index
+    save_hf(new, tmp_path / "hf")  # one file: the old index and shards must not shadow it
+    assert sorted(p.name for p in (tmp_path / "hf").iterdir()) == ["config.json", "generation_config.json",
+                                                                    "model.safetensors"]
+    assert all(torch.equal(a, b) for a, b in zip(load_hf(tmp_path / "hf").state_dict().values(),
+                                                 new.state_dict().values()))
+    save_export(old, tiny(), tmp_path / "exp")
+    assert convert_main(["ds-to-hf", str(tmp_path / "exp"), str(tmp_path / "hf"), "--force",
+                         "--max-shard-gb", "0.00005"]) == 0
+    assert not (tmp_path / "hf" / "model.safetensors").exists()
+    assert all(torch.equal(a, b) for a, b in zip(load_hf(tmp_path / "hf").state_dict().values(),
+                                                 old.state_dict().values()))
+    capsys.readouterr()
+
+
 def test_convert_cli_both_ways(tmp_path, capsys):
     cfg = tiny()
     model = random_model(cfg)

@@ -341,6 +341,11 @@ def save_hf(model: Transformer, path: str | Path, fold: bool = False, dtype: tor
     config = hf_config_dict(model.config, dtype, bos_id, eos_id)
     tensors, fold_errors = hf_tensors(model, dtype, fold)
     path.mkdir(parents=True, exist_ok=True)
+    # Writing over an earlier save (convert --force): incomplete until the new config.json is in place,
+    # and none of its weight files may survive to shadow the new ones (load_hf and transformers
+    # prefer different ones of model.safetensors and an index).
+    (path / "config.json").unlink(missing_ok=True)
+    (path / "model.safetensors.index.json").unlink(missing_ok=True)
     shards, size = [{}], 0
     for key, t in tensors.items():
         nbytes = t.numel() * t.element_size()
@@ -351,6 +356,8 @@ def save_hf(model: Transformer, path: str | Path, fold: bool = False, dtype: tor
         size += nbytes
     names = (["model.safetensors"] if len(shards) == 1 else
              [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+    for stale in {*path.glob("model-*-of-*.safetensors"), path / "model.safetensors"} - {path / n for n in names}:
+        stale.unlink(missing_ok=True)
     for name, shard in zip(names, shards):
         save_file(shard, path / name, metadata={"format": "pt"})
     if len(shards) > 1:
