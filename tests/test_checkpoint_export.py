@@ -217,3 +217,14 @@ def test_bad_checkpoints_are_named(trained, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         ckpt_export.main([str(run), str(tmp_path / "out"), "--dtype", "fp8"])
     assert exit_info.value.code == 2
+
+
+def test_cli_refuses_a_non_empty_output_directory(tmp_path, capsys):
+    hf = tmp_path / "hf"  # e.g. an HF copy, whose model.safetensors the export would replace
+    hf.mkdir()
+    (hf / "model.safetensors").write_bytes(b"weights")
+    assert ckpt_export.main([str(tmp_path / "nowhere"), str(hf)]) == 2  # refused before the checkpoint is read
+    assert capsys.readouterr().err == f"error: {hf}: exists and is not empty (pass --force to write into it)\n"
+    assert (hf / "model.safetensors").read_bytes() == b"weights"
+    assert ckpt_export.main([str(tmp_path / "nowhere"), str(hf), "--force"]) == 2
+    assert "does not exist" in capsys.readouterr().err

@@ -1,6 +1,6 @@
 """Consolidated weights from a training checkpoint, in one process, without torch.distributed:
 
-    python -m deepseek_pt.engine.export CHECKPOINT OUT_DIR [--dtype bf16|fp32]
+    python -m deepseek_pt.engine.export CHECKPOINT OUT_DIR [--dtype bf16|fp32] [--force]
 
 CHECKPOINT is a run directory (its `checkpoints/latest`), a `checkpoints/` directory (its `latest`)
 or one `step_*` checkpoint. The steps:
@@ -342,9 +342,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("out_dir", help="export directory to write (config.yaml, model.safetensors, export.json)")
     parser.add_argument("--dtype", choices=["bf16", "fp32"], default="fp32",
                         help="weight dtype of the export (default fp32: the training masters as they are)")
+    parser.add_argument("--force", action="store_true", help="write into a non-empty output directory")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     from ..export import ExportError
 
+    out_dir = Path(args.out_dir)
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not args.force:
+        # Its model.safetensors / config.yaml would be replaced: e.g. an HF copy's, or an earlier export.
+        print(f"error: {out_dir}: exists and is not empty (pass --force to write into it)", file=sys.stderr)
+        return 2
     try:
         out = export_checkpoint(args.checkpoint, args.out_dir, args.dtype)
     except (CheckpointError, ConfigError, ExportError) as e:
