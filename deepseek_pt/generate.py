@@ -3,7 +3,8 @@
 CKPT is a training run directory (any world size), one of its checkpoints, an export or an HF
 DeepseekV3 directory. Decoding runs MLA's absorbed path against the compressed cache, which holds
 only the normalised latent and the shared rotary key per token and layer; --no-cache recomputes the
-whole prefix every step instead. Greedy output (--temperature 0) is the same either way.
+whole prefix every step instead. Greedy output (--temperature 0) is the same either way in fp32 (in
+bf16 the two paths round differently and may part after some tokens).
 """
 from __future__ import annotations
 
