@@ -242,6 +242,18 @@ def test_saving_over_an_hf_dir_leaves_none_of_its_weights(tmp_path, capsys):
     capsys.readouterr()
 
 
+def test_an_interrupted_save_hf_leaves_no_torn_weights(tmp_path, monkeypatch):
+    def killed(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"half a safetensors file")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("deepseek_pt.interop.hf.save_file", killed)
+    with pytest.raises(KeyboardInterrupt):
+        save_hf(random_model(tiny()), tmp_path / "hf")
+    assert list((tmp_path / "hf").iterdir()) == []
+
+
 def test_convert_cli_both_ways(tmp_path, capsys):
     cfg = tiny()
     model = random_model(cfg)

@@ -26,6 +26,7 @@ from safetensors.torch import save_file
 
 from ..config import Config, ConfigError, ModelConfig, config_from_dict
 from ..export import DTYPES, FP32_TENSORS, cast_model, dtype_name, expected_tensors
+from ..fileio import atomic_path, atomic_write_bytes, atomic_write_json
 from ..model import MoE, Transformer
 
 MAX_SHARD_BYTES = 5 * 1024**3
@@ -359,14 +360,14 @@ def save_hf(model: Transformer, path: str | Path, fold: bool = False, dtype: tor
     for stale in {*path.glob("model-*-of-*.safetensors"), path / "model.safetensors"} - {path / n for n in names}:
         stale.unlink(missing_ok=True)
     for name, shard in zip(names, shards):
-        save_file(shard, path / name, metadata={"format": "pt"})
+        with atomic_path(path / name) as tmp:  # never a torn weights file under its final name
+            save_file(shard, tmp, metadata={"format": "pt"})
     if len(shards) > 1:
         index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
                  "weight_map": {k: n for n, shard in zip(names, shards) for k in shard}}
-        (path / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-    generation = {"bos_token_id": bos_id, "eos_token_id": eos_id}
-    (path / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
-    (path / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        atomic_write_json(path / "model.safetensors.index.json", index)
+    atomic_write_json(path / "generation_config.json", {"bos_token_id": bos_id, "eos_token_id": eos_id})
+    atomic_write_json(path / "config.json", config)
     return fold_errors
 
 
@@ -381,6 +382,6 @@ def save_hf_tokenizer(path: str | Path, sp_model: bytes, max_len: int, add_bos: 
               "model_max_length": max_len, **{name: sp.id_to_piece(i) for name, i in ids.items() if i >= 0}}
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    (path / "tokenizer.model").write_bytes(sp_model)
-    (path / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    atomic_write_bytes(path / "tokenizer.model", sp_model)
+    atomic_write_json(path / "tokenizer_config.json", config)
     return (ids["bos_token"] if ids["bos_token"] >= 0 else None, ids["eos_token"] if ids["eos_token"] >= 0 else None)
