@@ -75,7 +75,9 @@ def main(argv: list[str] | None = None) -> int:
         if seq_len > m.max_seq_len:
             raise UsageError(f"--seq-len {seq_len} > model.max_seq_len {m.max_seq_len}")
         batch_size = args.batch_size or ckpt.config.train.micro_batch_size
-        batches = val_batches(args.data, args.split, seq_len, batch_size, max_batches=args.max_batches)
+        # Every sample, the last batch short if need be: the loss must not depend on --batch-size.
+        batches = val_batches(args.data, args.split, seq_len, batch_size, max_batches=args.max_batches,
+                              drop_last=False)
         result = {"checkpoint": args.checkpoint, "data": args.data, "split": args.split, "seq_len": seq_len,
                   "batch_size": batch_size, **evaluate(ckpt.model, batches)}
         if args.json:

@@ -189,5 +189,12 @@ def test_evaluate_cli_on_an_export_and_its_hf_copy(export_1024, tmp_path, pydoc,
     save_hf(load_export(export_1024)[0], tmp_path / "hf")
     assert evaluate_main(["--checkpoint", str(tmp_path / "hf")] + argv) == 0
     assert json.loads(capsys.readouterr().out)["loss"] == pytest.approx(from_export["loss"], rel=1e-6)
+    by_batch = []
+    for batch_size in (1, 3, 7):  # whatever --batch-size, every sample counts (a short last batch included)
+        assert evaluate_main(["--checkpoint", str(export_1024), "--data", str(pydoc.shards_dir), "--seq-len", "32",
+                              "--batch-size", str(batch_size), "--json"]) == 0
+        by_batch.append(json.loads(capsys.readouterr().out))
+    assert len({r["tokens"] for r in by_batch}) == 1 and by_batch[1]["batches"] == -(-by_batch[0]["batches"] // 3)
+    assert [r["loss"] for r in by_batch] == pytest.approx([by_batch[0]["loss"]] * 3, rel=1e-6)
     assert evaluate_main(["--checkpoint", str(export_1024), "--data", str(tmp_path / "nowhere")]) == 2
     assert capsys.readouterr().err.startswith("error: ")

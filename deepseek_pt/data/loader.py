@@ -203,16 +203,19 @@ def _describe_change(saved: dict, fingerprints: list[str], counts: list[int]) ->
 
 def val_batches(path: str | Path, split: str = "val", seq_len: int = 2048, micro_batch_size: int = 1,
                 dp_rank: int = 0, dp_world: int = 1, max_batches: int | None = None,
-                verify_checksums: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+                verify_checksums: bool = False, drop_last: bool = True) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """The split's samples in order, B * W per global step, rank r taking [r*B, (r+1)*B) of each.
 
     Every rank yields the same number of batches (min(steps, max_batches), incomplete final
     global steps dropped), so collective ops in evaluation never wait on a rank that stopped early.
+    drop_last=False (one process only) yields the final incomplete batch too: every sample.
     """
     _check_dp(micro_batch_size, dp_rank, dp_world)
+    if not drop_last and dp_world != 1:
+        raise ValueError("drop_last=False needs dp_world 1 (ranks would yield different batch counts)")
     ds = PretrainDataset(path, split=split, seq_len=seq_len, verify_checksums=verify_checksums)
     per_step = micro_batch_size * dp_world
-    steps = len(ds) // per_step
+    steps = len(ds) // per_step if drop_last else -(-len(ds) // per_step)
     if steps == 0:
         raise DataError(f"{ds.manifest.path}: split {split!r} has {len(ds)} samples of {seq_len + 1} tokens, "
                         f"fewer than one global batch (micro_batch_size {micro_batch_size} x dp_world {dp_world})")
@@ -222,8 +225,8 @@ def val_batches(path: str | Path, split: str = "val", seq_len: int = 2048, micro
     def batches():
         for step in range(steps):
             start = step * per_step + dp_rank * micro_batch_size
-            yield _to_batch([ds], np.zeros(micro_batch_size, dtype=np.int64),
-                            np.arange(start, start + micro_batch_size))
+            samples = np.arange(start, min(start + micro_batch_size, len(ds)))
+            yield _to_batch([ds], np.zeros(len(samples), dtype=np.int64), samples)
 
     return batches()
 
