@@ -152,8 +152,8 @@ class DataConfig:
     """Train on several shard directories built with one tokenizer, each sample read from source j with share
     weight_j / sum(weights), interleaved evenly (a fixed pattern, not a draw). Each source keeps its own shuffled
     order (data.seed mixed with its index) and is re-read in a new order when exhausted. Evaluation reports each
-    source's data.val_split loss (eval_loss/NAME) and their weighted mean (eval_loss). Changing the blend refuses to
-    resume: the consumed sample count would point into another order."""
+    source's data.val_split loss (eval_loss/NAME) and their weighted mean (eval_loss). A checkpoint saved on another
+    blend resumes only with data.resume_on_new_data."""
     seq_len: int = 2048
     """Training sequence length (each sample reads seq_len + 1 tokens)."""
     seed: int = 1234

@@ -210,7 +210,9 @@ def resume_mismatch(meta: dict, cfg: Config, where: str) -> str | None:
         model: ModelConfig = model_from_dict(saved["model"], where)
     except ConfigError as e:
         return f"its model section does not load ({e})"
-    shapes = lambda m: {n: tuple(p.shape) for n, p in meta_model(m).named_parameters()}  # noqa: E731
+    def shapes(m: ModelConfig) -> dict[str, tuple]:
+        return {n: tuple(p.shape) for n, p in meta_model(m).named_parameters()}
+
     if shapes(model) != shapes(cfg.model):  # keys that shape no parameter (rope, routing, init) may change
         return "the model's parameter shapes differ: " + "; ".join(_differences(model, cfg.model, "model"))
     return None

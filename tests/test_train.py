@@ -500,8 +500,8 @@ def test_a_checkpoint_this_config_cannot_load_is_refused_before_start(tmp_path, 
     for overrides, why in [
         (["model.dim=32"], "the model's parameter shapes differ: model.dim: 32 here, 64 in the checkpoint"),
         (["model.moe.n_routed_experts=4", "model.moe.n_expert_groups=2"],
-         "the model's parameter shapes differ: model.moe.n_routed_experts: 4 here, 8 in the checkpoint; "
-         "model.moe.n_expert_groups: 2 here, 4 in the checkpoint"),
+         ("the model's parameter shapes differ: model.moe.n_routed_experts: 4 here, 8 in the checkpoint; "
+          "model.moe.n_expert_groups: 2 here, 4 in the checkpoint")),
         (["parallel.zero_stage=2"], "parallel.zero_stage: 2 here, 3 in the checkpoint"),
         (["precision=bf16"], "precision: bf16 here, fp32 in the checkpoint"),
     ]:
