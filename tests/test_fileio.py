@@ -1,0 +1,34 @@
+"""deepseek_pt.fileio: atomic writes leave the old content or the whole new one, with the mode open() gives."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from deepseek_pt.fileio import atomic_path, atomic_write_text
+
+
+def test_a_private_writer_still_leaves_a_file_the_umask_allows(tmp_path):
+    umask = os.umask(0o027)
+    try:
+        with atomic_path(tmp_path / "model.safetensors") as tmp:
+            save_file({"w": torch.zeros(2)}, str(tmp))  # safetensors creates its file 0600
+        atomic_write_text(tmp_path / "config.yaml", "a: 1\n")
+    finally:
+        os.umask(umask)
+    for name in ("model.safetensors", "config.yaml"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o640, name
+
+
+def test_a_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
+    target = tmp_path / "meta.json"
+    atomic_write_text(target, "old")
+    with pytest.raises(OSError, match="disk full"):
+        with atomic_path(target) as tmp:
+            tmp.write_text("half")
+            raise OSError("disk full")
+    assert target.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["meta.json"]
+    atomic_write_text(target, "new")
+    assert target.read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["meta.json"]
