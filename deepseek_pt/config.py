@@ -7,6 +7,7 @@ key path (e.g. `configs/smoke.yaml: model.moe.top_k: 9 > model.moe.n_routed_expe
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -472,9 +473,11 @@ def _convert(value: Any, tp: Any, key: str, where: str) -> Any:
         return float(value)
     if tp is float and isinstance(value, str):
         try:  # YAML 1.1 reads "3e-4" as a string
-            return float(value)
+            value = float(value)
         except ValueError:
             pass
+    if tp is float and isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{where}: {key}: must be a finite number, got {value!r}")
     if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
         raise ConfigError(f"{where}: {key}: expected {_type_name(tp)}, got {value!r}")
     return value
@@ -513,6 +516,28 @@ def _set_dotted(tree: dict, dotted: str, value: Any, where: str) -> None:
     node[keys[-1]] = value
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.SafeLoader refusing a mapping that holds a key twice, where PyYAML keeps the last silently (a second
+    `model:` section would drop the first)."""
+
+
+def _unique_key_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode) -> dict:
+    seen = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=True)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(None, None, f"key {key!r} appears twice", key_node.start_mark)
+        seen.add(key)
+    return loader.construct_mapping(node, deep=True)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_key_mapping)
+
+
+def _load_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
+
+
 def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
     """`key.path=value` strings -> (key, YAML-parsed value)."""
     parsed = []
@@ -521,11 +546,12 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
         if not sep or not key or any(not part for part in key.split(".")):
             raise ConfigError(f"override {item!r}: expected key.path=value")
         try:
-            parsed.append((key, yaml.safe_load(raw) if raw != "" else None))
+            parsed.append((key, _load_yaml(raw) if raw != "" else None))
         except yaml.YAMLError as e:  # `run.name=@x`, `model.dim={`: YAML refuses the value itself
             why = getattr(e, "problem", None) or e
-            raise ConfigError(f"override {item!r}: the value is not valid YAML ({why}); for a string, quote it: "
-                              f"{key}='\"{raw}\"'") from None
+            hint = "" if isinstance(e, yaml.constructor.ConstructorError) else \
+                f"; for a string, quote it: {key}='\"{raw}\"'"
+            raise ConfigError(f"override {item!r}: the value is not valid YAML ({why}){hint}") from None
     return parsed
 
 
@@ -544,7 +570,7 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = _load_yaml(path.read_text())
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
     except (OSError, UnicodeDecodeError) as e:  # unreadable, or not text (a checkpoint passed as --config)
@@ -624,6 +650,12 @@ def validate(cfg: Config, where: str = "<config>") -> None:
     check(cfg.train.checkpoints or not cfg.train.save_every, "train.save_every",
           f"{cfg.train.save_every} asks for checkpoints, but train.checkpoints is false")
     check(m.init_std > 0, "model.init_std", f"must be positive, got {m.init_std}")
+    check(moe.route_scale > 0, "model.moe.route_scale", f"must be positive, got {moe.route_scale}")
+    check(cfg.train.adam_eps > 0, "train.adam_eps", f"must be positive, got {cfg.train.adam_eps}")
+    check(cfg.train.peak_tflops is None or cfg.train.peak_tflops > 0, "train.peak_tflops",
+          f"must be positive, got {cfg.train.peak_tflops}")
+    check(cfg.parallel.zero_persistence_threshold >= 0, "parallel.zero_persistence_threshold",
+          f"must be >= 0, got {cfg.parallel.zero_persistence_threshold}")
     check(m.norm_eps > 0, "model.norm_eps", f"must be positive, got {m.norm_eps}")
     check(a.qk_rope_head_dim % 2 == 0, "model.attention.qk_rope_head_dim", f"must be even, got {a.qk_rope_head_dim}")
     if a.use_output_subspace:

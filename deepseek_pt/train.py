@@ -44,7 +44,7 @@ def parse_args(argv):
     parser.add_argument("--check-only", action="store_true", help="validate config and inputs, then exit")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=100")
-    return parser.parse_args(argv)
+    return parser.parse_intermixed_args(argv)  # options after overrides too: `... a=1 --check-only b=2`
 
 
 def host_memory_available() -> int | None:

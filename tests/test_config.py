@@ -59,6 +59,11 @@ def _write(tmp_path, data) -> Path:
     ({"data": {"blend": [{"weight": 1}]}}, [], "data.blend[0].path: required"),
     ({"data": {"blend": [{"path": "a", "wieght": 1}]}}, [], "data.blend[0].wieght: unknown key"),
     ({"data": {"blend": {"path": "a"}}}, [], "data.blend: expected list of DataSource"),
+    ({}, ["train.lr=.inf"], "train.lr: must be a finite number, got inf"),
+    ({"model": {"init_std": "nan"}}, [], "model.init_std: must be a finite number, got nan"),
+    ({}, ["model.moe.route_scale=-1"], "model.moe.route_scale: must be positive, got -1.0"),
+    ({}, ["train.peak_tflops=-1"], "train.peak_tflops: must be positive, got -1.0"),
+    ({}, ["parallel.zero_persistence_threshold=-5"], "parallel.zero_persistence_threshold: must be >= 0, got -5"),
 ])
 def test_errors_name_the_file_and_key(tmp_path, data, overrides, message):
     path = _write(tmp_path, data)
@@ -92,6 +97,16 @@ def test_overrides_are_typed_and_applied(tmp_path):
     assert load_config(_write(tmp_path, {}), ["train.activation_checkpointing=[1]"]).train.activation_checkpointing == [1]
     assert load_config(_write(tmp_path, {}), ["train.activation_checkpointing=true"]).train.activation_checkpointing is True
 
+
+
+def test_a_key_given_twice_in_the_file_is_named(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("model:\n  dim: 64\ntrain:\n  lr: 1.0e-3\nmodel:\n  n_layers: 2\n")
+    with pytest.raises(ConfigError, match=r"(?s)c.yaml: not valid YAML: key 'model' appears twice.*line 5"):
+        load_config(path)
+    with pytest.raises(ConfigError, match=r"override 'model=\{dim: 64, dim: 32\}': the value is not valid YAML \(key "
+                                          r"'dim' appears twice\)$"):
+        load_config(_write(tmp_path, {}), ["model={dim: 64, dim: 32}"])
 
 
 def test_a_blend_from_yaml_or_an_override(tmp_path):

@@ -414,6 +414,14 @@ def test_bad_input_is_refused_before_start(tmp_path, data, args, world, message)
     assert (run / "config.yaml").read_text() == "sentinel" and sorted(p.name for p in run.iterdir()) == ["config.yaml"]
 
 
+def test_options_may_follow_overrides():
+    from deepseek_pt.train import parse_args
+
+    args = parse_args(["--config", "c.yaml", "train.max_steps=3", "--check-only", "run.dir=/tmp/r", "--local_rank=1"])
+    assert (args.config, args.check_only, args.local_rank) == ("c.yaml", True, 1)
+    assert args.overrides == ["train.max_steps=3", "run.dir=/tmp/r"]
+
+
 def test_a_process_started_alone_gets_a_rendezvous_of_its_own(monkeypatch):
     from deepseek_pt import train as train_module
 
