@@ -47,6 +47,7 @@ def hf_to_ds(args) -> None:
     model = load_hf(args.hf_dir, dtype=DTYPE_CHOICES.get(args.dtype))
     base = load_config(args.base_config) if args.base_config else None
     config = full_config(model.config, base, where=args.base_config or args.hf_dir)
+    model.config = config.model  # the base's TRAINING_KNOBS, which save_export takes from the model
     save_export(model, config, out, source=str(Path(args.hf_dir).absolute()),
                 tokenizer=tokenizer if args.tokenizer or tokenizer.is_file() else None)
     print(f"{args.hf_dir} -> {out}: {_describe(model)}")
@@ -92,7 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     h = sub.add_parser("hf-to-ds", help="HF DeepseekV3 directory -> export")
     h.add_argument("hf_dir")
     h.add_argument("out")
-    h.add_argument("--base-config", help="YAML whose non-model sections (data, train, ...) the export's config takes")
+    h.add_argument("--base-config", help="YAML whose non-model sections (data, train, ...) and model training knobs "
+                   "(mtp_loss_weight, moe.bias_update_rate, moe.seq_aux_loss_alpha) the export's config takes")
     h.add_argument("--tokenizer", help="sentencepiece model to store (default: HF_DIR/tokenizer.model if present)")
     h.set_defaults(fn=hf_to_ds)
     d = sub.add_parser("ds-to-hf", help="run dir / checkpoint / export -> HF DeepseekV3 directory")

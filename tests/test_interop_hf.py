@@ -1,4 +1,5 @@
 """HF transformers DeepseekV3 <-> deepseek_pt: logits parity both ways on tiny random models (fp32)."""
+import dataclasses
 import json
 
 import pytest
@@ -265,8 +266,13 @@ def test_convert_cli_both_ways(tmp_path, capsys):
     # hf-to-ds for continued pretraining: model section from HF, the rest from the training config.
     assert convert_main(["hf-to-ds", str(tmp_path / "hf"), str(tmp_path / "back"), "--base-config", "configs/smoke.yaml"]) == 0
     back, back_cfg = load_export(tmp_path / "back")
-    assert back_cfg.model == cfg.model
-    assert back_cfg.train == load_config("configs/smoke.yaml").train
+    smoke = load_config("configs/smoke.yaml")
+    assert back_cfg.train == smoke.train
+    # config.json's keys come from the HF model, the run's own knobs (which config.json lacks) from the base
+    assert cfg.model.moe.bias_update_rate != smoke.model.moe.bias_update_rate
+    moe = dataclasses.replace(cfg.model.moe, bias_update_rate=smoke.model.moe.bias_update_rate,
+                              seq_aux_loss_alpha=smoke.model.moe.seq_aux_loss_alpha)
+    assert back_cfg.model == dataclasses.replace(cfg.model, mtp_loss_weight=smoke.model.mtp_loss_weight, moe=moe)
     assert torch.equal(back.layers[1].mlp.gate.e_score_correction_bias, model.layers[1].mlp.gate.e_score_correction_bias)
     capsys.readouterr()
 

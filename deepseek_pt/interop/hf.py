@@ -14,6 +14,7 @@ Names already match inside blocks; what differs:
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 from contextlib import ExitStack
@@ -118,12 +119,23 @@ def model_dict_from_hf(hf: dict, mtp_depth: int, where: str) -> dict:
         raise HFConversionError(f"{where}: missing key {e.args[0]!r}") from None
 
 
+TRAINING_KNOBS = (("mtp_loss_weight",), ("moe", "bias_update_rate"), ("moe", "seq_aux_loss_alpha"))
+"""Model keys that shape no weight and that config.json does not carry: a run's own settings, which a base config
+keeps (converting an HF model for continued pretraining must not reset the run's balancing rate)."""
+
+
 def full_config(model: ModelConfig | dict, base: Config | None = None, where: str = "<hf>") -> Config:
-    """A complete run Config around a model section: `base`'s other sections, or the defaults with
-    data.seq_len capped at the model's max_seq_len."""
-    model = model if isinstance(model, dict) else dataclasses.asdict(model)
+    """A complete run Config around a model section: `base`'s other sections and TRAINING_KNOBS, or the defaults
+    with data.seq_len capped at the model's max_seq_len."""
+    model = copy.deepcopy(model) if isinstance(model, dict) else dataclasses.asdict(model)
     seq_len = min(Config().data.seq_len, model["max_seq_len"])
     rest = base.to_dict() if base is not None else {"data": {"seq_len": seq_len}}
+    for *section, key in TRAINING_KNOBS if base is not None else ():
+        into, source = model, rest["model"]
+        for name in section:
+            into, source = into[name], source[name]
+        into[key] = source[key]
+    rest.pop("model", None)
     try:
         return config_from_dict({**rest, "model": model}, where)
     except ConfigError as e:
