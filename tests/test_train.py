@@ -469,6 +469,21 @@ def test_incomplete_latest_checkpoint_is_refused(tmp_path, data):
     assert proc.returncode == 2 and "step_00000004, which is missing or incomplete (no meta.json)" in proc.stderr
 
 
+@pytest.mark.parametrize("meta, named", [
+    ({"step": 4, "files": {}}, "missing or malformed world_size, ep_size"),
+    ({"step": 4, "world_size": 2, "ep_size": 2, "files": {"mp_rank_00_model_states.pt": {"bytes": 1}}},
+     "missing or malformed files.mp_rank_00_model_states.pt"),
+])
+def test_a_malformed_meta_json_is_named(tmp_path, data, meta, named):
+    run = tmp_path / "run"
+    (run / "checkpoints" / "step_00000004").mkdir(parents=True)
+    (run / "checkpoints" / "step_00000004" / "meta.json").write_text(json.dumps(meta))
+    (run / "checkpoints" / "latest").write_text("step_00000004\n")
+    proc = _direct(tmp_path, f"data.path={data}", f"run.dir={run}")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert f"step_00000004/meta.json: {named}" in proc.stderr, proc.stderr
+
+
 @pytest.mark.parametrize("resume, latest", [("none", True), ("auto", False)])
 def test_a_fresh_start_over_complete_checkpoints_is_refused(tmp_path, data, resume, latest):
     """Its saves would replace the old run's checkpoints of the same steps, and pruning (by step) would delete its

@@ -147,6 +147,11 @@ def read_meta(tag_dir: Path) -> dict:
         raise CheckpointError(f"{file}: unreadable ({e})") from None
     if not isinstance(meta, dict) or not isinstance(meta.get("files"), dict) or "step" not in meta:
         raise CheckpointError(f"{file}: not a checkpoint meta.json (no step / files)")
+    wrong = [k for k in ("step", "world_size", "ep_size") if not isinstance(meta.get(k), int) or meta[k] < 0]
+    wrong += [f"files.{n}" for n, f in meta["files"].items()
+              if not isinstance(f, dict) or not isinstance(f.get("bytes"), int) or not isinstance(f.get("sha256"), str)]
+    if wrong:  # a hand-edited or foreign meta.json: named here, not a KeyError deep in the resume
+        raise CheckpointError(f"{file}: missing or malformed {', '.join(wrong[:5])}")
     if meta.get("format_version", 0) > FORMAT_VERSION:
         raise CheckpointError(f"{file}: format_version {meta['format_version']} is newer than this reader "
                               f"({FORMAT_VERSION}); update deepseek_pt")
