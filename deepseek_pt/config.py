@@ -6,6 +6,7 @@ key path (e.g. `configs/smoke.yaml: model.moe.top_k: 9 > model.moe.n_routed_expe
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import re
@@ -556,9 +557,14 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
 
 
 def config_from_dict(data: dict, where: str = "<dict>", overrides: list[str] = ()) -> Config:
-    data = dict(data or {})
+    """Keys and types are checked after each step, so that an error names what brought the bad value: the file, or
+    the override (`model.dim=abc` is not the file's fault). validate() then checks the whole."""
+    data = copy.deepcopy(data or {})
+    _build(Config, data, "", where)
     for key, value in parse_overrides(list(overrides)):
-        _set_dotted(data, key, value, f"{where} (override {key}={value!r})")
+        blame = f"{where} (override {key}={value!r})"
+        _set_dotted(data, key, value, blame)
+        _build(Config, data, "", blame)
     cfg = _build(Config, data, "", where)
     validate(cfg, where)
     return cfg

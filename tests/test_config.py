@@ -99,6 +99,14 @@ def test_overrides_are_typed_and_applied(tmp_path):
 
 
 
+def test_a_bad_override_is_blamed_on_the_override_not_the_file(tmp_path):
+    path = _write(tmp_path, {"model": {"dim": 64}})
+    with pytest.raises(ConfigError, match=r"c.yaml \(override model.dim='abc'\): model.dim: expected int, got 'abc'"):
+        load_config(path, ["train.lr=1e-3", "model.dim=abc"])
+    with pytest.raises(ConfigError, match=r"c.yaml: model.n_layers: expected int"):
+        load_config(_write(tmp_path, {"model": {"n_layers": "four"}}), ["model.dim=abc"])  # the file's comes first
+
+
 def test_a_key_given_twice_in_the_file_is_named(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("model:\n  dim: 64\ntrain:\n  lr: 1.0e-3\nmodel:\n  n_layers: 2\n")
