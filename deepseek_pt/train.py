@@ -130,12 +130,20 @@ def preflight(cfg: Config, world_size: int) -> None:
             raise PreflightError(f"train.resume: this config cannot resume {resume_dir}: {why}. Resume with the "
                                  "checkpoint's settings, or start a new run from its weights (python -m "
                                  "deepseek_pt.engine.export, then train.init_from)")
-    if resume_dir is None and cfg.train.checkpoints and (found := sorted(root.glob("step_*[0-9]/meta.json"))):
+    found = sorted(root.glob("step_*[0-9]/meta.json")) if cfg.train.checkpoints else []
+    if resume_dir is None and found:
         # A fresh run's saves would replace those of the same steps and be pruned in favour of higher ones.
         why = " (no checkpoints/latest)" if cfg.train.resume == "auto" else ""
         raise PreflightError(f"train.resume: {cfg.train.resume} starts from step 0{why}, but {root} holds complete "
                              f"checkpoints (newest {found[-1].parent.name}) that this run's saves would overwrite "
                              "or prune: use another run.dir, give train.resume a checkpoint's path, or remove them")
+    if resume_dir is not None and found and resume_dir.parent.resolve() == root.resolve() \
+            and found[-1].parent.name > resume_dir.name:
+        # A rollback in place: `latest` would name the abandoned later history until this run's saves replace it
+        # step by step (a crash before then resumes that history), and each save deletes its namesake first.
+        raise PreflightError(f"train.resume: {resume_dir.name} is older than {found[-1].parent.name} in the same "
+                             f"run.dir ({root}): resume it into another run.dir (run.dir=NEW "
+                             f"train.resume={resume_dir}), or remove the later checkpoints")
 
 
 def check_data(cfg: Config, world_size: int) -> None:

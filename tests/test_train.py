@@ -484,6 +484,24 @@ def test_a_malformed_meta_json_is_named(tmp_path, data, meta, named):
     assert f"step_00000004/meta.json: {named}" in proc.stderr, proc.stderr
 
 
+def test_a_rollback_in_place_is_refused(tmp_path, data):
+    """Resuming step 4 in the run.dir that holds step 8: its saves would mix with the later history, which `latest`
+    keeps naming until they replace it. Another run.dir resumes it; so does the newest checkpoint in place."""
+    run = tmp_path / "run"
+    for step in (4, 8):
+        (run / "checkpoints" / f"step_0000000{step}").mkdir(parents=True)
+        meta = {"step": step, "world_size": 2, "ep_size": 2, "files": {}}
+        (run / "checkpoints" / f"step_0000000{step}" / "meta.json").write_text(json.dumps(meta))
+    (run / "checkpoints" / "latest").write_text("step_00000008\n")
+    proc = _direct(tmp_path, f"data.path={data}", f"run.dir={run}", f"train.resume={ckpt(run, 4)}", "--check-only")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert (f"train.resume: step_00000004 is older than step_00000008 in the same run.dir ({run}/checkpoints): resume "
+            f"it into another run.dir (run.dir=NEW train.resume={ckpt(run, 4)})") in proc.stderr, proc.stderr
+    for where, resume in ((tmp_path / "elsewhere", ckpt(run, 4)), (run, ckpt(run, 8)), (run, "auto")):
+        proc = _direct(tmp_path, f"data.path={data}", f"run.dir={where}", f"train.resume={resume}", "--check-only")
+        assert proc.returncode == 0, proc.stderr
+
+
 @pytest.mark.parametrize("resume, latest", [("none", True), ("auto", False)])
 def test_a_fresh_start_over_complete_checkpoints_is_refused(tmp_path, data, resume, latest):
     """Its saves would replace the old run's checkpoints of the same steps, and pruning (by step) would delete its
