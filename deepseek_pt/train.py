@@ -592,6 +592,7 @@ def train(cfg: Config) -> int:
     exit_reason = None
     while step < cfg.train.max_steps:
         t0 = time.perf_counter()
+        lr = engine.get_lr()[0]  # the rate this step runs at: the scheduler moves on inside the step
         # Summed on device: one host sync per step, not per micro-step.
         loss_sum = train_step(engine, cfg, batches)
         step += 1
@@ -606,7 +607,7 @@ def train(cfg: Config) -> int:
         record = {
             "step": step,
             "loss": means.pop("loss"),
-            "lr": engine.get_lr()[0],
+            "lr": lr,
             "grad_norm": float(grad_norm) if grad_norm is not None else None,
             "tokens_seen": tokens_seen,
             "tokens_per_s": tokens_per_step / dt,

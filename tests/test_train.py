@@ -119,6 +119,18 @@ def test_loss_falls_and_every_step_is_logged(baseline):
 
 
 @pytest.mark.slow
+def test_logged_lr_is_the_rate_each_step_ran_at(baseline, stopped):
+    """metrics.jsonl's lr at step s is the rate step s ran at, lr_at(s - 1) (warmup from lr / warmup_steps), not the
+    one the scheduler moved on to after it; across a resume too."""
+    from deepseek_pt.config import load_config
+    from deepseek_pt.engine.ds_config import lr_at
+
+    cfg = load_config(SMOKE, [f"train.max_steps={STEPS}"])
+    for run in (baseline, stopped):
+        assert [m["lr"] for m in metrics(run)] == pytest.approx([lr_at(cfg, s) for s in range(STEPS)], rel=1e-9)
+
+
+@pytest.mark.slow
 def test_losses_match_the_committed_reference(baseline):
     """Any change to the model, its initialization, the data order, the optimizer or the schedule moves these
     losses. After an intended one: UPDATE_LOSS_REFERENCE=1 pytest tests/test_train.py -k reference, and say in
