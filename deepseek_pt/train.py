@@ -551,12 +551,13 @@ def train(cfg: Config) -> int:
                          seed=cfg.data.seed, weights=[s.weight for s in sources])
     step, tokens_seen, wandb_id = 0, 0, None
     if resume_dir is not None:
-        weight_decay = checkpoint.weight_decays(engine.optimizer)
+        settings = checkpoint.optimizer_settings(engine.optimizer)
         _, client = engine.load_checkpoint(str(resume_dir.parent), tag=resume_dir.name)
         if client is None:
             raise CheckpointError(f"DeepSpeed could not load {resume_dir}")
         if reshard:
-            checkpoint.repair_universal_load(engine.optimizer, weight_decay)
+            checkpoint.repair_universal_load(engine.optimizer)
+        checkpoint.restore_optimizer_settings(engine.optimizer, engine.lr_scheduler, settings)
         balance.restore_balance_biases(engine.module, client["balance_bias"])  # universal loads drop buffers
         try:
             new_data = loader.load_state_dict(client["loader"], new_data=cfg.data.resume_on_new_data)

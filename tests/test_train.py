@@ -131,6 +131,26 @@ def test_logged_lr_is_the_rate_each_step_ran_at(baseline, stopped):
 
 
 @pytest.mark.slow
+def test_a_resume_trains_with_this_configs_optimizer_settings(tmp_path, data):
+    """A resume that changes the schedule (train.lr, min_lr, max_steps) or AdamW's settings runs on this config's,
+    from the checkpoint's step on: DeepSpeed's load brings back the saved param groups and the scheduler's base lr."""
+    from deepseek_pt.config import load_config
+    from deepseek_pt.engine.ds_config import lr_at
+
+    one_rank = ["parallel.expert_parallel_size=1"]
+    train(1, tmp_path, data, *one_rank, "train.exit_at_step=4")
+    changed = ["train.lr=1e-3", "train.min_lr=1e-4", "train.max_steps=12", "train.weight_decay=0.5",
+               "train.beta2=0.99", "train.adam_eps=1e-6"]
+    train(1, tmp_path, data, *one_rank, *changed)
+    cfg = load_config(SMOKE, changed)
+    assert [m["lr"] for m in metrics(tmp_path)][4:] == pytest.approx([lr_at(cfg, s) for s in range(4, 12)], rel=1e-9)
+    saved = torch.load(ckpt(tmp_path, 12) / "zero_pp_rank_0_mp_rank_00_optim_states.pt", weights_only=False)
+    groups = saved["optimizer_state_dict"]["optimizer_state_dict"]["param_groups"]
+    assert {(g["name"], g["weight_decay"], g["betas"], g["eps"]) for g in groups} == {
+        ("decay", 0.5, (0.9, 0.99), 1e-6), ("no_decay", 0.0, (0.9, 0.99), 1e-6), ("ep_size_1", 0.5, (0.9, 0.99), 1e-6)}
+
+
+@pytest.mark.slow
 def test_losses_match_the_committed_reference(baseline):
     """Any change to the model, its initialization, the data order, the optimizer or the schedule moves these
     losses. After an intended one: UPDATE_LOSS_REFERENCE=1 pytest tests/test_train.py -k reference, and say in

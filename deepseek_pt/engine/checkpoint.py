@@ -201,22 +201,34 @@ def ensure_universal(tag_dir: Path) -> Path:
     return out
 
 
-def weight_decays(optimizer) -> list[float]:
+def optimizer_settings(optimizer) -> list[dict]:
+    """Each param group's hyperparameters as this run's config set them (but the lr, which the schedule sets): taken
+    before a load, for restore_optimizer_settings."""
     inner = getattr(optimizer, "optimizer", optimizer)
-    return [g["weight_decay"] for g in inner.param_groups]
+    return [{k: v for k, v in g.items() if k not in ("params", "lr")} for g in inner.param_groups]
 
 
-def repair_universal_load(optimizer, weight_decay: list[float]) -> None:
-    """Undo two DeepSpeed 0.19.8 defects of a universal (resharding) load:
-    - every ZeRO-3 sub-group's Adam state shares one `step` tensor, which then advances once per
-      sub-group per step: give each its own copy;
-    - group 0's hyperparameters are copied onto every param group, so the no-decay group starts
-      decaying: put back each group's own weight decay, as snapshotted before the load (the
-      learning rate it copies is right: every group shares the schedule)."""
+def restore_optimizer_settings(optimizer, scheduler, settings: list[dict]) -> None:
+    """After a load, this config's optimizer settings, not the checkpoint's: DeepSpeed restores the saved param
+    groups (betas, eps, weight decay, the scheduler's base lr `initial_lr`) and the scheduler's `base_lrs`, so a
+    resume with another train.lr, train.min_lr, train.max_steps, train.weight_decay, ... kept the old values (the
+    lr for good, or for one step). A universal load also copies group 0's onto every group, so the no-decay group
+    decayed. The schedule's position (`last_epoch`) stays the checkpoint's."""
+    inner = getattr(optimizer, "optimizer", optimizer)
+    for group, saved in zip(inner.param_groups, settings, strict=True):
+        group.update(saved)
+    scheduler.base_lrs = [g["initial_lr"] for g in inner.param_groups]
+    for group, base, factor in zip(inner.param_groups, scheduler.base_lrs, scheduler.lr_lambdas, strict=True):
+        group["lr"] = base * factor(scheduler.last_epoch)
+    scheduler._last_lr = [g["lr"] for g in inner.param_groups]
+
+
+def repair_universal_load(optimizer) -> None:
+    """Undo a DeepSpeed 0.19.8 defect of a universal (resharding) load: every ZeRO-3 sub-group's Adam state shares
+    one `step` tensor, which then advances once per sub-group per step: give each its own copy. (Its other, group
+    0's hyperparameters copied onto every group, restore_optimizer_settings undoes on every resume.)"""
     inner = getattr(optimizer, "optimizer", optimizer)
     fused = any(g.get("fused") for g in inner.param_groups)  # fused AdamW wants `step` beside the param
     for param, state in inner.state.items():
         if torch.is_tensor(state.get("step")):
             state["step"] = state["step"].clone().to(param.device if fused else "cpu")
-    for group, decay in zip(inner.param_groups, weight_decay, strict=True):
-        group["weight_decay"] = decay
