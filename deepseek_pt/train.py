@@ -489,9 +489,10 @@ def build_engine(cfg: Config, world: int, init_from: str | None = None, load_uni
 
 
 def train_step(engine, cfg: Config, batches: Iterator[tuple[torch.Tensor, torch.Tensor]],
-               forward: Callable | None = None) -> torch.Tensor:
+               forward: Callable | None = None, parts: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
     """One optimizer step over train.grad_accum_steps micro-batches from `batches`; returns the sum of their
-    losses, on device. `forward(engine, inputs, targets) -> loss` defaults to our model's call."""
+    losses, on device. `forward(engine, inputs, targets) -> loss` defaults to our model's call. `parts`, if given,
+    receives the sums of the model's loss terms besides lm_loss (mtp_loss, balance_loss), on device."""
     accum = cfg.train.grad_accum_steps
     coalesce = deepspeed_micro_steps(cfg) != accum
     loss_sum = torch.zeros((), device=engine.device)
@@ -505,6 +506,10 @@ def train_step(engine, cfg: Config, batches: Iterator[tuple[torch.Tensor, torch.
                 engine.backward(loss)
                 engine.step()
             loss_sum += loss.detach().float()
+            if parts is not None:
+                for name, value in engine.module.last_losses.items():
+                    if name != "lm_loss":
+                        parts[name] = parts.get(name, 0) + value.float()
     if coalesce:
         engine.step()
     return loss_sum
@@ -595,7 +600,8 @@ def train(cfg: Config) -> int:
         t0 = time.perf_counter()
         lr = engine.get_lr()[0]  # the rate this step runs at: the scheduler moves on inside the step
         # Summed on device: one host sync per step, not per micro-step.
-        loss_sum = train_step(engine, cfg, batches)
+        parts = {}  # mtp_loss, balance_loss: summed over the micro-steps, as the loss
+        loss_sum = train_step(engine, cfg, batches, parts=parts)
         step += 1
         tokens_seen += tokens_per_step
         expert_load = balance.update_balance(engine.module, cfg.model.moe.bias_update_rate)
@@ -603,8 +609,8 @@ def train(cfg: Config) -> int:
             torch.cuda.synchronize()
         dt = time.perf_counter() - t0
         grad_norm = engine.get_global_grad_norm()
-        parts = {p: v for p, v in engine.module.last_losses.items() if p != "lm_loss"}  # mtp_loss, balance_loss
-        means = mean_over_ranks({"loss": loss_sum.double() / cfg.train.grad_accum_steps, **parts})
+        means = mean_over_ranks({name: v.double() / cfg.train.grad_accum_steps
+                                 for name, v in {"loss": loss_sum, **parts}.items()})
         record = {
             "step": step,
             "loss": means.pop("loss"),

@@ -626,6 +626,19 @@ def test_mtp_and_sequence_balance_loss_train_under_zero3(tmp_path, data, overrid
         assert parts <= set(r) and all(r[p] > 0 for p in parts)
 
 
+@pytest.mark.slow
+def test_loss_parts_are_means_over_the_micro_steps(tmp_path, data):
+    """mtp_loss and balance_loss, like loss, average every micro-step of the step: 2 micro-batches of 2 sequences
+    log what 1 of 4 does (they logged the last micro-step's)."""
+    parts = ["model.mtp_depth=1", "model.moe.seq_aux_loss_alpha=0.01", "parallel.expert_parallel_size=1",
+             "train.max_steps=3"]
+    train(1, tmp_path / "one", data, *parts)
+    train(1, tmp_path / "two", data, *parts, "train.micro_batch_size=2", "train.grad_accum_steps=2")
+    for one, two in zip(metrics(tmp_path / "one"), metrics(tmp_path / "two"), strict=True):
+        for key in ("loss", "mtp_loss", "balance_loss"):
+            assert two[key] == pytest.approx(one[key], abs=1e-5), (one["step"], key)
+
+
 def test_keep_last_prunes_old_and_incomplete_checkpoints(tmp_path):
     from deepseek_pt.engine.checkpoint import _prune
     root = tmp_path / "checkpoints"
