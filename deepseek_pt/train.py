@@ -248,11 +248,11 @@ class StopSignal:
         self.received = signal.Signals(signum).name
 
 
-def agree(flag: bool, device) -> bool:
-    """True on every rank if it is true on any (ranks see signals and clocks at different moments)."""
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
+def agree(flags: list[bool], device) -> list[bool]:
+    """Each flag true on every rank if it is true on any (ranks see signals and clocks at different moments)."""
+    t = torch.tensor([1.0 if flag else 0.0 for flag in flags], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
+    return [bool(v) for v in t.tolist()]
 
 
 def mean_over_ranks(values: dict[str, torch.Tensor]) -> dict[str, float]:
@@ -630,8 +630,10 @@ def train(cfg: Config) -> int:
         log.log(record, cfg.train.log_every)
 
         timed_out = cfg.train.exit_after_minutes is not None and time.monotonic() - started > 60 * cfg.train.exit_after_minutes
-        if agree(stop.received is not None or timed_out, device):
-            exit_reason = "signal" if stop.received else "time limit"
+        # Agreed apart: a rank that did not get the signal itself must not report a time limit.
+        signalled, timed_out = agree([stop.received is not None, timed_out], device)
+        if signalled or timed_out:
+            exit_reason = "signal" if signalled else "time limit"
         elif cfg.train.exit_at_step is not None and step >= cfg.train.exit_at_step:
             exit_reason = "train.exit_at_step"
         if exit_reason or step == cfg.train.max_steps or (cfg.train.save_every and step % cfg.train.save_every == 0):

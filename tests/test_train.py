@@ -362,16 +362,33 @@ def test_universal_resume_on_another_topology(tmp_path, baseline, stopped, data,
     assert_same_losses(tmp_path, baseline, range(5, STEPS + 1), abs=1e-4)
 
 
+def _rank_pid(proc: subprocess.Popen, rank: int) -> int:
+    """The pid of the job's rank `rank` (the launcher starts each with --local_rank=R)."""
+    for pid in [int(p) for p in os.listdir("/proc") if p.isdigit()]:
+        try:
+            if os.getsid(pid) == proc.pid and f"--local_rank={rank}" in Path(f"/proc/{pid}/cmdline").read_text():
+                return pid
+        except (OSError, ProcessLookupError):
+            pass
+    raise AssertionError(f"no rank {rank} in the job")
+
+
 @pytest.mark.slow
-def test_sigterm_checkpoints_the_current_step(tmp_path, data):
+@pytest.mark.parametrize("every_process", [True, False], ids=["job", "one-rank"])
+def test_sigterm_checkpoints_the_current_step(tmp_path, data, every_process):
     proc = start_job(_launch_cmd(2, tmp_path, data, "train.max_steps=100000"), job_env())
     wait_until(proc, lambda: (tmp_path / "metrics.jsonl").exists() and len(metrics(tmp_path)) >= 3, 300,
                "3 training steps")
     # Preemption signals every process of the job (as SLURM does): the launcher, its launch.py child
-    # and the ranks; the ranks finish the step, checkpoint and exit 0.
-    os.killpg(proc.pid, signal.SIGTERM)
+    # and the ranks; the ranks finish the step, checkpoint and exit 0. A signal to one rank alone stops them all too,
+    # and rank 0, which did not get it, says why (it said "time limit", with none set).
+    if every_process:
+        os.killpg(proc.pid, signal.SIGTERM)
+    else:
+        os.kill(_rank_pid(proc, 1), signal.SIGTERM)
     out, _ = finish_job(proc, 120)
     assert "stopped at step" in out and ": signal" in out, out[-3000:]
+    assert every_process or proc.returncode == 0, out[-3000:]  # a signalled launcher kills its ranks and fails
     last = metrics(tmp_path)[-1]["step"]
     assert (tmp_path / "checkpoints" / "latest").read_text().strip() == f"step_{last:08d}"
     assert (ckpt(tmp_path, last) / "meta.json").exists()
