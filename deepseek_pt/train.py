@@ -596,7 +596,9 @@ def train(cfg: Config) -> int:
 
     batches = to_device(loader, device)
     exit_reason = None
-    while step < cfg.train.max_steps:
+    if cfg.train.exit_at_step is not None and step >= cfg.train.exit_at_step:
+        exit_reason = "train.exit_at_step"  # resumed at or past it (a job started again): no step past it
+    while step < cfg.train.max_steps and not exit_reason:
         t0 = time.perf_counter()
         lr = engine.get_lr()[0]  # the rate this step runs at: the scheduler moves on inside the step
         # Summed on device: one host sync per step, not per micro-step.

@@ -119,6 +119,17 @@ def test_loss_falls_and_every_step_is_logged(baseline):
 
 
 @pytest.mark.slow
+def test_a_run_resumed_at_its_exit_step_stops_there(tmp_path, data):
+    """The same command again (a requeued job) after train.exit_at_step stopped it trains no step past that one."""
+    args = ("parallel.expert_parallel_size=1", "train.exit_at_step=4")
+    train(1, tmp_path, data, *args)
+    proc = train(1, tmp_path, data, *args)
+    assert "stopped at step 4: train.exit_at_step; checkpoint step_00000004" in proc.stdout, proc.stdout[-3000:]
+    assert [m["step"] for m in metrics(tmp_path)] == [1, 2, 3, 4]
+    assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "step_00000004"
+
+
+@pytest.mark.slow
 def test_logged_lr_is_the_rate_each_step_ran_at(baseline, stopped):
     """metrics.jsonl's lr at step s is the rate step s ran at, lr_at(s - 1) (warmup from lr / warmup_steps), not the
     one the scheduler moved on to after it; across a resume too."""
