@@ -9,6 +9,8 @@ from pathlib import Path
 
 import torch
 
+from ..fileio import atomic_write_text
+
 # Dense bf16 peak of the GPU, by name fragment: the MFU denominator (FP8 runs are measured against it too).
 PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "H800": 989.0, "A100": 312.0, "A800": 312.0, "L40S": 362.0}
 
@@ -40,6 +42,8 @@ class MetricsLogger:
         self.wandb_id = wandb_id
         if not enabled:
             return
+        if start_step:  # resumed
+            _keep_steps_up_to(run_dir / "metrics.jsonl", start_step)
         self.file = open(run_dir / "metrics.jsonl", "a", buffering=1)
         if sys.stderr.isatty() or os.environ.get("DEEPSEEK_PT_PROGRESS") == "1":
             from tqdm import tqdm
@@ -75,6 +79,26 @@ class MetricsLogger:
         if self.wandb is not None:
             self.wandb.finish()
         self.file.close()
+
+
+def _keep_steps_up_to(path: Path, step: int) -> None:
+    """Drop the lines of steps after `step` (the checkpoint a run resumes) and any torn line: a run that stopped
+    without a checkpoint at its last step (a crash, a kill) logged steps it now runs again, and each step must
+    appear once, with what the resumed run did."""
+    if not path.exists():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    kept = []
+    for line in lines:
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line if line.endswith("\n") else line + "\n")
+        except (json.JSONDecodeError, KeyError, TypeError):  # a line cut short by the crash
+            pass
+    if len(kept) < len(lines):
+        atomic_write_text(path, "".join(kept))
+        print(f"metrics: {path}: dropped {len(lines) - len(kept)} lines past step {step} (the steps this run "
+              "resumes before) or torn", flush=True)
 
 
 def _fmt(v) -> str:

@@ -1,0 +1,29 @@
+"""engine.metrics: metrics.jsonl holds each step once, with what the run that trained it logged."""
+from __future__ import annotations
+
+import json
+
+from deepseek_pt.config import config_from_dict
+from deepseek_pt.engine.metrics import MetricsLogger
+
+
+def test_a_resume_drops_the_steps_it_runs_again_and_a_torn_line(tmp_path, capsys):
+    """A run killed after logging step 6 with its last checkpoint at step 4 resumes at 4: steps 5-6 run again and
+    must not appear twice; the kill may have cut the last line short."""
+    cfg = config_from_dict({})
+    lines = [json.dumps({"step": s, "loss": 10.0 - s}) + "\n" for s in range(1, 7)]
+    (tmp_path / "metrics.jsonl").write_text("".join(lines) + '{"step": 7, "lo')
+    log = MetricsLogger(tmp_path, cfg, True, 4, None)
+    log.log({"step": 5, "loss": 4.5})
+    log.close()
+    steps = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(m["step"], m["loss"]) for m in steps] == [(1, 9.0), (2, 8.0), (3, 7.0), (4, 6.0), (5, 4.5)]
+    assert "dropped 3 lines past step 4" in capsys.readouterr().out
+
+
+def test_a_resume_with_nothing_past_its_step_leaves_the_file_alone(tmp_path):
+    cfg = config_from_dict({})
+    text = "".join(json.dumps({"step": s}) + "\n" for s in range(1, 5))
+    (tmp_path / "metrics.jsonl").write_text(text)
+    MetricsLogger(tmp_path, cfg, True, 4, None).close()
+    assert (tmp_path / "metrics.jsonl").read_text() == text
