@@ -256,6 +256,11 @@ class TrainConfig:
     peak_tflops: float | None = None
     """Per-device peak for MFU; null = the GPU's dense bf16 peak by name (none on CPU: MFU is null)."""
 
+    @property
+    def wsd_decay_start(self) -> int:
+        """The step where schedule wsd's linear decay to min_lr begins (at least one step of decay)."""
+        return self.max_steps - max(1, round(self.wsd_decay_fraction * self.max_steps))
+
 
 @dataclass
 class ParallelConfig:
@@ -759,6 +764,10 @@ def validate(cfg: Config, where: str = "<config>") -> None:
     check(0 <= cfg.train.beta2 < 1, "train.beta2", f"must be in [0, 1), got {cfg.train.beta2}")
     check(0 < cfg.train.wsd_decay_fraction <= 1, "train.wsd_decay_fraction",
           f"must be in (0, 1], got {cfg.train.wsd_decay_fraction}")
+    if cfg.train.schedule == "wsd":  # else the lr would jump from the warmup into the middle of the decay
+        check(cfg.train.warmup_steps <= cfg.train.wsd_decay_start, "train.warmup_steps",
+              f"{cfg.train.warmup_steps} runs into schedule wsd's decay, which starts at step "
+              f"{cfg.train.wsd_decay_start} (train.max_steps - train.wsd_decay_fraction x train.max_steps)")
     if cfg.train.exit_at_step is not None:
         check(0 < cfg.train.exit_at_step <= cfg.train.max_steps, "train.exit_at_step",
               f"must be in [1, train.max_steps={cfg.train.max_steps}], got {cfg.train.exit_at_step}")

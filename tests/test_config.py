@@ -64,6 +64,8 @@ def _write(tmp_path, data) -> Path:
     ({}, ["model.moe.route_scale=-1"], "model.moe.route_scale: must be positive, got -1.0"),
     ({}, ["train.peak_tflops=-1"], "train.peak_tflops: must be positive, got -1.0"),
     ({}, ["parallel.zero_persistence_threshold=-5"], "parallel.zero_persistence_threshold: must be >= 0, got -5"),
+    ({"train": {"schedule": "wsd", "max_steps": 10, "warmup_steps": 9, "wsd_decay_fraction": 0.2}}, [],
+     "train.warmup_steps: 9 runs into schedule wsd's decay, which starts at step 8"),
 ])
 def test_errors_name_the_file_and_key(tmp_path, data, overrides, message):
     path = _write(tmp_path, data)

@@ -55,7 +55,7 @@ def lr_at(cfg: Config, step: int) -> float:
     if t.schedule == "constant":
         return t.lr
     if t.schedule == "wsd":
-        decay_start = t.max_steps - max(1, round(t.wsd_decay_fraction * t.max_steps))
+        decay_start = t.wsd_decay_start
         if step < decay_start:
             return t.lr
         frac = min(1.0, (step - decay_start) / max(1, t.max_steps - decay_start))
