@@ -21,8 +21,9 @@ is_uint() { [[ $1 =~ ^[0-9]+$ ]]; }
 # (MAX empty: no upper bound).
 require_uint() {
     local value=$1 min=$2 max=$3 message=$4
-    [[ $value =~ ^[0-9]+$ ]] || die 2 "$message"
-    value=$((10#$value))
+    # At most 18 significant digits: bash arithmetic is 64-bit and wraps (2**64 would read as 0).
+    [[ $value =~ ^0*([0-9]{1,18})$ ]] || die 2 "$message"
+    value=$((10#${BASH_REMATCH[1]}))
     if ((value < min)) || { [[ -n $max ]] && ((value > max)); }; then
         die 2 "$message"
     fi

@@ -79,6 +79,9 @@ def data(pydoc_data_dir) -> Path:
     ("node.sh", {"NNODES": "3", "NODE_RANK": "0", "MASTER_ADDR": "127.0.0.1"}, [],
      "parallel.expert_parallel_size: 2 does not divide the world size (3 processes)"),
     ("node.sh", {"NNODES": "2", "NODE_RANK": "2", "MASTER_ADDR": "127.0.0.1"}, [], "NODE_RANK=2: expected 0 .. 1"),
+    # 2**64 wraps to 0 in bash arithmetic: refused, not taken for node 0
+    ("node.sh", {"NNODES": "2", "NODE_RANK": "18446744073709551616", "MASTER_ADDR": "127.0.0.1"}, [],
+     "NODE_RANK=18446744073709551616: expected 0 .. 1"),
     ("node.sh", {"NNODES": "2", "NODE_RANK": "0"}, [], "MASTER_ADDR is not set"),
 ])
 def test_bad_config_is_refused_before_start(tmp_path, data, script, env, args, message):
