@@ -65,11 +65,13 @@ if ((${#hosts[@]} > 1)); then
     command -v pdsh >/dev/null || die 2 "pdsh is not installed: the deepspeed launcher needs it for a multi-host hostfile (or use launch/node.sh on every host)"
 fi
 
+port=${MASTER_PORT:-29500}
+require_uint "$port" 1 65535 "MASTER_PORT=$port: not a port"
+
 detect_devices  # of this host; the others are assumed alike (CPU or GPU) for the env defaults
 setup_env
 validate "$world" "$per_node" "$config" "$@"
 
-port=${MASTER_PORT:-29500}
 tmp=$(mktemp -d "${TMPDIR:-/tmp}/deepseek_pt_hostfile.XXXXXX")
 trap 'rm -rf "$tmp"' EXIT
 if ((${#hosts[@]} == 1)); then

@@ -42,6 +42,8 @@ else
     select=(--num_gpus "$nproc")  # on CPU the launcher starts this many processes
 fi
 
+[[ -z ${MASTER_PORT:-} ]] || require_uint "$MASTER_PORT" 1 65535 "MASTER_PORT=$MASTER_PORT: not a port"
+
 setup_env
 validate "$nproc" "$nproc" "$config" "$@"
 port=${MASTER_PORT:-$("$PYTHON" "$LAUNCH_DIR/plan.py" free-port)}

@@ -83,6 +83,7 @@ def data(pydoc_data_dir) -> Path:
     ("node.sh", {"NNODES": "2", "NODE_RANK": "18446744073709551616", "MASTER_ADDR": "127.0.0.1"}, [],
      "NODE_RANK=18446744073709551616: expected 0 .. 1"),
     ("node.sh", {"NNODES": "2", "NODE_RANK": "0"}, [], "MASTER_ADDR is not set"),
+    ("train.sh", {"MASTER_PORT": "abc"}, [], "MASTER_PORT=abc: not a port"),
 ])
 def test_bad_config_is_refused_before_start(tmp_path, data, script, env, args, message):
     run_dir = tmp_path / "run"
@@ -106,6 +107,10 @@ def test_bad_hostfile_is_named(tmp_path, data):
     hostfile.write_text("# workers\nworker-0 slots=2\nworker-1 slot=2\n")
     proc = _run([LAUNCH / "hostfile.sh", hostfile, SMOKE, *_overrides(data, tmp_path / "run")], _env())
     assert proc.returncode == 2 and f"{hostfile}:3: expected 'HOST slots=N', got 'worker-1 slot=2'" in proc.stderr
+    hostfile.write_text("worker-0 slots=2\n")
+    proc = _run([LAUNCH / "hostfile.sh", hostfile, SMOKE, *_overrides(data, tmp_path / "run")], _env(MASTER_PORT="70000"))
+    assert proc.returncode == 2 and "MASTER_PORT=70000: not a port" in proc.stderr, proc.stderr
+    assert "running:" not in proc.stderr
 
 
 # ------------------------------------------------------------------------------------------------
