@@ -31,7 +31,11 @@ if [[ $DEVICE_KIND == cuda ]]; then
     if [[ -n ${CUDA_VISIBLE_DEVICES:-} ]]; then
         # The launcher would drop CUDA_VISIBLE_DEVICES with --num_gpus: name the devices instead.
         IFS=, read -r -a ids <<<"$CUDA_VISIBLE_DEVICES"
-        select=(--include "localhost:$(IFS=,; echo "${ids[*]:0:nproc}")")
+        ids=("${ids[@]:0:nproc}")
+        for id in "${ids[@]}"; do  # --include parses them as integers (GPU-/MIG- UUIDs: a traceback)
+            is_uint "$id" || die 2 "CUDA_VISIBLE_DEVICES=$CUDA_VISIBLE_DEVICES: train.sh needs numeric device ids"
+        done
+        select=(--include "localhost:$(IFS=,; echo "${ids[*]}")")
     else
         select=(--num_gpus "$nproc")
     fi

@@ -102,6 +102,19 @@ def test_missing_config_and_usage(tmp_path):
         assert proc.returncode == 2 and "CONFIG [key.path=value ...]" in proc.stderr, (script, proc.stderr)
 
 
+def test_train_sh_refuses_device_uuids(tmp_path, data):
+    """The runner's --include takes numeric ids only: GPU-/MIG- UUIDs are refused up front, not by a traceback."""
+    python = tmp_path / "python"  # stand-in: this host "has" 2 GPUs; anything else goes to the real interpreter
+    python.write_text(f'#!/usr/bin/env bash\n[[ $1 == */plan.py && $2 == devices ]] && {{ echo "cuda 2"; exit 0; }}\n'
+                      f'exec {sys.executable} "$@"\n')
+    python.chmod(0o755)
+    proc = _run([LAUNCH / "train.sh", SMOKE, *_overrides(data, tmp_path / "run")],
+                {**_env(CUDA_VISIBLE_DEVICES="GPU-0a1b,GPU-2c3d"), "PYTHON": str(python)})
+    assert proc.returncode == 2, proc.stderr
+    assert "CUDA_VISIBLE_DEVICES=GPU-0a1b,GPU-2c3d: train.sh needs numeric device ids" in proc.stderr, proc.stderr
+    assert "running:" not in proc.stderr
+
+
 def test_bad_hostfile_is_named(tmp_path, data):
     hostfile = tmp_path / "hosts"
     hostfile.write_text("# workers\nworker-0 slots=2\nworker-1 slot=2\n")
