@@ -25,7 +25,8 @@ source "$(dirname -- "${BASH_SOURCE[0]}")/lib.sh"
 resolve_python
 [[ -f $hostfile ]] || die 2 "$hostfile: hostfile not found"
 
-# Parsed like deepspeed's runner: "HOST slots=N" lines, blank lines and '#' comments skipped.
+# Parsed like deepspeed's runner: "HOST slots=N" lines, blank lines and '#' comments skipped; stricter
+# on N, which must be a whole positive word (the runner takes "slots=2x" for 2, and a 0-slot host).
 hosts=()
 slots=()
 lineno=0
@@ -33,13 +34,13 @@ while IFS= read -r line || [[ -n $line ]]; do
     lineno=$((lineno + 1))
     line=${line#"${line%%[![:space:]]*}"}
     [[ -z $line || $line == \#* ]] && continue
-    [[ $line =~ ^([^[:space:]]+)[[:space:]]+slots=([0-9]+) ]] ||
+    [[ $line =~ ^([^[:space:]]+)[[:space:]]+slots=0*([1-9][0-9]{0,8})([[:space:]]|$) ]] ||
         die 2 "$hostfile:$lineno: expected 'HOST slots=N', got '$line'"
     for h in "${hosts[@]}"; do
         [[ $h != "${BASH_REMATCH[1]}" ]] || die 2 "$hostfile:$lineno: host ${BASH_REMATCH[1]} listed twice"
     done
     hosts+=("${BASH_REMATCH[1]}")
-    slots+=("$((10#${BASH_REMATCH[2]}))")
+    slots+=("${BASH_REMATCH[2]}")
 done <"$hostfile"
 ((${#hosts[@]} > 0)) || die 2 "$hostfile: no 'HOST slots=N' entries"
 
@@ -54,7 +55,12 @@ fi
 if [[ -n ${NPROC_PER_NODE:-} ]]; then
     require_uint "$NPROC_PER_NODE" 1 "" "NPROC_PER_NODE=$NPROC_PER_NODE: expected a positive integer"
     NPROC_PER_NODE=$((10#$NPROC_PER_NODE))
-    for i in "${!slots[@]}"; do slots[i]=$NPROC_PER_NODE; done
+    # --num_gpus K starts K processes on every host, whatever its slots (GPUs) say.
+    for i in "${!slots[@]}"; do
+        ((NPROC_PER_NODE <= slots[i])) ||
+            die 2 "NPROC_PER_NODE=$NPROC_PER_NODE: more than the ${slots[i]} slots of ${hosts[i]} in $hostfile"
+        slots[i]=$NPROC_PER_NODE
+    done
     select+=(--num_gpus "$NPROC_PER_NODE")
 fi
 world=0 per_node=0

@@ -126,6 +126,20 @@ def test_bad_hostfile_is_named(tmp_path, data):
     assert "running:" not in proc.stderr
 
 
+@pytest.mark.parametrize("text, env, message", [
+    # the runner reads these as 2 and 0 slots: a typo'd count, and a host that would get no process
+    ("worker-0 slots=2x\n", {}, ":1: expected 'HOST slots=N', got 'worker-0 slots=2x'"),
+    ("worker-0 slots=2\nworker-1 slots=0\n", {}, ":2: expected 'HOST slots=N', got 'worker-1 slots=0'"),
+    # --num_gpus K starts K processes per host whatever its slots say (GPUs it does not have)
+    ("worker-0 slots=2\n", {"NPROC_PER_NODE": "4"}, "NPROC_PER_NODE=4: more than the 2 slots of worker-0"),
+])
+def test_hostfile_slots_are_checked(tmp_path, data, text, env, message):
+    (tmp_path / "hosts").write_text(text)
+    proc = _run([LAUNCH / "hostfile.sh", tmp_path / "hosts", SMOKE, *_overrides(data, tmp_path / "run")], _env(**env))
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+    assert "running:" not in proc.stderr
+
+
 # ------------------------------------------------------------------------------------------------
 # Two nodes of one job on this machine
 
