@@ -1,6 +1,6 @@
 # shellcheck shell=bash
 # Sourced by launch/train.sh, node.sh and hostfile.sh: environment, validation before anything
-# starts, and a supervised deepspeed launcher that turns SIGTERM/SIGINT/SIGUSR1 into a checkpoint
+# starts, and a supervised deepspeed launcher that turns SIGTERM/SIGINT/SIGUSR1/SIGHUP into a checkpoint
 # at the end of the current step and exit 0. docs/launch.md describes the behaviour.
 
 LAUNCH_DIR=$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")" && pwd)
@@ -89,7 +89,7 @@ validate() {
 
 # ------------------------------------------------------------------------------------------------
 # Supervision. The launcher runs in a process group of its own (JOB_PGID); on the first
-# SIGTERM/SIGINT/SIGUSR1 the supervisor sends SIGTERM to the training ranks only (the children of
+# SIGTERM/SIGINT/SIGUSR1/SIGHUP the supervisor sends SIGTERM to the training ranks only (the children of
 # this job's deepspeed.launcher.launch), never to the launcher: train.py checkpoints at the end of
 # the step and exits 0, so the launcher exits 0 with them and no 30 s kill timer runs. SIGUSR1 is
 # ignored by every process of the job, so a scheduler may deliver it to all of them (SLURM
@@ -162,6 +162,9 @@ run_supervised() {
     trap 'on_signal TERM' TERM
     trap 'on_signal INT' INT
     trap 'on_signal USR1' USR1
+    # A hangup (terminal or ssh session gone) reaches only this script, not the job's own process group:
+    # stopped like SIGTERM, not left training unsupervised. (Under nohup, HUP is ignored and stays so.)
+    trap 'on_signal HUP' HUP
     # exec-group: own process group; SIGUSR1 ignored (inherited through exec by launcher and ranks).
     (
         trap '' USR1
@@ -184,7 +187,7 @@ run_supervised() {
         sleep 1
         waited=$((waited + 1))
     done
-    trap - TERM INT USR1
+    trap - TERM INT USR1 HUP
     if [[ -z $STOP_SIGNAL ]]; then
         return "$status"
     fi

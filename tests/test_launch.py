@@ -203,16 +203,20 @@ def test_slurm_sbatch_two_nodes_two_ranks_each(tmp_path, data):
 
 
 @pytest.mark.slow
-def test_train_sh_sigterm(tmp_path, data):
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGHUP"])  # SIGHUP: the terminal or ssh session went away
+def test_train_sh_sigterm(tmp_path, data, sig):
     """SIGTERM to train.sh: the ranks checkpoint the step they are in and everything exits 0."""
     run_dir = tmp_path / "run"
     proc = start_job([LAUNCH / "train.sh", SMOKE, *_overrides(data, run_dir, "train.max_steps=100000")], _env(NPROC="2"))
-    wait_until(proc, lambda: (run_dir / "metrics.jsonl").exists() and len(_metrics(run_dir)) >= 2, TIMEOUT,
-               "2 training steps")
-    proc.send_signal(signal.SIGTERM)  # to train.sh alone, as a scheduler or `kill PID` would
-    out, _ = finish_job(proc, TIMEOUT)
+    try:
+        wait_until(proc, lambda: (run_dir / "metrics.jsonl").exists() and len(_metrics(run_dir)) >= 2, TIMEOUT,
+                   "2 training steps")
+        proc.send_signal(getattr(signal, sig))  # to train.sh alone, as a scheduler or `kill PID` would
+        out, _ = finish_job(proc, TIMEOUT)
+    finally:
+        kill_job(proc)  # ranks the script left running would train on for 100000 steps
     assert proc.returncode == 0, out[-4000:]
-    assert "[launch] SIGTERM: asking the ranks" in out and "stopped at step" in out, out[-4000:]
+    assert f"[launch] {sig}: asking the ranks" in out and "stopped at step" in out, out[-4000:]
     last = _metrics(run_dir)[-1]["step"]
     tag = f"step_{last:08d}"
     assert f"stopped at step {last}: signal" in out
