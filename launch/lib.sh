@@ -149,7 +149,8 @@ on_signal() {
         kill -TERM $pids 2>/dev/null || true
     else
         log "SIG$sig before any rank started: stopping the launcher"
-        kill -TERM -- "-$JOB_PGID" 2>/dev/null || true
+        # No such group yet while plan.py has not called setpgid: the launcher process itself then.
+        kill -TERM -- "-$JOB_PGID" 2>/dev/null || kill -TERM "$JOB_PGID" 2>/dev/null || true
     fi
     return 0
 }

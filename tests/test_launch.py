@@ -202,6 +202,25 @@ def test_slurm_sbatch_two_nodes_two_ranks_each(tmp_path, data):
 # Preemption
 
 
+def test_signal_before_the_launcher_has_its_process_group(tmp_path, data):
+    """A SIGTERM between the launcher's start and its setpgid (plan.py exec-group) must still stop it."""
+    python = tmp_path / "python"  # stand-in: a slow exec-group start widens that window to seconds
+    python.write_text(f'#!/usr/bin/env bash\n[[ $2 == exec-group ]] && sleep 5\nexec {sys.executable} "$@"\n')
+    python.chmod(0o755)
+    run_dir = tmp_path / "run"
+    proc = start_job([LAUNCH / "train.sh", SMOKE, *_overrides(data, run_dir, "train.max_steps=100000")],
+                     {**_env(NPROC="2"), "PYTHON": str(python)})
+    try:
+        wait_until(proc, lambda: subprocess.run(["pgrep", "-f", f"exec-group .*run.dir={run_dir}"]).returncode == 0,
+                   60, "the launcher's start")
+        proc.send_signal(signal.SIGTERM)
+        out, _ = finish_job(proc, 60)
+    finally:
+        kill_job(proc)
+    assert proc.returncode != 0 and "stopped on SIGTERM without a new complete checkpoint" in out, out[-4000:]
+    assert not run_dir.exists()
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("sig", ["SIGTERM", "SIGHUP"])  # SIGHUP: the terminal or ssh session went away
 def test_train_sh_sigterm(tmp_path, data, sig):
