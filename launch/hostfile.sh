@@ -88,7 +88,8 @@ else
     # The runner forwards only NCCL*, PYTHON*, UCX*, MV2*, MLFLOW* variables to the other hosts, plus
     # the lines of a .deepspeed_env file: hand it ours, followed by the user's (which win).
     {
-        for v in OMP_NUM_THREADS TORCH_SYMM_MEM_DISABLE_MULTICAST NVSHMEM_DISABLE_NVLS TORCH_CUDA_ARCH_LIST; do
+        # NCCL_NVLS_ENABLE too: the runner forwards NCCL* only when the host it starts on has a GPU
+        for v in OMP_NUM_THREADS NCCL_NVLS_ENABLE TORCH_SYMM_MEM_DISABLE_MULTICAST NVSHMEM_DISABLE_NVLS TORCH_CUDA_ARCH_LIST; do
             if [[ -n ${!v:-} ]]; then echo "$v=${!v}"; fi
         done
         name=${DS_ENV_FILE:-.deepspeed_env}

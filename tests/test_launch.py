@@ -126,6 +126,26 @@ def test_bad_hostfile_is_named(tmp_path, data):
     assert "running:" not in proc.stderr
 
 
+def test_hostfile_hands_every_host_the_multicast_settings(tmp_path, data):
+    """The runner forwards NCCL* variables to the other hosts only when the host it starts on has a GPU: the
+    NVLink-multicast settings go into the environment file it hands them, whatever this host has."""
+    (tmp_path / "hosts").write_text("worker-0 slots=1\nworker-1 slots=1\n")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "pdsh").write_text("#!/bin/sh\nexit 0\n")
+    python = bin_dir / "python"  # stand-in: the runner's call keeps the environment file; the rest runs for real
+    python.write_text(f'#!/usr/bin/env bash\n[[ $2 == deepspeed.launcher.runner ]] && '
+                      f'{{ cp "$DS_ENV_FILE" {tmp_path}/handed_env; exit 0; }}\nexec {sys.executable} "$@"\n')
+    for stub in bin_dir.iterdir():
+        stub.chmod(0o755)
+    env = {**_env(MASTER_ADDR="10.0.0.1"), "PYTHON": str(python), "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    proc = _run([LAUNCH / "hostfile.sh", tmp_path / "hosts", SMOKE, *_overrides(data, tmp_path / "run")], env)
+    assert proc.returncode == 0, proc.stderr
+    handed = (tmp_path / "handed_env").read_text().splitlines()
+    for setting in ("NCCL_NVLS_ENABLE=0", "TORCH_SYMM_MEM_DISABLE_MULTICAST=1", "NVSHMEM_DISABLE_NVLS=1"):
+        assert setting in handed, handed
+
+
 @pytest.mark.parametrize("text, env, message", [
     # the runner reads these as 2 and 0 slots: a typo'd count, and a host that would get no process
     ("worker-0 slots=2x\n", {}, ":1: expected 'HOST slots=N', got 'worker-0 slots=2x'"),
