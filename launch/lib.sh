@@ -80,6 +80,8 @@ validate() {
     local world=$1 per_node=$2 config=$3
     shift 3
     [[ -f $config ]] || die 2 "$config: config file not found (nothing started)"
+    # read only when processes outlive the launcher, in the supervisor's arithmetic: checked now, not then
+    require_uint "${DRAIN_TIMEOUT:-90}" 1 "" "DRAIN_TIMEOUT=${DRAIN_TIMEOUT:-}: expected seconds, a positive integer"
     if ! WORLD_SIZE=$world LOCAL_SIZE=$per_node "$PYTHON" -m deepseek_pt.train --check-only --config "$config" "$@" >/dev/null; then
         die 2 "$config: the configuration was refused for $world processes (nothing started)"
     fi

@@ -84,6 +84,7 @@ def data(pydoc_data_dir) -> Path:
      "NODE_RANK=18446744073709551616: expected 0 .. 1"),
     ("node.sh", {"NNODES": "2", "NODE_RANK": "0"}, [], "MASTER_ADDR is not set"),
     ("train.sh", {"MASTER_PORT": "abc"}, [], "MASTER_PORT=abc: not a port"),
+    ("train.sh", {"DRAIN_TIMEOUT": "1m"}, [], "DRAIN_TIMEOUT=1m: expected seconds, a positive integer"),
 ])
 def test_bad_config_is_refused_before_start(tmp_path, data, script, env, args, message):
     run_dir = tmp_path / "run"
