@@ -149,3 +149,33 @@ def test_blend_loader_arguments(two, smoke_shards):
     longer = PretrainDataset(smoke_shards, split="val", seq_len=T + 1)
     with pytest.raises(DataError, match=r"differ in seq_len: \[32, 33\]"):
         TrainLoader([two[0], longer], 2)
+
+
+
+def test_new_data_follows_each_source_wherever_the_list_puts_it(two):
+    """A source's order is seeded by an index the state keeps, not by its place in the list: swapped, or behind a
+    removed source, each source goes on in its own order, through a later plain resume too, and reads its whole
+    epoch without a repeat."""
+    known, val = [set(rows_of(ds)) for ds in two], len(two[1])
+
+    def resumed(state, datasets, new_data=True):
+        loader = TrainLoader(datasets, 8, seed=4)
+        loader.load_state_dict(json.loads(json.dumps(state)), new_data=new_data)
+        return loader
+
+    first = TrainLoader(two, 8, seed=4)
+    head = read_rows(first, 5)  # 20 samples of each
+    swapped = resumed(first.state_dict(), two[::-1])
+    rows = head + read_rows(swapped, 3)
+    rows += read_rows(resumed(swapped.state_dict(), two[::-1], new_data=False), (2 * val - len(rows)) // 8)
+    for j in range(2):  # 2 * val samples at 1:1: val of each
+        got = [r for r in rows if r in known[j]]
+        assert len(got) == len(set(got)) == val
+
+    alone = resumed(first.state_dict(), two[1:])
+    got = [r for r in head + read_rows(alone, (val - 20) // 8) if r in known[1]]
+    assert len(got) == len(set(got)) == 20 + (val - 20) // 8 * 8
+
+    at_zero = resumed(TrainLoader(two, 8, seed=4).state_dict(), two[1:])  # changed before anything was read
+    rows = read_rows(at_zero, 3) + read_rows(resumed(at_zero.state_dict(), two[1:], new_data=False), val // 8 - 3)
+    assert len(rows) == len(set(rows)) == val

@@ -12,6 +12,7 @@ still a function of the position alone.
 """
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
@@ -80,6 +81,9 @@ class TrainLoader:
         # samples of each source were read before then: the schedule runs from phase_start, each source from its
         # offset in its own order.
         self.phase_start, self.offsets = 0, [0] * len(self.datasets)
+        # What each source's order mixes into the seed: its index, kept across a data change so that a source moved
+        # to another place in the list (or behind a removed one) goes on in the order it was reading.
+        self.source_ids = list(range(len(self.datasets)))
         self._perms: dict[tuple[int, int], Permutation] = {}
 
     @property
@@ -97,8 +101,8 @@ class TrainLoader:
         perm = self._perms.get((source, epoch))
         if perm is None:  # an epoch boundary inside a batch needs two at once; older ones are done with
             self._perms = {k: v for k, v in self._perms.items() if k[0] != source or k[1] >= epoch - 1}
-            perm = self._perms[source, epoch] = Permutation(len(self.datasets[source]), source_seed(self.seed, source),
-                                                            epoch)
+            seed = source_seed(self.seed, self.source_ids[source])
+            perm = self._perms[source, epoch] = Permutation(len(self.datasets[source]), seed, epoch)
         return perm
 
     def global_indices(self, start: int, count: int) -> tuple[np.ndarray, np.ndarray]:
@@ -128,16 +132,16 @@ class TrainLoader:
     def state_dict(self) -> dict:
         """One dataset read from the start keeps the scalar keys of a one-dataset run (data_fingerprint: its
         shards'); otherwise num_samples, epoch, split and source_fingerprints are lists, one per source, beside the
-        blend's counts and the phase (phase_start, source_offsets)."""
+        blend's counts, the phase (phase_start, source_offsets) and the sources' seed indices (source_ids)."""
         ds = self.datasets
         state = {"version": _STATE_VERSION, "consumed_samples": self.consumed_samples, "seed": self.seed,
                  "seq_len": ds[0].seq_len}
-        if len(ds) == 1 and self.phase_start == 0:
+        if len(ds) == 1 and self.phase_start == 0 and self.source_ids == [0]:
             return {**state, "epoch": self.epochs[0], "num_samples": len(ds[0]), "split": ds[0].split,
                     "data_fingerprint": ds[0].fingerprint}
         return {**state, "epoch": self.epochs, "num_samples": [len(d) for d in ds], "split": [d.split for d in ds],
                 "source_fingerprints": [d.fingerprint for d in ds], "blend_counts": self.schedule.counts,
-                "phase_start": self.phase_start, "source_offsets": self.offsets}
+                "phase_start": self.phase_start, "source_offsets": self.offsets, "source_ids": self.source_ids}
 
     def load_state_dict(self, state: dict, new_data: bool = False) -> bool:
         """Resume at state["consumed_samples"]. A state saved on other data (other sources, shards or weights) is
@@ -157,36 +161,41 @@ class TrainLoader:
         mine = [d.fingerprint for d in self.datasets]
         changed = saved["fingerprints"] != mine or saved["counts"] != self.schedule.counts
         if not changed:
-            self.phase_start, self.offsets = saved["phase_start"], saved["offsets"]
+            self.phase_start, self.offsets, self.source_ids = saved["phase_start"], saved["offsets"], saved["ids"]
         elif not new_data:
             raise NewDataError(f"loader state was saved on other training data than this ({where}): "
                                f"{_describe_change(saved, mine, self.schedule.counts)}")
         else:
-            read: dict[str, list[int]] = {}  # a source listed twice (the same shards) pairs up in order
-            for fp, n in zip(saved["fingerprints"], saved["consumed_at"](consumed), strict=True):
-                read.setdefault(fp, []).append(n)
-            self.phase_start, self.offsets = consumed, [(read.get(fp) or [0]).pop(0) for fp in mine]
-        self.consumed_samples = consumed
+            read: dict[str, list[tuple[int, int]]] = {}  # a source listed twice (the same shards) pairs up in order
+            for fp, n, i in zip(saved["fingerprints"], saved["consumed_at"](consumed), saved["ids"], strict=True):
+                read.setdefault(fp, []).append((n, i))
+            kept = [read[fp].pop(0) if read.get(fp) else None for fp in mine]
+            taken = {k[1] for k in kept if k}
+            free = (i for i in itertools.count() if i not in taken)
+            self.phase_start, self.offsets = consumed, [k[0] if k else 0 for k in kept]
+            self.source_ids = [k[1] if k else next(free) for k in kept]
+        self.consumed_samples, self._perms = consumed, {}  # the source_ids may have changed
         return changed
 
 
 def _saved_sources(state: dict) -> dict:
-    """A loader state's sources: fingerprints, blend counts, phase, and a function giving how many samples of each
-    the run had read at a sample count. States of one dataset read from the start (and of older versions) have
-    only data_fingerprint."""
+    """A loader state's sources: fingerprints, blend counts, phase, seed indices, and a function giving how many
+    samples of each the run had read at a sample count. States of one dataset read from the start (and of older
+    versions) have only data_fingerprint."""
     fingerprints = state.get("source_fingerprints") or [state.get("data_fingerprint")]
     counts = state.get("blend_counts") or [1]
     phase_start = state.get("phase_start", 0)
     offsets = state.get("source_offsets") or [0] * len(fingerprints)
-    if not len(fingerprints) == len(counts) == len(offsets):
-        raise DataError(f"loader state: sources {fingerprints}, blend_counts {counts} and source_offsets {offsets} "
-                        "do not describe one blend")
+    ids = state.get("source_ids") or list(range(len(fingerprints)))
+    if not len(fingerprints) == len(counts) == len(offsets) == len(ids):
+        raise DataError(f"loader state: sources {fingerprints}, blend_counts {counts}, source_offsets {offsets} and "
+                        f"source_ids {ids} do not describe one blend")
 
     def consumed_at(samples: int) -> list[int]:
         in_phase = BlendSchedule(counts).consumed(samples - phase_start)
         return [o + n for o, n in zip(offsets, in_phase, strict=True)]
 
-    return {"fingerprints": fingerprints, "counts": counts, "phase_start": phase_start, "offsets": offsets,
+    return {"fingerprints": fingerprints, "counts": counts, "phase_start": phase_start, "offsets": offsets, "ids": ids,
             "consumed_at": consumed_at}
 
 
