@@ -179,3 +179,22 @@ def test_new_data_follows_each_source_wherever_the_list_puts_it(two):
     at_zero = resumed(TrainLoader(two, 8, seed=4).state_dict(), two[1:])  # changed before anything was read
     rows = read_rows(at_zero, 3) + read_rows(resumed(at_zero.state_dict(), two[1:], new_data=False), val // 8 - 3)
     assert len(rows) == len(set(rows)) == val
+
+
+def test_a_source_removed_and_listed_again_goes_on_where_it_stopped(two):
+    """A 1:1 blend, then the first source alone (the second retired), then the blend again: the second source's
+    samples over the three phases are one stretch of its epoch, none read twice."""
+    known, val = set(rows_of(two[1])), len(two[1])
+    blend = TrainLoader(two, 8, seed=6)
+    rows = read_rows(blend, 10)  # 40 of the second source
+    alone = TrainLoader(two[:1], 8, seed=6)
+    alone.load_state_dict(json.loads(json.dumps(blend.state_dict())), new_data=True)
+    rows += read_rows(alone, 5)
+    state = json.loads(json.dumps(alone.state_dict()))
+    assert state["retired_sources"] == [[two[1].fingerprint, 1, 40]]
+    again = TrainLoader(two, 8, seed=6)
+    again.load_state_dict(state, new_data=True)
+    assert again.offsets[1] == 40 and again.state_dict()["retired_sources"] == []
+    rows += read_rows(again, (val - 40) // 4)
+    got = [r for r in rows if r in known]
+    assert len(got) == len(set(got)) == val

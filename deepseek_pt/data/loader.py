@@ -84,6 +84,9 @@ class TrainLoader:
         # What each source's order mixes into the seed: its index, kept across a data change so that a source moved
         # to another place in the list (or behind a removed one) goes on in the order it was reading.
         self.source_ids = list(range(len(self.datasets)))
+        # Sources an earlier change removed, as [fingerprint, seed index, samples read]: one listed again later goes
+        # on where it stopped rather than re-reading what it read.
+        self.retired: list[list] = []
         self._perms: dict[tuple[int, int], Permutation] = {}
 
     @property
@@ -132,23 +135,25 @@ class TrainLoader:
     def state_dict(self) -> dict:
         """One dataset read from the start keeps the scalar keys of a one-dataset run (data_fingerprint: its
         shards'); otherwise num_samples, epoch, split and source_fingerprints are lists, one per source, beside the
-        blend's counts, the phase (phase_start, source_offsets) and the sources' seed indices (source_ids)."""
+        blend's counts, the phase (phase_start, source_offsets), the sources' seed indices (source_ids) and the sources
+        removed at earlier changes (retired_sources)."""
         ds = self.datasets
         state = {"version": _STATE_VERSION, "consumed_samples": self.consumed_samples, "seed": self.seed,
                  "seq_len": ds[0].seq_len}
-        if len(ds) == 1 and self.phase_start == 0 and self.source_ids == [0]:
+        if len(ds) == 1 and self.phase_start == 0 and self.source_ids == [0] and not self.retired:
             return {**state, "epoch": self.epochs[0], "num_samples": len(ds[0]), "split": ds[0].split,
                     "data_fingerprint": ds[0].fingerprint}
         return {**state, "epoch": self.epochs, "num_samples": [len(d) for d in ds], "split": [d.split for d in ds],
                 "source_fingerprints": [d.fingerprint for d in ds], "blend_counts": self.schedule.counts,
-                "phase_start": self.phase_start, "source_offsets": self.offsets, "source_ids": self.source_ids}
+                "phase_start": self.phase_start, "source_offsets": self.offsets, "source_ids": self.source_ids,
+                "retired_sources": self.retired}
 
     def load_state_dict(self, state: dict, new_data: bool = False) -> bool:
         """Resume at state["consumed_samples"]. A state saved on other data (other sources, shards or weights) is
         refused, naming the difference, unless new_data: then from that sample count on this data takes over, each
-        source found in the state (same shards) continuing its own order where it stopped, a new one from its
-        start; True says it did. Another seed or seq_len is always refused: every source's order would change
-        under it."""
+        source found in the state (same shards, also one an earlier change removed) continuing its own order where
+        it stopped, a new one from its start; True says it did. Another seed or seq_len is always refused: every
+        source's order would change under it."""
         consumed = state.get("consumed_samples")
         if not isinstance(consumed, int) or isinstance(consumed, bool) or consumed < 0:
             raise DataError(f"loader state: consumed_samples must be a non-negative int, got {consumed!r}")
@@ -162,6 +167,7 @@ class TrainLoader:
         changed = saved["fingerprints"] != mine or saved["counts"] != self.schedule.counts
         if not changed:
             self.phase_start, self.offsets, self.source_ids = saved["phase_start"], saved["offsets"], saved["ids"]
+            self.retired = saved["retired"]
         elif not new_data:
             raise NewDataError(f"loader state was saved on other training data than this ({where}): "
                                f"{_describe_change(saved, mine, self.schedule.counts)}")
@@ -169,8 +175,11 @@ class TrainLoader:
             read: dict[str, list[tuple[int, int]]] = {}  # a source listed twice (the same shards) pairs up in order
             for fp, n, i in zip(saved["fingerprints"], saved["consumed_at"](consumed), saved["ids"], strict=True):
                 read.setdefault(fp, []).append((n, i))
+            for fp, i, n in saved["retired"]:
+                read.setdefault(fp, []).append((n, i))
             kept = [read[fp].pop(0) if read.get(fp) else None for fp in mine]
-            taken = {k[1] for k in kept if k}
+            self.retired = [[fp, i, n] for fp, left in read.items() for n, i in left]
+            taken = {k[1] for k in kept if k} | {i for _, i, _ in self.retired}
             free = (i for i in itertools.count() if i not in taken)
             self.phase_start, self.offsets = consumed, [k[0] if k else 0 for k in kept]
             self.source_ids = [k[1] if k else next(free) for k in kept]
@@ -179,14 +188,15 @@ class TrainLoader:
 
 
 def _saved_sources(state: dict) -> dict:
-    """A loader state's sources: fingerprints, blend counts, phase, seed indices, and a function giving how many
-    samples of each the run had read at a sample count. States of one dataset read from the start (and of older
-    versions) have only data_fingerprint."""
+    """A loader state's sources: fingerprints, blend counts, phase, seed indices, those retired, and a function
+    giving how many samples of each the run had read at a sample count. States of one dataset read from the start
+    (and of older versions) have only data_fingerprint."""
     fingerprints = state.get("source_fingerprints") or [state.get("data_fingerprint")]
     counts = state.get("blend_counts") or [1]
     phase_start = state.get("phase_start", 0)
     offsets = state.get("source_offsets") or [0] * len(fingerprints)
     ids = state.get("source_ids") or list(range(len(fingerprints)))
+    retired = state.get("retired_sources") or []
     if not len(fingerprints) == len(counts) == len(offsets) == len(ids):
         raise DataError(f"loader state: sources {fingerprints}, blend_counts {counts}, source_offsets {offsets} and "
                         f"source_ids {ids} do not describe one blend")
@@ -196,7 +206,7 @@ def _saved_sources(state: dict) -> dict:
         return [o + n for o, n in zip(offsets, in_phase, strict=True)]
 
     return {"fingerprints": fingerprints, "counts": counts, "phase_start": phase_start, "offsets": offsets, "ids": ids,
-            "consumed_at": consumed_at}
+            "retired": retired, "consumed_at": consumed_at}
 
 
 def _describe_change(saved: dict, fingerprints: list[str], counts: list[int]) -> str:
