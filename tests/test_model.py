@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from deepseek_pt.model import MLA, Transformer, to_output_subspace, to_plain_output
+from deepseek_pt.model.counting import count_params, meta_model
 from deepseek_pt.model.moe import Gate, MoE
 from deepseek_pt.model.rope import inv_frequencies, softmax_scale
 from model_configs import tiny
@@ -228,3 +229,12 @@ def test_recompute_in_backward_runs_only_the_chosen_blocks_twice_and_keeps_gradi
     with torch.no_grad():
         model(ids)  # outside training nothing is recomputed (and nothing needs to be)
     assert torch.equal(model.moe_layers()[0].tokens_per_expert, c1)
+
+
+def test_routed_expert_count_leaves_the_mtp_modules_apart_as_the_total_does():
+    cfg = tiny(mtp_depth=1)
+    m, moe = cfg.model, cfg.model.moe
+    counts = count_params(meta_model(m))
+    expert = 3 * m.dim * moe.expert_inter_dim
+    assert counts["routed_expert_params"] == (m.n_layers - moe.n_dense_layers) * moe.n_routed_experts * expert
+    assert counts["routed_expert_params"] < counts["total_params"]

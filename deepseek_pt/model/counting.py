@@ -33,7 +33,7 @@ def count_params(model: Transformer) -> dict:
         "total_params": total,
         "active_params": active,
         "embedding_params": model.embed_tokens.weight.numel(),
-        "routed_expert_params": sum(_numel(m.experts) for m in model.modules() if isinstance(m, MoE)),
+        "routed_expert_params": sum(_numel(m.experts) for m in model.layers.modules() if isinstance(m, MoE)),
         "mtp_params": mtp,
         "mtp_active_params": mtp - _inactive_expert_params(model.mtp),
     }
