@@ -16,7 +16,7 @@ def report(config) -> dict:
     return {
         **counts,
         **kv_cache_bytes_per_token(m),
-        "train_flops_per_token": train_flops_per_token(m, config.data.seq_len, counts["active_params"]),
+        "train_flops_per_token": train_flops_per_token(m, config.data.seq_len, counts),
         "shape": {
             "n_layers": m.n_layers, "dim": m.dim, "n_heads": a.n_heads, "q_lora_rank": a.q_lora_rank,
             "kv_lora_rank": a.kv_lora_rank, "qk_nope_head_dim": a.qk_nope_head_dim,

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from deepseek_pt.model import MLA, Transformer, to_output_subspace, to_plain_output
-from deepseek_pt.model.counting import count_params, meta_model
+from deepseek_pt.model.counting import count_params, meta_model, train_flops_per_token
 from deepseek_pt.model.moe import Gate, MoE
 from deepseek_pt.model.rope import inv_frequencies, softmax_scale
 from model_configs import tiny
@@ -238,3 +238,15 @@ def test_routed_expert_count_leaves_the_mtp_modules_apart_as_the_total_does():
     expert = 3 * m.dim * moe.expert_inter_dim
     assert counts["routed_expert_params"] == (m.n_layers - moe.n_dense_layers) * moe.n_routed_experts * expert
     assert counts["routed_expert_params"] < counts["total_params"]
+
+
+def test_train_flops_count_the_mtp_modules_that_training_runs():
+    m, S = tiny(mtp_depth=2).model, 32
+    a = m.attention
+    counts = count_params(meta_model(m))
+    attention_per_layer = 2 * a.n_heads * S * (a.qk_nope_head_dim + a.qk_rope_head_dim + a.v_head_dim)
+    # Each depth runs its module and the shared output head once more per token, and one more attention layer.
+    mtp = 6 * (counts["mtp_active_params"] + 2 * m.vocab_size * m.dim) + 3 * 2 * attention_per_layer
+    without = train_flops_per_token(tiny(mtp_depth=0).model, S)
+    assert without == 6 * counts["active_params"] + 3 * m.n_layers * attention_per_layer
+    assert train_flops_per_token(m, S) == without + mtp

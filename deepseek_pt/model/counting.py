@@ -47,12 +47,16 @@ def kv_cache_bytes_per_token(config: ModelConfig, bytes_per_value: int = 2) -> d
     return {"kv_cache_bytes_per_token": mla, "mha_kv_cache_bytes_per_token": mha}
 
 
-def train_flops_per_token(config: ModelConfig, seq_len: int, active_matmul_params: int | None = None) -> float:
+def train_flops_per_token(config: ModelConfig, seq_len: int, counts: dict | None = None) -> float:
     """Training FLOPs per token: 6 x active matmul parameters (everything active but the embedding
-    lookup; the output head included) + 6 x attention's QK^T and AV over the full sequence length
-    (the PaLM / torchtitan convention, causal half not subtracted; the peer figures use it too)."""
-    if active_matmul_params is None:
-        active_matmul_params = count_params(meta_model(config))["active_params"]
+    lookup; the output head included; with MTP, each depth's module and its pass through the shared head
+    too) + 6 x attention's QK^T and AV over the full sequence length, in every block the MTP ones included
+    (the PaLM / torchtitan convention, causal half not subtracted; the peer figures use it too).
+    `counts` is count_params' answer for this config, if the caller has it."""
+    if counts is None:
+        counts = count_params(meta_model(config))
     a = config.attention
-    attention = 2 * config.n_layers * a.n_heads * seq_len * (a.qk_nope_head_dim + a.qk_rope_head_dim + a.v_head_dim)
-    return 6 * active_matmul_params + 3 * attention
+    matmul = counts["active_params"] + counts["mtp_active_params"] + config.mtp_depth * config.vocab_size * config.dim
+    layers = config.n_layers + config.mtp_depth
+    attention = 2 * layers * a.n_heads * seq_len * (a.qk_nope_head_dim + a.qk_rope_head_dim + a.v_head_dim)
+    return 6 * matmul + 3 * attention
