@@ -25,10 +25,9 @@ def test_a_private_writer_still_leaves_a_file_the_umask_allows(tmp_path):
 def test_a_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
     target = tmp_path / "meta.json"
     atomic_write_text(target, "old")
-    with pytest.raises(OSError, match="disk full"):
-        with atomic_path(target) as tmp:
-            tmp.write_text("half")
-            raise OSError("disk full")
+    with pytest.raises(OSError, match="disk full"), atomic_path(target) as tmp:
+        tmp.write_text("half")
+        raise OSError("disk full")
     assert target.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["meta.json"]
     atomic_write_text(target, "new")
     assert target.read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["meta.json"]

@@ -232,8 +232,8 @@ def test_signal_before_the_launcher_has_its_process_group(tmp_path, data):
     proc = start_job([LAUNCH / "train.sh", SMOKE, *_overrides(data, run_dir, "train.max_steps=100000")],
                      {**_env(NPROC="2"), "PYTHON": str(python)})
     try:
-        wait_until(proc, lambda: subprocess.run(["pgrep", "-f", f"exec-group .*run.dir={run_dir}"]).returncode == 0,
-                   60, "the launcher's start")
+        started = ["pgrep", "-f", f"exec-group .*run.dir={run_dir}"]
+        wait_until(proc, lambda: subprocess.run(started, check=False).returncode == 0, 60, "the launcher's start")
         proc.send_signal(signal.SIGTERM)
         out, _ = finish_job(proc, 60)
     finally:
@@ -263,5 +263,5 @@ def test_train_sh_sigterm(tmp_path, data, sig):
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == tag
     meta = json.loads((run_dir / "checkpoints" / tag / "meta.json").read_text())
     assert meta["step"] == last and meta["world_size"] == 2
-    leftover = subprocess.run(["pgrep", "-f", f"run.dir={run_dir}"], capture_output=True, text=True).stdout
+    leftover = subprocess.run(["pgrep", "-f", f"run.dir={run_dir}"], capture_output=True, text=True, check=False).stdout
     assert not leftover.strip(), leftover
