@@ -92,8 +92,7 @@ class TrainLoader:
     @property
     def source_consumed(self) -> list[int]:
         """How many samples of each source the run has read."""
-        in_phase = self.schedule.consumed(self.consumed_samples - self.phase_start)
-        return [o + n for o, n in zip(self.offsets, in_phase, strict=True)]
+        return _samples_read(self.schedule, self.offsets, self.phase_start, self.consumed_samples)
 
     @property
     def epochs(self) -> list[int]:
@@ -187,6 +186,13 @@ class TrainLoader:
         return changed
 
 
+def _samples_read(schedule: BlendSchedule, offsets: list[int], phase_start: int, samples: int) -> list[int]:
+    """How many samples of each source a run has read after `samples` positions: those read before its phase
+    began, and the phase's share since."""
+    in_phase = schedule.consumed(samples - phase_start)
+    return [o + n for o, n in zip(offsets, in_phase, strict=True)]
+
+
 def _saved_sources(state: dict) -> dict:
     """A loader state's sources: fingerprints, blend counts, phase, seed indices, those retired, and a function
     giving how many samples of each the run had read at a sample count. States of one dataset read from the start
@@ -202,8 +208,7 @@ def _saved_sources(state: dict) -> dict:
                         f"source_ids {ids} do not describe one blend")
 
     def consumed_at(samples: int) -> list[int]:
-        in_phase = BlendSchedule(counts).consumed(samples - phase_start)
-        return [o + n for o, n in zip(offsets, in_phase, strict=True)]
+        return _samples_read(BlendSchedule(counts), offsets, phase_start, samples)
 
     return {"fingerprints": fingerprints, "counts": counts, "phase_start": phase_start, "offsets": offsets, "ids": ids,
             "retired": retired, "consumed_at": consumed_at}
