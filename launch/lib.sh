@@ -29,6 +29,16 @@ require_uint() {
     fi
 }
 
+# visible_device_ids N: the first N ids of CUDA_VISIBLE_DEVICES into the array `ids`, each numeric: the
+# runner's --include parses them as integers (GPU-/MIG- UUIDs would end in its traceback).
+visible_device_ids() {
+    IFS=, read -r -a ids <<<"$CUDA_VISIBLE_DEVICES"
+    ids=("${ids[@]:0:$1}")
+    for id in "${ids[@]}"; do
+        is_uint "$id" || die 2 "CUDA_VISIBLE_DEVICES=$CUDA_VISIBLE_DEVICES: ${0##*/} needs numeric device ids"
+    done
+}
+
 # PYTHON: the interpreter that has torch + deepspeed (it also runs the ranks: the deepspeed launcher
 # starts them with its own sys.executable). Default: $VIRTUAL_ENV's, else python3 on PATH.
 resolve_python() {

@@ -42,15 +42,11 @@ if [[ $DEVICE_KIND == cuda ]]; then
     require_uint "$nproc" 1 "$DEVICE_COUNT" "NPROC_PER_NODE=$nproc: this node has $DEVICE_COUNT visible GPUs"
     nproc=$((10#$nproc))
     if [[ -n ${CUDA_VISIBLE_DEVICES:-} ]]; then
-        IFS=, read -r -a ids <<<"$CUDA_VISIBLE_DEVICES"
-        ids=("${ids[@]:0:nproc}")
+        visible_device_ids "$nproc"
     else
         ids=()
         for ((i = 0; i < nproc; i++)); do ids+=("$i"); done
     fi
-    for id in "${ids[@]}"; do
-        is_uint "$id" || die 2 "CUDA_VISIBLE_DEVICES=$CUDA_VISIBLE_DEVICES: node.sh needs numeric device ids"
-    done
 else
     nproc=${NPROC_PER_NODE:-1}
     require_uint "$nproc" 1 "" "NPROC_PER_NODE=$nproc: expected a positive number of processes"

@@ -30,11 +30,7 @@ if [[ $DEVICE_KIND == cuda ]]; then
     nproc=$((10#$nproc))
     if [[ -n ${CUDA_VISIBLE_DEVICES:-} ]]; then
         # The launcher would drop CUDA_VISIBLE_DEVICES with --num_gpus: name the devices instead.
-        IFS=, read -r -a ids <<<"$CUDA_VISIBLE_DEVICES"
-        ids=("${ids[@]:0:nproc}")
-        for id in "${ids[@]}"; do  # --include parses them as integers (GPU-/MIG- UUIDs: a traceback)
-            is_uint "$id" || die 2 "CUDA_VISIBLE_DEVICES=$CUDA_VISIBLE_DEVICES: train.sh needs numeric device ids"
-        done
+        visible_device_ids "$nproc"
         select=(--include "localhost:$(IFS=,; echo "${ids[*]}")")
     else
         select=(--num_gpus "$nproc")
