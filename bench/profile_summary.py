@@ -65,6 +65,37 @@ def _collectives(kernels, busy: float, wall: float, steps: int, out) -> None:
         print(f"  {us / steps / 1e3:7.2f} {100 * us / wall:5.1f}%  {kind}", file=out)
 
 
+# Kernel classes by name, first match wins. The GEMMs come first: cuBLAS's FP8 kernels are nvjet's "qq"/"qr" tiles,
+# CUTLASS's carry "f8"; our Triton GEMMs (grouped_mm.py's ragged kernel, grouped_wgrad.py's) run in the precision
+# of their operands, which their names do not say.
+KERNEL_CLASSES = (
+    ("GEMM, FP8 (cuBLAS, CUTLASS)", ("_qqtst", "_qrtst", "_rqtst", "f8_f8", "e4m3")),
+    ("GEMM, ours in Triton (bf16 or FP8 operands)", ("_ragged_mm_kernel", "_grouped_wgrad_kernel")),
+    ("GEMM, bf16 (cuBLAS, CUTLASS)", ("nvjet", "cutlass", "gemm", "xmma")),
+    ("attention (SDPA)", ("sdpa", "fmha", "flash", "attention")),
+    ("collectives (NCCL)", ("nccl",)),
+    ("optimizer (AdamW)", ("adam",)),
+    ("copies and fills", ("memcpy", "memset", "direct_copy_kernel", "fill_kernel")),
+)
+
+
+def kernel_class(name: str) -> str:
+    lower = name.lower()
+    return next((cls for cls, marks in KERNEL_CLASSES if any(m.lower() in lower for m in marks)),
+                "other (pointwise, norms, casts, reductions)")
+
+
+def _classes(kernels, steps: int, out) -> None:
+    """GPU time by kernel class: what a faster GEMM or FP8 can still shrink against what it cannot."""
+    by_class: dict[str, list[float]] = defaultdict(list)
+    for e in kernels:
+        by_class[kernel_class(e.name)].append(e.time_range.end - e.time_range.start)
+    total = sum(map(sum, by_class.values()))
+    print("GPU time by kernel class (ms per micro-step, % of kernel time, launches per micro-step):", file=out)
+    for cls, ds in sorted(by_class.items(), key=lambda kv: -sum(kv[1])):
+        print(f"  {sum(ds) / steps / 1e3:7.2f} {100 * sum(ds) / total:5.1f}% {len(ds) / steps:6.0f}  {cls}", file=out)
+
+
 def _gpu_kernels(events) -> list:
     """The GPU kernels and copies among a profile's events, by start time. User annotations (e.g.
     "Optimizer.step#AdamW.step") are recorded on the GPU too, spanning the kernels they contain: left out."""
@@ -187,6 +218,7 @@ def summarize(prof, steps: int, out=sys.stderr) -> None:
     for name, ds in sorted(by_kernel.items(), key=lambda kv: -sum(kv[1]))[:40]:
         print(f"  {sum(ds) / steps / 1e3:7.2f} {len(ds) / steps:6.0f}  {name}", file=out)
     print(f"kernel launches per micro-step: {len(kernels) / steps:.0f}", file=out)
+    _classes(kernels, steps, out)
 
     inclusive: dict[str, list[float]] = defaultdict(list)
     for e in cpu:

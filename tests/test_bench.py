@@ -318,3 +318,16 @@ def test_gpu_timeline_times_the_step_after_its_lead_in(monkeypatch, capsys):
     assert lines[0] == "timeline over 1 micro-steps after 1 (steady state): wall 0.03 ms/micro-step (the GPU's clock), GPU busy 0.02, idle 0.01", lines
     assert lines[1] == "  gaps of 10 us or more: 1.0 per micro-step, 0.01 ms per micro-step", lines
     assert lines[-1].split() == ["10", "0.0", "step_a", "->", "step_b"], lines
+
+
+def test_kernel_classes_name_fp8_gemms_before_bf16_ones(monkeypatch):
+    """The profile's classes: cuBLAS's FP8 tiles and CUTLASS's f8 kernels are FP8 GEMMs though their names also say
+    nvjet / cutlass / gemm; SDPA is attention; the rest falls to "other"."""
+    summary = _bench_module("profile_summary", monkeypatch)
+    cls = summary.kernel_class
+    assert cls("nvjet_sm90_qqtst_128x128_128x6_2x1_v_bz_") == "GEMM, FP8 (cuBLAS, CUTLASS)"
+    assert cls("void cutlass::Kernel2<cutlass_sm90_f8_f8_bf16_gemm>") == "GEMM, FP8 (cuBLAS, CUTLASS)"
+    assert cls("nvjet_sm90_tst_256x128_64x4_1x2_h_bz_coo") == "GEMM, bf16 (cuBLAS, CUTLASS)"
+    assert cls("_ragged_mm_kernel") == "GEMM, ours in Triton (bf16 or FP8 operands)"
+    assert cls("cudnn_generated_fort_native_sdpa_sm90_flash_fprop") == "attention (SDPA)"
+    assert cls("triton_poi_fused__scaled_mm__to_copy_add") == "other (pointwise, norms, casts, reductions)"
