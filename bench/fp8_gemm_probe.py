@@ -5,7 +5,7 @@ forward GEMM alone (weights pre-quantized) and with the compiled quantization of
 fp8.experts' activation casts (Triton against torch.compile), and the routed experts' whole SwiGLU, forward and
 backward: AutoEP's bf16, torchao's FP8, and fp8.experts' own. --shared-only: the shared experts' SwiGLU, forward
 and backward, in bf16 and through fp8.shared_experts, in alternating rounds. --attention-only: the same for the
-attention half, fp8.attention and fp8.attention_stacked_input.
+attention half and fp8.attention.
 
     python bench/fp8_gemm_probe.py [--tokens 8192] [--experts-only | --shared-only | --attention-only [--rounds N]]
 
@@ -275,9 +275,8 @@ def shared_mlp(tokens: int, dim: int, width: int, rounds: int) -> None:
 
 def attention_half(tokens: int, rounds: int) -> None:
     """bench-2b's attention half (norm, MLA, residual), compiled as training compiles it, forward and backward with
-    weight gradients added into `.grad`: the projections in bf16, through fp8.attention, and through fp8.attention
-    with q and kv_a as one GEMM (fp8.attention_stacked_input), the step's FP8 weights already cast, in alternating
-    rounds."""
+    weight gradients added into `.grad`: the projections in bf16 and through fp8.attention (the step's FP8 weights
+    already cast), in alternating rounds."""
     from deepseek_pt.config import load_config
     from deepseek_pt.engine.fp8_linears import convert_linears_to_fp8
     from deepseek_pt.engine.linear_grads import linear_grads_in_place
@@ -288,12 +287,12 @@ def attention_half(tokens: int, rounds: int) -> None:
     model = load_config(Path(__file__).resolve().parent.parent / "configs" / "bench-2b.yaml", []).model
     seq = 2048
     blocks = {}
-    for name in ("bf16", "fp8", "fp8 stacked"):
+    for name in ("bf16", "fp8"):
         torch.manual_seed(0)
         blocks[name] = torch.nn.Sequential(Block(model, moe=False)).cuda().bfloat16()
         if name != "bf16":
             convert_linears_to_fp8(blocks[name], lambda: 0, emulate=False, grads_in_place=True, attention=True,
-                                   dense_mlp=False, stacked_input=name == "fp8 stacked")
+                                   dense_mlp=False)
         linear_grads_in_place(blocks[name])  # what fp8 left in bf16, as training does
         for m in blocks[name].modules():  # what the block's pre-hook does at a step's start
             if hasattr(m, "cast_weight_once"):
@@ -304,9 +303,8 @@ def attention_half(tokens: int, rounds: int) -> None:
     for half in halves.values():
         for _ in range(2):  # the first call creates .grad, later ones add into it: two graphs
             half(x).backward(dy)
-    for name in ("fp8", "fp8 stacked"):
-        print(f"attention half {tokens} tokens: {name} output rel err "
-              f"{rel_err(halves[name](x), halves['bf16'](x)):.1e}", flush=True)
+    print(f"attention half {tokens} tokens: FP8 output rel err "
+          f"{rel_err(halves['fp8'](x), halves['bf16'](x)):.1e}", flush=True)
     alternating_rounds({name: (lambda half=half: half(x).backward(dy)) for name, half in halves.items()}, rounds, top=6)
 
 
@@ -315,8 +313,7 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=8192)
     p.add_argument("--experts-only", action="store_true", help="only the routed experts' grouped GEMMs")
     p.add_argument("--shared-only", action="store_true", help="only the shared experts' SwiGLU, bf16 and FP8")
-    p.add_argument("--attention-only", action="store_true",
-                   help="only the attention half: bf16, fp8.attention, and that with fp8.attention_stacked_input")
+    p.add_argument("--attention-only", action="store_true", help="only the attention half, bf16 and fp8.attention")
     p.add_argument("--rounds", type=int, default=3, help="--shared-only, --attention-only: alternating rounds")
     args = p.parse_args()
     M = args.tokens

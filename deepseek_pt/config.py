@@ -389,11 +389,6 @@ class Fp8Config:
     layer and micro-step, +0.2%, +0.7% and +1.6% tokens/s in three interleaved pairs (a fourth +5.4%, its baseline
     slow), the train loss within 0.36% of bf16's (docs/benchmarks.md). Under ZeRO-3 needs parallel.zero_leaf_blocks,
     and a Hopper GPU (emulated on a CPU); costs 2 bytes per projection parameter."""
-    attention_stacked_input: bool = False
-    """With fp8.attention, MLA's two projections of the block's normed input, q (q_a under q-LoRA) and kv_a, as one
-    FP8 GEMM over their stacked weights (engine/fp8_linears.py): one cast of the input, one forward and one
-    input-gradient GEMM, and no sum of their two input gradients. Off until measured on a GPU
-    (docs/benchmarks.md's next list: ~0.5% at most on bench-2b)."""
     dense_mlp: bool = False
     """Also run the dense layers' SwiGLU projections (gate, up, down) in FP8 as fp8.attention runs the attention's
     (engine/fp8_linears.py): forward and input-gradient GEMMs rowwise scaled e4m3, weights cast once per optimizer
@@ -736,18 +731,6 @@ def validate(cfg: Config, where: str = "<config>") -> None:
             check(cfg.parallel.zero_leaf_blocks, "parallel.zero_leaf_blocks",
                   "fp8.shared_experts under ZeRO-3 needs it true: the shared experts' FP8 path reads their linears' "
                   "weights without calling the linears, so only a block-wide gather brings them")
-    if cfg.precision == "fp8" and cfg.fp8.attention_stacked_input:
-        check(cfg.fp8.attention, "fp8.attention_stacked_input",
-              "needs fp8.attention: true (it stacks two of fp8.attention's projections)")
-        a = m.attention
-        q = ("q_a's", a.q_lora_rank, "model.attention.q_lora_rank") if a.q_lora_rank else \
-            ("q's", a.n_heads * (a.qk_nope_head_dim + a.qk_rope_head_dim),
-             "model.attention.n_heads x (qk_nope_head_dim + qk_rope_head_dim)")
-        for what, width, keys in (("the input", m.dim, "model.dim"), q,
-                                  ("kv_a's", a.kv_lora_rank + a.qk_rope_head_dim,
-                                   "model.attention.kv_lora_rank + qk_rope_head_dim")):
-            check(width % 16 == 0, "fp8.attention_stacked_input",
-                  f"{what} width {width} ({keys}) is not a multiple of 16, which its FP8 GEMM needs")
     if cfg.precision == "fp8" and cfg.fp8.dense_mlp:
         check(moe.n_dense_layers > 0, "fp8.dense_mlp", "the model has no dense layer (model.moe.n_dense_layers: 0)")
     for key, on in (("fp8.attention", cfg.fp8.attention), ("fp8.dense_mlp", cfg.fp8.dense_mlp)):

@@ -447,14 +447,10 @@ def build_engine(cfg: Config, world: int, init_from: str | None = None, load_uni
         if cfg.fp8.attention or cfg.fp8.dense_mlp:
             fp8_in_place = cfg.parallel.linear_grads_in_place and coalesced
             counts = fp8_linears.convert_linears_to_fp8(engine.module, steps, emulate, fp8_in_place,
-                                                        cfg.fp8.attention, cfg.fp8.dense_mlp,
-                                                        cfg.fp8.attention_stacked_input)
+                                                        cfg.fp8.attention, cfg.fp8.dense_mlp)
             for part, (n, total) in counts.items():
                 kept = f" ({total - n} with a dimension not a multiple of 16 kept in bf16)" if n < total else ""
                 what = "attention projections" if part == "attention" else "dense MLP projections"
-                if part == "attention" and cfg.fp8.attention_stacked_input:
-                    stacks = sum(isinstance(m, fp8_linears.Fp8StackedLinears) for m in engine.module.modules())
-                    what += f" (q and kv_a as one GEMM in {stacks} layer{'s' * (stacks != 1)})"
                 converted.append(f"{n} {what}{kept}")
         how = f"emulated in fp32 (numerics only: the real-GEMM path {why})" if why else "real FP8 GEMMs"
         for what in converted if rank0 else []:

@@ -1,6 +1,5 @@
-"""The attention projections and the dense MLPs in FP8 (fp8.attention, fp8.dense_mlp), and q with kv_a as one GEMM
-(fp8.attention_stacked_input): their output and gradients against bf16's (and the stacked GEMM's against the
-separate ones'), the weights cast once per optimizer step in the block's pre-hook, the weight gradients added into
+"""The attention projections and the dense MLPs in FP8 (fp8.attention, fp8.dense_mlp): their output and gradients
+against bf16's, the weights cast once per optimizer step in the block's pre-hook, the weight gradients added into
 `.grad`, the compiled halves traced whole without recompiling when the weights move, the config and preflight checks,
 and the real GEMMs against the emulation on a Hopper GPU."""
 import pytest
@@ -9,10 +8,9 @@ from torch import nn
 
 from deepseek_pt.config import ConfigError, load_config
 from deepseek_pt.engine import fp8, fp8_linears
-from deepseek_pt.engine.fp8_linears import Fp8CachedLinear, Fp8StackedLinears, StackedLinear, convert_linears_to_fp8
+from deepseek_pt.engine.fp8_linears import Fp8CachedLinear, convert_linears_to_fp8
 from deepseek_pt.model import Transformer
 from model_configs import tiny
-from test_expert_grads import accumulations
 from test_fp8 import CONFIGS, assert_preflight_refuses, pretend_gpu, rel_err
 
 # Every projection a multiple of 16 wide: q_a 64 -> 32, q_b 32 -> 4 x 24, kv_a 64 -> 16 + 16, kv_b 16 -> 4 x 20, o.
@@ -20,13 +18,13 @@ ALIGNED = dict(dim=64, attention__q_lora_rank=32, attention__qk_rope_head_dim=16
 
 
 def _model(emulate: bool = True, device: str = "cpu", attention: bool = True, dense_mlp: bool = False,
-           stacked_input: bool = False, grads_in_place: bool = False, **overrides) -> tuple[Transformer, list[int]]:
+           **overrides) -> tuple[Transformer, list[int]]:
     """A bf16 tiny model with its attention projections (and/or dense MLPs) converted, and the step counter its casts
     follow."""
     torch.manual_seed(0)
     model = Transformer(tiny(**overrides).model).to(device, torch.bfloat16)
     steps = [0]
-    convert_linears_to_fp8(model, lambda: steps[0], emulate, grads_in_place, attention, dense_mlp, stacked_input)
+    convert_linears_to_fp8(model, lambda: steps[0], emulate, False, attention, dense_mlp)
     return model, steps
 
 
@@ -139,20 +137,17 @@ def test_weight_gradients_are_added_into_grad_in_place():
     assert torch.allclose(first.float(), 2 * torch.ones(24, 32).T @ x.float(), rtol=1e-2)
 
 
-@pytest.mark.parametrize("half, stacked_input", [("attention_residual", False), ("attention_residual", True),
-                                                  ("mlp_residual", False)])
-def test_compiled_half_traces_whole_and_reads_the_recast_weights(half, stacked_input):
+@pytest.mark.parametrize("half", HALVES)
+def test_compiled_half_traces_whole_and_reads_the_recast_weights(half):
     from torch._dynamo.testing import CompileCounterWithBackend
 
     torch._dynamo.reset()
-    model, steps = _model(dense_mlp=True, stacked_input=stacked_input, grads_in_place=True, **ALIGNED)
+    model, steps = _model(dense_mlp=True, **ALIGNED)
     counter = CompileCounterWithBackend("aot_eager")
     block = model.layers[0]
     eager = getattr(block, half)
     compiled = torch.compile(eager, backend=counter, fullgraph=True)
-    attn = block.self_attn
-    moved = (attn.kv_a_proj_with_mqa if stacked_input else attn.o_proj) if half == "attention_residual" \
-        else block.mlp.down_proj
+    moved = block.self_attn.o_proj if half == "attention_residual" else block.mlp.down_proj
     x = torch.randn(2, 32, 64, dtype=torch.bfloat16)
     model(torch.zeros(1, 1, dtype=torch.long))
     for _ in range(2):
@@ -180,13 +175,6 @@ def test_config_and_preflight_name_what_they_need(monkeypatch, tmp_path, key):
         with pytest.raises(ConfigError, match=r"fp8.dense_mlp: the model has no dense layer "
                                               r"\(model.moe.n_dense_layers: 0\)"):
             load("model.moe.n_dense_layers=0")
-        with pytest.raises(ConfigError, match=r"fp8.attention_stacked_input: needs fp8.attention: true"):
-            load("fp8.attention_stacked_input=true")
-    else:  # smoke: kv_a 32 + 8 wide; 32 + 16 stacks
-        with pytest.raises(ConfigError, match=r"fp8.attention_stacked_input: kv_a's width 40 \(model.attention."
-                                              r"kv_lora_rank \+ qk_rope_head_dim\) is not a multiple of 16"):
-            load("fp8.attention_stacked_input=true")
-        assert load("fp8.attention_stacked_input=true", "model.attention.qk_rope_head_dim=16").fp8
     pretend_gpu(monkeypatch, "NVIDIA L40S", (8, 9))
     monkeypatch.setattr(fp8.importlib.util, "find_spec", lambda name: object())
     assert_preflight_refuses(tmp_path, ["precision=fp8", f"{key}=true"],
@@ -196,114 +184,14 @@ def test_config_and_preflight_name_what_they_need(monkeypatch, tmp_path, key):
 
 @pytest.mark.skipif(fp8.expert_gemms_unavailable() is not None,
                     reason=f"real FP8 GEMMs {fp8.expert_gemms_unavailable()}")
-@pytest.mark.parametrize("stacked_input", [False, True])
-def test_real_fp8_projections_match_the_emulation_on_gpu(stacked_input):
+def test_real_fp8_projections_match_the_emulation_on_gpu():
     x = torch.randn(3, 37, 64, device="cuda", dtype=torch.bfloat16)  # 111 tokens: not a multiple of 16
     results = []
     for emulate in (False, True):
-        model, _ = _model(emulate=emulate, device="cuda", dense_mlp=True, stacked_input=stacked_input, **ALIGNED)
+        model, _ = _model(emulate=emulate, device="cuda", dense_mlp=True, **ALIGNED)
         model(torch.zeros(1, 1, dtype=torch.long, device="cuda"))
         results.append(_attention_forward_backward(model, x) + _attention_forward_backward(model, x, half="mlp_residual"))
     names = ("y", "dx", "dq_a", "dq_b", "dkv_a", "dkv_b", "do", "mlp y", "mlp dx", "dgate", "dup", "ddown")
     for name, a, b in zip(names, *results, strict=True):
         assert torch.isfinite(a).all(), name
         assert rel_err(a, b) < 0.02, (name, rel_err(a, b))  # as the experts' test: fast accumulation, rare re-roundings
-
-
-def test_stacked_input_is_one_gemm_computing_what_two_would():
-    """fp8.attention_stacked_input: q_a and kv_a as one GEMM over their stacked FP8 weights. Its forward reads the
-    e4m3 operands two GEMMs would (each weight row has its own scale), and each weight's gradient is a bf16 GEMM of
-    the same operands: the separate path's results. Only the input gradient differs: its operand's rows are scaled
-    over both outputs' gradients at once, within e4m3's error of bf16's."""
-    torch.manual_seed(0)
-    bf16 = Transformer(tiny(**ALIGNED).model).bfloat16()
-    separate, _ = _model(**ALIGNED)
-    stacked, _ = _model(stacked_input=True, **ALIGNED)
-    assert stacked.state_dict().keys() == bf16.state_dict().keys()  # no new key: the FP8 buffers are not persistent
-    for layer in stacked.layers:
-        mla = layer.self_attn
-        assert isinstance(mla.stacked_input, Fp8StackedLinears) and mla.stacked_input.widths == [32, 32]
-        assert type(mla.q_a_proj) is StackedLinear and type(mla.kv_a_proj_with_mqa) is StackedLinear
-    x = torch.randn(2, 32, 64, dtype=torch.bfloat16)
-    results = {}
-    for name, model in (("bf16", bf16), ("separate", separate), ("stacked", stacked)):
-        model(torch.zeros(1, 1, dtype=torch.long))  # the pre-hook casts
-        results[name] = _attention_forward_backward(model, x)
-    names = ("y", "dx", "dq_a", "dq_b", "dkv_a", "dkv_b", "do")
-    for name, got, same, ref in zip(names, results["stacked"], results["separate"], results["bf16"], strict=True):
-        assert got.shape == same.shape and got.dtype == same.dtype
-        if name == "dx":  # another e4m3 rounding of its operand (3e-4 apart on the CPU of 2026-12-04)
-            assert rel_err(got, ref) < 0.09 and 0 < rel_err(got, same) < 0.01, (rel_err(got, ref), rel_err(got, same))
-        else:  # the same to the bit on that CPU
-            assert rel_err(got, same) < 1e-3, (name, rel_err(got, same))
-
-
-def test_stacked_weights_are_cast_together_and_their_gradients_added_in_place():
-    torch.manual_seed(0)
-    a, b = nn.Linear(64, 32, bias=False).bfloat16(), nn.Linear(64, 16, bias=False).bfloat16()
-    b.weight.data[:, 7] *= 1000  # one large input column of b: the transposed layout's row 7 scales over a's too
-    stacked = Fp8StackedLinears([a, b], emulate=True, grads_in_place=True)
-    assert stacked.cast_weight_once(0) and not stacked.cast_weight_once(0)
-    alone = [fp8_linears.cast_weight(w.detach()) for w in (a.weight, b.weight)]
-    assert torch.equal(stacked.weight_scale, torch.cat([alone[0][1], alone[1][1]]))  # per output row, as apart
-    # Dequantization scales: per input column, the larger of the two, over both weights.
-    assert torch.equal(stacked.weight_t_scale, torch.maximum(alone[0][3], alone[1][3]))
-    x = torch.randn(24, 64, dtype=torch.bfloat16)
-    counts = accumulations([a.weight, b.weight])
-
-    def backward():
-        ya, yb = stacked(x)
-        assert ya.shape == (24, 32) and yb.shape == (24, 16)
-        (ya.sum() + 2 * yb.sum()).backward()
-
-    x.requires_grad_()
-    backward()  # no .grad yet: autograd's gradients
-    exact = torch.ones(24, 32) @ a.weight.float() + 2 * torch.ones(24, 16) @ b.weight.float()
-    assert 0 < rel_err(x.grad, exact) < 0.06, rel_err(x.grad, exact)  # through the jointly scaled layout
-    first = a.weight.grad, b.weight.grad
-    for _ in range(2):
-        for grad, scale, n in zip(first, (1, 2), (32, 16)):
-            assert torch.allclose(grad.float(), scale * torch.ones(24, n).T @ x.float(), rtol=1e-2, atol=1e-1)
-        backward()
-        assert a.weight.grad is first[0] and b.weight.grad is first[1]  # the same tensors, added into
-        first[0].mul_(0.5), first[1].mul_(0.5)  # two micro-steps' sum, back to one for the check
-    assert counts == [1, 1]  # autograd accumulated the first micro-step's gradients only
-
-
-def test_stacking_needs_both_projections_aligned():
-    # tiny(): q_a 48 -> 24 and kv_a 48 -> 20, neither a multiple of 16: nothing to stack, nothing converted there.
-    model, _ = _model(stacked_input=True)
-    assert all(layer.self_attn.stacked_input is None for layer in model.layers)
-    assert type(model.layers[0].self_attn.kv_a_proj_with_mqa) is nn.Linear
-    counts = convert_linears_to_fp8(Transformer(tiny(**ALIGNED).model), lambda: 0, True, False, True, False, True)
-    assert counts == {"attention": (5 * 3, 5 * 3)}  # the stacked two counted with the three alone, in each layer
-
-
-def test_compiled_stacked_input_adds_both_weight_gradients_into_grad():
-    from torch._dynamo.testing import CompileCounterWithBackend
-
-    torch._dynamo.reset()
-    counter = CompileCounterWithBackend("aot_eager")
-    x = torch.randn(2, 32, 64, dtype=torch.bfloat16)
-    dy = torch.randn_like(x)
-    sums = []
-    for compiled in (False, True):
-        model, _ = _model(stacked_input=True, grads_in_place=True, **ALIGNED)
-        block = model.layers[0]
-        half = torch.compile(block.attention_residual, backend=counter, fullgraph=True) if compiled \
-            else block.attention_residual
-        model(torch.zeros(1, 1, dtype=torch.long))  # the pre-hook casts
-        attn = block.self_attn
-        weights = [attn.q_a_proj.weight, attn.kv_a_proj_with_mqa.weight]
-        for m in attn.modules():  # a step's earlier micro-steps (every linear: one graph for both calls)
-            if isinstance(m, nn.Linear):
-                m.weight.grad = torch.ones_like(m.weight)
-        grads = [w.grad for w in weights]
-        for _ in range(2):
-            half(x).backward(dy)
-        assert all(w.grad is g for w, g in zip(weights, grads))  # added into, in place
-        sums.append(grads)
-    for eager, got in zip(*sums):
-        assert not torch.equal(eager, torch.ones_like(eager))
-        assert torch.allclose(got.float(), eager.float(), rtol=1e-2, atol=1e-2)
-    assert counter.frame_count == 1

@@ -17,11 +17,6 @@ fp8.experts does for the experts (fp8_experts.py):
   the first one went into the kernel of the RMSNorm before q and kv_a, and the down projection's input cast into
   the SwiGLU's: docs/benchmarks.md).
 
-`fp8.attention_stacked_input` runs MLA's two projections of the block's normed input, q (or q_a) and kv_a, as one GEMM
-over their stacked FP8 weights (Fp8StackedLinears): one cast of the input, one forward and one input-gradient GEMM,
-and no sum of their two input gradients; each weight's gradient stays its own GEMM over its columns of the output
-gradient.
-
 Without a Hopper GPU the GEMMs are emulated: the same operands dequantized, an fp32 GEMM (numerics, not speed).
 """
 from __future__ import annotations
@@ -48,10 +43,9 @@ def scaled_mm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: 
                             use_fast_accum=True)
 
 
-def cast_weight(*weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """weights [N_i, K], stacked as W [N, K], as (e4m3 [N, K], scales [N]) for the forward and (e4m3 [K, N], scales
-    [K]) for the input gradient, each scaled along its GEMM's reduction dimension."""
-    weight = weights[0] if len(weights) == 1 else torch.cat(weights)
+def cast_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """weight [N, K] as (e4m3 [N, K], scales [N]) for the forward and (e4m3 [K, N], scales [K]) for the input
+    gradient, each scaled along its GEMM's reduction dimension."""
     return (*quantize_rows(weight), *quantize_rows(weight.T.contiguous()))
 
 
@@ -62,20 +56,16 @@ def _compiled_weight_cast() -> Callable:
 
 
 class _Fp8Linear(torch.autograd.Function):
-    """y = x @ W.T through the FP8 layouts of W, the weights stacked (`weights_and_grads`: the weights, then for each
-    its `.grad` to add its gradient into, or None); each weight's gradient in bf16 over its columns of y's."""
+    """y = x @ weight.T through the FP8 layouts of weight; weight's gradient in bf16, added into `grad` if given."""
 
     @staticmethod
-    def forward(ctx, x, w_fp8, w_scale, wt_fp8, wt_scale, emulate: bool, *weights_and_grads):
-        n = len(weights_and_grads) // 2
-        weights, grads = weights_and_grads[:n], weights_and_grads[n:]
+    def forward(ctx, x, weight, w_fp8, w_scale, wt_fp8, wt_scale, grad, emulate: bool):
         rows = x.reshape(-1, x.shape[-1])
         y = scaled_mm(*quantize_rows(rows), w_fp8, w_scale, emulate)
         ctx.save_for_backward(rows, wt_fp8, wt_scale)
         # Off save_for_backward, as in linear_grads.py: the version check would refuse a `.grad` another use of the
         # same weight changed first.
-        ctx.grads, ctx.emulate, ctx.weight_dtype = grads, emulate, weights[0].dtype
-        ctx.widths = [w.shape[0] for w in weights]
+        ctx.grad, ctx.emulate, ctx.weight_dtype = grad, emulate, weight.dtype
         return y.to(x.dtype).view(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
@@ -83,96 +73,50 @@ class _Fp8Linear(torch.autograd.Function):
         rows, wt_fp8, wt_scale = ctx.saved_tensors
         grad_rows = grad_y.reshape(-1, grad_y.shape[-1]).to(rows.dtype)
         grad_x = scaled_mm(*quantize_rows(grad_rows), wt_fp8, wt_scale, ctx.emulate).to(rows.dtype)
-        grad_weights = []
-        for i, (grad, grad_part) in enumerate(zip(ctx.grads, grad_rows.split(ctx.widths, dim=1))):
-            if grad is not None:
-                add_linear_weight_grad_(grad, grad_part, rows)
-            grad_weights.append((grad_part.T @ rows).to(ctx.weight_dtype)
-                                if grad is None and ctx.needs_input_grad[6 + i] else None)
-        return (grad_x.view(*grad_y.shape[:-1], rows.shape[-1]), None, None, None, None, None, *grad_weights,
-                *[None] * len(grad_weights))
+        grad_w = None
+        if ctx.grad is not None:
+            add_linear_weight_grad_(ctx.grad, grad_rows, rows)
+        elif ctx.needs_input_grad[1]:
+            grad_w = (grad_rows.T @ rows).to(ctx.weight_dtype)
+        return grad_x.view(*grad_y.shape[:-1], rows.shape[-1]), grad_w, None, None, None, None, None, None
 
 
-class _CachedFp8Weights:
-    """The FP8 layouts of a module's weights, stacked, that its GEMM reads (the forward [N, K] and the transposed [K, N]
-    with their scales), cast by `cast_weight_once(step)` when the optimizer step moves."""
+class Fp8CachedLinear(nn.Linear):
+    """nn.Linear without bias (same parameter, same state dict) whose forward and input-gradient GEMMs read FP8
+    copies of its weight, which `cast_weight_once(step)` refreshes when the optimizer step moves."""
 
     emulate: bool
     grads_in_place: bool
-    cast_key: tuple | None
+    cast_key: tuple[int, int] | None
 
-    def fp8_weights(self) -> tuple[nn.Parameter, ...]:
-        raise NotImplementedError
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        grad = grad_for_forward(self.weight, x.dtype) if self.grads_in_place else None
+        return _Fp8Linear.apply(x, self.weight, self.weight_fp8, self.weight_scale, self.weight_t_fp8,
+                                self.weight_t_scale, grad, self.emulate)
 
-    def register_fp8_buffers(self, N: int, K: int, device, emulate: bool, grads_in_place: bool) -> None:
-        # Not persistent: checkpoints and exports hold the bf16/fp32 weights only.
+    @torch.no_grad()
+    def cast_weight_once(self, step: int) -> bool:
+        """Cast the weight into the FP8 buffers unless this step's weight already is; returns whether it cast. The key
+        holds the weight's address too, so that a weight ZeRO-3 gathers into new memory is cast again."""
+        key = (step, self.weight.data_ptr())
+        if self.cast_key == key:
+            return False
+        cast = _compiled_weight_cast() if self.weight.is_cuda and not self.emulate else cast_weight
+        for buffer, value in zip((self.weight_fp8, self.weight_scale, self.weight_t_fp8, self.weight_t_scale),
+                                 cast(self.weight)):
+            buffer.copy_(value)  # in place: the same tensors each step, so no compiled half's guard on them fails
+        self.cast_key = key
+        return True
+
+    def to_fp8(self, emulate: bool, grads_in_place: bool) -> None:
+        N, K = self.out_features, self.in_features
+        device = self.weight.device
+        # Not persistent: checkpoints and exports hold the bf16/fp32 weight only.
         for name, shape, dtype in (("weight_fp8", (N, K), torch.float8_e4m3fn), ("weight_scale", (N,), torch.float32),
                                    ("weight_t_fp8", (K, N), torch.float8_e4m3fn),
                                    ("weight_t_scale", (K,), torch.float32)):
             self.register_buffer(name, torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.emulate, self.grads_in_place, self.cast_key = emulate, grads_in_place, None
-
-    @torch.no_grad()
-    def cast_weight_once(self, step: int) -> bool:
-        """Cast the weights into the FP8 buffers unless this step's weights already are; returns whether it cast. The
-        key holds the weights' addresses too, so that weights ZeRO-3 gathers into new memory are cast again."""
-        weights = self.fp8_weights()
-        key = (step, *(w.data_ptr() for w in weights))
-        if self.cast_key == key:
-            return False
-        cast = _compiled_weight_cast() if weights[0].is_cuda and not self.emulate else cast_weight
-        for buffer, value in zip((self.weight_fp8, self.weight_scale, self.weight_t_fp8, self.weight_t_scale),
-                                 cast(*weights)):
-            buffer.copy_(value)  # in place: the same tensors each step, so no compiled half's guard on them fails
-        self.cast_key = key
-        return True
-
-    def fp8_gemm(self, x: torch.Tensor) -> torch.Tensor:
-        """x @ W.T, W the weights stacked."""
-        weights = self.fp8_weights()
-        grads = [grad_for_forward(w, x.dtype) if self.grads_in_place else None for w in weights]
-        return _Fp8Linear.apply(x, self.weight_fp8, self.weight_scale, self.weight_t_fp8, self.weight_t_scale,
-                                self.emulate, *weights, *grads)
-
-
-class Fp8CachedLinear(nn.Linear, _CachedFp8Weights):
-    """nn.Linear without bias (same parameter, same state dict) whose forward and input-gradient GEMMs read FP8
-    copies of its weight, which `cast_weight_once(step)` refreshes when the optimizer step moves."""
-
-    def fp8_weights(self) -> tuple[nn.Parameter, ...]:
-        return (self.weight,)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fp8_gemm(x)
-
-    def to_fp8(self, emulate: bool, grads_in_place: bool) -> None:
-        self.register_fp8_buffers(self.out_features, self.in_features, self.weight.device, emulate, grads_in_place)
-
-
-class StackedLinear(nn.Linear):
-    """A linear whose GEMM an Fp8StackedLinears runs with others' (its parameter and state-dict key stay its own);
-    called alone it is nn.Linear."""
-
-
-class Fp8StackedLinears(nn.Module, _CachedFp8Weights):
-    """Linears without bias that read the same input, run as one FP8 GEMM over their stacked weights: forward(x)
-    returns each linear's output. The linears become StackedLinear and are not submodules here, so that their
-    parameters and state-dict keys stay where they were."""
-
-    def __init__(self, linears: list[nn.Linear], emulate: bool, grads_in_place: bool):
-        super().__init__()
-        for linear in linears:
-            linear.__class__ = StackedLinear
-        self.linears = tuple(linears)
-        self.widths = [linear.out_features for linear in linears]
-        self.register_fp8_buffers(sum(self.widths), linears[0].in_features, linears[0].weight.device, emulate,
-                                  grads_in_place)
-
-    def fp8_weights(self) -> tuple[nn.Parameter, ...]:
-        return tuple(linear.weight for linear in self.linears)
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return self.fp8_gemm(x).split(self.widths, dim=-1)
 
 
 def _eligible(linear: nn.Module) -> bool:
@@ -181,50 +125,40 @@ def _eligible(linear: nn.Module) -> bool:
 
 
 def convert_linears_to_fp8(model: nn.Module, optimizer_steps: Callable[[], int], emulate: bool, grads_in_place: bool,
-                           attention: bool, dense_mlp: bool, stacked_input: bool = False) -> dict[str, tuple[int, int]]:
+                           attention: bool, dense_mlp: bool) -> dict[str, tuple[int, int]]:
     """Run the attention projections (`attention`) and the dense SwiGLUs' gate, up and down projections (`dense_mlp`)
     of `model`'s blocks, the MTP modules' included, through Fp8CachedLinear, their FP8 weights cast in a forward
-    pre-hook on each block when `optimizer_steps()` (the engine's step counter) moves; with `stacked_input` MLA's q (or
-    q_a) and kv_a as one Fp8StackedLinears. Must run before compile_blocks and after DeepSpeed's own hooks are on the
-    blocks (deepspeed.initialize), so that under ZeRO-3 the block's gather comes first. Returns, for each part asked
-    for, (linears converted, linears in all); the others, with a dimension not a multiple of 16, stay bf16."""
+    pre-hook on each block when `optimizer_steps()` (the engine's step counter) moves. Must run before compile_blocks
+    and after DeepSpeed's own hooks are on the blocks (deepspeed.initialize), so that under ZeRO-3 the block's gather
+    comes first. Returns, for each part asked for, (linears converted, linears in all); the others, with a dimension
+    not a multiple of 16, stay bf16."""
     counts = {part: (0, 0) for part, on in (("attention", attention), ("dense_mlp", dense_mlp)) if on}
     for block in model.modules():
         if not isinstance(block, Block):
             continue
-        stacked = []
-        if attention and stacked_input:
-            mla = block.self_attn
-            inputs = [mla.q_a_proj if hasattr(mla, "q_a_proj") else mla.q_proj, mla.kv_a_proj_with_mqa]
-            if all(map(_eligible, inputs)):  # else each eligible one runs alone
-                mla.stacked_input = Fp8StackedLinears(inputs, emulate, grads_in_place)
-                stacked.append(mla.stacked_input)
         parts = {"attention": block.self_attn, "dense_mlp": block.mlp if isinstance(block.mlp, SwiGLU) else None}
         fp8 = []
         for part, (converted, total) in counts.items():
             module = parts[part]
             linears = [] if module is None else [m for m in module.modules() if isinstance(m, nn.Linear)]
             eligible = [m for m in linears if _eligible(m)]
-            in_stack = sum(type(m) is StackedLinear for m in linears)
-            counts[part] = converted + len(eligible) + in_stack, total + len(linears)
+            counts[part] = converted + len(eligible), total + len(linears)
             fp8 += eligible
-        cache_fp8_linears(block, fp8, optimizer_steps, emulate, grads_in_place, stacked)
+        cache_fp8_linears(block, fp8, optimizer_steps, emulate, grads_in_place)
     return counts
 
 
 def cache_fp8_linears(block: nn.Module, linears: list[nn.Linear], optimizer_steps: Callable[[], int], emulate: bool,
-                      grads_in_place: bool, stacked: list[Fp8StackedLinears] = ()) -> None:
-    """Make `linears` (of `block`) Fp8CachedLinear; their FP8 weights, and those of `stacked`, cast in a forward
-    pre-hook on `block`."""
+                      grads_in_place: bool) -> None:
+    """Make `linears` (of `block`) Fp8CachedLinear, their FP8 weights cast in a forward pre-hook on `block`."""
     for linear in linears:
         linear.__class__ = Fp8CachedLinear
         linear.to_fp8(emulate, grads_in_place)
-    cached = [*linears, *stacked]
-    if cached:
-        block.register_forward_pre_hook(functools.partial(_cast_weights, cached, optimizer_steps))
+    if linears:
+        block.register_forward_pre_hook(functools.partial(_cast_weights, linears, optimizer_steps))
 
 
-def _cast_weights(cached: list[_CachedFp8Weights], optimizer_steps: Callable[[], int], block, args) -> None:
+def _cast_weights(linears: list[Fp8CachedLinear], optimizer_steps: Callable[[], int], block, args) -> None:
     step = optimizer_steps()
-    for module in cached:
-        module.cast_weight_once(step)
+    for linear in linears:
+        linear.cast_weight_once(step)

@@ -64,8 +64,6 @@ class MLA(nn.Module):
             self.o_b_proj = nn.Linear(a.o_latent_dim, config.dim, bias=False)
         else:
             self.o_proj = nn.Linear(a.n_heads * a.v_head_dim, config.dim, bias=False)
-        # The engine's one GEMM for q's (or q_a's) and kv_a's projections of x (fp8.attention_stacked_input), or None.
-        self.stacked_input: nn.Module | None = None
         self.softmax_scale = softmax_scale(a)
         inv_freq, self.rope_magnitude = inv_frequencies(a)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
@@ -76,15 +74,9 @@ class MLA(nn.Module):
     def _project(self, x: torch.Tensor, positions: torch.Tensor):
         """Queries split into (nope, rotated rope) parts, normalised latent, rotated shared key."""
         B, T, _ = x.shape
-        q_lora = hasattr(self, "q_a_proj")
-        if self.stacked_input is not None:
-            q, kv = self.stacked_input(x)
-        else:
-            q, kv = (self.q_a_proj if q_lora else self.q_proj)(x), self.kv_a_proj_with_mqa(x)
-        if q_lora:
-            q = self.q_b_proj(self.q_a_layernorm(q))
+        q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x))) if hasattr(self, "q_a_proj") else self.q_proj(x)
         q_nope, q_pe = q.view(B, T, self.n_heads, -1).split([self.nope_dim, self.rope_dim], dim=-1)
-        c_kv, k_pe = kv.split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
         cos, sin = rope_cos_sin(self.inv_freq, positions, self.rope_magnitude)
         rope = POINTWISE.get("apply_rope", apply_rope)
         q_pe = rope(q_pe, cos, sin)
