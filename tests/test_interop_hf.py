@@ -145,6 +145,20 @@ def test_mtp_layers_follow_deepseeks_layout(tmp_path):
                        cache=None)
         mtp = model.mtp[0]
         torch.testing.assert_close(mtp.norm(mtp(h, emb)), theirs, rtol=1e-4, atol=1e-5)
+        # The whole chain as transformers drafts with it: the main model's last hidden state after its final norm
+        # (`hidden_states[-1]`, tied to `last_hidden_state`) feeds depth 1, whose logits are the shared head's.
+        tokens = ids(12)
+        inputs, targets = tokens[:, :-1], tokens[:, 1:]
+        main = hf.model(inputs, output_hidden_states=True).hidden_states[-1]
+        T, pos = inputs.shape[1], torch.arange(inputs.shape[1] - 1)[None]
+        emb = hf.model.embed_tokens(inputs[:, 1:])
+        mask = transformers.masking_utils.create_causal_mask(config=layer.config, inputs_embeds=emb,
+                                                             attention_mask=None, cache=None, position_ids=pos)
+        drafted = layer(emb, main[:, : T - 1], position_embeddings=hf.model.rotary_emb(emb, pos), attention_mask=mask,
+                        position_ids=pos, cache=None)
+        theirs = torch.nn.functional.cross_entropy(hf.lm_head(drafted).flatten(0, 1), targets[:, 1:].flatten())
+        model(inputs, targets)
+        torch.testing.assert_close(model.last_losses["mtp_loss"], theirs, rtol=1e-5, atol=1e-6)
 
 
 def test_mla_o_is_refused_unless_folded(tmp_path):

@@ -67,7 +67,10 @@ class Block(nn.Module):
 
 class MTPModule(nn.Module):
     """DeepSeek-V3 multi-token prediction depth k: combines the previous depth's hidden state at i with
-    the embedding of token i+k, runs one block, and predicts token i+k+1 through the shared head."""
+    the embedding of token i+k, runs one block, and predicts token i+k+1 through the shared head. The
+    hidden states passed between depths are normed ones (the main model's after its final norm, depth k's
+    after its own), as transformers, vLLM, SGLang and Megatron-Core run DeepSeek-V3's MTP weights: a model
+    trained on the state before the norm would draft poorly there."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -150,17 +153,18 @@ class Transformer(nn.Module):
         h = self.embed_tokens(input_ids)
         for i, block in enumerate(self.layers):
             h = block(h, caches[i], start_pos) if caches is not None else self._run_block(i, h)
+        h = self.norm(h)
         if targets is None:
-            return self.lm_head(self.norm(h))
-        losses = {"lm_loss": self.token_loss(self.lm_head(self.norm(h)), targets)}
+            return self.lm_head(h)
+        losses = {"lm_loss": self.token_loss(self.lm_head(h), targets)}
         total = losses["lm_loss"]
         if len(self.mtp):
-            # Depth k sees positions [0, T-k): the previous hidden state there, the embedding of the
-            # input token k ahead, and predicts targets k ahead.
+            # Depth k sees positions [0, T-k): the previous depth's normed hidden state there, the embedding
+            # of the input token k ahead, and predicts targets k ahead.
             T, mtp_losses = input_ids.shape[1], []
             for k, module in enumerate(self.mtp, start=1):
-                h = module(h[:, : T - k], self.embed_tokens(input_ids[:, k:]))
-                mtp_losses.append(self.token_loss(self.lm_head(module.norm(h)), targets[:, k:]))
+                h = module.norm(module(h[:, : T - k], self.embed_tokens(input_ids[:, k:])))
+                mtp_losses.append(self.token_loss(self.lm_head(h), targets[:, k:]))
             losses["mtp_loss"] = torch.stack(mtp_losses).mean()
             total = total + self.config.mtp_loss_weight * losses["mtp_loss"]
         aux = [m.aux_loss for m in self.moe_layers() if m.aux_loss is not None]
