@@ -27,7 +27,7 @@ def evaluate(model: Transformer, batches: Iterable[tuple[torch.Tensor, torch.Ten
     """Mean next-token loss over every target (targets of -100 are skipped), perplexity, and the
     forward passes' throughput."""
     device = model.embed_tokens.weight.device
-    loss_sum, tokens, n_batches, seconds = 0.0, 0, 0, 0.0
+    loss_sum, tokens, n_batches, sequences, seconds = 0.0, 0, 0, 0, 0.0
     for inputs, targets in batches:
         inputs, targets = inputs.to(device), targets.to(device)
         start = time.perf_counter()
@@ -37,11 +37,12 @@ def evaluate(model: Transformer, batches: Iterable[tuple[torch.Tensor, torch.Ten
         seconds += time.perf_counter() - start
         tokens += int((targets != -100).sum())
         n_batches += 1
+        sequences += inputs.shape[0]
     if tokens == 0:
         raise UsageError("no tokens to evaluate")
     mean = loss_sum / tokens
     return {"loss": mean, "perplexity": math.exp(min(mean, 700.0)), "tokens": tokens, "batches": n_batches,
-            "seconds": seconds, "tokens_per_s": tokens / seconds}
+            "sequences": sequences, "seconds": seconds, "tokens_per_s": tokens / seconds}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -84,7 +85,8 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(result))
         else:
             print(f"{args.split}: loss {result['loss']:.4f}  perplexity {result['perplexity']:.2f}  "
-                  f"({result['tokens']:,} tokens in {result['batches']} batches of {batch_size} x {seq_len}; "
+                  f"({result['tokens']:,} tokens: {result['sequences']} sequences of {seq_len} in {result['batches']} "
+                  f"batches of up to {batch_size}; "
                   f"{result['tokens_per_s']:,.0f} tokens/s)")
 
     return run_cli(run)

@@ -196,5 +196,10 @@ def test_evaluate_cli_on_an_export_and_its_hf_copy(export_1024, tmp_path, pydoc,
         by_batch.append(json.loads(capsys.readouterr().out))
     assert len({r["tokens"] for r in by_batch}) == 1 and by_batch[1]["batches"] == -(-by_batch[0]["batches"] // 3)
     assert [r["loss"] for r in by_batch] == pytest.approx([by_batch[0]["loss"]] * 3, rel=1e-6)
+    assert {r["sequences"] for r in by_batch} == {by_batch[0]["batches"]}  # batch size 1: a sequence a batch
+    assert evaluate_main(["--checkpoint", str(export_1024), "--data", str(pydoc.shards_dir), "--seq-len", "32",
+                          "--batch-size", "7"]) == 0  # the text line says what ran: the last batch is short
+    n = by_batch[0]["sequences"]
+    assert f"{n} sequences of 32 in {-(-n // 7)} batches of up to 7;" in capsys.readouterr().out
     assert evaluate_main(["--checkpoint", str(export_1024), "--data", str(tmp_path / "nowhere")]) == 2
     assert capsys.readouterr().err.startswith("error: ")
