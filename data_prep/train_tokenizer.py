@@ -147,6 +147,9 @@ def train(inputs: list[str], vocab_size: int, out: str | Path, model_type: str =
 
     data = model.getvalue()
     sp = spm.SentencePieceProcessor(model_proto=data)
+    # tokenizer.json (the model's sha256) is written last and an old one removed first: a write cut short
+    # leaves no description of a model that is not there.
+    (out / "tokenizer.json").unlink(missing_ok=True)
     atomic_write_bytes(model_file, data)
     vocab = "".join(f"{sp.id_to_piece(i)}\t{sp.get_score(i)}\n" for i in range(sp.get_piece_size()))
     atomic_write_bytes(out / "tokenizer.vocab", vocab.encode())

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import pyarrow as pa
@@ -82,6 +83,18 @@ def test_tokenizer_custom_ids_and_sampling(tmp_path):
     assert sample != lines[:50] and sample == train_tokenizer.sample_lines(iter(DOCS[:40]), 50, 8192)[0]
     with pytest.raises(DataError, match="exists; pass --overwrite"):
         train_tokenizer.train([str(corpus)], 400, tmp_path / "tok", progress=False)
+    # An --overwrite cut short after the new model: no tokenizer.json naming the old model's sha256 is left
+    real_write = train_tokenizer.atomic_write_bytes
+
+    def write_model_then_die(path, data):
+        real_write(path, data)
+        raise KeyboardInterrupt
+
+    with mock.patch.object(train_tokenizer, "atomic_write_bytes", write_model_then_die), \
+            pytest.raises(KeyboardInterrupt):
+        train_tokenizer.train([str(corpus)], 420, tmp_path / "tok", overwrite=True, progress=False)
+    assert not (tmp_path / "tok" / "tokenizer.json").exists()
+    assert spm.SentencePieceProcessor(model_file=str(tmp_path / "tok" / "tokenizer.model")).get_piece_size() == 420
     with pytest.raises(DataError, match="--eos-id 3: same id as --bos-id"):
         train_tokenizer.train([str(corpus)], 400, tmp_path / "t2", bos_id=3, eos_id=3, progress=False)
     # a user symbol spelled like a special token would silently take over its piece (eos_id() == -1)
