@@ -119,7 +119,8 @@ class ModelConfig:
     tie_embeddings: bool = False
     """Share the embedding and output head weights."""
     mtp_depth: int = 0
-    """Multi-token prediction modules (DeepSeek-V3 MTP); 0 disables."""
+    """Multi-token prediction modules (DeepSeek-V3 MTP); 0 disables. Depth 1 reads the main model's hidden state
+    after its final norm, depth k+1 depth k's after its own, as transformers, vLLM and Megatron-Core run them."""
     mtp_loss_weight: float = 0.3
     """Weight lambda of the averaged MTP losses."""
     attention: AttentionConfig = field(default_factory=AttentionConfig)
