@@ -101,6 +101,10 @@ def test_missing_config_and_usage(tmp_path):
     for script in ("train.sh", "node.sh", "hostfile.sh"):
         proc = _run([LAUNCH / script], _env())
         assert proc.returncode == 2 and "CONFIG [key.path=value ...]" in proc.stderr, (script, proc.stderr)
+        assert "set -euo pipefail" not in proc.stderr, (script, proc.stderr)  # the header comment only
+    proc = _run([LAUNCH / "smoke.sh", "not-an-override"], _env())
+    assert proc.returncode == 2 and "launch/smoke.sh [key.path=value ...]" in proc.stderr, proc.stderr
+    assert "set -euo pipefail" not in proc.stderr, proc.stderr
 
 
 def test_train_sh_refuses_device_uuids(tmp_path, data):
