@@ -300,8 +300,18 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _stamp(path: Path) -> tuple[int, int] | None:
+    try:
+        st = path.stat()
+    except OSError:  # absent, or --out is not a directory (build() names that)
+        return None
+    return st.st_ino, st.st_mtime_ns
+
+
 def _main(argv: list[str] | None) -> int:
     a = _parser().parse_args(argv)
+    manifest = Path(a.out) / MANIFEST_NAME
+    before = _stamp(manifest)  # a finished build re-run writes nothing: say so, also under --quiet
     m = build(a.input, a.tokenizer, a.out, a.shard_tokens, val_fraction=a.val_fraction, num_proc=a.num_proc,
               text_field=a.text_field, txt_doc=a.txt_doc, doc_boundary=a.doc_boundary, split_seed=a.split_seed,
               streaming=a.streaming, overwrite=a.overwrite, progress=not a.quiet)
@@ -310,7 +320,7 @@ def _main(argv: list[str] | None) -> int:
     if a.val_fraction > 0 and not m["splits"]["val"]:
         print(f"warning: the val split is empty (--val-fraction {a.val_fraction} of "
               f"{m['stats']['docs']['train']} documents)", file=sys.stderr)
-    print(f"wrote {Path(a.out) / MANIFEST_NAME}")
+    print(f"wrote {manifest}" if _stamp(manifest) != before else f"{manifest}: already built; nothing written")
     return 0
 
 

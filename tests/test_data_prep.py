@@ -299,6 +299,12 @@ def test_rerun_of_finished_build_and_changed_flags(tmp_path, small_build, capsys
     mtimes = {p: p.stat().st_mtime_ns for p in out.iterdir()}
     build_shards.build(out=out, **args)  # finished: only checked
     assert {p: p.stat().st_mtime_ns for p in out.iterdir()} == mtimes
+    argv = [*args["inputs"], "--tokenizer", str(args["tokenizer"]), "--out", str(out), "--shard-tokens", "3000",
+            "--val-fraction", "0.2", "--num-proc", "1", "--quiet"]
+    capsys.readouterr()
+    assert build_shards.main(["--input", *argv]) == 0  # the CLI does not claim to have written it
+    assert f"{out / 'manifest.json'}: already built; nothing written" in capsys.readouterr().out
+    assert {p: p.stat().st_mtime_ns for p in out.iterdir()} == mtimes
     with pytest.raises(DataError, match=r"holds another build .*build.shard_tokens: 3000 -> 2000"):
         build_shards.build(out=out, **{**args, "shard_tokens": 2000})
     (out / "val-00000.bin").write_bytes(b"")
