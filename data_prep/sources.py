@@ -148,7 +148,7 @@ def iter_texts(inp: Input, text_field: str = "text", txt_doc: str = "document", 
                             f"(fields: {', '.join(batch) or 'none'}); choose one with --text-field")
         for text in batch[field]:
             if text is not None and not isinstance(text, str):
-                raise DataError(f"input {inp.spec}: row {row}: field {field!r} is a "
-                                f"{type(text).__name__}, expected a string")
+                raise DataError(f"input {inp.spec}: row {row}: field {field!r} holds a value of type "
+                                f"{type(text).__name__}, not a string")
             row += 1
             yield text

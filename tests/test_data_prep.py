@@ -356,7 +356,7 @@ def test_input_errors_name_the_input(tmp_path, pydoc_data_dir, monkeypatch):
         build_shards.build([str(tmp_path / "bad.jsonl")], tok, tmp_path / "o-cached", shard_tokens=100,
                            num_proc=1, streaming=False, progress=False)
     (tmp_path / "num.jsonl").write_text('{"text": 5}\n')
-    with pytest.raises(DataError, match=r"num.jsonl: row 0: field 'text' is a int"):
+    with pytest.raises(DataError, match=r"num.jsonl: row 0: field 'text' holds a value of type int, not a string"):
         build([tmp_path / "num.jsonl"])
     pq.write_table(pa.table({"body": ["x"]}), tmp_path / "p.parquet")
     with pytest.raises(DataError, match=r"p.parquet: no column 'text' \(columns: body\)"):
