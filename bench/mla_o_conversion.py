@@ -1,4 +1,4 @@
-"""MLA -> MLA-o conversion of a trained model: validation loss before and after, per o_latent_dim.
+r"""MLA -> MLA-o conversion of a trained model: validation loss before and after, per o_latent_dim.
 
 Each MLA's o_proj [dim, heads*v] becomes o_b_proj @ o_a_proj through a latent of width o; `svd`
 starts from the best rank-o approximation (the converted model's starting point for continued
