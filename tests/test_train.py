@@ -141,6 +141,30 @@ def test_logged_lr_is_the_rate_each_step_ran_at(baseline, stopped):
         assert [m["lr"] for m in metrics(run)] == pytest.approx([lr_at(cfg, s) for s in range(STEPS)], rel=1e-9)
 
 
+def test_lr_schedules_give_their_hand_computed_rates():
+    """lr_at, which the logged-lr tests take as their reference, against rates worked out by hand: a linear warmup
+    from lr / warmup_steps, then cosine to min_lr at max_steps, WSD (flat, then linear to min_lr over the last
+    wsd_decay_fraction of max_steps), or constant; min_lr past max_steps."""
+    from deepseek_pt.config import load_config
+    from deepseek_pt.engine.ds_config import lr_at
+
+    def rates(schedule: str, max_steps: int, steps: list[int]) -> list[float]:
+        cfg = load_config(SMOKE, ["train.lr=1e-3", "train.min_lr=1e-4", "train.warmup_steps=4",
+                                  f"train.max_steps={max_steps}", f"train.schedule={schedule}",
+                                  "train.wsd_decay_fraction=0.25"])
+        return [lr_at(cfg, s) for s in steps]
+
+    warmup = [2.5e-4, 5e-4, 7.5e-4, 1e-3]
+    # cosine over steps 4..14: half-way (step 9) min_lr + (lr - min_lr) / 2, min_lr from step 14 on
+    assert rates("cosine", 14, [0, 1, 2, 3, 4, 9, 14, 20]) == pytest.approx(
+        warmup + [1e-3, 5.5e-4, 1e-4, 1e-4], rel=1e-12)
+    assert rates("cosine", 14, [6]) == pytest.approx([1e-4 + 4.5e-4 * (1 + math.cos(math.pi * 0.2))], rel=1e-12)  # 1/5
+    # WSD, max_steps 20: flat to step 15, then 0.9e-3 down over 5 steps (0.18e-3 a step) to min_lr at 20
+    assert rates("wsd", 20, [0, 3, 4, 14, 15, 16, 17, 20, 25]) == pytest.approx(
+        [2.5e-4, 1e-3, 1e-3, 1e-3, 1e-3, 8.2e-4, 6.4e-4, 1e-4, 1e-4], rel=1e-12)
+    assert rates("constant", 20, [0, 3, 4, 20, 25]) == pytest.approx([2.5e-4, 1e-3, 1e-3, 1e-3, 1e-3], rel=1e-12)
+
+
 @pytest.mark.slow
 def test_a_resume_trains_with_this_configs_optimizer_settings(tmp_path, data):
     """A resume that changes the schedule (train.lr, min_lr, max_steps) or AdamW's settings runs on this config's,
