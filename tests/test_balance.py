@@ -1,4 +1,5 @@
 """Auxiliary-loss-free balancing on a frozen, skewed router: the bias alone must even the load out."""
+import pytest
 import torch
 
 from deepseek_pt.engine.balance import balance_biases, restore_balance_biases, update_balance
@@ -40,8 +41,13 @@ def test_rate_zero_measures_without_moving_the_bias():
     cfg = tiny()
     model = Transformer(cfg.model)
     model(torch.randint(0, cfg.model.vocab_size, (2, 16)))
-    assert update_balance(model, rate=0.0) is not None
+    counts = [moe.tokens_per_expert.float() for moe in model.moe_layers()]  # copies
+    assert all(c.sum() == 2 * 16 * cfg.model.moe.top_k for c in counts)
+    # the violation: over layers, the busiest expert's load over the mean load, less 1
+    want = max((c.max() / c.mean() - 1).item() for c in counts)
+    assert want > 0 and update_balance(model, rate=0.0) == pytest.approx(want, rel=1e-6)
     assert all(b.abs().sum() == 0 for b in balance_biases(model))
+    assert all(moe.tokens_per_expert.sum() == 0 for moe in model.moe_layers())
 
 
 def test_biases_round_trip_and_layer_count_is_checked():
