@@ -189,11 +189,26 @@ def test_yarn_keeps_high_frequencies_and_stretches_low_ones():
 def test_mtp_depth_two_trains_each_depth_on_its_targets():
     cfg = tiny(mtp_depth=2, mtp_loss_weight=0.5)
     model = Transformer(cfg.model)
-    ids = _ids(cfg, T=16)
-    loss = model(ids, ids)
+    ids, targets = _ids(cfg, T=16), _ids(cfg, T=16, seed=1)  # targets unrelated to the inputs: offsets show
+    loss = model(ids, targets)
     parts = model.last_losses
     assert loss.item() == pytest.approx((parts["lm_loss"] + 0.5 * parts["mtp_loss"]).item(), rel=1e-6)
     assert len(model.mtp) == 2
+    # DeepSeek-V3's chain: depth k at position i combines depth k-1's normed hidden state at i with the embedding
+    # of input token i+k and is scored on targets[i+k] (the token i+k+1); the MTP loss is the mean over depths.
+    ce = torch.nn.functional.cross_entropy
+    with torch.no_grad():
+        h = model.embed_tokens(ids)
+        for block in model.layers:
+            h = block(h)
+        h = model.norm(h)
+        assert parts["lm_loss"].item() == pytest.approx(ce(model.lm_head(h).flatten(0, 1), targets.flatten()).item(),
+                                                        rel=1e-6)
+        depth_losses = []
+        for k, module in enumerate(model.mtp, start=1):
+            h = module.norm(module(h[:, :16 - k], model.embed_tokens(ids[:, k:])))
+            depth_losses.append(ce(model.lm_head(h).flatten(0, 1), targets[:, k:].flatten()).item())
+    assert parts["mtp_loss"].item() == pytest.approx(sum(depth_losses) / 2, rel=1e-6)
 
 
 def test_recompute_in_backward_runs_only_the_chosen_blocks_twice_and_keeps_gradients():
