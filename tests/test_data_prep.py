@@ -224,6 +224,18 @@ def crash_on_log_append(monkeypatch, n: int, after_write: bool) -> None:
     monkeypatch.setattr(shard_writer.BuildLog, "append", append)
 
 
+def test_val_fraction_sets_the_split(small_build, pydoc_data_dir):
+    """--val-fraction reaches the split of each document: small_build's 0.2, not the conftest shards' 0.1."""
+    args, _, manifest = small_build
+    key = (0).to_bytes(8, "little")
+    val = [text for text in DOCS[:40] if is_val(text.encode(), args["val_fraction"], key)]
+    assert args["val_fraction"] == 0.2 and len(val) != sum(is_val(t.encode(), 0.1, key) for t in DOCS[:40])
+    assert manifest["build"]["val_fraction"] == 0.2
+    assert manifest["stats"]["docs"] == {"train": 40 - len(val), "val": len(val)}
+    sp = spm.SentencePieceProcessor(model_file=str(pydoc_data_dir.tokenizer_model))
+    assert sum(s["num_tokens"] for s in manifest["splits"]["val"]) == sum(len(ids) + 1 for ids in sp.encode(val))
+
+
 @pytest.mark.parametrize("n, after_write", [(1, False), (4, True), (9, False), (14, True)])
 def test_resume_after_crash_is_byte_identical(tmp_path, small_build, monkeypatch, n, after_write):
     args, reference, ref_manifest = small_build
