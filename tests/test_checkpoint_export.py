@@ -7,7 +7,6 @@ import shutil
 from pathlib import Path
 from typing import NamedTuple
 
-import numpy as np
 import pytest
 import torch
 from jobs import deepspeed_cmd, run_job
@@ -29,38 +28,9 @@ class Data(NamedTuple):
     vocab_size: int
 
 
-def _byte_shards(root: Path) -> Data:
-    """Byte-level token shards (ids 1..255, eos 0) of some stdlib sources, in the manifest format of
-    deepseek_pt/data/format.py: the fallback when conftest's pydoc_data_dir is not available."""
-    import hashlib
-    import inspect
-    import json as json_mod
-    import textwrap
-
-    docs = [inspect.getsource(m).encode() for m in (json_mod, textwrap, inspect)]
-    root.mkdir(parents=True)
-    splits = {}
-    for split, data in (("train", b"".join(docs)), ("val", docs[1][:40000])):
-        tokens = np.frombuffer(data, dtype=np.uint8).astype("<u2")
-        tokens = np.where(tokens == 0, 1, tokens)
-        tokens = np.append(tokens, np.uint16(0))
-        (root / f"{split}-0.bin").write_bytes(tokens.tobytes())
-        splits[split] = [{"path": f"{split}-0.bin", "num_tokens": int(tokens.size), "num_docs": 1,
-                          "sha256": hashlib.sha256(tokens.tobytes()).hexdigest(), "dtype": "uint16"}]
-    manifest = {"format": "deepseek_pt.token_shards", "format_version": 1, "vocab_size": 256, "dtype": "uint16",
-                "doc_boundary": "eos", "tokenizer": {"path": "tok.model", "sha256": "0" * 64, "eos_id": 0},
-                "splits": splits}
-    (root / "manifest.json").write_text(json.dumps(manifest))
-    return Data(root, 256)
-
-
 @pytest.fixture(scope="module")
-def data(request, tmp_path_factory) -> Data:
-    try:
-        pydoc = request.getfixturevalue("pydoc_data_dir")
-    except pytest.FixtureLookupError:
-        return _byte_shards(tmp_path_factory.mktemp("bytedata") / "shards")
-    return Data(Path(pydoc.shards_dir), pydoc.vocab_size)
+def data(pydoc_data_dir) -> Data:
+    return Data(Path(pydoc_data_dir.shards_dir), pydoc_data_dir.vocab_size)
 
 
 def _train(run_dir: Path, data: Data, *overrides: str) -> Path:
