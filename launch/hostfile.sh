@@ -10,18 +10,13 @@
 # on every host, as must the repository and CONFIG). Checked for the whole world size before
 # anything starts; signals as in launch/train.sh. See docs/launch.md.
 set -euo pipefail
+# shellcheck source=launch/lib.sh
+source "$(dirname -- "${BASH_SOURCE[0]}")/lib.sh"
 
-usage() {
-    sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//' >&2
-    exit 2
-}
 (($# >= 2)) || usage
 hostfile=$1
 config=$2
 shift 2
-
-# shellcheck source=launch/lib.sh
-source "$(dirname -- "${BASH_SOURCE[0]}")/lib.sh"
 resolve_python
 [[ -f $hostfile ]] || die 2 "$hostfile: hostfile not found"
 

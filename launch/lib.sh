@@ -39,6 +39,13 @@ visible_device_ids() {
     done
 }
 
+# usage: the calling script's header comment (its lines after the shebang, up to the first that is not a
+# comment) on stderr, and exit status 2.
+usage() {
+    awk 'NR == 1 { next } !/^#/ { exit } { sub(/^# ?/, ""); print }' "$0" >&2
+    exit 2
+}
+
 # PYTHON: the interpreter that has torch + deepspeed (it also runs the ranks: the deepspeed launcher
 # starts them with its own sys.executable). Default: $VIRTUAL_ENV's, else python3 on PATH.
 resolve_python() {

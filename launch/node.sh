@@ -9,18 +9,13 @@
 # config is checked for NNODES x NPROC_PER_NODE processes before anything starts; signals as in
 # launch/train.sh. See docs/launch.md.
 set -euo pipefail
+# shellcheck source=launch/lib.sh
+source "$(dirname -- "${BASH_SOURCE[0]}")/lib.sh"
 
-usage() {
-    sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//' >&2
-    exit 2
-}
 (($# >= 1)) || usage
 [[ $1 != -h && $1 != --help ]] || usage
 config=$1
 shift
-
-# shellcheck source=launch/lib.sh
-source "$(dirname -- "${BASH_SOURCE[0]}")/lib.sh"
 resolve_python
 
 nnodes=${NNODES:-${SLURM_JOB_NUM_NODES:-${SLURM_NNODES:-}}}

@@ -10,17 +10,12 @@
 # are reused while they verify; the training run in SMOKE_DIR starts from scratch every time.
 # NPROC (default 2; must be a multiple of 2 for EP=2), PYTHON as in launch/train.sh.
 set -euo pipefail
+# shellcheck source=launch/lib.sh
+source "$(dirname -- "${BASH_SOURCE[0]}")/lib.sh"
 
-usage() {
-    sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//' >&2
-    exit 2
-}
 for arg in "$@"; do
     [[ $arg == *=* ]] || usage
 done
-
-# shellcheck source=launch/lib.sh
-source "$(dirname -- "${BASH_SOURCE[0]}")/lib.sh"
 resolve_python
 export PYTHON
 smoke_dir=${SMOKE_DIR:-$REPO_ROOT/runs/smoke}

@@ -8,18 +8,13 @@
 # planned world size before any process starts. SIGTERM/SIGINT/SIGUSR1: the ranks checkpoint at the
 # end of the step and the script exits 0. See docs/launch.md.
 set -euo pipefail
+# shellcheck source=launch/lib.sh
+source "$(dirname -- "${BASH_SOURCE[0]}")/lib.sh"
 
-usage() {
-    sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//' >&2
-    exit 2
-}
 (($# >= 1)) || usage
 [[ $1 != -h && $1 != --help ]] || usage
 config=$1
 shift
-
-# shellcheck source=launch/lib.sh
-source "$(dirname -- "${BASH_SOURCE[0]}")/lib.sh"
 resolve_python
 detect_devices
 
