@@ -28,7 +28,7 @@ def count_params(model: Transformer) -> dict:
     mtp = _numel(model.mtp)
     total = _numel(model) - mtp
     embedding = 0 if model.config.tie_embeddings else model.embed_tokens.weight.numel()
-    active = total - embedding - (_inactive_expert_params(model) - _inactive_expert_params(model.mtp))
+    active = total - embedding - _inactive_expert_params(model.layers)
     return {
         "total_params": total,
         "active_params": active,
