@@ -151,7 +151,6 @@ def test_blend_loader_arguments(two, smoke_shards):
         TrainLoader([two[0], longer], 2)
 
 
-
 def test_new_data_follows_each_source_wherever_the_list_puts_it(two):
     """A source's order is seeded by an index the state keeps, not by its place in the list: swapped, or behind a
     removed source, each source goes on in its own order, through a later plain resume too, and reads its whole
