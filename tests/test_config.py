@@ -9,11 +9,19 @@ from deepseek_pt.config import ConfigError, load_config
 from deepseek_pt.params import main as params_main
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+ASSETS = Path(__file__).resolve().parent / "assets"
 
 
 @pytest.mark.parametrize("name", sorted(p.name for p in CONFIGS.glob("*.yaml")))
-def test_shipped_configs_load(name):
-    load_config(CONFIGS / name)
+def test_shipped_configs_load_and_pass_preflight(name, tmp_path, monkeypatch):
+    """Each shipped config loads, and the launch checks accept it at a world size its expert parallelism fits: only
+    its data (the committed test shards, short sequences) and run directory replaced, host memory not counted."""
+    from deepseek_pt import train
+
+    cfg = load_config(CONFIGS / name, [f"data.path={ASSETS / 'smoke_shards'}", "data.seq_len=32",
+                                       "train.eval_every=0", f"run.dir={tmp_path / 'run'}"])
+    monkeypatch.setattr(train, "host_memory_available", lambda: None)
+    train.preflight(cfg, world_size=cfg.parallel.expert_parallel_size)
 
 
 def _write(tmp_path, data) -> Path:
