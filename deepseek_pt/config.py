@@ -97,7 +97,8 @@ class MoEConfig:
     bias_update_rate: float = 0.001
     """Auxiliary-loss-free balancing step u: bias += u * sign(mean_load - load); 0 disables."""
     seq_aux_loss_alpha: float = 0.0
-    """Weight of the complementary sequence-wise balance loss; 0 disables."""
+    """Weight of the complementary sequence-wise balance loss (DeepSeek-V3: 0.0001), computed on DeepSpeed AutoEP's
+    layers too (engine/balance.py); 0 disables."""
 
 
 @dataclass
@@ -596,9 +597,8 @@ def save_config(cfg: Config, path: str | Path) -> None:
 
 
 def uses_autoep(cfg: Config) -> bool:
-    """Routed experts go through DeepSpeed AutoEP, except a model that needs our own block's forward
-    (the sequence-wise balance loss, which AutoEP's replacement layer cannot compute)."""
-    return cfg.model.moe.n_dense_layers < cfg.model.n_layers and not cfg.model.moe.seq_aux_loss_alpha
+    """Routed experts go through DeepSpeed AutoEP: every model with MoE layers."""
+    return cfg.model.moe.n_dense_layers < cfg.model.n_layers
 
 
 def _validate_blend(data: DataConfig, check) -> None:
@@ -714,8 +714,7 @@ def validate(cfg: Config, where: str = "<config>") -> None:
               f"{cfg.fp8.fast_accum!r} applies to torchao's tensorwise and rowwise recipes, not fp8.recipe: blockwise")
     if cfg.precision == "fp8" and cfg.fp8.experts:
         check(uses_autoep(cfg), "fp8.experts",
-              "needs routed experts in DeepSpeed AutoEP: a model with MoE layers (model.moe.n_dense_layers < "
-              "model.n_layers) and model.moe.seq_aux_loss_alpha: 0")
+              "needs routed experts: a model with MoE layers (model.moe.n_dense_layers < model.n_layers)")
         for key, v in (("model.dim", m.dim), ("model.moe.expert_inter_dim", moe.expert_inter_dim)):
             check(v % 16 == 0, key, f"{v} is not a multiple of 16, which fp8.experts' FP8 grouped GEMMs need")
     if cfg.precision == "fp8" and cfg.fp8.shared_experts:

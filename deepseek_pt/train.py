@@ -64,13 +64,6 @@ def preflight(cfg: Config, world_size: int) -> None:
     ep = cfg.parallel.expert_parallel_size
     if has_moe and world_size % ep:
         raise PreflightError(f"parallel.expert_parallel_size: {ep} does not divide the world size ({world_size} processes)")
-    if cfg.model.moe.seq_aux_loss_alpha and has_moe and ep > 1:
-        raise PreflightError(
-            "model.moe.seq_aux_loss_alpha: the sequence-wise balance loss needs deepseek_pt's own MoE block, but "
-            f"parallel.expert_parallel_size={ep} hands routed experts to DeepSpeed AutoEP, whose layer cannot "
-            "compute it; set it to 0 (bias balancing, model.moe.bias_update_rate, balances load) or use EP size 1")
-    if cfg.parallel.zero_stage == 3 and has_moe and not uses_autoep(cfg) and ep > 1:
-        raise PreflightError("parallel.expert_parallel_size > 1 requires DeepSpeed AutoEP")
     if cfg.precision == "fp8":
         from .engine.fp8 import BLOCK, blockwise_gemms_unavailable, expert_gemms_unavailable, fp8_unavailable
         if why := fp8_unavailable(cfg.fp8.recipe):
@@ -188,7 +181,16 @@ def check_data(cfg: Config, world_size: int) -> None:
 def resume_settings(cfg: Config) -> dict:
     """What a checkpoint records of its run for resume_mismatch (meta.json's `settings`)."""
     return {"model": dataclasses.asdict(cfg.model), "zero_stage": cfg.parallel.zero_stage,
-            "bf16": cfg.precision != "fp32"}
+            "bf16": cfg.precision != "fp32", "autoep": uses_autoep(cfg)}
+
+
+def _saved_with_autoep(saved: dict) -> bool:
+    """Whether a checkpoint's routed experts are in AutoEP's layout. Checkpoints from before `settings` recorded it
+    went through AutoEP unless the model had no MoE layer, or a sequence-wise balance loss (our own block then)."""
+    if "autoep" in saved:
+        return saved["autoep"]
+    moe = saved["model"]["moe"]
+    return moe["n_dense_layers"] < saved["model"]["n_layers"] and not moe.get("seq_aux_loss_alpha")
 
 
 def _differences(a, b, prefix: str) -> list[str]:
@@ -223,6 +225,10 @@ def resume_mismatch(meta: dict, cfg: Config, where: str) -> str | None:
 
     if shapes(model) != shapes(cfg.model):  # keys that shape no parameter (rope, routing, init) may change
         return "the model's parameter shapes differ: " + "; ".join(_differences(model, cfg.model, "model"))
+    if _saved_with_autoep(saved) != uses_autoep(cfg):
+        return ("its routed experts are in deepseek_pt's own MoE block's layout (saved by a version that trained a "
+                "model with model.moe.seq_aux_loss_alpha outside DeepSpeed AutoEP), which this version trains "
+                "in AutoEP")
     return None
 
 
@@ -477,6 +483,11 @@ def build_engine(cfg: Config, world: int, init_from: str | None = None, load_uni
         if rank0 and layers:
             print(f"moe: tokens dispatched to and combined from the experts' padded rows in one pass each in "
                   f"{converted} of {layers} AutoEP MoE layers (parallel.fused_moe_dispatch)", flush=True)
+    if cfg.model.moe.seq_aux_loss_alpha:
+        layers = balance.add_sequence_balance_loss(engine.module, cfg.model.moe.seq_aux_loss_alpha)
+        if rank0 and layers:
+            print(f"moe: the sequence-wise balance loss (model.moe.seq_aux_loss_alpha) on {layers} AutoEP MoE layers",
+                  flush=True)
     for _, bias in balance.moe_routers(engine.module):  # selection bias must keep fp32 resolution
         bias.data = bias.data.float()
     if cfg.train.compile_blocks:

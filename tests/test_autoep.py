@@ -22,6 +22,11 @@ def check_parity(result: dict, combine_impl: str, fused_dispatch: int) -> None:
     assert result["fused_dispatch"] == fused_dispatch
     assert result["fused_max_abs_diff"] == 0.0  # the same rows through the experts, the same sums in the same order
     assert result["fused_grad_max_abs_diff"] < 1e-6 * max(1.0, result["grad_max_abs"])  # top-k sums reordered
+    # DeepSeek-V3's sequence-wise balance loss on AutoEP's layers (engine/balance.py) as our block computes it
+    assert result["balance_loss_layers"] == 3 and result["balance_loss"] > 0
+    assert result["balance_loss_max_abs_diff"] < 1e-6
+    assert result["router_grad_max_abs"] > 1e-6  # the loss's gradient reaches every router
+    assert result["router_grad_max_abs_diff"] < 1e-5 * result["router_grad_max_abs"]
 
 
 @pytest.mark.slow

@@ -462,7 +462,6 @@ def _direct(tmp_path: Path, *args: str, world: int = 2) -> subprocess.CompletedP
      "fp8.fast_accum: 'all' applies to torchao's tensorwise and rowwise recipes, not fp8.recipe: blockwise"),
     (["model.dim=8192", "model.moe.expert_inter_dim=65536", "model.moe.n_routed_experts=64"], 2,  # 103B parameters
      "parallel.zero_init: false builds the whole model in fp32 in each of this node's 2 processes: 780.2 GiB"),
-    (["model.moe.seq_aux_loss_alpha=0.01"], 2, "model.moe.seq_aux_loss_alpha: the sequence-wise balance loss needs"),
     (["train.resume=/nonexistent/ckpt"], 2, "train.resume: checkpoint /nonexistent/ckpt does not exist"),
     (["train.checkpoints=false", "train.save_every=4"], 2,
      "train.save_every: 4 asks for checkpoints, but train.checkpoints is false"),
@@ -637,6 +636,26 @@ def test_a_checkpoint_this_config_cannot_load_is_refused_before_start(tmp_path, 
     train_module.preflight(config("model.moe.top_k=3", "model.attention.rope.theta=50000"), 2)  # no shape changes
 
 
+def test_a_checkpoint_in_our_own_moe_blocks_layout_is_refused(data):
+    """Before AutoEP's layers computed the sequence-wise balance loss, a model with one trained in our own MoE block
+    and saved its experts in that layout, which AutoEP's load cannot read: such a checkpoint (its settings without
+    the `autoep` key) is refused; one of a model without that loss went through AutoEP then too."""
+    import deepseek_pt.train as train_module
+    from deepseek_pt.config import load_config
+
+    def old_meta(cfg):
+        settings = train_module.resume_settings(cfg)
+        del settings["autoep"]
+        return {"settings": settings}
+
+    with_loss = load_config(SMOKE, [f"data.path={data}", "model.moe.seq_aux_loss_alpha=0.01"])
+    why = train_module.resume_mismatch(old_meta(with_loss), with_loss, "meta.json")
+    assert why is not None and why.startswith("its routed experts are in deepseek_pt's own MoE block's layout"), why
+    assert train_module.resume_mismatch({"settings": train_module.resume_settings(with_loss)}, with_loss, "") is None
+    without = load_config(SMOKE, [f"data.path={data}"])
+    assert train_module.resume_mismatch(old_meta(without), without, "meta.json") is None
+
+
 @pytest.mark.slow
 def test_a_resume_on_other_data_is_named(tmp_path, data):
     from deepseek_pt.train import RENDEZVOUS_ENV
@@ -668,8 +687,8 @@ def test_time_limit_exit_and_offline_wandb_resume_the_same_run(tmp_path, data):
 @pytest.mark.slow
 @pytest.mark.parametrize("overrides, parts", [
     (["model.mtp_depth=1", "parallel.expert_parallel_size=2"], {"mtp_loss"}),  # MTP's MoE block under AutoEP
-    (["model.moe.seq_aux_loss_alpha=0.01", "parallel.expert_parallel_size=1"], {"balance_loss"}),  # our own block
-], ids=["mtp-autoep", "sequence-balance-loss-native-block"])
+    (["model.moe.seq_aux_loss_alpha=0.01", "parallel.expert_parallel_size=2"], {"balance_loss"}),
+], ids=["mtp-autoep", "sequence-balance-loss-autoep"])
 def test_mtp_and_sequence_balance_loss_train_under_zero3(tmp_path, data, overrides, parts):
     train(2, tmp_path, data, "train.max_steps=3", *overrides)
     records = metrics(tmp_path)

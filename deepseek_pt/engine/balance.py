@@ -1,5 +1,6 @@
-"""Auxiliary-loss-free load balancing (DeepSeek-V3): after each optimizer step, nudge every MoE
+"""Load balancing (DeepSeek-V3). Auxiliary-loss-free: after each optimizer step, nudge every MoE
 layer's selection bias towards the under-loaded experts, from token counts summed over all ranks.
+And the complementary sequence-wise loss (`model.moe.seq_aux_loss_alpha`) on AutoEP's layers.
 
 Works on both forms of the block: ours (`MoE`: gate.e_score_correction_bias) and DeepSpeed AutoEP's
 (`AutoEPMoELayer`: router.e_score_correction_bias); both count routed tokens in `tokens_per_expert`.
@@ -11,7 +12,45 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..model.moe import MoE
+from ..model.moe import MoE, sequence_balance_loss
+
+
+def autoep_layers(model: nn.Module) -> list[nn.Module]:
+    """DeepSpeed AutoEP's MoE layers in `model` (each in place of one of our MoE blocks), in module order."""
+    return [m for m in model.modules() if getattr(m, "_is_autoep_layer", False)]
+
+
+def add_sequence_balance_loss(model: nn.Module, alpha: float) -> int:
+    """Have AutoEP's MoE layers of `model` compute DeepSeek-V3's sequence-wise balance loss, as our MoE block does:
+    AutoEP's forward, which replaces the block's, has no such loss. Hooks capture each layer's router gate logits
+    (every expert's affinity, with their autograd graph) and its choice of experts, global ids under expert
+    parallelism; after the layer's forward, while training, the loss goes to `layer.aux_loss`, which
+    Transformer.forward adds to the training loss. Returns how many layers."""
+    layers = autoep_layers(model)
+    for layer in layers:
+        layer.aux_loss, captured = None, {}
+        router = layer.router
+
+        def keep_logits(gate, args, logits, captured=captured):
+            captured["logits"] = logits
+
+        def keep_choice(router, args, out, captured=captured):
+            captured["selected"] = out[1]  # (top scores, selected experts, tokens per expert)
+
+        def set_loss(layer, args, out, captured=captured):
+            batch, seq_len = args[0].shape[:2]
+            logits, selected = captured.pop("logits"), captured.pop("selected")
+            if not layer.training:
+                layer.aux_loss = None
+                return
+            logits = logits.float()  # AutoEP's router scores in fp32 as well
+            scores = logits.sigmoid() if layer.router.score_func == "sigmoid" else logits.softmax(dim=-1)
+            layer.aux_loss = sequence_balance_loss(scores, selected, batch, seq_len, alpha)
+
+        router.gate.register_forward_hook(keep_logits)
+        router.register_forward_hook(keep_choice)
+        layer.register_forward_hook(set_loss)
+    return len(layers)
 
 
 def moe_routers(model: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:

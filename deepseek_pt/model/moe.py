@@ -82,13 +82,20 @@ class MoE(nn.Module):
         y = torch.zeros_like(flat).index_add_(0, token_of, routed_out)
         if self.shared_experts is not None:
             y = y + self.shared_experts(flat)
-        self.aux_loss = self._sequence_balance_loss(scores, indices, B, T) if self.training and self.seq_aux_loss_alpha else None
+        self.aux_loss = (sequence_balance_loss(scores, indices, B, T, self.seq_aux_loss_alpha)
+                         if self.training and self.seq_aux_loss_alpha else None)
         return y.view(B, T, D)
 
-    def _sequence_balance_loss(self, scores, indices, B: int, T: int) -> torch.Tensor:
-        """DeepSeek-V3's complementary sequence-wise loss: alpha * sum_i f_i P_i per sequence, averaged."""
-        probs = (scores / scores.sum(dim=-1, keepdim=True)).view(B, T, -1)
-        chosen = torch.zeros(B, T, self.n_experts, device=scores.device).scatter_(2, indices.view(B, T, -1), 1.0)
-        f = chosen.sum(dim=1) * self.n_experts / (self.top_k * T)  # [B, E]
-        p = probs.mean(dim=1)  # [B, E]
-        return self.seq_aux_loss_alpha * (f * p).sum(dim=-1).mean()
+
+def sequence_balance_loss(scores: torch.Tensor, indices: torch.Tensor, batch: int, seq_len: int,
+                          alpha: float) -> torch.Tensor:
+    """DeepSeek-V3's complementary sequence-wise loss, alpha * sum_i f_i P_i per sequence, averaged over the batch:
+    scores [batch * seq_len, E] every expert's affinity to each token (fp32), indices [batch * seq_len, top_k] the
+    experts each token was routed to."""
+    n_experts, top_k = scores.shape[-1], indices.shape[-1]
+    probs = (scores / scores.sum(dim=-1, keepdim=True)).view(batch, seq_len, -1)
+    chosen = torch.zeros(batch, seq_len, n_experts, device=scores.device).scatter_(
+        2, indices.view(batch, seq_len, -1), 1.0)
+    f = chosen.sum(dim=1) * n_experts / (top_k * seq_len)  # [batch, E]
+    p = probs.mean(dim=1)  # [batch, E]
+    return alpha * (f * p).sum(dim=-1).mean()

@@ -167,7 +167,8 @@ class Transformer(nn.Module):
                 mtp_losses.append(self.token_loss(self.lm_head(h), targets[:, k:]))
             losses["mtp_loss"] = torch.stack(mtp_losses).mean()
             total = total + self.config.mtp_loss_weight * losses["mtp_loss"]
-        aux = [m.aux_loss for m in self.moe_layers() if m.aux_loss is not None]
+        # The sequence-wise balance losses of our MoE blocks, or of AutoEP's layers in their place (engine/balance.py)
+        aux = [m.aux_loss for m in self.modules() if getattr(m, "aux_loss", None) is not None]
         if aux:
             losses["balance_loss"] = torch.stack(aux).sum()
             total = total + losses["balance_loss"]

@@ -15,6 +15,7 @@ from deepspeed.utils import safe_get_full_grad
 sys.path.insert(0, os.path.dirname(os.path.dirname(__file__)))
 from model_configs import tiny  # noqa: E402
 
+from deepseek_pt.engine.balance import add_sequence_balance_loss  # noqa: E402
 from deepseek_pt.engine.ds_config import build_ds_config  # noqa: E402
 from deepseek_pt.engine.moe_dispatch import fuse_moe_dispatch  # noqa: E402
 from deepseek_pt.model import Transformer  # noqa: E402
@@ -28,7 +29,7 @@ def max_over_ranks(value: float) -> float:
 
 
 def main():
-    cfg = tiny(mtp_depth=1)
+    cfg = tiny(mtp_depth=1, moe__seq_aux_loss_alpha=0.1)
     _, world, device = init_distributed(cfg)
     cfg.parallel.expert_parallel_size = world
     cfg.train.micro_batch_size = 2
@@ -60,6 +61,28 @@ def main():
     fused_out = engine(ids)
     engine.backward((fused_out * probe).sum())
     fused_grad = safe_get_full_grad(engine.module.embed_tokens.weight)
+    engine.optimizer.zero_grad()
+
+    # The sequence-wise balance loss, which our block computes and AutoEP's layers compute through engine/balance.py's
+    # hooks: the same loss per layer, and its gradient alone the same in every router. (The whole loss, times 0,
+    # joins it: ZeRO-3's backward hooks expect every layer's output to get a gradient before its input does.)
+    targets = ids.roll(-1, dims=1)
+    reference.zero_grad()
+    ref_total = reference(ids, targets)
+    ref_aux = [m.aux_loss for m in reference.moe_layers()]
+    (torch.stack(ref_aux).sum() + 0.0 * ref_total).backward()
+    hooked = add_sequence_balance_loss(engine.module, cfg.model.moe.seq_aux_loss_alpha)
+    total = engine(ids, targets)
+    aux = [m.aux_loss for m in converted]
+    engine.backward(torch.stack(aux).sum() + 0.0 * total)
+    router_grad_diff, router_grad_max = 0.0, 0.0
+    for ours, theirs in zip(reference.moe_layers(), converted, strict=True):
+        ref_router_grad = ours.gate.weight.grad
+        dist.all_reduce(ref_router_grad)
+        ref_router_grad /= world
+        router_grad = safe_get_full_grad(theirs.router.gate.weight)
+        router_grad_diff = max(router_grad_diff, (router_grad - ref_router_grad).abs().max().item())
+        router_grad_max = max(router_grad_max, ref_router_grad.abs().max().item())
     result = {
         "max_abs_diff": max_over_ranks((out - ref_out).abs().max().item()),
         "grad_max_abs_diff": max_over_ranks((grad - ref_grad).abs().max().item()),
@@ -68,6 +91,11 @@ def main():
         "fused_dispatch": fused,
         "fused_max_abs_diff": max_over_ranks((fused_out - out).abs().max().item()),
         "fused_grad_max_abs_diff": max_over_ranks((fused_grad - grad).abs().max().item()),
+        "balance_loss_layers": hooked,
+        "balance_loss": torch.stack(ref_aux).sum().item(),
+        "balance_loss_max_abs_diff": max_over_ranks(max(abs(a.item() - b.item()) for a, b in zip(aux, ref_aux))),
+        "router_grad_max_abs": max_over_ranks(router_grad_max),
+        "router_grad_max_abs_diff": max_over_ranks(router_grad_diff),
         "shared_kept": all(m.shared_experts is not None for m in converted),
         "combine_impl": sorted({m.combine_impl for m in converted}),
         "device": device.type,
