@@ -20,7 +20,7 @@ from .data.format import open_tokenizer, tokenizer_from_bytes
 from .export import save_export
 from .interop.checkpoints import load_checkpoint
 from .interop.cli import DTYPE_CHOICES, UsageError, run_cli
-from .interop.hf import full_config, load_hf, read_hf_config, save_hf, save_hf_tokenizer
+from .interop.hf import full_config, hf_config_dict, load_hf, read_hf_config, save_hf, save_hf_tokenizer
 from .model import to_output_subspace
 from .model.counting import count_params
 
@@ -59,6 +59,8 @@ def ds_to_hf(args) -> None:
     if ckpt.model.config.attention.use_output_subspace and not args.fold:
         raise UsageError(f"{args.checkpoint}: is an MLA-o model (o_a_proj -> o_b_proj), which HF DeepseekV3 "
                          "cannot represent; pass --fold to store o_proj = o_b_proj @ o_a_proj instead")
+    # What HF cannot express (softmax scoring, ...) is refused before anything is written to OUT
+    hf_config_dict(ckpt.model.config, ckpt.model.embed_tokens.weight.dtype)
     bos = eos = None
     if ckpt.tokenizer:  # HF generate() stops at eos_token_id: it must be the tokenizer's
         tokenizer_from_bytes(ckpt.tokenizer, f"{args.checkpoint}: its tokenizer.model")  # before anything is written

@@ -333,3 +333,15 @@ def test_convert_cli_errors_are_one_line(tmp_path, capsys):
         err = capsys.readouterr().err
         assert err.startswith("error: ") and message in err and "Traceback" not in err, err
         assert not (tmp_path / argv[2]).exists()  # refused before anything is written
+
+
+def test_ds_to_hf_refusing_a_model_writes_nothing(tmp_path, capsys):
+    # A model HF cannot express (softmax scoring: configs/deepseek-v2-lite.yaml) was refused only after
+    # the tokenizer files were written, leaving OUT non-empty: a retry needed --force, and OUT read
+    # as "not a run directory" to evaluate/generate.
+    cfg = tiny(vocab_size=1024, moe__score_func="softmax")
+    save_export(random_model(cfg), cfg, tmp_path / "exp", tokenizer="tests/assets/smoke_shards/tokenizer.model")
+    assert convert_main(["ds-to-hf", str(tmp_path / "exp"), str(tmp_path / "hf")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "model.moe.score_func softmax" in err and "Traceback" not in err
+    assert not (tmp_path / "hf").exists() or not any((tmp_path / "hf").iterdir())
