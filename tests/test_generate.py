@@ -203,3 +203,16 @@ def test_evaluate_cli_on_an_export_and_its_hf_copy(export_1024, tmp_path, pydoc,
     assert f"{n} sequences of 32 in {-(-n // 7)} batches of up to 7;" in capsys.readouterr().out
     assert evaluate_main(["--checkpoint", str(export_1024), "--data", str(tmp_path / "nowhere")]) == 2
     assert capsys.readouterr().err.startswith("error: ")
+
+
+def test_evaluate_refuses_shards_of_another_tokenizer(export_1024, tmp_path, capsys):
+    # tests/assets/smoke_shards: vocabulary 1024 as the pydoc shards, but another tokenizer, so its ids
+    # name other pieces: the loss was computed anyway and meant nothing.
+    from deepseek_pt.data import open_manifest
+    other = open_manifest("tests/assets/smoke_shards")
+    import hashlib
+    assert other.tokenizer_sha256 != hashlib.sha256((export_1024 / "tokenizer.model").read_bytes()).hexdigest()
+    assert evaluate_main(["--checkpoint", str(export_1024), "--data", "tests/assets/smoke_shards",
+                          "--seq-len", "32", "--max-batches", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "another tokenizer" in err and "Traceback" not in err
