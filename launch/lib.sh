@@ -40,10 +40,23 @@ visible_device_ids() {
 }
 
 # usage: the calling script's header comment (its lines after the shebang, up to the first that is not a
-# comment) on stderr, and exit status 2.
+# comment) on stderr, and exit status 2: what a call without its arguments gets.
 usage() {
-    awk 'NR == 1 { next } !/^#/ { exit } { sub(/^# ?/, ""); print }' "$0" >&2
+    header >&2
     exit 2
+}
+
+# -h / --help: the same text on stdout, and success.
+help_if_asked() {
+    if [[ ${1:-} == -h || ${1:-} == --help ]]; then
+        header
+        exit 0
+    fi
+}
+
+# The calling script's leading comment block, without its '#'s.
+header() {
+    awk 'NR == 1 { next } !/^#/ { exit } { sub(/^# ?/, ""); print }' "$0"
 }
 
 # PYTHON: the interpreter that has torch + deepspeed (it also runs the ranks: the deepspeed launcher

@@ -13,6 +13,7 @@ set -euo pipefail
 # shellcheck source=launch/lib.sh
 source "$(dirname -- "${BASH_SOURCE[0]}")/lib.sh"
 
+help_if_asked "$@"
 for arg in "$@"; do
     [[ $arg == *=* ]] || usage
 done

@@ -11,8 +11,8 @@ set -euo pipefail
 # shellcheck source=launch/lib.sh
 source "$(dirname -- "${BASH_SOURCE[0]}")/lib.sh"
 
+help_if_asked "$@"
 (($# >= 1)) || usage
-[[ $1 != -h && $1 != --help ]] || usage
 config=$1
 shift
 resolve_python

@@ -105,6 +105,10 @@ def test_missing_config_and_usage(tmp_path):
     proc = _run([LAUNCH / "smoke.sh", "not-an-override"], _env())
     assert proc.returncode == 2 and "launch/smoke.sh [key.path=value ...]" in proc.stderr, proc.stderr
     assert "set -euo pipefail" not in proc.stderr, proc.stderr
+    for script in ("train.sh", "node.sh", "hostfile.sh", "smoke.sh"):  # asked for: on stdout, and success
+        for flag in ("-h", "--help"):
+            proc = _run([LAUNCH / script, flag], _env())
+            assert proc.returncode == 0 and "key.path=value" in proc.stdout and not proc.stderr, (script, flag, proc)
 
 
 def test_train_sh_refuses_device_uuids(tmp_path, data):
