@@ -562,6 +562,7 @@ def train(cfg: Config) -> int:
                           for s in sources], cfg.train.micro_batch_size, dp_rank=rank, dp_world=world,
                          seed=cfg.data.seed, weights=[s.weight for s in sources])
     step, tokens_seen, wandb_id = 0, 0, None
+    sequences_per_step = cfg.train.micro_batch_size * cfg.train.grad_accum_steps * world
     if resume_dir is not None:
         settings = checkpoint.optimizer_settings(engine.optimizer)
         _, client = engine.load_checkpoint(str(resume_dir.parent), tag=resume_dir.name)
@@ -585,10 +586,16 @@ def train(cfg: Config) -> int:
             checkpoint.set_rng_state(torch.load(rng_file, weights_only=False))
         if rank == 0:
             print(f"resumed from {resume_dir} at step {step}" + (" (universal: resharded)" if reshard else ""), flush=True)
+            saved_batch = client.get("sequences_per_step")  # absent from checkpoints before it was recorded
+            if saved_batch is not None and saved_batch != sequences_per_step:
+                print(f"resume: {sequences_per_step} sequences per optimizer step here (train.micro_batch_size "
+                      f"{cfg.train.micro_batch_size} x train.grad_accum_steps {cfg.train.grad_accum_steps} x {world} "
+                      f"processes), {saved_batch} in the checkpoint's run: the learning-rate schedule goes on by "
+                      "steps, each now of that many sequences", flush=True)
 
     log = MetricsLogger(run_dir, cfg, rank == 0, step, wandb_id)
     peak = peak_flops(cfg.train.peak_tflops)
-    tokens_per_step = cfg.train.micro_batch_size * cfg.train.grad_accum_steps * world * cfg.data.seq_len
+    tokens_per_step = sequences_per_step * cfg.data.seq_len
     last_saved = step if resume_dir is not None else None
 
     def save(at_step: int) -> None:
@@ -596,7 +603,8 @@ def train(cfg: Config) -> int:
         if not cfg.train.checkpoints:  # a run nothing resumes: every save point passes
             return
         client = {"step": at_step, "tokens_seen": tokens_seen, "loader": loader.state_dict(),
-                  "balance_bias": balance.balance_biases(engine.module), "wandb_id": log.wandb_id}
+                  "balance_bias": balance.balance_biases(engine.module), "wandb_id": log.wandb_id,
+                  "sequences_per_step": sequences_per_step}
         checkpoint.save(engine, run_dir, at_step, client, cfg.parallel.expert_parallel_size, cfg.train.keep_last,
                         cfg.parallel.zero_init, resume_settings(cfg))
         last_saved = at_step

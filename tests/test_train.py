@@ -394,7 +394,15 @@ def test_fp8_torchao_rowwise_on_a_cpu_trains_like_fp32_across_a_resume(tmp_path,
 def test_universal_resume_on_another_topology(tmp_path, baseline, stopped, data, nproc, overrides):
     proc = train(nproc, tmp_path, data, f"train.resume={ckpt(stopped, 4)}", *overrides)
     assert "universal: resharded" in proc.stdout
+    assert "sequences per optimizer step here" not in proc.stdout  # the same global batch
     assert_same_losses(tmp_path, baseline, range(5, STEPS + 1), abs=1e-4)
+
+
+@pytest.mark.slow
+def test_a_resume_that_changes_the_global_batch_says_so(tmp_path, stopped, data):
+    proc = train(2, tmp_path, data, f"train.resume={ckpt(stopped, 4)}", "train.grad_accum_steps=2", "train.max_steps=5")
+    assert ("resume: 16 sequences per optimizer step here (train.micro_batch_size 4 x train.grad_accum_steps 2 x 2 "
+            "processes), 8 in the checkpoint's run") in proc.stdout, proc.stdout[-3000:]
 
 
 def _rank_pid(proc: subprocess.Popen, rank: int) -> int:
