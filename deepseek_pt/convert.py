@@ -1,8 +1,10 @@
 """python -m deepseek_pt.convert {hf-to-ds, ds-to-hf, mla-o} ...: move models between formats.
 
-  hf-to-ds HF_DIR OUT      an HF DeepseekV3 directory -> an export (config.yaml + model.safetensors);
+  hf-to-ds HF_DIR OUT [key.path=value ...]
+                           an HF DeepseekV3 directory -> an export (config.yaml + model.safetensors);
                            train on from it with `train.init_from: OUT` (--base-config supplies the
-                           data/train/parallel sections, the model section comes from the HF config)
+                           data/train/parallel sections, the model section comes from the HF config;
+                           overrides apply last)
   ds-to-hf CKPT OUT        a run dir, checkpoint or export -> a directory transformers loads
                            (MLA-o models need --fold: HF has no o_a_proj/o_b_proj)
   mla-o CKPT OUT --o-latent-dim N
@@ -20,7 +22,8 @@ from .data.format import open_tokenizer, tokenizer_from_bytes
 from .export import save_export
 from .interop.checkpoints import load_checkpoint
 from .interop.cli import DTYPE_CHOICES, UsageError, run_cli
-from .interop.hf import full_config, hf_config_dict, load_hf, read_hf_config, save_hf, save_hf_tokenizer
+from .interop.hf import (TRAINING_KNOBS, full_config, hf_config_dict, load_hf, read_hf_config, save_hf,
+                         save_hf_tokenizer)
 from .model import to_output_subspace
 from .model.counting import count_params
 
@@ -44,9 +47,15 @@ def hf_to_ds(args) -> None:
     tokenizer = Path(args.tokenizer or Path(args.hf_dir) / "tokenizer.model")
     if args.tokenizer or tokenizer.is_file():  # checked before the (slow) load, and never stored unreadable
         open_tokenizer(tokenizer, "--tokenizer" if args.tokenizer else "tokenizer")
+    knobs = {"model." + ".".join(knob) for knob in TRAINING_KNOBS}
+    for item in args.overrides:  # before the (slow) load
+        key = item.partition("=")[0]
+        if key.startswith("model.") and key not in knobs:
+            raise UsageError(f"override {item!r}: the model section comes from {args.hf_dir}/config.json; of it only "
+                             f"the training knobs ({', '.join(sorted(knobs))}) may be set")
     model = load_hf(args.hf_dir, dtype=DTYPE_CHOICES.get(args.dtype))
     base = load_config(args.base_config) if args.base_config else None
-    config = full_config(model.config, base, where=args.base_config or args.hf_dir)
+    config = full_config(model.config, base, where=args.base_config or args.hf_dir, overrides=args.overrides)
     model.config = config.model  # the base's TRAINING_KNOBS, which save_export takes from the model
     save_export(model, config, out, source=str(Path(args.hf_dir).absolute()),
                 tokenizer=tokenizer if args.tokenizer or tokenizer.is_file() else None)
@@ -98,6 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--base-config", help="YAML whose non-model sections (data, train, ...) and model training knobs "
                    "(mtp_loss_weight, moe.bias_update_rate, moe.seq_aux_loss_alpha) the export's config takes")
     h.add_argument("--tokenizer", help="sentencepiece model to store (default: HF_DIR/tokenizer.model if present)")
+    h.add_argument("overrides", nargs="*", metavar="key.path=value",
+                   help="set on the export's config last (a base config's parallel.expert_parallel_size fitted to "
+                        "this model's experts, say); of the model section only the training knobs")
     h.set_defaults(fn=hf_to_ds)
     d = sub.add_parser("ds-to-hf", help="run dir / checkpoint / export -> HF DeepseekV3 directory")
     d.add_argument("checkpoint")
@@ -119,7 +131,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # hf-to-ds's overrides may follow its options too, which argparse leaves over once its positionals are taken
+    args, extra = parser.parse_known_args(argv)
+    if hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+        args.overrides += extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if getattr(args, "o_latent_dim", 1) < 1 or getattr(args, "max_shard_gb", 1) <= 0:
         parser.error("--o-latent-dim and --max-shard-gb must be positive")
     return run_cli(lambda: args.fn(args))

@@ -291,6 +291,25 @@ def test_convert_cli_both_ways(tmp_path, capsys):
     capsys.readouterr()
 
 
+def test_hf_to_ds_overrides_fit_a_base_config_to_the_model(tmp_path, capsys):
+    """DeepSeek-V3's base config runs EP 64 on sequences of 4096, which a model of 8 experts and 64 positions refuses;
+    overrides fit it, after the options too. Of the model section, which config.json gives, only the training knobs
+    may be set."""
+    cfg = tiny()
+    save_export(random_model(cfg), cfg, tmp_path / "exp")
+    assert convert_main(["ds-to-hf", str(tmp_path / "exp"), str(tmp_path / "hf")]) == 0
+    v3 = "configs/deepseek-v3-671b.yaml"
+    assert convert_main(["hf-to-ds", str(tmp_path / "hf"), str(tmp_path / "refused"), "--base-config", v3]) == 2
+    assert "does not divide model.moe.n_routed_experts (8)" in capsys.readouterr().err
+    assert convert_main(["hf-to-ds", str(tmp_path / "hf"), str(tmp_path / "back"), "--base-config", v3,
+                         "parallel.expert_parallel_size=8", "data.seq_len=32", "model.moe.bias_update_rate=0.002"]) == 0
+    _, back_cfg = load_export(tmp_path / "back")
+    assert back_cfg.parallel.expert_parallel_size == 8 and back_cfg.model.moe.bias_update_rate == 0.002
+    assert back_cfg.train == load_config(v3).train
+    assert convert_main(["hf-to-ds", str(tmp_path / "hf"), str(tmp_path / "dim"), "model.dim=64"]) == 2
+    assert "override 'model.dim=64': the model section comes from" in capsys.readouterr().err
+
+
 def test_hf_copy_carries_a_tokenizer_that_autotokenizer_reads(tmp_path, pydoc_data_dir, capsys):
     import sentencepiece as spm
 

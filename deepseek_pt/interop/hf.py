@@ -124,9 +124,10 @@ TRAINING_KNOBS = (("mtp_loss_weight",), ("moe", "bias_update_rate"), ("moe", "se
 keeps (converting an HF model for continued pretraining must not reset the run's balancing rate)."""
 
 
-def full_config(model: ModelConfig | dict, base: Config | None = None, where: str = "<hf>") -> Config:
+def full_config(model: ModelConfig | dict, base: Config | None = None, where: str = "<hf>",
+                overrides: list[str] = ()) -> Config:
     """A complete run Config around a model section: `base`'s other sections and TRAINING_KNOBS, or the defaults
-    with data.seq_len capped at the model's max_seq_len."""
+    with data.seq_len capped at the model's max_seq_len; then `key.path=value` overrides."""
     model = copy.deepcopy(model) if isinstance(model, dict) else dataclasses.asdict(model)
     seq_len = min(Config().data.seq_len, model["max_seq_len"])
     rest = base.to_dict() if base is not None else {"data": {"seq_len": seq_len}}
@@ -137,7 +138,7 @@ def full_config(model: ModelConfig | dict, base: Config | None = None, where: st
         into[key] = source[key]
     rest.pop("model", None)
     try:
-        return config_from_dict({**rest, "model": model}, where)
+        return config_from_dict({**rest, "model": model}, where, overrides)
     except ConfigError as e:
         raise HFConversionError(str(e)) from None
 
