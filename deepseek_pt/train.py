@@ -349,6 +349,33 @@ def init_distributed(cfg: Config) -> tuple[int, int, torch.device]:
     return dist.get_rank(), dist.get_world_size(), device
 
 
+def _flat(node, prefix: str = "") -> dict:
+    if isinstance(node, dict):
+        out = {}
+        for k, v in node.items():
+            out.update(_flat(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: node}
+
+
+def check_same_config(cfg: Config, rank: int, world: int) -> None:
+    """Refuse, on every rank, a job whose ranks resolved different configurations (node.sh run with another CONFIG or
+    other overrides on some node): a different model fails deep inside a collective, a different train.max_steps
+    hangs at the next one, and a different train.lr or seed trains on silently."""
+    if world == 1:
+        return
+    everyone: list = [None] * world
+    dist.all_gather_object(everyone, _flat(cfg.to_dict()))
+    base = everyone[0]
+    for r, other in enumerate(everyone[1:], start=1):
+        keys = sorted(k for k in base.keys() | other.keys() if base.get(k) != other.get(k))
+        if keys:
+            shown = "; ".join(f"{k}: {base.get(k)!r} on rank 0, {other.get(k)!r} on rank {r}" for k in keys[:5])
+            more = f" (and {len(keys) - 5} more)" if len(keys) > 5 else ""
+            raise PreflightError(f"the ranks were started with different configurations: {shown}{more}. Every node "
+                                 "must get the same CONFIG and overrides")
+
+
 def build_engine(cfg: Config, world: int, init_from: str | None = None, load_universal: bool = False):
     """The model and its DeepSpeed engine, as training (and bench/) use them."""
     import deepspeed
@@ -541,6 +568,7 @@ def train(cfg: Config) -> int:
     stop = StopSignal()
     started = time.monotonic()
     rank, world, device = init_distributed(cfg)
+    check_same_config(cfg, rank, world)
     run_dir = Path(cfg.run.dir)
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)

@@ -191,6 +191,25 @@ def test_node_sh_two_nodes_one_rank_each(tmp_path, data):
     _assert_trained_together(run_dir, world=2)
 
 
+@pytest.mark.slow
+def test_node_sh_nodes_with_different_configs_are_refused(tmp_path, data):
+    """node.sh on each node with other overrides: refused on every node, the key named (it trained on silently)."""
+    run_dir = tmp_path / "run"
+    port = str(free_port())
+    nodes = [start_job([LAUNCH / "node.sh", SMOKE, *_overrides(data, run_dir, *more)],
+                       _env(NNODES="2", NODE_RANK=str(r), MASTER_ADDR="127.0.0.1", MASTER_PORT=port))
+             for r, more in ((0, ()), (1, ("train.lr=0.01",)))]
+    try:
+        outs = [finish_job(p, TIMEOUT)[0] for p in nodes]
+    finally:
+        for p in nodes:
+            kill_job(p)
+    for p, out in zip(nodes, outs):
+        assert p.returncode == 2, out[-4000:]
+        assert "different configurations: train.lr: 0.003 on rank 0, 0.01 on rank 1" in out, out[-4000:]
+    assert not (run_dir / "metrics.jsonl").exists()
+
+
 STAND_INS = {
     # srun --ntasks-per-node=1 --nodes=N ... CMD: CMD once per "node", each with its SLURM_NODEID
     "srun": """#!/usr/bin/env bash
