@@ -342,7 +342,18 @@ def init_distributed(cfg: Config) -> tuple[int, int, torch.device]:
     if backend == "gloo":
         _skip_cpu_shm_allreduce()
     timeout = cfg.parallel.timeout_minutes
-    deepspeed.init_distributed(dist_backend=backend, **({"timeout": timedelta(minutes=timeout)} if timeout else {}))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    where = f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}"
+    waited = f"{timeout:g} minutes, parallel.timeout_minutes" if timeout else "DeepSpeed's default timeout"
+    if world > 1 and int(os.environ.get("LOCAL_RANK", "0")) == 0:
+        print(f"rendezvous: waiting for {world} processes at {where} (at most {waited})", flush=True)
+    try:
+        deepspeed.init_distributed(dist_backend=backend, **({"timeout": timedelta(minutes=timeout)} if timeout else {}))
+    except dist.DistError as e:  # DistStoreError (timed out), DistNetworkError (the store's host left first)
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise PreflightError(f"rendezvous at {where} failed (at most {waited}): not every one of the {world} "
+                             f"processes joined ({reason}). Start node.sh on every node with the same NNODES, "
+                             "NPROC_PER_NODE, MASTER_ADDR and MASTER_PORT") from None
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)

@@ -210,6 +210,19 @@ def test_node_sh_nodes_with_different_configs_are_refused(tmp_path, data):
     assert not (run_dir / "metrics.jsonl").exists()
 
 
+@pytest.mark.slow
+def test_node_sh_alone_fails_the_rendezvous_clearly(tmp_path, data):
+    """Node 0 of 2 started alone: a line saying what it waits for, then a clear error (it was a torch traceback)."""
+    run_dir = tmp_path / "run"
+    proc = _run([LAUNCH / "node.sh", SMOKE, *_overrides(data, run_dir, "parallel.timeout_minutes=0.1")],
+                _env(NNODES="2", NODE_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port())), timeout=TIMEOUT)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 2, out[-4000:]
+    assert "rendezvous: waiting for 2 processes at 127.0.0.1:" in out, out[-4000:]
+    assert "failed (at most 0.1 minutes, parallel.timeout_minutes): not every one of the 2 processes joined" in out
+    assert "Traceback" not in out, out[-4000:]
+
+
 STAND_INS = {
     # srun --ntasks-per-node=1 --nodes=N ... CMD: CMD once per "node", each with its SLURM_NODEID
     "srun": """#!/usr/bin/env bash
