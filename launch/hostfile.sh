@@ -65,6 +65,12 @@ for s in "${slots[@]}"; do world=$((world + s)); ((s <= per_node)) || per_node=$
 
 if ((${#hosts[@]} > 1)); then
     command -v pdsh >/dev/null || die 2 "pdsh is not installed: the deepspeed launcher needs it for a multi-host hostfile (or use launch/node.sh on every host)"
+    # The runner's own check (passwordless ssh to the first host), made here so that its failure is one line
+    # before anything starts, not the runner's traceback.
+    command -v ssh >/dev/null || die 2 "ssh is not installed: the deepspeed launcher needs passwordless ssh to every host (or use launch/node.sh on every host)"
+    if ! ssh_err=$(ssh -o PasswordAuthentication=no -o BatchMode=yes -o ConnectTimeout=20 "${hosts[0]}" hostname 2>&1 >/dev/null); then
+        die 2 "${hosts[0]}: not reachable over passwordless ssh, which the deepspeed launcher needs for a multi-host hostfile (or use launch/node.sh on every host): ${ssh_err//$'\n'/ }"
+    fi
 fi
 
 port=${MASTER_PORT:-29500}

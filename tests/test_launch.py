@@ -142,6 +142,7 @@ def test_hostfile_hands_every_host_the_multicast_settings(tmp_path, data):
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     (bin_dir / "pdsh").write_text("#!/bin/sh\nexit 0\n")
+    (bin_dir / "ssh").write_text("#!/bin/sh\nexit 0\n")
     python = bin_dir / "python"  # stand-in: the runner's call keeps the environment file; the rest runs for real
     python.write_text(f'#!/usr/bin/env bash\n[[ $2 == deepspeed.launcher.runner ]] && '
                       f'{{ cp "$DS_ENV_FILE" {tmp_path}/handed_env; exit 0; }}\nexec {sys.executable} "$@"\n')
@@ -153,6 +154,24 @@ def test_hostfile_hands_every_host_the_multicast_settings(tmp_path, data):
     handed = (tmp_path / "handed_env").read_text().splitlines()
     for setting in ("NCCL_NVLS_ENABLE=0", "TORCH_SYMM_MEM_DISABLE_MULTICAST=1", "NVSHMEM_DISABLE_NVLS=1"):
         assert setting in handed, handed
+
+
+def test_hostfile_unreachable_host_is_named_before_start(tmp_path, data):
+    """Several hosts, pdsh installed, no passwordless ssh to the first: one clear line and exit 2, nothing launched
+    (it was the deepspeed runner's traceback, RuntimeError: ... not reachable via ssh)."""
+    (tmp_path / "hosts").write_text("worker-0 slots=1\nworker-1 slots=1\n")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "pdsh").write_text("#!/bin/sh\nexit 0\n")
+    (bin_dir / "ssh").write_text("#!/bin/sh\necho 'worker-0: Permission denied (publickey).' >&2\nexit 255\n")
+    for stub in bin_dir.iterdir():
+        stub.chmod(0o755)
+    env = {**_env(MASTER_ADDR="10.0.0.1"), "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    proc = _run([LAUNCH / "hostfile.sh", tmp_path / "hosts", SMOKE, *_overrides(data, tmp_path / "run")], env)
+    assert proc.returncode == 2, proc.stderr
+    assert "worker-0: not reachable over passwordless ssh" in proc.stderr, proc.stderr
+    assert "Permission denied (publickey)" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    assert "running:" not in proc.stderr and not (tmp_path / "run").exists()
 
 
 @pytest.mark.parametrize("text, env, message", [
