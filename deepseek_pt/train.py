@@ -352,8 +352,8 @@ def init_distributed(cfg: Config) -> tuple[int, int, torch.device]:
     except dist.DistError as e:  # DistStoreError (timed out), DistNetworkError (the store's host left first)
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise PreflightError(f"rendezvous at {where} failed (at most {waited}): not every one of the {world} "
-                             f"processes joined ({reason}). Start node.sh on every node with the same NNODES, "
-                             "NPROC_PER_NODE, MASTER_ADDR and MASTER_PORT") from None
+                             f"processes joined ({reason}). Start node.sh on every node, each with its own NODE_RANK and "
+                             "the same NNODES, NPROC_PER_NODE, MASTER_ADDR and MASTER_PORT") from None
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
