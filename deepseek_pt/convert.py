@@ -22,8 +22,15 @@ from .data.format import open_tokenizer, tokenizer_from_bytes
 from .export import save_export
 from .interop.checkpoints import load_checkpoint
 from .interop.cli import DTYPE_CHOICES, UsageError, run_cli
-from .interop.hf import (TRAINING_KNOBS, full_config, hf_config_dict, load_hf, read_hf_config, save_hf,
-                         save_hf_tokenizer)
+from .interop.hf import (
+    TRAINING_KNOBS,
+    full_config,
+    hf_config_dict,
+    load_hf,
+    read_hf_config,
+    save_hf,
+    save_hf_tokenizer,
+)
 from .model import to_output_subspace
 from .model.counting import count_params
 
