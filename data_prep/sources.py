@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import glob
 import importlib.util
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -92,7 +93,7 @@ def resolve_inputs(specs: list[str]) -> list[Input]:
     return inputs
 
 
-def _load(inp: Input, text_field: str, txt_doc: str, streaming: bool):
+def _load(inp: Input, text_field: str, txt_doc: str, streaming: bool, mixed_types_as_json: bool = False):
     import datasets  # imported here: worker processes and --help should not pay for it
 
     datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # failures surface as DataError
@@ -104,6 +105,11 @@ def _load(inp: Input, text_field: str, txt_doc: str, streaming: bool):
     kwargs = {}
     if inp.builder == "text":
         kwargs["sample_by"] = txt_doc
+    elif inp.builder == "json" and not mixed_types_as_json:
+        # datasets' default ("use_json") turns a field whose type changes within a 10 MB chunk into the JSON
+        # encoding of every value of that chunk: a non-string text would silently quote and escape its
+        # neighbours. Let it raise instead; another field changing type is handled by reopening (iter_texts).
+        kwargs["on_mixed_types"] = None
     elif inp.builder == "parquet":
         import pyarrow.parquet as pq
 
@@ -113,6 +119,60 @@ def _load(inp: Input, text_field: str, txt_doc: str, streaming: bool):
                             "choose one with --text-field")
         kwargs["columns"] = [text_field]
     return datasets.load_dataset(inp.builder, data_files=[inp.spec], split="train", streaming=streaming, **kwargs)
+
+
+def _open_binary(path: str):
+    name = path.lower()
+    if name.endswith(".gz"):
+        import gzip
+        return gzip.open(path, "rb")
+    if name.endswith(".bz2"):
+        import bz2
+        return bz2.open(path, "rb")
+    if name.endswith(".xz"):
+        import lzma
+        return lzma.open(path, "rb")
+    if name.endswith(".zst"):
+        import zstandard
+        return zstandard.open(path, "rb")
+    return open(path, "rb")
+
+
+def _locate_problem(inp: Input, field: str) -> str | None:
+    """'line N: what is wrong' for the first bad line of a JSON-lines or text file, for an error message
+    (datasets names rows within its chunks, not within the file); None if no line is found to be bad."""
+    if inp.builder not in ("json", "text"):
+        return None
+    try:
+        with _open_binary(inp.spec) as f:
+            for n, line in enumerate(f, 1):
+                try:
+                    text = line.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    return f"line {n}: invalid UTF-8 (byte {e.start} of the line)"
+                if inp.builder != "json" or not text.strip():
+                    continue
+                if n == 1 and text.lstrip("\ufeff").lstrip().startswith("["):
+                    return None  # one JSON array, not JSON lines
+                try:
+                    row = json.loads(text.rstrip("\r\n"))
+                except json.JSONDecodeError as e:
+                    return f"line {n}: malformed JSON ({e.msg} at column {e.colno})"
+                if not isinstance(row, dict):
+                    return f"line {n}: a JSON {type(row).__name__}, not an object"
+                value = row.get(field)
+                if value is not None and not isinstance(value, str):
+                    return f"line {n}: field {field!r} holds a value of type {type(value).__name__}, not a string"
+    except (OSError, EOFError, ValueError):  # unreadable or badly compressed: keep datasets' reason
+        return None
+    return None
+
+
+def _mixed_other_field(e: Exception, field: str) -> bool:
+    """Whether `e` is pyarrow refusing a JSON field other than the text field that changes type."""
+    msg = str(e)
+    return "changed from" in msg and "Column(/" in msg and not (
+        msg.split("Column(/", 1)[1].split(")", 1)[0].split("/")[0] == field)
 
 
 def iter_texts(inp: Input, text_field: str = "text", txt_doc: str = "document", streaming: bool = True,
@@ -134,14 +194,38 @@ def iter_texts(inp: Input, text_field: str = "text", txt_doc: str = "document", 
         if isinstance(e, StopIteration) or "corresponds to no data" in str(e):
             return
         reason = e.__cause__ or e  # --no-streaming: datasets wraps the reader's error (what and which row)
+        if inp.builder == "json" and _mixed_other_field(reason, field):
+            yield from _iter_mixed_types_as_json(inp, text_field, streaming, start_row)
+            return
+        if where := _locate_problem(inp, field):
+            raise DataError(f"input {inp.spec}: {where}") from e
         raise DataError(f"input {inp.spec}: cannot open as {inp.builder}: {type(reason).__name__}: {reason}") from e
-    row = start_row
+    yield from _rows(inp, field, batches, start_row, text_field, streaming)
+
+
+def _iter_mixed_types_as_json(inp: Input, text_field: str, streaming: bool, start_row: int) -> Iterator[str | None]:
+    try:
+        ds = _load(inp, text_field, "document", streaming, mixed_types_as_json=True)
+        batches = iter((ds.skip(start_row) if start_row else ds).iter(batch_size=_READ_ROWS))
+    except Exception as e:
+        reason = e.__cause__ or e
+        raise DataError(f"input {inp.spec}: cannot open as json: {type(reason).__name__}: {reason}") from e
+    yield from _rows(inp, text_field, batches, start_row, text_field, streaming, reopened=True)
+
+
+def _rows(inp: Input, field: str, batches, row: int, text_field: str, streaming: bool,
+          reopened: bool = False) -> Iterator[str | None]:
     while True:
         try:
             batch = next(batches)
         except StopIteration:
             return
         except Exception as e:
+            if inp.builder == "json" and not reopened and _mixed_other_field(e, field):
+                yield from _iter_mixed_types_as_json(inp, text_field, streaming, row)
+                return
+            if where := _locate_problem(inp, field):
+                raise DataError(f"input {inp.spec}: {where}") from e
             raise DataError(f"input {inp.spec}: read failed after row {row}: {type(e).__name__}: {e}") from e
         if field not in batch:
             raise DataError(f"input {inp.spec}: row {row} has no field {field!r} "

@@ -364,7 +364,7 @@ def test_input_errors_name_the_input(tmp_path, pydoc_data_dir, monkeypatch):
     (tmp_path / "bad.jsonl").write_text('{"text": "a"}\n{"text": \n')
     with pytest.raises(DataError, match=r"bad.jsonl: .*JSON"):
         build([tmp_path / "bad.jsonl"])
-    with pytest.raises(DataError, match=r"bad.jsonl: cannot open as json: ArrowInvalid: JSON parse error: .* in row 1"):
+    with pytest.raises(DataError, match=r"bad.jsonl: line 2: malformed JSON \(Expecting value at column 10\)"):
         build_shards.build([str(tmp_path / "bad.jsonl")], tok, tmp_path / "o-cached", shard_tokens=100,
                            num_proc=1, streaming=False, progress=False)
     (tmp_path / "num.jsonl").write_text('{"text": 5}\n')
@@ -498,3 +498,36 @@ def test_verify_names_each_bad_shard(tmp_path, pydoc_data_dir, capsys):
     (d / "manifest.json").write_text("{")
     assert verify_shards.main([str(d), "--quiet"]) == 2
     assert "not valid JSON" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("streaming", [True, False])
+def test_bad_row_deep_in_a_json_file_is_an_error_naming_its_line(tmp_path, pydoc_data_dir, monkeypatch, streaming):
+    """datasets reads JSON lines in 10 MB chunks; a non-string text in a later chunk used to turn every text of
+    that chunk into its JSON encoding (quoted, escaped) without a word, and a malformed line was named by its
+    row within the chunk. Small chunks stand in for a large file."""
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf_cache")  # for streaming=False
+    load = datasets.load_dataset
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **kw: load(*a, **kw, **({"chunksize": 1 << 14}
+                                                                                       if a[0] == "json" else {})))
+    texts = [f'doc {i}: "quoted"\n' + "words " * 40 for i in range(300)]
+    runs = iter(range(100))
+
+    def build(lines: list[str], name: str = "c.jsonl"):
+        path = tmp_path / name
+        path.write_bytes(b"".join((x if isinstance(x, bytes) else x.encode()) + b"\n" for x in lines))
+        return build_shards.build([str(path)], pydoc_data_dir.tokenizer_model, tmp_path / f"o{next(runs)}",
+                                  shard_tokens=1 << 20, num_proc=1, streaming=streaming, progress=False)
+
+    lines = [json.dumps({"text": t}) for t in texts]
+    for bad, what in (('{"text": 5}', r"line 251: field 'text' holds a value of type int, not a string"),
+                      ('{"text": broken', r"line 251: malformed JSON"),
+                      (b'{"text": "bad \xff byte"}', r"line 251: invalid UTF-8")):
+        with pytest.raises(DataError, match=r"c.jsonl: " + what):
+            build(lines[:250] + [bad] + lines[251:])
+    # another field that changes type within a chunk is read as before (as JSON): the texts come through unchanged
+    m = build([json.dumps({"meta": i if i < 10 else "x", "text": t}) for i, t in enumerate(texts[:20])], "meta.jsonl")
+    sp = spm.SentencePieceProcessor(model_file=str(pydoc_data_dir.tokenizer_model))
+    out = Path(m["inputs"][0]["path"]).parent / f"o{next(runs) - 1}"
+    assert [sp.decode(d) for d in split_docs(split_tokens(out, "train"), 3)] == texts[:20]
