@@ -2,7 +2,8 @@
 
 For every shard: the file exists and has num_tokens x itemsize bytes; unless --quick, its sha256
 matches, every token id is below vocab_size, and it holds exactly num_docs end-of-document
-tokens. Also checks the tokenizer copy's sha256.
+tokens. Also checks the tokenizer copy's sha256, that every shard file in the directory is listed,
+and that the manifest's stats (tokens, docs per split) match the sums over the shards.
 
 Exit status: 0 all good; 1 some shard is bad (each named, with what is wrong); 2 the manifest
 itself is missing or invalid.
@@ -25,6 +26,7 @@ import numpy as np
 from tqdm import tqdm
 
 from data_prep.common import positive_int, run_cli
+from data_prep.shard_writer import shard_files
 from deepseek_pt.data.format import BUILD_LOG_NAME, DataError, Manifest, ShardInfo, check_shard, open_manifest
 from deepseek_pt.fileio import sha256_file
 
@@ -63,6 +65,25 @@ def _check(m: Manifest, shard: ShardInfo, quick: bool) -> list[str]:
     return [] if quick else check_contents(m, shard)
 
 
+def _check_listing(m: Manifest) -> list[str]:
+    """Shard files of this tool's naming that the manifest does not list (a dropped entry loses its tokens
+    from training), and split totals in `stats` that differ from the sums over the listed shards."""
+    listed = {m.shard_file(s).resolve() for split in m.splits.values() for s in split}
+    problems = [f"shard {path}: not listed in {m.path} (its tokens are not read)"
+                for _split, _index, partial, path in sorted(shard_files(m.dir), key=lambda f: f[3].name)
+                if not partial and path.resolve() not in listed]
+    stats = m.raw.get("stats")
+    for key, field in (("tokens", "num_tokens"), ("docs", "num_docs")):
+        totals = stats.get(key) if isinstance(stats, dict) else None
+        if not isinstance(totals, dict):
+            continue
+        for split, shards in m.splits.items():
+            want, have = totals.get(split), sum(getattr(s, field) for s in shards)
+            if isinstance(want, int) and want != have:
+                problems.append(f"{m.path}: stats.{key}.{split} is {want} but the sum of its shards' {field} is {have}")
+    return problems
+
+
 def verify(path: str | Path, quick: bool = False, num_proc: int | None = None, progress: bool = True) -> list[str]:
     """Every problem found in the shard directory, each naming its file; empty when all is well.
     DataError if the manifest itself cannot be read."""
@@ -72,6 +93,7 @@ def verify(path: str | Path, quick: bool = False, num_proc: int | None = None, p
         problems.append(f"tokenizer copy {m.dir / m.raw['tokenizer']['path']}: missing")
     elif not quick and sha256_file(m.tokenizer_path) != m.tokenizer_sha256:
         problems.append(f"tokenizer copy {m.tokenizer_path}: sha256 differs from the manifest")
+    problems += _check_listing(m)
     shards = [s for split in m.splits.values() for s in split]
     with ThreadPoolExecutor(num_proc or os.cpu_count() or 1) as pool:  # hashing releases the GIL
         results = pool.map(lambda s: _check(m, s, quick), shards)

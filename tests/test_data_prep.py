@@ -531,3 +531,17 @@ def test_bad_row_deep_in_a_json_file_is_an_error_naming_its_line(tmp_path, pydoc
     sp = spm.SentencePieceProcessor(model_file=str(pydoc_data_dir.tokenizer_model))
     out = Path(m["inputs"][0]["path"]).parent / f"o{next(runs) - 1}"
     assert [sp.decode(d) for d in split_docs(split_tokens(out, "train"), 3)] == texts[:20]
+
+
+def test_verify_reports_a_shard_dropped_from_the_manifest(tmp_path, pydoc_data_dir):
+    """A manifest edited to lose a shard's entry used to verify as OK: its tokens vanish from training."""
+    d = tmp_path / "shards"
+    shutil.copytree(pydoc_data_dir.shards_dir, d)
+    m = json.loads((d / "manifest.json").read_text())
+    dropped = m["splits"]["train"].pop()
+    (d / "manifest.json").write_text(json.dumps(m))
+    problems = verify_shards.verify(d, progress=False)
+    assert any(f"shard {d / dropped['path']}: not listed in" in p for p in problems), problems
+    assert any("stats.tokens.train" in p and "sum of its shards" in p for p in problems), problems
+    assert any("stats.docs.train" in p for p in problems), problems
+    assert verify_shards.main([str(d), "--quiet"]) == 1
