@@ -213,7 +213,7 @@ def build(inputs: list[str], tokenizer: str | Path, out: str | Path, shard_token
     sp, ids = _load_tokenizer(tokenizer, doc_boundary)
     # read once, now: --tokenizer may be the copy in `out`, which --overwrite deletes before it is copied
     tokenizer_bytes = tokenizer.read_bytes()
-    resolved = resolve_inputs(list(inputs))
+    resolved = resolve_inputs(list(inputs), exclude=out)
     dtype = dtype_for_vocab(sp.get_piece_size())
     header = {
         "format": FORMAT_NAME, "format_version": FORMAT_VERSION, "vocab_size": sp.get_piece_size(),

@@ -56,11 +56,17 @@ def _file_input(path: Path, spec: str) -> Input:
     return Input(str(path.resolve()), builder, st.st_size, st.st_mtime_ns)
 
 
-def resolve_inputs(specs: list[str]) -> list[Input]:
+def resolve_inputs(specs: list[str], exclude: str | Path | None = None) -> list[Input]:
     """Expand paths, directories (recursively, sorted, hidden entries skipped) and globs;
-    `hf:` names pass through."""
+    `hf:` names pass through. Files under `exclude` (the output directory: its manifest, build log and
+    tokenizer.json are .json files) are left out of directories and globs."""
     if not specs:
         raise DataError("no --input given")
+    skip = Path(exclude).resolve() if exclude is not None else None
+
+    def wanted(p: Path) -> bool:
+        return skip is None or not p.resolve().is_relative_to(skip)
+
     inputs: list[Input] = []
     for spec in specs:
         if spec.startswith(HUB_PREFIX):
@@ -70,12 +76,12 @@ def resolve_inputs(specs: list[str]) -> list[Input]:
             continue
         path = Path(spec).expanduser()
         if glob.has_magic(spec):
-            matches = sorted(Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).is_file())
+            matches = sorted(Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).is_file() and wanted(Path(p)))
             if not matches:
                 raise DataError(f"input {spec}: the pattern matches no file")
             inputs += [_file_input(p, str(p)) for p in matches]
         elif path.is_dir():
-            files = sorted(p for p in path.rglob("*") if p.is_file() and _builder(p)
+            files = sorted(p for p in path.rglob("*") if p.is_file() and _builder(p) and wanted(p)
                            and not any(part.startswith(".") for part in p.relative_to(path).parts))
             if not files:
                 raise DataError(f"input {spec}: directory has no {', '.join(BUILDERS)} files")

@@ -120,7 +120,7 @@ def train(inputs: list[str], vocab_size: int, out: str | Path, model_type: str =
     model_file = out / "tokenizer.model"
     if model_file.exists() and not overwrite:
         raise DataError(f"{model_file} exists; pass --overwrite to replace it")
-    resolved = resolve_inputs(list(inputs))
+    resolved = resolve_inputs(list(inputs), exclude=out)
     make_output_dir(out)  # before training, which can take hours
 
     lines, n_docs = sample_lines(sample_texts(resolved, sample_docs, text_field, txt_doc, streaming, progress),

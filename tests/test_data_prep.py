@@ -545,3 +545,23 @@ def test_verify_reports_a_shard_dropped_from_the_manifest(tmp_path, pydoc_data_d
     assert any("stats.tokens.train" in p and "sum of its shards" in p for p in problems), problems
     assert any("stats.docs.train" in p for p in problems), problems
     assert verify_shards.main([str(d), "--quiet"]) == 1
+
+
+def test_output_directory_inside_an_input_directory_is_not_an_input(tmp_path, pydoc_data_dir):
+    """--input data --out data/shards: the re-run of the finished build was refused ('input
+    data/shards/manifest.json added'), and the tokenizer's tokenizer.json became an input of its re-run."""
+    data = tmp_path / "data"
+    data.mkdir()
+    write_jsonl(data / "c.jsonl", DOCS[:5])
+    argv = ["--input", str(data), "--tokenizer", str(pydoc_data_dir.tokenizer_model), "--out", str(data / "shards"),
+            "--shard-tokens", "1000", "--num-proc", "1", "--quiet"]
+    assert build_shards.main(argv) == 0
+    first = (data / "shards" / "manifest.json").read_bytes()
+    assert build_shards.main(argv) == 0  # already built: nothing to do
+    assert build_shards.main(argv + ["--overwrite"]) == 0
+    assert (data / "shards" / "manifest.json").read_bytes() == first
+    (tmp_path / "t").mkdir()
+    write_jsonl(tmp_path / "t" / "c.jsonl", DOCS[:5])
+    tok = ["--input", str(tmp_path / "t"), "--vocab-size", "400", "--out", str(tmp_path / "t" / "tok"), "--quiet"]
+    assert train_tokenizer.main(tok) == 0
+    assert train_tokenizer.main(tok + ["--overwrite"]) == 0
