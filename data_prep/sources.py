@@ -159,7 +159,7 @@ def _locate_problem(inp: Input, field: str) -> str | None:
                 if inp.builder != "json" or not text.strip():
                     continue
                 if n == 1 and text.lstrip("\ufeff").lstrip().startswith("["):
-                    return None  # one JSON array, not JSON lines
+                    return _locate_in_array(f, line, field)  # one JSON array, not JSON lines
                 try:
                     row = json.loads(text.rstrip("\r\n"))
                 except json.JSONDecodeError as e:
@@ -171,6 +171,20 @@ def _locate_problem(inp: Input, field: str) -> str | None:
                     return f"line {n}: field {field!r} holds a value of type {type(value).__name__}, not a string"
     except (OSError, EOFError, ValueError):  # unreadable or badly compressed: keep datasets' reason
         return None
+    return None
+
+
+def _locate_in_array(f, first: bytes, field: str) -> str | None:
+    try:
+        rows = json.loads((first + f.read()).decode("utf-8").lstrip("\ufeff"))
+    except ValueError as e:
+        return f"not valid JSON ({e})"
+    for i, row in enumerate(rows if isinstance(rows, list) else []):
+        if not isinstance(row, dict):
+            return f"element {i} of the array: a JSON {type(row).__name__}, not an object"
+        value = row.get(field)
+        if value is not None and not isinstance(value, str):
+            return f"element {i} of the array: field {field!r} holds a value of type {type(value).__name__}, not a string"
     return None
 
 

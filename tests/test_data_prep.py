@@ -526,6 +526,12 @@ def test_bad_row_deep_in_a_json_file_is_an_error_naming_its_line(tmp_path, pydoc
                       (b'{"text": "bad \xff byte"}', r"line 251: invalid UTF-8")):
         with pytest.raises(DataError, match=r"c.jsonl: " + what):
             build(lines[:250] + [bad] + lines[251:])
+    rows = [{"text": t} for t in texts]
+    rows[250] = {"text": 5}
+    (tmp_path / "a.json").write_text(json.dumps(rows))
+    with pytest.raises(DataError, match=r"a.json: element 250 of the array: field 'text' holds a value of type int"):
+        build_shards.build([str(tmp_path / "a.json")], pydoc_data_dir.tokenizer_model, tmp_path / "oa",
+                           shard_tokens=1 << 20, num_proc=1, streaming=streaming, progress=False)
     # another field that changes type within a chunk is read as before (as JSON): the texts come through unchanged
     m = build([json.dumps({"meta": i if i < 10 else "x", "text": t}) for i, t in enumerate(texts[:20])], "meta.jsonl")
     sp = spm.SentencePieceProcessor(model_file=str(pydoc_data_dir.tokenizer_model))
