@@ -99,6 +99,11 @@ def resolve_inputs(specs: list[str], exclude: str | Path | None = None) -> list[
     return inputs
 
 
+def _json_mixed_types_option() -> bool:
+    from datasets.packaged_modules.json.json import JsonConfig
+    return "on_mixed_types" in JsonConfig.__dataclass_fields__
+
+
 def _load(inp: Input, text_field: str, txt_doc: str, streaming: bool, mixed_types_as_json: bool = False):
     import datasets  # imported here: worker processes and --help should not pay for it
 
@@ -111,10 +116,11 @@ def _load(inp: Input, text_field: str, txt_doc: str, streaming: bool, mixed_type
     kwargs = {}
     if inp.builder == "text":
         kwargs["sample_by"] = txt_doc
-    elif inp.builder == "json" and not mixed_types_as_json:
+    elif inp.builder == "json" and not mixed_types_as_json and _json_mixed_types_option():
         # datasets' default ("use_json") turns a field whose type changes within a 10 MB chunk into the JSON
         # encoding of every value of that chunk: a non-string text would silently quote and escape its
         # neighbours. Let it raise instead; another field changing type is handled by reopening (iter_texts).
+        # (Releases without the option raise on a type change anyway.)
         kwargs["on_mixed_types"] = None
     elif inp.builder == "parquet":
         import pyarrow.parquet as pq
