@@ -197,8 +197,8 @@ def _locate_in_array(f, first: bytes, field: str) -> str | None:
 def _mixed_other_field(e: Exception, field: str) -> bool:
     """Whether `e` is pyarrow refusing a JSON field other than the text field that changes type."""
     msg = str(e)
-    return "changed from" in msg and "Column(/" in msg and not (
-        msg.split("Column(/", 1)[1].split(")", 1)[0].split("/")[0] == field)
+    return "changed from" in msg and "Column(/" in msg and (
+        msg.split("Column(/", 1)[1].split(")", 1)[0].split("/")[0] != field)
 
 
 def iter_texts(inp: Input, text_field: str = "text", txt_doc: str = "document", streaming: bool = True,

@@ -192,18 +192,24 @@ def test_hostfile_slots_are_checked(tmp_path, data, text, env, message):
 # Two nodes of one job on this machine
 
 
-@pytest.mark.slow
-def test_node_sh_two_nodes_one_rank_each(tmp_path, data):
-    run_dir = tmp_path / "run"
+def _two_nodes(data, run_dir, *overrides_per_node):
+    """node.sh as two nodes of one rank each on this machine, each with its own extra overrides: the processes,
+    and their output once both ended."""
     port = str(free_port())
-    nodes = [start_job([LAUNCH / "node.sh", SMOKE, *_overrides(data, run_dir)],
+    nodes = [start_job([LAUNCH / "node.sh", SMOKE, *_overrides(data, run_dir, *more)],
                        _env(NNODES="2", NODE_RANK=str(r), MASTER_ADDR="127.0.0.1", MASTER_PORT=port))
-             for r in (0, 1)]
+             for r, more in enumerate(overrides_per_node)]
     try:
-        outs = [finish_job(p, TIMEOUT)[0] for p in nodes]
+        return nodes, [finish_job(p, TIMEOUT)[0] for p in nodes]
     finally:
         for p in nodes:
             kill_job(p)
+
+
+@pytest.mark.slow
+def test_node_sh_two_nodes_one_rank_each(tmp_path, data):
+    run_dir = tmp_path / "run"
+    nodes, outs = _two_nodes(data, run_dir, (), ())
     for p, out in zip(nodes, outs):
         assert p.returncode == 0, out[-4000:]
     assert "ranks 1..1 of 2" in outs[1] and "stopped at step 5" in outs[0]
@@ -214,15 +220,7 @@ def test_node_sh_two_nodes_one_rank_each(tmp_path, data):
 def test_node_sh_nodes_with_different_configs_are_refused(tmp_path, data):
     """node.sh on each node with other overrides: refused on every node, the key named (it trained on silently)."""
     run_dir = tmp_path / "run"
-    port = str(free_port())
-    nodes = [start_job([LAUNCH / "node.sh", SMOKE, *_overrides(data, run_dir, *more)],
-                       _env(NNODES="2", NODE_RANK=str(r), MASTER_ADDR="127.0.0.1", MASTER_PORT=port))
-             for r, more in ((0, ()), (1, ("train.lr=0.01",)))]
-    try:
-        outs = [finish_job(p, TIMEOUT)[0] for p in nodes]
-    finally:
-        for p in nodes:
-            kill_job(p)
+    nodes, outs = _two_nodes(data, run_dir, (), ("train.lr=0.01",))
     for p, out in zip(nodes, outs):
         assert p.returncode == 2, out[-4000:]
         assert "different configurations: train.lr: 0.003 on rank 0, 0.01 on rank 1" in out, out[-4000:]
