@@ -392,6 +392,12 @@ def test_input_errors_name_the_input(tmp_path, pydoc_data_dir, monkeypatch):
         build([tmp_path / "body.jsonl", tmp_path / "body.jsonl"])
     with pytest.raises(DataError, match=r"tokenizer .*nope.model: no such file"):
         build_shards.build([str(tmp_path / "body.jsonl")], tmp_path / "nope.model", tmp_path / "o", 100)
+    shards = tmp_path / "shards"  # a shard directory, which holds its tokenizer.model
+    shards.mkdir()
+    (shards / "tokenizer.model").write_bytes(b"")
+    with pytest.raises(DataError, match=r"tokenizer .*shards: a directory, not a sentencepiece model file "
+                                        r"\(.*shards/tokenizer.model\?\)"):
+        build_shards.build([str(tmp_path / "body.jsonl")], shards, tmp_path / "o", 100)
 
 
 @pytest.mark.parametrize("streaming", [True, False])

@@ -218,6 +218,9 @@ def open_tokenizer(path: str | Path, what: str = "tokenizer"):
     sentencepiece is imported here, not with the module, which the loaders import without it."""
     import sentencepiece as spm
 
+    if Path(path).is_dir():
+        hint = f" ({Path(path) / 'tokenizer.model'}?)" if (Path(path) / "tokenizer.model").is_file() else ""
+        raise DataError(f"{what} {path}: a directory, not a sentencepiece model file{hint}")
     if not Path(path).is_file():
         raise DataError(f"{what} {path}: no such file")
     try:
