@@ -230,6 +230,10 @@ def iter_texts(inp: Input, text_field: str = "text", txt_doc: str = "document", 
 
 
 def _iter_mixed_types_as_json(inp: Input, text_field: str, streaming: bool, start_row: int) -> Iterator[str | None]:
+    # In datasets' re-encoding mode a text field whose type changed further on would be encoded too, silently: a
+    # scan of the file first makes a non-string text an error here as well.
+    if where := _locate_problem(inp, text_field):
+        raise DataError(f"input {inp.spec}: {where}")
     try:
         ds = _load(inp, text_field, "document", streaming, mixed_types_as_json=True)
         batches = iter((ds.skip(start_row) if start_row else ds).iter(batch_size=_READ_ROWS))

@@ -543,6 +543,10 @@ def test_bad_row_deep_in_a_json_file_is_an_error_naming_its_line(tmp_path, pydoc
     sp = spm.SentencePieceProcessor(model_file=str(pydoc_data_dir.tokenizer_model))
     out = Path(m["inputs"][0]["path"]).parent / f"o{next(runs) - 1}"
     assert [sp.decode(d) for d in split_docs(split_tokens(out, "train"), 3)] == texts[:20]
+    # ...and a non-string text after it is still an error (the re-encoding mode would quote every text)
+    with pytest.raises(DataError, match=r"meta2.jsonl: line 15: field 'text' holds a value of type int"):
+        build([json.dumps({"meta": i if i < 10 else "x", "text": t if i != 14 else 5})
+               for i, t in enumerate(texts[:20])], "meta2.jsonl")
 
 
 def test_verify_reports_a_shard_dropped_from_the_manifest(tmp_path, pydoc_data_dir):
