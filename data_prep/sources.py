@@ -150,6 +150,13 @@ def _open_binary(path: str):
     return open(path, "rb")
 
 
+def _not_a_string(field: str, value) -> str | None:
+    """What is wrong with a row's text `value`, if it is neither a string nor null."""
+    if value is None or isinstance(value, str):
+        return None
+    return f"field {field!r} holds a value of type {type(value).__name__}, not a string"
+
+
 def _locate_problem(inp: Input, field: str) -> str | None:
     """'line N: what is wrong' for the first bad line of a JSON-lines or text file, for an error message
     (datasets names rows within its chunks, not within the file); None if no line is found to be bad."""
@@ -172,9 +179,8 @@ def _locate_problem(inp: Input, field: str) -> str | None:
                     return f"line {n}: malformed JSON ({e.msg} at column {e.colno})"
                 if not isinstance(row, dict):
                     return f"line {n}: a JSON {type(row).__name__}, not an object"
-                value = row.get(field)
-                if value is not None and not isinstance(value, str):
-                    return f"line {n}: field {field!r} holds a value of type {type(value).__name__}, not a string"
+                if why := _not_a_string(field, row.get(field)):
+                    return f"line {n}: {why}"
     except (OSError, EOFError, ValueError):  # unreadable or badly compressed: keep datasets' reason
         return None
     return None
@@ -188,9 +194,8 @@ def _locate_in_array(f, first: bytes, field: str) -> str | None:
     for i, row in enumerate(rows if isinstance(rows, list) else []):
         if not isinstance(row, dict):
             return f"element {i} of the array: a JSON {type(row).__name__}, not an object"
-        value = row.get(field)
-        if value is not None and not isinstance(value, str):
-            return f"element {i} of the array: field {field!r} holds a value of type {type(value).__name__}, not a string"
+        if why := _not_a_string(field, row.get(field)):
+            return f"element {i} of the array: {why}"
     return None
 
 
@@ -261,8 +266,7 @@ def _rows(inp: Input, field: str, batches, row: int, text_field: str, streaming:
             raise DataError(f"input {inp.spec}: row {row} has no field {field!r} "
                             f"(fields: {', '.join(batch) or 'none'}); choose one with --text-field")
         for text in batch[field]:
-            if text is not None and not isinstance(text, str):
-                raise DataError(f"input {inp.spec}: row {row}: field {field!r} holds a value of type "
-                                f"{type(text).__name__}, not a string")
+            if why := _not_a_string(field, text):
+                raise DataError(f"input {inp.spec}: row {row}: {why}")
             row += 1
             yield text

@@ -193,14 +193,16 @@ def _saved_with_autoep(saved: dict) -> bool:
     return moe["n_dense_layers"] < saved["model"]["n_layers"] and not moe.get("seq_aux_loss_alpha")
 
 
-def _differences(a, b, prefix: str) -> list[str]:
+def _differences(a, b, prefix: str = "") -> list[tuple[str, object, object]]:
+    """(dotted key, a's value, b's value) of every leaf field where the dataclasses a and b differ."""
     out = []
     for f in dataclasses.fields(a):
         x, y = getattr(a, f.name), getattr(b, f.name)
+        key = f"{prefix}.{f.name}" if prefix else f.name
         if dataclasses.is_dataclass(x):
-            out += _differences(x, y, f"{prefix}.{f.name}")
+            out += _differences(x, y, key)
         elif x != y:
-            out.append(f"{prefix}.{f.name}: {y!r} here, {x!r} in the checkpoint")
+            out.append((key, x, y))
     return out
 
 
@@ -224,7 +226,9 @@ def resume_mismatch(meta: dict, cfg: Config, where: str) -> str | None:
         return {n: tuple(p.shape) for n, p in meta_model(m).named_parameters()}
 
     if shapes(model) != shapes(cfg.model):  # keys that shape no parameter (rope, routing, init) may change
-        return "the model's parameter shapes differ: " + "; ".join(_differences(model, cfg.model, "model"))
+        differ = _differences(model, cfg.model, "model")
+        return "the model's parameter shapes differ: " + "; ".join(
+            f"{key}: {here!r} here, {saved!r} in the checkpoint" for key, saved, here in differ)
     if _saved_with_autoep(saved) != uses_autoep(cfg):
         return ("its routed experts are in deepseek_pt's own MoE block's layout (saved by a version that trained a "
                 "model with model.moe.seq_aux_loss_alpha outside DeepSpeed AutoEP), which this version trains "
@@ -360,15 +364,6 @@ def init_distributed(cfg: Config) -> tuple[int, int, torch.device]:
     return dist.get_rank(), dist.get_world_size(), device
 
 
-def _flat(node, prefix: str = "") -> dict:
-    if isinstance(node, dict):
-        out = {}
-        for k, v in node.items():
-            out.update(_flat(v, f"{prefix}{k}."))
-        return out
-    return {prefix[:-1]: node}
-
-
 def check_same_config(cfg: Config, rank: int, world: int) -> None:
     """Refuse, on every rank, a job whose ranks resolved different configurations (node.sh run with another CONFIG or
     other overrides on some node): a different model fails deep inside a collective, a different train.max_steps
@@ -376,13 +371,11 @@ def check_same_config(cfg: Config, rank: int, world: int) -> None:
     if world == 1:
         return
     everyone: list = [None] * world
-    dist.all_gather_object(everyone, _flat(cfg.to_dict()))
-    base = everyone[0]
+    dist.all_gather_object(everyone, cfg)
     for r, other in enumerate(everyone[1:], start=1):
-        keys = sorted(k for k in base.keys() | other.keys() if base.get(k) != other.get(k))
-        if keys:
-            shown = "; ".join(f"{k}: {base.get(k)!r} on rank 0, {other.get(k)!r} on rank {r}" for k in keys[:5])
-            more = f" (and {len(keys) - 5} more)" if len(keys) > 5 else ""
+        if differ := _differences(everyone[0], other):
+            shown = "; ".join(f"{k}: {x!r} on rank 0, {y!r} on rank {r}" for k, x, y in differ[:5])
+            more = f" (and {len(differ) - 5} more)" if len(differ) > 5 else ""
             raise PreflightError(f"the ranks were started with different configurations: {shown}{more}. Every node "
                                  "must get the same CONFIG and overrides")
 
