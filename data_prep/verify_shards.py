@@ -67,7 +67,8 @@ def _check(m: Manifest, shard: ShardInfo, quick: bool) -> list[str]:
 
 def _check_listing(m: Manifest) -> list[str]:
     """Shard files of this tool's naming that the manifest does not list (a dropped entry loses its tokens
-    from training), and split totals in `stats` that differ from the sums over the listed shards."""
+    from training), and split totals in `stats` that differ from the sums over the listed shards or
+    name a split the manifest does not list."""
     listed = {m.shard_file(s).resolve() for split in m.splits.values() for s in split}
     problems = [f"shard {path}: not listed in {m.path} (its tokens are not read)"
                 for _split, _index, partial, path in sorted(shard_files(m.dir), key=lambda f: f[3].name)
@@ -77,8 +78,11 @@ def _check_listing(m: Manifest) -> list[str]:
         totals = stats.get(key) if isinstance(stats, dict) else None
         if not isinstance(totals, dict):
             continue
-        for split, shards in m.splits.items():
-            want, have = totals.get(split), sum(getattr(s, field) for s in shards)
+        for split, want in totals.items():
+            if split not in m.splits:  # a split's entry dropped with its files: nothing else would notice
+                problems.append(f"{m.path}: stats.{key}.{split} is {want} but the manifest lists no {split!r} split")
+                continue
+            have = sum(getattr(s, field) for s in m.splits[split])
             if isinstance(want, int) and want != have:
                 problems.append(f"{m.path}: stats.{key}.{split} is {want} but the sum of its shards' {field} is {have}")
     return problems

@@ -563,6 +563,20 @@ def test_verify_reports_a_shard_dropped_from_the_manifest(tmp_path, pydoc_data_d
     assert verify_shards.main([str(d), "--quiet"]) == 1
 
 
+def test_verify_reports_a_split_dropped_with_its_files(tmp_path, pydoc_data_dir):
+    """The val split's entry and files deleted together verified as OK: the stats still count it."""
+    d = tmp_path / "shards"
+    shutil.copytree(pydoc_data_dir.shards_dir, d)
+    m = json.loads((d / "manifest.json").read_text())
+    for shard in m["splits"].pop("val"):
+        (d / shard["path"]).unlink()
+    (d / "manifest.json").write_text(json.dumps(m))
+    problems = verify_shards.verify(d, progress=False)
+    assert any("stats.tokens.val" in p and "lists no 'val' split" in p for p in problems), problems
+    assert any("stats.docs.val" in p for p in problems), problems
+    assert verify_shards.main([str(d), "--quiet"]) == 1
+
+
 def test_output_directory_inside_an_input_directory_is_not_an_input(tmp_path, pydoc_data_dir):
     """--input data --out data/shards: the re-run of the finished build was refused ('input
     data/shards/manifest.json added'), and the tokenizer's tokenizer.json became an input of its re-run."""
