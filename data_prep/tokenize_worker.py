@@ -4,9 +4,13 @@ Kept free of datasets/torch imports so that spawned workers start in a fraction 
 """
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import itertools
+import multiprocessing
+import os
 import signal
+import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -34,6 +38,7 @@ class SplitTokens:
 
 
 _state: tuple[spm.SentencePieceProcessor, TokenizeSpec] | None = None
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 def init(spec: TokenizeSpec) -> None:
@@ -44,7 +49,19 @@ def init(spec: TokenizeSpec) -> None:
 def init_process(spec: TokenizeSpec) -> None:
     """Pool initializer: Ctrl-C is the parent's to handle (it terminates the pool)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _die_with_parent()
     init(spec)
+
+
+def _die_with_parent() -> None:
+    """On Linux, end this worker when the build process dies (kill -9, OOM killer): an orphan would
+    finish its task and die on the closed result pipe, printing a BrokenPipeError traceback."""
+    if not sys.platform.startswith("linux"):
+        return
+    ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    parent = multiprocessing.parent_process()
+    if parent is not None and os.getppid() != parent.pid:  # it died before prctl took effect
+        os._exit(0)
 
 
 def is_val(utf8: bytes, val_fraction: float, key: bytes) -> bool:

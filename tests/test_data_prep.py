@@ -8,6 +8,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from unittest import mock
 
@@ -302,6 +303,49 @@ build_shards.main({argv!r})
     assert (out / "build_log.jsonl").exists() and not (out / "manifest.json").exists()
     assert build_shards.main(argv) == 0
     assert shard_bytes(out) == reference
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="prctl's parent-death signal is Linux's")
+def test_workers_die_with_a_killed_build(tmp_path):
+    """After kill -9 of a --num-proc build, its workers finished their tasks as orphans and each printed
+    a BrokenPipeError traceback on the closed result pipe: now they end with it."""
+    script = tmp_path / "parent.py"
+    script.write_text(f"""
+import multiprocessing, os, sys, time
+sys.path.insert(0, {str(REPO)!r})
+from data_prep import tokenize_worker
+
+def worker():
+    tokenize_worker._die_with_parent()
+    print(os.getpid(), flush=True)
+    time.sleep(60)
+
+if __name__ == "__main__":
+    multiprocessing.get_context("spawn").Process(target=worker).start()
+    time.sleep(60)
+""")
+    parent = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    try:
+        worker = int(parent.stdout.readline())
+        parent.kill()
+        parent.wait()
+        deadline = time.monotonic() + 10
+        while _alive(worker) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not _alive(worker), "the worker outlived its killed parent"
+    finally:
+        parent.kill()
+        parent.stdout.close()
+        if "worker" in locals() and _alive(worker):
+            os.kill(worker, signal.SIGKILL)
+
+
+def _alive(pid: int) -> bool:
+    """Running, not a zombie awaiting its new parent's reaping."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
 
 
 def test_rerun_of_finished_build_and_changed_flags(tmp_path, small_build, capsys):
