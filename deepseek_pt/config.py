@@ -220,6 +220,10 @@ class TrainConfig:
     """AdamW epsilon."""
     grad_clip: float = 1.0
     """Global gradient-norm clip; 0 disables."""
+    max_nonfinite_steps: int = 10
+    """Optimizer steps in a row with a non-finite loss or gradient norm after which training stops with an error
+    and no new checkpoint (a diverged run would otherwise go on to max_steps doing nothing); 0 never stops. ZeRO's
+    step skips each such step: weights, moments, balancing biases and the LR schedule stay as they were."""
     seed: int = 42
     """Seed of the model init and every other RNG."""
     activation_checkpointing: bool | list[int] = False
@@ -651,7 +655,7 @@ def validate(cfg: Config, where: str = "<config>") -> None:
         ("model.mtp_loss_weight", m.mtp_loss_weight), ("train.warmup_steps", cfg.train.warmup_steps),
         ("train.min_lr", cfg.train.min_lr), ("train.weight_decay", cfg.train.weight_decay),
         ("train.grad_clip", cfg.train.grad_clip), ("train.eval_every", cfg.train.eval_every),
-        ("train.save_every", cfg.train.save_every),
+        ("train.save_every", cfg.train.save_every), ("train.max_nonfinite_steps", cfg.train.max_nonfinite_steps),
     ]:
         check(v >= 0, key, f"must be >= 0, got {v}")
     check(cfg.train.checkpoints or not cfg.train.save_every, "train.save_every",

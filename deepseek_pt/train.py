@@ -11,6 +11,7 @@ import argparse
 import atexit
 import contextlib
 import dataclasses
+import math
 import os
 import signal
 import socket
@@ -35,6 +36,10 @@ from .model.counting import meta_model, train_flops_per_token
 
 class PreflightError(ValueError):
     """Bad input found before any process group or run directory is touched."""
+
+
+class DivergedError(RuntimeError):
+    """Training stopped: the loss or gradient norm was not finite for train.max_nonfinite_steps steps in a row."""
 
 
 def parse_args(argv):
@@ -645,15 +650,19 @@ def train(cfg: Config) -> int:
     exit_reason = None
     if cfg.train.exit_at_step is not None and step >= cfg.train.exit_at_step:
         exit_reason = "train.exit_at_step"  # resumed at or past it (a job started again): no step past it
+    nonfinite = 0  # steps in a row with a non-finite loss or gradient norm
     while step < cfg.train.max_steps and not exit_reason:
         t0 = time.perf_counter()
         lr = engine.get_lr()[0]  # the rate this step runs at: the scheduler moves on inside the step
         # Summed on device: one host sync per step, not per micro-step.
         parts = {}  # mtp_loss, balance_loss: summed over the micro-steps, as the loss
+        skipped_before = engine.skipped_steps
         loss_sum = train_step(engine, cfg, batches, parts=parts)
         step += 1
         tokens_seen += tokens_per_step
-        expert_load = balance.update_balance(engine.module, cfg.model.moe.bias_update_rate)
+        # A skipped step (non-finite gradients, the same on every rank) leaves the biases too: its routing was NaN's.
+        skipped = engine.skipped_steps > skipped_before
+        expert_load = None if skipped else balance.update_balance(engine.module, cfg.model.moe.bias_update_rate)
         if device.type == "cuda":
             torch.cuda.synchronize()
         dt = time.perf_counter() - t0
@@ -671,12 +680,23 @@ def train(cfg: Config) -> int:
             "peak_mem_gib": peak_memory_gib(),
             "expert_load": expert_load,
             "step_time_s": dt,
+            "skipped_steps": engine.skipped_steps,  # in the whole run, resumes included
             "time": time.time(),  # when the step was logged: wall-clock rates over many steps (bench/train_loop_rate.sh)
             **means,
         }
         if cfg.train.eval_every and (step % cfg.train.eval_every == 0 or step == cfg.train.max_steps):
             record.update(evaluate(engine, cfg, rank, world, device))
         log.log(record, cfg.train.log_every)
+        nonfinite = nonfinite + 1 if skipped or not math.isfinite(record["loss"]) else 0
+        if nonfinite and nonfinite == cfg.train.max_nonfinite_steps:
+            log.close()
+            newest = "none saved" if last_saved is None else \
+                f"the newest is {run_dir / 'checkpoints' / checkpoint.tag_for(last_saved)}"
+            raise DivergedError(
+                f"steps {step - nonfinite + 1}-{step}: the loss or gradient norm was not finite at {nonfinite} steps "
+                f"in a row (train.max_nonfinite_steps); stopped without a checkpoint ({newest}; skipped steps leave "
+                "the weights as they were). Resume with a lower train.lr, a longer train.warmup_steps or a smaller "
+                "train.grad_clip")
 
         timed_out = cfg.train.exit_after_minutes is not None and time.monotonic() - started > 60 * cfg.train.exit_after_minutes
         # Agreed apart: a rank that did not get the signal itself must not report a time limit.
@@ -714,7 +734,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         return train(cfg)
-    except (CheckpointError, PreflightError) as e:
+    except (CheckpointError, PreflightError, DivergedError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     finally:

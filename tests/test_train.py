@@ -451,6 +451,33 @@ def test_corrupt_checkpoint_is_named(tmp_path, stopped, data):
     assert "Traceback" not in proc.stdout + proc.stderr
 
 
+@pytest.mark.slow
+def test_a_diverged_run_stops_after_max_nonfinite_steps(tmp_path, data):
+    """A learning rate of 1e30 makes every step after the first non-finite. Such a run went on skipping steps to
+    train.max_steps: now it stops with an error after train.max_nonfinite_steps in a row, on both ranks, saving
+    nothing; the skipped steps changed neither the weights nor the balancing biases, and are counted."""
+    proc = train(2, tmp_path, data, "train.lr=1e30", "train.warmup_steps=0", "train.max_nonfinite_steps=3",
+                 "train.save_every=1", "train.max_steps=20", expect_rc=2)
+    out = proc.stdout + proc.stderr
+    assert out.count("error: steps 2-4: the loss or gradient norm was not finite at 3 steps in a row "
+                     "(train.max_nonfinite_steps); stopped without a checkpoint (the newest is "
+                     f"{ckpt(tmp_path, 3)};") == 2, out[-3000:]
+    assert "Traceback" not in out, out[-3000:]
+    logged = metrics(tmp_path)
+    assert [m["skipped_steps"] for m in logged] == [0, 1, 2, 3]
+    assert math.isfinite(logged[0]["loss"]) and all(math.isnan(m["loss"]) for m in logged[1:])
+    assert logged[0]["expert_load"] is not None and all(m["expert_load"] is None for m in logged[1:])
+    assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "step_00000003"
+    def saved(step: int, rank: int, kind: str) -> dict:
+        return torch.load(ckpt(tmp_path, step) / f"zero_pp_rank_{rank}_mp_rank_00_{kind}_states.pt", weights_only=False)
+
+    for rank in range(2):  # step 1's checkpoint and step 3's, after two skipped steps
+        weights = [saved(step, rank, "optim")["optimizer_state_dict"]["fp32_flat_groups"] for step in (1, 3)]
+        biases = [saved(step, rank, "model")["balance_bias"] for step in (1, 3)]
+        for before, after in (weights, biases):
+            assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
+
+
 # ------------------------------------------------------------------------------------------------
 # Bad input: refused before any process group starts, by the module itself (fast).
 
