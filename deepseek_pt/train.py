@@ -369,7 +369,7 @@ def init_distributed(cfg: Config) -> tuple[int, int, torch.device]:
     return dist.get_rank(), dist.get_world_size(), device
 
 
-def check_same_config(cfg: Config, rank: int, world: int) -> None:
+def check_same_config(cfg: Config, world: int) -> None:
     """Refuse, on every rank, a job whose ranks resolved different configurations (node.sh run with another CONFIG or
     other overrides on some node): a different model fails deep inside a collective, a different train.max_steps
     hangs at the next one, and a different train.lr or seed trains on silently."""
@@ -577,7 +577,7 @@ def train(cfg: Config) -> int:
     stop = StopSignal()
     started = time.monotonic()
     rank, world, device = init_distributed(cfg)
-    check_same_config(cfg, rank, world)
+    check_same_config(cfg, world)
     run_dir = Path(cfg.run.dir)
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
