@@ -109,8 +109,8 @@ def read_export_info(path: str | Path) -> dict:
     return info
 
 
-def load_export(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
-                verify: bool = True) -> tuple[Transformer, Config]:
+def load_export(path: str | Path, device: str | torch.device = "cpu",
+                dtype: torch.dtype | None = None) -> tuple[Transformer, Config]:
     """Read an export: checksum, then every tensor's name and shape against the config, then the
     weights. dtype=None keeps the stored dtype. ExportError names the file and tensor on a mismatch."""
     path = Path(path)
@@ -118,7 +118,7 @@ def load_export(path: str | Path, device: str | torch.device = "cpu", dtype: tor
     weights = path / "model.safetensors"
     if not weights.is_file():
         raise ExportError(f"{weights}: not found")
-    if verify and (digest := sha256_file(weights)) != info["sha256"]:
+    if (digest := sha256_file(weights)) != info["sha256"]:
         raise ExportError(f"{weights}: corrupt: sha256 {digest} != {info['sha256']} recorded in export.json")
     try:
         config = load_config(path / "config.yaml")

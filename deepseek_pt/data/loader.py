@@ -227,7 +227,7 @@ def _describe_change(saved: dict, fingerprints: list[str], counts: list[int]) ->
 
 def val_batches(path: str | Path, split: str = "val", seq_len: int = 2048, micro_batch_size: int = 1,
                 dp_rank: int = 0, dp_world: int = 1, max_batches: int | None = None,
-                verify_checksums: bool = False, drop_last: bool = True) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+                drop_last: bool = True) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """The split's samples in order, B * W per global step, rank r taking [r*B, (r+1)*B) of each.
 
     Every rank yields the same number of batches (min(steps, max_batches), incomplete final
@@ -237,7 +237,7 @@ def val_batches(path: str | Path, split: str = "val", seq_len: int = 2048, micro
     _check_dp(micro_batch_size, dp_rank, dp_world)
     if not drop_last and dp_world != 1:
         raise ValueError("drop_last=False needs dp_world 1 (ranks would yield different batch counts)")
-    ds = PretrainDataset(path, split=split, seq_len=seq_len, verify_checksums=verify_checksums)
+    ds = PretrainDataset(path, split=split, seq_len=seq_len)
     per_step = micro_batch_size * dp_world
     steps = len(ds) // per_step if drop_last else -(-len(ds) // per_step)
     if steps == 0:
