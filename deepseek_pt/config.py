@@ -163,7 +163,8 @@ class DataConfig:
     seed: int = 1234
     """Seed of the sample order."""
     verify_checksums: bool = False
-    """Hash every shard against the manifest on open (sizes are always checked)."""
+    """Hash every shard of data.train_split against the manifest when training opens it (sizes are always checked;
+    evaluation's data.val_split shards are size-checked only)."""
     train_split: str = "train"
     """Manifest split to train on."""
     val_split: str = "val"
