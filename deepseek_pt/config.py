@@ -466,7 +466,6 @@ def _convert(value: Any, tp: Any, key: str, where: str) -> Any:
             raise ConfigError(f"{where}: {key}: expected {_type_name(tp)}, got {value!r}")
         return [_convert(v, typing.get_args(tp)[0], f"{key}[{i}]", where) for i, v in enumerate(value)]
     if isinstance(tp, types.UnionType) or origin is typing.Union:
-        errors = []
         for option in typing.get_args(tp):
             if option is type(None):
                 if value is None:
@@ -474,8 +473,8 @@ def _convert(value: Any, tp: Any, key: str, where: str) -> Any:
                 continue
             try:
                 return _convert(value, option, key, where)
-            except ConfigError as e:
-                errors.append(e)
+            except ConfigError:
+                pass  # the next option may fit; the error below names them all
         raise ConfigError(f"{where}: {key}: expected {_type_name(tp)}, got {value!r}")
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
