@@ -245,7 +245,7 @@ def test_real_blockwise_gemms_match_the_emulation_on_gpu():
         assert 0.005 < rel_err(got, bf16) < 0.1  # and it is FP8: visibly off the bf16 GEMM, within the recipe's error
 
 
-def test_fast_accum_is_for_torchaos_recipes(tmp_path):
+def test_fast_accum_is_for_torchaos_recipes():
     def load(recipe):
         return load_config(CONFIGS / "smoke.yaml", ["precision=fp8", f"fp8.recipe={recipe}", "fp8.fast_accum=all"])
     assert load("rowwise").fp8.fast_accum == "all"

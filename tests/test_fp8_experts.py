@@ -150,7 +150,7 @@ def test_fp8_shared_experts_run_the_shared_swiglu_as_one_expert_within_e4m3_erro
     assert moe.shared_experts.current_fp8_weights() is not first
 
 
-def test_fp8_experts_config_names_what_it_needs(tmp_path):
+def test_fp8_experts_config_names_what_it_needs():
     def load(*overrides):
         return load_config(CONFIGS / "smoke.yaml", ["precision=fp8", "fp8.recipe=blockwise", "fp8.experts=true",
                                                     *overrides])

@@ -205,7 +205,7 @@ def test_evaluate_cli_on_an_export_and_its_hf_copy(export_1024, tmp_path, pydoc,
     assert capsys.readouterr().err.startswith("error: ")
 
 
-def test_evaluate_refuses_shards_of_another_tokenizer(export_1024, tmp_path, capsys):
+def test_evaluate_refuses_shards_of_another_tokenizer(export_1024, capsys):
     # tests/assets/smoke_shards: vocabulary 1024 as the pydoc shards, but another tokenizer, so its ids
     # name other pieces: the loss was computed anyway and meant nothing.
     from deepseek_pt.data import open_manifest

@@ -482,7 +482,7 @@ def test_a_diverged_run_stops_after_max_nonfinite_steps(tmp_path, data):
 # Bad input: refused before any process group starts, by the module itself (fast).
 
 
-def _direct(tmp_path: Path, *args: str, world: int = 2) -> subprocess.CompletedProcess:
+def _direct(*args: str, world: int = 2) -> subprocess.CompletedProcess:
     return run_job([sys.executable, "-m", "deepseek_pt.train", "--config", str(SMOKE), *args],
                    job_env(WORLD_SIZE=str(world)), timeout=120)
 
@@ -524,7 +524,7 @@ def test_bad_input_is_refused_before_start(tmp_path, data, args, world, message)
     def named(text: str) -> str:
         return text.replace("{data}", str(data)).replace("{other}", str(other))
 
-    proc = _direct(tmp_path, f"data.path={data}", f"run.dir={run}", *map(named, args), world=world)
+    proc = _direct(f"data.path={data}", f"run.dir={run}", *map(named, args), world=world)
     assert proc.returncode == 2
     message = named(message)
     assert message in proc.stderr, proc.stderr
@@ -583,7 +583,7 @@ def test_incomplete_latest_checkpoint_is_refused(tmp_path, data):
     run = tmp_path / "run"
     (run / "checkpoints" / "step_00000004").mkdir(parents=True)
     (run / "checkpoints" / "latest").write_text("step_00000004\n")
-    proc = _direct(tmp_path, f"data.path={data}", f"run.dir={run}")
+    proc = _direct(f"data.path={data}", f"run.dir={run}")
     assert proc.returncode == 2 and "step_00000004, which is missing or incomplete (no meta.json)" in proc.stderr
 
 
@@ -597,7 +597,7 @@ def test_a_malformed_meta_json_is_named(tmp_path, data, meta, named):
     (run / "checkpoints" / "step_00000004").mkdir(parents=True)
     (run / "checkpoints" / "step_00000004" / "meta.json").write_text(json.dumps(meta))
     (run / "checkpoints" / "latest").write_text("step_00000004\n")
-    proc = _direct(tmp_path, f"data.path={data}", f"run.dir={run}")
+    proc = _direct(f"data.path={data}", f"run.dir={run}")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
     assert f"step_00000004/meta.json: {named}" in proc.stderr, proc.stderr
 
@@ -611,12 +611,12 @@ def test_a_rollback_in_place_is_refused(tmp_path, data):
         meta = {"step": step, "world_size": 2, "ep_size": 2, "files": {}}
         (run / "checkpoints" / f"step_0000000{step}" / "meta.json").write_text(json.dumps(meta))
     (run / "checkpoints" / "latest").write_text("step_00000008\n")
-    proc = _direct(tmp_path, f"data.path={data}", f"run.dir={run}", f"train.resume={ckpt(run, 4)}", "--check-only")
+    proc = _direct(f"data.path={data}", f"run.dir={run}", f"train.resume={ckpt(run, 4)}", "--check-only")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
     assert (f"train.resume: step_00000004 is older than step_00000008 in the same run.dir ({run}/checkpoints): resume "
             f"it into another run.dir (run.dir=NEW train.resume={ckpt(run, 4)})") in proc.stderr, proc.stderr
     for where, resume in ((tmp_path / "elsewhere", ckpt(run, 4)), (run, ckpt(run, 8)), (run, "auto")):
-        proc = _direct(tmp_path, f"data.path={data}", f"run.dir={where}", f"train.resume={resume}", "--check-only")
+        proc = _direct(f"data.path={data}", f"run.dir={where}", f"train.resume={resume}", "--check-only")
         assert proc.returncode == 0, proc.stderr
 
 
@@ -629,7 +629,7 @@ def test_a_fresh_start_over_complete_checkpoints_is_refused(tmp_path, data, resu
     (run / "checkpoints" / "step_00000008" / "meta.json").write_text("{}")
     if latest:
         (run / "checkpoints" / "latest").write_text("step_00000008\n")
-    proc = _direct(tmp_path, f"data.path={data}", f"run.dir={run}", f"train.resume={resume}", "--check-only")
+    proc = _direct(f"data.path={data}", f"run.dir={run}", f"train.resume={resume}", "--check-only")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert (f"train.resume: {resume} starts from step 0" in proc.stderr
             and f"{run / 'checkpoints'} holds complete checkpoints (newest step_00000008)" in proc.stderr), proc.stderr
