@@ -36,9 +36,6 @@ class MLACache:
         return cls(torch.zeros(batch, max_len, a.kv_lora_rank, dtype=dtype, device=device),
                    torch.zeros(batch, max_len, a.qk_rope_head_dim, dtype=dtype, device=device))
 
-    def bytes_per_token(self) -> int:
-        return (self.kv.shape[-1] + self.pe.shape[-1]) * self.kv.element_size()
-
 
 class MLA(nn.Module):
     """MLA over x [B, T, dim]. `MLA(model_config)` works on its own, outside our Transformer."""
