@@ -163,8 +163,8 @@ class DataConfig:
     seed: int = 1234
     """Seed of the sample order."""
     verify_checksums: bool = False
-    """Hash every shard of data.train_split against the manifest when training opens it (sizes are always checked;
-    evaluation's data.val_split shards are size-checked only)."""
+    """Hash the shards against their manifest when training starts: data.train_split's, and data.val_split's when
+    train.eval_every is set (file sizes are always checked). Every process hashes them all."""
     train_split: str = "train"
     """Manifest split to train on."""
     val_split: str = "val"

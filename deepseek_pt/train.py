@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 
 from .config import Config, ConfigError, ModelConfig, load_config, model_from_dict, save_config, uses_autoep
+from .data.format import DataError
 from .engine import balance, checkpoint
 from .engine.checkpoint import CheckpointError
 from .engine.ds_config import build_ds_config, deepspeed_micro_steps, lr_scheduler
@@ -147,7 +148,7 @@ def preflight(cfg: Config, world_size: int) -> None:
 def check_data(cfg: Config, world_size: int) -> None:
     """Every source of training data opens, fits the model's vocabulary, shares one tokenizer, and holds a training
     sample and (when evaluating) an evaluation batch: found here, not at the first evaluation hours in."""
-    from .data import DataError, open_manifest
+    from .data import open_manifest
 
     sources = cfg.data.sources()
     if not sources:
@@ -571,7 +572,7 @@ def compile_blocks(model: Transformer) -> None:
 
 
 def train(cfg: Config) -> int:
-    from .data import DataError, PretrainDataset, TrainLoader, to_device
+    from .data import PretrainDataset, TrainLoader, to_device
     from .data.loader import NewDataError
 
     stop = StopSignal()
@@ -598,6 +599,9 @@ def train(cfg: Config) -> int:
     loader = TrainLoader([PretrainDataset(s.path, cfg.data.train_split, cfg.data.seq_len, cfg.data.verify_checksums)
                           for s in sources], cfg.train.micro_batch_size, dp_rank=rank, dp_world=world,
                          seed=cfg.data.seed, weights=[s.weight for s in sources])
+    if cfg.data.verify_checksums and cfg.train.eval_every:  # evaluations open the val shards unhashed: hash them once
+        for s in sources:
+            PretrainDataset(s.path, cfg.data.val_split, cfg.data.seq_len, verify_checksums=True)
     step, tokens_seen, wandb_id = 0, 0, None
     sequences_per_step = cfg.train.micro_batch_size * cfg.train.grad_accum_steps * world
     if resume_dir is not None:
@@ -734,7 +738,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         return train(cfg)
-    except (CheckpointError, PreflightError, DivergedError) as e:
+    except (CheckpointError, PreflightError, DivergedError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     finally:

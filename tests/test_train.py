@@ -579,6 +579,30 @@ def test_one_process_without_a_launcher_trains_like_two_ranks(tmp_path, baseline
     assert_same_losses(tmp_path, baseline, abs=1e-4)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_verify_checksums_names_a_corrupt_shard_of_either_split(tmp_path, data, split):
+    """data.verify_checksums hashed only the training shards (evaluation read a corrupt val shard unchecked), and a
+    mismatch ended in a DataError traceback: now both splits are hashed at start and the shard is named."""
+    from deepseek_pt.train import RENDEZVOUS_ENV
+
+    shards = tmp_path / "shards"
+    shutil.copytree(data, shards)
+    victim = shards / f"{split}-00001.bin"
+    blob = bytearray(victim.read_bytes())
+    blob[100] ^= 1
+    victim.write_bytes(bytes(blob))
+    env = {k: v for k, v in job_env().items() if k not in RENDEZVOUS_ENV}
+    proc = run_job([sys.executable, "-m", "deepseek_pt.train", "--config", SMOKE, f"data.path={shards}",
+                    f"run.dir={tmp_path / 'run'}", "train.max_steps=2", "train.eval_every=1", "train.checkpoints=false",
+                    "train.save_every=0", "parallel.expert_parallel_size=1", "data.verify_checksums=true"], env,
+                   timeout=300)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 2, out[-3000:]
+    assert f"error: shard {victim}: corrupt: sha256" in out and "Traceback" not in out, out[-3000:]
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
 def test_incomplete_latest_checkpoint_is_refused(tmp_path, data):
     run = tmp_path / "run"
     (run / "checkpoints" / "step_00000004").mkdir(parents=True)
