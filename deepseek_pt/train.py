@@ -518,8 +518,9 @@ def build_engine(cfg: Config, world: int, init_from: str | None = None, load_uni
         from .engine.moe_dispatch import fuse_moe_dispatch
         converted, layers = fuse_moe_dispatch(engine.module)
         if rank0 and layers:
+            rest = "" if converted == layers else "; the others, under expert parallelism, dispatch by AutoEP's all-to-all"
             print(f"moe: tokens dispatched to and combined from the experts' padded rows in one pass each in "
-                  f"{converted} of {layers} AutoEP MoE layers (parallel.fused_moe_dispatch)", flush=True)
+                  f"{converted} of {layers} AutoEP MoE layers (parallel.fused_moe_dispatch){rest}", flush=True)
     if cfg.model.moe.seq_aux_loss_alpha:
         layers = balance.add_sequence_balance_loss(engine.module, cfg.model.moe.seq_aux_loss_alpha)
         if rank0 and layers:
