@@ -164,7 +164,8 @@ class DataConfig:
     """Seed of the sample order."""
     verify_checksums: bool = False
     """Hash the shards against their manifest when training starts: data.train_split's, and data.val_split's when
-    train.eval_every is set (file sizes are always checked). Every process hashes them all."""
+    train.eval_every is set (file sizes are always checked). A node's processes share the hashing: each node reads
+    its copy once."""
     train_split: str = "train"
     """Manifest split to train on."""
     val_split: str = "val"

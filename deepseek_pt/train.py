@@ -264,6 +264,27 @@ class StopSignal:
         self.received = signal.Signals(signum).name
 
 
+def verify_checksums(cfg: Config, device) -> None:
+    """data.verify_checksums: hash the training shards, and the val shards if the run evaluates. A node's processes
+    share the work (local rank r hashes every LOCAL_SIZE-th shard), so each node checks the copy it reads, node-local
+    copies included, and reads it once. DataError on every rank if any shard is bad, named where it was found."""
+    from .data.format import check_shard, open_manifest
+
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    local_size = int(os.environ.get("LOCAL_SIZE") or os.environ.get("LOCAL_WORLD_SIZE") or "1")
+    splits = [cfg.data.train_split] + ([cfg.data.val_split] if cfg.train.eval_every else [])
+    problem = None
+    try:
+        manifests = [open_manifest(s.path) for s in cfg.data.sources()]
+        shards = [(m, shard) for m in manifests for split in splits for shard in m.shards(split)]
+        for m, shard in shards[local_rank::local_size]:
+            check_shard(m, shard, checksum=True)
+    except DataError as e:
+        problem = str(e)
+    if agree([problem is not None], device)[0]:
+        raise DataError(problem or "data.verify_checksums: a shard failed its check in another process (named there)")
+
+
 def agree(flags: list[bool], device) -> list[bool]:
     """Each flag true on every rank if it is true on any (ranks see signals and clocks at different moments)."""
     t = torch.tensor([1.0 if flag else 0.0 for flag in flags], device=device)
@@ -597,12 +618,11 @@ def train(cfg: Config) -> int:
     flops_per_token = train_flops_per_token(cfg.model, cfg.data.seq_len)
 
     sources = cfg.data.sources()
-    loader = TrainLoader([PretrainDataset(s.path, cfg.data.train_split, cfg.data.seq_len, cfg.data.verify_checksums)
+    if cfg.data.verify_checksums:
+        verify_checksums(cfg, device)
+    loader = TrainLoader([PretrainDataset(s.path, cfg.data.train_split, cfg.data.seq_len)
                           for s in sources], cfg.train.micro_batch_size, dp_rank=rank, dp_world=world,
                          seed=cfg.data.seed, weights=[s.weight for s in sources])
-    if cfg.data.verify_checksums and cfg.train.eval_every:  # evaluations open the val shards unhashed: hash them once
-        for s in sources:
-            PretrainDataset(s.path, cfg.data.val_split, cfg.data.seq_len, verify_checksums=True)
     step, tokens_seen, wandb_id = 0, 0, None
     sequences_per_step = cfg.train.micro_batch_size * cfg.train.grad_accum_steps * world
     if resume_dir is not None:

@@ -223,11 +223,12 @@ def test_stop_and_resume_logs_the_same_losses(baseline, stopped):
 @pytest.mark.slow
 def test_a_blend_trains_evaluates_each_source_and_resumes_exactly(tmp_path, baseline, data, mirrored_smoke_shards):
     """data.blend over the smoke shards (weight 3) and their mirrored copy (weight 1): each source's eval loss and
-    their weighted mean are logged, and a run stopped at step 4 and resumed logs the uninterrupted run's losses."""
+    their weighted mean are logged, and a run stopped at step 4 and resumed logs the uninterrupted run's losses.
+    The whole run hashes both sources' shards first (data.verify_checksums), changing nothing else."""
     blend = ["data.path=null", "train.eval_every=4",
              f"data.blend=[{{path: {data}, weight: 3}}, {{path: {mirrored_smoke_shards}, name: mirror}}]"]
     whole, parted = tmp_path / "whole", tmp_path / "parted"
-    train(2, whole, data, *blend)
+    train(2, whole, data, *blend, "data.verify_checksums=true")
     train(2, parted, data, *blend, "train.exit_at_step=4")
     train(2, parted, data, *blend)
     assert_same_losses(parted, whole, range(1, STEPS + 1), abs=1e-5)
@@ -582,24 +583,21 @@ def test_one_process_without_a_launcher_trains_like_two_ranks(tmp_path, baseline
 @pytest.mark.slow
 @pytest.mark.parametrize("split", ["train", "val"])
 def test_verify_checksums_names_a_corrupt_shard_of_either_split(tmp_path, data, split):
-    """data.verify_checksums hashed only the training shards (evaluation read a corrupt val shard unchecked), and a
-    mismatch ended in a DataError traceback: now both splits are hashed at start and the shard is named."""
-    from deepseek_pt.train import RENDEZVOUS_ENV
-
+    """data.verify_checksums hashed only the training shards (evaluation read a corrupt val shard unchecked), in
+    every process, and a mismatch ended in a DataError traceback. Now the node's two processes hash half of the
+    shards each: the bad one is named once, by the process that hashed it, and both stop before training."""
     shards = tmp_path / "shards"
     shutil.copytree(data, shards)
     victim = shards / f"{split}-00001.bin"
     blob = bytearray(victim.read_bytes())
     blob[100] ^= 1
     victim.write_bytes(bytes(blob))
-    env = {k: v for k, v in job_env().items() if k not in RENDEZVOUS_ENV}
-    proc = run_job([sys.executable, "-m", "deepseek_pt.train", "--config", SMOKE, f"data.path={shards}",
-                    f"run.dir={tmp_path / 'run'}", "train.max_steps=2", "train.eval_every=1", "train.checkpoints=false",
-                    "train.save_every=0", "parallel.expert_parallel_size=1", "data.verify_checksums=true"], env,
-                   timeout=300)
+    proc = train(2, tmp_path / "run", shards, "train.eval_every=1", "train.checkpoints=false",
+                 "data.verify_checksums=true", expect_rc=2)
     out = proc.stdout + proc.stderr
-    assert proc.returncode == 2, out[-3000:]
-    assert f"error: shard {victim}: corrupt: sha256" in out and "Traceback" not in out, out[-3000:]
+    assert out.count(f"error: shard {victim}: corrupt: sha256") == 1, out[-3000:]
+    assert out.count("error: data.verify_checksums: a shard failed its check in another process") == 1, out[-3000:]
+    assert "Traceback" not in out, out[-3000:]
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
