@@ -32,7 +32,7 @@ import sentencepiece as spm
 from tqdm import tqdm
 
 from data_prep import tokenize_worker
-from data_prep.common import fraction, make_output_dir, non_negative_int, positive_int, run_cli
+from data_prep.common import disk_full_named, fraction, make_output_dir, non_negative_int, positive_int, run_cli
 from data_prep.shard_writer import SPLITS, BuildLog, SplitWriter, restore, shard_files
 from data_prep.sources import TXT_DOC_MODES, Input, iter_texts, resolve_inputs
 from deepseek_pt.data.format import (
@@ -231,46 +231,48 @@ def build(inputs: list[str], tokenizer: str | Path, out: str | Path, shard_token
             print(f"{out}: already built and complete; nothing to do", file=sys.stderr)
         return done
 
-    copy = out / TOKENIZER_COPY
-    if not copy.is_file() or sha256_file(copy) != header["tokenizer"]["sha256"]:
-        atomic_write_bytes(copy, tokenizer_bytes)
-    log = BuildLog(out / BUILD_LOG_NAME)
-    writers = {s: SplitWriter(out, s, dtype, shard_tokens, log) for s in SPLITS}
-    start, stats = _start_or_resume(out, log, writers, header, num_proc, progress)
-    spec = tokenize_worker.TokenizeSpec(str(copy), dtype, ids["eos_id"],
-                                        ids["bos_id"] if doc_boundary == "bos_eos" else None,
-                                        val_fraction, split_seed)
-    bar = tqdm(unit="tok", unit_scale=True, desc="tokenizing", disable=not progress)
-    try:
-        tasks = read_tasks(resolved, start, text_field, txt_doc, streaming)
-        for task, result in tokenized(tasks, spec, num_proc):
-            finished = 0
-            for s, part in result.items():
-                finished += writers[s].append(part.tokens, part.doc_lengths)
-                stats["docs"][s] += len(part.doc_lengths)
-                bar.update(len(part.tokens))
-            stats["empty_docs"] += task.empty
-            if finished:
-                log.append({"type": "checkpoint", "position": {"input": task.end[0], "row": task.end[1]},
-                            "stats": stats, "splits": {s: w.checkpoint() for s, w in writers.items()}})
-            bar.set_postfix(docs=sum(stats["docs"].values()), shards=sum(len(w.shards) for w in writers.values()),
-                            input=f"{min(task.end[0] + 1, len(resolved))}/{len(resolved)}")
-        if not any(stats["docs"].values()):
-            raise DataError(f"inputs {', '.join(inputs)}: no non-blank documents in field {text_field!r}")
-        for w in writers.values():
-            w.finish()
-    finally:
-        bar.close()
-        log.close()
+    # the build's checkpoints make a re-run resume it, after a full disk as after a kill
+    with disk_full_named(out, "free space and re-run the same command to resume"):
+        copy = out / TOKENIZER_COPY
+        if not copy.is_file() or sha256_file(copy) != header["tokenizer"]["sha256"]:
+            atomic_write_bytes(copy, tokenizer_bytes)
+        log = BuildLog(out / BUILD_LOG_NAME)
+        writers = {s: SplitWriter(out, s, dtype, shard_tokens, log) for s in SPLITS}
+        start, stats = _start_or_resume(out, log, writers, header, num_proc, progress)
+        spec = tokenize_worker.TokenizeSpec(str(copy), dtype, ids["eos_id"],
+                                            ids["bos_id"] if doc_boundary == "bos_eos" else None,
+                                            val_fraction, split_seed)
+        bar = tqdm(unit="tok", unit_scale=True, desc="tokenizing", disable=not progress)
+        try:
+            tasks = read_tasks(resolved, start, text_field, txt_doc, streaming)
+            for task, result in tokenized(tasks, spec, num_proc):
+                finished = 0
+                for s, part in result.items():
+                    finished += writers[s].append(part.tokens, part.doc_lengths)
+                    stats["docs"][s] += len(part.doc_lengths)
+                    bar.update(len(part.tokens))
+                stats["empty_docs"] += task.empty
+                if finished:
+                    log.append({"type": "checkpoint", "position": {"input": task.end[0], "row": task.end[1]},
+                                "stats": stats, "splits": {s: w.checkpoint() for s, w in writers.items()}})
+                bar.set_postfix(docs=sum(stats["docs"].values()), shards=sum(len(w.shards) for w in writers.values()),
+                                input=f"{min(task.end[0] + 1, len(resolved))}/{len(resolved)}")
+            if not any(stats["docs"].values()):
+                raise DataError(f"inputs {', '.join(inputs)}: no non-blank documents in field {text_field!r}")
+            for w in writers.values():
+                w.finish()
+        finally:
+            bar.close()
+            log.close()
 
-    manifest = {
-        **header,
-        "stats": {**stats, "tokens": {s: sum(x.num_tokens for x in w.shards) for s, w in writers.items()}},
-        "splits": {s: [x.to_json() for x in w.shards] for s, w in writers.items()},
-    }
-    atomic_write_json(out / MANIFEST_NAME, manifest)
-    log.remove()
-    return manifest
+        manifest = {
+            **header,
+            "stats": {**stats, "tokens": {s: sum(x.num_tokens for x in w.shards) for s, w in writers.items()}},
+            "splits": {s: [x.to_json() for x in w.shards] for s, w in writers.items()},
+        }
+        atomic_write_json(out / MANIFEST_NAME, manifest)
+        log.remove()
+        return manifest
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
+import shutil
 import sys
 from pathlib import Path
 from typing import Callable
@@ -40,12 +43,29 @@ def make_output_dir(path: Path) -> None:
 
 def run_cli(main: Callable[[list[str] | None], int], argv: list[str] | None = None,
             interrupted: str = "interrupted") -> int:
-    """Run `main`; bad data becomes `error: ...` and exit status 2 rather than a traceback."""
+    """Run `main`; bad data becomes `error: ...` and exit status 2, a failed system call (a full disk, a lost
+    mount, no permission) `error: ...` and exit status 1, rather than a traceback."""
     try:
         return main(argv)
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:
+        print(f"error: {e.filename + ': ' if e.filename else ''}{e.strerror or e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(interrupted, file=sys.stderr)
         return 130
+
+
+@contextlib.contextmanager
+def disk_full_named(out: Path, resume: str):
+    """A full disk or quota while writing into `out` becomes a DataError naming it, the space left and `resume`:
+    the writes themselves (file objects, numpy) raise OSError without a file name."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        free = shutil.disk_usage(out).free
+        raise DataError(f"{out}: {e.strerror} ({free / 2**20:,.1f} MiB free); {resume}") from None

@@ -1,6 +1,7 @@
 """data_prep: tokenizer training, shard building (round trip, determinism, resume), verification."""
 from __future__ import annotations
 
+import errno
 import importlib.util
 import json
 import os
@@ -19,6 +20,7 @@ import pytest
 import sentencepiece as spm
 
 from data_prep import build_shards, pydoc_corpus, shard_writer, train_tokenizer, verify_shards
+from data_prep.common import run_cli
 from data_prep.tokenize_worker import is_val
 from deepseek_pt.data import DataError, open_manifest
 
@@ -303,6 +305,41 @@ build_shards.main({argv!r})
     assert (out / "build_log.jsonl").exists() and not (out / "manifest.json").exists()
     assert build_shards.main(argv) == 0
     assert shard_bytes(out) == reference
+
+
+def test_a_full_disk_is_named_and_the_build_resumes(tmp_path, small_build, monkeypatch, capsys):
+    """A full disk ended the build in an OSError traceback from a shard write (no file name in it): now one line
+    names the output directory and the space left, and the same command run again resumes the build."""
+    args, reference, _ = small_build
+    out = tmp_path / "out"
+    argv = ["--input", *args["inputs"], "--tokenizer", str(args["tokenizer"]), "--out", str(out),
+            "--shard-tokens", "3000", "--val-fraction", "0.2", "--num-proc", "1", "--quiet"]
+    monkeypatch.setattr(build_shards, "_TASK_CHARS", 15_000)
+    original, count = shard_writer.SplitWriter.append, [0]
+
+    def append(self, tokens, doc_lengths):  # the 5th write lands, then the disk is full (the log never hears of it)
+        written = original(self, tokens, doc_lengths)
+        count[0] += 1
+        if count[0] == 5:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return written
+
+    with monkeypatch.context() as patch:
+        patch.setattr(shard_writer.SplitWriter, "append", append)
+        assert build_shards.main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"error: {out}: No space left on device (" in err, err
+    assert "MiB free); free space and re-run the same command to resume" in err, err
+    assert build_shards.main(argv) == 0
+    assert shard_bytes(out) == reference
+
+
+def test_a_failed_system_call_is_one_line_naming_the_file(capsys):
+    def main(argv):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), "/data/corpus.jsonl")
+
+    assert run_cli(main) == 1
+    assert capsys.readouterr().err == "error: /data/corpus.jsonl: Permission denied\n"
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="prctl's parent-death signal is Linux's")
