@@ -810,6 +810,38 @@ def test_a_save_that_fills_the_disk_is_named_and_keeps_the_last_checkpoint(tmp_p
     assert checkpoint.resolve("auto", tmp_path) == root / "step_00000002"
 
 
+@pytest.mark.parametrize("output, named", [
+    ("Traceback (most recent call last):\n  ...\nRuntimeError: [enforce fail at inline_container.cc:672] . "
+     "unexpected pos 704 vs 598", "No space left on device ("),
+    ("Traceback (most recent call last):\n  ...\nKeyError: 'param_shapes'",
+     "DeepSpeed's ds_to_universal failed (exit 1): KeyError: 'param_shapes' (its output: "),
+], ids=["disk-full", "other"])
+def test_a_failed_universal_conversion_is_one_line(tmp_path, monkeypatch, output, named):
+    """ds_to_universal's failure (a resume on another world size, an export) was its whole stderr, a DeepSpeed
+    traceback, in the error: now one line, a full disk named with the space free and needed, and what the
+    conversion wrote removed."""
+    from deepseek_pt.engine import checkpoint
+
+    tag_dir, out = tmp_path / "step_00000004", tmp_path / ".step_00000004_universal.tmp"
+    tag_dir.mkdir()
+    (tag_dir / "zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(bytes(3 << 20))
+
+    def failing_conversion(cmd, **kwargs):
+        (out / "zero").mkdir(parents=True)  # as far as it got
+        return subprocess.CompletedProcess(cmd, 1, stdout="", stderr=output)
+
+    monkeypatch.setattr(checkpoint.subprocess, "run", failing_conversion)
+    with pytest.raises(checkpoint.CheckpointError) as failed:
+        checkpoint.convert_to_universal(tag_dir, out)
+    message = str(failed.value)
+    assert message.startswith(f"{tag_dir}: ") and named in message and "\n" not in message, message
+    if "No space" in named:
+        assert message.endswith(" free there; it needs about 3.0 MiB, the checkpoint's size)"), message
+    else:
+        assert Path(message.rsplit("(its output: ", 1)[1].rstrip(")")).read_text() == output + "\n"
+    assert not out.exists()
+
+
 @pytest.mark.slow
 def test_parallel_timeout_minutes_ends_a_wait_on_a_hung_rank():
     proc = run_job(deepspeed_cmd(2, ROOT / "tests" / "dist" / "collective_timeout.py", "0.05"), timeout=120)

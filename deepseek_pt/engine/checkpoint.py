@@ -11,10 +11,14 @@ Layout under `<run.dir>/checkpoints/`:
 """
 from __future__ import annotations
 
+import errno
 import json
+import os
 import shutil
 import subprocess
 import sys
+import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -181,24 +185,75 @@ def verify(tag_dir: Path, collective: bool = True) -> dict:
 
 def ensure_universal(tag_dir: Path) -> Path:
     """Collective: rank 0 converts the checkpoint with DeepSpeed's ds_to_universal (once; the result
-    is kept beside it), the others wait. Returns the universal checkpoint's directory."""
+    is kept beside it), the others wait. Returns the universal checkpoint's directory; CheckpointError on
+    every rank if the conversion failed."""
     out = tag_dir.with_name(tag_dir.name + "_universal")
+    failure = [None]
     if dist.get_rank() == 0 and not (out / "meta.json").exists():
         tmp = tag_dir.with_name(f".{out.name}.tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(tag_dir),
-               "--output_folder", str(tmp), "--num_extract_workers", "1", "--num_merge_workers", "1"]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise CheckpointError(f"ds_to_universal failed on {tag_dir}:\n{proc.stderr[-3000:]}")
-        (tag_dir.parent / "latest_universal").unlink(missing_ok=True)  # its pointer names our temp dir
-        shutil.copytree(tag_dir / "rng", tmp / "rng", dirs_exist_ok=True)
-        shutil.copy2(tag_dir / "meta.json", tmp / "meta.json")
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    dist.barrier()
+        try:
+            shutil.rmtree(tmp, ignore_errors=True)
+            convert_to_universal(tag_dir, tmp)
+            (tag_dir.parent / "latest_universal").unlink(missing_ok=True)  # its pointer names our temp dir
+            with _disk_full_named(tmp, tag_dir):
+                shutil.copytree(tag_dir / "rng", tmp / "rng", dirs_exist_ok=True)
+                shutil.copy2(tag_dir / "meta.json", tmp / "meta.json")
+            if out.exists():
+                shutil.rmtree(out)
+            tmp.rename(out)
+        except CheckpointError as e:
+            failure = [str(e)]
+    dist.broadcast_object_list(failure, src=0)  # the other ranks must not wait on a conversion that failed
+    if failure[0]:
+        raise CheckpointError(failure[0])
     return out
+
+
+def convert_to_universal(tag_dir: Path, out: Path) -> Path:
+    """Run DeepSpeed's ds_to_universal on one checkpoint into `out` (one process, no torch.distributed).
+    CheckpointError if it fails: a full disk named as such with the space it needs, anything else by the
+    conversion's last line of output (its whole output, a DeepSpeed traceback, in a log file named there)."""
+    cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(tag_dir),
+           "--output_folder", str(out), "--num_extract_workers", "1", "--num_merge_workers", "1"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    if proc.returncode == 0 and (out / "zero").is_dir():
+        return out
+    output = (proc.stderr or proc.stdout).strip()
+    shutil.rmtree(out, ignore_errors=True)  # what it wrote before failing is of no use
+    with _disk_full_named(out, tag_dir):
+        if any(sign in output for sign in DISK_FULL_SIGNS):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    with tempfile.NamedTemporaryFile("w", prefix="ds_to_universal-", suffix=".log", delete=False) as log:
+        log.write(output + "\n")
+    last = output.splitlines()[-1] if output else "no output"
+    raise CheckpointError(f"{tag_dir}: DeepSpeed's ds_to_universal failed (exit {proc.returncode}): {last} "
+                          f"(its output: {log.name})")
+
+
+DISK_FULL_SIGNS = ("No space left on device", "Disk quota exceeded", "unexpected pos")
+"""How a full disk shows in a subprocess's output: the OS's words, and torch.save's when a write came up short."""
+
+
+@contextmanager
+def _disk_full_named(out: Path, tag_dir: Path):
+    """A full disk (or quota) while converting `tag_dir` into `out` becomes a CheckpointError naming both, the free
+    space (once the incomplete `out` is removed) and what the conversion needs (about the checkpoint's size: fp32
+    weights and Adam's two moments)."""
+    try:
+        yield
+    except OSError as e:
+        shutil.rmtree(out, ignore_errors=True)
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise CheckpointError(f"{tag_dir}: converting it to a universal checkpoint in {out}: {e}") from None
+        parent = next(p for p in out.parents if p.exists())
+        need = sum(f.stat().st_size for f in tag_dir.rglob("*") if f.is_file())
+        raise CheckpointError(f"{tag_dir}: converting it to a universal checkpoint in {out.parent}: {e.strerror} "
+                              f"({_size(shutil.disk_usage(parent).free)} free there; it needs about {_size(need)}, "
+                              "the checkpoint's size)") from None
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
 def optimizer_settings(optimizer) -> list[dict]:

@@ -27,9 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
-import subprocess
 import sys
 import tempfile
 from contextlib import contextmanager
@@ -39,7 +37,7 @@ import torch
 
 from ..config import Config, ConfigError, load_config
 from ..model.moe import MoE
-from .checkpoint import CheckpointError, checkpoints_dir, verify
+from .checkpoint import CheckpointError, checkpoints_dir, convert_to_universal, verify
 
 DTYPE_NAMES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
 EXPERT_WEIGHTS = ("w1", "w2", "w3")
@@ -111,18 +109,6 @@ def _complete_universal(tag_dir: Path, meta: dict) -> Path | None:
     except (OSError, json.JSONDecodeError):
         pass
     return None
-
-
-def convert_to_universal(tag_dir: Path, out: Path) -> Path:
-    """Run DeepSpeed's ds_to_universal on one checkpoint (single process, no torch.distributed)."""
-    cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(tag_dir),
-           "--output_folder", str(out), "--num_extract_workers", "1", "--num_merge_workers", "1"]
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    if proc.returncode != 0 or not (out / "zero").is_dir():
-        raise CheckpointError(f"ds_to_universal failed on {tag_dir} (exit {proc.returncode}):\n"
-                              f"{(proc.stderr or proc.stdout)[-3000:]}")
-    return out
 
 
 @contextmanager
