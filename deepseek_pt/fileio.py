@@ -46,6 +46,10 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:  # a failed write names no file, a failed open the temporary one: name the file written
+        if e.errno is not None:
+            e.filename, e.filename2 = str(path), None
+        raise
     finally:
         tmp.unlink(missing_ok=True)
     fsync_dir(path.parent)

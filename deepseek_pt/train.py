@@ -11,6 +11,7 @@ import argparse
 import atexit
 import contextlib
 import dataclasses
+import errno
 import math
 import os
 import signal
@@ -39,8 +40,14 @@ class PreflightError(ValueError):
     """Bad input found before any process group or run directory is touched."""
 
 
-class DivergedError(RuntimeError):
-    """Training stopped: the loss or gradient norm was not finite for train.max_nonfinite_steps steps in a row."""
+WRITE_REFUSED = (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EROFS)
+"""A full disk or quota, no permission, a read-only filesystem: where run.dir cannot be written (config.yaml,
+metrics.jsonl at start), one line naming the file ends the run."""
+
+
+class StoppedError(RuntimeError):
+    """Training stopped before its end without a checkpoint, for the reason the message gives (a diverged loss,
+    metrics that cannot be written)."""
 
 
 def parse_args(argv):
@@ -712,12 +719,12 @@ def train(cfg: Config) -> int:
         if cfg.train.eval_every and (step % cfg.train.eval_every == 0 or step == cfg.train.max_steps):
             record.update(evaluate(engine, cfg, rank, world, device))
         log.log(record, cfg.train.log_every)
+        newest = "none saved" if last_saved is None else \
+            f"the newest is {run_dir / 'checkpoints' / checkpoint.tag_for(last_saved)}"
         nonfinite = nonfinite + 1 if skipped or not math.isfinite(record["loss"]) else 0
         if nonfinite and nonfinite == cfg.train.max_nonfinite_steps:
             log.close()
-            newest = "none saved" if last_saved is None else \
-                f"the newest is {run_dir / 'checkpoints' / checkpoint.tag_for(last_saved)}"
-            raise DivergedError(
+            raise StoppedError(
                 f"steps {step - nonfinite + 1}-{step}: the loss or gradient norm was not finite at {nonfinite} steps "
                 f"in a row (train.max_nonfinite_steps); stopped without a checkpoint ({newest}; skipped steps leave "
                 "the weights as they were). Resume with a lower train.lr, a longer train.warmup_steps or a smaller "
@@ -725,7 +732,11 @@ def train(cfg: Config) -> int:
 
         timed_out = cfg.train.exit_after_minutes is not None and time.monotonic() - started > 60 * cfg.train.exit_after_minutes
         # Agreed apart: a rank that did not get the signal itself must not report a time limit.
-        signalled, timed_out = agree([stop.received is not None, timed_out], device)
+        signalled, timed_out, unlogged = agree([stop.received is not None, timed_out, log.failure is not None], device)
+        if unlogged:  # rank 0's metrics.jsonl: a full disk would fail the checkpoint too
+            log.close()
+            raise StoppedError(f"{log.failure or 'rank 0 could not write its metrics.jsonl'}: stopped at step {step} "
+                               f"without a checkpoint ({newest})")
         if signalled or timed_out:
             exit_reason = "signal" if signalled else "time limit"
         elif cfg.train.exit_at_step is not None and step >= cfg.train.exit_at_step:
@@ -759,8 +770,13 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         return train(cfg)
-    except (CheckpointError, PreflightError, DivergedError, DataError) as e:
+    except (CheckpointError, PreflightError, StoppedError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        if e.errno not in WRITE_REFUSED:  # anything else is not the user's to fix: keep its traceback
+            raise
+        print(f"error: {e.filename + ': ' if e.filename else ''}{e.strerror}", file=sys.stderr)
         return 2
     finally:
         # A rank leaving with its gloo/NCCL group alive can abort at exit ("terminate called ...").

@@ -31,3 +31,18 @@ def test_a_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
     assert target.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["meta.json"]
     atomic_write_text(target, "new")
     assert target.read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["meta.json"]
+
+
+def test_a_failed_write_names_the_file_it_was_writing(tmp_path, monkeypatch):
+    """A full disk's OSError from a write names no file (train printed 'error: No space left on device')."""
+    import errno
+    from pathlib import Path
+
+    def full(self, data):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(Path, "write_bytes", full)
+    with pytest.raises(OSError) as failed:
+        atomic_write_text(tmp_path / "config.yaml", "a: 1\n")
+    assert failed.value.filename == str(tmp_path / "config.yaml") and failed.value.errno == errno.ENOSPC
+    assert not list(tmp_path.iterdir())

@@ -479,6 +479,25 @@ def test_a_diverged_run_stops_after_max_nonfinite_steps(tmp_path, data):
             assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
 
 
+@pytest.mark.slow
+def test_metrics_that_cannot_be_written_stop_every_rank(tmp_path, data):
+    """Rank 0's metrics.jsonl write failing (here past a file-size limit, as on a full disk) ended rank 0 in a
+    traceback while rank 1 waited in the next collective: now both stop at that step, each with one line."""
+    run = tmp_path / "run"
+    limited = ["bash", "-c", 'ulimit -f 8 && exec "$@"', "bash", *_launch_cmd(2, run, data, "train.max_steps=200",
+                                                                             "train.checkpoints=false")]
+    proc = run_job(limited)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 2, out[-3000:]
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    step = len(lines) + 1 if lines[-1].endswith("}") else len(lines)  # the step whose line did not fit, or only part
+    assert [json.loads(line)["step"] for line in lines[:step - 1]] == list(range(1, step))
+    assert out.count(f"error: {run / 'metrics.jsonl'}: File too large (") == 1, out[-3000:]
+    assert out.count(f"MiB free): stopped at step {step} without a checkpoint (none saved)") == 1, out[-3000:]
+    assert out.count(f"error: rank 0 could not write its metrics.jsonl: stopped at step {step}") == 1, out[-3000:]
+    assert "Traceback" not in out, out[-3000:]
+
+
 # ------------------------------------------------------------------------------------------------
 # Bad input: refused before any process group starts, by the module itself (fast).
 

@@ -1,9 +1,11 @@
 """Per-step metrics: metrics.jsonl (every step, rank 0), a console progress bar, optional wandb."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import resource
+import shutil
 import sys
 from pathlib import Path
 
@@ -40,6 +42,8 @@ class MetricsLogger:
         self.bar = None
         self.wandb = None
         self.wandb_id = wandb_id
+        self.failure: str | None = None
+        """Why metrics.jsonl could not be written (a full disk): the loop stops on it."""
         if not enabled:
             return
         if start_step:  # resumed
@@ -58,7 +62,12 @@ class MetricsLogger:
     def log(self, record: dict, console_every: int = 1) -> None:
         if not self.enabled:
             return
-        self.file.write(json.dumps(record) + "\n")
+        try:
+            self.file.write(json.dumps(record) + "\n")
+        except OSError as e:
+            where = Path(self.file.name)
+            self.failure = f"{where}: {e.strerror or e} ({shutil.disk_usage(where.parent).free / 2**20:,.1f} MiB free)"
+            return
         if self.wandb is not None:
             self.wandb.log({k: v for k, v in record.items() if k != "step" and v is not None}, step=record["step"])
         shown = {k: record.get(k) for k in ("loss", "lr", "grad_norm", "tokens_per_s", "mfu", "expert_load", "eval_loss")}
@@ -78,7 +87,8 @@ class MetricsLogger:
             self.bar.close()
         if self.wandb is not None:
             self.wandb.finish()
-        self.file.close()
+        with contextlib.suppress(OSError):  # the line a full disk refused is still buffered
+            self.file.close()
 
 
 def _keep_steps_up_to(path: Path, step: int) -> None:
