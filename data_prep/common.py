@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Callable
 
 from deepseek_pt.data import DataError
+from deepseek_pt.fileio import describe_os_error
 
 
 def positive_int(text: str) -> int:
@@ -51,7 +52,7 @@ def run_cli(main: Callable[[list[str] | None], int], argv: list[str] | None = No
         print(f"error: {e}", file=sys.stderr)
         return 2
     except OSError as e:
-        print(f"error: {e.filename + ': ' if e.filename else ''}{e.strerror or e}", file=sys.stderr)
+        print(f"error: {describe_os_error(e)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(interrupted, file=sys.stderr)

@@ -5,6 +5,7 @@ synced: a reader sees the old content or the complete new one, never a torn file
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -30,6 +31,24 @@ def fsync_dir(path: str | Path) -> None:
         os.close(fd)
 
 
+DISK_FULL_SIGNS = ("No space left on device", "Disk quota exceeded", "unexpected pos")
+"""A full disk in an error's text, where no errno comes with it: the OS's words (also in safetensors' errors and a
+subprocess's output), and torch.save's when a write came up short."""
+
+
+def is_disk_full(error: BaseException | str) -> bool:
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    return any(sign in str(error) for sign in DISK_FULL_SIGNS)
+
+
+def describe_os_error(e: OSError) -> str:
+    """`FILE: reason` for a user's error line, where str(e) reads `[Errno 28] No space left on device: 'FILE'`."""
+    if e.strerror:
+        return f"{e.filename}: {e.strerror}" if e.filename else e.strerror
+    return str(e)
+
+
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside `path` for a writer (torch.save, safetensors...) to fill; on a
@@ -49,6 +68,10 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     except OSError as e:  # a failed write names no file, a failed open the temporary one: name the file written
         if e.errno is not None:
             e.filename, e.filename2 = str(path), None
+        raise
+    except Exception as e:  # a writer's own error type (torch.save's, safetensors'): a full disk as the OS says it
+        if is_disk_full(e):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from e
         raise
     finally:
         tmp.unlink(missing_ok=True)

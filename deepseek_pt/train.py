@@ -32,6 +32,7 @@ from .engine import balance, checkpoint
 from .engine.checkpoint import CheckpointError
 from .engine.ds_config import build_ds_config, deepspeed_micro_steps, lr_scheduler
 from .engine.metrics import MetricsLogger, peak_flops, peak_memory_gib
+from .fileio import describe_os_error
 from .model import Block, SwiGLU, Transformer, writable
 from .model.counting import meta_model, train_flops_per_token
 
@@ -776,7 +777,7 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:
         if e.errno not in WRITE_REFUSED:  # anything else is not the user's to fix: keep its traceback
             raise
-        print(f"error: {e.filename + ': ' if e.filename else ''}{e.strerror}", file=sys.stderr)
+        print(f"error: {describe_os_error(e)}", file=sys.stderr)
         return 2
     finally:
         # A rank leaving with its gloo/NCCL group alive can abort at exit ("terminate called ...").

@@ -46,3 +46,21 @@ def test_a_failed_write_names_the_file_it_was_writing(tmp_path, monkeypatch):
         atomic_write_text(tmp_path / "config.yaml", "a: 1\n")
     assert failed.value.filename == str(tmp_path / "config.yaml") and failed.value.errno == errno.ENOSPC
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("writer_error", [
+    RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598"),  # torch.save
+    Exception("Error while serializing: I/O error: No space left on device (os error 28)"),  # safetensors
+])
+def test_a_writers_own_disk_full_error_becomes_one_naming_the_file(tmp_path, writer_error):
+    """convert ds-to-hf on a full disk ended in safetensors' traceback: the writers' errors carry no errno."""
+    import errno
+
+    from deepseek_pt.fileio import describe_os_error
+
+    with pytest.raises(OSError) as failed, atomic_path(tmp_path / "model.safetensors"):
+        raise writer_error
+    assert failed.value.errno == errno.ENOSPC
+    assert describe_os_error(failed.value) == f"{tmp_path / 'model.safetensors'}: No space left on device"
+    with pytest.raises(ValueError, match="another failure"), atomic_path(tmp_path / "model.safetensors"):
+        raise ValueError("another failure")  # anything else passes through as it is

@@ -36,6 +36,7 @@ from pathlib import Path
 import torch
 
 from ..config import Config, ConfigError, load_config
+from ..fileio import describe_os_error
 from ..model.moe import MoE
 from .checkpoint import CheckpointError, checkpoints_dir, convert_to_universal, verify
 
@@ -341,6 +342,9 @@ def main(argv: list[str] | None = None) -> int:
         out = export_checkpoint(args.checkpoint, args.out_dir, args.dtype)
     except (CheckpointError, ConfigError, ExportError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # OUT_DIR's disk full or not writable: atomic writes name the file
+        print(f"error: {describe_os_error(e)}", file=sys.stderr)
         return 2
     info = json.loads((out / "export.json").read_text())
     print(f"exported step {info['step']} of {info['source']} to {out} ({info['dtype']})")

@@ -11,6 +11,7 @@ import torch
 from ..config import ConfigError
 from ..data import DataError
 from ..export import DTYPES, ExportError
+from ..fileio import describe_os_error
 from .hf import HFConversionError
 
 DTYPE_CHOICES = DTYPES
@@ -40,7 +41,7 @@ def run_cli(fn: Callable[[], None]) -> int:
     try:
         fn()
     except USER_ERRORS as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {describe_os_error(e) if isinstance(e, OSError) else e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
