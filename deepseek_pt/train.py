@@ -679,6 +679,10 @@ def train(cfg: Config) -> int:
                         cfg.parallel.zero_init, resume_settings(cfg))
         last_saved = at_step
 
+    def newest() -> str:  # for a stop without a checkpoint: where to resume
+        return "none saved" if last_saved is None else \
+            f"the newest is {checkpoint.checkpoints_dir(run_dir) / checkpoint.tag_for(last_saved)}"
+
     batches = to_device(loader, device)
     exit_reason = None
     if cfg.train.exit_at_step is not None and step >= cfg.train.exit_at_step:
@@ -720,14 +724,12 @@ def train(cfg: Config) -> int:
         if cfg.train.eval_every and (step % cfg.train.eval_every == 0 or step == cfg.train.max_steps):
             record.update(evaluate(engine, cfg, rank, world, device))
         log.log(record, cfg.train.log_every)
-        newest = "none saved" if last_saved is None else \
-            f"the newest is {run_dir / 'checkpoints' / checkpoint.tag_for(last_saved)}"
         nonfinite = nonfinite + 1 if skipped or not math.isfinite(record["loss"]) else 0
         if nonfinite and nonfinite == cfg.train.max_nonfinite_steps:
             log.close()
             raise StoppedError(
                 f"steps {step - nonfinite + 1}-{step}: the loss or gradient norm was not finite at {nonfinite} steps "
-                f"in a row (train.max_nonfinite_steps); stopped without a checkpoint ({newest}; skipped steps leave "
+                f"in a row (train.max_nonfinite_steps); stopped without a checkpoint ({newest()}; skipped steps leave "
                 "the weights as they were). Resume with a lower train.lr, a longer train.warmup_steps or a smaller "
                 "train.grad_clip")
 
@@ -737,7 +739,7 @@ def train(cfg: Config) -> int:
         if unlogged:  # rank 0's metrics.jsonl: a full disk would fail the checkpoint too
             log.close()
             raise StoppedError(f"{log.failure or 'rank 0 could not write its metrics.jsonl'}: stopped at step {step} "
-                               f"without a checkpoint ({newest})")
+                               f"without a checkpoint ({newest()})")
         if signalled or timed_out:
             exit_reason = "signal" if signalled else "time limit"
         elif cfg.train.exit_at_step is not None and step >= cfg.train.exit_at_step:
