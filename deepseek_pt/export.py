@@ -97,7 +97,7 @@ def read_export_info(path: str | Path) -> dict:
         raise ExportError(f"{file}: not found ({path} is not a complete export)")
     try:
         info = json.loads(file.read_text())
-    except json.JSONDecodeError as e:
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:  # not text: a corrupt file, named
         raise ExportError(f"{file}: not valid JSON: {e}") from None
     if not isinstance(info, dict) or not isinstance(info.get("format_version"), int):
         raise ExportError(f"{file}: missing format_version")

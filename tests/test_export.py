@@ -167,3 +167,10 @@ def test_a_bf16_model_rotates_positions_with_fp32_frequencies():
     layers = model.attention_layers()
     assert len(layers) == cfg.model.n_layers + 1 and all(torch.equal(layer.inv_freq, exact) for layer in layers)
     assert model.lm_head.weight.dtype == torch.bfloat16
+
+
+def test_an_export_json_that_is_not_text_is_named(export_dir):
+    """A corrupt export.json (bytes that are not UTF-8) was a UnicodeDecodeError traceback."""
+    (export_dir / "export.json").write_bytes(b"\xff\xfe{}")
+    with pytest.raises(ExportError, match="export.json: not valid JSON"):
+        load_export(export_dir)

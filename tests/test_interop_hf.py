@@ -333,7 +333,10 @@ def test_convert_cli_errors_are_one_line(tmp_path, capsys):
     model = random_model(cfg)
     to_output_subspace(model, 8)
     save_export(model, cfg, tmp_path / "mla_o")
+    (tmp_path / "not_text").mkdir()
+    (tmp_path / "not_text" / "config.json").write_bytes(b"\xff\xfe{}")  # was a UnicodeDecodeError traceback
     for argv, message in [(["hf-to-ds", str(tmp_path / "missing"), str(tmp_path / "o1")], "config.json: not found"),
+                          (["hf-to-ds", str(tmp_path / "not_text"), str(tmp_path / "o0")], "config.json: not valid JSON"),
                           (["ds-to-hf", str(tmp_path / "mla_o"), str(tmp_path / "o2")], "pass --fold"),
                           (["ds-to-hf", str(tmp_path / "mla_o"), str(tmp_path / "mla_o")], "not empty")]:
         assert convert_main(argv) == 2

@@ -1052,3 +1052,29 @@ def test_a_partitioned_build_needs_no_whole_model_in_host_memory(monkeypatch, da
         train_module.preflight(cfg, 2)
     cfg.parallel.zero_init = True
     train_module.preflight(cfg, 2)
+
+
+@pytest.mark.parametrize("victim", ["latest", "meta.json"])
+def test_a_latest_or_meta_json_that_is_not_text_is_named(tmp_path, data, victim):
+    """A corrupt `latest` or meta.json (bytes that are not UTF-8, or `latest` a directory) was a UnicodeDecodeError
+    or IsADirectoryError traceback, in training's preflight and in engine.export alike."""
+    from deepseek_pt.engine.export import main as export_main
+
+    run = tmp_path / "run"
+    (run / "checkpoints" / "step_00000004").mkdir(parents=True)
+    (run / "checkpoints" / "step_00000004" / "meta.json").write_text(json.dumps({"step": 4, "files": {}}))
+    (run / "checkpoints" / "latest").write_text("step_00000004\n")
+    bad = run / "checkpoints" / ("latest" if victim == "latest" else "step_00000004/meta.json")
+    bad.write_bytes(b"\xff\xfe\x00")
+    proc = _direct(f"data.path={data}", f"run.dir={run}", "--check-only")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert f"error: {bad}: unreadable (" in proc.stderr, proc.stderr
+    proc = run_job([sys.executable, "-m", "deepseek_pt.engine.export", str(run), str(tmp_path / "out")], job_env(),
+                   timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert f"error: {bad}: unreadable (" in proc.stderr, proc.stderr
+    if victim == "latest":
+        bad.unlink()
+        bad.mkdir()
+        proc = _direct(f"data.path={data}", f"run.dir={run}", "--check-only")
+        assert proc.returncode == 2 and f"error: {bad}: unreadable ([Errno 21] Is a directory" in proc.stderr, proc.stderr

@@ -129,7 +129,7 @@ def resolve(resume: str, run_dir: Path) -> Path | None:
         latest = checkpoints_dir(run_dir) / "latest"
         if not latest.exists():
             return None
-        tag_dir = latest.parent / latest.read_text().strip()
+        tag_dir = latest.parent / read_latest(latest)
         if not (tag_dir / "meta.json").exists():
             raise CheckpointError(f"{latest} points to {tag_dir}, which is missing or incomplete (no meta.json)")
         return tag_dir
@@ -143,11 +143,21 @@ def resolve(resume: str, run_dir: Path) -> Path | None:
     return tag_dir
 
 
+def read_latest(latest: Path) -> str:
+    """The tag a `latest` file names; CheckpointError naming it if it cannot be read as text (a corrupt file, a
+    directory), not a UnicodeDecodeError or IsADirectoryError traceback."""
+    try:
+        tag = latest.read_text().strip()
+    except (OSError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{latest}: unreadable ({e}); name a step_* checkpoint directly") from None
+    return tag
+
+
 def read_meta(tag_dir: Path) -> dict:
     file = tag_dir / "meta.json"
     try:
         meta = json.loads(file.read_text())
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:  # not text: a corrupt file, named
         raise CheckpointError(f"{file}: unreadable ({e})") from None
     if not isinstance(meta, dict) or not isinstance(meta.get("files"), dict) or "step" not in meta:
         raise CheckpointError(f"{file}: not a checkpoint meta.json (no step / files)")

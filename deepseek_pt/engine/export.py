@@ -38,7 +38,7 @@ import torch
 from ..config import Config, ConfigError, load_config
 from ..fileio import describe_os_error
 from ..model.moe import MoE
-from .checkpoint import CheckpointError, checkpoints_dir, convert_to_universal, verify
+from .checkpoint import CheckpointError, checkpoints_dir, convert_to_universal, read_latest, verify
 
 DTYPE_NAMES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
 EXPERT_WEIGHTS = ("w1", "w2", "w3")
@@ -73,7 +73,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
         if root.is_dir():
             raise CheckpointError(f"{root}: no complete checkpoint ({latest} is missing)")
         raise CheckpointError(f"{path}: not a run directory, a checkpoints/ directory or a step_* checkpoint")
-    tag_dir = root / latest.read_text().strip()
+    tag_dir = root / read_latest(latest)
     if not (tag_dir / "meta.json").exists():
         raise CheckpointError(f"{latest} points to {tag_dir}, which is missing or incomplete (no meta.json)")
     return tag_dir
@@ -107,7 +107,7 @@ def _complete_universal(tag_dir: Path, meta: dict) -> Path | None:
     try:
         if (out / "zero").is_dir() and json.loads((out / "meta.json").read_text()) == meta:
             return out
-    except (OSError, json.JSONDecodeError):
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         pass
     return None
 

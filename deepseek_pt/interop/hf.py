@@ -47,7 +47,7 @@ def read_hf_config(path: str | Path) -> dict:
         raise HFConversionError(f"{file}: not found ({path} is not an HF model directory)")
     try:
         hf = json.loads(file.read_text())
-    except json.JSONDecodeError as e:
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:  # not text: a corrupt file, named
         raise HFConversionError(f"{file}: not valid JSON: {e}") from None
     if not isinstance(hf, dict):
         raise HFConversionError(f"{file}: holds a JSON {type(hf).__name__}, expected an object")
@@ -226,7 +226,7 @@ class _Weights:
             try:
                 weight_map = json.loads(index.read_text())["weight_map"]
                 self.file_of = {k: path / v for k, v in weight_map.items()}
-            except (json.JSONDecodeError, TypeError, KeyError, AttributeError) as e:
+            except (UnicodeDecodeError, json.JSONDecodeError, TypeError, KeyError, AttributeError) as e:
                 raise HFConversionError(f"{index}: not a safetensors index with a weight_map "
                                         f"({type(e).__name__}: {e})") from None
         else:
