@@ -829,6 +829,33 @@ def test_a_save_that_fills_the_disk_is_named_and_keeps_the_last_checkpoint(tmp_p
     assert checkpoint.resolve("auto", tmp_path) == root / "step_00000002"
 
 
+def test_a_save_whose_meta_json_or_latest_cannot_be_written_fails_on_every_rank(tmp_path):
+    """Rank 0 wrote meta.json and `latest` outside the failure exchange: a failure there (here `latest` a directory;
+    a full disk alike) was a traceback on rank 0 while the others, at the closing barrier, died in gloo's
+    'Connection closed by peer' (or waited, under NCCL). Now a CheckpointError on every rank, and meta.json removed
+    again so that `latest` still names the newest complete checkpoint (a newer one is a refused rollback)."""
+    import torch.distributed as dist
+
+    from deepseek_pt.engine import checkpoint
+
+    class Engine:
+        def save_checkpoint(self, root, tag, client_state, save_latest):
+            (Path(root) / tag).mkdir(parents=True)
+            (Path(root) / tag / "zero_pp_rank_0_mp_rank_00_model_states.pt").write_bytes(b"states")
+
+    root = checkpoint.checkpoints_dir(tmp_path)
+    (root / "latest" / "x").mkdir(parents=True)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    try:
+        with pytest.raises(checkpoint.CheckpointError) as failed:
+            checkpoint.save(Engine(), tmp_path, 4, {}, ep_size=1, keep_last=3)
+    finally:
+        dist.destroy_process_group()
+    assert str(failed.value).startswith(f"{root / 'step_00000004'}: writing the checkpoint failed on rank 0 "
+                                        f"({root / 'latest'}: Is a directory); ")
+    assert not (root / "step_00000004" / "meta.json").exists()
+
+
 @pytest.mark.parametrize("output, named", [
     ("Traceback (most recent call last):\n  ...\nRuntimeError: [enforce fail at inline_container.cc:672] . "
      "unexpected pos 704 vs 598", "No space left on device ("),

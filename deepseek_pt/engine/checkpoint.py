@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from ..fileio import atomic_path, atomic_write_text, is_disk_full, sha256_file
+from ..fileio import atomic_path, atomic_write_text, describe_os_error, is_disk_full, sha256_file
 
 FORMAT_VERSION = 1
 
@@ -99,13 +99,27 @@ def save(engine, run_dir: Path, step: int, client_state: dict, ep_size: int, kee
     if failed := next((f for f in failures if f), None):
         raise CheckpointError(failed)
     files = _hash_share(tag_dir, _files(tag_dir))
+    failure = [None]
     if rank == 0:
         meta = {"format_version": FORMAT_VERSION, "step": step, "world_size": world, "ep_size": ep_size,
                 "zero_init": zero_init, **({"settings": settings} if settings else {}), "files": files}
-        atomic_write_text(tag_dir / "meta.json", json.dumps(meta, indent=1))
-        atomic_write_text(root / "latest", tag + "\n")
-        _prune(root, keep_last)
-    dist.barrier()
+        try:
+            atomic_write_text(tag_dir / "meta.json", json.dumps(meta, indent=1))
+            try:
+                atomic_write_text(root / "latest", tag + "\n")
+            except OSError:
+                # A complete checkpoint newer than `latest` would make the resume a refused rollback in place:
+                # it counts as incomplete instead, and the resume takes the one `latest` still names.
+                (tag_dir / "meta.json").unlink(missing_ok=True)
+                raise
+            _prune(root, keep_last)
+        except OSError as e:  # a full disk, `latest` not a file: the other ranks wait below, told, not left hanging
+            failure = [f"{tag_dir}: writing the checkpoint failed on rank 0 ({describe_os_error(e)}); "
+                       f"{shutil.disk_usage(root).free / 2**30:.1f} GiB free on that filesystem. The incomplete "
+                       f"{tag} (no meta.json) is ignored on resume and pruned by a later save"]
+    dist.broadcast_object_list(failure, src=0)  # also the barrier: every rank returns once the save is complete
+    if failure[0]:
+        raise CheckpointError(failure[0])
     return tag_dir
 
 
