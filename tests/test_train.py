@@ -661,6 +661,24 @@ def test_a_rollback_in_place_is_refused(tmp_path, data):
         assert proc.returncode == 0, proc.stderr
 
 
+def test_a_save_killed_between_its_meta_json_and_latest_resumes_from_it(tmp_path, data):
+    """meta.json and `latest` are renamed into place one after the other: a kill in between left step 8 complete
+    and `latest` naming step 4, which train.resume=auto then refused as a rollback in place (and told to remove
+    the complete step 8). The newest complete checkpoint is where the run stood."""
+    from deepseek_pt.engine import checkpoint
+
+    run = tmp_path / "run"
+    for step in (4, 8):
+        (run / "checkpoints" / f"step_0000000{step}").mkdir(parents=True)
+        meta = {"step": step, "world_size": 2, "ep_size": 2, "files": {}}
+        (run / "checkpoints" / f"step_0000000{step}" / "meta.json").write_text(json.dumps(meta))
+    (run / "checkpoints" / "step_00000012").mkdir()  # a later save, killed before its meta.json: not taken
+    (run / "checkpoints" / "latest").write_text("step_00000004\n")
+    assert checkpoint.resolve("auto", run) == ckpt(run, 8)
+    proc = _direct(f"data.path={data}", f"run.dir={run}", "--check-only")
+    assert proc.returncode == 0, proc.stderr
+
+
 @pytest.mark.parametrize("resume, latest", [("none", True), ("auto", False)])
 def test_a_fresh_start_over_complete_checkpoints_is_refused(tmp_path, data, resume, latest):
     """Its saves would replace the old run's checkpoints of the same steps, and pruning (by step) would delete its

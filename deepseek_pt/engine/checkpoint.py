@@ -146,7 +146,11 @@ def resolve(resume: str, run_dir: Path) -> Path | None:
         tag_dir = latest.parent / read_latest(latest)
         if not (tag_dir / "meta.json").exists():
             raise CheckpointError(f"{latest} points to {tag_dir}, which is missing or incomplete (no meta.json)")
-        return tag_dir
+        # A save killed between its meta.json and `latest` (both renamed into place) leaves a complete checkpoint
+        # newer than `latest`: the newest complete one is where the run stood (resuming `latest`'s would be a
+        # rollback in place, which preflight refuses).
+        newest = max((p.parent for p in latest.parent.glob("step_*[0-9]/meta.json")), key=lambda p: p.name)
+        return newest if newest.name > tag_dir.name else tag_dir
     tag_dir = Path(resume)
     if (tag_dir / "latest").exists() and not (tag_dir / "meta.json").exists():  # a checkpoints/ dir
         return resolve("auto", tag_dir.parent)
