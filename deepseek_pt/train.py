@@ -41,9 +41,9 @@ class PreflightError(ValueError):
     """Bad input found before any process group or run directory is touched."""
 
 
-WRITE_REFUSED = (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EROFS)
-"""A full disk or quota, no permission, a read-only filesystem: where run.dir cannot be written (config.yaml,
-metrics.jsonl at start), one line naming the file ends the run."""
+WRITE_REFUSED = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EACCES, errno.EROFS)
+"""A full disk, quota or file-size limit, no permission, a read-only filesystem: where run.dir cannot be written
+(config.yaml, metrics.jsonl at start), one line naming the file ends the run."""
 
 
 class StoppedError(RuntimeError):
@@ -610,9 +610,19 @@ def train(cfg: Config) -> int:
     rank, world, device = init_distributed(cfg)
     check_same_config(cfg, world)
     run_dir = Path(cfg.run.dir)
+    failure, error = [None], None
     if rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, run_dir / "config.yaml")
+        except OSError as e:
+            failure, error = [describe_os_error(e)], e
+    if world > 1:  # the others would go on into the engine's collectives and die there (gloo) or wait (NCCL)
+        dist.broadcast_object_list(failure, src=0)
+    if error is not None:
+        raise error  # main: one line for a full disk, no permission, read-only; a traceback for anything else
+    if failure[0]:
+        raise StoppedError(f"rank 0 could not write run.dir: {failure[0]}")
 
     resume_dir = checkpoint.resolve(cfg.train.resume, run_dir)
     meta = checkpoint.verify(resume_dir) if resume_dir else None

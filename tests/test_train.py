@@ -498,6 +498,21 @@ def test_metrics_that_cannot_be_written_stop_every_rank(tmp_path, data):
     assert "Traceback" not in out, out[-3000:]
 
 
+@pytest.mark.slow
+def test_a_run_dir_rank_0_cannot_write_at_start_stops_every_rank(tmp_path, data):
+    """Rank 0's config.yaml failing (here past a file-size limit, as on a full disk) was one line on rank 0, while
+    rank 1 went on into DeepSpeed's first collective and died there in a DistNetworkError traceback (or waited,
+    under NCCL); a file-size limit (EFBIG) was a traceback on rank 0 too."""
+    run = tmp_path / "run"
+    limited = ["bash", "-c", 'ulimit -f 2 && exec "$@"', "bash", *_launch_cmd(2, run, data)]
+    proc = run_job(limited, timeout=300)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 2, out[-3000:]
+    assert out.count(f"error: {run / 'config.yaml'}: File too large") == 1, out[-3000:]
+    assert out.count(f"error: rank 0 could not write run.dir: {run / 'config.yaml'}: File too large") == 1, out[-3000:]
+    assert "Traceback" not in out, out[-3000:]
+
+
 # ------------------------------------------------------------------------------------------------
 # Bad input: refused before any process group starts, by the module itself (fast).
 
