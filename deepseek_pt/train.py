@@ -601,6 +601,32 @@ def compile_blocks(model: Transformer) -> None:
     model.token_loss = torch.compile(model.token_loss)
 
 
+def lock_run_dir(run_dir: Path):
+    """An exclusive lock on run.dir (its .lock file), or PreflightError naming the process that holds it: two runs in
+    one run.dir (a job resubmitted while the old one still runs) wrote one metrics.jsonl and saved into the same
+    checkpoint directories, each save deleting the other's of that step first. Returns the open file; the lock goes
+    with the process. A filesystem without locks (some NFS mounts) runs unlocked."""
+    import fcntl
+
+    file = open(run_dir / ".lock", "a+")
+    try:
+        fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        file.seek(0)
+        holder = file.read().strip() or "another process"
+        file.close()
+        raise PreflightError(f"run.dir: {run_dir} is in use by another training run ({holder} holds "
+                             f"{run_dir / '.lock'}): wait for it to end, or use another run.dir") from None
+    except OSError as e:
+        if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+            raise
+        return file
+    file.truncate(0)
+    file.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+    file.flush()
+    return file
+
+
 def train(cfg: Config) -> int:
     from .data import PretrainDataset, TrainLoader, to_device
     from .data.loader import NewDataError
@@ -610,19 +636,22 @@ def train(cfg: Config) -> int:
     rank, world, device = init_distributed(cfg)
     check_same_config(cfg, world)
     run_dir = Path(cfg.run.dir)
-    failure, error = [None], None
+    failure, error, lock = [None], None, None
     if rank == 0:
         try:
             run_dir.mkdir(parents=True, exist_ok=True)
+            lock = lock_run_dir(run_dir)  # held until this process exits
             save_config(cfg, run_dir / "config.yaml")
         except OSError as e:
-            failure, error = [describe_os_error(e)], e
+            failure, error = [f"rank 0 could not write run.dir: {describe_os_error(e)}"], e
+        except PreflightError as e:
+            failure, error = [f"rank 0: {e}"], e
     if world > 1:  # the others would go on into the engine's collectives and die there (gloo) or wait (NCCL)
         dist.broadcast_object_list(failure, src=0)
     if error is not None:
         raise error  # main: one line for a full disk, no permission, read-only; a traceback for anything else
     if failure[0]:
-        raise StoppedError(f"rank 0 could not write run.dir: {failure[0]}")
+        raise StoppedError(failure[0])
 
     resume_dir = checkpoint.resolve(cfg.train.resume, run_dir)
     meta = checkpoint.verify(resume_dir) if resume_dir else None
@@ -767,6 +796,8 @@ def train(cfg: Config) -> int:
                  else "no checkpoint (train.checkpoints: false)")
         print(f"stopped at step {step}: {exit_reason or 'train.max_steps reached'}; {saved}", flush=True)
     dist.barrier()
+    if lock is not None:
+        lock.close()
     return 0
 
 

@@ -1138,3 +1138,27 @@ def test_a_latest_or_meta_json_that_is_not_text_is_named(tmp_path, data, victim)
         bad.mkdir()
         proc = _direct(f"data.path={data}", f"run.dir={run}", "--check-only")
         assert proc.returncode == 2 and f"error: {bad}: unreadable ([Errno 21] Is a directory" in proc.stderr, proc.stderr
+
+
+def test_a_second_run_in_a_run_dir_in_use_is_refused(tmp_path, data):
+    """Two runs started on one run.dir (a job resubmitted while the old one still ran) both trained: one
+    metrics.jsonl with every step twice, interleaved, and saves into the same checkpoint directories, each deleting
+    the other's of that step first. Rank 0 now holds a lock on run.dir for the whole run."""
+    from deepseek_pt.train import PreflightError, lock_run_dir
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("sentinel")
+    held = lock_run_dir(run)  # as the running job's rank 0 holds it
+    try:
+        proc = run_job([sys.executable, "-m", "deepseek_pt.train", "--config", str(SMOKE), f"data.path={data}",
+                        f"run.dir={run}", "parallel.expert_parallel_size=1", "train.max_steps=2"], timeout=300)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+        assert (f"error: run.dir: {run} is in use by another training run (pid {os.getpid()} on "
+                in proc.stderr), proc.stderr[-3000:]
+        assert (run / "config.yaml").read_text() == "sentinel" and not (run / "metrics.jsonl").exists()
+        with pytest.raises(PreflightError, match="is in use by another training run"):
+            lock_run_dir(run)
+    finally:
+        held.close()
+    lock_run_dir(run).close()  # free again once the holder is gone
