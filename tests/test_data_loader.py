@@ -113,6 +113,22 @@ def test_truncated_missing_and_corrupt_shards_are_named(shards):
             ds[i]
 
 
+def test_a_shard_removed_or_cut_short_while_training_reads_it_is_named(shards):
+    """Shards are checked when the dataset opens; one deleted (or a mount lost) afterwards was a FileNotFoundError
+    traceback from numpy's memmap on the rank that read it, one truncated a shape error."""
+    m = open_manifest(shards)
+    ds = PretrainDataset(shards, seq_len=T)
+    per_shard = m.shards("train")[0].num_tokens // T
+    gone, short = (m.shard_file(s) for s in m.shards("train")[1:3])
+    gone.unlink()
+    with pytest.raises(DataError, match=f"shard {gone}: cannot be read \\(No such file or directory\\); it was there"):
+        ds[per_shard + 1]
+    os.truncate(short, short.stat().st_size // 2)
+    with pytest.raises(DataError, match=f"shard {short}: 8192 tokens, the manifest says 16384 \\(truncated"):
+        ds[2 * per_shard + 1]
+    ds[0]  # the others still read
+
+
 def test_missing_split_and_too_few_tokens(pydoc_data_dir):
     with pytest.raises(DataError, match=r"no split 'test' \(has: train, val\)"):
         PretrainDataset(pydoc_data_dir.shards_dir, split="test", seq_len=T)

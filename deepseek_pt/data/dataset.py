@@ -55,7 +55,17 @@ class PretrainDataset:
         """Shard k's memory map, keeping at most max_open_shards open (least recently used closes)."""
         m = self._maps.get(k)
         if m is None:
-            m = np.memmap(self.manifest.shard_file(self.shards[k]), dtype=self.manifest.np_dtype, mode="r")
+            # Checked at start, but a shard may go (deleted, moved, a mount lost) or shrink while a run reads it:
+            # named here, not a FileNotFoundError traceback or a shape error (or a SIGBUS reading past its end).
+            file, want = self.manifest.shard_file(self.shards[k]), self.shards[k].num_tokens
+            try:
+                m = np.memmap(file, dtype=self.manifest.np_dtype, mode="r")
+            except (OSError, ValueError) as e:  # ValueError: an empty file cannot be mapped
+                raise DataError(f"shard {file}: cannot be read ({getattr(e, 'strerror', None) or e}); it was "
+                                "there when the run started: deleted, moved or unmounted since?") from None
+            if len(m) != want:
+                raise DataError(f"shard {file}: {len(m)} tokens, the manifest says {want} (truncated or replaced "
+                                "since the run started)")
             self._maps[k] = m
             if len(self._maps) > self._max_open:
                 self._maps.popitem(last=False)
