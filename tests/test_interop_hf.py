@@ -345,7 +345,16 @@ def test_convert_cli_errors_are_one_line(tmp_path, capsys):
     assert convert_main(["ds-to-hf", str(tmp_path / "mla_o"), str(tmp_path / "o3"), "--fold"]) == 0
     assert "folded MLA-o into o_proj" in capsys.readouterr().out
     save_export(random_model(cfg), cfg, tmp_path / "bad_tok", tokenizer=b"garbage")
-    for argv, message in [(["ds-to-hf", str(tmp_path / "bad_tok"), str(tmp_path / "o4")],
+    # A config.json without num_hidden_layers was a KeyError traceback from the MTP-depth probe, before the check
+    # that names missing keys
+    (tmp_path / "keyless").mkdir()
+    (tmp_path / "keyless" / "model.safetensors").write_bytes((tmp_path / "o3" / "model.safetensors").read_bytes())
+    hf_config = json.loads((tmp_path / "o3" / "config.json").read_text())
+    del hf_config["num_hidden_layers"]
+    (tmp_path / "keyless" / "config.json").write_text(json.dumps(hf_config))
+    for argv, message in [(["hf-to-ds", str(tmp_path / "keyless"), str(tmp_path / "o7")],
+                           f"{tmp_path / 'keyless' / 'config.json'}: missing key 'num_hidden_layers'"),
+                          (["ds-to-hf", str(tmp_path / "bad_tok"), str(tmp_path / "o4")],
                            f"{tmp_path / 'bad_tok'}: its tokenizer.model: not a sentencepiece model"),
                           (["hf-to-ds", str(tmp_path / "o3"), str(tmp_path / "o5"), "--tokenizer", str(tmp_path / "nope")],
                            f"--tokenizer {tmp_path / 'nope'}: no such file"),

@@ -269,6 +269,7 @@ def load_hf(path: str | Path, device: str | torch.device = "cpu", dtype: torch.d
     with ExitStack() as stack:
         weights = _Weights(path, stack)
         where = str(path / "config.json")
+        model_dict_from_hf(hf, 0, where)  # a foreign or incomplete config.json named first: _mtp_depth reads its keys
         config = full_config(model_dict_from_hf(hf, _mtp_depth(hf, weights), where), where=where)
         m, a = config.model, config.model.attention
         dtype = dtype or DTYPES.get(hf.get("dtype") or hf.get("torch_dtype"), torch.float32)
