@@ -7,7 +7,8 @@
 #   launch/smoke.sh [key.path=value ...]      (overrides go to both training runs)
 #
 # Environment: SMOKE_DIR (default runs/smoke in the repository): the shards go to SMOKE_DIR/data and
-# are reused while they verify; the training run in SMOKE_DIR starts from scratch every time.
+# are reused while they verify; the training run in SMOKE_DIR starts from scratch every time (its
+# checkpoints/, metrics.jsonl, config.yaml and wandb/ are removed; other files there are left alone).
 # NPROC (default 2; must be a multiple of 2 for EP=2), PYTHON as in launch/train.sh.
 set -euo pipefail
 # shellcheck source=launch/lib.sh
@@ -49,8 +50,9 @@ else
     "$PYTHON" "$REPO_ROOT/data_prep/verify_shards.py" --quiet "$data" >&2
 fi
 
-# 2. Training, from scratch: previous run outputs go (the data stays).
-find "$smoke_dir" -mindepth 1 -maxdepth 1 ! -name data ! -name prep -exec rm -rf {} +
+# 2. Training, from scratch: the previous smoke run's outputs go (the data stays), and nothing else: SMOKE_DIR may
+# name a directory holding other files (everything in it but data/ and prep/ was deleted).
+rm -rf "$smoke_dir/checkpoints" "$smoke_dir/metrics.jsonl" "$smoke_dir/config.yaml" "$smoke_dir/wandb"
 overrides=(data.path="$data" run.dir="$smoke_dir" "$@")
 max_steps=$("$PYTHON" "$LAUNCH_DIR/plan.py" value train.max_steps "$config" "${overrides[@]}")
 half=$((max_steps / 2 > 0 ? max_steps / 2 : 1))

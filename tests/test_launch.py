@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -322,3 +323,19 @@ def test_train_sh_sigterm(tmp_path, data, sig):
     assert meta["step"] == last and meta["world_size"] == 2
     leftover = subprocess.run(["pgrep", "-f", f"run.dir={run_dir}"], capture_output=True, text=True, check=False).stdout
     assert not leftover.strip(), leftover
+
+
+@pytest.mark.slow
+def test_smoke_removes_only_its_own_outputs_from_smoke_dir(tmp_path, data):
+    """smoke.sh started each training from scratch by deleting everything in SMOKE_DIR but data/ and prep/: a
+    SMOKE_DIR naming a directory in use (a home, a project) lost all of it."""
+    smoke_dir = tmp_path / "smoke"
+    shutil.copytree(data, smoke_dir / "data")  # verified shards: reused
+    (smoke_dir / "notes.txt").write_text("keep me")
+    (smoke_dir / "project").mkdir()
+    (smoke_dir / "metrics.jsonl").write_text('{"step": 99, "loss": 0.0}\n')  # an earlier smoke run's
+    proc = _run([LAUNCH / "smoke.sh", "train.max_steps=6", "train.eval_every=0", "train.save_every=0"],
+                _env(SMOKE_DIR=str(smoke_dir)), timeout=TIMEOUT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (smoke_dir / "notes.txt").read_text() == "keep me" and (smoke_dir / "project").is_dir()
+    assert [m["step"] for m in _metrics(smoke_dir)] == list(range(1, 7))
