@@ -438,8 +438,11 @@ def build_engine(cfg: Config, world: int, init_from: str | None = None, load_uni
         total = sum(p.ds_numel for p in model.parameters())
         print(f"zero_init: model built partitioned, rank 0 holds {held:,} of {total:,} parameters", flush=True)
     if init_from:
-        from .export import load_export
-        exported, _ = load_export(init_from, dtype=torch.float32)
+        from .export import ExportError, load_export
+        try:  # preflight read export.json; the weights are checked here (sha256, names, shapes), on every rank alike
+            exported, _ = load_export(init_from, dtype=torch.float32)
+        except ExportError as e:
+            raise PreflightError(f"train.init_from: {e}") from None
         with writable(*model.parameters()):  # the export is whole on every rank anyway
             model.load_state_dict(exported.state_dict())
     if cfg.train.compile:

@@ -1162,3 +1162,22 @@ def test_a_second_run_in_a_run_dir_in_use_is_refused(tmp_path, data):
     finally:
         held.close()
     lock_run_dir(run).close()  # free again once the holder is gone
+
+
+def test_a_corrupt_init_from_export_is_one_line(tmp_path, data):
+    """Preflight reads train.init_from's export.json; its weights' sha256 is checked when the engine loads them,
+    where an ExportError (a flipped byte) was a traceback on every rank."""
+    from deepseek_pt.config import load_config
+    from deepseek_pt.export import save_export
+    from deepseek_pt.model import Transformer
+
+    cfg = load_config(SMOKE, [f"data.path={data}"])
+    export = save_export(Transformer(cfg.model), cfg, tmp_path / "export")
+    weights = bytearray((export / "model.safetensors").read_bytes())
+    weights[-100] ^= 0x40
+    (export / "model.safetensors").write_bytes(bytes(weights))
+    proc = run_job([sys.executable, "-m", "deepseek_pt.train", "--config", str(SMOKE), f"data.path={data}",
+                    f"run.dir={tmp_path / 'run'}", "parallel.expert_parallel_size=1", "train.max_steps=2",
+                    f"train.init_from={export}"], timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert f"error: train.init_from: {export / 'model.safetensors'}: corrupt: sha256 " in proc.stderr, proc.stderr
