@@ -889,6 +889,36 @@ def test_a_save_whose_meta_json_or_latest_cannot_be_written_fails_on_every_rank(
     assert not (root / "step_00000004" / "meta.json").exists()
 
 
+def test_a_damaged_kept_universal_checkpoint_is_converted_again(tmp_path, monkeypatch):
+    """The universal checkpoint a resharding resume makes is kept and reused by later ones: one with a file truncated
+    since was loaded as it was, a torch.load traceback from deep inside DeepSpeed's load."""
+    import torch.distributed as dist
+
+    from deepseek_pt.engine import checkpoint
+
+    tag_dir = tmp_path / "checkpoints" / "step_00000004"
+    (tag_dir / "rng").mkdir(parents=True)
+    (tag_dir / "meta.json").write_text("{}")
+    conversions = []
+
+    def convert(src, out):
+        conversions.append(src)
+        (out / "zero" / "w").mkdir(parents=True)
+        (out / "zero" / "w" / "fp32.pt").write_bytes(b"x" * 100)
+        return out
+
+    monkeypatch.setattr(checkpoint, "convert_to_universal", convert)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    try:
+        out = checkpoint.ensure_universal(tag_dir)
+        assert checkpoint.ensure_universal(tag_dir) == out and len(conversions) == 1  # kept: reused
+        os.truncate(out / "zero" / "w" / "fp32.pt", 10)
+        assert checkpoint.ensure_universal(tag_dir) == out and len(conversions) == 2  # damaged: converted again
+        assert (out / "zero" / "w" / "fp32.pt").stat().st_size == 100
+    finally:
+        dist.destroy_process_group()
+
+
 @pytest.mark.parametrize("output, named", [
     ("Traceback (most recent call last):\n  ...\nRuntimeError: [enforce fail at inline_container.cc:672] . "
      "unexpected pos 704 vs 598", "No space left on device ("),

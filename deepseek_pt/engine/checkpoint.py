@@ -6,7 +6,8 @@ Layout under `<run.dir>/checkpoints/`:
         meta.json                written last by rank 0, after every rank finished: step, world and
                                  EP size, the settings a resume must match (model section, ZeRO
                                  stage, bf16), and the size + sha256 of every file (the completion marker)
-    step_00000020_universal/     made on demand to resume on another world size or EP size
+    step_00000020_universal/     made on demand to resume on another world size or EP size; kept, and reused
+                                 while its sizes.json and meta.json still match
     latest                       the newest complete tag, replaced atomically after meta.json
 """
 from __future__ import annotations
@@ -217,13 +218,14 @@ def ensure_universal(tag_dir: Path) -> Path:
     every rank if the conversion failed."""
     out = tag_dir.with_name(tag_dir.name + "_universal")
     failure = [None]
-    if dist.get_rank() == 0 and not (out / "meta.json").exists():
+    if dist.get_rank() == 0 and not _universal_intact(out, tag_dir):
         tmp = tag_dir.with_name(f".{out.name}.tmp")
         try:
             shutil.rmtree(tmp, ignore_errors=True)
             convert_to_universal(tag_dir, tmp)
             (tag_dir.parent / "latest_universal").unlink(missing_ok=True)  # its pointer names our temp dir
             with _disk_full_named(tmp, tag_dir):
+                atomic_write_text(tmp / UNIVERSAL_SIZES, json.dumps(_sizes(tmp)))
                 shutil.copytree(tag_dir / "rng", tmp / "rng", dirs_exist_ok=True)
                 shutil.copy2(tag_dir / "meta.json", tmp / "meta.json")
             if out.exists():
@@ -235,6 +237,28 @@ def ensure_universal(tag_dir: Path) -> Path:
     if failure[0]:
         raise CheckpointError(failure[0])
     return out
+
+
+UNIVERSAL_SIZES = "sizes.json"
+"""In a kept universal checkpoint: the size of each file the conversion wrote, checked before it is reused."""
+
+
+def _sizes(universal: Path) -> dict[str, int]:
+    return {str(p.relative_to(universal)): p.stat().st_size for p in universal.rglob("*") if p.is_file()}
+
+
+def _universal_intact(universal: Path, tag_dir: Path) -> bool:
+    """A kept universal checkpoint is reused by every later resume that reshards: one whose files were truncated or
+    removed since (or made before sizes.json was written), or made from another save of the step (its meta.json,
+    copied last, differs), is converted again, where DeepSpeed's load failed deep inside torch.load (a traceback)."""
+    try:
+        want = json.loads((universal / UNIVERSAL_SIZES).read_text())
+        if (universal / "meta.json").read_bytes() != (tag_dir / "meta.json").read_bytes():
+            return False
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    have = _sizes(universal)
+    return isinstance(want, dict) and all(have.get(name) == size for name, size in want.items())
 
 
 def convert_to_universal(tag_dir: Path, out: Path) -> Path:
