@@ -27,3 +27,12 @@ def test_a_resume_with_nothing_past_its_step_leaves_the_file_alone(tmp_path):
     (tmp_path / "metrics.jsonl").write_text(text)
     MetricsLogger(tmp_path, cfg, True, 4, None).close()
     assert (tmp_path / "metrics.jsonl").read_text() == text
+
+
+def test_a_torn_line_that_is_not_utf8_is_dropped_too(tmp_path, capsys):
+    """Garbage bytes after a crash were a UnicodeDecodeError traceback at the resume."""
+    text = "".join(json.dumps({"step": s}) + "\n" for s in range(1, 5))
+    (tmp_path / "metrics.jsonl").write_bytes(text.encode() + b'{"step": 5, "lo\xff\xfe')
+    MetricsLogger(tmp_path, config_from_dict({}), True, 4, None).close()
+    assert (tmp_path / "metrics.jsonl").read_text() == text
+    assert "dropped 1 lines past step 4" in capsys.readouterr().out

@@ -97,7 +97,9 @@ def _keep_steps_up_to(path: Path, step: int) -> None:
     appear once, with what the resumed run did."""
     if not path.exists():
         return
-    lines = path.read_text().splitlines(keepends=True)
+    # A crash can leave other bytes than a cut line (a block of garbage that is not UTF-8): such a line is torn too,
+    # not a UnicodeDecodeError traceback on rank 0 while the other ranks wait in their first collective
+    lines = path.read_text(errors="replace").splitlines(keepends=True)
     kept = []
     for line in lines:
         try:
