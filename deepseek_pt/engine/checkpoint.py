@@ -108,16 +108,15 @@ def save(engine, run_dir: Path, step: int, client_state: dict, ep_size: int, kee
             atomic_write_text(tag_dir / "meta.json", json.dumps(meta, indent=1))
             try:
                 atomic_write_text(root / "latest", tag + "\n")
-            except OSError:
-                # A complete checkpoint newer than `latest` would make the resume a refused rollback in place:
-                # it counts as incomplete instead, and the resume takes the one `latest` still names.
+            except OSError:  # `latest` cannot name it: it counts as incomplete, and `latest` names the newest complete
                 (tag_dir / "meta.json").unlink(missing_ok=True)
                 raise
-            _prune(root, keep_last)
         except OSError as e:  # a full disk, `latest` not a file: the other ranks wait below, told, not left hanging
             failure = [f"{tag_dir}: writing the checkpoint failed on rank 0 ({describe_os_error(e)}); "
                        f"{shutil.disk_usage(root).free / 2**30:.1f} GiB free on that filesystem. The incomplete "
                        f"{tag} (no meta.json) is ignored on resume and pruned by a later save"]
+        else:
+            _prune(root, keep_last)  # what it cannot remove stays: a later save tries again
     dist.broadcast_object_list(failure, src=0)  # also the barrier: every rank returns once the save is complete
     if failure[0]:
         raise CheckpointError(failure[0])
