@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import NamedTuple
@@ -14,7 +15,7 @@ from safetensors.torch import load_file
 
 from deepseek_pt.config import load_config
 from deepseek_pt.engine import export as ckpt_export
-from deepseek_pt.engine.checkpoint import CheckpointError
+from deepseek_pt.engine.checkpoint import UNIVERSAL_SIZES, CheckpointError, keep_universal
 from deepseek_pt.engine.export import export_checkpoint, read_model_states
 
 pytestmark = pytest.mark.slow
@@ -128,9 +129,7 @@ def test_reuses_a_complete_universal_checkpoint_and_casts_to_bf16(trained, train
     run = tmp_path / "run"
     shutil.copytree(trained, run)
     tag_dir = run / "checkpoints" / "step_00000004"
-    universal = tag_dir.with_name(tag_dir.name + "_universal")  # as checkpoint.ensure_universal leaves it
-    ckpt_export.convert_to_universal(tag_dir, universal)
-    shutil.copy2(tag_dir / "meta.json", universal / "meta.json")
+    universal = keep_universal(tag_dir)  # as a resume on another topology leaves it
 
     def no_conversion(*args):
         raise AssertionError("converted again although a complete universal checkpoint was there")
@@ -149,11 +148,17 @@ def test_reuses_a_complete_universal_checkpoint_and_casts_to_bf16(trained, train
     (universal / "meta.json").write_text(json.dumps({**meta, "step": 99}))
     with pytest.raises(AssertionError, match="converted again"):
         export_checkpoint(tag_dir, tmp_path / "stale")
-    # ... and a tensor missing from a trusted one is named.
-    (universal / "meta.json").write_text(json.dumps(meta))
+    # ... a tensor a conversion left out of a trusted one is named ...
+    shutil.copy2(tag_dir / "meta.json", universal / "meta.json")
     shutil.rmtree(universal / "zero" / "layers.1.mlp.experts.w3")
+    (universal / UNIVERSAL_SIZES).write_text(json.dumps({str(p.relative_to(universal)): p.stat().st_size
+                                                         for p in (universal / "zero").rglob("*") if p.is_file()}))
     with pytest.raises(CheckpointError, match=r"missing tensor.*layers\.1\.mlp\.experts\.0\.up_proj\.weight"):
         export_checkpoint(universal, tmp_path / "broken")  # a *_universal path exports its step_* source
+    # ... and one with a file cut short since it was kept is not trusted (a torch.load traceback before).
+    os.truncate(next((universal / "zero").glob("*/fp32.pt")), 10)
+    with pytest.raises(AssertionError, match="converted again"):
+        export_checkpoint(tag_dir, tmp_path / "cut")
 
 
 def test_bad_checkpoints_are_named(trained, tmp_path, capsys):

@@ -212,29 +212,40 @@ def verify(tag_dir: Path, collective: bool = True) -> dict:
 
 
 def ensure_universal(tag_dir: Path) -> Path:
-    """Collective: rank 0 converts the checkpoint with DeepSpeed's ds_to_universal (once; the result
-    is kept beside it), the others wait. Returns the universal checkpoint's directory; CheckpointError on
-    every rank if the conversion failed."""
-    out = tag_dir.with_name(tag_dir.name + "_universal")
+    """Collective: rank 0 converts the checkpoint with DeepSpeed's ds_to_universal unless an intact conversion is
+    kept beside it, the others wait. Returns the universal checkpoint's directory; CheckpointError on every rank if
+    the conversion failed."""
     failure = [None]
-    if dist.get_rank() == 0 and not _universal_intact(out, tag_dir):
-        tmp = tag_dir.with_name(f".{out.name}.tmp")
+    if dist.get_rank() == 0 and kept_universal(tag_dir) is None:
         try:
-            shutil.rmtree(tmp, ignore_errors=True)
-            convert_to_universal(tag_dir, tmp)
-            (tag_dir.parent / "latest_universal").unlink(missing_ok=True)  # its pointer names our temp dir
-            with _disk_full_named(tmp, tag_dir):
-                atomic_write_text(tmp / UNIVERSAL_SIZES, json.dumps(_sizes(tmp)))
-                shutil.copytree(tag_dir / "rng", tmp / "rng", dirs_exist_ok=True)
-                shutil.copy2(tag_dir / "meta.json", tmp / "meta.json")
-            if out.exists():
-                shutil.rmtree(out)
-            tmp.rename(out)
+            keep_universal(tag_dir)
         except CheckpointError as e:
             failure = [str(e)]
     dist.broadcast_object_list(failure, src=0)  # the other ranks must not wait on a conversion that failed
     if failure[0]:
         raise CheckpointError(failure[0])
+    return _universal_dir(tag_dir)
+
+
+def _universal_dir(tag_dir: Path) -> Path:
+    return tag_dir.with_name(tag_dir.name + "_universal")
+
+
+def keep_universal(tag_dir: Path) -> Path:
+    """Convert the checkpoint into `step_*_universal` beside it, kept for later resumes and exports, with the size
+    of each file (sizes.json) and the checkpoint's meta.json, copied last: what kept_universal checks."""
+    out = _universal_dir(tag_dir)
+    tmp = tag_dir.with_name(f".{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    convert_to_universal(tag_dir, tmp)
+    (tag_dir.parent / "latest_universal").unlink(missing_ok=True)  # its pointer names our temp dir
+    with _disk_full_named(tmp, tag_dir):
+        atomic_write_text(tmp / UNIVERSAL_SIZES, json.dumps(_sizes(tmp)))
+        shutil.copytree(tag_dir / "rng", tmp / "rng", dirs_exist_ok=True)
+        shutil.copy2(tag_dir / "meta.json", tmp / "meta.json")
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
     return out
 
 
@@ -246,18 +257,20 @@ def _sizes(universal: Path) -> dict[str, int]:
     return {str(p.relative_to(universal)): p.stat().st_size for p in universal.rglob("*") if p.is_file()}
 
 
-def _universal_intact(universal: Path, tag_dir: Path) -> bool:
-    """A kept universal checkpoint is reused by every later resume that reshards: one whose files were truncated or
-    removed since (or made before sizes.json was written), or made from another save of the step (its meta.json,
-    copied last, differs), is converted again, where DeepSpeed's load failed deep inside torch.load (a traceback)."""
+def kept_universal(tag_dir: Path) -> Path | None:
+    """The universal checkpoint kept beside `tag_dir` (keep_universal), if it can be reused: not one whose files were
+    truncated or removed since (or made before sizes.json was written), or made from another save of the step (its
+    meta.json differs), which DeepSpeed's load failed on deep inside torch.load (a traceback)."""
+    universal = _universal_dir(tag_dir)
     try:
         want = json.loads((universal / UNIVERSAL_SIZES).read_text())
         if (universal / "meta.json").read_bytes() != (tag_dir / "meta.json").read_bytes():
-            return False
+            return None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return False
+        return None
     have = _sizes(universal)
-    return isinstance(want, dict) and all(have.get(name) == size for name, size in want.items())
+    intact = isinstance(want, dict) and all(have.get(name) == size for name, size in want.items())
+    return universal if intact else None
 
 
 def convert_to_universal(tag_dir: Path, out: Path) -> Path:

@@ -38,7 +38,7 @@ import torch
 from ..config import Config, ConfigError, load_config
 from ..fileio import describe_os_error
 from ..model.moe import MoE
-from .checkpoint import CheckpointError, checkpoints_dir, convert_to_universal, read_latest, verify
+from .checkpoint import CheckpointError, checkpoints_dir, convert_to_universal, kept_universal, read_latest, verify
 
 DTYPE_NAMES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
 EXPERT_WEIGHTS = ("w1", "w2", "w3")
@@ -100,23 +100,11 @@ def read_model_states(tag_dir: Path) -> dict:
 # Universal conversion
 
 
-def _complete_universal(tag_dir: Path, meta: dict) -> Path | None:
-    """`step_*_universal` beside the checkpoint if checkpoint.ensure_universal finished it for this
-    very checkpoint (its meta.json, copied last, equals the checkpoint's)."""
-    out = tag_dir.with_name(tag_dir.name + "_universal")
-    try:
-        if (out / "zero").is_dir() and json.loads((out / "meta.json").read_text()) == meta:
-            return out
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        pass
-    return None
-
-
 @contextmanager
-def universal_checkpoint(tag_dir: Path, meta: dict, scratch_parent: Path):
-    """Yields a universal checkpoint of tag_dir: the existing complete one, or a fresh conversion in a
+def universal_checkpoint(tag_dir: Path, scratch_parent: Path):
+    """Yields a universal checkpoint of tag_dir: the one kept beside it (checkpoint.kept_universal), or a fresh conversion in a
     scratch directory under scratch_parent (same filesystem as the export; removed afterwards)."""
-    existing = _complete_universal(tag_dir, meta)
+    existing = kept_universal(tag_dir)
     if existing is not None:
         yield existing
         return
@@ -299,7 +287,7 @@ def load_checkpoint_model(checkpoint: str | Path, scratch_parent: str | Path | N
     states = read_model_states(tag_dir)
     model = Transformer(cfg.model)
     scratch = Path(scratch_parent) if scratch_parent is not None else Path(tempfile.gettempdir())
-    with universal_checkpoint(tag_dir, meta, scratch) as universal_dir:
+    with universal_checkpoint(tag_dir, scratch) as universal_dir:
         universal = read_universal(universal_dir)
     state = universal_to_state_dict(universal, states, model, f"checkpoint {tag_dir}")
     model.load_state_dict(state, strict=True)
