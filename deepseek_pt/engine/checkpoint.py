@@ -25,7 +25,13 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from ..fileio import atomic_path, atomic_write_text, describe_os_error, is_disk_full, sha256_file
+from ..fileio import (
+    atomic_path,
+    atomic_write_text,
+    describe_os_error,
+    is_disk_full,
+    sha256_file,
+)
 
 FORMAT_VERSION = 1
 
