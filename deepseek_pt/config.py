@@ -200,7 +200,7 @@ class TrainConfig:
     exit_after_minutes: float | None = None
     """Checkpoint and exit 0 once this much wall time has passed (a job near its time limit)."""
     resume: str = "auto"
-    """`auto` = latest complete checkpoint in run.dir if any; `none` = start fresh; or a checkpoint path. A start
+    """`auto` = the newest complete checkpoint in run.dir if any; `none` = start fresh; or a checkpoint path. A start
     from step 0 is refused while run.dir holds complete checkpoints (its saves would overwrite and prune them)."""
     lr: float = 3e-4
     """Peak learning rate."""

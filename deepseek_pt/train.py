@@ -140,8 +140,7 @@ def preflight(cfg: Config, world_size: int) -> None:
     found = sorted(root.glob("step_*[0-9]/meta.json")) if cfg.train.checkpoints else []
     if resume_dir is None and found:
         # A fresh run's saves would replace those of the same steps and be pruned in favour of higher ones.
-        why = " (no checkpoints/latest)" if cfg.train.resume == "auto" else ""
-        raise PreflightError(f"train.resume: {cfg.train.resume} starts from step 0{why}, but {root} holds complete "
+        raise PreflightError(f"train.resume: {cfg.train.resume} starts from step 0, but {root} holds complete "
                              f"checkpoints (newest {found[-1].parent.name}) that this run's saves would overwrite "
                              "or prune: use another run.dir, give train.resume a checkpoint's path, or remove them")
     if resume_dir is not None and found and resume_dir.parent.resolve() == root.resolve() \

@@ -694,19 +694,25 @@ def test_a_save_killed_between_its_meta_json_and_latest_resumes_from_it(tmp_path
     assert proc.returncode == 0, proc.stderr
 
 
-@pytest.mark.parametrize("resume, latest", [("none", True), ("auto", False)])
-def test_a_fresh_start_over_complete_checkpoints_is_refused(tmp_path, data, resume, latest):
+@pytest.mark.parametrize("latest", [True, False])
+def test_a_fresh_start_over_complete_checkpoints_is_refused(tmp_path, data, latest):
     """Its saves would replace the old run's checkpoints of the same steps, and pruning (by step) would delete its
-    own in favour of the old run's later ones, leaving `latest` naming a deleted checkpoint."""
+    own in favour of the old run's later ones, leaving `latest` naming a deleted checkpoint. Without `latest` (the
+    first save killed between its meta.json and `latest`), resume=auto takes the newest complete checkpoint: it was
+    refused as such a fresh start."""
+    from deepseek_pt.engine import checkpoint
+
     run = tmp_path / "run"
-    (run / "checkpoints" / "step_00000008").mkdir(parents=True)
-    (run / "checkpoints" / "step_00000008" / "meta.json").write_text("{}")
+    for step in (4, 8):
+        (run / "checkpoints" / f"step_0000000{step}").mkdir(parents=True)
+        (run / "checkpoints" / f"step_0000000{step}" / "meta.json").write_text("{}")
     if latest:
         (run / "checkpoints" / "latest").write_text("step_00000008\n")
-    proc = _direct(f"data.path={data}", f"run.dir={run}", f"train.resume={resume}", "--check-only")
+    proc = _direct(f"data.path={data}", f"run.dir={run}", "train.resume=none", "--check-only")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert (f"train.resume: {resume} starts from step 0" in proc.stderr
+    assert ("train.resume: none starts from step 0" in proc.stderr
             and f"{run / 'checkpoints'} holds complete checkpoints (newest step_00000008)" in proc.stderr), proc.stderr
+    assert checkpoint.resolve("auto", run) == ckpt(run, 8)
 
 
 def test_a_checkpoint_this_config_cannot_load_is_refused_before_start(tmp_path, data):

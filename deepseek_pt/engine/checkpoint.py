@@ -142,21 +142,20 @@ def _prune(root: Path, keep_last: int) -> None:
 
 
 def resolve(resume: str, run_dir: Path) -> Path | None:
-    """The checkpoint directory to resume from: `auto` (latest complete, if any), `none`, or a path."""
+    """The checkpoint directory to resume from: `auto` (the newest complete, if any), `none`, or a path."""
     if resume == "none":
         return None
     if resume == "auto":
-        latest = checkpoints_dir(run_dir) / "latest"
-        if not latest.exists():
-            return None
-        tag_dir = latest.parent / read_latest(latest)
-        if not (tag_dir / "meta.json").exists():
-            raise CheckpointError(f"{latest} points to {tag_dir}, which is missing or incomplete (no meta.json)")
-        # A save killed between its meta.json and `latest` (both renamed into place) leaves a complete checkpoint
-        # newer than `latest`: the newest complete one is where the run stood (resuming `latest`'s would be a
-        # rollback in place, which preflight refuses).
-        newest = max((p.parent for p in latest.parent.glob("step_*[0-9]/meta.json")), key=lambda p: p.name)
-        return newest if newest.name > tag_dir.name else tag_dir
+        root = checkpoints_dir(run_dir)
+        latest = root / "latest"
+        if latest.exists():
+            tag_dir = root / read_latest(latest)
+            if not (tag_dir / "meta.json").exists():
+                raise CheckpointError(f"{latest} points to {tag_dir}, which is missing or incomplete (no meta.json)")
+        # The newest complete checkpoint, which `latest` names unless a save was killed between renaming its meta.json
+        # and `latest` into place (the first save: no `latest` yet); resuming an older one would roll back in place.
+        complete = sorted(p.parent for p in root.glob("step_*[0-9]/meta.json"))
+        return complete[-1] if complete else None
     tag_dir = Path(resume)
     if (tag_dir / "latest").exists() and not (tag_dir / "meta.json").exists():  # a checkpoints/ dir
         return resolve("auto", tag_dir.parent)
