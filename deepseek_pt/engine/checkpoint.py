@@ -149,7 +149,7 @@ def resolve(resume: str, run_dir: Path) -> Path | None:
         root = checkpoints_dir(run_dir)
         latest = root / "latest"
         if latest.exists():
-            tag_dir = root / read_latest(latest)
+            tag_dir = root / _read_latest(latest)
             if not (tag_dir / "meta.json").exists():
                 raise CheckpointError(f"{latest} points to {tag_dir}, which is missing or incomplete (no meta.json)")
         # The newest complete checkpoint, which `latest` names unless a save was killed between renaming its meta.json
@@ -166,7 +166,7 @@ def resolve(resume: str, run_dir: Path) -> Path | None:
     return tag_dir
 
 
-def read_latest(latest: Path) -> str:
+def _read_latest(latest: Path) -> str:
     """The tag a `latest` file names; CheckpointError naming it if it cannot be read as text (a corrupt file, a
     directory), not a UnicodeDecodeError or IsADirectoryError traceback."""
     try:

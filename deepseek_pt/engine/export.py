@@ -38,7 +38,7 @@ import torch
 from ..config import Config, ConfigError, load_config
 from ..fileio import describe_os_error
 from ..model.moe import MoE
-from .checkpoint import CheckpointError, checkpoints_dir, convert_to_universal, kept_universal, read_latest, verify
+from .checkpoint import CheckpointError, checkpoints_dir, convert_to_universal, kept_universal, resolve, verify
 
 DTYPE_NAMES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
 EXPERT_WEIGHTS = ("w1", "w2", "w3")
@@ -67,15 +67,12 @@ def resolve_checkpoint(path: str | Path) -> Path:
         return path
     if path.name.startswith("step_"):
         raise CheckpointError(f"{path}: incomplete checkpoint (no meta.json: its save did not finish)")
-    root = path if (path / "latest").exists() else checkpoints_dir(path)
-    latest = root / "latest"
-    if not latest.exists():
-        if root.is_dir():
-            raise CheckpointError(f"{root}: no complete checkpoint ({latest} is missing)")
+    run_dir = path.parent if path.name == "checkpoints" else path
+    if not checkpoints_dir(run_dir).is_dir():
         raise CheckpointError(f"{path}: not a run directory, a checkpoints/ directory or a step_* checkpoint")
-    tag_dir = root / read_latest(latest)
-    if not (tag_dir / "meta.json").exists():
-        raise CheckpointError(f"{latest} points to {tag_dir}, which is missing or incomplete (no meta.json)")
+    tag_dir = resolve("auto", run_dir)  # the checkpoint a resume would take
+    if tag_dir is None:
+        raise CheckpointError(f"{checkpoints_dir(run_dir)}: no complete checkpoint")
     return tag_dir
 
 
