@@ -925,6 +925,20 @@ def test_a_damaged_kept_universal_checkpoint_is_converted_again(tmp_path, monkey
         dist.destroy_process_group()
 
 
+def test_a_resharding_resume_of_a_read_only_checkpoint_says_to_copy_it(tmp_path, monkeypatch):
+    """The universal conversion is written beside the checkpoint: on a read-only mount it failed inside
+    ds_to_universal, one line that did not say what to do."""
+    from deepseek_pt.engine import checkpoint
+
+    tag_dir = tmp_path / "checkpoints" / "step_00000004"
+    tag_dir.mkdir(parents=True)
+    monkeypatch.setattr(checkpoint.os, "access", lambda path, mode: Path(path) != tag_dir.parent)
+    monkeypatch.setattr(checkpoint, "convert_to_universal", lambda *a: pytest.fail("converted into a read-only dir"))
+    with pytest.raises(checkpoint.CheckpointError, match=f"but {tag_dir.parent} is not writable: copy the checkpoint "
+                       "into a writable checkpoints/ directory and resume from there"):
+        checkpoint.keep_universal(tag_dir)
+
+
 @pytest.mark.parametrize("output, named", [
     ("Traceback (most recent call last):\n  ...\nRuntimeError: [enforce fail at inline_container.cc:672] . "
      "unexpected pos 704 vs 598", "No space left on device ("),

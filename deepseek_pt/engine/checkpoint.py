@@ -240,6 +240,10 @@ def keep_universal(tag_dir: Path) -> Path:
     """Convert the checkpoint into `step_*_universal` beside it, kept for later resumes and exports, with the size
     of each file (sizes.json) and the checkpoint's meta.json, copied last: what kept_universal checks."""
     out = _universal_dir(tag_dir)
+    if not os.access(tag_dir.parent, os.W_OK | os.X_OK):  # a read-only mount, an archive of another user's run
+        raise CheckpointError(f"{tag_dir}: a resume on another world size or EP size converts it into {out}, but "
+                              f"{tag_dir.parent} is not writable: copy the checkpoint into a writable checkpoints/ "
+                              "directory and resume from there")
     tmp = tag_dir.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     convert_to_universal(tag_dir, tmp)
