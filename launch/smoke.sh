@@ -8,7 +8,8 @@
 #
 # Environment: SMOKE_DIR (default runs/smoke in the repository): the shards go to SMOKE_DIR/data and
 # are reused while they verify; the training run in SMOKE_DIR starts from scratch every time (its
-# checkpoints/, metrics.jsonl, config.yaml and wandb/ are removed; other files there are left alone).
+# checkpoints/, metrics.jsonl, config.yaml and wandb/ are removed; other files there are left alone;
+# a SMOKE_DIR that a training run still holds is refused).
 # NPROC (default 2; must be a multiple of 2 for EP=2), PYTHON as in launch/train.sh.
 set -euo pipefail
 # shellcheck source=launch/lib.sh
@@ -23,6 +24,10 @@ export PYTHON
 smoke_dir=${SMOKE_DIR:-$REPO_ROOT/runs/smoke}
 mkdir -p "$smoke_dir"
 smoke_dir=$(cd -- "$smoke_dir" && pwd)
+# A smoke job still training here (deepseek_pt.train holds run.dir/.lock) would lose its shards and checkpoints.
+if [[ -e $smoke_dir/.lock ]] && command -v flock >/dev/null && ! flock -n "$smoke_dir/.lock" true; then
+    die 2 "$smoke_dir is in use by a training run ($(<"$smoke_dir/.lock")): wait for it to end, or set SMOKE_DIR"
+fi
 data=$smoke_dir/data
 prep=$smoke_dir/prep
 config=$REPO_ROOT/configs/smoke.yaml

@@ -325,6 +325,23 @@ def test_train_sh_sigterm(tmp_path, data, sig):
     assert not leftover.strip(), leftover
 
 
+def test_smoke_refuses_a_smoke_dir_a_training_run_holds(tmp_path):
+    """A second smoke.sh in the SMOKE_DIR of one still training removed the first's checkpoints under it."""
+    import fcntl
+
+    smoke_dir = tmp_path / "smoke"
+    smoke_dir.mkdir()
+    (smoke_dir / "checkpoints").mkdir()
+    with open(smoke_dir / ".lock", "a+") as lock:  # as deepseek_pt.train holds its run.dir
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        lock.write("pid 123 on host\n")
+        lock.flush()
+        proc = _run([LAUNCH / "smoke.sh"], _env(SMOKE_DIR=str(smoke_dir)), timeout=120)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert f"{smoke_dir} is in use by a training run (pid 123 on host): wait for it to end" in proc.stderr
+    assert (smoke_dir / "checkpoints").is_dir()
+
+
 @pytest.mark.slow
 def test_smoke_removes_only_its_own_outputs_from_smoke_dir(tmp_path, data):
     """smoke.sh started each training from scratch by deleting everything in SMOKE_DIR but data/ and prep/: a
