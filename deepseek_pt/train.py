@@ -738,9 +738,8 @@ def train(cfg: Config) -> int:
         loss_sum = train_step(engine, cfg, batches, parts=parts)
         step += 1
         tokens_seen += tokens_per_step
-        # A skipped step (non-finite gradients, the same on every rank) leaves the biases too: its routing was NaN's.
-        skipped = engine.skipped_steps > skipped_before
-        expert_load = None if skipped else balance.update_balance(engine.module, cfg.model.moe.bias_update_rate)
+        skipped = engine.skipped_steps > skipped_before  # non-finite gradients: the same on every rank
+        expert_load = balance.update_balance(engine.module, cfg.model.moe.bias_update_rate, applied=not skipped)
         if device.type == "cuda":
             torch.cuda.synchronize()
         dt = time.perf_counter() - t0

@@ -62,3 +62,21 @@ def test_biases_round_trip_and_layer_count_is_checked():
         assert "checkpoint holds 1 balancing biases, the model has 3 MoE layers" in str(e)
     else:
         raise AssertionError("layer count mismatch accepted")
+
+
+def test_a_skipped_steps_counts_are_dropped_not_carried_into_the_next_update():
+    """The loop did not update the biases after a skipped step but left its counts (NaN routing) to be summed into
+    the next step's update."""
+    torch.manual_seed(0)
+    model = Transformer(tiny().model).eval()
+    ids = torch.randint(0, model.config.vocab_size, (4, 16), generator=torch.Generator().manual_seed(1))
+    def routed() -> int:
+        return sum(int(moe.tokens_per_expert.sum()) for moe in model.moe_layers())
+
+    with torch.no_grad():
+        model(ids)  # the skipped step's routing
+        one_step, before = routed(), balance_biases(model)
+        assert update_balance(model, rate=0.01, applied=False) is None
+        assert all(torch.equal(a, b) for a, b in zip(before, balance_biases(model), strict=True))
+        model(ids)
+        assert routed() == one_step > 0  # the next update sees its own step's counts only

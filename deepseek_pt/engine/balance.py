@@ -65,11 +65,14 @@ def moe_routers(model: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
 
 
 @torch.no_grad()
-def update_balance(model: nn.Module, rate: float) -> float | None:
+def update_balance(model: nn.Module, rate: float, applied: bool = True) -> float | None:
     """Sum counts over ranks, update biases by rate * sign(mean - load), reset counts.
-    Returns the expert load violation: max over layers of (max load / mean load - 1)."""
+    Returns the expert load violation: max over layers of (max load / mean load - 1). After a step the optimizer
+    skipped (`applied` false: non-finite gradients, on every rank alike) the counts of its NaN routing are dropped,
+    and nothing moves or is returned: they would count in the next step's update."""
     routers = moe_routers(model)
-    if not routers:
+    if not routers or not applied:
+        reset_counts(model)
         return None
     counts = torch.stack([c.float() for c, _ in routers])  # [layers, experts]
     if dist.is_initialized():
