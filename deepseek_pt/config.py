@@ -696,6 +696,9 @@ def validate(cfg: Config, where: str = "<config>") -> None:
           f"{cfg.parallel.expert_parallel_size} does not divide model.moe.n_routed_experts ({moe.n_routed_experts})")
     _validate_blend(cfg.data, check)
     check(cfg.data.seq_len <= m.max_seq_len, "data.seq_len", f"{cfg.data.seq_len} > model.max_seq_len ({m.max_seq_len})")
+    check(m.mtp_depth < cfg.data.seq_len, "model.mtp_depth",
+          f"{m.mtp_depth} >= data.seq_len ({cfg.data.seq_len}): depth k predicts the token k + 1 ahead, so a sequence "
+          "needs more positions than the deepest module")
     if isinstance(cfg.train.activation_checkpointing, list):
         layers = cfg.train.activation_checkpointing
         bad = [i for i in layers if not 0 <= i < m.n_layers]

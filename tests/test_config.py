@@ -52,6 +52,7 @@ def _write(tmp_path, data) -> Path:
     ({}, ["model.dim"], "expected key.path=value"),
     ({"model": 3}, [], "model: expected a mapping"),
     ({}, ["model.moe.n_dense_layers=-1"], "model.moe.n_dense_layers: must be >= 0, got -1"),
+    ({"data": {"seq_len": 64}}, ["model.mtp_depth=64"], "model.mtp_depth: 64 >= data.seq_len (64): depth k predicts"),
     ({}, ["train.activation_checkpointing=[0, 7]"], "train.activation_checkpointing: block 7 is not in 0 .. "),
     ({}, ["train.activation_checkpointing=[1, 1]"], "train.activation_checkpointing: a block is listed twice"),
     ({}, ["train.activation_checkpointing=[1, x]"], "train.activation_checkpointing: expected bool | list of int"),
