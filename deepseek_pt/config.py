@@ -628,6 +628,11 @@ def _validate_blend(data: DataConfig, check) -> None:
         check(False, f"data.blend[{e.source}].weight", e.reason)
 
 
+MAX_TIMEOUT_MINUTES = 525_600
+"""parallel.timeout_minutes' ceiling, a year: torch keeps a process group's timeout in int64 nanoseconds (292 years),
+and a timedelta beyond that overflows there (a negative timeout) or in Python."""
+
+
 def validate(cfg: Config, where: str = "<config>") -> None:
     def check(ok: bool, key: str, msg: str) -> None:
         if not ok:
@@ -747,8 +752,8 @@ def validate(cfg: Config, where: str = "<config>") -> None:
                   f"{key} under ZeRO-3 needs it true: the linears' FP8 weights are cast before the block runs, from "
                   "weights that only a block-wide gather brings by then")
     if cfg.parallel.timeout_minutes is not None:
-        check(cfg.parallel.timeout_minutes > 0, "parallel.timeout_minutes",
-              f"must be positive, got {cfg.parallel.timeout_minutes}")
+        check(0 < cfg.parallel.timeout_minutes <= MAX_TIMEOUT_MINUTES, "parallel.timeout_minutes",
+              f"must be in (0, {MAX_TIMEOUT_MINUTES}] (a year), got {cfg.parallel.timeout_minutes:g}")
     check(cfg.train.lr > 0, "train.lr", f"must be positive, got {cfg.train.lr}")
     check(cfg.train.min_lr <= cfg.train.lr, "train.min_lr", f"{cfg.train.min_lr} > train.lr ({cfg.train.lr})")
     check(0 <= cfg.train.beta1 < 1, "train.beta1", f"must be in [0, 1), got {cfg.train.beta1}")

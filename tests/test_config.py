@@ -72,6 +72,7 @@ def _write(tmp_path, data) -> Path:
     ({"model": {"init_std": "nan"}}, [], "model.init_std: must be a finite number, got nan"),
     ({}, ["model.moe.route_scale=-1"], "model.moe.route_scale: must be positive, got -1.0"),
     ({}, ["train.peak_tflops=-1"], "train.peak_tflops: must be positive, got -1.0"),
+    ({}, ["parallel.timeout_minutes=1e30"], "parallel.timeout_minutes: must be in (0, 525600] (a year), got 1e+30"),
     ({}, ["parallel.zero_persistence_threshold=-5"], "parallel.zero_persistence_threshold: must be >= 0, got -5"),
     ({"train": {"schedule": "wsd", "max_steps": 10, "warmup_steps": 9, "wsd_decay_fraction": 0.2}}, [],
      "train.warmup_steps: 9 runs into schedule wsd's decay, which starts at step 8"),
