@@ -686,6 +686,11 @@ def validate(cfg: Config, where: str = "<config>") -> None:
               f"must be positive, got {r.original_max_position_embeddings}")
         check(r.beta_fast > r.beta_slow, "model.attention.rope.beta_fast",
               f"must exceed beta_slow ({r.beta_slow}), got {r.beta_fast}")
+        # YaRN's ramp divides by log(theta) and takes the log of max_pos / beta; its magnitude divides by mscales
+        check(r.theta > 1, "model.attention.rope.theta", f"must exceed 1 for yarn, got {r.theta}")
+        check(r.beta_slow > 0, "model.attention.rope.beta_slow", f"must be positive for yarn, got {r.beta_slow}")
+        for key, v in (("mscale", r.mscale), ("mscale_all_dim", r.mscale_all_dim)):
+            check(v >= 0, f"model.attention.rope.{key}", f"must be >= 0 for yarn, got {v}")
     check(moe.top_k <= moe.n_routed_experts, "model.moe.top_k",
           f"{moe.top_k} > model.moe.n_routed_experts ({moe.n_routed_experts})")
     check(moe.n_routed_experts % moe.n_expert_groups == 0, "model.moe.n_expert_groups",
