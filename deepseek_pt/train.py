@@ -373,6 +373,11 @@ def rendezvous_env() -> str | None:
 def init_distributed(cfg: Config) -> tuple[int, int, torch.device]:
     import deepspeed
 
+    # Here, not in preflight: --check-only may run on a launch host without the ranks' GPUs (launch/hostfile.sh).
+    if cfg.parallel.backend == "nccl" and not (torch.cuda.is_available() and dist.is_nccl_available()):
+        raise PreflightError("parallel.backend: nccl needs CUDA GPUs and a torch built with NCCL, and "
+                             f"{'this torch has no NCCL' if torch.cuda.is_available() else 'no GPU is visible here'}: "
+                             "use parallel.backend=auto (gloo on CPU) or gloo")
     if alone := rendezvous_env():
         print(alone, flush=True)
 

@@ -163,3 +163,16 @@ def test_params_report_on_the_published_671b_shape(capsys):
 def test_params_cli_reports_bad_config(tmp_path, capsys):
     assert params_main([str(_write(tmp_path, {"model": {"moe": {"top_k": 0}}}))]) == 2
     assert "model.moe.top_k: must be positive" in capsys.readouterr().err
+
+
+def test_nccl_without_a_gpu_is_refused_before_the_rendezvous(monkeypatch):
+    """parallel.backend=nccl on a CPU machine was accepted, then DeepSpeed's init_distributed raised 'Distributed
+    package doesn't have NCCL built in' (a traceback) after building its CPU collectives."""
+    from deepseek_pt import train
+
+    cfg = load_config(CONFIGS / "smoke.yaml", ["parallel.backend=nccl"])
+    monkeypatch.setattr(train.torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(train, "rendezvous_env", lambda: pytest.fail("reached the rendezvous"))
+    with pytest.raises(train.PreflightError, match=r"^parallel.backend: nccl needs CUDA GPUs and a torch built with "
+                                                   r"NCCL, and no GPU is visible here: use parallel.backend=auto"):
+        train.init_distributed(cfg)
