@@ -705,6 +705,8 @@ def validate(cfg: Config, where: str = "<config>") -> None:
     check(moe.n_routed_experts % cfg.parallel.expert_parallel_size == 0, "parallel.expert_parallel_size",
           f"{cfg.parallel.expert_parallel_size} does not divide model.moe.n_routed_experts ({moe.n_routed_experts})")
     _validate_blend(cfg.data, check)
+    check(cfg.run.dir.strip() != "", "run.dir", f"{cfg.run.dir!r} is empty: name the run directory (Path('') is the "
+          "current directory, which would get the run's config.yaml, metrics.jsonl and checkpoints/)")
     check(cfg.data.seq_len <= m.max_seq_len, "data.seq_len", f"{cfg.data.seq_len} > model.max_seq_len ({m.max_seq_len})")
     check(m.mtp_depth < cfg.data.seq_len, "model.mtp_depth",
           f"{m.mtp_depth} >= data.seq_len ({cfg.data.seq_len}): depth k predicts the token k + 1 ahead, so a sequence "

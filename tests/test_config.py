@@ -81,6 +81,8 @@ def _write(tmp_path, data) -> Path:
      "model.attention.rope.theta: must exceed 1 for yarn, got 1.0"),
     ({"model": {"attention": {"rope": {"scaling": "yarn", "factor": 4, "mscale_all_dim": -1}}}}, [],
      "model.attention.rope.mscale_all_dim: must be >= 0 for yarn, got -1.0"),
+    ({}, ['run.dir=""'], "run.dir: '' is empty: name the run directory"),
+    ({"run": {"dir": " "}}, [], "run.dir: ' ' is empty: name the run directory"),
     ({}, ["parallel.zero_persistence_threshold=-5"], "parallel.zero_persistence_threshold: must be >= 0, got -5"),
     ({"train": {"schedule": "wsd", "max_steps": 10, "warmup_steps": 9, "wsd_decay_fraction": 0.2}}, [],
      "train.warmup_steps: 9 runs into schedule wsd's decay, which starts at step 8"),
