@@ -679,6 +679,10 @@ def validate(cfg: Config, where: str = "<config>") -> None:
         check(a.o_latent_dim is not None, "model.attention.o_latent_dim",
               "required when model.attention.use_output_subspace is true")
         check(a.o_latent_dim > 0, "model.attention.o_latent_dim", f"must be positive, got {a.o_latent_dim}")
+    else:  # as convert's MLA-o -> MLA leaves it: a width nothing would use
+        check(a.o_latent_dim is None, "model.attention.o_latent_dim",
+              f"{a.o_latent_dim} is set, but model.attention.use_output_subspace is false: set that true for MLA-o, "
+              "or this null")
     check(r.theta > 0, "model.attention.rope.theta", f"must be positive, got {r.theta}")
     if r.scaling == "yarn":
         check(r.factor >= 1, "model.attention.rope.factor", f"must be >= 1 for yarn, got {r.factor}")
