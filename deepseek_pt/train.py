@@ -78,6 +78,13 @@ def preflight(cfg: Config, world_size: int) -> None:
     ep = cfg.parallel.expert_parallel_size
     if has_moe and world_size % ep:
         raise PreflightError(f"parallel.expert_parallel_size: {ep} does not divide the world size ({world_size} processes)")
+    if has_moe:  # AutoEP's torch._grouped_mm (CPU and GPU) takes only operands whose rows are 16-byte aligned; here,
+        # not in validate: generation and conversion run the model's own MoE, which takes any width
+        align = 16 // (4 if cfg.precision == "fp32" else 2)
+        for key, v in (("model.dim", cfg.model.dim), ("model.moe.expert_inter_dim", cfg.model.moe.expert_inter_dim)):
+            if v % align:
+                raise PreflightError(f"{key}: {v} is not a multiple of {align}, which the routed experts' grouped GEMMs "
+                                     f"need at precision {cfg.precision} (rows of a multiple of 16 bytes)")
     if cfg.precision == "fp8":
         from .engine.fp8 import BLOCK, blockwise_gemms_unavailable, expert_gemms_unavailable, fp8_unavailable
         if why := fp8_unavailable(cfg.fp8.recipe):

@@ -180,3 +180,22 @@ def test_nccl_without_a_gpu_is_refused_before_the_rendezvous(monkeypatch):
     with pytest.raises(train.PreflightError, match=r"^parallel.backend: nccl needs CUDA GPUs and a torch built with "
                                                    r"NCCL, and no GPU is visible here: use parallel.backend=auto"):
         train.init_distributed(cfg)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["model.dim=66"], "model.dim: 66 is not a multiple of 4, which the routed experts' grouped GEMMs need at precision fp32"),
+    (["precision=bf16", "model.dim=68"], "model.dim: 68 is not a multiple of 8, which the routed experts' grouped GEMMs need"),
+    (["model.moe.expert_inter_dim=30"], "model.moe.expert_inter_dim: 30 is not a multiple of 4"),
+])
+def test_preflight_refuses_expert_widths_grouped_gemms_cannot_take(tmp_path, monkeypatch, overrides, message):
+    """Accepted, these were a 'strides should be multiple of 16 bytes' traceback from torch._grouped_mm in the first
+    forward. The model alone (generation, conversion: our own MoE) takes them, so load_config does."""
+    from deepseek_pt import train
+
+    cfg = load_config(CONFIGS / "smoke.yaml", [f"data.path={ASSETS / 'smoke_shards'}", f"run.dir={tmp_path / 'run'}",
+                                               *overrides])
+    monkeypatch.setattr(train, "host_memory_available", lambda: None)
+    with pytest.raises(train.PreflightError, match=f"^{re.escape(message)}"):
+        train.preflight(cfg, world_size=2)
+    train.preflight(load_config(CONFIGS / "smoke.yaml", [f"data.path={ASSETS / 'smoke_shards'}", f"run.dir={tmp_path}",
+                                                         *overrides, "model.moe.n_dense_layers=2"]), world_size=2)
