@@ -488,6 +488,8 @@ def _convert(value: Any, tp: Any, key: str, where: str) -> Any:
         raise ConfigError(f"{where}: {key}: must be a finite number, got {value!r}")
     if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
         raise ConfigError(f"{where}: {key}: expected {_type_name(tp)}, got {value!r}")
+    if tp is int and not -2**63 <= value < 2**63:  # torch, numpy and DeepSpeed take int64 (an extra digit or ten)
+        raise ConfigError(f"{where}: {key}: {value} does not fit in 64 bits")
     return value
 
 
