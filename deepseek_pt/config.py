@@ -457,9 +457,8 @@ def _convert(value: Any, tp: Any, key: str, where: str) -> Any:
         return _build(tp, value, key, where)
     origin = typing.get_origin(tp)
     if origin is Literal:
-        if value not in typing.get_args(tp) or isinstance(value, bool) != any(
-            isinstance(a, bool) for a in typing.get_args(tp)
-        ):
+        # the type too: True == 1 and 3.0 == 3, but a bool or a float is not a ZeRO stage
+        if not any(type(value) is type(a) and value == a for a in typing.get_args(tp)):
             raise ConfigError(f"{where}: {key}: {value!r} is not one of {_type_name(tp)}")
         return value
     if origin is list:

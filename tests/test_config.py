@@ -54,6 +54,8 @@ def _write(tmp_path, data) -> Path:
     ({}, [f"train.seed={-2**63 - 1}"], f"train.seed: {-2**63 - 1} does not fit in 64 bits"),
     ({}, [f"train.grad_accum_steps={2**63}"], f"train.grad_accum_steps: {2**63} does not fit in 64 bits"),
     ({}, [f"train.activation_checkpointing=[0, {2**64}]"], "train.activation_checkpointing: expected bool | list of int"),
+    ({}, ["parallel.zero_stage=3.0"], "parallel.zero_stage: 3.0 is not one of 0 | 1 | 2 | 3"),
+    ({}, ["parallel.zero_stage=true"], "parallel.zero_stage: True is not one of 0 | 1 | 2 | 3"),
     ({}, ["model.moe.bogus=1"], "model.moe.bogus: unknown key"),
     ({}, ["model.dim"], "expected key.path=value"),
     ({"model": 3}, [], "model: expected a mapping"),
