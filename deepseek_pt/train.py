@@ -622,7 +622,7 @@ def lock_run_dir(run_dir: Path):
     with the process. A filesystem without locks (some NFS mounts) runs unlocked."""
     import fcntl
 
-    file = open(run_dir / ".lock", "a+")
+    file = open(run_dir / ".lock", "a+")  # noqa: SIM115 - open for the whole run: closing it would drop the lock
     try:
         fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

@@ -47,8 +47,9 @@ def _write(tmp_path, data) -> Path:
      "parallel.zero_init: cannot build a model whose head shares the embedding"),
     ({"train": {"exit_at_step": 20, "max_steps": 10}}, [], "train.exit_at_step: must be in [1, train.max_steps=10]"),
     ({}, ["model.attention.use_output_subspace=true"], "model.attention.o_latent_dim: required"),
-    ({}, ["model.attention.o_latent_dim=256"], "model.attention.o_latent_dim: 256 is set, but "
-     "model.attention.use_output_subspace is false: set that true for MLA-o, or this null"),
+    ({}, ["model.attention.o_latent_dim=256"], ("model.attention.o_latent_dim: 256 is set, but "
+                                                "model.attention.use_output_subspace is false: set that true for "
+                                                "MLA-o, or this null")),
     ({}, ["parallel.expert_parallel_size=5"], "parallel.expert_parallel_size: 5 does not divide"),
     ({}, ["train.seed=99999999999999999999999"], "train.seed: 99999999999999999999999 does not fit in 64 bits"),
     ({}, [f"train.seed={-2**63 - 1}"], f"train.seed: {-2**63 - 1} does not fit in 64 bits"),

@@ -840,9 +840,22 @@ def test_keep_last_prunes_old_and_incomplete_checkpoints(tmp_path):
     assert sorted(p.name for p in root.iterdir()) == ["step_00000008", "step_00000010", "step_00000012"]
 
 
-def test_a_save_that_fills_the_disk_is_named_and_keeps_the_last_checkpoint(tmp_path):
+def _failed_save(run_dir: Path, engine) -> str:
+    """The CheckpointError of checkpoint.save(engine) at step 4, in a process group of one."""
     import torch.distributed as dist
 
+    from deepseek_pt.engine import checkpoint
+
+    dist.init_process_group("gloo", init_method=f"file://{run_dir}/store", rank=0, world_size=1)
+    try:
+        with pytest.raises(checkpoint.CheckpointError) as failed:
+            checkpoint.save(engine, run_dir, 4, {}, ep_size=1, keep_last=3)
+    finally:
+        dist.destroy_process_group()
+    return str(failed.value)
+
+
+def test_a_save_that_fills_the_disk_is_named_and_keeps_the_last_checkpoint(tmp_path):
     from deepseek_pt.engine import checkpoint
 
     class DiskFullEngine:  # writes part of a partition, then fails as torch.save does on a full disk
@@ -855,13 +868,7 @@ def test_a_save_that_fills_the_disk_is_named_and_keeps_the_last_checkpoint(tmp_p
     (root / "step_00000002").mkdir(parents=True)
     (root / "step_00000002" / "meta.json").write_text("{}")
     (root / "latest").write_text("step_00000002\n")
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
-    try:
-        with pytest.raises(checkpoint.CheckpointError) as failed:
-            checkpoint.save(DiskFullEngine(), tmp_path, 4, {}, ep_size=1, keep_last=3)
-    finally:
-        dist.destroy_process_group()
-    message = str(failed.value)
+    message = _failed_save(tmp_path, DiskFullEngine())
     assert message.startswith(f"{root / 'step_00000004'}: writing the checkpoint failed on rank 0 ([enforce fail")
     assert "GiB free on that filesystem" in message and "ignored on resume" in message
     assert (root / "latest").read_text() == "step_00000002\n" and not (root / "step_00000004" / "meta.json").exists()
@@ -872,9 +879,7 @@ def test_a_save_whose_meta_json_or_latest_cannot_be_written_fails_on_every_rank(
     """Rank 0 wrote meta.json and `latest` outside the failure exchange: a failure there (here `latest` a directory;
     a full disk alike) was a traceback on rank 0 while the others, at the closing barrier, died in gloo's
     'Connection closed by peer' (or waited, under NCCL). Now a CheckpointError on every rank, and meta.json removed
-    again so that `latest` still names the newest complete checkpoint (a newer one is a refused rollback)."""
-    import torch.distributed as dist
-
+    again: a checkpoint `latest` cannot name counts as incomplete."""
     from deepseek_pt.engine import checkpoint
 
     class Engine:
@@ -884,13 +889,7 @@ def test_a_save_whose_meta_json_or_latest_cannot_be_written_fails_on_every_rank(
 
     root = checkpoint.checkpoints_dir(tmp_path)
     (root / "latest" / "x").mkdir(parents=True)
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
-    try:
-        with pytest.raises(checkpoint.CheckpointError) as failed:
-            checkpoint.save(Engine(), tmp_path, 4, {}, ep_size=1, keep_last=3)
-    finally:
-        dist.destroy_process_group()
-    assert str(failed.value).startswith(f"{root / 'step_00000004'}: writing the checkpoint failed on rank 0 "
+    assert _failed_save(tmp_path, Engine()).startswith(f"{root / 'step_00000004'}: writing the checkpoint failed on rank 0 "
                                         f"({root / 'latest'}: Is a directory); ")
     assert not (root / "step_00000004" / "meta.json").exists()
 
@@ -940,8 +939,8 @@ def test_a_resharding_resume_of_a_read_only_checkpoint_says_to_copy_it(tmp_path,
 
 
 @pytest.mark.parametrize("output, named", [
-    ("Traceback (most recent call last):\n  ...\nRuntimeError: [enforce fail at inline_container.cc:672] . "
-     "unexpected pos 704 vs 598", "No space left on device ("),
+    (("Traceback (most recent call last):\n  ...\nRuntimeError: [enforce fail at inline_container.cc:672] . "
+      "unexpected pos 704 vs 598"), "No space left on device ("),
     ("Traceback (most recent call last):\n  ...\nKeyError: 'param_shapes'",
      "DeepSpeed's ds_to_universal failed (exit 1): KeyError: 'param_shapes' (its output: "),
 ], ids=["disk-full", "other"])
@@ -1168,8 +1167,6 @@ def test_a_partitioned_build_needs_no_whole_model_in_host_memory(monkeypatch, da
 def test_a_latest_or_meta_json_that_is_not_text_is_named(tmp_path, data, victim):
     """A corrupt `latest` or meta.json (bytes that are not UTF-8, or `latest` a directory) was a UnicodeDecodeError
     or IsADirectoryError traceback, in training's preflight and in engine.export alike."""
-    from deepseek_pt.engine.export import main as export_main
-
     run = tmp_path / "run"
     (run / "checkpoints" / "step_00000004").mkdir(parents=True)
     (run / "checkpoints" / "step_00000004" / "meta.json").write_text(json.dumps({"step": 4, "files": {}}))

@@ -118,9 +118,9 @@ def save(engine, run_dir: Path, step: int, client_state: dict, ep_size: int, kee
                 (tag_dir / "meta.json").unlink(missing_ok=True)
                 raise
         except OSError as e:  # a full disk, `latest` not a file: the other ranks wait below, told, not left hanging
-            failure = [f"{tag_dir}: writing the checkpoint failed on rank 0 ({describe_os_error(e)}); "
-                       f"{shutil.disk_usage(root).free / 2**30:.1f} GiB free on that filesystem. The incomplete "
-                       f"{tag} (no meta.json) is ignored on resume and pruned by a later save"]
+            failure = [(f"{tag_dir}: writing the checkpoint failed on rank 0 ({describe_os_error(e)}); "
+                        f"{shutil.disk_usage(root).free / 2**30:.1f} GiB free on that filesystem. The incomplete "
+                        f"{tag} (no meta.json) is ignored on resume and pruned by a later save")]
         else:
             _prune(root, keep_last)  # what it cannot remove stays: a later save tries again
     dist.broadcast_object_list(failure, src=0)  # also the barrier: every rank returns once the save is complete
