@@ -3,14 +3,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import errno
 import shutil
 import sys
 from pathlib import Path
 from typing import Callable
 
 from deepseek_pt.data import DataError
-from deepseek_pt.fileio import describe_os_error
+from deepseek_pt.fileio import describe_os_error, is_disk_full
 
 
 def positive_int(text: str) -> int:
@@ -66,7 +65,7 @@ def disk_full_named(out: Path, resume: str):
     try:
         yield
     except OSError as e:
-        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+        if not is_disk_full(e):
             raise
         free = shutil.disk_usage(out).free
         raise DataError(f"{out}: {e.strerror} ({free / 2**20:,.1f} MiB free); {resume}") from None

@@ -106,7 +106,7 @@ def save(engine, run_dir: Path, step: int, client_state: dict, ep_size: int, kee
     if failed := next((f for f in failures if f), None):
         raise CheckpointError(failed)
     files = _hash_share(tag_dir, _files(tag_dir))
-    failure = [None]
+    failure = None
     if rank == 0:
         meta = {"format_version": FORMAT_VERSION, "step": step, "world_size": world, "ep_size": ep_size,
                 "zero_init": zero_init, **({"settings": settings} if settings else {}), "files": files}
@@ -118,15 +118,21 @@ def save(engine, run_dir: Path, step: int, client_state: dict, ep_size: int, kee
                 (tag_dir / "meta.json").unlink(missing_ok=True)
                 raise
         except OSError as e:  # a full disk, `latest` not a file: the other ranks wait below, told, not left hanging
-            failure = [(f"{tag_dir}: writing the checkpoint failed on rank 0 ({describe_os_error(e)}); "
-                        f"{shutil.disk_usage(root).free / 2**30:.1f} GiB free on that filesystem. The incomplete "
-                        f"{tag} (no meta.json) is ignored on resume and pruned by a later save")]
+            failure = (f"{tag_dir}: writing the checkpoint failed on rank 0 ({describe_os_error(e)}); "
+                       f"{shutil.disk_usage(root).free / 2**30:.1f} GiB free on that filesystem. The incomplete "
+                       f"{tag} (no meta.json) is ignored on resume and pruned by a later save")
         else:
             _prune(root, keep_last)  # what it cannot remove stays: a later save tries again
-    dist.broadcast_object_list(failure, src=0)  # also the barrier: every rank returns once the save is complete
-    if failure[0]:
-        raise CheckpointError(failure[0])
+    _raise_on_every_rank(failure)  # also the barrier: every rank returns once the save is complete
     return tag_dir
+
+
+def _raise_on_every_rank(failure: str | None) -> None:
+    """Collective: CheckpointError(failure) on every rank if rank 0's work failed, so that none waits for it."""
+    failures = [failure]
+    dist.broadcast_object_list(failures, src=0)
+    if failures[0]:
+        raise CheckpointError(failures[0])
 
 
 def _prune(root: Path, keep_last: int) -> None:
@@ -220,15 +226,13 @@ def ensure_universal(tag_dir: Path) -> Path:
     """Collective: rank 0 converts the checkpoint with DeepSpeed's ds_to_universal unless an intact conversion is
     kept beside it, the others wait. Returns the universal checkpoint's directory; CheckpointError on every rank if
     the conversion failed."""
-    failure = [None]
+    failure = None
     if dist.get_rank() == 0 and kept_universal(tag_dir) is None:
         try:
             keep_universal(tag_dir)
         except CheckpointError as e:
-            failure = [str(e)]
-    dist.broadcast_object_list(failure, src=0)  # the other ranks must not wait on a conversion that failed
-    if failure[0]:
-        raise CheckpointError(failure[0])
+            failure = str(e)
+    _raise_on_every_rank(failure)
     return _universal_dir(tag_dir)
 
 
@@ -313,7 +317,7 @@ def _disk_full_named(out: Path, tag_dir: Path):
         yield
     except OSError as e:
         shutil.rmtree(out, ignore_errors=True)
-        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+        if not is_disk_full(e):
             raise CheckpointError(f"{tag_dir}: converting it to a universal checkpoint in {out}: {e}") from None
         parent = next(p for p in out.parents if p.exists())
         need = sum(f.stat().st_size for f in tag_dir.rglob("*") if f.is_file())
