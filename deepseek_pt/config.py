@@ -169,7 +169,7 @@ class DataConfig:
     train_split: str = "train"
     """Manifest split to train on."""
     val_split: str = "val"
-    """Manifest split to evaluate on."""
+    """Manifest split to evaluate on; not data.train_split while train.eval_every is set."""
     resume_on_new_data: bool = False
     """Resume a checkpoint saved on other training data (other sources, shards or blend weights; data.seed and
     data.seq_len must stay): from the checkpoint's sample count on, each source it trained on (the same shards)
@@ -710,6 +710,10 @@ def validate(cfg: Config, where: str = "<config>") -> None:
     check(moe.n_routed_experts % cfg.parallel.expert_parallel_size == 0, "parallel.expert_parallel_size",
           f"{cfg.parallel.expert_parallel_size} does not divide model.moe.n_routed_experts ({moe.n_routed_experts})")
     _validate_blend(cfg.data, check)
+    if cfg.train.eval_every:
+        check(cfg.data.val_split != cfg.data.train_split, "data.val_split",
+              f"{cfg.data.val_split!r} is data.train_split too: the held-out loss would be measured on samples the run "
+              "trains on; name the manifest's held-out split, or set train.eval_every: 0")
     check(cfg.run.dir.strip() != "", "run.dir", f"{cfg.run.dir!r} is empty: name the run directory (Path('') is the "
           "current directory, which would get the run's config.yaml, metrics.jsonl and checkpoints/)")
     check(cfg.data.seq_len <= m.max_seq_len, "data.seq_len", f"{cfg.data.seq_len} > model.max_seq_len ({m.max_seq_len})")

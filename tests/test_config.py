@@ -62,6 +62,8 @@ def _write(tmp_path, data) -> Path:
     ({"model": 3}, [], "model: expected a mapping"),
     ({}, ["model.moe.n_dense_layers=-1"], "model.moe.n_dense_layers: must be >= 0, got -1"),
     ({"data": {"seq_len": 64}}, ["model.mtp_depth=64"], "model.mtp_depth: 64 >= data.seq_len (64): depth k predicts"),
+    ({"data": {"val_split": "train"}, "train": {"eval_every": 10}}, [],
+     "data.val_split: 'train' is data.train_split too: the held-out loss would be measured on samples the run trains"),
     ({}, ["train.activation_checkpointing=[0, 7]"], "train.activation_checkpointing: block 7 is not in 0 .. "),
     ({}, ["train.activation_checkpointing=[1, 1]"], "train.activation_checkpointing: a block is listed twice"),
     ({}, ["train.activation_checkpointing=[1, x]"], "train.activation_checkpointing: expected bool | list of int"),
