@@ -32,6 +32,7 @@ from .engine import balance, checkpoint
 from .engine.checkpoint import CheckpointError
 from .engine.ds_config import build_ds_config, deepspeed_micro_steps, lr_scheduler
 from .engine.metrics import MetricsLogger, peak_flops, peak_memory_gib
+from .engine.peer_failure import PeerFailureWatch
 from .fileio import describe_os_error
 from .model import Block, SwiGLU, Transformer, writable
 from .model.counting import meta_model, train_flops_per_token
@@ -642,12 +643,34 @@ def lock_run_dir(run_dir: Path):
 
 
 def train(cfg: Config) -> int:
-    from .data import PretrainDataset, TrainLoader, to_device
-    from .data.loader import NewDataError
-
     stop = StopSignal()
     started = time.monotonic()
     rank, world, device = init_distributed(cfg)
+    watch = PeerFailureWatch(rank, world)
+    watch.start()
+    try:
+        return _train(cfg, rank, world, device, stop, started, watch)
+    except StoppedError:  # every rank stops together
+        raise
+    except Exception as e:
+        watch.stop()  # an error every rank raises together (a failed save) must not reach this one's watcher first
+        found = isinstance(e, (CheckpointError, DataError, PreflightError, OSError))  # this rank's own finding
+        # Anything else may be a collective that failed because another rank failed first (gloo: a closed
+        # connection): say that instead.
+        if not found and (peer := watch.peer_failure()):
+            raise StoppedError(f"{peer}; rank {rank} stops too") from None
+        watch.publish(describe_os_error(e) if isinstance(e, OSError) else str(e) if found
+                      else f"{type(e).__name__}: {e}")
+        raise
+    finally:
+        watch.stop()
+
+
+def _train(cfg: Config, rank: int, world: int, device: torch.device, stop: StopSignal, started: float,
+           watch: PeerFailureWatch) -> int:
+    from .data import PretrainDataset, TrainLoader, to_device
+    from .data.loader import NewDataError
+
     check_same_config(cfg, world)
     run_dir = Path(cfg.run.dir)
     failure, error, lock = [None], None, None
@@ -808,6 +831,7 @@ def train(cfg: Config) -> int:
         saved = (f"checkpoint {checkpoint.tag_for(step)}" if cfg.train.checkpoints
                  else "no checkpoint (train.checkpoints: false)")
         print(f"stopped at step {step}: {exit_reason or 'train.max_steps reached'}; {saved}", flush=True)
+    watch.stop()  # before the barrier: past it rank 0, and with it the store, may be gone before this rank leaves
     dist.barrier()
     if lock is not None:
         lock.close()

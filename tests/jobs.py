@@ -41,11 +41,11 @@ def job_env(**extra: str) -> dict:
             "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])), **extra}
 
 
-def start_job(cmd: list, env: dict, merge_stderr: bool = True) -> subprocess.Popen:
+def start_job(cmd: list, env: dict, merge_stderr: bool = True, cwd: Path = ROOT) -> subprocess.Popen:
     """The job in a session of its own, so that `finish_job` can kill every process it started."""
     if _hung:
         pytest.fail(f"not started: an earlier job hung ({_hung})")
-    return subprocess.Popen([str(c) for c in cmd], cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True,
+    return subprocess.Popen([str(c) for c in cmd], cwd=cwd, env=env, stdout=subprocess.PIPE, text=True,
                             stderr=subprocess.STDOUT if merge_stderr else subprocess.PIPE, start_new_session=True)
 
 

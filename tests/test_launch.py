@@ -9,12 +9,14 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from jobs import finish_job, free_port, job_env, kill_job, run_job, start_job, wait_until
 
@@ -193,13 +195,13 @@ def test_hostfile_slots_are_checked(tmp_path, data, text, env, message):
 # Two nodes of one job on this machine
 
 
-def _two_nodes(data, run_dir, *overrides_per_node):
-    """node.sh as two nodes of one rank each on this machine, each with its own extra overrides: the processes,
-    and their output once both ended."""
+def _two_nodes(data, run_dir, *overrides_per_node, cwds=(ROOT, ROOT)):
+    """node.sh as two nodes of one rank each on this machine, each with its own extra overrides (and working
+    directory): the processes, and their output once both ended."""
     port = str(free_port())
     nodes = [start_job([LAUNCH / "node.sh", SMOKE, *_overrides(data, run_dir, *more)],
-                       _env(NNODES="2", NODE_RANK=str(r), MASTER_ADDR="127.0.0.1", MASTER_PORT=port))
-             for r, more in enumerate(overrides_per_node)]
+                       _env(NNODES="2", NODE_RANK=str(r), MASTER_ADDR="127.0.0.1", MASTER_PORT=port), cwd=cwd)
+             for r, (more, cwd) in enumerate(zip(overrides_per_node, cwds, strict=True))]
     try:
         return nodes, [finish_job(p, TIMEOUT)[0] for p in nodes]
     finally:
@@ -226,6 +228,28 @@ def test_node_sh_nodes_with_different_configs_are_refused(tmp_path, data):
         assert p.returncode == 2, out[-4000:]
         assert "different configurations: train.lr: 0.003 on rank 0, 0.01 on rank 1" in out, out[-4000:]
     assert not (run_dir / "metrics.jsonl").exists()
+
+
+@pytest.mark.slow
+def test_node_sh_a_rank_failing_alone_stops_the_other_node(tmp_path, data):
+    """Each node reads its own copy of the data (data.path relative to its working directory), and node 1's is
+    corrupt past the start: rank 1 fails mid-run, and rank 0, on the other node, stops at once with rank 1's error
+    (under gloo it died in the next collective in a traceback; under NCCL it would wait for parallel.timeout_minutes)."""
+    for node in ("node0", "node1"):
+        shutil.copytree(data, tmp_path / node / "shards")
+    for shard in sorted((tmp_path / "node1" / "shards").glob("train-*.bin")):
+        tokens = np.fromfile(shard, dtype=np.uint16)
+        tokens[len(tokens) // 4:] = 60000  # ids past the vocabulary: found as samples are read, not at start
+        tokens.tofile(shard)
+    run_dir = tmp_path / "run"
+    nodes, outs = _two_nodes("shards", run_dir, ("train.max_steps=50",), ("train.max_steps=50",),
+                             cwds=(tmp_path / "node0", tmp_path / "node1"))
+    assert nodes[1].returncode == 2 and "(corrupt shard)" in outs[1], outs[1][-4000:]
+    assert nodes[0].returncode == 2, outs[0][-4000:]
+    assert re.search(r"^error: rank 1 \(.+\) failed: shard .*node1/shards/train-\d+\.bin: token \d+ has id 60000 >= "
+                     r"vocab_size \d+ \(corrupt shard\); rank 0 stops too$", outs[0], re.MULTILINE), outs[0][-4000:]
+    assert "Traceback" not in outs[0], outs[0][-4000:]
+    assert len(_metrics(run_dir)) < 50
 
 
 @pytest.mark.slow

@@ -1,0 +1,82 @@
+"""engine/peer_failure.py: a rank's failure reaches ranks that a collective holds (NCCL's wait, played here by a rank
+that never joins the barrier), and rank 0's end reaches the others through the store's loss. Two gloo processes of a
+few seconds each; the launch test of two nodes (tests/test_launch.py) runs the whole path through training."""
+from __future__ import annotations
+
+import sys
+import time
+
+from jobs import finish_job, free_port, job_env, kill_job, start_job
+
+# Rank ROLE_RANK plays its role; the other waits in a barrier (or, for "gone", sleeps) with the watch on.
+SCRIPT = """
+import os, sys, time
+import torch.distributed as dist
+from deepseek_pt.engine.peer_failure import PeerFailureWatch
+rank, role = int(sys.argv[1]), sys.argv[2]
+dist.init_process_group("gloo", rank=rank, world_size=2)
+watch = PeerFailureWatch(rank, 2, poll_seconds=0.2)
+watch.start()
+print("ready", flush=True)
+if role == "publish" and rank == 1:
+    watch.publish("shard x.bin: corrupt\\nsecond line")
+    time.sleep(60)  # alive, never joining: rank 0 would wait for it in any collective
+elif role == "gone" and rank == 0:
+    os._exit(3)  # rank 0, and with it the store, gone without a word
+elif role == "finish":
+    watch.stop()
+    dist.barrier()
+    if rank == 0:
+        os._exit(0)  # the store goes at once: the other, past its stop, must not take that for a failure
+    time.sleep(2)
+    print("finished", flush=True)
+    sys.exit(0)
+elif role == "gone":
+    time.sleep(60)
+else:
+    dist.barrier()
+print("not stopped", flush=True)
+"""
+
+
+def _ranks(role: str) -> list[tuple[int, str, float]]:
+    """Each rank's (exit status, output, seconds to its end); a rank still running once the other ended (the one
+    that failed, sleeping on) is killed."""
+    env = job_env(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    started = time.monotonic()
+    procs = [start_job([sys.executable, "-c", SCRIPT, r, role], env) for r in (0, 1)]
+    ended = {}
+    while len(ended) < 2 and time.monotonic() - started < 90:
+        for r, p in enumerate(procs):
+            if r not in ended and p.poll() is not None:
+                ended[r] = time.monotonic() - started
+        if len(ended) == 1 and time.monotonic() - started > min(ended.values()) + 5:
+            break
+        time.sleep(0.1)
+    results = []
+    for r, p in enumerate(procs):
+        if r not in ended:
+            kill_job(p)
+        out, _ = finish_job(p, timeout=30)
+        results.append((p.returncode, out, ended.get(r, float("inf"))))
+    return results
+
+
+def test_a_rank_waiting_in_a_collective_stops_on_another_ranks_failure():
+    (code, out, seconds), _ = _ranks("publish")
+    assert code == 2, out
+    assert ("error: rank 1 (" in out and ") failed: shard x.bin: corrupt; rank 0 stops too (it would wait for that "
+            "rank in its next collective)" in out), out
+    assert "second line" not in out and "not stopped" not in out and seconds < 30, (out, seconds)
+
+
+def test_ranks_stop_when_rank_0_and_its_store_are_gone():
+    _, (code, out, seconds) = _ranks("gone")
+    assert code == 2, out
+    assert "error: the rendezvous store at 127.0.0.1:" in out and "rank 0 failed or was stopped (see its log)" in out
+    assert "not stopped" not in out and seconds < 30, (out, seconds)
+
+
+def test_a_stopped_watch_lets_rank_0_leave_first():
+    (code0, out0, _), (code1, out1, _) = _ranks("finish")
+    assert code0 == 0 and code1 == 0 and "finished" in out1 and "error" not in out1, (out0, out1)
