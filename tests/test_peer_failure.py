@@ -21,7 +21,7 @@ print("ready", flush=True)
 if role == "publish" and rank == 1:
     watch.publish("shard x.bin: corrupt\\nsecond line")
     time.sleep(60)  # alive, never joining: rank 0 would wait for it in any collective
-elif role == "gone" and rank == 0:
+elif role.startswith("gone") and rank == 0:
     os._exit(3)  # rank 0, and with it the store, gone without a word
 elif role == "finish":
     watch.stop()
@@ -33,6 +33,12 @@ elif role == "finish":
     sys.exit(0)
 elif role == "gone":
     time.sleep(60)
+elif role == "gone_in_barrier":
+    try:
+        dist.barrier()  # gloo fails at once on rank 0's closed connection; train.py then asks the store
+    except Exception:
+        print("collective failed:", watch.peer_failure(), flush=True)
+        sys.exit(0)
 else:
     dist.barrier()
 print("not stopped", flush=True)
@@ -75,6 +81,14 @@ def test_ranks_stop_when_rank_0_and_its_store_are_gone():
     assert code == 2, out
     assert "error: the rendezvous store at 127.0.0.1:" in out and "rank 0 failed or was stopped (see its log)" in out
     assert "not stopped" not in out and seconds < 30, (out, seconds)
+
+
+def test_a_failed_collective_learns_of_rank_0s_end_at_once():
+    """After rank 0's end, asking the store must not wait to connect anew (a new connection retries for the process
+    group's whole timeout): the main thread's connection is made at start."""
+    _, (code, out, seconds) = _ranks("gone_in_barrier")
+    assert code == 0 and "collective failed: the rendezvous store at 127.0.0.1:" in out, out
+    assert seconds < 30, (out, seconds)
 
 
 def test_a_stopped_watch_lets_rank_0_leave_first():

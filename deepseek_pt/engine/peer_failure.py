@@ -23,14 +23,15 @@ import torch.distributed as dist
 KEY = "deepseek_pt/failed"
 POLL_SECONDS = 5.0
 STORE_LOST_POLLS = 3
-"""Polls in a row that cannot reach the store before the watcher takes rank 0 for gone (~15 s): not one failed
-request, which a busy store host can cause."""
+"""Polls in a row that cannot reach the store before the watcher takes rank 0 for gone (~15 s, up to 45 s where
+requests time out): not one failed request, which a busy store host can cause."""
 EXIT_CODE = 2
 
 
 def _store() -> dist.Store:
-    """A connection of this thread's own to the default process group's store (a Store is not shared between
-    threads), each request bounded so that a store that is gone fails fast."""
+    """A connection of its own to the default process group's store (one per thread: a Store is not shared between
+    threads), each request bounded so that a store that is gone fails fast. Made at start: connecting once the store
+    is gone would retry for the process group's whole timeout."""
     store = dist.distributed_c10d._get_default_store().clone()
     store.set_timeout(timedelta(seconds=10))
     return store
@@ -42,9 +43,11 @@ class PeerFailureWatch:
     def __init__(self, rank: int, world: int, poll_seconds: float = POLL_SECONDS):
         self.rank, self.world, self.poll_seconds = rank, world, poll_seconds
         self._stopped = threading.Event()
+        self._store: dist.Store | None = None  # the main thread's connection; None alone
 
     def start(self) -> None:
         if self.world > 1:
+            self._store = _store()
             threading.Thread(target=self._watch, args=(_store(),), name="peer-failure-watch", daemon=True).start()
 
     def stop(self) -> None:
@@ -54,22 +57,21 @@ class PeerFailureWatch:
     def publish(self, error: str) -> None:
         """Write this rank's error line for the others; the first rank's to fail is kept."""
         self.stop()
-        if self.world == 1:
+        if self._store is None:
             return
         first = error.strip().splitlines()[0] if error.strip() else error
         try:
-            _store().compare_set(KEY, "", f"rank {self.rank} ({socket.gethostname()}) failed: {first}")
+            self._store.compare_set(KEY, "", f"rank {self.rank} ({socket.gethostname()}) failed: {first}")
         except (dist.DistError, RuntimeError):  # the store went with rank 0: nobody is left to tell
             pass
 
     def peer_failure(self) -> str | None:
         """Another rank's published failure, or the store's loss (rank 0's end), if either: what a collective that
         failed here is about."""
-        if self.world == 1:
+        if self._store is None:
             return None
         try:
-            store = _store()
-            return store.get(KEY).decode() if store.check([KEY]) else None
+            return self._store.get(KEY).decode() if self._store.check([KEY]) else None
         except (dist.DistError, RuntimeError) as e:
             return _store_lost(e)
 
