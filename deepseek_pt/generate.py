@@ -9,6 +9,7 @@ bf16 the two paths round differently and may part after some tokens).
 from __future__ import annotations
 
 import argparse
+import itertools
 import sys
 import time
 from typing import Iterator
@@ -93,6 +94,16 @@ def prompt_ids(sp: spm.SentencePieceProcessor, text: str, prefix: str) -> list[i
     return ([marker] if marker >= 0 else []) + sp.encode(text)
 
 
+def _utf8_text(text: str, where: str) -> str:
+    """`text` if it is UTF-8: Python stands for other bytes (of argv, or of a C-locale stdin) with lone
+    surrogates, which sentencepiece cannot encode."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise UsageError(f"{where}: not UTF-8 text (an undecodable byte at character {e.start})") from None
+    return text
+
+
 def _default_prefix(doc_boundary: str | None, sp: spm.SentencePieceProcessor) -> str:
     if doc_boundary == "eos":
         return "eos"
@@ -157,6 +168,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("need --max-new-tokens >= 1, --temperature >= 0, --top-k >= 0 and 0 < --top-p <= 1")
 
     def run() -> None:
+        if args.prompt is not None:  # before the (slow) load
+            _utf8_text(args.prompt, "--prompt")
         ckpt = load_checkpoint(args.checkpoint, args.device, DTYPE_CHOICES.get(args.dtype))
         if args.tokenizer is None and ckpt.tokenizer is None:
             raise UsageError(f"{args.checkpoint}: holds no tokenizer.model; pass --tokenizer")
@@ -178,11 +191,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _read_prompts() -> Iterator[str]:
-    while True:
+    for line in itertools.count(1):
         try:
-            yield input("> " if sys.stdin.isatty() else "")
+            text = input("> " if sys.stdin.isatty() else "")
         except EOFError:
             return
+        except UnicodeDecodeError as e:  # a stdin that decodes strictly (a UTF-8 locale), ahead by a buffer: no line
+            raise UsageError(f"stdin: not UTF-8 text (byte 0x{e.object[e.start]:02x}: {e.reason})") from None
+        yield _utf8_text(text, f"stdin line {line}")
 
 
 if __name__ == "__main__":

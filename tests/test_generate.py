@@ -157,6 +157,20 @@ def test_generate_cli_errors(tmp_path, pydoc, capsys):
     assert e.value.code == 2
 
 
+@pytest.mark.parametrize("errors", ["surrogateescape", "strict"])  # stdin under a C locale, under a UTF-8 one
+def test_generate_refuses_prompts_that_are_not_utf8(export_1024, capsys, monkeypatch, errors):
+    # Python stands for undecodable bytes of argv with lone surrogates: sentencepiece raised on them.
+    assert generate_main(["--checkpoint", str(export_1024), "--prompt", "ab\udcffcd"]) == 2
+    err = capsys.readouterr().err
+    assert err == "error: --prompt: not UTF-8 text (an undecodable byte at character 2)\n", err
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(b"def\nab\xffcd\n"), "utf-8", errors))
+    assert generate_main(["--checkpoint", str(export_1024), "--interactive", "--max-new-tokens", "2"]) == 2
+    err = capsys.readouterr().err
+    expected = ("error: stdin line 2: not UTF-8 text (an undecodable byte at character 2)" if errors == "surrogateescape"
+                else "error: stdin: not UTF-8 text (byte 0xff: invalid start byte)")  # decoded a buffer ahead
+    assert err.splitlines()[-1] == expected and "Traceback" not in err, err
+
+
 @pytest.mark.parametrize("device", ["nonsense", "cuda:99"])
 def test_generate_and_evaluate_refuse_an_unusable_device(export_1024, pydoc, device, capsys):
     for main, extra in ((generate_main, ["--prompt", "x"]), (evaluate_main, ["--data", str(pydoc.shards_dir)])):
