@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -144,8 +145,9 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides += extra
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    if getattr(args, "o_latent_dim", 1) < 1 or getattr(args, "max_shard_gb", 1) <= 0:
-        parser.error("--o-latent-dim and --max-shard-gb must be positive")
+    # not 0 < x < inf: nan and inf, which float() accepts, have no whole number of bytes
+    if getattr(args, "o_latent_dim", 1) < 1 or not 0 < getattr(args, "max_shard_gb", 1) < math.inf:
+        parser.error("--o-latent-dim and --max-shard-gb must be positive (--max-shard-gb a finite number)")
     return run_cli(lambda: args.fn(args))
 
 

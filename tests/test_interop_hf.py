@@ -376,3 +376,17 @@ def test_ds_to_hf_refusing_a_model_writes_nothing(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "model.moe.score_func softmax" in err and "Traceback" not in err
     assert not (tmp_path / "hf").exists() or not any((tmp_path / "hf").iterdir())
+
+
+@pytest.mark.parametrize("size", ["nan", "inf", "0"])
+def test_ds_to_hf_refuses_a_shard_size_that_is_no_number_of_bytes(tmp_path, capsys, size):
+    # nan and inf passed the `<= 0` check and ended in int()'s ValueError / OverflowError traceback, after the
+    # tokenizer files were written to OUT
+    cfg = tiny()
+    save_export(random_model(cfg), cfg, tmp_path / "exp")
+    with pytest.raises(SystemExit) as e:
+        convert_main(["ds-to-hf", str(tmp_path / "exp"), str(tmp_path / "hf"), "--max-shard-gb", size])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.splitlines()[-1].endswith(
+        "error: --o-latent-dim and --max-shard-gb must be positive (--max-shard-gb a finite number)"), err
+    assert not (tmp_path / "hf").exists()
