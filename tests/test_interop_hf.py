@@ -223,6 +223,31 @@ def test_unsupported_hf_configs_are_refused(tmp_path):
         save_hf(random_model(tiny(moe__score_func="softmax")), tmp_path)
 
 
+def test_hf_config_values_of_the_wrong_type_are_named(tmp_path):
+    # Computed with (dict(), min, range, float(), a division) before deepseek_pt's config checks types: these were
+    # TypeError, ValueError and ZeroDivisionError tracebacks
+    import shutil
+
+    save_hf(random_model(tiny()), tmp_path / "good")
+    good = json.loads((tmp_path / "good" / "config.json").read_text())
+    yarn = good["rope_scaling"]
+    for i, (change, message) in enumerate([
+            ({"rope_scaling": "yarn"}, "rope_scaling must be an object, got 'yarn'"),
+            ({"rope_theta": None}, "rope_theta must be a number, got None"),
+            ({"rope_scaling": {**yarn, "factor": None, "original_max_position_embeddings": 0}},
+             "rope_scaling.original_max_position_embeddings must be positive, got 0"),
+            ({"rope_scaling": {**yarn, "beta_fast": [32]}}, "rope_scaling.beta_fast must be a number, got [32]"),
+            ({"routed_scaling_factor": "x"}, "routed_scaling_factor must be a number, got 'x'"),
+            ({"first_k_dense_replace": None}, "first_k_dense_replace must be an integer, got None"),
+            ({"num_nextn_predict_layers": "1"}, "num_nextn_predict_layers must be an integer, got '1'")]):
+        bad = tmp_path / f"bad{i}"
+        shutil.copytree(tmp_path / "good", bad)
+        (bad / "config.json").write_text(json.dumps({**good, **change}))
+        with pytest.raises(HFConversionError) as e:
+            load_hf(bad)
+        assert str(e.value) == f"{bad / 'config.json'}: {message}"
+
+
 def test_unreadable_hf_dirs_are_refused_naming_the_file(tmp_path):
     import shutil
 

@@ -58,10 +58,21 @@ def read_hf_config(path: str | Path) -> dict:
 # Configs
 
 
+def _number(value, key: str, where: str, kind: type = float):
+    """A config.json value that is computed with (float(), min, range, a division) before deepseek_pt's config checks
+    its type: a wrong one is named here, not left to a TypeError or ValueError traceback."""
+    if isinstance(value, bool) or not isinstance(value, int if kind is int else (int, float)):
+        raise HFConversionError(f"{where}: {key} must be {'an integer' if kind is int else 'a number'}, got {value!r}")
+    return kind(value)
+
+
 def _rope_from_hf(hf: dict, where: str) -> dict:
     # transformers 5 writes rope_parameters; 4.x and DeepSeek's release write rope_theta + rope_scaling.
-    rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
-    theta = float(rope.get("rope_theta", hf.get("rope_theta", 10000.0)))
+    section = "rope_parameters" if hf.get("rope_parameters") else "rope_scaling"
+    rope = hf.get(section) or {}
+    if not isinstance(rope, dict):
+        raise HFConversionError(f"{where}: {section} must be an object, got {rope!r}")
+    theta = _number(rope.get("rope_theta", hf.get("rope_theta", 10000.0)), "rope_theta", where)
     kind = rope.get("rope_type", rope.get("type", "default"))
     if kind == "default":
         return {"theta": theta}
@@ -69,16 +80,22 @@ def _rope_from_hf(hf: dict, where: str) -> dict:
         raise HFConversionError(f"{where}: rope type {kind!r} is not supported (deepseek_pt has default and yarn)")
     if rope.get("attention_factor") is not None or rope.get("truncate", True) is False:
         raise HFConversionError(f"{where}: yarn with attention_factor or truncate=false is not supported")
-    max_pos = hf["max_position_embeddings"]
-    original = rope.get("original_max_position_embeddings", max_pos)
+    max_pos = _number(hf["max_position_embeddings"], "max_position_embeddings", where, int)
+    original = _number(rope.get("original_max_position_embeddings", max_pos),
+                       f"{section}.original_max_position_embeddings", where, int)
+    if original < 1:  # the default factor divides by it
+        raise HFConversionError(f"{where}: {section}.original_max_position_embeddings must be positive, got {original}")
     mscale, mscale_all_dim = rope.get("mscale"), rope.get("mscale_all_dim")
     if mscale_all_dim and not mscale:
         # transformers then scales cos/sin by mscale(factor) alone; we always divide by mscale_all_dim's.
         raise HFConversionError(f"{where}: yarn with mscale_all_dim but no mscale is not supported")
-    return {"theta": theta, "scaling": "yarn", "factor": float(rope.get("factor") or max_pos / original),
-            "original_max_position_embeddings": original, "beta_fast": float(rope.get("beta_fast") or 32),
-            "beta_slow": float(rope.get("beta_slow") or 1), "mscale": float(mscale or 1.0),
-            "mscale_all_dim": float(mscale_all_dim or 0.0)}
+    return {"theta": theta, "scaling": "yarn",
+            "factor": _number(rope.get("factor") or max_pos / original, f"{section}.factor", where),
+            "original_max_position_embeddings": original,
+            "beta_fast": _number(rope.get("beta_fast") or 32, f"{section}.beta_fast", where),
+            "beta_slow": _number(rope.get("beta_slow") or 1, f"{section}.beta_slow", where),
+            "mscale": _number(mscale or 1.0, f"{section}.mscale", where),
+            "mscale_all_dim": _number(mscale_all_dim or 0.0, f"{section}.mscale_all_dim", where)}
 
 
 def model_dict_from_hf(hf: dict, mtp_depth: int, where: str) -> dict:
@@ -111,8 +128,10 @@ def model_dict_from_hf(hf: dict, mtp_depth: int, where: str) -> dict:
                 "n_routed_experts": hf["n_routed_experts"], "n_shared_experts": hf["n_shared_experts"],
                 "top_k": hf["num_experts_per_tok"], "expert_inter_dim": hf["moe_intermediate_size"],
                 "n_expert_groups": hf["n_group"], "n_limited_groups": hf["topk_group"], "score_func": "sigmoid",
-                "norm_topk_prob": bool(hf["norm_topk_prob"]), "route_scale": float(hf["routed_scaling_factor"]),
-                "n_dense_layers": min(hf["first_k_dense_replace"], hf["num_hidden_layers"]),
+                "norm_topk_prob": bool(hf["norm_topk_prob"]),
+                "route_scale": _number(hf["routed_scaling_factor"], "routed_scaling_factor", where),
+                "n_dense_layers": min(_number(hf["first_k_dense_replace"], "first_k_dense_replace", where, int),
+                                      _number(hf["num_hidden_layers"], "num_hidden_layers", where, int)),
             },
         }
     except KeyError as e:
@@ -255,9 +274,10 @@ class _Weights:
 # Load and save
 
 
-def _mtp_depth(hf: dict, weights: _Weights) -> int:
+def _mtp_depth(hf: dict, weights: _Weights, where: str) -> int:
     """MTP depths whose weights the checkpoint holds (config.json often announces one it lacks)."""
-    n, announced = hf["num_hidden_layers"], hf.get("num_nextn_predict_layers") or 0
+    n = hf["num_hidden_layers"]
+    announced = _number(hf.get("num_nextn_predict_layers") or 0, "num_nextn_predict_layers", where, int)
     return next((k for k in range(announced) if f"model.layers.{n + k}.eh_proj.weight" not in weights), announced)
 
 
@@ -270,7 +290,7 @@ def load_hf(path: str | Path, device: str | torch.device = "cpu", dtype: torch.d
         weights = _Weights(path, stack)
         where = str(path / "config.json")
         model_dict_from_hf(hf, 0, where)  # a foreign or incomplete config.json named first: _mtp_depth reads its keys
-        config = full_config(model_dict_from_hf(hf, _mtp_depth(hf, weights), where), where=where)
+        config = full_config(model_dict_from_hf(hf, _mtp_depth(hf, weights, where), where), where=where)
         m, a = config.model, config.model.attention
         dtype = dtype or DTYPES.get(hf.get("dtype") or hf.get("torch_dtype"), torch.float32)
         with torch.device(device):
