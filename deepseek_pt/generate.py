@@ -166,6 +166,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.max_new_tokens < 1 or not args.temperature >= 0 or args.top_k < 0 or not 0 < args.top_p <= 1:
         parser.error("need --max-new-tokens >= 1, --temperature >= 0, --top-k >= 0 and 0 < --top-p <= 1")
+    if args.seed is not None and not -2**63 <= args.seed < 2**64:  # what torch.Generator.manual_seed takes
+        parser.error(f"--seed {args.seed} is outside [-2**63, 2**64)")
 
     def run() -> None:
         if args.prompt is not None:  # before the (slow) load

@@ -155,6 +155,11 @@ def test_generate_cli_errors(tmp_path, pydoc, capsys):
     with pytest.raises(SystemExit) as e:
         generate_main(["--checkpoint", str(tmp_path / "small"), "--prompt", "x", "--temperature", "nan"])
     assert e.value.code == 2
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:  # was torch's "Overflow when unpacking long long" traceback, after the load
+        generate_main(["--checkpoint", str(tmp_path / "no_tok"), "--tokenizer", str(pydoc.tokenizer_model),
+                       "--prompt", "x", "--seed", str(2**64)])
+    assert e.value.code == 2 and capsys.readouterr().err.endswith(f"error: --seed {2**64} is outside [-2**63, 2**64)\n")
 
 
 @pytest.mark.parametrize("errors", ["surrogateescape", "strict"])  # stdin under a C locale, under a UTF-8 one
