@@ -122,9 +122,11 @@ def preflight(cfg: Config, world_size: int) -> None:
             exported = load_config(Path(cfg.train.init_from) / "config.yaml")
         except (ExportError, ConfigError) as e:
             raise PreflightError(f"train.init_from: {e}") from None
-        if exported.model != cfg.model:
+        if differ := _differences(exported.model, cfg.model, "model"):  # named: a model section has dozens of keys
             raise PreflightError(f"train.init_from: the model section of {cfg.train.init_from}/config.yaml differs "
-                                 "from this config's model.*: train with that model section")
+                                 "from this config's: " + "; ".join(f"{key}: {here!r} here, {theirs!r} in the export"
+                                                                    for key, theirs, here in differ)
+                                 + "; train with that model section")
     run_dir = Path(cfg.run.dir)  # train() creates it and writes config.yaml there first thing
     made = next(p for p in (run_dir, *run_dir.absolute().parents) if p.exists())
     if not made.is_dir():

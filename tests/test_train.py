@@ -1211,6 +1211,23 @@ def test_a_second_run_in_a_run_dir_in_use_is_refused(tmp_path, data):
     lock_run_dir(run).close()  # free again once the holder is gone
 
 
+def test_an_init_from_export_of_another_model_names_the_keys(tmp_path, data):
+    """The refusal said only that the model sections differ; a model section has dozens of keys."""
+    import deepseek_pt.train as train_module
+    from deepseek_pt.config import load_config
+    from deepseek_pt.export import save_export
+    from deepseek_pt.model import Transformer
+
+    cfg = load_config(SMOKE, [f"data.path={data}"])
+    export = save_export(Transformer(cfg.model), cfg, tmp_path / "export")
+    with pytest.raises(train_module.PreflightError) as refused:
+        train_module.preflight(load_config(SMOKE, [f"data.path={data}", f"run.dir={tmp_path / 'run'}", "model.dim=32",
+                                                   "model.moe.bias_update_rate=0.1", f"train.init_from={export}"]), 2)
+    assert str(refused.value) == (f"train.init_from: the model section of {export}/config.yaml differs from this "
+                                  "config's: model.dim: 32 here, 64 in the export; model.moe.bias_update_rate: 0.1 "
+                                  "here, 0.01 in the export; train with that model section")
+
+
 def test_a_corrupt_init_from_export_is_one_line(tmp_path, data):
     """Preflight reads train.init_from's export.json; its weights' sha256 is checked when the engine loads them,
     where an ExportError (a flipped byte) was a traceback on every rank."""
