@@ -110,11 +110,11 @@ def _default_prefix(doc_boundary: str | None, sp: spm.SentencePieceProcessor) ->
     return "bos" if doc_boundary == "bos_eos" or sp.bos_id() >= 0 else "none"
 
 
-def _complete(model, sp, text: str, args, generator) -> None:
+def _complete(model, sp, text: str, where: str, args, generator) -> None:
     ids = prompt_ids(sp, text, args.prefix)
     room = model.config.max_seq_len - len(ids)
     if not ids or room <= 0:
-        raise UsageError(f"the prompt has {len(ids)} tokens; it needs 1 to {model.config.max_seq_len - 1} "
+        raise UsageError(f"{where}: the prompt has {len(ids)} tokens; it needs 1 to {model.config.max_seq_len - 1} "
                          f"(model.max_seq_len {model.config.max_seq_len})")
     if args.max_new_tokens > room:
         print(f"note: max-new-tokens {args.max_new_tokens} capped at {room} (model.max_seq_len "
@@ -185,14 +185,15 @@ def main(argv: list[str] | None = None) -> int:
         generator.manual_seed(args.seed if args.seed is not None else torch.seed())
         print(cache_report(ckpt.model) if not args.no_cache else "no cache: the prefix is recomputed every step",
               file=sys.stderr)
-        prompts = [args.prompt] if args.prompt is not None else _read_prompts()
-        for text in prompts:
-            _complete(ckpt.model, sp, text, args, generator)
+        prompts = [("--prompt", args.prompt)] if args.prompt is not None else _read_prompts()
+        for where, text in prompts:
+            _complete(ckpt.model, sp, text, where, args, generator)
 
     return run_cli(run)
 
 
-def _read_prompts() -> Iterator[str]:
+def _read_prompts() -> Iterator[tuple[str, str]]:
+    """(where, text) of each line of stdin: an error names the line."""
     for line in itertools.count(1):
         try:
             text = input("> " if sys.stdin.isatty() else "")
@@ -200,7 +201,8 @@ def _read_prompts() -> Iterator[str]:
             return
         except UnicodeDecodeError as e:  # a stdin that decodes strictly (a UTF-8 locale), ahead by a buffer: no line
             raise UsageError(f"stdin: not UTF-8 text (byte 0x{e.object[e.start]:02x}: {e.reason})") from None
-        yield _utf8_text(text, f"stdin line {line}")
+        where = f"stdin line {line}"
+        yield where, _utf8_text(text, where)
 
 
 if __name__ == "__main__":

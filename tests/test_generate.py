@@ -162,6 +162,18 @@ def test_generate_cli_errors(tmp_path, pydoc, capsys):
     assert e.value.code == 2 and capsys.readouterr().err.endswith(f"error: --seed {2**64} is outside [-2**63, 2**64)\n")
 
 
+def test_a_prompt_that_does_not_fit_is_named(export_1024, capsys, monkeypatch):
+    # Prompts piped to --interactive: the refusal said "the prompt has N tokens", not which line of stdin
+    long = "hello world " * 200
+    assert generate_main(["--checkpoint", str(export_1024), "--prompt", long]) == 2
+    assert capsys.readouterr().err.splitlines()[-1].startswith("error: --prompt: the prompt has ")
+    monkeypatch.setattr("sys.stdin", io.StringIO(f"def\n{long}\nclass\n"))
+    assert generate_main(["--checkpoint", str(export_1024), "--interactive", "--max-new-tokens", "2"]) == 2
+    out, err = capsys.readouterr()
+    assert out.startswith("def") and "class" not in out
+    assert err.splitlines()[-1].startswith("error: stdin line 2: the prompt has "), err
+
+
 @pytest.mark.parametrize("errors", ["surrogateescape", "strict"])  # stdin under a C locale, under a UTF-8 one
 def test_generate_refuses_prompts_that_are_not_utf8(export_1024, capsys, monkeypatch, errors):
     # Python stands for undecodable bytes of argv with lone surrogates: sentencepiece raised on them.
