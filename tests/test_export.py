@@ -174,3 +174,17 @@ def test_an_export_json_that_is_not_text_is_named(export_dir):
     (export_dir / "export.json").write_bytes(b"\xff\xfe{}")
     with pytest.raises(ExportError, match="export.json: not valid JSON"):
         load_export(export_dir)
+
+
+def test_a_run_that_saved_no_checkpoint_is_named_as_such(tmp_path, export_dir):
+    """A run directory without checkpoints/ (train.checkpoints: false, or stopped before its first save) was called
+    "not a run directory"."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "config.yaml").write_bytes((export_dir / "config.yaml").read_bytes())
+    with pytest.raises(ExportError) as e:
+        load_checkpoint(run_dir)
+    assert str(e.value) == (f"{run_dir}: a run directory without checkpoints/ (train.checkpoints false, or the run "
+                            "stopped before its first save)")
+    with pytest.raises(ExportError, match="not a run directory, a checkpoints/ directory or a step_"):
+        load_checkpoint(tmp_path)  # no config.yaml: not a run's

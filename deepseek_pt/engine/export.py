@@ -69,6 +69,9 @@ def resolve_checkpoint(path: str | Path) -> Path:
         raise CheckpointError(f"{path}: incomplete checkpoint (no meta.json: its save did not finish)")
     run_dir = path.parent if path.name == "checkpoints" else path
     if not checkpoints_dir(run_dir).is_dir():
+        if (run_dir / "config.yaml").is_file():  # train writes it first thing: a run that saved nothing yet, or ever
+            raise CheckpointError(f"{path}: a run directory without checkpoints/ (train.checkpoints false, or the run "
+                                  "stopped before its first save)")
         raise CheckpointError(f"{path}: not a run directory, a checkpoints/ directory or a step_* checkpoint")
     tag_dir = resolve("auto", run_dir)  # the checkpoint a resume would take
     if tag_dir is None:
