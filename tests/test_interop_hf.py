@@ -12,6 +12,7 @@ from transformers import DeepseekV3Config, DeepseekV3ForCausalLM  # noqa: E402
 from deepseek_pt.config import load_config  # noqa: E402
 from deepseek_pt.convert import main as convert_main  # noqa: E402
 from deepseek_pt.export import load_export, save_export  # noqa: E402
+from deepseek_pt.interop.checkpoints import load_checkpoint  # noqa: E402
 from deepseek_pt.interop.hf import HFConversionError, load_hf, model_dict_from_hf, save_hf  # noqa: E402
 from deepseek_pt.model import Transformer, to_output_subspace  # noqa: E402
 from model_configs import tiny  # noqa: E402
@@ -278,6 +279,11 @@ def test_saving_over_an_hf_dir_leaves_none_of_its_weights(tmp_path, capsys):
                          "--max-shard-gb", "0.00005"]) == 0
     assert not (tmp_path / "hf" / "model.safetensors").exists()
     assert all(torch.equal(a, b) for a, b in zip(load_hf(tmp_path / "hf").state_dict().values(),
+                                                 old.state_dict().values()))
+    # Over an export: its export.json stayed, and load_checkpoint read the HF copy as that export, now "corrupt"
+    assert convert_main(["ds-to-hf", str(tmp_path / "exp"), str(tmp_path / "exp"), "--force"]) == 0
+    assert not (tmp_path / "exp" / "export.json").exists()
+    assert all(torch.equal(a, b) for a, b in zip(load_checkpoint(tmp_path / "exp").model.state_dict().values(),
                                                  old.state_dict().values()))
     capsys.readouterr()
 

@@ -381,6 +381,9 @@ def save_hf(model: Transformer, path: str | Path, fold: bool = False, dtype: tor
     # prefer different ones of model.safetensors and an index).
     (path / "config.json").unlink(missing_ok=True)
     (path / "model.safetensors.index.json").unlink(missing_ok=True)
+    # An export's marker would have load_checkpoint read the directory as that export, corrupt once the new
+    # model.safetensors replaces its own.
+    (path / "export.json").unlink(missing_ok=True)
     shards, size = [{}], 0
     for key, t in tensors.items():
         nbytes = t.numel() * t.element_size()
