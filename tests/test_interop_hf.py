@@ -249,6 +249,13 @@ def test_hf_config_values_of_the_wrong_type_are_named(tmp_path):
         assert str(e.value) == f"{bad / 'config.json'}: {message}"
 
 
+def _misplace_in_index(hf_dir, key):
+    index = json.loads((hf_dir / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    index["weight_map"][key] = next(s for s in shards if s != index["weight_map"][key])
+    (hf_dir / "model.safetensors.index.json").write_text(json.dumps(index))
+
+
 def test_unreadable_hf_dirs_are_refused_naming_the_file(tmp_path):
     import shutil
 
@@ -258,6 +265,8 @@ def test_unreadable_hf_dirs_are_refused_naming_the_file(tmp_path):
             ("truncated", lambda d: (d / weights.name).write_bytes(weights.read_bytes()[:-100]), "unreadable safetensors"),
             ("not_safetensors", lambda d: (d / weights.name).write_bytes(b"garbage"), "unreadable safetensors"),
             ("bad_index", lambda d: (d / "model.safetensors.index.json").write_text("[]"), "not a safetensors index"),
+            ("wrong_shard", lambda d: _misplace_in_index(d, "model.embed_tokens.weight"),  # was a SafetensorError
+             "cannot read tensor model.embed_tokens.weight, which .*index.json places there"),
             ("list_config", lambda d: (d / "config.json").write_text("[1]"), "config.json: holds a JSON list")]:
         shutil.copytree(tmp_path / "good", tmp_path / name)
         damage(tmp_path / name)

@@ -267,7 +267,12 @@ class _Weights:
         return key in self.file_of
 
     def get(self, key: str) -> torch.Tensor:
-        return self._open(self.file_of[key]).get_tensor(key)
+        file = self.file_of[key]
+        try:
+            return self._open(file).get_tensor(key)
+        except SafetensorError as e:  # the index named the wrong shard (without one, file_of is the files' own keys)
+            index = file.parent / "model.safetensors.index.json"
+            raise HFConversionError(f"{file}: cannot read tensor {key}, which {index} places there: {e}") from None
 
 
 # --------------------------------------------------------------------------------------------
