@@ -210,6 +210,18 @@ def test_fp8_release_checkpoints_are_dequantized(tmp_path):
     assert "model.layers.0.self_attn.kv_a_proj_with_mqa.weight" in expected  # 20 rows: a partial tile
     for name, w in expected.items():
         assert torch.equal(state[name.removeprefix("model.")], w), name
+    # A corrupt scale or block size was a RuntimeError / IndexError traceback from inside the dequantization
+    key = "model.layers.0.self_attn.kv_a_proj_with_mqa.weight"
+    save_file({**tensors, f"{key}_scale_inv": torch.ones(1, 1)}, tmp_path / "fp8" / "model.safetensors")
+    with pytest.raises(HFConversionError) as e:
+        load_hf(tmp_path / "fp8")
+    assert str(e.value) == (f"{tmp_path / 'fp8'}: tensor {key}_scale_inv has shape [1, 1], but {key} [20, 48] in "
+                            "tiles of [16, 16] needs [2, 3]")
+    config["quantization_config"]["weight_block_size"] = [16]
+    (tmp_path / "fp8" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(HFConversionError, match=r"config.json: quantization_config.weight_block_size must be two "
+                                                r"positive integers, got \[16\]"):
+        load_hf(tmp_path / "fp8")
 
 
 def test_unsupported_hf_configs_are_refused(tmp_path):

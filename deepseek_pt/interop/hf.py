@@ -228,6 +228,16 @@ def _interleave_rope_rows(w: torch.Tensor, row_groups: int, rope_dim: int) -> to
     return torch.cat([groups[:, :-rope_dim], rope], dim=1).reshape(w.shape)
 
 
+def _fp8_block(hf: dict, where: str) -> list[int]:
+    """quantization_config.weight_block_size: the [rows, cols] tile that each FP8 scale covers."""
+    block = (hf.get("quantization_config") or {}).get("weight_block_size", [128, 128])
+    if not (isinstance(block, list) and len(block) == 2
+            and all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in block)):
+        raise HFConversionError(f"{where}: quantization_config.weight_block_size must be two positive integers, "
+                                f"got {block!r}")
+    return block
+
+
 def _dequantize_fp8(w: torch.Tensor, scale_inv: torch.Tensor, block: list[int]) -> torch.Tensor:
     """DeepSeek's block-scaled FP8: each [block[0], block[1]] tile of w is multiplied by its scale."""
     rows, cols = w.shape
@@ -300,7 +310,7 @@ def load_hf(path: str | Path, device: str | torch.device = "cpu", dtype: torch.d
         dtype = dtype or DTYPES.get(hf.get("dtype") or hf.get("torch_dtype"), torch.float32)
         with torch.device(device):
             model = cast_model(Transformer(m), dtype)
-        block = (hf.get("quantization_config") or {}).get("weight_block_size", [128, 128])
+        block = _fp8_block(hf, where)
         used = set()
         for name, param in expected_tensors(model).items():
             key = hf_name(name, m.n_layers)
@@ -309,7 +319,12 @@ def load_hf(path: str | Path, device: str | torch.device = "cpu", dtype: torch.d
             t = weights.get(key)
             used.add(key)
             if f"{key}_scale_inv" in weights:
-                t = _dequantize_fp8(t, weights.get(f"{key}_scale_inv"), block)
+                scale_inv = weights.get(f"{key}_scale_inv")
+                tiles = [-(-n // b) for n, b in zip(t.shape, block)]
+                if t.ndim != 2 or list(scale_inv.shape) != tiles:  # a corrupt scale would fail inside the product
+                    raise HFConversionError(f"{path}: tensor {key}_scale_inv has shape {list(scale_inv.shape)}, but "
+                                            f"{key} {list(t.shape)} in tiles of {block} needs {tiles}")
+                t = _dequantize_fp8(t, scale_inv, block)
                 used.add(f"{key}_scale_inv")
             if name.endswith("eh_proj.weight"):
                 t = _swap_halves(t)
