@@ -261,6 +261,20 @@ def test_hf_config_values_of_the_wrong_type_are_named(tmp_path):
         assert str(e.value) == f"{bad / 'config.json'}: {message}"
 
 
+def test_a_misshaped_tensor_of_a_half_split_rope_checkpoint_is_named(tmp_path):
+    # Its rotary rows were permuted before the shape check: a reshape's RuntimeError traceback
+    save_hf(random_model(tiny()), tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "rope_interleave": False}))
+    tensors = load_file(tmp_path / "model.safetensors")
+    key = "model.layers.0.self_attn.q_b_proj.weight"
+    rows, cols = tensors[key].shape
+    save_file({**tensors, key: torch.zeros(rows + 1, cols)}, tmp_path / "model.safetensors")
+    with pytest.raises(HFConversionError) as e:
+        load_hf(tmp_path)
+    assert str(e.value) == f"{tmp_path}: tensor {key} has shape [{rows + 1}, {cols}], config.json gives [{rows}, {cols}]"
+
+
 def _misplace_in_index(hf_dir, key):
     index = json.loads((hf_dir / "model.safetensors.index.json").read_text())
     shards = sorted(set(index["weight_map"].values()))

@@ -326,6 +326,9 @@ def load_hf(path: str | Path, device: str | torch.device = "cpu", dtype: torch.d
                                             f"{key} {list(t.shape)} in tiles of {block} needs {tiles}")
                 t = _dequantize_fp8(t, scale_inv, block)
                 used.add(f"{key}_scale_inv")
+            if t.shape != param.shape:  # before the layout changes below, which assume it
+                raise HFConversionError(f"{path}: tensor {key} has shape {list(t.shape)}, config.json gives "
+                                        f"{list(param.shape)}")
             if name.endswith("eh_proj.weight"):
                 t = _swap_halves(t)
             if not hf.get("rope_interleave", True):
@@ -333,9 +336,6 @@ def load_hf(path: str | Path, device: str | torch.device = "cpu", dtype: torch.d
                     t = _interleave_rope_rows(t, a.n_heads, a.qk_rope_head_dim)
                 elif name.endswith("kv_a_proj_with_mqa.weight"):
                     t = _interleave_rope_rows(t, 1, a.qk_rope_head_dim)
-            if t.shape != param.shape:
-                raise HFConversionError(f"{path}: tensor {key} has shape {list(t.shape)}, config.json gives "
-                                        f"{list(param.shape)}")
             with torch.no_grad():  # tensor by tensor: no second copy of the weights
                 param.copy_(t)
         # DeepSeek's MTP layers carry copies of the shared embedding and head, tied models may carry
