@@ -20,6 +20,7 @@ from safetensors.torch import save_file
 from .config import Config, ConfigError, load_config, save_config
 from .fileio import atomic_path, atomic_write_bytes, atomic_write_text, sha256_file
 from .model import Transformer
+from .model.counting import meta_model
 
 FORMAT_VERSION = 1
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -124,12 +125,15 @@ def load_export(path: str | Path, device: str | torch.device = "cpu",
         config = load_config(path / "config.yaml")
     except ConfigError as e:
         raise ExportError(str(e)) from None
-    with torch.device(device):
-        model = cast_model(Transformer(config.model), dtype or DTYPES[info["dtype"]])
-    expected = expected_tensors(model)
     with safe_open(weights, framework="pt", device=str(device)) as f:
         stored = {name: f.get_slice(name).get_shape() for name in f.keys()}
-        check_tensor_names(stored, {n: list(t.shape) for n, t in expected.items()}, weights, path / "config.yaml")
+        # Against a model without memory first: config.yaml is not checksummed, and a corrupt one may describe
+        # a model too large to allocate.
+        check_tensor_names(stored, {n: list(t.shape) for n, t in expected_tensors(meta_model(config.model)).items()},
+                           weights, path / "config.yaml")
+        with torch.device(device):
+            model = cast_model(Transformer(config.model), dtype or DTYPES[info["dtype"]])
+        expected = expected_tensors(model)
         with torch.no_grad():  # tensor by tensor, into the model's dtypes: no second copy of the weights
             for name, t in expected.items():
                 t.copy_(f.get_tensor(name))

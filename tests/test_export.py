@@ -107,6 +107,16 @@ def test_shape_mismatch_names_file_and_tensor(export_dir):
         load_export(export_dir)
 
 
+def test_a_config_yaml_too_large_to_allocate_is_named(export_dir):
+    """config.yaml has no checksum: the model it describes was allocated before the weights' shapes were checked
+    (a RuntimeError of the allocator, or a host out of memory)."""
+    config = (export_dir / "config.yaml").read_text()
+    (export_dir / "config.yaml").write_text(config.replace("vocab_size: 97\n", "vocab_size: 97000000000000\n", 1))
+    with pytest.raises(ExportError, match=r"tensor embed_tokens.weight has shape \[97, 48\], but .*config.yaml gives "
+                                          r"\[97000000000000, 48\]"):
+        load_export(export_dir)
+
+
 def test_missing_and_unexpected_tensors_are_named(export_dir):
     _rewrite_weights(export_dir, lambda t: t.pop("norm.weight"))
     with pytest.raises(ExportError, match=r"tensor norm\.weight is missing"):
