@@ -275,6 +275,17 @@ def test_a_misshaped_tensor_of_a_half_split_rope_checkpoint_is_named(tmp_path):
     assert str(e.value) == f"{tmp_path}: tensor {key} has shape [{rows + 1}, {cols}], config.json gives [{rows}, {cols}]"
 
 
+def test_a_config_json_too_large_to_allocate_is_named(tmp_path):
+    # The model config.json describes was allocated before the weights' shapes were checked: the allocator's
+    # RuntimeError traceback, or a host out of memory
+    save_hf(random_model(tiny()), tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "vocab_size": 97 * 10**12}))
+    with pytest.raises(HFConversionError) as e:
+        load_hf(tmp_path)
+    assert str(e.value) == f"{tmp_path}: tensor model.embed_tokens.weight has shape [97, 48], config.json gives [{97 * 10**12}, 48]"
+
+
 def _misplace_in_index(hf_dir, key):
     index = json.loads((hf_dir / "model.safetensors.index.json").read_text())
     shards = sorted(set(index["weight_map"].values()))

@@ -29,6 +29,7 @@ from ..config import Config, ConfigError, ModelConfig, config_from_dict
 from ..export import DTYPES, FP32_TENSORS, cast_model, dtype_name, expected_tensors
 from ..fileio import atomic_path, atomic_write_bytes, atomic_write_json
 from ..model import MoE, Transformer
+from ..model.counting import meta_model
 
 MAX_SHARD_BYTES = 5 * 1024**3
 
@@ -277,9 +278,15 @@ class _Weights:
         return key in self.file_of
 
     def get(self, key: str) -> torch.Tensor:
+        return self._read(key, lambda f: f.get_tensor(key))
+
+    def shape(self, key: str) -> list[int]:
+        return self._read(key, lambda f: list(f.get_slice(key).get_shape()))
+
+    def _read(self, key: str, how):
         file = self.file_of[key]
         try:
-            return self._open(file).get_tensor(key)
+            return how(self._open(file))
         except SafetensorError as e:  # the index named the wrong shard (without one, file_of is the files' own keys)
             index = file.parent / "model.safetensors.index.json"
             raise HFConversionError(f"{file}: cannot read tensor {key}, which {index} places there: {e}") from None
@@ -308,14 +315,21 @@ def load_hf(path: str | Path, device: str | torch.device = "cpu", dtype: torch.d
         config = full_config(model_dict_from_hf(hf, _mtp_depth(hf, weights, where), where), where=where)
         m, a = config.model, config.model.attention
         dtype = dtype or DTYPES.get(hf.get("dtype") or hf.get("torch_dtype"), torch.float32)
+        # Names and shapes against a model without memory first: a corrupt config.json may describe one too large
+        # to allocate. Dequantizing and the layout changes below keep each tensor's shape.
+        for name, param in expected_tensors(meta_model(m)).items():
+            key = hf_name(name, m.n_layers)
+            if key not in weights:
+                raise HFConversionError(f"{path}: tensor {key} is missing (deepseek_pt's {name})")
+            if (shape := weights.shape(key)) != list(param.shape):
+                raise HFConversionError(f"{path}: tensor {key} has shape {shape}, config.json gives "
+                                        f"{list(param.shape)}")
         with torch.device(device):
             model = cast_model(Transformer(m), dtype)
         block = _fp8_block(hf, where)
         used = set()
         for name, param in expected_tensors(model).items():
             key = hf_name(name, m.n_layers)
-            if key not in weights:
-                raise HFConversionError(f"{path}: tensor {key} is missing (deepseek_pt's {name})")
             t = weights.get(key)
             used.add(key)
             if f"{key}_scale_inv" in weights:
@@ -326,9 +340,6 @@ def load_hf(path: str | Path, device: str | torch.device = "cpu", dtype: torch.d
                                             f"{key} {list(t.shape)} in tiles of {block} needs {tiles}")
                 t = _dequantize_fp8(t, scale_inv, block)
                 used.add(f"{key}_scale_inv")
-            if t.shape != param.shape:  # before the layout changes below, which assume it
-                raise HFConversionError(f"{path}: tensor {key} has shape {list(t.shape)}, config.json gives "
-                                        f"{list(param.shape)}")
             if name.endswith("eh_proj.weight"):
                 t = _swap_halves(t)
             if not hf.get("rope_interleave", True):
