@@ -14,7 +14,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 import yaml
 
@@ -569,12 +569,13 @@ def config_from_dict(data: dict, where: str = "<dict>", overrides: list[str] = (
     the override (`model.dim=abc` is not the file's fault). validate() then checks the whole."""
     data = copy.deepcopy(data or {})
     _build(Config, data, "", where)
+    set_by = {}  # key -> the override that set it last
     for key, value in parse_overrides(list(overrides)):
-        blame = f"{where} (override {key}={value!r})"
+        set_by[key] = blame = f"{where} (override {key}={value!r})"
         _set_dotted(data, key, value, blame)
         _build(Config, data, "", blame)
     cfg = _build(Config, data, "", where)
-    validate(cfg, where)
+    validate(cfg, lambda key: set_by.get(key, where))
     return cfg
 
 
@@ -634,10 +635,11 @@ MAX_TIMEOUT_MINUTES = 525_600
 and a timedelta beyond that overflows there (a negative timeout) or in Python."""
 
 
-def validate(cfg: Config, where: str = "<config>") -> None:
+def validate(cfg: Config, where: Callable[[str], str] = lambda key: "<config>") -> None:
+    """`where(key)`: what set the key an error names (the file, or an override)."""
     def check(ok: bool, key: str, msg: str) -> None:
         if not ok:
-            raise ConfigError(f"{where}: {key}: {msg}")
+            raise ConfigError(f"{where(key)}: {key}: {msg}")
 
     m, a, moe, r = cfg.model, cfg.model.attention, cfg.model.moe, cfg.model.attention.rope
     for key, v in [
