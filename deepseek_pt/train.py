@@ -529,12 +529,12 @@ def build_engine(cfg: Config, world: int, init_from: str | None = None, load_uni
         if cfg.fp8.experts:
             layers = fp8_experts.convert_experts_to_fp8(engine.module, steps, emulate)
             converted.append(f"routed experts of {layers} MoE layer{'s' * (layers != 1)}")
+        fp8_in_place = cfg.parallel.linear_grads_in_place and coalesced
         if cfg.fp8.shared_experts:
             layers = fp8_experts.convert_shared_experts_to_fp8(engine.module, steps, emulate,
-                                                               cfg.parallel.expert_triton_gemms)
+                                                               cfg.parallel.expert_triton_gemms, fp8_in_place)
             converted.append(f"shared experts of {layers} MoE layer{'s' * (layers != 1)}")
         if cfg.fp8.attention or cfg.fp8.dense_mlp:
-            fp8_in_place = cfg.parallel.linear_grads_in_place and coalesced
             counts = fp8_linears.convert_linears_to_fp8(engine.module, steps, emulate, fp8_in_place,
                                                         cfg.fp8.attention, cfg.fp8.dense_mlp)
             for part, (n, total) in counts.items():

@@ -150,6 +150,26 @@ def test_fp8_shared_experts_run_the_shared_swiglu_as_one_expert_within_e4m3_erro
     assert moe.shared_experts.current_fp8_weights() is not first
 
 
+def test_fp8_shared_experts_add_their_weight_gradients_into_grad_in_place():
+    """In place (coalesced reduction), three micro-steps' weight gradients sum in `.grad` as autograd would sum them,
+    autograd handed them only in the first; its adds round each product to bf16 first, the GEMM's add once."""
+    from test_expert_grads import accumulations
+
+    x = [torch.randn(2, 40, 128, device=DEVICE, dtype=torch.bfloat16) for _ in range(3)]
+    grad_y = [torch.randn(2, 40, 128, device=DEVICE, dtype=torch.bfloat16) for _ in range(3)]
+    grads, counts = {}, {}
+    for in_place in (False, True):
+        moe = _moe_with_shared_experts(128, 96)
+        convert_shared_experts_to_fp8(moe, lambda: 0, emulate=True, triton_gemms=False, grads_in_place=in_place)
+        counts[in_place] = accumulations(moe.shared_experts.weights())
+        for xs, gs in zip(x, grad_y):
+            moe.shared_experts(xs).backward(gs)
+        grads[in_place] = [w.grad for w in moe.shared_experts.weights()]
+    assert counts == {False: [3, 3, 3], True: [1, 1, 1]}
+    for name, a, b in zip(("gate", "up", "down"), grads[True], grads[False]):
+        assert a.dtype == torch.bfloat16 and rel_err(a, b) < 4e-3, (name, rel_err(a, b))
+
+
 def test_fp8_experts_config_names_what_it_needs():
     def load(*overrides):
         return load_config(CONFIGS / "smoke.yaml", ["precision=fp8", "fp8.recipe=blockwise", "fp8.experts=true",

@@ -9,7 +9,8 @@ The expert SwiGLU runs as one autograd function over AutoEP's expert-sorted toke
 - The weight-gradient GEMMs reduce over each expert's tokens and stay bf16 (expert_grads.py; `torch._grouped_mm`,
   or the kernel that adds into `.grad` under `parallel.expert_grads_in_place`):
   rowwise scales cannot follow that axis, and scales per expert and column would need casts of their
-  own (torchao's `rowwise_with_gw_hp` keeps this GEMM in bf16 for the linears too).
+  own (torchao's `rowwise_with_gw_hp` keeps this GEMM in bf16 for the linears too). The shared experts' weights
+  are plain [N, K] matrices over every row: one cuBLAS GEMM each, adding into `.grad` as linear_grads.py's do.
 - Every scale is a power of two, one per token row and one per weight row along the GEMM's reduction
   dimension. Scaling is then exact, and e4m3's rounding is the only error.
 - Weights are cast once per optimizer step, not once per micro-step: the two FP8 layouts of each
@@ -36,6 +37,7 @@ from deepspeed.moe.ep_experts import GroupedExperts
 from ..model.layers import SwiGLU
 from .expert_grads import expert_weight_grad
 from .fp8 import E4M3_MAX
+from .linear_grads import add_linear_weight_grad_, grad_to_add_into
 
 ALIGN = 16  # FP8 grouped GEMMs need every expert's rows to start on a 16-row boundary, and K, N multiples of 16
 
@@ -117,6 +119,20 @@ class Fp8ExpertWeights:
         self.gate_up, self.down, self.gate_up_t, self.down_t = (layouts[i:i + 2] for i in range(0, 8, 2))
 
 
+def _weight_grad(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor,
+                 in_place: bool) -> torch.Tensor | None:
+    """expert_weight_grad for the routed experts' weight [E, N, K]; for a shared expert's [N, K], whose one group is
+    every row, a^T b as one GEMM (cuBLAS: the grouped GEMM with one group ran at ~555 TFLOP/s on bench-2b's shared
+    experts, docs/benchmarks.md), added into weight.grad in place as expert_weight_grad adds."""
+    if weight.dim() == 3:
+        return expert_weight_grad(weight, a, b, offs, in_place)
+    grad = grad_to_add_into(weight, a.dtype) if in_place else None
+    if grad is None:
+        return a.t() @ b
+    add_linear_weight_grad_(grad, a, b)
+    return None
+
+
 class _Fp8ExpertSwiGLU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w1, w3, w2, offs, weights: Fp8ExpertWeights, emulate: bool, in_place: bool, triton: bool):
@@ -136,13 +152,13 @@ class _Fp8ExpertSwiGLU(torch.autograd.Function):
         quantize, _, swiglu_backward = _activation_casts(grad_y)
         g_q, g_s = quantize(grad_y)
         grad_h = scaled_grouped_mm(g_q, g_s, *weights.down_t, offs, emulate, ctx.triton)
-        grad_w2 = expert_weight_grad(w2, grad_y, h, offs, ctx.in_place)  # [E, dim, H], reduced over each expert's rows
+        grad_w2 = _weight_grad(w2, grad_y, h, offs, ctx.in_place)  # [E, dim, H], reduced over each expert's rows
         grad_gate_up, gu_q, gu_s = swiglu_backward(gate_up, grad_h)
         grad_x = scaled_grouped_mm(gu_q, gu_s, *weights.gate_up_t, offs, emulate, ctx.triton).to(x.dtype)
         # One GEMM per weight, each writing its own contiguous [E, H, dim]. With strided views of one [E, 2H, dim]
         # product instead, a bench-2b profile showed non-vectorized gradient adds costing 3.2 ms per micro-step
         # (docs/benchmarks.md).
-        grad_w1, grad_w3 = (expert_weight_grad(w, half, x, offs, ctx.in_place)
+        grad_w1, grad_w3 = (_weight_grad(w, half, x, offs, ctx.in_place)
                             for w, half in zip((w1, w3), grad_gate_up.chunk(2, dim=1)))
         return grad_x, grad_w1, grad_w3, grad_w2, None, None, None, None, None
 
@@ -152,7 +168,8 @@ def fp8_expert_swiglu(x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: t
                       triton_gemms: bool = False) -> torch.Tensor:
     """The routed experts' SwiGLU over expert-sorted rows x [M, dim] (group e ends at offs[e], each group a multiple
     of ALIGN rows), with `weights` the FP8 layouts of w1, w3 [E, H, dim] and w2 [E, dim, H]; gradients reach the
-    bf16 weights (added into their `.grad` when `in_place`: expert_grads.py); `triton_gemms`: scaled_grouped_mm's."""
+    bf16 weights (added into their `.grad` when `in_place`: expert_grads.py); `triton_gemms`: scaled_grouped_mm's.
+    A shared expert passes its weights as [H, dim] and [dim, H], one group of every row."""
     return _Fp8ExpertSwiGLU.apply(x, w1, w3, w2, offs, weights, emulate, in_place, triton_gemms)
 
 
@@ -218,25 +235,32 @@ class Fp8GroupedExperts(GroupedExperts, _StepCachedFp8Weights):
 
 class Fp8SharedExperts(SwiGLU, _StepCachedFp8Weights):
     """The shared experts' SwiGLU (same parameters, same state dict) through fp8_expert_swiglu, as one expert that
-    every token visits."""
+    every token visits; its weight gradients added into `.grad` in place when `grads_in_place`."""
+
+    grads_in_place = False  # convert_shared_experts_to_fp8 sets it
+
+    def weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight
 
     def expert_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return tuple(m.weight.unsqueeze(0) for m in (self.gate_proj, self.up_proj, self.down_proj))
+        return tuple(w.unsqueeze(0) for w in self.weights())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, x.shape[-1])
         offs = torch.full((1,), rows.shape[0], dtype=torch.int32, device=x.device)  # no host-to-device copy
-        return fp8_expert_swiglu(rows, *self.expert_weights(), offs, self.current_fp8_weights(), self.emulate,
-                                 False, self.triton_gemms).view_as(x)
+        return fp8_expert_swiglu(rows, *self.weights(), offs, self.current_fp8_weights(), self.emulate,
+                                 self.grads_in_place, self.triton_gemms).view_as(x)
 
 
 def convert_shared_experts_to_fp8(model: torch.nn.Module, optimizer_steps: Callable[[], int], emulate: bool,
-                                  triton_gemms: bool) -> int:
+                                  triton_gemms: bool, grads_in_place: bool = False) -> int:
     """Run the shared experts of `model`'s MoE layers through fp8_expert_swiglu (on grouped_mm.py's Triton kernel if
-    `triton_gemms`); `optimizer_steps()` as convert_experts_to_fp8's. Returns how many were converted."""
+    `triton_gemms`, weight gradients added into `.grad` if `grads_in_place`); `optimizer_steps()` as
+    convert_experts_to_fp8's. Returns how many were converted."""
     shared = [m for name, m in model.named_modules() if name.split(".")[-1] == "shared_experts"
               and type(m) is SwiGLU]
     for module in shared:
         module.__class__ = Fp8SharedExperts
         module.optimizer_steps, module.emulate, module.triton_gemms = optimizer_steps, emulate, triton_gemms
+        module.grads_in_place = grads_in_place
     return len(shared)
