@@ -2,12 +2,15 @@
 layouts the weights could take, over training's uneven expert groups and over even ones, against
 engine/grouped_mm.py's Triton kernel at several tile shapes.
 
-    python bench/expert_gemm_probe.py [--tokens 8192] [--rounds 3]
+    python bench/expert_gemm_probe.py [--tokens 8192] [--rounds 3] [--fp8]
 
 Expert-sorted rows as AutoEP hands them over (bench/fp8_gemm_probe.py's expert_rows: multiples of 16, each expert
 0.5-1.5x the mean load). Prints median ms and TFLOP/s per GEMM; the kernel's lines also its relative error against
 CUTLASS's result (the two-product input gradient: against CUTLASS's two rounded products summed). The kernel and
 CUTLASS alternate over `--rounds` rounds: back-to-back timings of one GEMM drift with the GPU's clocks.
+
+`--fp8`: instead, the kernel's e4m3 path (fp8.experts) at several tile shapes on the four GEMMs fp8.experts runs
+(weights K-major, row scales), each round beside the bf16 kernel's default on the same GEMM.
 """
 from __future__ import annotations
 
@@ -20,11 +23,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch
 
 from bench.fp8_gemm_probe import bench, expert_rows, rel_err
-from deepseek_pt.engine.grouped_mm import CONFIG, CONFIG_TWO_PRODUCTS, ragged_mm
+from deepseek_pt.engine.fp8_experts import quantize_rows
+from deepseek_pt.engine.grouped_mm import CONFIG, CONFIG_FP8, CONFIG_TWO_PRODUCTS, ragged_mm
 
 E, DIM, HIDDEN = 64, 2048, 1408  # configs/bench-2b.yaml's routed experts
 CONFIGS = sorted({CONFIG, CONFIG_TWO_PRODUCTS, (128, 128, 64, 8, 4), (128, 128, 64, 4, 4), (128, 128, 128, 8, 3),
                   (64, 128, 64, 4, 5), (64, 256, 64, 8, 4)})
+FP8_CONFIGS = sorted({CONFIG_FP8, (128, 128, 128, 8, 4), (128, 128, 128, 4, 4), (128, 256, 128, 8, 3),
+                      (128, 256, 128, 8, 4), (128, 128, 256, 8, 3), (64, 128, 128, 4, 4), (128, 256, 64, 8, 4)})
 
 
 def show(label: str, ms: float, flops: int, note: str = "") -> None:
@@ -35,9 +41,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=8192, help="tokens per micro-step (bench-2b: 2048 x 4)")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--fp8", action="store_true", help="the e4m3 path's tile shapes instead")
     args = parser.parse_args()
     _, offs, M = expert_rows(args.tokens, E, 6, torch.Generator("cuda").manual_seed(0))
     n = int(offs[-1])
+    if args.fp8:
+        return fp8_tiles(offs, M, n, args.rounds)
     r = lambda *shape: torch.randn(*shape, device="cuda", dtype=torch.bfloat16) * 0.02
     x, h, dy, d_gate, d_up = r(M, DIM), r(M, HIDDEN), r(M, DIM), r(M, HIDDEN), r(M, HIDDEN)
     d_gate_up = torch.cat([d_gate, d_up], 1)
@@ -89,6 +98,33 @@ def main() -> None:
                 default = " (default)" if c == (CONFIG_TWO_PRODUCTS if "two" in name else CONFIG) else ""
                 show(f"round {round_} ours {name} {c}{default}", bench(lambda c=c, ours=ours: ours(c)), f,
                      f" | rel err {errors[name, c]:.1e}")
+
+
+def fp8_tiles(offs: torch.Tensor, M: int, n: int, rounds: int) -> None:
+    """fp8.experts' four GEMMs, (N, K) with w [E, N, K]: the gate and up forward over stacked weights, the down
+    forward, and the two input gradients over the transposed weights fp8.experts casts."""
+    shapes = {"fwd gate+up": (2 * HIDDEN, DIM), "fwd down": (DIM, HIDDEN), "dgrad down": (HIDDEN, DIM),
+              "dgrad gate+up": (DIM, 2 * HIDDEN)}
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}; {n} routed rows over {E} experts, e4m3",
+          flush=True)
+    cases = {}
+    for name, (N, K) in shapes.items():
+        a, w = torch.randn(M, K, device="cuda", dtype=torch.bfloat16), torch.randn(E, N, K, device="cuda") * 0.02
+        w = w.to(torch.bfloat16)
+        (a8, a_scale), (w8, w_scale) = quantize_rows(a), quantize_rows(w)
+        ref = ragged_mm(a, w, offs, True)[:n].float()
+        cases[name] = (a, w, a8, w8, (a_scale, w_scale), ref, 2 * n * N * K)
+    for c in FP8_CONFIGS:
+        for name, (_, _, a8, w8, scales, ref, _) in cases.items():
+            err = rel_err(ragged_mm(a8, w8, offs, True, scales=scales, config=c)[:n], ref)
+            print(f"{name} {c}: rel err {err:.1e} against the bf16 kernel", flush=True)
+    for round_ in range(rounds):
+        for name, (a, w, a8, w8, scales, _, f) in cases.items():
+            show(f"round {round_} bf16 {name} {CONFIG}", bench(lambda a=a, w=w: ragged_mm(a, w, offs, True)), f)
+            for c in FP8_CONFIGS:
+                default = " (default)" if c == CONFIG_FP8 else ""
+                show(f"round {round_} e4m3 {name} {c}{default}",
+                     bench(lambda c=c, a8=a8, w8=w8, s=scales: ragged_mm(a8, w8, offs, True, scales=s, config=c)), f)
 
 
 if __name__ == "__main__":
