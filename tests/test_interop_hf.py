@@ -261,11 +261,16 @@ def test_hf_config_values_of_the_wrong_type_are_named(tmp_path):
         assert str(e.value) == f"{bad / 'config.json'}: {message}"
 
 
+def _saved_with_config(hf_dir, **changes) -> None:
+    """A tiny random model saved in HF format, its config.json then changed."""
+    save_hf(random_model(tiny()), hf_dir)
+    config = json.loads((hf_dir / "config.json").read_text())
+    (hf_dir / "config.json").write_text(json.dumps({**config, **changes}))
+
+
 def test_a_misshaped_tensor_of_a_half_split_rope_checkpoint_is_named(tmp_path):
     # Its rotary rows were permuted before the shape check: a reshape's RuntimeError traceback
-    save_hf(random_model(tiny()), tmp_path)
-    config = json.loads((tmp_path / "config.json").read_text())
-    (tmp_path / "config.json").write_text(json.dumps({**config, "rope_interleave": False}))
+    _saved_with_config(tmp_path, rope_interleave=False)
     tensors = load_file(tmp_path / "model.safetensors")
     key = "model.layers.0.self_attn.q_b_proj.weight"
     rows, cols = tensors[key].shape
@@ -278,9 +283,7 @@ def test_a_misshaped_tensor_of_a_half_split_rope_checkpoint_is_named(tmp_path):
 def test_a_config_json_too_large_to_allocate_is_named(tmp_path):
     # The model config.json describes was allocated before the weights' shapes were checked: the allocator's
     # RuntimeError traceback, or a host out of memory
-    save_hf(random_model(tiny()), tmp_path)
-    config = json.loads((tmp_path / "config.json").read_text())
-    (tmp_path / "config.json").write_text(json.dumps({**config, "vocab_size": 97 * 10**12}))
+    _saved_with_config(tmp_path, vocab_size=97 * 10**12)
     with pytest.raises(HFConversionError) as e:
         load_hf(tmp_path)
     assert str(e.value) == f"{tmp_path}: tensor model.embed_tokens.weight has shape [97, 48], config.json gives [{97 * 10**12}, 48]"
