@@ -50,8 +50,8 @@ def _write(tmp_path, data) -> Path:
     ({}, ["model.attention.o_latent_dim=256"], ("model.attention.o_latent_dim: 256 is set, but "
                                                 "model.attention.use_output_subspace is false: set that true for "
                                                 "MLA-o, or this null")),
-    ({}, ["parallel.expert_parallel_size=5"], "c.yaml (override parallel.expert_parallel_size=5): "
-                                              "parallel.expert_parallel_size: 5 does not divide"),
+    ({}, ["parallel.expert_parallel_size=5"], ("c.yaml (override parallel.expert_parallel_size=5): "
+                                               "parallel.expert_parallel_size: 5 does not divide")),
     ({}, ["train.seed=99999999999999999999999"], "train.seed: 99999999999999999999999 does not fit in 64 bits"),
     ({}, [f"train.seed={-2**63 - 1}"], f"train.seed: {-2**63 - 1} does not fit in 64 bits"),
     ({}, [f"train.grad_accum_steps={2**63}"], f"train.grad_accum_steps: {2**63} does not fit in 64 bits"),
