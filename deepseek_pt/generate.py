@@ -186,8 +186,14 @@ def main(argv: list[str] | None = None) -> int:
         print(cache_report(ckpt.model) if not args.no_cache else "no cache: the prefix is recomputed every step",
               file=sys.stderr)
         prompts = [("--prompt", args.prompt)] if args.prompt is not None else _read_prompts()
+        at_terminal = args.prompt is None and sys.stdin.isatty()
         for where, text in prompts:
-            _complete(ckpt.model, sp, text, where, args, generator)
+            try:
+                _complete(ckpt.model, sp, _utf8_text(text, where), where, args, generator)
+            except UsageError as e:
+                if not at_terminal:  # piped prompts (a script): the first bad one ends the run, exit 2
+                    raise
+                print(f"error: {e}", file=sys.stderr)  # typed: the next prompt, the model still loaded
 
     return run_cli(run)
 
@@ -201,8 +207,7 @@ def _read_prompts() -> Iterator[tuple[str, str]]:
             return
         except UnicodeDecodeError as e:  # a stdin that decodes strictly (a UTF-8 locale), ahead by a buffer: no line
             raise UsageError(f"stdin: not UTF-8 text (byte 0x{e.object[e.start]:02x}: {e.reason})") from None
-        where = f"stdin line {line}"
-        yield where, _utf8_text(text, where)
+        yield f"stdin line {line}", text
 
 
 if __name__ == "__main__":

@@ -174,6 +174,21 @@ def test_a_prompt_that_does_not_fit_is_named(export_1024, capsys, monkeypatch):
     assert err.splitlines()[-1].startswith("error: stdin line 2: the prompt has "), err
 
 
+def test_a_bad_prompt_typed_at_a_terminal_does_not_end_the_session(export_1024, capsys, monkeypatch):
+    # It ended the session, and with it the loaded model; piped prompts still end the run (above)
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    monkeypatch.setattr("sys.stdin", Terminal(f"def\n{'hello world ' * 200}\nab\udcffcd\nclass\n"))
+    assert generate_main(["--checkpoint", str(export_1024), "--interactive", "--max-new-tokens", "2"]) == 0
+    out, err = capsys.readouterr()
+    assert "def" in out and "class" in out, out
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 2 and errors[0].startswith("error: stdin line 2: the prompt has "), err
+    assert errors[1] == "error: stdin line 3: not UTF-8 text (an undecodable byte at character 2)", err
+
+
 @pytest.mark.parametrize("errors", ["surrogateescape", "strict"])  # stdin under a C locale, under a UTF-8 one
 def test_generate_refuses_prompts_that_are_not_utf8(export_1024, capsys, monkeypatch, errors):
     # Python stands for undecodable bytes of argv with lone surrogates: sentencepiece raised on them.
