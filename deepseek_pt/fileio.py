@@ -42,6 +42,12 @@ def is_disk_full(error: BaseException | str) -> bool:
     return any(sign in str(error) for sign in DISK_FULL_SIGNS)
 
 
+def first_line(text: str, otherwise: str) -> str:
+    """The first line of an error's text, for a one-line message (torch's and DeepSpeed's errors carry C++ frames or
+    a traceback below it); `otherwise` when the text is blank."""
+    return text.strip().splitlines()[0] if text.strip() else otherwise
+
+
 def describe_os_error(e: OSError) -> str:
     """`FILE: reason` for a user's error line, where str(e) reads `[Errno 28] No space left on device: 'FILE'`."""
     if e.strerror:

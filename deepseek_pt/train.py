@@ -33,7 +33,7 @@ from .engine.checkpoint import CheckpointError
 from .engine.ds_config import build_ds_config, deepspeed_micro_steps, lr_scheduler
 from .engine.metrics import MetricsLogger, peak_flops, peak_memory_gib
 from .engine.peer_failure import PeerFailureWatch
-from .fileio import describe_os_error
+from .fileio import describe_os_error, first_line
 from .model import Block, SwiGLU, Transformer, writable
 from .model.counting import meta_model, train_flops_per_token
 
@@ -403,7 +403,7 @@ def init_distributed(cfg: Config) -> tuple[int, int, torch.device]:
     try:
         deepspeed.init_distributed(dist_backend=backend, **({"timeout": timedelta(minutes=timeout)} if timeout else {}))
     except dist.DistError as e:  # DistStoreError (timed out), DistNetworkError (the store's host left first)
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        reason = first_line(str(e), type(e).__name__)
         raise PreflightError(f"rendezvous at {where} failed (at most {waited}): not every one of the {world} "
                              f"processes joined ({reason}). Start node.sh on every node, each with its own NODE_RANK and "
                              "the same NNODES, NPROC_PER_NODE, MASTER_ADDR and MASTER_PORT") from None

@@ -29,6 +29,7 @@ from ..fileio import (
     atomic_path,
     atomic_write_text,
     describe_os_error,
+    first_line,
     is_disk_full,
     sha256_file,
 )
@@ -98,7 +99,7 @@ def save(engine, run_dir: Path, step: int, client_state: dict, ep_size: int, kee
         with atomic_path(tag_dir / "rng" / f"rank_{rank}.pt") as tmp:
             torch.save(rng_state(), tmp)
     except (OSError, RuntimeError) as e:  # a full disk: OSError from plain writes, RuntimeError from torch.save
-        failure = (f"{tag_dir}: writing the checkpoint failed on rank {rank} ({str(e).strip().splitlines()[0]}); "
+        failure = (f"{tag_dir}: writing the checkpoint failed on rank {rank} ({first_line(str(e), type(e).__name__)}); "
                    f"{shutil.disk_usage(root).free / 2**30:.1f} GiB free on that filesystem. The incomplete "
                    f"{tag} (no meta.json) is ignored on resume and pruned by a later save")
     failures = [None] * world  # every rank learns of any rank's failure, so none waits for the others below

@@ -20,6 +20,8 @@ from datetime import timedelta
 
 import torch.distributed as dist
 
+from ..fileio import first_line
+
 KEY = "deepseek_pt/failed"
 POLL_SECONDS = 5.0
 STORE_LOST_POLLS = 3
@@ -59,9 +61,9 @@ class PeerFailureWatch:
         self.stop()
         if self._store is None:
             return
-        first = error.strip().splitlines()[0] if error.strip() else error
         try:
-            self._store.compare_set(KEY, "", f"rank {self.rank} ({socket.gethostname()}) failed: {first}")
+            self._store.compare_set(KEY, "", f"rank {self.rank} ({socket.gethostname()}) failed: "
+                                             f"{first_line(error, error)}")
         except (dist.DistError, RuntimeError):  # the store went with rank 0: nobody is left to tell
             pass
 
@@ -95,6 +97,6 @@ class PeerFailureWatch:
 
 
 def _store_lost(e: Exception) -> str:
-    why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     return (f"the rendezvous store at {os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}, which rank 0 "
-            f"holds, stopped answering ({why}): rank 0 failed or was stopped (see its log)")
+            f"holds, stopped answering ({first_line(str(e), type(e).__name__)}): rank 0 failed or was stopped (see its "
+            "log)")
