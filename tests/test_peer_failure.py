@@ -17,6 +17,7 @@ rank, role = int(sys.argv[1]), sys.argv[2]
 dist.init_process_group("gloo", rank=rank, world_size=2)
 watch = PeerFailureWatch(rank, 2, poll_seconds=0.2)
 watch.start()
+dist.barrier()  # as train.py's check_same_config: every rank holds its store connections before any can end
 print("ready", flush=True)
 if role == "publish" and rank == 1:
     watch.publish("shard x.bin: corrupt\\nsecond line")

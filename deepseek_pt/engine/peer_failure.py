@@ -48,6 +48,8 @@ class PeerFailureWatch:
         self._store: dist.Store | None = None  # the main thread's connection; None alone
 
     def start(self) -> None:
+        """Before the ranks' next collective: a rank still connecting when rank 0 ends would retry for the process
+        group's timeout (train.py's check_same_config follows at once)."""
         if self.world > 1:
             self._store = _store()
             threading.Thread(target=self._watch, args=(_store(),), name="peer-failure-watch", daemon=True).start()
