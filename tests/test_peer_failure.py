@@ -1,8 +1,10 @@
 """engine/peer_failure.py: a rank's failure reaches ranks that a collective holds (NCCL's wait, played here by a rank
-that never joins the barrier), and rank 0's end reaches the others through the store's loss. Two gloo processes of a
+that never joins the barrier or sleeps), rank 0's end reaches the others through the store's loss, and a rank killed
+outright is seen by the rank beside it on its machine and published for the others. Two or three gloo processes of a
 few seconds each; the launch test of two nodes (tests/test_launch.py) runs the whole path through training."""
 from __future__ import annotations
 
+import signal
 import sys
 import time
 
@@ -10,16 +12,37 @@ from jobs import finish_job, free_port, job_env, kill_job, start_job
 
 # Rank ROLE_RANK plays its role; the other waits in a barrier (or, for "gone", sleeps) with the watch on.
 SCRIPT = """
-import os, sys, time
+import os, signal, sys, time
 import torch.distributed as dist
-from deepseek_pt.engine.peer_failure import PeerFailureWatch
-rank, role = int(sys.argv[1]), sys.argv[2]
-dist.init_process_group("gloo", rank=rank, world_size=2)
-watch = PeerFailureWatch(rank, 2, poll_seconds=0.2)
+from deepseek_pt.engine import peer_failure
+rank, world, role = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+if role.startswith("killed") and rank == 0:
+    peer_failure.machine_identity = lambda: "another machine"  # only rank 1 can see rank 2 go
+dist.init_process_group("gloo", rank=rank, world_size=world)
+# rank 0's watch asleep where its failed collective is to find the line itself
+slow = role == "killed_in_barrier" and rank == 0
+watch = peer_failure.PeerFailureWatch(rank, world, poll_seconds=60 if slow else 0.2)
 watch.start()
 dist.barrier()  # as train.py's check_same_config: every rank holds its store connections before any can end
 print("ready", flush=True)
-if role == "publish" and rank == 1:
+if role.startswith("killed") and rank == 2:
+    os.kill(os.getpid(), signal.SIGKILL)
+elif role == "killed":
+    time.sleep(60)
+elif role == "killed_in_barrier":
+    try:
+        dist.barrier()
+    except Exception:
+        print("collective failed:", watch.peer_failure(), flush=True)
+        sys.exit(0)
+elif role == "leaves":
+    if rank == 1:
+        watch.stop()
+        os._exit(0)  # a deliberate end: rank 0, beside it, must not take it for a kill
+    time.sleep(3)
+    print("finished", flush=True)
+    sys.exit(0)
+elif role == "publish" and rank == 1:
     watch.publish("shard x.bin: corrupt\\nsecond line")
     time.sleep(60)  # alive, never joining: rank 0 would wait for it in any collective
 elif role.startswith("gone") and rank == 0:
@@ -46,20 +69,22 @@ print("not stopped", flush=True)
 """
 
 
-def _ranks(role: str) -> list[tuple[int, str, float]]:
-    """Each rank's (exit status, output, seconds to its end); a rank still running once the other ended (the one
-    that failed, sleeping on) is killed."""
+def _ranks(role: str, world: int = 2) -> list[tuple[int, str, float]]:
+    """Each rank's (exit status, output, seconds from the first end to its own); a rank still running 8 s after
+    the first ended (the one that failed, sleeping on) is killed."""
     env = job_env(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     started = time.monotonic()
-    procs = [start_job([sys.executable, "-c", SCRIPT, r, role], env) for r in (0, 1)]
+    procs = [start_job([sys.executable, "-c", SCRIPT, str(r), str(world), role], env) for r in range(world)]
     ended = {}
-    while len(ended) < 2 and time.monotonic() - started < 90:
+    while len(ended) < world and time.monotonic() - started < 90:
         for r, p in enumerate(procs):
             if r not in ended and p.poll() is not None:
                 ended[r] = time.monotonic() - started
-        if len(ended) == 1 and time.monotonic() - started > min(ended.values()) + 5:
+        if ended and time.monotonic() - started > min(ended.values()) + 8:
             break
         time.sleep(0.1)
+    first = min(ended.values(), default=0.0)
+    ended = {r: t - first for r, t in ended.items()}
     results = []
     for r, p in enumerate(procs):
         if r not in ended:
@@ -95,3 +120,29 @@ def test_a_failed_collective_learns_of_rank_0s_end_at_once():
 def test_a_stopped_watch_lets_rank_0_leave_first():
     (code0, out0, _), (code1, out1, _) = _ranks("finish")
     assert code0 == 0 and code1 == 0 and "finished" in out1 and "error" not in out1, (out0, out1)
+
+
+def test_a_rank_killed_outright_is_told_by_its_neighbour_to_every_node():
+    """Rank 2 SIGKILLed: rank 1, on its machine, sees its pid go and publishes it; rank 0, on "another machine",
+    learns it from the store. Both stop within seconds, not at the process group's timeout."""
+    results = _ranks("killed", world=3)
+    assert results[2][0] == -signal.SIGKILL, results[2]
+    for rank, (code, out, seconds) in enumerate(results[:2]):
+        assert code == 2, out
+        assert ("error: rank 2 (" in out and "ended without a word: killed outright (SIGKILL, the kernel's OOM killer"
+                in out and f"; rank {rank} stops too" in out), out
+        assert "not stopped" not in out and seconds < 6, (out, seconds)
+
+
+def test_a_failed_collective_waits_for_the_killed_ranks_name():
+    """gloo fails the barrier on the killed rank's closed connection: rank 1, beside rank 2, names it from its
+    failed collective (not the connection), and rank 0, which cannot see rank 2's machine and whose watch sleeps,
+    reads that from the store."""
+    results = _ranks("killed_in_barrier", world=3)
+    for code, out, _ in results[:2]:
+        assert code == 0 and "collective failed: rank 2 (" in out and "ended without a word" in out, out
+
+
+def test_a_neighbour_that_leaves_deliberately_is_not_taken_for_killed():
+    (code0, out0, _), (code1, _, _) = _ranks("leaves")
+    assert code1 == 0 and code0 == 0 and "finished" in out0 and "error" not in out0, out0

@@ -9,6 +9,11 @@ So the failing rank writes its error line into the store that the ranks met at (
 and every rank, which a collective may be blocking, watches for such a line in a thread of its own: on one, it prints
 it and ends the process. A rank whose collective failed first (gloo) looks for the line instead of showing a
 traceback. When rank 0 itself is gone, so is the store: the others say so (rank 0's own log has its error).
+
+A rank killed outright (SIGKILL, the kernel's OOM killer, a crash in native code) writes nothing. The ranks beside it
+on its machine see it go: each registers its pid with the store under its machine's identity, and every poll reads
+whether the pids of its machine's other ranks still run; a rank that is gone without having said it was leaving is
+published for it, for every node to read. A rank alone on its machine has nobody to see it go.
 """
 from __future__ import annotations
 
@@ -16,14 +21,21 @@ import os
 import socket
 import sys
 import threading
+import time
 from datetime import timedelta
+from pathlib import Path
 
 import torch.distributed as dist
 
 from ..fileio import first_line
 
 KEY = "deepseek_pt/failed"
+MACHINE_KEY = "deepseek_pt/ranks_on/{machine}"  # "rank pid start_time;" of each rank on the machine, appended
+LEFT_KEY = "deepseek_pt/left/{rank}"  # set by a rank whose ending is deliberate, before its pid goes
 POLL_SECONDS = 5.0
+GRACE_SECONDS = 3.0
+"""How long a rank whose collective failed waits for the failure it is about to be published (the killed rank's
+neighbour sees it go within a poll of its own) before it publishes its own error instead."""
 STORE_LOST_POLLS = 3
 """Polls in a row that cannot reach the store before the watcher takes rank 0 for gone (~15 s, up to 45 s where
 requests time out): not one failed request, which a busy store host can cause."""
@@ -46,17 +58,31 @@ class PeerFailureWatch:
         self.rank, self.world, self.poll_seconds = rank, world, poll_seconds
         self._stopped = threading.Event()
         self._store: dist.Store | None = None  # the main thread's connection; None alone
+        self._machine = machine_identity()
+        self._gone: set[int] = set()  # neighbours that said they were leaving
 
     def start(self) -> None:
         """Before the ranks' next collective: a rank still connecting when rank 0 ends would retry for the process
         group's timeout (train.py's check_same_config follows at once)."""
         if self.world > 1:
             self._store = _store()
+            if self._machine is not None:
+                start_time = _process(os.getpid())[1]
+                self._store.append(MACHINE_KEY.format(machine=self._machine),
+                                   f"{self.rank} {os.getpid()} {start_time};")
             threading.Thread(target=self._watch, args=(_store(),), name="peer-failure-watch", daemon=True).start()
 
     def stop(self) -> None:
-        """From here on this rank's own ending is under way (finished, or failing with the others): no watching."""
+        """From here on this rank's own ending is under way (finished, or failing with the others): no watching, and
+        its neighbours are told, before its pid goes, not to take its end for a kill."""
+        if self._stopped.is_set():
+            return
         self._stopped.set()
+        if self._store is not None:
+            try:
+                self._store.set(LEFT_KEY.format(rank=self.rank), "")
+            except (dist.DistError, RuntimeError):  # the store went with rank 0: nobody is left to mislead
+                pass
 
     def publish(self, error: str) -> None:
         """Write this rank's error line for the others; the first rank's to fail is kept."""
@@ -69,22 +95,53 @@ class PeerFailureWatch:
         except (dist.DistError, RuntimeError):  # the store went with rank 0: nobody is left to tell
             pass
 
-    def peer_failure(self) -> str | None:
-        """Another rank's published failure, or the store's loss (rank 0's end), if either: what a collective that
-        failed here is about."""
+    def peer_failure(self, grace_seconds: float = GRACE_SECONDS) -> str | None:
+        """Another rank's failure (published, or a neighbour's pid gone), or the store's loss (rank 0's end), if any
+        within `grace_seconds`: what a collective that failed here is about."""
         if self._store is None:
             return None
-        try:
-            return self._store.get(KEY).decode() if self._store.check([KEY]) else None
-        except (dist.DistError, RuntimeError) as e:
-            return _store_lost(e)
+        deadline = time.monotonic() + grace_seconds
+        while True:
+            try:
+                line = self._failure(self._store)
+            except (dist.DistError, RuntimeError) as e:
+                return _store_lost(e)
+            if line is not None or time.monotonic() >= deadline:
+                return line
+            time.sleep(0.25)
+
+    def _failure(self, store: dist.Store) -> str | None:
+        """The first published failure; else a neighbour gone without a word, published now for the other nodes."""
+        if store.check([KEY]):
+            return store.get(KEY).decode()
+        if (killed := self._killed_neighbour(store)) is None:
+            return None
+        return store.compare_set(KEY, "", killed).decode()  # another's line, were it published meanwhile
+
+    def _killed_neighbour(self, store: dist.Store) -> str | None:
+        """A line for a rank on this machine whose process is gone while it never said it was leaving."""
+        if self._machine is None:
+            return None
+        for entry in store.get(MACHINE_KEY.format(machine=self._machine)).decode().split(";")[:-1]:
+            rank, pid, start_time = entry.split()
+            rank = int(rank)
+            if rank == self.rank or rank in self._gone:
+                continue
+            state = _process(int(pid))
+            if state is not None and state[0] not in "ZX" and state[1] == start_time:
+                continue
+            if store.check([LEFT_KEY.format(rank=rank)]):
+                self._gone.add(rank)
+                continue
+            return (f"rank {rank} ({socket.gethostname()}, pid {pid}) ended without a word: killed outright "
+                    "(SIGKILL, the kernel's OOM killer: see `dmesg`) or crashed in native code (see its node's log)")
+        return None
 
     def _watch(self, store: dist.Store) -> None:
         lost = 0
         while not self._stopped.wait(self.poll_seconds):
             try:
-                failed = store.check([KEY])
-                line = store.get(KEY).decode() if failed else None
+                line = self._failure(store)
                 lost = 0
             except (dist.DistError, RuntimeError) as e:
                 lost += 1
@@ -102,3 +159,24 @@ def _store_lost(e: Exception) -> str:
     return (f"the rendezvous store at {os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}, which rank 0 "
             f"holds, stopped answering ({first_line(str(e), type(e).__name__)}): rank 0 failed or was stopped (see its "
             "log)")
+
+
+def machine_identity() -> str | None:
+    """What tells ranks that they share a machine and a pid namespace, so that one may read the others' processes: the
+    kernel's boot id and this process's pid namespace (hostnames repeat across containers). None off Linux."""
+    try:
+        boot_id = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        return f"{boot_id}-{os.stat('/proc/self/ns/pid').st_ino}"
+    except OSError:
+        return None
+
+
+def _process(pid: int) -> tuple[str, str] | None:
+    """(state, start time in clock ticks since boot) of process pid, None if there is none: a state of Z (a zombie
+    that its launcher has not reaped yet) is a process gone, and another start time a pid reused."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat[stat.rindex(")") + 2:].split()  # after the command name, which may hold spaces
+    return fields[0], fields[19]
