@@ -3,13 +3,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import shutil
 import sys
 from pathlib import Path
 from typing import Callable
 
 from deepseek_pt.data import DataError
-from deepseek_pt.fileio import describe_os_error, is_disk_full
+from deepseek_pt.fileio import describe_os_error, free_space, is_disk_full
 
 
 def positive_int(text: str) -> int:
@@ -67,5 +66,4 @@ def disk_full_named(out: Path, resume: str):
     except OSError as e:
         if not is_disk_full(e):
             raise
-        free = shutil.disk_usage(out).free
-        raise DataError(f"{out}: {e.strerror} ({free / 2**20:,.1f} MiB free); {resume}") from None
+        raise DataError(f"{out}: {e.strerror} ({free_space(out)}); {resume}") from None

@@ -9,6 +9,7 @@ import errno
 import hashlib
 import json
 import os
+import shutil
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -46,6 +47,23 @@ def first_line(text: str, otherwise: str) -> str:
     """The first line of an error's text, for a one-line message (torch's and DeepSpeed's errors carry C++ frames or
     a traceback below it); `otherwise` when the text is blank."""
     return text.strip().splitlines()[0] if text.strip() else otherwise
+
+
+def size_text(n: int) -> str:
+    """n bytes for a message: GiB from one GiB up, else MiB."""
+    return f"{n / 2**30:,.1f} GiB" if n >= 2**30 else f"{n / 2**20:,.1f} MiB"
+
+
+def free_space(path: str | Path) -> str:
+    """`N GiB free` (or MiB) on the filesystem that holds `path` (or its nearest existing parent), for a full disk's
+    message; `free space unknown` where that cannot be read."""
+    path = Path(path).absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    try:
+        return f"{size_text(shutil.disk_usage(path).free)} free"
+    except OSError:
+        return "free space unknown"
 
 
 def describe_os_error(e: OSError) -> str:

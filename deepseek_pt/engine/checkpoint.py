@@ -30,8 +30,10 @@ from ..fileio import (
     atomic_write_text,
     describe_os_error,
     first_line,
+    free_space,
     is_disk_full,
     sha256_file,
+    size_text,
 )
 
 FORMAT_VERSION = 1
@@ -100,7 +102,7 @@ def save(engine, run_dir: Path, step: int, client_state: dict, ep_size: int, kee
             torch.save(rng_state(), tmp)
     except (OSError, RuntimeError) as e:  # a full disk: OSError from plain writes, RuntimeError from torch.save
         failure = (f"{tag_dir}: writing the checkpoint failed on rank {rank} ({first_line(str(e), type(e).__name__)}); "
-                   f"{shutil.disk_usage(root).free / 2**30:.1f} GiB free on that filesystem. The incomplete "
+                   f"{free_space(root)} on that filesystem. The incomplete "
                    f"{tag} (no meta.json) is ignored on resume and pruned by a later save")
     failures = [None] * world  # every rank learns of any rank's failure, so none waits for the others below
     dist.all_gather_object(failures, failure)
@@ -120,7 +122,7 @@ def save(engine, run_dir: Path, step: int, client_state: dict, ep_size: int, kee
                 raise
         except OSError as e:  # a full disk, `latest` not a file: the other ranks wait below, told, not left hanging
             failure = (f"{tag_dir}: writing the checkpoint failed on rank 0 ({describe_os_error(e)}); "
-                       f"{shutil.disk_usage(root).free / 2**30:.1f} GiB free on that filesystem. The incomplete "
+                       f"{free_space(root)} on that filesystem. The incomplete "
                        f"{tag} (no meta.json) is ignored on resume and pruned by a later save")
         else:
             _prune(root, keep_last)  # what it cannot remove stays: a later save tries again
@@ -323,12 +325,8 @@ def _disk_full_named(out: Path, tag_dir: Path):
         parent = next(p for p in out.parents if p.exists())
         need = sum(f.stat().st_size for f in tag_dir.rglob("*") if f.is_file())
         raise CheckpointError(f"{tag_dir}: converting it to a universal checkpoint in {out.parent}: {e.strerror} "
-                              f"({_size(shutil.disk_usage(parent).free)} free there; it needs roughly {_size(2 * need)}, "
+                              f"({free_space(parent)} there; it needs roughly {size_text(2 * need)}, "
                               "twice the checkpoint's size)") from None
-
-
-def _size(n: int) -> str:
-    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
 def optimizer_settings(optimizer) -> list[dict]:

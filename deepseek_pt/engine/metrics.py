@@ -5,13 +5,12 @@ import contextlib
 import json
 import os
 import resource
-import shutil
 import sys
 from pathlib import Path
 
 import torch
 
-from ..fileio import atomic_write_text
+from ..fileio import atomic_write_text, free_space
 
 # Dense bf16 peak of the GPU, by name fragment: the MFU denominator (FP8 runs are measured against it too).
 PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "H800": 989.0, "A100": 312.0, "A800": 312.0, "L40S": 362.0}
@@ -66,7 +65,7 @@ class MetricsLogger:
             self.file.write(json.dumps(record) + "\n")
         except OSError as e:
             where = Path(self.file.name)
-            self.failure = f"{where}: {e.strerror or e} ({shutil.disk_usage(where.parent).free / 2**20:,.1f} MiB free)"
+            self.failure = f"{where}: {e.strerror or e} ({free_space(where.parent)})"
             return
         if self.wandb is not None:
             self.wandb.log({k: v for k, v in record.items() if k != "step" and v is not None}, step=record["step"])
