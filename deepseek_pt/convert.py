@@ -21,7 +21,8 @@ from pathlib import Path
 from .config import load_config
 from .data.format import open_tokenizer, tokenizer_from_bytes
 from .export import save_export
-from .interop.checkpoints import load_checkpoint
+from .fileio import sha256_file
+from .interop.checkpoints import check_tokenizer, load_checkpoint
 from .interop.cli import DTYPE_CHOICES, UsageError, run_cli
 from .interop.hf import (
     TRAINING_KNOBS,
@@ -52,9 +53,12 @@ def _describe(model) -> str:
 def hf_to_ds(args) -> None:
     out = _fresh_dir(args.out, args.force)
     read_hf_config(args.hf_dir)  # a clear error for a non-HF directory before any weights load
-    tokenizer = Path(args.tokenizer or Path(args.hf_dir) / "tokenizer.model")
+    own = Path(args.hf_dir) / "tokenizer.model"
+    tokenizer = Path(args.tokenizer) if args.tokenizer else own
     if args.tokenizer or tokenizer.is_file():  # checked before the (slow) load, and never stored unreadable
         open_tokenizer(tokenizer, "--tokenizer" if args.tokenizer else "tokenizer")
+    if args.tokenizer and own.is_file():
+        check_tokenizer(tokenizer, sha256_file(own), args.hf_dir, stored=True)
     knobs = {"model." + ".".join(knob) for knob in TRAINING_KNOBS}
     for item in args.overrides:  # before the (slow) load
         key = item.partition("=")[0]
@@ -99,7 +103,7 @@ def mla_o(args) -> None:
                          f"(o_latent_dim {ckpt.model.config.attention.o_latent_dim})")
     errors = to_output_subspace(ckpt.model, args.o_latent_dim, init=args.init)
     save_export(ckpt.model, ckpt.config, out, source=str(Path(args.checkpoint).absolute()),
-                tokenizer=ckpt.tokenizer, doc_boundary=ckpt.doc_boundary)
+                tokenizer=ckpt.tokenizer, doc_boundary=ckpt.doc_boundary, tokenizer_sha256=ckpt.tokenizer_sha256)
     print(f"o_proj -> o_a_proj/o_b_proj of width {args.o_latent_dim} ({args.init}): relative error of "
           f"o_b @ o_a against o_proj per layer: " + " ".join(f"{e:.3f}" for e in errors))
     print(f"{args.checkpoint} -> {out}: {_describe(ckpt.model)}")
@@ -114,7 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("out")
     h.add_argument("--base-config", help="YAML whose non-model sections (data, train, ...) and model training knobs "
                    "(mtp_loss_weight, moe.bias_update_rate, moe.seq_aux_loss_alpha) the export's config takes")
-    h.add_argument("--tokenizer", help="sentencepiece model to store (default: HF_DIR/tokenizer.model if present)")
+    h.add_argument("--tokenizer", help="sentencepiece model to store (default: HF_DIR/tokenizer.model if present, and "
+                   "only that one then)")
     h.add_argument("overrides", nargs="*", metavar="key.path=value",
                    help="set on the export's config last (a base config's parallel.expert_parallel_size fitted to "
                         "this model's experts, say); of the model section only the training knobs")

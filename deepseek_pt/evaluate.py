@@ -7,7 +7,6 @@ Sequences and batch size default to the checkpoint's data.seq_len and train.micr
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 import sys
@@ -74,11 +73,11 @@ def main(argv: list[str] | None = None) -> int:
         if manifest.vocab_size > m.vocab_size:
             raise UsageError(f"{manifest.path}: vocab_size {manifest.vocab_size} > the model's {m.vocab_size}")
         # Same vocabulary size is not the same vocabulary: ids of another tokenizer name other pieces.
-        ours = hashlib.sha256(ckpt.tokenizer).hexdigest() if ckpt.tokenizer is not None else None
+        ours = ckpt.tokenizer_sha256
         if ours is not None and ours != manifest.tokenizer_sha256:
-            raise UsageError(f"{manifest.path}: built with another tokenizer than {args.checkpoint}'s tokenizer.model "
-                             f"(sha256 {manifest.tokenizer_sha256[:12]}... against {ours[:12]}...): its token ids "
-                             "mean other pieces")
+            raise UsageError(f"{manifest.path}: built with another tokenizer than the one {args.checkpoint} was "
+                             f"trained with (sha256 {manifest.tokenizer_sha256[:12]}... against {ours[:12]}...): its "
+                             "token ids mean other pieces")
         seq_len = args.seq_len or min(ckpt.config.data.seq_len, m.max_seq_len)
         if seq_len > m.max_seq_len:
             raise UsageError(f"--seq-len {seq_len} > model.max_seq_len {m.max_seq_len}")

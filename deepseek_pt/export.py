@@ -5,12 +5,15 @@
     EXPORT_DIR/model.safetensors  the Transformer's state_dict names, fp32 or bf16 (router bias always fp32)
     EXPORT_DIR/tokenizer.model    optional: the sentencepiece model the data was tokenized with
     EXPORT_DIR/export.json        written last: format_version, step, source, sha256 of model.safetensors,
-                                  dtype, doc_boundary (how documents were framed, when known)
+                                  dtype, doc_boundary (how documents were framed, when known), tokenizer_sha256
+                                  (the identity of the tokenizer the model was trained with, when known)
 """
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -24,6 +27,7 @@ from .model.counting import meta_model
 
 FORMAT_VERSION = 1
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+SHA256 = re.compile(r"[0-9a-f]{64}")
 FP32_TENSORS = ("e_score_correction_bias",)
 """Kept fp32 in any export: the balancing bias moves in steps far below bf16 resolution."""
 
@@ -61,11 +65,21 @@ def cast_model(model: Transformer, dtype: torch.dtype) -> Transformer:
 
 def save_export(model: Transformer, config: Config, out_dir: str | Path, step: int | None = None,
                 source: str | None = None, tokenizer: str | Path | bytes | None = None,
-                dtype: torch.dtype | None = None, doc_boundary: str | None = None) -> Path:
+                dtype: torch.dtype | None = None, doc_boundary: str | None = None,
+                tokenizer_sha256: str | None = None) -> Path:
     """Write `model` as an export. The config's model section is taken from `model.config` (it changes
     under MLA-o conversion); dtype defaults to the model's; `tokenizer` is a sentencepiece model file
-    or its bytes. Returns the directory."""
+    or its bytes; tokenizer_sha256 the identity of the tokenizer the model was trained with (default: the
+    stored tokenizer's; given with one, they must agree). Returns the directory."""
     out = Path(out_dir)
+    if tokenizer is not None:
+        what = "tokenizer" if isinstance(tokenizer, bytes) else f"tokenizer {tokenizer}"
+        tokenizer = tokenizer if isinstance(tokenizer, bytes) else Path(tokenizer).read_bytes()
+        stored = hashlib.sha256(tokenizer).hexdigest()
+        if tokenizer_sha256 is not None and stored != tokenizer_sha256:
+            raise ExportError(f"{what} (sha256 {stored[:12]}...) is not the one the model was trained with "
+                              f"(sha256 {tokenizer_sha256[:12]}...)")
+        tokenizer_sha256 = stored
     out.mkdir(parents=True, exist_ok=True)
     # Overwriting an export: it counts as incomplete until the new export.json is in place.
     (out / "export.json").unlink(missing_ok=True)
@@ -78,12 +92,12 @@ def save_export(model: Transformer, config: Config, out_dir: str | Path, step: i
         digest = sha256_file(tmp)
     save_config(config, out / "config.yaml")
     if tokenizer is not None:
-        atomic_write_bytes(out / "tokenizer.model",
-                           tokenizer if isinstance(tokenizer, bytes) else Path(tokenizer).read_bytes())
+        atomic_write_bytes(out / "tokenizer.model", tokenizer)
     else:
         (out / "tokenizer.model").unlink(missing_ok=True)
     info = {"format_version": FORMAT_VERSION, "step": step, "source": None if source is None else str(source),
-            "sha256": digest, "dtype": dtype_name(dtype), "doc_boundary": doc_boundary}
+            "sha256": digest, "dtype": dtype_name(dtype), "doc_boundary": doc_boundary,
+            "tokenizer_sha256": tokenizer_sha256}
     atomic_write_text(out / "export.json", json.dumps(info, indent=2) + "\n")
     return out
 
@@ -107,6 +121,9 @@ def read_export_info(path: str | Path) -> dict:
                           f"({FORMAT_VERSION}); update deepseek_pt")
     if info.get("dtype") not in DTYPES or not isinstance(info.get("sha256"), str):
         raise ExportError(f"{file}: dtype must be one of {', '.join(DTYPES)} and sha256 a string")
+    tok = info.get("tokenizer_sha256")  # absent from exports written before it was recorded
+    if tok is not None and not (isinstance(tok, str) and SHA256.fullmatch(tok)):
+        raise ExportError(f"{file}: tokenizer_sha256 {tok!r} is not 64 lowercase hex digits")
     return info
 
 

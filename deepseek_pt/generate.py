@@ -17,8 +17,7 @@ from typing import Iterator
 import sentencepiece as spm
 import torch
 
-from .data.format import open_tokenizer, tokenizer_from_bytes
-from .interop.checkpoints import load_checkpoint
+from .interop.checkpoints import checkpoint_tokenizer, load_checkpoint
 from .interop.cli import DTYPE_CHOICES, UsageError, default_device, device_arg, run_cli
 from .model import Transformer
 from .model.counting import kv_cache_bytes_per_token
@@ -155,7 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ignore-eos", action="store_true", help="keep going past the end-of-document token")
     p.add_argument("--prefix", choices=["auto", "bos", "eos", "none"], default="auto",
                    help="document-start token before the prompt (auto: what the training data used)")
-    p.add_argument("--tokenizer", help="sentencepiece model (default: the checkpoint's tokenizer.model)")
+    p.add_argument("--tokenizer", help="sentencepiece model (default: the checkpoint's tokenizer.model); refused "
+                   "unless it is the tokenizer the model was trained with, where the checkpoint records that")
     p.add_argument("--device", type=device_arg, default=default_device())
     p.add_argument("--dtype", choices=DTYPE_CHOICES, default=None, help="default: the checkpoint's")
     return p
@@ -173,10 +173,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.prompt is not None:  # before the (slow) load
             _utf8_text(args.prompt, "--prompt")
         ckpt = load_checkpoint(args.checkpoint, args.device, DTYPE_CHOICES.get(args.dtype))
-        if args.tokenizer is None and ckpt.tokenizer is None:
-            raise UsageError(f"{args.checkpoint}: holds no tokenizer.model; pass --tokenizer")
-        sp = open_tokenizer(args.tokenizer, "--tokenizer") if args.tokenizer else \
-            tokenizer_from_bytes(ckpt.tokenizer, f"{args.checkpoint}: its tokenizer.model (pass --tokenizer)")
+        sp = checkpoint_tokenizer(ckpt, args.checkpoint, args.tokenizer)
         if sp.vocab_size() > ckpt.model.config.vocab_size:
             raise UsageError(f"tokenizer has {sp.vocab_size()} pieces, the model only {ckpt.model.config.vocab_size}")
         if args.prefix == "auto":

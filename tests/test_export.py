@@ -43,10 +43,26 @@ def test_round_trip_is_exact(tmp_path, overrides):
     assert loaded_cfg == cfg
     info = read_export_info(tmp_path / "exp")
     assert (info["step"], info["dtype"], info["doc_boundary"]) == (12, "float32", "eos")
+    assert info["tokenizer_sha256"] == sha256_file(tok)
     assert (tmp_path / "exp" / "tokenizer.model").read_bytes() == b"sentencepiece bytes"
     if cfg.model.tie_embeddings:  # stored once, still shared after loading
         assert "lm_head.weight" not in load_file(tmp_path / "exp" / "model.safetensors")
         assert loaded.lm_head.weight is loaded.embed_tokens.weight
+
+
+def test_the_tokenizers_identity_is_recorded_and_checked(tmp_path):
+    cfg = tiny()
+    model = _model(cfg)
+    save_export(model, cfg, tmp_path / "id_only", tokenizer_sha256="ab" * 32)  # known, but no copy at hand
+    assert read_export_info(tmp_path / "id_only")["tokenizer_sha256"] == "ab" * 32
+    assert not (tmp_path / "id_only" / "tokenizer.model").exists()
+    with pytest.raises(ExportError, match=r"tokenizer \(sha256 [0-9a-f]{12}\.\.\.\) is not the one the model was "
+                                          r"trained with \(sha256 abababababab\.\.\.\)"):
+        save_export(model, cfg, tmp_path / "refused", tokenizer=b"other bytes", tokenizer_sha256="ab" * 32)
+    info = json.loads((tmp_path / "id_only" / "export.json").read_text())
+    (tmp_path / "id_only" / "export.json").write_text(json.dumps({**info, "tokenizer_sha256": "abc"}))
+    with pytest.raises(ExportError, match="tokenizer_sha256 'abc' is not 64 lowercase hex digits"):
+        read_export_info(tmp_path / "id_only")
 
 
 def test_mla_o_model_exports_its_own_config(tmp_path):

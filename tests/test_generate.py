@@ -1,7 +1,10 @@
 """Generation (compressed-cache decoding, sampling, CLI) and evaluation (loss, CLI)."""
+import hashlib
 import io
 import json
 import math
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -144,7 +147,7 @@ def test_generate_cli_errors(tmp_path, pydoc, capsys):
     save_export(random_model(cfg), cfg, tmp_path / "bad_tok", tokenizer=b"not a sentencepiece model")
     assert generate_main(["--checkpoint", str(tmp_path / "bad_tok"), "--prompt", "x"]) == 2
     err = capsys.readouterr().err
-    assert f"{tmp_path / 'bad_tok'}: its tokenizer.model (pass --tokenizer): not a sentencepiece model" in err, err
+    assert f"{tmp_path / 'bad_tok'}: its tokenizer.model: not a sentencepiece model" in err, err
     small = tiny()  # 97 ids: the 1024-piece tokenizer does not fit
     save_export(random_model(small), small, tmp_path / "small", tokenizer=pydoc.tokenizer_model)
     assert generate_main(["--checkpoint", str(tmp_path / "small"), "--prompt", "x"]) == 2
@@ -160,6 +163,57 @@ def test_generate_cli_errors(tmp_path, pydoc, capsys):
         generate_main(["--checkpoint", str(tmp_path / "no_tok"), "--tokenizer", str(pydoc.tokenizer_model),
                        "--prompt", "x", "--seed", str(2**64)])
     assert e.value.code == 2 and capsys.readouterr().err.endswith(f"error: --seed {2**64} is outside [-2**63, 2**64)\n")
+
+
+OTHER_TOKENIZER = Path(__file__).parent / "assets" / "smoke_shards" / "tokenizer.model"
+"""1024 pieces, as the pydoc tokenizer, but trained on another corpus: its ids name other pieces."""
+
+
+def _sha(path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def test_generate_refuses_a_tokenizer_the_model_was_not_trained_with(export_1024, pydoc, tmp_path, capsys):
+    """--tokenizer took any sentencepiece model that fit the vocabulary: the output was silently garbage."""
+    prompt = ["--prompt", "x", "--max-new-tokens", "2"]
+    mine, other = _sha(pydoc.tokenizer_model), _sha(OTHER_TOKENIZER)
+    assert mine != other
+    assert generate_main(["--checkpoint", str(export_1024), "--tokenizer", str(OTHER_TOKENIZER)] + prompt) == 2
+    err = capsys.readouterr().err
+    assert err == (f"error: --tokenizer {OTHER_TOKENIZER} (sha256 {other[:12]}...) is not the tokenizer {export_1024} "
+                   f"was trained with (sha256 {mine[:12]}...): its ids would name other pieces; leave out --tokenizer "
+                   "to use the one stored with it\n"), err
+    copy = shutil.copy(pydoc.tokenizer_model, tmp_path / "same.model")  # the same tokenizer anywhere is fine
+    assert generate_main(["--checkpoint", str(export_1024), "--tokenizer", str(copy)] + prompt) == 0
+    capsys.readouterr()
+
+    # An export that knows the tokenizer's identity but stores no copy (its data's copy was removed)
+    cfg = tiny(vocab_size=pydoc.vocab_size)
+    save_export(random_model(cfg), cfg, tmp_path / "id_only", tokenizer_sha256=mine)
+    assert generate_main(["--checkpoint", str(tmp_path / "id_only")] + prompt) == 2
+    assert capsys.readouterr().err == (f"error: {tmp_path / 'id_only'}: holds no tokenizer.model; pass --tokenizer "
+                                       f"(the one it was trained with has sha256 {mine[:12]}...)\n")
+    assert generate_main(["--checkpoint", str(tmp_path / "id_only"), "--tokenizer", str(OTHER_TOKENIZER)] + prompt) == 2
+    assert "pass that one (the tokenizer.model of the shard directory it was trained on)" in capsys.readouterr().err
+    assert generate_main(["--checkpoint", str(tmp_path / "id_only"), "--tokenizer", str(copy)] + prompt) == 0
+    capsys.readouterr()
+
+    # An export written before the identity was recorded: its tokenizer.model is the identity
+    info = json.loads((export_1024 / "export.json").read_text())
+    del info["tokenizer_sha256"]
+    (export_1024 / "export.json").write_text(json.dumps(info))
+    assert generate_main(["--checkpoint", str(export_1024), "--tokenizer", str(OTHER_TOKENIZER)] + prompt) == 2
+    assert "is not the tokenizer" in capsys.readouterr().err
+    assert generate_main(["--checkpoint", str(export_1024)] + prompt) == 0
+
+
+def test_a_stored_tokenizer_that_is_not_the_recorded_one_is_refused(export_1024, pydoc, capsys):
+    shutil.copy(OTHER_TOKENIZER, export_1024 / "tokenizer.model")
+    assert generate_main(["--checkpoint", str(export_1024), "--prompt", "x"]) == 2
+    assert capsys.readouterr().err == (
+        f"error: {export_1024 / 'tokenizer.model'}: sha256 {_sha(OTHER_TOKENIZER)[:12]}... is not the tokenizer the "
+        f"model was trained with ({export_1024 / 'export.json'}: tokenizer_sha256 "
+        f"{_sha(pydoc.tokenizer_model)[:12]}...): put that one back\n")
 
 
 def test_a_prompt_that_does_not_fit_is_named(export_1024, capsys, monkeypatch):
@@ -262,3 +316,14 @@ def test_evaluate_refuses_shards_of_another_tokenizer(export_1024, capsys):
                           "--seq-len", "32", "--max-batches", "1"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "another tokenizer" in err and "Traceback" not in err
+
+
+def test_evaluate_refuses_shards_of_another_tokenizer_by_the_recorded_identity(pydoc, tmp_path, capsys):
+    # An export without its tokenizer's copy was checked against nothing
+    cfg = tiny(vocab_size=pydoc.vocab_size)
+    save_export(random_model(cfg), cfg, tmp_path / "id_only", tokenizer_sha256=_sha(pydoc.tokenizer_model))
+    argv = ["--checkpoint", str(tmp_path / "id_only"), "--seq-len", "32", "--max-batches", "1"]
+    assert evaluate_main(argv + ["--data", "tests/assets/smoke_shards"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and f"another tokenizer than the one {tmp_path / 'id_only'} was trained" in err
+    assert evaluate_main(argv + ["--data", str(pydoc.shards_dir)]) == 0

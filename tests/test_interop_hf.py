@@ -1,5 +1,6 @@
 """HF transformers DeepseekV3 <-> deepseek_pt: logits parity both ways on tiny random models (fp32)."""
 import dataclasses
+import hashlib
 import json
 
 import pytest
@@ -11,7 +12,7 @@ from transformers import DeepseekV3Config, DeepseekV3ForCausalLM  # noqa: E402
 
 from deepseek_pt.config import load_config  # noqa: E402
 from deepseek_pt.convert import main as convert_main  # noqa: E402
-from deepseek_pt.export import load_export, save_export  # noqa: E402
+from deepseek_pt.export import load_export, read_export_info, save_export  # noqa: E402
 from deepseek_pt.interop.checkpoints import load_checkpoint  # noqa: E402
 from deepseek_pt.interop.hf import HFConversionError, load_hf, model_dict_from_hf, save_hf  # noqa: E402
 from deepseek_pt.model import Transformer, to_output_subspace  # noqa: E402
@@ -405,6 +406,19 @@ def test_hf_copy_carries_a_tokenizer_that_autotokenizer_reads(tmp_path, pydoc_da
         assert tok.decode(ids_) == text
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert (config["bos_token_id"], config["eos_token_id"]) == (sp.bos_id(), sp.eos_id()) == (tok.bos_token_id, tok.eos_token_id)
+    capsys.readouterr()
+    # Back to an export: with the HF copy's tokenizer, and only with that one
+    other = "tests/assets/smoke_shards/tokenizer.model"  # 1024 pieces too, another corpus
+    assert convert_main(["hf-to-ds", str(tmp_path / "hf"), str(tmp_path / "back"), "--tokenizer", other]) == 2
+    err = capsys.readouterr().err
+    assert f"error: --tokenizer {other} (sha256 " in err, err
+    assert f"is not the tokenizer {tmp_path / 'hf'} was trained with" in err, err
+    assert not (tmp_path / "back").exists()
+    sha = hashlib.sha256(pydoc_data_dir.tokenizer_model.read_bytes()).hexdigest()
+    assert convert_main(["hf-to-ds", str(tmp_path / "hf"), str(tmp_path / "back")]) == 0
+    assert read_export_info(tmp_path / "back")["tokenizer_sha256"] == sha
+    assert convert_main(["mla-o", str(tmp_path / "back"), str(tmp_path / "o"), "--o-latent-dim", "8"]) == 0
+    assert read_export_info(tmp_path / "o")["tokenizer_sha256"] == sha
     capsys.readouterr()
 
 

@@ -255,21 +255,21 @@ def _dtype(dtype) -> torch.dtype:
     return DTYPE_NAMES[dtype]
 
 
-def _tokenizer(cfg: Config) -> tuple[Path | None, str | None]:
-    """The data's tokenizer copy and doc boundary, when the data directory is reachable (a blend's sources share
-    one tokenizer: the first's)."""
+def _tokenizer(cfg: Config) -> tuple[Path | None, str | None, str | None]:
+    """The data's tokenizer copy, its identity (sha256) and the doc boundary, when the data directory is reachable
+    (a blend's sources share one tokenizer: the first's)."""
     from ..data import DataError, open_manifest
 
     sources = cfg.data.sources()
     if not sources:
         print("note: no tokenizer in the export: the config names no data", file=sys.stderr)
-        return None, None
+        return None, None, None
     try:
         manifest = open_manifest(sources[0].path)
     except DataError as e:
         print(f"note: no tokenizer in the export: {e}", file=sys.stderr)
-        return None, None
-    return manifest.tokenizer_path, manifest.doc_boundary
+        return None, None, None
+    return manifest.tokenizer_path, manifest.tokenizer_sha256, manifest.doc_boundary
 
 
 def load_checkpoint_model(checkpoint: str | Path, scratch_parent: str | Path | None = None):
@@ -305,9 +305,9 @@ def export_checkpoint(run_dir_or_ckpt: str | Path, out_dir: str | Path, dtype=No
     # The universal copy (fp32 weights + Adam moments: ~3x the export) goes beside the export, on the
     # filesystem chosen for large files, not into a possibly small /tmp.
     model, cfg, meta, tag_dir = load_checkpoint_model(run_dir_or_ckpt, scratch_parent=out.parent)
-    tokenizer, doc_boundary = _tokenizer(cfg)
+    tokenizer, tokenizer_sha256, doc_boundary = _tokenizer(cfg)
     return save_export(model, cfg, out, step=meta["step"], source=str(tag_dir.absolute()), tokenizer=tokenizer,
-                       dtype=dt, doc_boundary=doc_boundary)
+                       dtype=dt, doc_boundary=doc_boundary, tokenizer_sha256=tokenizer_sha256)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -4,9 +4,13 @@
 - an HF DeepseekV3 directory (config.json + safetensors),
 - a training run directory or one of its DeepSpeed checkpoints, any world size: the engine's
   `export_checkpoint` consolidates it into a temporary export first.
+
+`checkpoint_tokenizer` gives the sentencepiece model to run one with, refusing a tokenizer other than the one the
+model was trained with.
 """
 from __future__ import annotations
 
+import hashlib
 import importlib
 import tempfile
 from dataclasses import dataclass
@@ -15,8 +19,11 @@ from pathlib import Path
 import torch
 
 from ..config import Config
+from ..data.format import open_tokenizer, tokenizer_from_bytes
 from ..export import ExportError, is_export, load_export, read_export_info
+from ..fileio import sha256_file
 from ..model import Transformer
+from .cli import UsageError
 from .hf import full_config, is_hf_dir, load_hf
 
 
@@ -26,15 +33,26 @@ class Checkpoint:
     config: Config
     tokenizer: bytes | None
     """The sentencepiece model stored with the checkpoint, if any."""
+    tokenizer_sha256: str | None
+    """The identity of the tokenizer the model was trained with: recorded in export.json, else the stored
+    tokenizer's; None when unknown."""
     doc_boundary: str | None
     """How training documents were framed (`eos` or `bos_eos`), when the export records it."""
 
 
 def _from_export(path: Path, device, dtype) -> Checkpoint:
-    model, config = load_export(path, device, dtype)
+    info = read_export_info(path)
     tok = path / "tokenizer.model"
-    return Checkpoint(model, config, tok.read_bytes() if tok.is_file() else None,
-                      read_export_info(path).get("doc_boundary"))
+    data = tok.read_bytes() if tok.is_file() else None
+    sha = info.get("tokenizer_sha256")  # None in exports written before it was recorded: then the stored file's
+    if data is not None:
+        stored = hashlib.sha256(data).hexdigest()
+        if sha is not None and stored != sha:  # checked before the (slow) load
+            raise ExportError(f"{tok}: sha256 {stored[:12]}... is not the tokenizer the model was trained with "
+                              f"({path / 'export.json'}: tokenizer_sha256 {sha[:12]}...): put that one back")
+        sha = stored
+    model, config = load_export(path, device, dtype)
+    return Checkpoint(model, config, data, sha, info.get("doc_boundary"))
 
 
 ENGINE_EXPORTERS = ("deepseek_pt.engine.export", "deepseek_pt.engine.checkpoint")
@@ -75,6 +93,32 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu",
     if is_hf_dir(path):
         model = load_hf(path, device, dtype)
         tok = path / "tokenizer.model"
-        return Checkpoint(model, full_config(model.config, where=str(path)),
-                          tok.read_bytes() if tok.is_file() else None, None)
+        data = tok.read_bytes() if tok.is_file() else None
+        return Checkpoint(model, full_config(model.config, where=str(path)), data,
+                          None if data is None else hashlib.sha256(data).hexdigest(), None)
     return _from_training_run(path, device, dtype)
+
+
+def check_tokenizer(file: str | Path, trained_with: str | None, model: str, stored: bool) -> None:
+    """UsageError unless the tokenizer in `file` (a user's --tokenizer) is the one `model` was trained with
+    (sha256 `trained_with`; None: unknown, anything goes). `stored`: the model holds that tokenizer itself."""
+    if trained_with is None or (sha := sha256_file(file)) == trained_with:
+        return
+    fix = ("leave out --tokenizer to use the one stored with it" if stored else
+           "pass that one (the tokenizer.model of the shard directory it was trained on)")
+    raise UsageError(f"--tokenizer {file} (sha256 {sha[:12]}...) is not the tokenizer {model} was trained with "
+                     f"(sha256 {trained_with[:12]}...): its ids would name other pieces; {fix}")
+
+
+def checkpoint_tokenizer(ckpt: Checkpoint, where: str, tokenizer: str | Path | None = None):
+    """The sentencepiece model to run `ckpt` (loaded from `where`) with: the file `tokenizer` (--tokenizer) if it is
+    the one the model was trained with, as far as that is known, else the one stored with the checkpoint."""
+    if tokenizer is not None:
+        sp = open_tokenizer(tokenizer, "--tokenizer")
+        check_tokenizer(tokenizer, ckpt.tokenizer_sha256, where, ckpt.tokenizer is not None)
+        return sp
+    if ckpt.tokenizer is None:
+        known = ckpt.tokenizer_sha256
+        which = f" (the one it was trained with has sha256 {known[:12]}...)" if known else ""
+        raise UsageError(f"{where}: holds no tokenizer.model; pass --tokenizer{which}")
+    return tokenizer_from_bytes(ckpt.tokenizer, f"{where}: its tokenizer.model")
