@@ -27,8 +27,8 @@ import torch
 import torch.distributed as dist
 
 from .config import Config, ConfigError, ModelConfig, load_config, model_from_dict, save_config, uses_autoep
-from .data.format import DataError
-from .engine import balance, checkpoint
+from .data.format import DataError, Manifest
+from .engine import balance, checkpoint, run_tokenizer
 from .engine.checkpoint import CheckpointError
 from .engine.ds_config import build_ds_config, deepspeed_micro_steps, lr_scheduler
 from .engine.metrics import MetricsLogger, peak_flops, peak_memory_gib
@@ -114,7 +114,7 @@ def preflight(cfg: Config, world_size: int) -> None:
                 f"parallel.zero_init: false builds the whole model in fp32 in each of this node's {procs} processes: "
                 f"{need / 2**30:,.1f} GiB ({n_params:,} parameters x 4 bytes x {procs}), more than the "
                 f"{available / 2**30:,.1f} GiB of memory available here; {fix}")
-    check_data(cfg, world_size)
+    data = check_data(cfg, world_size)
     if cfg.train.init_from:
         from .export import ExportError, read_export_info
         try:
@@ -160,11 +160,28 @@ def preflight(cfg: Config, world_size: int) -> None:
         raise PreflightError(f"train.resume: {resume_dir.name} is older than {found[-1].parent.name} in the same "
                              f"run.dir ({root}): resume it into another run.dir (run.dir=NEW "
                              f"train.resume={resume_dir}), or remove the later checkpoints")
+    # Each start records the data's tokenizer in run.dir (engine/run_tokenizer.py): that must stay true of the
+    # checkpoints it goes with, those resumed and those already there.
+    trained = {resume_dir.parent.parent} if resume_dir is not None else set()
+    if any(root.glob("step_*[0-9]/meta.json")):
+        trained.add(run_dir)
+    for where in trained:
+        try:
+            recorded = run_tokenizer.read(where)
+        except CheckpointError as e:
+            raise PreflightError(str(e)) from None
+        if recorded is not None and recorded.sha256 != data.tokenizer_sha256:
+            raise PreflightError(
+                f"{cfg.data.source_key(0)}: {data.path} was tokenized with another tokenizer (sha256 "
+                f"{data.tokenizer_sha256[:12]}...) than the checkpoints in {where} were trained with "
+                f"({where / run_tokenizer.RECORD_NAME}: sha256 {recorded.sha256[:12]}...): its ids would name other "
+                "pieces; train on data of that tokenizer, or in another run.dir")
 
 
-def check_data(cfg: Config, world_size: int) -> None:
+def check_data(cfg: Config, world_size: int) -> Manifest:
     """Every source of training data opens, fits the model's vocabulary, shares one tokenizer, and holds a training
-    sample and (when evaluating) an evaluation batch: found here, not at the first evaluation hours in."""
+    sample and (when evaluating) an evaluation batch: found here, not at the first evaluation hours in. Returns the
+    first source's manifest."""
     from .data import open_manifest
 
     sources = cfg.data.sources()
@@ -199,6 +216,7 @@ def check_data(cfg: Config, world_size: int) -> None:
                                                        f"processes = {need} samples)")
                 raise PreflightError(f"{split_key}: split {split!r} of {manifest.path} holds {samples} samples of "
                                      f"data.seq_len + 1 = {cfg.data.seq_len + 1} tokens, fewer than {what}")
+    return first
 
 
 def resume_settings(cfg: Config) -> dict:
@@ -670,7 +688,7 @@ def train(cfg: Config) -> int:
 
 def _train(cfg: Config, rank: int, world: int, device: torch.device, stop: StopSignal, started: float,
            watch: PeerFailureWatch) -> int:
-    from .data import PretrainDataset, TrainLoader, to_device
+    from .data import PretrainDataset, TrainLoader, open_manifest, to_device
     from .data.loader import NewDataError
 
     check_same_config(cfg, world)
@@ -681,9 +699,11 @@ def _train(cfg: Config, rank: int, world: int, device: torch.device, stop: StopS
             run_dir.mkdir(parents=True, exist_ok=True)
             lock = lock_run_dir(run_dir)  # held until this process exits
             save_config(cfg, run_dir / "config.yaml")
+            # for the tools used after training, from any directory (data.path may be relative to this one)
+            run_tokenizer.record(open_manifest(cfg.data.sources()[0].path), run_dir)
         except OSError as e:
             failure, error = [f"rank 0 could not write run.dir: {describe_os_error(e)}"], e
-        except PreflightError as e:
+        except (PreflightError, DataError) as e:
             failure, error = [f"rank 0: {e}"], e
     if world > 1:  # the others would go on into the engine's collectives and die there (gloo) or wait (NCCL)
         dist.broadcast_object_list(failure, src=0)

@@ -88,8 +88,9 @@ def test_export_reproduces_the_engine_eval_loss(trained, trained_export, data):
     assert not list(trained_export.parent.glob(".universal-*")), "scratch conversion left behind"
     assert not (tag_dir.parent / "step_00000004_universal").exists(), "export must not write into the run"
     from deepseek_pt.data import open_manifest
-    tokenizer = open_manifest(data.shards_dir).tokenizer_path
-    assert (trained_export / "tokenizer.model").exists() == (tokenizer is not None)
+    manifest = open_manifest(data.shards_dir)
+    assert (trained_export / "tokenizer.model").exists() == (manifest.tokenizer_path is not None)
+    assert (info["tokenizer_sha256"], info["doc_boundary"]) == (manifest.tokenizer_sha256, manifest.doc_boundary)
 
     model, cfg = load_export(trained_export)
     engine_eval = [json.loads(line) for line in (trained / "metrics.jsonl").read_text().splitlines()][-1]

@@ -1,11 +1,13 @@
-"""Generate and evaluate straight from a 2-process ZeRO-3 + EP=2 training run directory."""
+"""Generate and evaluate straight from a 2-process ZeRO-3 + EP=2 training run directory, and from any directory."""
+import hashlib
 import json
+import shutil
 import subprocess
 import sys
 
 import pytest
-from jobs import ROOT, run_job
-from test_train import metrics, train
+from jobs import ROOT, finish_job, job_env, run_job, start_job
+from test_train import SMOKE, metrics, train
 
 
 def _cli(module: str, *args: str) -> subprocess.CompletedProcess:
@@ -56,3 +58,54 @@ def test_training_starts_from_an_export(tmp_path, pydoc_data_dir, zero_init):
         expected = sum(model(*next(TrainLoader(ds, cfg.train.micro_batch_size, dp_rank=r, dp_world=2,
                                                seed=cfg.data.seed))).item() for r in range(2)) / 2
     assert metrics(run)[0]["loss"] == pytest.approx(expected, abs=1e-5)
+
+
+@pytest.mark.slow
+def test_a_run_keeps_its_tokenizer_for_the_tools_run_from_any_directory(tmp_path, pydoc_data_dir, monkeypatch, capsys):
+    """A run trained with a relative data.path and exported (or sampled, evaluated) from another directory lost its
+    tokenizer: the export had none (a note said so), generate needed --tokenizer and took any. The run directory now
+    keeps the tokenizer and its identity from the start; runs started before that behave as they did."""
+    from deepseek_pt.engine.export import export_checkpoint
+    from deepseek_pt.evaluate import main as evaluate_main
+    from deepseek_pt.export import read_export_info
+    from deepseek_pt.generate import main as generate_main
+    from deepseek_pt.train import RENDEZVOUS_ENV
+
+    start = tmp_path / "start"
+    shutil.copytree(pydoc_data_dir.shards_dir, start / "data")
+    env = {k: v for k, v in job_env().items() if k not in RENDEZVOUS_ENV}  # one process, no launcher
+    proc = start_job([sys.executable, "-m", "deepseek_pt.train", "--config", SMOKE, "data.path=data", "run.dir=run",
+                      "parallel.expert_parallel_size=1", "train.max_steps=2", "train.eval_every=0"], env, cwd=start)
+    out, _ = finish_job(proc, 300)
+    assert proc.returncode == 0, out[-3000:]
+    run, sha = start / "run", hashlib.sha256(pydoc_data_dir.tokenizer_model.read_bytes()).hexdigest()
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+
+    export = export_checkpoint(run, tmp_path / "export")
+    info = read_export_info(export)
+    assert (export / "tokenizer.model").read_bytes() == pydoc_data_dir.tokenizer_model.read_bytes()
+    assert (info["tokenizer_sha256"], info["doc_boundary"]) == (sha, "eos")
+    shutil.rmtree(start / "data")  # the data may be gone too: the run has what the tools need
+    prompt = ["--prompt", "The for statement", "--max-new-tokens", "3", "--temperature", "0"]
+    assert generate_main(["--checkpoint", str(run)] + prompt) == 0
+    assert capsys.readouterr().out.startswith("The for statement")
+    other = ROOT / "tests" / "assets" / "smoke_shards"  # another tokenizer of 1024 pieces
+    assert generate_main(["--checkpoint", str(run), "--tokenizer", str(other / "tokenizer.model")] + prompt) == 2
+    assert f"is not the tokenizer {run} was trained with (sha256 {sha[:12]}...)" in capsys.readouterr().err
+    assert evaluate_main(["--checkpoint", str(run), "--data", str(other), "--max-batches", "1"]) == 2
+    assert "another tokenizer than the one" in capsys.readouterr().err
+
+    shutil.copy(other / "tokenizer.model", run / "tokenizer.model")  # the run's copy replaced: named, not used
+    assert generate_main(["--checkpoint", str(run)] + prompt) == 2
+    assert capsys.readouterr().err.startswith(f"error: {run / 'tokenizer.model'}: sha256 ")
+
+    # A run started before runs kept their tokenizer: the data's, where data.path leads from here
+    (run / "data.json").unlink()
+    (run / "tokenizer.model").unlink()
+    shutil.copytree(pydoc_data_dir.shards_dir, start / "data")
+    assert not (export_checkpoint(run, tmp_path / "old") / "tokenizer.model").exists()
+    assert ("(data.path data is relative to the directory the run was started from, and "
+            f"{run} keeps no tokenizer of its own: run this from that directory)") in capsys.readouterr().err
+    monkeypatch.chdir(start)
+    assert read_export_info(export_checkpoint(run, tmp_path / "old2"))["tokenizer_sha256"] == sha

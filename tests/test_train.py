@@ -716,6 +716,57 @@ def test_a_fresh_start_over_complete_checkpoints_is_refused(tmp_path, data, late
     assert checkpoint.resolve("auto", run) == ckpt(run, 8)
 
 
+def test_a_run_on_data_of_another_tokenizer_than_its_checkpoints_is_refused(tmp_path, data):
+    """Each start records the data's tokenizer in run.dir for the tools used after training: a resume on data of
+    another tokenizer (the same vocabulary size, shards of the same shape) trained on ids that name other pieces,
+    and would have made the record false of the checkpoints before it."""
+    from deepseek_pt.data import open_manifest
+
+    run = tmp_path / "run"
+    (run / "checkpoints" / "step_00000004").mkdir(parents=True)
+    meta = {"step": 4, "world_size": 2, "ep_size": 2, "files": {}}
+    (run / "checkpoints" / "step_00000004" / "meta.json").write_text(json.dumps(meta))
+    (run / "checkpoints" / "latest").write_text("step_00000004\n")
+    (run / "data.json").write_text(json.dumps({"tokenizer_sha256": "0" * 64, "doc_boundary": "eos"}))
+    sha = open_manifest(data).tokenizer_sha256
+    # resumed in place, resumed into another run.dir, started afresh beside them without checkpoints of its own
+    for where, extra in ((run, []), (tmp_path / "elsewhere", [f"train.resume={ckpt(run, 4)}"]),
+                         (run, ["train.resume=none", "train.checkpoints=false", "train.save_every=0"])):
+        proc = _direct(f"data.path={data}", f"run.dir={where}", *extra, "--check-only")
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+        assert (f"error: data.path: {data / 'manifest.json'} was tokenized with another tokenizer (sha256 "
+                f"{sha[:12]}...) than the checkpoints in {run} were trained with ({run / 'data.json'}: sha256 000000000000...): its "
+                "ids would name other pieces; train on data of that tokenizer, or in another run.dir") in proc.stderr
+    (run / "data.json").write_text(json.dumps({"tokenizer_sha256": sha, "doc_boundary": "eos"}))
+    assert _direct(f"data.path={data}", f"run.dir={run}", "--check-only").returncode == 0
+
+
+def test_the_run_keeps_the_tokenizer_its_data_names(tmp_path, data):
+    from deepseek_pt.data import DataError, open_manifest
+    from deepseek_pt.engine import run_tokenizer
+    from deepseek_pt.engine.checkpoint import CheckpointError
+
+    shards = shutil.copytree(data, tmp_path / "shards")
+    run = tmp_path / "run"
+    run.mkdir()
+    run_tokenizer.record(open_manifest(shards), run)
+    kept = run_tokenizer.read(run)
+    assert kept.model == (shards / "tokenizer.model").read_bytes()
+    assert (kept.sha256, kept.doc_boundary) == (open_manifest(shards).tokenizer_sha256, "eos")
+    (shards / "tokenizer.model").unlink()  # the data's copy removed since: the run's, the same tokenizer, stays
+    run_tokenizer.record(open_manifest(shards), run)
+    assert run_tokenizer.read(run) == kept
+    (shards / "tokenizer.model").write_bytes(b"another tokenizer")  # not the one the shards were built with
+    with pytest.raises(DataError, match=f"{shards / 'tokenizer.model'}: sha256 [0-9a-f]{{12}}... is not the tokenizer "
+                                        f"{shards / 'manifest.json'} was built with"):
+        run_tokenizer.record(open_manifest(shards), run)
+    (run / "data.json").write_text("{}")
+    with pytest.raises(CheckpointError, match="data.json: needs tokenizer_sha256"):
+        run_tokenizer.read(run)
+    (run / "data.json").unlink()  # a run started before runs kept their tokenizer
+    assert run_tokenizer.read(run) is None
+
+
 def test_a_checkpoint_this_config_cannot_load_is_refused_before_start(tmp_path, data):
     """A changed model shape, ZeRO stage or precision failed deep inside DeepSpeed's load (a size mismatch, an
     assertion, a missing bf16_* file), after config.yaml had been overwritten; meta.json now records them."""

@@ -19,7 +19,8 @@ or one `step_*` checkpoint. The steps:
                                             drops buffers), in MoE-layer module order
    for every AutoEP layer P (`ds_autoep_layers` of the checkpoint); other names are ours already;
 4. load them into `Transformer(cfg.model)` (cfg = the run's config.yaml) with strict checking, and
-   write a deepseek_pt.export directory (step from meta.json, source = the checkpoint).
+   write a deepseek_pt.export directory (step from meta.json, source = the checkpoint, the tokenizer, its
+   identity and the doc boundary that the run directory keeps: engine/run_tokenizer.py).
 
 The weights are the fp32 masters; `dtype=bf16` casts them (the balancing bias stays fp32).
 """
@@ -38,6 +39,7 @@ import torch
 from ..config import Config, ConfigError, load_config
 from ..fileio import describe_os_error
 from ..model.moe import MoE
+from . import run_tokenizer
 from .checkpoint import CheckpointError, checkpoints_dir, convert_to_universal, kept_universal, resolve, verify
 
 DTYPE_NAMES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
@@ -255,11 +257,15 @@ def _dtype(dtype) -> torch.dtype:
     return DTYPE_NAMES[dtype]
 
 
-def _tokenizer(cfg: Config) -> tuple[Path | None, str | None, str | None]:
-    """The data's tokenizer copy, its identity (sha256) and the doc boundary, when the data directory is reachable
-    (a blend's sources share one tokenizer: the first's)."""
+def _tokenizer(cfg: Config, run_dir: Path) -> tuple[bytes | Path | None, str | None, str | None]:
+    """The tokenizer the run trained with (its copy, its identity) and the doc boundary: recorded in the run
+    directory, else (a run started before runs recorded it) the data's, when the data directory is reachable from
+    here (a blend's sources share one tokenizer: the first's)."""
     from ..data import DataError, open_manifest
 
+    recorded = run_tokenizer.read(run_dir)
+    if recorded is not None:
+        return recorded.model, recorded.sha256, recorded.doc_boundary
     sources = cfg.data.sources()
     if not sources:
         print("note: no tokenizer in the export: the config names no data", file=sys.stderr)
@@ -267,7 +273,10 @@ def _tokenizer(cfg: Config) -> tuple[Path | None, str | None, str | None]:
     try:
         manifest = open_manifest(sources[0].path)
     except DataError as e:
-        print(f"note: no tokenizer in the export: {e}", file=sys.stderr)
+        relative = "" if Path(sources[0].path).is_absolute() else (
+            f" ({cfg.data.source_key(0)} {sources[0].path} is relative to the directory the run was started from, "
+            f"and {run_dir} keeps no tokenizer of its own: run this from that directory)")
+        print(f"note: no tokenizer in the export: {e}{relative}", file=sys.stderr)
         return None, None, None
     return manifest.tokenizer_path, manifest.tokenizer_sha256, manifest.doc_boundary
 
@@ -305,7 +314,7 @@ def export_checkpoint(run_dir_or_ckpt: str | Path, out_dir: str | Path, dtype=No
     # The universal copy (fp32 weights + Adam moments: ~3x the export) goes beside the export, on the
     # filesystem chosen for large files, not into a possibly small /tmp.
     model, cfg, meta, tag_dir = load_checkpoint_model(run_dir_or_ckpt, scratch_parent=out.parent)
-    tokenizer, tokenizer_sha256, doc_boundary = _tokenizer(cfg)
+    tokenizer, tokenizer_sha256, doc_boundary = _tokenizer(cfg, tag_dir.parent.parent)
     return save_export(model, cfg, out, step=meta["step"], source=str(tag_dir.absolute()), tokenizer=tokenizer,
                        dtype=dt, doc_boundary=doc_boundary, tokenizer_sha256=tokenizer_sha256)
 

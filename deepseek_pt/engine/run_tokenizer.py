@@ -1,0 +1,72 @@
+"""The tokenizer a run trains with, kept in its run directory, so that the tools used after training (export,
+generate, evaluate, convert) find it from any working directory and whatever became of the data since:
+
+    RUN_DIR/tokenizer.model   a copy of the training data's tokenizer (absent when the shard directory has none)
+    RUN_DIR/data.json         {"tokenizer_sha256": ..., "doc_boundary": "eos" | "bos_eos"}, from the data's manifest
+
+Rank 0 writes both at every start, the copy first, each atomically; a run directory without data.json was
+started before runs recorded it (its config's data.path is then all there is).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..data.format import DOC_BOUNDARIES, DataError, Manifest
+from ..export import SHA256
+from ..fileio import atomic_write_bytes, atomic_write_json, sha256_file
+from .checkpoint import CheckpointError
+
+RECORD_NAME = "data.json"
+COPY_NAME = "tokenizer.model"
+
+
+@dataclass(frozen=True)
+class RunTokenizer:
+    sha256: str
+    """The identity of the tokenizer the run trains with (the sha256 of its tokenizer.model)."""
+    doc_boundary: str
+    model: bytes | None
+    """Its copy; None when the data had none."""
+
+
+def record(manifest: Manifest, run_dir: Path) -> None:
+    """Keep the tokenizer of `manifest` (the run's first data source; a blend's share it) in run_dir. DataError if
+    the data's copy is not the tokenizer its manifest names."""
+    copy = run_dir / COPY_NAME
+    data = manifest.tokenizer_path.read_bytes() if manifest.tokenizer_path is not None else None
+    if data is not None and (sha := hashlib.sha256(data).hexdigest()) != manifest.tokenizer_sha256:
+        raise DataError(f"{manifest.tokenizer_path}: sha256 {sha[:12]}... is not the tokenizer {manifest.path} was "
+                        f"built with ({manifest.tokenizer_sha256[:12]}...): put that one back, or remove the copy")
+    (run_dir / RECORD_NAME).unlink(missing_ok=True)  # until the copy below is in place, it could name another
+    if data is not None:
+        atomic_write_bytes(copy, data)
+    elif copy.is_file() and sha256_file(copy) != manifest.tokenizer_sha256:  # kept if the data's was removed since
+        copy.unlink()
+    atomic_write_json(run_dir / RECORD_NAME, {"tokenizer_sha256": manifest.tokenizer_sha256,
+                                              "doc_boundary": manifest.doc_boundary})
+
+
+def read(run_dir: Path) -> RunTokenizer | None:
+    """The tokenizer run_dir records, its copy verified; None for a run started before runs recorded it.
+    CheckpointError names a malformed record, or a copy that is not the recorded tokenizer."""
+    file = run_dir / RECORD_NAME
+    if not file.is_file():
+        return None
+    try:
+        raw = json.loads(file.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{file}: not valid JSON: {e}") from None
+    sha = raw.get("tokenizer_sha256") if isinstance(raw, dict) else None
+    boundary = raw.get("doc_boundary") if isinstance(raw, dict) else None
+    if not (isinstance(sha, str) and SHA256.fullmatch(sha)) or boundary not in DOC_BOUNDARIES:
+        raise CheckpointError(f"{file}: needs tokenizer_sha256 (64 lowercase hex digits) and doc_boundary (one of "
+                              f"{', '.join(DOC_BOUNDARIES)})")
+    copy = run_dir / COPY_NAME
+    data = copy.read_bytes() if copy.is_file() else None
+    if data is not None and (got := hashlib.sha256(data).hexdigest()) != sha:
+        raise CheckpointError(f"{copy}: sha256 {got[:12]}... is not the tokenizer the run trained with ({file}: "
+                              f"tokenizer_sha256 {sha[:12]}...): put that one back")
+    return RunTokenizer(sha, boundary, data)
