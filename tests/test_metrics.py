@@ -36,3 +36,15 @@ def test_a_torn_line_that_is_not_utf8_is_dropped_too(tmp_path, capsys):
     MetricsLogger(tmp_path, config_from_dict({}), True, 4, None).close()
     assert (tmp_path / "metrics.jsonl").read_text() == text
     assert "dropped 1 lines past step 4" in capsys.readouterr().out
+
+
+def test_a_run_starting_over_from_step_0_drops_the_earlier_runs_steps(tmp_path, capsys):
+    """A run killed before its first checkpoint (or one with train.checkpoints: false) started again trains from step
+    0 in the same run.dir: its steps were appended after the earlier run's, each step twice."""
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in range(1, 4)))
+    log = MetricsLogger(tmp_path, config_from_dict({}), True, 0, None)
+    log.log({"step": 1, "loss": 2.0})
+    log.close()
+    assert [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == \
+        [{"step": 1, "loss": 2.0}]
+    assert "dropped 3 lines past step 0 (this run starts over from step 0)" in capsys.readouterr().out

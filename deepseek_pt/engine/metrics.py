@@ -45,8 +45,9 @@ class MetricsLogger:
         """Why metrics.jsonl could not be written (a full disk): the loop stops on it."""
         if not enabled:
             return
-        if start_step:  # resumed
-            _keep_steps_up_to(run_dir / "metrics.jsonl", start_step)
+        # Resumed, or started over from step 0 (a run killed before its first checkpoint, one that writes none):
+        # the steps this run trains again must not appear twice.
+        _keep_steps_up_to(run_dir / "metrics.jsonl", start_step)
         self.file = open(run_dir / "metrics.jsonl", "a", buffering=1)
         if sys.stderr.isatty() or os.environ.get("DEEPSEEK_PT_PROGRESS") == "1":
             from tqdm import tqdm
@@ -91,9 +92,9 @@ class MetricsLogger:
 
 
 def _keep_steps_up_to(path: Path, step: int) -> None:
-    """Drop the lines of steps after `step` (the checkpoint a run resumes) and any torn line: a run that stopped
-    without a checkpoint at its last step (a crash, a kill) logged steps it now runs again, and each step must
-    appear once, with what the resumed run did."""
+    """Drop the lines of steps after `step` (the checkpoint a run resumes, 0 for a run starting over) and any torn
+    line: a run that stopped without a checkpoint at its last step (a crash, a kill) logged steps it now runs again,
+    and each step must appear once, with what the run now training did."""
     if not path.exists():
         return
     # A crash can leave other bytes than a cut line (a block of garbage that is not UTF-8): such a line is torn too,
@@ -108,8 +109,8 @@ def _keep_steps_up_to(path: Path, step: int) -> None:
             pass
     if len(kept) < len(lines):
         atomic_write_text(path, "".join(kept))
-        print(f"metrics: {path}: dropped {len(lines) - len(kept)} lines past step {step} (the steps this run "
-              "resumes before) or torn", flush=True)
+        why = "the steps this run resumes before" if step else "this run starts over from step 0"
+        print(f"metrics: {path}: dropped {len(lines) - len(kept)} lines past step {step} ({why}) or torn", flush=True)
 
 
 def _fmt(v) -> str:
