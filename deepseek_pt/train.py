@@ -277,6 +277,19 @@ def resume_mismatch(meta: dict, cfg: Config, where: str) -> str | None:
     return None
 
 
+def wandb_run_to_resume(wandb_id: str | None, resume_dir: Path, run_dir: Path, say: bool) -> str | None:
+    """The wandb run a resume logs into: the checkpoint's, unless the checkpoint is another run.dir's (a branch, a
+    rollback resumed into a new run.dir). That run already holds the steps after the checkpoint, and wandb drops a
+    step lower than the newest it has: the branch's metrics would never show, and its config would replace the
+    original's. `say`: print which it is when a new one starts."""
+    if wandb_id is None or resume_dir.parent.resolve() == checkpoint.checkpoints_dir(run_dir).resolve():
+        return wandb_id
+    if say:
+        print(f"wandb: a new run for {run_dir}: the checkpoint is another run.dir's, whose wandb run {wandb_id} holds "
+              "that run's steps", flush=True)
+    return None
+
+
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     """AdamW groups: matrices decay; norms, biases and the embedding don't."""
     decay, no_decay = [], []
@@ -748,7 +761,9 @@ def _train(cfg: Config, rank: int, world: int, device: torch.device, stop: StopS
         if rank == 0 and new_data:
             print(f"data: new training data from sample {loader.phase_start}; samples already read per source: "
                   f"{dict(zip([s.label for s in sources], loader.offsets, strict=True))}", flush=True)
-        step, tokens_seen, wandb_id = client["step"], client["tokens_seen"], client.get("wandb_id")
+        step, tokens_seen = client["step"], client["tokens_seen"]
+        wandb_id = wandb_run_to_resume(client.get("wandb_id"), resume_dir, run_dir,
+                                       say=rank == 0 and cfg.run.wandb != "disabled")
         rng_file = resume_dir / "rng" / f"rank_{rank}.pt"
         if not reshard and rng_file.exists():
             checkpoint.set_rng_state(torch.load(rng_file, weights_only=False))

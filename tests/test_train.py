@@ -849,6 +849,24 @@ def test_time_limit_exit_and_offline_wandb_resume_the_same_run(tmp_path, data):
     train(2, tmp_path, data, "train.max_steps=3", "run.wandb=offline", "train.warmup_steps=1")
     assert [m["step"] for m in metrics(tmp_path)] == [1, 2, 3]
     assert state(3)["wandb_id"] == wandb_id
+    # A branch from step 1 into another run.dir: the first run's wandb run already holds steps 2-3, which wandb
+    # would keep, dropping the branch's.
+    branch = tmp_path / "branch"
+    proc = train(2, branch, data, "train.max_steps=2", "run.wandb=offline", "train.warmup_steps=1",
+                 f"train.resume={ckpt(tmp_path, 1)}")
+    assert f"whose wandb run {wandb_id} holds that run's steps" in proc.stdout, proc.stdout[-3000:]
+    branch_id = torch.load(ckpt(branch, 2) / "zero_pp_rank_0_mp_rank_00_model_states.pt", weights_only=False)["wandb_id"]
+    assert branch_id not in (None, wandb_id)
+
+
+def test_a_resume_keeps_the_wandb_run_of_its_own_run_dir_only(tmp_path, capsys):
+    from deepseek_pt.train import wandb_run_to_resume
+
+    run = tmp_path / "run"
+    for resumed in (ckpt(run, 4), run / "checkpoints" / "step_00000004_universal"):
+        assert wandb_run_to_resume("abc", resumed, run, say=True) == "abc"
+    assert wandb_run_to_resume("abc", ckpt(run, 4), tmp_path / "branch", say=True) is None
+    assert "wandb: a new run for" in capsys.readouterr().out
 
 
 @pytest.mark.slow
