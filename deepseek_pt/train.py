@@ -290,6 +290,29 @@ def wandb_run_to_resume(wandb_id: str | None, resume_dir: Path, run_dir: Path, s
     return None
 
 
+def data_epochs(loader, sources: list, consumed_samples: int) -> dict[str, float]:
+    """How many times each training source has been read through once `consumed_samples` global samples are
+    (1.5: the whole source once, half of it a second time, in a new order): `data_epochs` for one source,
+    `data_epochs/NAME` per source of a blend, as eval_loss is named."""
+    read = [n / len(ds) for n, ds in zip(loader.source_reads_at(consumed_samples), loader.datasets, strict=True)]
+    if len(sources) == 1:
+        return {"data_epochs": read[0]}
+    return {f"data_epochs/{s.label}": r for s, r in zip(sources, read, strict=True)}
+
+
+def repeated_data_line(loader, sources: list, cfg: Config, step: int, sequences_per_step: int) -> str | None:
+    """A line saying which sources train.max_steps reads more than once, or None: a run longer than its data
+    repeats it (each epoch in a new order) without any error, and this is where that is said before it happens."""
+    at_end = loader.consumed_samples + max(cfg.train.max_steps - step, 0) * sequences_per_step
+    epochs = data_epochs(loader, sources, at_end).values()
+    over = [f"{s.path} ({len(ds):,} samples of split {ds.split!r}) {e:.2f} times"
+            for s, ds, e in zip(sources, loader.datasets, epochs, strict=True) if e > 1]
+    if not over:
+        return None
+    return (f"data: train.max_steps {cfg.train.max_steps} reads {'; '.join(over)}: each pass after the first re-reads "
+            "the same samples in a new order (data_epochs in metrics.jsonl)")
+
+
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     """AdamW groups: matrices decay; norms, biases and the embedding don't."""
     decay, no_decay = [], []
@@ -776,6 +799,8 @@ def _train(cfg: Config, rank: int, world: int, device: torch.device, stop: StopS
                       f"processes), {saved_batch} in the checkpoint's run: the learning-rate schedule goes on by "
                       "steps, each now of that many sequences", flush=True)
 
+    if rank == 0 and (repeated := repeated_data_line(loader, sources, cfg, step, sequences_per_step)):
+        print(repeated, flush=True)
     log = MetricsLogger(run_dir, cfg, rank == 0, step, wandb_id)
     peak = peak_flops(cfg.train.peak_tflops)
     tokens_per_step = sequences_per_step * cfg.data.seq_len
@@ -831,6 +856,7 @@ def _train(cfg: Config, rank: int, world: int, device: torch.device, stop: StopS
             "step_time_s": dt,
             "skipped_steps": engine.skipped_steps,  # in the whole run, resumes included
             "time": time.time(),  # when the step was logged: wall-clock rates over many steps (bench/train_loop_rate.sh)
+            **data_epochs(loader, sources, loader.consumed_samples),
             **means,
         }
         if cfg.train.eval_every and (step % cfg.train.eval_every == 0 or step == cfg.train.max_steps):

@@ -116,6 +116,35 @@ def test_loss_falls_and_every_step_is_logged(baseline):
         assert all(r[key] is not None for r in records), key
     assert [r["step"] for r in records if "eval_loss" in r] == [4, 8]
     assert records[-1]["tokens_seen"] == STEPS * 2 * 4 * 64  # steps x ranks x micro-batch x seq_len
+    assert records[-1]["data_epochs"] == STEPS * 2 * 4 / 860  # of the train split's 860 samples
+
+
+def test_a_run_longer_than_its_data_says_so_and_logs_its_epochs(data, mirrored_smoke_shards):
+    """The order wraps into a new epoch when the data runs out, which nothing said: the run read its samples again
+    without a word. The start says which sources train.max_steps reads more than once; metrics.jsonl tells how far."""
+    from deepseek_pt.config import config_from_dict
+    from deepseek_pt.data import PretrainDataset, TrainLoader
+    from deepseek_pt.train import data_epochs, repeated_data_line
+
+    cfg = config_from_dict({"data": {"path": str(data), "seq_len": 64}, "train": {"max_steps": 100}})
+    sources = cfg.data.sources()
+    loader = TrainLoader([PretrainDataset(data, "train", 64)], 4, dp_world=2)
+    n = len(loader.datasets[0])
+    assert n == 860  # 107.5 steps of 8 samples read it once
+    assert repeated_data_line(loader, sources, cfg, 0, 8) is None
+    assert data_epochs(loader, sources, 8 * 100) == {"data_epochs": 800 / n}
+    loader.consumed_samples = 8 * 50  # resumed at step 50, on to step 150
+    cfg.train.max_steps = 150
+    assert repeated_data_line(loader, sources, cfg, 50, 8) == (
+        f"data: train.max_steps 150 reads {data} ({n} samples of split 'train') {1200 / n:.2f} times: each pass after "
+        "the first re-reads the same samples in a new order (data_epochs in metrics.jsonl)")
+
+    blend = config_from_dict({"data": {"seq_len": 64, "blend": [{"path": str(data), "weight": 3},
+                                                                 {"path": str(mirrored_smoke_shards), "name": "m"}]}})
+    loader = TrainLoader([PretrainDataset(s.path, "train", 64) for s in blend.data.sources()], 4, dp_world=2,
+                         weights=[3, 1])
+    assert data_epochs(loader, blend.data.sources(), 8 * 100) == {"data_epochs/shards": 600 / n,
+                                                                  "data_epochs/m": 200 / n}
 
 
 @pytest.mark.slow

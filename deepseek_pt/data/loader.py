@@ -92,7 +92,11 @@ class TrainLoader:
     @property
     def source_consumed(self) -> list[int]:
         """How many samples of each source the run has read."""
-        return _samples_read(self.schedule, self.offsets, self.phase_start, self.consumed_samples)
+        return self.source_reads_at(self.consumed_samples)
+
+    def source_reads_at(self, consumed_samples: int) -> list[int]:
+        """How many samples of each source the run will have read once `consumed_samples` global positions are."""
+        return _samples_read(self.schedule, self.offsets, self.phase_start, consumed_samples)
 
     @property
     def epochs(self) -> list[int]:
