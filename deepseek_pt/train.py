@@ -147,6 +147,10 @@ def preflight(cfg: Config, world_size: int) -> None:
             raise PreflightError(f"train.resume: this config cannot resume {resume_dir}: {why}. Resume with the "
                                  "checkpoint's settings, or start a new run from its weights (python -m "
                                  "deepseek_pt.engine.export, then train.init_from)")
+        if meta["step"] > cfg.train.max_steps:  # equal is a finished run started again: it exits 0 without a step
+            # Past it, the run trained nothing and said "train.max_steps reached": an extension mistyped looked done.
+            raise PreflightError(f"train.max_steps: {cfg.train.max_steps} is below the step of the checkpoint it "
+                                 f"resumes ({meta['step']}, {resume_dir}): nothing to train; raise it to go on")
     found = sorted(root.glob("step_*[0-9]/meta.json")) if cfg.train.checkpoints else []
     if resume_dir is None and found:
         # A fresh run's saves would replace those of the same steps and be pruned in favour of higher ones.

@@ -706,6 +706,21 @@ def test_a_rollback_in_place_is_refused(tmp_path, data):
         assert proc.returncode == 0, proc.stderr
 
 
+def test_max_steps_below_the_resumed_step_is_refused(tmp_path, data):
+    """A resume past train.max_steps trained nothing and reported "stopped at step 8: train.max_steps reached" with
+    max_steps 6: an extension mistyped looked like a finished run. At max_steps it is the finished run started again."""
+    run = tmp_path / "run"
+    (run / "checkpoints" / "step_00000008").mkdir(parents=True)
+    (run / "checkpoints" / "step_00000008" / "meta.json").write_text(
+        json.dumps({"step": 8, "world_size": 2, "ep_size": 2, "files": {}}))
+    (run / "checkpoints" / "latest").write_text("step_00000008\n")
+    proc = _direct(f"data.path={data}", f"run.dir={run}", "train.max_steps=6", "--check-only")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert (f"error: train.max_steps: 6 is below the step of the checkpoint it resumes (8, {ckpt(run, 8)}): nothing "
+            "to train; raise it to go on") in proc.stderr, proc.stderr
+    assert _direct(f"data.path={data}", f"run.dir={run}", "train.max_steps=8", "--check-only").returncode == 0
+
+
 def test_a_save_killed_between_its_meta_json_and_latest_resumes_from_it(tmp_path, data):
     """meta.json and `latest` are renamed into place one after the other: a kill in between left step 8 complete
     and `latest` naming step 4, which train.resume=auto then refused as a rollback in place (and told to remove
