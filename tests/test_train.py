@@ -670,7 +670,23 @@ def test_incomplete_latest_checkpoint_is_refused(tmp_path, data):
     (run / "checkpoints" / "step_00000004").mkdir(parents=True)
     (run / "checkpoints" / "latest").write_text("step_00000004\n")
     proc = _direct(f"data.path={data}", f"run.dir={run}")
-    assert proc.returncode == 2 and "step_00000004, which is missing or incomplete (no meta.json)" in proc.stderr
+    assert proc.returncode == 2 and "step_00000004, which is missing or incomplete (no meta.json); no complete " \
+        "checkpoint is left (train.resume=none starts over)" in proc.stderr, proc.stderr
+
+
+def test_latest_naming_a_removed_checkpoint_names_the_way_on(tmp_path, data):
+    """The newest checkpoint found corrupt and removed by hand: `latest` names it, and the error said only that. It
+    names the newest complete one now, which then resumes (not refused as a rollback: nothing later is left)."""
+    run = tmp_path / "run"
+    (run / "checkpoints" / "step_00000004").mkdir(parents=True)
+    (run / "checkpoints" / "step_00000004" / "meta.json").write_text(
+        json.dumps({"step": 4, "world_size": 2, "ep_size": 2, "files": {}}))
+    (run / "checkpoints" / "latest").write_text("step_00000008\n")
+    proc = _direct(f"data.path={data}", f"run.dir={run}", "--check-only")
+    assert proc.returncode == 2, proc.stderr
+    assert (f"step_00000008, which is missing or incomplete (no meta.json); name the newest complete one instead "
+            f"(train.resume={ckpt(run, 4)} to resume it)") in proc.stderr, proc.stderr
+    assert _direct(f"data.path={data}", f"run.dir={run}", f"train.resume={ckpt(run, 4)}", "--check-only").returncode == 0
 
 
 @pytest.mark.parametrize("meta, named", [

@@ -157,13 +157,18 @@ def resolve(resume: str, run_dir: Path) -> Path | None:
     if resume == "auto":
         root = checkpoints_dir(run_dir)
         latest = root / "latest"
-        if latest.exists():
-            tag_dir = root / _read_latest(latest)
-            if not (tag_dir / "meta.json").exists():
-                raise CheckpointError(f"{latest} points to {tag_dir}, which is missing or incomplete (no meta.json)")
         # The newest complete checkpoint, which `latest` names unless a save was killed between renaming its meta.json
         # and `latest` into place (the first save: no `latest` yet); resuming an older one would roll back in place.
         complete = sorted(p.parent for p in root.glob("step_*[0-9]/meta.json"))
+        if latest.exists():
+            tag_dir = root / _read_latest(latest)
+            if not (tag_dir / "meta.json").exists():
+                # Not taken as a rollback to the newest left (the history after it may be lost by mistake), but said
+                # how to go on: after a corrupt newest checkpoint was removed by hand, this is the next step.
+                way = (f"name the newest complete one instead (train.resume={complete[-1]} to resume it)" if complete
+                       else "no complete checkpoint is left (train.resume=none starts over)")
+                raise CheckpointError(f"{latest} points to {tag_dir}, which is missing or incomplete (no meta.json); "
+                                      f"{way}")
         return complete[-1] if complete else None
     tag_dir = Path(resume)
     if (tag_dir / "latest").exists() and not (tag_dir / "meta.json").exists():  # a checkpoints/ dir
