@@ -249,7 +249,8 @@ class TrainConfig:
     eval_every: int = 0
     """Evaluate on the val split every this many steps (and at the end); 0 disables."""
     eval_batches: int = 8
-    """Micro-batches per rank in one evaluation."""
+    """Micro-batches per rank in one evaluation: the val split's first eval_batches x micro_batch_size x processes
+    sequences, a set that changes with the count of processes (a resume on another count says so)."""
     save_every: int = 0
     """Checkpoint every this many steps; 0 = only at exit points."""
     checkpoints: bool = True

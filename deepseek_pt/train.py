@@ -771,6 +771,8 @@ def _train(cfg: Config, rank: int, world: int, device: torch.device, stop: StopS
                          seed=cfg.data.seed, weights=[s.weight for s in sources])
     step, tokens_seen, wandb_id = 0, 0, None
     sequences_per_step = cfg.train.micro_batch_size * cfg.train.grad_accum_steps * world
+    # evaluate() reads the val split's first this many sequences (fewer if the split is shorter)
+    eval_sequences = cfg.train.eval_batches * cfg.train.micro_batch_size * world if cfg.train.eval_every else None
     if resume_dir is not None:
         settings = checkpoint.optimizer_settings(engine.optimizer)
         _, client = engine.load_checkpoint(str(resume_dir.parent), tag=resume_dir.name)
@@ -802,6 +804,12 @@ def _train(cfg: Config, rank: int, world: int, device: torch.device, stop: StopS
                       f"{cfg.train.micro_batch_size} x train.grad_accum_steps {cfg.train.grad_accum_steps} x {world} "
                       f"processes), {saved_batch} in the checkpoint's run: the learning-rate schedule goes on by "
                       "steps, each now of that many sequences", flush=True)
+            saved_eval = client.get("eval_sequences")
+            if eval_sequences and saved_eval and saved_eval != eval_sequences:
+                print(f"resume: evaluation reads the first {eval_sequences} sequences of {cfg.data.val_split!r} here "
+                      f"(train.eval_batches {cfg.train.eval_batches} x train.micro_batch_size "
+                      f"{cfg.train.micro_batch_size} x {world} processes), {saved_eval} in the checkpoint's run: "
+                      "eval_loss from here on is over another set, not comparable with the earlier steps'", flush=True)
 
     if rank == 0 and (repeated := repeated_data_line(loader, sources, cfg, step, sequences_per_step)):
         print(repeated, flush=True)
@@ -816,7 +824,7 @@ def _train(cfg: Config, rank: int, world: int, device: torch.device, stop: StopS
             return
         client = {"step": at_step, "tokens_seen": tokens_seen, "loader": loader.state_dict(),
                   "balance_bias": balance.balance_biases(engine.module), "wandb_id": log.wandb_id,
-                  "sequences_per_step": sequences_per_step}
+                  "sequences_per_step": sequences_per_step, "eval_sequences": eval_sequences}
         checkpoint.save(engine, run_dir, at_step, client, cfg.parallel.expert_parallel_size, cfg.train.keep_last,
                         cfg.parallel.zero_init, resume_settings(cfg))
         last_saved = at_step

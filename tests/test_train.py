@@ -429,10 +429,15 @@ def test_universal_resume_on_another_topology(tmp_path, baseline, stopped, data,
 
 
 @pytest.mark.slow
-def test_a_resume_that_changes_the_global_batch_says_so(tmp_path, stopped, data):
-    proc = train(2, tmp_path, data, f"train.resume={ckpt(stopped, 4)}", "train.grad_accum_steps=2", "train.max_steps=5")
+def test_a_resume_that_changes_the_global_batch_or_the_eval_set_says_so(tmp_path, stopped, data):
+    proc = train(2, tmp_path, data, f"train.resume={ckpt(stopped, 4)}", "train.grad_accum_steps=2", "train.max_steps=5",
+                 "train.eval_every=4", "train.eval_batches=1")
     assert ("resume: 16 sequences per optimizer step here (train.micro_batch_size 4 x train.grad_accum_steps 2 x 2 "
             "processes), 8 in the checkpoint's run") in proc.stdout, proc.stdout[-3000:]
+    # eval_batches counts micro-batches per rank: another count of processes changes the set as this does
+    assert ("resume: evaluation reads the first 8 sequences of 'val' here (train.eval_batches 1 x "
+            "train.micro_batch_size 4 x 2 processes), 32 in the checkpoint's run: eval_loss from here on is over "
+            "another set") in proc.stdout, proc.stdout[-3000:]
 
 
 def _rank_pid(proc: subprocess.Popen, rank: int) -> int:
