@@ -76,7 +76,7 @@ class AttentionConfig:
 @dataclass
 class MoEConfig:
     n_routed_experts: int = 64
-    """Routed experts per MoE layer."""
+    """Routed experts per MoE layer; at most 131,072 over all MoE layers and MTP depths (MAX_ROUTED_EXPERTS)."""
     n_shared_experts: int = 2
     """Shared experts (always active), fused into one SwiGLU of width n_shared * expert_inter_dim."""
     top_k: int = 6
@@ -111,7 +111,7 @@ class ModelConfig:
     inter_dim: int = 10944
     """Hidden width of the dense SwiGLU layers."""
     n_layers: int = 4
-    """Transformer blocks."""
+    """Transformer blocks; at most 1024 (MAX_LAYERS)."""
     max_seq_len: int = 4096
     """Longest sequence the rotary tables are built for."""
     norm_eps: float = 1e-6
@@ -632,6 +632,14 @@ def _validate_blend(data: DataConfig, check) -> None:
         check(False, f"data.blend[{e.source}].weight", e.reason)
 
 
+MAX_LAYERS = 1024
+"""model.n_layers' and model.mtp_depth's ceiling, 8x the deepest published LLMs (DeepSeek-V3 61, Llama 3.1 405B 126):
+each block is a module of its own, built one at a time (preflight's parameter count on the meta device, the model
+itself), so a mistyped 10^11 would hang there instead of failing here."""
+MAX_ROUTED_EXPERTS = 131_072
+"""Ceiling on the routed experts of all MoE blocks together (model.moe.n_routed_experts x the MoE layers and MTP
+depths), each a module of its own, built one at a time as the blocks are: DeepSeek-V3 holds 256 x 59 = 15,104."""
+
 MAX_TIMEOUT_MINUTES = 525_600
 """parallel.timeout_minutes' ceiling, a year: torch keeps a process group's timeout in int64 nanoseconds (292 years),
 and a timedelta beyond that overflows there (a negative timeout) or in Python."""
@@ -669,6 +677,9 @@ def validate(cfg: Config, where: Callable[[str], str] = lambda key: "<config>") 
         ("train.save_every", cfg.train.save_every), ("train.max_nonfinite_steps", cfg.train.max_nonfinite_steps),
     ]:
         check(v >= 0, key, f"must be >= 0, got {v}")
+    for key, v in (("model.n_layers", m.n_layers), ("model.mtp_depth", m.mtp_depth)):
+        check(v <= MAX_LAYERS, key, f"must be at most {MAX_LAYERS} (each block is a module of its own, built one at "
+              f"a time), got {v}")
     check(cfg.train.checkpoints or not cfg.train.save_every, "train.save_every",
           f"{cfg.train.save_every} asks for checkpoints, but train.checkpoints is false")
     check(m.init_std > 0, "model.init_std", f"must be positive, got {m.init_std}")
@@ -711,6 +722,11 @@ def validate(cfg: Config, where: Callable[[str], str] = lambda key: "<config>") 
           f"{moe.n_limited_groups} groups of {per_group} experts hold fewer than model.moe.top_k ({moe.top_k})")
     check(moe.n_dense_layers <= m.n_layers, "model.moe.n_dense_layers",
           f"{moe.n_dense_layers} > model.n_layers ({m.n_layers})")
+    moe_blocks = m.n_layers - moe.n_dense_layers + m.mtp_depth if moe.n_dense_layers < m.n_layers else 0
+    check(moe.n_routed_experts * moe_blocks <= MAX_ROUTED_EXPERTS, "model.moe.n_routed_experts",
+          f"{moe.n_routed_experts} in each of {moe_blocks} MoE block{'s' * (moe_blocks > 1)} (model.n_layers - "
+          f"model.moe.n_dense_layers + model.mtp_depth) make {moe.n_routed_experts * moe_blocks:,} routed experts, "
+          f"more than {MAX_ROUTED_EXPERTS:,} (each is a module of its own, built one at a time)")
     check(moe.n_routed_experts % cfg.parallel.expert_parallel_size == 0, "parallel.expert_parallel_size",
           f"{cfg.parallel.expert_parallel_size} does not divide model.moe.n_routed_experts ({moe.n_routed_experts})")
     _validate_blend(cfg.data, check)

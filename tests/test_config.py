@@ -98,6 +98,15 @@ def _write(tmp_path, data) -> Path:
     ({}, ["parallel.zero_persistence_threshold=-5"], "parallel.zero_persistence_threshold: must be >= 0, got -5"),
     ({"train": {"schedule": "wsd", "max_steps": 10, "warmup_steps": 9, "wsd_decay_fraction": 0.2}}, [],
      "train.warmup_steps: 9 runs into schedule wsd's decay, which starts at step 8"),
+    # Sizes that build a module per block or expert: refused here, where preflight's count hung on them
+    ({}, ["model.n_layers=100000000000"], "model.n_layers: must be at most 1024 (each block is a module of its own, "
+                                          "built one at a time), got 100000000000"),
+    ({}, ["model.mtp_depth=1025"], "model.mtp_depth: must be at most 1024"),
+    ({}, ["model.moe.n_routed_experts=100000000000"], ("model.moe.n_routed_experts: 100000000000 in each of 3 MoE "
+                                                       "blocks (model.n_layers - model.moe.n_dense_layers + "
+                                                       "model.mtp_depth) make 300,000,000,000 routed experts, more "
+                                                       "than 131,072")),
+    ({"model": {"n_layers": 600, "moe": {"n_routed_experts": 256}}}, [], "make 153,344 routed experts, more than"),
 ])
 def test_errors_name_the_file_and_key(tmp_path, data, overrides, message):
     path = _write(tmp_path, data)
@@ -106,6 +115,15 @@ def test_errors_name_the_file_and_key(tmp_path, data, overrides, message):
     assert message in str(err.value)
     if "key.path=value" not in message:
         assert str(path) in str(err.value)
+
+
+def test_model_sizes_at_their_ceilings_load(tmp_path):
+    """The bounds on blocks and routed experts leave room far beyond published shapes (DeepSeek-V3: 61 layers,
+    256 x 59 routed experts); with no MoE layer, the expert count builds nothing and is not bounded."""
+    cfg = load_config(_write(tmp_path, {}), ["model.n_layers=1024", "model.moe.n_dense_layers=1",
+                                             "model.moe.n_routed_experts=128"])  # 1023 x 128 = 130,944
+    assert cfg.model.n_layers == 1024
+    assert load_config(_write(tmp_path, {}), ["model.moe.n_dense_layers=4", "model.moe.n_routed_experts=1000000"])
 
 
 @pytest.mark.parametrize("override", ["run.name=@run", "data.path=*shards", "model.dim={"])
