@@ -25,8 +25,10 @@ model=()
 # No checkpoints: nothing resumes these runs, and three exit checkpoints of bench-v3-dense (22 GB each) overfilled a
 # device machine's 64 GiB disk. Compiled kernels chosen without timing them (train.compile_deterministic): timed
 # choices depend on what else the GPU runs meanwhile, and moved one bf16 curve by 1.8% between two calls; with it
-# a run alone and one beside another matched to the bit (docs/benchmarks.md).
-train=(data.path="$shards" data.seq_len=512 train.micro_batch_size=8 train.max_steps="$steps" train.warmup_steps=30
+# a run alone and one beside another matched to the bit (docs/benchmarks.md). A warmup of 30 steps, or the whole of a
+# shorter run (a longer warmup is refused).
+train=(data.path="$shards" data.seq_len=512 train.micro_batch_size=8 train.max_steps="$steps"
+       train.warmup_steps=$((steps < 30 ? steps : 30))
        train.eval_every=0 train.save_every=0 train.checkpoints=false train.compile_deterministic=true)
 port=${MASTER_PORT:-29510}
 # The runs' directories, new for each call of this script: a run killed before its cleanup

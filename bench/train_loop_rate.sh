@@ -16,15 +16,17 @@ source bench/device_env.sh
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} RANK=0 LOCAL_RANK=0 WORLD_SIZE=1 MASTER_ADDR=127.0.0.1
 work=$(mktemp -d "${TMPDIR:-/tmp}/loop_rate.XXXXXX") || exit 1
 trap 'rm -rf "$work"' EXIT
+# The config's warmup, cut to STEPS: a longer one is refused (the rate would never reach train.lr)
 shape=$(python3 -c "import sys; from deepseek_pt.config import load_config
-c = load_config(sys.argv[1], sys.argv[2:]); print(c.model.vocab_size, c.train.micro_batch_size * c.train.grad_accum_steps * c.data.seq_len)" \
-  "$config" "$@") || exit 1
-read -r vocab tokens_per_step <<< "$shape"
+c = load_config(sys.argv[1], sys.argv[3:]); t = c.train; steps = int(sys.argv[2])
+print(c.model.vocab_size, t.micro_batch_size * t.grad_accum_steps * c.data.seq_len, min(t.warmup_steps, steps))" \
+  "$config" "$steps" "$@") || exit 1
+read -r vocab tokens_per_step warmup <<< "$shape"
 python3 bench/random_shards.py "$work/shards" --vocab-size "$vocab" --train-tokens $((tokens_per_step * (steps + 1) + 4096)) \
   --val-tokens 4096 > /dev/null || exit 1
 MASTER_PORT=${MASTER_PORT:-29520} python3 -m deepseek_pt.train --config "$config" data.path="$work/shards" \
-  run.dir="$work/run" train.max_steps="$steps" train.checkpoints=false train.eval_every=0 train.save_every=0 \
-  "$@" > "$out/train_loop_rate.log" 2>&1 || { tail -n 20 "$out/train_loop_rate.log" >&2; exit 1; }
+  run.dir="$work/run" train.max_steps="$steps" train.warmup_steps="$warmup" train.checkpoints=false train.eval_every=0 \
+  train.save_every=0 "$@" > "$out/train_loop_rate.log" 2>&1 || { tail -n 20 "$out/train_loop_rate.log" >&2; exit 1; }
 cp "$work/run/metrics.jsonl" "$out/train_loop_rate.jsonl"
 python3 - "$work/run/metrics.jsonl" "$from" <<'PY'
 import json

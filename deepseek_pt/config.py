@@ -208,7 +208,7 @@ class TrainConfig:
     min_lr: float = 3e-5
     """Final learning rate of the decay."""
     warmup_steps: int = 100
-    """Linear warmup steps."""
+    """Linear warmup steps; at most max_steps (the rate would never reach lr)."""
     schedule: Literal["cosine", "wsd", "constant"] = "cosine"
     """Decay after warmup: cosine, warmup-stable-decay, or constant."""
     wsd_decay_fraction: float = 0.1
@@ -796,6 +796,15 @@ def validate(cfg: Config, where: Callable[[str], str] = lambda key: "<config>") 
     check(0 <= cfg.train.beta2 < 1, "train.beta2", f"must be in [0, 1), got {cfg.train.beta2}")
     check(0 < cfg.train.wsd_decay_fraction <= 1, "train.wsd_decay_fraction",
           f"must be in (0, 1], got {cfg.train.wsd_decay_fraction}")
+    warmup, steps = cfg.train.warmup_steps, cfg.train.max_steps
+    if warmup > steps:
+        # Named by the key an override set, if one did (train.max_steps=3 on a config that warms up for 5)
+        key, what = (("train.max_steps", f"{steps} < train.warmup_steps ({warmup})")
+                     if where("train.warmup_steps") == where("") != where("train.max_steps")
+                     else ("train.warmup_steps", f"{warmup} > train.max_steps ({steps})"))
+        check(False, key, f"{what}: the learning rate would end the run at {cfg.train.lr * steps / warmup:g}, never "
+              f"reaching train.lr ({cfg.train.lr:g}); set train.warmup_steps to at most {steps}, or train.max_steps to "
+              f"at least {warmup}")
     if cfg.train.schedule == "wsd":  # else the lr would jump from the warmup into the middle of the decay
         check(cfg.train.warmup_steps <= cfg.train.wsd_decay_start, "train.warmup_steps",
               f"{cfg.train.warmup_steps} runs into schedule wsd's decay, which starts at step "

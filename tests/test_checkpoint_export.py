@@ -47,7 +47,7 @@ def _train(run_dir: Path, data: Data, *overrides: str) -> Path:
 def trained(data, tmp_path_factory) -> Path:
     """4 real steps with EP 2, evaluated at step 4 (eval_loss in metrics.jsonl), checkpoint step 4."""
     return _train(tmp_path_factory.mktemp("trained") / "run", data, "parallel.expert_parallel_size=2",
-                  "train.max_steps=4", "train.eval_every=4", "train.eval_batches=4")
+                  "train.max_steps=4", "train.warmup_steps=4", "train.eval_every=4", "train.eval_batches=4")
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +60,8 @@ def fresh(data, tmp_path_factory) -> dict[int, Path]:
     """One step at lr 1e-20 (the fp32 masters stay bit-equal to the seeded init), EP 1 and EP 2."""
     root = tmp_path_factory.mktemp("fresh")
     return {ep: _train(root / f"ep{ep}", data, f"parallel.expert_parallel_size={ep}", "train.max_steps=1",
-                       "train.lr=1e-20", "train.min_lr=0", "train.eval_every=0") for ep in (1, 2)}
+                       "train.warmup_steps=1", "train.lr=1e-20", "train.min_lr=0", "train.eval_every=0")
+            for ep in (1, 2)}
 
 
 def _eval_loss(model, cfg, dp_world: int = 2) -> float:

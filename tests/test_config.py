@@ -45,7 +45,8 @@ def _write(tmp_path, data) -> Path:
     ({"parallel": {"zero_init": True, "zero_stage": 2}}, [], "parallel.zero_init: needs parallel.zero_stage: 3 (got 2)"),
     ({"parallel": {"zero_init": True}, "model": {"tie_embeddings": True}}, [],
      "parallel.zero_init: cannot build a model whose head shares the embedding"),
-    ({"train": {"exit_at_step": 20, "max_steps": 10}}, [], "train.exit_at_step: must be in [1, train.max_steps=10]"),
+    ({"train": {"exit_at_step": 20, "max_steps": 10, "warmup_steps": 5}}, [],
+     "train.exit_at_step: must be in [1, train.max_steps=10]"),
     ({}, ["model.attention.use_output_subspace=true"], "model.attention.o_latent_dim: required"),
     ({}, ["model.attention.o_latent_dim=256"], ("model.attention.o_latent_dim: 256 is set, but "
                                                 "model.attention.use_output_subspace is false: set that true for "
@@ -98,6 +99,15 @@ def _write(tmp_path, data) -> Path:
     ({}, ["parallel.zero_persistence_threshold=-5"], "parallel.zero_persistence_threshold: must be >= 0, got -5"),
     ({"train": {"schedule": "wsd", "max_steps": 10, "warmup_steps": 9, "wsd_decay_fraction": 0.2}}, [],
      "train.warmup_steps: 9 runs into schedule wsd's decay, which starts at step 8"),
+    # A warmup longer than the run: blamed on the key an override set
+    ({"train": {"warmup_steps": 20, "max_steps": 10}}, [],
+     "c.yaml: train.warmup_steps: 20 > train.max_steps (10): the learning rate would end the run at 0.00015, never "
+     "reaching train.lr (0.0003); set train.warmup_steps to at most 10, or train.max_steps to at least 20"),
+    ({}, ["train.max_steps=50"],
+     "c.yaml (override train.max_steps=50): train.max_steps: 50 < train.warmup_steps (100)"),
+    ({"train": {"max_steps": 50}}, ["train.warmup_steps=60"],
+     "c.yaml (override train.warmup_steps=60): train.warmup_steps: 60 > train.max_steps (50)"),
+    ({}, ["train.max_steps=50", "train.schedule=constant"], "train.max_steps: 50 < train.warmup_steps (100)"),
     # Sizes that build a module per block or expert: refused here, where preflight's count hung on them
     ({}, ["model.n_layers=100000000000"], "model.n_layers: must be at most 1024 (each block is a module of its own, "
                                           "built one at a time), got 100000000000"),
@@ -124,6 +134,11 @@ def test_model_sizes_at_their_ceilings_load(tmp_path):
                                              "model.moe.n_routed_experts=128"])  # 1023 x 128 = 130,944
     assert cfg.model.n_layers == 1024
     assert load_config(_write(tmp_path, {}), ["model.moe.n_dense_layers=4", "model.moe.n_routed_experts=1000000"])
+
+
+def test_a_warmup_as_long_as_the_run_loads(tmp_path):
+    """warmup_steps == max_steps (a learning-rate range test: the rate rises the whole run) reaches train.lr."""
+    assert load_config(_write(tmp_path, {"train": {"warmup_steps": 50, "max_steps": 50}})).train.warmup_steps == 50
 
 
 @pytest.mark.parametrize("override", ["run.name=@run", "data.path=*shards", "model.dim={"])

@@ -52,7 +52,8 @@ def test_training_starts_from_an_export(tmp_path, pydoc_data_dir, zero_init):
     model = Transformer(cfg.model)
     save_export(model, cfg, tmp_path / "export")
     run = tmp_path / "run"
-    train(2, run, data, "train.max_steps=1", f"train.init_from={tmp_path / 'export'}", f"parallel.zero_init={zero_init}")
+    train(2, run, data, "train.max_steps=1", "train.warmup_steps=1", f"train.init_from={tmp_path / 'export'}",
+          f"parallel.zero_init={zero_init}")
     ds = PretrainDataset(data, "train", cfg.data.seq_len)
     with torch.no_grad():
         expected = sum(model(*next(TrainLoader(ds, cfg.train.micro_batch_size, dp_rank=r, dp_world=2,

@@ -327,8 +327,9 @@ def test_zero_init_in_bf16_builds_the_same_model(tmp_path, data):
     """Under bf16 zero.Init builds the parameters in bf16 from the start, the default casts them later: the weights
     are drawn in fp32 either way, so both runs start from the same model and log the same losses."""
     whole, partitioned = tmp_path / "whole", tmp_path / "partitioned"
-    train(2, whole, data, "precision=bf16", "train.max_steps=3")
-    train(2, partitioned, data, "precision=bf16", "train.max_steps=3", "parallel.zero_init=true")
+    train(2, whole, data, "precision=bf16", "train.max_steps=3", "train.warmup_steps=3")
+    train(2, partitioned, data, "precision=bf16", "train.max_steps=3", "train.warmup_steps=3",
+          "parallel.zero_init=true")
     assert_same_losses(partitioned, whole, abs=1e-6)
 
 
@@ -894,7 +895,7 @@ def test_a_resume_on_other_data_is_named(tmp_path, data):
 
     alone = {k: v for k, v in job_env().items() if k not in RENDEZVOUS_ENV}  # one process, no launcher
     cmd = [sys.executable, "-m", "deepseek_pt.train", "--config", SMOKE, f"data.path={data}", f"run.dir={tmp_path}",
-           "train.max_steps=2", "train.eval_every=0", *ONE_RANK_ALL_PERSISTENT]
+           "train.max_steps=2", "train.warmup_steps=2", "train.eval_every=0", *ONE_RANK_ALL_PERSISTENT]
     assert run_job(cmd, alone, timeout=300).returncode == 0
     proc = run_job([*cmd, "train.max_steps=4", "data.seq_len=32"], alone, timeout=300)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
@@ -940,7 +941,7 @@ def test_a_resume_keeps_the_wandb_run_of_its_own_run_dir_only(tmp_path, capsys):
     (["model.moe.seq_aux_loss_alpha=0.01", "parallel.expert_parallel_size=2"], {"balance_loss"}),
 ], ids=["mtp-autoep", "sequence-balance-loss-autoep"])
 def test_mtp_and_sequence_balance_loss_train_under_zero3(tmp_path, data, overrides, parts):
-    train(2, tmp_path, data, "train.max_steps=3", *overrides)
+    train(2, tmp_path, data, "train.max_steps=3", "train.warmup_steps=3", *overrides)
     records = metrics(tmp_path)
     assert len(records) == 3
     for r in records:
@@ -952,7 +953,7 @@ def test_loss_parts_are_means_over_the_micro_steps(tmp_path, data):
     """mtp_loss and balance_loss, like loss, average every micro-step of the step: 2 micro-batches of 2 sequences
     log what 1 of 4 does (they logged the last micro-step's)."""
     parts = ["model.mtp_depth=1", "model.moe.seq_aux_loss_alpha=0.01", "parallel.expert_parallel_size=1",
-             "train.max_steps=3"]
+             "train.max_steps=3", "train.warmup_steps=3"]
     train(1, tmp_path / "one", data, *parts)
     train(1, tmp_path / "two", data, *parts, "train.micro_batch_size=2", "train.grad_accum_steps=2")
     for one, two in zip(metrics(tmp_path / "one"), metrics(tmp_path / "two"), strict=True):
@@ -1334,7 +1335,8 @@ def test_a_second_run_in_a_run_dir_in_use_is_refused(tmp_path, data):
     held = lock_run_dir(run)  # as the running job's rank 0 holds it
     try:
         proc = run_job([sys.executable, "-m", "deepseek_pt.train", "--config", str(SMOKE), f"data.path={data}",
-                        f"run.dir={run}", "parallel.expert_parallel_size=1", "train.max_steps=2"], timeout=300)
+                        f"run.dir={run}", "parallel.expert_parallel_size=1", "train.max_steps=2",
+                        "train.warmup_steps=2"], timeout=300)
         assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
         assert (f"error: run.dir: {run} is in use by another training run (pid {os.getpid()} on "
                 in proc.stderr), proc.stderr[-3000:]
@@ -1377,6 +1379,6 @@ def test_a_corrupt_init_from_export_is_one_line(tmp_path, data):
     (export / "model.safetensors").write_bytes(bytes(weights))
     proc = run_job([sys.executable, "-m", "deepseek_pt.train", "--config", str(SMOKE), f"data.path={data}",
                     f"run.dir={tmp_path / 'run'}", "parallel.expert_parallel_size=1", "train.max_steps=2",
-                    f"train.init_from={export}"], timeout=300)
+                    "train.warmup_steps=2", f"train.init_from={export}"], timeout=300)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert f"error: train.init_from: {export / 'model.safetensors'}: corrupt: sha256 " in proc.stderr, proc.stderr
