@@ -206,9 +206,10 @@ class TrainConfig:
     lr: float = 3e-4
     """Peak learning rate."""
     min_lr: float = 3e-5
-    """Final learning rate of the decay."""
+    """Learning rate the decay ends at: that of step max_steps, the run's last."""
     warmup_steps: int = 100
-    """Linear warmup steps; at most max_steps (the rate would never reach lr)."""
+    """Linear warmup steps: step k of them trains at lr x k / warmup_steps, the last at lr. At most max_steps (the
+    rate would never reach lr)."""
     schedule: Literal["cosine", "wsd", "constant"] = "cosine"
     """Decay after warmup: cosine, warmup-stable-decay, or constant."""
     wsd_decay_fraction: float = 0.1
@@ -268,7 +269,7 @@ class TrainConfig:
 
     @property
     def wsd_decay_start(self) -> int:
-        """The step where schedule wsd's linear decay to min_lr begins (at least one step of decay)."""
+        """Schedule wsd's last step at lr: its linear decay to min_lr takes the steps after it (at least one)."""
         return self.max_steps - max(1, round(self.wsd_decay_fraction * self.max_steps))
 
 
@@ -807,7 +808,7 @@ def validate(cfg: Config, where: Callable[[str], str] = lambda key: "<config>") 
               f"at least {warmup}")
     if cfg.train.schedule == "wsd":  # else the lr would jump from the warmup into the middle of the decay
         check(cfg.train.warmup_steps <= cfg.train.wsd_decay_start, "train.warmup_steps",
-              f"{cfg.train.warmup_steps} runs into schedule wsd's decay, which starts at step "
+              f"{cfg.train.warmup_steps} runs into schedule wsd's decay, which starts after step "
               f"{cfg.train.wsd_decay_start} (train.max_steps - train.wsd_decay_fraction x train.max_steps)")
     if cfg.train.exit_at_step is not None:
         check(0 < cfg.train.exit_at_step <= cfg.train.max_steps, "train.exit_at_step",

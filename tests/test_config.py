@@ -98,7 +98,7 @@ def _write(tmp_path, data) -> Path:
     ({"run": {"dir": " "}}, [], "run.dir: ' ' is empty: name the run directory"),
     ({}, ["parallel.zero_persistence_threshold=-5"], "parallel.zero_persistence_threshold: must be >= 0, got -5"),
     ({"train": {"schedule": "wsd", "max_steps": 10, "warmup_steps": 9, "wsd_decay_fraction": 0.2}}, [],
-     "train.warmup_steps: 9 runs into schedule wsd's decay, which starts at step 8"),
+     "train.warmup_steps: 9 runs into schedule wsd's decay, which starts after step 8"),
     # A warmup longer than the run: blamed on the key an override set
     ({"train": {"warmup_steps": 20, "max_steps": 10}}, [],
      "c.yaml: train.warmup_steps: 20 > train.max_steps (10): the learning rate would end the run at 0.00015, never "

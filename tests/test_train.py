@@ -171,27 +171,46 @@ def test_logged_lr_is_the_rate_each_step_ran_at(baseline, stopped):
 
 
 def test_lr_schedules_give_their_hand_computed_rates():
-    """lr_at, which the logged-lr tests take as their reference, against rates worked out by hand: a linear warmup
-    from lr / warmup_steps, then cosine to min_lr at max_steps, WSD (flat, then linear to min_lr over the last
-    wsd_decay_fraction of max_steps), or constant; min_lr past max_steps."""
+    """lr_at, which the logged-lr tests take as their reference, against rates worked out by hand: lr_at(s) is the rate
+    of the run's step s + 1, k. A linear warmup from lr / warmup_steps to lr at step warmup_steps, then cosine to
+    min_lr at step max_steps, WSD (flat, then linear to min_lr over the last wsd_decay_fraction of max_steps, ending
+    at step max_steps), or constant; min_lr past max_steps."""
     from deepseek_pt.config import load_config
     from deepseek_pt.engine.ds_config import lr_at
 
-    def rates(schedule: str, max_steps: int, steps: list[int]) -> list[float]:
+    def rates(schedule: str, max_steps: int, steps: list[int], fraction: float = 0.25) -> list[float]:
         cfg = load_config(SMOKE, ["train.lr=1e-3", "train.min_lr=1e-4", "train.warmup_steps=4",
                                   f"train.max_steps={max_steps}", f"train.schedule={schedule}",
-                                  "train.wsd_decay_fraction=0.25"])
+                                  f"train.wsd_decay_fraction={fraction}"])
         return [lr_at(cfg, s) for s in steps]
 
     warmup = [2.5e-4, 5e-4, 7.5e-4, 1e-3]
-    # cosine over steps 4..14: half-way (step 9) min_lr + (lr - min_lr) / 2, min_lr from step 14 on
-    assert rates("cosine", 14, [0, 1, 2, 3, 4, 9, 14, 20]) == pytest.approx(
-        warmup + [1e-3, 5.5e-4, 1e-4, 1e-4], rel=1e-12)
-    assert rates("cosine", 14, [6]) == pytest.approx([1e-4 + 4.5e-4 * (1 + math.cos(math.pi * 0.2))], rel=1e-12)  # 1/5
-    # WSD, max_steps 20: flat to step 15, then 0.9e-3 down over 5 steps (0.18e-3 a step) to min_lr at 20
-    assert rates("wsd", 20, [0, 3, 4, 14, 15, 16, 17, 20, 25]) == pytest.approx(
-        [2.5e-4, 1e-3, 1e-3, 1e-3, 1e-3, 8.2e-4, 6.4e-4, 1e-4, 1e-4], rel=1e-12)
-    assert rates("constant", 20, [0, 3, 4, 20, 25]) == pytest.approx([2.5e-4, 1e-3, 1e-3, 1e-3, 1e-3], rel=1e-12)
+    # cosine over steps k = 5..14: half-way (k 9, s 8) min_lr + (lr - min_lr) / 2, min_lr at k 14 (s 13) and past it
+    assert rates("cosine", 14, [0, 1, 2, 3, 8, 13, 20]) == pytest.approx(warmup + [5.5e-4, 1e-4, 1e-4], rel=1e-12)
+    assert rates("cosine", 14, [4, 5]) == pytest.approx([1e-4 + 4.5e-4 * (1 + math.cos(math.pi * f))  # 1/10, 2/10
+                                                         for f in (0.1, 0.2)], rel=1e-12)
+    # WSD, max_steps 20: flat to k 15 (s 14), then 0.9e-3 down over k 16..20 (0.18e-3 a step) to min_lr at k 20
+    assert rates("wsd", 20, [0, 3, 4, 14, 15, 16, 18, 19, 25]) == pytest.approx(
+        [2.5e-4, 1e-3, 1e-3, 1e-3, 8.2e-4, 6.4e-4, 2.8e-4, 1e-4, 1e-4], rel=1e-12)
+    assert rates("constant", 20, [0, 3, 4, 19, 25]) == pytest.approx([2.5e-4, 1e-3, 1e-3, 1e-3, 1e-3], rel=1e-12)
+
+
+def test_the_last_step_trains_at_min_lr_and_the_peak_once():
+    """The run's last step (lr_at(max_steps - 1)) trained above min_lr, and WSD with one decay step trained none at a
+    decayed rate; the peak, reached at the warmup's last step, was trained twice. Each decay now ends at min_lr on
+    the last step, whatever its length."""
+    from deepseek_pt.config import load_config
+    from deepseek_pt.engine.ds_config import lr_at
+
+    for schedule, max_steps, fraction in (("cosine", 14, 0.1), ("cosine", 5, 0.1), ("wsd", 20, 0.25),
+                                          ("wsd", 10, 0.1)):  # wsd 10 x 0.1: one decay step
+        cfg = load_config(SMOKE, ["train.lr=1e-3", "train.min_lr=1e-4", "train.warmup_steps=4",
+                                  f"train.max_steps={max_steps}", f"train.schedule={schedule}",
+                                  f"train.wsd_decay_fraction={fraction}"])
+        assert lr_at(cfg, max_steps - 1) == pytest.approx(1e-4, rel=1e-12), (schedule, max_steps)
+        assert lr_at(cfg, max_steps - 2) > 1e-4, (schedule, max_steps)
+        if schedule == "cosine":
+            assert lr_at(cfg, 3) == 1e-3 > lr_at(cfg, 4), (schedule, max_steps)
 
 
 @pytest.mark.slow

@@ -48,19 +48,22 @@ def autoep_section(cfg: Config) -> dict:
 
 
 def lr_at(cfg: Config, step: int) -> float:
-    """Learning rate after `step` optimizer steps: linear warmup, then cosine / WSD / constant."""
+    """Learning rate of the optimizer step that follows `step` steps: step k = step + 1 of the run (1-based) trains at
+    the schedule's value at k. A linear warmup reaches train.lr at step warmup_steps (its first step at lr /
+    warmup_steps, not 0); cosine, or WSD after its stable phase, decays from there to min_lr at step max_steps, the
+    run's last, and stays there past it; constant stays at lr."""
     t = cfg.train
-    if step < t.warmup_steps:
-        return t.lr * (step + 1) / t.warmup_steps
+    k = step + 1
+    if k <= t.warmup_steps:
+        return t.lr * k / t.warmup_steps
     if t.schedule == "constant":
         return t.lr
+    start = t.wsd_decay_start if t.schedule == "wsd" else t.warmup_steps  # the last step at lr
+    if k <= start:
+        return t.lr
+    frac = min(1.0, (k - start) / max(1, t.max_steps - start))
     if t.schedule == "wsd":
-        decay_start = t.wsd_decay_start
-        if step < decay_start:
-            return t.lr
-        frac = min(1.0, (step - decay_start) / max(1, t.max_steps - decay_start))
         return t.lr + (t.min_lr - t.lr) * frac
-    frac = min(1.0, (step - t.warmup_steps) / max(1, t.max_steps - t.warmup_steps))
     return t.min_lr + 0.5 * (t.lr - t.min_lr) * (1 + math.cos(math.pi * frac))
 
 
