@@ -102,7 +102,7 @@ def mla_o(args) -> None:
         raise UsageError(f"{args.checkpoint}: already uses MLA-o "
                          f"(o_latent_dim {ckpt.model.config.attention.o_latent_dim})")
     errors = to_output_subspace(ckpt.model, args.o_latent_dim, init=args.init)
-    save_export(ckpt.model, ckpt.config, out, source=str(Path(args.checkpoint).absolute()),
+    save_export(ckpt.model, ckpt.config, out, step=ckpt.step, source=str(Path(args.checkpoint).absolute()),
                 tokenizer=ckpt.tokenizer, doc_boundary=ckpt.doc_boundary, tokenizer_sha256=ckpt.tokenizer_sha256)
     print(f"o_proj -> o_a_proj/o_b_proj of width {args.o_latent_dim} ({args.init}): relative error of "
           f"o_b @ o_a against o_proj per layer: " + " ".join(f"{e:.3f}" for e in errors))

@@ -75,6 +75,23 @@ def test_mla_o_model_exports_its_own_config(tmp_path):
     _assert_same_state(model, loaded)
 
 
+def test_mla_o_conversion_keeps_the_step_and_what_else_the_export_records(tmp_path, capsys):
+    """convert mla-o wrote step: null; the step, tokenizer, dtype and document framing carry over, the source is the
+    converted checkpoint."""
+    from deepseek_pt.convert import main as convert_main
+
+    cfg = tiny()
+    save_export(_model(cfg), cfg, tmp_path / "exp", step=12, source="runs/x/checkpoints/step_00000012",
+                tokenizer=b"sentencepiece bytes", dtype=torch.bfloat16, doc_boundary="bos_eos")
+    assert convert_main(["mla-o", str(tmp_path / "exp"), str(tmp_path / "o"), "--o-latent-dim", "8"]) == 0
+    info = read_export_info(tmp_path / "o")
+    assert (info["step"], info["dtype"], info["doc_boundary"], info["source"]) == (
+        12, "bfloat16", "bos_eos", str((tmp_path / "exp").absolute()))
+    assert (tmp_path / "o" / "tokenizer.model").read_bytes() == b"sentencepiece bytes"
+    assert load_checkpoint(tmp_path / "o").step == 12
+    capsys.readouterr()
+
+
 def test_bf16_export_keeps_router_bias_fp32(tmp_path):
     cfg = tiny()
     model = _model(cfg)
@@ -161,7 +178,7 @@ def test_training_run_dirs_go_through_the_engines_export(tmp_path, monkeypatch, 
     def export_checkpoint(src, out):
         calls.append(src)
         model, cfg = load_export(export_dir)
-        save_export(model, cfg, out, source=str(src))
+        save_export(model, cfg, out, step=7, source=str(src))
 
     class CheckpointError(RuntimeError):
         pass
@@ -170,7 +187,7 @@ def test_training_run_dirs_go_through_the_engines_export(tmp_path, monkeypatch, 
     monkeypatch.setitem(sys.modules, "deepseek_pt.engine.export", engine_export)
     monkeypatch.setitem(sys.modules, "deepseek_pt.engine.checkpoint", types.SimpleNamespace(CheckpointError=CheckpointError))
     ckpt = load_checkpoint(run_dir)
-    assert calls == [run_dir]
+    assert calls == [run_dir] and ckpt.step == 7  # the checkpoint's, through its temporary export
     _assert_same_state(ckpt.model, load_export(export_dir)[0])
 
     def broken(src, out):

@@ -38,6 +38,8 @@ class Checkpoint:
     tokenizer's; None when unknown."""
     doc_boundary: str | None
     """How training documents were framed (`eos` or `bos_eos`), when the export records it."""
+    step: int | None
+    """The training step of the weights, when known (an export's, a training checkpoint's; not an HF directory's)."""
 
 
 def _from_export(path: Path, device, dtype) -> Checkpoint:
@@ -52,7 +54,7 @@ def _from_export(path: Path, device, dtype) -> Checkpoint:
                               f"({path / 'export.json'}: tokenizer_sha256 {sha[:12]}...): put that one back")
         sha = stored
     model, config = load_export(path, device, dtype)
-    return Checkpoint(model, config, data, sha, info.get("doc_boundary"))
+    return Checkpoint(model, config, data, sha, info.get("doc_boundary"), info.get("step"))
 
 
 ENGINE_EXPORTERS = ("deepseek_pt.engine.export", "deepseek_pt.engine.checkpoint")
@@ -95,7 +97,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu",
         tok = path / "tokenizer.model"
         data = tok.read_bytes() if tok.is_file() else None
         return Checkpoint(model, full_config(model.config, where=str(path)), data,
-                          None if data is None else hashlib.sha256(data).hexdigest(), None)
+                          None if data is None else hashlib.sha256(data).hexdigest(), None, None)
     return _from_training_run(path, device, dtype)
 
 
