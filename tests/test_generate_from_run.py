@@ -76,7 +76,8 @@ def test_a_run_keeps_its_tokenizer_for_the_tools_run_from_any_directory(tmp_path
     shutil.copytree(pydoc_data_dir.shards_dir, start / "data")
     env = {k: v for k, v in job_env().items() if k not in RENDEZVOUS_ENV}  # one process, no launcher
     proc = start_job([sys.executable, "-m", "deepseek_pt.train", "--config", SMOKE, "data.path=data", "run.dir=run",
-                      "parallel.expert_parallel_size=1", "train.max_steps=2", "train.warmup_steps=2", "train.eval_every=0"], env, cwd=start)
+                      "parallel.expert_parallel_size=1", "train.max_steps=2", "train.warmup_steps=2",
+                      "train.eval_every=0"], env, cwd=start)
     out, _ = finish_job(proc, 300)
     assert proc.returncode == 0, out[-3000:]
     run, sha = start / "run", hashlib.sha256(pydoc_data_dir.tokenizer_model.read_bytes()).hexdigest()
