@@ -101,16 +101,16 @@ def _write(tmp_path, data) -> Path:
      "train.warmup_steps: 9 runs into schedule wsd's decay, which starts after step 8"),
     # A warmup longer than the run: blamed on the key an override set
     ({"train": {"warmup_steps": 20, "max_steps": 10}}, [],
-     "c.yaml: train.warmup_steps: 20 > train.max_steps (10): the learning rate would end the run at 0.00015, never "
-     "reaching train.lr (0.0003); set train.warmup_steps to at most 10, or train.max_steps to at least 20"),
+     ("c.yaml: train.warmup_steps: 20 > train.max_steps (10): the learning rate would end the run at 0.00015, never "
+      "reaching train.lr (0.0003); set train.warmup_steps to at most 10, or train.max_steps to at least 20")),
     ({}, ["train.max_steps=50"],
      "c.yaml (override train.max_steps=50): train.max_steps: 50 < train.warmup_steps (100)"),
     ({"train": {"max_steps": 50}}, ["train.warmup_steps=60"],
      "c.yaml (override train.warmup_steps=60): train.warmup_steps: 60 > train.max_steps (50)"),
     ({}, ["train.max_steps=50", "train.schedule=constant"], "train.max_steps: 50 < train.warmup_steps (100)"),
     # Sizes that build a module per block or expert: refused here, where preflight's count hung on them
-    ({}, ["model.n_layers=100000000000"], "model.n_layers: must be at most 1024 (each block is a module of its own, "
-                                          "built one at a time), got 100000000000"),
+    ({}, ["model.n_layers=100000000000"], ("model.n_layers: must be at most 1024 (each block is a module of its own, "
+                                           "built one at a time), got 100000000000")),
     ({}, ["model.mtp_depth=1025"], "model.mtp_depth: must be at most 1024"),
     ({}, ["model.moe.n_routed_experts=100000000000"], ("model.moe.n_routed_experts: 100000000000 in each of 3 MoE "
                                                        "blocks (model.n_layers - model.moe.n_dense_layers + "
