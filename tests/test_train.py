@@ -538,8 +538,9 @@ def test_metrics_that_cannot_be_written_stop_every_rank(tmp_path, data):
     """Rank 0's metrics.jsonl write failing (here past a file-size limit, as on a full disk) ended rank 0 in a
     traceback while rank 1 waited in the next collective: now both stop at that step, each with one line."""
     run = tmp_path / "run"
-    limited = ["bash", "-c", 'ulimit -f 8 && exec "$@"', "bash", *_launch_cmd(2, run, data, "train.max_steps=200",
-                                                                             "train.checkpoints=false")]
+    # 24 KiB: past the run's copy of its tokenizer (15 KiB, written at start), ~50 steps' metrics lines
+    limited = ["bash", "-c", 'ulimit -f 24 && exec "$@"', "bash", *_launch_cmd(2, run, data, "train.max_steps=200",
+                                                                              "train.checkpoints=false")]
     proc = run_job(limited)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 2, out[-3000:]
