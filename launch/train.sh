@@ -5,8 +5,8 @@
 #
 # Environment: NPROC (processes; default: all visible GPUs, 2 on CPU), MASTER_PORT (default: a free
 # port), PYTHON (default: $VIRTUAL_ENV/bin/python, else python3). The config is checked for the
-# planned world size before any process starts. SIGTERM/SIGINT/SIGUSR1: the ranks checkpoint at the
-# end of the step and the script exits 0. See docs/launch.md.
+# planned world size before any process starts. SIGTERM/SIGINT/SIGUSR1/SIGHUP: the ranks checkpoint at
+# the end of the step and the script exits 0. See docs/launch.md.
 set -euo pipefail
 # shellcheck source=launch/lib.sh
 source "$(dirname -- "${BASH_SOURCE[0]}")/lib.sh"
