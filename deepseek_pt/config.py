@@ -414,7 +414,8 @@ class Fp8Config:
 @dataclass
 class RunConfig:
     dir: str = "runs/default"
-    """Run directory: resolved config, metrics.jsonl, checkpoints/."""
+    """Run directory: resolved config (config.yaml), metrics.jsonl, checkpoints/, and the data's tokenizer
+    (tokenizer.model + data.json, engine/run_tokenizer.py) that exports and the tools after training take."""
     name: str | None = None
     """Run name for logs and wandb; defaults to the run directory's name."""
     wandb: Literal["disabled", "online", "offline"] = "disabled"
