@@ -196,6 +196,7 @@ def check_data(cfg: Config, world_size: int) -> Manifest:
         key = cfg.data.source_key(j)
         try:
             manifest = open_manifest(source.path)
+            run_tokenizer.data_tokenizer(manifest)  # the copy each start keeps in run.dir: checked before that
         except DataError as e:
             raise PreflightError(f"{key}: {e}") from None
         if manifest.vocab_size > cfg.model.vocab_size:

@@ -827,6 +827,20 @@ def test_a_run_on_data_of_another_tokenizer_than_its_checkpoints_is_refused(tmp_
     assert _direct(f"data.path={data}", f"run.dir={run}", "--check-only").returncode == 0
 
 
+def test_a_shard_directorys_wrong_tokenizer_is_refused_before_the_start(tmp_path, data):
+    """--check-only passed, and the run stopped only after writing run.dir's config.yaml, on a tokenizer.model that
+    is not the one the manifest names (the copy every start keeps in run.dir)."""
+    import deepseek_pt.train as train_module
+    from deepseek_pt.config import load_config
+
+    shards = shutil.copytree(data, tmp_path / "shards")
+    (shards / "tokenizer.model").write_bytes(b"another tokenizer")
+    with pytest.raises(train_module.PreflightError, match=rf"^data.path: {shards / 'tokenizer.model'}: sha256 "
+                                                          r"[0-9a-f]{12}\.\.\. is not the tokenizer "):
+        train_module.preflight(load_config(SMOKE, [f"data.path={shards}", f"run.dir={tmp_path / 'run'}"]), 2)
+    assert not (tmp_path / "run").exists()
+
+
 def test_the_run_keeps_the_tokenizer_its_data_names(tmp_path, data):
     from deepseek_pt.data import DataError, open_manifest
     from deepseek_pt.engine import run_tokenizer

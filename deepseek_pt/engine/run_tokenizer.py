@@ -32,14 +32,21 @@ class RunTokenizer:
     """Its copy; None when the data had none."""
 
 
-def record(manifest: Manifest, run_dir: Path) -> None:
-    """Keep the tokenizer of `manifest` (the run's first data source; a blend's share it) in run_dir. DataError if
-    the data's copy is not the tokenizer its manifest names."""
-    copy = run_dir / COPY_NAME
+def data_tokenizer(manifest: Manifest) -> bytes | None:
+    """The tokenizer copy of a shard directory (None without one). DataError if it is not the tokenizer its manifest
+    names."""
     data = manifest.tokenizer_path.read_bytes() if manifest.tokenizer_path is not None else None
     if data is not None and (sha := hashlib.sha256(data).hexdigest()) != manifest.tokenizer_sha256:
         raise DataError(f"{manifest.tokenizer_path}: sha256 {sha[:12]}... is not the tokenizer {manifest.path} was "
                         f"built with ({manifest.tokenizer_sha256[:12]}...): put that one back, or remove the copy")
+    return data
+
+
+def record(manifest: Manifest, run_dir: Path) -> None:
+    """Keep the tokenizer of `manifest` (the run's first data source; a blend's share it) in run_dir. DataError as
+    data_tokenizer's."""
+    copy = run_dir / COPY_NAME
+    data = data_tokenizer(manifest)
     (run_dir / RECORD_NAME).unlink(missing_ok=True)  # until the copy below is in place, it could name another
     if data is not None:
         atomic_write_bytes(copy, data)
