@@ -33,7 +33,7 @@ from .engine.checkpoint import CheckpointError
 from .engine.ds_config import build_ds_config, deepspeed_micro_steps, lr_scheduler
 from .engine.metrics import MetricsLogger, peak_flops, peak_memory_gib
 from .engine.peer_failure import PeerFailureWatch
-from .fileio import describe_os_error, first_line
+from .fileio import describe_os_error, first_line, sha256_file
 from .model import Block, SwiGLU, Transformer, writable
 from .model.counting import meta_model, train_flops_per_token
 
@@ -118,10 +118,18 @@ def preflight(cfg: Config, world_size: int) -> None:
     if cfg.train.init_from:
         from .export import ExportError, read_export_info
         try:
-            read_export_info(cfg.train.init_from)
+            info = read_export_info(cfg.train.init_from)
             exported = load_config(Path(cfg.train.init_from) / "config.yaml")
         except (ExportError, ConfigError) as e:
             raise PreflightError(f"train.init_from: {e}") from None
+        stored = Path(cfg.train.init_from) / "tokenizer.model"  # an older export's identity: the copy it stores
+        trained_with = info.get("tokenizer_sha256") or (sha256_file(stored) if stored.is_file() else None)
+        if trained_with is not None and trained_with != data.tokenizer_sha256:
+            raise PreflightError(
+                f"train.init_from: {cfg.train.init_from} was trained with another tokenizer (sha256 "
+                f"{trained_with[:12]}...) than {cfg.data.source_key(0)} {data.path} was tokenized with (sha256 "
+                f"{data.tokenizer_sha256[:12]}...): its embeddings would read ids that name other pieces; train on "
+                "data of its tokenizer")
         if differ := _differences(exported.model, cfg.model, "model"):  # named: a model section has dozens of keys
             raise PreflightError(f"train.init_from: the model section of {cfg.train.init_from}/config.yaml differs "
                                  "from this config's: " + "; ".join(f"{key}: {here!r} here, {theirs!r} in the export"

@@ -1399,6 +1399,24 @@ def test_an_init_from_export_of_another_model_names_the_keys(tmp_path, data):
                                   "here, 0.01 in the export; train with that model section")
 
 
+def test_an_init_from_export_of_another_tokenizer_is_refused(tmp_path, data):
+    """Its embeddings were learned for the pieces of the tokenizer it records; the data's ids would name others."""
+    import deepseek_pt.train as train_module
+    from deepseek_pt.config import load_config
+    from deepseek_pt.export import save_export
+    from deepseek_pt.model import Transformer
+
+    cfg = load_config(SMOKE, [f"data.path={data}"])
+    export = save_export(Transformer(cfg.model), cfg, tmp_path / "export", tokenizer_sha256="ab" * 32)
+    with pytest.raises(train_module.PreflightError, match=rf"^train.init_from: {export} was trained with another "
+                                                          r"tokenizer \(sha256 abababababab\.\.\.\) than data.path "):
+        train_module.preflight(load_config(SMOKE, [f"data.path={data}", f"run.dir={tmp_path / 'run'}",
+                                                   f"train.init_from={export}"]), 2)
+    same = save_export(Transformer(cfg.model), cfg, tmp_path / "same", tokenizer=data / "tokenizer.model")
+    train_module.preflight(load_config(SMOKE, [f"data.path={data}", f"run.dir={tmp_path / 'run'}",
+                                               f"train.init_from={same}"]), 2)
+
+
 def test_a_corrupt_init_from_export_is_one_line(tmp_path, data):
     """Preflight reads train.init_from's export.json; its weights' sha256 is checked when the engine loads them,
     where an ExportError (a flipped byte) was a traceback on every rank."""
