@@ -204,7 +204,8 @@ def check_data(cfg: Config, world_size: int) -> Manifest:
         key = cfg.data.source_key(j)
         try:
             manifest = open_manifest(source.path)
-            run_tokenizer.data_tokenizer(manifest)  # the copy each start keeps in run.dir: checked before that
+            if j == 0:  # the copy each start keeps in run.dir (a blend's sources share its tokenizer: below)
+                run_tokenizer.data_tokenizer(manifest)
         except DataError as e:
             raise PreflightError(f"{key}: {e}") from None
         if manifest.vocab_size > cfg.model.vocab_size:
