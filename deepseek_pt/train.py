@@ -159,23 +159,24 @@ def preflight(cfg: Config, world_size: int) -> None:
             # Past it, the run trained nothing and said "train.max_steps reached": an extension mistyped looked done.
             raise PreflightError(f"train.max_steps: {cfg.train.max_steps} is below the step of the checkpoint it "
                                  f"resumes ({meta['step']}, {resume_dir}): nothing to train; raise it to go on")
-    found = sorted(root.glob("step_*[0-9]/meta.json")) if cfg.train.checkpoints else []
+    complete = checkpoint.complete_checkpoints(root)
+    found = complete if cfg.train.checkpoints else []
     if resume_dir is None and found:
         # A fresh run's saves would replace those of the same steps and be pruned in favour of higher ones.
         raise PreflightError(f"train.resume: {cfg.train.resume} starts from step 0, but {root} holds complete "
-                             f"checkpoints (newest {found[-1].parent.name}) that this run's saves would overwrite "
+                             f"checkpoints (newest {found[-1].name}) that this run's saves would overwrite "
                              "or prune: use another run.dir, give train.resume a checkpoint's path, or remove them")
     if resume_dir is not None and found and resume_dir.parent.resolve() == root.resolve() \
-            and found[-1].parent.name > resume_dir.name:
+            and found[-1].name > resume_dir.name:
         # A rollback in place: `latest` would name the abandoned later history until this run's saves replace it
         # step by step (a crash before then resumes that history), and each save deletes its namesake first.
-        raise PreflightError(f"train.resume: {resume_dir.name} is older than {found[-1].parent.name} in the same "
+        raise PreflightError(f"train.resume: {resume_dir.name} is older than {found[-1].name} in the same "
                              f"run.dir ({root}): resume it into another run.dir (run.dir=NEW "
                              f"train.resume={resume_dir}), or remove the later checkpoints")
     # Each start records the data's tokenizer in run.dir (engine/run_tokenizer.py): that must stay true of the
     # checkpoints it goes with, those resumed and those already there.
     trained = {resume_dir.parent.parent} if resume_dir is not None else set()
-    if any(root.glob("step_*[0-9]/meta.json")):
+    if complete:
         trained.add(run_dir)
     for where in trained:
         try:

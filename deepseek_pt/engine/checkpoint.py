@@ -150,6 +150,11 @@ def _prune(root: Path, keep_last: int) -> None:
             shutil.rmtree(p.with_name(p.name + "_universal"), ignore_errors=True)
 
 
+def complete_checkpoints(root: Path) -> list[Path]:
+    """The `step_*` checkpoints under `root` whose save completed (their meta.json), oldest first."""
+    return sorted(p.parent for p in root.glob("step_*[0-9]/meta.json"))
+
+
 def resolve(resume: str, run_dir: Path) -> Path | None:
     """The checkpoint directory to resume from: `auto` (the newest complete, if any), `none`, or a path."""
     if resume == "none":
@@ -159,7 +164,7 @@ def resolve(resume: str, run_dir: Path) -> Path | None:
         latest = root / "latest"
         # The newest complete checkpoint, which `latest` names unless a save was killed between renaming its meta.json
         # and `latest` into place (the first save: no `latest` yet); resuming an older one would roll back in place.
-        complete = sorted(p.parent for p in root.glob("step_*[0-9]/meta.json"))
+        complete = complete_checkpoints(root)
         if latest.exists():
             tag_dir = root / _read_latest(latest)
             if not (tag_dir / "meta.json").exists():
@@ -327,10 +332,9 @@ def _disk_full_named(out: Path, tag_dir: Path):
         shutil.rmtree(out, ignore_errors=True)
         if not is_disk_full(e):
             raise CheckpointError(f"{tag_dir}: converting it to a universal checkpoint in {out}: {e}") from None
-        parent = next(p for p in out.parents if p.exists())
         need = sum(f.stat().st_size for f in tag_dir.rglob("*") if f.is_file())
         raise CheckpointError(f"{tag_dir}: converting it to a universal checkpoint in {out.parent}: {e.strerror} "
-                              f"({free_space(parent)} there; it needs roughly {size_text(2 * need)}, "
+                              f"({free_space(out.parent)} there; it needs roughly {size_text(2 * need)}, "
                               "twice the checkpoint's size)") from None
 
 
