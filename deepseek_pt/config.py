@@ -354,6 +354,11 @@ class ParallelConfig:
     """How long a collective waits for the slowest rank before the job fails, so that a dead or hung rank ends
     the run instead of stalling it; null = DeepSpeed's default ($DEEPSPEED_TIMEOUT, else 10 minutes). Raise it
     if a checkpoint save or an evaluation on some ranks can outlast it."""
+    heartbeat_timeout_minutes: float | None = 3.0
+    """How long rank 0 hears nothing from a rank (each rank's failure watch beats a counter in the rendezvous store
+    every 5 s, from a thread of its own) before it stops every rank with a line naming it: a machine lost or a rank
+    killed with no rank beside it to see it go (engine/peer_failure.py) ends the run in this long, not in
+    timeout_minutes, which a slow save may need long. A rank that hangs still beats; null = no heartbeat."""
 
 
 @dataclass
@@ -646,6 +651,9 @@ MAX_TIMEOUT_MINUTES = 525_600
 """parallel.timeout_minutes' ceiling, a year: torch keeps a process group's timeout in int64 nanoseconds (292 years),
 and a timedelta beyond that overflows there (a negative timeout) or in Python."""
 
+MIN_HEARTBEAT_TIMEOUT_MINUTES = 0.5
+"""parallel.heartbeat_timeout_minutes' floor: below six polls of 5 s, one slow request to a busy store could take a
+live rank for a silent one."""
 
 def validate(cfg: Config, where: Callable[[str], str] = lambda key: "<config>") -> None:
     """`where(key)`: what set the key an error names (the file, or an override)."""
@@ -792,6 +800,10 @@ def validate(cfg: Config, where: Callable[[str], str] = lambda key: "<config>") 
     if cfg.parallel.timeout_minutes is not None:
         check(0 < cfg.parallel.timeout_minutes <= MAX_TIMEOUT_MINUTES, "parallel.timeout_minutes",
               f"must be in (0, {MAX_TIMEOUT_MINUTES}] (a year), got {cfg.parallel.timeout_minutes:g}")
+    if (heartbeat := cfg.parallel.heartbeat_timeout_minutes) is not None:
+        check(MIN_HEARTBEAT_TIMEOUT_MINUTES <= heartbeat <= MAX_TIMEOUT_MINUTES, "parallel.heartbeat_timeout_minutes",
+              f"must be in [{MIN_HEARTBEAT_TIMEOUT_MINUTES}, {MAX_TIMEOUT_MINUTES}] (30 s: six of the watch's polls, "
+              f"up to a year), or null for none; got {heartbeat:g}")
     check(cfg.train.lr > 0, "train.lr", f"must be positive, got {cfg.train.lr}")
     check(cfg.train.min_lr <= cfg.train.lr, "train.min_lr", f"{cfg.train.min_lr} > train.lr ({cfg.train.lr})")
     check(0 <= cfg.train.beta1 < 1, "train.beta1", f"must be in [0, 1), got {cfg.train.beta1}")

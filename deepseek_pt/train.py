@@ -717,7 +717,8 @@ def train(cfg: Config) -> int:
     stop = StopSignal()
     started = time.monotonic()
     rank, world, device = init_distributed(cfg)
-    watch = PeerFailureWatch(rank, world)
+    heartbeat = cfg.parallel.heartbeat_timeout_minutes
+    watch = PeerFailureWatch(rank, world, heartbeat_timeout_seconds=heartbeat * 60 if heartbeat is not None else None)
     watch.start()
     try:
         return _train(cfg, rank, world, device, stop, started, watch)

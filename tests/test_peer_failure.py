@@ -18,16 +18,20 @@ from deepseek_pt.engine import peer_failure
 rank, world, role = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
 if role.startswith("killed") and rank == 0:
     peer_failure.machine_identity = lambda: "another machine"  # only rank 1 can see rank 2 go
+if role == "silent":
+    peer_failure.machine_identity = lambda: f"machine {rank}"  # each rank alone on its machine
 dist.init_process_group("gloo", rank=rank, world_size=world)
 # rank 0's watch asleep where its failed collective is to find the line itself
 slow = role == "killed_in_barrier" and rank == 0
-watch = peer_failure.PeerFailureWatch(rank, world, poll_seconds=60 if slow else 0.2)
+heartbeat = 1.5 if role in ("silent", "leaves") else None
+watch = peer_failure.PeerFailureWatch(rank, world, poll_seconds=60 if slow else 0.2,
+                                      heartbeat_timeout_seconds=heartbeat)
 watch.start()
 dist.barrier()  # as train.py's check_same_config: every rank holds its store connections before any can end
 print("ready", flush=True)
-if role.startswith("killed") and rank == 2:
+if role in ("killed", "killed_in_barrier", "silent") and rank == 2:
     os.kill(os.getpid(), signal.SIGKILL)
-elif role == "killed":
+elif role in ("killed", "silent"):
     time.sleep(60)
 elif role == "killed_in_barrier":
     try:
@@ -39,7 +43,7 @@ elif role == "leaves":
     if rank == 1:
         watch.stop()
         os._exit(0)  # a deliberate end: rank 0, beside it, must not take it for a kill
-    time.sleep(3)
+    time.sleep(3)  # twice the heartbeat timeout: rank 1's beats stop, but it said it was leaving
     print("finished", flush=True)
     sys.exit(0)
 elif role == "publish" and rank == 1:
@@ -148,3 +152,16 @@ def test_a_failed_collective_waits_for_the_killed_ranks_name():
 def test_a_neighbour_that_leaves_deliberately_is_not_taken_for_killed():
     (code0, out0, _), (code1, _, _) = _ranks("leaves")
     assert code1 == 0 and code0 == 0 and "finished" in out0 and "error" not in out0, out0
+
+
+def test_a_rank_alone_on_its_machine_killed_is_published_by_rank_0_after_the_heartbeat_timeout():
+    """Each rank on a machine of its own (a lost machine looks the same): rank 2's beats stop, rank 0 publishes it
+    after 1.5 s of silence and rank 1 reads it from the store. Rank 1, alive with its main thread asleep, beats on:
+    ranks are checked in order, so a silent-looking rank 1 would be the one named."""
+    results = _ranks("silent", world=3)
+    assert results[2][0] == -signal.SIGKILL, results[2]
+    for rank, (code, out, seconds) in enumerate(results[:2]):
+        assert code == 2, out
+        assert ("error: rank 2 (" in out and "parallel.heartbeat_timeout_minutes): its machine was lost" in out
+                and f"; rank {rank} stops too" in out), out
+        assert "not stopped" not in out and 1.5 <= seconds + 0.5 and seconds < 6, (out, seconds)

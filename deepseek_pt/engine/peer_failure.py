@@ -13,7 +13,10 @@ traceback. When rank 0 itself is gone, so is the store: the others say so (rank 
 A rank killed outright (SIGKILL, the kernel's OOM killer, a crash in native code) writes nothing. The ranks beside it
 on its machine see it go: each registers its pid with the store under its machine's identity, and every poll reads
 whether the pids of its machine's other ranks still run; a rank that is gone without having said it was leaving is
-published for it, for every node to read. A rank alone on its machine has nobody to see it go.
+published for it, for every node to read. A rank alone on its machine, or a whole machine lost (power, kernel,
+network), has nobody beside it to see it go: every rank's watch also beats a counter in the store at each poll, and
+rank 0's watch publishes a rank whose counter has not moved for the heartbeat timeout. That catches a process gone or
+frozen, not one that hangs (its watch thread beats on): a hang is what the process group's timeout is for.
 """
 from __future__ import annotations
 
@@ -32,6 +35,9 @@ from ..fileio import first_line
 KEY = "deepseek_pt/failed"
 MACHINE_KEY = "deepseek_pt/ranks_on/{machine}"  # "rank pid start_time;" of each rank on the machine, appended
 LEFT_KEY = "deepseek_pt/left/{rank}"  # set by a rank whose ending is deliberate, before its pid goes
+BEAT_KEY = "deepseek_pt/beats/{rank}"  # a counter each rank's watch adds 1 to at every poll
+HOST_KEY = "deepseek_pt/host/{rank}"  # the rank's hostname, for rank 0 to name a silent rank by
+TOLD_KEY = "deepseek_pt/told"  # a counter: ranks that read the failure line and end on it
 POLL_SECONDS = 5.0
 GRACE_SECONDS = 3.0
 """How long a rank whose collective failed waits for the failure it is about to be published (the killed rank's
@@ -54,12 +60,17 @@ def _store() -> dist.Store:
 class PeerFailureWatch:
     """Tells the other ranks of this rank's failure (`publish`), and ends this process on another's (`start`)."""
 
-    def __init__(self, rank: int, world: int, poll_seconds: float = POLL_SECONDS):
+    def __init__(self, rank: int, world: int, poll_seconds: float = POLL_SECONDS,
+                 heartbeat_timeout_seconds: float | None = None):
+        """heartbeat_timeout_seconds: how long rank 0 hears nothing from a rank before it publishes it as gone;
+        None = never (a rank alone on its machine then waits for the process group's timeout)."""
         self.rank, self.world, self.poll_seconds = rank, world, poll_seconds
+        self.heartbeat_timeout = heartbeat_timeout_seconds
+        self._beats: dict[int, tuple[bytes, float]] = {}  # rank 0: each rank's counter, and when it last moved
         self._stopped = threading.Event()
         self._store: dist.Store | None = None  # the main thread's connection; None alone
         self._machine = machine_identity()
-        self._gone: set[int] = set()  # neighbours that said they were leaving
+        self._gone: set[int] = set()  # ranks seen gone that had said they were leaving
 
     def start(self) -> None:
         """Before the ranks' next collective: a rank still connecting when rank 0 ends would retry for the process
@@ -70,6 +81,10 @@ class PeerFailureWatch:
                 start_time = _process(os.getpid())[1]
                 self._store.append(MACHINE_KEY.format(machine=self._machine),
                                    f"{self.rank} {os.getpid()} {start_time};")
+            self._store.set(HOST_KEY.format(rank=self.rank), socket.gethostname())
+            if self.rank == 0 and self.heartbeat_timeout is not None:
+                for rank in range(1, self.world):  # every counter exists from here on: multi_get never waits for one
+                    self._store.add(BEAT_KEY.format(rank=rank), 0)
             threading.Thread(target=self._watch, args=(_store(),), name="peer-failure-watch", daemon=True).start()
 
     def stop(self) -> None:
@@ -93,7 +108,9 @@ class PeerFailureWatch:
             self._store.compare_set(KEY, "", f"rank {self.rank} ({socket.gethostname()}) failed: "
                                              f"{first_line(error, error)}")
         except (dist.DistError, RuntimeError):  # the store went with rank 0: nobody is left to tell
-            pass
+            return
+        if self.rank == 0:  # every other rank is to read this line before the store goes with this process
+            self._told(self._store, others=self.world - 1)
 
     def peer_failure(self, grace_seconds: float = GRACE_SECONDS) -> str | None:
         """Another rank's failure (published, or a neighbour's pid gone), or the store's loss (rank 0's end), if any
@@ -106,17 +123,21 @@ class PeerFailureWatch:
                 line = self._failure(self._store)
             except (dist.DistError, RuntimeError) as e:
                 return _store_lost(e)
-            if line is not None or time.monotonic() >= deadline:
+            if line is not None:
+                self._told(self._store)
                 return line
+            if time.monotonic() >= deadline:
+                return None
             time.sleep(0.25)
 
     def _failure(self, store: dist.Store) -> str | None:
-        """The first published failure; else a neighbour gone without a word, published now for the other nodes."""
+        """The first published failure; else a neighbour gone without a word, or (rank 0) a rank silent for the
+        heartbeat timeout, published now for the other nodes."""
         if store.check([KEY]):
             return store.get(KEY).decode()
-        if (killed := self._killed_neighbour(store)) is None:
+        if (gone := self._killed_neighbour(store) or self._silent_rank(store)) is None:
             return None
-        return store.compare_set(KEY, "", killed).decode()  # another's line, were it published meanwhile
+        return store.compare_set(KEY, "", gone).decode()  # another's line, were it published meanwhile
 
     def _killed_neighbour(self, store: dist.Store) -> str | None:
         """A line for a rank on this machine whose process is gone while it never said it was leaving."""
@@ -137,10 +158,37 @@ class PeerFailureWatch:
                     "(SIGKILL, the kernel's OOM killer: see `dmesg`) or crashed in native code (see its node's log)")
         return None
 
+    def _silent_rank(self, store: dist.Store) -> str | None:
+        """Rank 0's view: a line for a rank whose beat counter has not moved for the heartbeat timeout while it never
+        said it was leaving. Timed by this process's clock between its own reads, so machines' clocks do not
+        matter, and a pause of this watch (its host's) does not make the others look silent."""
+        if self.rank != 0 or self.heartbeat_timeout is None:
+            return None
+        ranks = [r for r in range(1, self.world) if r not in self._gone]
+        now = time.monotonic()
+        for rank, beat in zip(ranks, store.multi_get([BEAT_KEY.format(rank=r) for r in ranks])):
+            last = self._beats.get(rank)
+            if last is None or last[0] != beat:
+                self._beats[rank] = (beat, now)
+                continue
+            if now - last[1] < self.heartbeat_timeout:
+                continue
+            if store.check([LEFT_KEY.format(rank=rank)]):
+                self._gone.add(rank)
+                continue
+            host_key = HOST_KEY.format(rank=rank)
+            host = store.get(host_key).decode() if store.check([host_key]) else "host unknown"
+            return (f"rank {rank} ({host}) silent for {now - last[1]:.0f} s (parallel.heartbeat_timeout_minutes): "
+                    "its machine was lost (power, kernel, network) or its process was killed or frozen where no rank "
+                    "beside it could see it")
+        return None
+
     def _watch(self, store: dist.Store) -> None:
         lost = 0
         while not self._stopped.wait(self.poll_seconds):
             try:
+                if self.rank != 0:
+                    store.add(BEAT_KEY.format(rank=self.rank), 1)
                 line = self._failure(store)
                 lost = 0
             except (dist.DistError, RuntimeError) as e:
@@ -152,7 +200,24 @@ class PeerFailureWatch:
                 continue
             print(f"error: {line}; rank {self.rank} stops too (it would wait for that rank in its next collective)",
                   file=sys.stderr, flush=True)
+            if lost == 0:
+                self._told(store)
             os._exit(EXIT_CODE)
+
+    def _told(self, store: dist.Store, others: int | None = None) -> None:
+        """This rank ends on a failure line: it counts itself as told; rank 0, whose process holds the store, instead
+        waits until `others` ranks have been (default: all but itself and the failed one) or two polls pass, lest they
+        find the store gone before the line and blame rank 0."""
+        try:
+            if self.rank != 0:
+                store.add(TOLD_KEY, 1)
+                return
+            others = self.world - 2 if others is None else others
+            deadline = time.monotonic() + 2 * self.poll_seconds + 1
+            while store.add(TOLD_KEY, 0) < others and time.monotonic() < deadline:
+                time.sleep(0.1)
+        except (dist.DistError, RuntimeError):  # the store is gone: nobody is left to wait for
+            pass
 
 
 def _store_lost(e: Exception) -> str:
