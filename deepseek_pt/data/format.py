@@ -5,6 +5,7 @@ loader, so that all three agree on what a valid shard directory is.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from dataclasses import dataclass
@@ -227,6 +228,20 @@ def open_tokenizer(path: str | Path, what: str = "tokenizer"):
         return spm.SentencePieceProcessor(model_file=str(path))
     except (OSError, RuntimeError) as e:
         raise DataError(f"{what} {path}: not a sentencepiece model: {e}") from None
+
+
+def read_tokenizer_copy(file: Path | None, sha256: str | None, error: type[Exception], whose: str,
+                        recorded_in: str | Path | None = None, fix: str = "put that one back") -> bytes | None:
+    """The bytes of the tokenizer copy `file` (None where there is none), if its sha256 is `sha256` (None: nothing
+    recorded, any copy goes). Else `error` (the caller's class) names the file and the tokenizer it should be: the one
+    `whose` ("the run trained with"), recorded in file `recorded_in` (its tokenizer_sha256), with `fix`."""
+    if file is None or not file.is_file():
+        return None
+    data = file.read_bytes()
+    if sha256 is not None and (got := hashlib.sha256(data).hexdigest()) != sha256:
+        recorded = f"{recorded_in}: tokenizer_sha256 " if recorded_in is not None else ""
+        raise error(f"{file}: sha256 {got[:12]}... is not the tokenizer {whose} ({recorded}{sha256[:12]}...): {fix}")
+    return data
 
 
 def tokenizer_from_bytes(data: bytes, what: str):

@@ -9,12 +9,11 @@ started before runs recorded it (its config's data.path is then all there is).
 """
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..data.format import DOC_BOUNDARIES, DataError, Manifest
+from ..data.format import DOC_BOUNDARIES, DataError, Manifest, read_tokenizer_copy
 from ..export import SHA256
 from ..fileio import atomic_write_bytes, atomic_write_json, sha256_file
 from .checkpoint import CheckpointError
@@ -35,11 +34,8 @@ class RunTokenizer:
 def data_tokenizer(manifest: Manifest) -> bytes | None:
     """The tokenizer copy of a shard directory (None without one). DataError if it is not the tokenizer its manifest
     names."""
-    data = manifest.tokenizer_path.read_bytes() if manifest.tokenizer_path is not None else None
-    if data is not None and (sha := hashlib.sha256(data).hexdigest()) != manifest.tokenizer_sha256:
-        raise DataError(f"{manifest.tokenizer_path}: sha256 {sha[:12]}... is not the tokenizer {manifest.path} was "
-                        f"built with ({manifest.tokenizer_sha256[:12]}...): put that one back, or remove the copy")
-    return data
+    return read_tokenizer_copy(manifest.tokenizer_path, manifest.tokenizer_sha256, DataError,
+                               f"{manifest.path} was built with", fix="put that one back, or remove the copy")
 
 
 def record(manifest: Manifest, run_dir: Path) -> None:
@@ -71,9 +67,5 @@ def read(run_dir: Path) -> RunTokenizer | None:
     if not (isinstance(sha, str) and SHA256.fullmatch(sha)) or boundary not in DOC_BOUNDARIES:
         raise CheckpointError(f"{file}: needs tokenizer_sha256 (64 lowercase hex digits) and doc_boundary (one of "
                               f"{', '.join(DOC_BOUNDARIES)})")
-    copy = run_dir / COPY_NAME
-    data = copy.read_bytes() if copy.is_file() else None
-    if data is not None and (got := hashlib.sha256(data).hexdigest()) != sha:
-        raise CheckpointError(f"{copy}: sha256 {got[:12]}... is not the tokenizer the run trained with ({file}: "
-                              f"tokenizer_sha256 {sha[:12]}...): put that one back")
+    data = read_tokenizer_copy(run_dir / COPY_NAME, sha, CheckpointError, "the run trained with", recorded_in=file)
     return RunTokenizer(sha, boundary, data)

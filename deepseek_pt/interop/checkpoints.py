@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from ..config import Config
-from ..data.format import open_tokenizer, tokenizer_from_bytes
+from ..data.format import open_tokenizer, read_tokenizer_copy, tokenizer_from_bytes
 from ..export import ExportError, is_export, load_export, read_export_info
 from ..fileio import sha256_file
 from ..model import Transformer
@@ -44,15 +44,10 @@ class Checkpoint:
 
 def _from_export(path: Path, device, dtype) -> Checkpoint:
     info = read_export_info(path)
-    tok = path / "tokenizer.model"
-    data = tok.read_bytes() if tok.is_file() else None
-    sha = info.get("tokenizer_sha256")  # None in exports written before it was recorded: then the stored file's
-    if data is not None:
-        stored = hashlib.sha256(data).hexdigest()
-        if sha is not None and stored != sha:  # checked before the (slow) load
-            raise ExportError(f"{tok}: sha256 {stored[:12]}... is not the tokenizer the model was trained with "
-                              f"({path / 'export.json'}: tokenizer_sha256 {sha[:12]}...): put that one back")
-        sha = stored
+    recorded = info.get("tokenizer_sha256")  # None in exports written before it was recorded: then the stored file's
+    data = read_tokenizer_copy(path / "tokenizer.model", recorded, ExportError, "the model was trained with",
+                               recorded_in=path / "export.json")  # checked before the (slow) load
+    sha = recorded or (hashlib.sha256(data).hexdigest() if data is not None else None)
     model, config = load_export(path, device, dtype)
     return Checkpoint(model, config, data, sha, info.get("doc_boundary"), info.get("step"))
 
