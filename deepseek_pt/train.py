@@ -33,7 +33,7 @@ from .engine.checkpoint import CheckpointError
 from .engine.ds_config import build_ds_config, deepspeed_micro_steps, lr_scheduler
 from .engine.metrics import MetricsLogger, peak_flops, peak_memory_gib
 from .engine.peer_failure import PeerFailureWatch
-from .fileio import describe_os_error, first_line, sha256_file
+from .fileio import describe_os_error, first_line
 from .model import Block, SwiGLU, Transformer, writable
 from .model.counting import meta_model, train_flops_per_token
 
@@ -116,14 +116,13 @@ def preflight(cfg: Config, world_size: int) -> None:
                 f"{available / 2**30:,.1f} GiB of memory available here; {fix}")
     data = check_data(cfg, world_size)
     if cfg.train.init_from:
-        from .export import ExportError, read_export_info
+        from .export import ExportError, read_export_info, trained_tokenizer_sha256
         try:
             info = read_export_info(cfg.train.init_from)
             exported = load_config(Path(cfg.train.init_from) / "config.yaml")
         except (ExportError, ConfigError) as e:
             raise PreflightError(f"train.init_from: {e}") from None
-        stored = Path(cfg.train.init_from) / "tokenizer.model"  # an older export's identity: the copy it stores
-        trained_with = info.get("tokenizer_sha256") or (sha256_file(stored) if stored.is_file() else None)
+        trained_with = trained_tokenizer_sha256(cfg.train.init_from, info)
         if trained_with is not None and trained_with != data.tokenizer_sha256:
             raise PreflightError(
                 f"train.init_from: {cfg.train.init_from} was trained with another tokenizer (sha256 "

@@ -20,7 +20,7 @@ import torch
 
 from ..config import Config
 from ..data.format import open_tokenizer, read_tokenizer_copy, tokenizer_from_bytes
-from ..export import ExportError, is_export, load_export, read_export_info
+from ..export import ExportError, is_export, load_export, read_export_info, trained_tokenizer_sha256
 from ..fileio import sha256_file
 from ..model import Transformer
 from .cli import UsageError
@@ -44,12 +44,11 @@ class Checkpoint:
 
 def _from_export(path: Path, device, dtype) -> Checkpoint:
     info = read_export_info(path)
-    recorded = info.get("tokenizer_sha256")  # None in exports written before it was recorded: then the stored file's
-    data = read_tokenizer_copy(path / "tokenizer.model", recorded, ExportError, "the model was trained with",
-                               recorded_in=path / "export.json")  # checked before the (slow) load
-    sha = recorded or (hashlib.sha256(data).hexdigest() if data is not None else None)
+    data = read_tokenizer_copy(path / "tokenizer.model", info.get("tokenizer_sha256"), ExportError,
+                               "the model was trained with", recorded_in=path / "export.json")  # before the (slow) load
+    trained_with = trained_tokenizer_sha256(path, info)
     model, config = load_export(path, device, dtype)
-    return Checkpoint(model, config, data, sha, info.get("doc_boundary"), info.get("step"))
+    return Checkpoint(model, config, data, trained_with, info.get("doc_boundary"), info.get("step"))
 
 
 ENGINE_EXPORTERS = ("deepseek_pt.engine.export", "deepseek_pt.engine.checkpoint")
