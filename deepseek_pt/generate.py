@@ -170,8 +170,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--seed {args.seed} is outside [-2**63, 2**64)")
 
     def run() -> None:
-        if args.prompt is not None:  # before the (slow) load
-            _utf8_text(args.prompt, "--prompt")
+        prompt = None if args.prompt is None else _utf8_text(args.prompt, "--prompt")  # before the (slow) load
         ckpt = load_checkpoint(args.checkpoint, args.device, DTYPE_CHOICES.get(args.dtype))
         sp = checkpoint_tokenizer(ckpt, args.checkpoint, args.tokenizer)
         if sp.vocab_size() > ckpt.model.config.vocab_size:
@@ -182,9 +181,11 @@ def main(argv: list[str] | None = None) -> int:
         generator.manual_seed(args.seed if args.seed is not None else torch.seed())
         print(cache_report(ckpt.model) if not args.no_cache else "no cache: the prefix is recomputed every step",
               file=sys.stderr)
-        prompts = [("--prompt", args.prompt)] if args.prompt is not None else _read_prompts()
-        at_terminal = args.prompt is None and sys.stdin.isatty()
-        for where, text in prompts:
+        if prompt is not None:
+            _complete(ckpt.model, sp, prompt, "--prompt", args, generator)
+            return
+        at_terminal = sys.stdin.isatty()
+        for where, text in _read_prompts():
             try:
                 _complete(ckpt.model, sp, _utf8_text(text, where), where, args, generator)
             except UsageError as e:
