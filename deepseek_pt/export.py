@@ -20,7 +20,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .config import Config, ConfigError, load_config, save_config
+from .config import Config, ConfigError, ModelConfig, load_config, save_config
 from .fileio import atomic_path, atomic_write_bytes, atomic_write_text, sha256_file
 from .model import Transformer
 from .model.counting import meta_model
@@ -51,6 +51,13 @@ def expected_tensors(model: Transformer) -> dict[str, torch.Tensor]:
             seen.add(id(t))
             out[name] = t
     return out
+
+
+def expected_shapes(m: ModelConfig) -> dict[str, list[int]]:
+    """The name and shape of each tensor a model of `m` stores (expected_tensors), from a model without memory: a
+    checkpoint's config is checked against its weights with this before the model is built, as a corrupt config may
+    describe one too large to allocate."""
+    return {name: list(t.shape) for name, t in expected_tensors(meta_model(m)).items()}
 
 
 def cast_model(model: Transformer, dtype: torch.dtype) -> Transformer:
@@ -152,10 +159,8 @@ def load_export(path: str | Path, device: str | torch.device = "cpu",
         raise ExportError(str(e)) from None
     with safe_open(weights, framework="pt", device=str(device)) as f:
         stored = {name: f.get_slice(name).get_shape() for name in f.keys()}
-        # Against a model without memory first: config.yaml is not checksummed, and a corrupt one may describe
-        # a model too large to allocate.
-        check_tensor_names(stored, {n: list(t.shape) for n, t in expected_tensors(meta_model(config.model)).items()},
-                           weights, path / "config.yaml")
+        # Before the model is built (expected_shapes): config.yaml is not checksummed
+        check_tensor_names(stored, expected_shapes(config.model), weights, path / "config.yaml")
         with torch.device(device):
             model = cast_model(Transformer(config.model), dtype or DTYPES[info["dtype"]])
         expected = expected_tensors(model)

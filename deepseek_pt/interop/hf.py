@@ -26,10 +26,9 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from ..config import Config, ConfigError, ModelConfig, config_from_dict
-from ..export import DTYPES, FP32_TENSORS, cast_model, dtype_name, expected_tensors
+from ..export import DTYPES, FP32_TENSORS, cast_model, dtype_name, expected_shapes, expected_tensors
 from ..fileio import atomic_path, atomic_write_bytes, atomic_write_json
 from ..model import MoE, Transformer
-from ..model.counting import meta_model
 
 MAX_SHARD_BYTES = 5 * 1024**3
 
@@ -315,15 +314,14 @@ def load_hf(path: str | Path, device: str | torch.device = "cpu", dtype: torch.d
         config = full_config(model_dict_from_hf(hf, _mtp_depth(hf, weights, where), where), where=where)
         m, a = config.model, config.model.attention
         dtype = dtype or DTYPES.get(hf.get("dtype") or hf.get("torch_dtype"), torch.float32)
-        # Names and shapes against a model without memory first: a corrupt config.json may describe one too large
-        # to allocate. Dequantizing and the layout changes below keep each tensor's shape.
-        for name, param in expected_tensors(meta_model(m)).items():
+        # Names and shapes before the model is built (expected_shapes). Dequantizing and the layout changes below
+        # keep each tensor's shape.
+        for name, expected in expected_shapes(m).items():
             key = hf_name(name, m.n_layers)
             if key not in weights:
                 raise HFConversionError(f"{path}: tensor {key} is missing (deepseek_pt's {name})")
-            if (shape := weights.shape(key)) != list(param.shape):
-                raise HFConversionError(f"{path}: tensor {key} has shape {shape}, config.json gives "
-                                        f"{list(param.shape)}")
+            if (shape := weights.shape(key)) != expected:
+                raise HFConversionError(f"{path}: tensor {key} has shape {shape}, config.json gives {expected}")
         with torch.device(device):
             model = cast_model(Transformer(m), dtype)
         block = _fp8_block(hf, where)
