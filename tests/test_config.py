@@ -87,8 +87,8 @@ def _write(tmp_path, data) -> Path:
     ({}, ["train.peak_tflops=-1"], "train.peak_tflops: must be positive, got -1.0"),
     ({}, ["parallel.timeout_minutes=1e30"], "parallel.timeout_minutes: must be in (0, 525600] (a year), got 1e+30"),
     ({}, ["parallel.heartbeat_timeout_minutes=0.1"],
-     "parallel.heartbeat_timeout_minutes: must be in [0.5, 525600] (30 s: six of the watch's polls, up to a year), or "
-     "null for none; got 0.1"),
+     ("parallel.heartbeat_timeout_minutes: must be in [0.5, 525600] (30 s: six of the watch's polls, up to a year), "
+      "or null for none; got 0.1")),
     ({"model": {"attention": {"rope": {"scaling": "yarn", "factor": 4, "beta_slow": 0}}}}, [],
      "model.attention.rope.beta_slow: must be positive for yarn, got 0.0"),
     ({"model": {"attention": {"rope": {"scaling": "yarn", "factor": 4, "beta_fast": -1, "beta_slow": -2}}}}, [],
