@@ -33,7 +33,8 @@ from deepseek_pt.data import to_device  # noqa: E402
 from deepseek_pt.engine.ds_config import build_ds_config, lr_scheduler  # noqa: E402
 from deepseek_pt.engine.metrics import peak_flops, peak_memory_gib  # noqa: E402
 from deepseek_pt.model.counting import train_flops_per_token  # noqa: E402
-from deepseek_pt.train import build_engine, exit_process, init_distributed, param_groups, train_step  # noqa: E402
+from deepseek_pt.engine.distributed import init_distributed  # noqa: E402
+from deepseek_pt.train import build_engine, exit_process, param_groups, train_step  # noqa: E402
 
 
 def hf_engine(cfg: Config, world: int):

@@ -26,7 +26,9 @@ from deepspeed.runtime.zero.parameter_offload import DeepSpeedZeRoOffload  # noq
 
 from deepseek_pt.config import load_config  # noqa: E402
 from deepseek_pt.data import PretrainDataset, TrainLoader, to_device  # noqa: E402
-from deepseek_pt.train import build_engine, exit_process, init_distributed, preflight, train_step  # noqa: E402
+from deepseek_pt.engine.distributed import init_distributed  # noqa: E402
+from deepseek_pt.engine.preflight import preflight  # noqa: E402
+from deepseek_pt.train import build_engine, exit_process, train_step  # noqa: E402
 
 HOOKS = ("pre_sub_module_forward_function", "post_sub_module_forward_function",
          "pre_sub_module_backward_function", "post_sub_module_backward_function")

@@ -829,3 +829,16 @@ def validate(cfg: Config, where: Callable[[str], str] = lambda key: "<config>") 
     if cfg.train.exit_after_minutes is not None:
         check(cfg.train.exit_after_minutes > 0, "train.exit_after_minutes",
               f"must be positive, got {cfg.train.exit_after_minutes}")
+
+
+def differences(a, b, prefix: str = "") -> list[tuple[str, object, object]]:
+    """(dotted key, a's value, b's value) of every leaf field where the dataclasses a and b differ."""
+    out = []
+    for f in dataclasses.fields(a):
+        x, y = getattr(a, f.name), getattr(b, f.name)
+        key = f"{prefix}.{f.name}" if prefix else f.name
+        if dataclasses.is_dataclass(x):
+            out += differences(x, y, key)
+        elif x != y:
+            out.append((key, x, y))
+    return out

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import atexit
 import contextlib
-import dataclasses
 import errno
 import math
 import os
@@ -19,28 +18,24 @@ import socket
 import sys
 import time
 from collections.abc import Callable, Iterator
-from datetime import timedelta
 from pathlib import Path
 from typing import NoReturn
 
 import torch
 import torch.distributed as dist
 
-from .config import Config, ConfigError, ModelConfig, load_config, model_from_dict, save_config, uses_autoep
-from .data.format import DataError, Manifest
+from .config import Config, ConfigError, load_config, save_config, uses_autoep
+from .data.format import DataError
 from .engine import balance, checkpoint, run_tokenizer
 from .engine.checkpoint import CheckpointError
+from .engine.distributed import agree, check_same_config, init_distributed, mean_over_ranks
 from .engine.ds_config import build_ds_config, deepspeed_micro_steps, lr_scheduler
 from .engine.metrics import MetricsLogger, peak_flops, peak_memory_gib
 from .engine.peer_failure import PeerFailureWatch
-from .fileio import describe_os_error, first_line
+from .engine.preflight import PreflightError, preflight, resume_settings
+from .fileio import describe_os_error
 from .model import Block, SwiGLU, Transformer, writable
-from .model.counting import meta_model, train_flops_per_token
-
-
-class PreflightError(ValueError):
-    """Bad input found before any process group or run directory is touched."""
-
+from .model.counting import train_flops_per_token
 
 WRITE_REFUSED = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EACCES, errno.EROFS)
 """A full disk, quota or file-size limit, no permission, a read-only filesystem: where run.dir cannot be written
@@ -60,235 +55,6 @@ def parse_args(argv):
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=100")
     return parser.parse_intermixed_args(argv)  # options after overrides too: `... a=1 --check-only b=2`
-
-
-def host_memory_available() -> int | None:
-    """Bytes of memory the kernel says new allocations can take on this node (MemAvailable), None if unknown."""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
-
-
-def preflight(cfg: Config, world_size: int) -> None:
-    """Everything that can be refused before starting: names the key or path at fault."""
-    has_moe = cfg.model.moe.n_dense_layers < cfg.model.n_layers
-    ep = cfg.parallel.expert_parallel_size
-    if has_moe and world_size % ep:
-        raise PreflightError(f"parallel.expert_parallel_size: {ep} does not divide the world size ({world_size} processes)")
-    if has_moe:  # AutoEP's torch._grouped_mm (CPU and GPU) takes only operands whose rows are 16-byte aligned; here,
-        # not in validate: generation and conversion run the model's own MoE, which takes any width
-        align = 16 // (4 if cfg.precision == "fp32" else 2)
-        for key, v in (("model.dim", cfg.model.dim), ("model.moe.expert_inter_dim", cfg.model.moe.expert_inter_dim)):
-            if v % align:
-                raise PreflightError(f"{key}: {v} is not a multiple of {align}, which the routed experts' grouped GEMMs "
-                                     f"need at precision {cfg.precision} (rows of a multiple of 16 bytes)")
-    if cfg.precision == "fp8":
-        from .engine.fp8 import BLOCK, blockwise_gemms_unavailable, expert_gemms_unavailable, fp8_unavailable
-        if why := fp8_unavailable(cfg.fp8.recipe):
-            raise PreflightError(f"precision: fp8 with fp8.recipe={cfg.fp8.recipe} {why}: use precision=bf16 or "
-                                 "fp32, or fp8.recipe=blockwise (emulated)")
-        for key, on, gemms in (("fp8.experts", cfg.fp8.experts, "FP8 grouped GEMMs"),
-                               ("fp8.shared_experts", cfg.fp8.shared_experts, "FP8 grouped GEMMs"),
-                               ("fp8.attention", cfg.fp8.attention, "rowwise FP8 GEMMs"),
-                               ("fp8.dense_mlp", cfg.fp8.dense_mlp, "rowwise FP8 GEMMs")):
-            if on and torch.cuda.is_available() and (why := expert_gemms_unavailable()):
-                raise PreflightError(f"{key}: {gemms} {why}: set {key}=false (only a CPU emulates them)")
-        tokens = cfg.data.seq_len * cfg.train.micro_batch_size
-        if cfg.fp8.recipe == "blockwise" and tokens % BLOCK and not blockwise_gemms_unavailable():
-            raise PreflightError(
-                f"data.seq_len x train.micro_batch_size: {cfg.data.seq_len} x {cfg.train.micro_batch_size} = {tokens} "
-                f"tokens per micro-step; fp8.recipe=blockwise's FP8 GEMMs scale the weight gradient in tiles of "
-                f"{BLOCK} tokens, so it must be a multiple of {BLOCK}")
-    if not cfg.parallel.zero_init:  # each process builds the whole model in fp32 before DeepSpeed partitions it
-        n_params = sum(p.numel() for p in meta_model(cfg.model).parameters())
-        procs = int(os.environ.get("LOCAL_SIZE") or os.environ.get("LOCAL_WORLD_SIZE") or world_size)
-        need, available = 4 * n_params * procs, host_memory_available()
-        if available is not None and need > available:
-            fix = ("set parallel.zero_init=true (the model is then built partitioned)" if cfg.parallel.zero_stage == 3
-                   else "use parallel.zero_stage=3 with parallel.zero_init=true")
-            raise PreflightError(
-                f"parallel.zero_init: false builds the whole model in fp32 in each of this node's {procs} processes: "
-                f"{need / 2**30:,.1f} GiB ({n_params:,} parameters x 4 bytes x {procs}), more than the "
-                f"{available / 2**30:,.1f} GiB of memory available here; {fix}")
-    data = check_data(cfg, world_size)
-    if cfg.train.init_from:
-        from .export import ExportError, read_export_info, trained_tokenizer_sha256
-        try:
-            info = read_export_info(cfg.train.init_from)
-            exported = load_config(Path(cfg.train.init_from) / "config.yaml")
-        except (ExportError, ConfigError) as e:
-            raise PreflightError(f"train.init_from: {e}") from None
-        trained_with = trained_tokenizer_sha256(cfg.train.init_from, info)
-        if trained_with is not None and trained_with != data.tokenizer_sha256:
-            raise PreflightError(
-                f"train.init_from: {cfg.train.init_from} was trained with another tokenizer (sha256 "
-                f"{trained_with[:12]}...) than {cfg.data.source_key(0)} {data.path} was tokenized with (sha256 "
-                f"{data.tokenizer_sha256[:12]}...): its embeddings would read ids that name other pieces; train on "
-                "data of its tokenizer")
-        if differ := _differences(exported.model, cfg.model, "model"):  # named: a model section has dozens of keys
-            raise PreflightError(f"train.init_from: the model section of {cfg.train.init_from}/config.yaml differs "
-                                 "from this config's: " + "; ".join(f"{key}: {here!r} here, {theirs!r} in the export"
-                                                                    for key, theirs, here in differ)
-                                 + "; train with that model section")
-    run_dir = Path(cfg.run.dir)  # train() creates it and writes config.yaml there first thing
-    made = next(p for p in (run_dir, *run_dir.absolute().parents) if p.exists())
-    if not made.is_dir():
-        raise PreflightError(f"run.dir: {run_dir}: {made} is not a directory")
-    if not os.access(made, os.W_OK | os.X_OK):
-        raise PreflightError(f"run.dir: {run_dir}: {made} is not writable")
-    try:
-        resume_dir = checkpoint.resolve(cfg.train.resume, run_dir)
-    except CheckpointError as e:
-        raise PreflightError(str(e)) from None
-    root = checkpoint.checkpoints_dir(run_dir)
-    if resume_dir is not None:
-        try:
-            meta = checkpoint.read_meta(resume_dir)
-        except CheckpointError as e:
-            raise PreflightError(str(e)) from None
-        if why := resume_mismatch(meta, cfg, str(resume_dir / "meta.json")):
-            raise PreflightError(f"train.resume: this config cannot resume {resume_dir}: {why}. Resume with the "
-                                 "checkpoint's settings, or start a new run from its weights (python -m "
-                                 "deepseek_pt.engine.export, then train.init_from)")
-        if meta["step"] > cfg.train.max_steps:  # equal is a finished run started again: it exits 0 without a step
-            # Past it, the run trained nothing and said "train.max_steps reached": an extension mistyped looked done.
-            raise PreflightError(f"train.max_steps: {cfg.train.max_steps} is below the step of the checkpoint it "
-                                 f"resumes ({meta['step']}, {resume_dir}): nothing to train; raise it to go on")
-    complete = checkpoint.complete_checkpoints(root)
-    found = complete if cfg.train.checkpoints else []
-    if resume_dir is None and found:
-        # A fresh run's saves would replace those of the same steps and be pruned in favour of higher ones.
-        raise PreflightError(f"train.resume: {cfg.train.resume} starts from step 0, but {root} holds complete "
-                             f"checkpoints (newest {found[-1].name}) that this run's saves would overwrite "
-                             "or prune: use another run.dir, give train.resume a checkpoint's path, or remove them")
-    if resume_dir is not None and found and resume_dir.parent.resolve() == root.resolve() \
-            and found[-1].name > resume_dir.name:
-        # A rollback in place: `latest` would name the abandoned later history until this run's saves replace it
-        # step by step (a crash before then resumes that history), and each save deletes its namesake first.
-        raise PreflightError(f"train.resume: {resume_dir.name} is older than {found[-1].name} in the same "
-                             f"run.dir ({root}): resume it into another run.dir (run.dir=NEW "
-                             f"train.resume={resume_dir}), or remove the later checkpoints")
-    # Each start records the data's tokenizer in run.dir (engine/run_tokenizer.py): that must stay true of the
-    # checkpoints it goes with, those resumed and those already there.
-    trained = {resume_dir.parent.parent} if resume_dir is not None else set()
-    if complete:
-        trained.add(run_dir)
-    for where in trained:
-        try:
-            recorded = run_tokenizer.read(where)
-        except CheckpointError as e:
-            raise PreflightError(str(e)) from None
-        if recorded is not None and recorded.sha256 != data.tokenizer_sha256:
-            raise PreflightError(
-                f"{cfg.data.source_key(0)}: {data.path} was tokenized with another tokenizer (sha256 "
-                f"{data.tokenizer_sha256[:12]}...) than the checkpoints in {where} were trained with "
-                f"({where / run_tokenizer.RECORD_NAME}: sha256 {recorded.sha256[:12]}...): its ids would name other "
-                "pieces; train on data of that tokenizer, or in another run.dir")
-
-
-def check_data(cfg: Config, world_size: int) -> Manifest:
-    """Every source of training data opens, fits the model's vocabulary, shares one tokenizer, and holds a training
-    sample and (when evaluating) an evaluation batch: found here, not at the first evaluation hours in. Returns the
-    first source's manifest."""
-    from .data import open_manifest
-
-    sources = cfg.data.sources()
-    if not sources:
-        raise PreflightError("data.path: required to train: a shard directory (or the sources of data.blend)")
-    first = None
-    for j, source in enumerate(sources):
-        key = cfg.data.source_key(j)
-        try:
-            manifest = open_manifest(source.path)
-            if j == 0:  # the copy each start keeps in run.dir (a blend's sources share its tokenizer: below)
-                run_tokenizer.data_tokenizer(manifest)
-        except DataError as e:
-            raise PreflightError(f"{key}: {e}") from None
-        if manifest.vocab_size > cfg.model.vocab_size:
-            raise PreflightError(f"model.vocab_size: {cfg.model.vocab_size} is smaller than the tokenizer's vocabulary "
-                                 f"({manifest.vocab_size}, from {manifest.path})")
-        if first is None:
-            first = manifest
-        elif manifest.tokenizer_sha256 != first.tokenizer_sha256:
-            raise PreflightError(f"{key}: {manifest.path} was tokenized with another tokenizer (sha256 "
-                                 f"{manifest.tokenizer_sha256[:12]}) than {first.path} ({first.tokenizer_sha256[:12]}): "
-                                 "a blend's sources must share one")
-        eval_batch = cfg.train.micro_batch_size * world_size
-        for split_key, split, need in (("data.train_split", cfg.data.train_split, 1),
-                                       ("data.val_split", cfg.data.val_split, eval_batch if cfg.train.eval_every else 0)):
-            if not need:
-                continue
-            if split not in manifest.splits or not manifest.shards(split):
-                raise PreflightError(f"{split_key}: split {split!r} not in {manifest.path} (has: {sorted(manifest.splits)})")
-            samples = max(manifest.num_tokens(split) - 1, 0) // cfg.data.seq_len
-            if samples < need:
-                what = "one sample" if need == 1 else (f"one evaluation batch (train.micro_batch_size x {world_size} "
-                                                       f"processes = {need} samples)")
-                raise PreflightError(f"{split_key}: split {split!r} of {manifest.path} holds {samples} samples of "
-                                     f"data.seq_len + 1 = {cfg.data.seq_len + 1} tokens, fewer than {what}")
-    return first
-
-
-def resume_settings(cfg: Config) -> dict:
-    """What a checkpoint records of its run for resume_mismatch (meta.json's `settings`)."""
-    return {"model": dataclasses.asdict(cfg.model), "zero_stage": cfg.parallel.zero_stage,
-            "bf16": cfg.precision != "fp32", "autoep": uses_autoep(cfg)}
-
-
-def _saved_with_autoep(saved: dict) -> bool:
-    """Whether a checkpoint's routed experts are in AutoEP's layout. Checkpoints from before `settings` recorded it
-    went through AutoEP unless the model had no MoE layer, or a sequence-wise balance loss (our own block then)."""
-    if "autoep" in saved:
-        return saved["autoep"]
-    moe = saved["model"]["moe"]
-    return moe["n_dense_layers"] < saved["model"]["n_layers"] and not moe.get("seq_aux_loss_alpha")
-
-
-def _differences(a, b, prefix: str = "") -> list[tuple[str, object, object]]:
-    """(dotted key, a's value, b's value) of every leaf field where the dataclasses a and b differ."""
-    out = []
-    for f in dataclasses.fields(a):
-        x, y = getattr(a, f.name), getattr(b, f.name)
-        key = f"{prefix}.{f.name}" if prefix else f.name
-        if dataclasses.is_dataclass(x):
-            out += _differences(x, y, key)
-        elif x != y:
-            out.append((key, x, y))
-    return out
-
-
-def resume_mismatch(meta: dict, cfg: Config, where: str) -> str | None:
-    """Why this config cannot load the checkpoint of `meta` (DeepSpeed fails deep inside its load instead), or None.
-    Checkpoints older than meta.json's `settings` are not checked."""
-    saved = meta.get("settings")
-    if not saved:
-        return None
-    if saved["zero_stage"] != cfg.parallel.zero_stage:
-        return (f"parallel.zero_stage: {cfg.parallel.zero_stage} here, {saved['zero_stage']} in the checkpoint "
-                "(its partitions are laid out for that stage)")
-    if saved["bf16"] != (cfg.precision != "fp32"):
-        return (f"precision: {cfg.precision} here, {'bf16 or fp8' if saved['bf16'] else 'fp32'} in the checkpoint "
-                "(DeepSpeed keeps other optimizer files for bf16 training)")
-    try:
-        model: ModelConfig = model_from_dict(saved["model"], where)
-    except ConfigError as e:
-        return f"its model section does not load ({e})"
-    def shapes(m: ModelConfig) -> dict[str, tuple]:
-        return {n: tuple(p.shape) for n, p in meta_model(m).named_parameters()}
-
-    if shapes(model) != shapes(cfg.model):  # keys that shape no parameter (rope, routing, init) may change
-        differ = _differences(model, cfg.model, "model")
-        return "the model's parameter shapes differ: " + "; ".join(
-            f"{key}: {here!r} here, {saved!r} in the checkpoint" for key, saved, here in differ)
-    if _saved_with_autoep(saved) != uses_autoep(cfg):
-        return ("its routed experts are in deepseek_pt's own MoE block's layout (saved by a version that trained a "
-                "model with model.moe.seq_aux_loss_alpha outside DeepSpeed AutoEP), which this version trains "
-                "in AutoEP")
-    return None
 
 
 def wandb_run_to_resume(wandb_id: str | None, resume_dir: Path, run_dir: Path, say: bool) -> str | None:
@@ -370,20 +136,6 @@ def verify_checksums(cfg: Config, device) -> None:
         raise DataError(problem or "data.verify_checksums: a shard failed its check in another process (named there)")
 
 
-def agree(flags: list[bool], device) -> list[bool]:
-    """Each flag true on every rank if it is true on any (ranks see signals and clocks at different moments)."""
-    t = torch.tensor([1.0 if flag else 0.0 for flag in flags], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return [bool(v) for v in t.tolist()]
-
-
-def mean_over_ranks(values: dict[str, torch.Tensor]) -> dict[str, float]:
-    """The mean over the ranks of each named scalar, in float64: one all-reduce and one host sync for all."""
-    t = torch.stack([v.detach().double().reshape(()) for v in values.values()])
-    dist.all_reduce(t)
-    return dict(zip(values, (t / dist.get_world_size()).tolist(), strict=True))
-
-
 def evaluate(engine, cfg: Config, rank: int, world: int, device) -> dict[str, float]:
     """eval_loss over data.val_split; for a blend, each source's (eval_loss/NAME) and their weighted mean."""
     from .data import to_device, val_batches
@@ -409,92 +161,6 @@ def evaluate(engine, cfg: Config, rank: int, world: int, device) -> dict[str, fl
     weights = [s.weight for s in sources]
     mean = sum(w * loss for w, loss in zip(weights, losses, strict=True)) / sum(weights)
     return {"eval_loss": mean, **{f"eval_loss/{s.label}": loss for s, loss in zip(sources, losses, strict=True)}}
-
-
-def _skip_cpu_shm_allreduce() -> None:
-    """A CPU process group makes DeepSpeed JIT-build its shared-memory all-reduce (meant for tensor-parallel
-    inference) and give every rank a 69 MB /dev/shm segment that is never unlinked: runs leak them until /dev/shm
-    is full, and where /dev/shm is small (64 MB in a default container) the ranks block at start. Training never
-    uses that op, so it is marked incompatible, which DeepSpeed reads as "skip it"."""
-    import deepspeed.ops
-
-    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-
-
-RENDEZVOUS_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-
-
-def rendezvous_env() -> str | None:
-    """Started without a launcher (no variable of RENDEZVOUS_ENV set): one process, with a rendezvous of its own on
-    this host, where DeepSpeed would look for MPI (a traceback without mpi4py); returns a line saying so. With some
-    of them set but not all, or by SLURM's srun with several tasks and none set, refuses, naming what is missing."""
-    given = [k for k in RENDEZVOUS_ENV if k in os.environ]
-    if given:
-        missing = [k for k in RENDEZVOUS_ENV if k not in os.environ]
-        if missing:
-            raise PreflightError(f"the environment sets {', '.join(given)} but not {', '.join(missing)}: start the "
-                                 "ranks with a launcher (launch/train.sh, deepspeed, torchrun), or set none of them "
-                                 "to run one process")
-        return None
-    if any(k in os.environ for k in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK")):
-        return None  # an MPI launch: DeepSpeed's own discovery (mpi4py) sets them
-    if int(os.environ.get("SLURM_NTASKS", "1")) > 1:
-        raise PreflightError(f"SLURM started {os.environ['SLURM_NTASKS']} tasks without {', '.join(RENDEZVOUS_ENV)}: "
-                             "submit launch/slurm.sbatch (one deepspeed launcher per node), not srun python")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    return f"one process (no launcher's {', '.join(RENDEZVOUS_ENV)} in the environment): rendezvous on 127.0.0.1:{port}"
-
-
-def init_distributed(cfg: Config) -> tuple[int, int, torch.device]:
-    import deepspeed
-
-    # Here, not in preflight: --check-only may run on a launch host without the ranks' GPUs (launch/hostfile.sh).
-    if cfg.parallel.backend == "nccl" and not (torch.cuda.is_available() and dist.is_nccl_available()):
-        raise PreflightError("parallel.backend: nccl needs CUDA GPUs and a torch built with NCCL, and "
-                             f"{'this torch has no NCCL' if torch.cuda.is_available() else 'no GPU is visible here'}: "
-                             "use parallel.backend=auto (gloo on CPU) or gloo")
-    if alone := rendezvous_env():
-        print(alone, flush=True)
-
-    backend = cfg.parallel.backend if cfg.parallel.backend != "auto" else ("nccl" if torch.cuda.is_available() else "gloo")
-    if backend == "gloo":
-        _skip_cpu_shm_allreduce()
-    timeout = cfg.parallel.timeout_minutes
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    where = f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}"
-    waited = f"{timeout:g} minutes, parallel.timeout_minutes" if timeout else "DeepSpeed's default timeout"
-    if world > 1 and int(os.environ.get("LOCAL_RANK", "0")) == 0:
-        print(f"rendezvous: waiting for {world} processes at {where} (at most {waited})", flush=True)
-    try:
-        deepspeed.init_distributed(dist_backend=backend, **({"timeout": timedelta(minutes=timeout)} if timeout else {}))
-    except dist.DistError as e:  # DistStoreError (timed out), DistNetworkError (the store's host left first)
-        reason = first_line(str(e), type(e).__name__)
-        raise PreflightError(f"rendezvous at {where} failed (at most {waited}): not every one of the {world} "
-                             f"processes joined ({reason}). Start node.sh on every node, each with its own NODE_RANK and "
-                             "the same NNODES, NPROC_PER_NODE, MASTER_ADDR and MASTER_PORT") from None
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else torch.device("cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    return dist.get_rank(), dist.get_world_size(), device
-
-
-def check_same_config(cfg: Config, world: int) -> None:
-    """Refuse, on every rank, a job whose ranks resolved different configurations (node.sh run with another CONFIG or
-    other overrides on some node): a different model fails deep inside a collective, a different train.max_steps
-    hangs at the next one, and a different train.lr or seed trains on silently."""
-    if world == 1:
-        return
-    everyone: list = [None] * world
-    dist.all_gather_object(everyone, cfg)
-    for r, other in enumerate(everyone[1:], start=1):
-        if differ := _differences(everyone[0], other):
-            shown = "; ".join(f"{k}: {x!r} on rank 0, {y!r} on rank {r}" for k, x, y in differ[:5])
-            more = f" (and {len(differ) - 5} more)" if len(differ) > 5 else ""
-            raise PreflightError(f"the ranks were started with different configurations: {shown}{more}. Every node "
-                                 "must get the same CONFIG and overrides")
 
 
 def build_engine(cfg: Config, world: int, init_from: str | None = None, load_universal: bool = False):

@@ -16,12 +16,12 @@ ASSETS = Path(__file__).resolve().parent / "assets"
 def test_shipped_configs_load_and_pass_preflight(name, tmp_path, monkeypatch):
     """Each shipped config loads, and the launch checks accept it at a world size its expert parallelism fits: only
     its data (the committed test shards, short sequences) and run directory replaced, host memory not counted."""
-    from deepseek_pt import train
+    import deepseek_pt.engine.preflight as preflight_checks
 
     cfg = load_config(CONFIGS / name, [f"data.path={ASSETS / 'smoke_shards'}", "data.seq_len=32",
                                        "train.eval_every=0", f"run.dir={tmp_path / 'run'}"])
-    monkeypatch.setattr(train, "host_memory_available", lambda: None)
-    train.preflight(cfg, world_size=cfg.parallel.expert_parallel_size)
+    monkeypatch.setattr(preflight_checks, "host_memory_available", lambda: None)
+    preflight_checks.preflight(cfg, world_size=cfg.parallel.expert_parallel_size)
 
 
 def _write(tmp_path, data) -> Path:
@@ -218,14 +218,15 @@ def test_params_cli_reports_bad_config(tmp_path, capsys):
 def test_nccl_without_a_gpu_is_refused_before_the_rendezvous(monkeypatch):
     """parallel.backend=nccl on a CPU machine was accepted, then DeepSpeed's init_distributed raised 'Distributed
     package doesn't have NCCL built in' (a traceback) after building its CPU collectives."""
-    from deepseek_pt import train
+    from deepseek_pt.engine import distributed
 
     cfg = load_config(CONFIGS / "smoke.yaml", ["parallel.backend=nccl"])
-    monkeypatch.setattr(train.torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr(train, "rendezvous_env", lambda: pytest.fail("reached the rendezvous"))
-    with pytest.raises(train.PreflightError, match=r"^parallel.backend: nccl needs CUDA GPUs and a torch built with "
-                                                   r"NCCL, and no GPU is visible here: use parallel.backend=auto"):
-        train.init_distributed(cfg)
+    monkeypatch.setattr(distributed.torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(distributed, "rendezvous_env", lambda: pytest.fail("reached the rendezvous"))
+    with pytest.raises(distributed.PreflightError, match=r"^parallel.backend: nccl needs CUDA GPUs and a torch "
+                                                         r"built with NCCL, and no GPU is visible here: use "
+                                                         r"parallel.backend=auto"):
+        distributed.init_distributed(cfg)
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -236,12 +237,13 @@ def test_nccl_without_a_gpu_is_refused_before_the_rendezvous(monkeypatch):
 def test_preflight_refuses_expert_widths_grouped_gemms_cannot_take(tmp_path, monkeypatch, overrides, message):
     """Accepted, these were a 'strides should be multiple of 16 bytes' traceback from torch._grouped_mm in the first
     forward. The model alone (generation, conversion: our own MoE) takes them, so load_config does."""
-    from deepseek_pt import train
+    import deepseek_pt.engine.preflight as preflight_checks
 
     cfg = load_config(CONFIGS / "smoke.yaml", [f"data.path={ASSETS / 'smoke_shards'}", f"run.dir={tmp_path / 'run'}",
                                                *overrides])
-    monkeypatch.setattr(train, "host_memory_available", lambda: None)
-    with pytest.raises(train.PreflightError, match=f"^{re.escape(message)}"):
-        train.preflight(cfg, world_size=2)
-    train.preflight(load_config(CONFIGS / "smoke.yaml", [f"data.path={ASSETS / 'smoke_shards'}", f"run.dir={tmp_path}",
-                                                         *overrides, "model.moe.n_dense_layers=2"]), world_size=2)
+    monkeypatch.setattr(preflight_checks, "host_memory_available", lambda: None)
+    with pytest.raises(preflight_checks.PreflightError, match=f"^{re.escape(message)}"):
+        preflight_checks.preflight(cfg, world_size=2)
+    preflight_checks.preflight(load_config(CONFIGS / "smoke.yaml", [f"data.path={ASSETS / 'smoke_shards'}",
+                                                                    f"run.dir={tmp_path}", *overrides,
+                                                                    "model.moe.n_dense_layers=2"]), world_size=2)

@@ -211,7 +211,7 @@ def test_blockwise_as_real_gemms_takes_the_linears_a_block_divides(monkeypatch):
 
 def assert_preflight_refuses(tmp_path, overrides: list[str], match: str) -> None:
     """Preflight, for 2 processes on this (possibly faked) machine, refuses the smoke config with these overrides."""
-    from deepseek_pt.train import PreflightError, preflight
+    from deepseek_pt.engine.preflight import PreflightError, preflight
 
     cfg = load_config(CONFIGS / "smoke.yaml", [*overrides, f"data.path={tmp_path}"])
     with pytest.raises(PreflightError, match=match):

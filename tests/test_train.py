@@ -632,34 +632,34 @@ def test_options_may_follow_overrides():
 
 
 def test_a_process_started_alone_gets_a_rendezvous_of_its_own(monkeypatch):
-    from deepseek_pt import train as train_module
+    from deepseek_pt.engine import distributed
 
-    for key in (*train_module.RENDEZVOUS_ENV, "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "SLURM_NTASKS"):
+    for key in (*distributed.RENDEZVOUS_ENV, "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "SLURM_NTASKS"):
         monkeypatch.delenv(key, raising=False)
-    said = train_module.rendezvous_env()
+    said = distributed.rendezvous_env()
     assert said.startswith("one process (no launcher's RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT")
     assert {k: os.environ[k] for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR")} == {
         "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}
     assert said.endswith(f"127.0.0.1:{os.environ['MASTER_PORT']}")
-    assert train_module.rendezvous_env() is None  # a launcher's whole set (here, the one just made) is left alone
+    assert distributed.rendezvous_env() is None  # a launcher's whole set (here, the one just made) is left alone
     monkeypatch.delenv("MASTER_PORT")
-    with pytest.raises(train_module.PreflightError, match="the environment sets RANK, LOCAL_RANK, WORLD_SIZE, "
+    with pytest.raises(distributed.PreflightError, match="the environment sets RANK, LOCAL_RANK, WORLD_SIZE, "
                                                           "MASTER_ADDR but not MASTER_PORT: start the ranks"):
-        train_module.rendezvous_env()
-    for key in train_module.RENDEZVOUS_ENV:
+        distributed.rendezvous_env()
+    for key in distributed.RENDEZVOUS_ENV:
         monkeypatch.delenv(key, raising=False)
     monkeypatch.setenv("SLURM_NTASKS", "8")  # srun python: 8 lone processes would each train the whole run
-    with pytest.raises(train_module.PreflightError, match="SLURM started 8 tasks without RANK, .*launch/slurm.sbatch"):
-        train_module.rendezvous_env()
+    with pytest.raises(distributed.PreflightError, match="SLURM started 8 tasks without RANK, .*launch/slurm.sbatch"):
+        distributed.rendezvous_env()
     monkeypatch.setenv("OMPI_COMM_WORLD_SIZE", "8")  # mpirun: DeepSpeed's MPI discovery sets them
-    assert train_module.rendezvous_env() is None and "RANK" not in os.environ
+    assert distributed.rendezvous_env() is None and "RANK" not in os.environ
 
 
 @pytest.mark.slow
 def test_one_process_without_a_launcher_trains_like_two_ranks(tmp_path, baseline, data):
     """`python -m deepseek_pt.train` alone (DeepSpeed would look for MPI): a rendezvous of its own, and the baseline's
     global batch in one rank gives the baseline's losses."""
-    from deepseek_pt.train import RENDEZVOUS_ENV
+    from deepseek_pt.engine.distributed import RENDEZVOUS_ENV
 
     env = {k: v for k, v in job_env().items() if k not in RENDEZVOUS_ENV}
     proc = run_job([sys.executable, "-m", "deepseek_pt.train", "--config", SMOKE, f"data.path={data}",
@@ -830,14 +830,14 @@ def test_a_run_on_data_of_another_tokenizer_than_its_checkpoints_is_refused(tmp_
 def test_a_shard_directorys_wrong_tokenizer_is_refused_before_the_start(tmp_path, data):
     """--check-only passed, and the run stopped only after writing run.dir's config.yaml, on a tokenizer.model that
     is not the one the manifest names (the copy every start keeps in run.dir)."""
-    import deepseek_pt.train as train_module
+    import deepseek_pt.engine.preflight as preflight_checks
     from deepseek_pt.config import load_config
 
     shards = shutil.copytree(data, tmp_path / "shards")
     (shards / "tokenizer.model").write_bytes(b"another tokenizer")
-    with pytest.raises(train_module.PreflightError, match=rf"^data.path: {shards / 'tokenizer.model'}: sha256 "
+    with pytest.raises(preflight_checks.PreflightError, match=rf"^data.path: {shards / 'tokenizer.model'}: sha256 "
                                                           r"[0-9a-f]{12}\.\.\. is not the tokenizer "):
-        train_module.preflight(load_config(SMOKE, [f"data.path={shards}", f"run.dir={tmp_path / 'run'}"]), 2)
+        preflight_checks.preflight(load_config(SMOKE, [f"data.path={shards}", f"run.dir={tmp_path / 'run'}"]), 2)
     assert not (tmp_path / "run").exists()
 
 
@@ -872,7 +872,7 @@ def test_a_checkpoint_this_config_cannot_load_is_refused_before_start(tmp_path, 
     assertion, a missing bf16_* file), after config.yaml had been overwritten; meta.json now records them."""
     import torch.distributed as dist
 
-    import deepseek_pt.train as train_module
+    import deepseek_pt.engine.preflight as preflight_checks
     from deepseek_pt.config import load_config
     from deepseek_pt.engine import checkpoint
 
@@ -885,7 +885,8 @@ def test_a_checkpoint_this_config_cannot_load_is_refused_before_start(tmp_path, 
     config = lambda *overrides: load_config(SMOKE, [f"data.path={data}", f"run.dir={run}", *overrides])  # noqa: E731
     dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
     try:
-        checkpoint.save(Engine(), run, 4, {}, ep_size=2, keep_last=3, settings=train_module.resume_settings(config()))
+        checkpoint.save(Engine(), run, 4, {}, ep_size=2, keep_last=3,
+                        settings=preflight_checks.resume_settings(config()))
     finally:
         dist.destroy_process_group()
     for overrides, why in [
@@ -896,36 +897,37 @@ def test_a_checkpoint_this_config_cannot_load_is_refused_before_start(tmp_path, 
         (["parallel.zero_stage=2"], "parallel.zero_stage: 2 here, 3 in the checkpoint"),
         (["precision=bf16"], "precision: bf16 here, fp32 in the checkpoint"),
     ]:
-        with pytest.raises(train_module.PreflightError) as refused:
-            train_module.preflight(config(*overrides), 2)
+        with pytest.raises(preflight_checks.PreflightError) as refused:
+            preflight_checks.preflight(config(*overrides), 2)
         assert str(refused.value).startswith(f"train.resume: this config cannot resume {run}/checkpoints/step_00000004: "
                                              f"{why}"), refused.value
-    train_module.preflight(config("model.moe.top_k=3", "model.attention.rope.theta=50000"), 2)  # no shape changes
+    preflight_checks.preflight(config("model.moe.top_k=3", "model.attention.rope.theta=50000"), 2)  # no shape changes
 
 
 def test_a_checkpoint_in_our_own_moe_blocks_layout_is_refused(data):
     """Before AutoEP's layers computed the sequence-wise balance loss, a model with one trained in our own MoE block
     and saved its experts in that layout, which AutoEP's load cannot read: such a checkpoint (its settings without
     the `autoep` key) is refused; one of a model without that loss went through AutoEP then too."""
-    import deepseek_pt.train as train_module
+    import deepseek_pt.engine.preflight as preflight_checks
     from deepseek_pt.config import load_config
 
     def old_meta(cfg):
-        settings = train_module.resume_settings(cfg)
+        settings = preflight_checks.resume_settings(cfg)
         del settings["autoep"]
         return {"settings": settings}
 
     with_loss = load_config(SMOKE, [f"data.path={data}", "model.moe.seq_aux_loss_alpha=0.01"])
-    why = train_module.resume_mismatch(old_meta(with_loss), with_loss, "meta.json")
+    why = preflight_checks.resume_mismatch(old_meta(with_loss), with_loss, "meta.json")
     assert why is not None and why.startswith("its routed experts are in deepseek_pt's own MoE block's layout"), why
-    assert train_module.resume_mismatch({"settings": train_module.resume_settings(with_loss)}, with_loss, "") is None
+    current = {"settings": preflight_checks.resume_settings(with_loss)}
+    assert preflight_checks.resume_mismatch(current, with_loss, "") is None
     without = load_config(SMOKE, [f"data.path={data}"])
-    assert train_module.resume_mismatch(old_meta(without), without, "meta.json") is None
+    assert preflight_checks.resume_mismatch(old_meta(without), without, "meta.json") is None
 
 
 @pytest.mark.slow
 def test_a_resume_on_other_data_is_named(tmp_path, data):
-    from deepseek_pt.train import RENDEZVOUS_ENV
+    from deepseek_pt.engine.distributed import RENDEZVOUS_ENV
 
     alone = {k: v for k, v in job_env().items() if k not in RENDEZVOUS_ENV}  # one process, no launcher
     cmd = [sys.executable, "-m", "deepseek_pt.train", "--config", SMOKE, f"data.path={data}", f"run.dir={tmp_path}",
@@ -1322,15 +1324,15 @@ def test_bf16_engine_keeps_rope_frequencies_and_balance_bias_in_fp32(zero_init):
 
 
 def test_a_partitioned_build_needs_no_whole_model_in_host_memory(monkeypatch, data):
-    import deepseek_pt.train as train_module
+    import deepseek_pt.engine.preflight as preflight_checks
     from deepseek_pt.config import load_config
 
     cfg = load_config(SMOKE, [f"data.path={data}"])
-    monkeypatch.setattr(train_module, "host_memory_available", lambda: 1024)  # no whole model fits in 1 KiB
-    with pytest.raises(train_module.PreflightError, match="parallel.zero_init: false builds the whole model"):
-        train_module.preflight(cfg, 2)
+    monkeypatch.setattr(preflight_checks, "host_memory_available", lambda: 1024)  # no whole model fits in 1 KiB
+    with pytest.raises(preflight_checks.PreflightError, match="parallel.zero_init: false builds the whole model"):
+        preflight_checks.preflight(cfg, 2)
     cfg.parallel.zero_init = True
-    train_module.preflight(cfg, 2)
+    preflight_checks.preflight(cfg, 2)
 
 
 @pytest.mark.parametrize("victim", ["latest", "meta.json"])
@@ -1361,7 +1363,8 @@ def test_a_second_run_in_a_run_dir_in_use_is_refused(tmp_path, data):
     """Two runs started on one run.dir (a job resubmitted while the old one still ran) both trained: one
     metrics.jsonl with every step twice, interleaved, and saves into the same checkpoint directories, each deleting
     the other's of that step first. Rank 0 now holds a lock on run.dir for the whole run."""
-    from deepseek_pt.train import PreflightError, lock_run_dir
+    from deepseek_pt.engine.preflight import PreflightError
+    from deepseek_pt.train import lock_run_dir
 
     run = tmp_path / "run"
     run.mkdir()
@@ -1384,16 +1387,17 @@ def test_a_second_run_in_a_run_dir_in_use_is_refused(tmp_path, data):
 
 def test_an_init_from_export_of_another_model_names_the_keys(tmp_path, data):
     """The refusal said only that the model sections differ; a model section has dozens of keys."""
-    import deepseek_pt.train as train_module
+    import deepseek_pt.engine.preflight as preflight_checks
     from deepseek_pt.config import load_config
     from deepseek_pt.export import save_export
     from deepseek_pt.model import Transformer
 
     cfg = load_config(SMOKE, [f"data.path={data}"])
     export = save_export(Transformer(cfg.model), cfg, tmp_path / "export")
-    with pytest.raises(train_module.PreflightError) as refused:
-        train_module.preflight(load_config(SMOKE, [f"data.path={data}", f"run.dir={tmp_path / 'run'}", "model.dim=32",
-                                                   "model.moe.bias_update_rate=0.1", f"train.init_from={export}"]), 2)
+    with pytest.raises(preflight_checks.PreflightError) as refused:
+        preflight_checks.preflight(load_config(SMOKE, [f"data.path={data}", f"run.dir={tmp_path / 'run'}",
+                                                       "model.dim=32", "model.moe.bias_update_rate=0.1",
+                                                       f"train.init_from={export}"]), 2)
     assert str(refused.value) == (f"train.init_from: the model section of {export}/config.yaml differs from this "
                                   "config's: model.dim: 32 here, 64 in the export; model.moe.bias_update_rate: 0.1 "
                                   "here, 0.01 in the export; train with that model section")
@@ -1401,19 +1405,19 @@ def test_an_init_from_export_of_another_model_names_the_keys(tmp_path, data):
 
 def test_an_init_from_export_of_another_tokenizer_is_refused(tmp_path, data):
     """Its embeddings were learned for the pieces of the tokenizer it records; the data's ids would name others."""
-    import deepseek_pt.train as train_module
+    import deepseek_pt.engine.preflight as preflight_checks
     from deepseek_pt.config import load_config
     from deepseek_pt.export import save_export
     from deepseek_pt.model import Transformer
 
     cfg = load_config(SMOKE, [f"data.path={data}"])
     export = save_export(Transformer(cfg.model), cfg, tmp_path / "export", tokenizer_sha256="ab" * 32)
-    with pytest.raises(train_module.PreflightError, match=rf"^train.init_from: {export} was trained with another "
+    with pytest.raises(preflight_checks.PreflightError, match=rf"^train.init_from: {export} was trained with another "
                                                           r"tokenizer \(sha256 abababababab\.\.\.\) than data.path "):
-        train_module.preflight(load_config(SMOKE, [f"data.path={data}", f"run.dir={tmp_path / 'run'}",
+        preflight_checks.preflight(load_config(SMOKE, [f"data.path={data}", f"run.dir={tmp_path / 'run'}",
                                                    f"train.init_from={export}"]), 2)
     same = save_export(Transformer(cfg.model), cfg, tmp_path / "same", tokenizer=data / "tokenizer.model")
-    train_module.preflight(load_config(SMOKE, [f"data.path={data}", f"run.dir={tmp_path / 'run'}",
+    preflight_checks.preflight(load_config(SMOKE, [f"data.path={data}", f"run.dir={tmp_path / 'run'}",
                                                f"train.init_from={same}"]), 2)
 
 

@@ -85,7 +85,7 @@ def save(engine, run_dir: Path, step: int, client_state: dict, ep_size: int, kee
     """Collective: every rank calls it. Returns the checkpoint directory. `ep_size` and `zero_init` (how the model
     was built: its partitions are laid out differently) go into meta.json with the world size: a resume that changes
     any of them goes through the universal checkpoint. `settings` (the model section, ZeRO stage, bf16) go there too:
-    what a resume must match (train.py's resume_mismatch). A write that fails on any rank (a full disk) raises
+    what a resume must match (engine/preflight.py's resume_mismatch). A write that fails on any rank (a full disk) raises
     CheckpointError on every rank, naming the checkpoint, the rank and the free space."""
     root = checkpoints_dir(run_dir)
     tag = tag_for(step)

@@ -213,7 +213,7 @@ class BlockwiseFp8Linear(nn.Linear):
 class BlockwiseFp8GemmLinear(nn.Linear):
     """nn.Linear (no bias, dimensions multiples of 128) whose GEMMs follow the blockwise recipe as real FP8 GEMMs,
     bf16 out: torchao's Triton casts and cuBLAS's block-scaled GEMMs. The tokens of a micro-step must be a multiple
-    of 128 too: the weight-gradient GEMM reduces over them in 128-token tiles (train.py's preflight checks it)."""
+    of 128 too: the weight-gradient GEMM reduces over them in 128-token tiles (engine/preflight.py checks it)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         from torchao.prototype.blockwise_fp8_training.linear import fp8_blockwise_mm  # imports Triton: GPU only

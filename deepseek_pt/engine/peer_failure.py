@@ -74,7 +74,7 @@ class PeerFailureWatch:
 
     def start(self) -> None:
         """Before the ranks' next collective: a rank still connecting when rank 0 ends would retry for the process
-        group's timeout (train.py's check_same_config follows at once)."""
+        group's timeout (train.py's check_same_config, engine/distributed.py, follows at once)."""
         if self.world > 1:
             self._store = _store()
             if self._machine is not None:

@@ -20,13 +20,7 @@ import torch
 
 from ..config import Config
 from ..data.format import open_tokenizer, read_tokenizer_copy, tokenizer_from_bytes
-from ..export import (
-    ExportError,
-    is_export,
-    load_export,
-    read_export_info,
-    trained_tokenizer_sha256,
-)
+from ..export import ExportError, is_export, load_export, read_export_info, trained_tokenizer_sha256
 from ..fileio import sha256_file
 from ..model import Transformer
 from .cli import UsageError

@@ -26,14 +26,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from ..config import Config, ConfigError, ModelConfig, config_from_dict
-from ..export import (
-    DTYPES,
-    FP32_TENSORS,
-    cast_model,
-    dtype_name,
-    expected_shapes,
-    expected_tensors,
-)
+from ..export import DTYPES, FP32_TENSORS, cast_model, dtype_name, expected_shapes, expected_tensors
 from ..fileio import atomic_path, atomic_write_bytes, atomic_write_json
 from ..model import MoE, Transformer
 

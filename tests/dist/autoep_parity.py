@@ -19,7 +19,8 @@ from deepseek_pt.engine.balance import add_sequence_balance_loss  # noqa: E402
 from deepseek_pt.engine.ds_config import build_ds_config  # noqa: E402
 from deepseek_pt.engine.moe_dispatch import fuse_moe_dispatch  # noqa: E402
 from deepseek_pt.model import Transformer  # noqa: E402
-from deepseek_pt.train import exit_process, init_distributed  # noqa: E402
+from deepseek_pt.engine.distributed import init_distributed  # noqa: E402
+from deepseek_pt.train import exit_process  # noqa: E402
 
 
 def max_over_ranks(value: float) -> float:

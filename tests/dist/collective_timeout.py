@@ -10,7 +10,8 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.dirname(os.path.dirname(__file__)))
 from model_configs import tiny  # noqa: E402
 
-from deepseek_pt.train import exit_process, init_distributed  # noqa: E402
+from deepseek_pt.engine.distributed import init_distributed  # noqa: E402
+from deepseek_pt.train import exit_process  # noqa: E402
 
 
 def main():

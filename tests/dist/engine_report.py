@@ -21,7 +21,8 @@ from deepseek_pt.config import load_config  # noqa: E402
 from deepseek_pt.engine import balance, zero3_hooks, zero3_step  # noqa: E402
 from deepseek_pt.model.rope import inv_frequencies  # noqa: E402
 from deepseek_pt.model.transformer import Block  # noqa: E402
-from deepseek_pt.train import build_engine, exit_process, init_distributed  # noqa: E402
+from deepseek_pt.engine.distributed import init_distributed  # noqa: E402
+from deepseek_pt.train import build_engine, exit_process  # noqa: E402
 
 
 def main():

@@ -15,7 +15,8 @@ sys.path.insert(0, str(ROOT))
 from deepseek_pt.config import load_config  # noqa: E402
 from deepseek_pt.data import PretrainDataset, TrainLoader, to_device  # noqa: E402
 from deepseek_pt.engine import zero3_step  # noqa: E402
-from deepseek_pt.train import build_engine, exit_process, init_distributed, train_step  # noqa: E402
+from deepseek_pt.engine.distributed import init_distributed  # noqa: E402
+from deepseek_pt.train import build_engine, exit_process, train_step  # noqa: E402
 
 
 def optimizer_state(engine) -> list[torch.Tensor]:
