@@ -186,6 +186,25 @@ def test_yarn_keeps_high_frequencies_and_stretches_low_ones():
     assert softmax_scale(a) == pytest.approx((a.qk_nope_head_dim + a.qk_rope_head_dim) ** -0.5 * mscale ** 2)
 
 
+def test_yarn_ramp_at_deepseek_v3s_shape_matches_the_formula():
+    """The YaRN ramp's ends at DeepSeek-V3's published rope shape (64 rotary dims, theta 1e4, factor 40, trained on
+    4096 positions, beta_fast 32, beta_slow 1): the correction dims are 10.47 and 22.51, so the ramp runs from pair
+    floor(10.47) = 10 to ceil(22.51) = 23, as DeepSeek's reference and transformers round them. The tiny config's
+    ramp is clamped at pair 0 either way, so it cannot tell floor from ceil; a ramp starting one pair late (pair 11
+    kept whole) would rotate that pair 7% off what the released weights were trained with."""
+    cfg = tiny(attention__qk_rope_head_dim=64, attention__rope__factor=40.0,
+               attention__rope__original_max_position_embeddings=4096, attention__rope__mscale_all_dim=1.0)
+    yarn, magnitude = inv_frequencies(cfg.model.attention)
+    base = [10000.0 ** (-2 * i / 64) for i in range(32)]
+    ramp = [min(max((i - 10) / 13, 0.0), 1.0) for i in range(32)]  # (i - low) / (high - low), low 10, high 23
+    want = [b * (1 - r) + b / 40 * r for b, r in zip(base, ramp)]
+    assert yarn.tolist() == pytest.approx(want, rel=1e-6)
+    assert yarn[10].item() == pytest.approx(base[10], rel=1e-6)  # last pair kept whole
+    assert yarn[11].item() == pytest.approx(base[11] * (1 - 39 / 520), rel=1e-6)  # 1/13 of the way to base / 40
+    assert yarn[23].item() == pytest.approx(base[23] / 40, rel=1e-6)  # first pair fully interpolated
+    assert magnitude == 1.0
+
+
 def test_mtp_depth_two_trains_each_depth_on_its_targets():
     cfg = tiny(mtp_depth=2, mtp_loss_weight=0.5)
     model = Transformer(cfg.model)
