@@ -233,6 +233,35 @@ def test_a_resume_trains_with_this_configs_optimizer_settings(tmp_path, data):
         ("decay", 0.5, (0.9, 0.99), 1e-6), ("no_decay", 0.0, (0.9, 0.99), 1e-6), ("ep_size_1", 0.5, (0.9, 0.99), 1e-6)}
 
 
+@pytest.mark.parametrize("partitioned", [False, True], ids=["whole", "zero_init"])
+def test_param_groups_decay_the_matrices_but_not_the_embedding_or_the_norms(partitioned):
+    """AdamW's weight decay goes to the weight matrices (attention and expert projections, the router, lm_head, MTP's
+    eh_proj) and not to the norms' gains or the input embedding (a row of it only learns when its token is seen:
+    decay would shrink rare tokens' rows towards 0 between sightings). A model built partitioned
+    (parallel.zero_init) holds each parameter flat on its rank: the groups come from the full shape (ds_shape), so
+    they are the same; by the local shape every matrix would go undecayed."""
+    from deepseek_pt.model import Transformer
+    from deepseek_pt.train import param_groups
+    from model_configs import tiny
+
+    model = Transformer(tiny(mtp_depth=1).model)
+    named = dict(model.named_parameters())
+    if partitioned:  # as deepspeed.zero.Init leaves them: flat local partitions, the full shape in ds_shape
+        for p in named.values():
+            p.ds_shape = p.shape
+            p.data = p.data.flatten()
+    groups = param_groups(model, 0.1)
+    assert [(g["name"], g["weight_decay"]) for g in groups] == [("decay", 0.1), ("no_decay", 0.0)]
+    name_of = {id(p): n for n, p in named.items()}
+    decayed = {name_of[id(p)] for p in groups[0]["params"]}
+    undecayed = {name_of[id(p)] for p in groups[1]["params"]}
+    norms = {n for n in named if n.endswith("norm.weight")}  # RMSNorm gains, 1-dim: there are no biases
+    assert undecayed == norms | {"embed_tokens.weight"}
+    assert decayed == set(named) - undecayed
+    assert {"lm_head.weight", "layers.1.mlp.gate.weight", "layers.0.self_attn.kv_b_proj.weight",
+            "mtp.0.eh_proj.weight", "layers.2.mlp.experts.7.down_proj.weight"} <= decayed
+
+
 @pytest.mark.slow
 def test_losses_match_the_committed_reference(baseline):
     """Any change to the model, its initialization, the data order, the optimizer or the schedule moves these
