@@ -213,6 +213,28 @@ def test_the_last_step_trains_at_min_lr_and_the_peak_once():
             assert lr_at(cfg, 3) == 1e-3 > lr_at(cfg, 4), (schedule, max_steps)
 
 
+def test_the_scheduler_gives_each_step_lr_at_its_index():
+    """ds_config.lr_scheduler, what DeepSpeed steps once per optimizer step: the optimizer's k-th step (k from 1)
+    runs at lr_at(k - 1), the hand-computed rates above (the warmup's first step at lr / warmup_steps, not 0 or the
+    second step's rate). Only the slow runs' logged lr saw the scheduler otherwise."""
+    from deepseek_pt.config import load_config
+    from deepseek_pt.engine.ds_config import lr_scheduler
+
+    cfg = load_config(SMOKE, ["train.lr=1e-3", "train.min_lr=1e-4", "train.warmup_steps=4", "train.max_steps=14",
+                              "train.schedule=cosine"])
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=cfg.train.lr)  # DeepSpeed builds it at lr
+    scheduler = lr_scheduler(cfg)(optimizer)
+    rates = []
+    for _ in range(16):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert rates[:4] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3], rel=1e-12)
+    assert rates[4] == pytest.approx(1e-4 + 4.5e-4 * (1 + math.cos(math.pi * 0.1)), rel=1e-12)
+    assert rates[8] == pytest.approx(5.5e-4, rel=1e-12)  # half-way through the cosine
+    assert rates[13:] == pytest.approx([1e-4] * 3, rel=1e-12)  # min_lr at the last step (14) and past it
+
+
 @pytest.mark.slow
 def test_a_resume_trains_with_this_configs_optimizer_settings(tmp_path, data):
     """A resume that changes the schedule (train.lr, min_lr, max_steps) or AdamW's settings runs on this config's,
