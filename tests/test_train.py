@@ -1063,6 +1063,30 @@ def test_keep_last_prunes_old_and_incomplete_checkpoints(tmp_path):
     assert sorted(p.name for p in root.iterdir()) == ["step_00000008", "step_00000010", "step_00000012"]
 
 
+def test_verify_names_a_same_size_corruption_by_its_sha256(tmp_path):
+    """checkpoint.verify: a file whose bytes changed but not its size (a flipped bit, a bad sector) fails on its
+    sha256, named, where a size check alone would load it; an intact checkpoint passes. Before, only the slow
+    runs' corrupt-checkpoint test reached the hash comparison."""
+    import hashlib
+
+    from deepseek_pt.engine.checkpoint import CheckpointError, verify
+
+    tag = tmp_path / "step_00000004"
+    (tag / "rng").mkdir(parents=True)
+    contents = {"mp_rank_00_model_states.pt": b"weights" * 100, "rng/rank_0.pt": b"rng state"}
+    for name, data in contents.items():
+        (tag / name).write_bytes(data)
+    files = {n: {"bytes": len(d), "sha256": hashlib.sha256(d).hexdigest()} for n, d in contents.items()}
+    (tag / "meta.json").write_text(json.dumps({"format_version": 1, "step": 4, "world_size": 1, "ep_size": 1,
+                                               "files": files}))
+    assert verify(tag, collective=False)["step"] == 4
+    (tag / "mp_rank_00_model_states.pt").write_bytes(b"weighTs" + b"weights" * 99)  # same size
+    with pytest.raises(CheckpointError) as err:
+        verify(tag, collective=False)
+    assert f"{tag / 'mp_rank_00_model_states.pt'}: sha256 mismatch (corrupt)" in str(err.value)
+    assert "rank_0.pt" not in str(err.value)
+
+
 def _failed_save(run_dir: Path, engine) -> str:
     """The CheckpointError of checkpoint.save(engine) at step 4, in a process group of one."""
     import torch.distributed as dist
