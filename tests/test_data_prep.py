@@ -240,6 +240,27 @@ def test_val_fraction_sets_the_split(small_build, pydoc_data_dir):
     assert sum(s["num_tokens"] for s in manifest["splits"]["val"]) == sum(len(ids) + 1 for ids in sp.encode(val))
 
 
+def test_the_split_seed_keys_the_split_hash():
+    """is_val draws the val split from BLAKE2b-64 of the document keyed with --split-seed (8 bytes, little-endian),
+    val where the hash, read little-endian, is below val_fraction * 2^64. The seed must move documents: a rebuild
+    with another seed is how a user draws another held-out set. And the rule must stay put: a rebuild of the same
+    corpus by a later version must hold out the same documents, or the old val set leaks into training."""
+    import hashlib
+
+    docs = [f"document {i}\n".encode() for i in range(400)]
+
+    def reference(doc: bytes, seed: int) -> bool:
+        digest = hashlib.blake2b(doc, digest_size=8, key=seed.to_bytes(8, "little")).digest()
+        return int.from_bytes(digest, "little") < 0.25 * 2**64
+
+    for seed in (0, 1, 2**64 - 1):
+        key = seed.to_bytes(8, "little")
+        assert [is_val(d, 0.25, key) for d in docs] == [reference(d, seed) for d in docs], seed
+    by_seed = [{i for i, d in enumerate(docs) if is_val(d, 0.25, seed.to_bytes(8, "little"))} for seed in (0, 1)]
+    assert by_seed[0] != by_seed[1]
+    assert all(60 <= len(v) <= 140 for v in by_seed)  # ~100 of 400 each (binomial sd 8.7)
+
+
 @pytest.mark.parametrize("n, after_write", [(1, False), (4, True), (9, False), (14, True)])
 def test_resume_after_crash_is_byte_identical(tmp_path, small_build, monkeypatch, n, after_write):
     args, reference, ref_manifest = small_build
