@@ -84,6 +84,10 @@ def _write(tmp_path, data) -> Path:
     ({}, ["train.lr=.inf"], "train.lr: must be a finite number, got inf"),
     ({"model": {"init_std": "nan"}}, [], "model.init_std: must be a finite number, got nan"),
     ({}, ["model.moe.route_scale=-1"], "model.moe.route_scale: must be positive, got -1.0"),
+    # The bounds themselves: route_scale 0 silences the routed experts; beta 1 makes Adam's bias correction 1 - 1^t = 0
+    ({}, ["model.moe.route_scale=0"], "model.moe.route_scale: must be positive, got 0.0"),
+    ({}, ["train.beta1=1"], "train.beta1: must be in [0, 1), got 1.0"),
+    ({}, ["train.beta2=1"], "train.beta2: must be in [0, 1), got 1.0"),
     ({}, ["train.peak_tflops=-1"], "train.peak_tflops: must be positive, got -1.0"),
     ({}, ["parallel.timeout_minutes=1e30"], "parallel.timeout_minutes: must be in (0, 525600] (a year), got 1e+30"),
     ({}, ["parallel.heartbeat_timeout_minutes=0.1"],
