@@ -143,6 +143,23 @@ def test_group_limited_routing_stays_inside_the_chosen_groups():
     assert torch.equal(idx.sort(-1).values, masked.view(256, 16).topk(3, -1).indices.sort(-1).values)
 
 
+def test_group_limited_routing_ignores_a_common_shift_of_the_biases():
+    """Balancing moves each correction bias by +-rate every step, and nothing holds them near 0: they may all drift
+    below -1 together. Adding one constant to every bias must change no selection and no weight.
+    With every biased affinity of the kept groups below 0, dropped groups must still lose: masked to 0 rather than
+    -inf they would outrank every kept expert, and each token would be routed outside its groups."""
+    cfg = tiny(moe__n_routed_experts=16, moe__n_expert_groups=4, moe__n_limited_groups=2, moe__top_k=3)
+    gate = _gate(cfg, seed=1)
+    gate.e_score_correction_bias.normal_(std=0.1)
+    x = torch.randn(256, cfg.model.dim)
+    w0, idx0, _ = gate(x)
+    gate.e_score_correction_bias -= 3.0  # every biased affinity now below 0
+    w1, idx1, _ = gate(x)
+    assert torch.equal(idx1, idx0)
+    assert torch.equal(w1, w0)
+    assert max(len(set(groups)) for groups in (idx1 // 4).tolist()) <= 2  # n_limited_groups
+
+
 def test_moe_dispatch_equals_per_token_reference():
     cfg = tiny()
     moe = MoE(cfg.model)
