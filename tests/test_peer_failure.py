@@ -45,7 +45,7 @@ elif role == "leaves":
         os._exit(0)  # a deliberate end: rank 0, beside it, must not take it for a kill
     time.sleep(3)  # twice the heartbeat timeout: rank 1's beats stop, but it said it was leaving
     print("finished", flush=True)
-    sys.exit(0)
+    os._exit(0)  # as train.py ends (exit_process): no interpreter finalization beside the watch's thread
 elif role == "publish" and rank == 1:
     watch.publish("shard x.bin: corrupt\\nsecond line")
     time.sleep(60)  # alive, never joining: rank 0 would wait for it in any collective
@@ -58,7 +58,7 @@ elif role == "finish":
         os._exit(0)  # the store goes at once: the other, past its stop, must not take that for a failure
     time.sleep(2)
     print("finished", flush=True)
-    sys.exit(0)
+    os._exit(0)  # as train.py ends (exit_process): no interpreter finalization beside the watch's thread
 elif role == "gone":
     time.sleep(60)
 elif role == "gone_in_barrier":

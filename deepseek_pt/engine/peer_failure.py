@@ -37,7 +37,7 @@ MACHINE_KEY = "deepseek_pt/ranks_on/{machine}"  # "rank pid start_time;" of each
 LEFT_KEY = "deepseek_pt/left/{rank}"  # set by a rank whose ending is deliberate, before its pid goes
 BEAT_KEY = "deepseek_pt/beats/{rank}"  # a counter each rank's watch adds 1 to at every poll
 HOST_KEY = "deepseek_pt/host/{rank}"  # the rank's hostname, for rank 0 to name a silent rank by
-TOLD_KEY = "deepseek_pt/told"  # a counter: ranks that read the failure line and end on it
+TOLD_KEY = "deepseek_pt/told"  # a counter: ranks other than 0 ending on a failure line, theirs or read
 POLL_SECONDS = 5.0
 GRACE_SECONDS = 3.0
 """How long a rank whose collective failed waits for the failure it is about to be published (the killed rank's
@@ -45,6 +45,8 @@ neighbour sees it go within a poll of its own) before it publishes its own error
 STORE_LOST_POLLS = 3
 """Polls in a row that cannot reach the store before the watcher takes rank 0 for gone (~15 s, up to 45 s where
 requests time out): not one failed request, which a busy store host can cause."""
+TOLD_WAIT_SECONDS = 2 * POLL_SECONDS + 1
+"""How long rank 0 waits for the others to read a failure line before its end takes the store: two of their polls."""
 EXIT_CODE = 2
 
 
@@ -109,8 +111,7 @@ class PeerFailureWatch:
                                              f"{first_line(error, error)}")
         except (dist.DistError, RuntimeError):  # the store went with rank 0: nobody is left to tell
             return
-        if self.rank == 0:  # every other rank is to read this line before the store goes with this process
-            self._told(self._store, others=self.world - 1)
+        self._told(self._store)
 
     def peer_failure(self, grace_seconds: float = GRACE_SECONDS) -> str | None:
         """Another rank's failure (published, or a neighbour's pid gone), or the store's loss (rank 0's end), if any
@@ -137,7 +138,10 @@ class PeerFailureWatch:
             return store.get(KEY).decode()
         if (gone := self._killed_neighbour(store) or self._silent_rank(store)) is None:
             return None
-        return store.compare_set(KEY, "", gone).decode()  # another's line, were it published meanwhile
+        line = store.compare_set(KEY, "", gone).decode()  # another's line, were it published meanwhile
+        if line == gone:  # told for the rank that is gone, which cannot say it itself (_told)
+            store.add(TOLD_KEY, 1)
+        return line
 
     def _killed_neighbour(self, store: dist.Store) -> str | None:
         """A line for a rank on this machine whose process is gone while it never said it was leaving."""
@@ -204,17 +208,17 @@ class PeerFailureWatch:
                 self._told(store)
             os._exit(EXIT_CODE)
 
-    def _told(self, store: dist.Store, others: int | None = None) -> None:
-        """This rank ends on a failure line: it counts itself as told; rank 0, whose process holds the store, instead
-        waits until `others` ranks have been (default: all but itself and the failed one) or two polls pass, lest they
-        find the store gone before the line and blame rank 0."""
+    def _told(self, store: dist.Store) -> None:
+        """This rank ends on a failure line, its own or another's: it says so in the store (for a rank gone, whoever
+        published its end does); rank 0, whose process holds the store, instead waits until every other rank has (or,
+        where more than one is gone, TOLD_WAIT_SECONDS), lest one find the store gone before the line and blame
+        rank 0."""
         try:
             if self.rank != 0:
                 store.add(TOLD_KEY, 1)
                 return
-            others = self.world - 2 if others is None else others
-            deadline = time.monotonic() + 2 * self.poll_seconds + 1
-            while store.add(TOLD_KEY, 0) < others and time.monotonic() < deadline:
+            deadline = time.monotonic() + TOLD_WAIT_SECONDS
+            while store.add(TOLD_KEY, 0) < self.world - 1 and time.monotonic() < deadline:
                 time.sleep(0.1)
         except (dist.DistError, RuntimeError):  # the store is gone: nobody is left to wait for
             pass
