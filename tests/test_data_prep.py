@@ -610,6 +610,28 @@ def test_verify_names_each_bad_shard(tmp_path, pydoc_data_dir, capsys):
     assert "not valid JSON" in capsys.readouterr().err
 
 
+def test_verify_refuses_the_first_id_past_the_vocabulary(tmp_path, pydoc_data_dir):
+    """Ids run 0 .. vocab_size - 1: a token equal to vocab_size (one past the last id, an out-of-range embedding
+    row) is as bad as any larger one. Pinned with the manifest's sha256 updated, so the bad id is the only fault;
+    the largest valid id, vocab_size - 1, passes."""
+    d = tmp_path / "shards"
+    shutil.copytree(pydoc_data_dir.shards_dir, d)
+    m = json.loads((d / "manifest.json").read_text())
+    shard = d / m["splits"]["train"][0]["path"]
+    for token, ok in ((1023, True), (1024, False)):
+        ids = np.fromfile(shard, np.uint16)
+        ids[7] = token  # not the EOS id: num_docs stays right
+        ids.tofile(shard)
+        m["splits"]["train"][0]["sha256"] = hashlib.sha256(shard.read_bytes()).hexdigest()
+        (d / "manifest.json").write_text(json.dumps(m))
+        problems = verify_shards.verify(d, progress=False)
+        if ok:
+            assert problems == []
+        else:
+            assert len(problems) == 1, problems
+            assert "token 7 has an id >= vocab_size 1024 (largest id 1024)" in problems[0], problems
+
+
 @pytest.mark.parametrize("streaming", [True, False])
 def test_bad_row_deep_in_a_json_file_is_an_error_naming_its_line(tmp_path, pydoc_data_dir, monkeypatch, streaming):
     """datasets reads JSON lines in 10 MB chunks; a non-string text in a later chunk used to turn every text of
