@@ -109,6 +109,18 @@ def test_tokenizer_custom_ids_and_sampling(tmp_path):
             train_tokenizer.train([str(corpus)], 400, tmp_path / "t3", user_defined_symbols=symbols, progress=False)
 
 
+def test_tokenizer_special_ids_are_distinct_and_inside_the_vocabulary(tmp_path):
+    """Each special id names its own piece (id 0 too: two specials on id 0 would leave sentencepiece to fail, or one
+    silently replace the other) and lies in [0, vocab_size): id vocab_size is one past the last piece. Both are
+    refused before any training, naming the flags."""
+    corpus = write_jsonl(tmp_path / "c.jsonl", DOCS[:5])
+    with pytest.raises(DataError, match="--unk-id 0: same id as --pad-id"):
+        train_tokenizer.train([str(corpus)], 400, tmp_path / "t1", pad_id=0, unk_id=0, progress=False)
+    with pytest.raises(DataError, match=r"--eos-id 400: must be in \[0, 400\) or -1"):
+        train_tokenizer.train([str(corpus)], 400, tmp_path / "t2", eos_id=400, progress=False)
+    assert not (tmp_path / "t1").exists() and not (tmp_path / "t2").exists()
+
+
 def test_tokenizer_cli_reports_bad_vocab_size(tmp_path, capsys):
     corpus = write_jsonl(tmp_path / "c.jsonl", DOCS[:5])
     rc = train_tokenizer.main(["--input", str(corpus), "--vocab-size", "50", "--out", str(tmp_path / "t"), "--quiet"])
