@@ -225,6 +225,17 @@ def test_fp8_release_checkpoints_are_dequantized(tmp_path):
         load_hf(tmp_path / "fp8")
 
 
+def test_half_split_rope_rows_are_interleaved_pair_by_pair():
+    """rope_interleave=false checkpoints rotate row pairs (i, i + d/2), we rotate (2i, 2i + 1): pair i's rows i and
+    i + d/2 must land on rows 2i and 2i + 1. With d = 8 that is the order 0 4 1 5 2 6 3 7 (written out by hand:
+    at d = 4 the permutation and its inverse are both 0 2 1 3, so the logits tests' rope dim cannot tell them
+    apart; DeepSeek's d is 64). Each group's leading (nope) rows stay in place."""
+    from deepseek_pt.interop.hf import _interleave_rope_rows
+
+    w = torch.arange(2 * 10, dtype=torch.float32)[:, None].repeat(1, 3)  # 2 groups of 2 nope + 8 rope rows
+    got = _interleave_rope_rows(w, 2, 8)[:, 0].tolist()
+    assert got == [0, 1, 2, 6, 3, 7, 4, 8, 5, 9, 10, 11, 12, 16, 13, 17, 14, 18, 15, 19]
+
 def test_unsupported_hf_configs_are_refused(tmp_path):
     good = hf_config().to_dict()
     for change, message in [({"model_type": "llama"}, "model_type is 'llama'"),
