@@ -236,6 +236,18 @@ def test_half_split_rope_rows_are_interleaved_pair_by_pair():
     got = _interleave_rope_rows(w, 2, 8)[:, 0].tolist()
     assert got == [0, 1, 2, 6, 3, 7, 4, 8, 5, 9, 10, 11, 12, 16, 13, 17, 14, 18, 15, 19]
 
+
+def test_fp8_scales_cover_rectangular_blocks_rows_then_columns():
+    """weight_block_size is [rows, cols]: scale_inv[i, j] covers rows i*rows .. and columns j*cols ... With a [2, 3]
+    block, a 3 x 4 weight of ones and scales [[1, 2], [3, 4]] dequantize (by hand) to rows 0-1: 1 1 1 2, row 2:
+    3 3 3 4; the released checkpoints' square 128 x 128 blocks (and the 16 x 16 of the FP8 test) cannot tell rows
+    from columns."""
+    from deepseek_pt.interop.hf import _dequantize_fp8
+
+    got = _dequantize_fp8(torch.ones(3, 4).to(torch.float8_e4m3fn), torch.tensor([[1.0, 2.0], [3.0, 4.0]]), [2, 3])
+    assert got.tolist() == [[1, 1, 1, 2], [1, 1, 1, 2], [3, 3, 3, 4]]
+
+
 def test_unsupported_hf_configs_are_refused(tmp_path):
     good = hf_config().to_dict()
     for change, message in [({"model_type": "llama"}, "model_type is 'llama'"),
