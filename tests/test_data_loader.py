@@ -63,6 +63,18 @@ def test_bad_manifest_is_named(shards, edit, message):
     assert str(shards / "manifest.json") in str(e.value)
 
 
+@pytest.mark.parametrize("edit, message", [
+    (lambda m: m["tokenizer"].update(eos_id=1024), "eos_id 1024 is outside the vocabulary"),
+    (lambda m: m.update(vocab_size=65537), "vocab_size 65537 does not fit dtype uint16"),
+])
+def test_manifest_bounds_are_exact(shards, edit, message):
+    """The bounds at their edge (pydoc's vocab_size is 1024): ids run 0 .. vocab_size - 1, so eos_id 1024 names no
+    piece; uint16 holds ids 0 .. 65535, a vocabulary of 65536 at most, so 65537 pieces would wrap the last id to 0.
+    The far-off values of test_bad_manifest_is_named pass a bound that is off by one."""
+    edit_manifest(shards, edit)
+    with pytest.raises(DataError, match=message):
+        open_manifest(shards)
+
 def test_missing_or_unfinished_manifest(tmp_path, shards):
     with pytest.raises(DataError, match=r"manifest.json: manifest not found$"):
         open_manifest(tmp_path / "nothing")
