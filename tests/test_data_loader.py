@@ -75,6 +75,18 @@ def test_manifest_bounds_are_exact(shards, edit, message):
     with pytest.raises(DataError, match=message):
         open_manifest(shards)
 
+
+def test_a_shard_longer_than_its_manifest_entry_is_refused(shards):
+    """A shard file with bytes past num_tokens x itemsize is not the file the manifest describes (another build's,
+    or appended to): refused by size like a truncated one, not read as its first num_tokens tokens."""
+    m = open_manifest(shards)
+    victim = m.shard_file(m.shards("train")[2])
+    with open(victim, "ab") as f:
+        f.write(b"\0\0")
+    with pytest.raises(DataError, match=f"shard {victim}: too long: 32770 bytes, manifest says 16384 tokens"):
+        PretrainDataset(shards, seq_len=T)
+
+
 def test_missing_or_unfinished_manifest(tmp_path, shards):
     with pytest.raises(DataError, match=r"manifest.json: manifest not found$"):
         open_manifest(tmp_path / "nothing")
