@@ -227,6 +227,22 @@ def test_a_prompt_that_does_not_fit_is_named(export_1024, capsys, monkeypatch):
     assert out.startswith("def") and "class" not in out
     assert err.splitlines()[-1].startswith("error: stdin line 2: the prompt has "), err
 
+def test_max_new_tokens_is_capped_at_the_models_context(export_1024, pydoc, capsys):
+    """A prompt of P tokens leaves max_seq_len - P positions: --max-new-tokens beyond that generates exactly that
+    many (with --ignore-eos), after a note, instead of decoding positions the model was never built for. P counts
+    the EOS that precedes a document in eos-framed data (the export's doc_boundary), so P = 1 + the text's pieces."""
+    import sentencepiece as spm
+
+    prompt = "The with statement"
+    p = 1 + len(spm.SentencePieceProcessor(model_file=str(pydoc.tokenizer_model)).encode(prompt))
+    room = tiny().model.max_seq_len - p
+    assert generate_main(["--checkpoint", str(export_1024), "--prompt", prompt, "--temperature", "0",
+                          "--max-new-tokens", str(room + 50), "--ignore-eos"]) == 0
+    err = capsys.readouterr().err
+    assert f"note: max-new-tokens {room + 50} capped at {room}" in err
+    assert f"[{p} prompt + {room} new tokens" in err
+
+
 
 def test_a_bad_prompt_typed_at_a_terminal_does_not_end_the_session(export_1024, capsys, monkeypatch):
     # It ended the session, and with it the loaded model; piped prompts still end the run (above)
