@@ -243,6 +243,20 @@ def test_max_new_tokens_is_capped_at_the_models_context(export_1024, pydoc, caps
     assert f"[{p} prompt + {room} new tokens" in err
 
 
+def test_the_default_prompt_prefix_follows_the_training_framing(pydoc):
+    """In eos-framed data every document follows an EOS (the previous document's end), in bos_eos data a BOS: the
+    prompt starts with that token, as the model saw documents start. Unknown framing falls back to BOS where the
+    tokenizer has one. The pydoc tokenizer's ids (bos 2, eos 3) are the build's defaults."""
+    import sentencepiece as spm
+
+    from deepseek_pt.generate import _default_prefix, prompt_ids
+
+    sp = spm.SentencePieceProcessor(model_file=str(pydoc.tokenizer_model))
+    assert (sp.bos_id(), sp.eos_id()) == (2, 3)
+    assert [_default_prefix(b, sp) for b in ("eos", "bos_eos", None)] == ["eos", "bos", "bos"]
+    assert prompt_ids(sp, "def", _default_prefix("eos", sp)) == [3, *sp.encode("def")]
+
+
 
 def test_a_bad_prompt_typed_at_a_terminal_does_not_end_the_session(export_1024, capsys, monkeypatch):
     # It ended the session, and with it the loaded model; piped prompts still end the run (above)
