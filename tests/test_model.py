@@ -301,3 +301,14 @@ def test_train_flops_count_the_mtp_modules_that_training_runs():
     without = train_flops_per_token(tiny(mtp_depth=0).model, S)
     assert without == 6 * counts["active_params"] + 3 * m.n_layers * attention_per_layer
     assert train_flops_per_token(m, S) == without + mtp
+
+
+def test_a_tied_embedding_counts_as_active_once_as_the_output_head():
+    """The input lookup is not active compute, the output head is. Tied, one matrix is both: the total loses the
+    head's vocab_size x dim, the active count loses nothing (the shared matrix is active as the head), so tied and
+    untied models of one config have equal active counts, and equal training FLOPs."""
+    tied, untied = tiny(tie_embeddings=True).model, tiny().model
+    t, u = count_params(meta_model(tied)), count_params(meta_model(untied))
+    assert u["total_params"] - t["total_params"] == untied.vocab_size * untied.dim
+    assert t["active_params"] == u["active_params"]
+    assert train_flops_per_token(tied, 32) == train_flops_per_token(untied, 32)
