@@ -248,6 +248,22 @@ def test_fp8_scales_cover_rectangular_blocks_rows_then_columns():
     assert got.tolist() == [[1, 1, 1, 2], [1, 1, 1, 2], [3, 3, 3, 4]]
 
 
+def test_a_bf16_hf_save_keeps_the_router_bias_fp32(tmp_path):
+    """The balancing bias moves in steps far below bf16's resolution (as in exports): a bf16 HF copy stores it fp32,
+    and loads back bit for bit, while the weights are bf16."""
+    model = Transformer(tiny().model)
+    randomize(model)
+    bias = "layers.1.mlp.gate.e_score_correction_bias"
+    with torch.no_grad():
+        model.state_dict()[bias].add_(1e-4)  # a step bf16 cannot hold next to values of ~0.5
+    save_hf(model, tmp_path / "hf", dtype=torch.bfloat16)
+    stored = load_file(tmp_path / "hf" / "model.safetensors")
+    assert stored["model.embed_tokens.weight"].dtype == torch.bfloat16
+    assert stored[f"model.{bias}"].dtype == torch.float32
+    assert torch.equal(stored[f"model.{bias}"], model.state_dict()[bias])
+    assert torch.equal(load_hf(tmp_path / "hf").state_dict()[bias], model.state_dict()[bias])
+
+
 def test_unsupported_hf_configs_are_refused(tmp_path):
     good = hf_config().to_dict()
     for change, message in [({"model_type": "llama"}, "model_type is 'llama'"),
