@@ -312,3 +312,14 @@ def test_a_tied_embedding_counts_as_active_once_as_the_output_head():
     assert u["total_params"] - t["total_params"] == untied.vocab_size * untied.dim
     assert t["active_params"] == u["active_params"]
     assert train_flops_per_token(tied, 32) == train_flops_per_token(untied, 32)
+
+
+def test_mtp_active_params_count_top_k_of_the_routed_experts():
+    """An MTP depth's block is a MoE block: per token it runs top_k of its n routed experts, like the main layers,
+    so its active count leaves out (n - top_k) experts of 3 x dim x expert_inter_dim each (gate, up, down). The
+    FLOPs test above takes mtp_active_params from count_params itself; this pins the number by hand."""
+    m = tiny(mtp_depth=1).model
+    moe = m.moe
+    counts = count_params(meta_model(m))
+    inactive = (moe.n_routed_experts - moe.top_k) * 3 * m.dim * moe.expert_inter_dim
+    assert counts["mtp_params"] - counts["mtp_active_params"] == inactive
