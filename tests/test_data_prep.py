@@ -686,6 +686,17 @@ def test_bad_row_deep_in_a_json_file_is_an_error_naming_its_line(tmp_path, pydoc
         build([json.dumps({"meta": i if i < 10 else "x", "text": t if i != 14 else 5})
                for i, t in enumerate(texts[:20])], "meta2.jsonl")
 
+def test_verify_checks_the_tokenizer_copy(tmp_path, pydoc_data_dir):
+    """The shards are ids of one tokenizer: a tokenizer.model swapped for another (same name, other model) decodes
+    them into other text. verify compares its sha256 with the manifest's; --quick, sizes only, does not read it."""
+    d = tmp_path / "shards"
+    shutil.copytree(pydoc_data_dir.shards_dir, d)
+    (d / "tokenizer.model").write_bytes((d / "tokenizer.model").read_bytes() + b"\0")
+    problems = verify_shards.verify(d, progress=False)
+    assert problems == [f"tokenizer copy {d.absolute() / 'tokenizer.model'}: sha256 differs from the manifest"]
+    assert verify_shards.verify(d, quick=True, progress=False) == []
+
+
 
 def test_verify_reports_a_shard_dropped_from_the_manifest(tmp_path, pydoc_data_dir):
     """A manifest edited to lose a shard's entry used to verify as OK: its tokens vanish from training."""
