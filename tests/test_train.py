@@ -78,7 +78,7 @@ def data(smoke_shards) -> Path:
 @pytest.fixture(scope="module")
 def baseline(tmp_path_factory, data) -> Path:
     run = tmp_path_factory.mktemp("baseline")
-    train(2, run, data, "train.eval_every=4", "train.save_every=4")
+    train(2, run, data, "train.eval_every=4", "train.save_every=4", "train.peak_tflops=0.001")  # an MFU to check
     return run
 
 
@@ -117,6 +117,14 @@ def test_loss_falls_and_every_step_is_logged(baseline):
     assert [r["step"] for r in records if "eval_loss" in r] == [4, 8]
     assert records[-1]["tokens_seen"] == STEPS * 2 * 4 * 64  # steps x ranks x micro-batch x seq_len
     assert records[-1]["data_epochs"] == STEPS * 2 * 4 / 860  # of the train split's 860 samples
+    # MFU: the model's training FLOPs per token x the world's tokens/s over the peak of every rank (two here), not one
+    from deepseek_pt.config import load_config
+    from deepseek_pt.model.counting import train_flops_per_token
+
+    cfg = load_config(SMOKE)
+    flops = train_flops_per_token(cfg.model, cfg.data.seq_len)
+    for r in records:
+        assert r["mfu"] == pytest.approx(flops * r["tokens_per_s"] / (0.001e12 * 2), rel=1e-9), r
 
 
 def test_a_run_longer_than_its_data_says_so_and_logs_its_epochs(data, mirrored_smoke_shards):
