@@ -88,6 +88,10 @@ def data(pydoc_data_dir) -> Path:
     ("node.sh", {"NNODES": "2", "NODE_RANK": "0"}, [], "MASTER_ADDR is not set"),
     ("train.sh", {"MASTER_PORT": "abc"}, [], "MASTER_PORT=abc: not a port"),
     ("train.sh", {"DRAIN_TIMEOUT": "1m"}, [], "DRAIN_TIMEOUT=1m: expected seconds, a positive integer"),
+    ("train.sh", {"DRAIN_TIMEOUT": "0"}, [], "DRAIN_TIMEOUT=0: expected seconds, a positive integer"),
+    # the host-memory check counts this node's processes (1), not the job's (2): a ~7 TB model refused for 1
+    ("node.sh", {"NNODES": "2", "NODE_RANK": "0", "MASTER_ADDR": "127.0.0.1", "NPROC_PER_NODE": "1"},
+     ["parallel.zero_init=false", "model.inter_dim=10000000000"], "in fp32 in each of this node's 1 processes"),
 ])
 def test_bad_config_is_refused_before_start(tmp_path, data, script, env, args, message):
     run_dir = tmp_path / "run"
@@ -380,3 +384,190 @@ def test_smoke_removes_only_its_own_outputs_from_smoke_dir(tmp_path, data):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (smoke_dir / "notes.txt").read_text() == "keep me" and (smoke_dir / "project").is_dir()
     assert [m["step"] for m in _metrics(smoke_dir)] == list(range(1, 7))
+
+
+# ------------------------------------------------------------------------------------------------
+# The launch plan and the supervisor with a stand-in deepspeed runner: the scripts and their config check run for
+# real, the runner's launcher and ranks are bash stand-ins (seconds, not a DeepSpeed start-up each)
+
+MULTICAST = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+
+STAND_IN_PYTHON = """#!/usr/bin/env bash
+[[ $1 == */plan.py && $2 == devices && -n ${FAKE_DEVICES:-} ]] && { echo "$FAKE_DEVICES"; exit 0; }
+if [[ $1 == -m && $2 == deepspeed.launcher.runner ]]; then
+    printf '%s\\n' "${@:3}" >"$MARKS/runner_args"
+    cp "$4" "$MARKS/hostfile"
+    env >"$MARKS/runner_env"
+    [[ -z ${FAKE_RUNNER_EXIT:-} ]] || exit "$FAKE_RUNNER_EXIT"
+    exec bash "$MARKS/launcher.sh" deepspeed.launcher.launch "$@"  # named as pgrep finds a launcher
+fi
+exec PYTHON "$@"
+"""
+
+STAND_IN_LAUNCHER = """
+run_dir=
+for a in "$@"; do [[ $a == run.dir=* ]] && run_dir=${a#run.dir=}; done
+[[ -z ${FAKE_ORPHAN:-} ]] || { sleep 300 & exit 0; }  # a process of the job outliving the launcher
+pids=()
+for ((r = 0; r < 2; r++)); do bash "$MARKS/rank.sh" "$run_dir" "$r" & pids+=($!); done
+status=0
+for p in "${pids[@]}"; do wait "$p" || status=$?; done
+exit "$status"
+"""
+
+STAND_IN_RANK = """
+run_dir=$1 rank=$2
+save() {  # a checkpoint as rank 0 writes it (meta.json last), then `latest` naming it
+    mkdir -p "$run_dir/checkpoints/$1"
+    [[ ${2:-} == incomplete ]] || echo '{}' >"$run_dir/checkpoints/$1/meta.json"
+    echo "$1" >"$run_dir/checkpoints/latest"
+}
+on_term() {
+    echo "rank $rank: SIGTERM" >>"$MARKS/terms"
+    case $FAKE_ON_TERM in
+        save) ((rank)) || save step_00000009; exit 0 ;;
+        save-then-fail) ((rank)) || save step_00000009; exit 1 ;;
+        save-incomplete-then-fail) ((rank)) || save step_00000009 incomplete; exit 1 ;;
+        fail) exit 1 ;;
+        ignore) ;;
+    esac
+}
+trap on_term TERM
+touch "$MARKS/rank_$rank.started"
+while :; do sleep 0.1; done
+"""
+
+
+def _stand_in(tmp_path: Path, script: str, args: list, **env: str) -> tuple[subprocess.Popen, Path]:
+    """`script` started with the stand-in runner (MARKS: what it was handed, and its ranks' progress)."""
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    (marks / "launcher.sh").write_text(STAND_IN_LAUNCHER)
+    (marks / "rank.sh").write_text(STAND_IN_RANK)
+    python = marks / "python"
+    python.write_text(STAND_IN_PYTHON.replace("PYTHON", sys.executable))
+    python.chmod(0o755)
+    environ = {k: v for k, v in _env(**env).items() if k not in MULTICAST}
+    return start_job([LAUNCH / script, SMOKE, *args], {**environ, "PYTHON": str(python), "MARKS": str(marks)},
+                     merge_stderr=False), marks
+
+
+def _ranks_started(proc: subprocess.Popen, marks: Path) -> None:
+    wait_until(proc, lambda: all((marks / f"rank_{r}.started").exists() for r in range(2)), 120, "the ranks' start")
+
+
+def test_node_sh_plan(tmp_path, data):
+    """Node 1 of 2 with 2 of 3 visible GPUs (ids 2,3): ranks 2..3 of 4, checked for 4 processes with 2 per node, a
+    placeholder hostfile whose slots cover device id 3, --include naming ids 2,3 on every node, the NVLink-multicast
+    settings in the ranks' environment, and the run.dir the overrides give."""
+    run_dir = tmp_path / "run"
+    proc, marks = _stand_in(tmp_path, "node.sh", _overrides(data, run_dir), NNODES="2", NODE_RANK="1",
+                            MASTER_ADDR="10.0.0.1", MASTER_PORT="29999", NPROC_PER_NODE="2",
+                            CUDA_VISIBLE_DEVICES="2,3,5", FAKE_DEVICES="cuda 3", FAKE_RUNNER_EXIT="0")
+    out, err = finish_job(proc, 120)
+    assert proc.returncode == 0, err[-4000:]
+    assert "node 1 of 2: 2 processes (ranks 2..3 of 4), master 10.0.0.1:29999" in err, err
+    assert f"config ok for 4 processes: {SMOKE} -> run.dir {run_dir}" in err, err
+    assert (marks / "hostfile").read_text().splitlines() == ["node0 slots=4", "node1 slots=4"]
+    args = (marks / "runner_args").read_text().splitlines()
+    assert args[args.index("--include") + 1] == "node0:2,3@node1:2,3", args
+    assert args[args.index("--node_rank") + 1] == "1" and "--no_ssh" in args, args
+    handed = (marks / "runner_env").read_text().splitlines()
+    for name, value in MULTICAST.items():
+        assert f"{name}={value}" in handed, name
+
+
+def test_train_sh_names_the_visible_devices(tmp_path, data):
+    """CUDA_VISIBLE_DEVICES=3,5,6 and NPROC=2: the runner is given --include localhost:3,5 (with --num_gpus it would
+    drop CUDA_VISIBLE_DEVICES and use devices 0,1), and the ranks the NVLink-multicast settings."""
+    proc, marks = _stand_in(tmp_path, "train.sh", _overrides(data, tmp_path / "run"), NPROC="2",
+                            CUDA_VISIBLE_DEVICES="3,5,6", FAKE_DEVICES="cuda 3", FAKE_RUNNER_EXIT="0")
+    out, err = finish_job(proc, 120)
+    assert proc.returncode == 0, err[-4000:]
+    args = (marks / "runner_args").read_text().splitlines()
+    assert args[args.index("--include") + 1] == "localhost:3,5" and "--num_gpus" not in args, args
+    handed = (marks / "runner_env").read_text().splitlines()
+    for name, value in MULTICAST.items():
+        assert f"{name}={value}" in handed, name
+
+
+@pytest.mark.parametrize("on_term, before, status, message", [
+    # every rank exited 0
+    ("save", "step_00000005", 0, "every rank exited cleanly; latest checkpoint step 9"),
+    # the launcher fails (e.g. signalled too), but a checkpoint newer than the signal's `latest` completed
+    ("save-then-fail", "step_00000005", 0, "checkpoint step 9 completed after the signal (launcher exit 1)"),
+    ("save-then-fail", None, 0, "checkpoint step 9 completed after the signal (launcher exit 1)"),
+    # no new checkpoint: the one `latest` named when the signal came is not one made after it
+    ("fail", "step_00000009", 1, "without a new complete checkpoint (launcher exit 1); latest complete: step 9"),
+    # `latest` names a checkpoint without its meta.json (incomplete): not a resume point
+    ("save-incomplete-then-fail", "step_00000005", 1, "without a new complete checkpoint (launcher exit 1); latest complete: step -1"),
+])
+def test_exit_status_after_a_stop_signal(tmp_path, data, on_term, before, status, message):
+    """The status after SIGTERM: 0 when every rank exited 0 or a checkpoint newer than the one `latest` named when the
+    signal came is complete; else the launcher's."""
+    run_dir = tmp_path / "run"
+    proc, marks = _stand_in(tmp_path, "train.sh", _overrides(data, run_dir), FAKE_ON_TERM=on_term)
+    try:
+        _ranks_started(proc, marks)
+        if before:  # saved while training (train.save_every), before the signal
+            (run_dir / "checkpoints" / before).mkdir(parents=True)
+            (run_dir / "checkpoints" / before / "meta.json").write_text("{}")
+            (run_dir / "checkpoints" / "latest").write_text(before + "\n")
+        proc.send_signal(signal.SIGTERM)
+        out, err = finish_job(proc, 60)
+    finally:
+        kill_job(proc)
+    assert proc.returncode == status, err[-4000:]
+    assert f"stopped on SIGTERM: {message}" in err or f"stopped on SIGTERM {message}" in err, err[-4000:]
+
+
+def test_sigusr1_to_every_process_of_the_job(tmp_path, data):
+    """SLURM's --signal=USR1@T reaches every process of the step: only the supervisor acts on it (the launcher and
+    ranks ignore it), so the ranks checkpoint and everything exits 0."""
+    run_dir = tmp_path / "run"
+    proc, marks = _stand_in(tmp_path, "train.sh", _overrides(data, run_dir), FAKE_ON_TERM="save")
+    try:
+        _ranks_started(proc, marks)
+        for pid in [int(p) for p in os.listdir("/proc") if p.isdigit()]:
+            try:
+                if os.getsid(pid) == proc.pid:
+                    os.kill(pid, signal.SIGUSR1)
+            except (ProcessLookupError, PermissionError):
+                pass
+        out, err = finish_job(proc, 60)
+    finally:
+        kill_job(proc)
+    assert proc.returncode == 0, err[-4000:]
+    assert "[launch] SIGUSR1: asking the ranks" in err and "every rank exited cleanly" in err, err[-4000:]
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_00000009"
+
+
+def test_a_second_signal_kills_the_job(tmp_path, data):
+    """Ranks that do not stop on the first SIGTERM: a second one kills every process of the job at once."""
+    run_dir = tmp_path / "run"
+    proc, marks = _stand_in(tmp_path, "train.sh", _overrides(data, run_dir), FAKE_ON_TERM="ignore")
+    try:
+        _ranks_started(proc, marks)
+        proc.send_signal(signal.SIGTERM)
+        wait_until(proc, lambda: (marks / "terms").exists() and len((marks / "terms").read_text().splitlines()) == 2,
+                   60, "the ranks' SIGTERM")
+        proc.send_signal(signal.SIGTERM)
+        out, err = finish_job(proc, 60)
+    finally:
+        kill_job(proc)
+    assert proc.returncode != 0, err[-4000:]
+    assert "SIGTERM again: killing the job now" in err, err[-4000:]
+    leftover = subprocess.run(["pgrep", "-f", f"{marks}/rank.sh"], capture_output=True, text=True, check=False).stdout
+    assert not leftover.strip(), leftover
+
+
+@pytest.mark.parametrize("drain, seconds", [("2", 2)])
+def test_processes_outliving_the_launcher_are_killed_after_drain_timeout(tmp_path, data, drain, seconds):
+    """A process of the job still running when the launcher has exited is killed DRAIN_TIMEOUT seconds later."""
+    proc, marks = _stand_in(tmp_path, "train.sh", _overrides(data, tmp_path / "run"), FAKE_ORPHAN="1", DRAIN_TIMEOUT=drain)
+    try:
+        out, err = finish_job(proc, 60)
+    finally:
+        kill_job(proc)
+    assert proc.returncode == 0, err[-4000:]
+    assert f"processes of the job still alive {seconds}s after the launcher exited: killing them" in err, err[-4000:]
