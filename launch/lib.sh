@@ -112,6 +112,7 @@ validate() {
     [[ -f $config ]] || die 2 "$config: config file not found (nothing started)"
     # read only when processes outlive the launcher, in the supervisor's arithmetic: checked now, not then
     require_uint "${DRAIN_TIMEOUT:-90}" 1 "" "DRAIN_TIMEOUT=${DRAIN_TIMEOUT:-}: expected seconds, a positive integer"
+    DRAIN_TIMEOUT=$((10#${DRAIN_TIMEOUT:-90}))  # decimal, as validated: "08" would be bad octal in the supervisor
     if ! WORLD_SIZE=$world LOCAL_SIZE=$per_node "$PYTHON" -m deepseek_pt.train --check-only --config "$config" "$@" >/dev/null; then
         die 2 "$config: the configuration was refused for $world processes (nothing started)"
     fi

@@ -561,7 +561,7 @@ def test_a_second_signal_kills_the_job(tmp_path, data):
     assert not leftover.strip(), leftover
 
 
-@pytest.mark.parametrize("drain, seconds", [("2", 2)])
+@pytest.mark.parametrize("drain, seconds", [("2", 2), ("08", 8)])  # 08: decimal, as validated (octal: an error)
 def test_processes_outliving_the_launcher_are_killed_after_drain_timeout(tmp_path, data, drain, seconds):
     """A process of the job still running when the launcher has exited is killed DRAIN_TIMEOUT seconds later."""
     proc, marks = _stand_in(tmp_path, "train.sh", _overrides(data, tmp_path / "run"), FAKE_ORPHAN="1", DRAIN_TIMEOUT=drain)
@@ -571,3 +571,4 @@ def test_processes_outliving_the_launcher_are_killed_after_drain_timeout(tmp_pat
         kill_job(proc)
     assert proc.returncode == 0, err[-4000:]
     assert f"processes of the job still alive {seconds}s after the launcher exited: killing them" in err, err[-4000:]
+    assert "value too great for base" not in err, err[-4000:]
