@@ -70,7 +70,7 @@ def test_a_run_keeps_its_tokenizer_for_the_tools_run_from_any_directory(tmp_path
     from deepseek_pt.evaluate import main as evaluate_main
     from deepseek_pt.export import read_export_info
     from deepseek_pt.generate import main as generate_main
-    from deepseek_pt.train import RENDEZVOUS_ENV
+    from deepseek_pt.engine.distributed import RENDEZVOUS_ENV
 
     start = tmp_path / "start"
     shutil.copytree(pydoc_data_dir.shards_dir, start / "data")

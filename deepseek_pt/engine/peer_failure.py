@@ -73,6 +73,7 @@ class PeerFailureWatch:
         self._store: dist.Store | None = None  # the main thread's connection; None alone
         self._machine = machine_identity()
         self._gone: set[int] = set()  # ranks seen gone that had said they were leaving
+        self._told_lock, self._counted_told = threading.Lock(), False  # _told counts this rank once, either thread
 
     def start(self) -> None:
         """Before the ranks' next collective: a rank still connecting when rank 0 ends would retry for the process
@@ -215,7 +216,10 @@ class PeerFailureWatch:
         rank 0."""
         try:
             if self.rank != 0:
-                store.add(TOLD_KEY, 1)
+                with self._told_lock:
+                    first, self._counted_told = not self._counted_told, True
+                if first:
+                    store.add(TOLD_KEY, 1)
                 return
             deadline = time.monotonic() + TOLD_WAIT_SECONDS
             while store.add(TOLD_KEY, 0) < self.world - 1 and time.monotonic() < deadline:
