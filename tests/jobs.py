@@ -63,12 +63,17 @@ def finish_job(proc: subprocess.Popen, timeout: float) -> tuple[str, str]:
 
 
 def kill_job(proc: subprocess.Popen) -> None:
-    """SIGKILL every process of the job's session, also those in process groups of their own (`timeout` makes one
-    for the command it runs), as a machine's time limit kills them all."""
+    """SIGKILL every process of the job's session, as a machine's time limit kills them all."""
+    signal_session(proc, signal.SIGKILL)
+
+
+def signal_session(proc: subprocess.Popen, sig: int) -> None:
+    """Send `sig` to every process of the job's session, also those in process groups of their own (`timeout` makes
+    one for the command it runs), as a scheduler signals a whole job."""
     for pid in [int(p) for p in os.listdir("/proc") if p.isdigit()]:
         try:
             if os.getsid(pid) == proc.pid:
-                os.kill(pid, signal.SIGKILL)
+                os.kill(pid, sig)
         except (ProcessLookupError, PermissionError):
             pass
 

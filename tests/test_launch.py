@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from jobs import finish_job, free_port, job_env, kill_job, run_job, start_job, wait_until
+from jobs import finish_job, free_port, job_env, kill_job, run_job, signal_session, start_job, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 LAUNCH = ROOT / "launch"
@@ -528,12 +528,7 @@ def test_sigusr1_to_every_process_of_the_job(tmp_path, data):
     proc, marks = _stand_in(tmp_path, "train.sh", _overrides(data, run_dir), FAKE_ON_TERM="save")
     try:
         _ranks_started(proc, marks)
-        for pid in [int(p) for p in os.listdir("/proc") if p.isdigit()]:
-            try:
-                if os.getsid(pid) == proc.pid:
-                    os.kill(pid, signal.SIGUSR1)
-            except (ProcessLookupError, PermissionError):
-                pass
+        signal_session(proc, signal.SIGUSR1)
         out, err = finish_job(proc, 60)
     finally:
         kill_job(proc)
