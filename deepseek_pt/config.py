@@ -655,6 +655,7 @@ MIN_HEARTBEAT_TIMEOUT_MINUTES = 0.5
 """parallel.heartbeat_timeout_minutes' floor: below six polls of 5 s, one slow request to a busy store could take a
 live rank for a silent one."""
 
+
 def validate(cfg: Config, where: Callable[[str], str] = lambda key: "<config>") -> None:
     """`where(key)`: what set the key an error names (the file, or an override)."""
     def check(ok: bool, key: str, msg: str) -> None:

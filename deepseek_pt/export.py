@@ -134,12 +134,16 @@ def read_export_info(path: str | Path) -> dict:
     return info
 
 
-def trained_tokenizer_sha256(path: str | Path, info: dict) -> str | None:
+def trained_tokenizer_sha256(path: str | Path, info: dict, stored: bytes | None = None) -> str | None:
     """The identity of the tokenizer the model of the export at `path` (export.json: `info`) was trained with: the
     recorded tokenizer_sha256, else (an export written before it was recorded) the sha256 of the tokenizer.model it
-    stores; None with neither."""
-    stored = Path(path) / "tokenizer.model"
-    return info.get("tokenizer_sha256") or (sha256_file(stored) if stored.is_file() else None)
+    stores (`stored`: its bytes, where the caller has read them); None with neither."""
+    if recorded := info.get("tokenizer_sha256"):
+        return recorded
+    if stored is not None:
+        return hashlib.sha256(stored).hexdigest()
+    file = Path(path) / "tokenizer.model"
+    return sha256_file(file) if file.is_file() else None
 
 
 def load_export(path: str | Path, device: str | torch.device = "cpu",

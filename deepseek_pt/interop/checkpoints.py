@@ -46,7 +46,7 @@ def _from_export(path: Path, device, dtype) -> Checkpoint:
     info = read_export_info(path)
     data = read_tokenizer_copy(path / "tokenizer.model", info.get("tokenizer_sha256"), ExportError,
                                "the model was trained with", recorded_in=path / "export.json")  # before the (slow) load
-    trained_with = trained_tokenizer_sha256(path, info)
+    trained_with = trained_tokenizer_sha256(path, info, data)
     model, config = load_export(path, device, dtype)
     return Checkpoint(model, config, data, trained_with, info.get("doc_boundary"), info.get("step"))
 
