@@ -464,7 +464,7 @@ def test_node_sh_plan(tmp_path, data):
     proc, marks = _stand_in(tmp_path, "node.sh", _overrides(data, run_dir), NNODES="2", NODE_RANK="1",
                             MASTER_ADDR="10.0.0.1", MASTER_PORT="29999", NPROC_PER_NODE="2",
                             CUDA_VISIBLE_DEVICES="2,3,5", FAKE_DEVICES="cuda 3", FAKE_RUNNER_EXIT="0")
-    out, err = finish_job(proc, 120)
+    _, err = finish_job(proc, 120)
     assert proc.returncode == 0, err[-4000:]
     assert "node 1 of 2: 2 processes (ranks 2..3 of 4), master 10.0.0.1:29999" in err, err
     assert f"config ok for 4 processes: {SMOKE} -> run.dir {run_dir}" in err, err
@@ -482,7 +482,7 @@ def test_train_sh_names_the_visible_devices(tmp_path, data):
     drop CUDA_VISIBLE_DEVICES and use devices 0,1), and the ranks the NVLink-multicast settings."""
     proc, marks = _stand_in(tmp_path, "train.sh", _overrides(data, tmp_path / "run"), NPROC="2",
                             CUDA_VISIBLE_DEVICES="3,5,6", FAKE_DEVICES="cuda 3", FAKE_RUNNER_EXIT="0")
-    out, err = finish_job(proc, 120)
+    _, err = finish_job(proc, 120)
     assert proc.returncode == 0, err[-4000:]
     args = (marks / "runner_args").read_text().splitlines()
     assert args[args.index("--include") + 1] == "localhost:3,5" and "--num_gpus" not in args, args
@@ -514,7 +514,7 @@ def test_exit_status_after_a_stop_signal(tmp_path, data, on_term, before, status
             (run_dir / "checkpoints" / before / "meta.json").write_text("{}")
             (run_dir / "checkpoints" / "latest").write_text(before + "\n")
         proc.send_signal(signal.SIGTERM)
-        out, err = finish_job(proc, 60)
+        _, err = finish_job(proc, 60)
     finally:
         kill_job(proc)
     assert proc.returncode == status, err[-4000:]
@@ -529,7 +529,7 @@ def test_sigusr1_to_every_process_of_the_job(tmp_path, data):
     try:
         _ranks_started(proc, marks)
         signal_session(proc, signal.SIGUSR1)
-        out, err = finish_job(proc, 60)
+        _, err = finish_job(proc, 60)
     finally:
         kill_job(proc)
     assert proc.returncode == 0, err[-4000:]
@@ -547,7 +547,7 @@ def test_a_second_signal_kills_the_job(tmp_path, data):
         wait_until(proc, lambda: (marks / "terms").exists() and len((marks / "terms").read_text().splitlines()) == 2,
                    60, "the ranks' SIGTERM")
         proc.send_signal(signal.SIGTERM)
-        out, err = finish_job(proc, 60)
+        _, err = finish_job(proc, 60)
     finally:
         kill_job(proc)
     assert proc.returncode != 0, err[-4000:]
@@ -559,9 +559,9 @@ def test_a_second_signal_kills_the_job(tmp_path, data):
 @pytest.mark.parametrize("drain, seconds", [("2", 2), ("08", 8)])  # 08: decimal, as validated (octal: an error)
 def test_processes_outliving_the_launcher_are_killed_after_drain_timeout(tmp_path, data, drain, seconds):
     """A process of the job still running when the launcher has exited is killed DRAIN_TIMEOUT seconds later."""
-    proc, marks = _stand_in(tmp_path, "train.sh", _overrides(data, tmp_path / "run"), FAKE_ORPHAN="1", DRAIN_TIMEOUT=drain)
+    proc, _ = _stand_in(tmp_path, "train.sh", _overrides(data, tmp_path / "run"), FAKE_ORPHAN="1", DRAIN_TIMEOUT=drain)
     try:
-        out, err = finish_job(proc, 60)
+        _, err = finish_job(proc, 60)
     finally:
         kill_job(proc)
     assert proc.returncode == 0, err[-4000:]
