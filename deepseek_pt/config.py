@@ -12,7 +12,7 @@ import math
 import re
 import types
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -486,7 +486,10 @@ def _convert(value: Any, tp: Any, key: str, where: str) -> Any:
                 pass  # the next option may fit; the error below names them all
         raise ConfigError(f"{where}: {key}: expected {_type_name(tp)}, got {value!r}")
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:  # an integer literal past 1.8e308: YAML reads it as an int, no float holds it
+            raise ConfigError(f"{where}: {key}: must be a finite number, got {value}") from None
     if tp is float and isinstance(value, str):
         try:  # YAML 1.1 reads "3e-4" as a string
             value = float(value)
@@ -543,6 +546,8 @@ def _unique_key_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode) -> dic
     seen = set()
     for key_node, _ in node.value:
         key = loader.construct_object(key_node, deep=True)
+        if not isinstance(key, Hashable):  # `? [a, b]`: construct_mapping names it ("found unhashable key")
+            break
         if key in seen:
             raise yaml.constructor.ConstructorError(None, None, f"key {key!r} appears twice", key_node.start_mark)
         seen.add(key)

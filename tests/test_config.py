@@ -82,6 +82,8 @@ def _write(tmp_path, data) -> Path:
     ({"data": {"blend": [{"path": "a", "wieght": 1}]}}, [], "data.blend[0].wieght: unknown key"),
     ({"data": {"blend": {"path": "a"}}}, [], "data.blend: expected list of DataSource"),
     ({}, ["train.lr=.inf"], "train.lr: must be a finite number, got inf"),
+    ({}, [f"train.lr={10**400}"], f"train.lr: must be a finite number, got {10**400}"),  # YAML's int, past any float
+    ({"train": {"min_lr": 10**309}}, [], f"train.min_lr: must be a finite number, got {10**309}"),
     ({"model": {"init_std": "nan"}}, [], "model.init_std: must be a finite number, got nan"),
     ({}, ["model.moe.route_scale=-1"], "model.moe.route_scale: must be positive, got -1.0"),
     # The bounds themselves: route_scale 0 silences the routed experts; beta 1 makes Adam's bias correction 1 - 1^t = 0
@@ -189,6 +191,18 @@ def test_a_key_given_twice_in_the_file_is_named(tmp_path):
     with pytest.raises(ConfigError, match=r"override 'model=\{dim: 64, dim: 32\}': the value is not valid YAML \(key "
                                           r"'dim' appears twice\)$"):
         load_config(_write(tmp_path, {}), ["model={dim: 64, dim: 32}"])
+
+
+@pytest.mark.parametrize("text", ["model:\n  ? [dim, n_layers]\n  : 64\n", "train: {}\n{dim: 64}: 1\n"])
+def test_a_key_that_is_a_list_or_mapping_is_named(tmp_path, text):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=r"(?s)c.yaml: not valid YAML: while constructing a "
+                                          r"mapping.*found unhashable key.*line 2"):
+        load_config(path)
+    with pytest.raises(ConfigError, match=r"override 'model=\{\[1\]: 2\}': the value is not valid YAML \(found "
+                                          r"unhashable key\)"):
+        load_config(_write(tmp_path, {}), ["model={[1]: 2}"])
 
 
 def test_a_blend_from_yaml_or_an_override(tmp_path):
