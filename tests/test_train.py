@@ -886,6 +886,41 @@ def test_a_run_on_data_of_another_tokenizer_than_its_checkpoints_is_refused(tmp_
     assert _direct(f"data.path={data}", f"run.dir={run}", "--check-only").returncode == 0
 
 
+TRUNCATED = "data.path: shard {file}: truncated: 16382 bytes, manifest says 8192 tokens x 2 = 16384 bytes"
+
+
+@pytest.mark.parametrize("shard, damage, overrides, message", [
+    ("train-00002.bin", "remove", [], "data.path: shard {file}: missing (listed in {shards}/manifest.json)"),
+    ("train-00001.bin", "truncate", [], TRUNCATED),
+    ("val-00001.bin", "truncate", ["train.eval_every=4"], TRUNCATED),
+    ("train-00003.bin", "empty split", [], "data.train_split: split 'train' of {shards}/manifest.json lists no shards"),
+])
+def test_a_missing_or_truncated_shard_is_refused_before_the_start(tmp_path, data, shard, damage, overrides, message):
+    """--check-only passed, and the run stopped only after writing run.dir's config.yaml and tokenizer, on a shard
+    the loader found missing or of the wrong size. A split whose shards are not the run's is not looked at."""
+    import deepseek_pt.engine.preflight as preflight_checks
+    from deepseek_pt.config import load_config
+
+    shards = shutil.copytree(data, tmp_path / "shards")
+    file = shards / shard
+    if damage == "remove":
+        file.unlink()
+    elif damage == "truncate":
+        file.write_bytes(file.read_bytes()[:-2])
+    else:
+        manifest = json.loads((shards / "manifest.json").read_text())
+        manifest["splits"]["train"] = []
+        (shards / "manifest.json").write_text(json.dumps(manifest))
+    cfg = load_config(SMOKE, [f"data.path={shards}", f"run.dir={tmp_path / 'run'}", *overrides])
+    with pytest.raises(preflight_checks.PreflightError) as err:
+        preflight_checks.preflight(cfg, 2)
+    assert str(err.value) == message.format(file=file, shards=shards)
+    assert not (tmp_path / "run").exists()
+    if shard.startswith("val"):
+        preflight_checks.preflight(load_config(SMOKE, [f"data.path={shards}", f"run.dir={tmp_path / 'run'}",
+                                                       "train.eval_every=0"]), 2)
+
+
 def test_a_shard_directorys_wrong_tokenizer_is_refused_before_the_start(tmp_path, data):
     """--check-only passed, and the run stopped only after writing run.dir's config.yaml, on a tokenizer.model that
     is not the one the manifest names (the copy every start keeps in run.dir)."""

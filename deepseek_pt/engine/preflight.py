@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from ..config import Config, ConfigError, ModelConfig, differences, load_config, model_from_dict, uses_autoep
-from ..data.format import DataError, Manifest
+from ..data.format import DataError, Manifest, check_shard
 from ..model.counting import meta_model
 from . import checkpoint, run_tokenizer
 from .checkpoint import CheckpointError
@@ -185,8 +185,15 @@ def check_data(cfg: Config, world_size: int) -> Manifest:
                                        ("data.val_split", cfg.data.val_split, eval_batch if cfg.train.eval_every else 0)):
             if not need:
                 continue
-            if split not in manifest.splits or not manifest.shards(split):
+            if split not in manifest.splits:
                 raise PreflightError(f"{split_key}: split {split!r} not in {manifest.path} (has: {sorted(manifest.splits)})")
+            if not manifest.shards(split):
+                raise PreflightError(f"{split_key}: split {split!r} of {manifest.path} lists no shards")
+            for shard in manifest.shards(split):  # sizes, a stat each: the loader finds them only after run.dir is written
+                try:
+                    check_shard(manifest, shard)
+                except DataError as e:
+                    raise PreflightError(f"{key}: {e}") from None
             samples = max(manifest.num_tokens(split) - 1, 0) // cfg.data.seq_len
             if samples < need:
                 what = "one sample" if need == 1 else (f"one evaluation batch (train.micro_batch_size x {world_size} "
