@@ -778,6 +778,9 @@ def test_latest_naming_a_removed_checkpoint_names_the_way_on(tmp_path, data):
     ({"step": 4, "files": {}}, "missing or malformed world_size, ep_size"),
     ({"step": 4, "world_size": 2, "ep_size": 2, "files": {"mp_rank_00_model_states.pt": {"bytes": 1}}},
      "missing or malformed files.mp_rank_00_model_states.pt"),
+    ({"step": 4, "world_size": 2, "ep_size": 2, "files": {}, "settings": "bf16"}, "missing or malformed settings"),
+    ({"step": 4, "world_size": 2, "ep_size": 2, "files": {}, "settings": {"model": {}, "bf16": False, "autoep": 1}},
+     "missing or malformed settings.zero_stage, settings.autoep"),
 ])
 def test_a_malformed_meta_json_is_named(tmp_path, data, meta, named):
     run = tmp_path / "run"

@@ -206,6 +206,13 @@ def read_meta(tag_dir: Path) -> dict:
     wrong = [k for k in ("step", "world_size", "ep_size") if not isinstance(meta.get(k), int) or meta[k] < 0]
     wrong += [f"files.{n}" for n, f in meta["files"].items()
               if not isinstance(f, dict) or not isinstance(f.get("bytes"), int) or not isinstance(f.get("sha256"), str)]
+    if (settings := meta.get("settings")) is not None:  # what preflight's resume_mismatch reads
+        if not isinstance(settings, dict):
+            wrong.append("settings")
+        else:
+            wrong += [f"settings.{k}" for k, types in (("model", dict), ("zero_stage", int), ("bf16", bool))
+                      if not isinstance(settings.get(k), types)]
+            wrong += ["settings.autoep"] if not isinstance(settings.get("autoep", False), bool) else []
     if wrong:  # a hand-edited or foreign meta.json: named here, not a KeyError deep in the resume
         raise CheckpointError(f"{file}: missing or malformed {', '.join(wrong[:5])}")
     if meta.get("format_version", 0) > FORMAT_VERSION:
