@@ -924,6 +924,26 @@ def test_a_missing_or_truncated_shard_is_refused_before_the_start(tmp_path, data
                                                        "train.eval_every=0"]), 2)
 
 
+@pytest.mark.parametrize("name", ["config.yaml", "metrics.jsonl", "tokenizer.model", "data.json", ".lock", "checkpoints"])
+def test_a_run_dir_entry_of_the_wrong_kind_is_refused_before_the_start(tmp_path, data, name):
+    """A directory where the run writes a file ended the start in an IsADirectoryError traceback; a file named
+    checkpoints was found only by the first save, the steps before it lost."""
+    import deepseek_pt.engine.preflight as preflight_checks
+    from deepseek_pt.config import load_config
+
+    run = tmp_path / "run"
+    if name == "checkpoints":
+        run.mkdir()
+        (run / name).write_text("")
+    else:
+        (run / name).mkdir(parents=True)
+    with pytest.raises(preflight_checks.PreflightError) as err:
+        preflight_checks.preflight(load_config(SMOKE, [f"data.path={data}", f"run.dir={run}"]), 2)
+    kind = "not a directory" if name == "checkpoints" else "a directory"
+    assert str(err.value) == (f"run.dir: {run / name} is {kind}, where the run writes its {name}: remove it, or use "
+                              "another run.dir")
+
+
 def test_a_shard_directorys_wrong_tokenizer_is_refused_before_the_start(tmp_path, data):
     """--check-only passed, and the run stopped only after writing run.dir's config.yaml, on a tokenizer.model that
     is not the one the manifest names (the copy every start keeps in run.dir)."""

@@ -103,6 +103,13 @@ def preflight(cfg: Config, world_size: int) -> None:
         raise PreflightError(f"run.dir: {run_dir}: {made} is not a directory")
     if not os.access(made, os.W_OK | os.X_OK):
         raise PreflightError(f"run.dir: {run_dir}: {made} is not writable")
+    # What the run writes there: a directory where a file goes failed with an IsADirectoryError traceback, and a
+    # file named checkpoints only at the first save, the steps before it lost
+    for name, is_dir in (("config.yaml", False), ("metrics.jsonl", False), (".lock", False),
+                         (run_tokenizer.COPY_NAME, False), (run_tokenizer.RECORD_NAME, False), ("checkpoints", True)):
+        if (run_dir / name).exists() and (run_dir / name).is_dir() != is_dir:
+            raise PreflightError(f"run.dir: {run_dir / name} is {'not ' * is_dir}a directory, where the run writes its "
+                                 f"{name}: remove it, or use another run.dir")
     try:
         resume_dir = checkpoint.resolve(cfg.train.resume, run_dir)
     except CheckpointError as e:
