@@ -205,3 +205,7 @@ def test_cli_refuses_a_non_empty_output_directory(tmp_path, capsys):
     assert (hf / "model.safetensors").read_bytes() == b"weights"
     assert ckpt_export.main([str(tmp_path / "nowhere"), str(hf), "--force"]) == 2
     assert "does not exist" in capsys.readouterr().err
+    weights = hf / "model.safetensors"
+    for force in ([], ["--force"]):  # a file: --force, which the message told to pass, then failed after the conversion
+        assert ckpt_export.main([str(tmp_path / "nowhere"), str(weights), *force]) == 2
+        assert capsys.readouterr().err == f"error: {weights}: not a directory (name the export directory to write)\n"

@@ -332,7 +332,10 @@ def main(argv: list[str] | None = None) -> int:
     from ..export import ExportError
 
     out_dir = Path(args.out_dir)
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not args.force:
+    if out_dir.exists() and not out_dir.is_dir():  # --force would not help: found after the conversion (hours)
+        print(f"error: {out_dir}: not a directory (name the export directory to write)", file=sys.stderr)
+        return 2
+    if out_dir.exists() and any(out_dir.iterdir()) and not args.force:
         # Its model.safetensors / config.yaml would be replaced: e.g. an HF copy's, or an earlier export.
         print(f"error: {out_dir}: exists and is not empty (pass --force to write into it)", file=sys.stderr)
         return 2
