@@ -924,7 +924,8 @@ def test_a_missing_or_truncated_shard_is_refused_before_the_start(tmp_path, data
                                                        "train.eval_every=0"]), 2)
 
 
-@pytest.mark.parametrize("name", ["config.yaml", "metrics.jsonl", "tokenizer.model", "data.json", ".lock", "checkpoints"])
+@pytest.mark.parametrize("name", ["config.yaml", "metrics.jsonl", "tokenizer.model", "data.json", ".lock",
+                                  "checkpoints"])
 def test_a_run_dir_entry_of_the_wrong_kind_is_refused_before_the_start(tmp_path, data, name):
     """A directory where the run writes a file ended the start in an IsADirectoryError traceback; a file named
     checkpoints was found only by the first save, the steps before it lost."""

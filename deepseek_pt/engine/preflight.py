@@ -196,7 +196,7 @@ def check_data(cfg: Config, world_size: int) -> Manifest:
                 raise PreflightError(f"{split_key}: split {split!r} not in {manifest.path} (has: {sorted(manifest.splits)})")
             if not manifest.shards(split):
                 raise PreflightError(f"{split_key}: split {split!r} of {manifest.path} lists no shards")
-            for shard in manifest.shards(split):  # sizes, a stat each: the loader finds them only after run.dir is written
+            for shard in manifest.shards(split):  # sizes, a stat each: the loader finds them after run.dir is written
                 try:
                     check_shard(manifest, shard)
                 except DataError as e:
