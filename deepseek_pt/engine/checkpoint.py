@@ -5,7 +5,8 @@ Layout under `<run.dir>/checkpoints/`:
         rng/rank_R.pt            each rank's RNG state
         meta.json                written last by rank 0, after every rank finished: step, world and
                                  EP size, the settings a resume must match (model section, ZeRO
-                                 stage, bf16), and the size + sha256 of every file (the completion marker)
+                                 stage, bf16, data.seq_len and data.seed), and the size + sha256 of every
+                                 file (the completion marker)
     step_00000020_universal/     made on demand to resume on another world size or EP size; kept, and reused
                                  while its sizes.json and meta.json still match
     latest                       the newest complete tag, replaced atomically after meta.json
@@ -84,7 +85,7 @@ def save(engine, run_dir: Path, step: int, client_state: dict, ep_size: int, kee
          zero_init: bool = False, settings: dict | None = None) -> Path:
     """Collective: every rank calls it. Returns the checkpoint directory. `ep_size` and `zero_init` (how the model
     was built: its partitions are laid out differently) go into meta.json with the world size: a resume that changes
-    any of them goes through the universal checkpoint. `settings` (the model section, ZeRO stage, bf16) go there too:
+    any of them goes through the universal checkpoint. `settings` (the model section, ZeRO stage, bf16, ...) go there:
     what a resume must match (engine/preflight.py's resume_mismatch). A write that fails on any rank (a full disk) raises
     CheckpointError on every rank, naming the checkpoint, the rank and the free space."""
     root = checkpoints_dir(run_dir)

@@ -213,7 +213,8 @@ def check_data(cfg: Config, world_size: int) -> Manifest:
 def resume_settings(cfg: Config) -> dict:
     """What a checkpoint records of its run for resume_mismatch (meta.json's `settings`)."""
     return {"model": dataclasses.asdict(cfg.model), "zero_stage": cfg.parallel.zero_stage,
-            "bf16": cfg.precision != "fp32", "autoep": uses_autoep(cfg)}
+            "bf16": cfg.precision != "fp32", "autoep": uses_autoep(cfg), "seq_len": cfg.data.seq_len,
+            "data_seed": cfg.data.seed}
 
 
 def _saved_with_autoep(saved: dict) -> bool:
@@ -237,6 +238,9 @@ def resume_mismatch(meta: dict, cfg: Config, where: str) -> str | None:
     if saved["bf16"] != (cfg.precision != "fp32"):
         return (f"precision: {cfg.precision} here, {'bf16 or fp8' if saved['bf16'] else 'fp32'} in the checkpoint "
                 "(DeepSpeed keeps other optimizer files for bf16 training)")
+    for key, name, here in (("seq_len", "data.seq_len", cfg.data.seq_len), ("data_seed", "data.seed", cfg.data.seed)):
+        if key in saved and saved[key] != here:  # not recorded before: the loader's state refuses it, later
+            return f"{name}: {here} here, {saved[key]} in the checkpoint (every source's sample order would change)"
     try:
         model: ModelConfig = model_from_dict(saved["model"], where)
     except ConfigError as e:
