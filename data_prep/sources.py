@@ -186,6 +186,15 @@ def _locate_problem(inp: Input, field: str) -> str | None:
     return None
 
 
+def _json_array(inp: Input) -> bool:
+    """Whether a json input is one JSON array (its first line opens one) rather than JSON lines."""
+    try:
+        with _open_binary(inp.spec) as f:
+            return f.readline().lstrip(b"\xef\xbb\xbf").lstrip().startswith(b"[")
+    except (OSError, EOFError, ValueError):  # unreadable or badly compressed: datasets names it
+        return False
+
+
 def _locate_in_array(f, first: bytes, field: str) -> str | None:
     try:
         rows = json.loads((first + f.read()).decode("utf-8").lstrip("\ufeff"))
@@ -212,6 +221,10 @@ def iter_texts(inp: Input, text_field: str = "text", txt_doc: str = "document", 
     if txt_doc not in TXT_DOC_MODES:
         raise DataError(f"txt_doc {txt_doc!r} is not one of {', '.join(TXT_DOC_MODES)}")
     field = "text" if inp.builder == "text" else text_field
+    if inp.builder == "json" and _json_array(inp) and (where := _locate_problem(inp, field)):
+        # datasets reads an array of strings or numbers as a column `text` of them: strings became documents (a
+        # string per JSON line is refused), numbers an error naming a field the file does not have
+        raise DataError(f"input {inp.spec}: {where}")
     try:
         ds = _load(inp, text_field, txt_doc, streaming)
         if start_row:

@@ -486,6 +486,14 @@ def test_input_errors_name_the_input(tmp_path, pydoc_data_dir, monkeypatch):
     (tmp_path / "num.jsonl").write_text('{"text": 5}\n')
     with pytest.raises(DataError, match=r"num.jsonl: row 0: field 'text' holds a value of type int, not a string"):
         build([tmp_path / "num.jsonl"])
+    # an array of strings or numbers, which datasets reads as a column `text` of them: strings were documents (a
+    # string per JSON line is refused), numbers "field 'text' holds a value of type int", a field the file lacks
+    for name, text, what in (("strings.json", '["a", "b"]', "str"), ("numbers.json", "[1, 2]", "int"),
+                             ("lines.jsonl", '"a"\n"b"\n', "str")):
+        (tmp_path / name).write_text(text)
+        where = "line 1" if name.endswith(".jsonl") else "element 0 of the array"
+        with pytest.raises(DataError, match=rf"{name}: {where}: a JSON {what}, not an object$"):
+            build([tmp_path / name])
     pq.write_table(pa.table({"body": ["x"]}), tmp_path / "p.parquet")
     with pytest.raises(DataError, match=r"p.parquet: no column 'text' \(columns: body\)"):
         build([tmp_path / "p.parquet"])
