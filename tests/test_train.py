@@ -774,6 +774,24 @@ def test_latest_naming_a_removed_checkpoint_names_the_way_on(tmp_path, data):
     assert _direct(f"data.path={data}", f"run.dir={run}", f"train.resume={ckpt(run, 4)}", "--check-only").returncode == 0
 
 
+def test_a_universal_checkpoint_named_for_resume_resumes_its_source(tmp_path):
+    """train.resume=.../step_N_universal, the conversion kept beside step_N for resumes on another layout, failed as
+    corrupt ("failed verification: ... truncated or overwritten; ... missing"): its meta.json is step_N's."""
+    from deepseek_pt.engine import checkpoint
+    from deepseek_pt.engine.checkpoint import CheckpointError
+
+    root = tmp_path / "run" / "checkpoints"
+    universal = root / "step_00000004_universal"
+    universal.mkdir(parents=True)
+    (universal / "meta.json").write_text("{}")
+    with pytest.raises(CheckpointError, match=rf"^train.resume: {universal} is a universal checkpoint without its "
+                                              rf"source {root / 'step_00000004'}; name a step_\* checkpoint$"):
+        checkpoint.resolve(str(universal), tmp_path / "elsewhere")
+    (root / "step_00000004").mkdir()
+    (root / "step_00000004" / "meta.json").write_text("{}")
+    assert checkpoint.resolve(str(universal), tmp_path / "elsewhere") == root / "step_00000004"
+
+
 @pytest.mark.parametrize("meta, named", [
     ({"step": 4, "files": {}}, "missing or malformed world_size, ep_size"),
     ({"step": 4, "world_size": 2, "ep_size": 2, "files": {"mp_rank_00_model_states.pt": {"bytes": 1}}},

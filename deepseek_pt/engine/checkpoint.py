@@ -179,6 +179,12 @@ def resolve(resume: str, run_dir: Path) -> Path | None:
     tag_dir = Path(resume)
     if (tag_dir / "latest").exists() and not (tag_dir / "meta.json").exists():  # a checkpoints/ dir
         return resolve("auto", tag_dir.parent)
+    if tag_dir.name.endswith("_universal"):  # its meta.json (a copy) lists its source's files: "failed verification"
+        source = tag_dir.with_name(tag_dir.name.removesuffix("_universal"))
+        if not source.is_dir():
+            raise CheckpointError(f"train.resume: {tag_dir} is a universal checkpoint without its source {source}; "
+                                  "name a step_* checkpoint")
+        return resolve(str(source), run_dir)  # a resume on another layout takes the universal one kept beside it
     if not tag_dir.is_dir():
         raise CheckpointError(f"train.resume: checkpoint {tag_dir} does not exist")
     if not (tag_dir / "meta.json").exists():
