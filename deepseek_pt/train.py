@@ -30,7 +30,7 @@ from .engine import balance, checkpoint, run_tokenizer
 from .engine.checkpoint import CheckpointError
 from .engine.distributed import agree, check_same_config, init_distributed, mean_over_ranks
 from .engine.ds_config import build_ds_config, deepspeed_micro_steps, lr_scheduler
-from .engine.metrics import MetricsLogger, peak_flops, peak_memory_gib
+from .engine.metrics import MetricsLogger, WandbError, peak_flops, peak_memory_gib
 from .engine.peer_failure import PeerFailureWatch
 from .engine.preflight import PreflightError, preflight, resume_settings
 from .fileio import describe_os_error
@@ -391,7 +391,7 @@ def train(cfg: Config) -> int:
         raise
     except Exception as e:
         watch.stop()  # an error every rank raises together (a failed save) must not reach this one's watcher first
-        found = isinstance(e, (CheckpointError, DataError, PreflightError, OSError))  # this rank's own finding
+        found = isinstance(e, (CheckpointError, DataError, PreflightError, WandbError, OSError))  # this rank's own
         # Anything else may be a collective that failed because another rank failed first (gloo: a closed
         # connection): say that instead.
         if not found and (peer := watch.peer_failure()):
@@ -603,7 +603,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         return train(cfg)
-    except (CheckpointError, PreflightError, StoppedError, DataError) as e:
+    except (CheckpointError, PreflightError, StoppedError, DataError, WandbError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except OSError as e:

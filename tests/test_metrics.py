@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from deepseek_pt.config import config_from_dict
 from deepseek_pt.engine.metrics import MetricsLogger
 
@@ -48,3 +50,19 @@ def test_a_run_starting_over_from_step_0_drops_the_earlier_runs_steps(tmp_path, 
     assert [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == \
         [{"step": 1, "loss": 2.0}]
     assert "dropped 3 lines past step 0 (this run starts over from step 0)" in capsys.readouterr().out
+
+
+def test_wandb_that_cannot_start_is_one_line_naming_run_wandb(tmp_path, monkeypatch):
+    """run.wandb=online without a W&B login ended rank 0 in wandb's UsageError traceback, after the engine was built."""
+    import wandb
+
+    from deepseek_pt.engine.metrics import WandbError
+
+    def init(**kwargs):
+        raise wandb.errors.UsageError("No API key configured. Use `wandb login` to log in.")
+
+    monkeypatch.setattr(wandb, "init", init)
+    with pytest.raises(WandbError) as err:
+        MetricsLogger(tmp_path, config_from_dict({"run": {"wandb": "online"}}), True, 0, None)
+    assert str(err.value) == ("run.wandb: online: W&B did not start (No API key configured. Use `wandb login` to log "
+                              "in.); log in (wandb login, or WANDB_API_KEY), or set run.wandb=offline")

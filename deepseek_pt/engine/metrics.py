@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from ..fileio import atomic_write_text, free_space
+from ..fileio import atomic_write_text, first_line, free_space
 
 # Dense bf16 peak of the GPU, by name fragment: the MFU denominator (FP8 runs are measured against it too).
 PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "H800": 989.0, "A100": 312.0, "A800": 312.0, "L40S": 362.0}
@@ -31,6 +31,10 @@ def peak_memory_gib() -> float:
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+
+
+class WandbError(RuntimeError):
+    """Weights & Biases refused to start the run (run.wandb); the message says why."""
 
 
 class MetricsLogger:
@@ -54,9 +58,14 @@ class MetricsLogger:
             self.bar = tqdm(total=cfg.train.max_steps, initial=start_step, dynamic_ncols=True, desc="train")
         if cfg.run.wandb != "disabled":
             import wandb
-            self.wandb = wandb.init(project=cfg.run.wandb_project, name=cfg.run.name or run_dir.name,
-                                    dir=str(run_dir), mode=cfg.run.wandb, id=wandb_id, resume="allow",
-                                    config=cfg.to_dict())
+            try:
+                self.wandb = wandb.init(project=cfg.run.wandb_project, name=cfg.run.name or run_dir.name,
+                                        dir=str(run_dir), mode=cfg.run.wandb, id=wandb_id, resume="allow",
+                                        config=cfg.to_dict())
+            except wandb.errors.Error as e:  # no login, no network: wandb's traceback on rank 0 before
+                why = first_line(str(e), type(e).__name__)
+                raise WandbError(f"run.wandb: {cfg.run.wandb}: W&B did not start ({why}); log in (wandb login, or "
+                                 "WANDB_API_KEY), or set run.wandb=offline") from None
             self.wandb_id = self.wandb.id
 
     def log(self, record: dict, console_every: int = 1) -> None:
