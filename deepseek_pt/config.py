@@ -585,11 +585,22 @@ def config_from_dict(data: dict, where: str = "<dict>", overrides: list[str] = (
     _build(Config, data, "", where)
     set_by = {}  # key -> the override that set it last
     for key, value in parse_overrides(list(overrides)):
+        set_by = {k: v for k, v in set_by.items() if not k.startswith((f"{key}.", f"{key}["))}  # replaced with it
         set_by[key] = blame = f"{where} (override {key}={value!r})"
         _set_dotted(data, key, value, blame)
         _build(Config, data, "", blame)
     cfg = _build(Config, data, "", where)
-    validate(cfg, lambda key: set_by.get(key, where))
+
+    def set_by_section(key: str) -> str:
+        """What set `key`: an override of it or of a section holding it (data.blend for data.blend[1].weight)."""
+        while key not in set_by:
+            section = re.sub(r"(\.\w+|\[\d+\])$", "", key)
+            if section == key:
+                return where
+            key = section
+        return set_by[key]
+
+    validate(cfg, set_by_section)
     return cfg
 
 

@@ -183,6 +183,24 @@ def test_a_bad_override_is_blamed_on_the_override_not_the_file(tmp_path):
         load_config(_write(tmp_path, {"model": {"n_layers": "four"}}), ["model.dim=abc"])  # the file's comes first
 
 
+@pytest.mark.parametrize("overrides, message", [
+    (["data.path=null", "data.blend=[{path: /d/a, weight: 1}, {path: /d/a, weight: 2}]"],
+     "c.yaml (override data.blend=[{'path': '/d/a', 'weight': 1}, {'path': '/d/a', 'weight': 2}]): "
+     "data.blend[1].name: 'a' is data.blend[0]'s too"),
+    (["data.path=null", "data.blend=[{path: /d/a, weight: 0.000001}, {path: /d/b, weight: 1}]"],
+     "(override data.blend=[{'path': '/d/a', 'weight': 1e-06}, {'path': '/d/b', 'weight': 1}]): data.blend[0].weight"),
+    (["model.attention={n_heads: 4, qk_rope_head_dim: 7}"], "(override model.attention={'n_heads': 4, "
+                                                            "'qk_rope_head_dim': 7}): model.attention.qk_rope_head_dim"),
+    (["model.attention.qk_rope_head_dim=8", "model.attention={qk_rope_head_dim: 7}"],
+     "(override model.attention={'qk_rope_head_dim': 7}): model.attention.qk_rope_head_dim: must be even"),
+])
+def test_a_bad_value_inside_an_overridden_section_is_blamed_on_that_override(tmp_path, overrides, message):
+    """A blend (or section) given on the command line was blamed on the file, which never held it."""
+    with pytest.raises(ConfigError) as err:
+        load_config(_write(tmp_path, {"data": {"path": "/d/one"}}), overrides)
+    assert message in str(err.value)
+
+
 def test_a_key_given_twice_in_the_file_is_named(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("model:\n  dim: 64\ntrain:\n  lr: 1.0e-3\nmodel:\n  n_layers: 2\n")
