@@ -196,6 +196,20 @@ def test_bad_checkpoints_are_named(trained, tmp_path, capsys):
     assert exit_info.value.code == 2
 
 
+def test_cli_takes_the_dtype_names_the_other_tools_take(tmp_path, monkeypatch):
+    """`--dtype bfloat16`, as convert, generate and evaluate spell it, was refused here (bf16 | fp32 only)."""
+    asked = []
+
+    def export_checkpoint(ckpt, out, dtype):
+        asked.append(ckpt_export._dtype(dtype))
+        raise CheckpointError("stop here")
+
+    monkeypatch.setattr(ckpt_export, "export_checkpoint", export_checkpoint)
+    for name in ("bf16", "bfloat16", "fp32", "float32"):
+        assert ckpt_export.main([str(tmp_path / "run"), str(tmp_path / "out"), "--dtype", name]) == 2
+    assert asked == [torch.bfloat16] * 2 + [torch.float32] * 2
+
+
 def test_cli_refuses_a_non_empty_output_directory(tmp_path, capsys):
     hf = tmp_path / "hf"  # e.g. an HF copy, whose model.safetensors the export would replace
     hf.mkdir()

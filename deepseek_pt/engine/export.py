@@ -325,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("checkpoint", help="run directory, its checkpoints/ directory, or a step_* checkpoint")
     parser.add_argument("out_dir", help="export directory to write (config.yaml, model.safetensors, the run's "
                         "tokenizer.model, export.json with its tokenizer_sha256)")
-    parser.add_argument("--dtype", choices=["bf16", "fp32"], default="fp32",
+    parser.add_argument("--dtype", choices=list(DTYPE_NAMES), default="fp32",  # bfloat16 as the other tools spell it
                         help="weight dtype of the export (default fp32: the training masters as they are)")
     parser.add_argument("--force", action="store_true", help="write into a non-empty output directory")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
