@@ -914,7 +914,7 @@ TRUNCATED = "data.path: shard {file}: truncated: 16382 bytes, manifest says 8192
     ("train-00002.bin", "remove", [], "data.path: shard {file}: missing (listed in {shards}/manifest.json)"),
     ("train-00001.bin", "truncate", [], TRUNCATED),
     ("val-00001.bin", "truncate", ["train.eval_every=4"], TRUNCATED),
-    ("train-00003.bin", "empty split", [], "data.train_split: split 'train' of {shards}/manifest.json lists no shards"),
+    ("train-00003.bin", "empty split", [], "data.train_split: split 'train' of {shards}/manifest.json is empty"),
 ])
 def test_a_missing_or_truncated_shard_is_refused_before_the_start(tmp_path, data, shard, damage, overrides, message):
     """--check-only passed, and the run stopped only after writing run.dir's config.yaml and tokenizer, on a shard
@@ -975,6 +975,24 @@ def test_a_shard_directorys_wrong_tokenizer_is_refused_before_the_start(tmp_path
                                                           r"[0-9a-f]{12}\.\.\. is not the tokenizer "):
         preflight_checks.preflight(load_config(SMOKE, [f"data.path={shards}", f"run.dir={tmp_path / 'run'}"]), 2)
     assert not (tmp_path / "run").exists()
+
+
+def test_an_empty_val_split_is_named_as_empty_before_the_start(tmp_path, pydoc_data_dir):
+    """Shards built with build_shards' default --val-fraction 0 have an empty val split, which training with
+    train.eval_every set refused as "split 'val' not in .../manifest.json (has: ['train', 'val'])"."""
+    import deepseek_pt.engine.preflight as preflight_checks
+    from data_prep import build_shards
+    from deepseek_pt.config import load_config
+
+    shards = tmp_path / "shards"
+    build_shards.build([str(pydoc_data_dir.corpus)], pydoc_data_dir.tokenizer_model, shards, shard_tokens=1 << 20,
+                       num_proc=1, progress=False)
+    config = lambda *extra: load_config(SMOKE, [f"data.path={shards}", f"run.dir={tmp_path / 'run'}", *extra])
+    with pytest.raises(preflight_checks.PreflightError, match=(
+            rf"^data.val_split: split 'val' of {shards / 'manifest.json'} is empty \(build_shards.py --val-fraction "
+            r"puts documents there, 0 by default\): set train.eval_every=0 to train without evaluation$")):
+        preflight_checks.preflight(config(), 2)
+    preflight_checks.preflight(config("train.eval_every=0"), 2)
 
 
 def test_the_run_keeps_the_tokenizer_its_data_names(tmp_path, data):

@@ -194,8 +194,10 @@ def check_data(cfg: Config, world_size: int) -> Manifest:
                 continue
             if split not in manifest.splits:
                 raise PreflightError(f"{split_key}: split {split!r} not in {manifest.path} (has: {sorted(manifest.splits)})")
-            if not manifest.shards(split):
-                raise PreflightError(f"{split_key}: split {split!r} of {manifest.path} lists no shards")
+            if not manifest.shards(split):  # a manifest lists train and val always, val empty by default
+                why = (" (build_shards.py --val-fraction puts documents there, 0 by default): set train.eval_every=0 "
+                       "to train without evaluation" if split_key == "data.val_split" else "")
+                raise PreflightError(f"{split_key}: split {split!r} of {manifest.path} is empty{why}")
             for shard in manifest.shards(split):  # sizes, a stat each: the loader finds them after run.dir is written
                 try:
                     check_shard(manifest, shard)
