@@ -67,6 +67,13 @@ def resolve_inputs(specs: list[str], exclude: str | Path | None = None) -> list[
     def wanted(p: Path) -> bool:
         return skip is None or not p.resolve().is_relative_to(skip)
 
+    def inputs_of(spec: str, found: list[Path]) -> list[Path]:
+        files = [p for p in found if wanted(p)]
+        if found and not files:  # --input data --out data: not "no files"
+            raise DataError(f"input {spec}: its files lie in the output directory {skip}, which is never read as input: "
+                            "choose an --out outside it")
+        return files
+
     inputs: list[Input] = []
     for spec in specs:
         if spec.startswith(HUB_PREFIX):
@@ -76,13 +83,13 @@ def resolve_inputs(specs: list[str], exclude: str | Path | None = None) -> list[
             continue
         path = Path(spec).expanduser()
         if glob.has_magic(spec):
-            matches = sorted(Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).is_file() and wanted(Path(p)))
+            matches = inputs_of(spec, sorted(Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).is_file()))
             if not matches:
                 raise DataError(f"input {spec}: the pattern matches no file")
             inputs += [_file_input(p, str(p)) for p in matches]
         elif path.is_dir():
-            files = sorted(p for p in path.rglob("*") if p.is_file() and _builder(p) and wanted(p)
-                           and not any(part.startswith(".") for part in p.relative_to(path).parts))
+            files = inputs_of(spec, sorted(p for p in path.rglob("*") if p.is_file() and _builder(p)
+                                           and not any(part.startswith(".") for part in p.relative_to(path).parts)))
             if not files:
                 raise DataError(f"input {spec}: directory has no {', '.join(BUILDERS)} files")
             inputs += [_file_input(p, str(p)) for p in files]

@@ -752,3 +752,19 @@ def test_output_directory_inside_an_input_directory_is_not_an_input(tmp_path, py
     tok = ["--input", str(tmp_path / "t"), "--vocab-size", "400", "--out", str(tmp_path / "t" / "tok"), "--quiet"]
     assert train_tokenizer.main(tok) == 0
     assert train_tokenizer.main(tok + ["--overwrite"]) == 0
+
+
+@pytest.mark.parametrize("spec", ["{data}", "{data}/*.jsonl"])
+def test_an_input_whose_files_all_lie_in_the_output_directory_is_named_so(tmp_path, pydoc_data_dir, spec, capsys):
+    """--input data --out data: refused as "directory has no .txt, .jsonl, .json, .parquet files" (or "the pattern
+    matches no file") beside the corpus' own files."""
+    data = tmp_path / "data"
+    data.mkdir()
+    write_jsonl(data / "c.jsonl", DOCS[:5])
+    spec = spec.format(data=data)
+    argv = ["--input", spec, "--tokenizer", str(pydoc_data_dir.tokenizer_model), "--out", str(data),
+            "--shard-tokens", "1000", "--num-proc", "1", "--quiet"]
+    assert build_shards.main(argv) == 2
+    assert capsys.readouterr().err == (f"error: input {spec}: its files lie in the output directory {data}, which is "
+                                       "never read as input: choose an --out outside it\n")
+    assert sorted(p.name for p in data.iterdir()) == ["c.jsonl"]
