@@ -17,6 +17,7 @@ import signal
 import socket
 import sys
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import NoReturn
@@ -601,6 +602,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.check_only:
         print(f"ok: {args.config} is valid", flush=True)
         return 0
+    # torch 2.13 deprecates collectives DeepSpeed 0.19.8 calls several times a step: noise a user cannot act on
+    warnings.filterwarnings("ignore", r"`torch\.distributed\.\w+` is deprecated", FutureWarning)
     try:
         return train(cfg)
     except (CheckpointError, PreflightError, StoppedError, DataError, WandbError) as e:

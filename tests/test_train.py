@@ -730,6 +730,21 @@ def test_one_process_without_a_launcher_trains_like_two_ranks(tmp_path, baseline
 
 
 @pytest.mark.slow
+def test_one_process_with_warnings_shown_logs_no_deprecation_of_deepspeeds_collectives(tmp_path, data):
+    """README's one-process command, outside the launch scripts' PYTHONWARNINGS=ignore: torch 2.13's FutureWarnings
+    on DeepSpeed's reduce_scatter_tensor and all_gather_into_tensor took two lines of the log each, several times a
+    step, nothing a user could act on."""
+    from deepseek_pt.engine.distributed import RENDEZVOUS_ENV
+
+    env = {k: v for k, v in job_env().items() if k not in (*RENDEZVOUS_ENV, "PYTHONWARNINGS")}
+    proc = run_job([sys.executable, "-m", "deepseek_pt.train", "--config", SMOKE, f"data.path={data}",
+                    f"run.dir={tmp_path}", "train.max_steps=2", "train.warmup_steps=2", "train.eval_every=0",
+                    "train.save_every=0", *ONE_RANK_ALL_PERSISTENT], env, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "FutureWarning: `torch.distributed." not in proc.stdout + proc.stderr, proc.stderr[-3000:]
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("split", ["train", "val"])
 def test_verify_checksums_names_a_corrupt_shard_of_either_split(tmp_path, data, split):
     """data.verify_checksums hashed only the training shards (evaluation read a corrupt val shard unchecked), in
