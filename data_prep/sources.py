@@ -70,8 +70,8 @@ def resolve_inputs(specs: list[str], exclude: str | Path | None = None) -> list[
     def inputs_of(spec: str, found: list[Path]) -> list[Path]:
         files = [p for p in found if wanted(p)]
         if found and not files:  # --input data --out data: not "no files"
-            raise DataError(f"input {spec}: its files lie in the output directory {skip}, which is never read as input: "
-                            "choose an --out outside it")
+            raise DataError(f"input {spec}: its files lie in the output directory {skip}, which is never read as "
+                            "input: choose an --out outside it")
         return files
 
     inputs: list[Input] = []
@@ -83,7 +83,8 @@ def resolve_inputs(specs: list[str], exclude: str | Path | None = None) -> list[
             continue
         path = Path(spec).expanduser()
         if glob.has_magic(spec):
-            matches = inputs_of(spec, sorted(Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).is_file()))
+            matches = inputs_of(spec, sorted(Path(p) for p in glob.glob(str(path), recursive=True)
+                                             if Path(p).is_file()))
             if not matches:
                 raise DataError(f"input {spec}: the pattern matches no file")
             inputs += [_file_input(p, str(p)) for p in matches]

@@ -189,8 +189,8 @@ def test_a_bad_override_is_blamed_on_the_override_not_the_file(tmp_path):
      "data.blend[1].name: 'a' is data.blend[0]'s too"),
     (["data.path=null", "data.blend=[{path: /d/a, weight: 0.000001}, {path: /d/b, weight: 1}]"],
      "(override data.blend=[{'path': '/d/a', 'weight': 1e-06}, {'path': '/d/b', 'weight': 1}]): data.blend[0].weight"),
-    (["model.attention={n_heads: 4, qk_rope_head_dim: 7}"], "(override model.attention={'n_heads': 4, "
-                                                            "'qk_rope_head_dim': 7}): model.attention.qk_rope_head_dim"),
+    (["model.attention={n_heads: 4, qk_rope_head_dim: 7}"],
+     "(override model.attention={'n_heads': 4, 'qk_rope_head_dim': 7}): model.attention.qk_rope_head_dim"),
     (["model.attention.qk_rope_head_dim=8", "model.attention={qk_rope_head_dim: 7}"],
      "(override model.attention={'qk_rope_head_dim': 7}): model.attention.qk_rope_head_dim: must be even"),
 ])
