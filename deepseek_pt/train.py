@@ -137,6 +137,25 @@ def verify_checksums(cfg: Config, device) -> None:
         raise DataError(problem or "data.verify_checksums: a shard failed its check in another process (named there)")
 
 
+OPTIMIZER_KEYS = ("lr", "min_lr", "warmup_steps", "schedule", "wsd_decay_fraction", "max_steps", "weight_decay",
+                  "beta1", "beta2", "adam_eps", "grad_clip")
+"""train.* keys a resume may change (the run goes on with the new values), said at resume: a silent change of the
+learning rate shows in the metrics only as a jump."""
+
+
+def optimizer_settings(cfg: Config) -> dict:
+    """What a checkpoint records of the schedule and AdamW (its client state's `optimizer_settings`)."""
+    return {key: getattr(cfg.train, key) for key in OPTIMIZER_KEYS}
+
+
+def optimizer_changes(saved: dict | None, cfg: Config) -> str:
+    """`train.lr 0.001 (0.0003 in the checkpoint), ...` for each setting this config changes; '' for none, or for a
+    checkpoint written before they were recorded."""
+    here = optimizer_settings(cfg)
+    return ", ".join(f"train.{key} {here[key]} ({saved[key]} in the checkpoint)" for key in OPTIMIZER_KEYS
+                     if saved and key in saved and saved[key] != here[key])
+
+
 def evaluate(engine, cfg: Config, rank: int, world: int, device) -> dict[str, float]:
     """eval_loss over data.val_split; for a blend, each source's (eval_loss/NAME) and their weighted mean."""
     from .data import to_device, val_batches
@@ -482,6 +501,9 @@ def _train(cfg: Config, rank: int, world: int, device: torch.device, stop: StopS
                       f"{cfg.train.micro_batch_size} x train.grad_accum_steps {cfg.train.grad_accum_steps} x {world} "
                       f"processes), {saved_batch} in the checkpoint's run: the learning-rate schedule goes on by "
                       "steps, each now of that many sequences", flush=True)
+            if changed := optimizer_changes(client.get("optimizer_settings"), cfg):
+                print(f"resume: {changed} here: the schedule and AdamW go on with this config's from step {step}",
+                      flush=True)
             saved_eval = client.get("eval_sequences")
             if eval_sequences and saved_eval and saved_eval != eval_sequences:
                 print(f"resume: evaluation reads the first {eval_sequences} sequences of {cfg.data.val_split!r} here "
@@ -502,7 +524,8 @@ def _train(cfg: Config, rank: int, world: int, device: torch.device, stop: StopS
             return
         client = {"step": at_step, "tokens_seen": tokens_seen, "loader": loader.state_dict(),
                   "balance_bias": balance.balance_biases(engine.module), "wandb_id": log.wandb_id,
-                  "sequences_per_step": sequences_per_step, "eval_sequences": eval_sequences}
+                  "sequences_per_step": sequences_per_step, "eval_sequences": eval_sequences,
+                  "optimizer_settings": optimizer_settings(cfg)}
         checkpoint.save(engine, run_dir, at_step, client, cfg.parallel.expert_parallel_size, cfg.train.keep_last,
                         cfg.parallel.zero_init, resume_settings(cfg))
         last_saved = at_step

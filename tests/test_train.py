@@ -246,15 +246,23 @@ def test_the_scheduler_gives_each_step_lr_at_its_index():
 @pytest.mark.slow
 def test_a_resume_trains_with_this_configs_optimizer_settings(tmp_path, data):
     """A resume that changes the schedule (train.lr, min_lr, max_steps) or AdamW's settings runs on this config's,
-    from the checkpoint's step on: DeepSpeed's load brings back the saved param groups and the scheduler's base lr."""
+    from the checkpoint's step on: DeepSpeed's load brings back the saved param groups and the scheduler's base lr.
+    It says which changed (a silent one showed only as a jump of the logged lr)."""
     from deepseek_pt.config import load_config
     from deepseek_pt.engine.ds_config import lr_at
 
     one_rank = ["parallel.expert_parallel_size=1"]
-    train(1, tmp_path, data, *one_rank, "train.exit_at_step=4")
+    first = train(1, tmp_path, data, *one_rank, "train.exit_at_step=4")
+    assert "resume:" not in first.stdout
     changed = ["train.lr=1e-3", "train.min_lr=1e-4", "train.max_steps=12", "train.weight_decay=0.5",
                "train.beta2=0.99", "train.adam_eps=1e-6"]
-    train(1, tmp_path, data, *one_rank, *changed)
+    resumed = train(1, tmp_path, data, *one_rank, *changed)  # max_steps: _launch_cmd's 8
+    smoke = load_config(SMOKE).train
+    assert (f"resume: train.lr 0.001 ({smoke.lr} in the checkpoint), train.min_lr 0.0001 ({smoke.min_lr} in the "
+            f"checkpoint), train.max_steps 12 (8 in the checkpoint), train.weight_decay 0.5 "
+            f"({smoke.weight_decay} in the checkpoint), train.beta2 0.99 ({smoke.beta2} in the checkpoint), "
+            f"train.adam_eps 1e-06 ({smoke.adam_eps} in the checkpoint) here: the schedule and AdamW go on with this "
+            "config's from step 4\n") in resumed.stdout, resumed.stdout[-3000:]
     cfg = load_config(SMOKE, changed)
     assert [m["lr"] for m in metrics(tmp_path)][4:] == pytest.approx([lr_at(cfg, s) for s in range(4, 12)], rel=1e-9)
     saved = torch.load(ckpt(tmp_path, 12) / "zero_pp_rank_0_mp_rank_00_optim_states.pt", weights_only=False)
