@@ -459,6 +459,12 @@ def test_hf_copy_carries_a_tokenizer_that_autotokenizer_reads(tmp_path, pydoc_da
     assert convert_main(["mla-o", str(tmp_path / "back"), str(tmp_path / "o"), "--o-latent-dim", "8"]) == 0
     assert read_export_info(tmp_path / "o")["tokenizer_sha256"] == sha
     capsys.readouterr()
+    # The documents' framing goes with the copy (generate's --prefix auto reads it): the HF copy of an eos-framed
+    # run was prompted after a BOS such training never put at a document's start, and lost it on the way back
+    assert config["deepseek_pt_doc_boundary"] == "eos"
+    assert load_checkpoint(tmp_path / "hf").doc_boundary == "eos"
+    assert read_export_info(tmp_path / "back")["doc_boundary"] == "eos"
+    assert transformers.AutoConfig.from_pretrained(tmp_path / "hf").deepseek_pt_doc_boundary == "eos"
 
 
 def test_convert_cli_errors_are_one_line(tmp_path, capsys):

@@ -26,6 +26,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from ..config import Config, ConfigError, ModelConfig, config_from_dict
+from ..data.format import DOC_BOUNDARIES
 from ..export import DTYPES, FP32_TENSORS, cast_model, dtype_name, expected_shapes, expected_tensors
 from ..fileio import atomic_path, atomic_write_bytes, atomic_write_json
 from ..model import MoE, Transformer
@@ -394,15 +395,28 @@ def hf_tensors(model: Transformer, dtype: torch.dtype,
     return out, fold_errors
 
 
+DOC_BOUNDARY_KEY = "deepseek_pt_doc_boundary"
+"""config.json's record of how the training documents were framed (an export's `doc_boundary`): transformers keeps
+a key it does not know as a config attribute, and our tools prompt the HF copy as they prompt its run."""
+
+
+def hf_doc_boundary(path: str | Path) -> str | None:
+    """The doc boundary the HF directory at `path` records (save_hf's `doc_boundary`); None where it records none."""
+    boundary = read_hf_config(path).get(DOC_BOUNDARY_KEY)
+    return boundary if boundary in DOC_BOUNDARIES else None
+
+
 def save_hf(model: Transformer, path: str | Path, fold: bool = False, dtype: torch.dtype | None = None,
             bos_id: int | None = None, eos_id: int | None = None,
-            max_shard_bytes: int = MAX_SHARD_BYTES) -> list[float]:
+            max_shard_bytes: int = MAX_SHARD_BYTES, doc_boundary: str | None = None) -> list[float]:
     """Write `model` as an HF DeepseekV3ForCausalLM directory (config.json, generation_config.json,
-    safetensors, sharded with an index above max_shard_bytes). Returns the per-layer fold errors
-    (empty unless an MLA-o model was folded)."""
+    safetensors, sharded with an index above max_shard_bytes), recording `doc_boundary` where known. Returns the
+    per-layer fold errors (empty unless an MLA-o model was folded)."""
     path = Path(path)
     dtype = dtype or model.embed_tokens.weight.dtype
     config = hf_config_dict(model.config, dtype, bos_id, eos_id)
+    if doc_boundary is not None:
+        config[DOC_BOUNDARY_KEY] = doc_boundary
     tensors, fold_errors = hf_tensors(model, dtype, fold)
     path.mkdir(parents=True, exist_ok=True)
     # Writing over an earlier save (convert --force): incomplete until the new config.json is in place,
