@@ -48,6 +48,7 @@ def test_open_manifest(pydoc_data_dir):
 @pytest.mark.parametrize("edit, message", [
     (lambda m: m.update(dtype="int8"), "dtype 'int8' is not one of uint16, uint32"),
     (lambda m: m.update(format_version=99), "format_version 99 is newer"),
+    (lambda m: m.update(format_version=0), r"format_version 0 is not a version \(1 to 1\)"),
     (lambda m: m.update(vocab_size=70000), "vocab_size 70000 does not fit dtype uint16"),
     (lambda m: m["splits"]["train"][0].update(path="../x.bin"), r"splits.train\[0\]: path '../x.bin' must be relative"),
     (lambda m: m["splits"]["train"][1].update(num_tokens="7"), r"splits.train\[1\]: field 'num_tokens' has the wrong type"),
@@ -121,6 +122,9 @@ def test_truncated_missing_and_corrupt_shards_are_named(shards):
         PretrainDataset(shards, seq_len=T)
     victim.unlink()
     with pytest.raises(DataError, match=f"shard {victim}: missing"):
+        PretrainDataset(shards, seq_len=T)
+    victim.mkdir()  # its size, a directory's, read as "truncated: 4096 bytes"
+    with pytest.raises(DataError, match=f"shard {victim}: not a file \\(listed in {m.path}\\)"):
         PretrainDataset(shards, seq_len=T)
     PretrainDataset(shards, split="val", seq_len=T)  # other split unaffected
 

@@ -140,6 +140,8 @@ def parse_manifest(raw: Any, directory: Path, where: str) -> Manifest:
     version = _field(raw, "format_version", int, where)
     if version > FORMAT_VERSION:
         raise DataError(f"{where}: format_version {version} is newer than this reader ({FORMAT_VERSION}); update deepseek_pt")
+    if version < 1:  # versions count from 1: no writer made this one
+        raise DataError(f"{where}: format_version {version} is not a version (1 to {FORMAT_VERSION})")
     vocab_size = _field(raw, "vocab_size", int, where)
     dtype = _field(raw, "dtype", str, where)
     if vocab_size <= 0:
@@ -204,6 +206,8 @@ def check_shard(manifest: Manifest, shard: ShardInfo, checksum: bool = False) ->
         size = file.stat().st_size
     except FileNotFoundError:
         raise DataError(f"shard {file}: missing (listed in {manifest.path})") from None
+    if not file.is_file():  # a directory's size would read as "truncated"
+        raise DataError(f"shard {file}: not a file (listed in {manifest.path})")
     if size != shard.nbytes:
         what = "truncated" if size < shard.nbytes else "too long"
         raise DataError(f"shard {file}: {what}: {size} bytes, manifest says {shard.num_tokens} tokens "
