@@ -37,7 +37,9 @@ def sample_texts(inputs: list[Input], sample_docs: int, text_field: str, txt_doc
                  progress: bool = True):
     """Up to `sample_docs` documents (0 = all), spread over the inputs: each takes an equal share of
     what is left, so one large first file cannot supply the whole sample."""
-    bar = tqdm(total=sample_docs or None, unit="doc", desc="reading documents", disable=not progress)
+    # No total: the corpus may hold fewer documents than the cap, and a bar sized by it showed a false ETA
+    cap = f" (at most {sample_docs:,})" if sample_docs else ""
+    bar = tqdm(unit="doc", desc=f"reading documents{cap}", disable=not progress)
     taken = 0
     for k, inp in enumerate(inputs):
         quota = -(-(sample_docs - taken) // (len(inputs) - k)) if sample_docs else None

@@ -74,6 +74,17 @@ def test_tokenizer_metadata_and_lossless_encoding(pydoc_data_dir):
     assert sp.encode("2024", out_type=str) == ["2", "0", "2", "4"]  # digits split
 
 
+def test_tokenizer_progress_counts_documents_without_the_cap_as_total(tmp_path, capsys):
+    """The bar's total was --sample-docs (1,000,000 by default): a 40-document corpus showed an ETA of hours."""
+    from data_prep.sources import resolve_inputs
+
+    corpus = write_jsonl(tmp_path / "c.jsonl", DOCS[:40])
+    texts = list(train_tokenizer.sample_texts(resolve_inputs([str(corpus)]), 1_000_000, "text", "document", False))
+    assert len(texts) == 40
+    bar = capsys.readouterr().err.rstrip().rsplit("\r", 1)[-1]
+    assert bar.startswith("reading documents (at most 1,000,000): 40doc "), bar
+
+
 def test_tokenizer_custom_ids_and_sampling(tmp_path):
     corpus = write_jsonl(tmp_path / "c.jsonl", DOCS[:40])
     info = train_tokenizer.train([str(corpus)], 400, tmp_path / "tok", sample_docs=10, pad_id=-1, unk_id=0,
