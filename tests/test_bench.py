@@ -193,15 +193,18 @@ def test_zero3_hook_time_times_every_hook(tmp_path, smoke_shards):
     assert all(0 < hook["us_per_call"] < 1e3 * report["ms_per_step"] for name, hook in report.items() if name != "ms_per_step")
 
 
+# Issue 6's check on CPU processes with the smoke model, in two calls as a device's 10-minute limit asks of 8 GPUs
+# (two tests, which pytest's workers can run side by side)
+MULTI_GPU_CHECK_SETTINGS = dict(CONFIG="configs/smoke.yaml", SMALL="", SCALE="--warmup 1 --steps 2",
+                                PROFILE="--warmup 1 --steps 1")
+
+
 @pytest.mark.slow
-def test_multi_gpu_check_runs_on_cpu_ranks(tmp_path):
-    # Issue 6's check on CPU processes with the smoke model, in two calls as a device's 10-minute limit asks of
-    # 8 GPUs. First on 4 processes: EP 4 against a stop-and-resume (exact), EP 1 (data parallel only) and a universal
-    # resume on 2 processes, EP 4 -> 2 (8 -> 4 GPUs' resharding, each rank's experts regrouped); then, on 2, the
-    # scaling runs and the profile.
-    settings = dict(CONFIG="configs/smoke.yaml", SMALL="", SCALE="--warmup 1 --steps 2", PROFILE="--warmup 1 --steps 1")
+def test_multi_gpu_check_correctness_on_cpu_ranks(tmp_path):
+    # On 4 processes: EP 4 against a stop-and-resume (exact), EP 1 (data parallel only) and a universal resume on 2
+    # processes, EP 4 -> 2 (8 -> 4 GPUs' resharding, each rank's experts regrouped).
     proc = start_job(["bash", ROOT / "bench/multi_gpu_check.sh", 4], _script_env(tmp_path, PARTS="correctness",
-                                                                               **settings))
+                                                                               **MULTI_GPU_CHECK_SETTINGS))
     out, _ = finish_job(proc, timeout=480)
     assert re.findall(r"^(\w) exit (\d+)$", out, re.M) == [(run, "0") for run in "ABBCD"], out
     # Per run against A: (loss or grad norm, first step, last step) -> gap. The resume must be exact. EP 1 and the
@@ -220,8 +223,12 @@ def test_multi_gpu_check_runs_on_cpu_ranks(tmp_path):
     assert not list((tmp_path / "tmp").glob("multi_gpu.*"))  # the shards and run directories are gone
     assert not list(tmp_path.glob("scale*.err")) and not list(tmp_path.glob("profile*.err"))  # not asked for
 
+
+@pytest.mark.slow
+def test_multi_gpu_check_scaling_and_profile_on_cpu_ranks(tmp_path):
     proc = start_job(["bash", ROOT / "bench/multi_gpu_check.sh", 2], _script_env(tmp_path, PARTS="scaling profile",
-                                                                               SCALE_GPUS="1 2", **settings))
+                                                                               SCALE_GPUS="1 2",
+                                                                               **MULTI_GPU_CHECK_SETTINGS))
     out, _ = finish_job(proc, timeout=300)
     assert " exit " not in out, out  # no correctness run this time
     runs = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
