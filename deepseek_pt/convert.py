@@ -53,7 +53,7 @@ def _describe(model) -> str:
 
 def hf_to_ds(args) -> None:
     out = _fresh_dir(args.out, args.force)
-    read_hf_config(args.hf_dir)  # a clear error for a non-HF directory before any weights load
+    hf_config = read_hf_config(args.hf_dir)  # a clear error for a non-HF directory before any weights load
     own = Path(args.hf_dir) / "tokenizer.model"
     tokenizer = Path(args.tokenizer) if args.tokenizer else own
     if args.tokenizer or tokenizer.is_file():  # checked before the (slow) load, and never stored unreadable
@@ -72,7 +72,7 @@ def hf_to_ds(args) -> None:
     model.config = config.model  # the base's TRAINING_KNOBS, which save_export takes from the model
     save_export(model, config, out, source=str(Path(args.hf_dir).absolute()),
                 tokenizer=tokenizer if args.tokenizer or tokenizer.is_file() else None,
-                doc_boundary=hf_doc_boundary(args.hf_dir))
+                doc_boundary=hf_doc_boundary(hf_config))
     print(f"{args.hf_dir} -> {out}: {_describe(model)}")
 
 

@@ -24,7 +24,7 @@ from ..export import ExportError, is_export, load_export, read_export_info, trai
 from ..fileio import sha256_file
 from ..model import Transformer
 from .cli import UsageError
-from .hf import full_config, hf_doc_boundary, is_hf_dir, load_hf
+from .hf import full_config, hf_doc_boundary, is_hf_dir, load_hf, read_hf_config
 
 
 @dataclass
@@ -91,7 +91,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu",
         tok = path / "tokenizer.model"
         data = tok.read_bytes() if tok.is_file() else None
         return Checkpoint(model, full_config(model.config, where=str(path)), data,
-                          None if data is None else hashlib.sha256(data).hexdigest(), hf_doc_boundary(path), None)
+                          None if data is None else hashlib.sha256(data).hexdigest(), hf_doc_boundary(read_hf_config(path)), None)
     return _from_training_run(path, device, dtype)
 
 

@@ -400,9 +400,10 @@ DOC_BOUNDARY_KEY = "deepseek_pt_doc_boundary"
 a key it does not know as a config attribute, and our tools prompt the HF copy as they prompt its run."""
 
 
-def hf_doc_boundary(path: str | Path) -> str | None:
-    """The doc boundary the HF directory at `path` records (save_hf's `doc_boundary`); None where it records none."""
-    boundary = read_hf_config(path).get(DOC_BOUNDARY_KEY)
+def hf_doc_boundary(hf_config: dict) -> str | None:
+    """The doc boundary an HF directory's config.json (read_hf_config) records (save_hf's `doc_boundary`); None
+    where it records none."""
+    boundary = hf_config.get(DOC_BOUNDARY_KEY)
     return boundary if boundary in DOC_BOUNDARIES else None
 
 
