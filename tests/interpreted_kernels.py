@@ -105,6 +105,25 @@ def moe_dispatch() -> None:
     torch.testing.assert_close(summed, want, rtol=1e-5, atol=1e-5)
 
 
+def weight_casts() -> None:
+    """fp8_weight_casts.cast_weight_layouts: two weights stacked along N, rows and columns off the tiles, an all-zero
+    row, an outlier column shared by both sources' rows; the scales and both layouts as quantize_rows gives them.
+    The values are e4m3's already, so every cast is exact: the interpreter's own e4m3 rounding (numpy's) carries
+    wrongly into the next power of two, which the compiled kernels' does not (their GPU test is bit for bit)."""
+    from deepseek_pt.engine.fp8_experts import quantize_rows
+    from deepseek_pt.engine.fp8_weight_casts import cast_weight_layouts
+
+    w1, w3 = (torch.randn(3, n, 200).to(torch.float8_e4m3fn).float() for n in (70, 50))
+    w1[1, 5] = 0
+    w3[2, :, 7] *= 32
+    w = torch.cat([w1, w3], dim=1)
+    got = cast_weight_layouts([w1, w3])
+    want = (*quantize_rows(w), *quantize_rows(w.mT.contiguous()))
+    for name, a, b in zip(("q", "scale", "q_t", "t_scale"), got, want):
+        assert a.shape == b.shape and a.dtype == b.dtype, (name, a.shape, b.shape)
+        assert torch.equal(a.float(), b.float()), name
+
+
 if __name__ == "__main__":
     assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1: the kernels are CPU tensors here"
     torch.manual_seed(0)

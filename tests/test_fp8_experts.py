@@ -274,3 +274,25 @@ def test_triton_casts_compute_their_torch_references_on_gpu():
     assert q[7].float().abs().max() == 0
     same(kernels.swiglu_quantized(gate_up), swiglu_quantized(gate_up), "swiglu")
     same(kernels.swiglu_backward_quantized(gate_up, grad_h), swiglu_backward_quantized(gate_up, grad_h), "backward")
+
+
+@pytest.mark.skipif(fp8.expert_gemms_unavailable() is not None,
+                    reason=f"the Triton casts {fp8.expert_gemms_unavailable()}")
+def test_triton_weight_casts_compute_their_torch_references_on_gpu():
+    """The FP8 weights' two layouts through fp8_weight_casts, bit for bit as the reference casts (no arithmetic but
+    the scale's power of two and e4m3's rounding), for the experts' three weights and a plain linear's."""
+    from deepseek_pt.engine import fp8_experts, fp8_linears
+
+    torch.manual_seed(0)
+    w1, w3, w2 = (w.detach() for w in _expert_weights(5, 200, 136))  # widths off the kernel's 64 x 128 tiles
+    w1[2, 9] = 0  # an all-zero row stays zero
+    w3[1, :, 5] *= 40  # an outlier column: its scale in the transposed layout covers both w1's and w3's rows
+    got = fp8_experts.weight_cast(w1.device, emulate=False)(w1, w3, w2)
+    want = fp8_experts._cast_weights(w1, w3, w2)
+    linear = torch.randn(320, 208, device="cuda", dtype=torch.bfloat16)
+    got += fp8_linears._triton_cast_weight(linear)
+    want += fp8_linears.cast_weight(linear)
+    for i, (a, b) in enumerate(zip(got, want)):
+        assert a.shape == b.shape and a.dtype == b.dtype, (i, a.shape, b.shape)
+        assert torch.equal(a.view(torch.uint8) if a.dtype == torch.float8_e4m3fn else a,
+                           b.view(torch.uint8) if b.dtype == torch.float8_e4m3fn else b), i

@@ -82,10 +82,26 @@ def _activation_casts(t: torch.Tensor):
     return kernels.quantize_rows, kernels.swiglu_quantized, kernels.swiglu_backward_quantized
 
 
+def _triton_cast_weights(w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor):
+    """_cast_weights through fp8_weight_casts' kernels: each weight read twice, each layout written once."""
+    from .fp8_weight_casts import cast_weight_layouts
+    gate_up, down = cast_weight_layouts([w1, w3]), cast_weight_layouts([w2])
+    return (*gate_up[:2], *down[:2], *gate_up[2:], *down[2:])
+
+
 @functools.cache
 def _compiled_weight_cast() -> Callable:
     # One graph with static shapes: the weights keep theirs, and the cast runs once per optimizer step.
     return torch.compile(_cast_weights, fullgraph=True, dynamic=False)
+
+
+def weight_cast(device: torch.device, emulate: bool) -> Callable:
+    """The cast of the weights' FP8 layouts for `device`: where the FP8 GEMMs run, fp8_weight_casts' Triton kernels
+    (6 bytes of traffic per value; the reference through torch.compile moved ~12, docs/benchmarks.md); on another GPU
+    the reference compiled, elsewhere the reference."""
+    if device.type != "cuda":
+        return _cast_weights
+    return _compiled_weight_cast() if emulate else _triton_cast_weights
 
 
 def scaled_grouped_mm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor,
@@ -111,11 +127,11 @@ def scaled_grouped_mm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b
 class Fp8ExpertWeights:
     """The FP8 layouts of one expert layer's weights, each an (e4m3 [E, N, K], scales [E, N]) pair scaled along the
     GEMM's reduction dimension K: gate_up (w1 and w3 stacked, for the forward), down (w2), and their transposes
-    for the input gradient, down_t and gate_up_t."""
+    for the input gradient, down_t and gate_up_t; on a GPU cast as weight_cast says (`emulate`: the GEMMs are
+    emulated there)."""
 
-    def __init__(self, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor):
-        cast = _compiled_weight_cast() if w1.device.type == "cuda" else _cast_weights
-        layouts = cast(w1.detach(), w3.detach(), w2.detach())
+    def __init__(self, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor, emulate: bool = False):
+        layouts = weight_cast(w1.device, emulate)(w1.detach(), w3.detach(), w2.detach())
         self.gate_up, self.down, self.gate_up_t, self.down_t = (layouts[i:i + 2] for i in range(0, 8, 2))
 
 
@@ -215,7 +231,7 @@ class _StepCachedFp8Weights:
         key = (self.optimizer_steps(), *(w.data_ptr() for w in weights))
         if self.fp8_weights is None or self.fp8_weights[0] != key:
             self.fp8_weights = None  # free the old layouts before casting the new ones
-            self.fp8_weights = (key, Fp8ExpertWeights(*weights))
+            self.fp8_weights = (key, Fp8ExpertWeights(*weights, self.emulate))
         return self.fp8_weights[1]
 
 

@@ -49,10 +49,10 @@ def cast_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch
     return (*quantize_rows(weight), *quantize_rows(weight.T.contiguous()))
 
 
-@functools.cache
-def _compiled_weight_cast() -> Callable:
-    # Static shapes: one graph per projection shape, run once per optimizer step.
-    return torch.compile(cast_weight, fullgraph=True, dynamic=False)
+def _triton_cast_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """cast_weight through fp8_weight_casts' kernels (weight read twice, each layout written once)."""
+    from .fp8_weight_casts import cast_weight_layouts
+    return tuple(t.squeeze(0) for t in cast_weight_layouts([weight.unsqueeze(0)]))
 
 
 class _Fp8Linear(torch.autograd.Function):
@@ -101,7 +101,7 @@ class Fp8CachedLinear(nn.Linear):
         key = (step, self.weight.data_ptr())
         if self.cast_key == key:
             return False
-        cast = _compiled_weight_cast() if self.weight.is_cuda and not self.emulate else cast_weight
+        cast = _triton_cast_weight if self.weight.is_cuda and not self.emulate else cast_weight
         for buffer, value in zip((self.weight_fp8, self.weight_scale, self.weight_t_fp8, self.weight_t_scale),
                                  cast(self.weight)):
             buffer.copy_(value)  # in place: the same tensors each step, so no compiled half's guard on them fails
