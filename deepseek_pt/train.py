@@ -22,6 +22,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import NoReturn
 
+# isort: off
+# First, before torch's import (seconds): the launcher is recorded as the process starts (engine/launcher.py).
+from .engine import launcher  # noqa: F401
+# isort: on
 import torch
 import torch.distributed as dist
 
@@ -107,13 +111,38 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 class StopSignal:
     """Remembers SIGTERM/SIGINT so the loop can checkpoint at the end of the step and exit 0."""
 
+    _pipe: tuple[int, int] | None = None  # the wakeup fd's pipe (read, write): one per process
+
     def __init__(self):
         self.received: str | None = None
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._handle)
+        # Python runs _handle in the main thread once its current C call returns (a GPU sync, a collective: seconds),
+        # but the C handler writes the signal's number into the wakeup fd at once: `arrived` reads it, for the
+        # peer-failure watch's thread, to which a launcher that dies of the same SIGTERM (a scheduler's, sent to every
+        # process of the job) must not look killed. Not where something else holds the wakeup fd (an asyncio loop).
+        self._early, self._wakeup = False, None
+        if StopSignal._pipe is None:
+            StopSignal._pipe = os.pipe()
+            for fd in StopSignal._pipe:
+                os.set_blocking(fd, False)
+        read, write = StopSignal._pipe
+        if (held := signal.set_wakeup_fd(write, warn_on_full_buffer=False)) in (-1, write):
+            self._wakeup = read
+            with contextlib.suppress(BlockingIOError):
+                os.read(read, 1 << 16)  # an earlier run's in this process
+        else:
+            signal.set_wakeup_fd(held)
 
     def _handle(self, signum, frame):
         self.received = signal.Signals(signum).name
+
+    def arrived(self) -> bool:
+        """Whether SIGTERM or SIGINT has come, its handler run yet or not; from any thread."""
+        if self.received is None and not self._early and self._wakeup is not None:
+            with contextlib.suppress(BlockingIOError):
+                self._early = bool({signal.SIGTERM, signal.SIGINT} & set(os.read(self._wakeup, 4096)))
+        return self.received is not None or self._early
 
 
 def verify_checksums(cfg: Config, device) -> None:
@@ -403,7 +432,8 @@ def train(cfg: Config) -> int:
     started = time.monotonic()
     rank, world, device = init_distributed(cfg)
     heartbeat = cfg.parallel.heartbeat_timeout_minutes
-    watch = PeerFailureWatch(rank, world, heartbeat_timeout_seconds=heartbeat * 60 if heartbeat is not None else None)
+    watch = PeerFailureWatch(rank, world, heartbeat_timeout_seconds=heartbeat * 60 if heartbeat is not None else None,
+                             stopping=stop.arrived)
     watch.start()
     try:
         return _train(cfg, rank, world, device, stop, started, watch)

@@ -1,18 +1,26 @@
 """engine/peer_failure.py: a rank's failure reaches ranks that a collective holds (NCCL's wait, played here by a rank
 that never joins the barrier or sleeps), rank 0's end reaches the others through the store's loss, and a rank killed
 outright is seen by the rank beside it on its machine and published for the others. Two or three gloo processes of a
-few seconds each; the launch test of two nodes (tests/test_launch.py) runs the whole path through training."""
+few seconds each; the launch test of two nodes (tests/test_launch.py) runs the whole path through training. A rank
+whose launcher is killed outright stops too: under a stand-in launcher in seconds, and through DeepSpeed's own
+(slow: a DeepSpeed start-up on 2 CPU ranks)."""
 from __future__ import annotations
 
+import os
+import re
 import signal
 import sys
 import time
+from pathlib import Path
 
-from jobs import finish_job, free_port, job_env, kill_job, start_job
+import pytest
+from jobs import ROOT, deepspeed_cmd, finish_job, free_port, job_env, kill_job, start_job, wait_until
+
+LAUNCH_MODULE = "deepspeed.launcher.launch"  # DeepSpeed's per-node launcher, which starts the ranks
 
 # Rank ROLE_RANK plays its role; the other waits in a barrier (or, for "gone", sleeps) with the watch on.
 SCRIPT = """
-import os, signal, sys, time
+import os, signal, sys, threading, time
 import torch.distributed as dist
 from deepseek_pt.engine import peer_failure
 rank, world, role = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
@@ -24,15 +32,39 @@ dist.init_process_group("gloo", rank=rank, world_size=world)
 # rank 0's watch asleep where its failed collective is to find the line itself
 slow = role == "killed_in_barrier" and rank == 0
 heartbeat = 1.5 if role in ("silent", "leaves") else None
+stopping = lambda: False
+if role == "orphaned_stopping":
+    from deepseek_pt.train import StopSignal
+    stopping = StopSignal().arrived  # as train.py: SIGTERM, a checkpoint at the end of the step
 watch = peer_failure.PeerFailureWatch(rank, world, poll_seconds=60 if slow else 0.2,
-                                      heartbeat_timeout_seconds=heartbeat)
+                                      heartbeat_timeout_seconds=heartbeat, stopping=stopping)
 watch.start()
 dist.barrier()  # as train.py's check_same_config: every rank holds its store connections before any can end
 print("ready", flush=True)
 if role in ("killed", "killed_in_barrier", "silent") and rank == 2:
     os.kill(os.getpid(), signal.SIGKILL)
-elif role in ("killed", "silent"):
+elif role == "orphaned" and rank == world - 1:
+    os.kill(os.getppid(), signal.SIGKILL)  # its launcher killed outright (LAUNCHER): this rank an orphan
     time.sleep(60)
+elif role in ("killed", "silent", "orphaned"):
+    time.sleep(60)
+elif role == "orphaned_stopping":
+    def preempt():
+        os.kill(os.getpid(), signal.SIGTERM)  # a scheduler's stop signal reaches every process of the job...
+        os.kill(os.getppid(), signal.SIGKILL)  # ...and its launcher dies of it at once
+    if rank == 1:
+        threading.Timer(0.5, preempt).start()
+    else:
+        time.sleep(2.5)
+    dist.barrier()  # rank 1's main thread in it (a C call: Python runs no handler there) for 2 s after the signal
+    if rank == 1:
+        time.sleep(1)  # the checkpoint at the end of the step
+        watch.stop()
+        print("finished", flush=True)
+        os._exit(0)
+    time.sleep(3)
+    print("finished", flush=True)
+    os._exit(0)
 elif role == "killed_in_barrier":
     try:
         dist.barrier()
@@ -73,12 +105,18 @@ print("not stopped", flush=True)
 """
 
 
-def _ranks(role: str, world: int = 2) -> list[tuple[int, str, float]]:
+# A stand-in launcher: starts its command as a child and waits for it.
+LAUNCHER = [sys.executable, "-c", "import subprocess, sys; subprocess.run(sys.argv[1:])"]
+
+
+def _ranks(role: str, world: int = 2, launched: tuple[int, ...] = ()) -> list[tuple[int, str, float]]:
     """Each rank's (exit status, output, seconds from the first end to its own); a rank still running 8 s after
-    the first ended (the one that failed, sleeping on) is killed."""
+    the first ended (the one that failed, sleeping on) is killed. The ranks in `launched` start under LAUNCHER, whose
+    status and end are what is returned for them (the rank's output is in its)."""
     env = job_env(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     started = time.monotonic()
-    procs = [start_job([sys.executable, "-c", SCRIPT, str(r), str(world), role], env) for r in range(world)]
+    procs = [start_job([*(LAUNCHER if r in launched else []), sys.executable, "-c", SCRIPT, str(r), str(world), role],
+                       env) for r in range(world)]
     ended = {}
     while len(ended) < world and time.monotonic() - started < 90:
         for r, p in enumerate(procs):
@@ -165,3 +203,96 @@ def test_a_rank_alone_on_its_machine_killed_is_published_by_rank_0_after_the_hea
         assert ("error: rank 2 (" in out and "parallel.heartbeat_timeout_minutes): its machine was lost" in out
                 and f"; rank {rank} stops too" in out), out
         assert "not stopped" not in out and 1.5 <= seconds + 0.5 and seconds < 6, (out, seconds)
+
+
+def test_a_rank_whose_launcher_is_killed_stops_and_tells_the_others():
+    """Rank 1's launcher SIGKILLed (rank 1 kills it, once the ranks have met): rank 1, an orphan, sees its parent gone
+    at its next poll, says so and ends; rank 0, whose launcher lives, reads that line from the store and stops too.
+    test_ranks_stop_when_their_deepspeed_launcher_is_killed runs it through DeepSpeed's own launcher."""
+    (code0, out0, seconds), (code1, out1, _) = _ranks("orphaned", launched=(1,))
+    assert code1 == -signal.SIGKILL, out1  # the stand-in launcher; rank 1's own output is in out1
+    assert re.search(r"^error: rank 1 \(.+\): its launcher \(pid \d+\) is gone \(python\S* -c: killed, or it ended "
+                     r"without stopping its ranks\); rank 1 stops rather than train on with nobody watching it; the "
+                     r"other ranks are told$", out1, re.MULTILINE), out1
+    assert "not stopped" not in out1, out1
+    assert code0 == 2, out0
+    assert re.search(r"^error: rank 1 \(.+\): its launcher \(pid \d+\) is gone .*; rank 0 stops too", out0,
+                     re.MULTILINE), out0
+    assert "not stopped" not in out0 and seconds < 6, (out0, seconds)
+
+
+def test_a_rank_stopping_on_a_signal_is_not_ended_by_its_launchers_end():
+    """SIGTERM (preemption) reaches the launcher too: the `deepspeed` runner dies of it at once, while the rank
+    checkpoints at the end of its step as asked. Its watch lets it, though its main thread, in a collective, has not
+    run train.py's handler yet."""
+    (code0, out0, _), (code1, out1, _) = _ranks("orphaned_stopping", launched=(1,))
+    assert code1 == -signal.SIGKILL and "finished" in out1 and "error" not in out1, out1
+    assert code0 == 0 and "finished" in out0 and "error" not in out0, out0
+
+
+def test_a_process_alone_whose_launcher_is_killed_stops():
+    """One process (no store, no other rank): its watch runs for its launcher alone."""
+    ((code, out, _),) = _ranks("orphaned", world=1, launched=(0,))
+    assert code == -signal.SIGKILL, out
+    assert re.search(r"^error: rank 0 \(.+\): its launcher \(pid \d+\) is gone \(python\S* -c: killed, or it ended "
+                     r"without stopping its ranks\); rank 0 stops rather than train on with nobody watching it$", out,
+                     re.MULTILINE), out
+    assert "not stopped" not in out, out
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for p in Path("/proc").iterdir():
+        try:
+            stat = (p / "stat").read_text()
+        except (OSError, ValueError):
+            continue
+        if int(stat[stat.rindex(")") + 2:].split()[1]) == pid:
+            found.append(int(p.name))
+    return found
+
+
+def _running(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rindex(")") + 2:].split()[0] not in "ZX"  # a zombie (init yet to reap it) has ended
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("killed", ["deepspeed", LAUNCH_MODULE])
+def test_ranks_stop_when_their_deepspeed_launcher_is_killed(tmp_path, smoke_shards, killed):
+    """Two CPU ranks training through the real `deepspeed` launcher; SIGKILL to the runner (`deepspeed`: the ranks'
+    parent, DeepSpeed's per-node launch.py, lives on and does nothing) or to launch.py alone (the ranks reparented),
+    not to their process group. Both ranks end within a poll or two of their watch, naming the launcher gone, and
+    none goes on to a checkpoint."""
+    run_dir = tmp_path / "run"
+    proc = start_job(deepspeed_cmd(2, "--module", "deepseek_pt.train", "--config", ROOT / "configs" / "smoke.yaml",
+                                   f"data.path={smoke_shards}", f"run.dir={run_dir}", "train.max_steps=100000",
+                                   "train.eval_every=0", "train.save_every=0"), job_env())
+    try:
+        metrics = run_dir / "metrics.jsonl"
+        wait_until(proc, lambda: metrics.exists() and metrics.read_text().count("\n") >= 1, 300, "a training step")
+        (launch,) = _children(proc.pid)
+        ranks = _children(launch)
+        assert len(ranks) == 2 and LAUNCH_MODULE in Path(f"/proc/{launch}/cmdline").read_text(), ranks
+        victim = proc.pid if killed == "deepspeed" else launch
+        os.kill(victim, signal.SIGKILL)
+        killed_at = time.monotonic()
+        while any(_running(r) for r in ranks) and time.monotonic() - killed_at < 30:
+            time.sleep(0.1)
+        seconds = time.monotonic() - killed_at
+        if any(_running(r) for r in ranks):
+            kill_job(proc)  # the orphans (still of the job's session), so that their output can be read
+        out, _ = finish_job(proc, 60)  # its output pipe: open while any rank, or launch.py, runs
+    finally:
+        kill_job(proc)
+    assert seconds < 20, (seconds, out[-4000:])
+    name = f"deepspeed, above {LAUNCH_MODULE} pid {launch}" if killed == "deepspeed" else LAUNCH_MODULE
+    gone = re.escape(f"its launcher (pid {victim}) is gone ({name}: killed, or it ended without stopping its ranks)")
+    for rank in range(2):
+        assert re.search(rf"^error: rank \d \(.+\): {gone}; rank {rank} stops", out, re.MULTILINE), out[-4000:]
+    assert not (run_dir / "checkpoints" / "latest").exists(), out[-4000:]
+    print(f"{killed} killed: both ranks gone {seconds:.1f} s later", *re.findall(r"^error: .*$", out, re.MULTILINE),
+          sep="\n")

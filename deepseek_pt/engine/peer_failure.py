@@ -17,6 +17,12 @@ published for it, for every node to read. A rank alone on its machine, or a whol
 network), has nobody beside it to see it go: every rank's watch also beats a counter in the store at each poll, and
 rank 0's watch publishes a rank whose counter has not moved for the heartbeat timeout. That catches a process gone or
 frozen, not one that hangs (its watch thread beats on): a hang is what the process group's timeout is for.
+
+A launcher killed outright (the `deepspeed` runner, or DeepSpeed's per-node deepspeed.launcher.launch that starts the
+ranks) cannot stop its ranks: they would train on as orphans, holding their GPUs and writing checkpoints with nobody
+watching. Each poll also asks whether this rank's launcher, recorded as the process started (engine/launcher.py says
+which processes that is, and why), is gone; if so the rank publishes that as its failure line, for every node, and
+ends as on any other. A run of one process has no store, but its watch runs for this alone.
 """
 from __future__ import annotations
 
@@ -25,12 +31,14 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 
 import torch.distributed as dist
 
 from ..fileio import first_line
+from . import launcher
 
 KEY = "deepseek_pt/failed"
 MACHINE_KEY = "deepseek_pt/ranks_on/{machine}"  # "rank pid start_time;" of each rank on the machine, appended
@@ -63,10 +71,16 @@ class PeerFailureWatch:
     """Tells the other ranks of this rank's failure (`publish`), and ends this process on another's (`start`)."""
 
     def __init__(self, rank: int, world: int, poll_seconds: float = POLL_SECONDS,
-                 heartbeat_timeout_seconds: float | None = None):
+                 heartbeat_timeout_seconds: float | None = None, launchers: list[launcher.Launcher] | None = None,
+                 stopping: Callable[[], bool] = lambda: False):
         """heartbeat_timeout_seconds: how long rank 0 hears nothing from a rank before it publishes it as gone;
-        None = never (a rank alone on its machine then waits for the process group's timeout)."""
+        None = never (a rank alone on its machine then waits for the process group's timeout). launchers: the
+        processes whose end ends this rank; default: its launcher as the process started. stopping: whether this
+        rank is already stopping on a signal (train.py: SIGTERM/SIGINT, a checkpoint at the end of the step), when
+        its launcher's end is no reason to end it: a scheduler's SIGTERM reaches every process of the job, and the
+        `deepspeed` runner dies of it at once."""
         self.rank, self.world, self.poll_seconds = rank, world, poll_seconds
+        self.launchers, self._stopping = launcher.started_under() if launchers is None else launchers, stopping
         self.heartbeat_timeout = heartbeat_timeout_seconds
         self._beats: dict[int, tuple[bytes, float]] = {}  # rank 0: each rank's counter, and when it last moved
         self._stopped = threading.Event()
@@ -74,6 +88,9 @@ class PeerFailureWatch:
         self._machine = machine_identity()
         self._gone: set[int] = set()  # ranks seen gone that had said they were leaving
         self._told_lock, self._counted_told = threading.Lock(), False  # _told counts this rank once, either thread
+        # Set by the watch once it ends this process because its launcher is gone: the main thread, whose collective
+        # that makes fail, leaves the saying to it (one line). _end_lock: that, or the main thread's stop(), first.
+        self._orphaned_end, self._end_lock = threading.Event(), threading.Lock()
 
     def start(self) -> None:
         """Before the ranks' next collective: a rank still connecting when rank 0 ends would retry for the process
@@ -89,13 +106,16 @@ class PeerFailureWatch:
                 for rank in range(1, self.world):  # every counter exists from here on: multi_get never waits for one
                     self._store.add(BEAT_KEY.format(rank=rank), 0)
             threading.Thread(target=self._watch, args=(_store(),), name="peer-failure-watch", daemon=True).start()
+        elif self.launchers:  # alone: nobody to tell, but an orphan all the same
+            threading.Thread(target=self._watch, args=(None,), name="launcher-watch", daemon=True).start()
 
     def stop(self) -> None:
         """From here on this rank's own ending is under way (finished, or failing with the others): no watching, and
         its neighbours are told, before its pid goes, not to take its end for a kill."""
-        if self._stopped.is_set():
-            return
-        self._stopped.set()
+        with self._end_lock:
+            if self._stopped.is_set():
+                return
+            self._stopped.set()
         if self._store is not None:
             try:
                 self._store.set(LEFT_KEY.format(rank=self.rank), "")
@@ -117,6 +137,8 @@ class PeerFailureWatch:
     def peer_failure(self, grace_seconds: float = GRACE_SECONDS) -> str | None:
         """Another rank's failure (published, or a neighbour's pid gone), or the store's loss (rank 0's end), if any
         within `grace_seconds`: what a collective that failed here is about."""
+        if self._orphaned_end.is_set():  # the watch is ending this process, its line said: nothing to add
+            threading.Event().wait()
         if self._store is None:
             return None
         deadline = time.monotonic() + grace_seconds
@@ -188,19 +210,22 @@ class PeerFailureWatch:
                     "beside it could see it")
         return None
 
-    def _watch(self, store: dist.Store) -> None:
+    def _watch(self, store: dist.Store | None) -> None:
         lost = 0
         while not self._stopped.wait(self.poll_seconds):
-            try:
-                if self.rank != 0:
-                    store.add(BEAT_KEY.format(rank=self.rank), 1)
-                line = self._failure(store)
-                lost = 0
-            except (dist.DistError, RuntimeError) as e:
-                lost += 1
-                if lost < STORE_LOST_POLLS:
-                    continue
-                line = _store_lost(e)
+            line = None
+            if store is not None:
+                try:
+                    if self.rank != 0:
+                        store.add(BEAT_KEY.format(rank=self.rank), 1)
+                    line = self._failure(store)
+                    lost = 0
+                except (dist.DistError, RuntimeError) as e:
+                    lost += 1
+                    if lost >= STORE_LOST_POLLS:
+                        line = _store_lost(e)
+            if line is None and not self._stopping() and (gone := launcher.gone(self.launchers)) is not None:
+                self._orphaned(store if lost == 0 else None, gone)
             if line is None or self._stopped.is_set():
                 continue
             print(f"error: {line}; rank {self.rank} stops too (it would wait for that rank in its next collective)",
@@ -208,6 +233,26 @@ class PeerFailureWatch:
             if lost == 0:
                 self._told(store)
             os._exit(EXIT_CODE)
+
+    def _orphaned(self, store: dist.Store | None, gone: str) -> None:
+        """This rank's launcher is gone: published as this rank's failure (a failure published first stays the
+        line the others read), said, and the process ended, as on another rank's failure."""
+        with self._end_lock:
+            if self._stopped.is_set():  # ending already, on its own
+                return
+            self._orphaned_end.set()
+        line = f"rank {self.rank} ({socket.gethostname()}): {gone}"
+        if store is not None:
+            try:
+                store.compare_set(KEY, "", line)
+            except (dist.DistError, RuntimeError):  # the store went with rank 0: nobody is left to tell
+                store = None
+        others = "; the other ranks are told" if store is not None else ""
+        print(f"error: {line}; rank {self.rank} stops rather than train on with nobody watching it{others}",
+              file=sys.stderr, flush=True)
+        if store is not None:
+            self._told(store)
+        os._exit(EXIT_CODE)
 
     def _told(self, store: dist.Store) -> None:
         """This rank ends on a failure line, its own or another's: it says so in the store (for a rank gone, whoever
