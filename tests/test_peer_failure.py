@@ -113,7 +113,8 @@ def _ranks(role: str, world: int = 2, launched: tuple[int, ...] = ()) -> list[tu
     """Each rank's (exit status, output, seconds from the first end to its own); a rank still running 8 s after
     the first ended (the one that failed, sleeping on) is killed. The ranks in `launched` start under LAUNCHER, whose
     status and end are what is returned for them (the rank's output is in its)."""
-    env = job_env(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    # LOCAL_RANK, as every launcher sets it: a process without it was started directly and watches no parent
+    env = job_env(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), LOCAL_RANK="0")
     started = time.monotonic()
     procs = [start_job([*(LAUNCHER if r in launched else []), sys.executable, "-c", SCRIPT, str(r), str(world), role],
                        env) for r in range(world)]
@@ -296,3 +297,14 @@ def test_ranks_stop_when_their_deepspeed_launcher_is_killed(tmp_path, smoke_shar
     assert not (run_dir / "checkpoints" / "latest").exists(), out[-4000:]
     print(f"{killed} killed: both ranks gone {seconds:.1f} s later", *re.findall(r"^error: .*$", out, re.MULTILINE),
           sep="\n")
+
+
+def test_a_process_started_directly_watches_no_launcher(monkeypatch):
+    """Without LOCAL_RANK (no launcher started it: `python -m deepseek_pt.train` from a shell) the parent is a shell or
+    a script that may end by design (`nohup ... &`): nothing is watched. With it, the parent is."""
+    from deepseek_pt.engine import launcher
+
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    assert launcher.launchers() == []
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    assert [found.pid for found in launcher.launchers()][:1] == [os.getppid()]

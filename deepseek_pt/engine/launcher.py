@@ -15,13 +15,11 @@ starts launch.py on its own node); under hostfile.sh's pdsh, on each host, the p
 session process, or the remote shell), which may go with the connection (not tested here: no second host). Nothing
 above that (train.sh's supervisor, a shell, nohup) is watched: those may end by design while the job runs on.
 
-A process started without a launcher (`python -m deepseek_pt.train` from a shell, one process) watches its parent
-too, the shell: its parent gone means what started it was torn down (a job script killed, a notebook or sweep
-driver SIGKILLed, an ssh session lost), and an orphan would hold its GPU until its last step. The cost is that
-`nohup python -m deepseek_pt.train ... &` stops when its shell exits: start it under tmux/screen, or through
-launch/train.sh (the runner's parent is not watched, so `nohup launch/train.sh ...` outlives its shell). A parent of
-pid 1 (init, or a container's own entrypoint) or 0 (outside this process's pid namespace) is not watched: it goes
-only with the machine or the container, and the ranks with it.
+A process started without a launcher (`python -m deepseek_pt.train` from a shell, one process; every launcher sets
+LOCAL_RANK in its ranks' environment, a shell does not) watches nothing: its parent is a shell or a job script, which
+may end by design while the run goes on (`nohup python -m deepseek_pt.train ... &`, then logging out). A parent of
+pid 1 (init, or a container's own entrypoint) or 0 (outside this process's pid namespace) is not watched either: it
+goes only with the machine or the container, and the ranks with it.
 
 A rank already stopping on SIGTERM/SIGINT (train.py's checkpoint at the end of the step) is not ended: a scheduler's
 SIGTERM reaches every process of the job, and the runner, which has no handler, dies of it at once
@@ -52,9 +50,9 @@ class Launcher(NamedTuple):
 
 def launchers() -> list[Launcher]:
     """This process's launcher(s) now: its parent, and, where that is deepspeed.launcher.launch, the parent of that;
-    none where the parent is init or outside this pid namespace."""
+    none where no launcher started it (no LOCAL_RANK) or the parent is init or outside this pid namespace."""
     parent = os.getppid()
-    if parent <= 1:
+    if parent <= 1 or "LOCAL_RANK" not in os.environ:
         return []
     found = [Launcher(parent, _name(parent), os.getpid())]
     if found[0].name == LAUNCH_MODULE and (above := _parent(parent) or 0) > 1:
