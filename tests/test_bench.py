@@ -257,7 +257,10 @@ def test_dense_block_probe_variants_compute_the_same_mlp(monkeypatch):
     model = load_config(ROOT / "configs" / "bench-2b.yaml", ["model.dim=1040", "model.inter_dim=4112"]).model
     torch.manual_seed(0)
     block = probe.Block(model, moe=False).to(torch.bfloat16)
-    x = torch.randn(1, 32, model.dim, dtype=torch.bfloat16)
+    # Two tokens (rowwise scales the input per token, tensorwise once): the widths above decide what converts, the
+    # tokens only the time, and a CPU runs tensorwise's FP8 GEMMs in oneDNN's reference kernel, ~0.5 s per token for
+    # each of gate and up (at 32 tokens the test took 2 minutes).
+    x = torch.randn(1, 2, model.dim, dtype=torch.bfloat16)
     outputs = {name: forward(x).float() for name, _, forward in probe.variants(block, "forward")}
     assert list(outputs) == ["bf16", "fp8 rowwise", "fp8 rowwise, gate+up fused", "fp8 tensorwise",
                              "fp8 tensorwise, gate+up fused", "fp8 rowwise, norm apart",
