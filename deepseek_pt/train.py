@@ -37,7 +37,7 @@ from .engine.distributed import agree, check_same_config, init_distributed, mean
 from .engine.ds_config import build_ds_config, deepspeed_micro_steps, lr_scheduler
 from .engine.metrics import MetricsLogger, WandbError, peak_flops, peak_memory_gib
 from .engine.peer_failure import PeerFailureWatch
-from .engine.preflight import PreflightError, preflight, resume_settings
+from .engine.preflight import NEW_DATA_HINT, PreflightError, preflight, resume_settings
 from .fileio import describe_os_error
 from .model import Block, SwiGLU, Transformer, writable
 from .model.counting import train_flops_per_token
@@ -511,8 +511,8 @@ def _train(cfg: Config, rank: int, world: int, device: torch.device, stop: StopS
         balance.restore_balance_biases(engine.module, client["balance_bias"])  # universal loads drop buffers
         try:
             new_data = loader.load_state_dict(client["loader"], new_data=cfg.data.resume_on_new_data)
-        except DataError as e:
-            hint = "; set data.resume_on_new_data=true to go on with this data" if isinstance(e, NewDataError) else ""
+        except DataError as e:  # a checkpoint whose meta.json has no loader state: preflight could not refuse it
+            hint = NEW_DATA_HINT if isinstance(e, NewDataError) else ""
             raise CheckpointError(f"train.resume: {resume_dir}: {e}{hint}") from None
         if rank == 0 and new_data:
             print(f"data: new training data from sample {loader.phase_start}; samples already read per source: "
@@ -556,8 +556,10 @@ def _train(cfg: Config, rank: int, world: int, device: torch.device, stop: StopS
                   "balance_bias": balance.balance_biases(engine.module), "wandb_id": log.wandb_id,
                   "sequences_per_step": sequences_per_step, "eval_sequences": eval_sequences,
                   "optimizer_settings": optimizer_settings(cfg)}
+        # The loader's state in meta.json too, where preflight reads it: a resume on other data is refused before
+        # DeepSpeed starts, not once it has loaded the checkpoint (the client state is inside DeepSpeed's files)
         checkpoint.save(engine, run_dir, at_step, client, cfg.parallel.expert_parallel_size, cfg.train.keep_last,
-                        cfg.parallel.zero_init, resume_settings(cfg))
+                        cfg.parallel.zero_init, {**resume_settings(cfg), "loader": client["loader"]})
         last_saved = at_step
 
     def newest() -> str:  # for a stop without a checkpoint: where to resume

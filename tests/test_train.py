@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from jobs import (
     deepspeed_cmd,
     finish_job,
@@ -360,7 +361,8 @@ def test_a_blend_trains_evaluates_each_source_and_resumes_exactly(tmp_path, base
 @pytest.mark.slow
 def test_resume_on_new_data_is_refused_unless_asked_for(tmp_path, data, mirrored_smoke_shards):
     """A run on data.path stopped at step 4 and resumed on a blend that adds a second source: refused, naming the
-    new source and the key that allows it; with data.resume_on_new_data the blend takes over at sample 32."""
+    new source and the key that allows it, before DeepSpeed starts; with data.resume_on_new_data the blend takes over at
+    sample 32."""
     run = tmp_path / "run"
     train(2, run, data, "train.exit_at_step=4")
     blend = ["data.path=null", f"data.blend=[{{path: {data}}}, {{path: {mirrored_smoke_shards}}}]"]
@@ -368,6 +370,8 @@ def test_resume_on_new_data_is_refused_unless_asked_for(tmp_path, data, mirrored
     assert "Traceback" not in refused.stderr
     assert re.search(r"error: train.resume: \S+step_00000004: loader state was saved on other training data than "
                      r"this .*: new sources \['\w+'\]; set data.resume_on_new_data=true", refused.stderr), refused.stderr
+    # refused by preflight, from meta.json: the run never started, so its config.yaml is still the first run's
+    assert yaml.safe_load((run / "config.yaml").read_text())["data"]["blend"] == []
     proc = train(2, run, data, *blend, "data.resume_on_new_data=true")
     assert "data: new training data from sample 32; samples already read per source: {'shards': 32, 'mirrored': 0}" \
         in proc.stdout
@@ -1082,6 +1086,69 @@ def test_a_checkpoint_this_config_cannot_load_is_refused_before_start(tmp_path, 
         assert str(refused.value).startswith(f"train.resume: this config cannot resume {run}/checkpoints/step_00000004: "
                                              f"{why}"), refused.value
     preflight_checks.preflight(config("model.moe.top_k=3", "model.attention.rope.theta=50000"), 2)  # no shape changes
+
+
+def test_a_resume_on_other_data_is_refused_before_start(tmp_path, data, mirrored_smoke_shards):
+    """A resume on other training data (other sources or blend weights) was refused only by the loader's state in
+    DeepSpeed's files, once the engine had been built and had loaded them; meta.json now records that state and
+    preflight refuses it, in the loader's words. A checkpoint from before (no loader state in its meta.json) is
+    left to that late check."""
+    import torch.distributed as dist
+
+    import deepseek_pt.engine.preflight as preflight_checks
+    from deepseek_pt.config import load_config
+    from deepseek_pt.data import PretrainDataset, TrainLoader
+    from deepseek_pt.data.loader import NewDataError
+    from deepseek_pt.engine import checkpoint
+
+    class Engine:
+        def save_checkpoint(self, root, tag, client_state, save_latest):
+            (Path(root) / tag).mkdir(parents=True)
+            (Path(root) / tag / "zero_pp_rank_0_mp_rank_00_model_states.pt").write_bytes(b"states")
+
+    run = tmp_path / "run"
+    tag = run / "checkpoints" / "step_00000004"
+
+    def blend(weight: int) -> list[str]:
+        return ["data.path=null", f"data.blend=[{{path: {data}}}, {{path: {mirrored_smoke_shards}, weight: {weight}}}]"]
+
+    def config(*overrides: str):
+        return load_config(SMOKE, [f"run.dir={run}", *(overrides or blend(1))])
+
+    def loader(cfg):
+        return TrainLoader([PretrainDataset(s.path, cfg.data.train_split, cfg.data.seq_len) for s in cfg.data.sources()],
+                           4, seed=cfg.data.seed, weights=[s.weight for s in cfg.data.sources()])
+
+    def save(settings: dict) -> None:
+        shutil.rmtree(run, ignore_errors=True)
+        dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+        try:
+            checkpoint.save(Engine(), run, 4, {}, ep_size=2, keep_last=3, settings=settings)
+        finally:
+            dist.destroy_process_group()
+            (tmp_path / "store").unlink(missing_ok=True)
+
+    saved = loader(config())  # a blend of two sources, equal weights, 32 samples in
+    saved.consumed_samples = 32
+    save({**preflight_checks.resume_settings(config()), "loader": saved.state_dict()})
+    for overrides, why in (([f"data.path={data}"], "sources no longer trained on (shard fingerprints) ['"),
+                           (blend(3), "blend counts: checkpoint [1, 1] for sources ['")):
+        cfg = config(*overrides)
+        with pytest.raises(preflight_checks.PreflightError) as refused:
+            preflight_checks.preflight(cfg, 2)
+        with pytest.raises(NewDataError) as late:  # what the check after DeepSpeed's load says
+            loader(cfg).load_state_dict(saved.state_dict())
+        assert why in str(late.value)
+        assert str(refused.value) == (f"train.resume: {tag}: {late.value}; set data.resume_on_new_data=true to go on "
+                                      "with this data")
+    preflight_checks.preflight(config(*blend(3), "data.resume_on_new_data=true"), 2)
+    preflight_checks.preflight(config(), 2)  # the same data
+    save(preflight_checks.resume_settings(config()))  # an older checkpoint: no loader state in its meta.json
+    preflight_checks.preflight(config(*blend(3)), 2)
+    (tag / "meta.json").write_text(json.dumps({**checkpoint.read_meta(tag), "settings": {
+        **preflight_checks.resume_settings(config()), "loader": [1]}}))
+    with pytest.raises(preflight_checks.PreflightError, match=r"meta.json: missing or malformed settings.loader$"):
+        preflight_checks.preflight(config(), 2)
 
 
 def test_a_checkpoint_in_our_own_moe_blocks_layout_is_refused(data):

@@ -18,6 +18,12 @@ import torch
 from .format import DataError, Manifest, check_shard, open_manifest
 
 
+def fingerprint(manifest: Manifest, split: str) -> str:
+    """Identifies the exact token stream of the split (its non-empty shards' sha256s, in order), so that a checkpoint
+    cannot silently resume on other data; from the manifest alone, for a check before the shards are opened."""
+    return hashlib.sha256("".join(s.sha256 for s in manifest.shards(split) if s.num_tokens).encode()).hexdigest()[:16]
+
+
 class PretrainDataset:
     """`len(ds)` samples of seq_len + 1 tokens; `ds[i]` is a LongTensor [seq_len + 1]."""
 
@@ -39,9 +45,7 @@ class PretrainDataset:
         self._len = (self.num_tokens - 1) // seq_len
         self._max_open = max_open_shards
         self._maps: OrderedDict[int, np.memmap] = OrderedDict()
-        # Identifies the exact token stream, so a checkpoint cannot silently resume on other data.
-        self.fingerprint = hashlib.sha256(
-            "".join(s.sha256 for s in self.shards).encode()).hexdigest()[:16]
+        self.fingerprint = fingerprint(self.manifest, split)
 
     def __len__(self) -> int:
         return self._len

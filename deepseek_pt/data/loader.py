@@ -167,13 +167,12 @@ class TrainLoader:
             raise DataError(f"loader state does not match this data ({where}): {'; '.join(diffs)}")
         saved = _saved_sources(state)
         mine = [d.fingerprint for d in self.datasets]
-        changed = saved["fingerprints"] != mine or saved["counts"] != self.schedule.counts
-        if not changed:
+        change = _data_change(saved, mine, self.schedule.counts, where)
+        if change is None:
             self.phase_start, self.offsets, self.source_ids = saved["phase_start"], saved["offsets"], saved["ids"]
             self.retired = saved["retired"]
         elif not new_data:
-            raise NewDataError(f"loader state was saved on other training data than this ({where}): "
-                               f"{_describe_change(saved, mine, self.schedule.counts)}")
+            raise NewDataError(change)
         else:
             read: dict[str, list[tuple[int, int]]] = {}  # a source listed twice (the same shards) pairs up in order
             for fp, n, i in zip(saved["fingerprints"], saved["consumed_at"](consumed), saved["ids"], strict=True):
@@ -187,7 +186,7 @@ class TrainLoader:
             self.phase_start, self.offsets = consumed, [k[0] if k else 0 for k in kept]
             self.source_ids = [k[1] if k else next(free) for k in kept]
         self.consumed_samples, self._perms = consumed, {}  # the source_ids may have changed
-        return changed
+        return change is not None
 
 
 def _samples_read(schedule: BlendSchedule, offsets: list[int], phase_start: int, samples: int) -> list[int]:
@@ -216,6 +215,20 @@ def _saved_sources(state: dict) -> dict:
 
     return {"fingerprints": fingerprints, "counts": counts, "phase_start": phase_start, "offsets": offsets, "ids": ids,
             "retired": retired, "consumed_at": consumed_at}
+
+
+def data_change(state: dict, fingerprints: list[str], counts: list[int], where: str) -> str | None:
+    """Why a loader state was saved on other training data than the sources of these shard fingerprints (in order)
+    and blend counts, described as `where`: what TrainLoader.load_state_dict refuses without new_data; None if it
+    was not. For a check before any dataset is opened (a resume's, from the checkpoint's meta.json)."""
+    return _data_change(_saved_sources(state), fingerprints, counts, where)
+
+
+def _data_change(saved: dict, fingerprints: list[str], counts: list[int], where: str) -> str | None:
+    if saved["fingerprints"] == fingerprints and saved["counts"] == counts:
+        return None
+    return (f"loader state was saved on other training data than this ({where}): "
+            f"{_describe_change(saved, fingerprints, counts)}")
 
 
 def _describe_change(saved: dict, fingerprints: list[str], counts: list[int]) -> str:

@@ -5,8 +5,9 @@ Layout under `<run.dir>/checkpoints/`:
         rng/rank_R.pt            each rank's RNG state
         meta.json                written last by rank 0, after every rank finished: step, world and
                                  EP size, the settings a resume must match (model section, ZeRO
-                                 stage, bf16, data.seq_len and data.seed), and the size + sha256 of every
-                                 file (the completion marker)
+                                 stage, bf16, data.seq_len and data.seed, the loader's state: its
+                                 sources' shard fingerprints and blend), and the size + sha256 of
+                                 every file (the completion marker)
     step_00000020_universal/     made on demand to resume on another world size or EP size; kept, and reused
                                  while its sizes.json and meta.json still match
     latest                       the newest complete tag, replaced atomically after meta.json
@@ -219,7 +220,8 @@ def read_meta(tag_dir: Path) -> dict:
         else:
             wrong += [f"settings.{k}" for k, types in (("model", dict), ("zero_stage", int), ("bf16", bool))
                       if not isinstance(settings.get(k), types)]
-            wrong += ["settings.autoep"] if not isinstance(settings.get("autoep", False), bool) else []
+            wrong += [f"settings.{k}" for k, types in (("autoep", bool), ("loader", dict))
+                      if k in settings and not isinstance(settings[k], types)]
     if wrong:  # a hand-edited or foreign meta.json: named here, not a KeyError deep in the resume
         raise CheckpointError(f"{file}: missing or malformed {', '.join(wrong[:5])}")
     if meta.get("format_version", 0) > FORMAT_VERSION:

@@ -10,7 +10,10 @@ from pathlib import Path
 import torch
 
 from ..config import Config, ConfigError, ModelConfig, differences, load_config, model_from_dict, uses_autoep
+from ..data.blend import blend_counts
+from ..data.dataset import fingerprint
 from ..data.format import DataError, Manifest, check_shard
+from ..data.loader import data_change
 from ..model.counting import meta_model
 from . import checkpoint, run_tokenizer
 from .checkpoint import CheckpointError
@@ -77,7 +80,8 @@ def preflight(cfg: Config, world_size: int) -> None:
                 f"parallel.zero_init: false builds the whole model in fp32 in each of this node's {procs} processes: "
                 f"{need / 2**30:,.1f} GiB ({n_params:,} parameters x 4 bytes x {procs}), more than the "
                 f"{available / 2**30:,.1f} GiB of memory available here; {fix}")
-    data = check_data(cfg, world_size)
+    manifests = check_data(cfg, world_size)
+    data = manifests[0]
     if cfg.train.init_from:
         from ..export import ExportError, read_export_info, trained_tokenizer_sha256
         try:
@@ -124,6 +128,8 @@ def preflight(cfg: Config, world_size: int) -> None:
             raise PreflightError(f"train.resume: this config cannot resume {resume_dir}: {why}. Resume with the "
                                  "checkpoint's settings, or start a new run from its weights (python -m "
                                  "deepseek_pt.engine.export, then train.init_from)")
+        if why := new_data_refusal(meta, cfg, manifests):
+            raise PreflightError(f"train.resume: {resume_dir}: {why}")
         if meta["step"] > cfg.train.max_steps:  # equal is a finished run started again: it exits 0 without a step
             # Past it, the run trained nothing and said "train.max_steps reached": an extension mistyped looked done.
             raise PreflightError(f"train.max_steps: {cfg.train.max_steps} is below the step of the checkpoint it "
@@ -160,16 +166,16 @@ def preflight(cfg: Config, world_size: int) -> None:
                 "pieces; train on data of that tokenizer, or in another run.dir")
 
 
-def check_data(cfg: Config, world_size: int) -> Manifest:
+def check_data(cfg: Config, world_size: int) -> list[Manifest]:
     """Every source of training data opens, fits the model's vocabulary, shares one tokenizer, and holds a training
     sample and (when evaluating) an evaluation batch: found here, not at the first evaluation hours in. Returns the
-    first source's manifest."""
+    sources' manifests, in order."""
     from ..data import open_manifest
 
     sources = cfg.data.sources()
     if not sources:
         raise PreflightError("data.path: required to train: a shard directory (or the sources of data.blend)")
-    first = None
+    manifests: list[Manifest] = []
     for j, source in enumerate(sources):
         key = cfg.data.source_key(j)
         try:
@@ -181,9 +187,7 @@ def check_data(cfg: Config, world_size: int) -> Manifest:
         if manifest.vocab_size > cfg.model.vocab_size:
             raise PreflightError(f"model.vocab_size: {cfg.model.vocab_size} is smaller than the tokenizer's vocabulary "
                                  f"({manifest.vocab_size}, from {manifest.path})")
-        if first is None:
-            first = manifest
-        elif manifest.tokenizer_sha256 != first.tokenizer_sha256:
+        if manifests and manifest.tokenizer_sha256 != (first := manifests[0]).tokenizer_sha256:
             raise PreflightError(f"{key}: {manifest.path} was tokenized with another tokenizer (sha256 "
                                  f"{manifest.tokenizer_sha256[:12]}) than {first.path} ({first.tokenizer_sha256[:12]}): "
                                  "a blend's sources must share one")
@@ -209,11 +213,34 @@ def check_data(cfg: Config, world_size: int) -> Manifest:
                                                        f"processes = {need} samples)")
                 raise PreflightError(f"{split_key}: split {split!r} of {manifest.path} holds {samples} samples of "
                                      f"data.seq_len + 1 = {cfg.data.seq_len + 1} tokens, fewer than {what}")
-    return first
+        manifests.append(manifest)
+    return manifests
+
+
+NEW_DATA_HINT = "; set data.resume_on_new_data=true to go on with this data"
+"""Ends the refusal of a resume on other training data: here from meta.json, in train.py from the loader's state."""
+
+
+def new_data_refusal(meta: dict, cfg: Config, manifests: list[Manifest]) -> str | None:
+    """Why the checkpoint of `meta` was trained on other data than the sources of `manifests` (other sources, shards
+    or blend weights) if data.resume_on_new_data does not allow it, or None: refused here, before DeepSpeed loads
+    it. Checkpoints whose meta.json does not record the loader's state are refused by TrainLoader after the load."""
+    state = (meta.get("settings") or {}).get("loader")
+    if state is None or cfg.data.resume_on_new_data:
+        return None
+    split = cfg.data.train_split
+    where = ", ".join(f"{m.path} split {split!r}" for m in manifests)  # as TrainLoader names its datasets
+    try:
+        why = data_change(state, [fingerprint(m, split) for m in manifests],
+                          blend_counts([s.weight for s in cfg.data.sources()]), where)
+    except DataError as e:
+        return str(e)
+    return why and why + NEW_DATA_HINT
 
 
 def resume_settings(cfg: Config) -> dict:
-    """What a checkpoint records of its run for resume_mismatch (meta.json's `settings`)."""
+    """What a checkpoint records of its run for resume_mismatch (meta.json's `settings`; train.py adds the loader's
+    state, `loader`, for new_data_refusal)."""
     return {"model": dataclasses.asdict(cfg.model), "zero_stage": cfg.parallel.zero_stage,
             "bf16": cfg.precision != "fp32", "autoep": uses_autoep(cfg), "seq_len": cfg.data.seq_len,
             "data_seed": cfg.data.seed}
