@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 import yaml
 
-from .fileio import atomic_write_text
+from .fileio import NestedTooDeeply, atomic_write_text, check_nesting
 
 
 class ConfigError(ValueError):
@@ -558,7 +558,13 @@ _UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG,
 
 
 def _load_yaml(text: str) -> Any:
-    return yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader: no arbitrary objects
+    """The YAML value of `text`; NestedTooDeeply past fileio.MAX_NESTING levels, where PyYAML's parser (a few hundred
+    levels) or the copy and error messages of config_from_dict would fail with a RecursionError."""
+    try:
+        value = yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader: no arbitrary objects
+    except RecursionError:
+        raise NestedTooDeeply from None
+    return check_nesting(value)
 
 
 def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
@@ -570,6 +576,8 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
             raise ConfigError(f"override {item!r}: expected key.path=value")
         try:
             parsed.append((key, _load_yaml(raw) if raw != "" else None))
+        except NestedTooDeeply as e:  # named by its key: the value itself is thousands of brackets
+            raise ConfigError(f"override {key}=...: the value is {e}") from None
         except yaml.YAMLError as e:  # `run.name=@x`, `model.dim={`: YAML refuses the value itself
             why = getattr(e, "problem", None) or e
             hint = "" if isinstance(e, yaml.constructor.ConstructorError) else \
@@ -613,6 +621,8 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
         data = _load_yaml(path.read_text())
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    except NestedTooDeeply as e:
+        raise ConfigError(f"{path}: {e}") from None
     except (OSError, UnicodeDecodeError) as e:  # unreadable, or not text (a checkpoint passed as --config)
         raise ConfigError(f"{path}: cannot read the config file ({e})") from None
     if data is not None and not isinstance(data, dict):

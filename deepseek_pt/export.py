@@ -21,7 +21,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .config import Config, ConfigError, ModelConfig, load_config, save_config
-from .fileio import atomic_path, atomic_write_bytes, atomic_write_text, sha256_file
+from .fileio import NestedTooDeeply, atomic_path, atomic_write_bytes, atomic_write_text, loads_json, sha256_file
 from .model import Transformer
 from .model.counting import meta_model
 
@@ -118,9 +118,11 @@ def read_export_info(path: str | Path) -> dict:
     if not file.is_file():
         raise ExportError(f"{file}: not found ({path} is not a complete export)")
     try:
-        info = json.loads(file.read_text())
+        info = loads_json(file.read_text())
     except (UnicodeDecodeError, json.JSONDecodeError) as e:  # not text: a corrupt file, named
         raise ExportError(f"{file}: not valid JSON: {e}") from None
+    except NestedTooDeeply as e:
+        raise ExportError(f"{file}: {e}") from None
     if not isinstance(info, dict) or not isinstance(info.get("format_version"), int):
         raise ExportError(f"{file}: missing format_version")
     if info["format_version"] > FORMAT_VERSION:

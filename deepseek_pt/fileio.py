@@ -1,4 +1,5 @@
-"""Durable file writes and checksums shared by shards, checkpoints, exports and configs.
+"""Durable file writes and checksums shared by shards, checkpoints, exports and configs, and the limit on how deeply
+the JSON and YAML they read may nest.
 
 Every write lands under a temporary name, is fsynced, renamed over the target, and the directory is
 synced: a reader sees the old content or the complete new one, never a torn file, even after a crash.
@@ -113,3 +114,43 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 
 def atomic_write_json(path: str | Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
+
+
+MAX_NESTING = 100
+"""How many levels of lists and mappings inside each other a config or JSON file we read may hold: ours nest five at
+most, an HF config.json a few more. Python's JSON and YAML parsers, copy.deepcopy and repr recurse once per level, so
+a file nested thousands deep failed with a RecursionError from deep inside one of them, at whichever ran out first."""
+
+
+class NestedTooDeeply(ValueError):
+    """Input nested deeper than MAX_NESTING (or than the parser could recurse); the caller names the file."""
+
+    def __init__(self):
+        super().__init__(f"nested too deeply: lists or mappings more than {MAX_NESTING} levels inside each other")
+
+
+def check_nesting(value: Any) -> Any:
+    """`value` (parsed JSON or YAML) if it nests at most MAX_NESTING levels deep, else NestedTooDeeply. Walks level by
+    level, not recursing: the check must not fail the way it guards against."""
+    seen: set[int] = set()  # YAML aliases share a node: walked once (a chain of them would multiply the walk)
+    level = [value]
+    for _ in range(MAX_NESTING):
+        below = []  # the lists and mappings one level down
+        for node in level:
+            if isinstance(node, (list, dict)) and id(node) not in seen:
+                seen.add(id(node))
+                below += [v for v in (node.values() if isinstance(node, dict) else node) if isinstance(v, (list, dict))]
+        if not below:
+            return value
+        level = below
+    raise NestedTooDeeply
+
+
+def loads_json(text: str) -> Any:
+    """json.loads, refusing input nested deeper than MAX_NESTING with NestedTooDeeply (a ValueError, as the parser's
+    own JSONDecodeError is), not a RecursionError from inside the parser or from whatever walks the value later."""
+    try:
+        value = json.loads(text)
+    except RecursionError:
+        raise NestedTooDeeply from None
+    return check_nesting(value)

@@ -165,6 +165,20 @@ def test_a_config_file_that_is_not_text_is_named(tmp_path):
         load_config(path)
 
 
+def test_a_config_or_override_nested_too_deeply_is_named(tmp_path):
+    """Thousands of nested lists (or a few hundred) were a RecursionError from inside PyYAML's parser or from
+    copy.deepcopy; a hundred and one levels parsed, but nest deeper than any config."""
+    path = tmp_path / "c.yaml"
+    for levels in (5000, 300, 101):
+        path.write_text("model:\n  dim: " + "[" * levels + "]" * levels + "\n")
+        with pytest.raises(ConfigError, match=f"^{re.escape(str(path))}: nested too deeply: lists or mappings more "
+                                              "than 100 levels inside each other$"):
+            load_config(path)
+        with pytest.raises(ConfigError, match=r"^override model\.dim=\.\.\.: the value is nested too deeply: lists or "
+                                              "mappings more than 100 levels"):
+            load_config(_write(tmp_path, {}), ["model.dim=" + "[" * levels + "]" * levels])
+
+
 def test_overrides_are_typed_and_applied(tmp_path):
     cfg = load_config(_write(tmp_path, {}), ["model.attention.use_output_subspace=true",
                                              "model.attention.o_latent_dim=256", "train.lr=1e-3", "run.dir=/tmp/x"])

@@ -64,6 +64,13 @@ def test_bad_manifest_is_named(shards, edit, message):
     assert str(shards / "manifest.json") in str(e.value)
 
 
+def test_a_manifest_nested_too_deeply_is_named(shards):
+    """Thousands of nested arrays in manifest.json were a RecursionError from inside json.loads."""
+    (shards / "manifest.json").write_text('{"inputs": ' + "[" * 5000 + "]" * 5000 + "}")
+    with pytest.raises(DataError, match=f"^{shards / 'manifest.json'}: nested too deeply"):
+        open_manifest(shards)
+
+
 @pytest.mark.parametrize("edit, message", [
     (lambda m: m["tokenizer"].update(eos_id=1024), "eos_id 1024 is outside the vocabulary"),
     (lambda m: m.update(vocab_size=65537), "vocab_size 65537 does not fit dtype uint16"),

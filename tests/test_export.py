@@ -219,6 +219,13 @@ def test_an_export_json_that_is_not_text_is_named(export_dir):
         load_export(export_dir)
 
 
+def test_an_export_json_nested_too_deeply_is_named(export_dir):
+    """Thousands of nested arrays in export.json were a RecursionError from inside json.loads."""
+    (export_dir / "export.json").write_text('{"source": ' + "[" * 5000 + "]" * 5000 + "}")
+    with pytest.raises(ExportError, match=f"^{export_dir / 'export.json'}: nested too deeply"):
+        read_export_info(export_dir)
+
+
 def test_a_run_that_saved_no_checkpoint_is_named_as_such(tmp_path, export_dir):
     """A run directory without checkpoints/ (train.checkpoints: false, or stopped before its first save) was called
     "not a run directory"."""

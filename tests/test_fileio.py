@@ -1,13 +1,14 @@
 """deepseek_pt.fileio: atomic writes leave the old content or the whole new one, with the mode open() gives."""
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
-from deepseek_pt.fileio import atomic_path, atomic_write_text
+from deepseek_pt.fileio import MAX_NESTING, NestedTooDeeply, atomic_path, atomic_write_text, check_nesting, loads_json
 
 
 def test_a_private_writer_still_leaves_a_file_the_umask_allows(tmp_path):
@@ -64,3 +65,26 @@ def test_a_writers_own_disk_full_error_becomes_one_naming_the_file(tmp_path, wri
     assert describe_os_error(failed.value) == f"{tmp_path / 'model.safetensors'}: No space left on device"
     with pytest.raises(ValueError, match="another failure"), atomic_path(tmp_path / "model.safetensors"):
         raise ValueError("another failure")  # anything else passes through as it is
+
+
+def _nested(levels: int) -> str:
+    return "[" * levels + "]" * levels
+
+
+def test_json_nested_too_deeply_is_refused_as_such():
+    """JSON of thousands of nested arrays was a RecursionError from inside json.loads; a few hundred parsed, and failed
+    later in whatever walked the value (copy.deepcopy, repr). Both are now NestedTooDeeply, past MAX_NESTING."""
+    for text in (_nested(5000), _nested(MAX_NESTING + 1), '{"a": ' + _nested(MAX_NESTING) + "}"):
+        with pytest.raises(NestedTooDeeply, match=f"^nested too deeply: lists or mappings more than {MAX_NESTING} "):
+            loads_json(text)
+    for text in (_nested(MAX_NESTING), '{"a": ' + _nested(MAX_NESTING - 1) + "}", '{"a": [1, {"b": 2}]}'):
+        assert loads_json(text) == json.loads(text)
+
+
+def test_the_nesting_check_walks_a_shared_node_once():
+    """YAML aliases make one node the child of many: a chain of them (each level ten references to the one below)
+    has 10^40 paths, which a walk of every path would never finish."""
+    node: list = [1]
+    for _ in range(40):
+        node = [node] * 10
+    assert check_nesting(node) is node

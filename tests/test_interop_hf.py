@@ -345,6 +345,8 @@ def test_unreadable_hf_dirs_are_refused_naming_the_file(tmp_path):
             ("truncated", lambda d: (d / weights.name).write_bytes(weights.read_bytes()[:-100]), "unreadable safetensors"),
             ("not_safetensors", lambda d: (d / weights.name).write_bytes(b"garbage"), "unreadable safetensors"),
             ("bad_index", lambda d: (d / "model.safetensors.index.json").write_text("[]"), "not a safetensors index"),
+            ("deep_index", lambda d: (d / "model.safetensors.index.json").write_text("[" * 5000 + "]" * 5000),
+             r"not a safetensors index with a weight_map \(NestedTooDeeply: nested too deeply"),  # a RecursionError
             ("wrong_shard", lambda d: _misplace_in_index(d, "model.embed_tokens.weight"),  # was a SafetensorError
              "cannot read tensor model.embed_tokens.weight, which .*index.json places there"),
             ("list_config", lambda d: (d / "config.json").write_text("[1]"), "config.json: holds a JSON list")]:
@@ -474,8 +476,12 @@ def test_convert_cli_errors_are_one_line(tmp_path, capsys):
     save_export(model, cfg, tmp_path / "mla_o")
     (tmp_path / "not_text").mkdir()
     (tmp_path / "not_text" / "config.json").write_bytes(b"\xff\xfe{}")  # was a UnicodeDecodeError traceback
+    (tmp_path / "deep").mkdir()  # a RecursionError traceback from inside json.loads
+    (tmp_path / "deep" / "config.json").write_text('{"hidden_size": ' + "[" * 5000 + "]" * 5000 + "}")
     for argv, message in [(["hf-to-ds", str(tmp_path / "missing"), str(tmp_path / "o1")], "config.json: not found"),
                           (["hf-to-ds", str(tmp_path / "not_text"), str(tmp_path / "o0")], "config.json: not valid JSON"),
+                          (["hf-to-ds", str(tmp_path / "deep"), str(tmp_path / "o8")],
+                           f"{tmp_path / 'deep' / 'config.json'}: nested too deeply"),
                           (["ds-to-hf", str(tmp_path / "mla_o"), str(tmp_path / "o2")], "pass --fold"),
                           (["ds-to-hf", str(tmp_path / "mla_o"), str(tmp_path / "mla_o")], "not empty")]:
         assert convert_main(argv) == 2

@@ -1630,6 +1630,22 @@ def test_a_latest_or_meta_json_that_is_not_text_is_named(tmp_path, data, victim)
         assert proc.returncode == 2 and f"error: {bad}: unreadable ([Errno 21] Is a directory" in proc.stderr, proc.stderr
 
 
+def test_a_meta_json_or_data_json_nested_too_deeply_is_named(tmp_path):
+    """Thousands of nested arrays in a checkpoint's meta.json or run.dir's data.json were a RecursionError from inside
+    json.loads, in training's preflight and in engine.export alike."""
+    from deepseek_pt.engine import checkpoint, run_tokenizer
+    from deepseek_pt.engine.checkpoint import CheckpointError
+
+    deep = '{"step": 4, "files": {}, "settings": ' + "[" * 5000 + "]" * 5000 + "}"
+    (tmp_path / "meta.json").write_text(deep)
+    with pytest.raises(CheckpointError, match=rf"^{tmp_path / 'meta.json'}: unreadable \(nested too deeply: lists or "
+                                              r"mappings more than 100 levels inside each other\)$"):
+        checkpoint.read_meta(tmp_path)
+    (tmp_path / run_tokenizer.RECORD_NAME).write_text(deep)
+    with pytest.raises(CheckpointError, match=f"^{tmp_path / run_tokenizer.RECORD_NAME}: nested too deeply"):
+        run_tokenizer.read(tmp_path)
+
+
 def test_a_second_run_in_a_run_dir_in_use_is_refused(tmp_path, data):
     """Two runs started on one run.dir (a job resubmitted while the old one still ran) both trained: one
     metrics.jsonl with every step twice, interleaved, and saves into the same checkpoint directories, each deleting

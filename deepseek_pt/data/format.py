@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from ..fileio import sha256_file
+from ..fileio import NestedTooDeeply, loads_json, sha256_file
 
 FORMAT_NAME = "deepseek_pt.token_shards"
 FORMAT_VERSION = 1
@@ -193,9 +193,11 @@ def open_manifest(path: str | Path) -> Manifest:
         hint = " (the build is incomplete: re-run build_shards.py to finish it)" if (file.parent / BUILD_LOG_NAME).exists() else ""
         raise DataError(f"{file}: manifest not found{hint}")
     try:
-        raw = json.loads(file.read_text())
+        raw = loads_json(file.read_text())
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise DataError(f"{file}: not valid JSON: {e}") from None
+    except NestedTooDeeply as e:
+        raise DataError(f"{file}: {e}") from None
     return parse_manifest(raw, file.parent, str(file))
 
 

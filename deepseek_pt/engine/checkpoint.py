@@ -34,6 +34,7 @@ from ..fileio import (
     first_line,
     free_space,
     is_disk_full,
+    loads_json,
     sha256_file,
     size_text,
 )
@@ -206,8 +207,8 @@ def _read_latest(latest: Path) -> str:
 def read_meta(tag_dir: Path) -> dict:
     file = tag_dir / "meta.json"
     try:
-        meta = json.loads(file.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:  # not text: a corrupt file, named
+        meta = loads_json(file.read_text())
+    except (OSError, ValueError) as e:  # not text, not JSON, nested too deeply: a corrupt file, named
         raise CheckpointError(f"{file}: unreadable ({e})") from None
     if not isinstance(meta, dict) or not isinstance(meta.get("files"), dict) or "step" not in meta:
         raise CheckpointError(f"{file}: not a checkpoint meta.json (no step / files)")

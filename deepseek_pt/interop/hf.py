@@ -28,7 +28,7 @@ from safetensors.torch import save_file
 from ..config import Config, ConfigError, ModelConfig, config_from_dict
 from ..data.format import DOC_BOUNDARIES
 from ..export import DTYPES, FP32_TENSORS, cast_model, dtype_name, expected_shapes, expected_tensors
-from ..fileio import atomic_path, atomic_write_bytes, atomic_write_json
+from ..fileio import NestedTooDeeply, atomic_path, atomic_write_bytes, atomic_write_json, loads_json
 from ..model import MoE, Transformer
 
 MAX_SHARD_BYTES = 5 * 1024**3
@@ -47,9 +47,11 @@ def read_hf_config(path: str | Path) -> dict:
     if not file.is_file():
         raise HFConversionError(f"{file}: not found ({path} is not an HF model directory)")
     try:
-        hf = json.loads(file.read_text())
+        hf = loads_json(file.read_text())
     except (UnicodeDecodeError, json.JSONDecodeError) as e:  # not text: a corrupt file, named
         raise HFConversionError(f"{file}: not valid JSON: {e}") from None
+    except NestedTooDeeply as e:
+        raise HFConversionError(f"{file}: {e}") from None
     if not isinstance(hf, dict):
         raise HFConversionError(f"{file}: holds a JSON {type(hf).__name__}, expected an object")
     return hf
@@ -254,9 +256,9 @@ class _Weights:
         self._stack, self._handles = stack, {}
         if index.is_file():
             try:
-                weight_map = json.loads(index.read_text())["weight_map"]
+                weight_map = loads_json(index.read_text())["weight_map"]
                 self.file_of = {k: path / v for k, v in weight_map.items()}
-            except (UnicodeDecodeError, json.JSONDecodeError, TypeError, KeyError, AttributeError) as e:
+            except (ValueError, TypeError, KeyError, AttributeError) as e:  # ValueError: not text, not JSON, too deep
                 raise HFConversionError(f"{index}: not a safetensors index with a weight_map "
                                         f"({type(e).__name__}: {e})") from None
         else:
