@@ -67,7 +67,8 @@ class AttentionConfig:
     use_output_subspace: bool = False
     """MLA-o: split the output projection into o_a_proj (heads*v -> o_latent_dim) -> o_b_proj."""
     o_latent_dim: int | None = None
-    """MLA-o latent width; required and positive when use_output_subspace is on."""
+    """MLA-o latent width; required when use_output_subspace is on, positive and below n_heads x v_head_dim (the
+    attention output o_proj projects: a latent that wide saves nothing and adds parameters)."""
     o_init: Literal["normal", "xavier"] = "normal"
     """MLA-o init of a fresh model: `normal` (std from model.init_std) or `xavier` (the prototype's)."""
     rope: RopeConfig = field(default_factory=RopeConfig)
@@ -665,6 +666,16 @@ def _validate_blend(data: DataConfig, check) -> None:
         check(False, f"data.blend[{e.source}].weight", e.reason)
 
 
+def output_width_text(a: AttentionConfig) -> str:
+    """The attention output's width, as MLA-o's refusals name it."""
+    return f"model.attention.n_heads x v_head_dim ({a.n_heads} x {a.v_head_dim} = {a.n_heads * a.v_head_dim})"
+
+
+MLA_O_TOO_WIDE = ("o_a_proj -> o_b_proj at least as wide as the attention output that o_proj projects saves nothing "
+                  "over o_proj and adds parameters; MLA-o needs a narrower latent")
+"""Why MLA-o's latent must be narrower than n_heads x v_head_dim (config validation and `convert mla-o`)."""
+
+
 MAX_LAYERS = 1024
 """model.n_layers' and model.mtp_depth's ceiling, 8x the deepest published LLMs (DeepSeek-V3 61, Llama 3.1 405B 126):
 each block is a module of its own, built one at a time (preflight's parameter count on the meta device, the model
@@ -732,6 +743,8 @@ def validate(cfg: Config, where: Callable[[str], str] = lambda key: "<config>") 
         check(a.o_latent_dim is not None, "model.attention.o_latent_dim",
               "required when model.attention.use_output_subspace is true")
         check(a.o_latent_dim > 0, "model.attention.o_latent_dim", f"must be positive, got {a.o_latent_dim}")
+        check(a.o_latent_dim < a.n_heads * a.v_head_dim, "model.attention.o_latent_dim",
+              f"{a.o_latent_dim} >= {output_width_text(a)}: {MLA_O_TOO_WIDE}")
     else:  # as convert's MLA-o -> MLA leaves it: a width nothing would use
         check(a.o_latent_dim is None, "model.attention.o_latent_dim",
               f"{a.o_latent_dim} is set, but model.attention.use_output_subspace is false: set that true for MLA-o, "

@@ -18,7 +18,7 @@ import math
 import sys
 from pathlib import Path
 
-from .config import load_config
+from .config import MLA_O_TOO_WIDE, load_config, output_width_text
 from .data.format import open_tokenizer, tokenizer_from_bytes
 from .export import save_export
 from .fileio import sha256_file
@@ -103,6 +103,10 @@ def mla_o(args) -> None:
     if ckpt.model.config.attention.use_output_subspace:
         raise UsageError(f"{args.checkpoint}: already uses MLA-o "
                          f"(o_latent_dim {ckpt.model.config.attention.o_latent_dim})")
+    a = ckpt.model.config.attention
+    if args.o_latent_dim >= a.n_heads * a.v_head_dim:  # its config would not load (config.validate)
+        raise UsageError(f"--o-latent-dim {args.o_latent_dim} >= {args.checkpoint}'s {output_width_text(a)}: "
+                         f"{MLA_O_TOO_WIDE}")
     errors = to_output_subspace(ckpt.model, args.o_latent_dim, init=args.init)
     save_export(ckpt.model, ckpt.config, out, step=ckpt.step, source=str(Path(args.checkpoint).absolute()),
                 tokenizer=ckpt.tokenizer, doc_boundary=ckpt.doc_boundary, tokenizer_sha256=ckpt.tokenizer_sha256)

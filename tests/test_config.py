@@ -41,6 +41,14 @@ def _write(tmp_path, data) -> Path:
     ({"parallel": {"coalesce_grad_reduction": True, "zero_stage": 0}}, [],
      "parallel.coalesce_grad_reduction: needs parallel.zero_stage 1, 2 or 3"),
     ({"model": {"attention": {"use_output_subspace": True, "o_latent_dim": 0}}}, [], "model.attention.o_latent_dim: must be positive"),
+    # MLA-o's latent as wide as o_proj's input or wider: no saving, more parameters
+    ({"model": {"attention": {"use_output_subspace": True, "o_latent_dim": 2048}}}, [],
+     ("model.attention.o_latent_dim: 2048 >= model.attention.n_heads x v_head_dim (16 x 128 = 2048): o_a_proj -> "
+      "o_b_proj at least as wide as the attention output that o_proj projects saves nothing over o_proj")),
+    ({"model": {"attention": {"n_heads": 2, "v_head_dim": 64}}},
+     ["model.attention.use_output_subspace=true", "model.attention.o_latent_dim=4096"],
+     ("(override model.attention.o_latent_dim=4096): model.attention.o_latent_dim: 4096 >= model.attention.n_heads x "
+      "v_head_dim (2 x 64 = 128)")),
     ({"precision": "fp16"}, [], "precision: 'fp16' is not one of 'fp32' | 'bf16' | 'fp8'"),
     ({"parallel": {"zero_init": True, "zero_stage": 2}}, [], "parallel.zero_init: needs parallel.zero_stage: 3 (got 2)"),
     ({"parallel": {"zero_init": True}, "model": {"tie_embeddings": True}}, [],

@@ -499,6 +499,9 @@ def test_convert_cli_errors_are_one_line(tmp_path, capsys):
     (tmp_path / "keyless" / "config.json").write_text(json.dumps(hf_config))
     for argv, message in [(["hf-to-ds", str(tmp_path / "keyless"), str(tmp_path / "o7")],
                            f"{tmp_path / 'keyless' / 'config.json'}: missing key 'num_hidden_layers'"),
+                          (["mla-o", str(tmp_path / "o3"), str(tmp_path / "o9"), "--o-latent-dim", "48"],
+                           (f"--o-latent-dim 48 >= {tmp_path / 'o3'}'s model.attention.n_heads x v_head_dim (4 x 12 "
+                            "= 48): o_a_proj -> o_b_proj at least as wide")),
                           (["ds-to-hf", str(tmp_path / "bad_tok"), str(tmp_path / "o4")],
                            f"{tmp_path / 'bad_tok'}: its tokenizer.model: not a sentencepiece model"),
                           (["hf-to-ds", str(tmp_path / "o3"), str(tmp_path / "o5"), "--tokenizer", str(tmp_path / "nope")],
