@@ -66,7 +66,7 @@ def hf_to_ds(args) -> None:
         if key.startswith("model.") and key not in knobs:
             raise UsageError(f"override {item!r}: the model section comes from {args.hf_dir}/config.json; of it only "
                              f"the training knobs ({', '.join(sorted(knobs))}) may be set")
-    model = load_hf(args.hf_dir, dtype=DTYPE_CHOICES.get(args.dtype))
+    model = load_hf(args.hf_dir, dtype=DTYPE_CHOICES.get(args.dtype), hf_config=hf_config)
     base = load_config(args.base_config) if args.base_config else None
     config = full_config(model.config, base, where=args.base_config or args.hf_dir, overrides=args.overrides)
     model.config = config.model  # the base's TRAINING_KNOBS, which save_export takes from the model

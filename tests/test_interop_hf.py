@@ -469,6 +469,28 @@ def test_hf_copy_carries_a_tokenizer_that_autotokenizer_reads(tmp_path, pydoc_da
     assert transformers.AutoConfig.from_pretrained(tmp_path / "hf").deepseek_pt_doc_boundary == "eos"
 
 
+def test_an_hf_directory_is_loaded_reading_its_config_json_once(tmp_path, monkeypatch, capsys):
+    """load_checkpoint (generate, evaluate, convert ds-to-hf and mla-o on an HF directory) read config.json for the
+    model and again for its doc boundary; hf-to-ds for its early check and again in load_hf."""
+    from pathlib import Path
+
+    save_hf(random_model(tiny()), tmp_path / "hf", doc_boundary="eos")
+    reads, read_text = [], Path.read_text
+
+    def counted(self, *args, **kwargs):
+        if self.name == "config.json":
+            reads.append(self)
+        return read_text(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "read_text", counted)
+    assert load_checkpoint(tmp_path / "hf").doc_boundary == "eos"
+    assert reads == [tmp_path / "hf" / "config.json"]
+    reads.clear()
+    assert convert_main(["hf-to-ds", str(tmp_path / "hf"), str(tmp_path / "back")]) == 0
+    assert reads == [tmp_path / "hf" / "config.json"] and read_export_info(tmp_path / "back")["doc_boundary"] == "eos"
+    capsys.readouterr()
+
+
 def test_convert_cli_errors_are_one_line(tmp_path, capsys):
     cfg = tiny()
     model = random_model(cfg)

@@ -87,11 +87,12 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu",
     if is_export(path):
         return _from_export(path, device, dtype)
     if is_hf_dir(path):
-        model = load_hf(path, device, dtype)
+        hf_config = read_hf_config(path)  # for the model and its doc boundary alike
+        model = load_hf(path, device, dtype, hf_config)
         tok = path / "tokenizer.model"
         data = tok.read_bytes() if tok.is_file() else None
         return Checkpoint(model, full_config(model.config, where=str(path)), data,
-                          None if data is None else hashlib.sha256(data).hexdigest(), hf_doc_boundary(read_hf_config(path)), None)
+                          None if data is None else hashlib.sha256(data).hexdigest(), hf_doc_boundary(hf_config), None)
     return _from_training_run(path, device, dtype)
 
 

@@ -305,11 +305,13 @@ def _mtp_depth(hf: dict, weights: _Weights, where: str) -> int:
     return next((k for k in range(announced) if f"model.layers.{n + k}.eh_proj.weight" not in weights), announced)
 
 
-def load_hf(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> Transformer:
+def load_hf(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+            hf_config: dict | None = None) -> Transformer:
     """A deepseek_pt Transformer with the weights of an HF DeepseekV3 checkpoint directory.
-    dtype=None keeps the checkpoint's (bf16 for FP8 releases); FP8 weights are dequantized."""
+    dtype=None keeps the checkpoint's (bf16 for FP8 releases); FP8 weights are dequantized. `hf_config`: its
+    config.json as read_hf_config parsed it, for a caller that has read it already (the file is read once)."""
     path = Path(path)
-    hf = read_hf_config(path)
+    hf = read_hf_config(path) if hf_config is None else hf_config
     with ExitStack() as stack:
         weights = _Weights(path, stack)
         where = str(path / "config.json")
