@@ -437,8 +437,8 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     precision: Literal["fp32", "bf16", "fp8"] = "bf16"
-    """Compute precision; master weights and optimizer state stay fp32. The fp8 section applies at fp8 only: set
-    (other than its defaults) at bf16 or fp32, training is refused before it starts."""
+    """Compute precision; master weights and optimizer state stay fp32. The fp8 section applies at fp8 only (set at
+    bf16 or fp32, the start's log says it is ignored)."""
     fp8: Fp8Config = field(default_factory=Fp8Config)
     run: RunConfig = field(default_factory=RunConfig)
 

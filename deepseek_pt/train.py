@@ -37,7 +37,7 @@ from .engine.distributed import agree, check_same_config, init_distributed, mean
 from .engine.ds_config import build_ds_config, deepspeed_micro_steps, lr_scheduler
 from .engine.metrics import MetricsLogger, WandbError, peak_flops, peak_memory_gib
 from .engine.peer_failure import PeerFailureWatch
-from .engine.preflight import NEW_DATA_HINT, PreflightError, preflight, resume_settings
+from .engine.preflight import NEW_DATA_HINT, PreflightError, ignored_fp8_settings, preflight, resume_settings
 from .fileio import describe_os_error
 from .model import Block, SwiGLU, Transformer, writable
 from .model.counting import train_flops_per_token
@@ -272,6 +272,8 @@ def build_engine(cfg: Config, world: int, init_from: str | None = None, load_uni
             if fp8.converted == 0 and not own_fp8:
                 hint = "; fp8.layers=all converts the narrow ones too" if fp8.too_narrow else ""
                 print(f"fp8: no linear converted, this run computes in bf16{hint}", flush=True)
+    elif rank0 and (ignored := ignored_fp8_settings(cfg)):
+        print(f"fp8: {ignored}", flush=True)
     if cfg.parallel.zero_stage == 3 and cfg.parallel.zero_leaf_blocks:
         from deepspeed.utils import set_z3_leaf_modules
         set_z3_leaf_modules(model, [Block])

@@ -657,9 +657,6 @@ def _direct(*args: str, world: int = 2) -> subprocess.CompletedProcess:
     (["model.vocab_size=512"], 2, "model.vocab_size: 512 is smaller than the tokenizer's vocabulary (1024"),
     (["precision=fp8", "fp8.recipe=blockwise", "fp8.fast_accum=all"], 2,
      "fp8.fast_accum: 'all' applies to torchao's tensorwise and rowwise recipes, not fp8.recipe: blockwise"),
-    (["precision=bf16", "fp8.experts=true"], 2, ("fp8.experts=true: FP8 settings, but precision is bf16, which trains "
-                                                 "without FP8 and ignores them; set precision=fp8, or drop them "
-                                                 "(defaults: fp8.experts=false)")),
     (["model.dim=8192", "model.moe.expert_inter_dim=65536", "model.moe.n_routed_experts=64"], 2,  # 103B parameters
      "parallel.zero_init: false builds the whole model in fp32 in each of this node's 2 processes: 780.2 GiB"),
     (["train.resume=/nonexistent/ckpt"], 2, "train.resume: checkpoint /nonexistent/ckpt does not exist"),
@@ -1597,22 +1594,22 @@ def test_bf16_engine_keeps_rope_frequencies_and_balance_bias_in_fp32(zero_init):
     assert report["bias_dtypes"] == ["torch.float32"]
 
 
-def test_fp8_settings_at_another_precision_are_refused_before_start(tmp_path, data):
+def test_fp8_settings_at_another_precision_are_named_as_ignored(tmp_path, data):
     """fp8.* keys set while precision is bf16 or fp32 were ignored without a word: a run meant for FP8 trained in
-    bf16. Refused for training, naming each key changed from its default; the config still loads (an export or run
-    whose config.yaml pairs them is read by generation and conversion)."""
+    bf16. The start names each key changed from its default; preflight passes (one config compares bf16 and FP8)."""
     import deepseek_pt.engine.preflight as preflight_checks
     from deepseek_pt.config import load_config
 
     def config(*overrides):
         return load_config(SMOKE, [f"data.path={data}", f"run.dir={tmp_path / 'run'}", *overrides])
 
-    with pytest.raises(preflight_checks.PreflightError, match=(
-            r"^fp8.recipe=rowwise, fp8.shared_experts=true: FP8 settings, but precision is fp32, which trains without "
-            r"FP8 and ignores them; set precision=fp8, or drop them \(defaults: fp8.recipe=tensorwise, "
-            r"fp8.shared_experts=false\)$")):
-        preflight_checks.preflight(config("fp8.recipe=rowwise", "fp8.layers=auto", "fp8.shared_experts=true"), 2)
-    preflight_checks.preflight(config("precision=bf16", "fp8.recipe=tensorwise", "fp8.experts=false"), 2)  # defaults
+    cfg = config("fp8.recipe=rowwise", "fp8.layers=auto", "fp8.shared_experts=true")
+    preflight_checks.preflight(cfg, 2)
+    assert preflight_checks.ignored_fp8_settings(cfg) == (
+        f"fp8.recipe=rowwise, fp8.shared_experts=true ignored: precision is {cfg.precision}, and the fp8 section "
+        "applies at precision=fp8 only")
+    assert preflight_checks.ignored_fp8_settings(config("precision=bf16", "fp8.recipe=tensorwise")) is None  # defaults
+    assert preflight_checks.ignored_fp8_settings(config("precision=fp8", "fp8.recipe=rowwise")) is None
 
 
 def test_a_partitioned_build_needs_no_whole_model_in_host_memory(monkeypatch, data):
