@@ -45,10 +45,10 @@ def casts(shape: tuple) -> tuple[list[torch.Tensor], dict]:
     if shape[0] == "experts":
         _, E, H, dim = shape
         weights = [torch.randn(E, *s, device="cuda").mul(0.02).bfloat16() for s in ((H, dim), (H, dim), (dim, H))]
-        return weights, {"compiled reference": torch.compile(fp8_experts._cast_weights, fullgraph=True),
+        return weights, {"compiled reference": fp8_experts._compiled_weight_cast(),
                          "triton": fp8_experts._triton_cast_weights}
     weights = [torch.randn(*shape[1:], device="cuda").mul(0.02).bfloat16()]
-    return weights, {"compiled reference": torch.compile(fp8_linears.cast_weight, fullgraph=True),
+    return weights, {"compiled reference": torch.compile(fp8_linears.cast_weight, fullgraph=True, dynamic=False),
                      "triton": fp8_linears._triton_cast_weight}
 
 
