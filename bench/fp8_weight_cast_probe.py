@@ -1,8 +1,9 @@
 """What casting the FP8 weights costs per optimizer step: every weight `fp8.experts`, `fp8.shared_experts`,
 `fp8.attention` and `fp8.dense_mlp` cast (bench-2b by default), through the reference casts compiled (what
 training ran before engine/fp8_weight_casts.py) and through fp8_weight_casts' Triton kernels. Per weight shape, ms
-per cast and the bytes' rate (the bf16 weight read once, its two e4m3 layouts written once: 4 bytes a value), the
-two paths checked bit for bit; then the sum over the model, each shape times how often it has it.
+per cast (back-to-back calls: the host's launches count where they are slower than the GPU, as for small weights)
+and its kernels' GPU time (profiler), with the bytes' rate over that (the bf16 weight read once, its two e4m3
+layouts written once: 4 bytes a value), the two paths checked bit for bit; then the sum over the model, each shape times how often it has it.
 
     python bench/fp8_weight_cast_probe.py [--config configs/bench-2b.yaml] [--tiles 64x128,32x128,...]
 """
@@ -17,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch
 
-from bench.fp8_gemm_probe import bench
+from bench.fp8_gemm_probe import bench, kernel_table
 from deepseek_pt.config import load_config
 from deepseek_pt.engine import fp8_experts, fp8_linears, fp8_weight_casts
 from deepseek_pt.model.transformer import Transformer
@@ -73,8 +74,10 @@ def main() -> None:
         line = []
         for name, fn in fns.items():
             ms = bench(lambda fn=fn, weights=weights: fn(*weights))
+            gpu_ms, _ = kernel_table(lambda fn=fn, weights=weights: fn(*weights), top=0)
             totals[name] += ms * count
-            line.append(f"{name} {ms:.3f} ms ({4 * values / ms / 1e9:.2f} TB/s)")
+            totals[f"{name}, GPU time"] += gpu_ms * count
+            line.append(f"{name} {ms:.3f} ms, GPU {gpu_ms:.3f} ms ({4 * values / gpu_ms / 1e9:.2f} TB/s)")
         for block_n, block_k in tiles:
             fp8_weight_casts.BLOCK_N, fp8_weight_casts.BLOCK_K = block_n, block_k
             ms = bench(lambda: fns["triton"](*weights))  # noqa: B023 (bench calls it here)
