@@ -29,6 +29,7 @@ from .interop.hf import (
     full_config,
     hf_config_dict,
     hf_doc_boundary,
+    hf_seq_len,
     load_hf,
     read_hf_config,
     save_hf,
@@ -68,7 +69,8 @@ def hf_to_ds(args) -> None:
                              f"the training knobs ({', '.join(sorted(knobs))}) may be set")
     model = load_hf(args.hf_dir, dtype=DTYPE_CHOICES.get(args.dtype), hf_config=hf_config)
     base = load_config(args.base_config) if args.base_config else None
-    config = full_config(model.config, base, where=args.base_config or args.hf_dir, overrides=args.overrides)
+    config = full_config(model.config, base, where=args.base_config or args.hf_dir, overrides=args.overrides,
+                         seq_len=hf_seq_len(hf_config))
     model.config = config.model  # the base's TRAINING_KNOBS, which save_export takes from the model
     save_export(model, config, out, source=str(Path(args.hf_dir).absolute()),
                 tokenizer=tokenizer if args.tokenizer or tokenizer.is_file() else None,
@@ -90,7 +92,8 @@ def ds_to_hf(args) -> None:
         bos, eos = save_hf_tokenizer(out, ckpt.tokenizer, ckpt.model.config.max_seq_len,
                                      add_bos=ckpt.doc_boundary == "bos_eos")
     errors = save_hf(ckpt.model, out, fold=args.fold, bos_id=bos, eos_id=eos,
-                     max_shard_bytes=int(args.max_shard_gb * 1024**3), doc_boundary=ckpt.doc_boundary)
+                     max_shard_bytes=int(args.max_shard_gb * 1024**3), doc_boundary=ckpt.doc_boundary,
+                     seq_len=ckpt.config.data.seq_len)
     if errors:
         print(f"folded MLA-o into o_proj: relative error of the stored o_proj against o_b_proj @ o_a_proj, "
               f"max over {len(errors)} layers: {max(errors):.2e} (rounding to the stored dtype)")

@@ -467,6 +467,10 @@ def test_hf_copy_carries_a_tokenizer_that_autotokenizer_reads(tmp_path, pydoc_da
     assert load_checkpoint(tmp_path / "hf").doc_boundary == "eos"
     assert read_export_info(tmp_path / "back")["doc_boundary"] == "eos"
     assert transformers.AutoConfig.from_pretrained(tmp_path / "hf").deepseek_pt_doc_boundary == "eos"
+    # So does the sequence length it trained at (evaluate's default): not max_position_embeddings (64 here)
+    assert config["deepseek_pt_seq_len"] == cfg.data.seq_len == 32
+    assert load_checkpoint(tmp_path / "hf").config.data.seq_len == 32
+    assert load_export(tmp_path / "back")[1].data.seq_len == 32
 
 
 def test_an_hf_directory_is_loaded_reading_its_config_json_once(tmp_path, monkeypatch, capsys):

@@ -24,7 +24,7 @@ from ..export import ExportError, is_export, load_export, read_export_info, trai
 from ..fileio import sha256_file
 from ..model import Transformer
 from .cli import UsageError
-from .hf import full_config, hf_doc_boundary, is_hf_dir, load_hf, read_hf_config
+from .hf import full_config, hf_doc_boundary, hf_seq_len, is_hf_dir, load_hf, read_hf_config
 
 
 @dataclass
@@ -91,7 +91,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu",
         model = load_hf(path, device, dtype, hf_config)
         tok = path / "tokenizer.model"
         data = tok.read_bytes() if tok.is_file() else None
-        return Checkpoint(model, full_config(model.config, where=str(path)), data,
+        return Checkpoint(model, full_config(model.config, where=str(path), seq_len=hf_seq_len(hf_config)), data,
                           None if data is None else hashlib.sha256(data).hexdigest(), hf_doc_boundary(hf_config), None)
     return _from_training_run(path, device, dtype)
 

@@ -147,11 +147,12 @@ keeps (converting an HF model for continued pretraining must not reset the run's
 
 
 def full_config(model: ModelConfig | dict, base: Config | None = None, where: str = "<hf>",
-                overrides: list[str] = ()) -> Config:
+                overrides: list[str] = (), seq_len: int | None = None) -> Config:
     """A complete run Config around a model section: `base`'s other sections and TRAINING_KNOBS, or the defaults
-    with data.seq_len capped at the model's max_seq_len; then `key.path=value` overrides."""
+    with data.seq_len the training `seq_len` where known (hf_seq_len), else the default capped at the model's
+    max_seq_len; then `key.path=value` overrides."""
     model = copy.deepcopy(model) if isinstance(model, dict) else dataclasses.asdict(model)
-    seq_len = min(Config().data.seq_len, model["max_seq_len"])
+    seq_len = seq_len or min(Config().data.seq_len, model["max_seq_len"])
     rest = base.to_dict() if base is not None else {"data": {"seq_len": seq_len}}
     for *section, key in TRAINING_KNOBS if base is not None else ():
         into, source = model, rest["model"]
@@ -404,6 +405,19 @@ DOC_BOUNDARY_KEY = "deepseek_pt_doc_boundary"
 a key it does not know as a config attribute, and our tools prompt the HF copy as they prompt its run."""
 
 
+SEQ_LEN_KEY = "deepseek_pt_seq_len"
+"""config.json's record of the sequence length the model trained at (its run's data.seq_len): evaluate on the HF copy
+defaults to it as on the run, where max_position_embeddings (what the model can take) may be longer."""
+
+
+def hf_seq_len(hf_config: dict) -> int | None:
+    """The training sequence length an HF directory's config.json records (save_hf's `seq_len`); None where it records
+    none, or one the model cannot take."""
+    seq_len = hf_config.get(SEQ_LEN_KEY)
+    ok = type(seq_len) is int and 0 < seq_len <= hf_config.get("max_position_embeddings", seq_len)
+    return seq_len if ok else None
+
+
 def hf_doc_boundary(hf_config: dict) -> str | None:
     """The doc boundary an HF directory's config.json (read_hf_config) records (save_hf's `doc_boundary`); None
     where it records none."""
@@ -413,15 +427,18 @@ def hf_doc_boundary(hf_config: dict) -> str | None:
 
 def save_hf(model: Transformer, path: str | Path, fold: bool = False, dtype: torch.dtype | None = None,
             bos_id: int | None = None, eos_id: int | None = None,
-            max_shard_bytes: int = MAX_SHARD_BYTES, doc_boundary: str | None = None) -> list[float]:
+            max_shard_bytes: int = MAX_SHARD_BYTES, doc_boundary: str | None = None,
+            seq_len: int | None = None) -> list[float]:
     """Write `model` as an HF DeepseekV3ForCausalLM directory (config.json, generation_config.json,
-    safetensors, sharded with an index above max_shard_bytes), recording `doc_boundary` where known. Returns the
-    per-layer fold errors (empty unless an MLA-o model was folded)."""
+    safetensors, sharded with an index above max_shard_bytes), recording `doc_boundary` and the training `seq_len`
+    where known. Returns the per-layer fold errors (empty unless an MLA-o model was folded)."""
     path = Path(path)
     dtype = dtype or model.embed_tokens.weight.dtype
     config = hf_config_dict(model.config, dtype, bos_id, eos_id)
     if doc_boundary is not None:
         config[DOC_BOUNDARY_KEY] = doc_boundary
+    if seq_len is not None:
+        config[SEQ_LEN_KEY] = seq_len
     tensors, fold_errors = hf_tensors(model, dtype, fold)
     path.mkdir(parents=True, exist_ok=True)
     # Writing over an earlier save (convert --force): incomplete until the new config.json is in place,
