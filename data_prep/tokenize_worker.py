@@ -16,7 +16,13 @@ from dataclasses import dataclass
 import numpy as np
 import sentencepiece as spm
 
+from data_prep import safe_cuts
 from deepseek_pt.data.format import DTYPES
+
+# Longer documents are encoded a piece at a time (data_prep/safe_cuts.py): sentencepiece holds ~45 bytes per
+# character of what it encodes, ~50 MB for a piece as for a task of short documents (build_shards._TASK_CHARS),
+# and a piece's token list (~40 bytes per token) becomes an array (2 or 4 bytes per token) at once.
+_PIECE_CHARS = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -37,13 +43,14 @@ class SplitTokens:
     doc_lengths: np.ndarray
 
 
-_state: tuple[spm.SentencePieceProcessor, TokenizeSpec] | None = None
+_state: tuple[spm.SentencePieceProcessor, TokenizeSpec, frozenset[str] | None] | None = None
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 def init(spec: TokenizeSpec) -> None:
     global _state
-    _state = (spm.SentencePieceProcessor(model_file=spec.model_path), spec)
+    sp = spm.SentencePieceProcessor(model_file=spec.model_path)
+    _state = (sp, spec, safe_cuts.joinable_pairs(sp))
 
 
 def init_process(spec: TokenizeSpec) -> None:
@@ -73,19 +80,49 @@ def is_val(utf8: bytes, val_fraction: float, key: bytes) -> bool:
 
 def tokenize(texts: list[str]) -> dict[str, SplitTokens]:
     """Tokens of the batch's documents, boundary tokens added, grouped by split in input order."""
-    sp, spec = _state
+    _, spec, _ = _state
     key = spec.split_seed.to_bytes(8, "little")
     val = [spec.val_fraction > 0 and is_val(t.encode(), spec.val_fraction, key) for t in texts]
-    docs = sp.encode(texts, num_threads=1)  # parallelism comes from the worker processes
-    for d in docs:  # in place: a copy per document costs ~2% of the tokenization time
-        d.append(spec.eos_id)
-        if spec.bos_id is not None:
-            d.insert(0, spec.bos_id)
+    docs = _encode(texts)
     splits = {}
     for name, want in (("train", False), ("val", True)):
         chosen = [d for d, v in zip(docs, val) if v == want]
         lengths = np.fromiter(map(len, chosen), dtype=np.int64, count=len(chosen))
-        tokens = np.fromiter(itertools.chain.from_iterable(chosen), dtype=DTYPES[spec.dtype],
-                             count=int(lengths.sum()))
-        splits[name] = SplitTokens(tokens, lengths)
+        splits[name] = SplitTokens(_concatenate(chosen, DTYPES[spec.dtype]), lengths)
     return splits
+
+
+def _encode(texts: list[str]) -> list[list[int] | np.ndarray]:
+    """Each document's tokens, boundary tokens included: a list, or an array for a long document."""
+    sp, spec, _ = _state
+    long = [len(t) > _PIECE_CHARS for t in texts]
+    # one thread: parallelism comes from the worker processes
+    short = sp.encode([t for t, is_long in zip(texts, long) if not is_long], num_threads=1)
+    for d in short:  # in place: a copy per document costs ~2% of the tokenization time
+        d.append(spec.eos_id)
+        if spec.bos_id is not None:
+            d.insert(0, spec.bos_id)
+    short = iter(short)
+    return [_encode_long(t) if is_long else next(short) for t, is_long in zip(texts, long)]
+
+
+def _encode_long(text: str) -> np.ndarray:
+    """The tokens of the pieces of `text`, each piece's list made an array as soon as it is encoded."""
+    sp, spec, joinable = _state
+    dtype = DTYPES[spec.dtype]
+    head = [] if spec.bos_id is None else [spec.bos_id]
+    return np.concatenate([np.array(head, dtype)]
+                          + [np.array(sp.encode(p), dtype) for p in safe_cuts.pieces(text, joinable, _PIECE_CHARS)]
+                          + [np.array([spec.eos_id], dtype)])
+
+
+def _concatenate(docs: list[list[int] | np.ndarray], dtype: np.dtype) -> np.ndarray:
+    """The documents' tokens in one array: each run of lists in one pass, arrays copied in."""
+    parts = []
+    for is_array, run in itertools.groupby(docs, key=lambda d: isinstance(d, np.ndarray)):
+        run = list(run)
+        parts += run if is_array else [np.fromiter(itertools.chain.from_iterable(run), dtype=dtype,
+                                                   count=sum(map(len, run)))]
+    if len(parts) == 1:
+        return parts[0]  # no copy: the usual batch of short documents, or a long one alone in its split
+    return np.concatenate(parts) if parts else np.empty(0, dtype)

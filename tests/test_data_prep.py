@@ -4,8 +4,10 @@ from __future__ import annotations
 import errno
 import hashlib
 import importlib.util
+import io
 import json
 import os
+import random
 import re
 import shutil
 import signal
@@ -21,7 +23,9 @@ import pyarrow.parquet as pq
 import pytest
 import sentencepiece as spm
 
-from data_prep import build_shards, pydoc_corpus, shard_writer, train_tokenizer, verify_shards
+from data_prep import (
+    build_shards, pydoc_corpus, safe_cuts, shard_writer, tokenize_worker, train_tokenizer, verify_shards,
+)
 from data_prep.common import run_cli
 from data_prep.tokenize_worker import is_val
 from deepseek_pt.data import DataError, open_manifest
@@ -465,6 +469,163 @@ def test_overwrite_with_the_tokenizer_copy_of_the_same_directory(tmp_path, small
     assert m["build"]["shard_tokens"] == 2000
     assert model.read_bytes() == Path(args["tokenizer"]).read_bytes()
     assert verify_shards.verify(out, progress=False) == []
+
+
+# ------------------------------------------------------------------------------------------------
+# Long documents (encoded a piece at a time: data_prep/safe_cuts.py)
+
+# Where a cut could go wrong: spaces beside '▁' (one character once normalized), runs of whitespace, line ends,
+# tabs, digits (one per token), characters outside the vocabulary (byte fallback), runs without any whitespace.
+TRICKY = [
+    "  leading and trailing whitespace  ", "\ttabs\tand\r\nCRLF line ends\r\n\r\n", "word" + " " * 300 + "word",
+    "\u2581" * 40 + " " * 40 + "a\u2581 \u2581b \u2581\u2581 c\u2581", "x" * 3000, "1234567890" * 200 + " 3.14159 ",
+    "".join(random.Random(1).choices("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/", k=3000)),
+    "中文没有空格，也能切开吗？" * 60, "emoji 😀🚀 and café, cafe\u0301, naïve, ß " * 40, "\n" * 500 + "end",
+    "nul\x00 and <0x41> spelled out, <s></s> " * 30,
+]
+
+
+def _fuzz_docs(n: int) -> list[str]:
+    """Random strings of the characters around which a cut could go wrong, many pieces beside one another."""
+    rng = random.Random(0)
+    alphabet = [" ", "  ", "\u2581", "\n", "\r\n", "\t", "a", "b", "e", "q", "x", "y", "th", "the", "end", "0", "12", "é",
+                "中文", "😀", ".", "="]
+    return ["".join(rng.choices(alphabet, k=rng.randrange(1, 300))) for _ in range(n)]
+
+
+# Pieces that span what the trainer's own pieces never do: a space inside, a line end, two digits
+USER_SYMBOLS = ["a b", "x\ty", "\u2581\u2581q", "12", "end\n"]
+
+
+@pytest.mark.parametrize("symbols", [False, True], ids=["project", "user-symbols"])
+def test_cuts_give_the_tokens_of_the_whole_document(pydoc_data_dir, tmp_path, symbols):
+    """safe_cuts' argument, checked on tokenizers trained by train_tokenizer.py (the pydoc one; one with user-defined
+    symbols): cut at every place it allows (pieces of at least one character), the pieces encode to exactly the
+    tokens of the whole document; on the pydoc corpus as one document, on the tricky cases and on random strings of
+    the characters around which a cut could go wrong. And English text is cut close after each target size."""
+    model = pydoc_data_dir.tokenizer_model
+    if symbols:
+        model = tmp_path / "tok" / train_tokenizer.train([str(pydoc_data_dir.corpus)], 600, tmp_path / "tok",
+                                                         sample_docs=20, user_defined_symbols=USER_SYMBOLS,
+                                                         num_threads=1, progress=False)["model"]
+    sp = spm.SentencePieceProcessor(model_file=str(model))
+    joinable = safe_cuts.joinable_pairs(sp)
+    assert joinable is not None
+    english = "\n\n".join(DOCS)
+    cuts = 0
+    for doc in [english, *TRICKY, *_fuzz_docs(300)]:
+        pieces = list(safe_cuts.pieces(doc, joinable, 1))
+        assert "".join(pieces) == doc
+        assert [t for p in pieces for t in sp.encode(p)] == sp.encode(doc), doc[:60]
+        cuts += len(pieces) - 1
+    assert cuts > 100_000
+    sizes = [len(p) for p in safe_cuts.pieces(english, joinable, 1000)]
+    assert len(sizes) > 400 and max(sizes) <= 1000 + 40  # cut at the next word's space, or line end
+
+
+def test_tokenize_encodes_long_documents_in_pieces_to_the_same_tokens(pydoc_data_dir, monkeypatch):
+    """tokenize() with long documents (here: over 50 characters) among short ones, in both splits, BOS and EOS
+    added: the tokens of whole-document encoding, byte for byte, and sentencepiece never saw a long string."""
+    sp = spm.SentencePieceProcessor(model_file=str(pydoc_data_dir.tokenizer_model))
+    spec = tokenize_worker.TokenizeSpec(str(pydoc_data_dir.tokenizer_model), "uint16", sp.eos_id(), sp.bos_id(),
+                                        0.3, 0)
+    tokenize_worker.init(spec)
+    seen = []
+
+    class Spy:
+        def encode(self, texts, **kwargs):
+            seen.extend(map(len, texts) if isinstance(texts, list) else [len(texts)])
+            return sp.encode(texts, **kwargs)
+
+    monkeypatch.setattr(tokenize_worker, "_PIECE_CHARS", 50)
+    monkeypatch.setattr(tokenize_worker, "_state", (Spy(), *tokenize_worker._state[1:]))
+    docs = [*TRICKY, *DOCS[:30], *_fuzz_docs(50)]
+    out = tokenize_worker.tokenize(docs)
+    key = (0).to_bytes(8, "little")
+    for split, want in (("train", False), ("val", True)):
+        expected = [[sp.bos_id(), *sp.encode(d), sp.eos_id()] for d in docs if is_val(d.encode(), 0.3, key) == want]
+        assert out[split].doc_lengths.tolist() == [len(e) for e in expected]
+        assert out[split].tokens.dtype == np.uint16
+        assert out[split].tokens.tobytes() == np.array([t for e in expected for t in e], np.uint16).tobytes()
+    joinable = tokenize_worker._state[2]
+    assert sorted(seen) == sorted(n for d in docs for n in ([len(d)] if len(d) <= 50 else
+                                                            map(len, safe_cuts.pieces(d, joinable, 50))))
+    assert max(seen) < max(map(len, docs)) // 100  # a run of 300 spaces, which BPE may merge, is the longest
+
+
+def test_shards_do_not_change_when_every_document_is_cut(tmp_path, pydoc_data_dir, monkeypatch):
+    """The pydoc build with every document over 16 characters encoded in pieces: the same shard files and checksums
+    as the conftest build, which encoded each whole (the committed smoke shards rebuild identical the same way)."""
+    monkeypatch.setattr(tokenize_worker, "_PIECE_CHARS", 16)
+    ref = open_manifest(pydoc_data_dir.shards_dir).raw
+    m = build_shards.build([str(pydoc_data_dir.corpus)], pydoc_data_dir.tokenizer_model, tmp_path / "out",
+                           shard_tokens=ref["build"]["shard_tokens"], val_fraction=ref["build"]["val_fraction"],
+                           num_proc=1, progress=False)
+    assert m["splits"] == ref["splits"] and m["stats"] == ref["stats"]
+    assert shard_bytes(tmp_path / "out") == shard_bytes(pydoc_data_dir.shards_dir)
+
+
+def test_no_cuts_where_the_argument_does_not_hold(pydoc_data_dir):
+    """A model that is not BPE, normalizes by a rule, adds a dummy prefix, removes extra whitespace, has no byte
+    fallback or has UNUSED pieces is never cut (its long documents are encoded whole, as before). The options are
+    read from the model by hand: the reader must agree with protobuf's."""
+    pb2 = pytest.importorskip("sentencepiece.sentencepiece_model_pb2")
+    sp = spm.SentencePieceProcessor(model_file=str(pydoc_data_dir.tokenizer_model))
+    base = pb2.ModelProto.FromString(sp.serialized_model_proto())
+    nfkc = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(DOCS[:20]), model_writer=nfkc, vocab_size=300,
+                                   normalization_rule_name="nmt_nfkc", minloglevel=2, num_threads=1)
+    charsmap = pb2.ModelProto.FromString(nfkc.getvalue()).normalizer_spec.precompiled_charsmap
+    assert charsmap
+
+    def without_byte_fallback(m):
+        m.trainer_spec.byte_fallback = False
+        kept = [p for p in m.pieces if p.type != p.BYTE]
+        del m.pieces[:]
+        m.pieces.extend(kept)
+
+    edits = {
+        "unigram": lambda m: setattr(m.trainer_spec, "model_type", m.trainer_spec.UNIGRAM),
+        "normalization rule": lambda m: setattr(m.normalizer_spec, "precompiled_charsmap", charsmap),
+        "dummy prefix": lambda m: setattr(m.normalizer_spec, "add_dummy_prefix", True),
+        "extra whitespace removed": lambda m: setattr(m.normalizer_spec, "remove_extra_whitespaces", True),
+        "no byte fallback": without_byte_fallback,
+        "an UNUSED piece": lambda m: setattr(m.pieces[-1], "type", m.pieces[-1].UNUSED),
+    }
+    for name, edit in {"the project's options": lambda m: None, **edits}.items():
+        m = pb2.ModelProto()
+        m.CopyFrom(base)
+        edit(m)
+        joinable = safe_cuts.joinable_pairs(spm.SentencePieceProcessor(model_proto=m.SerializeToString()))
+        assert (joinable is None) == (name != "the project's options"), name
+    assert list(safe_cuts.pieces("a b " * 100, None, 1)) == ["a b " * 100]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads the peak RSS from /proc")
+def test_a_long_document_is_tokenized_in_bounded_memory(pydoc_data_dir):
+    """sentencepiece holds ~45 bytes per character of the string it encodes: tokenizing a 6M-character document
+    took ~250 MB over the text before (a 1 GB one would take ~45 GB); in pieces of 1M characters ~60 MB, the pieces'
+    peak plus the tokens. The peak RSS of a fresh process (VmHWM: ru_maxrss would be pytest's, kept across exec);
+    bench/long_doc_memory.py measures the whole build per document size."""
+    script = f"""
+import sys
+from pathlib import Path
+sys.path.insert(0, {str(REPO)!r})
+from data_prep import pydoc_corpus, tokenize_worker
+def kb(field):
+    return int(Path("/proc/self/status").read_text().split(field + ":")[1].split()[0])
+text = "\\n\\n".join(t for _, t in pydoc_corpus.documents())
+text = text * round(6e6 / len(text))
+tokenize_worker.init(tokenize_worker.TokenizeSpec({str(pydoc_data_dir.tokenizer_model)!r}, "uint16", 3, None, 0.0, 0))
+Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
+before = kb("VmRSS")
+tokens = tokenize_worker.tokenize([text])["train"].tokens
+print(len(text), len(tokens), kb("VmHWM") - before)
+"""
+    chars, tokens, grown_kb = map(int, subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                                                      check=True, timeout=300).stdout.split())
+    assert chars > 5_900_000 and tokens > 2_000_000
+    assert grown_kb < 120 << 10, f"{grown_kb >> 10} MB for one {chars / 1e6:.1f}M-character document"
 
 
 # ------------------------------------------------------------------------------------------------
