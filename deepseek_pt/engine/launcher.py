@@ -73,14 +73,20 @@ def gone(watched: list[Launcher]) -> str | None:
     return None
 
 
-def _parent(pid: int) -> int | None:
-    """The parent pid of process pid, None if it is gone (or no /proc: off Linux, only the parent is watched)."""
+def proc_stat(pid: int) -> list[str] | None:
+    """/proc/PID/stat's fields after the command name ([0] state, [1] parent pid, [19] start time in clock ticks since
+    boot); None if there is no such process (or no /proc: off Linux)."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
-    fields = stat[stat.rindex(")") + 2:].split()  # after the command name, which may hold spaces
-    return None if fields[0] in "ZX" else int(fields[1])
+    return stat[stat.rindex(")") + 2:].split()  # after the command name, which may hold spaces
+
+
+def _parent(pid: int) -> int | None:
+    """The parent pid of process pid, None if it is gone (or no /proc: off Linux, only the parent is watched)."""
+    fields = proc_stat(pid)
+    return None if fields is None or fields[0] in "ZX" else int(fields[1])
 
 
 def _name(pid: int) -> str:

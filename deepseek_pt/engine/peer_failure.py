@@ -292,9 +292,5 @@ def machine_identity() -> str | None:
 def _process(pid: int) -> tuple[str, str] | None:
     """(state, start time in clock ticks since boot) of process pid, None if there is none: a state of Z (a zombie
     that its launcher has not reaped yet) is a process gone, and another start time a pid reused."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = stat[stat.rindex(")") + 2:].split()  # after the command name, which may hold spaces
-    return fields[0], fields[19]
+    fields = launcher.proc_stat(pid)
+    return None if fields is None else (fields[0], fields[19])
