@@ -111,7 +111,7 @@ else
     REMOTE_STOP=remote_stop
 fi
 
-cmd=("$PYTHON" -m deepspeed.launcher.runner --hostfile "$hostfile" "${select[@]}" --master_port "$port"
+cmd=("$PYTHON" "$LAUNCH_DIR/deepspeed_runner.py" --hostfile "$hostfile" "${select[@]}" --master_port "$port"
     --module deepseek_pt.train --config "$config" "$@")
 log "${#hosts[@]} hosts (${hosts[*]}), $world processes"
 print_cmd "${cmd[@]}"

@@ -70,7 +70,7 @@ for ((n = 0; n < nnodes; n++)); do
     include+="${include:+@}node$n:$joined"
 done
 
-cmd=("$PYTHON" -m deepspeed.launcher.runner --hostfile "$tmp/hostfile" --include "$include" --no_ssh
+cmd=("$PYTHON" "$LAUNCH_DIR/deepspeed_runner.py" --hostfile "$tmp/hostfile" --include "$include" --no_ssh
     --node_rank "$node_rank" --master_addr "$master_addr" --master_port "$master_port"
     --module deepseek_pt.train --config "$config" "$@")
 log "node $node_rank of $nnodes: $nproc processes (ranks $((node_rank * nproc))..$((node_rank * nproc + nproc - 1)) of $world), master $master_addr:$master_port"

@@ -44,7 +44,7 @@ validate "$nproc" "$nproc" "$config" "$@"
 port=${MASTER_PORT:-$("$PYTHON" "$LAUNCH_DIR/plan.py" free-port)}
 
 # No hostfile: a stray /job/hostfile must not turn this into a pdsh multi-node launch.
-cmd=("$PYTHON" -m deepspeed.launcher.runner --hostfile /dev/null "${select[@]}" --master_port "$port"
+cmd=("$PYTHON" "$LAUNCH_DIR/deepspeed_runner.py" --hostfile /dev/null "${select[@]}" --master_port "$port"
     --module deepseek_pt.train --config "$config" "$@")
 print_cmd "${cmd[@]}"
 status=0

@@ -151,7 +151,7 @@ def test_hostfile_hands_every_host_the_multicast_settings(tmp_path, data):
     (bin_dir / "pdsh").write_text("#!/bin/sh\nexit 0\n")
     (bin_dir / "ssh").write_text("#!/bin/sh\nexit 0\n")
     python = bin_dir / "python"  # stand-in: the runner's call keeps the environment file; the rest runs for real
-    python.write_text(f'#!/usr/bin/env bash\n[[ $2 == deepspeed.launcher.runner ]] && '
+    python.write_text(f'#!/usr/bin/env bash\n[[ $1 == */deepspeed_runner.py ]] && '
                       f'{{ cp "$DS_ENV_FILE" {tmp_path}/handed_env; exit 0; }}\nexec {sys.executable} "$@"\n')
     for stub in bin_dir.iterdir():
         stub.chmod(0o755)
@@ -394,9 +394,9 @@ MULTICAST = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "
 
 STAND_IN_PYTHON = """#!/usr/bin/env bash
 [[ $1 == */plan.py && $2 == devices && -n ${FAKE_DEVICES:-} ]] && { echo "$FAKE_DEVICES"; exit 0; }
-if [[ $1 == -m && $2 == deepspeed.launcher.runner ]]; then
-    printf '%s\\n' "${@:3}" >"$MARKS/runner_args"
-    cp "$4" "$MARKS/hostfile"
+if [[ $1 == */deepspeed_runner.py ]]; then
+    printf '%s\\n' "${@:2}" >"$MARKS/runner_args"
+    cp "$3" "$MARKS/hostfile"
     env >"$MARKS/runner_env"
     [[ -z ${FAKE_RUNNER_EXIT:-} ]] || exit "$FAKE_RUNNER_EXIT"
     exec bash "$MARKS/launcher.sh" deepspeed.launcher.launch "$@"  # named as pgrep finds a launcher
@@ -567,3 +567,25 @@ def test_processes_outliving_the_launcher_are_killed_after_drain_timeout(tmp_pat
     assert proc.returncode == 0, err[-4000:]
     assert f"processes of the job still alive {seconds}s after the launcher exited: killing them" in err, err[-4000:]
     assert "value too great for base" not in err, err[-4000:]
+
+
+@pytest.mark.parametrize("rank_does, status, message", [
+    ("os.kill(os.getppid(), signal.SIGKILL)", 128 + signal.SIGKILL,
+     r"\[launch\] error: deepspeed.launcher.launch \(pid \d+\) was killed by SIGKILL; its ranks stop when it goes"),
+    ("sys.exit(3)", 3, None),
+    ("sys.exit(0)", 0, None),
+])
+def test_runner_passes_on_its_launchers_death_by_a_signal(tmp_path, rank_does, status, message):
+    """DeepSpeed's runner exits 0 when launch.py dies of a signal (it passes on only a positive status): the job
+    would report success. launch/deepspeed_runner.py, the real runner and launch.py under it, exits 128+N then, and a
+    rank's own status as the runner does."""
+    rank = tmp_path / "rank.py"
+    rank.write_text(f"import os, signal, sys\n{rank_does}\n")
+    env = job_env(DS_ACCELERATOR="cpu", PYTHONWARNINGS="ignore")
+    proc = _run([sys.executable, LAUNCH / "deepspeed_runner.py", "--hostfile", "/dev/null", "--num_gpus", "1",
+                 "--master_port", str(free_port()), rank], env, timeout=120)
+    assert proc.returncode == status, proc.stderr[-3000:]
+    if message:
+        assert re.search(message, proc.stderr), proc.stderr[-3000:]
+    else:
+        assert "was killed by" not in proc.stderr, proc.stderr[-3000:]
