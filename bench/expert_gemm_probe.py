@@ -2,7 +2,7 @@
 layouts the weights could take, over training's uneven expert groups and over even ones, against
 engine/grouped_mm.py's Triton kernel at several tile shapes.
 
-    python bench/expert_gemm_probe.py [--tokens 8192] [--rounds 3] [--fp8]
+    python bench/expert_gemm_probe.py [--tokens 8192] [--rounds 3] [--fp8 | --swiglu]
 
 Expert-sorted rows as AutoEP hands them over (bench/fp8_gemm_probe.py's expert_rows: multiples of 16, each expert
 0.5-1.5x the mean load). Prints median ms and TFLOP/s per GEMM; the kernel's lines also its relative error against
@@ -11,6 +11,10 @@ CUTLASS alternate over `--rounds` rounds: back-to-back timings of one GEMM drift
 
 `--fp8`: instead, the kernel's e4m3 path (fp8.experts) at several tile shapes on the four GEMMs fp8.experts runs
 (weights K-major, row scales), each round beside the bf16 kernel's default on the same GEMM.
+
+`--swiglu`: instead, the SwiGLU in the kernels' epilogues (grouped_mm.gate_up_swiglu; ragged_mm's swiglu_grad_of) at
+several tile shapes, each round beside what training ran before them: the gate and up GEMMs then DeepSpeed's Triton
+SwiGLU, and the down projection's input gradient then that SwiGLU's backward.
 """
 from __future__ import annotations
 
@@ -24,11 +28,22 @@ import torch
 
 from bench.fp8_gemm_probe import bench, expert_rows, rel_err
 from deepseek_pt.engine.fp8_experts import quantize_rows
-from deepseek_pt.engine.grouped_mm import CONFIG, CONFIG_FP8, CONFIG_TWO_PRODUCTS, ragged_mm
+from deepseek_pt.engine.grouped_mm import (
+    CONFIG,
+    CONFIG_FP8,
+    CONFIG_GATE_UP,
+    CONFIG_TWO_PRODUCTS,
+    gate_up_swiglu,
+    ragged_mm,
+)
 
 E, DIM, HIDDEN = 64, 2048, 1408  # configs/bench-2b.yaml's routed experts
 CONFIGS = sorted({CONFIG, CONFIG_TWO_PRODUCTS, (128, 128, 64, 8, 4), (128, 128, 64, 4, 4), (128, 128, 128, 8, 3),
                   (64, 128, 64, 4, 5), (64, 256, 64, 8, 4)})
+GATE_UP_CONFIGS = sorted({CONFIG_GATE_UP, (128, 64, 64, 8, 4), (128, 64, 64, 4, 3), (128, 128, 64, 8, 3),
+                          (64, 128, 64, 4, 4), (64, 64, 64, 4, 4), (128, 64, 128, 8, 3)})
+SWIGLU_GRAD_CONFIGS = sorted({CONFIG, (128, 128, 64, 8, 4), (128, 64, 64, 8, 3), (64, 128, 64, 4, 4),
+                              (128, 256, 64, 8, 3)})
 FP8_CONFIGS = sorted({CONFIG_FP8, (128, 128, 128, 8, 4), (128, 128, 128, 4, 4), (128, 256, 128, 8, 3),
                       (128, 256, 128, 8, 4), (128, 128, 256, 8, 3), (64, 128, 128, 4, 4), (128, 256, 64, 8, 4)})
 
@@ -42,11 +57,14 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=8192, help="tokens per micro-step (bench-2b: 2048 x 4)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--fp8", action="store_true", help="the e4m3 path's tile shapes instead")
+    parser.add_argument("--swiglu", action="store_true", help="the SwiGLU epilogues' tile shapes instead")
     args = parser.parse_args()
     _, offs, M = expert_rows(args.tokens, E, 6, torch.Generator("cuda").manual_seed(0))
     n = int(offs[-1])
     if args.fp8:
         return fp8_tiles(offs, M, n, args.rounds)
+    if args.swiglu:
+        return swiglu_epilogues(offs, M, n, args.rounds)
     r = lambda *shape: torch.randn(*shape, device="cuda", dtype=torch.bfloat16) * 0.02
     x, h, dy, d_gate, d_up = r(M, DIM), r(M, HIDDEN), r(M, DIM), r(M, HIDDEN), r(M, HIDDEN)
     d_gate_up = torch.cat([d_gate, d_up], 1)
@@ -98,6 +116,49 @@ def main() -> None:
                 default = " (default)" if c == (CONFIG_TWO_PRODUCTS if "two" in name else CONFIG) else ""
                 show(f"round {round_} ours {name} {c}{default}", bench(lambda c=c, ours=ours: ours(c)), f,
                      f" | rel err {errors[name, c]:.1e}")
+
+
+def swiglu_epilogues(offs: torch.Tensor, M: int, n: int, rounds: int) -> None:
+    """The gate and up forward with SwiGLU, and the down projection's input gradient with SwiGLU's derivative: fused
+    at each tile shape against the GEMMs and then DeepSpeed's Triton SwiGLU (forward, backward), as training ran
+    them before."""
+    from deepspeed.moe.ep_experts import apply_expert_activation
+
+    r = lambda *shape: torch.randn(*shape, device="cuda", dtype=torch.bfloat16) * 0.02
+    x, dy, w1, w3, w2 = r(M, DIM), r(M, DIM), r(E, HIDDEN, DIM), r(E, HIDDEN, DIM), r(E, DIM, HIDDEN)
+    gate_up, _ = gate_up_swiglu(x, w1, w3, offs)
+    gate, up = (half.detach().clone().requires_grad_() for half in gate_up.chunk(2, dim=1))
+    h = apply_expert_activation(gate, up)  # DeepSpeed's Triton SwiGLU, whose backward training ran
+    flops = 2 * n * DIM * HIDDEN
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}; {n} routed rows over {E} experts, SwiGLU",
+          flush=True)
+
+    def gemms_then_swiglu():
+        apply_expert_activation(ragged_mm(x, w1, offs, True), ragged_mm(x, w3, offs, True))
+
+    def gemm_then_swiglu_backward():
+        torch.autograd.grad(h, (gate, up), ragged_mm(dy, w2, offs, False), retain_graph=True)
+
+    want_fwd = gate_up_swiglu(x, w1, w3, offs, config=CONFIG_GATE_UP)[1][:n].float()
+    want_bwd = torch.cat(torch.autograd.grad(h, (gate, up), ragged_mm(dy, w2, offs, False), retain_graph=True),
+                         dim=1)[:n].float()
+    for c in GATE_UP_CONFIGS:
+        print(f"fwd {c}: rel err of h {rel_err(gate_up_swiglu(x, w1, w3, offs, config=c)[1][:n], want_fwd):.1e} "
+              "against the default's", flush=True)
+    for c in SWIGLU_GRAD_CONFIGS:
+        err = rel_err(ragged_mm(dy, w2, offs, False, swiglu_grad_of=gate_up, config=c)[:n], want_bwd)
+        print(f"bwd {c}: rel err {err:.1e} against the GEMM and DeepSpeed's backward", flush=True)
+    for round_ in range(rounds):
+        show(f"round {round_} fwd gate+up GEMMs, then SwiGLU", bench(gemms_then_swiglu), 2 * flops)
+        for c in GATE_UP_CONFIGS:
+            default = " (default)" if c == CONFIG_GATE_UP else ""
+            show(f"round {round_} fwd gate+up with SwiGLU {c}{default}",
+                 bench(lambda c=c: gate_up_swiglu(x, w1, w3, offs, config=c)), 2 * flops)
+        show(f"round {round_} dgrad down GEMM, then SwiGLU backward", bench(gemm_then_swiglu_backward), flops)
+        for c in SWIGLU_GRAD_CONFIGS:
+            default = " (default)" if c == CONFIG else ""
+            show(f"round {round_} dgrad down with SwiGLU backward {c}{default}",
+                 bench(lambda c=c: ragged_mm(dy, w2, offs, False, swiglu_grad_of=gate_up, config=c)), flops)
 
 
 def fp8_tiles(offs: torch.Tensor, M: int, n: int, rounds: int) -> None:

@@ -15,7 +15,7 @@ with the kernels each compiled add ran as (one kernel: the add was fused into th
 SwiGLU forward and backward, AutoEP's layer and ours adding in place, with no gradients yet (a step's first
 micro-step) and accumulating (every later one).
 
-    python bench/expert_wgrad_probe.py [--tokens 8192] [--no-inductor]
+    python bench/expert_wgrad_probe.py [--tokens 8192] [--no-inductor] [--layer-only]
 """
 from __future__ import annotations
 
@@ -98,7 +98,7 @@ def expert_swiglu(counts: torch.Tensor, M: int, E: int, dim: int, hidden: int) -
     """The bf16 expert SwiGLU, forward and backward, without gradients on the weights yet (a step's first
     micro-step) and accumulating (every later one): AutoEP's layer, and engine/expert_grads.py's RoutedExperts
     (the same parameters) adding its weight gradients in place, then also with its forward and input gradients
-    through engine/grouped_mm.py's Triton kernel."""
+    through engine/grouped_mm.py's Triton kernels (the SwiGLU and its derivative in their epilogues)."""
     from deepspeed.moe.ep_experts import GroupedExperts
 
     from deepseek_pt.engine.expert_grads import convert_routed_experts
@@ -133,12 +133,15 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=8192, help="tokens per micro-step (bench-2b: 2048 x 4)")
     parser.add_argument("--no-inductor", dest="inductor", action="store_false",
                         help="skip the max-autotune variants (about a minute of autotuning)")
+    parser.add_argument("--layer-only", action="store_true", help="only the whole expert SwiGLU, not each GEMM")
     args = parser.parse_args()
     E, top_k, dim, hidden = 64, 6, 2048, 1408  # configs/bench-2b.yaml's routed experts
     counts, offs, M = expert_rows(args.tokens, E, top_k, torch.Generator("cuda").manual_seed(0))
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}; {args.tokens} tokens x top-{top_k} over {E} "
           f"experts: {int(offs[-1])} rows, {M} with AutoEP's padding", flush=True)
     rows = lambda cols: torch.randn(M, cols, device="cuda", dtype=torch.bfloat16)
+    if args.layer_only:
+        return expert_swiglu(counts, M, E, dim, hidden)
     wgrad("gate, up", rows(2 * hidden)[:, :hidden], rows(dim), offs, E, args.inductor)  # a half of d(gate_up)
     wgrad("down", rows(dim), rows(hidden), offs, E, args.inductor)
     expert_swiglu(counts, M, E, dim, hidden)

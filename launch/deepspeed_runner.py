@@ -15,20 +15,20 @@ from pathlib import Path
 
 from deepspeed.launcher import runner
 
+STARTED: list[subprocess.Popen] = []
+
 
 class _RecordedPopen(subprocess.Popen):
-    started: list[subprocess.Popen] = []
-
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        _RecordedPopen.started.append(self)
+        STARTED.append(self)
 
 
 def main(argv: list[str]) -> int:
     subprocess.Popen = _RecordedPopen  # runner.main calls subprocess.Popen; nothing else runs in this process
     runner.main(argv)  # exits itself (SystemExit) on its child's positive status
     # Its last Popen is the launcher it waited for (earlier ones are short checks, ssh reachability and the like).
-    launched = _RecordedPopen.started[-1] if _RecordedPopen.started else None
+    launched = STARTED[-1] if STARTED else None
     if launched is None or launched.returncode is None or launched.returncode >= 0:
         return 0 if launched is None or launched.returncode is None else launched.returncode
     number = -launched.returncode

@@ -60,6 +60,27 @@ def ragged_mm() -> None:
     assert empty.shape == (0, 72)
 
 
+def swiglu_epilogues() -> None:
+    """grouped_mm.gate_up_swiglu (gate and up over the same rows, h = silu(gate) * up in the epilogue) and ragged_mm's
+    SwiGLU-derivative epilogue (dh = dy @ w2[e] to d(gate_up)), against expert_grads' torch functions; N off the
+    tiles, NaN rows past the last expert left unread."""
+    from deepseek_pt.engine.expert_grads import swiglu, swiglu_backward
+    from deepseek_pt.engine.grouped_mm import gate_up_swiglu, ragged_mm
+
+    offs, bounds = _bounds()
+    n, E, K, N = sum(COUNTS), len(COUNTS), 128, 72
+    x, dy = _expert_rows(K), _expert_rows(K)
+    w1, w3, w2 = torch.randn(E, N, K), torch.randn(E, N, K), torch.randn(E, K, N)
+    gate_up, h = gate_up_swiglu(x, w1, w3, offs)
+    want = torch.cat([torch.cat([x[s:t] @ w1[e].t(), x[s:t] @ w3[e].t()], dim=1) for e, (s, t) in enumerate(bounds)])
+    assert rel_err(gate_up[:n], want) < 1e-5, rel_err(gate_up[:n], want)
+    assert rel_err(h[:n], swiglu(want)) < 1e-5, rel_err(h[:n], swiglu(want))
+    grad = ragged_mm(dy, w2, offs, False, swiglu_grad_of=gate_up)
+    dh = torch.cat([dy[s:t] @ w2[e] for e, (s, t) in enumerate(bounds)])
+    want = swiglu_backward(gate_up[:n], dh)
+    assert grad.shape == (n + 40, 2 * N) and rel_err(grad[:n], want) < 1e-5, rel_err(grad[:n], want)
+
+
 def grouped_wgrad() -> None:
     """grouped_wgrad.grouped_wgrad_: out[e] += a[rows of e]^T b[rows of e], through TMA descriptors and pointers."""
     from deepseek_pt.engine.grouped_wgrad import grouped_wgrad_

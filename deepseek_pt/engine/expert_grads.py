@@ -19,7 +19,8 @@ read, take torch._grouped_mm.
 from __future__ import annotations
 
 import torch
-from deepspeed.moe.ep_experts import GroupedExperts, apply_expert_activation
+import torch.nn.functional as F
+from deepspeed.moe.ep_experts import GroupedExperts
 
 from .linear_grads import grad_to_add_into
 
@@ -57,55 +58,78 @@ def expert_mm(a: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, transpose_w:
     return out
 
 
-class _GroupedLinear(torch.autograd.Function):
-    """y = x @ w[e]^T over expert-sorted rows x [M, K], w [E, N, K], with its weight gradient from
-    expert_weight_grad."""
+def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
+    """h = silu(gate) * up from gate_up [M, 2H], in fp32, rounded to gate_up's dtype."""
+    gate, up = gate_up.float().chunk(2, dim=-1)
+    return (F.silu(gate) * up).to(gate_up.dtype)
+
+
+def swiglu_backward(gate_up: torch.Tensor, grad_h: torch.Tensor) -> torch.Tensor:
+    """d(gate_up) [M, 2H] from dh [M, H] for h = silu(gate) * up, in fp32, rounded to gate_up's dtype."""
+    gate, up = gate_up.float().chunk(2, dim=-1)
+    dh, sig = grad_h.float(), torch.sigmoid(gate)
+    return torch.cat([dh * up * sig * (1 + gate * (1 - sig)), dh * F.silu(gate)], dim=-1).to(gate_up.dtype)
+
+
+def _gate_up_swiglu(x, w1, w3, offs, use_triton: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """gate_up [M, 2H] and h = silu(gate) * up: one Triton kernel where it can read the operands, else two GEMMs."""
+    if use_triton and x.is_cuda:
+        from . import grouped_mm
+        if all(grouped_mm.takes(x, w, True) for w in (w1, w3)):
+            return grouped_mm.gate_up_swiglu(x, w1, w3, offs)
+    gate, up = (expert_mm(x, w, offs, True, use_triton) for w in (w1, w3))
+    return torch.cat([gate, up], dim=-1), (F.silu(gate.float()) * up.float()).to(x.dtype)
+
+
+def _swiglu_input_grad(grad_y, w2, gate_up, offs, use_triton: bool) -> torch.Tensor:
+    """d(gate_up) [M, 2H] from dy: dh = dy @ w2[e] with SwiGLU's derivative in the Triton kernel's epilogue where it
+    can read the operands, else the GEMM and then swiglu_backward."""
+    if use_triton and grad_y.is_cuda:
+        from . import grouped_mm
+        if grouped_mm.takes(grad_y, w2, False):
+            return grouped_mm.ragged_mm(grad_y, w2, offs, False, swiglu_grad_of=gate_up)
+    return swiglu_backward(gate_up, expert_mm(grad_y, w2, offs, False, use_triton))
+
+
+class _ExpertSwiGLU(torch.autograd.Function):
+    """y = (silu(x @ w1[e]^T) * (x @ w3[e]^T)) @ w2[e]^T over expert-sorted rows x [M, dim], w1, w3 [E, H, dim], w2
+    [E, dim, H], as one function: on grouped_mm.py's kernels the SwiGLU runs in the gate and up GEMM's epilogue and
+    its derivative in the down projection's input-gradient epilogue, where separate passes read and wrote gate, up,
+    h and dh again. Weight gradients from expert_weight_grad."""
 
     @staticmethod
-    def forward(ctx, x, w, offs, in_place: bool, use_triton: bool):
-        ctx.save_for_backward(x, w, offs)
+    def forward(ctx, x, w1, w3, w2, offs, in_place: bool, use_triton: bool):
+        gate_up, h = _gate_up_swiglu(x, w1, w3, offs, use_triton)
+        ctx.save_for_backward(x, gate_up, h, w1, w3, w2, offs)
         ctx.in_place, ctx.use_triton = in_place, use_triton
-        return expert_mm(x, w, offs, True, use_triton)
+        return expert_mm(h, w2, offs, True, use_triton)
 
     @staticmethod
     def backward(ctx, grad_y):
-        x, w, offs = ctx.saved_tensors
-        grad_x = expert_mm(grad_y, w, offs, False, ctx.use_triton) if ctx.needs_input_grad[0] else None
-        return grad_x, expert_weight_grad(w, grad_y, x, offs, ctx.in_place), None, None, None
-
-
-class _GateUp(torch.autograd.Function):
-    """gate, up = x @ w1[e]^T, x @ w3[e]^T over the same rows; x's gradient from both in one expert_mm."""
-
-    @staticmethod
-    def forward(ctx, x, w1, w3, offs, in_place: bool, use_triton: bool):
-        ctx.save_for_backward(x, w1, w3, offs)
-        ctx.in_place, ctx.use_triton = in_place, use_triton
-        return expert_mm(x, w1, offs, True, use_triton), expert_mm(x, w3, offs, True, use_triton)
-
-    @staticmethod
-    def backward(ctx, grad_gate, grad_up):
-        x, w1, w3, offs = ctx.saved_tensors
+        x, gate_up, h, w1, w3, w2, offs = ctx.saved_tensors
+        grad_y = grad_y.contiguous()
+        grad_gate, grad_up = _swiglu_input_grad(grad_y, w2, gate_up, offs, ctx.use_triton).chunk(2, dim=1)
         grad_x = None
         if ctx.needs_input_grad[0]:
             grad_x = expert_mm(grad_gate, w1, offs, False, ctx.use_triton, grad_up, w3)
-        return (grad_x, expert_weight_grad(w1, grad_gate, x, offs, ctx.in_place),
-                expert_weight_grad(w3, grad_up, x, offs, ctx.in_place), None, None, None)
+        grads_w = (expert_weight_grad(w, grad, a, offs, ctx.in_place)
+                   for w, grad, a in ((w1, grad_gate, x), (w3, grad_up, x), (w2, grad_y, h)))
+        return grad_x, *grads_w, None, None, None
 
 
 class RoutedExperts(GroupedExperts):
     """AutoEP's GroupedExperts (same parameters, same SwiGLU) on our GEMMs: weight gradients through
     expert_weight_grad (added into `.grad` when `grads_in_place`), the forward and input gradients through
-    expert_mm (grouped_mm.py's Triton kernel when `triton_gemms`)."""
+    expert_mm (grouped_mm.py's Triton kernels when `triton_gemms`, the SwiGLU and its derivative in their
+    epilogues)."""
 
     grads_in_place = False
     triton_gemms = False
 
     def forward(self, x: torch.Tensor, num_tokens_per_expert: torch.Tensor) -> torch.Tensor:
         offs = torch.cumsum(num_tokens_per_expert, dim=0, dtype=torch.int32)
-        gate, up = _GateUp.apply(x, self.w1, self.w3, offs, self.grads_in_place, self.triton_gemms)
-        h = apply_expert_activation(gate, up, self.activation, self.activation_alpha, self.activation_limit)
-        return _GroupedLinear.apply(h, self.w2, offs, self.grads_in_place, self.triton_gemms).type_as(x)
+        return _ExpertSwiGLU.apply(x, self.w1, self.w3, self.w2, offs, self.grads_in_place,
+                                   self.triton_gemms).type_as(x)
 
 
 def convert_routed_experts(model: torch.nn.Module, grads_in_place: bool, triton_gemms: bool) -> tuple[int, int]:
@@ -119,7 +143,8 @@ def convert_routed_experts(model: torch.nn.Module, grads_in_place: bool, triton_
     converted = 0
     for layer in layers:
         if not isinstance(layer, Fp8GroupedExperts):
-            if not layer.use_grouped_mm or layer.use_triton_grouped_mm or layer.gate_up_impl != "separate":
+            if (not layer.use_grouped_mm or layer.use_triton_grouped_mm or layer.gate_up_impl != "separate"
+                    or layer.activation != "swiglu"):
                 continue
             layer.__class__ = RoutedExperts
         layer.grads_in_place, layer.triton_gemms = grads_in_place, triton_gemms

@@ -30,12 +30,11 @@ import functools
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from deepspeed.moe import ep_kernels
 from deepspeed.moe.ep_experts import GroupedExperts
 
 from ..model.layers import SwiGLU
-from .expert_grads import expert_weight_grad
+from .expert_grads import expert_weight_grad, swiglu, swiglu_backward
 from .fp8 import E4M3_MAX
 from .linear_grads import add_linear_weight_grad_, grad_to_add_into
 
@@ -52,16 +51,13 @@ def quantize_rows(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def swiglu_quantized(gate_up: torch.Tensor):
     """h = silu(gate) * up from gate_up [M, 2H] (bf16), and h quantized for the down projection."""
-    gate, up = gate_up.float().chunk(2, dim=-1)
-    h = (F.silu(gate) * up).to(gate_up.dtype)
+    h = swiglu(gate_up)
     return (h, *quantize_rows(h))
 
 
 def swiglu_backward_quantized(gate_up: torch.Tensor, grad_h: torch.Tensor):
     """d(gate_up) [M, 2H] from dh [M, H] (bf16), and it quantized for the input-gradient GEMM."""
-    gate, up = gate_up.float().chunk(2, dim=-1)
-    dh, sig = grad_h.float(), torch.sigmoid(gate)
-    grad = torch.cat([dh * up * sig * (1 + gate * (1 - sig)), dh * gate * sig], dim=-1).to(gate_up.dtype)
+    grad = swiglu_backward(gate_up, grad_h)
     return (grad, *quantize_rows(grad))
 
 
