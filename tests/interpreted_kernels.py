@@ -60,25 +60,24 @@ def ragged_mm() -> None:
     assert empty.shape == (0, 72)
 
 
-def swiglu_epilogues() -> None:
-    """grouped_mm.gate_up_swiglu (gate and up over the same rows, h = silu(gate) * up in the epilogue) and ragged_mm's
-    SwiGLU-derivative epilogue (dh = dy @ w2[e] to d(gate_up)), against expert_grads' torch functions; N off the
-    tiles, NaN rows past the last expert left unread."""
+def gate_up_swiglu() -> None:
+    """grouped_mm.gate_up_swiglu: gate and up over the same rows, h = silu(gate) * up in the epilogue, against torch;
+    N off the tiles, NaN rows past the last expert left unread. Then grouped_mm.swiglu_backward against torch's."""
+    from deepseek_pt.engine import grouped_mm
     from deepseek_pt.engine.expert_grads import swiglu, swiglu_backward
-    from deepseek_pt.engine.grouped_mm import gate_up_swiglu, ragged_mm
 
     offs, bounds = _bounds()
     n, E, K, N = sum(COUNTS), len(COUNTS), 128, 72
-    x, dy = _expert_rows(K), _expert_rows(K)
-    w1, w3, w2 = torch.randn(E, N, K), torch.randn(E, N, K), torch.randn(E, K, N)
-    gate_up, h = gate_up_swiglu(x, w1, w3, offs)
-    want = torch.cat([torch.cat([x[s:t] @ w1[e].t(), x[s:t] @ w3[e].t()], dim=1) for e, (s, t) in enumerate(bounds)])
-    assert rel_err(gate_up[:n], want) < 1e-5, rel_err(gate_up[:n], want)
-    assert rel_err(h[:n], swiglu(want)) < 1e-5, rel_err(h[:n], swiglu(want))
-    grad = ragged_mm(dy, w2, offs, False, swiglu_grad_of=gate_up)
-    dh = torch.cat([dy[s:t] @ w2[e] for e, (s, t) in enumerate(bounds)])
-    want = swiglu_backward(gate_up[:n], dh)
-    assert grad.shape == (n + 40, 2 * N) and rel_err(grad[:n], want) < 1e-5, rel_err(grad[:n], want)
+    x, w1, w3 = _expert_rows(K), torch.randn(E, N, K), torch.randn(E, N, K)
+    gate, up, h = grouped_mm.gate_up_swiglu(x, w1, w3, offs)
+    for got, w in ((gate, w1), (up, w3)):
+        want = torch.cat([x[s:t] @ w[e].t() for e, (s, t) in enumerate(bounds)])
+        assert rel_err(got[:n], want) < 1e-5, rel_err(got[:n], want)
+    assert rel_err(h[:n], swiglu(gate[:n], up[:n])) < 1e-5, rel_err(h[:n], swiglu(gate[:n], up[:n]))
+    grad_h = torch.randn(n + 40, N)  # past the experts' rows too: the backward's pass is elementwise over all
+    got, want = grouped_mm.swiglu_backward(gate, up, grad_h), swiglu_backward(gate, up, grad_h)
+    for a, b in zip(got, want):
+        assert rel_err(a[:n], b[:n]) < 1e-5, rel_err(a[:n], b[:n])
 
 
 def grouped_wgrad() -> None:

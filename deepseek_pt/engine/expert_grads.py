@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from deepspeed.moe.ep_experts import GroupedExperts
+from deepspeed.moe.ep_experts import GroupedExperts, apply_expert_activation
 
 from .linear_grads import grad_to_add_into
 
@@ -58,57 +58,53 @@ def expert_mm(a: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, transpose_w:
     return out
 
 
-def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
-    """h = silu(gate) * up from gate_up [M, 2H], in fp32, rounded to gate_up's dtype."""
-    gate, up = gate_up.float().chunk(2, dim=-1)
-    return (F.silu(gate) * up).to(gate_up.dtype)
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """h = silu(gate) * up, in fp32, rounded to gate's dtype."""
+    return (F.silu(gate.float()) * up.float()).to(gate.dtype)
 
 
-def swiglu_backward(gate_up: torch.Tensor, grad_h: torch.Tensor) -> torch.Tensor:
-    """d(gate_up) [M, 2H] from dh [M, H] for h = silu(gate) * up, in fp32, rounded to gate_up's dtype."""
-    gate, up = gate_up.float().chunk(2, dim=-1)
-    dh, sig = grad_h.float(), torch.sigmoid(gate)
-    return torch.cat([dh * up * sig * (1 + gate * (1 - sig)), dh * F.silu(gate)], dim=-1).to(gate_up.dtype)
+def swiglu_backward(gate: torch.Tensor, up: torch.Tensor, grad_h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """d(gate), d(up) from dh for h = silu(gate) * up, in fp32, rounded to gate's dtype."""
+    gate, up, dh = gate.float(), up.float(), grad_h.float()
+    sig = torch.sigmoid(gate)
+    return (dh * up * sig * (1 + gate * (1 - sig))).to(grad_h.dtype), (dh * F.silu(gate)).to(grad_h.dtype)
 
 
-def _gate_up_swiglu(x, w1, w3, offs, use_triton: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """gate_up [M, 2H] and h = silu(gate) * up: one Triton kernel where it can read the operands, else two GEMMs."""
+def _gate_up_swiglu(x, w1, w3, offs, use_triton: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """gate, up and h = silu(gate) * up: grouped_mm.py's one kernel where it can read the operands, else two GEMMs
+    and the SwiGLU."""
     if use_triton and x.is_cuda:
         from . import grouped_mm
         if all(grouped_mm.takes(x, w, True) for w in (w1, w3)):
             return grouped_mm.gate_up_swiglu(x, w1, w3, offs)
     gate, up = (expert_mm(x, w, offs, True, use_triton) for w in (w1, w3))
-    return torch.cat([gate, up], dim=-1), (F.silu(gate.float()) * up.float()).to(x.dtype)
-
-
-def _swiglu_input_grad(grad_y, w2, gate_up, offs, use_triton: bool) -> torch.Tensor:
-    """d(gate_up) [M, 2H] from dy: dh = dy @ w2[e] with SwiGLU's derivative in the Triton kernel's epilogue where it
-    can read the operands, else the GEMM and then swiglu_backward."""
-    if use_triton and grad_y.is_cuda:
-        from . import grouped_mm
-        if grouped_mm.takes(grad_y, w2, False):
-            return grouped_mm.ragged_mm(grad_y, w2, offs, False, swiglu_grad_of=gate_up)
-    return swiglu_backward(gate_up, expert_mm(grad_y, w2, offs, False, use_triton))
+    return gate, up, apply_expert_activation(gate, up)  # DeepSpeed's Triton SwiGLU on a GPU
 
 
 class _ExpertSwiGLU(torch.autograd.Function):
     """y = (silu(x @ w1[e]^T) * (x @ w3[e]^T)) @ w2[e]^T over expert-sorted rows x [M, dim], w1, w3 [E, H, dim], w2
-    [E, dim, H], as one function: on grouped_mm.py's kernels the SwiGLU runs in the gate and up GEMM's epilogue and
-    its derivative in the down projection's input-gradient epilogue, where separate passes read and wrote gate, up,
-    h and dh again. Weight gradients from expert_weight_grad."""
+    [E, dim, H], as one function: on grouped_mm.py's kernels the gate and up GEMMs run as one, reading each tile of
+    x once for both, with the SwiGLU in their epilogue. (Its derivative in the down projection's input-gradient
+    epilogue was slower than the GEMM and a pass of its own: docs/benchmarks.md.) Weight gradients from
+    expert_weight_grad."""
 
     @staticmethod
     def forward(ctx, x, w1, w3, w2, offs, in_place: bool, use_triton: bool):
-        gate_up, h = _gate_up_swiglu(x, w1, w3, offs, use_triton)
-        ctx.save_for_backward(x, gate_up, h, w1, w3, w2, offs)
+        gate, up, h = _gate_up_swiglu(x, w1, w3, offs, use_triton)
+        ctx.save_for_backward(x, gate, up, h, w1, w3, w2, offs)
         ctx.in_place, ctx.use_triton = in_place, use_triton
         return expert_mm(h, w2, offs, True, use_triton)
 
     @staticmethod
     def backward(ctx, grad_y):
-        x, gate_up, h, w1, w3, w2, offs = ctx.saved_tensors
+        x, gate, up, h, w1, w3, w2, offs = ctx.saved_tensors
         grad_y = grad_y.contiguous()
-        grad_gate, grad_up = _swiglu_input_grad(grad_y, w2, gate_up, offs, ctx.use_triton).chunk(2, dim=1)
+        grad_h = expert_mm(grad_y, w2, offs, False, ctx.use_triton)
+        if grad_h.is_cuda:
+            from . import grouped_mm
+            grad_gate, grad_up = grouped_mm.swiglu_backward(gate, up, grad_h)
+        else:
+            grad_gate, grad_up = swiglu_backward(gate, up, grad_h)
         grad_x = None
         if ctx.needs_input_grad[0]:
             grad_x = expert_mm(grad_gate, w1, offs, False, ctx.use_triton, grad_up, w3)
@@ -120,8 +116,8 @@ class _ExpertSwiGLU(torch.autograd.Function):
 class RoutedExperts(GroupedExperts):
     """AutoEP's GroupedExperts (same parameters, same SwiGLU) on our GEMMs: weight gradients through
     expert_weight_grad (added into `.grad` when `grads_in_place`), the forward and input gradients through
-    expert_mm (grouped_mm.py's Triton kernels when `triton_gemms`, the SwiGLU and its derivative in their
-    epilogues)."""
+    expert_mm (grouped_mm.py's Triton kernels when `triton_gemms`, the SwiGLU in the gate and up GEMM's
+    epilogue)."""
 
     grads_in_place = False
     triton_gemms = False

@@ -51,13 +51,13 @@ def quantize_rows(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def swiglu_quantized(gate_up: torch.Tensor):
     """h = silu(gate) * up from gate_up [M, 2H] (bf16), and h quantized for the down projection."""
-    h = swiglu(gate_up)
+    h = swiglu(*gate_up.chunk(2, dim=-1))
     return (h, *quantize_rows(h))
 
 
 def swiglu_backward_quantized(gate_up: torch.Tensor, grad_h: torch.Tensor):
     """d(gate_up) [M, 2H] from dh [M, H] (bf16), and it quantized for the input-gradient GEMM."""
-    grad = swiglu_backward(gate_up, grad_h)
+    grad = torch.cat(swiglu_backward(*gate_up.chunk(2, dim=-1), grad_h), dim=-1)
     return (grad, *quantize_rows(grad))
 
 

@@ -16,6 +16,13 @@ four interleaved pairs at 16 micro-steps per step, +1.0% at one. The FP8 experts
 kernel with e4m3 operands and their row scales applied in the epilogue: +1.6-1.7% tokens/s in two pairs
 (docs/benchmarks.md).
 
+The bf16 experts' gate and up projections run as one kernel (gate_up_swiglu): each tile of the rows is loaded once
+for both products, and the SwiGLU is computed in the epilogue, where a pass of its own read gate and up back
+(bench-2b on an H100: 1.13 ms against 1.29 for the two GEMMs and DeepSpeed's Triton SwiGLU; docs/benchmarks.md).
+The SwiGLU's derivative in the down projection's input-gradient epilogue was measured too, and was slower than that
+GEMM and a pass of its own (0.89-1.03 ms against 0.80): its epilogue reads gate and up and writes two outputs while
+no other tile's loads overlap it.
+
 Hopper and later, bf16 or e4m3 (TMA loads): `takes` says whether the kernel can read a pair of operands;
 expert_grads.py and fp8_experts.py run torch's grouped GEMMs for those it cannot.
 """
@@ -32,7 +39,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 CONFIG = (128, 128, 64, 8, 3)
 CONFIG_TWO_PRODUCTS = (128, 256, 64, 8, 3)
 CONFIG_FP8 = (128, 128, 128, 8, 3)  # e4m3: 128 bytes of K per row per load, as bf16's 64
-CONFIG_GATE_UP = (128, 64, 64, 8, 3)  # two accumulators of 128 x 64: the registers of one 128 x 128
+CONFIG_GATE_UP = (128, 128, 64, 8, 3)  # gate_up_swiglu's: two 128 x 128 accumulators (128 x 64 ones were slower)
 
 
 @triton.jit
@@ -63,10 +70,9 @@ def _expert_tile(offs_ptr, m_tile, E: tl.constexpr, E_POW2: tl.constexpr, BLOCK_
 
 
 @triton.jit
-def _ragged_mm_kernel(a, b, a2, b2, out, gate_up, offs_ptr, a_scale, b_scale, N, K, K2, stride_out, E: tl.constexpr,
+def _ragged_mm_kernel(a, b, a2, b2, out, offs_ptr, a_scale, b_scale, N, K, K2, stride_out, E: tl.constexpr,
                       E_POW2: tl.constexpr, B_KMAJOR: tl.constexpr, TWO: tl.constexpr, SCALED: tl.constexpr,
-                      SWIGLU_GRAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                      BLOCK_K: tl.constexpr):
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid = tl.program_id(0)
     tiles_n = tl.cdiv(N, BLOCK_N)
     m_tile, n0 = pid // tiles_n, (pid % tiles_n) * BLOCK_N  # neighbouring programs share their rows of a
@@ -82,45 +88,48 @@ def _ragged_mm_kernel(a, b, a2, b2, out, gate_up, offs_ptr, a_scale, b_scale, N,
     if SCALED:  # FP8 operands: each row of a and each row of w[e] dequantized by its scale
         acc *= tl.load(a_scale + rows, mask=rows < end, other=0.0)[:, None]
         acc *= tl.load(b_scale + expert * N + cols, mask=cols < N, other=0.0)[None, :]
-    mask = (rows < end)[:, None] & (cols < N)[None, :]
     ptrs = out + rows.to(tl.int64)[:, None] * stride_out + cols[None, :]
-    if SWIGLU_GRAD:  # acc is dh, h = silu(gate) * up: out is d(gate_up) [M, 2N], gate_up's layout
-        at = gate_up + rows.to(tl.int64)[:, None] * stride_out + cols[None, :]
-        gate = tl.load(at, mask=mask, other=0.0).to(tl.float32)
-        up = tl.load(at + N, mask=mask, other=0.0).to(tl.float32)
-        sig = tl.sigmoid(gate)
-        tl.store(ptrs, (acc * up * sig * (1 + gate * (1 - sig))).to(out.dtype.element_ty), mask=mask)
-        tl.store(ptrs + N, (acc * gate * sig).to(out.dtype.element_ty), mask=mask)
-    else:
-        tl.store(ptrs, acc.to(out.dtype.element_ty), mask=mask)
+    tl.store(ptrs, acc.to(out.dtype.element_ty), mask=(rows < end)[:, None] & (cols < N)[None, :])
 
 
 @triton.jit
-def _gate_up_swiglu_kernel(a, w1, w3, gate_up, h, offs_ptr, N, K, E: tl.constexpr, E_POW2: tl.constexpr,
+def _gate_up_swiglu_kernel(a, w1, w3, gate, up, h, offs_ptr, N, K, E: tl.constexpr, E_POW2: tl.constexpr,
                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """gate, up = a @ w1[e]^T, a @ w3[e]^T for one tile of rows and columns, each tile of a loaded once for both;
-    both stored (gate_up [M, 2N], for the backward) and h = silu(gate) * up from their stored bf16 values."""
+    both stored (for the backward) and h = silu(gate) * up from their stored bf16 values."""
     pid = tl.program_id(0)
     tiles_n = tl.cdiv(N, BLOCK_N)
     m_tile, n0 = pid // tiles_n, (pid % tiles_n) * BLOCK_N
     expert, m0, end = _expert_tile(offs_ptr, m_tile, E, E_POW2, BLOCK_M)
     if expert >= E:
         return
-    gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         a_tile = a.load([m0, k0])
-        gate = tl.dot(a_tile, tl.trans(w1.load([expert * N + n0, k0])), gate)
-        up = tl.dot(a_tile, tl.trans(w3.load([expert * N + n0, k0])), up)
+        acc_gate = tl.dot(a_tile, tl.trans(w1.load([expert * N + n0, k0])), acc_gate)
+        acc_up = tl.dot(a_tile, tl.trans(w3.load([expert * N + n0, k0])), acc_up)
     rows, cols = m0 + tl.arange(0, BLOCK_M), n0 + tl.arange(0, BLOCK_N)
     mask = (rows < end)[:, None] & (cols < N)[None, :]
-    gate, up = gate.to(gate_up.dtype.element_ty), up.to(gate_up.dtype.element_ty)
-    at = gate_up + rows.to(tl.int64)[:, None] * 2 * N + cols[None, :]
-    tl.store(at, gate, mask=mask)
-    tl.store(at + N, up, mask=mask)
-    gate = gate.to(tl.float32)
-    tl.store(h + rows.to(tl.int64)[:, None] * N + cols[None, :],
-             (gate * tl.sigmoid(gate) * up.to(tl.float32)).to(h.dtype.element_ty), mask=mask)
+    at = rows.to(tl.int64)[:, None] * N + cols[None, :]  # gate, up and h: [M, N] each
+    g, u = acc_gate.to(gate.dtype.element_ty), acc_up.to(up.dtype.element_ty)
+    tl.store(gate + at, g, mask=mask)
+    tl.store(up + at, u, mask=mask)
+    g = g.to(tl.float32)
+    tl.store(h + at, (g * tl.sigmoid(g) * u.to(tl.float32)).to(h.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _swiglu_backward_kernel(gate, up, grad_h, grad_gate, grad_up, n, BLOCK: tl.constexpr):
+    """d(gate), d(up) for h = silu(gate) * up, elementwise over n values, in fp32."""
+    at = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = at < n
+    g = tl.load(gate + at, mask=mask).to(tl.float32)
+    u = tl.load(up + at, mask=mask).to(tl.float32)
+    dh = tl.load(grad_h + at, mask=mask).to(tl.float32)
+    sig = tl.sigmoid(g)
+    tl.store(grad_gate + at, (dh * u * sig * (1 + g * (1 - sig))).to(grad_gate.dtype.element_ty), mask=mask)
+    tl.store(grad_up + at, (dh * g * sig).to(grad_up.dtype.element_ty), mask=mask)
 
 
 def _config(fp8: bool, two_products: bool) -> tuple[int, int, int, int, int]:
@@ -142,20 +151,17 @@ def takes(a: torch.Tensor, w: torch.Tensor, transpose_w: bool, two_products: boo
 
 def ragged_mm(a: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, transpose_w: bool,
               a2: torch.Tensor | None = None, w2: torch.Tensor | None = None,
-              scales: tuple[torch.Tensor, torch.Tensor] | None = None, swiglu_grad_of: torch.Tensor | None = None,
+              scales: tuple[torch.Tensor, torch.Tensor] | None = None,
               config: tuple[int, int, int, int, int] | None = None) -> torch.Tensor:
     """For a [M, K] whose expert e owns rows offs[e-1]:offs[e] (int32 [E]) and w [E, N, K] (transpose_w: out =
     a @ w[e]^T) or [E, K, N] (out = a @ w[e]), the [M, N] product per expert in bf16, plus a2 @ w2[e] (^T) alike when
     a2 is given. FP8 operands come with `scales`, (a's per row [M], w's per row [E, N], fp32), which dequantize the
-    product. With `swiglu_grad_of`, gate_up [M, 2N] (gate_up_swiglu's), the product is dh for h = silu(gate) * up
-    and what is returned is d(gate_up) [M, 2N], computed in the epilogue from dh in fp32. Rows past offs[-1] are left
-    unwritten, as torch._grouped_mm leaves them. Every pair must pass `takes`; `config` overrides the tile shape,
-    for the probe."""
+    product. Rows past offs[-1] are left unwritten, as torch._grouped_mm leaves them. Every pair must pass `takes`;
+    `config` overrides the tile shape, for the probe."""
     pairs = [(a, w)] + ([(a2, w2)] if a2 is not None else [])
     block_m, block_n, block_k, warps, stages = config or _config(scales is not None, a2 is not None)
     E, N = offs.shape[0], w.shape[1] if transpose_w else w.shape[2]
-    width = 2 * N if swiglu_grad_of is not None else N
-    out = torch.empty(a.shape[0], width, device=a.device, dtype=torch.bfloat16 if scales is not None else a.dtype)
+    out = torch.empty(a.shape[0], N, device=a.device, dtype=torch.bfloat16 if scales is not None else a.dtype)
     if not a.shape[0]:  # no rows (a rank that received no tokens): TMA descriptors need a non-empty tensor
         return out
     descriptors = []
@@ -167,28 +173,37 @@ def ragged_mm(a: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, transpose_w:
     if a2 is None:  # the second pair's arguments, unused
         descriptors, ks = descriptors * 2, ks + [0]
     a_scale, b_scale = scales if scales is not None else (out, out)  # unread unless SCALED
-    gate_up = swiglu_grad_of.contiguous() if swiglu_grad_of is not None else out  # unread unless SWIGLU_GRAD
     grid = ((triton.cdiv(a.shape[0], block_m) + E) * triton.cdiv(N, block_n),)
-    _ragged_mm_kernel[grid](*descriptors, out, gate_up, offs, a_scale, b_scale, N, ks[0], ks[1], out.stride(0), E=E,
+    _ragged_mm_kernel[grid](*descriptors, out, offs, a_scale, b_scale, N, ks[0], ks[1], out.stride(0), E=E,
                             E_POW2=triton.next_power_of_2(E), B_KMAJOR=transpose_w, TWO=a2 is not None,
-                            SCALED=scales is not None, SWIGLU_GRAD=swiglu_grad_of is not None, BLOCK_M=block_m,
-                            BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages)
+                            SCALED=scales is not None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+                            num_warps=warps, num_stages=stages)
     return out
 
 
 def gate_up_swiglu(x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, offs: torch.Tensor,
-                   config: tuple[int, int, int, int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """For x [M, K] over expert-sorted rows and w1, w3 [E, N, K] (both passing `takes` with transpose_w): gate_up
-    [M, 2N] (x @ w1[e]^T beside x @ w3[e]^T) and h = silu(gate) * up [M, N], in one kernel."""
+                   config: tuple[int, int, int, int, int] | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For x [M, K] over expert-sorted rows and w1, w3 [E, N, K] (both passing `takes` with transpose_w): gate =
+    x @ w1[e]^T, up = x @ w3[e]^T and h = silu(gate) * up, [M, N] each, in one kernel."""
     block_m, block_n, block_k, warps, stages = config or CONFIG_GATE_UP
     E, N = offs.shape[0], w1.shape[1]
-    gate_up = torch.empty(x.shape[0], 2 * N, device=x.device, dtype=x.dtype)
-    h = torch.empty(x.shape[0], N, device=x.device, dtype=x.dtype)
+    gate, up, h = (torch.empty(x.shape[0], N, device=x.device, dtype=x.dtype) for _ in range(3))
     if not x.shape[0]:
-        return gate_up, h
+        return gate, up, h
     weights = [TensorDescriptor.from_tensor(w.view(-1, w.shape[-1]), [block_n, block_k]) for w in (w1, w3)]
     grid = ((triton.cdiv(x.shape[0], block_m) + E) * triton.cdiv(N, block_n),)
-    _gate_up_swiglu_kernel[grid](TensorDescriptor.from_tensor(x, [block_m, block_k]), *weights, gate_up, h, offs, N,
+    _gate_up_swiglu_kernel[grid](TensorDescriptor.from_tensor(x, [block_m, block_k]), *weights, gate, up, h, offs, N,
                                  x.shape[1], E=E, E_POW2=triton.next_power_of_2(E), BLOCK_M=block_m,
                                  BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages)
-    return gate_up, h
+    return gate, up, h
+
+
+def swiglu_backward(gate: torch.Tensor, up: torch.Tensor, grad_h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """d(gate), d(up) from dh for h = silu(gate) * up (contiguous, one shape), one pass: expert_grads.swiglu_backward's
+    math on a GPU."""
+    grad_gate, grad_up = torch.empty_like(grad_h), torch.empty_like(grad_h)
+    n, block = grad_h.numel(), 4096
+    _swiglu_backward_kernel[(triton.cdiv(n, block),)](gate, up, grad_h, grad_gate, grad_up, n, BLOCK=block,
+                                                      num_warps=8)
+    return grad_gate, grad_up
