@@ -330,8 +330,9 @@ class ParallelConfig:
     coalesced reduction it has no effect."""
     expert_triton_gemms: bool = True
     """AutoEP's routed experts run their forward and input-gradient GEMMs (Hopper or later GPUs) through a Triton
-    kernel that tiles each expert's rows alone (engine/grouped_mm.py), and sum the gate's and the up projection's
-    input gradients inside it, instead of torch._grouped_mm, whose CUTLASS tiles pad each expert's rows far: on
+    kernel that tiles each expert's rows alone (engine/grouped_mm.py), the gate and up projections as one kernel
+    with the SwiGLU in its epilogue, and sum the gate's and the up projection's input gradients inside it, instead
+    of torch._grouped_mm, whose CUTLASS tiles pad each expert's rows far: on
     bench-2b on an H200 0.74 ms less GPU time per micro-step, +1.2% tokens/s at 16 micro-steps per step, +1.0% at
     one (docs/benchmarks.md). FP8 experts (fp8.experts) take the same kernel with e4m3 operands in place of
     torch._scaled_grouped_mm: +1.6-1.7%. false keeps torch's GEMMs, to measure the difference; CPU runs take them
