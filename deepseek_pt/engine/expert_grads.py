@@ -12,9 +12,10 @@ finds no `.grad` and returns its gradient to autograd as before; only later ones
 while nothing watches autograd's accumulation, so the engine turns it on only inside coalesced reduction (train.py).
 
 The forward and input-gradient GEMMs through grouped_mm.py's Triton kernel (`parallel.expert_triton_gemms`), which
-pads each expert's rows less than torch._grouped_mm's CUTLASS kernel, and sums the gate's and the up projection's
-input gradients in one kernel where autograd added two GEMMs' outputs. CPU runs, and operands the kernel cannot
-read, take torch._grouped_mm.
+pads each expert's rows less than torch._grouped_mm's CUTLASS kernel, runs the gate and up projections as one
+kernel with the SwiGLU in its epilogue, and sums the gate's and the up projection's input gradients in one kernel
+where autograd added two GEMMs' outputs. CPU runs, and operands the kernel cannot read, take torch._grouped_mm and
+DeepSpeed's SwiGLU.
 """
 from __future__ import annotations
 
@@ -64,7 +65,7 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 
 def swiglu_backward(gate: torch.Tensor, up: torch.Tensor, grad_h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """d(gate), d(up) from dh for h = silu(gate) * up, in fp32, rounded to gate's dtype."""
+    """d(gate), d(up) from dh for h = silu(gate) * up, in fp32, rounded to dh's dtype."""
     gate, up, dh = gate.float(), up.float(), grad_h.float()
     sig = torch.sigmoid(gate)
     return (dh * up * sig * (1 + gate * (1 - sig))).to(grad_h.dtype), (dh * F.silu(gate)).to(grad_h.dtype)
