@@ -63,7 +63,7 @@ def main() -> None:
     if args.fp8:
         return fp8_tiles(offs, M, n, args.rounds)
     if args.swiglu:
-        return swiglu_epilogues(offs, M, n, args.rounds)
+        return gate_up_with_swiglu(offs, M, n, args.rounds)
     r = lambda *shape: torch.randn(*shape, device="cuda", dtype=torch.bfloat16) * 0.02
     x, h, dy, d_gate, d_up = r(M, DIM), r(M, HIDDEN), r(M, DIM), r(M, HIDDEN), r(M, HIDDEN)
     d_gate_up = torch.cat([d_gate, d_up], 1)
@@ -117,7 +117,7 @@ def main() -> None:
                      f" | rel err {errors[name, c]:.1e}")
 
 
-def swiglu_epilogues(offs: torch.Tensor, M: int, n: int, rounds: int) -> None:
+def gate_up_with_swiglu(offs: torch.Tensor, M: int, n: int, rounds: int) -> None:
     """The gate and up forward with the SwiGLU in its epilogue, at each tile shape, against the two GEMMs and then
     DeepSpeed's Triton SwiGLU, as training ran them before; the SwiGLU's backward, DeepSpeed's kernel against ours."""
     from deepspeed.moe.ep_experts import apply_expert_activation
