@@ -78,6 +78,8 @@ def gate_up_swiglu() -> None:
     got, want = grouped_mm.swiglu_backward(gate, up, grad_h), swiglu_backward(gate, up, grad_h)
     for a, b in zip(got, want):
         assert rel_err(a[:n], b[:n]) < 1e-5, rel_err(a[:n], b[:n])
+    empty = torch.zeros(0, N)  # a rank given no tokens
+    assert [t.shape for t in grouped_mm.swiglu_backward(empty, empty, empty)] == [(0, N), (0, N)]
 
 
 def grouped_wgrad() -> None:

@@ -204,6 +204,7 @@ def swiglu_backward(gate: torch.Tensor, up: torch.Tensor, grad_h: torch.Tensor) 
     math on a GPU."""
     grad_gate, grad_up = torch.empty_like(grad_h), torch.empty_like(grad_h)
     n, block = grad_h.numel(), 4096
-    _swiglu_backward_kernel[(triton.cdiv(n, block),)](gate, up, grad_h, grad_gate, grad_up, n, BLOCK=block,
-                                                      num_warps=8)
+    if n:  # an expert-parallel rank may receive no tokens
+        _swiglu_backward_kernel[(triton.cdiv(n, block),)](gate, up, grad_h, grad_gate, grad_up, n, BLOCK=block,
+                                                          num_warps=8)
     return grad_gate, grad_up
