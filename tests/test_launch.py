@@ -181,6 +181,53 @@ def test_hostfile_unreachable_host_is_named_before_start(tmp_path, data):
     assert "running:" not in proc.stderr and not (tmp_path / "run").exists()
 
 
+# pdsh as the runner calls it (`pdsh -S -f N -w HOST,HOST [launcher args] COMMAND WORDS`), every host on this
+# machine: the words run through bash as ssh would run them, %n the host's index, the largest status returned (-S).
+FAKE_PDSH = """#!/usr/bin/env bash
+while [[ $1 == -* ]]; do case $1 in -w) hosts=$2; shift 2 ;; -f) shift 2 ;; *) shift ;; esac; done
+IFS=, read -r -a names <<<"$hosts"
+command="$*"
+pids=()
+for i in "${!names[@]}"; do bash -c "${command//%n/$i}" & pids+=($!); done
+status=0
+for p in "${pids[@]}"; do wait "$p" || { s=$?; ((s > status)) && status=$s; }; done
+exit "$status"
+"""
+
+
+@pytest.mark.slow
+def test_hostfile_sh_two_hosts_through_pdsh_and_sigterm(tmp_path, data):
+    """hostfile.sh's multi-host path for real but for the machines: two hosts of one slot, the runner's pdsh
+    command run for both on this machine (a stand-in pdsh; ssh answers yes). They rendezvous and train as ranks 0
+    and 1; SIGTERM to hostfile.sh reaches the ranks through its own pdsh command (remote_stop), both checkpoint the
+    step, and everything exits 0."""
+    (tmp_path / "hosts").write_text("worker-0 slots=1\nworker-1 slots=1\n")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "pdsh").write_text(FAKE_PDSH)
+    (bin_dir / "ssh").write_text("#!/bin/sh\nexit 0\n")
+    for stub in bin_dir.iterdir():
+        stub.chmod(0o755)
+    run_dir = tmp_path / "run"
+    env = {**_env(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port())), "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    proc = start_job([LAUNCH / "hostfile.sh", tmp_path / "hosts", SMOKE,
+                      *_overrides(data, run_dir, "train.max_steps=100000")], env)
+    try:
+        wait_until(proc, lambda: (run_dir / "metrics.jsonl").exists() and len(_metrics(run_dir)) >= 2, TIMEOUT,
+                   "2 training steps")
+        proc.send_signal(signal.SIGTERM)
+        out, _ = finish_job(proc, TIMEOUT)
+    finally:
+        kill_job(proc)
+    assert proc.returncode == 0, out[-4000:]
+    assert "2 hosts (worker-0 worker-1), 2 processes" in out, out[-4000:]
+    assert "SIGTERM: asking the ranks on every host to checkpoint" in out, out[-4000:]
+    last = _metrics(run_dir)[-1]["step"]
+    assert f"stopped at step {last}: signal" in out, out[-4000:]
+    meta = json.loads((run_dir / "checkpoints" / f"step_{last:08d}" / "meta.json").read_text())
+    assert meta["step"] == last and meta["world_size"] == 2
+
+
 @pytest.mark.parametrize("text, env, message", [
     # the runner reads these as 2 and 0 slots: a typo'd count, and a host that would get no process
     ("worker-0 slots=2x\n", {}, ":1: expected 'HOST slots=N', got 'worker-0 slots=2x'"),
