@@ -30,10 +30,10 @@ def main(argv: list[str]) -> int:
     # Its last Popen is the launcher it waited for (earlier ones are short checks, ssh reachability and the like).
     launched = STARTED[-1] if STARTED else None
     if launched is None or launched.returncode is None or launched.returncode >= 0:
-        return 0 if launched is None or launched.returncode is None else launched.returncode
+        return 0  # nothing launched (the runner's early exits), or the launcher succeeded
     number = -launched.returncode
     name = signal.Signals(number).name if number in signal.valid_signals() else f"signal {number}"
-    args = [str(arg) for arg in launched.args]
+    args = [str(arg) for arg in launched.args] if isinstance(launched.args, list) else [str(launched.args)]
     what = "deepspeed.launcher.launch" if "deepspeed.launcher.launch" in args else Path(args[0]).name
     print(f"[launch] error: {what} (pid {launched.pid}) was killed by {name}; its ranks stop when it goes: the job "
           "failed", file=sys.stderr)
