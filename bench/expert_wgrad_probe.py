@@ -98,7 +98,7 @@ def expert_swiglu(counts: torch.Tensor, M: int, E: int, dim: int, hidden: int) -
     """The bf16 expert SwiGLU, forward and backward, without gradients on the weights yet (a step's first
     micro-step) and accumulating (every later one): AutoEP's layer, and engine/expert_grads.py's RoutedExperts
     (the same parameters) adding its weight gradients in place, then also with its forward and input gradients
-    through engine/grouped_mm.py's Triton kernels (the SwiGLU and its derivative in their epilogues)."""
+    through engine/grouped_mm.py's Triton kernels (the SwiGLU in the gate and up GEMM's epilogue)."""
     from deepspeed.moe.ep_experts import GroupedExperts
 
     from deepseek_pt.engine.expert_grads import convert_routed_experts

@@ -38,8 +38,8 @@ def accumulations(weights) -> list[int]:
 def test_routed_experts_train_as_autoeps_layer(grads_in_place, triton_gemms):
     """Three micro-steps of our layer against AutoEP's with autograd accumulating: the same outputs and gradients
     (on a CPU, where both run torch._grouped_mm, the forward bit for bit and the gradients to fp32's ulps; on a GPU
-    the Triton kernels, SwiGLU and its derivative in their epilogues, no further from fp32 sums than AutoEP's), and autograd handed the weight gradients only in the first micro-step
-    when they go in place."""
+    the Triton kernels, the SwiGLU in the gate and up GEMM's epilogue, no further from fp32 sums than AutoEP's), and
+    autograd handed the weight gradients only in the first micro-step when they go in place."""
     torch.manual_seed(0)
     device = DEVICE
     dtype = torch.bfloat16 if device == "cuda" else torch.float32  # the kernels run in bf16; CPU: torch's, exact
