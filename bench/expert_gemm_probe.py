@@ -2,7 +2,7 @@
 layouts the weights could take, over training's uneven expert groups and over even ones, against
 engine/grouped_mm.py's Triton kernel at several tile shapes.
 
-    python bench/expert_gemm_probe.py [--tokens 8192] [--rounds 3] [--fp8 | --swiglu | --fp8-swiglu]
+    python bench/expert_gemm_probe.py [--tokens 8192] [--rounds 3] [--fp8 | --swiglu]
 
 Expert-sorted rows as AutoEP hands them over (bench/fp8_gemm_probe.py's expert_rows: multiples of 16, each expert
 0.5-1.5x the mean load). Prints median ms and TFLOP/s per GEMM; the kernel's lines also its relative error against
@@ -15,10 +15,6 @@ CUTLASS alternate over `--rounds` rounds: back-to-back timings of one GEMM drift
 `--swiglu`: instead, the gate and up GEMMs with the SwiGLU in their epilogue (grouped_mm.gate_up_swiglu) at several
 tile shapes, each round beside what training ran before: the two GEMMs, then DeepSpeed's Triton SwiGLU; and the
 SwiGLU's backward, DeepSpeed's kernel against grouped_mm.swiglu_backward (training's).
-
-`--fp8-swiglu`: instead, fp8.experts' gate and up forward with the SwiGLU in the e4m3 kernel's epilogue and h's
-cast after it (grouped_mm.gate_up_swiglu_fp8, then quantize_rows) at several tile shapes, each round beside the
-e4m3 GEMM and then the cast that reads gate and up (fp8_expert_casts.swiglu_quantized).
 """
 from __future__ import annotations
 
@@ -36,10 +32,8 @@ from deepseek_pt.engine.grouped_mm import (
     CONFIG,
     CONFIG_FP8,
     CONFIG_GATE_UP,
-    CONFIG_GATE_UP_FP8,
     CONFIG_TWO_PRODUCTS,
     gate_up_swiglu,
-    gate_up_swiglu_fp8,
     ragged_mm,
     swiglu_backward,
 )
@@ -49,8 +43,6 @@ CONFIGS = sorted({CONFIG, CONFIG_TWO_PRODUCTS, (128, 128, 64, 8, 4), (128, 128, 
                   (64, 128, 64, 4, 5), (64, 256, 64, 8, 4)})
 GATE_UP_CONFIGS = sorted({CONFIG_GATE_UP, (128, 128, 64, 8, 4), (128, 128, 32, 8, 4), (128, 128, 64, 8, 2),
                           (128, 64, 64, 8, 3), (128, 64, 128, 8, 3)})
-FP8_GATE_UP_CONFIGS = sorted({CONFIG_GATE_UP_FP8, (128, 128, 128, 8, 4), (128, 128, 64, 8, 4), (128, 128, 64, 8, 3),
-                              (128, 64, 128, 8, 3)})
 FP8_CONFIGS = sorted({CONFIG_FP8, (128, 128, 128, 8, 4), (128, 128, 128, 4, 4), (128, 256, 128, 8, 3),
                       (128, 256, 128, 8, 4), (128, 128, 256, 8, 3), (64, 128, 128, 4, 4), (128, 256, 64, 8, 4)})
 
@@ -65,7 +57,6 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--fp8", action="store_true", help="the e4m3 path's tile shapes instead")
     parser.add_argument("--swiglu", action="store_true", help="the gate and up GEMM with the SwiGLU in its epilogue instead")
-    parser.add_argument("--fp8-swiglu", action="store_true", help="--swiglu's e4m3 form, with h's cast")
     args = parser.parse_args()
     _, offs, M = expert_rows(args.tokens, E, 6, torch.Generator("cuda").manual_seed(0))
     n = int(offs[-1])
@@ -73,8 +64,6 @@ def main() -> None:
         return fp8_tiles(offs, M, n, args.rounds)
     if args.swiglu:
         return gate_up_with_swiglu(offs, M, n, args.rounds)
-    if args.fp8_swiglu:
-        return fp8_gate_up_with_swiglu(offs, M, n, args.rounds)
     r = lambda *shape: torch.randn(*shape, device="cuda", dtype=torch.bfloat16) * 0.02
     x, h, dy, d_gate, d_up = r(M, DIM), r(M, HIDDEN), r(M, DIM), r(M, HIDDEN), r(M, HIDDEN)
     d_gate_up = torch.cat([d_gate, d_up], 1)
@@ -158,36 +147,6 @@ def gate_up_with_swiglu(offs: torch.Tensor, M: int, n: int, rounds: int) -> None
         ms = bench(lambda: torch.autograd.grad(h, (gate, up), dh, retain_graph=True))
         print(f"round {round_} SwiGLU backward, DeepSpeed's kernel {ms:.3f} ms; ours "
               f"{bench(lambda: swiglu_backward(gate.detach(), up.detach(), dh)):.3f} ms", flush=True)
-
-
-def fp8_gate_up_with_swiglu(offs: torch.Tensor, M: int, n: int, rounds: int) -> None:
-    """fp8.experts' gate and up forward with h's cast: the SwiGLU in the e4m3 kernel's epilogue, then quantize_rows
-    of h, at each tile shape, against the e4m3 GEMM and then swiglu_quantized (training's before)."""
-    from deepseek_pt.engine import fp8_expert_casts
-
-    x = torch.randn(M, DIM, device="cuda", dtype=torch.bfloat16)
-    w = (torch.randn(E, 2 * HIDDEN, DIM, device="cuda") * 0.02).to(torch.bfloat16)
-    (x8, x_scale), (w8, w_scale) = quantize_rows(x), quantize_rows(w)
-    flops = 2 * n * DIM * 2 * HIDDEN
-    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}; {n} routed rows over {E} experts, e4m3 "
-          "gate+up with the SwiGLU and h's cast", flush=True)
-
-    def gemm_then_cast():
-        return fp8_expert_casts.swiglu_quantized(ragged_mm(x8, w8, offs, True, scales=(x_scale, w_scale)))
-
-    def fused(c):
-        return fp8_expert_casts.quantize_rows(gate_up_swiglu_fp8(x8, x_scale, w8, w_scale, offs, config=c)[1])
-
-    want = gemm_then_cast()[0][:n].float()
-    for c in FP8_GATE_UP_CONFIGS:
-        got = gate_up_swiglu_fp8(x8, x_scale, w8, w_scale, offs, config=c)[1][:n]
-        print(f"{c}: rel err of h {rel_err(got, want):.1e} against the GEMM and swiglu_quantized", flush=True)
-    for round_ in range(rounds):
-        show(f"round {round_} e4m3 gate+up GEMM, then swiglu_quantized", bench(gemm_then_cast), flops)
-        for c in FP8_GATE_UP_CONFIGS:
-            default = " (default)" if c == CONFIG_GATE_UP_FP8 else ""
-            show(f"round {round_} e4m3 gate+up with SwiGLU {c}{default}, then h's cast",
-                 bench(lambda c=c: fused(c)), flops)
 
 
 def fp8_tiles(offs: torch.Tensor, M: int, n: int, rounds: int) -> None:

@@ -5,8 +5,7 @@ The expert SwiGLU runs as one autograd function over AutoEP's expert-sorted toke
     gate_up = x @ [w1; w3][e].T      h = silu(gate) * up      y = h @ w2[e].T
 - Forward and input-gradient GEMMs are FP8 (e4m3, rowwise scaled, fast accumulation) on
   `torch._scaled_grouped_mm`, or with `parallel.expert_triton_gemms` on grouped_mm.py's Triton kernel, whose tiles
-  pad each expert's rows less. Gate and up run as one grouped GEMM, on the Triton kernel with the SwiGLU in its
-  epilogue (grouped_mm.gate_up_swiglu_fp8).
+  pad each expert's rows less. Gate and up run as one grouped GEMM.
 - The weight-gradient GEMMs reduce over each expert's tokens and stay bf16 (expert_grads.py; `torch._grouped_mm`,
   or the kernel that adds into `.grad` under `parallel.expert_grads_in_place`):
   rowwise scales cannot follow that axis, and scales per expert and column would need casts of their
@@ -121,22 +120,6 @@ def scaled_grouped_mm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b
     return out
 
 
-def gate_up_swiglu_quantized(x_q: torch.Tensor, x_s: torch.Tensor, gate_up_weight: tuple[torch.Tensor, torch.Tensor],
-                             offs: torch.Tensor, emulate: bool, use_triton: bool):
-    """gate_up = x @ [w1; w3][e].T (bf16 [M, 2H]), h = silu(gate) * up and h quantized for the down projection, from
-    x quantized and Fp8ExpertWeights.gate_up. Where `use_triton` and grouped_mm.py's kernel reads the operands, the
-    SwiGLU runs in the GEMM's epilogue and only the cast reads h back (3 bytes a value; 7 through swiglu_quantized,
-    which reads gate and up); else scaled_grouped_mm, then swiglu_quantized. Both round gate, up and h to bf16 alike."""
-    quantize, swiglu, _ = _activation_casts(x_q)
-    if use_triton and not emulate:
-        from . import grouped_mm
-        if grouped_mm.takes(x_q, gate_up_weight[0], transpose_w=True):
-            gate_up, h = grouped_mm.gate_up_swiglu_fp8(x_q, x_s, *gate_up_weight, offs)
-            return (gate_up, h, *quantize(h))
-    gate_up = scaled_grouped_mm(x_q, x_s, *gate_up_weight, offs, emulate, use_triton)
-    return (gate_up, *swiglu(gate_up))
-
-
 class Fp8ExpertWeights:
     """The FP8 layouts of one expert layer's weights, each an (e4m3 [E, N, K], scales [E, N]) pair scaled along the
     GEMM's reduction dimension K: gate_up (w1 and w3 stacked, for the forward), down (w2), and their transposes
@@ -165,9 +148,10 @@ def _weight_grad(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, offs: t
 class _Fp8ExpertSwiGLU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w1, w3, w2, offs, weights: Fp8ExpertWeights, emulate: bool, in_place: bool, triton: bool):
-        quantize = _activation_casts(x)[0]
+        quantize, swiglu, _ = _activation_casts(x)
         x_q, x_s = quantize(x)
-        gate_up, h, h_q, h_s = gate_up_swiglu_quantized(x_q, x_s, weights.gate_up, offs, emulate, triton)
+        gate_up = scaled_grouped_mm(x_q, x_s, *weights.gate_up, offs, emulate, triton)
+        h, h_q, h_s = swiglu(gate_up)
         ctx.save_for_backward(x, gate_up, h, offs, w1, w3, w2)
         ctx.weights, ctx.emulate, ctx.in_place, ctx.triton = weights, emulate, in_place, triton
         return scaled_grouped_mm(h_q, h_s, *weights.down, offs, emulate, triton).to(x.dtype)

@@ -40,7 +40,6 @@ CONFIG = (128, 128, 64, 8, 3)
 CONFIG_TWO_PRODUCTS = (128, 256, 64, 8, 3)
 CONFIG_FP8 = (128, 128, 128, 8, 3)  # e4m3: 128 bytes of K per row per load, as bf16's 64
 CONFIG_GATE_UP = (128, 128, 64, 8, 3)  # gate_up_swiglu's: two 128 x 128 accumulators (128 x 64 ones were slower)
-CONFIG_GATE_UP_FP8 = (128, 128, 128, 8, 3)  # gate_up_swiglu_fp8's: CONFIG_FP8's loads, CONFIG_GATE_UP's accumulators
 
 
 @triton.jit
@@ -94,42 +93,30 @@ def _ragged_mm_kernel(a, b, a2, b2, out, offs_ptr, a_scale, b_scale, N, K, K2, s
 
 
 @triton.jit
-def _gate_up_swiglu_kernel(a, w_gate, w_up, gate, up, h, offs_ptr, a_scale, w_scale, N, K, stride_gate_up,
-                           E: tl.constexpr, E_POW2: tl.constexpr, STACKED: tl.constexpr, SCALED: tl.constexpr,
+def _gate_up_swiglu_kernel(a, w1, w3, gate, up, h, offs_ptr, N, K, E: tl.constexpr, E_POW2: tl.constexpr,
                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """gate, up = a @ w1[e]^T, a @ w3[e]^T for one tile of rows and columns, each tile of a loaded once for both;
-    both stored (for the backward) and h = silu(gate) * up from their stored bf16 values. STACKED: the weights are
-    one [E, 2N, K] tensor (w_gate and w_up the same), up's rows after gate's, as fp8_experts casts them. SCALED: e4m3
-    operands, dequantized by a's row scales and the weight rows' scales, as _ragged_mm_kernel's."""
+    both stored (for the backward) and h = silu(gate) * up from their stored bf16 values."""
     pid = tl.program_id(0)
     tiles_n = tl.cdiv(N, BLOCK_N)
     m_tile, n0 = pid // tiles_n, (pid % tiles_n) * BLOCK_N
     expert, m0, end = _expert_tile(offs_ptr, m_tile, E, E_POW2, BLOCK_M)
     if expert >= E:
         return
-    gate_row = expert * (2 * N if STACKED else N) + n0  # this tile's first row of w1[e], and of w3[e]
-    up_row = gate_row + (N if STACKED else 0)
     acc_gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         a_tile = a.load([m0, k0])
-        acc_gate = tl.dot(a_tile, tl.trans(w_gate.load([gate_row, k0])), acc_gate)
-        acc_up = tl.dot(a_tile, tl.trans(w_up.load([up_row, k0])), acc_up)
+        acc_gate = tl.dot(a_tile, tl.trans(w1.load([expert * N + n0, k0])), acc_gate)
+        acc_up = tl.dot(a_tile, tl.trans(w3.load([expert * N + n0, k0])), acc_up)
     rows, cols = m0 + tl.arange(0, BLOCK_M), n0 + tl.arange(0, BLOCK_N)
-    if SCALED:
-        row_scale = tl.load(a_scale + rows, mask=rows < end, other=0.0)[:, None]
-        acc_gate *= row_scale
-        acc_gate *= tl.load(w_scale + gate_row + tl.arange(0, BLOCK_N), mask=cols < N, other=0.0)[None, :]
-        acc_up *= row_scale
-        acc_up *= tl.load(w_scale + up_row + tl.arange(0, BLOCK_N), mask=cols < N, other=0.0)[None, :]
     mask = (rows < end)[:, None] & (cols < N)[None, :]
+    at = rows.to(tl.int64)[:, None] * N + cols[None, :]  # gate, up and h: [M, N] each
     g, u = acc_gate.to(gate.dtype.element_ty), acc_up.to(up.dtype.element_ty)
-    at = rows.to(tl.int64)[:, None] * stride_gate_up + cols[None, :]
     tl.store(gate + at, g, mask=mask)
     tl.store(up + at, u, mask=mask)
     g = g.to(tl.float32)
-    h_at = rows.to(tl.int64)[:, None] * N + cols[None, :]  # h: [M, N]
-    tl.store(h + h_at, (g * tl.sigmoid(g) * u.to(tl.float32)).to(h.dtype.element_ty), mask=mask)
+    tl.store(h + at, (g * tl.sigmoid(g) * u.to(tl.float32)).to(h.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -194,42 +181,22 @@ def ragged_mm(a: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, transpose_w:
     return out
 
 
-def _launch_gate_up_swiglu(x, w_gate, w_up, gate, up, h, offs, scales, config) -> None:
-    block_m, block_n, block_k, warps, stages = config
-    E, N, stacked = offs.shape[0], h.shape[1], w_gate is w_up
-    if not x.shape[0]:
-        return
-    w_gate, w_up = (TensorDescriptor.from_tensor(w.view(-1, w.shape[-1]), [block_n, block_k]) for w in (w_gate, w_up))
-    x_scale, w_scale = scales if scales is not None else (h, h)  # unread unless SCALED
-    grid = ((triton.cdiv(x.shape[0], block_m) + E) * triton.cdiv(N, block_n),)
-    _gate_up_swiglu_kernel[grid](TensorDescriptor.from_tensor(x, [block_m, block_k]), w_gate, w_up, gate, up, h, offs,
-                                 x_scale, w_scale, N, x.shape[1], gate.stride(0), E=E, E_POW2=triton.next_power_of_2(E),
-                                 STACKED=stacked, SCALED=scales is not None, BLOCK_M=block_m, BLOCK_N=block_n,
-                                 BLOCK_K=block_k, num_warps=warps, num_stages=stages)
-
-
 def gate_up_swiglu(x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, offs: torch.Tensor,
                    config: tuple[int, int, int, int, int] | None = None
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """For x [M, K] over expert-sorted rows and w1, w3 [E, N, K] (both passing `takes` with transpose_w): gate =
     x @ w1[e]^T, up = x @ w3[e]^T and h = silu(gate) * up, [M, N] each, in one kernel."""
-    gate, up, h = (torch.empty(x.shape[0], w1.shape[1], device=x.device, dtype=x.dtype) for _ in range(3))
-    _launch_gate_up_swiglu(x, w1, w3, gate, up, h, offs, None, config or CONFIG_GATE_UP)
+    block_m, block_n, block_k, warps, stages = config or CONFIG_GATE_UP
+    E, N = offs.shape[0], w1.shape[1]
+    gate, up, h = (torch.empty(x.shape[0], N, device=x.device, dtype=x.dtype) for _ in range(3))
+    if not x.shape[0]:
+        return gate, up, h
+    weights = [TensorDescriptor.from_tensor(w.view(-1, w.shape[-1]), [block_n, block_k]) for w in (w1, w3)]
+    grid = ((triton.cdiv(x.shape[0], block_m) + E) * triton.cdiv(N, block_n),)
+    _gate_up_swiglu_kernel[grid](TensorDescriptor.from_tensor(x, [block_m, block_k]), *weights, gate, up, h, offs, N,
+                                 x.shape[1], E=E, E_POW2=triton.next_power_of_2(E), BLOCK_M=block_m,
+                                 BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages)
     return gate, up, h
-
-
-def gate_up_swiglu_fp8(x: torch.Tensor, x_scale: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,
-                       offs: torch.Tensor, config: tuple[int, int, int, int, int] | None = None
-                       ) -> tuple[torch.Tensor, torch.Tensor]:
-    """gate_up_swiglu for fp8_experts' operands: x [M, K] e4m3 with row scales [M], w [E, 2N, K] e4m3 (w1[e]'s rows,
-    then w3[e]'s; passing `takes` with transpose_w) with row scales [E, 2N]. Returns gate_up [M, 2N] (gate, then up,
-    as scaled_grouped_mm's product) and h [M, N], bf16."""
-    N = w.shape[1] // 2
-    gate_up = torch.empty(x.shape[0], 2 * N, device=x.device, dtype=torch.bfloat16)
-    h = torch.empty(x.shape[0], N, device=x.device, dtype=torch.bfloat16)
-    _launch_gate_up_swiglu(x, w, w, gate_up, gate_up[:, N:], h, offs, (x_scale, w_scale),
-                           config or CONFIG_GATE_UP_FP8)
-    return gate_up, h
 
 
 def swiglu_backward(gate: torch.Tensor, up: torch.Tensor, grad_h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
