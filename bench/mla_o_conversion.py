@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--inits", nargs="+", choices=["svd", "xavier"], default=["svd"])
     p.add_argument("--seq-len", type=int, default=None, help="default: the checkpoint's data.seq_len")
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-batches", type=int, default=None, help="default: the whole split")
+    p.add_argument("--max-sequences", type=int, default=None, help="the split's first this many; default: all")
     p.add_argument("--seed", type=int, default=0, help="seed of the xavier init")
     args = p.parse_args(argv)
 
@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
         seq_len = args.seq_len or min(ckpt.config.data.seq_len, ckpt.model.config.max_seq_len)
 
         def loss_of(model) -> float:
-            batches = val_batches(args.data, args.split, seq_len, args.batch_size, max_batches=args.max_batches)
+            batches = val_batches(args.data, args.split, seq_len, args.batch_size, max_sequences=args.max_sequences)
             return evaluate(model, batches)["loss"]
 
         a = ckpt.model.config.attention

@@ -250,9 +250,9 @@ class TrainConfig:
     the timed choice would have found (bench-2b: -1.7% in one call, within the noise between identical cases)."""
     eval_every: int = 0
     """Evaluate on the val split every this many steps (and at the end); 0 disables."""
-    eval_batches: int = 8
-    """Micro-batches per rank in one evaluation: the val split's first eval_batches x micro_batch_size x processes
-    sequences, a set that changes with the count of processes (a resume on another count says so)."""
+    eval_sequences: int = 256
+    """Sequences in one evaluation: the val split's first eval_sequences (all of them if it holds fewer), the same
+    set on any number of processes, which share it out in micro-batches (eval_loss is their mean per token)."""
     save_every: int = 0
     """Checkpoint every this many steps; 0 = only at exit points."""
     checkpoints: bool = True
@@ -507,12 +507,21 @@ def _convert(value: Any, tp: Any, key: str, where: str) -> Any:
     return value
 
 
+# Keys of earlier versions, each with what a config sets instead.
+REPLACED_KEYS = {
+    "train.eval_batches": "train.eval_sequences, the count of sequences over all processes (the old key counted "
+                          "micro-batches per process: eval_batches x micro_batch_size x processes sequences)",
+}
+
+
 def _build(cls: type, data: dict, prefix: str, where: str):
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     for k in data:
         if k not in names:
             path = f"{prefix}.{k}" if prefix else str(k)
+            if path in REPLACED_KEYS:
+                raise ConfigError(f"{where}: {path}: replaced by {REPLACED_KEYS[path]}")
             raise ConfigError(f"{where}: {path}: unknown key (allowed: {', '.join(sorted(names))})")
     kwargs = {}
     for k, v in data.items():
@@ -712,7 +721,7 @@ def validate(cfg: Config, where: Callable[[str], str] = lambda key: "<config>") 
         ("model.moe.n_limited_groups", moe.n_limited_groups),
         ("data.seq_len", cfg.data.seq_len), ("train.micro_batch_size", cfg.train.micro_batch_size),
         ("train.grad_accum_steps", cfg.train.grad_accum_steps), ("train.max_steps", cfg.train.max_steps),
-        ("train.eval_batches", cfg.train.eval_batches), ("train.keep_last", cfg.train.keep_last),
+        ("train.eval_sequences", cfg.train.eval_sequences), ("train.keep_last", cfg.train.keep_last),
         ("train.log_every", cfg.train.log_every), ("parallel.expert_parallel_size", cfg.parallel.expert_parallel_size),
     ]:
         check(v > 0, key, f"must be positive, got {v}")

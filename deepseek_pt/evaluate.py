@@ -37,7 +37,7 @@ def evaluate(model: Transformer, batches: Iterable[tuple[torch.Tensor, torch.Ten
         seconds += time.perf_counter() - start
         tokens += int((targets != -100).sum())
         n_batches += 1
-        sequences += inputs.shape[0]
+        sequences += int((targets != -100).any(dim=1).sum())
     if tokens == 0:
         raise UsageError("no tokens to evaluate")
     mean = loss_sum / tokens
@@ -53,7 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="val")
     p.add_argument("--seq-len", type=int, default=None, help="default: the checkpoint's data.seq_len")
     p.add_argument("--batch-size", type=int, default=None, help="default: the checkpoint's train.micro_batch_size")
-    p.add_argument("--max-batches", type=int, default=None, help="default: the whole split")
+    p.add_argument("--max-sequences", type=int, default=None,
+                   help="the split's first this many (as training's train.eval_sequences); default: the whole split")
     p.add_argument("--device", type=device_arg, default=default_device())
     p.add_argument("--dtype", choices=DTYPE_CHOICES, default=None, help="default: the checkpoint's")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
@@ -63,8 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if any(v is not None and v < 1 for v in (args.seq_len, args.batch_size, args.max_batches)):
-        parser.error("--seq-len, --batch-size and --max-batches must be positive")
+    if any(v is not None and v < 1 for v in (args.seq_len, args.batch_size, args.max_sequences)):
+        parser.error("--seq-len, --batch-size and --max-sequences must be positive")
 
     def run() -> None:
         manifest = open_manifest(args.data)  # checked before the (slow) model load
@@ -82,9 +83,9 @@ def main(argv: list[str] | None = None) -> int:
         if seq_len > m.max_seq_len:
             raise UsageError(f"--seq-len {seq_len} > model.max_seq_len {m.max_seq_len}")
         batch_size = args.batch_size or ckpt.config.train.micro_batch_size
-        # Every sample, the last batch short if need be: the loss must not depend on --batch-size.
-        batches = val_batches(args.data, args.split, seq_len, batch_size, max_batches=args.max_batches,
-                              drop_last=False)
+        # The last batch's rows past the split (or --max-sequences) have no targets: the loss is over those sequences,
+        # whatever --batch-size (or the number of processes training's evaluation ran on).
+        batches = val_batches(args.data, args.split, seq_len, batch_size, max_sequences=args.max_sequences)
         result = {"checkpoint": args.checkpoint, "data": args.data, "split": args.split, "seq_len": seq_len,
                   "batch_size": batch_size, **evaluate(ckpt.model, batches)}
         if args.json:
@@ -92,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             print(f"{args.split}: loss {result['loss']:.4f}  perplexity {result['perplexity']:.2f}  "
                   f"({result['tokens']:,} tokens: {result['sequences']} sequences of {seq_len} in {result['batches']} "
-                  f"batches of up to {batch_size}; "
+                  f"batches of {batch_size}; "
                   f"{result['tokens_per_s']:,.0f} tokens/s)")
 
     return run_cli(run)

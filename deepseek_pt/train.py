@@ -186,21 +186,26 @@ def optimizer_changes(saved: dict | None, cfg: Config) -> str:
 
 
 def evaluate(engine, cfg: Config, rank: int, world: int, device) -> dict[str, float]:
-    """eval_loss over data.val_split; for a blend, each source's (eval_loss/NAME) and their weighted mean."""
+    """eval_loss, the mean loss per token over data.val_split's first train.eval_sequences sequences, whatever the
+    number of processes; for a blend, each source's (eval_loss/NAME) and their weighted mean."""
     from .data import to_device, val_batches
 
     engine.eval()
     sources = cfg.data.sources()
-    sums = torch.zeros(len(sources), 2, dtype=torch.float64, device=device)  # (loss sum, batches) per source
+    sums = torch.zeros(len(sources), 2, dtype=torch.float64, device=device)  # (loss sum, tokens) per source
     with torch.no_grad():
         for j, source in enumerate(sources):
             batches = val_batches(source.path, split=cfg.data.val_split, seq_len=cfg.data.seq_len,
                                   micro_batch_size=cfg.train.micro_batch_size, dp_rank=rank, dp_world=world,
-                                  max_batches=cfg.train.eval_batches)
+                                  max_sequences=cfg.train.eval_sequences)
             for inputs, targets in to_device(batches, device):
                 engine(inputs, targets)
-                sums[j, 0] += engine.module.last_losses["lm_loss"].detach().double()
-                sums[j, 1] += 1
+                # lm_loss is the mean over the batch's counted targets; a rank's padding rows count none (and a
+                # batch of padding alone has a NaN mean)
+                tokens = (targets != -100).sum().double()
+                loss = engine.module.last_losses["lm_loss"].detach().double()
+                sums[j, 0] += torch.where(tokens > 0, loss * tokens, 0.0)
+                sums[j, 1] += tokens
     engine.train()
     balance.reset_counts(engine.module)  # evaluation routing must not steer the bias
     dist.all_reduce(sums)
@@ -501,7 +506,7 @@ def _train(cfg: Config, rank: int, world: int, device: torch.device, stop: StopS
     step, tokens_seen, wandb_id = 0, 0, None
     sequences_per_step = cfg.train.micro_batch_size * cfg.train.grad_accum_steps * world
     # evaluate() reads the val split's first this many sequences (fewer if the split is shorter)
-    eval_sequences = cfg.train.eval_batches * cfg.train.micro_batch_size * world if cfg.train.eval_every else None
+    eval_sequences = cfg.train.eval_sequences if cfg.train.eval_every else None
     if resume_dir is not None:
         settings = checkpoint.optimizer_settings(engine.optimizer)
         _, client = engine.load_checkpoint(str(resume_dir.parent), tag=resume_dir.name)
@@ -539,9 +544,8 @@ def _train(cfg: Config, rank: int, world: int, device: torch.device, stop: StopS
             saved_eval = client.get("eval_sequences")
             if eval_sequences and saved_eval and saved_eval != eval_sequences:
                 print(f"resume: evaluation reads the first {eval_sequences} sequences of {cfg.data.val_split!r} here "
-                      f"(train.eval_batches {cfg.train.eval_batches} x train.micro_batch_size "
-                      f"{cfg.train.micro_batch_size} x {world} processes), {saved_eval} in the checkpoint's run: "
-                      "eval_loss from here on is over another set, not comparable with the earlier steps'", flush=True)
+                      f"(train.eval_sequences), {saved_eval} in the checkpoint's run: eval_loss from here on is over "
+                      "another set, not comparable with the earlier steps'", flush=True)
 
     if rank == 0 and (repeated := repeated_data_line(loader, sources, cfg, step, sequences_per_step)):
         print(repeated, flush=True)

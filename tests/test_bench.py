@@ -47,7 +47,7 @@ def test_fp8_loss_check_compares_runs_started_side_by_side(tmp_path, pydoc_data_
     # the routed experts as well (fp8_blockwise_experts) from that.
     env = _loss_check_env(tmp_path, RUNS="bf16 bf16_eager fp8_blockwise fp8_blockwise_experts", RUN_TIMEOUT="150")
     proc = start_job(["bash", ROOT / "bench/fp8_loss_check.sh", pydoc_data_dir.shards_dir, 8, "data.seq_len=64",
-                      "train.micro_batch_size=2", "train.eval_every=4", "train.eval_batches=1",
+                      "train.micro_batch_size=2", "train.eval_every=4", "train.eval_sequences=2",
                       "parallel.expert_parallel_size=1"], env)
     out, _ = finish_job(proc, timeout=200)
     assert proc.returncode == 0 and "FAILED" not in out, out

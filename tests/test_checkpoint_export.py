@@ -47,7 +47,7 @@ def _train(run_dir: Path, data: Data, *overrides: str) -> Path:
 def trained(data, tmp_path_factory) -> Path:
     """4 real steps with EP 2, evaluated at step 4 (eval_loss in metrics.jsonl), checkpoint step 4."""
     return _train(tmp_path_factory.mktemp("trained") / "run", data, "parallel.expert_parallel_size=2",
-                  "train.max_steps=4", "train.warmup_steps=4", "train.eval_every=4", "train.eval_batches=4")
+                  "train.max_steps=4", "train.warmup_steps=4", "train.eval_every=4", "train.eval_sequences=13")
 
 
 @pytest.fixture(scope="module")
@@ -64,20 +64,21 @@ def fresh(data, tmp_path_factory) -> dict[int, Path]:
             for ep in (1, 2)}
 
 
-def _eval_loss(model, cfg, dp_world: int = 2) -> float:
-    """train.py's evaluate(): per-rank sums of the micro-batch lm losses, averaged over all batches."""
+def _eval_loss(model, cfg) -> float:
+    """train.py's evaluate() in one process: the mean loss per token over the val split's first
+    train.eval_sequences sequences, which the engine's ranks shared out."""
     from deepseek_pt.data import val_batches
 
-    total, n = 0.0, 0
+    total, tokens = 0.0, 0
     with torch.no_grad():
-        for rank in range(dp_world):
-            for inputs, targets in val_batches(cfg.data.path, split=cfg.data.val_split, seq_len=cfg.data.seq_len,
-                                               micro_batch_size=cfg.train.micro_batch_size, dp_rank=rank,
-                                               dp_world=dp_world, max_batches=cfg.train.eval_batches):
-                model(inputs, targets)
-                total += model.last_losses["lm_loss"].item()
-                n += 1
-    return total / n
+        for inputs, targets in val_batches(cfg.data.path, split=cfg.data.val_split, seq_len=cfg.data.seq_len,
+                                           micro_batch_size=cfg.train.micro_batch_size,
+                                           max_sequences=cfg.train.eval_sequences):
+            model(inputs, targets)
+            count = int((targets != -100).sum())
+            total += model.last_losses["lm_loss"].item() * count if count else 0.0
+            tokens += count
+    return total / tokens
 
 
 def test_export_reproduces_the_engine_eval_loss(trained, trained_export, data):

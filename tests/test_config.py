@@ -68,6 +68,8 @@ def _write(tmp_path, data) -> Path:
     ({}, ["parallel.zero_stage=3.0"], "parallel.zero_stage: 3.0 is not one of 0 | 1 | 2 | 3"),
     ({}, ["parallel.zero_stage=true"], "parallel.zero_stage: True is not one of 0 | 1 | 2 | 3"),
     ({}, ["model.moe.bogus=1"], "model.moe.bogus: unknown key"),
+    ({"train": {"eval_batches": 8}}, [], "train.eval_batches: replaced by train.eval_sequences, the count of sequences "
+                                         "over all processes (the old key counted micro-batches per process"),
     ({}, ["model.dim"], "expected key.path=value"),
     ({"model": 3}, [], "model: expected a mapping"),
     ({}, ["model.moe.n_dense_layers=-1"], "model.moe.n_dense_layers: must be >= 0, got -1"),

@@ -286,20 +286,27 @@ def test_load_state_dict_refuses_other_data(train_ds, pydoc_data_dir):
 # Validation batches
 
 
-def test_val_batches_are_ordered_disjoint_and_equal_in_number(pydoc_data_dir):
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_val_batches_read_the_first_sequences_once_whatever_the_number_of_ranks(pydoc_data_dir, world):
+    """The same sequences, each once, in order, on any number of ranks: rank r takes [r*B, (r+1)*B) of each global
+    step; every rank as many batches of [B, T], rows past the set padded with targets of -100."""
     d = pydoc_data_dir.shards_dir
     ds = PretrainDataset(d, split="val", seq_len=T)
-    b, w = 3, 2
-    per_rank = [list(val_batches(d, "val", T, b, r, w)) for r in range(w)]
-    steps = len(ds) // (b * w)
-    assert [len(p) for p in per_rank] == [steps, steps]
-    got = torch.cat([torch.cat([per_rank[r][s][0] for r in range(w)]) for s in range(steps)])
-    expected = torch.stack([ds[i][:-1] for i in range(steps * b * w)])
-    assert torch.equal(got, expected)  # in order, rank r takes [r*B, (r+1)*B) of each step
-    again = list(val_batches(d, "val", T, b, 1, w, max_batches=4))
-    assert len(again) == 4 and all(torch.equal(a[1], p[1]) for a, p in zip(again, per_rank[1]))
-    with pytest.raises(DataError, match="fewer than one global batch"):
-        val_batches(d, "val", T, micro_batch_size=len(ds), dp_world=2)
+    b, n = 3, 13  # 13 sequences: no whole number of global steps at 2 or 3 ranks, nor of micro-batches at 1
+    assert len(ds) > n
+    per_rank = [list(val_batches(d, "val", T, b, r, world, max_sequences=n)) for r in range(world)]
+    steps = -(-n // (b * world))
+    assert [len(p) for p in per_rank] == [steps] * world
+    rows = [(x, y) for s in range(steps) for r in range(world) for x, y in zip(*per_rank[r][s])]
+    assert all(x.shape == (T,) for x, _ in rows) and len(rows) == steps * b * world
+    counted = [(x, y) for x, y in rows if (y != -100).any()]
+    assert all((y != -100).all() for _, y in counted)  # a row counts whole or not at all
+    assert torch.equal(torch.stack([x for x, _ in counted]), torch.stack([ds[i][:-1] for i in range(n)]))
+    assert torch.equal(torch.stack([y for _, y in counted]), torch.stack([ds[i][1:] for i in range(n)]))
+    everything = list(val_batches(d, "val", T, b))  # no max_sequences: the whole split
+    assert sum(int((y != -100).any(dim=1).sum()) for _, y in everything) == len(ds)
+    with pytest.raises(DataError, match="max_sequences must be positive, got 0"):
+        val_batches(d, "val", T, b, max_sequences=0)
 
 
 class _HostTensor:

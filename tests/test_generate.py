@@ -311,7 +311,7 @@ def test_evaluate_matches_the_models_own_loss():
 
 
 def test_evaluate_cli_on_an_export_and_its_hf_copy(export_1024, tmp_path, pydoc, capsys):
-    argv = ["--data", str(pydoc.shards_dir), "--seq-len", "32", "--batch-size", "2", "--max-batches", "3", "--json"]
+    argv = ["--data", str(pydoc.shards_dir), "--seq-len", "32", "--batch-size", "2", "--max-sequences", "6", "--json"]
     assert evaluate_main(["--checkpoint", str(export_1024)] + argv) == 0
     from_export = json.loads(capsys.readouterr().out)
     assert from_export["tokens"] == 3 * 2 * 32 and math.isfinite(from_export["loss"])
@@ -320,7 +320,7 @@ def test_evaluate_cli_on_an_export_and_its_hf_copy(export_1024, tmp_path, pydoc,
     assert evaluate_main(["--checkpoint", str(tmp_path / "hf")] + argv) == 0
     assert json.loads(capsys.readouterr().out)["loss"] == pytest.approx(from_export["loss"], rel=1e-6)
     by_batch = []
-    for batch_size in (1, 3, 7):  # whatever --batch-size, every sample counts (a short last batch included)
+    for batch_size in (1, 3, 7):  # whatever --batch-size, every sample counts (the last batch's padding none)
         assert evaluate_main(["--checkpoint", str(export_1024), "--data", str(pydoc.shards_dir), "--seq-len", "32",
                               "--batch-size", str(batch_size), "--json"]) == 0
         by_batch.append(json.loads(capsys.readouterr().out))
@@ -328,9 +328,9 @@ def test_evaluate_cli_on_an_export_and_its_hf_copy(export_1024, tmp_path, pydoc,
     assert [r["loss"] for r in by_batch] == pytest.approx([by_batch[0]["loss"]] * 3, rel=1e-6)
     assert {r["sequences"] for r in by_batch} == {by_batch[0]["batches"]}  # batch size 1: a sequence a batch
     assert evaluate_main(["--checkpoint", str(export_1024), "--data", str(pydoc.shards_dir), "--seq-len", "32",
-                          "--batch-size", "7"]) == 0  # the text line says what ran: the last batch is short
+                          "--batch-size", "7"]) == 0  # the text line says what ran
     n = by_batch[0]["sequences"]
-    assert f"{n} sequences of 32 in {-(-n // 7)} batches of up to 7;" in capsys.readouterr().out
+    assert n % 7 and f"{n} sequences of 32 in {-(-n // 7)} batches of 7;" in capsys.readouterr().out
     assert evaluate_main(["--checkpoint", str(export_1024), "--data", str(tmp_path / "nowhere")]) == 2
     assert capsys.readouterr().err.startswith("error: ")
 
@@ -343,7 +343,7 @@ def test_evaluate_refuses_shards_of_another_tokenizer(export_1024, capsys):
     import hashlib
     assert other.tokenizer_sha256 != hashlib.sha256((export_1024 / "tokenizer.model").read_bytes()).hexdigest()
     assert evaluate_main(["--checkpoint", str(export_1024), "--data", "tests/assets/smoke_shards",
-                          "--seq-len", "32", "--max-batches", "1"]) == 2
+                          "--seq-len", "32", "--max-sequences", "1"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "another tokenizer" in err and "Traceback" not in err
 
@@ -352,7 +352,7 @@ def test_evaluate_refuses_shards_of_another_tokenizer_by_the_recorded_identity(p
     # An export without its tokenizer's copy was checked against nothing
     cfg = tiny(vocab_size=pydoc.vocab_size)
     save_export(random_model(cfg), cfg, tmp_path / "id_only", tokenizer_sha256=_sha(pydoc.tokenizer_model))
-    argv = ["--checkpoint", str(tmp_path / "id_only"), "--seq-len", "32", "--max-batches", "1"]
+    argv = ["--checkpoint", str(tmp_path / "id_only"), "--seq-len", "32", "--max-sequences", "1"]
     assert evaluate_main(argv + ["--data", "tests/assets/smoke_shards"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and f"another tokenizer than the one {tmp_path / 'id_only'} was trained" in err

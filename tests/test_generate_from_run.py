@@ -18,10 +18,11 @@ def _cli(module: str, *args: str) -> subprocess.CompletedProcess:
 def test_generate_and_evaluate_from_a_sharded_ep_run(tmp_path, pydoc_data_dir):
     run = tmp_path / "run"
     data = pydoc_data_dir.shards_dir
-    train(2, run, data, "train.max_steps=6", "train.eval_every=6", "train.eval_batches=2")
-    # One process, batches of 8 = both ranks' batches of 4: the same samples the engine evaluated at step 6.
+    train(2, run, data, "train.max_steps=6", "train.eval_every=6", "train.eval_sequences=13")
+    # One process, batches of 3 (the engine's two ranks took batches of 4, padded): the same 13 sequences the engine
+    # evaluated at step 6, the same loss.
     ev = _cli("deepseek_pt.evaluate", "--checkpoint", str(run), "--data", str(data), "--json",
-              "--batch-size", "8", "--max-batches", "2")
+              "--batch-size", "3", "--max-sequences", "13")
     assert ev.returncode == 0, ev.stderr
     result = json.loads(ev.stdout.strip().splitlines()[-1])
     engine_eval = [m["eval_loss"] for m in metrics(run) if "eval_loss" in m][-1]
@@ -95,7 +96,7 @@ def test_a_run_keeps_its_tokenizer_for_the_tools_run_from_any_directory(tmp_path
     other = ROOT / "tests" / "assets" / "smoke_shards"  # another tokenizer of 1024 pieces
     assert generate_main(["--checkpoint", str(run), "--tokenizer", str(other / "tokenizer.model")] + prompt) == 2
     assert f"is not the tokenizer {run} was trained with (sha256 {sha[:12]}...)" in capsys.readouterr().err
-    assert evaluate_main(["--checkpoint", str(run), "--data", str(other), "--max-batches", "1"]) == 2
+    assert evaluate_main(["--checkpoint", str(run), "--data", str(other), "--max-sequences", "1"]) == 2
     assert "another tokenizer than the one" in capsys.readouterr().err
 
     shutil.copy(other / "tokenizer.model", run / "tokenizer.model")  # the run's copy replaced: named, not used

@@ -522,13 +522,11 @@ def test_universal_resume_on_another_topology(tmp_path, baseline, stopped, data,
 @pytest.mark.slow
 def test_a_resume_that_changes_the_global_batch_or_the_eval_set_says_so(tmp_path, stopped, data):
     proc = train(2, tmp_path, data, f"train.resume={ckpt(stopped, 4)}", "train.grad_accum_steps=2", "train.max_steps=5",
-                 "train.eval_every=4", "train.eval_batches=1")
+                 "train.eval_every=4", "train.eval_sequences=8")
     assert ("resume: 16 sequences per optimizer step here (train.micro_batch_size 4 x train.grad_accum_steps 2 x 2 "
             "processes), 8 in the checkpoint's run") in proc.stdout, proc.stdout[-3000:]
-    # eval_batches counts micro-batches per rank: another count of processes changes the set as this does
-    assert ("resume: evaluation reads the first 8 sequences of 'val' here (train.eval_batches 1 x "
-            "train.micro_batch_size 4 x 2 processes), 32 in the checkpoint's run: eval_loss from here on is over "
-            "another set") in proc.stdout, proc.stdout[-3000:]
+    assert ("resume: evaluation reads the first 8 sequences of 'val' here (train.eval_sequences), 32 in the "
+            "checkpoint's run: eval_loss from here on is over another set") in proc.stdout, proc.stdout[-3000:]
 
 
 def _rank_pid(proc: subprocess.Popen, rank: int) -> int:
@@ -664,9 +662,8 @@ def _direct(*args: str, world: int = 2) -> subprocess.CompletedProcess:
      "train.save_every: 4 asks for checkpoints, but train.checkpoints is false"),
     (["train.init_from=/nonexistent/export"], 2, "train.init_from: /nonexistent/export/export.json: not found"),
     (["data.path=null"], 2, "data.path: required to train: a shard directory (or the sources of data.blend)"),
-    (["train.eval_every=4", "train.micro_batch_size=200"], 2,  # 304 samples of 65 tokens
-     ("data.val_split: split 'val' of {data}/manifest.json holds 304 samples of data.seq_len + 1 = 65 tokens, fewer "
-      "than one evaluation batch (train.micro_batch_size x 2 processes = 400 samples)")),
+    (["train.eval_every=4", "data.seq_len=20000", "model.max_seq_len=20000"], 2,  # val: 19,462 tokens, train 55,062
+     "data.val_split: split 'val' of {data}/manifest.json holds no sample of data.seq_len + 1 = 20001 tokens"),
     (["data.path=null", "data.blend=[{path: {data}}, {path: /nonexistent/code}]"], 2,
      "data.blend[1].path: /nonexistent/code/manifest.json: manifest not found"),
     (["data.path=null", "data.blend=[{path: {data}}, {path: {other}}]"], 2,

@@ -243,31 +243,32 @@ def _describe_change(saved: dict, fingerprints: list[str], counts: list[int]) ->
 
 
 def val_batches(path: str | Path, split: str = "val", seq_len: int = 2048, micro_batch_size: int = 1,
-                dp_rank: int = 0, dp_world: int = 1, max_batches: int | None = None,
-                drop_last: bool = True) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """The split's samples in order, B * W per global step, rank r taking [r*B, (r+1)*B) of each.
+                dp_rank: int = 0, dp_world: int = 1,
+                max_sequences: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The split's first max_sequences samples (every one if None) in order, B * W per global step, rank r taking
+    [r*B, (r+1)*B) of each: the same samples on any number of ranks, each read once.
 
-    Every rank yields the same number of batches (min(steps, max_batches), incomplete final
-    global steps dropped), so collective ops in evaluation never wait on a rank that stopped early.
-    drop_last=False (one process only) yields the final incomplete batch too: every sample.
+    Every batch is [B, seq_len] and every rank yields ceil(n / (B * W)) of them, so that collective ops in evaluation
+    never wait on a rank that ran out and compiled forwards see one shape. Rows past the n samples repeat the split's
+    first sample with every target -100, which the loss skips: count tokens by the targets, not by the rows.
     """
     _check_dp(micro_batch_size, dp_rank, dp_world)
-    if not drop_last and dp_world != 1:
-        raise ValueError("drop_last=False needs dp_world 1 (ranks would yield different batch counts)")
+    if max_sequences is not None and max_sequences <= 0:
+        raise DataError(f"max_sequences must be positive, got {max_sequences}")
     ds = PretrainDataset(path, split=split, seq_len=seq_len)
+    if len(ds) == 0:
+        raise DataError(f"{ds.manifest.path}: split {split!r} holds no sample of {seq_len + 1} tokens")
+    n = len(ds) if max_sequences is None else min(len(ds), max_sequences)
     per_step = micro_batch_size * dp_world
-    steps = len(ds) // per_step if drop_last else -(-len(ds) // per_step)
-    if steps == 0:
-        raise DataError(f"{ds.manifest.path}: split {split!r} has {len(ds)} samples of {seq_len + 1} tokens, "
-                        f"fewer than one global batch (micro_batch_size {micro_batch_size} x dp_world {dp_world})")
-    if max_batches is not None:
-        steps = min(steps, max_batches)
 
     def batches():
-        for step in range(steps):
+        for step in range(-(-n // per_step)):
             start = step * per_step + dp_rank * micro_batch_size
-            samples = np.arange(start, min(start + micro_batch_size, len(ds)))
-            yield _to_batch([ds], np.zeros(len(samples), dtype=np.int64), samples)
+            samples = np.arange(start, start + micro_batch_size)
+            real = samples < n
+            inputs, targets = _to_batch([ds], np.zeros(micro_batch_size, dtype=np.int64), np.where(real, samples, 0))
+            targets[torch.from_numpy(~real)] = -100
+            yield inputs, targets
 
     return batches()
 

@@ -104,7 +104,7 @@ def preflight(cfg: Config, world_size: int) -> None:
                 f"parallel.zero_init: false builds the whole model in fp32 in each of this node's {procs} processes: "
                 f"{need / 2**30:,.1f} GiB ({n_params:,} parameters x 4 bytes x {procs}), more than the "
                 f"{available / 2**30:,.1f} GiB of memory available here; {fix}")
-    manifests = check_data(cfg, world_size)
+    manifests = check_data(cfg)
     data = manifests[0]
     if cfg.train.init_from:
         from ..export import ExportError, read_export_info, trained_tokenizer_sha256
@@ -190,9 +190,9 @@ def preflight(cfg: Config, world_size: int) -> None:
                 "pieces; train on data of that tokenizer, or in another run.dir")
 
 
-def check_data(cfg: Config, world_size: int) -> list[Manifest]:
+def check_data(cfg: Config) -> list[Manifest]:
     """Every source of training data opens, fits the model's vocabulary, shares one tokenizer, and holds a training
-    sample and (when evaluating) an evaluation batch: found here, not at the first evaluation hours in. Returns the
+    sample and (when evaluating) a validation sample: found here, not at the first evaluation hours in. Returns the
     sources' manifests, in order."""
     from ..data import open_manifest
 
@@ -215,9 +215,8 @@ def check_data(cfg: Config, world_size: int) -> list[Manifest]:
             raise PreflightError(f"{key}: {manifest.path} was tokenized with another tokenizer (sha256 "
                                  f"{manifest.tokenizer_sha256[:12]}) than {first.path} ({first.tokenizer_sha256[:12]}): "
                                  "a blend's sources must share one")
-        eval_batch = cfg.train.micro_batch_size * world_size
-        for split_key, split, need in (("data.train_split", cfg.data.train_split, 1),
-                                       ("data.val_split", cfg.data.val_split, eval_batch if cfg.train.eval_every else 0)):
+        for split_key, split, need in (("data.train_split", cfg.data.train_split, True),
+                                       ("data.val_split", cfg.data.val_split, cfg.train.eval_every > 0)):
             if not need:
                 continue
             if split not in manifest.splits:
@@ -232,11 +231,9 @@ def check_data(cfg: Config, world_size: int) -> list[Manifest]:
                 except DataError as e:
                     raise PreflightError(f"{key}: {e}") from None
             samples = max(manifest.num_tokens(split) - 1, 0) // cfg.data.seq_len
-            if samples < need:
-                what = "one sample" if need == 1 else (f"one evaluation batch (train.micro_batch_size x {world_size} "
-                                                       f"processes = {need} samples)")
-                raise PreflightError(f"{split_key}: split {split!r} of {manifest.path} holds {samples} samples of "
-                                     f"data.seq_len + 1 = {cfg.data.seq_len + 1} tokens, fewer than {what}")
+            if samples == 0:
+                raise PreflightError(f"{split_key}: split {split!r} of {manifest.path} holds no sample of "
+                                     f"data.seq_len + 1 = {cfg.data.seq_len + 1} tokens")
         manifests.append(manifest)
     return manifests
 
