@@ -192,7 +192,7 @@ on_signal() {
 # and return its status, except that after a stop signal the status is 0 when the ranks exited 0 or
 # a newer complete checkpoint exists (the launcher itself may have been signalled too and exit 1).
 run_supervised() {
-    local status pid waited=0
+    local status pid waited=0 orphans=0
     trap 'on_signal TERM' TERM
     trap 'on_signal INT' INT
     trap 'on_signal USR1' USR1
@@ -211,10 +211,22 @@ run_supervised() {
         wait "$pid" && status=0 || status=$?
         ((_TRAPPED)) || break  # a trap interrupts wait with 128+n: wait again for the real status
     done
+    # Killed rather than exited (the runner, or its pdsh), the launcher of hostfile.sh leaves pdsh's ssh sessions,
+    # under which every host's launch.py and ranks train on, unwatched once the drain below kills pdsh: stop them
+    # as a stop signal does, so that they checkpoint and exit, and wait for pdsh however long that takes (the drain's
+    # kill would cut the checkpoint short).
+    # (A launcher that exited 128+N for a rank's failure has no process of the job left behind.)
+    if [[ -n $REMOTE_STOP && -z $STOP_SIGNAL ]] && ((status > 128)) && pgrep -g "$JOB_PGID" >/dev/null; then
+        orphans=1
+        LATEST_BEFORE=$(latest_complete_step) || LATEST_BEFORE=-1
+        log "the launcher was killed (exit $status) while processes of the job run on: asking the ranks on every host to checkpoint at the end of this step and exit (a signal kills the job)"
+        "$REMOTE_STOP" || log "could not reach every host"
+        STOP_COUNT=1  # a signal from here on kills the job, as a second one does
+    fi
     # The launcher is gone; ranks and launch.py may still be finishing (e.g. if the signal reached
     # the launcher too). Wait for the group to drain; launch.py kills its ranks after 30 s itself.
     while pgrep -g "$JOB_PGID" >/dev/null; do
-        if ((waited == ${DRAIN_TIMEOUT:-90})); then
+        if ((waited == ${DRAIN_TIMEOUT:-90} && !orphans)); then
             log "processes of the job still alive ${waited}s after the launcher exited: killing them"
             kill -KILL -- "-$JOB_PGID" 2>/dev/null || true
         fi
@@ -222,11 +234,18 @@ run_supervised() {
         waited=$((waited + 1))
     done
     trap - TERM INT USR1 HUP
+    local after
+    after=$(latest_complete_step)
+    if ((orphans)); then
+        if ((after > LATEST_BEFORE)); then
+            log "the ranks stopped: checkpoint step $after completed after the launcher was killed; resume with train.resume=auto"
+        else
+            log "the ranks stopped without a new complete checkpoint; latest complete: step $after"
+        fi
+    fi
     if [[ -z $STOP_SIGNAL ]]; then
         return "$status"
     fi
-    local after
-    after=$(latest_complete_step)
     if ((status == 0)); then
         log "stopped on SIG$STOP_SIGNAL: every rank exited cleanly; latest checkpoint step $after in $RUN_DIR/checkpoints"
         return 0

@@ -195,12 +195,27 @@ exit "$status"
 """
 
 
+def _session_pid(proc: subprocess.Popen, pattern: str) -> int:
+    """The pid of the process of `proc`'s session whose command line matches `pattern`."""
+    for pid in [int(p) for p in os.listdir("/proc") if p.isdigit()]:
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+            if os.getsid(pid) == proc.pid and re.search(pattern, cmdline):
+                return pid
+        except (OSError, ProcessLookupError):
+            continue
+    raise AssertionError(f"no process of the job matches {pattern!r}")
+
+
 @pytest.mark.slow
-def test_hostfile_sh_two_hosts_through_pdsh_and_sigterm(tmp_path, data):
+@pytest.mark.parametrize("stop", ["sigterm", "runner-killed"])
+def test_hostfile_sh_two_hosts_through_pdsh_and_sigterm(tmp_path, data, stop):
     """hostfile.sh's multi-host path for real but for the machines: two hosts of one slot, the runner's pdsh
     command run for both on this machine (a stand-in pdsh; ssh answers yes). They rendezvous and train as ranks 0
     and 1; SIGTERM to hostfile.sh reaches the ranks through its own pdsh command (remote_stop), both checkpoint the
-    step, and everything exits 0."""
+    step, and everything exits 0. The runner SIGKILLed instead leaves pdsh, under which every host's launch.py and
+    ranks would train on unwatched (the drain kills only this host's pdsh, after DRAIN_TIMEOUT): hostfile.sh stops
+    them the same way at once, and exits 137 once they have checkpointed."""
     (tmp_path / "hosts").write_text("worker-0 slots=1\nworker-1 slots=1\n")
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
@@ -209,23 +224,34 @@ def test_hostfile_sh_two_hosts_through_pdsh_and_sigterm(tmp_path, data):
     for stub in bin_dir.iterdir():
         stub.chmod(0o755)
     run_dir = tmp_path / "run"
-    env = {**_env(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port())), "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    env = {**_env(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), DRAIN_TIMEOUT=str(TIMEOUT)),
+           "PATH": f"{bin_dir}:{os.environ['PATH']}"}
     proc = start_job([LAUNCH / "hostfile.sh", tmp_path / "hosts", SMOKE,
                       *_overrides(data, run_dir, "train.max_steps=100000")], env)
     try:
         wait_until(proc, lambda: (run_dir / "metrics.jsonl").exists() and len(_metrics(run_dir)) >= 2, TIMEOUT,
                    "2 training steps")
-        proc.send_signal(signal.SIGTERM)
-        out, _ = finish_job(proc, TIMEOUT)
+        if stop == "sigterm":
+            proc.send_signal(signal.SIGTERM)
+        else:
+            os.kill(_session_pid(proc, r"deepspeed_runner[.]py --hostfile"), signal.SIGKILL)
+        out, _ = finish_job(proc, TIMEOUT - 60)  # well before DRAIN_TIMEOUT
     finally:
         kill_job(proc)
-    assert proc.returncode == 0, out[-4000:]
     assert "2 hosts (worker-0 worker-1), 2 processes" in out, out[-4000:]
-    assert "SIGTERM: asking the ranks on every host to checkpoint" in out, out[-4000:]
+    if stop == "sigterm":
+        assert proc.returncode == 0, out[-4000:]
+        assert "SIGTERM: asking the ranks on every host to checkpoint" in out, out[-4000:]
+    else:
+        assert proc.returncode == 137, out[-4000:]
+        assert ("the launcher was killed (exit 137) while processes of the job run on: asking the ranks on every "
+                "host to checkpoint") in out, out[-4000:]
     last = _metrics(run_dir)[-1]["step"]
     assert f"stopped at step {last}: signal" in out, out[-4000:]
     meta = json.loads((run_dir / "checkpoints" / f"step_{last:08d}" / "meta.json").read_text())
     assert meta["step"] == last and meta["world_size"] == 2
+    if stop == "runner-killed":
+        assert f"the ranks stopped: checkpoint step {last} completed after the launcher was killed" in out, out[-4000:]
 
 
 @pytest.mark.parametrize("text, env, message", [
