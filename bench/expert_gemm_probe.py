@@ -2,7 +2,7 @@
 layouts the weights could take, over training's uneven expert groups and over even ones, against
 engine/grouped_mm.py's Triton kernel at several tile shapes.
 
-    python bench/expert_gemm_probe.py [--tokens 8192] [--rounds 3] [--fp8 | --swiglu | --persistent]
+    python bench/expert_gemm_probe.py [--tokens 8192] [--rounds 3] [--fp8 | --swiglu]
 
 Expert-sorted rows as AutoEP hands them over (bench/fp8_gemm_probe.py's expert_rows: multiples of 16, each expert
 0.5-1.5x the mean load). Prints median ms and TFLOP/s per GEMM; the kernel's lines also its relative error against
@@ -15,10 +15,6 @@ CUTLASS alternate over `--rounds` rounds: back-to-back timings of one GEMM drift
 `--swiglu`: instead, the gate and up GEMMs with the SwiGLU in their epilogue (grouped_mm.gate_up_swiglu) at several
 tile shapes, each round beside what training ran before: the two GEMMs, then DeepSpeed's Triton SwiGLU; and the
 SwiGLU's backward, DeepSpeed's kernel against grouped_mm.swiglu_backward (training's).
-
-`--persistent`: instead, the kernel's persistent form (programs per SM, Triton's warp specialization) against the
-one program per tile that training runs, on the GEMMs training gives ragged_mm: bf16's down projection forward and
-input gradient and gate/up input gradient (two products), and fp8.experts' four, each at its default tile shape.
 """
 from __future__ import annotations
 
@@ -61,7 +57,6 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--fp8", action="store_true", help="the e4m3 path's tile shapes instead")
     parser.add_argument("--swiglu", action="store_true", help="the gate and up GEMM with the SwiGLU in its epilogue instead")
-    parser.add_argument("--persistent", action="store_true", help="the persistent kernel against training's instead")
     args = parser.parse_args()
     _, offs, M = expert_rows(args.tokens, E, 6, torch.Generator("cuda").manual_seed(0))
     n = int(offs[-1])
@@ -69,8 +64,6 @@ def main() -> None:
         return fp8_tiles(offs, M, n, args.rounds)
     if args.swiglu:
         return gate_up_with_swiglu(offs, M, n, args.rounds)
-    if args.persistent:
-        return persistent_kernel(offs, M, n, args.rounds)
     r = lambda *shape: torch.randn(*shape, device="cuda", dtype=torch.bfloat16) * 0.02
     x, h, dy, d_gate, d_up = r(M, DIM), r(M, HIDDEN), r(M, DIM), r(M, HIDDEN), r(M, HIDDEN)
     d_gate_up = torch.cat([d_gate, d_up], 1)
@@ -154,39 +147,6 @@ def gate_up_with_swiglu(offs: torch.Tensor, M: int, n: int, rounds: int) -> None
         ms = bench(lambda: torch.autograd.grad(h, (gate, up), dh, retain_graph=True))
         print(f"round {round_} SwiGLU backward, DeepSpeed's kernel {ms:.3f} ms; ours "
               f"{bench(lambda: swiglu_backward(gate.detach(), up.detach(), dh)):.3f} ms", flush=True)
-
-
-PERSISTENT = [(1, False), (2, False), (1, True), (2, True)]  # (programs per SM, warp specialization)
-
-
-def persistent_kernel(offs: torch.Tensor, M: int, n: int, rounds: int) -> None:
-    """ragged_mm's persistent form at each PERSISTENT setting against one program per tile, on training's GEMMs."""
-    r = lambda *shape: torch.randn(*shape, device="cuda", dtype=torch.bfloat16) * 0.02
-    h, dy, d_gate, d_up = r(M, HIDDEN), r(M, DIM), r(M, HIDDEN), r(M, HIDDEN)
-    w1, w3, w2 = r(E, HIDDEN, DIM), r(E, HIDDEN, DIM), r(E, DIM, HIDDEN)
-    flops = 2 * n * DIM * HIDDEN
-    cases = {  # name: (call with persistent=..., FLOPs)
-        "bf16 fwd down": (lambda p: ragged_mm(h, w2, offs, True, persistent=p), flops),
-        "bf16 dgrad down": (lambda p: ragged_mm(dy, w2, offs, False, persistent=p), flops),
-        "bf16 dgrad gate+up, two products": (lambda p: ragged_mm(d_gate, w1, offs, False, d_up, w3, persistent=p),
-                                             2 * flops),
-    }
-    for name, (N, K) in {"fwd gate+up": (2 * HIDDEN, DIM), "fwd down": (DIM, HIDDEN), "dgrad down": (HIDDEN, DIM),
-                         "dgrad gate+up": (DIM, 2 * HIDDEN)}.items():  # fp8.experts' four, w [E, N, K]
-        (a8, a_s), (w8, w_s) = quantize_rows(r(M, K)), quantize_rows(r(E, N, K))
-        cases[f"e4m3 {name}"] = (lambda p, a8=a8, w8=w8, s=(a_s, w_s): ragged_mm(a8, w8, offs, True, scales=s,
-                                                                                persistent=p), 2 * n * N * K)
-    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}; {n} routed rows over {E} experts, persistent "
-          "kernel", flush=True)
-    for name, (call, _) in cases.items():
-        want = call(None)[:n].float()
-        for p in PERSISTENT:  # the same tiles, the same sums: expect 0
-            print(f"{name} {p}: rel err {rel_err(call(p)[:n], want):.1e} against a program per tile", flush=True)
-    for round_ in range(rounds):
-        for name, (call, f) in cases.items():
-            show(f"round {round_} {name}, a program per tile", bench(lambda call=call: call(None)), f)
-            for p in PERSISTENT:
-                show(f"round {round_} {name}, persistent {p}", bench(lambda call=call, p=p: call(p)), f)
 
 
 def fp8_tiles(offs: torch.Tensor, M: int, n: int, rounds: int) -> None:

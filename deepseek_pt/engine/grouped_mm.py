@@ -93,38 +93,6 @@ def _ragged_mm_kernel(a, b, a2, b2, out, offs_ptr, a_scale, b_scale, N, K, K2, s
 
 
 @triton.jit
-def _ragged_mm_persistent_kernel(a, b, a2, b2, out, offs_ptr, a_scale, b_scale, N, K, K2, stride_out, programs,
-                                 E: tl.constexpr, E_POW2: tl.constexpr, B_KMAJOR: tl.constexpr, TWO: tl.constexpr,
-                                 SCALED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                                 BLOCK_K: tl.constexpr, WARP_SPECIALIZE: tl.constexpr):
-    """_ragged_mm_kernel's tiles, `programs` programs each looping over every programs-th of them, the loop over tiles
-    flattened with the loop over K so that a tile's first loads are issued during the previous tile's epilogue."""
-    es = tl.arange(0, E_POW2)
-    ends = tl.load(offs_ptr + es, mask=es < E, other=0)
-    starts = tl.load(offs_ptr + es - 1, mask=(es > 0) & (es < E), other=0)
-    tiles = tl.where(es < E, tl.cdiv(ends - starts, BLOCK_M), 0)
-    tile_ends = tl.cumsum(tiles, 0)
-    tiles_n = tl.cdiv(N, BLOCK_N)
-    for t in tl.range(tl.program_id(0), tl.sum(tiles, 0) * tiles_n, programs, flatten=True,
-                      warp_specialize=WARP_SPECIALIZE):
-        m_tile, n0 = t // tiles_n, (t % tiles_n) * BLOCK_N
-        mine = es == tl.sum((tile_ends <= m_tile).to(tl.int32), 0)
-        expert = tl.sum(tl.where(mine, es, 0), 0)
-        m0 = tl.sum(tl.where(mine, starts + (m_tile - tile_ends + tiles) * BLOCK_M, 0), 0)
-        end = tl.sum(tl.where(mine, ends, 0), 0)
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        acc = _accumulate(acc, a, b, m0, expert * (N if B_KMAJOR else K), n0, K, B_KMAJOR, BLOCK_K)
-        if TWO:
-            acc = _accumulate(acc, a2, b2, m0, expert * (N if B_KMAJOR else K2), n0, K2, B_KMAJOR, BLOCK_K)
-        rows, cols = m0 + tl.arange(0, BLOCK_M), n0 + tl.arange(0, BLOCK_N)
-        if SCALED:
-            acc *= tl.load(a_scale + rows, mask=rows < end, other=0.0)[:, None]
-            acc *= tl.load(b_scale + expert * N + cols, mask=cols < N, other=0.0)[None, :]
-        ptrs = out + rows.to(tl.int64)[:, None] * stride_out + cols[None, :]
-        tl.store(ptrs, acc.to(out.dtype.element_ty), mask=(rows < end)[:, None] & (cols < N)[None, :])
-
-
-@triton.jit
 def _gate_up_swiglu_kernel(a, w1, w3, gate, up, h, offs_ptr, N, K, E: tl.constexpr, E_POW2: tl.constexpr,
                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """gate, up = a @ w1[e]^T, a @ w3[e]^T for one tile of rows and columns, each tile of a loaded once for both;
@@ -184,14 +152,12 @@ def takes(a: torch.Tensor, w: torch.Tensor, transpose_w: bool, two_products: boo
 def ragged_mm(a: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, transpose_w: bool,
               a2: torch.Tensor | None = None, w2: torch.Tensor | None = None,
               scales: tuple[torch.Tensor, torch.Tensor] | None = None,
-              config: tuple[int, int, int, int, int] | None = None,
-              persistent: tuple[int, bool] | None = None) -> torch.Tensor:
+              config: tuple[int, int, int, int, int] | None = None) -> torch.Tensor:
     """For a [M, K] whose expert e owns rows offs[e-1]:offs[e] (int32 [E]) and w [E, N, K] (transpose_w: out =
     a @ w[e]^T) or [E, K, N] (out = a @ w[e]), the [M, N] product per expert in bf16, plus a2 @ w2[e] (^T) alike when
     a2 is given. FP8 operands come with `scales`, (a's per row [M], w's per row [E, N], fp32), which dequantize the
     product. Rows past offs[-1] are left unwritten, as torch._grouped_mm leaves them. Every pair must pass `takes`;
-    `config` overrides the tile shape, for the probe; `persistent` (programs per SM, warp specialization) runs the
-    persistent kernel."""
+    `config` overrides the tile shape, for the probe."""
     pairs = [(a, w)] + ([(a2, w2)] if a2 is not None else [])
     block_m, block_n, block_k, warps, stages = config or _config(scales is not None, a2 is not None)
     E, N = offs.shape[0], w.shape[1] if transpose_w else w.shape[2]
@@ -207,22 +173,12 @@ def ragged_mm(a: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, transpose_w:
     if a2 is None:  # the second pair's arguments, unused
         descriptors, ks = descriptors * 2, ks + [0]
     a_scale, b_scale = scales if scales is not None else (out, out)  # unread unless SCALED
-    tiles = (triton.cdiv(a.shape[0], block_m) + E) * triton.cdiv(N, block_n)  # at most
-    args = dict(E=E, E_POW2=triton.next_power_of_2(E), B_KMAJOR=transpose_w, TWO=a2 is not None,
-                SCALED=scales is not None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps,
-                num_stages=stages)
-    if persistent is None:
-        _ragged_mm_kernel[(tiles,)](*descriptors, out, offs, a_scale, b_scale, N, ks[0], ks[1], out.stride(0), **args)
-        return out
-    per_sm, warp_specialize = persistent
-    programs = min(tiles, per_sm * _sm_count(a.device))
-    _ragged_mm_persistent_kernel[(programs,)](*descriptors, out, offs, a_scale, b_scale, N, ks[0], ks[1],
-                                              out.stride(0), programs, WARP_SPECIALIZE=warp_specialize, **args)
+    grid = ((triton.cdiv(a.shape[0], block_m) + E) * triton.cdiv(N, block_n),)
+    _ragged_mm_kernel[grid](*descriptors, out, offs, a_scale, b_scale, N, ks[0], ks[1], out.stride(0), E=E,
+                            E_POW2=triton.next_power_of_2(E), B_KMAJOR=transpose_w, TWO=a2 is not None,
+                            SCALED=scales is not None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+                            num_warps=warps, num_stages=stages)
     return out
-
-
-def _sm_count(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
 
 
 def gate_up_swiglu(x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, offs: torch.Tensor,
