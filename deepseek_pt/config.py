@@ -624,8 +624,10 @@ def config_from_dict(data: dict, where: str = "<dict>", overrides: list[str] = (
     return cfg
 
 
-def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
-    """Load a YAML config, apply `key.path=value` overrides, validate; ConfigError on bad input."""
+def load_config(path: str | Path, overrides: list[str] = (), saved: bool = False) -> Config:
+    """Load a YAML config, apply `key.path=value` overrides, validate; ConfigError on bad input. `saved`: a
+    config.yaml that save_config wrote (a run's, an export's), which may outlive the version that wrote it: keys of
+    earlier versions (REPLACED_KEYS) are dropped, where a config a user writes has them refused."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
@@ -639,6 +641,14 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
         raise ConfigError(f"{path}: cannot read the config file ({e})") from None
     if data is not None and not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
+    if saved and data:
+        for key_path in REPLACED_KEYS:
+            *sections, key = key_path.split(".")
+            section = data
+            for name in sections:
+                section = section.get(name) if isinstance(section, dict) else None
+            if isinstance(section, dict):
+                section.pop(key, None)
     return config_from_dict(data or {}, str(path), overrides)
 
 

@@ -160,7 +160,7 @@ def load_export(path: str | Path, device: str | torch.device = "cpu",
     if (digest := sha256_file(weights)) != info["sha256"]:
         raise ExportError(f"{weights}: corrupt: sha256 {digest} != {info['sha256']} recorded in export.json")
     try:
-        config = load_config(path / "config.yaml")
+        config = load_config(path / "config.yaml", saved=True)
     except ConfigError as e:
         raise ExportError(str(e)) from None
     with safe_open(weights, framework="pt", device=str(device)) as f:

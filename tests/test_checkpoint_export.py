@@ -133,6 +133,9 @@ def test_reuses_a_complete_universal_checkpoint_and_casts_to_bf16(trained, train
     shutil.copytree(trained, run)
     tag_dir = run / "checkpoints" / "step_00000004"
     universal = keep_universal(tag_dir)  # as a resume on another topology leaves it
+    config = (run / "config.yaml").read_text()  # as an earlier version wrote it: a key since replaced, dropped here
+    assert "  eval_sequences: 13\n" in config
+    (run / "config.yaml").write_text(config.replace("  eval_sequences: 13\n", "  eval_batches: 4\n"))
 
     def no_conversion(*args):
         raise AssertionError("converted again although a complete universal checkpoint was there")

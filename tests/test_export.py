@@ -7,6 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from deepseek_pt.config import ConfigError, load_config
 from deepseek_pt.export import ExportError, cast_model, load_export, read_export_info, save_export
 from deepseek_pt.fileio import sha256_file
 from deepseek_pt.interop.checkpoints import load_checkpoint
@@ -138,6 +139,17 @@ def test_shape_mismatch_names_file_and_tensor(export_dir):
     with pytest.raises(ExportError, match=r"model\.safetensors: tensor layers\.0\.self_attn\.kv_b_proj\.weight "
                                           r"has shape \[3, 3\], but .*config\.yaml gives \[80, 16\]"):
         load_export(export_dir)
+
+
+def test_an_export_written_by_an_earlier_version_loads(export_dir):
+    """Its config.yaml may hold a key since replaced (train.eval_batches): dropped here, refused in a user's config."""
+    config = (export_dir / "config.yaml").read_text()
+    assert "  eval_sequences: 256\n" in config
+    (export_dir / "config.yaml").write_text(config.replace("  eval_sequences: 256\n", "  eval_batches: 8\n", 1))
+    model, cfg = load_export(export_dir)
+    assert cfg.train.eval_sequences == 256 and model is not None
+    with pytest.raises(ConfigError, match="train.eval_batches: replaced by train.eval_sequences"):
+        load_config(export_dir / "config.yaml")
 
 
 def test_a_config_yaml_too_large_to_allocate_is_named(export_dir):

@@ -292,7 +292,7 @@ def load_checkpoint_model(checkpoint: str | Path, scratch_parent: str | Path | N
     if not config_file.is_file():
         raise CheckpointError(f"{config_file}: not found (the run's resolved config; {tag_dir} must lie in "
                               "<run.dir>/checkpoints/)")
-    cfg = load_config(config_file)
+    cfg = load_config(config_file, saved=True)
     states = read_model_states(tag_dir)
     model = Transformer(cfg.model)
     scratch = Path(scratch_parent) if scratch_parent is not None else Path(tempfile.gettempdir())

@@ -110,7 +110,7 @@ def preflight(cfg: Config, world_size: int) -> None:
         from ..export import ExportError, read_export_info, trained_tokenizer_sha256
         try:
             info = read_export_info(cfg.train.init_from)
-            exported = load_config(Path(cfg.train.init_from) / "config.yaml")
+            exported = load_config(Path(cfg.train.init_from) / "config.yaml", saved=True)
         except (ExportError, ConfigError) as e:
             raise PreflightError(f"train.init_from: {e}") from None
         trained_with = trained_tokenizer_sha256(cfg.train.init_from, info)
