@@ -55,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=None, help="default: the checkpoint's train.micro_batch_size")
     p.add_argument("--max-sequences", type=int, default=None,
                    help="the split's first this many (as training's train.eval_sequences); default: the whole split")
+    p.add_argument("--max-batches", type=int, help=argparse.SUPPRESS)  # replaced: refused with its replacement named
     p.add_argument("--device", type=device_arg, default=default_device())
     p.add_argument("--dtype", choices=DTYPE_CHOICES, default=None, help="default: the checkpoint's")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
@@ -64,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.max_batches is not None:
+        parser.error("--max-batches: replaced by --max-sequences N, the split's first N sequences (--max-batches M "
+                     "read M x --batch-size)")
     if any(v is not None and v < 1 for v in (args.seq_len, args.batch_size, args.max_sequences)):
         parser.error("--seq-len, --batch-size and --max-sequences must be positive")
 

@@ -333,6 +333,9 @@ def test_evaluate_cli_on_an_export_and_its_hf_copy(export_1024, tmp_path, pydoc,
     assert n % 7 and f"{n} sequences of 32 in {-(-n // 7)} batches of 7;" in capsys.readouterr().out
     assert evaluate_main(["--checkpoint", str(export_1024), "--data", str(tmp_path / "nowhere")]) == 2
     assert capsys.readouterr().err.startswith("error: ")
+    with pytest.raises(SystemExit) as refused:  # the flag it replaced, named with its replacement
+        evaluate_main(["--checkpoint", str(export_1024), "--data", str(pydoc.shards_dir), "--max-batches", "2"])
+    assert refused.value.code == 2 and "--max-batches: replaced by --max-sequences N" in capsys.readouterr().err
 
 
 def test_evaluate_refuses_shards_of_another_tokenizer(export_1024, capsys):
