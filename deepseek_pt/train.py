@@ -450,8 +450,8 @@ def train(cfg: Config) -> int:
         watch.stop()  # an error every rank raises together (a failed save) must not reach this one's watcher first
         found = isinstance(e, (CheckpointError, DataError, PreflightError, WandbError, OSError))  # this rank's own
         # Anything else may be a collective that failed because another rank failed first (gloo: a closed
-        # connection): say that instead.
-        if not found and (peer := watch.peer_failure()):
+        # connection): say that instead; a broken connection that no rank explains, as such, not as this rank's own.
+        if not found and (peer := watch.peer_failure() or watch.publish_lost_connection(e)):
             raise StoppedError(f"{peer}; rank {rank} stops too") from None
         watch.publish(describe_os_error(e) if isinstance(e, OSError) else str(e) if found
                       else f"{type(e).__name__}: {e}")

@@ -26,7 +26,7 @@ from deepseek_pt.engine import peer_failure
 rank, world, role = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
 if role.startswith("killed") and rank == 0:
     peer_failure.machine_identity = lambda: "another machine"  # only rank 1 can see rank 2 go
-if role == "silent":
+if role in ("silent", "lost_in_barrier"):
     peer_failure.machine_identity = lambda: f"machine {rank}"  # each rank alone on its machine
 dist.init_process_group("gloo", rank=rank, world_size=world)
 # rank 0's watch asleep where its failed collective is to find the line itself
@@ -41,7 +41,7 @@ watch = peer_failure.PeerFailureWatch(rank, world, poll_seconds=60 if slow else 
 watch.start()
 dist.barrier()  # as train.py's check_same_config: every rank holds its store connections before any can end
 print("ready", flush=True)
-if role in ("killed", "killed_in_barrier", "silent") and rank == 2:
+if role in ("killed", "killed_in_barrier", "silent", "lost_in_barrier") and rank == 2:
     os.kill(os.getpid(), signal.SIGKILL)
 elif role == "orphaned" and rank == world - 1:
     os.kill(os.getppid(), signal.SIGKILL)  # its launcher killed outright (LAUNCHER): this rank an orphan
@@ -70,6 +70,12 @@ elif role == "killed_in_barrier":
         dist.barrier()
     except Exception:
         print("collective failed:", watch.peer_failure(), flush=True)
+        sys.exit(0)
+elif role == "lost_in_barrier":
+    try:
+        dist.barrier()
+    except Exception as e:  # as train.py: what another rank published, else the broken connection as such
+        print("collective failed:", watch.peer_failure() or watch.publish_lost_connection(e), flush=True)
         sys.exit(0)
 elif role == "leaves":
     if rank == 1:
@@ -109,8 +115,8 @@ print("not stopped", flush=True)
 LAUNCHER = [sys.executable, "-c", "import subprocess, sys; subprocess.run(sys.argv[1:])"]
 
 
-def _ranks(role: str, world: int = 2, launched: tuple[int, ...] = ()) -> list[tuple[int, str, float]]:
-    """Each rank's (exit status, output, seconds from the first end to its own); a rank still running 8 s after
+def _ranks(role: str, world: int = 2, launched: tuple[int, ...] = (), linger: float = 8) -> list[tuple[int, str, float]]:
+    """Each rank's (exit status, output, seconds from the first end to its own); a rank still running `linger` s after
     the first ended (the one that failed, sleeping on) is killed. The ranks in `launched` start under LAUNCHER, whose
     status and end are what is returned for them (the rank's output is in its)."""
     # LOCAL_RANK, as every launcher sets it: a process without it was started directly and watches no parent
@@ -123,7 +129,7 @@ def _ranks(role: str, world: int = 2, launched: tuple[int, ...] = ()) -> list[tu
         for r, p in enumerate(procs):
             if r not in ended and p.poll() is not None:
                 ended[r] = time.monotonic() - started
-        if ended and time.monotonic() - started > min(ended.values()) + 8:
+        if ended and time.monotonic() - started > min(ended.values()) + linger:
             break
         time.sleep(0.1)
     first = min(ended.values(), default=0.0)
@@ -186,6 +192,35 @@ def test_a_failed_collective_waits_for_the_killed_ranks_name():
     # rank 1 names it from its failed barrier, or its watch saw rank 2 go before gloo failed the barrier there
     assert (code1 == 0 and "collective failed: rank 2 (" in out1) or (code1 == 2 and "error: rank 2 (" in out1), out1
     assert "ended without a word" in out1, out1
+
+
+def test_a_collective_that_loses_its_connection_to_a_rank_nobody_saw_go_says_so():
+    """Each rank alone on its machine, no heartbeat: rank 2 SIGKILLed, gloo fails the others' barrier on its closed
+    connection and no rank can say why. The first to find nothing within the grace publishes the broken connection
+    as such (not as its own failure, which would name it as the rank that failed); the other reads that line. Rank
+    0, which holds the store, waits for the others to have read it, which the unnamed dead rank never does: up to
+    TOLD_WAIT_SECONDS."""
+    results = _ranks("lost_in_barrier", world=3, linger=25)
+    assert results[2][0] == -signal.SIGKILL, results[2]
+    lines = []
+    for code, out, _ in results[:2]:
+        line = re.search(r"collective failed: (.*)", out)
+        assert code == 0 and line and " failed: " not in line[1], out
+        lines.append(line[1])
+    assert lines[0] == lines[1], lines  # one line for the job: the first published
+    assert re.fullmatch(r"rank [01] \(.*\) lost its connection to another rank in a collective \(Connection closed by "
+                        r"peer \S+\) and no rank said why: one ended without a word .*", lines[0]), lines[0]
+
+
+def test_lost_connection_reads_gloos_and_nccls_words():
+    from deepseek_pt.engine.peer_failure import lost_connection
+    gloo = RuntimeError("[/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:553] Connection closed by peer "
+                        "[10.0.0.7]:35745. This is typically caused by a remote worker crashing.")
+    assert lost_connection(gloo) == "Connection closed by peer [10.0.0.7]:35745"
+    nccl = RuntimeError("NCCL error in: ProcessGroupNCCL.cpp:1970, remote process exited or there was a network "
+                        "error, NCCL version 2.27.3\nncclRemoteError: A call failed possibly due to a network error")
+    assert lost_connection(nccl) == "remote process exited or there was a network error, NCCL version 2.27.3"
+    assert lost_connection(RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")) is None
 
 
 def test_a_neighbour_that_leaves_deliberately_is_not_taken_for_killed():

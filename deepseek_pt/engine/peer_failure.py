@@ -16,7 +16,10 @@ whether the pids of its machine's other ranks still run; a rank that is gone wit
 published for it, for every node to read. A rank alone on its machine, or a whole machine lost (power, kernel,
 network), has nobody beside it to see it go: every rank's watch also beats a counter in the store at each poll, and
 rank 0's watch publishes a rank whose counter has not moved for the heartbeat timeout. That catches a process gone or
-frozen, not one that hangs (its watch thread beats on): a hang is what the process group's timeout is for.
+frozen, not one that hangs (its watch thread beats on): a hang is what the process group's timeout is for. A process
+gone closes its connections at once, though, and the collectives of the ranks it talked to fail on them first: with
+nobody to say why, such a rank publishes the broken connection as such (publish_lost_connection), not as a failure
+of its own.
 
 A launcher killed outright (the `deepspeed` runner, or DeepSpeed's per-node deepspeed.launcher.launch that starts the
 ranks) cannot stop its ranks: they would train on as orphans, holding their GPUs and writing checkpoints with nobody
@@ -56,6 +59,19 @@ requests time out): not one failed request, which a busy store host can cause.""
 TOLD_WAIT_SECONDS = 2 * POLL_SECONDS + 1
 """How long rank 0 waits for the others to read a failure line before its end takes the store: two of their polls."""
 EXIT_CODE = 2
+LOST_CONNECTION = ("Connection closed by peer", "Connection reset by peer", "remote process exit", "ncclRemoteError")
+"""What gloo's and NCCL's collectives say when a connection to another rank broke: the rank that raises it saw a
+failure; it did not fail."""
+
+
+def lost_connection(error: BaseException) -> str | None:
+    """The part of `error` that says a connection to another rank broke (`Connection closed by peer [ADDR]:PORT`),
+    or None for any other error."""
+    text = str(error)
+    for phrase in LOST_CONNECTION:
+        if (at := text.find(phrase)) >= 0:
+            return first_line(text[at:].split(". ")[0], phrase)
+    return None
 
 
 def _store() -> dist.Store:
@@ -124,15 +140,33 @@ class PeerFailureWatch:
 
     def publish(self, error: str) -> None:
         """Write this rank's error line for the others; the first rank's to fail is kept."""
+        self._publish(f"rank {self.rank} ({socket.gethostname()}) failed: {first_line(error, error)}")
+
+    def publish_lost_connection(self, error: BaseException) -> str | None:
+        """For a collective that failed here on a broken connection (`lost_connection`) while no rank has said why
+        (peer_failure found nothing): a line that says so, published for the others in place of this rank's own
+        error, which would name it as the rank that failed. A rank alone on its machine that ended without a word
+        (killed outright, or its machine lost) is seen first so, by the ranks it talks to, long before rank 0's
+        heartbeat timeout names it. None, and nothing published, for any other error."""
+        if (broken := lost_connection(error)) is None:
+            return None
+        line = (f"rank {self.rank} ({socket.gethostname()}) lost its connection to another rank in a collective "
+                f"({broken}) and no rank said why: one ended without a word where no rank beside it saw it go "
+                "(killed outright, crashed in native code, or its machine lost: see the other nodes' logs and dmesg)")
+        return self._publish(line) or line
+
+    def _publish(self, line: str) -> str | None:
+        """Write `line` as the job's failure line unless one is there; returns the line that is there, None where
+        the store is gone (or there is none: a run of one process)."""
         self.stop()
         if self._store is None:
-            return
+            return None
         try:
-            self._store.compare_set(KEY, "", f"rank {self.rank} ({socket.gethostname()}) failed: "
-                                             f"{first_line(error, error)}")
+            there = self._store.compare_set(KEY, "", line).decode()
         except (dist.DistError, RuntimeError):  # the store went with rank 0: nobody is left to tell
-            return
+            return None
         self._told(self._store)
+        return there
 
     def peer_failure(self, grace_seconds: float = GRACE_SECONDS) -> str | None:
         """Another rank's failure (published, or a neighbour's pid gone), or the store's loss (rank 0's end), if any
