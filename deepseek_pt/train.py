@@ -549,6 +549,11 @@ def _train(cfg: Config, rank: int, world: int, device: torch.device, stop: StopS
 
     if rank == 0 and (repeated := repeated_data_line(loader, sources, cfg, step, sequences_per_step)):
         print(repeated, flush=True)
+    for source in sources if rank == 0 and eval_sequences else ():
+        held = len(PretrainDataset(source.path, cfg.data.val_split, cfg.data.seq_len))
+        if held < eval_sequences:
+            print(f"eval: split {cfg.data.val_split!r} of {source.path} holds {held} sequences of data.seq_len + 1 "
+                  f"tokens, fewer than train.eval_sequences {eval_sequences}: evaluation reads all {held}", flush=True)
     log = MetricsLogger(run_dir, cfg, rank == 0, step, wandb_id)
     peak = peak_flops(cfg.train.peak_tflops)
     tokens_per_step = sequences_per_step * cfg.data.seq_len

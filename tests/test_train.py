@@ -522,11 +522,13 @@ def test_universal_resume_on_another_topology(tmp_path, baseline, stopped, data,
 @pytest.mark.slow
 def test_a_resume_that_changes_the_global_batch_or_the_eval_set_says_so(tmp_path, stopped, data):
     proc = train(2, tmp_path, data, f"train.resume={ckpt(stopped, 4)}", "train.grad_accum_steps=2", "train.max_steps=5",
-                 "train.eval_every=4", "train.eval_sequences=8")
+                 "train.eval_every=4", "train.eval_sequences=1000")
     assert ("resume: 16 sequences per optimizer step here (train.micro_batch_size 4 x train.grad_accum_steps 2 x 2 "
             "processes), 8 in the checkpoint's run") in proc.stdout, proc.stdout[-3000:]
-    assert ("resume: evaluation reads the first 8 sequences of 'val' here (train.eval_sequences), 32 in the "
+    assert ("resume: evaluation reads the first 1000 sequences of 'val' here (train.eval_sequences), 32 in the "
             "checkpoint's run: eval_loss from here on is over another set") in proc.stdout, proc.stdout[-3000:]
+    assert (f"eval: split 'val' of {data} holds 304 sequences of data.seq_len + 1 tokens, fewer than "
+            "train.eval_sequences 1000: evaluation reads all 304") in proc.stdout, proc.stdout[-3000:]
 
 
 def _rank_pid(proc: subprocess.Popen, rank: int) -> int:
