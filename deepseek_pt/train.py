@@ -550,7 +550,7 @@ def _train(cfg: Config, rank: int, world: int, device: torch.device, stop: StopS
     if rank == 0 and (repeated := repeated_data_line(loader, sources, cfg, step, sequences_per_step)):
         print(repeated, flush=True)
     for source in sources if rank == 0 and eval_sequences else ():
-        held = len(PretrainDataset(source.path, cfg.data.val_split, cfg.data.seq_len))
+        held = open_manifest(source.path).num_samples(cfg.data.val_split, cfg.data.seq_len)
         if held < eval_sequences:
             print(f"eval: split {cfg.data.val_split!r} of {source.path} holds {held} sequences of data.seq_len + 1 "
                   f"tokens, fewer than train.eval_sequences {eval_sequences}: evaluation reads all {held}", flush=True)

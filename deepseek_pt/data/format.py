@@ -88,6 +88,10 @@ class Manifest:
     def num_tokens(self, split: str) -> int:
         return sum(s.num_tokens for s in self.shards(split))
 
+    def num_samples(self, split: str, seq_len: int) -> int:
+        """Samples of seq_len + 1 tokens the split holds (PretrainDataset's len), from the manifest alone."""
+        return max(self.num_tokens(split) - 1, 0) // seq_len
+
     def shard_file(self, shard: ShardInfo) -> Path:
         return self.dir / shard.path
 

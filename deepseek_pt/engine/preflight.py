@@ -230,8 +230,7 @@ def check_data(cfg: Config) -> list[Manifest]:
                     check_shard(manifest, shard)
                 except DataError as e:
                     raise PreflightError(f"{key}: {e}") from None
-            samples = max(manifest.num_tokens(split) - 1, 0) // cfg.data.seq_len
-            if samples == 0:
+            if manifest.num_samples(split, cfg.data.seq_len) == 0:
                 raise PreflightError(f"{split_key}: split {split!r} of {manifest.path} holds no sample of "
                                      f"data.seq_len + 1 = {cfg.data.seq_len + 1} tokens")
         manifests.append(manifest)
