@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -67,13 +69,34 @@ def kill_job(proc: subprocess.Popen) -> None:
     signal_session(proc, signal.SIGKILL)
 
 
-def signal_session(proc: subprocess.Popen, sig: int) -> None:
-    """Send `sig` to every process of the job's session, also those in process groups of their own (`timeout` makes
-    one for the command it runs), as a scheduler signals a whole job."""
+def session_pids(proc: subprocess.Popen) -> Iterator[int]:
+    """The processes of the job's session (start_job starts each job in a session of its own), also those in process
+    groups of their own (`timeout` makes one for the command it runs)."""
     for pid in [int(p) for p in os.listdir("/proc") if p.isdigit()]:
         try:
             if os.getsid(pid) == proc.pid:
-                os.kill(pid, sig)
+                yield pid
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+def session_pid(proc: subprocess.Popen, pattern: str) -> int:
+    """The pid of the process of the job's session whose command line (words joined by spaces) matches `pattern`."""
+    for pid in session_pids(proc):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:  # ended meanwhile
+            continue
+        if re.search(pattern, cmdline):
+            return pid
+    raise AssertionError(f"no process of the job matches {pattern!r}")
+
+
+def signal_session(proc: subprocess.Popen, sig: int) -> None:
+    """Send `sig` to every process of the job's session, as a scheduler signals a whole job."""
+    for pid in session_pids(proc):
+        try:
+            os.kill(pid, sig)
         except (ProcessLookupError, PermissionError):
             pass
 

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from jobs import finish_job, free_port, job_env, kill_job, run_job, signal_session, start_job, wait_until
+from jobs import (finish_job, free_port, job_env, kill_job, run_job, session_pid, signal_session, start_job,
+                  wait_until)
 
 ROOT = Path(__file__).resolve().parent.parent
 LAUNCH = ROOT / "launch"
@@ -195,18 +196,6 @@ exit "$status"
 """
 
 
-def _session_pid(proc: subprocess.Popen, pattern: str) -> int:
-    """The pid of the process of `proc`'s session whose command line matches `pattern`."""
-    for pid in [int(p) for p in os.listdir("/proc") if p.isdigit()]:
-        try:
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-            if os.getsid(pid) == proc.pid and re.search(pattern, cmdline):
-                return pid
-        except (OSError, ProcessLookupError):
-            continue
-    raise AssertionError(f"no process of the job matches {pattern!r}")
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("stop", ["sigterm", "runner-killed"])
 def test_hostfile_sh_two_hosts_through_pdsh_and_sigterm(tmp_path, data, stop):
@@ -234,7 +223,7 @@ def test_hostfile_sh_two_hosts_through_pdsh_and_sigterm(tmp_path, data, stop):
         if stop == "sigterm":
             proc.send_signal(signal.SIGTERM)
         else:
-            os.kill(_session_pid(proc, r"deepspeed_runner[.]py --hostfile"), signal.SIGKILL)
+            os.kill(session_pid(proc, r"deepspeed_runner[.]py --hostfile"), signal.SIGKILL)
         out, _ = finish_job(proc, TIMEOUT - 60)  # well before DRAIN_TIMEOUT
     finally:
         kill_job(proc)

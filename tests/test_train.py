@@ -24,6 +24,7 @@ from jobs import (
     job_env,
     last_json,
     run_job,
+    session_pid,
     start_job,
     wait_until,
 )
@@ -531,17 +532,6 @@ def test_a_resume_that_changes_the_global_batch_or_the_eval_set_says_so(tmp_path
             "train.eval_sequences 1000: evaluation reads all 304") in proc.stdout, proc.stdout[-3000:]
 
 
-def _rank_pid(proc: subprocess.Popen, rank: int) -> int:
-    """The pid of the job's rank `rank` (the launcher starts each with --local_rank=R)."""
-    for pid in [int(p) for p in os.listdir("/proc") if p.isdigit()]:
-        try:
-            if os.getsid(pid) == proc.pid and f"--local_rank={rank}" in Path(f"/proc/{pid}/cmdline").read_text():
-                return pid
-        except (OSError, ProcessLookupError):
-            pass
-    raise AssertionError(f"no rank {rank} in the job")
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("every_process", [True, False], ids=["job", "one-rank"])
 def test_sigterm_checkpoints_the_current_step(tmp_path, data, every_process):
@@ -554,7 +544,7 @@ def test_sigterm_checkpoints_the_current_step(tmp_path, data, every_process):
     if every_process:
         os.killpg(proc.pid, signal.SIGTERM)
     else:
-        os.kill(_rank_pid(proc, 1), signal.SIGTERM)
+        os.kill(session_pid(proc, "--local_rank=1"), signal.SIGTERM)  # the launcher starts rank R with --local_rank=R
     out, _ = finish_job(proc, 120)
     assert "stopped at step" in out and ": signal" in out, out[-3000:]
     assert every_process or proc.returncode == 0, out[-3000:]  # a signalled launcher kills its ranks and fails
