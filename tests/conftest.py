@@ -26,7 +26,10 @@ PYDOC_VAL_FRACTION = 0.1
 @pytest.fixture(scope="session")
 def pydoc_data_dir(tmp_path_factory) -> PydocData:
     """Tokenizer (bpe, 1024 pieces) and shards (train + val, eos boundaries) of the pydoc corpus,
-    built once per test session through the data_prep scripts' functions."""
+    built once per test session through the data_prep scripts' functions. Skipped where data_prep's dependencies
+    are absent (the GPU machine's image carries neither; the project's install has both)."""
+    pytest.importorskip("sentencepiece")
+    pytest.importorskip("datasets")
     from data_prep import build_shards, pydoc_corpus, train_tokenizer
 
     root = tmp_path_factory.mktemp("pydoc_data")
