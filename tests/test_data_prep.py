@@ -1,11 +1,14 @@
 """data_prep: tokenizer training, shard building (round trip, determinism, resume), verification."""
 from __future__ import annotations
 
+import bz2
 import errno
+import gzip
 import hashlib
 import importlib.util
 import io
 import json
+import lzma
 import os
 import random
 import re
@@ -215,6 +218,49 @@ def test_mixed_formats_and_identical_across_num_proc(tmp_path, mixed_inputs, pyd
     assert [len(m1.raw["inputs"]), m1.raw["inputs"][1]["format"]] == [2 + len(DOCS[75:]), "parquet"]
     for split in ("train", "val"):
         assert np.array_equal(split_tokens(tmp_path / "p1", split), split_tokens(pydoc_data_dir.shards_dir, split))
+
+
+def test_compressed_inputs_and_globs_give_the_plain_corpus_tokens(tmp_path, pydoc_data_dir):
+    """The corpus as gzip JSON lines, xz JSON lines named by a glob and a directory of bz2 text files: the tokens of
+    the plain build, streamed or through datasets' cache."""
+    with gzip.open(tmp_path / "a.jsonl.gz", "wt") as f:
+        f.writelines(json.dumps({"text": t}) + "\n" for t in DOCS[:40])
+    with lzma.open(tmp_path / "b.jsonl.xz", "wt") as f:
+        f.writelines(json.dumps({"text": t}) + "\n" for t in DOCS[40:75])
+    (tmp_path / "c").mkdir()
+    for i, text in enumerate(DOCS[75:]):
+        with bz2.open(tmp_path / "c" / f"{i:03d}.txt.bz2", "wt") as f:
+            f.write(text)
+    inputs = [str(tmp_path / "a.jsonl.gz"), str(tmp_path / "b*.xz"), str(tmp_path / "c")]
+    for streaming in (True, False):
+        out = tmp_path / f"out-{streaming}"
+        build_shards.build(inputs, pydoc_data_dir.tokenizer_model, out, shard_tokens=7000, val_fraction=0.1,
+                           num_proc=1, streaming=streaming, progress=False)
+        assert [i["format"] for i in open_manifest(out).raw["inputs"][:2]] == ["json", "json"]
+        for split in ("train", "val"):
+            assert np.array_equal(split_tokens(out, split), split_tokens(pydoc_data_dir.shards_dir, split))
+
+
+def test_compressed_and_named_input_errors(tmp_path, pydoc_data_dir):
+    """A bad line inside a compressed file is named by its line; a truncated file, a glob matching nothing, a
+    directory without a corpus file and an `hf:` without a name each get their own line."""
+    with gzip.open(tmp_path / "bad.jsonl.gz", "wt") as f:
+        f.write('{"text": "a"}\n{"text": "b"}\n{"text": \n')
+    (tmp_path / "cut.jsonl.gz").write_bytes(gzip.compress(b'{"text": "a"}\n{"text": "b"}\n')[:-12])
+    (tmp_path / "csv").mkdir()
+    (tmp_path / "csv" / "x.csv").write_text("a,b\n")
+    cases = {"bad.jsonl.gz": r"bad.jsonl.gz: line 3: malformed JSON \(Expecting value at column 10\)$",
+             "cut.jsonl.gz": r"cut.jsonl.gz: cannot open as json: EOFError: Compressed file ended",
+             "none*.jsonl": r"none\*.jsonl: the pattern matches no file$",
+             "csv": r"csv: directory has no .txt, .jsonl, .json, .parquet files$"}
+    for streaming in (True, False):
+        for name, message in cases.items():
+            with pytest.raises(DataError, match=message):
+                build_shards.build([str(tmp_path / name)], pydoc_data_dir.tokenizer_model, tmp_path / "out", 100,
+                                   num_proc=1, streaming=streaming, progress=False)
+    for spec in ("hf:", "hf:@train", "hf::config"):
+        with pytest.raises(DataError, match=rf"^input {spec}: expected hf:NAME\[:CONFIG\]\[@SPLIT\]$"):
+            build_shards.build([spec], pydoc_data_dir.tokenizer_model, tmp_path / "out", 100, progress=False)
 
 
 # ------------------------------------------------------------------------------------------------
