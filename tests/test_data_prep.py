@@ -104,6 +104,17 @@ def test_tokenizer_custom_ids_and_sampling(tmp_path):
     sample, docs = train_tokenizer.sample_lines(iter(DOCS[:40]), 50, 8192)
     assert docs == 40 and len(sample) == 50 and set(sample) <= set(lines)
     assert sample != lines[:50] and sample == train_tokenizer.sample_lines(iter(DOCS[:40]), 50, 8192)[0]
+    # a build that needs the ids this tokenizer lacks is refused before it reads any input
+    with pytest.raises(DataError, match=r"tokenizer .*tokenizer.model: --doc-boundary bos_eos needs a bos_id, the "
+                                        r"model has none$"):
+        build_shards.build([str(corpus)], tmp_path / "tok" / "tokenizer.model", tmp_path / "o", 100,
+                           doc_boundary="bos_eos", progress=False)
+    no_eos = tmp_path / "no_eos.model"
+    with open(no_eos, "wb") as f:
+        spm.SentencePieceTrainer.train(sentence_iterator=iter(DOCS[:20]), model_writer=f, vocab_size=300, eos_id=-1,
+                                       minloglevel=2, num_threads=1)
+    with pytest.raises(DataError, match=r"tokenizer .*no_eos.model: has no end-of-document token \(eos_id\)$"):
+        build_shards.build([str(corpus)], no_eos, tmp_path / "o", 100, progress=False)
     with pytest.raises(DataError, match="exists; pass --overwrite"):
         train_tokenizer.train([str(corpus)], 400, tmp_path / "tok", progress=False)
     # An --overwrite cut short after the new model: no tokenizer.json naming the old model's sha256 is left
@@ -125,6 +136,27 @@ def test_tokenizer_custom_ids_and_sampling(tmp_path):
                              ([""], "'': an empty string is not a symbol")):
         with pytest.raises(DataError, match=f"--user-defined-symbols {message}"):
             train_tokenizer.train([str(corpus)], 400, tmp_path / "t3", user_defined_symbols=symbols, progress=False)
+
+
+def test_build_arguments_out_of_range_are_named(tmp_path):
+    """build(), which the CLI calls, refuses an argument out of range by name before it reads the tokenizer or any
+    input, and creates nothing."""
+    for kwargs, message in (({"shard_tokens": 0}, r"shard_tokens must be positive, got 0"),
+                            ({"val_fraction": 1.0}, r"val_fraction 1.0 is not in \[0, 1\)"),
+                            ({"doc_boundary": "bos"}, r"doc_boundary 'bos' is not one of eos, bos_eos"),
+                            ({"txt_doc": "page"}, r"txt_doc 'page' is not one of document, paragraph, line"),
+                            ({"split_seed": -1}, r"split_seed -1 is not in \[0, 2\^64\)")):
+        with pytest.raises(DataError, match=f"^{message}$"):
+            build_shards.build(["missing.jsonl"], "missing.model", tmp_path / "o", **{"shard_tokens": 100, **kwargs})
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_build_whose_val_split_came_out_empty_warns(tmp_path, pydoc_data_dir, capsys):
+    corpus = write_jsonl(tmp_path / "c.jsonl", DOCS[:3])
+    argv = ["--input", str(corpus), "--tokenizer", str(pydoc_data_dir.tokenizer_model), "--out", str(tmp_path / "o"),
+            "--shard-tokens", "1000", "--val-fraction", "0.001", "--num-proc", "1", "--quiet"]
+    assert build_shards.main(argv) == 0
+    assert capsys.readouterr().err == "warning: the val split is empty (--val-fraction 0.001 of 3 documents)\n"
 
 
 def test_tokenizer_special_ids_are_distinct_and_inside_the_vocabulary(tmp_path):
