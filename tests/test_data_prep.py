@@ -178,6 +178,33 @@ def test_tokenizer_cli_reports_bad_vocab_size(tmp_path, capsys):
     assert rc == 2 and "error: --vocab-size 50" in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize("flag, value, message", [
+    ("--shard-tokens", "0", "must be a positive integer, got 0"),
+    ("--split-seed", "-1", "must be >= 0, got -1"),
+    ("--val-fraction", "1", r"must be in \[0, 1\), got 1"),
+    ("--num-proc", "two", "invalid positive_int value: 'two'"),
+])
+def test_build_cli_names_a_flag_out_of_range(tmp_path, flag, value, message, capsys):
+    argv = {"--input": "c.jsonl", "--tokenizer": "t.model", "--out": str(tmp_path / "o"), "--shard-tokens": "1_000",
+            flag: value}
+    with pytest.raises(SystemExit) as exit_:
+        build_shards.main([a for kv in argv.items() for a in kv])
+    assert exit_.value.code == 2
+    assert re.search(rf"error: argument {flag}: {message}$", capsys.readouterr().err.strip())
+
+
+def test_an_interrupted_build_says_how_to_resume(tmp_path, pydoc_data_dir, monkeypatch, capsys):
+    """Ctrl-C: exit 130 and one line, no traceback; the same command then finishes the build."""
+    corpus = write_jsonl(tmp_path / "c.jsonl", DOCS[:5])
+    argv = ["--input", str(corpus), "--tokenizer", str(pydoc_data_dir.tokenizer_model), "--out", str(tmp_path / "o"),
+            "--shard-tokens", "1000", "--num-proc", "1", "--quiet"]
+    with monkeypatch.context() as m:
+        m.setattr(shard_writer.BuildLog, "append", mock.Mock(side_effect=KeyboardInterrupt))
+        assert build_shards.main(argv) == 130
+    assert capsys.readouterr().err == "interrupted: re-run the same command to resume\n"
+    assert build_shards.main(argv) == 0 and open_manifest(tmp_path / "o").raw["stats"]["docs"]["train"] == 5
+
+
 # ------------------------------------------------------------------------------------------------
 # Building shards
 
