@@ -56,6 +56,16 @@ def test_open_manifest(pydoc_data_dir):
     (lambda m: m["splits"]["val"].append(m["splits"]["train"][0]), "listed twice"),
     (lambda m: m["tokenizer"].update(eos_id=5000), "eos_id 5000 is outside the vocabulary"),
     (lambda m: m.pop("splits"), "missing field 'splits'"),
+    (lambda m: m.update(format="other"), "format is 'other', expected 'deepseek_pt.token_shards'"),
+    (lambda m: m.update(vocab_size=0), "vocab_size must be positive, got 0"),
+    (lambda m: m.update(vocab_size=True), "field 'vocab_size' has the wrong type: True"),
+    (lambda m: m.update(doc_boundary="none"), "doc_boundary 'none' is not one of eos, bos_eos"),
+    (lambda m: m["tokenizer"].pop("eos_id"), r"tokenizer: eos_id is required \(it marks document boundaries\)"),
+    (lambda m: m["tokenizer"].update(eos_id=None), "tokenizer: eos_id is required"),
+    (lambda m: m["splits"].update(val={}), "splits.val must be a list of shards"),
+    (lambda m: m["splits"]["train"].__setitem__(0, "a.bin"), r"splits.train\[0\]: expected an object, got 'a.bin'"),
+    (lambda m: m["splits"]["train"][0].update(num_docs=-1), r"splits.train\[0\]: negative num_tokens/num_docs"),
+    (lambda m: m["splits"]["train"][0].update(sha256="ABC"), "sha256 'ABC' is not 64 lowercase hex digits"),
 ])
 def test_bad_manifest_is_named(shards, edit, message):
     edit_manifest(shards, edit)
