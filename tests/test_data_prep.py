@@ -279,9 +279,12 @@ def test_mixed_formats_and_identical_across_num_proc(tmp_path, mixed_inputs, pyd
         assert np.array_equal(split_tokens(tmp_path / "p1", split), split_tokens(pydoc_data_dir.shards_dir, split))
 
 
-def test_compressed_inputs_and_globs_give_the_plain_corpus_tokens(tmp_path, pydoc_data_dir):
+def test_compressed_inputs_and_globs_give_the_plain_corpus_tokens(tmp_path, pydoc_data_dir, monkeypatch):
     """The corpus as gzip JSON lines, xz JSON lines named by a glob and a directory of bz2 text files: the tokens of
     the plain build, streamed or through datasets' cache."""
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf_cache")  # for streaming=False
     with gzip.open(tmp_path / "a.jsonl.gz", "wt") as f:
         f.writelines(json.dumps({"text": t}) + "\n" for t in DOCS[:40])
     with lzma.open(tmp_path / "b.jsonl.xz", "wt") as f:
@@ -300,9 +303,12 @@ def test_compressed_inputs_and_globs_give_the_plain_corpus_tokens(tmp_path, pydo
             assert np.array_equal(split_tokens(out, split), split_tokens(pydoc_data_dir.shards_dir, split))
 
 
-def test_compressed_and_named_input_errors(tmp_path, pydoc_data_dir):
+def test_compressed_and_named_input_errors(tmp_path, pydoc_data_dir, monkeypatch):
     """A bad line inside a compressed file is named by its line; a truncated file, a glob matching nothing, a
     directory without a corpus file and an `hf:` without a name each get their own line."""
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf_cache")  # for streaming=False
     with gzip.open(tmp_path / "bad.jsonl.gz", "wt") as f:
         f.write('{"text": "a"}\n{"text": "b"}\n{"text": \n')
     (tmp_path / "cut.jsonl.gz").write_bytes(gzip.compress(b'{"text": "a"}\n{"text": "b"}\n')[:-12])
