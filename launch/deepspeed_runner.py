@@ -3,7 +3,7 @@
 The runner waits for the process it starts (deepspeed.launcher.launch on this node, or pdsh) and exits with its status
 only if that is positive: a child killed by a signal (SIGKILL, the OOM killer) has a negative returncode, and the
 runner then exits 0, so the job reports success while its ranks were stopped (they stop when their launcher goes:
-deepseek_pt/engine/launcher.py). Here the runner's own main runs unchanged, its Popen recorded, and a child that died
+deepseek_pt/engine/launcher.py; under launch/lib.sh's supervisor they checkpoint the step first). Here the runner's own main runs unchanged, its Popen recorded, and a child that died
 of signal N makes this process exit 128+N, as a shell reports it. Not a user command: launch/*.sh run the runner so.
 """
 from __future__ import annotations
@@ -35,8 +35,7 @@ def main(argv: list[str]) -> int:
     name = signal.Signals(number).name if number in signal.valid_signals() else f"signal {number}"
     args = [str(arg) for arg in launched.args] if isinstance(launched.args, list) else [str(launched.args)]
     what = "deepspeed.launcher.launch" if "deepspeed.launcher.launch" in args else Path(args[0]).name
-    print(f"[launch] error: {what} (pid {launched.pid}) was killed by {name}; its ranks stop when it goes: the job "
-          "failed", file=sys.stderr)
+    print(f"[launch] error: {what} (pid {launched.pid}) was killed by {name}: the job failed", file=sys.stderr)
     return 128 + number
 
 

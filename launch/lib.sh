@@ -150,10 +150,14 @@ latest_complete_step() {
 }
 
 rank_pids() {
-    local launcher
+    local launcher found=""
     for launcher in $(pgrep -g "$JOB_PGID" -f 'deepspeed[.]launcher[.]launch' || true); do
-        pgrep -P "$launcher" || true
+        found+="$(pgrep -P "$launcher" || true) "
     done
+    # launch.py killed: its ranks, reparented, are still of the job's group (launch.py gives each its --local_rank)
+    [[ -n ${found// /} ]] || found=$(pgrep -g "$JOB_PGID" -f -- '--local_rank=' || true)
+    # shellcheck disable=SC2086  # split and joined: one line of pids
+    echo $found
     return 0
 }
 
@@ -192,7 +196,7 @@ on_signal() {
 # and return its status, except that after a stop signal the status is 0 when the ranks exited 0 or
 # a newer complete checkpoint exists (the launcher itself may have been signalled too and exit 1).
 run_supervised() {
-    local status pid waited=0 orphans=0
+    local status pid pids waited=0 orphans=0
     trap 'on_signal TERM' TERM
     trap 'on_signal INT' INT
     trap 'on_signal USR1' USR1
@@ -211,16 +215,29 @@ run_supervised() {
         wait "$pid" && status=0 || status=$?
         ((_TRAPPED)) || break  # a trap interrupts wait with 128+n: wait again for the real status
     done
-    # Killed rather than exited (the runner, or its pdsh), the launcher of hostfile.sh leaves pdsh's ssh sessions,
-    # under which every host's launch.py and ranks train on, unwatched once the drain below kills pdsh: stop them
-    # as a stop signal does, so that they checkpoint and exit, and wait for pdsh however long that takes (the drain's
-    # kill would cut the checkpoint short).
+    # Killed rather than exited (the runner, its launch.py or pdsh), the launcher leaves ranks that would end as
+    # orphans at their watch's next poll without a checkpoint (engine/peer_failure.py), and under hostfile.sh pdsh's
+    # ssh sessions, under which every host's launch.py and ranks train on until the drain below kills pdsh: stop them
+    # as a stop signal does, so that they checkpoint and exit, and wait however long that takes (the drain's kill
+    # would cut the checkpoint short).
     # (A launcher that exited 128+N for a rank's failure has no process of the job left behind.)
-    if [[ -n $REMOTE_STOP && -z $STOP_SIGNAL ]] && ((status > 128)) && pgrep -g "$JOB_PGID" >/dev/null; then
+    if [[ -z $STOP_SIGNAL ]] && ((status > 128)) && pgrep -g "$JOB_PGID" >/dev/null; then
         orphans=1
         LATEST_BEFORE=$(latest_complete_step) || LATEST_BEFORE=-1
-        log "the launcher was killed (exit $status) while processes of the job run on: asking the ranks on every host to checkpoint at the end of this step and exit (a signal kills the job)"
-        "$REMOTE_STOP" || log "could not reach every host"
+        if [[ -n $REMOTE_STOP ]]; then
+            log "the launcher was killed (exit $status) while processes of the job run on: asking the ranks on every host to checkpoint at the end of this step and exit (a signal kills the job)"
+            "$REMOTE_STOP" || log "could not reach every host"
+        else
+            pids=$(rank_pids)
+            if [[ -n $pids ]]; then
+                log "the launcher was killed (exit $status) while processes of the job run on: asking the ranks ($pids) to checkpoint at the end of this step and exit (a signal kills the job)"
+                # shellcheck disable=SC2086  # one pid per word
+                kill -TERM $pids 2>/dev/null || true
+            else
+                log "the launcher was killed (exit $status) before any rank started: stopping what is left of the job"
+                kill -TERM -- "-$JOB_PGID" 2>/dev/null || true
+            fi
+        fi
         STOP_COUNT=1  # a signal from here on kills the job, as a second one does
     fi
     # The launcher is gone; ranks and launch.py may still be finishing (e.g. if the signal reached

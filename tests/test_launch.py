@@ -415,6 +415,33 @@ def test_train_sh_sigterm(tmp_path, data, sig):
     assert not leftover.strip(), leftover
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("victim", ["runner", "launch.py"])
+def test_train_sh_checkpoints_when_its_launcher_is_killed(tmp_path, data, victim):
+    """SIGKILL to the runner, or to DeepSpeed's launch.py under it (the OOM killer, a `kill -9`), leaves ranks that
+    their watch would end as orphans without a checkpoint: train.sh's supervisor sends them SIGTERM at once, they
+    checkpoint the step, and it exits 137 (the job failed) naming that checkpoint."""
+    run_dir = tmp_path / "run"
+    proc = start_job([LAUNCH / "train.sh", SMOKE, *_overrides(data, run_dir, "train.max_steps=100000")], _env(NPROC="2"))
+    try:
+        wait_until(proc, lambda: (run_dir / "metrics.jsonl").exists() and len(_metrics(run_dir)) >= 2, TIMEOUT,
+                   "2 training steps")
+        pattern = r"deepspeed_runner[.]py --hostfile" if victim == "runner" else r"-m deepspeed[.]launcher[.]launch "
+        os.kill(session_pid(proc, pattern), signal.SIGKILL)
+        out, _ = finish_job(proc, TIMEOUT - 60)  # well before DRAIN_TIMEOUT
+    finally:
+        kill_job(proc)
+    assert proc.returncode == 137, out[-4000:]
+    assert re.search(r"^\[launch\] the launcher was killed \(exit 137\) while processes of the job run on: asking the "
+                     r"ranks \(\d+ \d+\) to checkpoint", out, re.MULTILINE), out[-4000:]
+    assert "stops rather than train on" not in out, out[-4000:]
+    last = _metrics(run_dir)[-1]["step"]
+    assert f"stopped at step {last}: signal" in out, out[-4000:]
+    assert f"the ranks stopped: checkpoint step {last} completed after the launcher was killed" in out, out[-4000:]
+    meta = json.loads((run_dir / "checkpoints" / f"step_{last:08d}" / "meta.json").read_text())
+    assert meta["step"] == last and meta["world_size"] == 2
+
+
 def test_smoke_refuses_a_smoke_dir_a_training_run_holds(tmp_path):
     """A second smoke.sh in the SMOKE_DIR of one still training removed the first's checkpoints under it."""
     import fcntl
@@ -633,7 +660,7 @@ def test_processes_outliving_the_launcher_are_killed_after_drain_timeout(tmp_pat
 
 @pytest.mark.parametrize("rank_does, status, message", [
     ("os.kill(os.getppid(), signal.SIGKILL)", 128 + signal.SIGKILL,
-     r"\[launch\] error: deepspeed.launcher.launch \(pid \d+\) was killed by SIGKILL; its ranks stop when it goes"),
+     r"\[launch\] error: deepspeed.launcher.launch \(pid \d+\) was killed by SIGKILL: the job failed$"),
     ("sys.exit(3)", 3, None),
     ("sys.exit(0)", 0, None),
 ])
@@ -648,6 +675,6 @@ def test_runner_passes_on_its_launchers_death_by_a_signal(tmp_path, rank_does, s
                  "--master_port", str(free_port()), rank], env, timeout=120)
     assert proc.returncode == status, proc.stderr[-3000:]
     if message:
-        assert re.search(message, proc.stderr), proc.stderr[-3000:]
+        assert re.search(message, proc.stderr, re.MULTILINE), proc.stderr[-3000:]
     else:
         assert "was killed by" not in proc.stderr, proc.stderr[-3000:]

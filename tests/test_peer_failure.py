@@ -33,7 +33,7 @@ dist.init_process_group("gloo", rank=rank, world_size=world)
 slow = role == "killed_in_barrier" and rank == 0
 heartbeat = 1.5 if role in ("silent", "leaves") else None
 stopping = lambda: False
-if role == "orphaned_stopping":
+if role in ("orphaned_stopping", "orphaned_then_signalled"):
     from deepseek_pt.train import StopSignal
     stopping = StopSignal().arrived  # as train.py: SIGTERM, a checkpoint at the end of the step
 watch = peer_failure.PeerFailureWatch(rank, world, poll_seconds=60 if slow else 0.2,
@@ -48,12 +48,15 @@ elif role == "orphaned" and rank == world - 1:
     time.sleep(60)
 elif role in ("killed", "silent", "orphaned"):
     time.sleep(60)
-elif role == "orphaned_stopping":
+elif role in ("orphaned_stopping", "orphaned_then_signalled"):
     def preempt():
         os.kill(os.getpid(), signal.SIGTERM)  # a scheduler's stop signal reaches every process of the job...
         os.kill(os.getppid(), signal.SIGKILL)  # ...and its launcher dies of it at once
+    def supervised():
+        os.kill(os.getppid(), signal.SIGKILL)  # its launcher killed outright; the launch script's supervisor sees it
+        threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGTERM)).start()  # and signals the rank, after a poll
     if rank == 1:
-        threading.Timer(0.5, preempt).start()
+        threading.Timer(0.5, preempt if role == "orphaned_stopping" else supervised).start()
     else:
         time.sleep(2.5)
     dist.barrier()  # rank 1's main thread in it (a C call: Python runs no handler there) for 2 s after the signal
@@ -267,6 +270,15 @@ def test_a_rank_stopping_on_a_signal_is_not_ended_by_its_launchers_end():
     checkpoints at the end of its step as asked. Its watch lets it, though its main thread, in a collective, has not
     run train.py's handler yet."""
     (code0, out0, _), (code1, out1, _) = _ranks("orphaned_stopping", launched=(1,))
+    assert code1 == -signal.SIGKILL and "finished" in out1 and "error" not in out1, out1
+    assert code0 == 0 and "finished" in out0 and "error" not in out0, out0
+
+
+def test_a_rank_whose_launcher_is_killed_waits_for_the_supervisors_signal():
+    """The launch scripts' supervisor answers its runner's death by SIGTERM to the ranks, so that they checkpoint the
+    step: a second after the launcher's end (five of the watch's polls here), within ORPHAN_GRACE_SECONDS, the rank
+    is stopping, not ended as an orphan."""
+    (code0, out0, _), (code1, out1, _) = _ranks("orphaned_then_signalled", launched=(1,))
     assert code1 == -signal.SIGKILL and "finished" in out1 and "error" not in out1, out1
     assert code0 == 0 and "finished" in out0 and "error" not in out0, out0
 

@@ -24,8 +24,10 @@ of its own.
 A launcher killed outright (the `deepspeed` runner, or DeepSpeed's per-node deepspeed.launcher.launch that starts the
 ranks) cannot stop its ranks: they would train on as orphans, holding their GPUs and writing checkpoints with nobody
 watching. Each poll also asks whether this rank's launcher, recorded as the process started (engine/launcher.py says
-which processes that is, and why), is gone; if so the rank publishes that as its failure line, for every node, and
-ends as on any other. A run of one process has no store, but its watch runs for this alone.
+which processes that is, and why), is gone; if so, and no stop signal comes within ORPHAN_GRACE_SECONDS (the launch
+scripts' supervisor sends one at once, so that the ranks checkpoint the step instead), the rank publishes that as its
+failure line, for every node, and ends as on any other. A run of one process has no store, but its watch runs for
+this alone.
 """
 from __future__ import annotations
 
@@ -58,6 +60,10 @@ STORE_LOST_POLLS = 3
 requests time out): not one failed request, which a busy store host can cause."""
 TOLD_WAIT_SECONDS = 2 * POLL_SECONDS + 1
 """How long rank 0 waits for the others to read a failure line before its end takes the store: two of their polls."""
+ORPHAN_GRACE_SECONDS = 3.0
+"""How long a rank whose launcher is gone waits for a stop signal before it ends as an orphan: the launch scripts'
+supervisor, seeing its runner killed, sends the ranks SIGTERM at once (launch/lib.sh), so that they checkpoint the
+step; the watch's poll may come first."""
 EXIT_CODE = 2
 LOST_CONNECTION = ("Connection closed by peer", "Connection reset by peer", "remote process exit", "ncclRemoteError")
 """What gloo's and NCCL's collectives say when a connection to another rank broke: the rank that raises it saw a
@@ -258,7 +264,8 @@ class PeerFailureWatch:
                     lost += 1
                     if lost >= STORE_LOST_POLLS:
                         line = _store_lost(e)
-            if line is None and not self._stopping() and (gone := launcher.gone(self.launchers)) is not None:
+            if line is None and not self._stopping() and (gone := launcher.gone(self.launchers)) is not None \
+                    and not self._stop_signal_within(ORPHAN_GRACE_SECONDS):
                 self._orphaned(store if lost == 0 else None, gone)
             if line is None or self._stopped.is_set():
                 continue
@@ -267,6 +274,16 @@ class PeerFailureWatch:
             if lost == 0:
                 self._told(store)
             os._exit(EXIT_CODE)
+
+    def _stop_signal_within(self, seconds: float) -> bool:
+        """Whether this rank starts stopping on a signal (or ends on its own) within `seconds`."""
+        deadline = time.monotonic() + seconds
+        while not self._stopping():
+            if time.monotonic() >= deadline:
+                return False
+            if self._stopped.wait(0.05):
+                return True
+        return True
 
     def _orphaned(self, store: dist.Store | None, gone: str) -> None:
         """This rank's launcher is gone: published as this rank's failure (a failure published first stays the
