@@ -234,7 +234,7 @@ run_supervised() {
                 # shellcheck disable=SC2086  # one pid per word
                 kill -TERM $pids 2>/dev/null || true
             else
-                log "the launcher was killed (exit $status) before any rank started: stopping what is left of the job"
+                log "the launcher was killed (exit $status) and no rank runs to checkpoint: stopping what is left of the job"
                 kill -TERM -- "-$JOB_PGID" 2>/dev/null || true
             fi
         fi
