@@ -164,7 +164,7 @@ rank_pids() {
 # Runs as a trap: every path returns 0 explicitly (a bare `return` in a trap handler returns the
 # status of the interrupted `wait`, 128+n, which `set -e` would turn into an exit).
 on_signal() {
-    local sig=$1 pids=""
+    local sig=$1
     _TRAPPED=1
     STOP_COUNT=$((STOP_COUNT + 1))
     if ((STOP_COUNT > 1)); then
@@ -174,18 +174,27 @@ on_signal() {
     fi
     STOP_SIGNAL=$sig
     LATEST_BEFORE=$(latest_complete_step) || LATEST_BEFORE=-1
+    stop_ranks "SIG$sig"
+    return 0
+}
+
+# stop_ranks WHY: ask the job's ranks to checkpoint at the end of this step and exit, as a stop signal does: on every
+# host through REMOTE_STOP (hostfile.sh), else SIGTERM to this node's ranks; with no rank running, the launcher's
+# group. WHY begins the line it logs.
+stop_ranks() {
+    local why=$1 pids
     if [[ -n $REMOTE_STOP ]]; then
-        log "SIG$sig: asking the ranks on every host to checkpoint at the end of this step and exit"
+        log "$why: asking the ranks on every host to checkpoint at the end of this step and exit"
         "$REMOTE_STOP" || log "could not reach every host"
         return 0
     fi
     pids=$(rank_pids) || true
     if [[ -n $pids ]]; then
-        log "SIG$sig: asking the ranks (${pids//$'\n'/ }) to checkpoint at the end of this step and exit"
+        log "$why: asking the ranks ($pids) to checkpoint at the end of this step and exit"
         # shellcheck disable=SC2086  # one pid per word
         kill -TERM $pids 2>/dev/null || true
     else
-        log "SIG$sig before any rank started: stopping the launcher"
+        log "$why, and no rank runs: stopping the launcher"
         # No such group yet while plan.py has not called setpgid: the launcher process itself then.
         kill -TERM -- "-$JOB_PGID" 2>/dev/null || kill -TERM "$JOB_PGID" 2>/dev/null || true
     fi
@@ -196,7 +205,7 @@ on_signal() {
 # and return its status, except that after a stop signal the status is 0 when the ranks exited 0 or
 # a newer complete checkpoint exists (the launcher itself may have been signalled too and exit 1).
 run_supervised() {
-    local status pid pids waited=0 orphans=0
+    local status pid waited=0 orphans=0
     trap 'on_signal TERM' TERM
     trap 'on_signal INT' INT
     trap 'on_signal USR1' USR1
@@ -224,20 +233,7 @@ run_supervised() {
     if [[ -z $STOP_SIGNAL ]] && ((status > 128)) && pgrep -g "$JOB_PGID" >/dev/null; then
         orphans=1
         LATEST_BEFORE=$(latest_complete_step) || LATEST_BEFORE=-1
-        if [[ -n $REMOTE_STOP ]]; then
-            log "the launcher was killed (exit $status) while processes of the job run on: asking the ranks on every host to checkpoint at the end of this step and exit (a signal kills the job)"
-            "$REMOTE_STOP" || log "could not reach every host"
-        else
-            pids=$(rank_pids)
-            if [[ -n $pids ]]; then
-                log "the launcher was killed (exit $status) while processes of the job run on: asking the ranks ($pids) to checkpoint at the end of this step and exit (a signal kills the job)"
-                # shellcheck disable=SC2086  # one pid per word
-                kill -TERM $pids 2>/dev/null || true
-            else
-                log "the launcher was killed (exit $status) and no rank runs to checkpoint: stopping what is left of the job"
-                kill -TERM -- "-$JOB_PGID" 2>/dev/null || true
-            fi
-        fi
+        stop_ranks "the launcher was killed (exit $status) while processes of the job run on"
         STOP_COUNT=1  # a signal from here on kills the job, as a second one does
     fi
     # The launcher is gone; ranks and launch.py may still be finishing (e.g. if the signal reached
