@@ -37,6 +37,14 @@ REPO = Path(__file__).resolve().parents[1]
 DOCS = [text for _, text in pydoc_corpus.documents()]
 
 
+@pytest.fixture
+def hf_cache(tmp_path, monkeypatch) -> None:
+    """datasets' cache (where streaming=False copies its inputs) in the test's tmp_path, not the user's."""
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf_cache")
+
+
 def split_tokens(shards_dir: Path, split: str) -> np.ndarray:
     m = open_manifest(shards_dir)
     parts = [np.fromfile(m.shard_file(s), dtype=m.np_dtype) for s in m.shards(split)]
@@ -260,11 +268,8 @@ def mixed_inputs(tmp_path_factory) -> list[str]:
     return [str(root / "a.jsonl"), str(root / "b.parquet"), str(root / "c")]
 
 
-def test_mixed_formats_and_identical_across_num_proc(tmp_path, mixed_inputs, pydoc_data_dir, monkeypatch):
-    import datasets
-
+def test_mixed_formats_and_identical_across_num_proc(tmp_path, mixed_inputs, pydoc_data_dir, monkeypatch, hf_cache):
     monkeypatch.setattr(build_shards, "_TASK_CHARS", 20_000)  # many tasks, so workers interleave
-    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf_cache")  # for streaming=False
     runs = {}
     for name, p, streaming in (("p1", 1, True), ("p2", 2, True), ("cached", 1, False)):
         build_shards.build(mixed_inputs, pydoc_data_dir.tokenizer_model, tmp_path / name, shard_tokens=7000,
@@ -279,12 +284,9 @@ def test_mixed_formats_and_identical_across_num_proc(tmp_path, mixed_inputs, pyd
         assert np.array_equal(split_tokens(tmp_path / "p1", split), split_tokens(pydoc_data_dir.shards_dir, split))
 
 
-def test_compressed_inputs_and_globs_give_the_plain_corpus_tokens(tmp_path, pydoc_data_dir, monkeypatch):
+def test_compressed_inputs_and_globs_give_the_plain_corpus_tokens(tmp_path, pydoc_data_dir, hf_cache):
     """The corpus as gzip JSON lines, xz JSON lines named by a glob and a directory of bz2 text files: the tokens of
     the plain build, streamed or through datasets' cache."""
-    import datasets
-
-    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf_cache")  # for streaming=False
     with gzip.open(tmp_path / "a.jsonl.gz", "wt") as f:
         f.writelines(json.dumps({"text": t}) + "\n" for t in DOCS[:40])
     with lzma.open(tmp_path / "b.jsonl.xz", "wt") as f:
@@ -303,12 +305,9 @@ def test_compressed_inputs_and_globs_give_the_plain_corpus_tokens(tmp_path, pydo
             assert np.array_equal(split_tokens(out, split), split_tokens(pydoc_data_dir.shards_dir, split))
 
 
-def test_compressed_and_named_input_errors(tmp_path, pydoc_data_dir, monkeypatch):
+def test_compressed_and_named_input_errors(tmp_path, pydoc_data_dir, hf_cache):
     """A bad line inside a compressed file is named by its line; a truncated file, a glob matching nothing, a
     directory without a corpus file and an `hf:` without a name each get their own line."""
-    import datasets
-
-    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf_cache")  # for streaming=False
     with gzip.open(tmp_path / "bad.jsonl.gz", "wt") as f:
         f.write('{"text": "a"}\n{"text": "b"}\n{"text": \n')
     (tmp_path / "cut.jsonl.gz").write_bytes(gzip.compress(b'{"text": "a"}\n{"text": "b"}\n')[:-12])
@@ -743,10 +742,7 @@ print(len(text), len(tokens), kb("VmHWM") - before)
 # Bad input
 
 
-def test_input_errors_name_the_input(tmp_path, pydoc_data_dir, monkeypatch):
-    import datasets
-
-    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf_cache")  # for streaming=False
+def test_input_errors_name_the_input(tmp_path, pydoc_data_dir, hf_cache):
     tok, runs = pydoc_data_dir.tokenizer_model, iter(range(100))
 
     def build(inputs):
@@ -808,10 +804,7 @@ def test_input_errors_name_the_input(tmp_path, pydoc_data_dir, monkeypatch):
 
 
 @pytest.mark.parametrize("streaming", [True, False])
-def test_input_files_without_rows_have_no_documents(tmp_path, pydoc_data_dir, monkeypatch, streaming):
-    import datasets
-
-    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf_cache")  # for streaming=False
+def test_input_files_without_rows_have_no_documents(tmp_path, pydoc_data_dir, streaming, hf_cache):
     inputs = tmp_path / "in"
     inputs.mkdir()
     (inputs / "a-empty.jsonl").write_text("")
@@ -936,13 +929,13 @@ def test_verify_refuses_the_first_id_past_the_vocabulary(tmp_path, pydoc_data_di
 
 
 @pytest.mark.parametrize("streaming", [True, False])
-def test_bad_row_deep_in_a_json_file_is_an_error_naming_its_line(tmp_path, pydoc_data_dir, monkeypatch, streaming):
+def test_bad_row_deep_in_a_json_file_is_an_error_naming_its_line(tmp_path, pydoc_data_dir, monkeypatch, streaming,
+                                                                  hf_cache):
     """datasets reads JSON lines in 10 MB chunks; a non-string text in a later chunk used to turn every text of
     that chunk into its JSON encoding (quoted, escaped) without a word, and a malformed line was named by its
     row within the chunk. Small chunks stand in for a large file."""
     import datasets
 
-    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf_cache")  # for streaming=False
     load = datasets.load_dataset
     monkeypatch.setattr(datasets, "load_dataset", lambda *a, **kw: load(*a, **kw, **({"chunksize": 1 << 14}
                                                                                        if a[0] == "json" else {})))
