@@ -44,6 +44,15 @@ def _metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+def _stopped_with_a_checkpoint(run_dir: Path, out: str) -> int:
+    """The step the two ranks stopped at on a signal, checked: said so, and its checkpoint complete for both."""
+    last = _metrics(run_dir)[-1]["step"]
+    assert f"stopped at step {last}: signal" in out, out[-4000:]
+    meta = json.loads((run_dir / "checkpoints" / f"step_{last:08d}" / "meta.json").read_text())
+    assert meta["step"] == last and meta["world_size"] == 2
+    return last
+
+
 def _assert_trained_together(run_dir: Path, world: int, steps: int = STEPS) -> None:
     """One checkpoint holding every rank's files, and one finite loss per step, falling."""
     root = run_dir / "checkpoints"
@@ -235,10 +244,7 @@ def test_hostfile_sh_two_hosts_through_pdsh_and_sigterm(tmp_path, data, stop):
         assert proc.returncode == 137, out[-4000:]
         assert ("the launcher was killed (exit 137) while processes of the job run on: asking the ranks on every "
                 "host to checkpoint") in out, out[-4000:]
-    last = _metrics(run_dir)[-1]["step"]
-    assert f"stopped at step {last}: signal" in out, out[-4000:]
-    meta = json.loads((run_dir / "checkpoints" / f"step_{last:08d}" / "meta.json").read_text())
-    assert meta["step"] == last and meta["world_size"] == 2
+    last = _stopped_with_a_checkpoint(run_dir, out)
     if stop == "runner-killed":
         assert f"the ranks stopped: checkpoint step {last} completed after the launcher was killed" in out, out[-4000:]
 
@@ -405,12 +411,8 @@ def test_train_sh_sigterm(tmp_path, data, sig):
         kill_job(proc)  # ranks the script left running would train on for 100000 steps
     assert proc.returncode == 0, out[-4000:]
     assert f"[launch] {sig}: asking the ranks" in out and "stopped at step" in out, out[-4000:]
-    last = _metrics(run_dir)[-1]["step"]
-    tag = f"step_{last:08d}"
-    assert f"stopped at step {last}: signal" in out
-    assert (run_dir / "checkpoints" / "latest").read_text().strip() == tag
-    meta = json.loads((run_dir / "checkpoints" / tag / "meta.json").read_text())
-    assert meta["step"] == last and meta["world_size"] == 2
+    last = _stopped_with_a_checkpoint(run_dir, out)
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == f"step_{last:08d}"
     leftover = subprocess.run(["pgrep", "-f", f"run.dir={run_dir}"], capture_output=True, text=True, check=False).stdout
     assert not leftover.strip(), leftover
 
@@ -435,11 +437,8 @@ def test_train_sh_checkpoints_when_its_launcher_is_killed(tmp_path, data, victim
     assert re.search(r"^\[launch\] the launcher was killed \(exit 137\) while processes of the job run on: asking the "
                      r"ranks \(\d+ \d+\) to checkpoint", out, re.MULTILINE), out[-4000:]
     assert "stops rather than train on" not in out, out[-4000:]
-    last = _metrics(run_dir)[-1]["step"]
-    assert f"stopped at step {last}: signal" in out, out[-4000:]
+    last = _stopped_with_a_checkpoint(run_dir, out)
     assert f"the ranks stopped: checkpoint step {last} completed after the launcher was killed" in out, out[-4000:]
-    meta = json.loads((run_dir / "checkpoints" / f"step_{last:08d}" / "meta.json").read_text())
-    assert meta["step"] == last and meta["world_size"] == 2
 
 
 def test_smoke_refuses_a_smoke_dir_a_training_run_holds(tmp_path):
