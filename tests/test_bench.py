@@ -1,7 +1,8 @@
 """The device calls' scripts on CPU. The loss comparison: runs side by side (PARALLEL=1), each run's metrics, the
 summary table, and the curve of a run that a device call's limit cut off. The throughput benchmark: the peer and
 our engine on one shape, the side-by-side table, every case file's lines, and --ds patches that DeepSpeed would
-refuse. The training loop's wall-clock rate. ZeRO-3's hook timer. Issue 6's multi-GPU check, on 2 CPU processes."""
+refuse. The training loop's wall-clock rate. ZeRO-3's hook timer. Issue 6's multi-GPU check, on 2 CPU processes. The
+gradients' determinism probe."""
 from __future__ import annotations
 
 import gzip
@@ -270,6 +271,36 @@ def test_dense_block_probe_variants_compute_the_same_mlp(monkeypatch):
         err = ((out - outputs["bf16"]).norm() / mlp.norm()).item()
         assert (err == 0) if name == "bf16" else 0.01 < err < 0.1, (name, err)
     assert torch.equal(outputs["fp8 rowwise, gate+up fused"], outputs["fp8 rowwise"])
+
+
+def test_grad_determinism_finds_no_difference_on_a_cpu_in_a_process_or_between_two(tmp_path):
+    # A CPU computes every gradient in a fixed order: no repeat and no second process may differ. (On the H100 the
+    # same probe named cuDNN SDPA's query gradient: docs/benchmarks.md.)
+    def probe(*args: str) -> dict:
+        proc = subprocess.run([sys.executable, ROOT / "bench/grad_determinism.py", "--config", "configs/smoke.yaml",
+                               *args, "parallel.expert_parallel_size=1"], cwd=ROOT, capture_output=True, text=True,
+                              timeout=300, env=_script_env(tmp_path), check=False)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+        return json.loads(proc.stdout.splitlines()[-1])
+
+    first = probe("--digests", str(tmp_path / "first.json"))
+    assert first["params"] == 31 and len(set(first["losses"])) == 1 and first["differ_between_repeats"] == {}, first
+    second = probe("--repeats", "2", "--against", str(tmp_path / "first.json"))
+    assert second["differ_from_against"] == [] and second["losses"][0] == first["losses"][0], second
+
+
+def test_grad_determinism_names_what_differs(monkeypatch):
+    import torch
+
+    probe = _bench_module("grad_determinism", monkeypatch)
+    a, b = torch.zeros(4, 3), torch.zeros(4, 3)
+    b[1, 2], b[3, 0] = 1e-9, -2e-9
+    found = probe.differences([a, a, None, a], [a, b, None, None], ["same", "moved", "unused", "lost"])
+    assert found == {"moved": {"values": 2, "of": 12, "max_abs_diff": pytest.approx(2e-9), "max_abs_grad": 0.0},
+                     "lost": {"values": "a gradient in one repeat only"}}, found
+    mine = {"loss": probe.digest(torch.tensor(1.0)), "w": probe.digest(a), "only_mine": "x"}
+    theirs = {"loss": probe.digest(torch.tensor(1.0)), "w": probe.digest(b)}
+    assert probe.compare_digests(mine, theirs) == ["only_mine", "w"]
 
 
 def test_every_benchmark_case_parses_and_its_config_loads(monkeypatch):
