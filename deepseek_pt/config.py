@@ -514,6 +514,26 @@ REPLACED_KEYS = {
 }
 
 
+def _key_paths(cls: type, prefix: str = "") -> list[str]:
+    """Every key path of the config dataclass `cls` (lists of dataclasses, data.blend's, left out)."""
+    paths = []
+    for f in dataclasses.fields(cls):
+        path = f"{prefix}.{f.name}" if prefix else f.name
+        tp = typing.get_type_hints(cls)[f.name]
+        paths += _key_paths(tp, path) if dataclasses.is_dataclass(tp) else [path]
+    return paths
+
+
+def _suggestion(key: str, names: set[str], prefix: str) -> str:
+    """", did you mean ...?" for an unknown key: a close spelling in its own section, else the same name in another
+    section of the config (a key put under the wrong section); "" when neither."""
+    import difflib
+    if close := difflib.get_close_matches(key, sorted(names), n=1, cutoff=0.7):
+        return f", did you mean {prefix + '.' if prefix else ''}{close[0]}?"
+    elsewhere = [p for p in _key_paths(Config) if p.rsplit(".", 1)[-1] == key]
+    return f", did you mean {' or '.join(elsewhere)}?" if elsewhere else ""
+
+
 def _build(cls: type, data: dict, prefix: str, where: str):
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
@@ -522,7 +542,8 @@ def _build(cls: type, data: dict, prefix: str, where: str):
             path = f"{prefix}.{k}" if prefix else str(k)
             if path in REPLACED_KEYS:
                 raise ConfigError(f"{where}: {path}: replaced by {REPLACED_KEYS[path]}")
-            raise ConfigError(f"{where}: {path}: unknown key (allowed: {', '.join(sorted(names))})")
+            raise ConfigError(f"{where}: {path}: unknown key{_suggestion(str(k), names, prefix)} "
+                              f"(allowed: {', '.join(sorted(names))})")
     kwargs = {}
     for k, v in data.items():
         path = f"{prefix}.{k}" if prefix else k

@@ -31,7 +31,9 @@ def _write(tmp_path, data) -> Path:
 
 
 @pytest.mark.parametrize("data, overrides, message", [
-    ({"model": {"moe": {"topk": 2}}}, [], "model.moe.topk: unknown key"),
+    ({"model": {"moe": {"topk": 2}}}, [], "model.moe.topk: unknown key, did you mean model.moe.top_k? (allowed: "),
+    ({"train": {"zero_stage": 2}}, [], "train.zero_stage: unknown key, did you mean parallel.zero_stage? (allowed: "),
+    ({}, ["model.attention.theta=1"], "model.attention.theta: unknown key, did you mean model.attention.rope.theta?"),
     ({"model": {"dim": "wide"}}, [], "model.dim: expected int, got 'wide'"),
     ({"model": {"moe": {"top_k": 9, "n_routed_experts": 8}}}, [], "model.moe.top_k: 9 > model.moe.n_routed_experts (8)"),
     ({"model": {"moe": {"n_routed_experts": 8, "n_expert_groups": 3}}}, [], "model.moe.n_expert_groups: 3 groups do not divide"),
@@ -67,7 +69,7 @@ def _write(tmp_path, data) -> Path:
     ({}, [f"train.activation_checkpointing=[0, {2**64}]"], "train.activation_checkpointing: expected bool | list of int"),
     ({}, ["parallel.zero_stage=3.0"], "parallel.zero_stage: 3.0 is not one of 0 | 1 | 2 | 3"),
     ({}, ["parallel.zero_stage=true"], "parallel.zero_stage: True is not one of 0 | 1 | 2 | 3"),
-    ({}, ["model.moe.bogus=1"], "model.moe.bogus: unknown key"),
+    ({}, ["model.moe.bogus=1"], "model.moe.bogus: unknown key (allowed: "),
     ({"train": {"eval_batches": 8}}, [], "train.eval_batches: replaced by train.eval_sequences, the count of sequences "
                                          "over all processes (the old key counted micro-batches per process"),
     ({}, ["model.dim"], "expected key.path=value"),
@@ -89,7 +91,7 @@ def _write(tmp_path, data) -> Path:
      "data.blend[1].weight: weight 1.0 is below 1/65536 of the total"),
     ({"data": {"blend": [{"path": "a", "name": "web text"}]}}, [], "data.blend[0].name: 'web text' names a metric"),
     ({"data": {"blend": [{"weight": 1}]}}, [], "data.blend[0].path: required"),
-    ({"data": {"blend": [{"path": "a", "wieght": 1}]}}, [], "data.blend[0].wieght: unknown key"),
+    ({"data": {"blend": [{"path": "a", "wieght": 1}]}}, [], "data.blend[0].wieght: unknown key, did you mean data.blend[0].weight?"),
     ({"data": {"blend": {"path": "a"}}}, [], "data.blend: expected list of DataSource"),
     ({}, ["train.lr=.inf"], "train.lr: must be a finite number, got inf"),
     ({}, [f"train.lr={10**400}"], f"train.lr: must be a finite number, got {10**400}"),  # YAML's int, past any float
