@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import difflib
 import math
 import re
 import types
@@ -527,7 +528,6 @@ def _key_paths(cls: type, prefix: str = "") -> list[str]:
 def _suggestion(key: str, names: set[str], prefix: str) -> str:
     """", did you mean ...?" for an unknown key: a close spelling in its own section, else the same name in another
     section of the config (a key put under the wrong section); "" when neither."""
-    import difflib
     if close := difflib.get_close_matches(key, sorted(names), n=1, cutoff=0.7):
         return f", did you mean {prefix + '.' if prefix else ''}{close[0]}?"
     elsewhere = [p for p in _key_paths(Config) if p.rsplit(".", 1)[-1] == key]
