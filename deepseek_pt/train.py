@@ -217,6 +217,62 @@ def evaluate(engine, cfg: Config, rank: int, world: int, device) -> dict[str, fl
     return {"eval_loss": mean, **{f"eval_loss/{s.label}": loss for s, loss in zip(sources, losses, strict=True)}}
 
 
+def _torchao_fp8_lines(cfg: Config, fp8, own_fp8: bool) -> list[str]:
+    """What the start's log says of convert_to_fp8's result `fp8` (engine/fp8.py's Fp8Conversion); `own_fp8`: our
+    FP8 paths take other linears (reported by _convert_own_fp8)."""
+    if fp8.emulated:
+        how = f"emulated in fp32 (numerics only, slower than bf16: the real-GEMM path {fp8.emulated})"
+    elif cfg.fp8.recipe == "blockwise":
+        how = "torchao's blockwise kernels"
+    else:
+        gemms = "forward GEMM" if cfg.fp8.fast_accum == "forward" else "three GEMMs"
+        how = f"torchao, fast accumulation in the {gemms}"
+        if not torch.cuda.is_available():
+            how += "; on a CPU: torch's CPU FP8 GEMMs, the recipe's numerics, slower than bf16"
+    kept = f"; {fp8.too_narrow} too narrow to gain left in bf16 (fp8.layers=auto)" if fp8.too_narrow else ""
+    if fp8.unaligned:
+        kept += f"; {fp8.unaligned} with a dimension not a multiple of 128 left in bf16"
+    if fp8.converted or fp8.too_narrow or not own_fp8:
+        lines = [f"fp8: {fp8.converted} linears, {cfg.fp8.recipe} scaling, {how}{kept}"]
+    else:
+        lines = [f"fp8: no linear left for fp8.recipe={cfg.fp8.recipe} beside our FP8 paths (below)"]
+    if cfg.fp8.recipe == "blockwise" and fp8.converted and not fp8.emulated:
+        lines.append("fp8: the first micro-step autotunes torchao's Triton casts for each shape (minutes on a fresh "
+                     "machine); Triton's cache keeps the results for later runs")
+    if fp8.converted == 0 and not own_fp8:
+        hint = "; fp8.layers=all converts the narrow ones too" if fp8.too_narrow else ""
+        lines.append(f"fp8: no linear converted, this run computes in bf16{hint}")
+    return lines
+
+
+def _convert_own_fp8(engine, cfg: Config, coalesced: bool) -> list[str]:
+    """Put the layers that fp8.experts, fp8.shared_experts, fp8.attention and fp8.dense_mlp name on our FP8 GEMMs
+    (after deepspeed.initialize: AutoEP's layers exist, and DeepSpeed's hooks are on the blocks, fp8_linears' after
+    them); returns the start log's lines."""
+    from .engine import fp8_experts, fp8_linears
+    from .engine.fp8 import expert_gemms_unavailable
+    why = expert_gemms_unavailable()
+    steps, emulate = (lambda: engine.global_steps), why is not None
+    converted = []
+    if cfg.fp8.experts:
+        layers = fp8_experts.convert_experts_to_fp8(engine.module, steps, emulate)
+        converted.append(f"routed experts of {layers} MoE layer{'s' * (layers != 1)}")
+    fp8_in_place = cfg.parallel.linear_grads_in_place and coalesced
+    if cfg.fp8.shared_experts:
+        layers = fp8_experts.convert_shared_experts_to_fp8(engine.module, steps, emulate,
+                                                           cfg.parallel.expert_triton_gemms, fp8_in_place)
+        converted.append(f"shared experts of {layers} MoE layer{'s' * (layers != 1)}")
+    if cfg.fp8.attention or cfg.fp8.dense_mlp:
+        counts = fp8_linears.convert_linears_to_fp8(engine.module, steps, emulate, fp8_in_place,
+                                                    cfg.fp8.attention, cfg.fp8.dense_mlp)
+        for part, (n, total) in counts.items():
+            kept = f" ({total - n} with a dimension not a multiple of 16 kept in bf16)" if n < total else ""
+            what = "attention projections" if part == "attention" else "dense MLP projections"
+            converted.append(f"{n} {what}{kept}")
+    how = f"emulated in fp32 (numerics only: the real-GEMM path {why})" if why else "real FP8 GEMMs"
+    return [f"fp8: {what}, rowwise scaling, weight gradients in bf16, {how}" for what in converted]
+
+
 def build_engine(cfg: Config, world: int, init_from: str | None = None, load_universal: bool = False):
     """The model and its DeepSpeed engine, as training (and bench/) use them."""
     import deepspeed
@@ -254,29 +310,8 @@ def build_engine(cfg: Config, world: int, init_from: str | None = None, load_uni
         from .engine.fp8 import convert_to_fp8, taken_elsewhere
         fp8 = convert_to_fp8(model, cfg.fp8.recipe, cfg.fp8.layers, cfg.fp8.fast_accum,
                              taken_elsewhere(cfg.fp8.shared_experts, cfg.fp8.attention, cfg.fp8.dense_mlp))
-        if rank0:
-            if fp8.emulated:
-                how = f"emulated in fp32 (numerics only, slower than bf16: the real-GEMM path {fp8.emulated})"
-            elif cfg.fp8.recipe == "blockwise":
-                how = "torchao's blockwise kernels"
-            else:
-                gemms = "forward GEMM" if cfg.fp8.fast_accum == "forward" else "three GEMMs"
-                how = f"torchao, fast accumulation in the {gemms}"
-                if not torch.cuda.is_available():
-                    how += "; on a CPU: torch's CPU FP8 GEMMs, the recipe's numerics, slower than bf16"
-            kept = f"; {fp8.too_narrow} too narrow to gain left in bf16 (fp8.layers=auto)" if fp8.too_narrow else ""
-            if fp8.unaligned:
-                kept += f"; {fp8.unaligned} with a dimension not a multiple of 128 left in bf16"
-            if fp8.converted or fp8.too_narrow or not own_fp8:
-                print(f"fp8: {fp8.converted} linears, {cfg.fp8.recipe} scaling, {how}{kept}", flush=True)
-            else:
-                print(f"fp8: no linear left for fp8.recipe={cfg.fp8.recipe} beside our FP8 paths (below)", flush=True)
-            if cfg.fp8.recipe == "blockwise" and fp8.converted and not fp8.emulated:
-                print("fp8: the first micro-step autotunes torchao's Triton casts for each shape (minutes on a "
-                      "fresh machine); Triton's cache keeps the results for later runs", flush=True)
-            if fp8.converted == 0 and not own_fp8:
-                hint = "; fp8.layers=all converts the narrow ones too" if fp8.too_narrow else ""
-                print(f"fp8: no linear converted, this run computes in bf16{hint}", flush=True)
+        for line in _torchao_fp8_lines(cfg, fp8, own_fp8) if rank0 else []:
+            print(line, flush=True)
     elif rank0 and (ignored := ignored_fp8_settings(cfg)):
         print(f"fp8: {ignored}", flush=True)
     if cfg.parallel.zero_stage == 3 and cfg.parallel.zero_leaf_blocks:
@@ -309,31 +344,10 @@ def build_engine(cfg: Config, world: int, init_from: str | None = None, load_uni
     # bf16; exports compute them afresh in fp32, and training must rotate positions as they will.
     engine.module.reset_rope()
     coalesced = deepspeed_micro_steps(cfg) != cfg.train.grad_accum_steps
-    # AutoEP's layers exist from here on, and DeepSpeed's hooks are on the blocks (fp8_linears' come after them).
     if own_fp8:
-        from .engine import fp8_experts, fp8_linears
-        from .engine.fp8 import expert_gemms_unavailable
-        why = expert_gemms_unavailable()
-        steps, emulate = (lambda: engine.global_steps), why is not None
-        converted = []
-        if cfg.fp8.experts:
-            layers = fp8_experts.convert_experts_to_fp8(engine.module, steps, emulate)
-            converted.append(f"routed experts of {layers} MoE layer{'s' * (layers != 1)}")
-        fp8_in_place = cfg.parallel.linear_grads_in_place and coalesced
-        if cfg.fp8.shared_experts:
-            layers = fp8_experts.convert_shared_experts_to_fp8(engine.module, steps, emulate,
-                                                               cfg.parallel.expert_triton_gemms, fp8_in_place)
-            converted.append(f"shared experts of {layers} MoE layer{'s' * (layers != 1)}")
-        if cfg.fp8.attention or cfg.fp8.dense_mlp:
-            counts = fp8_linears.convert_linears_to_fp8(engine.module, steps, emulate, fp8_in_place,
-                                                        cfg.fp8.attention, cfg.fp8.dense_mlp)
-            for part, (n, total) in counts.items():
-                kept = f" ({total - n} with a dimension not a multiple of 16 kept in bf16)" if n < total else ""
-                what = "attention projections" if part == "attention" else "dense MLP projections"
-                converted.append(f"{n} {what}{kept}")
-        how = f"emulated in fp32 (numerics only: the real-GEMM path {why})" if why else "real FP8 GEMMs"
-        for what in converted if rank0 else []:
-            print(f"fp8: {what}, rowwise scaling, weight gradients in bf16, {how}", flush=True)
+        lines = _convert_own_fp8(engine, cfg, coalesced)
+        for line in lines if rank0 else []:
+            print(line, flush=True)
     grads_in_place = cfg.parallel.expert_grads_in_place and coalesced
     if grads_in_place or cfg.parallel.expert_triton_gemms:
         from .engine.expert_grads import convert_routed_experts
