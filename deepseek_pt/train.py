@@ -185,6 +185,27 @@ def optimizer_changes(saved: dict | None, cfg: Config) -> str:
                      if saved and key in saved and saved[key] != here[key])
 
 
+def resume_notes(client: dict, cfg: Config, world: int, step: int, eval_sequences: int | None) -> list[str]:
+    """What a resume changes against the checkpoint's run (its client state `client`), as lines for the start's log:
+    the sequences per optimizer step, the optimizer's settings, the evaluation's sequences. Said, not refused."""
+    notes = []
+    sequences_per_step = cfg.train.micro_batch_size * cfg.train.grad_accum_steps * world
+    saved_batch = client.get("sequences_per_step")  # absent from checkpoints before it was recorded
+    if saved_batch is not None and saved_batch != sequences_per_step:
+        notes.append(f"resume: {sequences_per_step} sequences per optimizer step here (train.micro_batch_size "
+                     f"{cfg.train.micro_batch_size} x train.grad_accum_steps {cfg.train.grad_accum_steps} x {world} "
+                     f"processes), {saved_batch} in the checkpoint's run: the learning-rate schedule goes on by "
+                     "steps, each now of that many sequences")
+    if changed := optimizer_changes(client.get("optimizer_settings"), cfg):
+        notes.append(f"resume: {changed} here: the schedule and AdamW go on with this config's from step {step}")
+    saved_eval = client.get("eval_sequences")
+    if eval_sequences and saved_eval and saved_eval != eval_sequences:
+        notes.append(f"resume: evaluation reads the first {eval_sequences} sequences of {cfg.data.val_split!r} here "
+                     f"(train.eval_sequences), {saved_eval} in the checkpoint's run: eval_loss from here on is over "
+                     "another set, not comparable with the earlier steps'")
+    return notes
+
+
 def evaluate(engine, cfg: Config, rank: int, world: int, device) -> dict[str, float]:
     """eval_loss, the mean loss per token over data.val_split's first train.eval_sequences sequences, whatever the
     number of processes; for a blend, each source's (eval_loss/NAME) and their weighted mean."""
@@ -546,20 +567,8 @@ def _train(cfg: Config, rank: int, world: int, device: torch.device, stop: StopS
             checkpoint.set_rng_state(torch.load(rng_file, weights_only=False))
         if rank == 0:
             print(f"resumed from {resume_dir} at step {step}" + (" (universal: resharded)" if reshard else ""), flush=True)
-            saved_batch = client.get("sequences_per_step")  # absent from checkpoints before it was recorded
-            if saved_batch is not None and saved_batch != sequences_per_step:
-                print(f"resume: {sequences_per_step} sequences per optimizer step here (train.micro_batch_size "
-                      f"{cfg.train.micro_batch_size} x train.grad_accum_steps {cfg.train.grad_accum_steps} x {world} "
-                      f"processes), {saved_batch} in the checkpoint's run: the learning-rate schedule goes on by "
-                      "steps, each now of that many sequences", flush=True)
-            if changed := optimizer_changes(client.get("optimizer_settings"), cfg):
-                print(f"resume: {changed} here: the schedule and AdamW go on with this config's from step {step}",
-                      flush=True)
-            saved_eval = client.get("eval_sequences")
-            if eval_sequences and saved_eval and saved_eval != eval_sequences:
-                print(f"resume: evaluation reads the first {eval_sequences} sequences of {cfg.data.val_split!r} here "
-                      f"(train.eval_sequences), {saved_eval} in the checkpoint's run: eval_loss from here on is over "
-                      "another set, not comparable with the earlier steps'", flush=True)
+            for line in resume_notes(client, cfg, world, step, eval_sequences):
+                print(line, flush=True)
 
     if rank == 0 and (repeated := repeated_data_line(loader, sources, cfg, step, sequences_per_step)):
         print(repeated, flush=True)

@@ -1732,3 +1732,20 @@ def test_a_corrupt_init_from_export_is_one_line(tmp_path, data):
                     "train.warmup_steps=2", f"train.init_from={export}"], timeout=300)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert f"error: train.init_from: {export / 'model.safetensors'}: corrupt: sha256 " in proc.stderr, proc.stderr
+
+
+def test_resume_notes_say_what_the_resume_changes_and_nothing_else():
+    # The slow resume tests pin each line in a real resume; here the cases around them: the same settings say
+    # nothing, and a checkpoint from before these records were kept (no fields) says nothing either.
+    from deepseek_pt.config import load_config
+    from deepseek_pt.train import optimizer_settings, resume_notes
+
+    cfg = load_config(SMOKE)
+    same = {"sequences_per_step": 8, "optimizer_settings": optimizer_settings(cfg), "eval_sequences": 32}
+    assert resume_notes(same, cfg, world=2, step=5, eval_sequences=32) == []
+    assert resume_notes({}, cfg, world=2, step=5, eval_sequences=32) == []
+    assert resume_notes(same, cfg, world=2, step=5, eval_sequences=None) == []  # no evaluation here: nothing to compare
+    notes = resume_notes(same, load_config(SMOKE, ["train.lr=1e-3"]), world=4, step=5, eval_sequences=64)
+    assert [n.split(" here")[0] for n in notes] == [
+        "resume: 16 sequences per optimizer step", f"resume: train.lr 0.001 ({cfg.train.lr} in the checkpoint)",
+        "resume: evaluation reads the first 64 sequences of 'val'"], notes
