@@ -1749,3 +1749,20 @@ def test_resume_notes_say_what_the_resume_changes_and_nothing_else():
     assert [n.split(" here")[0] for n in notes] == [
         "resume: 16 sequences per optimizer step", f"resume: train.lr 0.001 ({cfg.train.lr} in the checkpoint)",
         "resume: evaluation reads the first 64 sequences of 'val'"], notes
+
+
+def test_fp8_at_one_micro_step_per_step_says_its_weight_casts_cost_what_it_saves(monkeypatch):
+    # Only where the real FP8 GEMMs run (a CPU emulates them: no speed to speak of) and only at one micro-step.
+    from types import SimpleNamespace
+
+    from deepseek_pt.config import load_config
+    from deepseek_pt.engine import fp8
+    from deepseek_pt.train import ONE_MICRO_STEP_FP8, _convert_own_fp8
+
+    engine = SimpleNamespace(module=torch.nn.Module(), global_steps=0)
+    cfg = load_config(SMOKE, ["precision=fp8"])
+    assert _convert_own_fp8(engine, cfg, coalesced=False) == []  # this CPU: emulated
+    monkeypatch.setattr(fp8, "expert_gemms_unavailable", lambda: None)
+    assert _convert_own_fp8(engine, cfg, coalesced=False) == [ONE_MICRO_STEP_FP8]
+    accumulating = load_config(SMOKE, ["precision=fp8", "train.grad_accum_steps=4"])
+    assert _convert_own_fp8(engine, accumulating, coalesced=True) == []
