@@ -260,7 +260,10 @@ class TrainConfig:
     """Write checkpoints (every save_every steps, at exit points and at the end). false for runs nothing will resume,
     such as benchmarks and loss comparisons: no time or disk spent on them (a 2B-parameter model's is 22 GB)."""
     keep_last: int = 3
-    """Checkpoints to keep; older ones are deleted once a newer one is complete."""
+    """Checkpoints to keep; older ones are deleted once a newer one is complete (but for keep_every's)."""
+    keep_every: int = 0
+    """Also keep, whatever keep_last says, every checkpoint whose step is a multiple of this: milestones to evaluate
+    or to restart from later. A multiple of save_every, which puts checkpoints on those steps; 0 = none."""
     log_every: int = 1
     """Console refresh interval in steps (metrics.jsonl gets every step)."""
     init_from: str | None = None
@@ -764,7 +767,8 @@ def validate(cfg: Config, where: Callable[[str], str] = lambda key: "<config>") 
         ("model.mtp_loss_weight", m.mtp_loss_weight), ("train.warmup_steps", cfg.train.warmup_steps),
         ("train.min_lr", cfg.train.min_lr), ("train.weight_decay", cfg.train.weight_decay),
         ("train.grad_clip", cfg.train.grad_clip), ("train.eval_every", cfg.train.eval_every),
-        ("train.save_every", cfg.train.save_every), ("train.max_nonfinite_steps", cfg.train.max_nonfinite_steps),
+        ("train.save_every", cfg.train.save_every), ("train.keep_every", cfg.train.keep_every),
+        ("train.max_nonfinite_steps", cfg.train.max_nonfinite_steps),
     ]:
         check(v >= 0, key, f"must be >= 0, got {v}")
     for key, v in (("model.n_layers", m.n_layers), ("model.mtp_depth", m.mtp_depth)):
@@ -772,6 +776,12 @@ def validate(cfg: Config, where: Callable[[str], str] = lambda key: "<config>") 
               f"a time), got {v}")
     check(cfg.train.checkpoints or not cfg.train.save_every, "train.save_every",
           f"{cfg.train.save_every} asks for checkpoints, but train.checkpoints is false")
+    if cfg.train.keep_every:
+        check(cfg.train.checkpoints, "train.keep_every",
+              f"{cfg.train.keep_every} keeps checkpoints, but train.checkpoints is false")
+        check(cfg.train.save_every > 0 and cfg.train.keep_every % cfg.train.save_every == 0, "train.keep_every",
+              f"{cfg.train.keep_every} is not a multiple of train.save_every ({cfg.train.save_every}): no checkpoint "
+              "would be saved at those steps")
     check(m.init_std > 0, "model.init_std", f"must be positive, got {m.init_std}")
     check(moe.route_scale > 0, "model.moe.route_scale", f"must be positive, got {moe.route_scale}")
     check(cfg.train.adam_eps > 0, "train.adam_eps", f"must be positive, got {cfg.train.adam_eps}")

@@ -602,7 +602,8 @@ def _train(cfg: Config, rank: int, world: int, device: torch.device, stop: StopS
         # The loader's state in meta.json too, where preflight reads it: a resume on other data is refused before
         # DeepSpeed starts, not once it has loaded the checkpoint (the client state is inside DeepSpeed's files)
         checkpoint.save(engine, run_dir, at_step, client, cfg.parallel.expert_parallel_size, cfg.train.keep_last,
-                        cfg.parallel.zero_init, {**resume_settings(cfg), "loader": client["loader"]})
+                        cfg.parallel.zero_init, {**resume_settings(cfg), "loader": client["loader"]},
+                        keep_every=cfg.train.keep_every)
         last_saved = at_step
 
     def newest() -> str:  # for a stop without a checkpoint: where to resume

@@ -70,6 +70,12 @@ def _write(tmp_path, data) -> Path:
     ({}, ["parallel.zero_stage=3.0"], "parallel.zero_stage: 3.0 is not one of 0 | 1 | 2 | 3"),
     ({}, ["parallel.zero_stage=true"], "parallel.zero_stage: True is not one of 0 | 1 | 2 | 3"),
     ({}, ["model.moe.bogus=1"], "model.moe.bogus: unknown key (allowed: "),
+    ({}, ["train.save_every=2", "train.keep_every=5"],
+     "train.keep_every: 5 is not a multiple of train.save_every (2): no checkpoint would be saved at those steps"),
+    ({}, ["train.keep_every=4"], "train.keep_every: 4 is not a multiple of train.save_every (0)"),
+    ({}, ["train.checkpoints=false", "train.keep_every=4"],
+     "train.keep_every: 4 keeps checkpoints, but train.checkpoints is false"),
+    ({}, ["train.keep_every=-2"], "train.keep_every: must be >= 0, got -2"),
     ({"train": {"eval_batches": 8}}, [], "train.eval_batches: replaced by train.eval_sequences, the count of sequences "
                                          "over all processes (the old key counted micro-batches per process"),
     ({}, ["model.dim"], "expected key.path=value"),

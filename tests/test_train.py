@@ -1766,3 +1766,33 @@ def test_fp8_at_one_micro_step_per_step_says_its_weight_casts_cost_what_it_saves
     assert _convert_own_fp8(engine, cfg, coalesced=False) == [ONE_MICRO_STEP_FP8]
     accumulating = load_config(SMOKE, ["precision=fp8", "train.grad_accum_steps=4"])
     assert _convert_own_fp8(engine, accumulating, coalesced=True) == []
+
+
+def test_keep_every_keeps_milestones_that_keep_last_would_prune(tmp_path):
+    import torch.distributed as dist
+
+    from deepseek_pt.engine import checkpoint
+
+    class Engine:
+        def save_checkpoint(self, root, tag, client_state, save_latest):
+            (Path(root) / tag).mkdir(parents=True)
+            (Path(root) / tag / "mp_rank_00_model_states.pt").write_bytes(b"states")
+
+    root = checkpoint.checkpoints_dir(tmp_path)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    try:
+        for step in range(2, 21, 2):
+            checkpoint.save(Engine(), tmp_path, step, {}, ep_size=1, keep_last=2, keep_every=6)
+            if step == 6:
+                (root / "step_00000006_universal").mkdir()  # a resume's conversion of a milestone stays with it
+    finally:
+        dist.destroy_process_group()
+    assert sorted(p.name for p in root.iterdir() if p.is_dir()) == [
+        "step_00000006", "step_00000006_universal", "step_00000012", "step_00000018", "step_00000020"]
+
+
+@pytest.mark.slow
+def test_a_run_keeps_its_milestone_checkpoints(tmp_path, data):
+    train(1, tmp_path, data, "parallel.expert_parallel_size=1", "train.save_every=2", "train.keep_last=1",
+          "train.keep_every=4")
+    assert sorted(p.name for p in (tmp_path / "checkpoints").glob("step_*")) == ["step_00000004", "step_00000008"]

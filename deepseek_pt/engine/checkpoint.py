@@ -54,6 +54,12 @@ def tag_for(step: int) -> str:
     return f"step_{step:08d}"
 
 
+def _tag_step(tag: str) -> int | None:
+    """The step of a tag_for tag; None for another name."""
+    digits = tag.removeprefix("step_")
+    return int(digits) if digits.isdigit() else None
+
+
 def _files(tag_dir: Path) -> list[str]:
     return sorted(str(p.relative_to(tag_dir)) for p in tag_dir.rglob("*")
                   if p.is_file() and p.name != "meta.json" and not p.name.startswith("."))
@@ -84,12 +90,13 @@ def set_rng_state(state: dict) -> None:
 
 
 def save(engine, run_dir: Path, step: int, client_state: dict, ep_size: int, keep_last: int,
-         zero_init: bool = False, settings: dict | None = None) -> Path:
+         zero_init: bool = False, settings: dict | None = None, keep_every: int = 0) -> Path:
     """Collective: every rank calls it. Returns the checkpoint directory. `ep_size` and `zero_init` (how the model
     was built: its partitions are laid out differently) go into meta.json with the world size: a resume that changes
     any of them goes through the universal checkpoint. `settings` (the model section, ZeRO stage, bf16, ...) go there:
     what a resume must match (engine/preflight.py's resume_mismatch). A write that fails on any rank (a full disk) raises
-    CheckpointError on every rank, naming the checkpoint, the rank and the free space."""
+    CheckpointError on every rank, naming the checkpoint, the rank and the free space. Then the newest `keep_last`
+    complete checkpoints stay, and those of steps that are multiples of `keep_every` (if not 0)."""
     root = checkpoints_dir(run_dir)
     tag = tag_for(step)
     tag_dir = root / tag
@@ -128,7 +135,7 @@ def save(engine, run_dir: Path, step: int, client_state: dict, ep_size: int, kee
                        f"{free_space(root)} on that filesystem. The incomplete "
                        f"{tag} (no meta.json) is ignored on resume and pruned by a later save")
         else:
-            _prune(root, keep_last)  # what it cannot remove stays: a later save tries again
+            _prune(root, keep_last, keep_every)  # what it cannot remove stays: a later save tries again
     _raise_on_every_rank(failure)  # also the barrier: every rank returns once the save is complete
     return tag_dir
 
@@ -141,11 +148,14 @@ def _raise_on_every_rank(failure: str | None) -> None:
         raise CheckpointError(failures[0])
 
 
-def _prune(root: Path, keep_last: int) -> None:
-    """Delete complete checkpoints beyond the newest keep_last, and any incomplete older one."""
+def _prune(root: Path, keep_last: int, keep_every: int = 0) -> None:
+    """Delete complete checkpoints beyond the newest keep_last but for those of steps that are multiples of
+    keep_every (if not 0), and any incomplete older one."""
     tags = sorted(p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith("_universal"))
     complete = [p for p in tags if (p / "meta.json").exists()]
     keep = set(complete[-keep_last:])
+    if keep_every:
+        keep.update(p for p in complete if (step := _tag_step(p.name)) is not None and step % keep_every == 0)
     newest = complete[-1] if complete else None
     for p in tags:
         if p not in keep and (p in complete or (newest is not None and p.name < newest.name)):
