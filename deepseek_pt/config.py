@@ -455,13 +455,13 @@ class Config:
 # Loading
 
 
-def _type_name(tp: Any) -> str:
+def type_name(tp: Any) -> str:
     if typing.get_origin(tp) is Literal:
         return " | ".join(repr(a) for a in typing.get_args(tp))
     if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
-        return " | ".join(_type_name(a) for a in typing.get_args(tp))
+        return " | ".join(type_name(a) for a in typing.get_args(tp))
     if typing.get_origin(tp) is list:
-        return f"list of {_type_name(typing.get_args(tp)[0])}"
+        return f"list of {type_name(typing.get_args(tp)[0])}"
     return "null" if tp is type(None) else getattr(tp, "__name__", str(tp))
 
 
@@ -475,11 +475,11 @@ def _convert(value: Any, tp: Any, key: str, where: str) -> Any:
     if origin is Literal:
         # the type too: True == 1 and 3.0 == 3, but a bool or a float is not a ZeRO stage
         if not any(type(value) is type(a) and value == a for a in typing.get_args(tp)):
-            raise ConfigError(f"{where}: {key}: {value!r} is not one of {_type_name(tp)}")
+            raise ConfigError(f"{where}: {key}: {value!r} is not one of {type_name(tp)}")
         return value
     if origin is list:
         if not isinstance(value, list):
-            raise ConfigError(f"{where}: {key}: expected {_type_name(tp)}, got {value!r}")
+            raise ConfigError(f"{where}: {key}: expected {type_name(tp)}, got {value!r}")
         return [_convert(v, typing.get_args(tp)[0], f"{key}[{i}]", where) for i, v in enumerate(value)]
     if isinstance(tp, types.UnionType) or origin is typing.Union:
         for option in typing.get_args(tp):
@@ -491,7 +491,7 @@ def _convert(value: Any, tp: Any, key: str, where: str) -> Any:
                 return _convert(value, option, key, where)
             except ConfigError:
                 pass  # the next option may fit; the error below names them all
-        raise ConfigError(f"{where}: {key}: expected {_type_name(tp)}, got {value!r}")
+        raise ConfigError(f"{where}: {key}: expected {type_name(tp)}, got {value!r}")
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         try:
             return float(value)
@@ -505,7 +505,7 @@ def _convert(value: Any, tp: Any, key: str, where: str) -> Any:
     if tp is float and isinstance(value, float) and not math.isfinite(value):
         raise ConfigError(f"{where}: {key}: must be a finite number, got {value!r}")
     if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
-        raise ConfigError(f"{where}: {key}: expected {_type_name(tp)}, got {value!r}")
+        raise ConfigError(f"{where}: {key}: expected {type_name(tp)}, got {value!r}")
     if tp is int and not -2**63 <= value < 2**63:  # torch, numpy and DeepSpeed take int64 (an extra digit or ten)
         raise ConfigError(f"{where}: {key}: {value} does not fit in 64 bits")
     return value
@@ -518,13 +518,13 @@ REPLACED_KEYS = {
 }
 
 
-def _key_paths(cls: type, prefix: str = "") -> list[str]:
+def key_paths(cls: type, prefix: str = "") -> list[str]:
     """Every key path of the config dataclass `cls` (lists of dataclasses, data.blend's, left out)."""
     paths = []
     for f in dataclasses.fields(cls):
         path = f"{prefix}.{f.name}" if prefix else f.name
         tp = typing.get_type_hints(cls)[f.name]
-        paths += _key_paths(tp, path) if dataclasses.is_dataclass(tp) else [path]
+        paths += key_paths(tp, path) if dataclasses.is_dataclass(tp) else [path]
     return paths
 
 
@@ -533,7 +533,7 @@ def _suggestion(key: str, names: set[str], prefix: str) -> str:
     section of the config (a key put under the wrong section); "" when neither."""
     if close := difflib.get_close_matches(key, sorted(names), n=1, cutoff=0.7):
         return f", did you mean {prefix + '.' if prefix else ''}{close[0]}?"
-    elsewhere = [p for p in _key_paths(Config) if p.rsplit(".", 1)[-1] == key]
+    elsewhere = [p for p in key_paths(Config) if p.rsplit(".", 1)[-1] == key]
     return f", did you mean {' or '.join(elsewhere)}?" if elsewhere else ""
 
 

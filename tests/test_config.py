@@ -315,3 +315,34 @@ def test_preflight_refuses_expert_widths_grouped_gemms_cannot_take(tmp_path, mon
     preflight_checks.preflight(load_config(CONFIGS / "smoke.yaml", [f"data.path={ASSETS / 'smoke_shards'}",
                                                                     f"run.dir={tmp_path}", *overrides,
                                                                     "model.moe.n_dense_layers=2"]), world_size=2)
+
+
+def test_every_config_key_is_documented_where_it_is_declared():
+    # show_config --key prints these: a field added without the text under it would print "(no documentation)".
+    from deepseek_pt.config import Config, key_paths
+    from deepseek_pt.show_config import field_docs
+
+    docs = field_docs()
+    assert set(docs) == set(key_paths(Config)) and len(docs) > 100
+    assert [k for k, text in docs.items() if not text] == []
+    assert docs["train.keep_every"].startswith("Also keep, whatever keep_last says")
+
+
+def test_show_config_prints_what_a_run_would_use_and_explains_keys(tmp_path, capsys):
+    from deepseek_pt.config import load_config
+    from deepseek_pt.show_config import main
+
+    smoke = Path(__file__).resolve().parent.parent / "configs" / "smoke.yaml"
+    assert main([str(smoke), "train.max_steps=7"]) == 0
+    resolved = tmp_path / "resolved.yaml"
+    resolved.write_text(capsys.readouterr().out)
+    assert load_config(resolved) == load_config(smoke, ["train.max_steps=7"])  # every key, defaults filled in
+    assert main([str(smoke), "precision=fp8", "--key", "train.keep_last", "--key", "fp8"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("train.keep_last: 3  (int; default 3)\n    Checkpoints to keep;"), out
+    assert "\nfp8.recipe: tensorwise  ('tensorwise' | 'rowwise' | 'rowwise_with_gw_hp' | 'blockwise'; default " \
+           "tensorwise)\n" in out and "\nfp8.dense_mlp: false  (bool; default false)\n" in out, out
+    assert main([str(smoke), "--key", "train.keep_evry"]) == 2
+    assert ("error: --key train.keep_evry: no such key or section; did you mean train.keep_every"
+            in capsys.readouterr().err)
+    assert main([str(smoke), "train.bogus=1"]) == 2 and "train.bogus: unknown key" in capsys.readouterr().err

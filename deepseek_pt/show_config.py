@@ -1,0 +1,108 @@
+"""python -m deepseek_pt.show_config CONFIG [key.path=value ...] [--key KEY ...]: the config a run would use.
+
+Without --key: every key, defaults filled in, as YAML (what the run directory's config.yaml will hold), after the
+validation training runs. With --key (repeatable; a section such as `fp8` stands for all its keys): each key's value
+here, its type and default, and its documentation, the text under its field in deepseek_pt/config.py."""
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import difflib
+import inspect
+import sys
+import typing
+
+import yaml
+
+from . import config as config_module
+from .config import Config, ConfigError, key_paths, load_config
+
+
+def field_docs() -> dict[str, str]:
+    """Every key path of Config -> the docstring under its field in config.py ("" for a field without one)."""
+    tree = ast.parse(inspect.getsource(config_module))
+    by_class = {}
+    for node in tree.body:
+        if isinstance(node, ast.ClassDef):
+            docs = {}
+            for stmt, after in zip(node.body, node.body[1:], strict=False):
+                if (isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name)
+                        and isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant)
+                        and isinstance(after.value.value, str)):
+                    docs[stmt.target.id] = inspect.cleandoc(after.value.value)
+            by_class[node.name] = docs
+    out = {}
+
+    def walk(cls: type, prefix: str) -> None:
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            path = f"{prefix}.{f.name}" if prefix else f.name
+            if dataclasses.is_dataclass(hints[f.name]):
+                walk(hints[f.name], path)
+            else:
+                out[path] = by_class.get(cls.__name__, {}).get(f.name, "")
+
+    walk(Config, "")
+    return out
+
+
+def _field(path: str) -> tuple[object, dataclasses.Field]:
+    """The type annotation and dataclass field of a key path."""
+    cls, *sections, name = [Config, *path.split(".")]
+    for section in sections:
+        cls = typing.get_type_hints(cls)[section]
+    return typing.get_type_hints(cls)[name], next(f for f in dataclasses.fields(cls) if f.name == name)
+
+
+def _value(cfg: Config, path: str) -> object:
+    for name in path.split("."):
+        cfg = getattr(cfg, name)
+    return cfg
+
+
+def _yaml_value(value: object) -> str:
+    if dataclasses.is_dataclass(value):
+        value = dataclasses.asdict(value)
+    elif isinstance(value, list):
+        value = [dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v for v in value]
+    return yaml.safe_dump(value, default_flow_style=True, width=10**6).strip().removesuffix("\n...")
+
+
+def describe(cfg: Config, keys: list[str]) -> str:
+    """What --key prints for each of `keys` (a key path, or a section for all its keys); ValueError naming a key
+    that is neither, with the nearest ones."""
+    paths, docs = key_paths(Config), field_docs()
+    lines = []
+    for key in keys:
+        chosen = [p for p in paths if p == key or p.startswith(key + ".")]
+        if not chosen:
+            near = difflib.get_close_matches(key, paths, n=3, cutoff=0.6)
+            raise ValueError(f"--key {key}: no such key or section" + (f"; did you mean {', '.join(near)}?" if near
+                                                                        else ""))
+        for path in chosen:
+            tp, f = _field(path)
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            lines.append(f"{path}: {_yaml_value(_value(cfg, path))}  ({config_module.type_name(tp)}; default "
+                         f"{_yaml_value(default)})")
+            lines += [f"    {line}" for line in (docs[path] or "(no documentation)").splitlines()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m deepseek_pt.show_config", description=__doc__)
+    parser.add_argument("config", help="YAML config")
+    parser.add_argument("overrides", nargs="*", help="key.path=value")
+    parser.add_argument("--key", action="append", default=[], help="a key path or section to describe")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        print(describe(cfg, args.key) if args.key else yaml.safe_dump(cfg.to_dict(), sort_keys=False).rstrip("\n"))
+    except (ConfigError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
