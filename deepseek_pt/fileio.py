@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -65,6 +66,19 @@ def free_space(path: str | Path) -> str:
         return f"{size_text(shutil.disk_usage(path).free)} free"
     except OSError:
         return "free space unknown"
+
+
+SIGPIPE_EXIT = 141  # 128 + SIGPIPE: what a shell reports for a tool whose reader went away (`yes | head`)
+
+
+def stdout_reader_gone() -> int:
+    """For a command line whose stdout's reader closed the pipe (`... | head`): stop quietly, as Unix tools do. Points
+    stdout at /dev/null, so that the interpreter's last flush does not print a traceback, and returns the exit status
+    SIGPIPE would have given."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return SIGPIPE_EXIT
 
 
 def describe_os_error(e: OSError) -> str:

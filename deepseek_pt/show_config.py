@@ -17,6 +17,7 @@ import yaml
 
 from . import config as config_module
 from .config import Config, ConfigError, key_paths, load_config
+from .fileio import stdout_reader_gone
 
 
 def field_docs() -> dict[str, str]:
@@ -101,6 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `... | head`
+        return stdout_reader_gone()
     return 0
 
 

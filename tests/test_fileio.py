@@ -88,3 +88,26 @@ def test_the_nesting_check_walks_a_shared_node_once():
     for _ in range(40):
         node = [node] * 10
     assert check_nesting(node) is node
+
+
+@pytest.mark.parametrize("handled", [True, False])
+def test_a_command_whose_reader_closes_the_pipe_stops_quietly(handled):
+    # `python -m deepseek_pt.generate ... | head`: without the handling, "error: Broken pipe" and exit 2 (run_cli's
+    # user error), or a traceback.
+    import subprocess
+    import sys
+
+    body = ("import sys\n"
+            "from deepseek_pt.interop.cli import run_cli\n"
+            "def write():\n"
+            "    for _ in range(100000):\n"
+            "        print('x' * 100, flush=True)\n"
+            + ("sys.exit(run_cli(write))\n" if handled else "write()\n"))
+    proc = subprocess.run(f"{sys.executable} -c \"{body}\" | head -c 10 > /dev/null; exit ${{PIPESTATUS[0]}}",
+                          shell=True, executable="/bin/bash", capture_output=True, text=True, timeout=120,
+                          check=False)
+    stderr = "\n".join(line for line in proc.stderr.splitlines() if "WARN" not in line)
+    if handled:
+        assert proc.returncode == 141 and stderr == "", (proc.returncode, proc.stderr[-2000:])
+    else:  # the control: Python's own behaviour, which the handling replaces
+        assert proc.returncode != 141 and "BrokenPipeError" in stderr, (proc.returncode, proc.stderr[-2000:])

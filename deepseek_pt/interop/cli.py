@@ -11,7 +11,7 @@ import torch
 from ..config import ConfigError
 from ..data import DataError
 from ..export import DTYPES, ExportError
-from ..fileio import describe_os_error
+from ..fileio import describe_os_error, stdout_reader_gone
 from .hf import HFConversionError
 
 DTYPE_CHOICES = DTYPES
@@ -40,6 +40,8 @@ def device_arg(name: str) -> str:
 def run_cli(fn: Callable[[], None]) -> int:
     try:
         fn()
+    except BrokenPipeError:  # `generate ... | head`: not an error of the user's
+        return stdout_reader_gone()
     except USER_ERRORS as e:
         print(f"error: {describe_os_error(e) if isinstance(e, OSError) else e}", file=sys.stderr)
         return 2
