@@ -2,7 +2,8 @@
 
 Without --key: every key, defaults filled in, as YAML (what the run directory's config.yaml will hold), after the
 validation training runs. With --key (repeatable; a section such as `fp8` stands for all its keys): each key's value
-here, its type and default, and its documentation, the text under its field in deepseek_pt/config.py."""
+here, its type and default, and its documentation, the text under its field in deepseek_pt/config.py. With
+--changed: the keys whose value here is not the default, described as --key describes them."""
 from __future__ import annotations
 
 import argparse
@@ -16,7 +17,7 @@ import typing
 import yaml
 
 from . import config as config_module
-from .config import Config, ConfigError, key_paths, load_config
+from .config import Config, ConfigError, differences, key_paths, load_config
 from .fileio import stdout_reader_gone
 
 
@@ -95,9 +96,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("config", help="YAML config")
     parser.add_argument("overrides", nargs="*", help="key.path=value")
     parser.add_argument("--key", action="append", default=[], help="a key path or section to describe")
+    parser.add_argument("--changed", action="store_true", help="describe the keys set to other than their default")
     args = parser.parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
+        if args.changed:
+            args.key += [key for key, _, _ in differences(Config(), cfg)]
+            if not args.key:
+                print("every key has its default")
+                return 0
         print(describe(cfg, args.key) if args.key else yaml.safe_dump(cfg.to_dict(), sort_keys=False).rstrip("\n"))
     except (ConfigError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

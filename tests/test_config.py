@@ -342,6 +342,13 @@ def test_show_config_prints_what_a_run_would_use_and_explains_keys(tmp_path, cap
     assert out.startswith("train.keep_last: 3  (int; default 3)\n    Checkpoints to keep;"), out
     assert "\nfp8.recipe: tensorwise  ('tensorwise' | 'rowwise' | 'rowwise_with_gw_hp' | 'blockwise'; default " \
            "tensorwise)\n" in out and "\nfp8.dense_mlp: false  (bool; default false)\n" in out, out
+    assert main([str(smoke), "train.keep_last=5", "--changed"]) == 0
+    changed = [line.split(":")[0] for line in capsys.readouterr().out.splitlines() if not line.startswith(" ")]
+    assert "train.keep_last" in changed and "model.dim" in changed and "train.keep_every" not in changed, changed
+    assert main([str(resolved.with_name("defaults.yaml").resolve()), "--changed"]) == 2  # no such file
+    (tmp_path / "defaults.yaml").write_text("{}\n")
+    assert main([str(tmp_path / "defaults.yaml"), "--changed"]) == 0
+    assert capsys.readouterr().out == "every key has its default\n"
     assert main([str(smoke), "--key", "train.keep_evry"]) == 2
     assert ("error: --key train.keep_evry: no such key or section; did you mean train.keep_every"
             in capsys.readouterr().err)
