@@ -64,9 +64,8 @@ def _value(cfg: Config, path: str) -> object:
 
 
 def _yaml_value(value: object) -> str:
-    if dataclasses.is_dataclass(value):
-        value = dataclasses.asdict(value)
-    elif isinstance(value, list):
+    """A leaf's value as one line of YAML (data.blend's, a list of sources, as a flow sequence of mappings)."""
+    if isinstance(value, list):
         value = [dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v for v in value]
     return yaml.safe_dump(value, default_flow_style=True, width=10**6).strip().removesuffix("\n...")
 
