@@ -519,12 +519,11 @@ REPLACED_KEYS = {
 
 
 def key_paths(cls: type, prefix: str = "") -> list[str]:
-    """Every key path of the config dataclass `cls` (lists of dataclasses, data.blend's, left out)."""
-    paths = []
+    """Every key path of the config dataclass `cls`, down to its leaves (a list, data.blend's, is one leaf)."""
+    hints, paths = typing.get_type_hints(cls), []
     for f in dataclasses.fields(cls):
         path = f"{prefix}.{f.name}" if prefix else f.name
-        tp = typing.get_type_hints(cls)[f.name]
-        paths += key_paths(tp, path) if dataclasses.is_dataclass(tp) else [path]
+        paths += key_paths(hints[f.name], path) if dataclasses.is_dataclass(hints[f.name]) else [path]
     return paths
 
 

@@ -35,26 +35,18 @@ def field_docs() -> dict[str, str]:
                     docs[stmt.target.id] = inspect.cleandoc(after.value.value)
             by_class[node.name] = docs
     out = {}
-
-    def walk(cls: type, prefix: str) -> None:
-        hints = typing.get_type_hints(cls)
-        for f in dataclasses.fields(cls):
-            path = f"{prefix}.{f.name}" if prefix else f.name
-            if dataclasses.is_dataclass(hints[f.name]):
-                walk(hints[f.name], path)
-            else:
-                out[path] = by_class.get(cls.__name__, {}).get(f.name, "")
-
-    walk(Config, "")
+    for path in key_paths(Config):
+        owner, _, f = _field(path)
+        out[path] = by_class.get(owner.__name__, {}).get(f.name, "")
     return out
 
 
-def _field(path: str) -> tuple[object, dataclasses.Field]:
-    """The type annotation and dataclass field of a key path."""
+def _field(path: str) -> tuple[type, object, dataclasses.Field]:
+    """The dataclass that declares a key path's field, the field's type annotation, and the field."""
     cls, *sections, name = [Config, *path.split(".")]
     for section in sections:
         cls = typing.get_type_hints(cls)[section]
-    return typing.get_type_hints(cls)[name], next(f for f in dataclasses.fields(cls) if f.name == name)
+    return cls, typing.get_type_hints(cls)[name], next(f for f in dataclasses.fields(cls) if f.name == name)
 
 
 def _value(cfg: Config, path: str) -> object:
@@ -82,7 +74,7 @@ def describe(cfg: Config, keys: list[str]) -> str:
             raise ValueError(f"--key {key}: no such key or section" + (f"; did you mean {', '.join(near)}?" if near
                                                                         else ""))
         for path in chosen:
-            tp, f = _field(path)
+            _, tp, f = _field(path)
             default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
             lines.append(f"{path}: {_yaml_value(_value(cfg, path))}  ({config_module.type_name(tp)}; default "
                          f"{_yaml_value(default)})")

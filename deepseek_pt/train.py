@@ -185,14 +185,19 @@ def optimizer_changes(saved: dict | None, cfg: Config) -> str:
                      if saved and key in saved and saved[key] != here[key])
 
 
+def step_sequences(cfg: Config, world: int) -> int:
+    """Sequences in one optimizer step over all `world` processes."""
+    return cfg.train.micro_batch_size * cfg.train.grad_accum_steps * world
+
+
 def resume_notes(client: dict, cfg: Config, world: int, step: int, eval_sequences: int | None) -> list[str]:
     """What a resume changes against the checkpoint's run (its client state `client`), as lines for the start's log:
     the sequences per optimizer step, the optimizer's settings, the evaluation's sequences. Said, not refused."""
     notes = []
-    sequences_per_step = cfg.train.micro_batch_size * cfg.train.grad_accum_steps * world
+    here = step_sequences(cfg, world)
     saved_batch = client.get("sequences_per_step")  # absent from checkpoints before it was recorded
-    if saved_batch is not None and saved_batch != sequences_per_step:
-        notes.append(f"resume: {sequences_per_step} sequences per optimizer step here (train.micro_batch_size "
+    if saved_batch is not None and saved_batch != here:
+        notes.append(f"resume: {here} sequences per optimizer step here (train.micro_batch_size "
                      f"{cfg.train.micro_batch_size} x train.grad_accum_steps {cfg.train.grad_accum_steps} x {world} "
                      f"processes), {saved_batch} in the checkpoint's run: the learning-rate schedule goes on by "
                      "steps, each now of that many sequences")
@@ -548,7 +553,7 @@ def _train(cfg: Config, rank: int, world: int, device: torch.device, stop: StopS
                           for s in sources], cfg.train.micro_batch_size, dp_rank=rank, dp_world=world,
                          seed=cfg.data.seed, weights=[s.weight for s in sources])
     step, tokens_seen, wandb_id = 0, 0, None
-    sequences_per_step = cfg.train.micro_batch_size * cfg.train.grad_accum_steps * world
+    sequences_per_step = step_sequences(cfg, world)
     # evaluate() reads the val split's first this many sequences (fewer if the split is shorter)
     eval_sequences = cfg.train.eval_sequences if cfg.train.eval_every else None
     if resume_dir is not None:

@@ -345,7 +345,7 @@ def test_show_config_prints_what_a_run_would_use_and_explains_keys(tmp_path, cap
     assert main([str(smoke), "train.keep_last=5", "--changed"]) == 0
     changed = [line.split(":")[0] for line in capsys.readouterr().out.splitlines() if not line.startswith(" ")]
     assert "train.keep_last" in changed and "model.dim" in changed and "train.keep_every" not in changed, changed
-    assert main([str(resolved.with_name("defaults.yaml").resolve()), "--changed"]) == 2  # no such file
+    assert main([str(tmp_path / "missing.yaml"), "--changed"]) == 2  # no such file
     (tmp_path / "defaults.yaml").write_text("{}\n")
     assert main([str(tmp_path / "defaults.yaml"), "--changed"]) == 0
     assert capsys.readouterr().out == "every key has its default\n"
