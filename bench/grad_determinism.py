@@ -2,7 +2,8 @@
 a GPU run stops being reproducible to the bit.
 
     python3 bench/grad_determinism.py [--config configs/bench-2b.yaml] [--repeats 3] [--digests OUT.json]
-        [--against EARLIER.json] [--attention cudnn|efficient|math] [--deterministic-algorithms] [key=value ...]
+        [--against EARLIER.json] [--attention cudnn|efficient|math] [--deterministic-algorithms [warn|strict]]
+        [key=value ...]
 
 One process builds the engine as training does (build_engine), draws one batch of random tokens, and computes the
 loss and every parameter's gradient `--repeats` times with the same weights (torch.autograd.grad, no optimizer
@@ -13,8 +14,11 @@ compares them with another process's (compiled kernels, autotuned picks and cach
 processes, not between repeats). Last, one JSON line.
 
 `--attention` puts one SDPA backend first (the model's order is cuDNN, efficient, flash, math);
-`--deterministic-algorithms` calls torch.use_deterministic_algorithms(True, warn_only=True) first (on a GPU it needs
-CUBLAS_WORKSPACE_CONFIG=:4096:8 in the environment). What these found on the H100 is in docs/benchmarks.md."""
+`--deterministic-algorithms` calls torch.use_deterministic_algorithms(True, warn_only=True) first, `... strict` with
+warn_only=False (on a GPU both need CUBLAS_WORKSPACE_CONFIG=:4096:8 in the environment). Only the strict form changes
+kernels: SDPA then passes over cuDNN, and the efficient kernel's backward stops splitting the keys between programs
+(PyTorch's sdp_utils.cpp and attention_backward.cu); an op with no deterministic kernel raises, naming itself. What
+these found on the H100 is in docs/benchmarks.md."""
 from __future__ import annotations
 
 import argparse
@@ -71,7 +75,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--digests", type=Path, help="write the first repeat's digests here (JSON)")
     p.add_argument("--against", type=Path, help="compare the digests with this file, another process's")
     p.add_argument("--attention", choices=sorted(FIRST_BACKEND), help="this SDPA backend first")
-    p.add_argument("--deterministic-algorithms", action="store_true")
+    p.add_argument("--deterministic-algorithms", nargs="?", const="warn", choices=["warn", "strict"])
     p.add_argument("overrides", nargs="*", help="key=value config overrides")
     args = p.parse_args(argv)
     if args.repeats < 2:
@@ -85,7 +89,7 @@ def main() -> None:
                  "MASTER_PORT": "29562"}.items():
         os.environ.setdefault(k, v)
     if args.deterministic_algorithms:
-        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.use_deterministic_algorithms(True, warn_only=args.deterministic_algorithms == "warn")
     if args.attention:
         first = FIRST_BACKEND[args.attention]
         mla.SDPA_PRIORITY = [first, *(b for b in mla.SDPA_PRIORITY if b != first)]
