@@ -37,7 +37,14 @@ from .engine.distributed import agree, check_same_config, init_distributed, mean
 from .engine.ds_config import build_ds_config, deepspeed_micro_steps, lr_scheduler
 from .engine.metrics import MetricsLogger, WandbError, peak_flops, peak_memory_gib
 from .engine.peer_failure import PeerFailureWatch
-from .engine.preflight import NEW_DATA_HINT, PreflightError, ignored_fp8_settings, preflight, resume_settings
+from .engine.preflight import (
+    DETERMINISTIC_CUBLAS_WORKSPACES,
+    NEW_DATA_HINT,
+    PreflightError,
+    ignored_fp8_settings,
+    preflight,
+    resume_settings,
+)
 from .fileio import describe_os_error
 from .model import Block, SwiGLU, Transformer, writable
 from .model.counting import train_flops_per_token
@@ -308,6 +315,23 @@ ONE_MICRO_STEP_FP8 = (
     "on an H100, 1.09-1.14x at 16 micro-steps per step: docs/benchmarks.md)")
 
 
+def set_determinism(cfg: Config) -> list[str]:
+    """train.deterministic and train.compile_deterministic, before anything compiles or runs a GEMM; the log's lines.
+    (preflight refused a CUBLAS_WORKSPACE_CONFIG that would defeat train.deterministic.)"""
+    lines = []
+    if cfg.train.compile_deterministic or cfg.train.deterministic:
+        from torch._inductor import config as inductor_config
+        inductor_config.deterministic = True  # read when a kernel is compiled: every compile after this
+        lines.append("compile: Inductor's deterministic mode (train.compile_deterministic), kernel configurations "
+                     "chosen without timing them")
+    if cfg.train.deterministic:
+        workspace = os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", DETERMINISTIC_CUBLAS_WORKSPACES[0])
+        torch.use_deterministic_algorithms(True)  # and, its default, new tensors filled: no read of unwritten memory
+        lines.append(f"deterministic: torch.use_deterministic_algorithms, CUBLAS_WORKSPACE_CONFIG={workspace}, "
+                     "SDPA without cuDNN (train.deterministic)")
+    return lines
+
+
 def build_engine(cfg: Config, world: int, init_from: str | None = None, load_universal: bool = False):
     """The model and its DeepSpeed engine, as training (and bench/) use them."""
     import deepspeed
@@ -317,12 +341,9 @@ def build_engine(cfg: Config, world: int, init_from: str | None = None, load_uni
     own_fp8 = cfg.precision == "fp8" and (cfg.fp8.experts or cfg.fp8.shared_experts or cfg.fp8.attention
                                           or cfg.fp8.dense_mlp)
     ds_config = build_ds_config(cfg, world, has_moe=uses_autoep(cfg), load_universal=load_universal)
-    if cfg.train.compile_deterministic:
-        from torch._inductor import config as inductor_config
-        inductor_config.deterministic = True  # read when a kernel is compiled: every compile below
+    for line in set_determinism(cfg):
         if rank0:
-            print("compile: Inductor's deterministic mode (train.compile_deterministic), kernel configurations chosen "
-                  "without timing them", flush=True)
+            print(line, flush=True)
     torch.manual_seed(cfg.train.seed)
     with deepspeed.zero.Init(config_dict_or_path=ds_config, enabled=cfg.parallel.zero_init):
         model = Transformer(cfg.model)

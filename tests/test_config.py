@@ -317,6 +317,27 @@ def test_preflight_refuses_expert_widths_grouped_gemms_cannot_take(tmp_path, mon
                                                                     "model.moe.n_dense_layers=2"]), world_size=2)
 
 
+@pytest.mark.parametrize("workspace, refused", [(":0:0", True), (":16:8", False), (None, False)])
+def test_preflight_refuses_a_cublas_workspace_that_defeats_train_deterministic(tmp_path, monkeypatch, workspace,
+                                                                                refused):
+    import deepseek_pt.engine.preflight as preflight_checks
+
+    monkeypatch.setattr(preflight_checks, "host_memory_available", lambda: None)
+    if workspace is None:
+        monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    else:
+        monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", workspace)
+    base = [f"data.path={ASSETS / 'smoke_shards'}", f"run.dir={tmp_path / 'run'}"]
+    preflight_checks.preflight(load_config(CONFIGS / "smoke.yaml", base), world_size=2)  # only train.deterministic asks
+    cfg = load_config(CONFIGS / "smoke.yaml", [*base, "train.deterministic=true"])
+    if refused:
+        with pytest.raises(preflight_checks.PreflightError, match=r"^train.deterministic: CUBLAS_WORKSPACE_CONFIG="
+                                                                  r"':0:0' in the environment; cuBLAS repeats"):
+            preflight_checks.preflight(cfg, world_size=2)
+    else:
+        preflight_checks.preflight(cfg, world_size=2)
+
+
 def test_every_config_key_is_documented_where_it_is_declared():
     # show_config --key prints these: a field added without the text under it would print "(no documentation)".
     from deepseek_pt.config import Config, key_paths

@@ -1414,7 +1414,7 @@ def test_parallel_timeout_minutes_ends_a_wait_on_a_hung_rank():
 @pytest.mark.parametrize("overrides, leaf, compiled, hooked_linears", [
     (["parallel.zero_leaf_blocks=false", "parallel.zero_memory_efficient_linear=true",
       "parallel.zero_idle_hooks_off=false"], [], [], 18),
-    (["train.compile_blocks=true", "train.compile_deterministic=true"], ["layers.0", "layers.1"],
+    (["train.compile_blocks=true", "train.deterministic=true"], ["layers.0", "layers.1"],
      ["layers.0.attention_residual", "layers.0.mlp_residual", "layers.1.attention_residual", "token_loss"], 0),
     (["parallel.zero_persistence_threshold=1000"], ["layers.0", "layers.1"], [], 1),
 ], ids=["hooks-per-linear", "leaf-and-compiled-blocks", "params-released"])
@@ -1422,7 +1422,8 @@ def test_zero3_block_granularity_and_compiled_blocks(tmp_path, baseline, data, o
                                                      hooked_linears):
     """Blocks as ZeRO-3 leaf modules (the default) and compiled block halves (here in Inductor's deterministic
     mode) change the hooks, not the math: the wiring is what the engine reports, and 8 training steps give the
-    baseline's losses. So do ZeRO-3's per-module hooks, which the baseline runs without: at the default threshold
+    baseline's losses, also under torch's deterministic algorithms (train.deterministic, which implies Inductor's
+    deterministic mode: no op on this path lacks a deterministic kernel). So do ZeRO-3's per-module hooks, which the baseline runs without: at the default threshold
     every smoke parameter (the largest, the embedding, has 65,536 elements) stays gathered, so the engine removes
     them (parallel.zero_idle_hooks_off); the hooks-per-linear case keeps them. So does ZeRO-3 releasing
     parameters after each use and gathering them again, which only the params-released case runs. DeepSpeed's
@@ -1436,7 +1437,9 @@ def test_zero3_block_granularity_and_compiled_blocks(tmp_path, baseline, data, o
     assert not wiring["throughput_timer"]  # DeepSpeed's would synchronize the GPU at every forward
     assert wiring["torch_linear"] == ("parallel.zero_memory_efficient_linear=true" not in overrides)
     assert wiring["fused_zero_step"]  # parallel.zero_fused_step's default
-    assert wiring["inductor_deterministic"] == ("train.compile_deterministic=true" in overrides)
+    deterministic = "train.deterministic=true" in overrides
+    assert wiring["inductor_deterministic"] == wiring["deterministic_algorithms"] == deterministic
+    assert wiring["cublas_workspace"] == (":4096:8" if deterministic else None)
     train(2, tmp_path, data, *overrides)
     assert_same_losses(tmp_path, baseline, abs=1e-5)
 

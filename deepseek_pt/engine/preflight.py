@@ -58,8 +58,17 @@ def ignored_fp8_settings(cfg: Config) -> str | None:
             "the fp8 section applies at precision=fp8 only")
 
 
+# cuBLAS's workspace settings under which its GEMMs repeat to the bit (the cuBLAS guide's "Results reproducibility")
+DETERMINISTIC_CUBLAS_WORKSPACES = (":4096:8", ":16:8")
+
+
 def preflight(cfg: Config, world_size: int) -> None:
     """Everything that can be refused before starting: names the key or path at fault."""
+    workspace = os.environ.get("CUBLAS_WORKSPACE_CONFIG")
+    if cfg.train.deterministic and workspace not in (None, *DETERMINISTIC_CUBLAS_WORKSPACES):
+        raise PreflightError(f"train.deterministic: CUBLAS_WORKSPACE_CONFIG={workspace!r} in the environment; cuBLAS "
+                             f"repeats its sums only under {' or '.join(DETERMINISTIC_CUBLAS_WORKSPACES)} (or leave it "
+                             "unset: training then sets the first)")
     has_moe = cfg.model.moe.n_dense_layers < cfg.model.n_layers
     ep = cfg.parallel.expert_parallel_size
     if has_moe and world_size % ep:

@@ -1,11 +1,13 @@
 """Run under the deepspeed launcher: build the training engine (smoke config + overrides from argv) and report, on
 rank 0, how it is wired: which modules ZeRO-3 fetches as a unit (leaf modules), whether its per-module hooks are on
 (engine/zero3_hooks.py) and how many linears it hooks one by one, which block methods were compiled and whether in
-Inductor's deterministic mode, whether DeepSpeed's throughput timer (a GPU sync per forward) runs, whether
+Inductor's deterministic mode, whether torch's deterministic algorithms are on and under which cuBLAS workspace
+setting, whether DeepSpeed's throughput timer (a GPU sync per forward) runs, whether
 torch.nn.functional.linear is still torch's, whether ZeRO-3 steps through engine/zero3_step.py; and the dtypes it
 computes in: parameters, and the buffers that must keep fp32 (RoPE frequencies equal to a fresh computation, the
 balancing bias). One JSON line."""
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -46,6 +48,8 @@ def main():
             "fused_zero_step": zero3_step.installed(engine.optimizer),
             "zero3_module_hooks": zero3_hooks.present(engine),
             "inductor_deterministic": torch._inductor.config.deterministic,
+            "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
+            "cublas_workspace": os.environ.get("CUBLAS_WORKSPACE_CONFIG"),
             "param_dtypes": sorted({str(p.dtype) for p in engine.module.parameters()}),
             "rope_dtypes": sorted({str(b.dtype) for b in rope}),
             "rope_exact": len(rope) == cfg.model.n_layers and all(torch.equal(b.cpu(), exact) for b in rope),
