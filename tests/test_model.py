@@ -56,6 +56,27 @@ def test_absorbed_attention_equals_plain(q_lora):
     assert cache.kv.shape[-1] + cache.pe.shape[-1] == cfg.model.attention.kv_lora_rank + cfg.model.attention.qk_rope_head_dim
 
 
+def test_attention_under_deterministic_algorithms_equals_the_default_path():
+    """train.deterministic's attention (flash on v zero-padded to q/k's width, the padding's columns dropped) gives
+    the default SDPA path's output and gradients: the padding changes nothing but the kernel's shape."""
+    cfg = tiny(attention__v_head_dim=8)  # narrower than q/k (12), as bench-2b's 128 against 192
+    attn = MLA(cfg.model)
+    x = torch.randn(2, 24, cfg.model.dim, requires_grad=True)
+
+    def output_and_grads():
+        out = attn(x)
+        return (out, *torch.autograd.grad(out.square().sum(), [x, *attn.parameters()]))
+
+    default = output_and_grads()
+    torch.use_deterministic_algorithms(True)
+    try:
+        deterministic = output_and_grads()
+    finally:
+        torch.use_deterministic_algorithms(False)
+    for got, want in zip(deterministic, default, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
 def test_cached_decoding_equals_full_forward():
     cfg = tiny()
     model = Transformer(cfg.model).eval()

@@ -97,9 +97,17 @@ class MLA(nn.Module):
         k_nope, v = self.kv_b_proj(c_kv).view(B, T, H, -1).split([self.nope_dim, self.v_dim], dim=-1)
         q = torch.cat([q_nope, q_pe], dim=-1)
         k = torch.cat([k_nope, k_pe.unsqueeze(2).expand(B, T, H, self.rope_dim)], dim=-1)
-        with sdpa_kernel(SDPA_PRIORITY, set_priority=True):
-            o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                               is_causal=True, scale=self.softmax_scale)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        if torch.are_deterministic_algorithms_enabled():
+            # train.deterministic. SDPA refuses cuDNN then, and the efficient kernel's backward, its sums over the
+            # keys unsplit, took 7 ms a layer on bench-2b (H100). FlashAttention-2's deterministic backward takes
+            # v only as wide as q/k: v padded with zeros, whose output columns are dropped (docs/benchmarks.md).
+            with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+                o = F.scaled_dot_product_attention(q, k, F.pad(v, (0, q.shape[-1] - self.v_dim)), is_causal=True,
+                                                   scale=self.softmax_scale)[..., : self.v_dim]
+        else:
+            with sdpa_kernel(SDPA_PRIORITY, set_priority=True):
+                o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.softmax_scale)
         return self.output(o.transpose(1, 2).reshape(B, T, H * self.v_dim))
 
     def _absorbed(self, q_nope, q_pe, kv, pe, start_pos: int) -> torch.Tensor:
