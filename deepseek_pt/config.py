@@ -250,12 +250,13 @@ class TrainConfig:
     alone and beside another run. For comparisons between runs (ablations, loss checks); it costs whatever speed
     the timed choice would have found (bench-2b: -1.7% in one call, within the noise between identical cases)."""
     deterministic: bool = False
-    """Runs reproducible to the bit on a GPU: torch.use_deterministic_algorithms(True), cuBLAS's fixed workspace
+    """Runs that repeat to the bit on a GPU: torch.use_deterministic_algorithms(True), cuBLAS's fixed workspace
     (CUBLAS_WORKSPACE_CONFIG=:4096:8, set for the process unless the environment sets it) and Inductor's
-    deterministic mode (train.compile_deterministic). SDPA then passes over cuDNN, whose backward sums the query's
-    gradient in an order that varies between launches (on an H100 bf16 runs parted by 1e-5 in loss after a few
-    steps), for the efficient kernel with its keys' sums unsplit. An op with no deterministic kernel raises, naming
-    itself. Its cost on bench-2b: docs/benchmarks.md."""
+    deterministic mode (train.compile_deterministic). Attention then runs FlashAttention-2's deterministic backward
+    on v zero-padded to q/k's width, where cuDNN's backward sums the query's gradient in an order that varies
+    between launches (bf16 runs part by 1e-5 in loss after a few steps). An op with no deterministic kernel raises,
+    naming itself. On an H100, bench-2b bf16: a run, its stop-and-resume and a universal-load resume logged the
+    same losses and gradient norms to the bit, at ~0.83x the default's tokens/s (docs/benchmarks.md)."""
     eval_every: int = 0
     """Evaluate on the val split every this many steps (and at the end); 0 disables."""
     eval_sequences: int = 256

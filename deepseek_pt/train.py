@@ -328,7 +328,7 @@ def set_determinism(cfg: Config) -> list[str]:
         workspace = os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", DETERMINISTIC_CUBLAS_WORKSPACES[0])
         torch.use_deterministic_algorithms(True)  # and, its default, new tensors filled: no read of unwritten memory
         lines.append(f"deterministic: torch.use_deterministic_algorithms, CUBLAS_WORKSPACE_CONFIG={workspace}, "
-                     "SDPA without cuDNN (train.deterministic)")
+                     "attention through FlashAttention-2 on v padded to q/k's width (train.deterministic)")
     return lines
 
 
