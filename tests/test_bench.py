@@ -289,6 +289,24 @@ def test_grad_determinism_finds_no_difference_on_a_cpu_in_a_process_or_between_t
     assert second["differ_from_against"] == [] and second["losses"][0] == first["losses"][0], second
 
 
+def test_sdpa_backends_pads_v_for_flash_and_reports_a_refused_kernel(monkeypatch):
+    """The probe's flash case (v zero-padded to q/k's width, the padding's output columns dropped) gives math's
+    output and gradients, v's unpadded; a kernel SDPA refuses is reported as refused, not raised (CPU has no cuDNN)."""
+    import torch
+
+    probe = _bench_module("sdpa_backends", monkeypatch)
+    gen = torch.Generator().manual_seed(0)
+    q, k = (torch.randn(1, 2, 32, 24, generator=gen, requires_grad=True) for _ in range(2))
+    v = torch.randn(1, 2, 32, 16, generator=gen, requires_grad=True)
+    grad_out = torch.randn(1, 2, 32, 16, generator=gen)
+    padded, math = (probe.gradients(kernel, q, k, v, grad_out) for kernel in ("flash-padded", "math"))
+    assert padded[2].shape == v.shape
+    for got, want in zip(padded, math, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(probe.attention("flash-padded", q, k, v), probe.attention("math", q, k, v))
+    assert "No viable backend" in probe.measure("cudnn", (q, k, v, grad_out), iters=1)["refused"]
+
+
 def test_grad_determinism_names_what_differs(monkeypatch):
     import torch
 
