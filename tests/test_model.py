@@ -56,10 +56,12 @@ def test_absorbed_attention_equals_plain(q_lora):
     assert cache.kv.shape[-1] + cache.pe.shape[-1] == cfg.model.attention.kv_lora_rank + cfg.model.attention.qk_rope_head_dim
 
 
-def test_attention_under_deterministic_algorithms_equals_the_default_path():
-    """train.deterministic's attention (flash on v zero-padded to q/k's width, the padding's columns dropped) gives
-    the default SDPA path's output and gradients: the padding changes nothing but the kernel's shape."""
-    cfg = tiny(attention__v_head_dim=8)  # narrower than q/k (12), as bench-2b's 128 against 192
+@pytest.mark.parametrize("v_dim", [8, 16], ids=["v-narrower", "v-wider"])  # than q/k (12); bench-2b's is narrower
+def test_attention_under_deterministic_algorithms_equals_the_default_path(v_dim):
+    """train.deterministic's attention (flash on q, k and v zero-padded to one width, the output's padding columns
+    dropped) gives the default SDPA path's output and gradients: the padding changes nothing but the kernel's
+    shape."""
+    cfg = tiny(attention__v_head_dim=v_dim)
     attn = MLA(cfg.model)
     x = torch.randn(2, 24, cfg.model.dim, requires_grad=True)
 

@@ -101,10 +101,12 @@ class MLA(nn.Module):
         if torch.are_deterministic_algorithms_enabled():
             # train.deterministic. SDPA refuses cuDNN then, and the efficient kernel's backward, its sums over the
             # keys unsplit, took 7 ms a layer on bench-2b (H100). FlashAttention-2's deterministic backward takes
-            # v only as wide as q/k: v padded with zeros, whose output columns are dropped (docs/benchmarks.md).
-            with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
-                o = F.scaled_dot_product_attention(q, k, F.pad(v, (0, q.shape[-1] - self.v_dim)), is_causal=True,
-                                                   scale=self.softmax_scale)[..., : self.v_dim]
+            # q, k and v of one width only: the narrower padded with zeros (which change no dot product), the
+            # output's padding columns dropped (docs/benchmarks.md). Math where flash refuses (widths over 256).
+            width = max(q.shape[-1], self.v_dim)
+            q, k, v = (F.pad(t, (0, width - t.shape[-1])) if t.shape[-1] < width else t for t in (q, k, v))
+            with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.MATH]):
+                o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.softmax_scale)[..., : self.v_dim]
         else:
             with sdpa_kernel(SDPA_PRIORITY, set_priority=True):
                 o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.softmax_scale)
