@@ -4,29 +4,34 @@ the same gradients to the bit. What train.deterministic's attention should run o
 
     python3 bench/sdpa_backends.py [--batch 4] [--seq 2048] [--heads 16] [--iters 10]
 
-Kernels: cudnn, efficient and math as SDPA runs them on q/k 192 with v 128, and flash-padded: FlashAttention-2 on v
-zero-padded to q/k's width (it takes only equal widths), the output's first 128 columns kept (the padding's
-gradient is dropped with them). A kernel SDPA refuses in a mode (cuDNN under strict deterministic algorithms) is
-reported as refused, with SDPA's reason. Last, one JSON line."""
+Kernels: cudnn, efficient and math as SDPA runs them on q/k 192 with v 128, and flash-padded: the model's
+`padded_flash_attention` (train.deterministic's), FlashAttention-2 on v zero-padded to q/k's width (it takes only
+equal widths), the output's first 128 columns kept (the padding's gradient is dropped with them; math where flash
+refuses, as in training). A kernel SDPA refuses in a mode (cuDNN under strict deterministic algorithms) is reported
+as refused, with SDPA's reason. Last, one JSON line."""
 from __future__ import annotations
 
 import argparse
 import json
+import sys
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from deepseek_pt.model.mla import padded_flash_attention  # noqa: E402
 
 KERNELS = {"cudnn": SDPBackend.CUDNN_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
            "flash-padded": SDPBackend.FLASH_ATTENTION, "math": SDPBackend.MATH}
 
 
 def attention(kernel: str, q, k, v) -> torch.Tensor:
-    v_dim = v.shape[-1]
     if kernel == "flash-padded":
-        v = F.pad(v, (0, q.shape[-1] - v_dim))
+        return padded_flash_attention(q, k, v)
     with sdpa_kernel([KERNELS[kernel]]):
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True)[..., :v_dim]
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
 
 
 def gradients(kernel: str, q, k, v, grad_out) -> tuple[torch.Tensor, ...]:

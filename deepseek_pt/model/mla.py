@@ -23,6 +23,20 @@ from .rope import apply_rope, inv_frequencies, rope_cos_sin, softmax_scale
 SDPA_PRIORITY = [SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.MATH]
 
 
+def padded_flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                           scale: float | None = None) -> torch.Tensor:
+    """Causal attention for torch's deterministic algorithms ([B, H, T, width] each). SDPA refuses cuDNN under them,
+    and the efficient kernel's backward, its sums over the keys unsplit, took 7 ms a layer on bench-2b (H100).
+    FlashAttention-2's deterministic backward takes q, k and v of one width only: the narrower are padded with zeros
+    (which change no dot product), the output's padding columns dropped (docs/benchmarks.md). Math where flash refuses
+    (widths over 256)."""
+    v_dim = v.shape[-1]
+    width = max(q.shape[-1], v_dim)
+    q, k, v = (F.pad(t, (0, width - t.shape[-1])) if t.shape[-1] < width else t for t in (q, k, v))
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.MATH]):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)[..., :v_dim]
+
+
 @dataclass
 class MLACache:
     """Compressed decode cache of one MLA layer: latent + rotary key per token."""
@@ -98,15 +112,8 @@ class MLA(nn.Module):
         q = torch.cat([q_nope, q_pe], dim=-1)
         k = torch.cat([k_nope, k_pe.unsqueeze(2).expand(B, T, H, self.rope_dim)], dim=-1)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        if torch.are_deterministic_algorithms_enabled():
-            # train.deterministic. SDPA refuses cuDNN then, and the efficient kernel's backward, its sums over the
-            # keys unsplit, took 7 ms a layer on bench-2b (H100). FlashAttention-2's deterministic backward takes
-            # q, k and v of one width only: the narrower padded with zeros (which change no dot product), the
-            # output's padding columns dropped (docs/benchmarks.md). Math where flash refuses (widths over 256).
-            width = max(q.shape[-1], self.v_dim)
-            q, k, v = (F.pad(t, (0, width - t.shape[-1])) if t.shape[-1] < width else t for t in (q, k, v))
-            with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.MATH]):
-                o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.softmax_scale)[..., : self.v_dim]
+        if torch.are_deterministic_algorithms_enabled():  # train.deterministic
+            o = padded_flash_attention(q, k, v, self.softmax_scale)
         else:
             with sdpa_kernel(SDPA_PRIORITY, set_priority=True):
                 o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.softmax_scale)
