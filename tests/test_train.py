@@ -1420,14 +1420,14 @@ def test_parallel_timeout_minutes_ends_a_wait_on_a_hung_rank():
 ], ids=["hooks-per-linear", "leaf-and-compiled-blocks", "params-released"])
 def test_zero3_block_granularity_and_compiled_blocks(tmp_path, baseline, data, overrides, leaf, compiled,
                                                      hooked_linears):
-    """Blocks as ZeRO-3 leaf modules (the default) and compiled block halves (here in Inductor's deterministic
-    mode) change the hooks, not the math: the wiring is what the engine reports, and 8 training steps give the
-    baseline's losses, also under torch's deterministic algorithms (train.deterministic, which implies Inductor's
-    deterministic mode: no op on this path lacks a deterministic kernel). So do ZeRO-3's per-module hooks, which the
-    baseline runs without: at the default threshold every smoke parameter (the largest, the embedding, has 65,536
-    elements) stays gathered, so the engine removes them (parallel.zero_idle_hooks_off); the hooks-per-linear case keeps them. So does ZeRO-3 releasing
-    parameters after each use and gathering them again, which only the params-released case runs. DeepSpeed's
-    own F.linear (memory_efficient_linear) runs in the hooks-per-linear case only."""
+    """Blocks as ZeRO-3 leaf modules (the default) and compiled block halves (here in Inductor's deterministic mode)
+    change the hooks, not the math: the wiring is what the engine reports, and 8 training steps give the baseline's
+    losses, also under torch's deterministic algorithms (train.deterministic, which implies Inductor's deterministic
+    mode: no op on this path lacks a deterministic kernel). So do ZeRO-3's per-module hooks, which the baseline runs
+    without: at the default threshold every smoke parameter (the largest, the embedding, has 65,536 elements) stays
+    gathered, so the engine removes them (parallel.zero_idle_hooks_off); the hooks-per-linear case keeps them. So
+    does ZeRO-3 releasing parameters after each use and gathering them again, which only the params-released case
+    runs. DeepSpeed's own F.linear (memory_efficient_linear) runs in the hooks-per-linear case only."""
     proc = run_job(deepspeed_cmd(2, ROOT / "tests" / "dist" / "engine_report.py", *overrides), timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     wiring = last_json(proc.stdout)
