@@ -254,7 +254,7 @@ class TrainConfig:
     (CUBLAS_WORKSPACE_CONFIG=:4096:8, set for the process unless the environment sets it) and Inductor's
     deterministic mode (train.compile_deterministic). Attention then runs FlashAttention-2's deterministic backward
     on v zero-padded to q/k's width, where cuDNN's backward sums the query's gradient in an order that varies
-    between launches (bf16 runs part by 1e-5 in loss after a few steps). An op with no deterministic kernel raises,
+    between launches (on an H100, 34 of bench-2b's values differed between two backward passes). An op with no deterministic kernel raises,
     naming itself. On an H100, bench-2b bf16: a run, its stop-and-resume and a universal-load resume logged the
     same losses and gradient norms to the bit, at ~0.83x the default's tokens/s (docs/benchmarks.md)."""
     eval_every: int = 0
