@@ -1248,13 +1248,9 @@ def test_keep_last_prunes_old_and_incomplete_checkpoints(tmp_path):
     assert sorted(p.name for p in root.iterdir()) == ["step_00000008", "step_00000010", "step_00000012"]
 
 
-def test_verify_names_a_same_size_corruption_by_its_sha256(tmp_path):
-    """checkpoint.verify: a file whose bytes changed but not its size (a flipped bit, a bad sector) fails on its
-    sha256, named, where a size check alone would load it; an intact checkpoint passes. Before, only the slow
-    runs' corrupt-checkpoint test reached the hash comparison."""
+def _small_checkpoint(tmp_path: Path) -> Path:
+    """A step_00000004 of two files and the meta.json listing their sizes and sha256 (checkpoint.save's, in small)."""
     import hashlib
-
-    from deepseek_pt.engine.checkpoint import CheckpointError, verify
 
     tag = tmp_path / "step_00000004"
     (tag / "rng").mkdir(parents=True)
@@ -1264,12 +1260,47 @@ def test_verify_names_a_same_size_corruption_by_its_sha256(tmp_path):
     files = {n: {"bytes": len(d), "sha256": hashlib.sha256(d).hexdigest()} for n, d in contents.items()}
     (tag / "meta.json").write_text(json.dumps({"format_version": 1, "step": 4, "world_size": 1, "ep_size": 1,
                                                "files": files}))
+    return tag
+
+
+def test_verify_names_a_same_size_corruption_by_its_sha256(tmp_path):
+    """checkpoint.verify: a file whose bytes changed but not its size (a flipped bit, a bad sector) fails on its
+    sha256, named, where a size check alone would load it; an intact checkpoint passes. Before, only the slow
+    runs' corrupt-checkpoint test reached the hash comparison."""
+    from deepseek_pt.engine.checkpoint import CheckpointError, verify
+
+    tag = _small_checkpoint(tmp_path)
     assert verify(tag, collective=False)["step"] == 4
     (tag / "mp_rank_00_model_states.pt").write_bytes(b"weighTs" + b"weights" * 99)  # same size
     with pytest.raises(CheckpointError) as err:
         verify(tag, collective=False)
     assert f"{tag / 'mp_rank_00_model_states.pt'}: sha256 mismatch (corrupt)" in str(err.value)
     assert "rank_0.pt" not in str(err.value)
+
+
+def _rewrite_meta(tag: Path, **changes) -> None:
+    (tag / "meta.json").write_text(json.dumps({**json.loads((tag / "meta.json").read_text()), **changes}))
+
+
+@pytest.mark.parametrize("damage, named", [
+    (lambda tag: (tag / "rng" / "rank_0.pt").unlink(), "rng/rank_0.pt: missing"),
+    (lambda tag: (tag / "rng" / "rank_0.pt").write_bytes(b"rng"),
+     "rng/rank_0.pt: 3 bytes, meta.json says 9 (truncated or overwritten)"),
+    (lambda tag: _rewrite_meta(tag, format_version=99),
+     "meta.json: format_version 99 is newer than this reader (1); update deepseek_pt"),
+    (lambda tag: (tag / "meta.json").write_text("[]"), "meta.json: not a checkpoint meta.json (no step / files)"),
+    (lambda tag: (tag / "meta.json").write_bytes(b"\xff\xfe{"), "meta.json: unreadable ("),
+], ids=["missing-file", "truncated-file", "newer-format", "not-a-meta", "not-text"])
+def test_verify_names_what_is_wrong_with_a_checkpoint(tmp_path, damage, named):
+    """What checkpoint.verify refuses before a resume loads anything, each case one CheckpointError naming the file
+    and the fault (a missing file, a size that is not meta.json's, a newer writer, a meta.json that is not one)."""
+    from deepseek_pt.engine.checkpoint import CheckpointError, verify
+
+    tag = _small_checkpoint(tmp_path)
+    damage(tag)
+    with pytest.raises(CheckpointError) as err:
+        verify(tag, collective=False)
+    assert f"{tag}/{named}" in str(err.value), str(err.value)
 
 
 def _failed_save(run_dir: Path, engine) -> str:
