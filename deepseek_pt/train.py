@@ -322,8 +322,9 @@ def set_determinism(cfg: Config) -> list[str]:
     if cfg.train.compile_deterministic or cfg.train.deterministic:
         from torch._inductor import config as inductor_config
         inductor_config.deterministic = True  # read when a kernel is compiled: every compile after this
-        lines.append("compile: Inductor's deterministic mode (train.compile_deterministic), kernel configurations "
-                     "chosen without timing them")
+        asked_by = "train.compile_deterministic" if cfg.train.compile_deterministic else "implied by train.deterministic"
+        lines.append(f"compile: Inductor's deterministic mode ({asked_by}), kernel configurations chosen without "
+                     "timing them")
     if cfg.train.deterministic:
         workspace = os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", DETERMINISTIC_CUBLAS_WORKSPACES[0])
         torch.use_deterministic_algorithms(True)  # and, its default, new tensors filled: no read of unwritten memory
