@@ -195,7 +195,14 @@ class TrainConfig:
     micro_batch_size: int = 4
     """Sequences per rank per micro-step."""
     grad_accum_steps: int = 1
-    """Micro-steps per optimizer step."""
+    """Micro-steps per optimizer step (once a batch_rampup_tokens ramp is over)."""
+    batch_rampup_tokens: int = 0
+    """Ramp the global batch up over the run's first this many tokens (all ranks), as DeepSeek-V3 did (3072 to
+    15360 sequences over 469B tokens): each optimizer step's micro-steps rise from batch_rampup_start to
+    grad_accum_steps, one more each time an equal share of these tokens has been trained on
+    (engine/batch_rampup.py); the learning-rate schedule still goes by steps. 0 = no ramp."""
+    batch_rampup_start: int = 1
+    """Micro-steps per optimizer step at the start of a batch_rampup_tokens ramp; below grad_accum_steps."""
     max_steps: int = 1000
     """Optimizer steps of the whole run (the LR schedule spans these)."""
     exit_at_step: int | None = None
@@ -776,8 +783,13 @@ def validate(cfg: Config, where: Callable[[str], str] = lambda key: "<config>") 
         ("train.grad_clip", cfg.train.grad_clip), ("train.eval_every", cfg.train.eval_every),
         ("train.save_every", cfg.train.save_every), ("train.keep_every", cfg.train.keep_every),
         ("train.max_nonfinite_steps", cfg.train.max_nonfinite_steps),
+        ("train.batch_rampup_tokens", cfg.train.batch_rampup_tokens),
     ]:
         check(v >= 0, key, f"must be >= 0, got {v}")
+    if cfg.train.batch_rampup_tokens:
+        check(0 < cfg.train.batch_rampup_start < cfg.train.grad_accum_steps, "train.batch_rampup_start",
+              f"must be at least 1 and below train.grad_accum_steps ({cfg.train.grad_accum_steps}), the micro-steps "
+              f"the ramp rises to, got {cfg.train.batch_rampup_start}")
     for key, v in (("model.n_layers", m.n_layers), ("model.mtp_depth", m.mtp_depth)):
         check(v <= MAX_LAYERS, key, f"must be at most {MAX_LAYERS} (each block is a module of its own, built one at "
               f"a time), got {v}")

@@ -32,6 +32,7 @@ import torch.distributed as dist
 from .config import Config, ConfigError, load_config, save_config, uses_autoep
 from .data.format import DataError
 from .engine import balance, checkpoint, run_tokenizer
+from .engine.batch_rampup import grad_accum_steps_at, sequences_to_end
 from .engine.checkpoint import CheckpointError
 from .engine.distributed import agree, check_same_config, init_distributed, mean_over_ranks
 from .engine.ds_config import build_ds_config, deepspeed_micro_steps, lr_scheduler
@@ -92,10 +93,11 @@ def data_epochs(loader, sources: list, consumed_samples: int) -> dict[str, float
     return {f"data_epochs/{s.label}": r for s, r in zip(sources, read, strict=True)}
 
 
-def repeated_data_line(loader, sources: list, cfg: Config, step: int, sequences_per_step: int) -> str | None:
+def repeated_data_line(loader, sources: list, cfg: Config, step: int, tokens_seen: int, world: int) -> str | None:
     """A line saying which sources train.max_steps reads more than once, or None: a run longer than its data
     repeats it (each epoch in a new order) without any error, and this is where that is said before it happens."""
-    at_end = loader.consumed_samples + max(cfg.train.max_steps - step, 0) * sequences_per_step
+    at_end = loader.consumed_samples + sequences_to_end(cfg.train, step, tokens_seen,
+                                                        cfg.train.micro_batch_size * world, cfg.data.seq_len)
     epochs = data_epochs(loader, sources, at_end).values()
     over = [f"{s.path} ({len(ds):,} samples of split {ds.split!r}) {e:.2f} times"
             for s, ds, e in zip(sources, loader.datasets, epochs, strict=True) if e > 1]
@@ -174,7 +176,7 @@ def verify_checksums(cfg: Config, device) -> None:
 
 
 OPTIMIZER_KEYS = ("lr", "min_lr", "warmup_steps", "schedule", "wsd_decay_fraction", "max_steps", "weight_decay",
-                  "beta1", "beta2", "adam_eps", "grad_clip")
+                  "beta1", "beta2", "adam_eps", "grad_clip", "batch_rampup_tokens", "batch_rampup_start")
 """train.* keys a resume may change (the run goes on with the new values), said at resume: a silent change of the
 learning rate shows in the metrics only as a jump."""
 
@@ -441,20 +443,27 @@ def build_engine(cfg: Config, world: int, init_from: str | None = None, load_uni
 
 
 def train_step(engine, cfg: Config, batches: Iterator[tuple[torch.Tensor, torch.Tensor]],
-               forward: Callable | None = None, parts: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
-    """One optimizer step over train.grad_accum_steps micro-batches from `batches`; returns the sum of their
-    losses, on device. `forward(engine, inputs, targets) -> loss` defaults to our model's call. `parts`, if given,
-    receives the sums of the model's loss terms besides lm_loss (mtp_loss, balance_loss), on device."""
-    accum = cfg.train.grad_accum_steps
-    coalesce = deepspeed_micro_steps(cfg) != accum
+               forward: Callable | None = None, parts: dict[str, torch.Tensor] | None = None,
+               accum: int | None = None) -> torch.Tensor:
+    """One optimizer step over `accum` micro-batches from `batches` (train.grad_accum_steps unless a batch ramp says
+    fewer); returns the sum of their losses, on device. `forward(engine, inputs, targets) -> loss` defaults to our
+    model's call. `parts`, if given, receives the sums of the model's loss terms besides lm_loss (mtp_loss,
+    balance_loss), on device."""
+    accum = accum or cfg.train.grad_accum_steps
+    coalesce = deepspeed_micro_steps(cfg) != cfg.train.grad_accum_steps  # as build_engine set the engine up
+    ramp = bool(cfg.train.batch_rampup_tokens) and not coalesce
+    if ramp and engine.gradient_accumulation_steps() != accum:  # DeepSpeed's 1/accum loss scale
+        engine.set_train_batch_size(accum * cfg.train.micro_batch_size * engine.dp_world_size)
     loss_sum = torch.zeros((), device=engine.device)
     with engine.coalesce_grad_reduction() if coalesce else contextlib.nullcontext():
-        for _ in range(accum):
+        for i in range(accum):
             inputs, targets = next(batches)
             loss = forward(engine, inputs, targets) if forward else engine(inputs, targets)
             if coalesce:  # DeepSpeed counts one micro-step per optimizer step: average the losses here
                 engine.backward(loss / accum)
             else:  # DeepSpeed scales by 1/accum and steps the optimizer on the last micro-step
+                if ramp:  # its own count of micro-steps finds the last only while their number stays the same
+                    engine.set_gradient_accumulation_boundary(i == accum - 1)
                 engine.backward(loss)
                 engine.step()
             loss_sum += loss.detach().float()
@@ -606,8 +615,12 @@ def _train(cfg: Config, rank: int, world: int, device: torch.device, stop: StopS
             for line in resume_notes(client, cfg, world, step, eval_sequences):
                 print(line, flush=True)
 
-    if rank == 0 and (repeated := repeated_data_line(loader, sources, cfg, step, sequences_per_step)):
+    if rank == 0 and (repeated := repeated_data_line(loader, sources, cfg, step, tokens_seen, world)):
         print(repeated, flush=True)
+    if rank == 0 and (accum := grad_accum_steps_at(cfg.train, tokens_seen)) < cfg.train.grad_accum_steps:
+        print(f"batch: {accum * cfg.train.micro_batch_size * world} sequences per optimizer step from here, rising "
+              f"to {sequences_per_step} by train.batch_rampup_tokens {cfg.train.batch_rampup_tokens:,} tokens "
+              f"({tokens_seen:,} trained on)", flush=True)
     for source in sources if rank == 0 and eval_sequences else ():
         held = open_manifest(source.path).num_samples(cfg.data.val_split, cfg.data.seq_len)
         if held < eval_sequences:
@@ -615,7 +628,7 @@ def _train(cfg: Config, rank: int, world: int, device: torch.device, stop: StopS
                   f"tokens, fewer than train.eval_sequences {eval_sequences}: evaluation reads all {held}", flush=True)
     log = MetricsLogger(run_dir, cfg, rank == 0, step, wandb_id)
     peak = peak_flops(cfg.train.peak_tflops)
-    tokens_per_step = sequences_per_step * cfg.data.seq_len
+    sequences_per_micro_step = cfg.train.micro_batch_size * world
     last_saved = step if resume_dir is not None else None
 
     def save(at_step: int) -> None:
@@ -648,8 +661,10 @@ def _train(cfg: Config, rank: int, world: int, device: torch.device, stop: StopS
         # Summed on device: one host sync per step, not per micro-step.
         parts = {}  # mtp_loss, balance_loss: summed over the micro-steps, as the loss
         skipped_before = engine.skipped_steps
-        loss_sum = train_step(engine, cfg, batches, parts=parts)
+        accum = grad_accum_steps_at(cfg.train, tokens_seen)
+        loss_sum = train_step(engine, cfg, batches, parts=parts, accum=accum)
         step += 1
+        tokens_per_step = accum * sequences_per_micro_step * cfg.data.seq_len
         tokens_seen += tokens_per_step
         skipped = engine.skipped_steps > skipped_before  # non-finite gradients: the same on every rank
         expert_load = balance.update_balance(engine.module, cfg.model.moe.bias_update_rate, applied=not skipped)
@@ -657,7 +672,7 @@ def _train(cfg: Config, rank: int, world: int, device: torch.device, stop: StopS
             torch.cuda.synchronize()
         dt = time.perf_counter() - t0
         grad_norm = engine.get_global_grad_norm()
-        means = mean_over_ranks({name: v.double() / cfg.train.grad_accum_steps
+        means = mean_over_ranks({name: v.double() / accum
                                  for name, v in {"loss": loss_sum, **parts}.items()})
         record = {
             "step": step,
@@ -665,6 +680,7 @@ def _train(cfg: Config, rank: int, world: int, device: torch.device, stop: StopS
             "lr": lr,
             "grad_norm": float(grad_norm) if grad_norm is not None else None,
             "tokens_seen": tokens_seen,
+            "batch_sequences": accum * sequences_per_micro_step,  # all ranks: below the full batch during a ramp
             "tokens_per_s": tokens_per_step / dt,
             "mfu": flops_per_token * tokens_per_step / dt / (peak * world) if peak else None,
             "peak_mem_gib": peak_memory_gib(),

@@ -76,6 +76,13 @@ def _write(tmp_path, data) -> Path:
     ({}, ["train.checkpoints=false", "train.keep_every=4"],
      "train.keep_every: 4 keeps checkpoints, but train.checkpoints is false"),
     ({}, ["train.keep_every=-2"], "train.keep_every: must be >= 0, got -2"),
+    ({}, ["train.batch_rampup_tokens=1000", "train.grad_accum_steps=4", "train.batch_rampup_start=4"],
+     ("train.batch_rampup_start: must be at least 1 and below train.grad_accum_steps (4), the micro-steps the ramp "
+      "rises to, got 4")),
+    ({}, ["train.batch_rampup_tokens=1000", "train.grad_accum_steps=4", "train.batch_rampup_start=0"],
+     "train.batch_rampup_start: must be at least 1 and below train.grad_accum_steps (4)"),
+    ({}, ["train.batch_rampup_tokens=-1"], "train.batch_rampup_tokens: must be >= 0, got -1"),
+    ({}, ["train.batch_rampup_tokens=4.69e11"], "train.batch_rampup_tokens: expected int"),
     ({"train": {"eval_batches": 8}}, [], "train.eval_batches: replaced by train.eval_sequences, the count of sequences "
                                          "over all processes (the old key counted micro-batches per process"),
     ({}, ["model.dim"], "expected key.path=value"),

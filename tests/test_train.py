@@ -141,13 +141,20 @@ def test_a_run_longer_than_its_data_says_so_and_logs_its_epochs(data, mirrored_s
     loader = TrainLoader([PretrainDataset(data, "train", 64)], 4, dp_world=2)
     n = len(loader.datasets[0])
     assert n == 860  # 107.5 steps of 8 samples read it once
-    assert repeated_data_line(loader, sources, cfg, 0, 8) is None
+    assert repeated_data_line(loader, sources, cfg, 0, 0, 2) is None
     assert data_epochs(loader, sources, 8 * 100) == {"data_epochs": 800 / n}
     loader.consumed_samples = 8 * 50  # resumed at step 50, on to step 150
     cfg.train.max_steps = 150
-    assert repeated_data_line(loader, sources, cfg, 50, 8) == (
+    assert repeated_data_line(loader, sources, cfg, 50, 8 * 50 * 64, 2) == (
         f"data: train.max_steps 150 reads {data} ({n} samples of split 'train') {1200 / n:.2f} times: each pass after "
         "the first re-reads the same samples in a new order (data_epochs in metrics.jsonl)")
+    # 54 steps of 16 samples read 864; a batch ramp's first 10 steps read 8 each (one micro-step until 10 micro-steps'
+    # tokens), 784 in all
+    loader.consumed_samples = 0
+    cfg.train.max_steps, cfg.train.grad_accum_steps = 54, 2
+    assert repeated_data_line(loader, sources, cfg, 0, 0, 2) is not None
+    cfg.train.batch_rampup_start, cfg.train.batch_rampup_tokens = 1, 10 * 8 * 64
+    assert repeated_data_line(loader, sources, cfg, 0, 0, 2) is None
 
     blend = config_from_dict({"data": {"seq_len": 64, "blend": [{"path": str(data), "weight": 3},
                                                                  {"path": str(mirrored_smoke_shards), "name": "m"}]}})
@@ -203,6 +210,24 @@ def test_lr_schedules_give_their_hand_computed_rates():
     assert rates("wsd", 20, [0, 3, 4, 14, 15, 16, 18, 19, 25]) == pytest.approx(
         [2.5e-4, 1e-3, 1e-3, 1e-3, 8.2e-4, 6.4e-4, 2.8e-4, 1e-4, 1e-4], rel=1e-12)
     assert rates("constant", 20, [0, 3, 4, 19, 25]) == pytest.approx([2.5e-4, 1e-3, 1e-3, 1e-3, 1e-3], rel=1e-12)
+
+
+def test_a_batch_ramp_adds_a_micro_step_for_each_equal_share_of_its_tokens():
+    """grad_accum_steps_at against counts worked out by hand: from batch_rampup_start, one more micro-step each
+    time batch_rampup_tokens / (grad_accum_steps - start) more tokens have been trained on, then grad_accum_steps;
+    sequences_to_end, what the data-repeat warning counts, sums the steps' batches."""
+    from deepseek_pt.config import TrainConfig
+    from deepseek_pt.engine.batch_rampup import grad_accum_steps_at, sequences_to_end
+
+    ramp = TrainConfig(grad_accum_steps=5, batch_rampup_start=2, batch_rampup_tokens=300, max_steps=6)
+    assert [grad_accum_steps_at(ramp, t) for t in (0, 99, 100, 199, 200, 299, 300, 10**15)] == [2, 2, 3, 3, 4, 4, 5, 5]
+    assert grad_accum_steps_at(TrainConfig(grad_accum_steps=5), 0) == 5
+    # micro-steps of 4 sequences of 10 tokens: steps at 2, 2, 3, 4, 5, 5 micro-steps (tokens before each: 0, 80,
+    # 160, 280, 440, 640)
+    assert sequences_to_end(ramp, 0, 0, 4, 10) == (2 + 2 + 3 + 4 + 5 + 5) * 4
+    assert sequences_to_end(ramp, 2, 160, 4, 10) == (3 + 4 + 5 + 5) * 4
+    assert sequences_to_end(ramp, 6, 640, 4, 10) == 0
+    assert sequences_to_end(TrainConfig(grad_accum_steps=3, max_steps=7), 2, 0, 4, 10) == 5 * 3 * 4
 
 
 def test_the_last_step_trains_at_min_lr_and_the_peak_once():
@@ -450,6 +475,38 @@ def test_two_micro_steps_of_two_give_the_losses_of_one_of_four(tmp_path, baselin
     assert ("zero3: every parameter persistent" in proc.stdout) != partitioned, proc.stdout[-3000:]
     assert len(metrics(tmp_path)) == STEPS  # a resume went on from step 4, it did not start again
     assert_same_losses(tmp_path, baseline, abs=1e-5)
+
+
+@pytest.mark.slow
+def test_a_batch_ramp_trains_as_runs_resumed_with_each_of_its_batches(tmp_path, data):
+    """train.batch_rampup_tokens, exact in fp32: a run whose batch ramps from 1 to 3 micro-steps (steps of 1, 1, 2,
+    3, 3) logs the losses and gradient norms of a run resumed by hand with grad_accum_steps 1, then 2, then 3, with
+    ZeRO reducing after each micro-step (DeepSpeed's own count of micro-steps would step the optimizer after 2 of
+    the 3 at step 4) and once per step, across a stop and resume inside the ramp."""
+    tokens_per_micro_step = 2 * 2 * 64  # micro-batch x ranks x data.seq_len
+    common = ("train.micro_batch_size=2", "train.max_steps=5")
+    ramp = (*common, "train.grad_accum_steps=3", "train.batch_rampup_start=1",
+            f"train.batch_rampup_tokens={3 * tokens_per_micro_step}")
+    by_hand = tmp_path / "by_hand"
+    for accum, exit_at in ((1, 2), (2, 3), (3, 5)):
+        train(2, by_hand, data, *common, f"train.grad_accum_steps={accum}", f"train.exit_at_step={exit_at}")
+    per_micro_step = tmp_path / "per_micro_step"
+    proc = train(2, per_micro_step, data, *ramp)
+    assert (f"batch: 4 sequences per optimizer step from here, rising to 12 by train.batch_rampup_tokens "
+            f"{3 * tokens_per_micro_step:,} tokens (0 trained on)") in proc.stdout, proc.stdout[-3000:]
+    once_per_step = tmp_path / "once_per_step"
+    train(2, once_per_step, data, *ramp, "parallel.coalesce_grad_reduction=true", "train.exit_at_step=2")
+    proc = train(2, once_per_step, data, *ramp, "parallel.coalesce_grad_reduction=true")
+    assert (f"batch: 8 sequences per optimizer step from here, rising to 12 by train.batch_rampup_tokens "
+            f"{3 * tokens_per_micro_step:,} tokens (512 trained on)") in proc.stdout, proc.stdout[-3000:]
+    expected = metrics(by_hand)
+    for run in (per_micro_step, once_per_step):
+        logged = metrics(run)
+        assert [m["batch_sequences"] for m in logged] == [4, 4, 8, 12, 12]
+        assert [m["tokens_seen"] for m in logged] == [m["tokens_seen"] for m in expected]
+        assert [m["loss"] for m in logged] == pytest.approx([m["loss"] for m in expected], abs=1e-5), run.name
+        assert [m["grad_norm"] for m in logged] == pytest.approx([m["grad_norm"] for m in expected], rel=1e-4), run.name
+        assert [m["lr"] for m in logged] == pytest.approx([m["lr"] for m in expected], rel=1e-9)
 
 
 @pytest.mark.slow

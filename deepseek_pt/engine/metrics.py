@@ -47,6 +47,9 @@ class MetricsLogger:
         self.wandb_id = wandb_id
         self.failure: str | None = None
         """Why metrics.jsonl could not be written (a full disk): the loop stops on it."""
+        self.console_keys = ("loss", "lr", "grad_norm", "tokens_per_s", "mfu", "expert_load", "eval_loss")
+        if cfg.train.batch_rampup_tokens:  # the batch each step trained on, while it grows
+            self.console_keys = ("batch_sequences", *self.console_keys)
         if not enabled:
             return
         # Resumed, or started over from step 0 (a run killed before its first checkpoint, one that writes none):
@@ -79,7 +82,7 @@ class MetricsLogger:
             return
         if self.wandb is not None:
             self.wandb.log({k: v for k, v in record.items() if k != "step" and v is not None}, step=record["step"])
-        shown = {k: record.get(k) for k in ("loss", "lr", "grad_norm", "tokens_per_s", "mfu", "expert_load", "eval_loss")}
+        shown = {k: record.get(k) for k in self.console_keys}
         shown.update((k, v) for k, v in record.items() if k.startswith("eval_loss/"))  # a blend's, per source
         text = " ".join(f"{k}={_fmt(v)}" for k, v in shown.items() if v is not None)
         if self.bar is not None:
