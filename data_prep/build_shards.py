@@ -4,7 +4,10 @@ Documents are read in input order (files sorted within directories and globs), t
 --num-proc worker processes and written in that same order, so the output does not depend on
 --num-proc. Every document is followed by the end-of-document token (--doc-boundary eos), or
 wrapped in BOS ... EOS (bos_eos). A keyed hash of each document's text puts it in the val split
-with probability --val-fraction. Blank documents are skipped and counted.
+with probability --val-fraction. Blank documents are skipped and counted. --fim-rate R writes a share R of the
+train split's documents in fill-in-the-middle form, as DeepSeek-V3 pretrained (R 0.1): cut at two places chosen
+by a keyed hash of the text, BEGIN prefix HOLE suffix END middle, then the end-of-document token (--fim-symbols
+names the three pieces, which the tokenizer must hold: train_tokenizer.py --user-defined-symbols).
 
 Re-running the same command after an interruption resumes it (see data_prep/shard_writer.py);
 re-running a finished build only checks it. manifest.json is written last, atomically.
@@ -32,7 +35,9 @@ import sentencepiece as spm
 from tqdm import tqdm
 
 from data_prep import tokenize_worker
-from data_prep.common import disk_full_named, fraction, make_output_dir, non_negative_int, positive_int, run_cli
+from data_prep.common import (
+    disk_full_named, fraction, make_output_dir, non_negative_int, positive_int, probability, run_cli,
+)
 from data_prep.shard_writer import SPLITS, BuildLog, SplitWriter, restore, shard_files
 from data_prep.sources import TXT_DOC_MODES, Input, iter_texts, resolve_inputs
 from deepseek_pt.data.format import (
@@ -42,6 +47,7 @@ from deepseek_pt.data.format import (
 from deepseek_pt.fileio import atomic_write_bytes, atomic_write_json, sha256_file
 
 TOKENIZER_COPY = "tokenizer.model"
+FIM_SYMBOLS = ("<|fim_begin|>", "<|fim_hole|>", "<|fim_end|>")
 _TASK_CHARS = 1 << 20  # ~0.2 s of tokenization per worker task
 _TASK_DOCS = 4096
 
@@ -172,15 +178,32 @@ def _load_tokenizer(path: Path, doc_boundary: str) -> tuple[spm.SentencePiecePro
     return sp, ids
 
 
+def _fim_ids(sp: spm.SentencePieceProcessor, path: Path, symbols: tuple[str, ...]) -> tuple[int, int, int]:
+    """The ids of fill-in-the-middle's three pieces, or DataError naming the one the tokenizer lacks."""
+    if len(symbols) != 3 or len(set(symbols)) != 3:
+        raise DataError(f"fim_symbols {list(symbols)}: need three different pieces (BEGIN, HOLE, END)")
+    ids = tuple(sp.piece_to_id(s) for s in symbols)
+    for symbol, i in zip(symbols, ids):
+        if sp.id_to_piece(i) != symbol or sp.is_unknown(i) or sp.is_control(i):
+            raise DataError(f"tokenizer {path}: has no piece {symbol!r} for --fim-rate; train it with "
+                            f"--user-defined-symbols {' '.join(repr(s) for s in symbols)}")
+    return ids
+
+
+def _fresh_stats(fim: bool) -> dict:
+    return {"docs": {s: 0 for s in SPLITS}, "empty_docs": 0, **({"fim_docs": 0} if fim else {})}
+
+
 def _start_or_resume(out: Path, log: BuildLog, writers: dict[str, SplitWriter], header: dict, num_proc: int,
                      progress: bool) -> tuple[tuple[int, int], dict]:
     """Input position and stats to continue from: the last intact checkpoint of an interrupted
     build (writers restored to it), or the very beginning."""
     records = log.read() if log.path.exists() else []
+    fim = "fim" in header["build"]
     if not records:  # a fresh build: drop shard files a build without a log may have left
         _clear_shards(out)
         log.start(header)
-        return (0, 0), {"docs": {s: 0 for s in SPLITS}, "empty_docs": 0}
+        return (0, 0), _fresh_stats(fim)
     cp, kept = restore(out, log, records, header["dtype"], num_proc, progress)
     for s, w in writers.items():
         st = cp["splits"][s] if cp else {"partial_tokens": 0, "partial_docs": 0}
@@ -189,14 +212,15 @@ def _start_or_resume(out: Path, log: BuildLog, writers: dict[str, SplitWriter], 
         print(f"{out}: resuming an interrupted build ({sum(map(len, kept.values()))} finished shards kept)",
               file=sys.stderr)
     if cp is None:
-        return (0, 0), {"docs": {s: 0 for s in SPLITS}, "empty_docs": 0}
+        return (0, 0), _fresh_stats(fim)
     return (cp["position"]["input"], cp["position"]["row"]), cp["stats"]
 
 
 def build(inputs: list[str], tokenizer: str | Path, out: str | Path, shard_tokens: int,
           val_fraction: float = 0.0, num_proc: int | None = None, text_field: str = "text",
           txt_doc: str = "document", doc_boundary: str = "eos", split_seed: int = 0, streaming: bool = True,
-          overwrite: bool = False, progress: bool = True) -> dict:
+          overwrite: bool = False, progress: bool = True, fim_rate: float = 0.0, fim_seed: int = 0,
+          fim_symbols: tuple[str, ...] = FIM_SYMBOLS) -> dict:
     """Build (or resume, or confirm) the shard directory `out`; returns its manifest."""
     if shard_tokens <= 0:
         raise DataError(f"shard_tokens must be positive, got {shard_tokens}")
@@ -208,9 +232,16 @@ def build(inputs: list[str], tokenizer: str | Path, out: str | Path, shard_token
         raise DataError(f"txt_doc {txt_doc!r} is not one of {', '.join(TXT_DOC_MODES)}")
     if not 0 <= split_seed < 1 << 64:
         raise DataError(f"split_seed {split_seed} is not in [0, 2^64)")
+    if not 0.0 <= fim_rate <= 1.0:
+        raise DataError(f"fim_rate {fim_rate} is not in [0, 1]")
+    if not 0 <= fim_seed < 1 << 64:
+        raise DataError(f"fim_seed {fim_seed} is not in [0, 2^64)")
     num_proc = num_proc or os.cpu_count() or 1
     tokenizer, out = Path(tokenizer), Path(out)
     sp, ids = _load_tokenizer(tokenizer, doc_boundary)
+    fim = None
+    if fim_rate > 0:
+        fim = tokenize_worker.FimSpec(fim_rate, fim_seed, _fim_ids(sp, tokenizer, tuple(fim_symbols)))
     # read once, now: --tokenizer may be the copy in `out`, which --overwrite deletes before it is copied
     tokenizer_bytes = tokenizer.read_bytes()
     resolved = resolve_inputs(list(inputs), exclude=out)
@@ -224,6 +255,9 @@ def build(inputs: list[str], tokenizer: str | Path, out: str | Path, shard_token
                   "text_field": text_field, "txt_doc": txt_doc, "sentencepiece_version": spm.__version__,
                   "datasets_version": importlib.metadata.version("datasets")},
     }
+    if fim is not None:  # absent otherwise: builds from before it still match their manifests
+        header["build"]["fim"] = {"rate": fim_rate, "seed": fim_seed, "order": "psm", "symbols": list(fim_symbols),
+                                  "ids": list(fim.ids)}
     make_output_dir(out)
     done = _already_built(out, header, overwrite)
     if done is not None:
@@ -241,7 +275,7 @@ def build(inputs: list[str], tokenizer: str | Path, out: str | Path, shard_token
         start, stats = _start_or_resume(out, log, writers, header, num_proc, progress)
         spec = tokenize_worker.TokenizeSpec(str(copy), dtype, ids["eos_id"],
                                             ids["bos_id"] if doc_boundary == "bos_eos" else None,
-                                            val_fraction, split_seed)
+                                            val_fraction, split_seed, fim)
         bar = tqdm(unit="tok", unit_scale=True, desc="tokenizing", disable=not progress)
         try:
             tasks = read_tasks(resolved, start, text_field, txt_doc, streaming)
@@ -250,6 +284,8 @@ def build(inputs: list[str], tokenizer: str | Path, out: str | Path, shard_token
                 for s, part in result.items():
                     finished += writers[s].append(part.tokens, part.doc_lengths)
                     stats["docs"][s] += len(part.doc_lengths)
+                    if fim is not None:
+                        stats["fim_docs"] += part.fim_docs
                     bar.update(len(part.tokens))
                 stats["empty_docs"] += task.empty
                 if finished:
@@ -295,6 +331,13 @@ def _parser() -> argparse.ArgumentParser:
                    help="what one document is in a .txt file (default: the whole file)")
     p.add_argument("--doc-boundary", choices=DOC_BOUNDARIES, default="eos",
                    help="eos: append EOS to each document (default); bos_eos: BOS + document + EOS")
+    p.add_argument("--fim-rate", type=probability, default=0.0, metavar="R",
+                   help="share of the train split's documents written fill-in-the-middle (DeepSeek-V3: 0.1; "
+                        "default %(default)s)")
+    p.add_argument("--fim-seed", type=non_negative_int, default=0, metavar="S",
+                   help="key of the hash that picks those documents and their cuts")
+    p.add_argument("--fim-symbols", nargs=3, default=list(FIM_SYMBOLS), metavar=("BEGIN", "HOLE", "END"),
+                   help="the tokenizer's pieces around the parts (default: %(default)s)")
     p.add_argument("--no-streaming", dest="streaming", action="store_false",
                    help="load inputs through the datasets cache instead of streaming them")
     p.add_argument("--overwrite", action="store_true", help="replace a different build found in --out")
@@ -316,9 +359,11 @@ def _main(argv: list[str] | None) -> int:
     before = _stamp(manifest)  # a finished build re-run writes nothing: say so, also under --quiet
     m = build(a.input, a.tokenizer, a.out, a.shard_tokens, val_fraction=a.val_fraction, num_proc=a.num_proc,
               text_field=a.text_field, txt_doc=a.txt_doc, doc_boundary=a.doc_boundary, split_seed=a.split_seed,
-              streaming=a.streaming, overwrite=a.overwrite, progress=not a.quiet)
+              streaming=a.streaming, overwrite=a.overwrite, progress=not a.quiet, fim_rate=a.fim_rate,
+              fim_seed=a.fim_seed, fim_symbols=tuple(a.fim_symbols))
     for s in SPLITS:
-        print(f"{s}: {len(m['splits'][s])} shards, {m['stats']['tokens'][s]} tokens, {m['stats']['docs'][s]} docs")
+        fim = f" ({m['stats']['fim_docs']} fill-in-the-middle)" if s == "train" and "fim_docs" in m["stats"] else ""
+        print(f"{s}: {len(m['splits'][s])} shards, {m['stats']['tokens'][s]} tokens, {m['stats']['docs'][s]} docs{fim}")
     if a.val_fraction > 0 and not m["splits"]["val"]:
         print(f"warning: the val split is empty (--val-fraction {a.val_fraction} of "
               f"{m['stats']['docs']['train']} documents)", file=sys.stderr)

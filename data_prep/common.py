@@ -32,6 +32,13 @@ def fraction(text: str) -> float:
     return value
 
 
+def probability(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text}")
+    return value
+
+
 def make_output_dir(path: Path) -> None:
     """Create the output directory (and its parents); DataError naming it if that is impossible."""
     try:

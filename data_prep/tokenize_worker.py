@@ -26,6 +26,17 @@ _PIECE_CHARS = 1 << 20
 
 
 @dataclass(frozen=True)
+class FimSpec:
+    """Fill-in-the-middle, as DeepSeek-V3 pretrained (rate 0.1, the PSM order): a share of the training documents is
+    cut at two character positions into prefix, middle and suffix and written
+    BEGIN prefix HOLE suffix END middle, before the document's end token."""
+    rate: float
+    seed: int
+    ids: tuple[int, int, int]
+    """The tokenizer's pieces BEGIN, HOLE and END."""
+
+
+@dataclass(frozen=True)
 class TokenizeSpec:
     model_path: str
     dtype: str
@@ -34,6 +45,8 @@ class TokenizeSpec:
     """Prepended to every document when set (doc_boundary bos_eos)."""
     val_fraction: float
     split_seed: int
+    fim: FimSpec | None = None
+    """Fill-in-the-middle for the train split's documents; None: none."""
 
 
 @dataclass
@@ -41,6 +54,8 @@ class SplitTokens:
     tokens: np.ndarray
     """All documents of the split in this batch, boundary tokens included, concatenated."""
     doc_lengths: np.ndarray
+    fim_docs: int = 0
+    """Documents among them that fill-in-the-middle cut."""
 
 
 _state: tuple[spm.SentencePieceProcessor, TokenizeSpec, frozenset[str] | None] | None = None
@@ -78,42 +93,71 @@ def is_val(utf8: bytes, val_fraction: float, key: bytes) -> bool:
     return h < val_fraction * 2.0**64
 
 
+def fim_cuts(utf8: bytes, length: int, fim: FimSpec) -> tuple[int, int] | None:
+    """Where fill-in-the-middle cuts a document of `length` characters (its middle is [a, b)), or None where it
+    stays whole: from a keyed hash of its content, as the split is, so any order of the inputs and any number of
+    processes cut the same documents at the same places."""
+    digest = hashlib.blake2b(utf8, digest_size=24, key=fim.seed.to_bytes(8, "little"), person=b"fim").digest()
+    chosen, a, b = (int.from_bytes(digest[i:i + 8], "little") for i in (0, 8, 16))
+    if chosen >= fim.rate * 2.0**64:
+        return None
+    a, b = sorted((a % (length + 1), b % (length + 1)))
+    return a, b
+
+
 def tokenize(texts: list[str]) -> dict[str, SplitTokens]:
     """Tokens of the batch's documents, boundary tokens added, grouped by split in input order."""
     _, spec, _ = _state
     key = spec.split_seed.to_bytes(8, "little")
-    val = [spec.val_fraction > 0 and is_val(t.encode(), spec.val_fraction, key) for t in texts]
-    docs = _encode(texts)
+    utf8 = [t.encode() for t in texts]
+    val = [spec.val_fraction > 0 and is_val(u, spec.val_fraction, key) for u in utf8]
+    cuts = [None if v or spec.fim is None else fim_cuts(u, len(t), spec.fim) for t, u, v in zip(texts, utf8, val)]
+    del utf8
+    docs = _encode(texts, cuts)
     splits = {}
     for name, want in (("train", False), ("val", True)):
         chosen = [d for d, v in zip(docs, val) if v == want]
         lengths = np.fromiter(map(len, chosen), dtype=np.int64, count=len(chosen))
-        splits[name] = SplitTokens(_concatenate(chosen, DTYPES[spec.dtype]), lengths)
+        fim_docs = sum(c is not None for c, v in zip(cuts, val) if v == want)
+        splits[name] = SplitTokens(_concatenate(chosen, DTYPES[spec.dtype]), lengths, fim_docs)
     return splits
 
 
-def _encode(texts: list[str]) -> list[list[int] | np.ndarray]:
-    """Each document's tokens, boundary tokens included: a list, or an array for a long document."""
+def _encode(texts: list[str], cuts: list[tuple[int, int] | None]) -> list[list[int] | np.ndarray]:
+    """Each document's tokens, boundary tokens included: a list, or an array for a long document or one that
+    fill-in-the-middle cuts (cuts[i])."""
     sp, spec, _ = _state
-    long = [len(t) > _PIECE_CHARS for t in texts]
+    batched = [len(t) <= _PIECE_CHARS and c is None for t, c in zip(texts, cuts)]
     # one thread: parallelism comes from the worker processes
-    short = sp.encode([t for t, is_long in zip(texts, long) if not is_long], num_threads=1)
+    short = sp.encode([t for t, b in zip(texts, batched) if b], num_threads=1)
     for d in short:  # in place: a copy per document costs ~2% of the tokenization time
         d.append(spec.eos_id)
         if spec.bos_id is not None:
             d.insert(0, spec.bos_id)
     short = iter(short)
-    return [_encode_long(t) if is_long else next(short) for t, is_long in zip(texts, long)]
+    return [next(short) if b else _encode_parts(_fim_parts(t, c) if c else [t])
+            for t, c, b in zip(texts, cuts, batched)]
 
 
-def _encode_long(text: str) -> np.ndarray:
-    """The tokens of the pieces of `text`, each piece's list made an array as soon as it is encoded."""
+def _fim_parts(text: str, cut: tuple[int, int]) -> list[str | int]:
+    """BEGIN prefix HOLE suffix END middle (DeepSeek-V3's PSM order)."""
+    a, b = cut
+    begin, hole, end = _state[1].fim.ids
+    return [begin, text[:a], hole, text[b:], end, text[a:b]]
+
+
+def _encode_parts(parts: list[str | int]) -> np.ndarray:
+    """Texts encoded and token ids as they are, between the boundary tokens; a long text encoded a piece at a time,
+    each piece's list made an array as soon as it is encoded."""
     sp, spec, joinable = _state
     dtype = DTYPES[spec.dtype]
-    head = [] if spec.bos_id is None else [spec.bos_id]
-    return np.concatenate([np.array(head, dtype)]
-                          + [np.array(sp.encode(p), dtype) for p in safe_cuts.pieces(text, joinable, _PIECE_CHARS)]
-                          + [np.array([spec.eos_id], dtype)])
+    arrays = [] if spec.bos_id is None else [np.array([spec.bos_id], dtype)]
+    for part in parts:
+        if isinstance(part, int):
+            arrays.append(np.array([part], dtype))
+        else:
+            arrays += [np.array(sp.encode(p), dtype) for p in safe_cuts.pieces(part, joinable, _PIECE_CHARS)]
+    return np.concatenate([*arrays, np.array([spec.eos_id], dtype)])
 
 
 def _concatenate(docs: list[list[int] | np.ndarray], dtype: np.dtype) -> np.ndarray:

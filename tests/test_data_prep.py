@@ -191,6 +191,7 @@ def test_tokenizer_cli_reports_bad_vocab_size(tmp_path, capsys):
     ("--split-seed", "-1", "must be >= 0, got -1"),
     ("--val-fraction", "1", r"must be in \[0, 1\), got 1"),
     ("--num-proc", "two", "invalid positive_int value: 'two'"),
+    ("--fim-rate", "1.5", r"must be in \[0, 1\], got 1.5"),
 ])
 def test_build_cli_names_a_flag_out_of_range(tmp_path, flag, value, message, capsys):
     argv = {"--input": "c.jsonl", "--tokenizer": "t.model", "--out": str(tmp_path / "o"), "--shard-tokens": "1_000",
@@ -253,6 +254,88 @@ def test_bos_eos_boundaries_and_blank_docs(tmp_path, pydoc_data_dir):
     tokens = split_tokens(tmp_path / "out", "train").tolist()
     assert tokens == [t for ids in sp.encode(DOCS[:2]) for t in [sp.bos_id(), *ids, sp.eos_id()]]
     assert open_manifest(tmp_path / "out").doc_boundary == "bos_eos"
+
+
+FIM = ("<|fim_begin|>", "<|fim_hole|>", "<|fim_end|>")
+
+
+def test_fill_in_the_middle_writes_a_share_of_the_train_documents_in_psm_order(tmp_path, pydoc_data_dir):
+    """--fim-rate, DeepSeek-V3's fill-in-the-middle: the train documents it picks come out as BEGIN prefix HOLE
+    suffix END middle EOS, each part encoded alone, the parts together the document's text; the others, and every
+    val document, as a build without it writes them. The same shards from any number of processes; --fim-seed
+    picks others; the manifest records the settings and the count."""
+    corpus = str(pydoc_data_dir.corpus)
+    model = tmp_path / "tok" / train_tokenizer.train([corpus], 1024, tmp_path / "tok", user_defined_symbols=list(FIM),
+                                                     num_threads=2, progress=False)["model"]
+    sp = spm.SentencePieceProcessor(model_file=str(model))
+    begin, hole, end = (sp.piece_to_id(s) for s in FIM)
+
+    def build(out: str, **kwargs) -> dict:
+        return build_shards.build([corpus], model, tmp_path / out, 16384, val_fraction=0.1, progress=False, **kwargs)
+
+    plain = build("plain", num_proc=1)
+    m = build("fim", fim_rate=0.5, num_proc=1)
+    build("fim2", fim_rate=0.5, num_proc=2)
+    assert shard_bytes(tmp_path / "fim") == shard_bytes(tmp_path / "fim2")
+    assert m["build"]["fim"] == {"rate": 0.5, "seed": 0, "order": "psm", "symbols": list(FIM), "ids": [begin, hole, end]}
+    assert "fim" not in plain["build"] and "fim_docs" not in plain["stats"]
+    assert np.array_equal(split_tokens(tmp_path / "fim", "val"), split_tokens(tmp_path / "plain", "val"))
+    docs = split_docs(split_tokens(tmp_path / "fim", "train"), sp.eos_id())
+    plain_docs = split_docs(split_tokens(tmp_path / "plain", "train"), sp.eos_id())
+    texts = [sp.decode(d) for d in plain_docs]
+    picked = set()
+    for i, (doc, text) in enumerate(zip(docs, texts, strict=True)):
+        if doc == plain_docs[i]:
+            continue
+        assert doc[0] == begin and doc.count(begin) == doc.count(hole) == doc.count(end) == 1, text[:60]
+        h, e = doc.index(hole), doc.index(end)
+        prefix, suffix, middle = doc[1:h], doc[h + 1:e], doc[e + 1:]
+        assert (prefix, suffix, middle) == (sp.encode(sp.decode(prefix)), sp.encode(sp.decode(suffix)),
+                                            sp.encode(sp.decode(middle)))  # each part encoded alone
+        assert sp.decode(prefix) + sp.decode(middle) + sp.decode(suffix) == text
+        picked.add(i)
+    assert m["stats"]["fim_docs"] == len(picked) and 0.3 * len(docs) < len(picked) < 0.7 * len(docs)
+    fim = tokenize_worker.FimSpec(0.5, 0, (begin, hole, end))
+    assert picked == {i for i, t in enumerate(texts) if tokenize_worker.fim_cuts(t.encode(), len(t), fim)}
+    other_seed = build("seed1", fim_rate=0.5, fim_seed=1, num_proc=1)
+    assert split_docs(split_tokens(tmp_path / "seed1", "train"), sp.eos_id()) != docs
+    assert other_seed["stats"]["fim_docs"] > 0
+    with pytest.raises(DataError, match="holds another build"):  # a rerun with another rate is not this build
+        build("fim", fim_rate=0.2, num_proc=1)
+
+
+def test_fill_in_the_middle_cuts_follow_a_keyed_hash_of_the_text():
+    """fim_cuts, pinned as is_val is: BLAKE2b-192 of the document keyed with --fim-seed and personalized "fim"; its
+    first 8 bytes (little-endian) pick the document where below rate * 2^64, the next two, each modulo length + 1,
+    are the cuts. A later version must cut the same corpus the same way, or its rebuilt shards differ."""
+    fim = tokenize_worker.FimSpec(0.25, 7, (4, 5, 6))
+    docs = [f"document {i}\n" * (i % 5 + 1) for i in range(400)]
+
+    def reference(doc: str) -> tuple[int, int] | None:
+        d = hashlib.blake2b(doc.encode(), digest_size=24, key=(7).to_bytes(8, "little"), person=b"fim").digest()
+        words = [int.from_bytes(d[i:i + 8], "little") for i in (0, 8, 16)]
+        return tuple(sorted(w % (len(doc) + 1) for w in words[1:])) if words[0] < 0.25 * 2**64 else None
+
+    cuts = [tokenize_worker.fim_cuts(d.encode(), len(d), fim) for d in docs]
+    assert cuts == [reference(d) for d in docs]
+    assert 60 <= sum(c is not None for c in cuts) <= 140  # ~100 of 400 (binomial sd 8.7)
+    assert tokenize_worker.fim_cuts(b"x", 1, tokenize_worker.FimSpec(1.0, 0, (4, 5, 6))) is not None
+    assert tokenize_worker.fim_cuts(b"x", 1, tokenize_worker.FimSpec(0.0, 0, (4, 5, 6))) is None
+
+
+def test_fill_in_the_middle_needs_its_pieces_in_the_tokenizer(tmp_path, pydoc_data_dir):
+    corpus = write_jsonl(tmp_path / "c.jsonl", DOCS[:3])
+    with pytest.raises(DataError, match=r"tokenizer .*tokenizer.model: has no piece '<\|fim_begin\|>' for --fim-rate; "
+                                        r"train it with --user-defined-symbols '<\|fim_begin\|>' '<\|fim_hole\|>' "
+                                        r"'<\|fim_end\|>'$"):
+        build_shards.build([str(corpus)], pydoc_data_dir.tokenizer_model, tmp_path / "o", 100, fim_rate=0.1,
+                           progress=False)
+    with pytest.raises(DataError, match=r"fim_symbols \['a', 'a', 'b'\]: need three different pieces"):
+        build_shards.build([str(corpus)], pydoc_data_dir.tokenizer_model, tmp_path / "o", 100, fim_rate=0.1,
+                           fim_symbols=("a", "a", "b"), progress=False)
+    with pytest.raises(DataError, match=r"fim_rate 1.5 is not in \[0, 1\]"):
+        build_shards.build([str(corpus)], pydoc_data_dir.tokenizer_model, tmp_path / "o", 100, fim_rate=1.5,
+                           progress=False)
 
 
 @pytest.fixture(scope="module")
