@@ -41,13 +41,12 @@ from data_prep.common import (
 from data_prep.shard_writer import SPLITS, BuildLog, SplitWriter, restore, shard_files
 from data_prep.sources import TXT_DOC_MODES, Input, iter_texts, resolve_inputs
 from deepseek_pt.data.format import (
-    BUILD_LOG_NAME, DOC_BOUNDARIES, FORMAT_NAME, FORMAT_VERSION, MANIFEST_NAME, DataError, check_shard,
-    dtype_for_vocab, open_manifest, open_tokenizer,
+    BUILD_LOG_NAME, DOC_BOUNDARIES, FIM_SYMBOLS, FORMAT_NAME, FORMAT_VERSION, MANIFEST_NAME, DataError, check_shard,
+    dtype_for_vocab, fim_ids, open_manifest, open_tokenizer,
 )
 from deepseek_pt.fileio import atomic_write_bytes, atomic_write_json, sha256_file
 
 TOKENIZER_COPY = "tokenizer.model"
-FIM_SYMBOLS = ("<|fim_begin|>", "<|fim_hole|>", "<|fim_end|>")
 _TASK_CHARS = 1 << 20  # ~0.2 s of tokenization per worker task
 _TASK_DOCS = 4096
 
@@ -178,18 +177,6 @@ def _load_tokenizer(path: Path, doc_boundary: str) -> tuple[spm.SentencePiecePro
     return sp, ids
 
 
-def _fim_ids(sp: spm.SentencePieceProcessor, path: Path, symbols: tuple[str, ...]) -> tuple[int, int, int]:
-    """The ids of fill-in-the-middle's three pieces, or DataError naming the one the tokenizer lacks."""
-    if len(symbols) != 3 or len(set(symbols)) != 3:
-        raise DataError(f"fim_symbols {list(symbols)}: need three different pieces (BEGIN, HOLE, END)")
-    ids = tuple(sp.piece_to_id(s) for s in symbols)
-    for symbol, i in zip(symbols, ids):
-        if sp.id_to_piece(i) != symbol or sp.is_unknown(i) or sp.is_control(i):
-            raise DataError(f"tokenizer {path}: has no piece {symbol!r} for --fim-rate; train it with "
-                            f"--user-defined-symbols {' '.join(repr(s) for s in symbols)}")
-    return ids
-
-
 def _fresh_stats(fim: bool) -> dict:
     return {"docs": {s: 0 for s in SPLITS}, "empty_docs": 0, **({"fim_docs": 0} if fim else {})}
 
@@ -241,7 +228,7 @@ def build(inputs: list[str], tokenizer: str | Path, out: str | Path, shard_token
     sp, ids = _load_tokenizer(tokenizer, doc_boundary)
     fim = None
     if fim_rate > 0:
-        fim = tokenize_worker.FimSpec(fim_rate, fim_seed, _fim_ids(sp, tokenizer, tuple(fim_symbols)))
+        fim = tokenize_worker.FimSpec(fim_rate, fim_seed, fim_ids(sp, tuple(fim_symbols), f"tokenizer {tokenizer}"))
     # read once, now: --tokenizer may be the copy in `out`, which --overwrite deletes before it is copied
     tokenizer_bytes = tokenizer.read_bytes()
     resolved = resolve_inputs(list(inputs), exclude=out)

@@ -1,10 +1,12 @@
-"""python -m deepseek_pt.generate --checkpoint CKPT --prompt TEXT | --interactive: sample from a model.
+"""python -m deepseek_pt.generate --checkpoint CKPT --prompt TEXT [--suffix TEXT] | --interactive: sample from a model.
 
 CKPT is a training run directory (any world size), one of its checkpoints, an export or an HF
 DeepseekV3 directory. Decoding runs MLA's absorbed path against the compressed cache, which holds
 only the normalised latent and the shared rotary key per token and layer; --no-cache recomputes the
 whole prefix every step instead. Greedy output (--temperature 0) is the same either way in fp32 (in
-bf16 the two paths round differently and may part after some tokens).
+bf16 the two paths round differently and may part after some tokens). With --suffix the model fills in
+the middle between --prompt and the suffix, prompted as fill-in-the-middle training documents are
+written (build_shards.py --fim-rate): BEGIN prompt HOLE suffix END, the middle ending at EOS.
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ from typing import Iterator
 import sentencepiece as spm
 import torch
 
+from .data.format import FIM_SYMBOLS, DataError, fim_ids
 from .interop.checkpoints import checkpoint_tokenizer, load_checkpoint
 from .interop.cli import DTYPE_CHOICES, UsageError, default_device, device_arg, run_cli
 from .model import Transformer
@@ -86,11 +89,17 @@ def cache_report(model: Transformer) -> str:
             f"({mha / mla:.1f}x)")
 
 
-def prompt_ids(sp: spm.SentencePieceProcessor, text: str, prefix: str) -> list[int]:
+def prompt_ids(sp: spm.SentencePieceProcessor, text: str, prefix: str,
+               fim: tuple[str, tuple[int, int, int]] | None = None) -> list[int]:
     """Token ids of `text` after a document-start marker: `bos`, `eos` (what precedes a document in
-    eos-separated training data) or `none`."""
+    eos-separated training data) or `none`. With `fim` (suffix text, the BEGIN, HOLE and END ids): a
+    fill-in-the-middle prompt, BEGIN text HOLE suffix END, each part encoded alone as the training data's were."""
     marker = {"bos": sp.bos_id(), "eos": sp.eos_id(), "none": -1}[prefix]
-    return ([marker] if marker >= 0 else []) + sp.encode(text)
+    head = [marker] if marker >= 0 else []
+    if fim is None:
+        return head + sp.encode(text)
+    suffix, (begin, hole, end) = fim
+    return [*head, begin, *sp.encode(text), hole, *sp.encode(suffix), end]
 
 
 def _utf8_text(text: str, where: str) -> str:
@@ -109,8 +118,9 @@ def _default_prefix(doc_boundary: str | None, sp: spm.SentencePieceProcessor) ->
     return "bos" if doc_boundary == "bos_eos" or sp.bos_id() >= 0 else "none"
 
 
-def _complete(model, sp, text: str, where: str, args, generator) -> None:
-    ids = prompt_ids(sp, text, args.prefix)
+def _complete(model, sp, text: str, where: str, args, generator, fim=None) -> None:
+    """Write `text`, then what the model generates after it (with `fim`, prompt_ids', the middle, then the suffix)."""
+    ids = prompt_ids(sp, text, args.prefix, fim)
     room = model.config.max_seq_len - len(ids)
     if not ids or room <= 0:
         raise UsageError(f"{where}: the prompt has {len(ids)} tokens; it needs 1 to {model.config.max_seq_len - 1} "
@@ -132,7 +142,7 @@ def _complete(model, sp, text: str, where: str, args, generator) -> None:
             out.write(text_now[len(shown):])
             out.flush()
             shown = text_now
-    out.write(sp.decode(ids + new)[len(prompt_text) + len(shown):] + "\n")
+    out.write(sp.decode(ids + new)[len(prompt_text) + len(shown):] + (fim[0] if fim else "") + "\n")
     seconds = time.perf_counter() - start
     print(f"[{len(ids)} prompt + {len(new)} new tokens in {seconds:.2f}s: {len(new) / seconds:.1f} tokens/s, "
           f"{'no cache' if args.no_cache else 'compressed cache'}]", file=sys.stderr)
@@ -145,6 +155,10 @@ def build_parser() -> argparse.ArgumentParser:
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--prompt", help="text to continue")
     what.add_argument("--interactive", action="store_true", help="read prompts from stdin until EOF")
+    p.add_argument("--suffix", help="fill in the middle: generate what goes between --prompt and this text (a model "
+                   "trained on fill-in-the-middle documents: build_shards.py --fim-rate)")
+    p.add_argument("--fim-symbols", nargs=3, default=list(FIM_SYMBOLS), metavar=("BEGIN", "HOLE", "END"),
+                   help="the tokenizer's fill-in-the-middle pieces, as the shards were built with (default: %(default)s)")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens (0 = all)")
@@ -168,9 +182,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("need --max-new-tokens >= 1, --temperature >= 0, --top-k >= 0 and 0 < --top-p <= 1")
     if args.seed is not None and not -2**63 <= args.seed < 2**64:  # what torch.Generator.manual_seed takes
         parser.error(f"--seed {args.seed} is outside [-2**63, 2**64)")
+    if args.suffix is not None and args.prompt is None:
+        parser.error("--suffix fills in after --prompt: give both")
 
     def run() -> None:
         prompt = None if args.prompt is None else _utf8_text(args.prompt, "--prompt")  # before the (slow) load
+        suffix = None if args.suffix is None else _utf8_text(args.suffix, "--suffix")
         ckpt = load_checkpoint(args.checkpoint, args.device, DTYPE_CHOICES.get(args.dtype))
         sp = checkpoint_tokenizer(ckpt, args.checkpoint, args.tokenizer)
         if sp.vocab_size() > ckpt.model.config.vocab_size:
@@ -181,8 +198,14 @@ def main(argv: list[str] | None = None) -> int:
         generator.manual_seed(args.seed if args.seed is not None else torch.seed())
         print(cache_report(ckpt.model) if not args.no_cache else "no cache: the prefix is recomputed every step",
               file=sys.stderr)
+        fim = None
+        if suffix is not None:
+            try:
+                fim = suffix, fim_ids(sp, tuple(args.fim_symbols), "tokenizer")
+            except DataError as e:
+                raise UsageError(f"--suffix: {e}") from None
         if prompt is not None:
-            _complete(ckpt.model, sp, prompt, "--prompt", args, generator)
+            _complete(ckpt.model, sp, prompt, "--prompt", args, generator, fim)
             return
         at_terminal = sys.stdin.isatty()
         for where, text in _read_prompts():

@@ -325,9 +325,9 @@ def test_fill_in_the_middle_cuts_follow_a_keyed_hash_of_the_text():
 
 def test_fill_in_the_middle_needs_its_pieces_in_the_tokenizer(tmp_path, pydoc_data_dir):
     corpus = write_jsonl(tmp_path / "c.jsonl", DOCS[:3])
-    with pytest.raises(DataError, match=r"tokenizer .*tokenizer.model: has no piece '<\|fim_begin\|>' for --fim-rate; "
-                                        r"train it with --user-defined-symbols '<\|fim_begin\|>' '<\|fim_hole\|>' "
-                                        r"'<\|fim_end\|>'$"):
+    with pytest.raises(DataError, match=r"tokenizer .*tokenizer.model: has no piece '<\|fim_begin\|>' for "
+                                        r"fill-in-the-middle; train the tokenizer with train_tokenizer.py "
+                                        r"--user-defined-symbols '<\|fim_begin\|>' '<\|fim_hole\|>' '<\|fim_end\|>'$"):
         build_shards.build([str(corpus)], pydoc_data_dir.tokenizer_model, tmp_path / "o", 100, fim_rate=0.1,
                            progress=False)
     with pytest.raises(DataError, match=r"fim_symbols \['a', 'a', 'b'\]: need three different pieces"):

@@ -165,6 +165,52 @@ def test_generate_cli_errors(tmp_path, pydoc, capsys):
     assert e.value.code == 2 and capsys.readouterr().err.endswith(f"error: --seed {2**64} is outside [-2**63, 2**64)\n")
 
 
+def test_suffix_fills_in_the_middle_from_a_prompt_written_as_the_training_documents(tmp_path, pydoc, capsys,
+                                                                                    monkeypatch):
+    """--suffix: the model is prompted BEGIN prompt HOLE suffix END after the document marker, as build_shards.py
+    --fim-rate writes its documents, and the output is the prompt, the middle it generates, then the suffix. A
+    tokenizer without the pieces is refused, naming the piece and how to add it; --suffix needs --prompt."""
+    import sentencepiece as spm
+
+    from data_prep import train_tokenizer
+    from deepseek_pt import generate
+
+    symbols = ["<|fim_begin|>", "<|fim_hole|>", "<|fim_end|>"]
+    model_file = tmp_path / "tok" / train_tokenizer.train([str(pydoc.corpus)], 1024, tmp_path / "tok",
+                                                          user_defined_symbols=symbols, num_threads=2,
+                                                          progress=False)["model"]
+    sp = spm.SentencePieceProcessor(model_file=str(model_file))
+    begin, hole, end = (sp.piece_to_id(s) for s in symbols)
+    cfg = tiny(vocab_size=1024)
+    export = save_export(random_model(cfg, std=0.05), cfg, tmp_path / "exp", tokenizer=model_file, doc_boundary="eos")
+    prompts = []
+    real = generate.generate_tokens
+    monkeypatch.setattr(generate, "generate_tokens", lambda model, prompt, *a: prompts.append(prompt) or real(
+        model, prompt, *a))
+    args = ["--checkpoint", str(export), "--prompt", "def f(x):\n    return ", "--suffix", "\n\nprint(f(1))",
+            "--temperature", "0", "--max-new-tokens", "12"]
+    assert generate_main(args) == 0
+    out = capsys.readouterr().out
+    assert prompts == [[sp.eos_id(), begin, *sp.encode("def f(x):\n    return "), hole, *sp.encode("\n\nprint(f(1))"),
+                        end]]
+    middle = [t for t in real(export_model(export), prompts[0], 12, stop_ids=(sp.eos_id(),)) if t != sp.eos_id()]
+    assert out == "def f(x):\n    return " + sp.decode(middle) + "\n\nprint(f(1))\n"
+    assert generate_main(["--checkpoint", str(export), "--prompt", "x", "--suffix", "y", "--fim-symbols", "<|a|>",
+                          "<|b|>", "<|c|>"]) == 2
+    assert capsys.readouterr().err.endswith("error: --suffix: tokenizer: has no piece '<|a|>' for fill-in-the-middle; "
+                                            "train the tokenizer with train_tokenizer.py --user-defined-symbols "
+                                            "'<|a|>' '<|b|>' '<|c|>'\n")
+    with pytest.raises(SystemExit) as e:
+        generate_main(["--checkpoint", str(export), "--interactive", "--suffix", "y"])
+    assert e.value.code == 2 and "--suffix fills in after --prompt: give both" in capsys.readouterr().err
+
+
+def export_model(export: Path) -> Transformer:
+    from deepseek_pt.interop.checkpoints import load_checkpoint
+
+    return load_checkpoint(str(export), torch.device("cpu"), None).model
+
+
 OTHER_TOKENIZER = Path(__file__).parent / "assets" / "smoke_shards" / "tokenizer.model"
 """1024 pieces, as the pydoc tokenizer, but trained on another corpus: its ids name other pieces."""
 

@@ -23,6 +23,8 @@ BUILD_LOG_NAME = "build_log.jsonl"
 """Present while a build is unfinished; build_shards.py resumes from it."""
 DTYPES = {"uint16": np.dtype("<u2"), "uint32": np.dtype("<u4")}
 DOC_BOUNDARIES = ("eos", "bos_eos")
+FIM_SYMBOLS = ("<|fim_begin|>", "<|fim_hole|>", "<|fim_end|>")
+"""Fill-in-the-middle's pieces BEGIN, HOLE and END unless named otherwise (build_shards.py --fim-rate)."""
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
@@ -266,3 +268,16 @@ def tokenizer_from_bytes(data: bytes, what: str):
     if not sp.vocab_size():  # empty bytes load as an uninitialised processor
         raise DataError(f"{what}: not a sentencepiece model: empty")
     return sp
+
+
+def fim_ids(sp, symbols: tuple[str, ...], what: str) -> tuple[int, int, int]:
+    """The ids of fill-in-the-middle's three pieces in the sentencepiece model `sp` (named `what` in errors);
+    DataError naming the first it lacks, and how to add them, or symbols that are not three different pieces."""
+    if len(symbols) != 3 or len(set(symbols)) != 3:
+        raise DataError(f"fim_symbols {list(symbols)}: need three different pieces (BEGIN, HOLE, END)")
+    ids = tuple(sp.piece_to_id(s) for s in symbols)
+    for symbol, i in zip(symbols, ids):
+        if sp.id_to_piece(i) != symbol or sp.is_unknown(i) or sp.is_control(i):
+            raise DataError(f"{what}: has no piece {symbol!r} for fill-in-the-middle; train the tokenizer with "
+                            f"train_tokenizer.py --user-defined-symbols {' '.join(repr(s) for s in symbols)}")
+    return ids
