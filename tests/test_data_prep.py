@@ -716,12 +716,14 @@ def test_cuts_give_the_tokens_of_the_whole_document(pydoc_data_dir, tmp_path, sy
     assert len(sizes) > 400 and max(sizes) <= 1000 + 40  # cut at the next word's space, or line end
 
 
-def test_tokenize_encodes_long_documents_in_pieces_to_the_same_tokens(pydoc_data_dir, monkeypatch):
+@pytest.mark.parametrize("fim", [None, tokenize_worker.FimSpec(1.0, 3, (4, 5, 6))], ids=["plain", "fim"])
+def test_tokenize_encodes_long_documents_in_pieces_to_the_same_tokens(pydoc_data_dir, monkeypatch, fim):
     """tokenize() with long documents (here: over 50 characters) among short ones, in both splits, BOS and EOS
-    added: the tokens of whole-document encoding, byte for byte, and sentencepiece never saw a long string."""
+    added: the tokens of whole-document encoding, byte for byte, and sentencepiece never saw a long string. So
+    too for fill-in-the-middle's parts, every train document cut (rate 1), each part encoded as a whole."""
     sp = spm.SentencePieceProcessor(model_file=str(pydoc_data_dir.tokenizer_model))
     spec = tokenize_worker.TokenizeSpec(str(pydoc_data_dir.tokenizer_model), "uint16", sp.eos_id(), sp.bos_id(),
-                                        0.3, 0)
+                                        0.3, 0, fim)
     tokenize_worker.init(spec)
     seen = []
 
@@ -735,14 +737,29 @@ def test_tokenize_encodes_long_documents_in_pieces_to_the_same_tokens(pydoc_data
     docs = [*TRICKY, *DOCS[:30], *_fuzz_docs(50)]
     out = tokenize_worker.tokenize(docs)
     key = (0).to_bytes(8, "little")
+
+    def parts(doc: str, val: bool) -> list[str | int]:  # what the document is written as: texts and FIM's ids
+        if fim is None or val:
+            return [doc]
+        a, b = tokenize_worker.fim_cuts(doc.encode(), len(doc), fim)
+        return [4, doc[:a], 5, doc[b:], 6, doc[a:b]]
+
+    written = [(parts(d, is_val(d.encode(), 0.3, key)), is_val(d.encode(), 0.3, key)) for d in docs]
     for split, want in (("train", False), ("val", True)):
-        expected = [[sp.bos_id(), *sp.encode(d), sp.eos_id()] for d in docs if is_val(d.encode(), 0.3, key) == want]
+        expected = [[sp.bos_id(), *(t for p in ps for t in ([p] if isinstance(p, int) else sp.encode(p))), sp.eos_id()]
+                    for ps, val in written if val == want]
         assert out[split].doc_lengths.tolist() == [len(e) for e in expected]
         assert out[split].tokens.dtype == np.uint16
         assert out[split].tokens.tobytes() == np.array([t for e in expected for t in e], np.uint16).tobytes()
+        assert out[split].fim_docs == (0 if fim is None or want else len(expected))
     joinable = tokenize_worker._state[2]
-    assert sorted(seen) == sorted(n for d in docs for n in ([len(d)] if len(d) <= 50 else
-                                                            map(len, safe_cuts.pieces(d, joinable, 50))))
+
+    def lengths_encoded(text: str, val: bool) -> list[int]:  # whole with the batch; else a piece at a time
+        whole = len(text) <= 50 and (fim is None or val)  # a cut document's parts take the pieces' path
+        return [len(text)] if whole else [len(p) for p in safe_cuts.pieces(text, joinable, 50)]
+
+    assert sorted(seen) == sorted(n for ps, val in written for p in ps if isinstance(p, str)
+                                  for n in lengths_encoded(p, val))
     assert max(seen) < max(map(len, docs)) // 100  # a run of 300 spaces, which BPE may merge, is the longest
 
 
