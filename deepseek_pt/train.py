@@ -29,7 +29,7 @@ from .engine import launcher  # noqa: F401
 import torch
 import torch.distributed as dist
 
-from .config import Config, ConfigError, load_config, save_config, uses_autoep
+from .config import Config, ConfigError, differences, load_config, save_config, uses_autoep
 from .data.format import DataError
 from .engine import balance, checkpoint, run_tokenizer
 from .engine.batch_rampup import grad_accum_steps_at, sequences_to_end
@@ -357,11 +357,16 @@ def build_engine(cfg: Config, world: int, init_from: str | None = None, load_uni
     if init_from:
         from .export import ExportError, load_export
         try:  # preflight read export.json; the weights are checked here (sha256, names, shapes), on every rank alike
-            exported, _ = load_export(init_from, dtype=torch.float32)
+            exported, exported_cfg = load_export(init_from, dtype=torch.float32)
         except ExportError as e:
             raise PreflightError(f"train.init_from: {e}") from None
         with writable(*model.parameters()):  # the export is whole on every rank anyway
             model.load_state_dict(exported.state_dict())
+        if rank0 and (changed := differences(exported_cfg.model, cfg.model, "model")):
+            # a new phase: a longer context (max_seq_len, YaRN), another balancing rate; the RoPE tables are this
+            # config's (reset_rope below)
+            print(f"init_from: the weights of {init_from} under this config's "
+                  + ", ".join(f"{key} {here!r} ({theirs!r} in the export)" for key, theirs, here in changed), flush=True)
     if cfg.train.compile:
         from .model.layers import compile_pointwise
         compile_pointwise()

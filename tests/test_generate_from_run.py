@@ -63,6 +63,48 @@ def test_training_starts_from_an_export(tmp_path, pydoc_data_dir, zero_init):
 
 
 @pytest.mark.slow
+def test_a_longer_context_trains_from_an_export_under_yarn(tmp_path, pydoc_data_dir):
+    """DeepSeek-V3's context extension as a new phase: train.init_from an export with a longer data.seq_len and
+    model.max_seq_len, under YaRN. Step 1's loss is the exported weights' loss with the new config's positions (its
+    RoPE tables computed afresh, not the export's), and the start says which model keys changed."""
+    import torch
+
+    from deepseek_pt.config import load_config
+    from deepseek_pt.data import PretrainDataset, TrainLoader
+    from deepseek_pt.export import save_export
+    from deepseek_pt.model import Transformer
+
+    data = pydoc_data_dir.shards_dir
+    cfg = load_config(SMOKE, [f"data.path={data}"])
+    torch.manual_seed(123)
+    model = Transformer(cfg.model)
+    with torch.no_grad():  # larger than init: outputs that depend on positions enough to tell YaRN's apart
+        for name, p in model.named_parameters():
+            if "norm" not in name:
+                p.normal_(0, 0.15)
+    save_export(model, cfg, tmp_path / "export")
+    longer = ["data.seq_len=128", "model.max_seq_len=512", "model.attention.rope.scaling=yarn",
+              "model.attention.rope.factor=4", "model.attention.rope.original_max_position_embeddings=128"]
+    run = tmp_path / "run"
+    proc = train(2, run, data, "train.max_steps=1", "train.warmup_steps=1", f"train.init_from={tmp_path / 'export'}",
+                 *longer)
+    assert (f"init_from: the weights of {tmp_path / 'export'} under this config's model.max_seq_len 512 (256 in the "
+            "export), model.attention.rope.scaling 'yarn' ('none' in the export), model.attention.rope.factor 4.0 (1.0 "
+            "in the export), model.attention.rope.original_max_position_embeddings 128 (4096 in the export)"
+            ) in proc.stdout, proc.stdout[-3000:]
+    extended = Transformer(load_config(SMOKE, [f"data.path={data}", *longer]).model)
+    extended.load_state_dict(model.state_dict())
+    ds = PretrainDataset(data, "train", 128)
+    batches = [next(TrainLoader(ds, cfg.train.micro_batch_size, dp_rank=r, dp_world=2, seed=cfg.data.seed))
+               for r in range(2)]
+    with torch.no_grad():
+        expected = sum(extended(*b).item() for b in batches) / 2
+        unextended = sum(model(*b).item() for b in batches) / 2  # the export's own positions, seq 128 < 256
+    assert metrics(run)[0]["loss"] == pytest.approx(expected, abs=1e-5)
+    assert abs(expected - unextended) > 1e-3  # YaRN moved the positions enough for the check to tell them apart
+
+
+@pytest.mark.slow
 def test_a_run_keeps_its_tokenizer_for_the_tools_run_from_any_directory(tmp_path, pydoc_data_dir, monkeypatch, capsys):
     """A run trained with a relative data.path and exported (or sampled, evaluated) from another directory lost its
     tokenizer: the export had none (a note said so), generate needed --tokenizer and took any. The run directory now

@@ -1771,7 +1771,8 @@ def test_a_second_run_in_a_run_dir_in_use_is_refused(tmp_path, data):
 
 
 def test_an_init_from_export_of_another_model_names_the_keys(tmp_path, data):
-    """The refusal said only that the model sections differ; a model section has dozens of keys."""
+    """The refusal said only that the model sections differ; a model section has dozens of keys. Keys that shape no
+    parameter may change (a longer context, another balancing rate: a new phase of training)."""
     import deepseek_pt.engine.preflight as preflight_checks
     from deepseek_pt.config import load_config
     from deepseek_pt.export import save_export
@@ -1779,13 +1780,17 @@ def test_an_init_from_export_of_another_model_names_the_keys(tmp_path, data):
 
     cfg = load_config(SMOKE, [f"data.path={data}"])
     export = save_export(Transformer(cfg.model), cfg, tmp_path / "export")
+    common = [f"data.path={data}", f"run.dir={tmp_path / 'run'}", "model.moe.bias_update_rate=0.1",
+              f"train.init_from={export}"]
     with pytest.raises(preflight_checks.PreflightError) as refused:
-        preflight_checks.preflight(load_config(SMOKE, [f"data.path={data}", f"run.dir={tmp_path / 'run'}",
-                                                       "model.dim=32", "model.moe.bias_update_rate=0.1",
-                                                       f"train.init_from={export}"]), 2)
-    assert str(refused.value) == (f"train.init_from: the model section of {export}/config.yaml differs from this "
-                                  "config's: model.dim: 32 here, 64 in the export; model.moe.bias_update_rate: 0.1 "
-                                  "here, 0.01 in the export; train with that model section")
+        preflight_checks.preflight(load_config(SMOKE, [*common, "model.dim=32"]), 2)
+    assert str(refused.value) == (
+        f"train.init_from: the parameter shapes of {export}/config.yaml's model differ from this config's: model.dim: "
+        "32 here, 64 in the export; model.moe.bias_update_rate: 0.1 here, 0.01 in the export; train with that model "
+        "section (keys that shape no parameter, such as model.max_seq_len and model.attention.rope for a longer "
+        "context, may change)")
+    preflight_checks.preflight(load_config(SMOKE, [*common, "model.max_seq_len=512", "model.attention.rope.scaling=yarn",
+                                                   "model.attention.rope.factor=2"]), 2)
 
 
 def test_an_init_from_export_of_another_tokenizer_is_refused(tmp_path, data):

@@ -129,11 +129,13 @@ def preflight(cfg: Config, world_size: int) -> None:
                 f"{trained_with[:12]}...) than {cfg.data.source_key(0)} {data.path} was tokenized with (sha256 "
                 f"{data.tokenizer_sha256[:12]}...): its embeddings would read ids that name other pieces; train on "
                 "data of its tokenizer")
-        if differ := differences(exported.model, cfg.model, "model"):  # named: a model section has dozens of keys
-            raise PreflightError(f"train.init_from: the model section of {cfg.train.init_from}/config.yaml differs "
-                                 "from this config's: " + "; ".join(f"{key}: {here!r} here, {theirs!r} in the export"
-                                                                    for key, theirs, here in differ)
-                                 + "; train with that model section")
+        if parameter_shapes(exported.model) != parameter_shapes(cfg.model):  # keys that shape none may change
+            differ = differences(exported.model, cfg.model, "model")  # named: a model section has dozens of keys
+            raise PreflightError(f"train.init_from: the parameter shapes of {cfg.train.init_from}/config.yaml's model "
+                                 "differ from this config's: " + "; ".join(f"{key}: {here!r} here, {theirs!r} in the "
+                                                                           "export" for key, theirs, here in differ)
+                                 + "; train with that model section (keys that shape no parameter, such as "
+                                 "model.max_seq_len and model.attention.rope for a longer context, may change)")
     run_dir = Path(cfg.run.dir)  # train() creates it and writes config.yaml there first thing
     made = next(p for p in (run_dir, *run_dir.absolute().parents) if p.exists())
     if not made.is_dir():
@@ -284,6 +286,11 @@ def _saved_with_autoep(saved: dict) -> bool:
     return moe["n_dense_layers"] < saved["model"]["n_layers"] and not moe.get("seq_aux_loss_alpha")
 
 
+def parameter_shapes(model: ModelConfig) -> dict[str, tuple]:
+    """Each parameter's shape in a model of this section: what weights saved from another must match to load."""
+    return {n: tuple(p.shape) for n, p in meta_model(model).named_parameters()}
+
+
 def resume_mismatch(meta: dict, cfg: Config, where: str) -> str | None:
     """Why this config cannot load the checkpoint of `meta` (DeepSpeed fails deep inside its load instead), or None.
     Checkpoints older than meta.json's `settings` are not checked."""
@@ -303,10 +310,7 @@ def resume_mismatch(meta: dict, cfg: Config, where: str) -> str | None:
         model: ModelConfig = model_from_dict(saved["model"], where)
     except ConfigError as e:
         return f"its model section does not load ({e})"
-    def shapes(m: ModelConfig) -> dict[str, tuple]:
-        return {n: tuple(p.shape) for n, p in meta_model(m).named_parameters()}
-
-    if shapes(model) != shapes(cfg.model):  # keys that shape no parameter (rope, routing, init) may change
+    if parameter_shapes(model) != parameter_shapes(cfg.model):  # keys that shape none (rope, routing) may change
         differ = differences(model, cfg.model, "model")
         return "the model's parameter shapes differ: " + "; ".join(
             f"{key}: {here!r} here, {saved!r} in the checkpoint" for key, saved, here in differ)
