@@ -29,7 +29,7 @@ from .engine import launcher  # noqa: F401
 import torch
 import torch.distributed as dist
 
-from .config import Config, ConfigError, differences, load_config, save_config, uses_autoep
+from .config import Config, ConfigError, differences, load_config, model_from_dict, save_config, uses_autoep
 from .data.format import DataError
 from .engine import balance, checkpoint, run_tokenizer
 from .engine.batch_rampup import grad_accum_steps_at, sequences_to_end
@@ -199,10 +199,16 @@ def step_sequences(cfg: Config, world: int) -> int:
     return cfg.train.micro_batch_size * cfg.train.grad_accum_steps * world
 
 
-def resume_notes(client: dict, cfg: Config, world: int, step: int, eval_sequences: int | None) -> list[str]:
-    """What a resume changes against the checkpoint's run (its client state `client`), as lines for the start's log:
-    the sequences per optimizer step, the optimizer's settings, the evaluation's sequences. Said, not refused."""
+def resume_notes(client: dict, cfg: Config, world: int, step: int, eval_sequences: int | None,
+                 saved_model: dict | None = None) -> list[str]:
+    """What a resume changes against the checkpoint's run (its client state `client`, its meta.json's model section
+    `saved_model`), as lines for the start's log: the sequences per optimizer step, the optimizer's settings, the
+    evaluation's sequences, model keys that shape no parameter (preflight refuses the others). Said, not refused."""
     notes = []
+    if saved_model and (changed := differences(model_from_dict(saved_model, "the checkpoint's meta.json"), cfg.model,
+                                               "model")):  # DeepSeek-V3 stopped its balancing for the last 500B tokens
+        notes.append("resume: " + ", ".join(f"{key} {here!r} here ({theirs!r} in the checkpoint)"
+                                            for key, theirs, here in changed) + ": the weights go on under this config's")
     here = step_sequences(cfg, world)
     saved_batch = client.get("sequences_per_step")  # absent from checkpoints before it was recorded
     if saved_batch is not None and saved_batch != here:
@@ -617,7 +623,7 @@ def _train(cfg: Config, rank: int, world: int, device: torch.device, stop: StopS
             checkpoint.set_rng_state(torch.load(rng_file, weights_only=False))
         if rank == 0:
             print(f"resumed from {resume_dir} at step {step}" + (" (universal: resharded)" if reshard else ""), flush=True)
-            for line in resume_notes(client, cfg, world, step, eval_sequences):
+            for line in resume_notes(client, cfg, world, step, eval_sequences, meta.get("settings", {}).get("model")):
                 print(line, flush=True)
 
     if rank == 0 and (repeated := repeated_data_line(loader, sources, cfg, step, tokens_seen, world)):

@@ -580,7 +580,9 @@ def test_universal_resume_on_another_topology(tmp_path, baseline, stopped, data,
 @pytest.mark.slow
 def test_a_resume_that_changes_the_global_batch_or_the_eval_set_says_so(tmp_path, stopped, data):
     proc = train(2, tmp_path, data, f"train.resume={ckpt(stopped, 4)}", "train.grad_accum_steps=2", "train.max_steps=5",
-                 "train.eval_every=4", "train.eval_sequences=1000")
+                 "train.eval_every=4", "train.eval_sequences=1000", "model.moe.bias_update_rate=0.0")
+    assert ("resume: model.moe.bias_update_rate 0.0 here (0.01 in the checkpoint): the weights go on under this "
+            "config's") in proc.stdout, proc.stdout[-3000:]
     assert ("resume: 16 sequences per optimizer step here (train.micro_batch_size 4 x train.grad_accum_steps 2 x 2 "
             "processes), 8 in the checkpoint's run") in proc.stdout, proc.stdout[-3000:]
     assert ("resume: evaluation reads the first 1000 sequences of 'val' here (train.eval_sequences), 32 in the "
@@ -1845,6 +1847,14 @@ def test_resume_notes_say_what_the_resume_changes_and_nothing_else():
     assert [n.split(" here")[0] for n in notes] == [
         "resume: 16 sequences per optimizer step", f"resume: train.lr 0.001 ({cfg.train.lr} in the checkpoint)",
         "resume: evaluation reads the first 64 sequences of 'val'"], notes
+    import dataclasses
+
+    saved = dataclasses.asdict(cfg.model)
+    assert resume_notes(same, cfg, world=2, step=5, eval_sequences=32, saved_model=saved) == []
+    later = load_config(SMOKE, ["model.moe.bias_update_rate=0.0", "model.mtp_loss_weight=0.1"])
+    assert resume_notes(same, later, world=2, step=5, eval_sequences=32, saved_model=saved) == [
+        "resume: model.mtp_loss_weight 0.1 here (0.3 in the checkpoint), model.moe.bias_update_rate 0.0 here (0.01 in "
+        "the checkpoint): the weights go on under this config's"]
 
 
 def test_fp8_at_one_micro_step_per_step_says_its_weight_casts_cost_what_it_saves(monkeypatch):
