@@ -7,7 +7,7 @@ wrapped in BOS ... EOS (bos_eos). A keyed hash of each document's text puts it i
 with probability --val-fraction. Blank documents are skipped and counted. --fim-rate R writes a share R of the
 train split's documents in fill-in-the-middle form, as DeepSeek-V3 pretrained (R 0.1): cut at two places chosen
 by a keyed hash of the text, BEGIN prefix HOLE suffix END middle, then the end-of-document token (--fim-symbols
-names the three pieces, which the tokenizer must hold: train_tokenizer.py --user-defined-symbols).
+names the three pieces, which the tokenizer must hold: train_tokenizer.py --fim).
 
 Re-running the same command after an interruption resumes it (see data_prep/shard_writer.py);
 re-running a finished build only checks it. manifest.json is written last, atomically.

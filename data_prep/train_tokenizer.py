@@ -27,6 +27,7 @@ from tqdm import tqdm
 from data_prep.common import make_output_dir, non_negative_int, positive_int, run_cli
 from data_prep.sources import TXT_DOC_MODES, Input, iter_texts, resolve_inputs
 from deepseek_pt.data import DataError
+from deepseek_pt.data.format import FIM_SYMBOLS
 from deepseek_pt.fileio import atomic_write_bytes, atomic_write_json
 
 TOKENIZER_FORMAT = "deepseek_pt.tokenizer"
@@ -194,6 +195,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--eos-id", type=int, default=3, help="id of </s>, the end-of-document token")
     p.add_argument("--user-defined-symbols", nargs="*", default=[], metavar="SYM",
                    help="strings always kept as one piece")
+    p.add_argument("--fim", action="store_true",
+                   help=f"also keep fill-in-the-middle's pieces {' '.join(FIM_SYMBOLS)} (build_shards.py --fim-rate)")
     p.add_argument("--max-sentence-chars", type=positive_int, default=8192,
                    help="longer lines are cut into pieces of this many characters")
     p.add_argument("--num-threads", type=positive_int, default=None, help="training threads (default: all cores)")
@@ -210,7 +213,9 @@ def _main(argv: list[str] | None) -> int:
     info = train(a.input, a.vocab_size, a.out, model_type=a.model_type, sample_docs=a.sample_docs,
                  max_sentences=a.max_sentences, character_coverage=a.character_coverage,
                  text_field=a.text_field, txt_doc=a.txt_doc, pad_id=a.pad_id, unk_id=a.unk_id,
-                 bos_id=a.bos_id, eos_id=a.eos_id, user_defined_symbols=a.user_defined_symbols,
+                 bos_id=a.bos_id, eos_id=a.eos_id,
+                 user_defined_symbols=a.user_defined_symbols + [s for s in FIM_SYMBOLS if a.fim
+                                                                and s not in a.user_defined_symbols],
                  max_sentence_chars=a.max_sentence_chars, num_threads=a.num_threads, streaming=a.streaming,
                  overwrite=a.overwrite, progress=not a.quiet, verbose=a.verbose)
     print(f"wrote {Path(a.out) / info['model']} ({info['vocab_size']} pieces, sha256 {info['sha256'][:12]}...)")

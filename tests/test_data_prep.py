@@ -265,8 +265,9 @@ def test_fill_in_the_middle_writes_a_share_of_the_train_documents_in_psm_order(t
     val document, as a build without it writes them. The same shards from any number of processes; --fim-seed
     picks others; the manifest records the settings and the count."""
     corpus = str(pydoc_data_dir.corpus)
-    model = tmp_path / "tok" / train_tokenizer.train([corpus], 1024, tmp_path / "tok", user_defined_symbols=list(FIM),
-                                                     num_threads=2, progress=False)["model"]
+    assert train_tokenizer.main(["--input", corpus, "--vocab-size", "1024", "--out", str(tmp_path / "tok"), "--fim",
+                                 "--num-threads", "2", "--quiet"]) == 0
+    model = tmp_path / "tok" / "tokenizer.model"
     sp = spm.SentencePieceProcessor(model_file=str(model))
     begin, hole, end = (sp.piece_to_id(s) for s in FIM)
 
@@ -326,8 +327,7 @@ def test_fill_in_the_middle_cuts_follow_a_keyed_hash_of_the_text():
 def test_fill_in_the_middle_needs_its_pieces_in_the_tokenizer(tmp_path, pydoc_data_dir):
     corpus = write_jsonl(tmp_path / "c.jsonl", DOCS[:3])
     with pytest.raises(DataError, match=r"tokenizer .*tokenizer.model: has no piece '<\|fim_begin\|>' for "
-                                        r"fill-in-the-middle; train the tokenizer with train_tokenizer.py "
-                                        r"--user-defined-symbols '<\|fim_begin\|>' '<\|fim_hole\|>' '<\|fim_end\|>'$"):
+                                        r"fill-in-the-middle; train the tokenizer with train_tokenizer.py --fim$"):
         build_shards.build([str(corpus)], pydoc_data_dir.tokenizer_model, tmp_path / "o", 100, fim_rate=0.1,
                            progress=False)
     with pytest.raises(DataError, match=r"fim_symbols \['a', 'a', 'b'\]: need three different pieces"):

@@ -278,6 +278,8 @@ def fim_ids(sp, symbols: tuple[str, ...], what: str) -> tuple[int, int, int]:
     ids = tuple(sp.piece_to_id(s) for s in symbols)
     for symbol, i in zip(symbols, ids):
         if sp.id_to_piece(i) != symbol or sp.is_unknown(i) or sp.is_control(i):
+            how = "--fim" if tuple(symbols) == FIM_SYMBOLS else \
+                f"--user-defined-symbols {' '.join(repr(s) for s in symbols)}"
             raise DataError(f"{what}: has no piece {symbol!r} for fill-in-the-middle; train the tokenizer with "
-                            f"train_tokenizer.py --user-defined-symbols {' '.join(repr(s) for s in symbols)}")
+                            f"train_tokenizer.py {how}")
     return ids
