@@ -222,7 +222,10 @@ class TrainConfig:
     schedule: Literal["cosine", "wsd", "constant"] = "cosine"
     """Decay after warmup: cosine, warmup-stable-decay, or constant."""
     wsd_decay_fraction: float = 0.1
-    """WSD: fraction of max_steps spent in the final linear decay."""
+    """WSD: fraction of max_steps spent in the final decay."""
+    wsd_decay_shape: Literal["linear", "cosine"] = "linear"
+    """WSD: the final decay's shape, a straight line to min_lr or a cosine half-period (DeepSeek-V3 held 2.2e-4 to
+    10T tokens, then followed a cosine to 2.2e-5 over 4.3T)."""
     weight_decay: float = 0.1
     """AdamW weight decay (not applied to norms, biases and embeddings)."""
     beta1: float = 0.9
@@ -289,7 +292,7 @@ class TrainConfig:
 
     @property
     def wsd_decay_start(self) -> int:
-        """Schedule wsd's last step at lr: its linear decay to min_lr takes the steps after it (at least one)."""
+        """Schedule wsd's last step at lr: its decay to min_lr takes the steps after it (at least one)."""
         return self.max_steps - max(1, round(self.wsd_decay_fraction * self.max_steps))
 
 

@@ -175,8 +175,8 @@ def verify_checksums(cfg: Config, device) -> None:
         raise DataError(problem or "data.verify_checksums: a shard failed its check in another process (named there)")
 
 
-OPTIMIZER_KEYS = ("lr", "min_lr", "warmup_steps", "schedule", "wsd_decay_fraction", "max_steps", "weight_decay",
-                  "beta1", "beta2", "adam_eps", "grad_clip", "batch_rampup_tokens", "batch_rampup_start")
+OPTIMIZER_KEYS = ("lr", "min_lr", "warmup_steps", "schedule", "wsd_decay_fraction", "wsd_decay_shape", "max_steps",
+                  "weight_decay", "beta1", "beta2", "adam_eps", "grad_clip", "batch_rampup_tokens", "batch_rampup_start")
 """train.* keys a resume may change (the run goes on with the new values), said at resume: a silent change of the
 learning rate shows in the metrics only as a jump."""
 

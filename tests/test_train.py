@@ -195,10 +195,11 @@ def test_lr_schedules_give_their_hand_computed_rates():
     from deepseek_pt.config import load_config
     from deepseek_pt.engine.ds_config import lr_at
 
-    def rates(schedule: str, max_steps: int, steps: list[int], fraction: float = 0.25) -> list[float]:
+    def rates(schedule: str, max_steps: int, steps: list[int], fraction: float = 0.25,
+              shape: str = "linear") -> list[float]:
         cfg = load_config(SMOKE, ["train.lr=1e-3", "train.min_lr=1e-4", "train.warmup_steps=4",
                                   f"train.max_steps={max_steps}", f"train.schedule={schedule}",
-                                  f"train.wsd_decay_fraction={fraction}"])
+                                  f"train.wsd_decay_fraction={fraction}", f"train.wsd_decay_shape={shape}"])
         return [lr_at(cfg, s) for s in steps]
 
     warmup = [2.5e-4, 5e-4, 7.5e-4, 1e-3]
@@ -209,6 +210,10 @@ def test_lr_schedules_give_their_hand_computed_rates():
     # WSD, max_steps 20: flat to k 15 (s 14), then 0.9e-3 down over k 16..20 (0.18e-3 a step) to min_lr at k 20
     assert rates("wsd", 20, [0, 3, 4, 14, 15, 16, 18, 19, 25]) == pytest.approx(
         [2.5e-4, 1e-3, 1e-3, 1e-3, 8.2e-4, 6.4e-4, 2.8e-4, 1e-4, 1e-4], rel=1e-12)
+    # WSD with a cosine decay over the same k 16..20 (fifths of a half-period each), min_lr at k 20
+    assert rates("wsd", 20, [3, 14, 19, 25], shape="cosine") == pytest.approx([1e-3, 1e-3, 1e-4, 1e-4], rel=1e-12)
+    assert rates("wsd", 20, [15, 16, 17], shape="cosine") == pytest.approx(
+        [1e-4 + 4.5e-4 * (1 + math.cos(math.pi * f)) for f in (0.2, 0.4, 0.6)], rel=1e-12)
     assert rates("constant", 20, [0, 3, 4, 19, 25]) == pytest.approx([2.5e-4, 1e-3, 1e-3, 1e-3, 1e-3], rel=1e-12)
 
 

@@ -51,7 +51,7 @@ def lr_at(cfg: Config, step: int) -> float:
     """Learning rate of the optimizer step that follows `step` steps: step k = step + 1 of the run (1-based) trains at
     the schedule's value at k. A linear warmup reaches train.lr at step warmup_steps (its first step at lr /
     warmup_steps, not 0); cosine, or WSD after its stable phase, decays from there to min_lr at step max_steps, the
-    run's last, and stays there past it; constant stays at lr."""
+    run's last (WSD along train.wsd_decay_shape), and stays there past it; constant stays at lr."""
     t = cfg.train
     k = step + 1
     if k <= t.warmup_steps:
@@ -62,7 +62,7 @@ def lr_at(cfg: Config, step: int) -> float:
     if k <= start:
         return t.lr
     frac = min(1.0, (k - start) / max(1, t.max_steps - start))
-    if t.schedule == "wsd":
+    if t.schedule == "wsd" and t.wsd_decay_shape == "linear":
         return t.lr + (t.min_lr - t.lr) * frac
     return t.min_lr + 0.5 * (t.lr - t.min_lr) * (1 + math.cos(math.pi * frac))
 
