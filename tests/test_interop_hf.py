@@ -12,6 +12,7 @@ from transformers import DeepseekV3Config, DeepseekV3ForCausalLM  # noqa: E402
 
 from deepseek_pt.config import load_config  # noqa: E402
 from deepseek_pt.convert import main as convert_main  # noqa: E402
+from deepseek_pt.data.format import FIM_SYMBOLS  # noqa: E402
 from deepseek_pt.export import load_export, read_export_info, save_export  # noqa: E402
 from deepseek_pt.interop.checkpoints import load_checkpoint  # noqa: E402
 from deepseek_pt.interop.hf import HFConversionError, load_hf, model_dict_from_hf, save_hf  # noqa: E402
@@ -430,6 +431,27 @@ def test_hf_to_ds_overrides_fit_a_base_config_to_the_model(tmp_path, capsys):
     assert back_cfg.train == load_config(v3).train
     assert convert_main(["hf-to-ds", str(tmp_path / "hf"), str(tmp_path / "dim"), "model.dim=64"]) == 2
     assert "override 'model.dim=64': the model section comes from" in capsys.readouterr().err
+
+
+def test_hf_copy_keeps_the_fill_in_the_middle_pieces_whole(tmp_path, pydoc_data_dir):
+    """A tokenizer trained with train_tokenizer.py --fim: its HF copy encodes a fill-in-the-middle prompt to the same
+    ids, each of the three pieces one token, so the HF model is prompted for a middle as training wrote them."""
+    import sentencepiece as spm
+
+    from data_prep import train_tokenizer
+
+    model = tmp_path / "tok" / train_tokenizer.train([str(pydoc_data_dir.corpus)], 1024, tmp_path / "tok",
+                                                     user_defined_symbols=list(FIM_SYMBOLS), num_threads=2,
+                                                     progress=False)["model"]
+    cfg = tiny(vocab_size=1024)
+    save_export(random_model(cfg), cfg, tmp_path / "exp", tokenizer=model, doc_boundary="eos")
+    assert convert_main(["ds-to-hf", str(tmp_path / "exp"), str(tmp_path / "hf")]) == 0
+    sp = spm.SentencePieceProcessor(model_file=str(model))
+    tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    prompt = f"{FIM_SYMBOLS[0]}def f(x):{FIM_SYMBOLS[1]}\n    return y\n{FIM_SYMBOLS[2]}"
+    ids = sp.encode(prompt)
+    assert [ids.count(sp.piece_to_id(s)) for s in FIM_SYMBOLS] == [1, 1, 1]
+    assert tok(prompt, add_special_tokens=False)["input_ids"] == ids
 
 
 def test_hf_copy_carries_a_tokenizer_that_autotokenizer_reads(tmp_path, pydoc_data_dir, capsys):
