@@ -194,6 +194,13 @@ def optimizer_changes(saved: dict | None, cfg: Config) -> str:
                      if saved and key in saved and saved[key] != here[key])
 
 
+def changed_model_keys(theirs, mine, whose: str, said_here: str = "") -> str:
+    """`model.k v{said_here} (w in WHOSE), ...` for each key where model sections `mine` and `theirs` differ; '' for
+    none."""
+    return ", ".join(f"{key} {value!r}{said_here} ({other!r} in {whose})"
+                     for key, other, value in differences(theirs, mine, "model"))
+
+
 def step_sequences(cfg: Config, world: int) -> int:
     """Sequences in one optimizer step over all `world` processes."""
     return cfg.train.micro_batch_size * cfg.train.grad_accum_steps * world
@@ -205,10 +212,10 @@ def resume_notes(client: dict, cfg: Config, world: int, step: int, eval_sequence
     `saved_model`), as lines for the start's log: the sequences per optimizer step, the optimizer's settings, the
     evaluation's sequences, model keys that shape no parameter (preflight refuses the others). Said, not refused."""
     notes = []
-    if saved_model and (changed := differences(model_from_dict(saved_model, "the checkpoint's meta.json"), cfg.model,
-                                               "model")):  # DeepSeek-V3 stopped its balancing for the last 500B tokens
-        notes.append("resume: " + ", ".join(f"{key} {here!r} here ({theirs!r} in the checkpoint)"
-                                            for key, theirs, here in changed) + ": the weights go on under this config's")
+    if saved_model and (changed := changed_model_keys(model_from_dict(saved_model, "the checkpoint's meta.json"),
+                                                      cfg.model, "the checkpoint", said_here=" here")):
+        # DeepSeek-V3 stopped its balancing for its last 500B tokens
+        notes.append(f"resume: {changed}: the weights go on under this config's")
     here = step_sequences(cfg, world)
     saved_batch = client.get("sequences_per_step")  # absent from checkpoints before it was recorded
     if saved_batch is not None and saved_batch != here:
@@ -368,11 +375,10 @@ def build_engine(cfg: Config, world: int, init_from: str | None = None, load_uni
             raise PreflightError(f"train.init_from: {e}") from None
         with writable(*model.parameters()):  # the export is whole on every rank anyway
             model.load_state_dict(exported.state_dict())
-        if rank0 and (changed := differences(exported_cfg.model, cfg.model, "model")):
+        if rank0 and (changed := changed_model_keys(exported_cfg.model, cfg.model, "the export")):
             # a new phase: a longer context (max_seq_len, YaRN), another balancing rate; the RoPE tables are this
             # config's (reset_rope below)
-            print(f"init_from: the weights of {init_from} under this config's "
-                  + ", ".join(f"{key} {here!r} ({theirs!r} in the export)" for key, theirs, here in changed), flush=True)
+            print(f"init_from: the weights of {init_from} under this config's {changed}", flush=True)
     if cfg.train.compile:
         from .model.layers import compile_pointwise
         compile_pointwise()
@@ -596,6 +602,7 @@ def _train(cfg: Config, rank: int, world: int, device: torch.device, stop: StopS
                          seed=cfg.data.seed, weights=[s.weight for s in sources])
     step, tokens_seen, wandb_id = 0, 0, None
     sequences_per_step = step_sequences(cfg, world)
+    sequences_per_micro_step = cfg.train.micro_batch_size * world
     # evaluate() reads the val split's first this many sequences (fewer if the split is shorter)
     eval_sequences = cfg.train.eval_sequences if cfg.train.eval_every else None
     if resume_dir is not None:
@@ -629,7 +636,7 @@ def _train(cfg: Config, rank: int, world: int, device: torch.device, stop: StopS
     if rank == 0 and (repeated := repeated_data_line(loader, sources, cfg, step, tokens_seen, world)):
         print(repeated, flush=True)
     if rank == 0 and (accum := grad_accum_steps_at(cfg.train, tokens_seen)) < cfg.train.grad_accum_steps:
-        print(f"batch: {accum * cfg.train.micro_batch_size * world} sequences per optimizer step from here, rising "
+        print(f"batch: {accum * sequences_per_micro_step} sequences per optimizer step from here, rising "
               f"to {sequences_per_step} by train.batch_rampup_tokens {cfg.train.batch_rampup_tokens:,} tokens "
               f"({tokens_seen:,} trained on)", flush=True)
     for source in sources if rank == 0 and eval_sequences else ():
@@ -639,7 +646,6 @@ def _train(cfg: Config, rank: int, world: int, device: torch.device, stop: StopS
                   f"tokens, fewer than train.eval_sequences {eval_sequences}: evaluation reads all {held}", flush=True)
     log = MetricsLogger(run_dir, cfg, rank == 0, step, wandb_id)
     peak = peak_flops(cfg.train.peak_tflops)
-    sequences_per_micro_step = cfg.train.micro_batch_size * world
     last_saved = step if resume_dir is not None else None
 
     def save(at_step: int) -> None:
