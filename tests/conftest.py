@@ -43,6 +43,19 @@ def pydoc_data_dir(tmp_path_factory) -> PydocData:
 
 
 @pytest.fixture(scope="session")
+def fim_tokenizer_model(pydoc_data_dir, tmp_path_factory) -> Path:
+    """A tokenizer of the pydoc corpus (1024 pieces) holding fill-in-the-middle's three pieces (FIM_SYMBOLS), as
+    train_tokenizer.py --fim trains it."""
+    from data_prep import train_tokenizer
+    from deepseek_pt.data.format import FIM_SYMBOLS
+
+    out = tmp_path_factory.mktemp("fim_tokenizer")
+    info = train_tokenizer.train([str(pydoc_data_dir.corpus)], PYDOC_VOCAB, out,
+                                 user_defined_symbols=list(FIM_SYMBOLS), num_threads=2, progress=False)
+    return out / info["model"]
+
+
+@pytest.fixture(scope="session")
 def smoke_shards(tmp_path_factory) -> Path:
     """A copy of tests/assets/smoke_shards (40 pydoc topics, vocabulary 1024, 55K train and 19K val tokens in
     8,192-token shards): the same tokens on every Python version, unlike pydoc_data_dir."""

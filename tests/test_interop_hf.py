@@ -433,16 +433,12 @@ def test_hf_to_ds_overrides_fit_a_base_config_to_the_model(tmp_path, capsys):
     assert "override 'model.dim=64': the model section comes from" in capsys.readouterr().err
 
 
-def test_hf_copy_keeps_the_fill_in_the_middle_pieces_whole(tmp_path, pydoc_data_dir):
+def test_hf_copy_keeps_the_fill_in_the_middle_pieces_whole(tmp_path, fim_tokenizer_model):
     """A tokenizer trained with train_tokenizer.py --fim: its HF copy encodes a fill-in-the-middle prompt to the same
     ids, each of the three pieces one token, so the HF model is prompted for a middle as training wrote them."""
     import sentencepiece as spm
 
-    from data_prep import train_tokenizer
-
-    model = tmp_path / "tok" / train_tokenizer.train([str(pydoc_data_dir.corpus)], 1024, tmp_path / "tok",
-                                                     user_defined_symbols=list(FIM_SYMBOLS), num_threads=2,
-                                                     progress=False)["model"]
+    model = fim_tokenizer_model
     cfg = tiny(vocab_size=1024)
     save_export(random_model(cfg), cfg, tmp_path / "exp", tokenizer=model, doc_boundary="eos")
     assert convert_main(["ds-to-hf", str(tmp_path / "exp"), str(tmp_path / "hf")]) == 0
