@@ -7,8 +7,8 @@ a GPU run stops being reproducible to the bit.
 
 One process builds the engine as training does (build_engine), draws one batch of random tokens, and computes the
 loss and every parameter's gradient `--repeats` times with the same weights (torch.autograd.grad, no optimizer
-step). It runs at parallel.zero_stage=0: ZeRO-3's leaf-module hooks refuse autograd.grad, and on one rank ZeRO only
-moves the gradients that the model's kernels computed. Prints, per parameter whose gradient differed between
+step). It runs at parallel.zero_stage=1 (stage 0 is fp32 only): ZeRO-3's leaf-module hooks refuse autograd.grad, and
+stage 1 touches no gradient before the optimizer step: what differs is what the model's kernels computed. Prints, per parameter whose gradient differed between
 repeats, how many values and by how much; `--digests` keeps a digest of each first-repeat gradient, and `--against`
 compares them with another process's (compiled kernels, autotuned picks and cached plans may differ between
 processes, not between repeats). Last, one JSON line.
@@ -93,7 +93,7 @@ def main() -> None:
     if args.attention:
         first = FIRST_BACKEND[args.attention]
         mla.SDPA_PRIORITY = [first, *(b for b in mla.SDPA_PRIORITY if b != first)]
-    cfg = load_config(args.config, [*args.overrides, "parallel.zero_stage=0", "parallel.coalesce_grad_reduction=false",
+    cfg = load_config(args.config, [*args.overrides, "parallel.zero_stage=1", "parallel.coalesce_grad_reduction=false",
                                     "train.grad_accum_steps=1"])
     _, world, device = init_distributed(cfg)
     model = build_engine(cfg, world).module

@@ -299,7 +299,8 @@ class TrainConfig:
 @dataclass
 class ParallelConfig:
     zero_stage: Literal[0, 1, 2, 3] = 3
-    """DeepSpeed ZeRO stage."""
+    """DeepSpeed ZeRO stage: 1 partitions the optimizer state, 2 the gradients too, 3 the parameters too; all three
+    train to the same losses. 0 (no ZeRO) is for fp32 only (engine/no_zero_step.py gives it ZeRO's clip and skip)."""
     expert_parallel_size: int = 1
     """Ranks one MoE layer's routed experts are split over (DeepSpeed AutoEP); must divide them."""
     overlap_comm: bool = True
@@ -870,6 +871,11 @@ def validate(cfg: Config, where: Callable[[str], str] = lambda key: "<config>") 
         check(not bad, "train.activation_checkpointing", f"block {bad[0] if bad else 0} is not in 0 .. {m.n_layers - 1} "
               "(model.n_layers)")
         check(len(set(layers)) == len(layers), "train.activation_checkpointing", f"a block is listed twice: {layers}")
+    check(cfg.parallel.zero_stage > 0 or cfg.precision == "fp32", "parallel.zero_stage",
+          f"0 (no ZeRO) runs only with precision: fp32 (got {cfg.precision}): DeepSpeed 0.19.8 runs bf16 without ZeRO "
+          "through its FP16_UnfusedOptimizer, which takes an AdamW step on zero gradients as it starts (AdamW's bias "
+          "correction is then a step behind: the first real step moves each weight ~0.73 x lr at betas 0.9, 0.95); "
+          "stage 1, which partitions only the optimizer state, trains as stage 3 does")
     if cfg.parallel.zero_init:
         check(cfg.parallel.zero_stage == 3, "parallel.zero_init",
               f"needs parallel.zero_stage: 3 (got {cfg.parallel.zero_stage})")

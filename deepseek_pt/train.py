@@ -402,6 +402,9 @@ def build_engine(cfg: Config, world: int, init_from: str | None = None, load_uni
     engine, _, _, _ = deepspeed.initialize(
         model=model, model_parameters=param_groups(model, cfg.train.weight_decay),
         config=ds_config, lr_scheduler=lr_scheduler(cfg))
+    if cfg.parallel.zero_stage == 0:
+        from .engine import no_zero_step
+        no_zero_step.install(engine, cfg.train.grad_clip)
     if cfg.parallel.zero_stage == 3 and cfg.parallel.zero_fused_step:
         from .engine import zero3_step
         zero3_step.install(engine.optimizer)

@@ -40,8 +40,11 @@ def _write(tmp_path, data) -> Path:
     ({"model": {"attention": {"use_output_subspace": True}}}, [], "model.attention.o_latent_dim: required"),
     ({"train": {"compile_blocks": True}, "parallel": {"zero_leaf_blocks": False}}, [],
      "train.compile_blocks: under ZeRO-3 needs parallel.zero_leaf_blocks: true"),
-    ({"parallel": {"coalesce_grad_reduction": True, "zero_stage": 0}}, [],
+    ({"parallel": {"coalesce_grad_reduction": True, "zero_stage": 0}, "precision": "fp32"}, [],
      "parallel.coalesce_grad_reduction: needs parallel.zero_stage 1, 2 or 3"),
+    ({"parallel": {"zero_stage": 0}, "precision": "bf16"}, [],
+     "parallel.zero_stage: 0 (no ZeRO) runs only with precision: fp32 (got bf16): DeepSpeed 0.19.8 runs bf16 without "
+     "ZeRO through its FP16_UnfusedOptimizer"),
     ({"model": {"attention": {"use_output_subspace": True, "o_latent_dim": 0}}}, [], "model.attention.o_latent_dim: must be positive"),
     # MLA-o's latent as wide as o_proj's input or wider: no saving, more parameters
     ({"model": {"attention": {"use_output_subspace": True, "o_latent_dim": 2048}}}, [],

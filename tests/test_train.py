@@ -1644,6 +1644,59 @@ def test_adamw_update_compiles_to_one_graph_for_every_learning_rate(device):
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
 
 
+def test_the_step_without_zero_clips_by_the_whole_norm_and_skips_a_non_finite_one():
+    """parallel.zero_stage 0: no_zero_step's wrapped AdamW step reports the gradients' global norm, scales them by
+    train.grad_clip over it (not when below), and skips a step whose norm is not finite as ZeRO does (overflow set,
+    nothing moves). One process: no routed experts here, the expert groups' sums are the multi-process test's."""
+    from types import SimpleNamespace
+
+    from deepseek_pt.engine import no_zero_step
+    module = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.SGD(module.parameters(), lr=1.0)
+    no_zero_step.install(SimpleNamespace(optimizer=optimizer, module=module, device=torch.device("cpu")), 1.0)
+    for grads, norm, moved in [((3.0, 4.0), 5.0, 0.2), ((0.3, 0.4), 0.5, 1.0), ((float("nan"), 1.0), None, 0.0)]:
+        before = [p.detach().clone() for p in module.parameters()]
+        module.weight.grad = torch.full_like(module.weight, grads[0] / 6 ** 0.5)  # 6 values: norm grads[0]
+        module.bias.grad = torch.full_like(module.bias, grads[1] / 2 ** 0.5)
+        optimizer.step()
+        assert optimizer.overflow == (norm is None)
+        if norm is not None:
+            assert optimizer._global_grad_norm.item() == pytest.approx(norm)
+        for p, b, g in zip(module.parameters(), before, grads, strict=True):
+            want = b - moved * torch.full_like(b, g / p.numel() ** 0.5) if moved else b
+            torch.testing.assert_close(p.detach(), want)
+
+
+@pytest.mark.slow
+def test_zero_stages_0_1_and_2_train_resume_and_ramp_as_stage_3(tmp_path, data):
+    """Every ZeRO stage, fp32 on 2 processes under expert parallelism 2 with the clip at work (gradient norms above
+    train.grad_clip) and a batch ramp: stages 1 and 2 log stage 3's losses and gradient norms to the bit, stage 0
+    (no_zero_step's norm, its own sum order) to float rounding; a stage-2 stop-and-resume is exact and a stage-1
+    checkpoint resumes on 1 process (universal)."""
+    common = ("train.grad_clip=0.5", "train.micro_batch_size=2", "train.grad_accum_steps=2",
+              f"train.batch_rampup_tokens={2 * 2 * 64 * 2}", "train.save_every=4")
+    runs = {stage: tmp_path / f"stage{stage}" for stage in (3, 2, 1, 0)}
+    for stage, run in runs.items():
+        train(2, run, data, *common, f"parallel.zero_stage={stage}")
+    reference = metrics(runs[3])
+    assert [m["batch_sequences"] for m in reference] == [4, 4, 8, 8, 8, 8, 8, 8]
+    assert all(m["grad_norm"] > 0.5 for m in reference[2:])  # the clip scales those steps' gradients
+    for stage in (2, 1, 0):
+        logged = metrics(runs[stage])
+        exact = {} if stage else {"rel": 1e-6}
+        assert [m["loss"] for m in logged] == pytest.approx([m["loss"] for m in reference], **exact), stage
+        assert [m["grad_norm"] for m in logged] == pytest.approx([m["grad_norm"] for m in reference], **exact), stage
+    resumed = tmp_path / "stage2_resumed"
+    train(2, resumed, data, *common, "parallel.zero_stage=2", f"train.resume={ckpt(runs[2], 4)}")
+    assert_same_losses(resumed, runs[2], range(5, STEPS + 1), rel=0, abs=0)
+    resharded = tmp_path / "stage1_on_one_process"
+    proc = train(1, resharded, data, *common, "parallel.zero_stage=1", "parallel.expert_parallel_size=1",
+                 "train.micro_batch_size=4", f"train.batch_rampup_tokens={2 * 2 * 64 * 2}",
+                 f"train.resume={ckpt(runs[1], 4)}")
+    assert "universal: resharded" in proc.stdout
+    assert_same_losses(resharded, runs[1], range(5, STEPS + 1), abs=1e-4)
+
+
 def test_zero3_fused_step_refuses_an_optimizer_it_does_not_cover():
     from deepseek_pt.engine import zero3_step
     with pytest.raises(RuntimeError, match="parallel.zero_fused_step: .* not ZeRO stage 3's; set "

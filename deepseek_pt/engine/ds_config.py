@@ -85,7 +85,8 @@ def build_ds_config(cfg: Config, world_size: int, has_moe: bool, load_universal:
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
         "gradient_accumulation_steps": micro_steps,
         "train_batch_size": t.micro_batch_size * micro_steps * world_size,
-        "gradient_clipping": t.grad_clip,
+        # Without ZeRO our step clips (engine/no_zero_step.py): DeepSpeed's own clip there is by a mean of norms
+        "gradient_clipping": t.grad_clip if p.zero_stage > 0 else 0.0,
         "steps_per_print": 2**31 - 1,  # we log ourselves
         # DeepSpeed's throughput timer synchronizes the GPU at every forward: a host sync per micro-step that
         # stalls the CPU's queueing ahead (10 ms per micro-step on the bench shape). We time steps ourselves.
