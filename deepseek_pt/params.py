@@ -1,4 +1,5 @@
-"""python -m deepseek_pt.params CONFIG [key.path=value ...]: parameter, cache and FLOP report as JSON."""
+"""python -m deepseek_pt.params CONFIG [--gpus N] [key.path=value ...]: parameter, cache and FLOP report as JSON; with
+--gpus, also the model states each of N GPUs holds at least under the config's ZeRO stage and expert parallelism."""
 from __future__ import annotations
 
 import argparse
@@ -9,12 +10,23 @@ from .config import ConfigError, load_config
 from .model.counting import count_params, kv_cache_bytes_per_token, meta_model, train_flops_per_token
 
 
-def report(config) -> dict:
+def states_report(config, gpus: int, model) -> dict:
+    """engine/model_states.py's lower bound on each GPU's model states, in bytes."""
+    from .engine.model_states import expert_and_other_params, model_state_bytes
+    states = model_state_bytes(config, gpus, counts=expert_and_other_params(config, model))
+    return {"gpus": gpus, "zero_stage": config.parallel.zero_stage,
+            "expert_parallel_size": config.parallel.expert_parallel_size, "precision": config.precision,
+            **states, "total": sum(states.values())}
+
+
+def report(config, gpus: int | None = None) -> dict:
     m = config.model
-    counts = count_params(meta_model(m))
+    model = meta_model(m)
+    counts = count_params(model)
     a = m.attention
     return {
         **counts,
+        **({"model_states_per_gpu": states_report(config, gpus, model)} if gpus else {}),
         **kv_cache_bytes_per_token(m),
         "train_flops_per_token": train_flops_per_token(m, config.data.seq_len, counts),
         "shape": {
@@ -33,13 +45,19 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m deepseek_pt.params", description=__doc__)
     parser.add_argument("config", help="YAML config")
     parser.add_argument("overrides", nargs="*", help="key.path=value")
-    args = parser.parse_args(argv)
+    parser.add_argument("--gpus", type=int, help="also the model states per GPU on this many GPUs (a lower bound)")
+    args = parser.parse_intermixed_args(argv)  # --gpus before or after the overrides
     try:
         config = load_config(args.config, args.overrides)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(json.dumps(report(config), indent=2))
+    ep = config.parallel.expert_parallel_size
+    if args.gpus is not None and (args.gpus < 1 or args.gpus % ep):
+        print(f"error: --gpus {args.gpus}: must be a positive multiple of parallel.expert_parallel_size ({ep})",
+              file=sys.stderr)
+        return 2
+    print(json.dumps(report(config, args.gpus), indent=2))
     return 0
 
 

@@ -21,6 +21,7 @@ def test_shipped_configs_load_and_pass_preflight(name, tmp_path, monkeypatch):
     cfg = load_config(CONFIGS / name, [f"data.path={ASSETS / 'smoke_shards'}", "data.seq_len=32",
                                        "train.eval_every=0", f"run.dir={tmp_path / 'run'}"])
     monkeypatch.setattr(preflight_checks, "host_memory_available", lambda: None)
+    monkeypatch.setattr(preflight_checks, "gpu_memory", lambda: None)  # 671B's states need more GPUs than its EP
     preflight_checks.preflight(cfg, world_size=cfg.parallel.expert_parallel_size)
 
 
@@ -279,13 +280,63 @@ def test_a_blend_from_yaml_or_an_override(tmp_path):
 
 
 def test_params_report_on_the_published_671b_shape(capsys):
-    assert params_main([str(CONFIGS / "deepseek-v3-671b.yaml"), "model.mtp_depth=0"]) == 0
+    assert params_main([str(CONFIGS / "deepseek-v3-671b.yaml"), "model.mtp_depth=0", "--gpus", "1024"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert round(report["total_params"] / 1e9) == 671
     assert round(report["active_params"] / 1e9) == 37
+    # each of DeepSeek-V3's 1024 GPUs (EP 64, ZeRO-3) holds 1/1024 of every state: 10.5 GB in all
+    per_gpu = -(-report["total_params"] // 1024)
+    assert report["model_states_per_gpu"] == {
+        "gpus": 1024, "zero_stage": 3, "expert_parallel_size": 64, "precision": "fp8", "weights": 2 * per_gpu,
+        "gradients": 2 * per_gpu, "master_weights": 4 * per_gpu, "optimizer_moments": 8 * per_gpu,
+        "total": 16 * per_gpu}
     # 61 layers x (512 latent + 64 rope) x 2 bytes
     assert report["kv_cache_bytes_per_token"] == 61 * 576 * 2
     assert report["shape"]["n_layers"] == 61 and report["shape"]["n_routed_experts"] == 256
+
+
+def test_params_reports_each_gpus_model_states_under_the_configs_zero_stage(capsys):
+    """--gpus N: the routed experts split over EP ranks, each held by N / EP of them; ZeRO-3 partitions every state
+    over all N (the 671B test above), stage 1 only AdamW's moments (and the master weights, which fp32 has not):
+    weights and gradients whole."""
+    smoke = str(CONFIGS / "smoke.yaml")  # EP 2, fp32 (no master copy), no MTP
+    assert params_main([smoke, "parallel.zero_stage=1", "--gpus", "4"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    experts = report["routed_expert_params"]
+    held, partitioned = report["total_params"] - experts // 2, -(-report["total_params"] // 4)
+    assert {k: report["model_states_per_gpu"][k] for k in ("weights", "gradients", "master_weights",
+                                                           "optimizer_moments")} == {
+        "weights": 4 * held, "gradients": 4 * held, "master_weights": 0, "optimizer_moments": 8 * partitioned}
+    assert params_main([smoke, "--gpus", "3"]) == 2
+    assert "--gpus 3: must be a positive multiple of parallel.expert_parallel_size (2)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("config, overrides, world, gib, message", [
+    ("deepseek-v3-671b.yaml", [], 64, 80, r"model states: each of 64 GPUs would hold at least 158\.9 GiB \(weights "
+     r"19\.9, gradients 19\.9, master weights 39\.7, optimizer moments 79\.5\) under parallel.zero_stage 3 with "
+     r"parallel.expert_parallel_size 64, more than the 80\.0 GiB of its H100; at least 128 GPUs under ZeRO-3 "
+     r"\(before activations\)$"),
+    ("bench-2b.yaml", ["parallel.zero_stage=1"], 2, 16, r"each of 2 GPUs would hold at least 18\.3 GiB .* under "
+     r"parallel.zero_stage 1 with parallel.expert_parallel_size 1, more than the 16\.0 GiB of its H100; "
+     r"parallel.zero_stage: 3 partitions weights and gradients too \(14\.7 GiB each here\)$"),
+    ("bench-2b.yaml", [], 1, 24, r"at least 2 GPUs under ZeRO-3 \(before activations\)$"),
+    ("bench-2b.yaml", [], 1, 80, None),  # 29.3 GiB of states: activations decide (39.5 GiB at its peak on an H100)
+])
+def test_preflight_refuses_model_states_that_cannot_fit_the_gpu(tmp_path, monkeypatch, config, overrides, world, gib,
+                                                                message):
+    """Before DeepSpeed starts (it would run out of GPU memory building its optimizer, a traceback from deep inside):
+    engine/model_states.py's lower bound against the GPU's memory, with the fixes that would make room."""
+    import deepseek_pt.engine.preflight as preflight_checks
+
+    monkeypatch.setattr(preflight_checks, "host_memory_available", lambda: None)
+    monkeypatch.setattr(preflight_checks, "gpu_memory", lambda: ("H100", gib * 2**30))
+    cfg = load_config(CONFIGS / config, [f"data.path={ASSETS / 'smoke_shards'}", "data.seq_len=32",
+                                         "train.eval_every=0", f"run.dir={tmp_path / 'run'}", *overrides])
+    if message is None:
+        assert preflight_checks.model_states_refusal(cfg, world) is None
+        return
+    with pytest.raises(preflight_checks.PreflightError, match=message):
+        preflight_checks.preflight(cfg, world_size=world)
 
 
 def test_params_cli_reports_bad_config(tmp_path, capsys):

@@ -26,6 +26,7 @@ from ..data.loader import data_change
 from ..model.counting import meta_model
 from . import checkpoint, run_tokenizer
 from .checkpoint import CheckpointError
+from .model_states import GiB, describe, expert_and_other_params, model_state_bytes
 
 
 class PreflightError(ValueError):
@@ -41,6 +42,39 @@ def host_memory_available() -> int | None:
     except (OSError, ValueError, IndexError):
         pass
     return None
+
+
+def gpu_memory() -> tuple[str, int] | None:
+    """(name, bytes) of the GPU this process will train on, None without one (a CPU run, a launch host)."""
+    if not torch.cuda.is_available():
+        return None
+    props = torch.cuda.get_device_properties(int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
+    return props.name, props.total_memory
+
+
+def model_states_refusal(cfg: Config, world_size: int) -> str | None:
+    """Why the model's states alone cannot fit this GPU's memory at this world size, or None (engine/model_states.py:
+    a lower bound, so a run this passes may still run out of memory on its activations)."""
+    if (gpu := gpu_memory()) is None:
+        return None
+    name, have = gpu
+    counts = expert_and_other_params(cfg)
+    need = model_state_bytes(cfg, world_size, counts=counts)
+    if sum(need.values()) <= have:
+        return None
+    stage, ep = cfg.parallel.zero_stage, cfg.parallel.expert_parallel_size
+    fixes = []
+    if stage < 3:
+        at_3 = sum(model_state_bytes(cfg, world_size, stage=3, counts=counts).values())
+        fixes.append(f"parallel.zero_stage: 3 partitions weights and gradients too ({at_3 / GiB:,.1f} GiB each here)")
+    gpus = world_size
+    while sum(model_state_bytes(cfg, gpus, stage=3, counts=counts).values()) > have:
+        gpus += ep  # world sizes EP divides
+    if gpus > world_size:
+        fixes.append(f"at least {gpus} GPUs under ZeRO-3 (before activations)")
+    return (f"model states: each of {world_size} GPUs would hold at least {describe(need)} under parallel.zero_stage "
+            f"{stage} with parallel.expert_parallel_size {ep}, more than the {have / GiB:,.1f} GiB of its {name}; "
+            f"{'; or '.join(fixes)}")
 
 
 def ignored_fp8_settings(cfg: Config) -> str | None:
@@ -102,6 +136,8 @@ def preflight(cfg: Config, world_size: int) -> None:
                 f"data.seq_len x train.micro_batch_size: {cfg.data.seq_len} x {cfg.train.micro_batch_size} = {tokens} "
                 f"tokens per micro-step; fp8.recipe=blockwise's FP8 GEMMs scale the weight gradient in tiles of "
                 f"{BLOCK} tokens, so it must be a multiple of {BLOCK}")
+    if refusal := model_states_refusal(cfg, world_size):
+        raise PreflightError(refusal)
     if not cfg.parallel.zero_init:  # each process builds the whole model in fp32 before DeepSpeed partitions it
         n_params = sum(p.numel() for p in meta_model(cfg.model).parameters())
         procs = int(os.environ.get("LOCAL_SIZE") or os.environ.get("LOCAL_WORLD_SIZE") or world_size)
