@@ -42,6 +42,7 @@ from .engine.preflight import (
     DETERMINISTIC_CUBLAS_WORKSPACES,
     NEW_DATA_HINT,
     PreflightError,
+    gpu_memory,
     ignored_fp8_settings,
     preflight,
     resume_settings,
@@ -58,6 +59,10 @@ WRITE_REFUSED = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EACCES, errno.ER
 class StoppedError(RuntimeError):
     """Training stopped before its end without a checkpoint, for the reason the message gives (a diverged loss,
     metrics that cannot be written)."""
+
+
+class OutOfGpuMemory(RuntimeError):
+    """A CUDA out-of-memory error in training, told as the config's to fix (engine/model_states.py)."""
 
 
 def parse_args(argv):
@@ -548,13 +553,18 @@ def train(cfg: Config) -> int:
         raise
     except Exception as e:
         watch.stop()  # an error every rank raises together (a failed save) must not reach this one's watcher first
-        found = isinstance(e, (CheckpointError, DataError, PreflightError, WandbError, OSError))  # this rank's own
+        if isinstance(e, torch.OutOfMemoryError):
+            from .engine.model_states import describe_out_of_memory
+            e = OutOfGpuMemory(f"rank {rank}: " + describe_out_of_memory(cfg, world, str(e), gpu_memory()))
+        found = isinstance(e, (CheckpointError, DataError, PreflightError, WandbError, OSError, OutOfGpuMemory))
         # Anything else may be a collective that failed because another rank failed first (gloo: a closed
         # connection): say that instead; a broken connection that no rank explains, as such, not as this rank's own.
         if not found and (peer := watch.peer_failure() or watch.publish_lost_connection(e)):
             raise StoppedError(f"{peer}; rank {rank} stops too") from None
         watch.publish(describe_os_error(e) if isinstance(e, OSError) else str(e) if found
                       else f"{type(e).__name__}: {e}")
+        if isinstance(e, OutOfGpuMemory):
+            raise e from None
         raise
     finally:
         watch.stop()
@@ -768,7 +778,7 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", r"`torch\.distributed\.\w+` is deprecated", FutureWarning)
     try:
         return train(cfg)
-    except (CheckpointError, PreflightError, StoppedError, DataError, WandbError) as e:
+    except (CheckpointError, PreflightError, StoppedError, DataError, WandbError, OutOfGpuMemory) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except OSError as e:

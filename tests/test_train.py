@@ -631,6 +631,29 @@ def test_corrupt_checkpoint_is_named(tmp_path, stopped, data):
     assert "Traceback" not in proc.stdout + proc.stderr
 
 
+def test_cuda_out_of_memory_is_told_as_the_configs_to_fix(tmp_path, data):
+    """An out-of-memory error in a step (here raised in place of the step, on one process) ends the run with an
+    error line, not a traceback: torch's account of the allocation, the model states' share and the keys that
+    shrink the rest."""
+    said = ("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 79.19 GiB of which 1.02 "
+            "GiB is free. Including non-PyTorch memory, this process has 78.16 GiB memory in use. If reserved but "
+            "unallocated memory is large try setting PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True")
+    driver = ("import sys, torch\nimport deepseek_pt.train as t\n"
+              f"def step(*args, **kwargs):\n    raise torch.OutOfMemoryError({said!r})\n"
+              "t.train_step = step\nsys.exit(t.main(sys.argv[1:]))")
+    proc = run_job([sys.executable, "-c", driver, "--config", SMOKE, f"data.path={data}", f"run.dir={tmp_path}",
+                    "parallel.expert_parallel_size=1", "train.grad_accum_steps=2"], timeout=300)
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert re.search(r"^error: rank 0: CUDA out of memory\. Tried to allocate 2\.00 GiB\. GPU 0 has a total "
+                     r"capacity of 79\.19 GiB of which 1\.02 GiB is free\. The model states take at least 0\.0 GiB"
+                     r"( of its [^(]+)? \(python -m deepseek_pt\.params CONFIG --gpus 1\); the rest went to "
+                     r"activations, for train\.micro_batch_size x data\.seq_len = 4 x 64 tokens per micro-step: a "
+                     r"smaller train\.micro_batch_size \(now 4; raise train\.grad_accum_steps, now 2, to keep the "
+                     r"batch\); or train\.activation_checkpointing: true \(recompute each block's activations in "
+                     r"backward\)$", proc.stderr, re.M), proc.stderr[-3000:]
+
+
 @pytest.mark.slow
 def test_a_diverged_run_stops_after_max_nonfinite_steps(tmp_path, data):
     """A learning rate of 1e30 makes every step after the first non-finite. Such a run went on skipping steps to
