@@ -44,6 +44,7 @@ from .engine.preflight import (
     PreflightError,
     gpu_memory,
     ignored_fp8_settings,
+    ignored_zero3_settings,
     preflight,
     resume_settings,
 )
@@ -395,6 +396,8 @@ def build_engine(cfg: Config, world: int, init_from: str | None = None, load_uni
             print(line, flush=True)
     elif rank0 and (ignored := ignored_fp8_settings(cfg)):
         print(f"fp8: {ignored}", flush=True)
+    if rank0 and (ignored := ignored_zero3_settings(cfg)):
+        print(f"zero: {ignored}", flush=True)
     if cfg.parallel.zero_stage == 3 and cfg.parallel.zero_leaf_blocks:
         from deepspeed.utils import set_z3_leaf_modules
         set_z3_leaf_modules(model, [Block])

@@ -1775,6 +1775,24 @@ def test_fp8_settings_at_another_precision_are_named_as_ignored(tmp_path, data):
     assert preflight_checks.ignored_fp8_settings(config("precision=fp8", "fp8.recipe=rowwise")) is None
 
 
+def test_zero3_settings_at_another_stage_are_named_as_ignored(tmp_path, data):
+    """bench-2b's persistence threshold (and any other ZeRO-3-only key set from its default) under stage 1 or 2 is
+    named at the start, as fp8's keys at another precision are; the defaults and stage 3 say nothing."""
+    import deepseek_pt.engine.preflight as preflight_checks
+    from deepseek_pt.config import load_config
+
+    cfg = load_config(ROOT / "configs" / "bench-2b.yaml", ["parallel.zero_stage=2", "parallel.zero_fused_step=false"])
+    assert preflight_checks.ignored_zero3_settings(cfg) == (
+        "parallel.zero_persistence_threshold=1000000000, parallel.zero_fused_step=false ignored: parallel.zero_stage "
+        "is 2, and these apply to ZeRO-3 only")
+    assert preflight_checks.ignored_zero3_settings(load_config(ROOT / "configs" / "bench-2b.yaml")) is None
+    assert preflight_checks.ignored_zero3_settings(load_config(SMOKE, ["parallel.zero_stage=1"])) is None
+    proc = train(1, tmp_path, data, "parallel.zero_stage=1", "parallel.expert_parallel_size=1", "train.max_steps=1",
+                 "train.warmup_steps=1", "parallel.zero_idle_hooks_off=false")
+    assert ("zero: parallel.zero_idle_hooks_off=false ignored: parallel.zero_stage is 1, and these apply to ZeRO-3 "
+            "only") in proc.stdout, proc.stdout[-3000:]
+
+
 def test_a_partitioned_build_needs_no_whole_model_in_host_memory(monkeypatch, data):
     import deepseek_pt.engine.preflight as preflight_checks
     from deepseek_pt.config import load_config

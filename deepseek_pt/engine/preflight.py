@@ -14,6 +14,7 @@ from ..config import (
     ConfigError,
     Fp8Config,
     ModelConfig,
+    ParallelConfig,
     differences,
     load_config,
     model_from_dict,
@@ -77,6 +78,10 @@ def model_states_refusal(cfg: Config, world_size: int) -> str | None:
             f"{'; or '.join(fixes)}")
 
 
+def _assignments(changed: list[tuple[str, object, object]]) -> str:
+    return ", ".join(f"{key}={str(v).lower() if isinstance(v, bool) else v}" for key, _, v in changed)
+
+
 def ignored_fp8_settings(cfg: Config) -> str | None:
     """The fp8 section's keys set other than their defaults at a precision that ignores them, as a line for the
     start's log; None where there are none. Said, not refused: one config run with precision=bf16 and precision=fp8
@@ -84,12 +89,24 @@ def ignored_fp8_settings(cfg: Config) -> str | None:
     FP8 that trains in bf16 must not do so unawares."""
     if cfg.precision == "fp8" or not (ignored := differences(Fp8Config(), cfg.fp8, "fp8")):
         return None
+    return (f"{_assignments(ignored)} ignored: precision is {cfg.precision}, and the fp8 section applies at "
+            "precision=fp8 only")
 
-    def text(value) -> str:
-        return str(value).lower() if isinstance(value, bool) else str(value)
 
-    return (f"{', '.join(f'{key}={text(v)}' for key, _, v in ignored)} ignored: precision is {cfg.precision}, and "
-            "the fp8 section applies at precision=fp8 only")
+ZERO3_ONLY_KEYS = ("zero_persistence_threshold", "zero_leaf_blocks", "zero_memory_efficient_linear", "zero_fused_step",
+                   "zero_keep_params_gathered", "zero_idle_hooks_off")
+"""parallel.* keys that only ZeRO stage 3 reads (parallel.zero_init, which builds the model for it, is refused at
+another stage)."""
+
+
+def ignored_zero3_settings(cfg: Config) -> str | None:
+    """As ignored_fp8_settings, for the ZeRO-3 keys at another stage (bench-2b's persistence threshold at stage 2)."""
+    if cfg.parallel.zero_stage == 3:
+        return None
+    ignored = [d for d in differences(ParallelConfig(), cfg.parallel, "parallel")
+               if d[0].removeprefix("parallel.") in ZERO3_ONLY_KEYS]
+    return (f"{_assignments(ignored)} ignored: parallel.zero_stage is {cfg.parallel.zero_stage}, and these apply to "
+            "ZeRO-3 only") if ignored else None
 
 
 # cuBLAS's workspace settings under which its GEMMs repeat to the bit (the cuBLAS guide's "Results reproducibility")
