@@ -333,7 +333,8 @@ def test_preflight_refuses_model_states_that_cannot_fit_the_gpu(tmp_path, monkey
     cfg = load_config(CONFIGS / config, [f"data.path={ASSETS / 'smoke_shards'}", "data.seq_len=32",
                                          "train.eval_every=0", f"run.dir={tmp_path / 'run'}", *overrides])
     if message is None:
-        assert preflight_checks.model_states_refusal(cfg, world) is None
+        assert preflight_checks.model_states_refusal(cfg, world, preflight_checks.gpu_memory(),
+                                                     preflight_checks.expert_and_other_params(cfg)) is None
         return
     with pytest.raises(preflight_checks.PreflightError, match=message):
         preflight_checks.preflight(cfg, world_size=world)

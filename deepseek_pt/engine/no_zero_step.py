@@ -26,6 +26,7 @@ def install(engine, max_norm: float) -> None:
             else:
                 experts.setdefault(param.group_name, []).append(param)
     expert_groups = [(groups._get_expert_parallel_group(name), params) for name, params in experts.items()]
+    clipped = replicated + [p for params in experts.values() for p in params]
     step = optimizer.step
 
     def squared_norm(params) -> torch.Tensor:
@@ -47,8 +48,7 @@ def install(engine, max_norm: float) -> None:
             return None
         if max_norm > 0:
             scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
-            torch._foreach_mul_([p.grad for p in replicated + [p for _, ps in expert_groups for p in ps]
-                                 if p.grad is not None], scale)
+            torch._foreach_mul_([p.grad for p in clipped if p.grad is not None], scale)
         return step(closure)
 
     optimizer.step = clipped_step

@@ -53,13 +53,12 @@ def gpu_memory() -> tuple[str, int] | None:
     return props.name, props.total_memory
 
 
-def model_states_refusal(cfg: Config, world_size: int) -> str | None:
-    """Why the model's states alone cannot fit this GPU's memory at this world size, or None (engine/model_states.py:
-    a lower bound, so a run this passes may still run out of memory on its activations)."""
-    if (gpu := gpu_memory()) is None:
-        return None
+def model_states_refusal(cfg: Config, world_size: int, gpu: tuple[str, int],
+                         counts: tuple[int, int]) -> str | None:
+    """Why the model's states alone cannot fit `gpu`'s memory (gpu_memory's answer) at this world size, or None
+    (engine/model_states.py: a lower bound, so a run this passes may still run out of memory on its activations);
+    `counts` is expert_and_other_params' answer."""
     name, have = gpu
-    counts = expert_and_other_params(cfg)
     need = model_state_bytes(cfg, world_size, counts=counts)
     if sum(need.values()) <= have:
         return None
@@ -153,10 +152,13 @@ def preflight(cfg: Config, world_size: int) -> None:
                 f"data.seq_len x train.micro_batch_size: {cfg.data.seq_len} x {cfg.train.micro_batch_size} = {tokens} "
                 f"tokens per micro-step; fp8.recipe=blockwise's FP8 GEMMs scale the weight gradient in tiles of "
                 f"{BLOCK} tokens, so it must be a multiple of {BLOCK}")
-    if refusal := model_states_refusal(cfg, world_size):
+    gpu = gpu_memory()
+    # One shape-only build for both memory checks (seconds at DeepSeek-V3's shape), and none where neither runs
+    counts = expert_and_other_params(cfg) if gpu or not cfg.parallel.zero_init else None
+    if gpu and (refusal := model_states_refusal(cfg, world_size, gpu, counts)):
         raise PreflightError(refusal)
     if not cfg.parallel.zero_init:  # each process builds the whole model in fp32 before DeepSpeed partitions it
-        n_params = sum(p.numel() for p in meta_model(cfg.model).parameters())
+        n_params = sum(counts)
         procs = int(os.environ.get("LOCAL_SIZE") or os.environ.get("LOCAL_WORLD_SIZE") or world_size)
         need, available = 4 * n_params * procs, host_memory_available()
         if available is not None and need > available:
