@@ -320,7 +320,7 @@ def test_params_reports_each_gpus_model_states_under_the_configs_zero_stage(caps
      r"parallel.zero_stage 1 with parallel.expert_parallel_size 1, more than the 16\.0 GiB of its H100; "
      r"parallel.zero_stage: 3 partitions weights and gradients too \(14\.7 GiB each here\)$"),
     ("bench-2b.yaml", [], 1, 24, r"at least 2 GPUs under ZeRO-3 \(before activations\)$"),
-    ("bench-2b.yaml", [], 1, 80, None),  # 29.3 GiB of states: activations decide (39.5 GiB at its peak on an H100)
+    ("bench-2b.yaml", [], 1, 80, None),  # 29.3 GiB of states: activations decide
 ])
 def test_preflight_refuses_model_states_that_cannot_fit_the_gpu(tmp_path, monkeypatch, config, overrides, world, gib,
                                                                 message):
