@@ -30,7 +30,8 @@ import torch  # noqa: E402
 
 from deepseek_pt.config import Config, load_config  # noqa: E402
 from deepseek_pt.data import to_device  # noqa: E402
-from deepseek_pt.engine.ds_config import build_ds_config, lr_scheduler  # noqa: E402
+from deepseek_pt.engine.ds_config import build_ds_config  # noqa: E402
+from deepseek_pt.engine.lr_schedule import lr_scheduler  # noqa: E402
 from deepseek_pt.engine.metrics import peak_flops, peak_memory_gib  # noqa: E402
 from deepseek_pt.model.counting import train_flops_per_token  # noqa: E402
 from deepseek_pt.engine.distributed import init_distributed  # noqa: E402
@@ -55,7 +56,8 @@ def hf_engine(cfg: Config, world: int):
     torch.manual_seed(cfg.train.seed)
     model = DeepseekV3ForCausalLM(hf_cfg)
     engine, *_ = deepspeed.initialize(model=model, model_parameters=param_groups(model, cfg.train.weight_decay),
-                                      config=build_ds_config(cfg, world, has_moe=False), lr_scheduler=lr_scheduler(cfg))
+                                      config=build_ds_config(cfg, world, has_moe=False),
+                                      lr_scheduler=lr_scheduler(cfg, world))
     return engine
 
 

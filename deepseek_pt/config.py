@@ -200,7 +200,7 @@ class TrainConfig:
     """Ramp the global batch up over the run's first this many tokens (all ranks), as DeepSeek-V3 did (3072 to
     15360 sequences over 469B tokens): each optimizer step's micro-steps rise from batch_rampup_start to
     grad_accum_steps, one more each time an equal share of these tokens has been trained on
-    (engine/batch_rampup.py); the learning-rate schedule still goes by steps. 0 = no ramp."""
+    (engine/batch_rampup.py); the learning-rate schedule goes by lr_schedule_unit. 0 = no ramp."""
     batch_rampup_start: int = 1
     """Micro-steps per optimizer step at the start of a batch_rampup_tokens ramp; below grad_accum_steps."""
     max_steps: int = 1000
@@ -226,6 +226,11 @@ class TrainConfig:
     wsd_decay_shape: Literal["linear", "cosine"] = "linear"
     """WSD: the final decay's shape, a straight line to min_lr or a cosine half-period (DeepSeek-V3 held 2.2e-4 to
     10T tokens, then followed a cosine to 2.2e-5 over 4.3T)."""
+    lr_schedule_unit: Literal["steps", "tokens"] = "steps"
+    """The schedule's clock (engine/lr_schedule.py). `steps`: optimizer steps, as above. `tokens`: tokens trained, in
+    full batches' worth (grad_accum_steps micro-steps of every process): warmup_steps counts full batches of
+    tokens, and the decay ends with the run's last step. The same schedule without a batch ramp; under one, the
+    ramp's small steps move the rate less (Megatron's sample-based schedule). Skipped steps move neither clock."""
     weight_decay: float = 0.1
     """AdamW weight decay (not applied to norms, biases and embeddings)."""
     beta1: float = 0.9

@@ -35,7 +35,8 @@ from .engine import balance, checkpoint, run_tokenizer
 from .engine.batch_rampup import grad_accum_steps_at, sequences_to_end
 from .engine.checkpoint import CheckpointError
 from .engine.distributed import agree, check_same_config, init_distributed, mean_over_ranks
-from .engine.ds_config import build_ds_config, deepspeed_micro_steps, lr_scheduler
+from .engine.ds_config import build_ds_config, deepspeed_micro_steps
+from .engine.lr_schedule import TokenClockLR, lr_scheduler, tokens_to_end
 from .engine.metrics import MetricsLogger, WandbError, peak_flops, peak_memory_gib
 from .engine.peer_failure import PeerFailureWatch
 from .engine.preflight import (
@@ -182,7 +183,7 @@ def verify_checksums(cfg: Config, device) -> None:
 
 
 OPTIMIZER_KEYS = ("lr", "min_lr", "warmup_steps", "schedule", "wsd_decay_fraction", "wsd_decay_shape", "max_steps",
-                  "weight_decay", "beta1", "beta2", "adam_eps", "grad_clip", "batch_rampup_tokens", "batch_rampup_start")
+                  "lr_schedule_unit", "weight_decay", "beta1", "beta2", "adam_eps", "grad_clip", "batch_rampup_tokens", "batch_rampup_start")
 """train.* keys a resume may change (the run goes on with the new values), said at resume: a silent change of the
 learning rate shows in the metrics only as a jump."""
 
@@ -409,7 +410,7 @@ def build_engine(cfg: Config, world: int, init_from: str | None = None, load_uni
         model.recompute_in_backward(partial(recompute, use_reentrant=False), None if layers is True else layers)
     engine, _, _, _ = deepspeed.initialize(
         model=model, model_parameters=param_groups(model, cfg.train.weight_decay),
-        config=ds_config, lr_scheduler=lr_scheduler(cfg))
+        config=ds_config, lr_scheduler=lr_scheduler(cfg, world))
     if cfg.parallel.zero_stage == 0:
         from .engine import no_zero_step
         no_zero_step.install(engine, cfg.train.grad_clip)
@@ -649,6 +650,10 @@ def _train(cfg: Config, rank: int, world: int, device: torch.device, stop: StopS
             for line in resume_notes(client, cfg, world, step, eval_sequences, meta.get("settings", {}).get("model")):
                 print(line, flush=True)
 
+    # The token clock's end is this run's: from here, on this world, to train.max_steps
+    clock = engine.lr_scheduler if isinstance(engine.lr_scheduler, TokenClockLR) else None
+    if clock is not None:
+        clock.start(tokens_seen, tokens_to_end(cfg, world, step, tokens_seen))
     if rank == 0 and (repeated := repeated_data_line(loader, sources, cfg, step, tokens_seen, world)):
         print(repeated, flush=True)
     if rank == 0 and (accum := grad_accum_steps_at(cfg.train, tokens_seen)) < cfg.train.grad_accum_steps:
@@ -690,14 +695,16 @@ def _train(cfg: Config, rank: int, world: int, device: torch.device, stop: StopS
     nonfinite = 0  # steps in a row with a non-finite loss or gradient norm
     while step < cfg.train.max_steps and not exit_reason:
         t0 = time.perf_counter()
+        accum = grad_accum_steps_at(cfg.train, tokens_seen)
+        tokens_per_step = accum * sequences_per_micro_step * cfg.data.seq_len
+        if clock is not None:
+            clock.begin_step(tokens_per_step)
         lr = engine.get_lr()[0]  # the rate this step runs at: the scheduler moves on inside the step
         # Summed on device: one host sync per step, not per micro-step.
         parts = {}  # mtp_loss, balance_loss: summed over the micro-steps, as the loss
         skipped_before = engine.skipped_steps
-        accum = grad_accum_steps_at(cfg.train, tokens_seen)
         loss_sum = train_step(engine, cfg, batches, parts=parts, accum=accum)
         step += 1
-        tokens_per_step = accum * sequences_per_micro_step * cfg.data.seq_len
         tokens_seen += tokens_per_step
         skipped = engine.skipped_steps > skipped_before  # non-finite gradients: the same on every rank
         expert_load = balance.update_balance(engine.module, cfg.model.moe.bias_update_rate, applied=not skipped)

@@ -379,6 +379,32 @@ def test_preflight_refuses_expert_widths_grouped_gemms_cannot_take(tmp_path, mon
                                                                     "model.moe.n_dense_layers=2"]), world_size=2)
 
 
+@pytest.mark.parametrize("schedule, message", [
+    ("cosine", "more than the run's 2.00: under the batch ramp, train.max_steps 8 steps on 2 processes train 2.00 full "
+               "batches' worth; lower train.warmup_steps, or raise train.max_steps"),
+    ("wsd", "more than schedule wsd's stable phase, which ends at 1.75: under the batch ramp, train.max_steps 8 steps "
+            "on 2 processes train 2.00 full batches' worth"),
+])
+def test_preflight_refuses_a_token_clock_warmup_the_batch_ramp_leaves_no_room_for(tmp_path, monkeypatch, schedule,
+                                                                                   message):
+    """train.lr_schedule_unit=tokens counts the warmup in full batches' worth of tokens: a ramp whose 8 steps of one
+    micro-step (of 4) read 2 full batches cannot warm up over 5; the step clock can, and so can the token clock
+    without the ramp."""
+    import deepseek_pt.engine.preflight as preflight_checks
+
+    monkeypatch.setattr(preflight_checks, "host_memory_available", lambda: None)
+    base = [f"data.path={ASSETS / 'smoke_shards'}", f"run.dir={tmp_path / 'run'}", "train.max_steps=8",
+            "train.warmup_steps=5", "train.grad_accum_steps=4", f"train.schedule={schedule}"]
+    ramp = ["train.batch_rampup_start=1", f"train.batch_rampup_tokens={32 * 4 * 2 * 64}"]
+    cfg = load_config(CONFIGS / "smoke.yaml", [*base, *ramp, "train.lr_schedule_unit=tokens"])
+    with pytest.raises(preflight_checks.PreflightError, match="^train.warmup_steps: 5 full batches' worth of tokens on "
+                                                              "train.lr_schedule_unit: tokens, " + re.escape(message)):
+        preflight_checks.preflight(cfg, world_size=2)
+    preflight_checks.preflight(load_config(CONFIGS / "smoke.yaml", [*base, *ramp]), world_size=2)
+    preflight_checks.preflight(load_config(CONFIGS / "smoke.yaml", [*base, "train.lr_schedule_unit=tokens"]),
+                               world_size=2)
+
+
 @pytest.mark.parametrize("workspace, refused", [(":0:0", True), (":16:8", False), (None, False)])
 def test_preflight_refuses_a_cublas_workspace_that_defeats_train_deterministic(tmp_path, monkeypatch, workspace,
                                                                                 refused):

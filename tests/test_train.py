@@ -5,6 +5,7 @@ stops at step 4 and resumes to 8; the other runs start from `stopped`'s step-4 c
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -180,7 +181,7 @@ def test_logged_lr_is_the_rate_each_step_ran_at(baseline, stopped):
     """metrics.jsonl's lr at step s is the rate step s ran at, lr_at(s - 1) (warmup from lr / warmup_steps), not the
     one the scheduler moved on to after it; across a resume too."""
     from deepseek_pt.config import load_config
-    from deepseek_pt.engine.ds_config import lr_at
+    from deepseek_pt.engine.lr_schedule import lr_at
 
     cfg = load_config(SMOKE, [f"train.max_steps={STEPS}"])
     for run in (baseline, stopped):
@@ -193,7 +194,7 @@ def test_lr_schedules_give_their_hand_computed_rates():
     min_lr at step max_steps, WSD (flat, then linear to min_lr over the last wsd_decay_fraction of max_steps, ending
     at step max_steps), or constant; min_lr past max_steps."""
     from deepseek_pt.config import load_config
-    from deepseek_pt.engine.ds_config import lr_at
+    from deepseek_pt.engine.lr_schedule import lr_at
 
     def rates(schedule: str, max_steps: int, steps: list[int], fraction: float = 0.25,
               shape: str = "linear") -> list[float]:
@@ -240,7 +241,7 @@ def test_the_last_step_trains_at_min_lr_and_the_peak_once():
     decayed rate; the peak, reached at the warmup's last step, was trained twice. Each decay now ends at min_lr on
     the last step, whatever its length."""
     from deepseek_pt.config import load_config
-    from deepseek_pt.engine.ds_config import lr_at
+    from deepseek_pt.engine.lr_schedule import lr_at
 
     for schedule, max_steps, fraction in (("cosine", 14, 0.1), ("cosine", 5, 0.1), ("wsd", 20, 0.25),
                                           ("wsd", 10, 0.1)):  # wsd 10 x 0.1: one decay step
@@ -258,12 +259,12 @@ def test_the_scheduler_gives_each_step_lr_at_its_index():
     runs at lr_at(k - 1), the hand-computed rates above (the warmup's first step at lr / warmup_steps, not 0 or the
     second step's rate). Only the slow runs' logged lr saw the scheduler otherwise."""
     from deepseek_pt.config import load_config
-    from deepseek_pt.engine.ds_config import lr_scheduler
+    from deepseek_pt.engine.lr_schedule import lr_scheduler
 
     cfg = load_config(SMOKE, ["train.lr=1e-3", "train.min_lr=1e-4", "train.warmup_steps=4", "train.max_steps=14",
                               "train.schedule=cosine"])
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=cfg.train.lr)  # DeepSpeed builds it at lr
-    scheduler = lr_scheduler(cfg)(optimizer)
+    scheduler = lr_scheduler(cfg, 1)(optimizer)
     rates = []
     for _ in range(16):
         rates.append(optimizer.param_groups[0]["lr"])
@@ -275,13 +276,127 @@ def test_the_scheduler_gives_each_step_lr_at_its_index():
     assert rates[13:] == pytest.approx([1e-4] * 3, rel=1e-12)  # min_lr at the last step (14) and past it
 
 
+def _token_clock_rates(cfg, world: int, steps: int, skipped: tuple[int, ...] = ()) -> tuple[list[float], list[int]]:
+    """Each step's rate from train.lr_schedule_unit=tokens's scheduler driven as the training loop and DeepSpeed drive
+    it (begin_step with the step's tokens, then step() unless the step was skipped), and each step's tokens."""
+    from deepseek_pt.engine.batch_rampup import grad_accum_steps_at
+    from deepseek_pt.engine.lr_schedule import lr_scheduler, tokens_to_end
+
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=cfg.train.lr)
+    scheduler = lr_scheduler(cfg, world)(optimizer)
+    scheduler.start(0, tokens_to_end(cfg, world, 0, 0))
+    rates, tokens, seen = [], [], 0
+    for k in range(1, steps + 1):
+        tokens.append(grad_accum_steps_at(cfg.train, seen) * cfg.train.micro_batch_size * world * cfg.data.seq_len)
+        scheduler.begin_step(tokens[-1])
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        if k not in skipped:
+            scheduler.step()
+        seen += tokens[-1]
+    return rates, tokens
+
+
+def test_the_token_clock_without_a_batch_ramp_is_the_step_clock():
+    """train.lr_schedule_unit=tokens with every step a full batch gives lr_at's rates step for step, for each
+    schedule (on 2 processes, micro-steps of 2 x 64 tokens); a skipped step moves neither clock."""
+    from deepseek_pt.config import load_config
+    from deepseek_pt.engine.lr_schedule import lr_at
+
+    for schedule, shape in (("cosine", "linear"), ("wsd", "linear"), ("wsd", "cosine"), ("constant", "linear")):
+        common = ["train.lr=1e-3", "train.min_lr=1e-4", "train.warmup_steps=4", "train.max_steps=17",
+                  "train.micro_batch_size=2", "train.grad_accum_steps=3", f"train.schedule={schedule}",
+                  "train.wsd_decay_fraction=0.3", f"train.wsd_decay_shape={shape}"]
+        cfg = load_config(SMOKE, [*common, "train.lr_schedule_unit=tokens"])
+        rates, _ = _token_clock_rates(cfg, 2, 20)
+        assert rates == pytest.approx([lr_at(cfg, s) for s in range(20)], rel=1e-12), schedule
+        # Step 6 skipped (non-finite gradients): step 7 runs at step 6's rate, as DeepSpeed's step clock has it
+        rates, _ = _token_clock_rates(cfg, 2, 10, skipped=(6,))
+        assert rates == pytest.approx([lr_at(cfg, s) for s in (0, 1, 2, 3, 4, 5, 5, 6, 7, 8)], rel=1e-12), schedule
+
+
+def test_the_token_clock_under_a_batch_ramp_moves_by_each_steps_tokens():
+    """Under a batch ramp (1 to 4 micro-steps over 12 micro-steps' tokens) the token clock's positions are the
+    tokens trained, in full batches: steps of 1, 1, 1, 1, 2, 2, 3, 3, 4, 4, 4, 4 micro-steps end at 0.25, 0.5, 0.75,
+    1, 1.5, 2, 2.75, 3.5, 4.5, 5.5, 6.5 and 7.5 full batches. Warmup to lr at 2 full batches (step 6), then cosine to
+    min_lr at 7.5, the run's end (the last step); the step clock would have warmed up in 2 steps of a quarter batch."""
+    from deepseek_pt.config import load_config
+
+    micro = 64  # tokens of a micro-step: micro-batch 1 x 1 process x data.seq_len 64
+    cfg = load_config(SMOKE, ["train.lr=1e-3", "train.min_lr=1e-4", "train.warmup_steps=2", "train.max_steps=12",
+                              "train.micro_batch_size=1", "train.grad_accum_steps=4", "train.batch_rampup_start=1",
+                              f"train.batch_rampup_tokens={12 * micro}", "train.lr_schedule_unit=tokens"])
+    rates, tokens = _token_clock_rates(cfg, 1, 13)
+    assert [t // micro for t in tokens] == [1, 1, 1, 1, 2, 2, 3, 3, 4, 4, 4, 4, 4]
+    assert rates[:6] == pytest.approx([1.25e-4, 2.5e-4, 3.75e-4, 5e-4, 7.5e-4, 1e-3], rel=1e-12)
+    cosine = [1e-4 + 4.5e-4 * (1 + math.cos(math.pi * (k - 2) / 5.5)) for k in (2.75, 3.5, 4.5, 5.5, 6.5, 7.5)]
+    assert rates[6:12] == pytest.approx(cosine, rel=1e-12)
+    assert rates[11] == pytest.approx(1e-4, rel=1e-12) and rates[12] == pytest.approx(1e-4, rel=1e-12)
+
+
+def test_the_token_clock_resumes_from_its_state_and_from_the_step_clocks():
+    """The token clock's state (what DeepSpeed saves in a checkpoint) brings a new scheduler to the same rates; a
+    checkpoint of the step clock (LambdaLR's state) resumes on the token clock at the tokens it had seen, and the
+    token clock's state loads into the step clock at its count of applied steps."""
+    from deepseek_pt.config import load_config
+    from deepseek_pt.engine.lr_schedule import lr_at, lr_scheduler, tokens_to_end
+
+    common = ["train.lr=1e-3", "train.min_lr=1e-4", "train.warmup_steps=2", "train.max_steps=12",
+              "train.micro_batch_size=1", "train.grad_accum_steps=4", "train.batch_rampup_start=1",
+              f"train.batch_rampup_tokens={12 * 64}"]
+    cfg = load_config(SMOKE, [*common, "train.lr_schedule_unit=tokens"])
+    rates, tokens = _token_clock_rates(cfg, 1, 12)
+
+    def clock(state: dict, seen: int, step: int):
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=cfg.train.lr)
+        scheduler = lr_scheduler(cfg, 1)(optimizer)
+        scheduler.load_state_dict(state)
+        scheduler.start(seen, tokens_to_end(cfg, 1, step, seen))
+        return optimizer, scheduler
+
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=cfg.train.lr)
+    first = lr_scheduler(cfg, 1)(optimizer)
+    first.start(0, tokens_to_end(cfg, 1, 0, 0))
+    for n in tokens[:7]:
+        first.begin_step(n)
+        optimizer.step()
+        first.step()
+    seen = sum(tokens[:7])
+    for state in (first.state_dict(), _step_clock_state(cfg, 7)):  # the same tokens behind both: no step skipped
+        optimizer, resumed = clock(state, seen, 7)
+        for n, want in zip(tokens[7:], rates[7:], strict=True):
+            resumed.begin_step(n)
+            assert optimizer.param_groups[0]["lr"] == pytest.approx(want, rel=1e-12)
+            optimizer.step()
+            resumed.step()
+    steps_cfg = load_config(SMOKE, common)
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=cfg.train.lr)
+    stepped = lr_scheduler(steps_cfg, 1)(optimizer)
+    stepped.load_state_dict(first.state_dict())
+    assert stepped.last_epoch == 7
+    assert stepped.lr_lambdas[0](stepped.last_epoch) * 1e-3 == pytest.approx(lr_at(steps_cfg, 7), rel=1e-12)
+
+
+def _step_clock_state(cfg, steps: int) -> dict:
+    """LambdaLR's state after `steps` optimizer steps of the step clock."""
+    from deepseek_pt.engine.lr_schedule import lr_scheduler
+
+    steps_cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, lr_schedule_unit="steps"))
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=cfg.train.lr)
+    scheduler = lr_scheduler(steps_cfg, 1)(optimizer)
+    for _ in range(steps):
+        optimizer.step()
+        scheduler.step()
+    return scheduler.state_dict()
+
+
 @pytest.mark.slow
 def test_a_resume_trains_with_this_configs_optimizer_settings(tmp_path, data):
     """A resume that changes the schedule (train.lr, min_lr, max_steps) or AdamW's settings runs on this config's,
     from the checkpoint's step on: DeepSpeed's load brings back the saved param groups and the scheduler's base lr.
     It says which changed (a silent one showed only as a jump of the logged lr)."""
     from deepseek_pt.config import load_config
-    from deepseek_pt.engine.ds_config import lr_at
+    from deepseek_pt.engine.lr_schedule import lr_at
 
     one_rank = ["parallel.expert_parallel_size=1"]
     first = train(1, tmp_path, data, *one_rank, "train.exit_at_step=4")
@@ -512,6 +627,30 @@ def test_a_batch_ramp_trains_as_runs_resumed_with_each_of_its_batches(tmp_path, 
         assert [m["loss"] for m in logged] == pytest.approx([m["loss"] for m in expected], abs=1e-5), run.name
         assert [m["grad_norm"] for m in logged] == pytest.approx([m["grad_norm"] for m in expected], rel=1e-4), run.name
         assert [m["lr"] for m in logged] == pytest.approx([m["lr"] for m in expected], rel=1e-9)
+
+
+@pytest.mark.slow
+def test_the_token_clock_trains_stops_and_resumes_under_a_batch_ramp(tmp_path, data):
+    """train.lr_schedule_unit=tokens in launched runs on 1 process: steps of 1, 1, 1, 1, 2, 2, 2, 2 micro-steps (of 256
+    tokens) end at 0.5, 1, 1.5, 2, 3, 4, 5 and 6 full batches; each step's logged lr is the schedule's there (warmup
+    to lr at 2, cosine to min_lr at 6), through DeepSpeed's checkpoint of the clock at step 4. A resume on the step
+    clock at step 6 says so and goes on from the 6 steps applied."""
+    from deepseek_pt.config import load_config
+    from deepseek_pt.engine.lr_schedule import lr_at, lr_at_position
+
+    common = ("parallel.expert_parallel_size=1", "train.warmup_steps=2", "train.grad_accum_steps=2",
+              "train.batch_rampup_start=1", f"train.batch_rampup_tokens={4 * 256}")
+    train(1, tmp_path, data, *common, "train.lr_schedule_unit=tokens", "train.exit_at_step=4")
+    train(1, tmp_path, data, *common, "train.lr_schedule_unit=tokens", "train.exit_at_step=6")
+    proc = train(1, tmp_path, data, *common)
+    assert ("resume: train.lr_schedule_unit steps (tokens in the checkpoint) here: the schedule and AdamW go on with "
+            "this config's from step 6") in proc.stdout, proc.stdout[-3000:]
+    logged = metrics(tmp_path)
+    assert [m["tokens_seen"] for m in logged] == [256, 512, 768, 1024, 1536, 2048, 2560, 3072]
+    cfg = load_config(SMOKE, [*common, f"train.max_steps={STEPS}"])
+    want = [lr_at_position(cfg.train, k, 6) for k in (0.5, 1, 1.5, 2, 3, 4)] + [lr_at(cfg, 6), lr_at(cfg, 7)]
+    assert [m["lr"] for m in logged] == pytest.approx(want, rel=1e-9)
+    assert want[:4] == pytest.approx([cfg.train.lr * f for f in (0.25, 0.5, 0.75, 1)], rel=1e-12)
 
 
 @pytest.mark.slow

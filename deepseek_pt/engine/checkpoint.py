@@ -382,9 +382,10 @@ def restore_optimizer_settings(optimizer, scheduler, settings: list[dict]) -> No
     for group, saved in zip(inner.param_groups, settings, strict=True):
         group.update(saved)
     scheduler.base_lrs = [g["initial_lr"] for g in inner.param_groups]
-    for group, base, factor in zip(inner.param_groups, scheduler.base_lrs, scheduler.lr_lambdas, strict=True):
-        group["lr"] = base * factor(scheduler.last_epoch)
-    scheduler._last_lr = [g["lr"] for g in inner.param_groups]
+    if isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):  # the token clock sets a step's rate as it begins
+        for group, base, factor in zip(inner.param_groups, scheduler.base_lrs, scheduler.lr_lambdas, strict=True):
+            group["lr"] = base * factor(scheduler.last_epoch)
+        scheduler._last_lr = [g["lr"] for g in inner.param_groups]
 
 
 def repair_universal_load(optimizer) -> None:

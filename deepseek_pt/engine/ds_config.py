@@ -1,8 +1,6 @@
 """The DeepSpeed config, generated from ours (never written by hand beside it)."""
 from __future__ import annotations
 
-import math
-
 import torch
 
 from ..config import Config
@@ -45,32 +43,6 @@ def autoep_section(cfg: Config) -> dict:
         # The kernel is CUDA-only, so CPU runs keep the default.
         "combine_impl": "fused_weighted_sum" if torch.cuda.is_available() else "weighted_sum",
     }
-
-
-def lr_at(cfg: Config, step: int) -> float:
-    """Learning rate of the optimizer step that follows `step` steps: step k = step + 1 of the run (1-based) trains at
-    the schedule's value at k. A linear warmup reaches train.lr at step warmup_steps (its first step at lr /
-    warmup_steps, not 0); cosine, or WSD after its stable phase, decays from there to min_lr at step max_steps, the
-    run's last (WSD along train.wsd_decay_shape), and stays there past it; constant stays at lr."""
-    t = cfg.train
-    k = step + 1
-    if k <= t.warmup_steps:
-        return t.lr * k / t.warmup_steps
-    if t.schedule == "constant":
-        return t.lr
-    start = t.wsd_decay_start if t.schedule == "wsd" else t.warmup_steps  # the last step at lr
-    if k <= start:
-        return t.lr
-    frac = min(1.0, (k - start) / max(1, t.max_steps - start))
-    if t.schedule == "wsd" and t.wsd_decay_shape == "linear":
-        return t.lr + (t.min_lr - t.lr) * frac
-    return t.min_lr + 0.5 * (t.lr - t.min_lr) * (1 + math.cos(math.pi * frac))
-
-
-def lr_scheduler(cfg: Config):
-    """DeepSpeed's `lr_scheduler` argument: a factory giving the optimizer lr_at's schedule, stepped by the engine
-    once per optimizer step."""
-    return lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_at(cfg, step) / cfg.train.lr)
 
 
 def deepspeed_micro_steps(cfg: Config) -> int:

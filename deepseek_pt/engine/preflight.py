@@ -27,6 +27,7 @@ from ..data.loader import data_change
 from ..model.counting import meta_model
 from . import checkpoint, run_tokenizer
 from .checkpoint import CheckpointError
+from .lr_schedule import token_clock_refusal
 from .model_states import GiB, describe, expert_and_other_params, model_state_bytes
 
 
@@ -119,6 +120,8 @@ def preflight(cfg: Config, world_size: int) -> None:
         raise PreflightError(f"train.deterministic: CUBLAS_WORKSPACE_CONFIG={workspace!r} in the environment; cuBLAS "
                              f"repeats its sums only under {' or '.join(DETERMINISTIC_CUBLAS_WORKSPACES)} (or leave it "
                              "unset: training then sets the first)")
+    if cfg.train.lr_schedule_unit == "tokens" and (refusal := token_clock_refusal(cfg, world_size)):
+        raise PreflightError(refusal)
     has_moe = cfg.model.moe.n_dense_layers < cfg.model.n_layers
     ep = cfg.parallel.expert_parallel_size
     if has_moe and world_size % ep:

@@ -1,0 +1,122 @@
+"""The learning-rate schedule: a linear warmup, then cosine, warmup-stable-decay or constant, on a clock of optimizer
+steps (train.lr_schedule_unit: steps) or of tokens trained (tokens). The two differ only under a batch ramp, whose
+small early steps move a step clock as far as full ones: Megatron counts its schedule in samples there
+(--lr-warmup-samples, --lr-decay-samples); the token clock is that, with the schedule's lengths kept in full
+batches' worth of tokens so that one config reads the same either way."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..config import Config, TrainConfig
+from .batch_rampup import sequences_to_end
+
+
+def lr_at_position(t: TrainConfig, k: float, end: float) -> float:
+    """The schedule's rate at position k of a run ending at `end` (both in steps: optimizer steps, or full batches'
+    worth of tokens): warmup to train.lr at k = warmup_steps; cosine, or WSD after its stable phase, decays from there
+    to min_lr at k = end (WSD along train.wsd_decay_shape, its decay the same share of the run as of max_steps), and
+    stays there past it; constant stays at lr."""
+    if t.warmup_steps and k <= t.warmup_steps:
+        return t.lr * k / t.warmup_steps
+    if t.schedule == "constant":
+        return t.lr
+    start = t.wsd_decay_start * end / t.max_steps if t.schedule == "wsd" else t.warmup_steps  # the last step at lr
+    if k <= start:
+        return t.lr
+    span = end - start
+    frac = 1.0 if span <= 0 else min(1.0, (k - start) / span)
+    if t.schedule == "wsd" and t.wsd_decay_shape == "linear":
+        return t.lr + (t.min_lr - t.lr) * frac
+    return t.min_lr + 0.5 * (t.lr - t.min_lr) * (1 + math.cos(math.pi * frac))
+
+
+def lr_at(cfg: Config, step: int) -> float:
+    """Learning rate of the optimizer step that follows `step` steps on the step clock: step k = step + 1 of the run
+    (1-based) trains at the schedule's value at k, the warmup's first step at lr / warmup_steps (not 0), the run's last
+    (k = max_steps) at min_lr."""
+    return lr_at_position(cfg.train, step + 1, cfg.train.max_steps)
+
+
+class TokenClockLR(torch.optim.lr_scheduler.LRScheduler):
+    """The schedule on the token clock: a step's position is the tokens of the optimizer steps applied so far, its own
+    included, in full batches (train.grad_accum_steps micro-steps of every rank). The loop gives it each step's tokens
+    (begin_step) as the step starts, which sets the step's rate; DeepSpeed steps it after each applied step only, so a
+    skipped step (non-finite gradients) moves this clock no more than the step clock. The applied tokens travel in
+    the checkpoint; where the run ends is this run's (start)."""
+
+    def __init__(self, optimizer, train: TrainConfig, full_batch_tokens: int):
+        self.train, self.full_batch_tokens = train, full_batch_tokens
+        self.end = float(train.max_steps)  # until start()
+        self.applied_tokens: int | None = 0
+        self.step_tokens = 0
+        super().__init__(optimizer)
+
+    def start(self, tokens_seen: int, tokens_to_end: int) -> None:
+        """Before this process's first step: the run trains `tokens_to_end` more tokens. A checkpoint of the step clock
+        holds no applied tokens: they are those it had seen."""
+        if self.applied_tokens is None:
+            self.applied_tokens = tokens_seen
+        self.end = (self.applied_tokens + tokens_to_end) / self.full_batch_tokens
+
+    def begin_step(self, tokens: int) -> None:
+        """The optimizer step about to run trains on `tokens` tokens (all ranks): set its rate."""
+        self.step_tokens = tokens
+        self._last_lr = self.get_lr()
+        for group, lr in zip(self.optimizer.param_groups, self._last_lr, strict=True):
+            group["lr"] = lr
+
+    def step(self, epoch=None) -> None:  # after an applied step (and once from __init__, with no tokens)
+        self.applied_tokens += self.step_tokens
+        self.step_tokens = 0
+        super().step()
+
+    def get_lr(self) -> list[float]:
+        k = (self.applied_tokens + self.step_tokens) / self.full_batch_tokens
+        return [base * lr_at_position(self.train, k, self.end) / self.train.lr for base in self.base_lrs]
+
+    def state_dict(self) -> dict:
+        # What is this run's (the config, the world's batch, the end) stays out; `lr_lambdas` lets the step clock's
+        # LambdaLR load it, resuming at the count of applied steps.
+        state = {k: v for k, v in super().state_dict().items()
+                 if k not in ("train", "full_batch_tokens", "end", "step_tokens")}
+        return {**state, "lr_lambdas": [None] * len(self.base_lrs)}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict({"applied_tokens": None, **{k: v for k, v in state.items() if k != "lr_lambdas"}})
+
+
+def full_batch_tokens(cfg: Config, world_size: int) -> int:
+    """Tokens of one optimizer step once any batch ramp is over, all ranks."""
+    return cfg.train.micro_batch_size * cfg.train.grad_accum_steps * world_size * cfg.data.seq_len
+
+
+def tokens_to_end(cfg: Config, world_size: int, step: int, tokens_seen: int) -> int:
+    """Tokens the run trains from `step`, with `tokens_seen` behind it, to train.max_steps."""
+    return cfg.data.seq_len * sequences_to_end(cfg.train, step, tokens_seen, cfg.train.micro_batch_size * world_size,
+                                               cfg.data.seq_len)
+
+
+def token_clock_refusal(cfg: Config, world_size: int) -> str | None:
+    """Why the token clock cannot run this config from its start on `world_size` processes, if it cannot: under a
+    batch ramp the run holds fewer full batches' worth of tokens than max_steps, and the warmup must end before the
+    decay (or the run) does."""
+    t = cfg.train
+    end = tokens_to_end(cfg, world_size, 0, 0) / full_batch_tokens(cfg, world_size)
+    last_at_lr = t.wsd_decay_start * end / t.max_steps if t.schedule == "wsd" else end
+    if t.schedule == "constant" or t.warmup_steps <= last_at_lr:
+        return None
+    phase = "schedule wsd's stable phase, which ends at" if t.schedule == "wsd" else "the run's"
+    return (f"train.warmup_steps: {t.warmup_steps} full batches' worth of tokens on train.lr_schedule_unit: tokens, more "
+            f"than {phase} {last_at_lr:,.2f}: under the batch ramp, train.max_steps {t.max_steps} steps on "
+            f"{world_size} processes train {end:,.2f} full batches' worth; lower train.warmup_steps, or raise "
+            "train.max_steps")
+
+
+def lr_scheduler(cfg: Config, world_size: int):
+    """DeepSpeed's `lr_scheduler` argument: a factory giving the optimizer the schedule on train.lr_schedule_unit's
+    clock, stepped by the engine after each applied optimizer step."""
+    if cfg.train.lr_schedule_unit == "tokens":
+        return lambda optimizer: TokenClockLR(optimizer, cfg.train, full_batch_tokens(cfg, world_size))
+    return lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_at(cfg, step) / cfg.train.lr)
