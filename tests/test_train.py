@@ -335,9 +335,10 @@ def test_the_token_clock_under_a_batch_ramp_moves_by_each_steps_tokens():
 
 
 def test_the_token_clock_resumes_from_its_state_and_from_the_step_clocks():
-    """The token clock's state (what DeepSpeed saves in a checkpoint) brings a new scheduler to the same rates; a
-    checkpoint of the step clock (LambdaLR's state) resumes on the token clock at the tokens it had seen, and the
-    token clock's state loads into the step clock at its count of applied steps."""
+    """The token clock's state (what DeepSpeed saves in a checkpoint) brings a new scheduler to the same rates, and
+    on another world size to the rate it stopped at; a checkpoint of the step clock (LambdaLR's state) resumes on the
+    token clock at the tokens it had seen, and the token clock's state loads into the step clock at its count of
+    applied steps."""
     from deepseek_pt.config import load_config
     from deepseek_pt.engine.lr_schedule import lr_at, lr_scheduler, tokens_to_end
 
@@ -369,6 +370,17 @@ def test_the_token_clock_resumes_from_its_state_and_from_the_step_clocks():
             assert optimizer.param_groups[0]["lr"] == pytest.approx(want, rel=1e-12)
             optimizer.step()
             resumed.step()
+    # On 2 processes (micro-steps of 128 tokens) the clock keeps its unit, the first run's full batch of 256 tokens:
+    # 704 applied (2.75 full batches), step 8 of 3 micro-steps ends at 4.25 and steps 9-12 of 4 at 12.25, the new end;
+    # counted in the new full batch (512) the rate would jump back into the warmup
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=cfg.train.lr)
+    wider = lr_scheduler(cfg, 2)(optimizer)
+    wider.load_state_dict(first.state_dict())
+    wider.start(seen, tokens_to_end(cfg, 2, 7, seen))
+    assert (seen, tokens_to_end(cfg, 2, 7, seen)) == (704, 384 + 4 * 512)
+    wider.begin_step(384)
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(1e-4 + 4.5e-4 * (1 + math.cos(math.pi * 2.25 / 10.25)),
+                                                            rel=1e-12)
     steps_cfg = load_config(SMOKE, common)
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=cfg.train.lr)
     stepped = lr_scheduler(steps_cfg, 1)(optimizer)

@@ -43,8 +43,9 @@ class TokenClockLR(torch.optim.lr_scheduler.LRScheduler):
     """The schedule on the token clock: a step's position is the tokens of the optimizer steps applied so far, its own
     included, in full batches (train.grad_accum_steps micro-steps of every rank). The loop gives it each step's tokens
     (begin_step) as the step starts, which sets the step's rate; DeepSpeed steps it after each applied step only, so a
-    skipped step (non-finite gradients) moves this clock no more than the step clock. The applied tokens travel in
-    the checkpoint; where the run ends is this run's (start)."""
+    skipped step (non-finite gradients) moves this clock no more than the step clock. The applied tokens and the
+    unit (the first run's full batch) travel in the checkpoint, so a resume on another world size or batch goes on at
+    the rate it stopped at; where the run ends is the resuming run's (start)."""
 
     def __init__(self, optimizer, train: TrainConfig, full_batch_tokens: int):
         self.train, self.full_batch_tokens = train, full_batch_tokens
@@ -77,10 +78,9 @@ class TokenClockLR(torch.optim.lr_scheduler.LRScheduler):
         return [base * lr_at_position(self.train, k, self.end) / self.train.lr for base in self.base_lrs]
 
     def state_dict(self) -> dict:
-        # What is this run's (the config, the world's batch, the end) stays out; `lr_lambdas` lets the step clock's
-        # LambdaLR load it, resuming at the count of applied steps.
-        state = {k: v for k, v in super().state_dict().items()
-                 if k not in ("train", "full_batch_tokens", "end", "step_tokens")}
+        # What is this run's (the config, the end) stays out; `lr_lambdas` lets the step clock's LambdaLR load it,
+        # resuming at the count of applied steps.
+        state = {k: v for k, v in super().state_dict().items() if k not in ("train", "end", "step_tokens")}
         return {**state, "lr_lambdas": [None] * len(self.base_lrs)}
 
     def load_state_dict(self, state: dict) -> None:
