@@ -100,7 +100,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"batches of {batch_size}; "
                   f"{result['tokens_per_s']:,.0f} tokens/s)")
 
-    return run_cli(run)
+    return run_cli(run, "a smaller --batch-size or --seq-len; --dtype bfloat16 where the weights load in "
+                        "float32; or --device cpu")
 
 
 if __name__ == "__main__":

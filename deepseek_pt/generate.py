@@ -21,10 +21,13 @@ import torch
 
 from .data.format import FIM_SYMBOLS, DataError, fim_ids
 from .interop.checkpoints import checkpoint_tokenizer, load_checkpoint
-from .interop.cli import DTYPE_CHOICES, UsageError, default_device, device_arg, run_cli
+from .interop.cli import DTYPE_CHOICES, UsageError, default_device, device_arg, out_of_memory_line, run_cli
 from .model import Transformer
 from .model.counting import kv_cache_bytes_per_token
 
+MEMORY_FIXES = ("a shorter prompt or --max-new-tokens (the cache and the attention grow with both); --dtype "
+                "bfloat16 where the weights load in float32; or --device cpu")
+"""What a CUDA out-of-memory error's line offers."""
 
 def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
     """logits [B, V] with everything outside the top-k and outside the smallest set of tokens whose
@@ -211,12 +214,14 @@ def main(argv: list[str] | None = None) -> int:
         for where, text in _read_prompts():
             try:
                 _complete(ckpt.model, sp, _utf8_text(text, where), where, args, generator)
-            except UsageError as e:
+            except (UsageError, torch.OutOfMemoryError) as e:
                 if not at_terminal:  # piped prompts (a script): the first bad one ends the run, exit 2
                     raise
-                print(f"error: {e}", file=sys.stderr)  # typed: the next prompt, the model still loaded
+                # typed: the next prompt, the model still loaded (a long prompt's cache freed)
+                print(out_of_memory_line(e, MEMORY_FIXES) if isinstance(e, torch.OutOfMemoryError) else f"error: {e}",
+                      file=sys.stderr)
 
-    return run_cli(run)
+    return run_cli(run, MEMORY_FIXES)
 
 
 def _read_prompts() -> Iterator[tuple[str, str]]:

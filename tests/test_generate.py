@@ -316,6 +316,42 @@ def test_a_bad_prompt_typed_at_a_terminal_does_not_end_the_session(export_1024, 
     assert errors[1] == "error: stdin line 3: not UTF-8 text (an undecodable byte at character 2)", err
 
 
+OUT_OF_MEMORY = ("CUDA out of memory. Tried to allocate 3.20 GiB. GPU 0 has a total capacity of 79.19 GiB of which "
+                 "1.02 GiB is free. Including non-PyTorch memory, this process has 78.16 GiB memory in use. If reserved "
+                 "but unallocated memory is large try setting PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True")
+
+
+def test_cuda_out_of_memory_in_generate_and_evaluate_is_an_error_line(export_1024, pydoc, capsys, monkeypatch):
+    """An out-of-memory error (raised here in place of decoding and of the evaluation) ends the command with one error
+    line, torch's account of the allocation and the arguments that need less, exit 2; typed at a terminal it ends
+    only that prompt, as a bad prompt does."""
+    def no_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError(OUT_OF_MEMORY)
+
+    said = ("error: CUDA out of memory. Tried to allocate 3.20 GiB. GPU 0 has a total capacity of 79.19 GiB of which "
+            "1.02 GiB is free: ")
+    monkeypatch.setattr("deepseek_pt.generate.generate_tokens", no_memory)
+    assert generate_main(["--checkpoint", str(export_1024), "--prompt", "def"]) == 2
+    err = capsys.readouterr().err
+    assert err.splitlines()[-1] == said + ("a shorter prompt or --max-new-tokens (the cache and the attention grow "
+                                           "with both); --dtype bfloat16 where the weights load in float32; or --device cpu")
+    assert "Traceback" not in err
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    monkeypatch.setattr("sys.stdin", Terminal("def\nclass\n"))
+    assert generate_main(["--checkpoint", str(export_1024), "--interactive"]) == 0
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
+    assert errors == [err.splitlines()[-1]] * 2
+    monkeypatch.setattr("deepseek_pt.evaluate.evaluate", no_memory)
+    assert evaluate_main(["--checkpoint", str(export_1024), "--data", str(pydoc.shards_dir)]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == said + ("a smaller --batch-size or --seq-len; --dtype "
+                                                               "bfloat16 where the weights load in float32; or "
+                                                               "--device cpu")
+
+
 @pytest.mark.parametrize("errors", ["surrogateescape", "strict"])  # stdin under a C locale, under a UTF-8 one
 def test_generate_refuses_prompts_that_are_not_utf8(export_1024, capsys, monkeypatch, errors):
     # Python stands for undecodable bytes of argv with lone surrogates: sentencepiece raised on them.

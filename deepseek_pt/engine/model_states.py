@@ -51,10 +51,16 @@ def describe(states: dict[str, int]) -> str:
     return f"{sum(states.values()) / GiB:,.1f} GiB ({parts})"
 
 
-def describe_out_of_memory(cfg: Config, world: int, error: str, gpu: tuple[str, int] | None) -> str:
-    """A CUDA out-of-memory error during training, as the user's to fix: torch's own account of the allocation
-    (its advice on the caching allocator left out), what the model states take, and the keys that shrink the rest."""
+def allocation_failure(error: str) -> str:
+    """torch's account of a failed CUDA allocation (what it tried, what the GPU had free), its advice on the caching
+    allocator left out."""
     said = error.split(" Including non-PyTorch memory")[0].split(" If reserved but unallocated")[0].splitlines()[0]
+    return said.rstrip(".")
+
+
+def describe_out_of_memory(cfg: Config, world: int, error: str, gpu: tuple[str, int] | None) -> str:
+    """A CUDA out-of-memory error during training, as the user's to fix: torch's own account of the allocation,
+    what the model states take, and the keys that shrink the rest."""
     states = sum(model_state_bytes(cfg, world).values())
     of = f" of its {gpu[1] / GiB:,.1f} GiB {gpu[0]}" if gpu else ""
     t = cfg.train
@@ -64,7 +70,7 @@ def describe_out_of_memory(cfg: Config, world: int, error: str, gpu: tuple[str, 
         fixes.append("train.activation_checkpointing: true (recompute each block's activations in backward)")
     if cfg.parallel.zero_stage < 3:
         fixes.append("parallel.zero_stage: 3 (partitions weights and gradients too)")
-    return (f"{said.rstrip('.')}. The model states take at least {states / GiB:,.1f} GiB{of} "
+    return (f"{allocation_failure(error)}. The model states take at least {states / GiB:,.1f} GiB{of} "
             f"(python -m deepseek_pt.params CONFIG --gpus {world}); the rest went to activations, for "
             f"train.micro_batch_size x data.seq_len = {t.micro_batch_size} x {cfg.data.seq_len} tokens per micro-step: "
             f"{'; or '.join(fixes)}")

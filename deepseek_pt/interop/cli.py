@@ -10,6 +10,7 @@ import torch
 
 from ..config import ConfigError
 from ..data import DataError
+from ..engine.model_states import allocation_failure
 from ..export import DTYPES, ExportError
 from ..fileio import describe_os_error, stdout_reader_gone
 from .hf import HFConversionError
@@ -37,13 +38,23 @@ def device_arg(name: str) -> str:
     return name
 
 
-def run_cli(fn: Callable[[], None]) -> int:
+def out_of_memory_line(error: torch.OutOfMemoryError, fixes: str) -> str:
+    """`error: CUDA out of memory. Tried to allocate ...: <fixes>`, for a command line's stderr."""
+    return f"error: {allocation_failure(str(error))}: {fixes}"
+
+
+def run_cli(fn: Callable[[], None], memory_fixes: str = "or --device cpu") -> int:
+    """Runs a command line's body: its user errors, and a CUDA out-of-memory error (with `memory_fixes`, the
+    arguments that need less), become one `error:` line and exit status 2."""
     try:
         fn()
     except BrokenPipeError:  # `generate ... | head`: not an error of the user's
         return stdout_reader_gone()
     except USER_ERRORS as e:
         print(f"error: {describe_os_error(e) if isinstance(e, OSError) else e}", file=sys.stderr)
+        return 2
+    except torch.OutOfMemoryError as e:
+        print(out_of_memory_line(e, memory_fixes), file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
