@@ -398,6 +398,11 @@ def test_evaluate_cli_on_an_export_and_its_hf_copy(export_1024, tmp_path, pydoc,
     save_hf(load_export(export_1024)[0], tmp_path / "hf")
     assert evaluate_main(["--checkpoint", str(tmp_path / "hf")] + argv) == 0
     assert json.loads(capsys.readouterr().out)["loss"] == pytest.approx(from_export["loss"], rel=1e-6)
+    in_bf16 = []
+    for name in ("bfloat16", "bf16"):  # torch's name and the short one training's precision uses
+        assert evaluate_main(["--checkpoint", str(export_1024), "--dtype", name] + argv) == 0
+        in_bf16.append(json.loads(capsys.readouterr().out)["loss"])
+    assert in_bf16[0] == in_bf16[1] != from_export["loss"]
     by_batch = []
     for batch_size in (1, 3, 7):  # whatever --batch-size, every sample counts (the last batch's padding none)
         assert evaluate_main(["--checkpoint", str(export_1024), "--data", str(pydoc.shards_dir), "--seq-len", "32",

@@ -15,7 +15,8 @@ from ..export import DTYPES, ExportError
 from ..fileio import describe_os_error, stdout_reader_gone
 from .hf import HFConversionError
 
-DTYPE_CHOICES = DTYPES
+DTYPE_CHOICES = {**DTYPES, "bf16": torch.bfloat16, "fp32": torch.float32}
+"""--dtype's values: torch's names, and the short ones the config's `precision` and `engine.export` use."""
 
 
 class UsageError(ValueError):
