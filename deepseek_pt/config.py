@@ -292,6 +292,12 @@ class TrainConfig:
     init_from: str | None = None
     """Export directory (deepseek_pt.export, e.g. from `convert hf-to-ds`) whose weights start a fresh
     run: continued pretraining. Ignored when resuming from a checkpoint."""
+    profile_start_step: int = 0
+    """First optimizer step to trace with torch.profiler (CPU ops, and CUDA kernels on a GPU); 0 = none. Every rank
+    writes run.dir/profile/step_A-B/rank_R.json.gz (Perfetto, chrome://tracing) and rank_R.txt (its ops by time);
+    the step before runs under the profiler untraced (engine/profiling.py). A trace is large: a few steps."""
+    profile_steps: int = 1
+    """Optimizer steps traced from profile_start_step."""
     peak_tflops: float | None = None
     """Per-device peak for MFU; null = the GPU's dense bf16 peak by name (none on CPU: MFU is null)."""
 
@@ -780,6 +786,7 @@ def validate(cfg: Config, where: Callable[[str], str] = lambda key: "<config>") 
         ("train.grad_accum_steps", cfg.train.grad_accum_steps), ("train.max_steps", cfg.train.max_steps),
         ("train.eval_sequences", cfg.train.eval_sequences), ("train.keep_last", cfg.train.keep_last),
         ("train.log_every", cfg.train.log_every), ("parallel.expert_parallel_size", cfg.parallel.expert_parallel_size),
+        ("train.profile_steps", cfg.train.profile_steps),
     ]:
         check(v > 0, key, f"must be positive, got {v}")
     for key, v in [
@@ -793,8 +800,13 @@ def validate(cfg: Config, where: Callable[[str], str] = lambda key: "<config>") 
         ("train.save_every", cfg.train.save_every), ("train.keep_every", cfg.train.keep_every),
         ("train.max_nonfinite_steps", cfg.train.max_nonfinite_steps),
         ("train.batch_rampup_tokens", cfg.train.batch_rampup_tokens),
+        ("train.profile_start_step", cfg.train.profile_start_step),
     ]:
         check(v >= 0, key, f"must be >= 0, got {v}")
+    last_traced = cfg.train.profile_start_step + cfg.train.profile_steps - 1
+    check(last_traced <= cfg.train.max_steps or not cfg.train.profile_start_step, "train.profile_start_step",
+          f"traces steps {cfg.train.profile_start_step}-{last_traced} (train.profile_steps "
+          f"{cfg.train.profile_steps}), past train.max_steps {cfg.train.max_steps}: the trace would never be written")
     if cfg.train.batch_rampup_tokens:
         check(0 < cfg.train.batch_rampup_start < cfg.train.grad_accum_steps, "train.batch_rampup_start",
               f"must be at least 1 and below train.grad_accum_steps ({cfg.train.grad_accum_steps}), the micro-steps "

@@ -37,6 +37,7 @@ from .engine.checkpoint import CheckpointError
 from .engine.distributed import agree, check_same_config, init_distributed, mean_over_ranks
 from .engine.ds_config import build_ds_config, deepspeed_micro_steps
 from .engine.lr_schedule import TokenClockLR, lr_scheduler, tokens_to_end
+from .engine.profiling import StepProfiler
 from .engine.metrics import MetricsLogger, WandbError, peak_flops, peak_memory_gib
 from .engine.peer_failure import PeerFailureWatch
 from .engine.preflight import (
@@ -693,7 +694,11 @@ def _train(cfg: Config, rank: int, world: int, device: torch.device, stop: StopS
     if cfg.train.exit_at_step is not None and step >= cfg.train.exit_at_step:
         exit_reason = "train.exit_at_step"  # resumed at or past it (a job started again): no step past it
     nonfinite = 0  # steps in a row with a non-finite loss or gradient norm
+    profiler = (StepProfiler(cfg.train.profile_start_step, cfg.train.profile_steps, run_dir, rank, device)
+                if cfg.train.profile_start_step else None)
     while step < cfg.train.max_steps and not exit_reason:
+        if profiler is not None:
+            profiler.before_step(step + 1)
         t0 = time.perf_counter()
         accum = grad_accum_steps_at(cfg.train, tokens_seen)
         tokens_per_step = accum * sequences_per_micro_step * cfg.data.seq_len
@@ -711,6 +716,8 @@ def _train(cfg: Config, rank: int, world: int, device: torch.device, stop: StopS
         if device.type == "cuda":
             torch.cuda.synchronize()
         dt = time.perf_counter() - t0
+        if profiler is not None:
+            profiler.after_step(step)
         grad_norm = engine.get_global_grad_norm()
         means = mean_over_ranks({name: v.double() / accum
                                  for name, v in {"loss": loss_sum, **parts}.items()})
@@ -759,6 +766,9 @@ def _train(cfg: Config, rank: int, world: int, device: torch.device, stop: StopS
         if exit_reason:
             break
 
+    said = profiler.close() if profiler is not None else None
+    if rank == 0 and said:
+        print(said, flush=True)
     if last_saved != step:
         save(step)
     log.close()

@@ -86,6 +86,11 @@ def _write(tmp_path, data) -> Path:
     ({}, ["train.batch_rampup_tokens=1000", "train.grad_accum_steps=4", "train.batch_rampup_start=0"],
      "train.batch_rampup_start: must be at least 1 and below train.grad_accum_steps (4)"),
     ({}, ["train.batch_rampup_tokens=-1"], "train.batch_rampup_tokens: must be >= 0, got -1"),
+    ({}, ["train.max_steps=10", "train.profile_start_step=9", "train.profile_steps=3"],
+     ("train.profile_start_step: traces steps 9-11 (train.profile_steps 3), past train.max_steps 10: the trace would "
+      "never be written")),
+    ({}, ["train.profile_start_step=-1"], "train.profile_start_step: must be >= 0, got -1"),
+    ({}, ["train.profile_steps=0"], "train.profile_steps: must be positive, got 0"),
     ({}, ["train.batch_rampup_tokens=4.69e11"], "train.batch_rampup_tokens: expected int"),
     ({"train": {"eval_batches": 8}}, [], "train.eval_batches: replaced by train.eval_sequences, the count of sequences "
                                          "over all processes (the old key counted micro-batches per process"),

@@ -666,6 +666,30 @@ def test_the_token_clock_trains_stops_and_resumes_under_a_batch_ramp(tmp_path, d
 
 
 @pytest.mark.slow
+def test_profiled_steps_are_traced_by_every_rank(tmp_path, data):
+    """train.profile_start_step 3 with 2 steps, on 2 processes: each rank writes a gzipped Chrome trace of steps 3
+    and 4 (two profiler steps, the untraced step 2 before them) and its ops by time; a run that stops inside the
+    window writes none and says so."""
+    import gzip
+
+    proc = train(2, tmp_path / "traced", data, "train.profile_start_step=3", "train.profile_steps=2")
+    out = tmp_path / "traced" / "profile" / "step_3-4"
+    assert f"profile: steps 3-4 traced by every rank in {out}: rank_R.json.gz" in proc.stdout, proc.stdout[-3000:]
+    for rank in (0, 1):
+        trace = json.loads(gzip.decompress((out / f"rank_{rank}.json.gz").read_bytes()))
+        steps = sorted({e["name"] for e in trace["traceEvents"] if e.get("name", "").startswith("ProfilerStep#")})
+        assert steps == ["ProfilerStep#1", "ProfilerStep#2"], steps  # #0 was the untraced step 2
+        table = (out / f"rank_{rank}.txt").read_text()
+        assert table.startswith(f"steps 3-4, rank {rank}, ops by self_cpu_time_total\n") and "aten::mm" in table
+    assert sorted(p.name for p in out.iterdir()) == ["rank_0.json.gz", "rank_0.txt", "rank_1.json.gz", "rank_1.txt"]
+    proc = train(2, tmp_path / "cut", data, "train.profile_start_step=3", "train.profile_steps=2",
+                 "train.exit_at_step=3")
+    assert ("profile: the run stopped after 1 of the 2 steps from train.profile_start_step 3: no trace written"
+            in proc.stdout), proc.stdout[-3000:]
+    assert not (tmp_path / "cut" / "profile").exists()
+
+
+@pytest.mark.slow
 def test_one_rank_parameters_kept_gathered_through_the_step_train_and_resume_alike(tmp_path, data):
     """parallel.zero_keep_params_gathered on one rank with every parameter persistent: the step writes the
     parameters through their partitions instead of releasing and re-gathering them. A checkpoint's save (which
