@@ -67,7 +67,7 @@ class StepProfiler:
         finally:
             tmp.unlink(missing_ok=True)
         fsync_dir(self.out)
-        sort = "self_cuda_time_total" if self.cuda else "self_cpu_time_total"
+        sort = "self_device_time_total" if self.cuda else "self_cpu_time_total"
         table = prof.key_averages().table(sort_by=sort, row_limit=50, max_name_column_width=80)
         atomic_write_text(self.out / f"rank_{self.rank}.txt",
                           f"steps {self.first}-{self.last}, rank {self.rank}, ops by {sort}\n{table}\n")
