@@ -668,8 +668,7 @@ def test_the_token_clock_trains_stops_and_resumes_under_a_batch_ramp(tmp_path, d
 @pytest.mark.slow
 def test_profiled_steps_are_traced_by_every_rank(tmp_path, data):
     """train.profile_start_step 3 with 2 steps, on 2 processes: each rank writes a gzipped Chrome trace of steps 3
-    and 4 (two profiler steps, the untraced step 2 before them) and its ops by time; a run that stops inside the
-    window writes none and says so."""
+    and 4 (two profiler steps, the untraced step 2 before them) and its ops by time."""
     import gzip
 
     proc = train(2, tmp_path / "traced", data, "train.profile_start_step=3", "train.profile_steps=2")
@@ -682,11 +681,30 @@ def test_profiled_steps_are_traced_by_every_rank(tmp_path, data):
         table = (out / f"rank_{rank}.txt").read_text()
         assert table.startswith(f"steps 3-4, rank {rank}, ops by self_cpu_time_total\n") and "aten::mm" in table
     assert sorted(p.name for p in out.iterdir()) == ["rank_0.json.gz", "rank_0.txt", "rank_1.json.gz", "rank_1.txt"]
-    proc = train(2, tmp_path / "cut", data, "train.profile_start_step=3", "train.profile_steps=2",
-                 "train.exit_at_step=3")
-    assert ("profile: the run stopped after 1 of the 2 steps from train.profile_start_step 3: no trace written"
-            in proc.stdout), proc.stdout[-3000:]
-    assert not (tmp_path / "cut" / "profile").exists()
+
+
+@pytest.mark.filterwarnings("ignore:Profiler won't be using warmup")  # torch's, for the resume at the first step
+def test_a_profile_window_cut_short_or_resumed_past_writes_no_trace(tmp_path):
+    """StepProfiler as the loop drives it: a run that stops inside the window (a signal, exit_at_step) writes no trace
+    under the window's name and says so; one resumed past the window traces nothing and says nothing; one resumed at
+    the window's first step traces it without the untraced lead-in step."""
+    from deepseek_pt.engine.profiling import StepProfiler
+
+    def run(steps: range, first: int = 3, n: int = 2) -> tuple[StepProfiler, str | None]:
+        profiler = StepProfiler(first, n, tmp_path, rank=0, device=torch.device("cpu"))
+        for step in steps:
+            profiler.before_step(step)
+            torch.ones(8, 8) @ torch.ones(8, 8)
+            profiler.after_step(step)
+        return profiler, profiler.close()
+
+    _, said = run(range(1, 4))
+    assert said == "profile: the run stopped after 1 of the 2 steps from train.profile_start_step 3: no trace written"
+    assert not (tmp_path / "profile").exists()
+    assert run(range(6, 9))[1] is None and not (tmp_path / "profile").exists()
+    profiler, said = run(range(3, 6))  # resumed at step 2's checkpoint: step 3 runs first, traced at once
+    assert said.startswith(f"profile: steps 3-4 traced by every rank in {tmp_path / 'profile' / 'step_3-4'}: ")
+    assert sorted(p.name for p in (tmp_path / "profile" / "step_3-4").iterdir()) == ["rank_0.json.gz", "rank_0.txt"]
 
 
 @pytest.mark.slow
