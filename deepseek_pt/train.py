@@ -712,7 +712,7 @@ def _train(cfg: Config, rank: int, world: int, device: torch.device, stop: StopS
         step += 1
         tokens_seen += tokens_per_step
         skipped = engine.skipped_steps > skipped_before  # non-finite gradients: the same on every rank
-        expert_load = balance.update_balance(engine.module, cfg.model.moe.bias_update_rate, applied=not skipped)
+        layer_loads = balance.update_balance(engine.module, cfg.model.moe.bias_update_rate, applied=not skipped)
         if device.type == "cuda":
             torch.cuda.synchronize()
         dt = time.perf_counter() - t0
@@ -731,7 +731,8 @@ def _train(cfg: Config, rank: int, world: int, device: torch.device, stop: StopS
             "tokens_per_s": tokens_per_step / dt,
             "mfu": flops_per_token * tokens_per_step / dt / (peak * world) if peak else None,
             "peak_mem_gib": peak_memory_gib(),
-            "expert_load": expert_load,
+            "expert_load": max(layer_loads.values()) if layer_loads else None,  # the worst layer's
+            **(layer_loads or {}),
             "step_time_s": dt,
             "skipped_steps": engine.skipped_steps,  # in the whole run, resumes included
             "time": time.time(),  # when the step was logged: wall-clock rates over many steps (bench/train_loop_rate.sh)

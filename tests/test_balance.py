@@ -28,7 +28,7 @@ def test_bias_balancing_lowers_the_violation_from_a_skewed_start():
     with torch.no_grad():
         for _ in range(60):
             model(ids)
-            violations.append(update_balance(model, rate=0.01))
+            violations.append(max(update_balance(model, rate=0.01).values()))
     assert violations[0] > 1.5
     assert max(violations[-10:]) < 0.5 * violations[0]
     assert all(moe.tokens_per_expert.sum() == 0 for moe in model.moe_layers())  # counts reset each step
@@ -38,14 +38,18 @@ def test_bias_balancing_lowers_the_violation_from_a_skewed_start():
 
 
 def test_rate_zero_measures_without_moving_the_bias():
-    cfg = tiny()
+    cfg = tiny(mtp_depth=1)
     model = Transformer(cfg.model)
-    model(torch.randint(0, cfg.model.vocab_size, (2, 16)))
+    ids = torch.randint(0, cfg.model.vocab_size, (2, 17))
+    model(ids[:, :-1], ids[:, 1:])  # with targets: the MTP block runs too
     counts = [moe.tokens_per_expert.float() for moe in model.moe_layers()]  # copies
-    assert all(c.sum() == 2 * 16 * cfg.model.moe.top_k for c in counts)
-    # the violation: over layers, the busiest expert's load over the mean load, less 1
-    want = max((c.max() / c.mean() - 1).item() for c in counts)
-    assert want > 0 and update_balance(model, rate=0.0) == pytest.approx(want, rel=1e-6)
+    k = cfg.model.moe.top_k
+    assert [c.sum() for c in counts] == [2 * 16 * k] * 2 + [2 * 15 * k]  # the MTP block predicts 15 of 16 positions
+    # each layer's violation: the busiest expert's load over the mean load, less 1, by layer (MoE from layer 1 on)
+    names = [f"expert_load/layer_{i}" for i in range(cfg.model.moe.n_dense_layers, cfg.model.n_layers)]
+    names += [f"expert_load/mtp_{k}" for k in range(cfg.model.mtp_depth)]
+    want = {name: (c.max() / c.mean() - 1).item() for name, c in zip(names, counts, strict=True)}
+    assert min(want.values()) > 0 and update_balance(model, rate=0.0) == pytest.approx(want, rel=1e-6)
     assert all(b.abs().sum() == 0 for b in balance_biases(model))
     assert all(moe.tokens_per_expert.sum() == 0 for moe in model.moe_layers())
 

@@ -117,6 +117,9 @@ def test_loss_falls_and_every_step_is_logged(baseline):
     assert records[-1]["loss"] < records[0]["loss"] - 0.3
     for key in ("loss", "lr", "grad_norm", "tokens_seen", "tokens_per_s", "peak_mem_gib", "expert_load"):
         assert all(r[key] is not None for r in records), key
+    # each MoE layer's load violation (the smoke model's one, AutoEP's), expert_load the worst of them
+    assert all(r["expert_load/layer_1"] == r["expert_load"] for r in records)
+    assert not [k for r in records for k in r if k.startswith("expert_load/") and k != "expert_load/layer_1"]
     assert [r["step"] for r in records if "eval_loss" in r] == [4, 8]
     assert records[-1]["tokens_seen"] == STEPS * 2 * 4 * 64  # steps x ranks x micro-batch x seq_len
     assert records[-1]["data_epochs"] == STEPS * 2 * 4 / 860  # of the train split's 860 samples
@@ -1498,6 +1501,8 @@ def test_mtp_and_sequence_balance_loss_train_under_zero3(tmp_path, data, overrid
     assert len(records) == 3
     for r in records:
         assert parts <= set(r) and all(r[p] > 0 for p in parts)
+        loads = sorted(k for k in r if k.startswith("expert_load/"))  # the MTP block's MoE layer's own, under AutoEP
+        assert loads == ["expert_load/layer_1"] + ["expert_load/mtp_0"] * ("mtp_loss" in parts)
 
 
 @pytest.mark.slow

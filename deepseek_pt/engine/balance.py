@@ -53,40 +53,54 @@ def add_sequence_balance_loss(model: nn.Module, alpha: float) -> int:
     return len(layers)
 
 
-def moe_routers(model: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """(token counts, correction bias) of every MoE layer, in module order."""
+def _moe_layers(model: nn.Module) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
+    """(module name, token counts, correction bias) of every MoE layer, in module order."""
     out = []
-    for m in model.modules():
+    for name, m in model.named_modules():
         if isinstance(m, MoE):
-            out.append((m.tokens_per_expert, m.gate.e_score_correction_bias))
+            out.append((name, m.tokens_per_expert, m.gate.e_score_correction_bias))
         elif getattr(m, "_is_autoep_layer", False):
-            out.append((m.tokens_per_expert, m.router.e_score_correction_bias))
+            out.append((name, m.tokens_per_expert, m.router.e_score_correction_bias))
     return out
 
 
+def moe_routers(model: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(token counts, correction bias) of every MoE layer, in module order."""
+    return [(counts, bias) for _, counts, bias in _moe_layers(model)]
+
+
+def load_key(module_name: str) -> str:
+    """metrics.jsonl's key for an MoE layer's load: `layers.3.mlp` -> expert_load/layer_3, `mtp.0.block.mlp` ->
+    expert_load/mtp_0."""
+    kind, index = module_name.split(".")[:2]
+    return f"expert_load/{'layer' if kind == 'layers' else kind}_{index}"
+
+
 @torch.no_grad()
-def update_balance(model: nn.Module, rate: float, applied: bool = True) -> float | None:
+def update_balance(model: nn.Module, rate: float, applied: bool = True) -> dict[str, float] | None:
     """Sum counts over ranks, update biases by rate * sign(mean - load), reset counts.
-    Returns the expert load violation: max over layers of (max load / mean load - 1). After a step the optimizer
-    skipped (`applied` false: non-finite gradients, on every rank alike) the counts of its NaN routing are dropped,
-    and nothing moves or is returned: they would count in the next step's update."""
-    routers = moe_routers(model)
-    if not routers or not applied:
+    Returns each MoE layer's load violation, the busiest expert's load over the mean load, less 1 (MaxVio, the
+    aux-loss-free paper's), by load_key; None where a layer routed no token. After a step the optimizer skipped
+    (`applied` false: non-finite gradients, on every rank alike) the counts of its NaN routing are dropped, and
+    nothing moves or is returned: they would count in the next step's update."""
+    layers = _moe_layers(model)
+    if not layers or not applied:
         reset_counts(model)
         return None
-    counts = torch.stack([c.float() for c, _ in routers])  # [layers, experts]
+    counts = torch.stack([c.float() for _, c, _ in layers])  # [layers, experts]
     if dist.is_initialized():
         dist.all_reduce(counts)
     mean = counts.mean(dim=-1, keepdim=True)
     if rate:
         step = rate * torch.sign(mean - counts)
-        for (_, bias), delta in zip(routers, step):
+        for (_, _, bias), delta in zip(layers, step):
             bias.add_(delta.to(bias.device, bias.dtype))
-    for c, _ in routers:
+    for _, c, _ in layers:
         c.zero_()
     if mean.min() == 0:
         return None
-    return (counts.max(dim=-1).values / mean.squeeze(-1) - 1).max().item()
+    violations = (counts.max(dim=-1).values / mean.squeeze(-1) - 1).tolist()
+    return {load_key(name): v for (name, _, _), v in zip(layers, violations, strict=True)}
 
 
 def reset_counts(model: nn.Module) -> None:
