@@ -227,7 +227,7 @@ class TrainConfig:
     """WSD: the final decay's shape, a straight line to min_lr or a cosine half-period (DeepSeek-V3 held 2.2e-4 to
     10T tokens, then followed a cosine to 2.2e-5 over 4.3T)."""
     lr_schedule_unit: Literal["steps", "tokens"] = "steps"
-    """The schedule's clock (engine/lr_schedule.py). `steps`: optimizer steps, as above. `tokens`: tokens trained, in
+    """The schedule's clock (engine/lr_schedule.py). `steps`: optimizer steps. `tokens`: tokens trained, in
     full batches' worth (grad_accum_steps micro-steps of every process): warmup_steps counts full batches of
     tokens, and the decay ends with the run's last step. The same schedule without a batch ramp; under one, the
     ramp's small steps move the rate less (Megatron's sample-based schedule). Skipped steps move neither clock."""
