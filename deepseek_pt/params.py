@@ -1,5 +1,7 @@
-"""python -m deepseek_pt.params CONFIG [--gpus N] [key.path=value ...]: parameter, cache and FLOP report as JSON; with
---gpus, also the model states each of N GPUs holds at least under the config's ZeRO stage and expert parallelism."""
+"""python -m deepseek_pt.params CONFIG [--gpus N] [--schedule] [key.path=value ...]: parameter, cache and FLOP report
+as JSON; with --gpus, also the model states each of N GPUs holds at least under the config's ZeRO stage and expert
+parallelism; with --schedule, the run's batch and learning rate at the schedule's turning points on N GPUs (1 if
+--gpus is not given)."""
 from __future__ import annotations
 
 import argparse
@@ -7,6 +9,7 @@ import json
 import sys
 
 from .config import ConfigError, load_config
+from .engine.lr_schedule import schedule_milestones
 from .model.counting import count_params, kv_cache_bytes_per_token, meta_model, train_flops_per_token
 
 
@@ -19,7 +22,7 @@ def states_report(config, gpus: int, model) -> dict:
             **states, "total": sum(states.values())}
 
 
-def report(config, gpus: int | None = None) -> dict:
+def report(config, gpus: int | None = None, schedule: bool = False) -> dict:
     m = config.model
     model = meta_model(m)
     counts = count_params(model)
@@ -27,6 +30,7 @@ def report(config, gpus: int | None = None) -> dict:
     return {
         **counts,
         **({"model_states_per_gpu": states_report(config, gpus, model)} if gpus else {}),
+        **({"schedule": schedule_milestones(config, gpus or 1)} if schedule else {}),
         **kv_cache_bytes_per_token(m),
         "train_flops_per_token": train_flops_per_token(m, config.data.seq_len, counts),
         "shape": {
@@ -46,6 +50,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("config", help="YAML config")
     parser.add_argument("overrides", nargs="*", help="key.path=value")
     parser.add_argument("--gpus", type=int, help="also the model states per GPU on this many GPUs (a lower bound)")
+    parser.add_argument("--schedule", action="store_true",
+                        help="also the batch and learning rate at the schedule's turning points (on --gpus GPUs)")
     args = parser.parse_intermixed_args(argv)  # --gpus before or after the overrides
     try:
         config = load_config(args.config, args.overrides)
@@ -57,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: --gpus {args.gpus}: must be a positive multiple of parallel.expert_parallel_size ({ep})",
               file=sys.stderr)
         return 2
-    print(json.dumps(report(config, args.gpus), indent=2))
+    print(json.dumps(report(config, args.gpus, args.schedule), indent=2))
     return 0
 
 

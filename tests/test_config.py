@@ -300,6 +300,36 @@ def test_params_report_on_the_published_671b_shape(capsys):
     assert report["shape"]["n_layers"] == 61 and report["shape"]["n_routed_experts"] == 256
 
 
+def test_params_schedule_shows_deepseek_v3s_published_schedule_on_1024_gpus(capsys):
+    """--schedule walks the config's run as training takes it: DeepSeek-V3's config warms up over 2000 steps of
+    3072 sequences of 4096 tokens, ends its batch ramp at 469B tokens (the first step of 15360 sequences), holds
+    2.2e-4 to 10.0T tokens (step 167,815) and ends its cosine at 2.2e-5 at 14.3T: the numbers its comment gives."""
+    assert params_main([str(CONFIGS / "deepseek-v3-671b.yaml"), "--gpus", "1024", "--schedule"]) == 0
+    rows = {row["at"]: row for row in json.loads(capsys.readouterr().out)["schedule"]}
+    assert [(r["step"], r["tokens"], r["batch_sequences"]) for r in rows.values()] == [
+        (1, 3072 * 4096, 3072), (2000, 2000 * 3072 * 4096, 3072), (16324, 469_116_125_184, 15360),
+        (59040, 3_156_574_470_144, 15360), (118080, 6_871_050_092_544, 15360),
+        (167815, 10_000_105_734_144, 15360), (177120, 10_585_525_714_944, 15360), (236160, 14_300_001_337_344, 15360)]
+    assert rows["warmup's last step"]["lr"] == rows["last step at train.lr before the decay"]["lr"] == 2.2e-4
+    assert rows["first step"]["lr"] == pytest.approx(2.2e-4 / 2000) and rows["last step"]["lr"] == pytest.approx(2.2e-5)
+    assert list(rows)[2] == "the batch ramp's first full batch"
+
+
+def test_params_schedule_on_the_token_clock(capsys):
+    """The smoke config under a ramp of 1 to 4 micro-steps (of 4 x 64 tokens) over 5000 tokens, on the token clock:
+    its warmup of 5 full batches (5 x 1024 tokens) ends at step 12, the last within 5 full batches' worth (4608
+    tokens), at lr x 4.5 / 5."""
+    assert params_main([str(CONFIGS / "smoke.yaml"), "--schedule", "train.batch_rampup_tokens=5000",
+                        "train.grad_accum_steps=4", "train.lr_schedule_unit=tokens"]) == 0
+    rows = json.loads(capsys.readouterr().out)["schedule"]
+    lr = load_config(CONFIGS / "smoke.yaml").train.lr
+    assert [(r["step"], r["tokens"], r["batch_sequences"], r["at"]) for r in rows] == [
+        (1, 256, 4, "first step"), (10, 3328, 8, "1/4 of the run"), (12, 4608, 12, "warmup's last step"),
+        (14, 6400, 16, "the batch ramp's first full batch"), (20, 12544, 16, "2/4 of the run"),
+        (30, 22784, 16, "3/4 of the run"), (40, 33024, 16, "last step")]
+    assert rows[2]["lr"] == pytest.approx(lr * 4.5 / 5, rel=1e-12)
+
+
 def test_params_reports_each_gpus_model_states_under_the_configs_zero_stage(capsys):
     """--gpus N: the routed experts split over EP ranks, each held by N / EP of them; ZeRO-3 partitions every state
     over all N (the 671B test above), stage 1 only AdamW's moments (and the master weights, which fp32 has not):

@@ -10,7 +10,7 @@ import math
 import torch
 
 from ..config import Config, TrainConfig
-from .batch_rampup import sequences_to_end
+from .batch_rampup import grad_accum_steps_at, sequences_to_end
 
 
 def lr_at_position(t: TrainConfig, k: float, end: float) -> float:
@@ -120,3 +120,41 @@ def lr_scheduler(cfg: Config, world_size: int):
     if cfg.train.lr_schedule_unit == "tokens":
         return lambda optimizer: TokenClockLR(optimizer, cfg.train, full_batch_tokens(cfg, world_size))
     return lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_at(cfg, step) / cfg.train.lr)
+
+
+def schedule_milestones(cfg: Config, world_size: int) -> list[dict]:
+    """The run's schedule at its turning points on `world_size` processes, step by step as training takes it (no
+    step skipped): each row's step, the tokens trained once it is done, its batch in sequences and its learning
+    rate. Rows: the first step, the warmup's last, the batch ramp's first full batch, schedule wsd's last step at lr,
+    a quarter, half and three quarters of the run, and its last step."""
+    t = cfg.train
+    per_micro_step = t.micro_batch_size * world_size
+    full = full_batch_tokens(cfg, world_size)
+    end = tokens_to_end(cfg, world_size, 0, 0) / full
+    labels: dict[int, list[str]] = {}
+    for step, what in ((1, "first step"), *((max(1, t.max_steps * q // 4), f"{q}/4 of the run") for q in (1, 2, 3)),
+                       *([(t.wsd_decay_start, "last step at train.lr before the decay")] if t.schedule == "wsd" else []),
+                       (t.max_steps, "last step")):
+        labels.setdefault(step, []).append(what)
+    rows, seen, previous = [], 0, None
+    ramp_over = not t.batch_rampup_tokens
+    for step in range(1, t.max_steps + 1):
+        accum = grad_accum_steps_at(t, seen)
+        seen += accum * per_micro_step * cfg.data.seq_len
+        position = seen / full if t.lr_schedule_unit == "tokens" else step
+        lr = lr_at_position(t, position, end) if t.lr_schedule_unit == "tokens" else lr_at(cfg, step - 1)
+        row = {"step": step, "tokens": seen, "batch_sequences": accum * per_micro_step, "lr": lr, "at": []}
+        if previous is not None and previous["position"] <= t.warmup_steps < position:
+            previous["row"]["at"].append("warmup's last step")
+            if previous["row"] not in rows:
+                rows.append(previous["row"])
+        if not ramp_over and accum == t.grad_accum_steps:
+            ramp_over = True
+            row["at"].append("the batch ramp's first full batch")
+        row["at"] += labels.get(step, [])
+        if row["at"]:
+            rows.append(row)
+        previous = {"position": position, "row": row}
+    for row in rows:
+        row["at"] = "; ".join(row["at"])
+    return rows
