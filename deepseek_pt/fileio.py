@@ -91,9 +91,10 @@ def describe_os_error(e: OSError) -> str:
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside `path` for a writer (torch.save, safetensors...) to fill; on a
-    clean exit it is fsynced and renamed over `path`, on an error removed."""
+    clean exit it is fsynced and renamed over `path`, on an error removed. The temporary name ends in `path`'s
+    suffix, for writers that choose a format by it (torch's chrome trace gzips a `.gz`)."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
     try:
         yield tmp
         # the mode a plain open() gives: some writers create their file private (safetensors: 0600), which would

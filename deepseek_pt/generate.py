@@ -29,6 +29,7 @@ MEMORY_FIXES = ("a shorter prompt or --max-new-tokens (the cache and the attenti
                 "bfloat16 where the weights load in float32; or --device cpu")
 """What a CUDA out-of-memory error's line offers."""
 
+
 def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
     """logits [B, V] with everything outside the top-k and outside the smallest set of tokens whose
     probability reaches top_p set to -inf (0 / 1.0 disable either)."""

@@ -32,12 +32,11 @@ import torch.distributed as dist
 from .config import Config, ConfigError, differences, load_config, model_from_dict, save_config, uses_autoep
 from .data.format import DataError
 from .engine import balance, checkpoint, run_tokenizer
-from .engine.batch_rampup import grad_accum_steps_at, sequences_to_end
+from .engine.batch_rampup import grad_accum_steps_at, sequences_to_end, step_sequences
 from .engine.checkpoint import CheckpointError
 from .engine.distributed import agree, check_same_config, init_distributed, mean_over_ranks
 from .engine.ds_config import build_ds_config, deepspeed_micro_steps
 from .engine.lr_schedule import TokenClockLR, lr_scheduler, tokens_to_end
-from .engine.profiling import StepProfiler
 from .engine.metrics import MetricsLogger, WandbError, peak_flops, peak_memory_gib
 from .engine.peer_failure import PeerFailureWatch
 from .engine.preflight import (
@@ -50,6 +49,7 @@ from .engine.preflight import (
     preflight,
     resume_settings,
 )
+from .engine.profiling import StepProfiler
 from .fileio import describe_os_error
 from .model import Block, SwiGLU, Transformer, writable
 from .model.counting import train_flops_per_token
@@ -184,7 +184,8 @@ def verify_checksums(cfg: Config, device) -> None:
 
 
 OPTIMIZER_KEYS = ("lr", "min_lr", "warmup_steps", "schedule", "wsd_decay_fraction", "wsd_decay_shape", "max_steps",
-                  "lr_schedule_unit", "weight_decay", "beta1", "beta2", "adam_eps", "grad_clip", "batch_rampup_tokens", "batch_rampup_start")
+                  "lr_schedule_unit", "weight_decay", "beta1", "beta2", "adam_eps", "grad_clip", "batch_rampup_tokens",
+                  "batch_rampup_start")
 """train.* keys a resume may change (the run goes on with the new values), said at resume: a silent change of the
 learning rate shows in the metrics only as a jump."""
 
@@ -207,11 +208,6 @@ def changed_model_keys(theirs, mine, whose: str, said_here: str = "") -> str:
     none."""
     return ", ".join(f"{key} {value!r}{said_here} ({other!r} in {whose})"
                      for key, other, value in differences(theirs, mine, "model"))
-
-
-def step_sequences(cfg: Config, world: int) -> int:
-    """Sequences in one optimizer step over all `world` processes."""
-    return cfg.train.micro_batch_size * cfg.train.grad_accum_steps * world
 
 
 def resume_notes(client: dict, cfg: Config, world: int, step: int, eval_sequences: int | None,

@@ -4,7 +4,12 @@ train.batch_rampup_start to train.grad_accum_steps, one more micro-step each tim
 train.batch_rampup_tokens has been trained on (Megatron's --rampup-batch-size, in tokens). The count for a step is
 a function of the tokens seen before it, which a checkpoint holds: a resume picks up the ramp where it stopped."""
 
-from ..config import TrainConfig
+from ..config import Config, TrainConfig
+
+
+def step_sequences(cfg: Config, world: int) -> int:
+    """Sequences in one full optimizer step (train.grad_accum_steps micro-steps) over all `world` processes."""
+    return cfg.train.micro_batch_size * cfg.train.grad_accum_steps * world
 
 
 def grad_accum_steps_at(train: TrainConfig, tokens_seen: int) -> int:

@@ -10,7 +10,13 @@ import math
 import torch
 
 from ..config import Config, TrainConfig
-from .batch_rampup import grad_accum_steps_at, sequences_to_end
+from .batch_rampup import grad_accum_steps_at, sequences_to_end, step_sequences
+
+
+def wsd_decay_start_at(t: TrainConfig, end: float) -> float:
+    """Schedule wsd's last position at lr in a run ending at `end`: its decay the same share of the run as of
+    max_steps (train.wsd_decay_start on the step clock, where end is max_steps)."""
+    return t.wsd_decay_start * end / t.max_steps
 
 
 def lr_at_position(t: TrainConfig, k: float, end: float) -> float:
@@ -22,7 +28,7 @@ def lr_at_position(t: TrainConfig, k: float, end: float) -> float:
         return t.lr * k / t.warmup_steps
     if t.schedule == "constant":
         return t.lr
-    start = t.wsd_decay_start * end / t.max_steps if t.schedule == "wsd" else t.warmup_steps  # the last step at lr
+    start = wsd_decay_start_at(t, end) if t.schedule == "wsd" else t.warmup_steps  # the last step at lr
     if k <= start:
         return t.lr
     span = end - start
@@ -89,7 +95,7 @@ class TokenClockLR(torch.optim.lr_scheduler.LRScheduler):
 
 def full_batch_tokens(cfg: Config, world_size: int) -> int:
     """Tokens of one optimizer step once any batch ramp is over, all ranks."""
-    return cfg.train.micro_batch_size * cfg.train.grad_accum_steps * world_size * cfg.data.seq_len
+    return step_sequences(cfg, world_size) * cfg.data.seq_len
 
 
 def tokens_to_end(cfg: Config, world_size: int, step: int, tokens_seen: int) -> int:
@@ -98,13 +104,19 @@ def tokens_to_end(cfg: Config, world_size: int, step: int, tokens_seen: int) -> 
                                                cfg.data.seq_len)
 
 
+def run_full_batches(cfg: Config, world_size: int) -> float:
+    """The whole run's tokens on `world_size` processes, in full batches: the token clock's end (max_steps but
+    under a batch ramp)."""
+    return tokens_to_end(cfg, world_size, 0, 0) / full_batch_tokens(cfg, world_size)
+
+
 def token_clock_refusal(cfg: Config, world_size: int) -> str | None:
     """Why the token clock cannot run this config from its start on `world_size` processes, if it cannot: under a
     batch ramp the run holds fewer full batches' worth of tokens than max_steps, and the warmup must end before the
     decay (or the run) does."""
     t = cfg.train
-    end = tokens_to_end(cfg, world_size, 0, 0) / full_batch_tokens(cfg, world_size)
-    last_at_lr = t.wsd_decay_start * end / t.max_steps if t.schedule == "wsd" else end
+    end = run_full_batches(cfg, world_size)
+    last_at_lr = wsd_decay_start_at(t, end) if t.schedule == "wsd" else end
     if t.schedule == "constant" or t.warmup_steps <= last_at_lr:
         return None
     phase = "schedule wsd's stable phase, which ends at" if t.schedule == "wsd" else "the run's"
@@ -129,8 +141,7 @@ def schedule_milestones(cfg: Config, world_size: int) -> list[dict]:
     a quarter, half and three quarters of the run, and its last step."""
     t = cfg.train
     per_micro_step = t.micro_batch_size * world_size
-    full = full_batch_tokens(cfg, world_size)
-    end = tokens_to_end(cfg, world_size, 0, 0) / full
+    full, end = full_batch_tokens(cfg, world_size), run_full_batches(cfg, world_size)
     labels: dict[int, list[str]] = {}
     for step, what in ((1, "first step"), *((max(1, t.max_steps * q // 4), f"{q}/4 of the run") for q in (1, 2, 3)),
                        *([(t.wsd_decay_start, "last step at train.lr before the decay")] if t.schedule == "wsd" else []),

@@ -5,13 +5,12 @@ by time: a first look without a trace viewer, and all a node without a browser n
 traced one runs under the profiler untraced, so that the profiler's own start-up stays out of the trace."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile, schedule
 
-from ..fileio import atomic_write_text, fsync_dir
+from ..fileio import atomic_path, atomic_write_text
 
 
 class StepProfiler:
@@ -60,13 +59,8 @@ class StepProfiler:
             return
         self.out.mkdir(parents=True, exist_ok=True)
         final = self.out / f"rank_{self.rank}.json.gz"
-        tmp = self.out / f".rank_{self.rank}.tmp-{os.getpid()}.json.gz"  # ends in .gz: torch gzips by the name
-        try:
+        with atomic_path(final) as tmp:  # ends in .gz too: torch gzips by the name
             prof.export_chrome_trace(str(tmp))
-            os.replace(tmp, final)
-        finally:
-            tmp.unlink(missing_ok=True)
-        fsync_dir(self.out)
         sort = "self_device_time_total" if self.cuda else "self_cpu_time_total"
         table = prof.key_averages().table(sort_by=sort, row_limit=50, max_name_column_width=80)
         atomic_write_text(self.out / f"rank_{self.rank}.txt",
