@@ -28,6 +28,8 @@ MASTER_PORT=${MASTER_PORT:-29520} python3 -m deepseek_pt.train --config "$config
   run.dir="$work/run" train.max_steps="$steps" train.warmup_steps="$warmup" train.checkpoints=false train.eval_every=0 \
   train.save_every=0 "$@" > "$out/train_loop_rate.log" 2>&1 || { tail -n 20 "$out/train_loop_rate.log" >&2; exit 1; }
 cp "$work/run/metrics.jsonl" "$out/train_loop_rate.jsonl"
+# With train.profile_start_step among the overrides, the traces come back beside the log
+[ ! -d "$work/run/profile" ] || cp -r "$work/run/profile" "$out/" || exit 1
 python3 - "$work/run/metrics.jsonl" "$from" <<'PY'
 import json
 import sys

@@ -161,11 +161,14 @@ def test_gpu_bench_runs_ours_and_the_peer_side_by_side(tmp_path):
 @pytest.mark.slow
 def test_train_loop_rate_times_the_loop_by_its_records(tmp_path):
     """The training loop's wall-clock rate from its records' `time`: over steps FROM..STEPS, never faster than the
-    steps' own times say (the loop's work after each step comes on top); a FROM outside the run is named."""
+    steps' own times say (the loop's work after each step comes on top); a FROM outside the run is named. A profiled
+    run's traces come back beside the log."""
     script = ["bash", ROOT / "bench/train_loop_rate.sh", "configs/smoke.yaml", "parallel.expert_parallel_size=1"]
-    proc = subprocess.run(script, env=_script_env(tmp_path, STEPS="5", FROM="2"), capture_output=True, text=True,
+    profiled = [*script, "train.profile_start_step=3", "train.profile_steps=2"]
+    proc = subprocess.run(profiled, env=_script_env(tmp_path, STEPS="5", FROM="2"), capture_output=True, text=True,
                           timeout=300, check=False)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert sorted(p.name for p in (tmp_path / "profile/step_3-4").iterdir()) == ["rank_0.json.gz", "rank_0.txt"]
     rate = json.loads(proc.stdout.splitlines()[-1])
     records = [json.loads(line) for line in (tmp_path / "train_loop_rate.jsonl").read_text().splitlines()]
     assert rate["steps"] == "2-5" and [r["step"] for r in records] == [1, 2, 3, 4, 5], (rate, records)
