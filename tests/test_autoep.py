@@ -33,8 +33,7 @@ def check_parity(result: dict, combine_impl: str, fused_dispatch: int) -> None:
 def test_block_equals_autoep_converted_block():
     """2 processes, expert parallel 2, on CPU even on a GPU host (a one-GPU host has no device for rank 1)."""
     port = free_port()
-    proc = run_job(deepspeed_cmd(2, PARITY, port=port), env=job_env(DS_ACCELERATOR="cpu", CUDA_VISIBLE_DEVICES=""),
-                   timeout=300)
+    proc = run_job(deepspeed_cmd(2, PARITY, port=port), env=job_env(), timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     # init_distributed keeps DeepSpeed's CPU shared-memory all-reduce off: it left 69 MB per rank in /dev/shm.
     assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
@@ -44,7 +43,8 @@ def test_block_equals_autoep_converted_block():
 def test_block_equals_autoep_converted_block_on_one_process():
     """One process, expert parallel 1: on a GPU AutoEP's fused Triton combine (training's there), and on either
     device the fused-dispatch layer."""
-    env = job_env(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    env = job_env(gpu=True, RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                  MASTER_PORT=str(free_port()))
     proc = run_job([sys.executable, PARITY], env=env, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = last_json(proc.stdout)

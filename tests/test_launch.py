@@ -669,7 +669,7 @@ def test_runner_passes_on_its_launchers_death_by_a_signal(tmp_path, rank_does, s
     rank's own status as the runner does."""
     rank = tmp_path / "rank.py"
     rank.write_text(f"import os, signal, sys\n{rank_does}\n")
-    env = job_env(DS_ACCELERATOR="cpu", PYTHONWARNINGS="ignore")
+    env = job_env(PYTHONWARNINGS="ignore")
     proc = _run([sys.executable, LAUNCH / "deepspeed_runner.py", "--hostfile", "/dev/null", "--num_gpus", "1",
                  "--master_port", str(free_port()), rank], env, timeout=120)
     assert proc.returncode == status, proc.stderr[-3000:]
