@@ -16,6 +16,7 @@ import argparse
 import collections
 import json
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -55,9 +56,13 @@ def main() -> None:
     args = parser.parse_intermixed_args()
     spent: dict[str, list[float]] = collections.defaultdict(list)
     time_hooks(spent)
-    cfg = load_config(args.config, ["parallel.zero_idle_hooks_off=false", *args.overrides])
-    rank, world, device = init_distributed(cfg)
-    preflight(cfg, world)  # as training checks the shards against the model before building it
+    # The probe neither resumes nor saves, so its run.dir is an empty one of its own: the config's (runs/smoke after
+    # launch/smoke.sh) may hold a run whose checkpoints and tokenizer preflight would hold this data against
+    with tempfile.TemporaryDirectory(prefix="zero3_hook_time.") as run_dir:
+        cfg = load_config(args.config, ["parallel.zero_idle_hooks_off=false", f"run.dir={run_dir}",
+                                        "train.checkpoints=false", "train.save_every=0", *args.overrides])
+        rank, world, device = init_distributed(cfg)
+        preflight(cfg, world)  # as training checks the shards against the model before building it
     engine = build_engine(cfg, world)
     loader = TrainLoader(PretrainDataset(cfg.data.path, cfg.data.train_split, cfg.data.seq_len),
                          cfg.train.micro_batch_size, dp_rank=rank, dp_world=world, seed=cfg.data.seed)

@@ -1991,11 +1991,11 @@ def test_zero3_settings_at_another_stage_are_named_as_ignored(tmp_path, data):
             "only") in proc.stdout, proc.stdout[-3000:]
 
 
-def test_a_partitioned_build_needs_no_whole_model_in_host_memory(monkeypatch, data):
+def test_a_partitioned_build_needs_no_whole_model_in_host_memory(monkeypatch, tmp_path, data):
     import deepseek_pt.engine.preflight as preflight_checks
     from deepseek_pt.config import load_config
 
-    cfg = load_config(SMOKE, [f"data.path={data}"])
+    cfg = load_config(SMOKE, [f"data.path={data}", f"run.dir={tmp_path / 'run'}"])
     monkeypatch.setattr(preflight_checks, "host_memory_available", lambda: 1024)  # no whole model fits in 1 KiB
     with pytest.raises(preflight_checks.PreflightError, match="parallel.zero_init: false builds the whole model"):
         preflight_checks.preflight(cfg, 2)
