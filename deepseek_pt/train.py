@@ -32,6 +32,7 @@ import torch.distributed as dist
 from .config import Config, ConfigError, differences, load_config, model_from_dict, save_config, uses_autoep
 from .data.format import DataError
 from .engine import balance, checkpoint, run_tokenizer
+from .engine.accelerator import on_gpu
 from .engine.batch_rampup import grad_accum_steps_at, sequences_to_end, step_sequences
 from .engine.checkpoint import CheckpointError
 from .engine.distributed import agree, check_same_config, init_distributed, mean_over_ranks
@@ -279,7 +280,7 @@ def _torchao_fp8_lines(cfg: Config, fp8, own_fp8: bool) -> list[str]:
     else:
         gemms = "forward GEMM" if cfg.fp8.fast_accum == "forward" else "three GEMMs"
         how = f"torchao, fast accumulation in the {gemms}"
-        if not torch.cuda.is_available():
+        if not on_gpu():
             how += "; on a CPU: torch's CPU FP8 GEMMs, the recipe's numerics, slower than bf16"
     kept = f"; {fp8.too_narrow} too narrow to gain left in bf16 (fp8.layers=auto)" if fp8.too_narrow else ""
     if fp8.unaligned:

@@ -380,18 +380,28 @@ def test_params_cli_reports_bad_config(tmp_path, capsys):
     assert "model.moe.top_k: must be positive" in capsys.readouterr().err
 
 
-def test_nccl_without_a_gpu_is_refused_before_the_rendezvous(monkeypatch):
+@pytest.mark.parametrize("cuda, ds_accelerator, why", [
+    (False, None, "no GPU is visible here"),
+    # DeepSpeed's CPU accelerator on a GPU host: its launcher still gives each rank CUDA_VISIBLE_DEVICES
+    (True, "cpu", "DS_ACCELERATOR=cpu is set"),
+])
+def test_nccl_without_a_gpu_is_refused_before_the_rendezvous(monkeypatch, cuda, ds_accelerator, why):
     """parallel.backend=nccl on a CPU machine was accepted, then DeepSpeed's init_distributed raised 'Distributed
     package doesn't have NCCL built in' (a traceback) after building its CPU collectives."""
     from deepseek_pt.engine import distributed
+    from deepseek_pt.engine.accelerator import on_gpu
 
     cfg = load_config(CONFIGS / "smoke.yaml", ["parallel.backend=nccl"])
-    monkeypatch.setattr(distributed.torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(distributed.torch.cuda, "is_available", lambda: cuda)
+    if ds_accelerator:
+        monkeypatch.setenv("DS_ACCELERATOR", ds_accelerator)
+    assert not on_gpu()
     monkeypatch.setattr(distributed, "rendezvous_env", lambda: pytest.fail("reached the rendezvous"))
-    with pytest.raises(distributed.PreflightError, match=r"^parallel.backend: nccl needs CUDA GPUs and a torch "
-                                                         r"built with NCCL, and no GPU is visible here: use "
-                                                         r"parallel.backend=auto"):
+    with pytest.raises(distributed.PreflightError, match=rf"^parallel.backend: nccl needs CUDA GPUs and a torch "
+                                                         rf"built with NCCL, and {why}: use parallel.backend=auto"):
         distributed.init_distributed(cfg)
+    monkeypatch.delenv("DS_ACCELERATOR", raising=False)
+    assert on_gpu() == cuda  # without DS_ACCELERATOR, torch's answer
 
 
 @pytest.mark.parametrize("overrides, message", [

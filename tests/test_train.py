@@ -766,6 +766,23 @@ def test_fp8_torchao_rowwise_on_a_cpu_trains_like_fp32_across_a_resume(tmp_path,
 
 
 @pytest.mark.slow
+def test_cpu_ranks_on_a_gpu_host_train_as_on_a_cpu_host(tmp_path, baseline, data):
+    """DS_ACCELERATOR=cpu where torch sees a GPU (faked: a sitecustomize makes torch.cuda.is_available() true in every
+    process). DeepSpeed's launcher hands the ranks CUDA_VISIBLE_DEVICES=0,1 all the same: by torch's answer the engine
+    took cuda:1 ("invalid device ordinal" on a one-GPU H100), and DeepSpeed's Triton SwiGLU ran on CPU rows. The run
+    now trains on the CPU, as the baseline did on a CPU host: the same losses, to the bit."""
+    fake_gpu_host = tmp_path / "fake_gpu_host"
+    fake_gpu_host.mkdir()
+    (fake_gpu_host / "sitecustomize.py").write_text(
+        "import torch\ntorch.cuda.is_available = lambda: True\ntorch.cuda.device_count = lambda: 1\n")
+    run = tmp_path / "run"
+    env = job_env(PYTHONPATH=os.pathsep.join([str(fake_gpu_host), str(ROOT)]))  # job_env sets DS_ACCELERATOR=cpu
+    proc = run_job(_launch_cmd(2, run, data, "train.eval_every=4", "train.save_every=4", "train.peak_tflops=0.001"), env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert losses(run) == losses(baseline)
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("nproc, overrides", [
     (4, ["train.micro_batch_size=2"]),            # 2 -> 4 processes, same global batch
     (2, ["parallel.expert_parallel_size=1"]),     # EP 2 -> 1

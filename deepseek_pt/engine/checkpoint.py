@@ -38,6 +38,7 @@ from ..fileio import (
     sha256_file,
     size_text,
 )
+from .accelerator import on_gpu
 
 FORMAT_VERSION = 1
 
@@ -78,14 +79,14 @@ def _hash_share(tag_dir: Path, names: list[str], collective: bool = True) -> dic
 
 def rng_state() -> dict:
     state = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
+    if on_gpu():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
 def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
+    if "cuda" in state and on_gpu():
         torch.cuda.set_rng_state(state["cuda"])
 
 

@@ -11,6 +11,7 @@ import torch.distributed as dist
 
 from ..config import Config, differences
 from ..fileio import first_line
+from .accelerator import no_gpu_here, on_gpu
 from .preflight import PreflightError
 
 RENDEZVOUS_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
@@ -54,14 +55,14 @@ def init_distributed(cfg: Config) -> tuple[int, int, torch.device]:
     import deepspeed
 
     # Here, not in preflight: --check-only may run on a launch host without the ranks' GPUs (launch/hostfile.sh).
-    if cfg.parallel.backend == "nccl" and not (torch.cuda.is_available() and dist.is_nccl_available()):
+    if cfg.parallel.backend == "nccl" and not (on_gpu() and dist.is_nccl_available()):
         raise PreflightError("parallel.backend: nccl needs CUDA GPUs and a torch built with NCCL, and "
-                             f"{'this torch has no NCCL' if torch.cuda.is_available() else 'no GPU is visible here'}: "
+                             f"{'this torch has no NCCL' if on_gpu() else no_gpu_here()}: "
                              "use parallel.backend=auto (gloo on CPU) or gloo")
     if alone := rendezvous_env():
         print(alone, flush=True)
 
-    backend = cfg.parallel.backend if cfg.parallel.backend != "auto" else ("nccl" if torch.cuda.is_available() else "gloo")
+    backend = cfg.parallel.backend if cfg.parallel.backend != "auto" else ("nccl" if on_gpu() else "gloo")
     if backend == "gloo":
         _skip_cpu_shm_allreduce()
     timeout = cfg.parallel.timeout_minutes
@@ -77,7 +78,7 @@ def init_distributed(cfg: Config) -> tuple[int, int, torch.device]:
         raise PreflightError(f"rendezvous at {where} failed (at most {waited}): not every one of the {world} "
                              f"processes joined ({reason}). Start node.sh on every node, each with its own NODE_RANK and "
                              "the same NNODES, NPROC_PER_NODE, MASTER_ADDR and MASTER_PORT") from None
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else torch.device("cpu")
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if on_gpu() else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
     return dist.get_rank(), dist.get_world_size(), device

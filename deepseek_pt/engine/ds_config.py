@@ -1,9 +1,8 @@
 """The DeepSpeed config, generated from ours (never written by hand beside it)."""
 from __future__ import annotations
 
-import torch
-
 from ..config import Config
+from .accelerator import on_gpu
 
 # Our MoE blocks: layers.N.mlp and mtp.K.block.mlp. Dense layers match too; AutoEP leaves blocks
 # without an `experts` child alone.
@@ -41,7 +40,7 @@ def autoep_section(cfg: Config) -> dict:
         # On GPU, the top-k combine as one Triton kernel (weights folded into the sum in fp32). The default scatters
         # the expert rows into a zeroed [tokens, k, dim] tensor and multiplies it in fp32: 6% slower on the bench shape.
         # The kernel is CUDA-only, so CPU runs keep the default.
-        "combine_impl": "fused_weighted_sum" if torch.cuda.is_available() else "weighted_sum",
+        "combine_impl": "fused_weighted_sum" if on_gpu() else "weighted_sum",
     }
 
 
@@ -72,7 +71,7 @@ def build_ds_config(cfg: Config, world_size: int, has_moe: bool, load_universal:
         },
         "zero_optimization": {
             "stage": p.zero_stage,
-            "overlap_comm": p.overlap_comm and torch.cuda.is_available(),
+            "overlap_comm": p.overlap_comm and on_gpu(),
             "contiguous_gradients": True,
             "stage3_param_persistence_threshold": p.zero_persistence_threshold,
             "memory_efficient_linear": p.zero_memory_efficient_linear,

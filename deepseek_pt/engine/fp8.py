@@ -31,6 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .accelerator import on_gpu
+
 HIGH_PRECISION = ("lm_head",)
 E4M3_MAX = torch.finfo(torch.float8_e4m3fn).max  # 448
 BLOCK = 128
@@ -60,7 +62,7 @@ def _machine_lacks(hardware: str, capability: tuple[int, int], packages: tuple[s
     """What this machine lacks of `hardware` (a GPU of at least `capability`) and `packages`, as "needs ..."; None
     if nothing."""
     need = f"needs {hardware} (compute capability >= {capability[0]}.{capability[1]})"
-    if not torch.cuda.is_available():
+    if not on_gpu():
         return f"{need}; this machine has none"
     major, minor = torch.cuda.get_device_capability()
     if (major, minor) < capability:
@@ -82,7 +84,7 @@ def fp8_unavailable(recipe: str) -> str | None:
     the recipe's numerics, not its speed."""
     if recipe == "blockwise":
         return None
-    if not torch.cuda.is_available():
+    if not on_gpu():
         return _packages_lacking(("torchao",))
     return _machine_lacks("a GPU with FP8 tensor cores", (8, 9), ("torchao",))
 
@@ -164,7 +166,7 @@ def convert_to_fp8(model: nn.Module, recipe: str, layers: str = "auto", fast_acc
         os.environ.setdefault("TRITON_CACHE_AUTOTUNING", "1")
         return Fp8Conversion(_swap_class(model, aligned, BlockwiseFp8GemmLinear), narrow, len(chosen) - len(aligned))
     if chosen:
-        if not torch.cuda.is_available():
+        if not on_gpu():
             # torchao's compiled extensions are CUDA kernels that Float8Linear does not use; on a CPU their failed
             # loads would only print warnings on every rank.
             os.environ.setdefault("TORCHAO_FORCE_SKIP_LOADING_SO_FILES", "1")

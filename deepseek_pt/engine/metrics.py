@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from ..fileio import atomic_write_text, first_line, free_space
+from .accelerator import on_gpu
 
 # Dense bf16 peak of the GPU, by name fragment: the MFU denominator (FP8 runs are measured against it too).
 PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "H800": 989.0, "A100": 312.0, "A800": 312.0, "L40S": 362.0}
@@ -19,7 +20,7 @@ PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "H800": 989.0, "A100": 312.0, 
 def peak_flops(configured_tflops: float | None) -> float | None:
     if configured_tflops:
         return configured_tflops * 1e12
-    if torch.cuda.is_available():
+    if on_gpu():
         name = torch.cuda.get_device_name()
         for key, tflops in PEAK_BF16_TFLOPS.items():
             if key in name:
@@ -28,7 +29,7 @@ def peak_flops(configured_tflops: float | None) -> float | None:
 
 
 def peak_memory_gib() -> float:
-    if torch.cuda.is_available():
+    if on_gpu():
         return torch.cuda.max_memory_allocated() / 2**30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
 

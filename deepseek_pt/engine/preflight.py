@@ -26,6 +26,7 @@ from ..data.format import DataError, Manifest, check_shard
 from ..data.loader import data_change
 from ..model.counting import meta_model
 from . import checkpoint, run_tokenizer
+from .accelerator import on_gpu
 from .checkpoint import CheckpointError
 from .lr_schedule import token_clock_refusal
 from .model_states import GiB, describe, expert_and_other_params, model_state_bytes
@@ -48,7 +49,7 @@ def host_memory_available() -> int | None:
 
 def gpu_memory() -> tuple[str, int] | None:
     """(name, bytes) of the GPU this process will train on, None without one (a CPU run, a launch host)."""
-    if not torch.cuda.is_available():
+    if not on_gpu():
         return None
     props = torch.cuda.get_device_properties(int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
     return props.name, props.total_memory
@@ -147,7 +148,7 @@ def preflight(cfg: Config, world_size: int) -> None:
                                ("fp8.shared_experts", cfg.fp8.shared_experts, "FP8 grouped GEMMs"),
                                ("fp8.attention", cfg.fp8.attention, "rowwise FP8 GEMMs"),
                                ("fp8.dense_mlp", cfg.fp8.dense_mlp, "rowwise FP8 GEMMs")):
-            if on and torch.cuda.is_available() and (why := expert_gemms_unavailable()):
+            if on and on_gpu() and (why := expert_gemms_unavailable()):
                 raise PreflightError(f"{key}: {gemms} {why}: set {key}=false (only a CPU emulates them)")
         tokens = cfg.data.seq_len * cfg.train.micro_batch_size
         if cfg.fp8.recipe == "blockwise" and tokens % BLOCK and not blockwise_gemms_unavailable():
