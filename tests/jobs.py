@@ -39,8 +39,9 @@ def last_json(stdout: str) -> dict:
 def job_env(*, gpu: bool = False, **extra: str) -> dict:
     """One thread per rank (2 cores, up to 4 ranks) and a 3-minute collective timeout (DeepSpeed reads
     DEEPSPEED_TIMEOUT, in minutes), so that a stuck rank ends its job with an error rather than sleeping. The ranks
-    run on CPU, as in CI, on a GPU host too (`deepspeed --num_gpus 2` on a one-GPU host left rank 1 without a
-    device), unless `gpu` leaves the host's devices visible."""
+    run on CPU, as in CI, on a GPU host too, unless `gpu` leaves them the host's devices: DS_ACCELERATOR=cpu, which
+    the engine honours (DeepSpeed's launcher sets the ranks' CUDA_VISIBLE_DEVICES itself), and no visible device
+    for a process started alone."""
     cpu_only = {} if gpu else {"DS_ACCELERATOR": "cpu", "CUDA_VISIBLE_DEVICES": ""}
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "DEEPSPEED_TIMEOUT": "3",
             "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])), **cpu_only,
