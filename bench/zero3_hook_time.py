@@ -59,8 +59,7 @@ def main() -> None:
     # The probe neither resumes nor saves, so its run.dir is an empty one of its own: the config's (runs/smoke after
     # launch/smoke.sh) may hold a run whose checkpoints and tokenizer preflight would hold this data against
     with tempfile.TemporaryDirectory(prefix="zero3_hook_time.") as run_dir:
-        cfg = load_config(args.config, ["parallel.zero_idle_hooks_off=false", f"run.dir={run_dir}",
-                                        "train.checkpoints=false", "train.save_every=0", *args.overrides])
+        cfg = load_config(args.config, ["parallel.zero_idle_hooks_off=false", f"run.dir={run_dir}", *args.overrides])
         rank, world, device = init_distributed(cfg)
         preflight(cfg, world)  # as training checks the shards against the model before building it
     engine = build_engine(cfg, world)
