@@ -48,6 +48,19 @@ def job_env(*, gpu: bool = False, **extra: str) -> dict:
             **extra}
 
 
+def gpu_host_env(tmp_path: Path, **extra: str) -> dict:
+    """job_env's CPU ranks on a host where torch sees a GPU, on any host: a sitecustomize in every process of the job
+    makes torch.cuda report one GPU unless CUDA_VISIBLE_DEVICES hides it, as torch does on a one-GPU host. DeepSpeed's
+    launcher hands the ranks CUDA_VISIBLE_DEVICES=0..N-1 all the same."""
+    site = tmp_path / "gpu_host_site"
+    site.mkdir(exist_ok=True)
+    (site / "sitecustomize.py").write_text(
+        "import os\nimport torch\n"
+        "torch.cuda.device_count = lambda: 0 if os.environ.get('CUDA_VISIBLE_DEVICES') == '' else 1\n"
+        "torch.cuda.is_available = lambda: torch.cuda.device_count() > 0\n")
+    return job_env(PYTHONPATH=os.pathsep.join([str(site), str(ROOT)]), **extra)
+
+
 def start_job(cmd: list, env: dict, merge_stderr: bool = True, cwd: Path = ROOT) -> subprocess.Popen:
     """The job in a session of its own, so that `finish_job` can kill every process it started."""
     if _hung:

@@ -22,6 +22,7 @@ import yaml
 from jobs import (
     deepspeed_cmd,
     finish_job,
+    gpu_host_env,
     job_env,
     last_json,
     run_job,
@@ -766,20 +767,23 @@ def test_fp8_torchao_rowwise_on_a_cpu_trains_like_fp32_across_a_resume(tmp_path,
 
 
 @pytest.mark.slow
-def test_cpu_ranks_on_a_gpu_host_train_as_on_a_cpu_host(tmp_path, baseline, data):
-    """DS_ACCELERATOR=cpu where torch sees a GPU (faked: a sitecustomize makes torch.cuda.is_available() true in every
-    process). DeepSpeed's launcher hands the ranks CUDA_VISIBLE_DEVICES=0,1 all the same: by torch's answer the engine
-    took cuda:1 ("invalid device ordinal" on a one-GPU H100), and DeepSpeed's Triton SwiGLU ran on CPU rows. The run
-    now trains on the CPU, as the baseline did on a CPU host: the same losses, to the bit."""
-    fake_gpu_host = tmp_path / "fake_gpu_host"
-    fake_gpu_host.mkdir()
-    (fake_gpu_host / "sitecustomize.py").write_text(
-        "import torch\ntorch.cuda.is_available = lambda: True\ntorch.cuda.device_count = lambda: 1\n")
+@pytest.mark.parametrize("experts", ["ours", "deepspeeds"])
+def test_cpu_ranks_on_a_gpu_host_train_as_on_a_cpu_host(tmp_path, baseline, data, experts):
+    """DS_ACCELERATOR=cpu where torch sees a GPU (faked: tests/jobs.py's gpu_host_env). DeepSpeed's launcher hands the
+    ranks CUDA_VISIBLE_DEVICES=0,1 all the same: by torch's answer the engine took cuda:1 ("invalid device ordinal" on
+    a one-GPU H100), and DeepSpeed's Triton SwiGLU ran on CPU rows, in our experts' GEMMs and in AutoEP's own
+    (parallel.expert_triton_gemms=false). The run now trains on the CPU, as the baseline did on a CPU host: the same
+    losses, to the bit with our experts; AutoEP's differentiate their SwiGLU by autograd, ours by its formula."""
     run = tmp_path / "run"
-    env = job_env(PYTHONPATH=os.pathsep.join([str(fake_gpu_host), str(ROOT)]))  # job_env sets DS_ACCELERATOR=cpu
-    proc = run_job(_launch_cmd(2, run, data, "train.eval_every=4", "train.save_every=4", "train.peak_tflops=0.001"), env)
+    own_experts = [] if experts == "ours" else ["parallel.expert_triton_gemms=false"]
+    proc = run_job(_launch_cmd(2, run, data, "train.eval_every=4", "train.save_every=4", "train.peak_tflops=0.001",
+                               *own_experts), gpu_host_env(tmp_path))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert losses(run) == losses(baseline)
+    assert ("AutoEP expert layers on our GEMMs" in proc.stdout) == (experts == "ours"), proc.stdout[-3000:]
+    if experts == "ours":
+        assert losses(run) == losses(baseline)
+    else:
+        assert_same_losses(run, baseline, rel=1e-5)
 
 
 @pytest.mark.slow

@@ -79,9 +79,7 @@ def _gate_up_swiglu(x, w1, w3, offs, use_triton: bool) -> tuple[torch.Tensor, to
         if all(grouped_mm.takes(x, w, True) for w in (w1, w3)):
             return grouped_mm.gate_up_swiglu(x, w1, w3, offs)
     gate, up = (expert_mm(x, w, offs, True, use_triton) for w in (w1, w3))
-    # DeepSpeed's Triton SwiGLU on a GPU. It takes its kernel wherever Triton has a GPU, so CPU rows (DS_ACCELERATOR=cpu
-    # on a GPU host) ask for the eager form
-    return gate, up, apply_expert_activation(gate, up, fused=gate.is_cuda)
+    return gate, up, apply_expert_activation(gate, up)  # DeepSpeed's Triton SwiGLU on a GPU
 
 
 class _ExpertSwiGLU(torch.autograd.Function):

@@ -15,6 +15,7 @@ from deepspeed.utils import safe_get_full_grad
 sys.path.insert(0, os.path.dirname(os.path.dirname(__file__)))
 from model_configs import tiny  # noqa: E402
 
+from deepseek_pt.engine.accelerator import on_gpu  # noqa: E402
 from deepseek_pt.engine.balance import add_sequence_balance_loss  # noqa: E402
 from deepseek_pt.engine.ds_config import build_ds_config  # noqa: E402
 from deepseek_pt.engine.moe_dispatch import fuse_moe_dispatch  # noqa: E402
@@ -24,7 +25,7 @@ from deepseek_pt.train import exit_process  # noqa: E402
 
 
 def max_over_ranks(value: float) -> float:
-    t = torch.tensor([value], dtype=torch.float64, device="cuda" if torch.cuda.is_available() else "cpu")
+    t = torch.tensor([value], dtype=torch.float64, device="cuda" if on_gpu() else "cpu")
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return t.item()
 
