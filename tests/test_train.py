@@ -775,9 +775,9 @@ def test_cpu_ranks_on_a_gpu_host_train_as_on_a_cpu_host(tmp_path, baseline, data
     (parallel.expert_triton_gemms=false). The run now trains on the CPU, as the baseline did on a CPU host: the same
     losses, to the bit with our experts; AutoEP's differentiate their SwiGLU by autograd, ours by its formula."""
     run = tmp_path / "run"
-    own_experts = [] if experts == "ours" else ["parallel.expert_triton_gemms=false"]
+    on_autoeps = [] if experts == "ours" else ["parallel.expert_triton_gemms=false"]
     proc = run_job(_launch_cmd(2, run, data, "train.eval_every=4", "train.save_every=4", "train.peak_tflops=0.001",
-                               *own_experts), gpu_host_env(tmp_path))
+                               *on_autoeps), gpu_host_env(tmp_path))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert ("AutoEP expert layers on our GEMMs" in proc.stdout) == (experts == "ours"), proc.stdout[-3000:]
     if experts == "ours":
