@@ -58,7 +58,9 @@ def gpu_host_env(tmp_path: Path, **extra: str) -> dict:
         "import os\nimport torch\n"
         "torch.cuda.device_count = lambda: 0 if os.environ.get('CUDA_VISIBLE_DEVICES') == '' else 1\n"
         "torch.cuda.is_available = lambda: torch.cuda.device_count() > 0\n")
-    return job_env(PYTHONPATH=os.pathsep.join([str(site), str(ROOT)]), **extra)
+    env = job_env(**extra)
+    env["PYTHONPATH"] = os.pathsep.join([str(site), env["PYTHONPATH"]])
+    return env
 
 
 def start_job(cmd: list, env: dict, merge_stderr: bool = True, cwd: Path = ROOT) -> subprocess.Popen:
