@@ -3,6 +3,11 @@ syncs (what waits on the GPU, from which line of Python), the heaviest kernels a
 
     summarize(prof, steps)   # prof: torch.profiler.profile(..., with_stack=True) over `steps` steps
 
+From a trace `gpu_bench.py --profile` wrote into $OUT, every kernel (not only the heaviest 40), for two runs'
+traces to be set side by side:
+
+    python bench/profile_summary.py trace_rank0.json.gz --micro-steps 16
+
 Sync sites and the Python-function table come from the profiler's Python events: torch 2.13 on CPU records
 them; on the H100 image (torch 2.11 + CUDA 13) they were absent, so sites print as "(no Python frame)".
 
@@ -11,6 +16,9 @@ again, so under ZeRO-3's per-module Python hooks every sync costs the launch lat
 """
 from __future__ import annotations
 
+import argparse
+import gzip
+import json
 import sys
 from collections import defaultdict
 
@@ -67,10 +75,11 @@ def _collectives(kernels, busy: float, wall: float, steps: int, out) -> None:
 
 # Kernel classes by name, first match wins. The GEMMs come first: cuBLAS's FP8 kernels are nvjet's "qq"/"qr" tiles,
 # CUTLASS's carry "f8"; our Triton GEMMs (grouped_mm.py's ragged kernel, grouped_wgrad.py's) run in the precision
-# of their operands, which their names do not say.
+# of their operands, which their names do not say (bf16's gate/up GEMM has the SwiGLU in its epilogue).
 KERNEL_CLASSES = (
     ("GEMM, FP8 (cuBLAS, CUTLASS)", ("_qqtst", "_qrtst", "_rqtst", "f8_f8", "e4m3")),
-    ("GEMM, ours in Triton (bf16 or FP8 operands)", ("_ragged_mm_kernel", "_grouped_wgrad_kernel")),
+    ("GEMM, ours in Triton (bf16 or FP8 operands)", ("_ragged_mm_kernel", "_grouped_wgrad_kernel",
+                                                     "_gate_up_swiglu_kernel")),
     ("GEMM, bf16 (cuBLAS, CUTLASS)", ("nvjet", "cutlass", "gemm", "xmma")),
     ("attention (SDPA)", ("sdpa", "fmha", "flash", "attention")),
     ("collectives (NCCL)", ("nccl",)),
@@ -227,3 +236,32 @@ def summarize(prof, steps: int, out=sys.stderr) -> None:
     print("Python functions by inclusive CPU time (ms per micro-step, calls per micro-step):", file=out)
     for name, ds in sorted(inclusive.items(), key=lambda kv: -sum(kv[1]))[:45]:
         print(f"  {sum(ds) / steps / 1e3:7.2f} {len(ds) / steps:6.0f}  {name[:110]}", file=out)
+
+
+def trace_kernels(path: str, steps: int, out=sys.stdout) -> None:
+    """Every GPU kernel, copy and fill of a chrome trace (gzipped or not) with its time and launches per
+    micro-step, heaviest first, after the time of each kernel class."""
+    with (gzip.open if path.endswith(".gz") else open)(path, "rt") as f:
+        events = json.load(f)["traceEvents"]
+    by_kernel: dict[str, list[float]] = defaultdict(list)
+    for e in events:
+        if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset") and "dur" in e:
+            by_kernel[e["name"]].append(e["dur"])
+    by_class: dict[str, float] = defaultdict(float)
+    for name, ds in by_kernel.items():
+        by_class[kernel_class(name)] += sum(ds)
+    total = sum(by_class.values())
+    print(f"kernel time {total / steps / 1e3:.2f} ms per micro-step; by class (ms per micro-step, % of it):", file=out)
+    for cls, us in sorted(by_class.items(), key=lambda kv: -kv[1]):
+        print(f"  {us / steps / 1e3:7.2f} {100 * us / total:5.1f}%  {cls}", file=out)
+    print("every kernel (ms per micro-step, launches per micro-step):", file=out)
+    for name, ds in sorted(by_kernel.items(), key=lambda kv: -sum(kv[1])):
+        print(f"  {sum(ds) / steps / 1e3:8.3f} {len(ds) / steps:7.1f}  {name[:150]}", file=out)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description="every GPU kernel of a profiler trace, by time per micro-step")
+    parser.add_argument("trace", help="a chrome trace (.json or .json.gz), as gpu_bench.py --profile writes into $OUT")
+    parser.add_argument("--micro-steps", type=int, required=True, help="how many micro-steps the profile holds")
+    args = parser.parse_args()
+    trace_kernels(args.trace, args.micro_steps)

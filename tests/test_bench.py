@@ -364,6 +364,27 @@ def test_a_ds_patch_deepspeed_would_refuse_is_named_before_the_run(monkeypatch):
         gpu_bench.patch_ds_config(["zero_optimization.overlap_comm"])
 
 
+def test_trace_kernels_lists_every_kernel_by_time_per_micro_step(tmp_path):
+    """The trace CLI: kernels, copies and fills (not CPU ops) summed by name over the micro-steps, heaviest first,
+    after their classes."""
+    trace = tmp_path / "trace_rank0.json.gz"
+    events = [{"cat": "kernel", "name": "_ragged_mm_kernel", "dur": 3000}, {"cat": "kernel", "name": "triton_poi_add",
+              "dur": 500}, {"cat": "kernel", "name": "_ragged_mm_kernel", "dur": 1000},
+              {"cat": "gpu_memcpy", "name": "Memcpy DtoD (Device -> Device)", "dur": 500},
+              {"cat": "cpu_op", "name": "aten::mm", "dur": 9000}, {"cat": "kernel", "name": "no duration"}]
+    with gzip.open(trace, "wt") as f:
+        json.dump({"traceEvents": events}, f)
+    out = subprocess.run([sys.executable, ROOT / "bench/profile_summary.py", trace, "--micro-steps", "2"],
+                         capture_output=True, text=True, check=True).stdout.splitlines()
+    assert out[0] == "kernel time 2.50 ms per micro-step; by class (ms per micro-step, % of it):", out
+    assert [line.split(None, 2) for line in out[1:4]] == [
+        ["2.00", "80.0%", "GEMM, ours in Triton (bf16 or FP8 operands)"],
+        ["0.25", "10.0%", "other (pointwise, norms, casts, reductions)"], ["0.25", "10.0%", "copies and fills"]], out
+    assert [line.split(None, 2) for line in out[5:]] == [["2.000", "1.0", "_ragged_mm_kernel"],
+                                                         ["0.250", "0.5", "triton_poi_add"],
+                                                         ["0.250", "0.5", "Memcpy DtoD (Device -> Device)"]], out
+
+
 def test_gpu_timeline_times_the_step_after_its_lead_in(monkeypatch, capsys):
     """--timeline's window: the kernels after the lead-in's share, from the end of its last kernel: an idle GPU
     before the lead-in, and kernels of the lead-in that end inside the window, count for nothing."""
@@ -390,6 +411,6 @@ def test_kernel_classes_name_fp8_gemms_before_bf16_ones(monkeypatch):
     assert cls("nvjet_sm90_qqtst_128x128_128x6_2x1_v_bz_") == "GEMM, FP8 (cuBLAS, CUTLASS)"
     assert cls("void cutlass::Kernel2<cutlass_sm90_f8_f8_bf16_gemm>") == "GEMM, FP8 (cuBLAS, CUTLASS)"
     assert cls("nvjet_sm90_tst_256x128_64x4_1x2_h_bz_coo") == "GEMM, bf16 (cuBLAS, CUTLASS)"
-    assert cls("_ragged_mm_kernel") == "GEMM, ours in Triton (bf16 or FP8 operands)"
+    assert cls("_ragged_mm_kernel") == cls("_gate_up_swiglu_kernel") == "GEMM, ours in Triton (bf16 or FP8 operands)"
     assert cls("cudnn_generated_fort_native_sdpa_sm90_flash_fprop") == "attention (SDPA)"
     assert cls("triton_poi_fused__scaled_mm__to_copy_add") == "other (pointwise, norms, casts, reductions)"
