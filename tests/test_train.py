@@ -1728,6 +1728,7 @@ def test_a_failed_universal_conversion_is_one_line(tmp_path, monkeypatch, output
         return subprocess.CompletedProcess(cmd, 1, stdout="", stderr=output)
 
     monkeypatch.setattr(checkpoint.subprocess, "run", failing_conversion)
+    monkeypatch.setattr(checkpoint.tempfile, "tempdir", str(tmp_path))  # the kept output's log, not in /tmp
     with pytest.raises(checkpoint.CheckpointError) as failed:
         checkpoint.convert_to_universal(tag_dir, out)
     message = str(failed.value)
@@ -1735,7 +1736,8 @@ def test_a_failed_universal_conversion_is_one_line(tmp_path, monkeypatch, output
     if "No space" in named:
         assert message.endswith(" free there; it needs roughly 6.0 MiB, twice the checkpoint's size)"), message
     else:
-        assert Path(message.rsplit("(its output: ", 1)[1].rstrip(")")).read_text() == output + "\n"
+        log = Path(message.rsplit("(its output: ", 1)[1].rstrip(")"))
+        assert log.parent == tmp_path and log.read_text() == output + "\n"
     assert not out.exists()
 
 
