@@ -330,6 +330,59 @@ def test_params_schedule_on_the_token_clock(capsys):
     assert rows[2]["lr"] == pytest.approx(lr * 4.5 / 5, rel=1e-12)
 
 
+def _milestones_walked(cfg, world_size: int) -> list[dict]:
+    """schedule_milestones' rows found by walking every step of the run, as training takes them."""
+    from deepseek_pt.engine.batch_rampup import grad_accum_steps_at
+    from deepseek_pt.engine.lr_schedule import full_batch_tokens, lr_at, lr_at_position, run_full_batches
+
+    t, rows, seen, previous = cfg.train, [], 0, None
+    per_micro_step, full = t.micro_batch_size * world_size, full_batch_tokens(cfg, world_size)
+    end = run_full_batches(cfg, world_size)
+    labels = {1: ["first step"]}
+    for q in (1, 2, 3):
+        labels.setdefault(max(1, t.max_steps * q // 4), []).append(f"{q}/4 of the run")
+    if t.schedule == "wsd":
+        labels.setdefault(t.wsd_decay_start, []).append("last step at train.lr before the decay")
+    labels.setdefault(t.max_steps, []).append("last step")
+    ramp_over = not t.batch_rampup_tokens
+    for step in range(1, t.max_steps + 1):
+        accum = grad_accum_steps_at(t, seen)
+        seen += accum * per_micro_step * cfg.data.seq_len
+        position = seen / full if t.lr_schedule_unit == "tokens" else step
+        lr = lr_at_position(t, position, end) if t.lr_schedule_unit == "tokens" else lr_at(cfg, step - 1)
+        row = {"step": step, "tokens": seen, "batch_sequences": accum * per_micro_step, "lr": lr, "at": []}
+        if previous and previous[0] <= t.warmup_steps < position:
+            previous[1]["at"].append("warmup's last step")
+            rows += [] if previous[1] in rows else [previous[1]]
+        if not ramp_over and accum == t.grad_accum_steps:
+            ramp_over = True
+            row["at"].append("the batch ramp's first full batch")
+        row["at"] += labels.get(step, [])
+        rows += [row] if row["at"] else []
+        previous = (position, row)
+    return [{**row, "at": "; ".join(row["at"])} for row in rows]
+
+
+@pytest.mark.parametrize("overrides", [
+    [], ["train.max_steps=1", "train.warmup_steps=1"], ["train.warmup_steps=0"], ["train.schedule=constant"],
+    ["train.schedule=wsd", "train.wsd_decay_fraction=0.3"],
+    ["train.schedule=wsd", "train.max_steps=1", "train.warmup_steps=0"],
+    ["train.batch_rampup_tokens=5000", "train.grad_accum_steps=4"],
+    ["train.batch_rampup_tokens=5000", "train.grad_accum_steps=4", "train.lr_schedule_unit=tokens"],
+    ["train.batch_rampup_tokens=9000", "train.grad_accum_steps=3", "train.lr_schedule_unit=tokens",
+     "train.warmup_steps=7", "train.max_steps=333", "train.schedule=wsd"],
+    ["train.batch_rampup_tokens=100000000", "train.grad_accum_steps=4", "train.batch_rampup_start=2"],  # never ends
+])
+def test_schedule_milestones_are_the_rows_a_step_by_step_walk_finds(overrides):
+    """schedule_milestones walks only the batch ramp and computes the full-batch steps after it (a run of millions of
+    steps is not walked): its rows are those of a walk through every step, on 1 and on 3 processes."""
+    from deepseek_pt.engine.lr_schedule import schedule_milestones
+
+    cfg = load_config(CONFIGS / "smoke.yaml", overrides)
+    for world_size in (1, 3):
+        assert schedule_milestones(cfg, world_size) == _milestones_walked(cfg, world_size), (overrides, world_size)
+
+
 def test_params_reports_each_gpus_model_states_under_the_configs_zero_stage(capsys):
     """--gpus N: the routed experts split over EP ranks, each held by N / EP of them; ZeRO-3 partitions every state
     over all N (the 671B test above), stage 1 only AdamW's moments (and the master weights, which fp32 has not):

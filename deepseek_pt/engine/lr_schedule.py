@@ -142,30 +142,38 @@ def schedule_milestones(cfg: Config, world_size: int) -> list[dict]:
     t = cfg.train
     per_micro_step = t.micro_batch_size * world_size
     full, end = full_batch_tokens(cfg, world_size), run_full_batches(cfg, world_size)
+    # The ramp's steps one by one (a step's batch follows from the tokens before it), up to its first full batch;
+    # from there every step trains `full` tokens, so any later step's numbers are a product (a run of millions of
+    # steps is not walked).
+    ramp, seen = [], 0  # (micro-steps, tokens trained once the step is done) of steps 1, 2, ...
+    while len(ramp) < t.max_steps and (not ramp or ramp[-1][0] < t.grad_accum_steps):
+        accum = grad_accum_steps_at(t, seen)
+        seen += accum * per_micro_step * cfg.data.seq_len
+        ramp.append((accum, seen))
+
+    def at(step: int) -> tuple[int, int, float]:  # micro-steps, tokens once done, position on the schedule's clock
+        accum, tokens = ramp[step - 1] if step <= len(ramp) else (t.grad_accum_steps,
+                                                                  ramp[-1][1] + (step - len(ramp)) * full)
+        return accum, tokens, tokens / full if t.lr_schedule_unit == "tokens" else step
+
     labels: dict[int, list[str]] = {}
+    if t.batch_rampup_tokens and ramp[-1][0] == t.grad_accum_steps:
+        labels[len(ramp)] = ["the batch ramp's first full batch"]
     for step, what in ((1, "first step"), *((max(1, t.max_steps * q // 4), f"{q}/4 of the run") for q in (1, 2, 3)),
                        *([(t.wsd_decay_start, "last step at train.lr before the decay")] if t.schedule == "wsd" else []),
                        (t.max_steps, "last step")):
         labels.setdefault(step, []).append(what)
-    rows, seen, previous = [], 0, None
-    ramp_over = not t.batch_rampup_tokens
-    for step in range(1, t.max_steps + 1):
-        accum = grad_accum_steps_at(t, seen)
-        seen += accum * per_micro_step * cfg.data.seq_len
-        position = seen / full if t.lr_schedule_unit == "tokens" else step
+    # The warmup's last step: the last whose position is within it, with a step after it that is not.
+    lo, hi = 0, t.max_steps - 1  # the last step in 1 .. max_steps - 1 at position <= warmup_steps, 0 if none
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if at(mid)[2] <= t.warmup_steps else (lo, mid - 1)
+    if lo and at(lo + 1)[2] > t.warmup_steps:
+        labels.setdefault(lo, []).append("warmup's last step")
+    rows = []
+    for step in sorted(s for s in labels if s >= 1):  # wsd's last step at lr is 0 in a one-step run
+        accum, tokens, position = at(step)
         lr = lr_at_position(t, position, end) if t.lr_schedule_unit == "tokens" else lr_at(cfg, step - 1)
-        row = {"step": step, "tokens": seen, "batch_sequences": accum * per_micro_step, "lr": lr, "at": []}
-        if previous is not None and previous["position"] <= t.warmup_steps < position:
-            previous["row"]["at"].append("warmup's last step")
-            if previous["row"] not in rows:
-                rows.append(previous["row"])
-        if not ramp_over and accum == t.grad_accum_steps:
-            ramp_over = True
-            row["at"].append("the batch ramp's first full batch")
-        row["at"] += labels.get(step, [])
-        if row["at"]:
-            rows.append(row)
-        previous = {"position": position, "row": row}
-    for row in rows:
-        row["at"] = "; ".join(row["at"])
+        rows.append({"step": step, "tokens": tokens, "batch_sequences": accum * per_micro_step, "lr": lr,
+                     "at": "; ".join(labels[step])})
     return rows
