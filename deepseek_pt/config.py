@@ -415,7 +415,9 @@ class Fp8Config:
     fast_accum: Literal["forward", "all"] = "forward"
     """Which of torchao's FP8 GEMMs (tensorwise and rowwise recipes) accumulate with the tensor cores' fast
     accumulation: `forward` only, as torchao and TransformerEngine do by default (the two backward GEMMs then
-    take a slower kernel that promotes partial sums to fp32), or `all` three. fp8.experts' GEMMs always do."""
+    take a slower kernel that promotes partial sums to fp32), or `all` three; `all` also puts fast accumulation in
+    the FP8 weight gradients of fp8.linear_weight_grads. The forward and input-gradient GEMMs of fp8.experts,
+    fp8.shared_experts, fp8.attention and fp8.dense_mlp always use it."""
     experts: bool = False
     """Also run the routed experts' grouped GEMMs in FP8 (engine/fp8_experts.py): forward and input-gradient GEMMs
     rowwise scaled e4m3 (on parallel.expert_triton_gemms's Triton kernel, or torch._scaled_grouped_mm), weight
@@ -450,6 +452,11 @@ class Fp8Config:
     +0.1% and +1.6% tokens/s in three interleaved pairs; the train loss over the second half of 580 steps -0.45% of
     bf16's, held-out loss +0.35% (docs/benchmarks.md). Needs a dense layer (model.moe.n_dense_layers > 0), under
     ZeRO-3 parallel.zero_leaf_blocks, and a Hopper GPU (emulated on a CPU); costs 2 bytes per dense-MLP parameter."""
+    linear_weight_grads: Literal["bf16", "fp8"] = "bf16"
+    """The weight-gradient GEMM of fp8.attention's and fp8.dense_mlp's linears (engine/fp8_linears.py): `bf16`, or
+    `fp8`: one power-of-two scale per operand for the whole tensor, as torchao's tensorwise recipe scales its weight
+    gradient (input e4m3, output gradient e5m2), fast accumulation only with fp8.fast_accum: all. The forward then
+    keeps its input for the backward in FP8 (1 byte per value rather than 2). Needs fp8.attention or fp8.dense_mlp."""
 
 
 @dataclass
@@ -929,6 +936,9 @@ def validate(cfg: Config, where: Callable[[str], str] = lambda key: "<config>") 
                   "weights without calling the linears, so only a block-wide gather brings them")
     if cfg.precision == "fp8" and cfg.fp8.dense_mlp:
         check(moe.n_dense_layers > 0, "fp8.dense_mlp", "the model has no dense layer (model.moe.n_dense_layers: 0)")
+    if cfg.precision == "fp8" and cfg.fp8.linear_weight_grads == "fp8":
+        check(cfg.fp8.attention or cfg.fp8.dense_mlp, "fp8.linear_weight_grads",
+              "fp8 applies to the linears of fp8.attention and fp8.dense_mlp, and both are false")
     for key, on in (("fp8.attention", cfg.fp8.attention), ("fp8.dense_mlp", cfg.fp8.dense_mlp)):
         if cfg.precision == "fp8" and on and cfg.parallel.zero_stage == 3:
             check(cfg.parallel.zero_leaf_blocks, "parallel.zero_leaf_blocks",

@@ -1,5 +1,5 @@
-"""The attention projections and the dense MLPs in FP8 (fp8.attention, fp8.dense_mlp): their output and gradients
-against bf16's, the weights cast once per optimizer step in the block's pre-hook, the weight gradients added into
+"""The attention projections and the dense MLPs in FP8 (fp8.attention, fp8.dense_mlp), their weight gradients in bf16
+or FP8 (fp8.linear_weight_grads): their output and gradients against bf16's, the weights cast once per optimizer step in the block's pre-hook, the weight gradients added into
 `.grad`, the compiled halves traced whole without recompiling when the weights move, the config and preflight checks,
 and the real GEMMs against the emulation on a Hopper GPU."""
 import pytest
@@ -18,13 +18,13 @@ ALIGNED = dict(dim=64, attention__q_lora_rank=32, attention__qk_rope_head_dim=16
 
 
 def _model(emulate: bool = True, device: str = "cpu", attention: bool = True, dense_mlp: bool = False,
-           **overrides) -> tuple[Transformer, list[int]]:
+           fp8_wgrad: bool = False, **overrides) -> tuple[Transformer, list[int]]:
     """A bf16 tiny model with its attention projections (and/or dense MLPs) converted, and the step counter its casts
     follow."""
     torch.manual_seed(0)
     model = Transformer(tiny(**overrides).model).to(device, torch.bfloat16)
     steps = [0]
-    convert_linears_to_fp8(model, lambda: steps[0], emulate, False, attention, dense_mlp)
+    convert_linears_to_fp8(model, lambda: steps[0], emulate, False, attention, dense_mlp, fp8_wgrad)
     return model, steps
 
 
@@ -42,7 +42,8 @@ def _attention_forward_backward(model: Transformer, x: torch.Tensor, seed: int =
     return [y, *torch.autograd.grad(y, [x, *weights], torch.randn_like(y))]
 
 
-def test_projections_compute_their_bf16_results_within_e4m3_error():
+@pytest.mark.parametrize("fp8_wgrad", [False, True], ids=["bf16-wgrad", "fp8-wgrad"])
+def test_projections_compute_their_bf16_results_within_e4m3_error(fp8_wgrad):
     torch.manual_seed(0)
     linear = nn.Linear(128, 96, bias=False).bfloat16()
     x = torch.randn(3, 40, 128) * torch.linspace(0.01, 100, 40)[:, None]  # rows far apart in scale
@@ -58,7 +59,7 @@ def test_projections_compute_their_bf16_results_within_e4m3_error():
     bf16 = forward_backward()
     keys = set(linear.state_dict())
     linear.__class__ = Fp8CachedLinear
-    linear.to_fp8(emulate=True, grads_in_place=False)
+    linear.to_fp8(emulate=True, grads_in_place=False, fp8_wgrad=fp8_wgrad)
     assert set(linear.state_dict()) == keys  # the FP8 buffers are not checkpointed
     assert linear.cast_weight_once(0) and not linear.cast_weight_once(0)
     assert torch.equal(linear.weight_scale.log2(), linear.weight_scale.log2().round())  # exact, power-of-two scales
@@ -66,8 +67,10 @@ def test_projections_compute_their_bf16_results_within_e4m3_error():
     got = forward_backward()
     for name, a, b in zip(("y", "dx", "dw"), got, bf16):
         assert a.shape == b.shape and a.dtype == torch.bfloat16, name
-        # y and dx: one e4m3 rounding of each operand (~3%); dw: bf16 GEMM of exact operands, the same as bf16's.
-        assert (0.005 < rel_err(a, b) < 0.06) if name != "dw" else rel_err(a, b) < 1e-2, (name, rel_err(a, b))
+        # y and dx: one e4m3 rounding of each operand (~3%). dw: in bf16 the same GEMM of exact operands as bf16's;
+        # in FP8 the output gradient's e5m2 rounding (2 mantissa bits) and one scale for rows 10^4 apart (~6%).
+        bounds = (0.005, 0.06) if name != "dw" else (0.02, 0.1) if fp8_wgrad else (0, 1e-2)
+        assert bounds[0] <= rel_err(a, b) < bounds[1], (name, rel_err(a, b))
 
 
 def test_weights_are_cast_once_per_optimizer_step_by_the_blocks_pre_hook(monkeypatch):
@@ -137,12 +140,36 @@ def test_weight_gradients_are_added_into_grad_in_place():
     assert torch.allclose(first.float(), 2 * torch.ones(24, 32).T @ x.float(), rtol=1e-2)
 
 
+def test_fp8_weight_gradients_keep_the_input_in_fp8_and_add_into_grad():
+    """fp8.linear_weight_grads: fp8. The forward keeps no bf16 copy of its input; 24 tokens, padded to 32 for the
+    GEMM that reduces over them; the gradient is added into `.grad` from the second micro-step on."""
+    torch.manual_seed(0)
+    linear = nn.Linear(64, 32, bias=False).bfloat16()
+    linear.__class__ = Fp8CachedLinear
+    linear.to_fp8(emulate=True, grads_in_place=True, fp8_wgrad=True)
+    linear.cast_weight_once(0)
+    x = torch.randn(24, 64, dtype=torch.bfloat16, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = linear(x)
+    assert {t.dtype for t in saved} == {torch.float8_e4m3fn, torch.float32}, [(t.dtype, t.shape) for t in saved]
+    assert (64, 32) in {tuple(t.shape) for t in saved}  # the input, transposed and padded to 32 tokens
+    want = torch.ones(24, 32).T @ x.detach().float()
+    y.sum().backward()  # no .grad yet: autograd's gradient
+    first = linear.weight.grad
+    assert first is not None and rel_err(first, want) < 0.05
+    linear(x).sum().backward()
+    assert linear.weight.grad is first  # the same tensor, added into
+    assert rel_err(first, 2 * want) < 0.05
+
+
+@pytest.mark.parametrize("fp8_wgrad", [False, True], ids=["bf16-wgrad", "fp8-wgrad"])
 @pytest.mark.parametrize("half", HALVES)
-def test_compiled_half_traces_whole_and_reads_the_recast_weights(half):
+def test_compiled_half_traces_whole_and_reads_the_recast_weights(half, fp8_wgrad):
     from torch._dynamo.testing import CompileCounterWithBackend
 
     torch._dynamo.reset()
-    model, steps = _model(dense_mlp=True, **ALIGNED)
+    model, steps = _model(dense_mlp=True, fp8_wgrad=fp8_wgrad, **ALIGNED)
     counter = CompileCounterWithBackend("aot_eager")
     block = model.layers[0]
     eager = getattr(block, half)
@@ -175,6 +202,10 @@ def test_config_and_preflight_name_what_they_need(monkeypatch, tmp_path, key):
         with pytest.raises(ConfigError, match=r"fp8.dense_mlp: the model has no dense layer "
                                               r"\(model.moe.n_dense_layers: 0\)"):
             load("model.moe.n_dense_layers=0")
+    with pytest.raises(ConfigError, match=r"fp8.linear_weight_grads: fp8 applies to the linears of fp8.attention and "
+                                          r"fp8.dense_mlp, and both are false"):
+        load(f"{key}=false", "fp8.linear_weight_grads=fp8")
+    assert load("fp8.linear_weight_grads=fp8").fp8.linear_weight_grads == "fp8"
     pretend_gpu(monkeypatch, "NVIDIA L40S", (8, 9))
     monkeypatch.setattr(fp8.importlib.util, "find_spec", lambda name: object())
     assert_preflight_refuses(tmp_path, ["precision=fp8", f"{key}=true"],
@@ -184,11 +215,12 @@ def test_config_and_preflight_name_what_they_need(monkeypatch, tmp_path, key):
 
 @pytest.mark.skipif(fp8.expert_gemms_unavailable() is not None,
                     reason=f"real FP8 GEMMs {fp8.expert_gemms_unavailable()}")
-def test_real_fp8_projections_match_the_emulation_on_gpu():
+@pytest.mark.parametrize("fp8_wgrad", [False, True], ids=["bf16-wgrad", "fp8-wgrad"])
+def test_real_fp8_projections_match_the_emulation_on_gpu(fp8_wgrad):
     x = torch.randn(3, 37, 64, device="cuda", dtype=torch.bfloat16)  # 111 tokens: not a multiple of 16
     results = []
     for emulate in (False, True):
-        model, _ = _model(emulate=emulate, device="cuda", dense_mlp=True, **ALIGNED)
+        model, _ = _model(emulate=emulate, device="cuda", dense_mlp=True, fp8_wgrad=fp8_wgrad, **ALIGNED)
         model(torch.zeros(1, 1, dtype=torch.long, device="cuda"))
         results.append(_attention_forward_backward(model, x) + _attention_forward_backward(model, x, half="mlp_residual"))
     names = ("y", "dx", "dq_a", "dq_b", "dkv_a", "dkv_b", "do", "mlp y", "mlp dx", "dgate", "dup", "ddown")

@@ -753,13 +753,13 @@ def test_fp8_blockwise_emulation_trains_like_fp32(tmp_path, baseline, data):
 @pytest.mark.slow
 def test_fp8_torchao_rowwise_on_a_cpu_trains_like_fp32_across_a_resume(tmp_path, baseline, data):
     """torchao's Float8Linear (rowwise, on every eligible linear but the dense MLP's, which fp8.dense_mlp takes,
-    emulated) under ZeRO-3 + AutoEP EP 2, run by torch's CPU FP8 GEMMs: the run says so, saves and resumes with FP8
-    linears in its state, and its losses track the fp32 baseline's."""
-    fp8 = ("precision=fp8", "fp8.recipe=rowwise", "fp8.layers=all", "fp8.dense_mlp=true")
+    emulated, its weight gradients FP8 too) under ZeRO-3 + AutoEP EP 2, run by torch's CPU FP8 GEMMs: the run says so,
+    saves and resumes with FP8 linears in its state, and its losses track the fp32 baseline's."""
+    fp8 = ("precision=fp8", "fp8.recipe=rowwise", "fp8.layers=all", "fp8.dense_mlp=true", "fp8.linear_weight_grads=fp8")
     proc = train(2, tmp_path, data, *fp8, "train.exit_at_step=4")
     assert "fp8: 11 linears, rowwise scaling, torchao" in proc.stdout and "on a CPU: torch's CPU FP8 GEMMs" in proc.stdout
-    assert ("fp8: 3 dense MLP projections, rowwise scaling, weight gradients in bf16, emulated" in proc.stdout
-            ), proc.stdout
+    assert ("fp8: 3 dense MLP projections, rowwise scaling, weight gradients in FP8 (tensorwise scales), emulated"
+            in proc.stdout), proc.stdout
     assert "Failed to load" not in proc.stdout + proc.stderr  # torchao's CUDA extensions are not even tried
     train(2, tmp_path, data, *fp8)
     b = assert_same_losses(tmp_path, baseline, rel=0.01)

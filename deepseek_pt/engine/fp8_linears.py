@@ -7,8 +7,12 @@ micro-step and its activations in passes of their own (engine/fp8.py's fp8_gemm_
 fp8.experts does for the experts (fp8_experts.py):
 - Forward and input-gradient GEMMs are FP8 (e4m3, `torch._scaled_mm`, fast accumulation), every scale a power of two,
   one per row along the GEMM's reduction dimension: exact scaling, e4m3's rounding the only error.
-- The weight gradient stays bf16 (it reduces over tokens, which row scales cannot follow), added into `.grad` by its
-  GEMM where parallel.linear_grads_in_place does that for the bf16 linears (linear_grads.py).
+- The weight gradient reduces over tokens, which row scales cannot follow. By default it stays bf16, added into
+  `.grad` by its GEMM where parallel.linear_grads_in_place does that for the bf16 linears (linear_grads.py). With
+  `fp8.linear_weight_grads: fp8` it is an FP8 GEMM too, each operand with one power-of-two scale for the whole
+  tensor as torchao's tensorwise recipe scales it (the input e4m3, the output gradient e5m2), both cast transposed
+  to tokens-last; the forward then saves the input in FP8 rather than bf16. The scales come from the row scales
+  the other two GEMMs' casts find, so these casts read no tensor for its amax again.
 - Each weight's two FP8 layouts (forward, and transposed for the input gradient) are cast once per optimizer step,
   in a forward pre-hook on the block, into buffers the linear reads. The linears run inside the compiled attention
   and dense-MLP halves (train.compile_blocks), so the cache cannot be Python state the traced forward consults: the
@@ -25,12 +29,16 @@ import functools
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..model.layers import SwiGLU
 from ..model.transformer import Block
+from .fp8 import E4M3_MAX
 from .fp8_experts import ALIGN, quantize_rows
 from .linear_grads import add_linear_weight_grad_, grad_for_forward
+
+E5M2_MAX = torch.finfo(torch.float8_e5m2).max  # 57344
 
 
 def scaled_mm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor,
@@ -41,6 +49,34 @@ def scaled_mm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: 
         return ((a.float() * a_scale[:, None]) @ (b.float() * b_scale[:, None]).T).to(torch.bfloat16)
     return torch._scaled_mm(a, b.T, a_scale[:, None], b_scale[None, :], out_dtype=torch.bfloat16,
                             use_fast_accum=True)
+
+
+def quantize_transposed(t: torch.Tensor, row_scales: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor,
+                                                                                             torch.Tensor]:
+    """t [T, K] as `dtype` [K, T'] (T' = T padded with zero rows to a multiple of 16, as FP8 GEMMs reducing over T
+    need) with one power-of-two dequantization scale for the whole tensor, found from quantize_rows(t)'s e4m3
+    `row_scales`: each row's amax is at most 448 x its scale, so 448 x the largest bounds the tensor's. For e4m3 that
+    is the scale a pass over t would find; for e5m2 at worst one power of two below it, which its range affords."""
+    scale = row_scales.max() * (E4M3_MAX / torch.finfo(dtype).max)
+    # Rounded up to a power of two: e4m3's ratio is 1, e5m2's 448 / 57344 = 2^-7, so this is exact already.
+    q = (F.pad(t, (0, 0, 0, -t.shape[0] % ALIGN)).float() / scale).to(dtype)
+    return q.T.contiguous(), scale
+
+
+def scaled_mm_tensorwise(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor,
+                         fast_accum: bool, emulate: bool) -> torch.Tensor:
+    """a [M, K] times b.T, b [N, K], each FP8 with one dequantization scale: [M, N] bf16."""
+    if emulate:
+        return ((a.float() * a_scale) @ (b.float() * b_scale).T).to(torch.bfloat16)
+    return torch._scaled_mm(a, b.T, a_scale, b_scale, out_dtype=torch.bfloat16, use_fast_accum=fast_accum)
+
+
+@torch.library.custom_op("deepseek_pt::add_fp8_weight_grad_", mutates_args=("grad",))
+def add_fp8_weight_grad_(grad: torch.Tensor, grad_y_t: torch.Tensor, grad_y_scale: torch.Tensor, x_t: torch.Tensor,
+                         x_scale: torch.Tensor, fast_accum: bool, emulate: bool) -> None:
+    """grad [out, in] += grad_y_t [out, T] x_t [in, T]^T, an FP8 GEMM: a custom op so that the compiled halves keep
+    the add in place (linear_grads.py says why)."""
+    grad.add_(scaled_mm_tensorwise(grad_y_t, grad_y_scale, x_t, x_scale, fast_accum, emulate))
 
 
 def cast_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -56,29 +92,42 @@ def _triton_cast_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
 
 
 class _Fp8Linear(torch.autograd.Function):
-    """y = x @ weight.T through the FP8 layouts of weight; weight's gradient in bf16, added into `grad` if given."""
+    """y = x @ weight.T through the FP8 layouts of weight; weight's gradient in bf16, or in FP8 if `fp8_wgrad`
+    (fast accumulation if `fast_accum`), added into `grad` if given."""
 
     @staticmethod
-    def forward(ctx, x, weight, w_fp8, w_scale, wt_fp8, wt_scale, grad, emulate: bool):
+    def forward(ctx, x, weight, w_fp8, w_scale, wt_fp8, wt_scale, grad, emulate: bool, fp8_wgrad: bool,
+                fast_accum: bool):
         rows = x.reshape(-1, x.shape[-1])
-        y = scaled_mm(*quantize_rows(rows), w_fp8, w_scale, emulate)
-        ctx.save_for_backward(rows, wt_fp8, wt_scale)
+        x_fp8, x_scale = quantize_rows(rows)
+        y = scaled_mm(x_fp8, x_scale, w_fp8, w_scale, emulate)
+        saved = quantize_transposed(rows, x_scale, torch.float8_e4m3fn) if fp8_wgrad else (rows,)
+        ctx.save_for_backward(wt_fp8, wt_scale, *saved)
         # Off save_for_backward, as in linear_grads.py: the version check would refuse a `.grad` another use of the
         # same weight changed first.
-        ctx.grad, ctx.emulate, ctx.weight_dtype = grad, emulate, weight.dtype
+        ctx.grad, ctx.emulate, ctx.weight_dtype, ctx.x_dtype = grad, emulate, weight.dtype, x.dtype
+        ctx.fp8_wgrad, ctx.fast_accum, ctx.tokens = fp8_wgrad, fast_accum, rows.shape[0]
         return y.to(x.dtype).view(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx, grad_y):
-        rows, wt_fp8, wt_scale = ctx.saved_tensors
-        grad_rows = grad_y.reshape(-1, grad_y.shape[-1]).to(rows.dtype)
-        grad_x = scaled_mm(*quantize_rows(grad_rows), wt_fp8, wt_scale, ctx.emulate).to(rows.dtype)
+        wt_fp8, wt_scale, *saved = ctx.saved_tensors
+        grad_rows = grad_y.reshape(-1, grad_y.shape[-1]).to(ctx.x_dtype)
+        g_fp8, g_scale = quantize_rows(grad_rows)
+        grad_x = scaled_mm(g_fp8, g_scale, wt_fp8, wt_scale, ctx.emulate).to(ctx.x_dtype)
         grad_w = None
-        if ctx.grad is not None:
-            add_linear_weight_grad_(ctx.grad, grad_rows, rows)
+        if ctx.fp8_wgrad:
+            wgrad = (*quantize_transposed(grad_rows, g_scale, torch.float8_e5m2), *saved, ctx.fast_accum, ctx.emulate)
+            if ctx.grad is not None:
+                add_fp8_weight_grad_(ctx.grad, *wgrad)
+            elif ctx.needs_input_grad[1]:
+                grad_w = scaled_mm_tensorwise(*wgrad).to(ctx.weight_dtype)
+        elif ctx.grad is not None:
+            add_linear_weight_grad_(ctx.grad, grad_rows, saved[0])
         elif ctx.needs_input_grad[1]:
-            grad_w = (grad_rows.T @ rows).to(ctx.weight_dtype)
-        return grad_x.view(*grad_y.shape[:-1], rows.shape[-1]), grad_w, None, None, None, None, None, None
+            grad_w = (grad_rows.T @ saved[0]).to(ctx.weight_dtype)
+        grad_x = grad_x.view(*grad_y.shape[:-1], grad_x.shape[-1])
+        return grad_x, grad_w, None, None, None, None, None, None, None, None
 
 
 class Fp8CachedLinear(nn.Linear):
@@ -87,12 +136,14 @@ class Fp8CachedLinear(nn.Linear):
 
     emulate: bool
     grads_in_place: bool
+    fp8_wgrad: bool
+    fast_accum: bool
     cast_key: tuple[int, int] | None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         grad = grad_for_forward(self.weight, x.dtype) if self.grads_in_place else None
         return _Fp8Linear.apply(x, self.weight, self.weight_fp8, self.weight_scale, self.weight_t_fp8,
-                                self.weight_t_scale, grad, self.emulate)
+                                self.weight_t_scale, grad, self.emulate, self.fp8_wgrad, self.fast_accum)
 
     @torch.no_grad()
     def cast_weight_once(self, step: int) -> bool:
@@ -108,7 +159,7 @@ class Fp8CachedLinear(nn.Linear):
         self.cast_key = key
         return True
 
-    def to_fp8(self, emulate: bool, grads_in_place: bool) -> None:
+    def to_fp8(self, emulate: bool, grads_in_place: bool, fp8_wgrad: bool = False, fast_accum: bool = False) -> None:
         N, K = self.out_features, self.in_features
         device = self.weight.device
         # Not persistent: checkpoints and exports hold the bf16/fp32 weight only.
@@ -117,6 +168,7 @@ class Fp8CachedLinear(nn.Linear):
                                    ("weight_t_scale", (K,), torch.float32)):
             self.register_buffer(name, torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.emulate, self.grads_in_place, self.cast_key = emulate, grads_in_place, None
+        self.fp8_wgrad, self.fast_accum = fp8_wgrad, fast_accum
 
 
 def _eligible(linear: nn.Module) -> bool:
@@ -125,13 +177,15 @@ def _eligible(linear: nn.Module) -> bool:
 
 
 def convert_linears_to_fp8(model: nn.Module, optimizer_steps: Callable[[], int], emulate: bool, grads_in_place: bool,
-                           attention: bool, dense_mlp: bool) -> dict[str, tuple[int, int]]:
+                           attention: bool, dense_mlp: bool, fp8_wgrad: bool = False,
+                           fast_accum: bool = False) -> dict[str, tuple[int, int]]:
     """Run the attention projections (`attention`) and the dense SwiGLUs' gate, up and down projections (`dense_mlp`)
     of `model`'s blocks, the MTP modules' included, through Fp8CachedLinear, their FP8 weights cast in a forward
     pre-hook on each block when `optimizer_steps()` (the engine's step counter) moves. Must run before compile_blocks
     and after DeepSpeed's own hooks are on the blocks (deepspeed.initialize), so that under ZeRO-3 the block's gather
-    comes first. Returns, for each part asked for, (linears converted, linears in all); the others, with a dimension
-    not a multiple of 16, stay bf16."""
+    comes first. `fp8_wgrad`: their weight gradients in FP8 too (`fast_accum`: with fast accumulation). Returns, for
+    each part asked for, (linears converted, linears in all); the others, with a dimension not a multiple of 16, stay
+    bf16."""
     counts = {part: (0, 0) for part, on in (("attention", attention), ("dense_mlp", dense_mlp)) if on}
     for block in model.modules():
         if not isinstance(block, Block):
@@ -144,18 +198,12 @@ def convert_linears_to_fp8(model: nn.Module, optimizer_steps: Callable[[], int],
             eligible = [m for m in linears if _eligible(m)]
             counts[part] = converted + len(eligible), total + len(linears)
             fp8 += eligible
-        cache_fp8_linears(block, fp8, optimizer_steps, emulate, grads_in_place)
+        for linear in fp8:
+            linear.__class__ = Fp8CachedLinear
+            linear.to_fp8(emulate, grads_in_place, fp8_wgrad, fast_accum)
+        if fp8:
+            block.register_forward_pre_hook(functools.partial(_cast_weights, fp8, optimizer_steps))
     return counts
-
-
-def cache_fp8_linears(block: nn.Module, linears: list[nn.Linear], optimizer_steps: Callable[[], int], emulate: bool,
-                      grads_in_place: bool) -> None:
-    """Make `linears` (of `block`) Fp8CachedLinear, their FP8 weights cast in a forward pre-hook on `block`."""
-    for linear in linears:
-        linear.__class__ = Fp8CachedLinear
-        linear.to_fp8(emulate, grads_in_place)
-    if linears:
-        block.register_forward_pre_hook(functools.partial(_cast_weights, linears, optimizer_steps))
 
 
 def _cast_weights(linears: list[Fp8CachedLinear], optimizer_steps: Callable[[], int], block, args) -> None:
