@@ -38,8 +38,6 @@ from .fp8 import E4M3_MAX
 from .fp8_experts import ALIGN, quantize_rows
 from .linear_grads import add_linear_weight_grad_, grad_for_forward
 
-E5M2_MAX = torch.finfo(torch.float8_e5m2).max  # 57344
-
 
 def scaled_mm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor,
               emulate: bool) -> torch.Tensor:
@@ -58,7 +56,7 @@ def quantize_transposed(t: torch.Tensor, row_scales: torch.Tensor, dtype: torch.
     `row_scales`: each row's amax is at most 448 x its scale, so 448 x the largest bounds the tensor's. For e4m3 that
     is the scale a pass over t would find; for e5m2 at worst one power of two below it, which its range affords."""
     scale = row_scales.max() * (E4M3_MAX / torch.finfo(dtype).max)
-    # Rounded up to a power of two: e4m3's ratio is 1, e5m2's 448 / 57344 = 2^-7, so this is exact already.
+    # A power of two still: the row scales are, and the ratio is 1 for e4m3, 448 / 57344 = 2^-7 for e5m2.
     q = (F.pad(t, (0, 0, 0, -t.shape[0] % ALIGN)).float() / scale).to(dtype)
     return q.T.contiguous(), scale
 
@@ -106,7 +104,7 @@ class _Fp8Linear(torch.autograd.Function):
         # Off save_for_backward, as in linear_grads.py: the version check would refuse a `.grad` another use of the
         # same weight changed first.
         ctx.grad, ctx.emulate, ctx.weight_dtype, ctx.x_dtype = grad, emulate, weight.dtype, x.dtype
-        ctx.fp8_wgrad, ctx.fast_accum, ctx.tokens = fp8_wgrad, fast_accum, rows.shape[0]
+        ctx.fp8_wgrad, ctx.fast_accum = fp8_wgrad, fast_accum
         return y.to(x.dtype).view(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
