@@ -326,7 +326,7 @@ def _convert_own_fp8(engine, cfg: Config, coalesced: bool) -> list[str]:
             converted.append((f"{n} {what}{kept}", fp8_wgrad))
     how = f"emulated in fp32 (numerics only: the real-GEMM path {why})" if why else "real FP8 GEMMs"
     wgrads = {False: "weight gradients in bf16", True: "weight gradients in FP8 (tensorwise scales)"}
-    lines = [f"fp8: {what}, rowwise scaling, {wgrads[fp8_wgrad]}, {how}" for what, fp8_wgrad in converted]
+    lines = [f"fp8: {what}, rowwise scaling, {wgrads[in_fp8]}, {how}" for what, in_fp8 in converted]
     if why is None and cfg.train.grad_accum_steps == 1:
         lines.append(ONE_MICRO_STEP_FP8)
     return lines
