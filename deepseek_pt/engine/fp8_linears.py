@@ -57,7 +57,9 @@ def quantize_transposed(t: torch.Tensor, row_scales: torch.Tensor, dtype: torch.
     is the scale a pass over t would find; for e5m2 at worst one power of two below it, which its range affords."""
     scale = row_scales.max() * (E4M3_MAX / torch.finfo(dtype).max)
     # A power of two still: the row scales are, and the ratio is 1 for e4m3, 448 / 57344 = 2^-7 for e5m2.
-    q = (F.pad(t, (0, 0, 0, -t.shape[0] % ALIGN)).float() / scale).to(dtype)
+    if pad := -t.shape[0] % ALIGN:
+        t = F.pad(t, (0, 0, 0, pad))  # only where needed: in eager mode a pad of 0 is still a copy
+    q = (t.float() / scale).to(dtype)
     return q.T.contiguous(), scale
 
 
