@@ -34,10 +34,11 @@ port=${MASTER_PORT:-29510}
 # The runs' directories, new for each call of this script: a run killed before its cleanup
 # must not leave a metrics.jsonl that the next call's run of that name would append to.
 work=$(mktemp -d "${TMPDIR:-/tmp}/fp8_loss.XXXXXX") || exit 1
-# RUNS: bf16, bf16_repeat, bf16_eager, bf16_pointwise, fp32 or fp8_RECIPE[_experts[_shared]][_attn][_dense][_wgrad][_fast] (below), each
-# with an optional _seedN: the same run from another initialization (train.seed=N). A run is compared against the
-# bf16 run of its seed when RUNS has one (fp8_tensorwise_seed1 against bf16_seed1), else against bf16 (bf16_seed1
-# against bf16: how far a new initialization alone moves the curve).
+# RUNS: bf16, bf16_repeat, bf16_eager, bf16_pointwise, fp32 or
+# fp8_RECIPE[_experts[_shared]][_attn][_dense][_wgrad][_fast] (below), each with an optional _seedN: the same run from
+# another initialization (train.seed=N). A run is compared against the bf16 run of its seed when RUNS has one
+# (fp8_tensorwise_seed1 against bf16_seed1), else against bf16 (bf16_seed1 against bf16: how far a new initialization
+# alone moves the curve).
 runs=${RUNS:-bf16 fp8_rowwise fp8_tensorwise}
 run_one() {  # name port settings...: one training run, its log and metrics to $out
   local name=$1 port=$2 dir=$work/$1 pid

@@ -1,7 +1,7 @@
 """The attention projections and the dense MLPs in FP8 (fp8.attention, fp8.dense_mlp), their weight gradients in bf16
-or FP8 (fp8.linear_weight_grads): their output and gradients against bf16's, the weights cast once per optimizer step in the block's pre-hook, the weight gradients added into
-`.grad`, the compiled halves traced whole without recompiling when the weights move, the config and preflight checks,
-and the real GEMMs against the emulation on a Hopper GPU."""
+or FP8 (fp8.linear_weight_grads): their output and gradients against bf16's, the weights cast once per optimizer step
+in the block's pre-hook, the weight gradients added into `.grad`, the compiled halves traced whole without recompiling
+when the weights move, the config and preflight checks, and the real GEMMs against the emulation on a Hopper GPU."""
 import pytest
 import torch
 from torch import nn
