@@ -21,7 +21,7 @@ fp8.experts does for the experts (fp8_experts.py):
   the first one went into the kernel of the RMSNorm before q and kv_a, and the down projection's input cast into
   the SwiGLU's: docs/benchmarks.md).
 
-Without a Hopper GPU the GEMMs are emulated: the same operands dequantized, an fp32 GEMM (numerics, not speed).
+Without a Hopper GPU the GEMMs are emulated: an fp32 GEMM of the same FP8 operands, scaled after (numerics, not speed).
 """
 from __future__ import annotations
 
@@ -39,14 +39,15 @@ from .fp8_experts import ALIGN, quantize_rows
 from .linear_grads import add_linear_weight_grad_, grad_for_forward
 
 
-def scaled_mm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor,
+def scaled_mm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor, fast_accum: bool,
               emulate: bool) -> torch.Tensor:
-    """a [M, K] (e4m3, row scales [M]) times b.T, b [N, K] (e4m3, row scales [N]): [M, N] bf16. Emulated: the
-    operands dequantized, an fp32 GEMM."""
+    """a [M, K] times b.T, b [N, K], both FP8 with power-of-two dequantization scales, per row ([M] and [N]) or one
+    per tensor (0-d each): [M, N] bf16. Emulated: an fp32 GEMM scaled after, which power-of-two scales keep exact."""
+    if a_scale.dim():  # row scales as _scaled_mm takes them: a column for a, a row for b
+        a_scale, b_scale = a_scale[:, None], b_scale[None, :]
     if emulate:
-        return ((a.float() * a_scale[:, None]) @ (b.float() * b_scale[:, None]).T).to(torch.bfloat16)
-    return torch._scaled_mm(a, b.T, a_scale[:, None], b_scale[None, :], out_dtype=torch.bfloat16,
-                            use_fast_accum=True)
+        return ((a.float() @ b.float().T) * a_scale * b_scale).to(torch.bfloat16)
+    return torch._scaled_mm(a, b.T, a_scale, b_scale, out_dtype=torch.bfloat16, use_fast_accum=fast_accum)
 
 
 def quantize_transposed(t: torch.Tensor, row_scales: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor,
@@ -63,20 +64,12 @@ def quantize_transposed(t: torch.Tensor, row_scales: torch.Tensor, dtype: torch.
     return q.T.contiguous(), scale
 
 
-def scaled_mm_tensorwise(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor,
-                         fast_accum: bool, emulate: bool) -> torch.Tensor:
-    """a [M, K] times b.T, b [N, K], each FP8 with one dequantization scale: [M, N] bf16."""
-    if emulate:
-        return ((a.float() * a_scale) @ (b.float() * b_scale).T).to(torch.bfloat16)
-    return torch._scaled_mm(a, b.T, a_scale, b_scale, out_dtype=torch.bfloat16, use_fast_accum=fast_accum)
-
-
 @torch.library.custom_op("deepseek_pt::add_fp8_weight_grad_", mutates_args=("grad",))
 def add_fp8_weight_grad_(grad: torch.Tensor, grad_y_t: torch.Tensor, grad_y_scale: torch.Tensor, x_t: torch.Tensor,
                          x_scale: torch.Tensor, fast_accum: bool, emulate: bool) -> None:
     """grad [out, in] += grad_y_t [out, T] x_t [in, T]^T, an FP8 GEMM: a custom op so that the compiled halves keep
     the add in place (linear_grads.py says why)."""
-    grad.add_(scaled_mm_tensorwise(grad_y_t, grad_y_scale, x_t, x_scale, fast_accum, emulate))
+    grad.add_(scaled_mm(grad_y_t, grad_y_scale, x_t, x_scale, fast_accum, emulate))
 
 
 def cast_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -100,7 +93,7 @@ class _Fp8Linear(torch.autograd.Function):
                 fast_accum: bool):
         rows = x.reshape(-1, x.shape[-1])
         x_fp8, x_scale = quantize_rows(rows)
-        y = scaled_mm(x_fp8, x_scale, w_fp8, w_scale, emulate)
+        y = scaled_mm(x_fp8, x_scale, w_fp8, w_scale, True, emulate)
         saved = quantize_transposed(rows, x_scale, torch.float8_e4m3fn) if fp8_wgrad else (rows,)
         ctx.save_for_backward(wt_fp8, wt_scale, *saved)
         # Off save_for_backward, as in linear_grads.py: the version check would refuse a `.grad` another use of the
@@ -114,14 +107,14 @@ class _Fp8Linear(torch.autograd.Function):
         wt_fp8, wt_scale, *saved = ctx.saved_tensors
         grad_rows = grad_y.reshape(-1, grad_y.shape[-1]).to(ctx.x_dtype)
         g_fp8, g_scale = quantize_rows(grad_rows)
-        grad_x = scaled_mm(g_fp8, g_scale, wt_fp8, wt_scale, ctx.emulate).to(ctx.x_dtype)
+        grad_x = scaled_mm(g_fp8, g_scale, wt_fp8, wt_scale, True, ctx.emulate).to(ctx.x_dtype)
         grad_w = None
         if ctx.fp8_wgrad:
             wgrad = (*quantize_transposed(grad_rows, g_scale, torch.float8_e5m2), *saved, ctx.fast_accum, ctx.emulate)
             if ctx.grad is not None:
                 add_fp8_weight_grad_(ctx.grad, *wgrad)
             elif ctx.needs_input_grad[1]:
-                grad_w = scaled_mm_tensorwise(*wgrad).to(ctx.weight_dtype)
+                grad_w = scaled_mm(*wgrad).to(ctx.weight_dtype)
         elif ctx.grad is not None:
             add_linear_weight_grad_(ctx.grad, grad_rows, saved[0])
         elif ctx.needs_input_grad[1]:
