@@ -83,7 +83,8 @@ for name in $runs; do
   echo "$name: ${settings[*]}"
   # PARALLEL=1: all runs at once on the one GPU, so that runs compared with each other share a machine and a
   # call; their tokens/s then mean nothing. Each needs its own memory: three bf16 or FP8 runs of the 2.2B
-  # bench-v3-dense fit an H200 (40 GiB each), an fp32 run (48 GiB) beside two others did not.
+  # bench-v3-dense fit an H200 (40 GiB each), an fp32 run (48 GiB) beside two others did not; on an H100 a bf16
+  # and an FP8 run of it together did not (36 + 37 GiB, and the FP8 one's next 0.8).
   if [ "${PARALLEL:-0}" = 1 ]; then run_one "$name" "$port" "${settings[@]}" & else run_one "$name" "$port" "${settings[@]}"; fi
 done
 wait
