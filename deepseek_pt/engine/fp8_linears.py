@@ -93,7 +93,7 @@ class _Fp8Linear(torch.autograd.Function):
                 fast_accum: bool):
         rows = x.reshape(-1, x.shape[-1])
         x_fp8, x_scale = quantize_rows(rows)
-        y = scaled_mm(x_fp8, x_scale, w_fp8, w_scale, True, emulate)
+        y = scaled_mm(x_fp8, x_scale, w_fp8, w_scale, fast_accum=True, emulate=emulate)
         saved = quantize_transposed(rows, x_scale, torch.float8_e4m3fn) if fp8_wgrad else (rows,)
         ctx.save_for_backward(wt_fp8, wt_scale, *saved)
         # Off save_for_backward, as in linear_grads.py: the version check would refuse a `.grad` another use of the
@@ -107,7 +107,7 @@ class _Fp8Linear(torch.autograd.Function):
         wt_fp8, wt_scale, *saved = ctx.saved_tensors
         grad_rows = grad_y.reshape(-1, grad_y.shape[-1]).to(ctx.x_dtype)
         g_fp8, g_scale = quantize_rows(grad_rows)
-        grad_x = scaled_mm(g_fp8, g_scale, wt_fp8, wt_scale, True, ctx.emulate).to(ctx.x_dtype)
+        grad_x = scaled_mm(g_fp8, g_scale, wt_fp8, wt_scale, fast_accum=True, emulate=ctx.emulate).to(ctx.x_dtype)
         grad_w = None
         if ctx.fp8_wgrad:
             wgrad = (*quantize_transposed(grad_rows, g_scale, torch.float8_e5m2), *saved, ctx.fast_accum, ctx.emulate)
