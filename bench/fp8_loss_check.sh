@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # FP8 against bf16 on real text, on one GPU: the training loop (python -m deepseek_pt.train) on the same model,
 # data and seed in bf16, torchao rowwise and tensorwise FP8, or the other RUNS below; each run's metrics.jsonl
-# goes to $OUT (or /tmp), then a table of mean train losses per window of steps and over the second half.
+# goes to $OUT (or /tmp), then bench/loss_table.py's table of mean train losses per window of steps and over the
+# second half, each run against its seed's bf16.
 # Usage: [RUNS=...] [PARALLEL=1] [RUN_TIMEOUT=seconds] [CONFIG=yaml] [MASTER_PORT=first port - 1] \
 #          bench/fp8_loss_check.sh SHARDS_DIR [STEPS [key=value ...]]
 # SHARDS_DIR: vocabulary <= 8192 unless CONFIG is set, e.g. the pydoc corpus (data_prep/pydoc_corpus.py
@@ -89,38 +90,6 @@ for name in $runs; do
 done
 wait
 rmdir "$work"
-# shellcheck disable=SC2086
-python3 - "$out" "$steps" $runs <<'PY'
-import json, os, sys
-out, steps = sys.argv[1], int(sys.argv[2])
-runs = {}
-for name in sys.argv[3:]:
-    path = os.path.join(out, f"metrics_{name}.jsonl")
-    if os.path.exists(path):
-        runs[name] = {r["step"]: r for r in map(json.loads, open(path))}
-names = list(runs)
-base = {}  # each run's bf16 to compare against: its seed's, else bf16 (seed 0)
-for n in names:
-    own = "bf16" + n[n.rindex("_seed"):] if "_seed" in n else "bf16"
-    base[n] = own if own in runs and own != n else "bf16" if "bf16" in runs and n != "bf16" else None
-if not any(n == "bf16" or n.startswith("bf16_seed") for n in names):
-    sys.exit("no bf16 run to compare against")
-compared = [n for n in names if base[n]]
-print("| " + " | ".join(["steps (mean train loss)", *names, *(f"{n} vs {base[n]}" for n in compared)]) + " |")
-print("|---" * (len(names) + len(compared) + 1) + "|")
-window = max(1, steps // 10)
-spans = [range(start, min(start + window, steps + 1)) for start in range(1, steps + 1, window)]
-for span in spans + [range(steps // 2 + 1, steps + 1)]:  # the last row: the whole second half
-    means = {n: sum(r[s]["loss"] for s in span if s in r) / sum(s in r for s in span)
-             for n, r in runs.items() if any(s in r for s in span)}  # a run that stopped early has no later windows
-    rel = [f"{100 * (means[n] / means[base[n]] - 1):+.2f}%" if n in means and base[n] in means else "-"
-           for n in compared]
-    print("| " + " | ".join([f"{span[0]}-{span[-1]}", *(f"{means[n]:.4f}" if n in means else "-" for n in names), *rel])
-          + " |")
-for n, r in runs.items():
-    tail = sorted(r[s]["tokens_per_s"] for s in r if s > steps // 2)
-    speed = f", median tokens/s over the second half {tail[len(tail) // 2]:,.0f}" if tail else ""
-    evals = ", ".join(f"{s}: {r[s]['eval_loss']:.4f}" for s in sorted(r) if "eval_loss" in r[s])
-    print(f"{n}: {len(r)} steps{speed}, peak memory {max(x['peak_mem_gib'] for x in r.values()):.1f} GiB"
-          + (f", eval loss at step {evals}" if evals else ""))
-PY
+files=()
+for name in $runs; do files+=("$out/metrics_$name.jsonl"); done
+python3 bench/loss_table.py --steps "$steps" "${files[@]}"

@@ -65,7 +65,8 @@ def test_fp8_loss_check_compares_runs_started_side_by_side(tmp_path, pydoc_data_
         log = (tmp_path / f"train_{name}.log").read_text()
         assert "stopped at step 8: train.max_steps reached; no checkpoint (train.checkpoints: false)" in log
         assert "compile: Inductor's deterministic mode (train.compile_deterministic)" in log  # what the runs share
-        assert re.search(rf"^{name}: 8 steps, .*eval loss at step 4: [\d.]+, 8: [\d.]+$", out, re.M), out
+        held_out = "" if name == "bf16" else r"; held-out vs bf16: [-+][\d.]+% at step 8 \(.* over 2 evaluations\)"
+        assert re.search(rf"^{name}: 8 steps, .*eval loss at step 4: [\d.]+, 8: [\d.]+{held_out}$", out, re.M), out
 
 
 @pytest.mark.slow
@@ -110,6 +111,41 @@ def test_fp8_loss_check_compares_each_seed_with_its_own_bf16(tmp_path, pydoc_dat
     # The table's percentages come from unrounded means, these from the printed 4 decimals: within 0.01 points.
     assert float(fp8_rel.rstrip("%")) == pytest.approx(100 * (float(fp8) / float(seed1) - 1), abs=0.011), out
     assert float(seed1_rel.rstrip("%")) == pytest.approx(100 * (float(seed1) / float(bf16) - 1), abs=0.011), out
+
+
+def test_loss_table_sets_runs_from_other_calls_against_their_seeds_bf16(tmp_path, monkeypatch, capsys):
+    """bench/loss_table.py on metrics files from two directories (two device calls): window means, the second half,
+    each run against its seed's bf16, and the held-out gaps; a run whose file is missing is left out."""
+    def write(path: Path, losses: list[float], evals: dict[int, float]) -> Path:
+        path.parent.mkdir(exist_ok=True)
+        path.write_text("".join(json.dumps({"step": s, "loss": loss, "tokens_per_s": 100.0 * s, "peak_mem_gib": 1.5,
+                                            **({"eval_loss": evals[s]} if s in evals else {})}) + "\n"
+                                for s, loss in enumerate(losses, 1)))
+        return path
+
+    call1, call2 = tmp_path / "call1", tmp_path / "call2"
+    files = [write(call1 / "metrics_bf16.jsonl", [4.0] * 10, {5: 2.0, 10: 1.0}),
+             write(call2 / "metrics_fp8_tensorwise.jsonl", [4.4] * 5 + [3.6] * 5, {5: 2.2, 10: 0.9}),
+             write(call2 / "metrics_bf16_seed1.jsonl", [5.0] * 10, {}),
+             write(call1 / "metrics_fp8_tensorwise_seed1.jsonl", [5.5] * 8, {}),
+             call2 / "metrics_fp8_rowwise.jsonl"]  # failed before its first step
+    _bench_module("loss_table", monkeypatch).main([str(f) for f in files])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == ("| steps (mean train loss) | bf16 | fp8_tensorwise | bf16_seed1 | fp8_tensorwise_seed1 | "
+                        "fp8_tensorwise vs bf16 | bf16_seed1 vs bf16 | fp8_tensorwise_seed1 vs bf16_seed1 |")
+    rows = {line.split(" | ")[0].strip("| "): line.strip("| ").split(" | ")[1:] for line in lines[2:13]}
+    assert list(rows) == [f"{s}-{s}" for s in range(1, 11)] + ["6-10"]  # steps default to the last logged, 10
+    assert rows["1-1"] == ["4.0000", "4.4000", "5.0000", "5.5000", "+10.00%", "+25.00%", "+10.00%"]
+    assert rows["9-9"] == ["4.0000", "3.6000", "5.0000", "-", "-10.00%", "+25.00%", "-"]  # seed 1's FP8 stopped at 8
+    assert rows["6-10"] == ["4.0000", "3.6000", "5.0000", "5.5000", "-10.00%", "+25.00%", "+10.00%"]
+    assert ("fp8_tensorwise: 10 steps, median tokens/s over the second half 800, peak memory 1.5 GiB, eval loss at "
+            "step 5: 2.2000, 10: 0.9000; held-out vs bf16: -10.00% at step 10 (-10.00% to +10.00% over 2 "
+            "evaluations)") in lines
+    assert not any(line.startswith("fp8_rowwise") for line in lines)
+    with pytest.raises(SystemExit, match="no bf16 run to compare against"):
+        _bench_module("loss_table", monkeypatch).main([str(files[1])])
+    with pytest.raises(SystemExit, match="two runs named 'bf16': .*call1/metrics_bf16.jsonl and .*call2/metrics_b"):
+        _bench_module("loss_table", monkeypatch).main([str(files[0]), str(call2 / "metrics_bf16.jsonl")])
 
 
 @pytest.mark.slow

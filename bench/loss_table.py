@@ -1,0 +1,83 @@
+"""Runs' loss curves against bf16's: the mean train loss per tenth of the steps and over the second half, each run
+beside the bf16 run of its seed, then each run's speed, peak memory and held-out losses. bench/fp8_loss_check.sh
+prints this for the runs it made; by hand it compares runs from different calls too (a GPU too small to hold two
+runs side by side, or one call's bf16 curve kept for the next).
+
+    python bench/loss_table.py [--steps N] DIR/metrics_bf16.jsonl OTHER_DIR/metrics_fp8_tensorwise.jsonl ...
+
+A run's name is its file's without `metrics_` and `.jsonl`, as fp8_loss_check.sh names them; a name given twice is
+refused. A run is set against the bf16 run of its seed when there is one (fp8_tensorwise_seed1 against bf16_seed1),
+else against bf16 (bf16_seed1 against bf16: how far a new initialization alone moves the curve). A file that does
+not exist or is empty (a run that failed before its first step) is left out.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def run_name(path: Path) -> str:
+    return path.name.removeprefix("metrics_").removesuffix(".jsonl")
+
+
+def baselines(names: list[str]) -> dict[str, str | None]:
+    """Each run's bf16 to compare against: its seed's, else bf16 (seed 0); None for bf16 itself."""
+    base = {}
+    for n in names:
+        own = "bf16" + n[n.rindex("_seed"):] if "_seed" in n else "bf16"
+        base[n] = own if own in names and own != n else "bf16" if "bf16" in names and n != "bf16" else None
+    return base
+
+
+def table(runs: dict[str, dict[int, dict]], steps: int) -> list[str]:
+    names = list(runs)
+    base = baselines(names)
+    compared = [n for n in names if base[n]]
+    lines = ["| " + " | ".join(["steps (mean train loss)", *names, *(f"{n} vs {base[n]}" for n in compared)]) + " |",
+             "|---" * (len(names) + len(compared) + 1) + "|"]
+    window = max(1, steps // 10)
+    spans = [range(start, min(start + window, steps + 1)) for start in range(1, steps + 1, window)]
+    for span in spans + [range(steps // 2 + 1, steps + 1)]:  # the last row: the whole second half
+        means = {n: sum(r[s]["loss"] for s in span if s in r) / sum(s in r for s in span)
+                 for n, r in runs.items() if any(s in r for s in span)}  # a run that stopped early has no later rows
+        rel = [f"{100 * (means[n] / means[base[n]] - 1):+.2f}%" if n in means and base[n] in means else "-"
+               for n in compared]
+        lines.append("| " + " | ".join([f"{span[0]}-{span[-1]}", *(f"{means[n]:.4f}" if n in means else "-"
+                                                                    for n in names), *rel]) + " |")
+    for n, r in runs.items():
+        tail = sorted(r[s]["tokens_per_s"] for s in r if s > steps // 2)
+        speed = f", median tokens/s over the second half {tail[len(tail) // 2]:,.0f}" if tail else ""
+        evals = {s: r[s]["eval_loss"] for s in sorted(r) if "eval_loss" in r[s]}
+        line = (f"{n}: {len(r)} steps{speed}, peak memory {max(x['peak_mem_gib'] for x in r.values()):.1f} GiB"
+                + (", eval loss at step " + ", ".join(f"{s}: {v:.4f}" for s, v in evals.items()) if evals else ""))
+        if base[n] and (common := [s for s in evals if "eval_loss" in runs[base[n]].get(s, {})]):
+            gaps = [100 * (evals[s] / runs[base[n]][s]["eval_loss"] - 1) for s in common]
+            line += (f"; held-out vs {base[n]}: {gaps[-1]:+.2f}% at step {common[-1]}"
+                     f" ({min(gaps):+.2f}% to {max(gaps):+.2f}% over {len(gaps)} evaluations)")
+        lines.append(line)
+    return lines
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("metrics", nargs="+", type=Path, help="metrics_NAME.jsonl files, one per run")
+    parser.add_argument("--steps", type=int, help="the runs' train.max_steps (default: the last step any run logged)")
+    args = parser.parse_args(argv)
+    runs, paths = {}, {}
+    for path in args.metrics:
+        name = run_name(path)
+        if name in paths:
+            sys.exit(f"two runs named {name!r}: {paths[name]} and {path}; rename one's file")
+        paths[name] = path
+        if path.exists() and (records := path.read_text().splitlines()):
+            runs[name] = {r["step"]: r for r in map(json.loads, records)}
+    if not any(n == "bf16" or n.startswith("bf16_seed") for n in runs):
+        sys.exit("no bf16 run to compare against (a metrics_bf16.jsonl or metrics_bf16_seedN.jsonl among "
+                 + ", ".join(map(str, args.metrics)) + ")")
+    print("\n".join(table(runs, args.steps or max(max(r) for r in runs.values()))))
+
+
+if __name__ == "__main__":
+    main()
