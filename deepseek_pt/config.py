@@ -918,8 +918,10 @@ def validate(cfg: Config, where: Callable[[str], str] = lambda key: "<config>") 
         check(cfg.parallel.zero_stage > 0, "parallel.coalesce_grad_reduction",
               "needs parallel.zero_stage 1, 2 or 3 (DeepSpeed coalesces only ZeRO's gradient reduction)")
     if cfg.precision == "fp8" and cfg.fp8.fast_accum != "forward":
-        check(cfg.fp8.recipe != "blockwise", "fp8.fast_accum",
-              f"{cfg.fp8.fast_accum!r} applies to torchao's tensorwise and rowwise recipes, not fp8.recipe: blockwise")
+        check(cfg.fp8.recipe != "blockwise" or cfg.fp8.linear_weight_grads == "fp8", "fp8.fast_accum",
+              f"{cfg.fp8.fast_accum!r} applies to torchao's tensorwise and rowwise recipes and to "
+              "fp8.linear_weight_grads: fp8; with fp8.recipe: blockwise and fp8.linear_weight_grads: bf16 it changes "
+              "nothing")
     if cfg.precision == "fp8" and cfg.fp8.experts:
         check(uses_autoep(cfg), "fp8.experts",
               "needs routed experts: a model with MoE layers (model.moe.n_dense_layers < model.n_layers)")

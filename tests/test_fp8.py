@@ -245,13 +245,16 @@ def test_real_blockwise_gemms_match_the_emulation_on_gpu():
         assert 0.005 < rel_err(got, bf16) < 0.1  # and it is FP8: visibly off the bf16 GEMM, within the recipe's error
 
 
-def test_fast_accum_is_for_torchaos_recipes():
-    def load(recipe):
-        return load_config(CONFIGS / "smoke.yaml", ["precision=fp8", f"fp8.recipe={recipe}", "fp8.fast_accum=all"])
+def test_fast_accum_is_for_torchaos_recipes_and_fp8_weight_gradients():
+    def load(recipe, *more):
+        return load_config(CONFIGS / "smoke.yaml", ["precision=fp8", f"fp8.recipe={recipe}", "fp8.fast_accum=all",
+                                                    *more])
     assert load("rowwise").fp8.fast_accum == "all"
+    assert load("blockwise", "fp8.attention=true", "fp8.linear_weight_grads=fp8").fp8.fast_accum == "all"
     with pytest.raises(ConfigError, match=r"fp8.fast_accum: 'all' applies to torchao's tensorwise and rowwise "
-                                          r"recipes, not fp8.recipe: blockwise"):
-        load("blockwise")
+                                          r"recipes and to fp8.linear_weight_grads: fp8; with fp8.recipe: blockwise "
+                                          r"and fp8.linear_weight_grads: bf16 it changes nothing"):
+        load("blockwise", "fp8.attention=true")
 
 
 # torchao's Float8Linear also runs on a CPU (torch's CPU _scaled_mm): its numerics and our configuration of it are

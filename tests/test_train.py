@@ -950,7 +950,7 @@ def _direct(*args: str, world: int = 2) -> subprocess.CompletedProcess:
     (["parallel.expert_parallel_size=3"], 3, "parallel.expert_parallel_size: 3 does not divide model.moe.n_routed_experts (8)"),
     (["model.vocab_size=512"], 2, "model.vocab_size: 512 is smaller than the tokenizer's vocabulary (1024"),
     (["precision=fp8", "fp8.recipe=blockwise", "fp8.fast_accum=all"], 2,
-     "fp8.fast_accum: 'all' applies to torchao's tensorwise and rowwise recipes, not fp8.recipe: blockwise"),
+     "fp8.fast_accum: 'all' applies to torchao's tensorwise and rowwise recipes and to fp8.linear_weight_grads: fp8"),
     (["model.dim=8192", "model.moe.expert_inter_dim=65536", "model.moe.n_routed_experts=64"], 2,  # 103B parameters
      "parallel.zero_init: false builds the whole model in fp32 in each of this node's 2 processes: 780.2 GiB"),
     (["train.resume=/nonexistent/ckpt"], 2, "train.resume: checkpoint /nonexistent/ckpt does not exist"),
