@@ -437,22 +437,23 @@ class Fp8Config:
     (emulated on a CPU); costs 2 bytes per shared-expert parameter."""
     attention: bool = False
     """Also run the attention projections' GEMMs in FP8 (engine/fp8_linears.py): forward and input-gradient GEMMs
-    rowwise scaled e4m3 on `torch._scaled_mm`, weights cast once per optimizer step, weight gradients bf16, inside
-    the compiled attention halves. torchao's recipes then leave these linears out (at bench-2b's widths
-    `fp8.layers: auto` finds them too narrow for its casts). Projections with a dimension not a multiple of 16 stay
-    bf16. On bench-2b on an H200: the compiled attention half's GPU time 1.92-1.97 ms against bf16's 2.11-2.18 per
-    layer and micro-step, +0.2%, +0.7% and +1.6% tokens/s in three interleaved pairs (a fourth +5.4%, its baseline
-    slow), the train loss within 0.36% of bf16's (docs/benchmarks.md). Under ZeRO-3 needs parallel.zero_leaf_blocks,
-    and a Hopper GPU (emulated on a CPU); costs 2 bytes per projection parameter."""
+    rowwise scaled e4m3 on `torch._scaled_mm`, weights cast once per optimizer step, weight gradients bf16 (or FP8:
+    fp8.linear_weight_grads), inside the compiled attention halves. torchao's recipes then leave these linears out (at
+    bench-2b's widths `fp8.layers: auto` finds them too narrow for its casts). Projections with a dimension not a
+    multiple of 16 stay bf16. On bench-2b on an H200: the compiled attention half's GPU time 1.92-1.97 ms against bf16's
+    2.11-2.18 per layer and micro-step, +0.2%, +0.7% and +1.6% tokens/s in three interleaved pairs (a fourth +5.4%, its
+    baseline slow), the train loss within 0.36% of bf16's (docs/benchmarks.md). Under ZeRO-3 needs
+    parallel.zero_leaf_blocks, and a Hopper GPU (emulated on a CPU); costs 2 bytes per projection parameter."""
     dense_mlp: bool = False
     """Also run the dense layers' SwiGLU projections (gate, up, down) in FP8 as fp8.attention runs the attention's
-    (engine/fp8_linears.py): forward and input-gradient GEMMs rowwise scaled e4m3, weights cast once per optimizer
-    step, weight gradients bf16, inside the compiled dense-MLP halves; torchao's recipes then leave them out. On
-    bench-2b's dense layer on an H200 (2048 -> 10944 -> 2048, 8,192 tokens): the compiled MLP half's GPU time
-    3.94-4.18 ms against 4.40-4.52 with `fp8.layers: auto`'s tensorwise gate and up, and bf16's 5.17-5.34; +0.5%,
-    +0.1% and +1.6% tokens/s in three interleaved pairs; the train loss over the second half of 580 steps -0.45% of
-    bf16's, held-out loss +0.35% (docs/benchmarks.md). Needs a dense layer (model.moe.n_dense_layers > 0), under
-    ZeRO-3 parallel.zero_leaf_blocks, and a Hopper GPU (emulated on a CPU); costs 2 bytes per dense-MLP parameter."""
+    (engine/fp8_linears.py): forward and input-gradient GEMMs rowwise scaled e4m3, weights cast once per optimizer step,
+    weight gradients bf16 (or FP8: fp8.linear_weight_grads), inside the compiled dense-MLP halves; torchao's recipes
+    then leave them out. On bench-2b's dense layer on an H200 (2048 -> 10944 -> 2048, 8,192 tokens): the compiled MLP
+    half's GPU time 3.94-4.18 ms against 4.40-4.52 with `fp8.layers: auto`'s tensorwise gate and up, and bf16's
+    5.17-5.34; +0.5%, +0.1% and +1.6% tokens/s in three interleaved pairs; the train loss over the second half of 580
+    steps -0.45% of bf16's, held-out loss +0.35% (docs/benchmarks.md). Needs a dense layer
+    (model.moe.n_dense_layers > 0), under ZeRO-3 parallel.zero_leaf_blocks, and a Hopper GPU (emulated on a CPU);
+    costs 2 bytes per dense-MLP parameter."""
     linear_weight_grads: Literal["bf16", "fp8"] = "bf16"
     """The weight-gradient GEMM of fp8.attention's and fp8.dense_mlp's linears (engine/fp8_linears.py): `bf16`, or
     `fp8`: one power-of-two scale per operand for the whole tensor, as torchao's tensorwise recipe scales its weight
