@@ -416,9 +416,9 @@ class Fp8Config:
     """Which of torchao's FP8 GEMMs (tensorwise and rowwise recipes) accumulate with the tensor cores' fast
     accumulation: `forward` only, as torchao and TransformerEngine do by default (the two backward GEMMs then
     take a slower kernel that promotes partial sums to fp32), or `all` three; `all` also puts fast accumulation in
-    the FP8 weight gradients of fp8.linear_weight_grads (at V3 widths there, the loss +1.75% of bf16's in one seed,
-    against -0.61% without it: docs/benchmarks.md). The forward and input-gradient GEMMs of fp8.experts,
-    fp8.shared_experts, fp8.attention and fp8.dense_mlp always use it."""
+    the FP8 weight gradients of fp8.linear_weight_grads (at V3 widths there, the loss +1.54%, -0.28% and +1.21% of
+    bf16's over three seeds, against -0.61%, +0.04% and +1.97% without it: docs/benchmarks.md). The forward and
+    input-gradient GEMMs of fp8.experts, fp8.shared_experts, fp8.attention and fp8.dense_mlp always use it."""
     experts: bool = False
     """Also run the routed experts' grouped GEMMs in FP8 (engine/fp8_experts.py): forward and input-gradient GEMMs
     rowwise scaled e4m3 (on parallel.expert_triton_gemms's Triton kernel, or torch._scaled_grouped_mm), weight
@@ -460,9 +460,9 @@ class Fp8Config:
     gradient (input e4m3, output gradient e5m2), fast accumulation only with fp8.fast_accum: all. The forward then
     keeps its input for the backward in FP8 (1 byte per value rather than 2). At DeepSeek-V3's dense widths on an H100
     (bench-v3-dense, with fp8.attention and fp8.dense_mlp): 1.34x bf16's tokens/s against 1.23x with bf16 weight
-    gradients and torchao tensorwise's 1.28x, the train loss over 580 steps of real text -0.61% and +0.04% of bf16's
-    in two seeds; with fp8.fast_accum: all 1.36x, but the loss +1.75% in one seed (docs/benchmarks.md). Needs
-    fp8.attention or fp8.dense_mlp."""
+    gradients and torchao tensorwise's 1.28x, the train loss over 580 steps of real text -0.61%, +0.04% and +1.97%
+    of bf16's over three seeds (torchao's tensorwise +2.02% on the third); with fp8.fast_accum: all 1.36x, the loss
+    +1.54%, -0.28% and +1.21% (docs/benchmarks.md). Needs fp8.attention or fp8.dense_mlp."""
 
 
 @dataclass
