@@ -31,6 +31,15 @@ def baselines(names: list[str]) -> dict[str, str | None]:
     return base
 
 
+def part(steps: list[int], span: range) -> str:
+    """'' where `steps` cover `span`, else which of its steps they are."""
+    return "" if len(steps) == len(span) else f" (steps {steps[0]}-{steps[-1]})"
+
+
+def mean_loss(run: dict[int, dict], steps: list[int]) -> float:
+    return sum(run[s]["loss"] for s in steps) / len(steps)
+
+
 def table(runs: dict[str, dict[int, dict]], steps: int) -> list[str]:
     names = list(runs)
     base = baselines(names)
@@ -40,12 +49,18 @@ def table(runs: dict[str, dict[int, dict]], steps: int) -> list[str]:
     window = max(1, steps // 10)
     spans = [range(start, min(start + window, steps + 1)) for start in range(1, steps + 1, window)]
     for span in spans + [range(steps // 2 + 1, steps + 1)]:  # the last row: the whole second half
-        means = {n: sum(r[s]["loss"] for s in span if s in r) / sum(s in r for s in span)
-                 for n, r in runs.items() if any(s in r for s in span)}  # a run that stopped early has no later rows
-        rel = [f"{100 * (means[n] / means[base[n]] - 1):+.2f}%" if n in means and base[n] in means else "-"
-               for n in compared]
-        lines.append("| " + " | ".join([f"{span[0]}-{span[-1]}", *(f"{means[n]:.4f}" if n in means else "-"
-                                                                    for n in names), *rel]) + " |")
+        # A run that stopped early has no later rows, and in the row it stopped in, its mean and its gap cover only
+        # the steps it logged (the loss falls over a span, so a part of it set against the whole would mislead).
+        cells = []
+        for n in names:
+            logged = [s for s in span if s in runs[n]]
+            cells.append(f"{mean_loss(runs[n], logged):.4f}{part(logged, span)}" if logged else "-")
+        rel = []
+        for n in compared:
+            common = [s for s in span if s in runs[n] and s in runs[base[n]]]
+            gap = mean_loss(runs[n], common) / mean_loss(runs[base[n]], common) - 1 if common else None
+            rel.append("-" if gap is None else f"{100 * gap:+.2f}%{part(common, span)}")
+        lines.append("| " + " | ".join([f"{span[0]}-{span[-1]}", *cells, *rel]) + " |")
     for n, r in runs.items():
         tail = sorted(r[s]["tokens_per_s"] for s in r if s > steps // 2)
         speed = f", median tokens/s over the second half {tail[len(tail) // 2]:,.0f}" if tail else ""

@@ -115,7 +115,8 @@ def test_fp8_loss_check_compares_each_seed_with_its_own_bf16(tmp_path, pydoc_dat
 
 def test_loss_table_sets_runs_from_other_calls_against_their_seeds_bf16(tmp_path, monkeypatch, capsys):
     """bench/loss_table.py on metrics files from two directories (two device calls): window means, the second half,
-    each run against its seed's bf16, and the held-out gaps; a run whose file is missing is left out."""
+    each run against its seed's bf16, and the held-out gaps; a run that stopped early is set against the steps it
+    logged, and one whose file is missing is left out."""
     def write(path: Path, losses: list[float], evals: dict[int, float]) -> Path:
         path.parent.mkdir(exist_ok=True)
         path.write_text("".join(json.dumps({"step": s, "loss": loss, "tokens_per_s": 100.0 * s, "peak_mem_gib": 1.5,
@@ -126,8 +127,8 @@ def test_loss_table_sets_runs_from_other_calls_against_their_seeds_bf16(tmp_path
     call1, call2 = tmp_path / "call1", tmp_path / "call2"
     files = [write(call1 / "metrics_bf16.jsonl", [4.0] * 10, {5: 2.0, 10: 1.0}),
              write(call2 / "metrics_fp8_tensorwise.jsonl", [4.4] * 5 + [3.6] * 5, {5: 2.2, 10: 0.9}),
-             write(call2 / "metrics_bf16_seed1.jsonl", [5.0] * 10, {}),
-             write(call1 / "metrics_fp8_tensorwise_seed1.jsonl", [5.5] * 8, {}),
+             write(call2 / "metrics_bf16_seed1.jsonl", [5.0] * 6 + [4.0, 3.0, 2.0, 1.0], {}),
+             write(call1 / "metrics_fp8_tensorwise_seed1.jsonl", [5.5] * 6 + [4.4, 3.3], {}),  # 1.1x, to step 8
              call2 / "metrics_fp8_rowwise.jsonl"]  # failed before its first step
     _bench_module("loss_table", monkeypatch).main([str(f) for f in files])
     lines = capsys.readouterr().out.splitlines()
@@ -136,8 +137,10 @@ def test_loss_table_sets_runs_from_other_calls_against_their_seeds_bf16(tmp_path
     rows = {line.split(" | ")[0].strip("| "): line.strip("| ").split(" | ")[1:] for line in lines[2:13]}
     assert list(rows) == [f"{s}-{s}" for s in range(1, 11)] + ["6-10"]  # steps default to the last logged, 10
     assert rows["1-1"] == ["4.0000", "4.4000", "5.0000", "5.5000", "+10.00%", "+25.00%", "+10.00%"]
-    assert rows["9-9"] == ["4.0000", "3.6000", "5.0000", "-", "-10.00%", "+25.00%", "-"]  # seed 1's FP8 stopped at 8
-    assert rows["6-10"] == ["4.0000", "3.6000", "5.0000", "5.5000", "-10.00%", "+25.00%", "+10.00%"]
+    assert rows["9-9"] == ["4.0000", "3.6000", "2.0000", "-", "-10.00%", "-50.00%", "-"]  # seed 1's FP8 stopped at 8
+    # Over its steps 6-8 only, against bf16_seed1's same steps (against all of 6-10, a falling loss makes it +46.67%).
+    assert rows["6-10"] == ["4.0000", "3.6000", "3.0000", "4.4000 (steps 6-8)", "-10.00%", "-25.00%",
+                            "+10.00% (steps 6-8)"]
     assert ("fp8_tensorwise: 10 steps, median tokens/s over the second half 800, peak memory 1.5 GiB, eval loss at "
             "step 5: 2.2000, 10: 0.9000; held-out vs bf16: -10.00% at step 10 (-10.00% to +10.00% over 2 "
             "evaluations)") in lines
