@@ -262,16 +262,19 @@ class TrainConfig:
     (Inductor's deterministic mode). The timed choice, and with it the order of a reduction's sums, depends on what
     else the GPU is doing while the run compiles: on an H200 the same bf16 run, compiled beside different runs,
     ended 1.8% apart in mean train loss over the second half of 580 steps, and with this set it matched to the bit
-    alone and beside another run. For comparisons between runs (ablations, loss checks); it costs whatever speed
-    the timed choice would have found (bench-2b: -1.7% in one call, within the noise between identical cases)."""
+    alone and beside another run. That holds on one machine: on two H100 machines the same bf16 runs parted within
+    their first two steps (one in the seventh digit of its first loss) and ended 0.2-0.3% apart (docs/benchmarks.md).
+    For comparisons between runs (ablations, loss checks); it costs whatever speed the timed choice would have found
+    (bench-2b: -1.7% in one call, within the noise between identical cases)."""
     deterministic: bool = False
-    """Runs that repeat to the bit on a GPU: torch.use_deterministic_algorithms(True), cuBLAS's fixed workspace
-    (CUBLAS_WORKSPACE_CONFIG=:4096:8, set for the process unless the environment sets it) and Inductor's deterministic
-    mode (train.compile_deterministic). Attention then runs FlashAttention-2's deterministic backward on v zero-padded
-    to q/k's width, where cuDNN's backward sums the query's gradient in an order that varies between launches (on an
-    H100, 34 of bench-2b's values differed between two backward passes). An op with no deterministic kernel raises,
-    naming itself. On an H100, bench-2b bf16: a run, its stop-and-resume and a universal-load resume logged the same
-    losses and gradient norms to the bit, at 0.82x the default's tokens/s (0.62x at seq 8192; docs/benchmarks.md)."""
+    """Runs that repeat to the bit on one GPU machine: torch.use_deterministic_algorithms(True), cuBLAS's fixed
+    workspace (CUBLAS_WORKSPACE_CONFIG=:4096:8, set for the process unless the environment sets it) and Inductor's
+    deterministic mode (train.compile_deterministic). Attention then runs FlashAttention-2's deterministic backward on
+    v zero-padded to q/k's width, where cuDNN's backward sums the query's gradient in an order that varies between
+    launches (on an H100, 34 of bench-2b's values differed between two backward passes). An op with no deterministic
+    kernel raises, naming itself. On an H100, bench-2b bf16: a run, its stop-and-resume and a universal-load resume
+    logged the same losses and gradient norms to the bit, at 0.82x the default's tokens/s (0.62x at seq 8192;
+    docs/benchmarks.md)."""
     eval_every: int = 0
     """Evaluate on the val split every this many steps (and at the end); 0 disables."""
     eval_sequences: int = 256
