@@ -1,7 +1,8 @@
 """Runs' loss curves against bf16's: the mean train loss per tenth of the steps and over the second half, each run
-beside the bf16 run of its seed, then each run's speed, peak memory and held-out losses. bench/fp8_loss_check.sh
-prints this for the runs it made; by hand it compares runs from different calls too (a GPU too small to hold two
-runs side by side, or one call's bf16 curve kept for the next).
+beside the bf16 run of its seed, then each run's speed, peak memory and held-out losses, and for a recipe run from
+several seeds its gaps side by side with their mean. bench/fp8_loss_check.sh prints this for the runs it made; by
+hand it compares runs from different calls too (a GPU too small to hold two runs side by side, or one call's bf16
+curve kept for the next).
 
     python bench/loss_table.py [--steps N] DIR/metrics_bf16.jsonl OTHER_DIR/metrics_fp8_tensorwise.jsonl ...
 
@@ -22,13 +23,44 @@ def run_name(path: Path) -> str:
     return path.name.removeprefix("metrics_").removesuffix(".jsonl")
 
 
+def recipe_and_seed(name: str) -> tuple[str, int]:
+    """fp8_tensorwise_seed2 -> (fp8_tensorwise, 2); a name without _seedN is seed 0's."""
+    recipe, _, seed = name.rpartition("_seed") if "_seed" in name else (name, "", "0")
+    return recipe, int(seed)
+
+
 def baselines(names: list[str]) -> dict[str, str | None]:
     """Each run's bf16 to compare against: its seed's, else bf16 (seed 0); None for bf16 itself."""
     base = {}
     for n in names:
-        own = "bf16" + n[n.rindex("_seed"):] if "_seed" in n else "bf16"
+        seed = recipe_and_seed(n)[1]
+        own = f"bf16_seed{seed}" if "_seed" in n else "bf16"
         base[n] = own if own in names and own != n else "bf16" if "bf16" in names and n != "bf16" else None
     return base
+
+
+def over_seeds(second_half: dict[str, str], gaps: dict[str, float], held_out: dict[str, float]) -> list[str]:
+    """For each recipe run from two seeds or more, its gaps to its seeds' bf16 side by side and their mean: over the
+    second half (`second_half`: the table's cells; `gaps`: their values) and in held-out loss at the last evaluation
+    (where every seed has one). bf16_seedN against bf16 is a new initialization, not a recipe: left out."""
+    seeds: dict[str, list[tuple[int, str]]] = {}
+    for n in second_half:
+        recipe, seed = recipe_and_seed(n)
+        if recipe != "bf16":
+            seeds.setdefault(recipe, []).append((seed, n))
+    lines = []
+    for recipe, runs in seeds.items():
+        if len(runs) < 2:
+            continue
+        names = [n for _, n in sorted(runs)]
+        line = (f"{recipe} over seeds {', '.join(str(seed) for seed, _ in sorted(runs))}: second half vs its seed's "
+                f"bf16 {', '.join(second_half[n] for n in names)}; mean "
+                f"{sum(gaps[n] for n in names) / len(names):+.2f}%")
+        if all(n in held_out for n in names):
+            line += (f"; held-out at the last evaluation {', '.join(f'{held_out[n]:+.2f}%' for n in names)}; mean "
+                     f"{sum(held_out[n] for n in names) / len(names):+.2f}%")
+        lines.append(line)
+    return lines
 
 
 def part(steps: list[int], span: range) -> str:
@@ -48,7 +80,8 @@ def table(runs: dict[str, dict[int, dict]], steps: int) -> list[str]:
              "|---" * (len(names) + len(compared) + 1) + "|"]
     window = max(1, steps // 10)
     spans = [range(start, min(start + window, steps + 1)) for start in range(1, steps + 1, window)]
-    for span in spans + [range(steps // 2 + 1, steps + 1)]:  # the last row: the whole second half
+    second_half, second_half_gaps, held_out = {}, {}, {}
+    for span in spans + [second := range(steps // 2 + 1, steps + 1)]:  # the last row: the whole second half
         # A run that stopped early has no later rows, and in the row it stopped in, its mean and its gap cover only
         # the steps it logged (the loss falls over a span, so a part of it set against the whole would mislead).
         cells = []
@@ -60,6 +93,8 @@ def table(runs: dict[str, dict[int, dict]], steps: int) -> list[str]:
             common = [s for s in span if s in runs[n] and s in runs[base[n]]]
             gap = mean_loss(runs[n], common) / mean_loss(runs[base[n]], common) - 1 if common else None
             rel.append("-" if gap is None else f"{100 * gap:+.2f}%{part(common, span)}")
+            if span is second and gap is not None:
+                second_half[n], second_half_gaps[n] = rel[-1], 100 * gap
         lines.append("| " + " | ".join([f"{span[0]}-{span[-1]}", *cells, *rel]) + " |")
     for n, r in runs.items():
         tail = sorted(r[s]["tokens_per_s"] for s in r if s > steps // 2)
@@ -69,10 +104,11 @@ def table(runs: dict[str, dict[int, dict]], steps: int) -> list[str]:
                 + (", eval loss at step " + ", ".join(f"{s}: {v:.4f}" for s, v in evals.items()) if evals else ""))
         if base[n] and (common := [s for s in evals if "eval_loss" in runs[base[n]].get(s, {})]):
             gaps = [100 * (evals[s] / runs[base[n]][s]["eval_loss"] - 1) for s in common]
+            held_out[n] = gaps[-1]
             line += (f"; held-out vs {base[n]}: {gaps[-1]:+.2f}% at step {common[-1]}"
                      f" ({min(gaps):+.2f}% to {max(gaps):+.2f}% over {len(gaps)} evaluations)")
         lines.append(line)
-    return lines
+    return lines + over_seeds(second_half, second_half_gaps, held_out)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -115,8 +115,8 @@ def test_fp8_loss_check_compares_each_seed_with_its_own_bf16(tmp_path, pydoc_dat
 
 def test_loss_table_sets_runs_from_other_calls_against_their_seeds_bf16(tmp_path, monkeypatch, capsys):
     """bench/loss_table.py on metrics files from two directories (two device calls): window means, the second half,
-    each run against its seed's bf16, and the held-out gaps; a run that stopped early is set against the steps it
-    logged, and one whose file is missing is left out."""
+    each run against its seed's bf16, the held-out gaps, and a recipe's gaps over its seeds; a run that stopped
+    early is set against the steps it logged, and one whose file is missing is left out."""
     def write(path: Path, losses: list[float], evals: dict[int, float]) -> Path:
         path.parent.mkdir(exist_ok=True)
         path.write_text("".join(json.dumps({"step": s, "loss": loss, "tokens_per_s": 100.0 * s, "peak_mem_gib": 1.5,
@@ -128,7 +128,7 @@ def test_loss_table_sets_runs_from_other_calls_against_their_seeds_bf16(tmp_path
     files = [write(call1 / "metrics_bf16.jsonl", [4.0] * 10, {5: 2.0, 10: 1.0}),
              write(call2 / "metrics_fp8_tensorwise.jsonl", [4.4] * 5 + [3.6] * 5, {5: 2.2, 10: 0.9}),
              write(call2 / "metrics_bf16_seed1.jsonl", [5.0] * 6 + [4.0, 3.0, 2.0, 1.0], {}),
-             write(call1 / "metrics_fp8_tensorwise_seed1.jsonl", [5.5] * 6 + [4.4, 3.3], {}),  # 1.1x, to step 8
+             write(call1 / "metrics_fp8_tensorwise_seed1.jsonl", [6.0] * 6 + [4.8, 3.6], {}),  # 1.2x, to step 8
              call2 / "metrics_fp8_rowwise.jsonl"]  # failed before its first step
     _bench_module("loss_table", monkeypatch).main([str(f) for f in files])
     lines = capsys.readouterr().out.splitlines()
@@ -136,15 +136,28 @@ def test_loss_table_sets_runs_from_other_calls_against_their_seeds_bf16(tmp_path
                         "fp8_tensorwise vs bf16 | bf16_seed1 vs bf16 | fp8_tensorwise_seed1 vs bf16_seed1 |")
     rows = {line.split(" | ")[0].strip("| "): line.strip("| ").split(" | ")[1:] for line in lines[2:13]}
     assert list(rows) == [f"{s}-{s}" for s in range(1, 11)] + ["6-10"]  # steps default to the last logged, 10
-    assert rows["1-1"] == ["4.0000", "4.4000", "5.0000", "5.5000", "+10.00%", "+25.00%", "+10.00%"]
+    assert rows["1-1"] == ["4.0000", "4.4000", "5.0000", "6.0000", "+10.00%", "+25.00%", "+20.00%"]
     assert rows["9-9"] == ["4.0000", "3.6000", "2.0000", "-", "-10.00%", "-50.00%", "-"]  # seed 1's FP8 stopped at 8
-    # Over its steps 6-8 only, against bf16_seed1's same steps (against all of 6-10, a falling loss makes it +46.67%).
-    assert rows["6-10"] == ["4.0000", "3.6000", "3.0000", "4.4000 (steps 6-8)", "-10.00%", "-25.00%",
-                            "+10.00% (steps 6-8)"]
+    # Over its steps 6-8 only, against bf16_seed1's same steps (against all of 6-10, a falling loss makes it +60.00%).
+    assert rows["6-10"] == ["4.0000", "3.6000", "3.0000", "4.8000 (steps 6-8)", "-10.00%", "-25.00%",
+                            "+20.00% (steps 6-8)"]
     assert ("fp8_tensorwise: 10 steps, median tokens/s over the second half 800, peak memory 1.5 GiB, eval loss at "
             "step 5: 2.2000, 10: 0.9000; held-out vs bf16: -10.00% at step 10 (-10.00% to +10.00% over 2 "
             "evaluations)") in lines
     assert not any(line.startswith("fp8_rowwise") for line in lines)
+    # The recipe over its seeds (bf16_seed1 against bf16 is a new initialization, not a recipe); held-out gaps only
+    # where every seed has one.
+    assert lines[-1] == ("fp8_tensorwise over seeds 0, 1: second half vs its seed's bf16 -10.00%, +20.00% (steps 6-8); "
+                         "mean +5.00%")
+    seeds = [write(call2 / "metrics_fp8_tensorwise_seed1.jsonl", [6.0] * 10, {5: 2.0, 10: 1.02}),
+             write(call2 / "metrics_bf16_seed1.jsonl", [5.0] * 10, {5: 2.0, 10: 1.0}),
+             write(call2 / "metrics_bf16_seed2.jsonl", [4.5] * 10, {})]
+    _bench_module("loss_table", monkeypatch).main([str(f) for f in files[:2] + seeds])
+    lines = capsys.readouterr().out.splitlines()
+    assert not any(line.startswith("bf16 over seeds") for line in lines)  # seeds 1 and 2 against seed 0
+    assert lines[-1] == (
+        "fp8_tensorwise over seeds 0, 1: second half vs its seed's bf16 -10.00%, +20.00%; mean +5.00%; held-out at "
+        "the last evaluation -10.00%, +2.00%; mean -4.00%")
     with pytest.raises(SystemExit, match="no bf16 run to compare against"):
         _bench_module("loss_table", monkeypatch).main([str(files[1])])
     with pytest.raises(SystemExit, match="two runs named 'bf16': .*call1/metrics_bf16.jsonl and .*call2/metrics_b"):
