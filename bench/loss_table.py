@@ -2,7 +2,8 @@
 beside the bf16 run of its seed, then each run's speed, peak memory and held-out losses, and for a recipe run from
 several seeds its gaps side by side with their mean. bench/fp8_loss_check.sh prints this for the runs it made; by
 hand it compares runs from different calls too (a GPU too small to hold two runs side by side, or one call's bf16
-curve kept for the next).
+curve kept for the next), and says so for a run whose bf16 comes from another directory: on another machine the
+same run's curve differs by itself.
 
     python bench/loss_table.py [--steps N] DIR/metrics_bf16.jsonl OTHER_DIR/metrics_fp8_tensorwise.jsonl ...
 
@@ -72,7 +73,8 @@ def mean_loss(run: dict[int, dict], steps: list[int]) -> float:
     return sum(run[s]["loss"] for s in steps) / len(steps)
 
 
-def table(runs: dict[str, dict[int, dict]], steps: int) -> list[str]:
+def table(runs: dict[str, dict[int, dict]], steps: int, dirs: dict[str, Path]) -> list[str]:
+    """The table and the runs' lines; `dirs`, each run's directory, marks a run set against a bf16 from another one."""
     names = list(runs)
     base = baselines(names)
     compared = [n for n in names if base[n]]
@@ -107,6 +109,11 @@ def table(runs: dict[str, dict[int, dict]], steps: int) -> list[str]:
             held_out[n] = gaps[-1]
             line += (f"; held-out vs {base[n]}: {gaps[-1]:+.2f}% at step {common[-1]}"
                      f" ({min(gaps):+.2f}% to {max(gaps):+.2f}% over {len(gaps)} evaluations)")
+        if base[n] and dirs[n] != dirs[base[n]]:
+            # The fortieth and forty-first sessions: the same bf16 run, deterministic mode and all, parted by 0.2-0.3%
+            # between two H100 machines (docs/benchmarks.md).
+            line += (f"; its {base[n]} from {dirs[base[n]]}, another call: if that ran on another machine, the same "
+                     "run there may differ by ~0.3% alone")
         lines.append(line)
     return lines + over_seeds(second_half, second_half_gaps, held_out)
 
@@ -127,7 +134,8 @@ def main(argv: list[str] | None = None) -> None:
     if not any(n == "bf16" or n.startswith("bf16_seed") for n in runs):
         sys.exit("no bf16 run to compare against (a metrics_bf16.jsonl or metrics_bf16_seedN.jsonl among "
                  + ", ".join(map(str, args.metrics)) + ")")
-    print("\n".join(table(runs, args.steps or max(max(r) for r in runs.values()))))
+    dirs = {n: paths[n].resolve().parent for n in runs}
+    print("\n".join(table(runs, args.steps or max(max(r) for r in runs.values()), dirs)))
 
 
 if __name__ == "__main__":
