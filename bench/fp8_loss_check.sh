@@ -36,8 +36,8 @@ port=${MASTER_PORT:-29510}
 # must not leave a metrics.jsonl that the next call's run of that name would append to.
 work=$(mktemp -d "${TMPDIR:-/tmp}/fp8_loss.XXXXXX") || exit 1
 # RUNS: bf16, bf16_repeat, bf16_eager, bf16_pointwise, fp32 or
-# fp8_RECIPE[_experts[_shared]][_attn][_dense][_wgrad][_fast] (below), each with an optional _seedN: the same run from
-# another initialization (train.seed=N). A run is compared against the bf16 run of its seed when RUNS has one
+# fp8_RECIPE[_experts[_shared]][_attn][_dense][_wgrad|_wgradrow][_fast] (below), each with an optional _seedN: the same
+# run from another initialization (train.seed=N). A run is compared against the bf16 run of its seed when RUNS has one
 # (fp8_tensorwise_seed1 against bf16_seed1), else against bf16 (bf16_seed1 against bf16: how far a new initialization
 # alone moves the curve).
 runs=${RUNS:-bf16 fp8_rowwise fp8_tensorwise}
@@ -64,14 +64,16 @@ for name in $runs; do
     bf16_eager) settings=(precision=bf16 train.compile=false train.compile_blocks=false) ;;
     bf16_pointwise) settings=(precision=bf16 train.compile=true train.compile_blocks=false) ;;  # a smaller change of kernels
     fp32) settings=(precision=fp32) ;;  # the reference both bf16 and FP8 round away from
-    # fp8_RECIPE[_experts[_shared]][_attn][_dense][_wgrad][_fast]: every eligible linear in RECIPE (layers=all: the
-    # numerics of all, not only of the wide ones); _experts: the routed experts' grouped GEMMs in FP8 too; _shared:
+    # fp8_RECIPE[_experts[_shared]][_attn][_dense][_wgrad|_wgradrow][_fast]: every eligible linear in RECIPE
+    # (layers=all: the numerics of all, not only of the wide ones); _experts: the routed experts' grouped GEMMs in FP8 too; _shared:
     # the shared experts' as well (fp8.shared_experts); _attn: the attention projections through fp8.attention;
     # _dense: the dense MLPs through fp8.dense_mlp; _wgrad: those two's weight gradients in FP8
-    # (fp8.linear_weight_grads=fp8); _fast: fp8.fast_accum=all.
+    # (fp8.linear_weight_grads=fp8), _wgradrow with a scale per channel (fp8_rowwise); _fast: fp8.fast_accum=all.
     fp8_*) recipe=${kind#fp8_} settings=(precision=fp8 fp8.layers=all)
       [[ $recipe != *_fast ]] || { recipe=${recipe%_fast}; settings+=(fp8.fast_accum=all); }
       [[ $recipe != *_wgrad ]] || { recipe=${recipe%_wgrad}; settings+=(fp8.linear_weight_grads=fp8); }
+      [[ $recipe != *_wgradrow ]] || { recipe=${recipe%_wgradrow}
+                                       settings+=(fp8.linear_weight_grads=fp8_rowwise); }
       [[ $recipe != *_dense ]] || { recipe=${recipe%_dense}; settings+=(fp8.dense_mlp=true); }
       [[ $recipe != *_attn ]] || { recipe=${recipe%_attn}; settings+=(fp8.attention=true); }
       [[ $recipe != *_experts_shared ]] || { recipe=${recipe%_shared}; settings+=(fp8.shared_experts=true); }

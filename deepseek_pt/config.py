@@ -457,7 +457,7 @@ class Fp8Config:
     steps -0.45% of bf16's, held-out loss +0.35% (docs/benchmarks.md). Needs a dense layer
     (model.moe.n_dense_layers > 0), under ZeRO-3 parallel.zero_leaf_blocks, and a Hopper GPU (emulated on a CPU);
     costs 2 bytes per dense-MLP parameter."""
-    linear_weight_grads: Literal["bf16", "fp8"] = "bf16"
+    linear_weight_grads: Literal["bf16", "fp8", "fp8_rowwise"] = "bf16"
     """The weight-gradient GEMM of fp8.attention's and fp8.dense_mlp's linears (engine/fp8_linears.py): `bf16`, or
     `fp8`: one power-of-two scale per operand for the whole tensor, as torchao's tensorwise recipe scales its weight
     gradient (input e4m3, output gradient e5m2), fast accumulation only with fp8.fast_accum: all. The forward then
@@ -465,7 +465,11 @@ class Fp8Config:
     (bench-v3-dense, with fp8.attention and fp8.dense_mlp): 1.34x bf16's tokens/s against 1.23x with bf16 weight
     gradients and torchao tensorwise's 1.28x, the train loss over 580 steps of real text -0.61%, +0.04% and +1.97%
     of bf16's over three seeds (torchao's tensorwise +2.02% on the third); with fp8.fast_accum: all 1.36x, the loss
-    +1.54%, -0.28% and +1.21% (docs/benchmarks.md). Needs fp8.attention or fp8.dense_mlp."""
+    +1.54%, -0.28% and +1.21% (docs/benchmarks.md). `fp8_rowwise`: a scale per channel along the tokens (per input
+    feature of the input, per output feature of the output gradient), both e4m3, as torchao's rowwise recipe scales
+    its weight gradient: finer than one per tensor, for a pass over each operand to find its channels' amaxes (built
+    for the third seed's +1.97%, where torchao's tensorwise measured +2.02%; not yet measured on a GPU). Needs
+    fp8.attention or fp8.dense_mlp."""
 
 
 @dataclass
@@ -922,10 +926,10 @@ def validate(cfg: Config, where: Callable[[str], str] = lambda key: "<config>") 
         check(cfg.parallel.zero_stage > 0, "parallel.coalesce_grad_reduction",
               "needs parallel.zero_stage 1, 2 or 3 (DeepSpeed coalesces only ZeRO's gradient reduction)")
     if cfg.precision == "fp8" and cfg.fp8.fast_accum != "forward":
-        check(cfg.fp8.recipe != "blockwise" or cfg.fp8.linear_weight_grads == "fp8", "fp8.fast_accum",
-              f"{cfg.fp8.fast_accum!r} applies to torchao's tensorwise and rowwise recipes and to "
-              "fp8.linear_weight_grads: fp8; with fp8.recipe: blockwise and fp8.linear_weight_grads: bf16 it changes "
-              "nothing")
+        check(cfg.fp8.recipe != "blockwise" or cfg.fp8.linear_weight_grads != "bf16", "fp8.fast_accum",
+              f"{cfg.fp8.fast_accum!r} applies to torchao's tensorwise and rowwise recipes and to the FP8 weight "
+              "gradients of fp8.linear_weight_grads; with fp8.recipe: blockwise and fp8.linear_weight_grads: bf16 it "
+              "changes nothing")
     if cfg.precision == "fp8" and cfg.fp8.experts:
         check(uses_autoep(cfg), "fp8.experts",
               "needs routed experts: a model with MoE layers (model.moe.n_dense_layers < model.n_layers)")
@@ -947,9 +951,10 @@ def validate(cfg: Config, where: Callable[[str], str] = lambda key: "<config>") 
                   "weights without calling the linears, so only a block-wide gather brings them")
     if cfg.precision == "fp8" and cfg.fp8.dense_mlp:
         check(moe.n_dense_layers > 0, "fp8.dense_mlp", "the model has no dense layer (model.moe.n_dense_layers: 0)")
-    if cfg.precision == "fp8" and cfg.fp8.linear_weight_grads == "fp8":
+    if cfg.precision == "fp8" and cfg.fp8.linear_weight_grads != "bf16":
         check(cfg.fp8.attention or cfg.fp8.dense_mlp, "fp8.linear_weight_grads",
-              "fp8 applies to the linears of fp8.attention and fp8.dense_mlp, and both are false")
+              f"{cfg.fp8.linear_weight_grads} applies to the linears of fp8.attention and fp8.dense_mlp, and both "
+              "are false")
     for key, on in (("fp8.attention", cfg.fp8.attention), ("fp8.dense_mlp", cfg.fp8.dense_mlp)):
         if cfg.precision == "fp8" and on and cfg.parallel.zero_stage == 3:
             check(cfg.parallel.zero_leaf_blocks, "parallel.zero_leaf_blocks",

@@ -309,24 +309,24 @@ def _convert_own_fp8(engine, cfg: Config, coalesced: bool) -> list[str]:
     converted = []
     if cfg.fp8.experts:
         layers = fp8_experts.convert_experts_to_fp8(engine.module, steps, emulate)
-        converted.append((f"routed experts of {layers} MoE layer{'s' * (layers != 1)}", False))
+        converted.append((f"routed experts of {layers} MoE layer{'s' * (layers != 1)}", "bf16"))
     fp8_in_place = cfg.parallel.linear_grads_in_place and coalesced
     if cfg.fp8.shared_experts:
         layers = fp8_experts.convert_shared_experts_to_fp8(engine.module, steps, emulate,
                                                            cfg.parallel.expert_triton_gemms, fp8_in_place)
-        converted.append((f"shared experts of {layers} MoE layer{'s' * (layers != 1)}", False))
+        converted.append((f"shared experts of {layers} MoE layer{'s' * (layers != 1)}", "bf16"))
     if cfg.fp8.attention or cfg.fp8.dense_mlp:
-        fp8_wgrad = cfg.fp8.linear_weight_grads == "fp8"
         counts = fp8_linears.convert_linears_to_fp8(engine.module, steps, emulate, fp8_in_place,
-                                                    cfg.fp8.attention, cfg.fp8.dense_mlp, fp8_wgrad,
-                                                    cfg.fp8.fast_accum == "all")
+                                                    cfg.fp8.attention, cfg.fp8.dense_mlp,
+                                                    cfg.fp8.linear_weight_grads, cfg.fp8.fast_accum == "all")
         for part, (n, total) in counts.items():
             kept = f" ({total - n} with a dimension not a multiple of 16 kept in bf16)" if n < total else ""
             what = "attention projections" if part == "attention" else "dense MLP projections"
-            converted.append((f"{n} {what}{kept}", fp8_wgrad))
+            converted.append((f"{n} {what}{kept}", cfg.fp8.linear_weight_grads))
     how = f"emulated in fp32 (numerics only: the real-GEMM path {why})" if why else "real FP8 GEMMs"
-    wgrads = {False: "weight gradients in bf16", True: "weight gradients in FP8 (tensorwise scales)"}
-    lines = [f"fp8: {what}, rowwise scaling, {wgrads[in_fp8]}, {how}" for what, in_fp8 in converted]
+    wgrads = {"bf16": "weight gradients in bf16", "fp8": "weight gradients in FP8 (tensorwise scales)",
+              "fp8_rowwise": "weight gradients in FP8 (a scale per channel)"}
+    lines = [f"fp8: {what}, rowwise scaling, {wgrads[weight_grads]}, {how}" for what, weight_grads in converted]
     if why is None and cfg.train.grad_accum_steps == 1:
         lines.append(ONE_MICRO_STEP_FP8)
     return lines

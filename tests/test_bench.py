@@ -71,18 +71,24 @@ def test_fp8_loss_check_compares_runs_started_side_by_side(tmp_path, pydoc_data_
 
 @pytest.mark.slow
 def test_fp8_loss_check_says_what_each_run_sets(tmp_path, pydoc_data_dir):
-    # The run names compose (fp8_RECIPE[_experts[_shared]][_attn][_dense][_wgrad][_fast]): a CPU trains the first (the
-    # routed and shared experts, the attention projections and the dense MLP emulated, which leaves torchao's recipe
-    # no linear), and the config refuses fast accumulation for blockwise, in its run's log.
+    # The run names compose (fp8_RECIPE[_experts[_shared]][_attn][_dense][_wgrad|_wgradrow][_fast]): a CPU trains the
+    # first (the routed and shared experts, the attention projections and the dense MLP emulated, which leaves
+    # torchao's recipe no linear); the config refuses fast accumulation for blockwise, and FP8 weight gradients
+    # without the linears they are for, each in its run's log.
     first = "fp8_rowwise_experts_shared_attn_dense_wgrad_fast"
-    env = _loss_check_env(tmp_path, RUNS=f"{first} fp8_blockwise_fast", RUN_TIMEOUT="120")
+    env = _loss_check_env(tmp_path, RUNS=f"{first} fp8_blockwise_fast fp8_tensorwise_wgradrow", RUN_TIMEOUT="120")
     out, _ = finish_job(start_job(["bash", ROOT / "bench/fp8_loss_check.sh", pydoc_data_dir.shards_dir, 1,
                                   "data.seq_len=64", "parallel.expert_parallel_size=1"], env), 180)
     lines = out.splitlines()
     assert (f"{first}: precision=fp8 fp8.layers=all fp8.fast_accum=all fp8.linear_weight_grads=fp8 fp8.dense_mlp=true "
             "fp8.attention=true fp8.shared_experts=true fp8.experts=true fp8.recipe=rowwise") in lines, out
     assert "fp8_blockwise_fast: precision=fp8 fp8.layers=all fp8.fast_accum=all fp8.recipe=blockwise" in lines, out
+    assert ("fp8_tensorwise_wgradrow: precision=fp8 fp8.layers=all fp8.linear_weight_grads=fp8_rowwise "
+            "fp8.recipe=tensorwise") in lines, out
     assert f"FAILED: {first}" not in lines and "FAILED: fp8_blockwise_fast" in lines, out
+    assert "FAILED: fp8_tensorwise_wgradrow" in lines, out
+    assert "fp8.linear_weight_grads: fp8_rowwise applies to the linears of fp8.attention" in (
+        tmp_path / "train_fp8_tensorwise_wgradrow.log").read_text()
     assert (tmp_path / f"metrics_{first}.jsonl").read_text().count("\n") == 1
     log = (tmp_path / f"train_{first}.log").read_text()
     assert "fp8: routed experts of 1 MoE layer" in log and "fp8: shared experts of 1 MoE layer" in log

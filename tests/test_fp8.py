@@ -251,9 +251,11 @@ def test_fast_accum_is_for_torchaos_recipes_and_fp8_weight_gradients():
                                                     *more])
     assert load("rowwise").fp8.fast_accum == "all"
     assert load("blockwise", "fp8.attention=true", "fp8.linear_weight_grads=fp8").fp8.fast_accum == "all"
+    assert load("blockwise", "fp8.dense_mlp=true", "fp8.linear_weight_grads=fp8_rowwise").fp8.fast_accum == "all"
     with pytest.raises(ConfigError, match=r"fp8.fast_accum: 'all' applies to torchao's tensorwise and rowwise "
-                                          r"recipes and to fp8.linear_weight_grads: fp8; with fp8.recipe: blockwise "
-                                          r"and fp8.linear_weight_grads: bf16 it changes nothing"):
+                                          r"recipes and to the FP8 weight gradients of fp8.linear_weight_grads; with "
+                                          r"fp8.recipe: blockwise and fp8.linear_weight_grads: bf16 it changes "
+                                          r"nothing"):
         load("blockwise", "fp8.attention=true")
 
 

@@ -753,12 +753,14 @@ def test_fp8_blockwise_emulation_trains_like_fp32(tmp_path, baseline, data):
 @pytest.mark.slow
 def test_fp8_torchao_rowwise_on_a_cpu_trains_like_fp32_across_a_resume(tmp_path, baseline, data):
     """torchao's Float8Linear (rowwise, on every eligible linear but the dense MLP's, which fp8.dense_mlp takes,
-    emulated, its weight gradients FP8 too) under ZeRO-3 + AutoEP EP 2, run by torch's CPU FP8 GEMMs: the run says so,
-    saves and resumes with FP8 linears in its state, and its losses track the fp32 baseline's."""
-    fp8 = ("precision=fp8", "fp8.recipe=rowwise", "fp8.layers=all", "fp8.dense_mlp=true", "fp8.linear_weight_grads=fp8")
+    emulated, its weight gradients FP8 too, a scale per channel) under ZeRO-3 + AutoEP EP 2, run by torch's CPU FP8
+    GEMMs: the run says so, saves and resumes with FP8 linears in its state, and its losses track the fp32
+    baseline's."""
+    fp8 = ("precision=fp8", "fp8.recipe=rowwise", "fp8.layers=all", "fp8.dense_mlp=true",
+           "fp8.linear_weight_grads=fp8_rowwise")
     proc = train(2, tmp_path, data, *fp8, "train.exit_at_step=4")
     assert "fp8: 11 linears, rowwise scaling, torchao" in proc.stdout and "on a CPU: torch's CPU FP8 GEMMs" in proc.stdout
-    assert ("fp8: 3 dense MLP projections, rowwise scaling, weight gradients in FP8 (tensorwise scales), emulated"
+    assert ("fp8: 3 dense MLP projections, rowwise scaling, weight gradients in FP8 (a scale per channel), emulated"
             in proc.stdout), proc.stdout
     assert "Failed to load" not in proc.stdout + proc.stderr  # torchao's CUDA extensions are not even tried
     train(2, tmp_path, data, *fp8)
@@ -950,7 +952,8 @@ def _direct(*args: str, world: int = 2) -> subprocess.CompletedProcess:
     (["parallel.expert_parallel_size=3"], 3, "parallel.expert_parallel_size: 3 does not divide model.moe.n_routed_experts (8)"),
     (["model.vocab_size=512"], 2, "model.vocab_size: 512 is smaller than the tokenizer's vocabulary (1024"),
     (["precision=fp8", "fp8.recipe=blockwise", "fp8.fast_accum=all"], 2,
-     "fp8.fast_accum: 'all' applies to torchao's tensorwise and rowwise recipes and to fp8.linear_weight_grads: fp8"),
+     "fp8.fast_accum: 'all' applies to torchao's tensorwise and rowwise recipes and to the FP8 weight gradients of "
+     "fp8.linear_weight_grads"),
     (["model.dim=8192", "model.moe.expert_inter_dim=65536", "model.moe.n_routed_experts=64"], 2,  # 103B parameters
      "parallel.zero_init: false builds the whole model in fp32 in each of this node's 2 processes: 780.2 GiB"),
     (["train.resume=/nonexistent/ckpt"], 2, "train.resume: checkpoint /nonexistent/ckpt does not exist"),

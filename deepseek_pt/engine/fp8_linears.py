@@ -7,12 +7,15 @@ micro-step and its activations in passes of their own (engine/fp8.py's fp8_gemm_
 fp8.experts does for the experts (fp8_experts.py):
 - Forward and input-gradient GEMMs are FP8 (e4m3, `torch._scaled_mm`, fast accumulation), every scale a power of two,
   one per row along the GEMM's reduction dimension: exact scaling, e4m3's rounding the only error.
-- The weight gradient reduces over tokens, which row scales cannot follow. By default it stays bf16, added into
-  `.grad` by its GEMM where parallel.linear_grads_in_place does that for the bf16 linears (linear_grads.py). With
-  `fp8.linear_weight_grads: fp8` it is an FP8 GEMM too, each operand with one power-of-two scale for the whole
-  tensor as torchao's tensorwise recipe scales it (the input e4m3, the output gradient e5m2), both cast transposed
-  to tokens-last; the forward then saves the input in FP8 rather than bf16. The scales come from the row scales
-  the other two GEMMs' casts find, so these casts read no tensor for its amax again.
+- The weight gradient reduces over tokens, which the other GEMMs' row scales cannot follow. By default it stays
+  bf16, added into `.grad` by its GEMM where parallel.linear_grads_in_place does that for the bf16 linears
+  (linear_grads.py). With `fp8.linear_weight_grads: fp8` it is an FP8 GEMM too, each operand with one power-of-two
+  scale for the whole tensor as torchao's tensorwise recipe scales it (the input e4m3, the output gradient e5m2),
+  both cast transposed to tokens-last; the scales come from the row scales the other two GEMMs' casts find, so these
+  casts read no tensor for its amax again. With `fp8_rowwise` each operand has a scale per channel (per input
+  feature of the input, per output feature of the output gradient) along the tokens, both e4m3, as torchao's
+  rowwise recipe scales it: finer, for a pass over each operand to find its channels' amaxes. Either way the forward
+  saves the input in FP8 rather than bf16.
 - Each weight's two FP8 layouts (forward, and transposed for the input gradient) are cast once per optimizer step,
   in a forward pre-hook on the block, into buffers the linear reads. The linears run inside the compiled attention
   and dense-MLP halves (train.compile_blocks), so the cache cannot be Python state the traced forward consults: the
@@ -64,6 +67,22 @@ def quantize_transposed(t: torch.Tensor, row_scales: torch.Tensor, dtype: torch.
     return q.T.contiguous(), scale
 
 
+def quantize_channels(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """t [T, K] as e4m3 [K, T'] (T' = T padded with zero rows to a multiple of 16) with a power-of-two dequantization
+    scale per channel [K], each from its column's amax over the tokens (quantize_rows on the transpose)."""
+    if pad := -t.shape[0] % ALIGN:
+        t = F.pad(t, (0, 0, 0, pad))
+    q, scale = quantize_rows(t.T)
+    return q.contiguous(), scale
+
+
+def quantize_for_weight_grad(t: torch.Tensor, row_scales: torch.Tensor, weight_grads: str,
+                             dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """t [T, K] for an FP8 weight-gradient GEMM as fp8.linear_weight_grads scales it: `fp8`, one scale for the tensor
+    (as `dtype`, from t's e4m3 `row_scales`); `fp8_rowwise`, one per channel, e4m3."""
+    return quantize_transposed(t, row_scales, dtype) if weight_grads == "fp8" else quantize_channels(t)
+
+
 @torch.library.custom_op("deepseek_pt::add_fp8_weight_grad_", mutates_args=("grad",))
 def add_fp8_weight_grad_(grad: torch.Tensor, grad_y_t: torch.Tensor, grad_y_scale: torch.Tensor, x_t: torch.Tensor,
                          x_scale: torch.Tensor, fast_accum: bool, emulate: bool) -> None:
@@ -85,21 +104,22 @@ def _triton_cast_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
 
 
 class _Fp8Linear(torch.autograd.Function):
-    """y = x @ weight.T through the FP8 layouts of weight; weight's gradient in bf16, or in FP8 if `fp8_wgrad`
-    (fast accumulation if `fast_accum`), added into `grad` if given."""
+    """y = x @ weight.T through the FP8 layouts of weight; weight's gradient as `weight_grads` says (bf16, or FP8
+    scaled as fp8.linear_weight_grads names it, with fast accumulation if `fast_accum`), added into `grad` if given."""
 
     @staticmethod
-    def forward(ctx, x, weight, w_fp8, w_scale, wt_fp8, wt_scale, grad, emulate: bool, fp8_wgrad: bool,
+    def forward(ctx, x, weight, w_fp8, w_scale, wt_fp8, wt_scale, grad, emulate: bool, weight_grads: str,
                 fast_accum: bool):
         rows = x.reshape(-1, x.shape[-1])
         x_fp8, x_scale = quantize_rows(rows)
         y = scaled_mm(x_fp8, x_scale, w_fp8, w_scale, fast_accum=True, emulate=emulate)
-        saved = quantize_transposed(rows, x_scale, torch.float8_e4m3fn) if fp8_wgrad else (rows,)
+        saved = ((rows,) if weight_grads == "bf16"
+                 else quantize_for_weight_grad(rows, x_scale, weight_grads, torch.float8_e4m3fn))
         ctx.save_for_backward(wt_fp8, wt_scale, *saved)
         # Off save_for_backward, as in linear_grads.py: the version check would refuse a `.grad` another use of the
         # same weight changed first.
         ctx.grad, ctx.emulate, ctx.weight_dtype, ctx.x_dtype = grad, emulate, weight.dtype, x.dtype
-        ctx.fp8_wgrad, ctx.fast_accum = fp8_wgrad, fast_accum
+        ctx.weight_grads, ctx.fast_accum = weight_grads, fast_accum
         return y.to(x.dtype).view(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
@@ -109,8 +129,9 @@ class _Fp8Linear(torch.autograd.Function):
         g_fp8, g_scale = quantize_rows(grad_rows)
         grad_x = scaled_mm(g_fp8, g_scale, wt_fp8, wt_scale, fast_accum=True, emulate=ctx.emulate).to(ctx.x_dtype)
         grad_w = None
-        if ctx.fp8_wgrad:
-            wgrad = (*quantize_transposed(grad_rows, g_scale, torch.float8_e5m2), *saved, ctx.fast_accum, ctx.emulate)
+        if ctx.weight_grads != "bf16":
+            wgrad = (*quantize_for_weight_grad(grad_rows, g_scale, ctx.weight_grads, torch.float8_e5m2), *saved,
+                     ctx.fast_accum, ctx.emulate)
             if ctx.grad is not None:
                 add_fp8_weight_grad_(ctx.grad, *wgrad)
             elif ctx.needs_input_grad[1]:
@@ -129,14 +150,14 @@ class Fp8CachedLinear(nn.Linear):
 
     emulate: bool
     grads_in_place: bool
-    fp8_wgrad: bool
+    weight_grads: str
     fast_accum: bool
     cast_key: tuple[int, int] | None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         grad = grad_for_forward(self.weight, x.dtype) if self.grads_in_place else None
         return _Fp8Linear.apply(x, self.weight, self.weight_fp8, self.weight_scale, self.weight_t_fp8,
-                                self.weight_t_scale, grad, self.emulate, self.fp8_wgrad, self.fast_accum)
+                                self.weight_t_scale, grad, self.emulate, self.weight_grads, self.fast_accum)
 
     @torch.no_grad()
     def cast_weight_once(self, step: int) -> bool:
@@ -152,7 +173,7 @@ class Fp8CachedLinear(nn.Linear):
         self.cast_key = key
         return True
 
-    def to_fp8(self, emulate: bool, grads_in_place: bool, fp8_wgrad: bool = False, fast_accum: bool = False) -> None:
+    def to_fp8(self, emulate: bool, grads_in_place: bool, weight_grads: str = "bf16", fast_accum: bool = False) -> None:
         N, K = self.out_features, self.in_features
         device = self.weight.device
         # Not persistent: checkpoints and exports hold the bf16/fp32 weight only.
@@ -161,7 +182,7 @@ class Fp8CachedLinear(nn.Linear):
                                    ("weight_t_scale", (K,), torch.float32)):
             self.register_buffer(name, torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.emulate, self.grads_in_place, self.cast_key = emulate, grads_in_place, None
-        self.fp8_wgrad, self.fast_accum = fp8_wgrad, fast_accum
+        self.weight_grads, self.fast_accum = weight_grads, fast_accum
 
 
 def _eligible(linear: nn.Module) -> bool:
@@ -170,15 +191,15 @@ def _eligible(linear: nn.Module) -> bool:
 
 
 def convert_linears_to_fp8(model: nn.Module, optimizer_steps: Callable[[], int], emulate: bool, grads_in_place: bool,
-                           attention: bool, dense_mlp: bool, fp8_wgrad: bool = False,
+                           attention: bool, dense_mlp: bool, weight_grads: str = "bf16",
                            fast_accum: bool = False) -> dict[str, tuple[int, int]]:
     """Run the attention projections (`attention`) and the dense SwiGLUs' gate, up and down projections (`dense_mlp`)
     of `model`'s blocks, the MTP modules' included, through Fp8CachedLinear, their FP8 weights cast in a forward
     pre-hook on each block when `optimizer_steps()` (the engine's step counter) moves. Must run before compile_blocks
     and after DeepSpeed's own hooks are on the blocks (deepspeed.initialize), so that under ZeRO-3 the block's gather
-    comes first. `fp8_wgrad`: their weight gradients in FP8 too (`fast_accum`: with fast accumulation). Returns, for
-    each part asked for, (linears converted, linears in all); the others, with a dimension not a multiple of 16, stay
-    bf16."""
+    comes first. `weight_grads`: fp8.linear_weight_grads, their weight gradients in bf16 or FP8 (`fast_accum`: with
+    fast accumulation). Returns, for each part asked for, (linears converted, linears in all); the others, with a
+    dimension not a multiple of 16, stay bf16."""
     counts = {part: (0, 0) for part, on in (("attention", attention), ("dense_mlp", dense_mlp)) if on}
     for block in model.modules():
         if not isinstance(block, Block):
@@ -193,7 +214,7 @@ def convert_linears_to_fp8(model: nn.Module, optimizer_steps: Callable[[], int],
             fp8 += eligible
         for linear in fp8:
             linear.__class__ = Fp8CachedLinear
-            linear.to_fp8(emulate, grads_in_place, fp8_wgrad, fast_accum)
+            linear.to_fp8(emulate, grads_in_place, weight_grads, fast_accum)
         if fp8:
             block.register_forward_pre_hook(functools.partial(_cast_weights, fp8, optimizer_steps))
     return counts
