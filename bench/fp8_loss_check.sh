@@ -65,9 +65,9 @@ for name in $runs; do
     bf16_pointwise) settings=(precision=bf16 train.compile=true train.compile_blocks=false) ;;  # a smaller change of kernels
     fp32) settings=(precision=fp32) ;;  # the reference both bf16 and FP8 round away from
     # fp8_RECIPE[_experts[_shared]][_attn][_dense][_wgrad|_wgradrow][_fast]: every eligible linear in RECIPE
-    # (layers=all: the numerics of all, not only of the wide ones); _experts: the routed experts' grouped GEMMs in FP8 too; _shared:
-    # the shared experts' as well (fp8.shared_experts); _attn: the attention projections through fp8.attention;
-    # _dense: the dense MLPs through fp8.dense_mlp; _wgrad: those two's weight gradients in FP8
+    # (layers=all: the numerics of all, not only of the wide ones); _experts: the routed experts' grouped GEMMs in FP8
+    # too; _shared: the shared experts' as well (fp8.shared_experts); _attn: the attention projections through
+    # fp8.attention; _dense: the dense MLPs through fp8.dense_mlp; _wgrad: those two's weight gradients in FP8
     # (fp8.linear_weight_grads=fp8), _wgradrow with a scale per channel (fp8_rowwise); _fast: fp8.fast_accum=all.
     fp8_*) recipe=${kind#fp8_} settings=(precision=fp8 fp8.layers=all)
       [[ $recipe != *_fast ]] || { recipe=${recipe%_fast}; settings+=(fp8.fast_accum=all); }
