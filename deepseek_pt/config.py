@@ -409,8 +409,9 @@ class Fp8Config:
     1x128 / 128x128 blocks: real FP8 GEMMs on a Hopper GPU with torchao and Triton (for the linears whose
     dimensions are multiples of 128), emulated in fp32 elsewhere (numerics, not speed). Tensorwise is the
     fastest on an H200 at bench-2b's and DeepSeek-V3's widths. Its loss: within 1% of bf16's on bench-2b's layout;
-    at DeepSeek-V3's widths +1.02%, -0.05% and +0.91% of the same seed's bf16 over three seeds (mean +0.63%),
-    where bf16 itself moved 0.8-1.7% between seeds (docs/benchmarks.md)."""
+    at DeepSeek-V3's widths +1.02%, -0.05% and +0.91% of the same seed's bf16 over three seeds on an H200 (mean
+    +0.63%), where bf16 itself moved 0.8-1.7% between seeds; seed 2 on an H100, with later code, +2.02%
+    (docs/benchmarks.md)."""
     layers: Literal["auto", "all"] = "auto"
     """Which of those linears go FP8: `auto` only the ones wide enough that FP8's faster GEMMs outweigh its casts
     (engine/fp8.py's fp8_gemm_pays), `all` every one (DeepSeek-V3's blockwise recipe quantizes all). On a
