@@ -53,26 +53,29 @@ def scaled_mm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: 
     return torch._scaled_mm(a, b.T, a_scale, b_scale, out_dtype=torch.bfloat16, use_fast_accum=fast_accum)
 
 
+def pad_tokens(t: torch.Tensor) -> torch.Tensor:
+    """t [T, K] with zero rows to T' (a multiple of 16), as FP8 GEMMs reducing over T need; zero rows leave every
+    amax as it was."""
+    if pad := -t.shape[0] % ALIGN:
+        t = F.pad(t, (0, 0, 0, pad))  # only where needed: in eager mode a pad of 0 is still a copy
+    return t
+
+
 def quantize_transposed(t: torch.Tensor, row_scales: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor,
                                                                                              torch.Tensor]:
-    """t [T, K] as `dtype` [K, T'] (T' = T padded with zero rows to a multiple of 16, as FP8 GEMMs reducing over T
-    need) with one power-of-two dequantization scale for the whole tensor, found from quantize_rows(t)'s e4m3
-    `row_scales`: each row's amax is at most 448 x its scale, so 448 x the largest bounds the tensor's. For e4m3 that
+    """t [T, K] as `dtype` [K, T'] (pad_tokens) with one power-of-two dequantization scale for the whole tensor,
+    found from quantize_rows(t)'s e4m3 `row_scales`: each row's amax is at most 448 x its scale, so 448 x the largest bounds the tensor's. For e4m3 that
     is the scale a pass over t would find; for e5m2 at worst one power of two below it, which its range affords."""
     scale = row_scales.max() * (E4M3_MAX / torch.finfo(dtype).max)
     # A power of two still: the row scales are, and the ratio is 1 for e4m3, 448 / 57344 = 2^-7 for e5m2.
-    if pad := -t.shape[0] % ALIGN:
-        t = F.pad(t, (0, 0, 0, pad))  # only where needed: in eager mode a pad of 0 is still a copy
-    q = (t.float() / scale).to(dtype)
+    q = (pad_tokens(t).float() / scale).to(dtype)
     return q.T.contiguous(), scale
 
 
 def quantize_channels(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """t [T, K] as e4m3 [K, T'] (T' = T padded with zero rows to a multiple of 16) with a power-of-two dequantization
-    scale per channel [K], each from its column's amax over the tokens (quantize_rows on the transpose)."""
-    if pad := -t.shape[0] % ALIGN:
-        t = F.pad(t, (0, 0, 0, pad))
-    q, scale = quantize_rows(t.T)
+    """t [T, K] as e4m3 [K, T'] (pad_tokens) with a power-of-two dequantization scale per channel [K], each from its
+    column's amax over the tokens (quantize_rows on the transpose)."""
+    q, scale = quantize_rows(pad_tokens(t).T)
     return q.contiguous(), scale
 
 
