@@ -40,10 +40,10 @@ def baselines(names: list[str]) -> dict[str, str | None]:
     return base
 
 
-def over_seeds(second_half: dict[str, str], gaps: dict[str, float], held_out: dict[str, float]) -> list[str]:
+def over_seeds(second_half: dict[str, tuple[str, float]], held_out: dict[str, float]) -> list[str]:
     """For each recipe run from two seeds or more, its gaps to its seeds' bf16 side by side and their mean: over the
-    second half (`second_half`: the table's cells; `gaps`: their values) and in held-out loss at the last evaluation
-    (where every seed has one). bf16_seedN against bf16 is a new initialization, not a recipe: left out."""
+    second half (`second_half`: the table's cell and its gap in %) and in held-out loss at the last evaluation (where
+    every seed has one). bf16_seedN against bf16 is a new initialization, not a recipe: left out."""
     seeds: dict[str, list[tuple[int, str]]] = {}
     for n in second_half:
         recipe, seed = recipe_and_seed(n)
@@ -53,10 +53,11 @@ def over_seeds(second_half: dict[str, str], gaps: dict[str, float], held_out: di
     for recipe, runs in seeds.items():
         if len(runs) < 2:
             continue
-        names = [n for _, n in sorted(runs)]
-        line = (f"{recipe} over seeds {', '.join(str(seed) for seed, _ in sorted(runs))}: second half vs its seed's "
-                f"bf16 {', '.join(second_half[n] for n in names)}; mean "
-                f"{sum(gaps[n] for n in names) / len(names):+.2f}%")
+        runs.sort()
+        names = [n for _, n in runs]
+        line = (f"{recipe} over seeds {', '.join(str(seed) for seed, _ in runs)}: second half vs its seed's bf16 "
+                f"{', '.join(second_half[n][0] for n in names)}; mean "
+                f"{sum(second_half[n][1] for n in names) / len(names):+.2f}%")
         if all(n in held_out for n in names):
             line += (f"; held-out at the last evaluation {', '.join(f'{held_out[n]:+.2f}%' for n in names)}; mean "
                      f"{sum(held_out[n] for n in names) / len(names):+.2f}%")
@@ -82,7 +83,7 @@ def table(runs: dict[str, dict[int, dict]], steps: int, dirs: dict[str, Path]) -
              "|---" * (len(names) + len(compared) + 1) + "|"]
     window = max(1, steps // 10)
     spans = [range(start, min(start + window, steps + 1)) for start in range(1, steps + 1, window)]
-    second_half, second_half_gaps, held_out = {}, {}, {}
+    second_half, held_out = {}, {}
     for span in spans + [second := range(steps // 2 + 1, steps + 1)]:  # the last row: the whole second half
         # A run that stopped early has no later rows, and in the row it stopped in, its mean and its gap cover only
         # the steps it logged (the loss falls over a span, so a part of it set against the whole would mislead).
@@ -96,7 +97,7 @@ def table(runs: dict[str, dict[int, dict]], steps: int, dirs: dict[str, Path]) -
             gap = mean_loss(runs[n], common) / mean_loss(runs[base[n]], common) - 1 if common else None
             rel.append("-" if gap is None else f"{100 * gap:+.2f}%{part(common, span)}")
             if span is second and gap is not None:
-                second_half[n], second_half_gaps[n] = rel[-1], 100 * gap
+                second_half[n] = rel[-1], 100 * gap
         lines.append("| " + " | ".join([f"{span[0]}-{span[-1]}", *cells, *rel]) + " |")
     for n, r in runs.items():
         tail = sorted(r[s]["tokens_per_s"] for s in r if s > steps // 2)
@@ -115,7 +116,7 @@ def table(runs: dict[str, dict[int, dict]], steps: int, dirs: dict[str, Path]) -
             line += (f"; its {base[n]} from {dirs[base[n]]}, another call: if that ran on another machine, the same "
                      "run there may differ by ~0.3% alone")
         lines.append(line)
-    return lines + over_seeds(second_half, second_half_gaps, held_out)
+    return lines + over_seeds(second_half, held_out)
 
 
 def main(argv: list[str] | None = None) -> None:
