@@ -131,12 +131,20 @@ def test_dense_mlp_trains_within_e4m3_error_of_bf16_and_leaves_the_shared_expert
         assert 0.002 < rel_err(a, b) < 0.09, (name, rel_err(a, b))
 
 
+def _cached_linear(grads_in_place: bool, weight_grads: str = "bf16", weight: torch.Tensor | None = None):
+    """A bf16 nn.Linear 64 -> 32 (its own initialization, or `weight`) as an emulated Fp8CachedLinear, cast."""
+    linear = nn.Linear(64, 32, bias=False).bfloat16()
+    if weight is not None:
+        linear.weight.data.copy_(weight)
+    linear.__class__ = Fp8CachedLinear
+    linear.to_fp8(emulate=True, grads_in_place=grads_in_place, weight_grads=weight_grads)
+    linear.cast_weight_once(0)
+    return linear
+
+
 def test_weight_gradients_are_added_into_grad_in_place():
     torch.manual_seed(0)
-    linear = nn.Linear(64, 32, bias=False).bfloat16()
-    linear.__class__ = Fp8CachedLinear
-    linear.to_fp8(emulate=True, grads_in_place=True)
-    linear.cast_weight_once(0)
+    linear = _cached_linear(grads_in_place=True)
     x = torch.randn(24, 64, dtype=torch.bfloat16)
     linear(x).sum().backward()  # no .grad yet: autograd's gradient
     first = linear.weight.grad
@@ -151,10 +159,7 @@ def test_fp8_weight_gradients_keep_the_input_in_fp8_and_add_into_grad(weight_gra
     """fp8.linear_weight_grads: fp8 or fp8_rowwise. The forward keeps no bf16 copy of its input; 24 tokens, padded to
     32 for the GEMM that reduces over them; the gradient is added into `.grad` from the second micro-step on."""
     torch.manual_seed(0)
-    linear = nn.Linear(64, 32, bias=False).bfloat16()
-    linear.__class__ = Fp8CachedLinear
-    linear.to_fp8(emulate=True, grads_in_place=True, weight_grads=weight_grads)
-    linear.cast_weight_once(0)
+    linear = _cached_linear(grads_in_place=True, weight_grads=weight_grads)
     x = torch.randn(24, 64, dtype=torch.bfloat16, requires_grad=True)
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
@@ -182,11 +187,7 @@ def test_per_channel_weight_gradient_scales_keep_small_channels_beside_an_outlie
     want = grad_y.float().T @ x.float()
     errors = {}
     for weight_grads in WEIGHT_GRADS[1:]:
-        linear = nn.Linear(64, 32, bias=False).bfloat16()
-        linear.weight.data.copy_(weight)
-        linear.__class__ = Fp8CachedLinear
-        linear.to_fp8(emulate=True, grads_in_place=False, weight_grads=weight_grads)
-        linear.cast_weight_once(0)
+        linear = _cached_linear(grads_in_place=False, weight_grads=weight_grads, weight=weight)
         linear(x).backward(grad_y)
         errors[weight_grads] = rel_err(linear.weight.grad[:, 1:], want[:, 1:])  # the channels beside the outlier
     assert errors["fp8_rowwise"] < 0.06 and errors["fp8"] > 0.12, errors  # 0.039 and 0.158
