@@ -20,10 +20,27 @@ ROOT = Path(__file__).resolve().parent.parent
 _hung: str | None = None  # the first job that ran past its timeout, if any
 
 
+PORTS_PER_WORKER = 1000
+_ports_handed_out: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port free on this host now, from a range of this xdist worker's own below the kernel's ephemeral range
+    (32768 up), and never the same one twice in a session. Binding port 0 instead let the kernel hand two workers
+    the same port in the moment between one's probe and its job's bind, and their ranks joined one rendezvous."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
+    start = 20000 + PORTS_PER_WORKER * int(worker.removeprefix("gw"))
+    for port in range(start, start + PORTS_PER_WORKER):
+        if port in _ports_handed_out:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:  # in use, or still in TIME_WAIT
+                continue
+        _ports_handed_out.add(port)
+        return port
+    raise RuntimeError(f"no free port left in {start}..{start + PORTS_PER_WORKER - 1} (xdist worker {worker})")
 
 
 def deepspeed_cmd(nproc: int, *args, port: int | None = None) -> list:

@@ -29,6 +29,9 @@ TIMEOUT = 400
 
 
 def _env(**extra: str) -> dict:
+    """The job environment without the host's launch variables, and a master port from this test worker's range
+    (train.sh's own pick binds port 0, which can hand two workers one port; the README's smoke run covers it)."""
+    extra = {"MASTER_PORT": str(free_port()), **extra}
     env = {k: v for k, v in job_env(PYTHON=sys.executable, **extra).items()
            if k in extra or not (k.startswith("SLURM_") or k in {"NODE_RANK", "NNODES", "MASTER_ADDR", "MASTER_PORT",
                                                                  "NPROC", "NPROC_PER_NODE", "WORLD_SIZE", "RANK"})}
@@ -222,7 +225,7 @@ def test_hostfile_sh_two_hosts_through_pdsh_and_sigterm(tmp_path, data, stop):
     for stub in bin_dir.iterdir():
         stub.chmod(0o755)
     run_dir = tmp_path / "run"
-    env = {**_env(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), DRAIN_TIMEOUT=str(TIMEOUT)),
+    env = {**_env(MASTER_ADDR="127.0.0.1", DRAIN_TIMEOUT=str(TIMEOUT)),
            "PATH": f"{bin_dir}:{os.environ['PATH']}"}
     proc = start_job([LAUNCH / "hostfile.sh", tmp_path / "hosts", SMOKE,
                       *_overrides(data, run_dir, "train.max_steps=100000")], env)
@@ -329,7 +332,7 @@ def test_node_sh_alone_fails_the_rendezvous_clearly(tmp_path, data):
     """Node 0 of 2 started alone: a line saying what it waits for, then a clear error (it was a torch traceback)."""
     run_dir = tmp_path / "run"
     proc = _run([LAUNCH / "node.sh", SMOKE, *_overrides(data, run_dir, "parallel.timeout_minutes=0.1")],
-                _env(NNODES="2", NODE_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port())), timeout=TIMEOUT)
+                _env(NNODES="2", NODE_RANK="0", MASTER_ADDR="127.0.0.1"), timeout=TIMEOUT)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 2, out[-4000:]
     assert "rendezvous: waiting for 2 processes at 127.0.0.1:" in out, out[-4000:]
@@ -366,7 +369,7 @@ def test_slurm_sbatch_two_nodes_two_ranks_each(tmp_path, data):
     run_dir = tmp_path / "run"
     env = _env(PATH=f"{bin_dir}:{os.environ['PATH']}", SLURM_JOB_ID="4242", SLURM_JOB_NODELIST="n[1-2]",
                SLURM_JOB_NUM_NODES="2", SLURM_SUBMIT_DIR=str(ROOT), NPROC_PER_NODE="2",
-               MASTER_PORT=str(free_port()), NODE_RANK="7")  # a stray NODE_RANK must not leak into the nodes
+               NODE_RANK="7")  # a stray NODE_RANK must not leak into the nodes
     proc = _run(["bash", LAUNCH / "slurm.sbatch", SMOKE, *_overrides(data, run_dir)], env, timeout=TIMEOUT)
     assert proc.returncode == 0, (proc.stdout[-4000:], proc.stderr[-4000:])
     assert "2 nodes, master 127.0.0.1" in proc.stderr
