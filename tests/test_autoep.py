@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from jobs import ROOT, deepspeed_cmd, free_port, gpu_host_env, job_env, last_json, run_job
+from jobs import ROOT, free_port, gpu_host_env, job_env, last_json, ranks_cmd, run_job
 
 PARITY = ROOT / "tests" / "dist" / "autoep_parity.py"
 
@@ -34,7 +34,7 @@ def test_block_equals_autoep_converted_block(tmp_path):
     """2 processes, expert parallel 2, on CPU even on a GPU host (a one-GPU host has no device for rank 1), and on
     any host as on a GPU host: AutoEP's experts, DeepSpeed's own, take its Triton SwiGLU wherever Triton sees a GPU."""
     port = free_port()
-    proc = run_job(deepspeed_cmd(2, PARITY, port=port), gpu_host_env(tmp_path), timeout=300)
+    proc = run_job(ranks_cmd(2, PARITY, port=port), gpu_host_env(tmp_path), timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     # init_distributed keeps DeepSpeed's CPU shared-memory all-reduce off: it left 69 MB per rank in /dev/shm.
     assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))

@@ -10,7 +10,7 @@ from typing import NamedTuple
 
 import pytest
 import torch
-from jobs import deepspeed_cmd, run_job
+from jobs import ranks_cmd, run_job
 from safetensors.torch import load_file
 
 from deepseek_pt.config import load_config
@@ -36,7 +36,7 @@ def data(pydoc_data_dir) -> Data:
 
 def _train(run_dir: Path, data: Data, *overrides: str) -> Path:
     """`deepspeed --num_gpus 2 --module deepseek_pt.train` on the smoke config; returns run_dir."""
-    proc = run_job(deepspeed_cmd(2, "--module", "deepseek_pt.train", "--config", SMOKE, f"data.path={data.shards_dir}",
+    proc = run_job(ranks_cmd(2, "--module", "deepseek_pt.train", "--config", SMOKE, f"data.path={data.shards_dir}",
                                  f"run.dir={run_dir}", f"model.vocab_size={max(1024, data.vocab_size)}",
                                  "train.save_every=0", *overrides), timeout=300)
     assert proc.returncode == 0, f"training failed ({proc.returncode}):\n{(proc.stdout + proc.stderr)[-4000:]}"

@@ -1,4 +1,5 @@
-"""The training engine end to end: 2-4 CPU processes (gloo) under the deepspeed launcher, ZeRO-3 + AutoEP.
+"""The training engine end to end: 2-4 CPU processes (gloo), ZeRO-3 + AutoEP, started as the deepspeed launcher
+starts them (tests/ranks.py; the SIGTERM test through `deepspeed` itself).
 
 Runs are shared through module-scoped fixtures: `baseline` trains 8 steps uninterrupted; `stopped`
 stops at step 4 and resumes to 8; the other runs start from `stopped`'s step-4 checkpoint.
@@ -25,6 +26,7 @@ from jobs import (
     gpu_host_env,
     job_env,
     last_json,
+    ranks_cmd,
     run_job,
     session_pid,
     start_job,
@@ -39,8 +41,8 @@ STEPS = 8
 ONE_RANK_ALL_PERSISTENT = ["parallel.expert_parallel_size=1", "parallel.zero_persistence_threshold=1000000000"]
 
 
-def _launch_cmd(nproc: int, run_dir: Path, data: Path, *overrides: str) -> list:
-    return deepspeed_cmd(nproc, "--module", "deepseek_pt.train", "--config", SMOKE, f"data.path={data}",
+def _launch_cmd(nproc: int, run_dir: Path, data: Path, *overrides: str, launcher=ranks_cmd) -> list:
+    return launcher(nproc, "--module", "deepseek_pt.train", "--config", SMOKE, f"data.path={data}",
                          f"run.dir={run_dir}", f"train.max_steps={STEPS}", "train.eval_every=0", "train.save_every=0",
                          *overrides)
 
@@ -818,7 +820,7 @@ def test_a_resume_that_changes_the_global_batch_or_the_eval_set_says_so(tmp_path
 @pytest.mark.slow
 @pytest.mark.parametrize("every_process", [True, False], ids=["job", "one-rank"])
 def test_sigterm_checkpoints_the_current_step(tmp_path, data, every_process):
-    proc = start_job(_launch_cmd(2, tmp_path, data, "train.max_steps=100000"), job_env())
+    proc = start_job(_launch_cmd(2, tmp_path, data, "train.max_steps=100000", launcher=deepspeed_cmd), job_env())
     wait_until(proc, lambda: (tmp_path / "metrics.jsonl").exists() and len(metrics(tmp_path)) >= 3, 300,
                "3 training steps")
     # Preemption signals every process of the job (as SLURM does): the launcher, its launch.py child
@@ -1746,7 +1748,7 @@ def test_a_failed_universal_conversion_is_one_line(tmp_path, monkeypatch, output
 
 @pytest.mark.slow
 def test_parallel_timeout_minutes_ends_a_wait_on_a_hung_rank():
-    proc = run_job(deepspeed_cmd(2, ROOT / "tests" / "dist" / "collective_timeout.py", "0.05"), timeout=120)
+    proc = run_job(ranks_cmd(2, ROOT / "tests" / "dist" / "collective_timeout.py", "0.05"), timeout=120)
     result = last_json(proc.stdout)
     # 3 s, not DeepSpeed's default (here 3 minutes), nor the 15 s until the stalled rank exits
     assert result["error"] and 2.5 <= result["waited_s"] < 10, result
@@ -1770,7 +1772,7 @@ def test_zero3_block_granularity_and_compiled_blocks(tmp_path, baseline, data, o
     gathered, so the engine removes them (parallel.zero_idle_hooks_off); the hooks-per-linear case keeps them. So
     does ZeRO-3 releasing parameters after each use and gathering them again, which only the params-released case
     runs. DeepSpeed's own F.linear (memory_efficient_linear) runs in the hooks-per-linear case only."""
-    proc = run_job(deepspeed_cmd(2, ROOT / "tests" / "dist" / "engine_report.py", *overrides), timeout=300)
+    proc = run_job(ranks_cmd(2, ROOT / "tests" / "dist" / "engine_report.py", *overrides), timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     wiring = last_json(proc.stdout)
     assert wiring["leaf"] == leaf and wiring["compiled"] == compiled  # the AutoEP MoE half stays eager
@@ -1787,7 +1789,7 @@ def test_zero3_block_granularity_and_compiled_blocks(tmp_path, baseline, data, o
 
 
 def zero_step_report(data: Path, *overrides: str, nproc: int = 2) -> dict:
-    proc = run_job(deepspeed_cmd(nproc, ROOT / "tests" / "dist" / "zero_step_check.py", f"data.path={data}",
+    proc = run_job(ranks_cmd(nproc, ROOT / "tests" / "dist" / "zero_step_check.py", f"data.path={data}",
                                  "train.grad_clip=0.5", *overrides), timeout=300)  # smoke norms are 0.7-1.0
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return last_json(proc.stdout)
@@ -1972,7 +1974,7 @@ def test_kept_gathered_parameters_become_views_of_their_partitions_again():
 @pytest.mark.slow
 @pytest.mark.parametrize("zero_init", [False, True], ids=["built-whole", "built-partitioned"])
 def test_bf16_engine_keeps_rope_frequencies_and_balance_bias_in_fp32(zero_init):
-    proc = run_job(deepspeed_cmd(2, ROOT / "tests" / "dist" / "engine_report.py", "precision=bf16",
+    proc = run_job(ranks_cmd(2, ROOT / "tests" / "dist" / "engine_report.py", "precision=bf16",
                                  f"parallel.zero_init={zero_init}"), timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = last_json(proc.stdout)
