@@ -7,10 +7,11 @@ import time
 
 from jobs import finish_job, job_env, ranks_cmd, run_job, start_job, wait_until
 
-SHOW = ("import json, os, sys\n"
+SHOW = ("import json, os, pathlib, sys\n"  # each rank to a file of its own: their prints share one pipe
         "keys = ['RANK', 'LOCAL_RANK', 'WORLD_SIZE', 'LOCAL_SIZE', 'CROSS_RANK', 'CROSS_SIZE', 'MASTER_ADDR',\n"
         "        'MASTER_PORT', 'CUDA_VISIBLE_DEVICES']\n"
-        "print(json.dumps({'argv': sys.argv[1:], **{k: os.environ[k] for k in keys}}))\n")
+        "seen = {'argv': sys.argv[1:], **{k: os.environ[k] for k in keys}}\n"
+        "pathlib.Path(__file__).with_name(f'rank{os.environ[\"RANK\"]}.json').write_text(json.dumps(seen))\n")
 
 
 def test_ranks_see_deepspeeds_environment_and_arguments(tmp_path):
@@ -18,8 +19,7 @@ def test_ranks_see_deepspeeds_environment_and_arguments(tmp_path):
     script.write_text(SHOW)
     proc = run_job(ranks_cmd(2, script, "--config", "x.yaml", port=23456), job_env(), timeout=60)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    seen = sorted((json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")),
-                  key=lambda r: r["RANK"])
+    seen = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     assert seen == [{"argv": [f"--local_rank={r}", "--config", "x.yaml"], "RANK": str(r), "LOCAL_RANK": str(r),
                      "WORLD_SIZE": "2", "LOCAL_SIZE": "2", "CROSS_RANK": "0", "CROSS_SIZE": "1",
                      "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "23456", "CUDA_VISIBLE_DEVICES": "0,1"}
