@@ -20,7 +20,8 @@ ROOT = Path(__file__).resolve().parent.parent
 _hung: str | None = None  # the first job that ran past its timeout, if any
 
 
-PORTS_PER_WORKER = 1000  # 20000 up: 12 workers' ranges below the ephemeral range; more workers share them
+FIRST_PORT, EPHEMERAL_PORTS, PORTS_PER_WORKER = 20000, 32768, 1000
+PORT_RANGES = (EPHEMERAL_PORTS - FIRST_PORT) // PORTS_PER_WORKER  # 12: workers past the twelfth share them
 _ports_handed_out: set[int] = set()
 
 
@@ -29,7 +30,7 @@ def free_port() -> int:
     (32768 up), and never the same one twice in a session. Binding port 0 instead let the kernel hand two workers
     the same port in the moment between one's probe and its job's bind, and their ranks joined one rendezvous."""
     worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
-    start = 20000 + PORTS_PER_WORKER * (int(worker.removeprefix("gw")) % 12)
+    start = FIRST_PORT + PORTS_PER_WORKER * (int(worker.removeprefix("gw")) % PORT_RANGES)
     for port in range(start, start + PORTS_PER_WORKER):
         if port in _ports_handed_out:
             continue

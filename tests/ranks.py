@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import time
+from contextlib import suppress
 
 import psutil
 
@@ -25,22 +26,15 @@ STOP_GRACE_SECONDS = 30  # launch.py's terminate_process_tree
 def stop(ranks: list[subprocess.Popen], status: int) -> None:
     procs = []
     for rank in ranks:
-        try:
+        with suppress(psutil.NoSuchProcess):  # any of them may end meanwhile
             parent = psutil.Process(rank.pid)
             procs += [*parent.children(recursive=True), parent]
-        except psutil.NoSuchProcess:
-            pass
     for proc in procs:
-        try:
+        with suppress(psutil.NoSuchProcess):
             proc.terminate()
-        except psutil.NoSuchProcess:
-            pass
-    _, alive = psutil.wait_procs(procs, timeout=STOP_GRACE_SECONDS)
-    for proc in alive:
-        try:
+    for proc in psutil.wait_procs(procs, timeout=STOP_GRACE_SECONDS)[1]:
+        with suppress(psutil.NoSuchProcess):
             proc.kill()
-        except psutil.NoSuchProcess:
-            pass
     sys.exit(status)
 
 
@@ -51,7 +45,8 @@ def main(argv: list[str]) -> None:
     world = int(nproc)
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "WORLD_SIZE": nproc, "CROSS_RANK": "0",
            "CROSS_SIZE": "1", "LOCAL_SIZE": nproc, "CUDA_VISIBLE_DEVICES": ",".join(map(str, range(world)))}
-    ranks = [subprocess.Popen([sys.executable, "-u", *(["-m"] if module else []), script, f"--local_rank={rank}", *args],
+    python = [sys.executable, "-u", *(["-m"] if module else [])]
+    ranks = [subprocess.Popen([*python, script, f"--local_rank={rank}", *args],
                               env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)}) for rank in range(world)]
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop(ranks, 1))

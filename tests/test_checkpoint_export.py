@@ -35,10 +35,10 @@ def data(pydoc_data_dir) -> Data:
 
 
 def _train(run_dir: Path, data: Data, *overrides: str) -> Path:
-    """`deepspeed --num_gpus 2 --module deepseek_pt.train` on the smoke config; returns run_dir."""
+    """2 ranks of `deepseek_pt.train` (as `deepspeed --num_gpus 2` starts them) on the smoke config; returns run_dir."""
     proc = run_job(ranks_cmd(2, "--module", "deepseek_pt.train", "--config", SMOKE, f"data.path={data.shards_dir}",
-                                 f"run.dir={run_dir}", f"model.vocab_size={max(1024, data.vocab_size)}",
-                                 "train.save_every=0", *overrides), timeout=300)
+                             f"run.dir={run_dir}", f"model.vocab_size={max(1024, data.vocab_size)}",
+                             "train.save_every=0", *overrides), timeout=300)
     assert proc.returncode == 0, f"training failed ({proc.returncode}):\n{(proc.stdout + proc.stderr)[-4000:]}"
     return run_dir
 

@@ -31,7 +31,8 @@ TIMEOUT = 400
 def _env(**extra: str) -> dict:
     """The job environment without the host's launch variables, and a master port from this test worker's range
     (train.sh's own pick binds port 0, which can hand two workers one port; the README's smoke run covers it)."""
-    extra = {"MASTER_PORT": str(free_port()), **extra}
+    if "MASTER_PORT" not in extra:
+        extra["MASTER_PORT"] = str(free_port())
     env = {k: v for k, v in job_env(PYTHON=sys.executable, **extra).items()
            if k in extra or not (k.startswith("SLURM_") or k in {"NODE_RANK", "NNODES", "MASTER_ADDR", "MASTER_PORT",
                                                                  "NPROC", "NPROC_PER_NODE", "WORLD_SIZE", "RANK"})}

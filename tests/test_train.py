@@ -43,8 +43,8 @@ ONE_RANK_ALL_PERSISTENT = ["parallel.expert_parallel_size=1", "parallel.zero_per
 
 def _launch_cmd(nproc: int, run_dir: Path, data: Path, *overrides: str, launcher=ranks_cmd) -> list:
     return launcher(nproc, "--module", "deepseek_pt.train", "--config", SMOKE, f"data.path={data}",
-                         f"run.dir={run_dir}", f"train.max_steps={STEPS}", "train.eval_every=0", "train.save_every=0",
-                         *overrides)
+                    f"run.dir={run_dir}", f"train.max_steps={STEPS}", "train.eval_every=0", "train.save_every=0",
+                    *overrides)
 
 
 def train(nproc: int, run_dir: Path, data: Path, *overrides: str, expect_rc: int = 0) -> subprocess.CompletedProcess:

@@ -64,8 +64,9 @@ def pad_tokens(t: torch.Tensor) -> torch.Tensor:
 def quantize_transposed(t: torch.Tensor, row_scales: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor,
                                                                                              torch.Tensor]:
     """t [T, K] as `dtype` [K, T'] (pad_tokens) with one power-of-two dequantization scale for the whole tensor,
-    found from quantize_rows(t)'s e4m3 `row_scales`: each row's amax is at most 448 x its scale, so 448 x the largest bounds the tensor's. For e4m3 that
-    is the scale a pass over t would find; for e5m2 at worst one power of two below it, which its range affords."""
+    found from quantize_rows(t)'s e4m3 `row_scales`: each row's amax is at most 448 x its scale, so 448 x the
+    largest bounds the tensor's. For e4m3 that is the scale a pass over t would find; for e5m2 at worst one power of
+    two below it, which its range affords."""
     scale = row_scales.max() * (E4M3_MAX / torch.finfo(dtype).max)
     # A power of two still: the row scales are, and the ratio is 1 for e4m3, 448 / 57344 = 2^-7 for e5m2.
     q = (pad_tokens(t).float() / scale).to(dtype)
