@@ -21,7 +21,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .config import Config, ConfigError, ModelConfig, load_config, save_config
-from .fileio import NestedTooDeeply, atomic_path, atomic_write_bytes, atomic_write_text, loads_json, sha256_file
+from .fileio import atomic_path, atomic_write_bytes, atomic_write_text, read_json, sha256_file
 from .model import Transformer
 from .model.counting import meta_model
 
@@ -117,12 +117,7 @@ def read_export_info(path: str | Path) -> dict:
     file = Path(path) / "export.json"
     if not file.is_file():
         raise ExportError(f"{file}: not found ({path} is not a complete export)")
-    try:
-        info = loads_json(file.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:  # not text: a corrupt file, named
-        raise ExportError(f"{file}: not valid JSON: {e}") from None
-    except NestedTooDeeply as e:
-        raise ExportError(f"{file}: {e}") from None
+    info = read_json(file, ExportError)
     if not isinstance(info, dict) or not isinstance(info.get("format_version"), int):
         raise ExportError(f"{file}: missing format_version")
     if info["format_version"] > FORMAT_VERSION:

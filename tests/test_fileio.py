@@ -3,12 +3,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
-from deepseek_pt.fileio import MAX_NESTING, NestedTooDeeply, atomic_path, atomic_write_text, check_nesting, loads_json
+from deepseek_pt.fileio import (MAX_NESTING, NestedTooDeeply, atomic_path, atomic_write_text, check_nesting, loads_json,
+                                read_json)
 
 
 def test_a_private_writer_still_leaves_a_file_the_umask_allows(tmp_path):
@@ -79,6 +81,24 @@ def test_json_nested_too_deeply_is_refused_as_such():
             loads_json(text)
     for text in (_nested(MAX_NESTING), '{"a": ' + _nested(MAX_NESTING - 1) + "}", '{"a": [1, {"b": 2}]}'):
         assert loads_json(text) == json.loads(text)
+
+
+class _ReaderError(ValueError):
+    """A reader's own exception, as ExportError or DataError are."""
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"\xff\xfe not text", "not valid JSON: 'utf-8' codec can't decode"),
+    (b'{"a": 1', "not valid JSON: Expecting ',' delimiter"),
+    (_nested(MAX_NESTING + 1).encode(), "nested too deeply"),
+], ids=["not-text", "not-json", "too-deep"])
+def test_a_bad_json_file_is_the_readers_error_naming_the_file(tmp_path, content, message):
+    file = tmp_path / "meta.json"
+    file.write_bytes(content)
+    with pytest.raises(_ReaderError, match=f"^{re.escape(str(file))}: {message}"):
+        read_json(file, _ReaderError)
+    file.write_text('{"a": [1, 2]}')
+    assert read_json(file, _ReaderError) == {"a": [1, 2]}
 
 
 def test_the_nesting_check_walks_a_shared_node_once():

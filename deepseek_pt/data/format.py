@@ -6,7 +6,6 @@ loader, so that all three agree on what a valid shard directory is.
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -14,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from ..fileio import NestedTooDeeply, loads_json, sha256_file
+from ..fileio import read_json, sha256_file
 
 FORMAT_NAME = "deepseek_pt.token_shards"
 FORMAT_VERSION = 1
@@ -198,12 +197,7 @@ def open_manifest(path: str | Path) -> Manifest:
     if not file.is_file():
         hint = " (the build is incomplete: re-run build_shards.py to finish it)" if (file.parent / BUILD_LOG_NAME).exists() else ""
         raise DataError(f"{file}: manifest not found{hint}")
-    try:
-        raw = loads_json(file.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise DataError(f"{file}: not valid JSON: {e}") from None
-    except NestedTooDeeply as e:
-        raise DataError(f"{file}: {e}") from None
+    raw = read_json(file, DataError)
     return parse_manifest(raw, file.parent, str(file))
 
 

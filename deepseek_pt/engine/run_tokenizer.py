@@ -9,13 +9,12 @@ started before runs recorded it (its config's data.path is then all there is).
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..data.format import DOC_BOUNDARIES, DataError, Manifest, read_tokenizer_copy
 from ..export import SHA256
-from ..fileio import NestedTooDeeply, atomic_write_bytes, atomic_write_json, loads_json, sha256_file
+from ..fileio import atomic_write_bytes, atomic_write_json, read_json, sha256_file
 from .checkpoint import CheckpointError
 
 RECORD_NAME = "data.json"
@@ -58,12 +57,7 @@ def read(run_dir: Path) -> RunTokenizer | None:
     file = run_dir / RECORD_NAME
     if not file.is_file():
         return None
-    try:
-        raw = loads_json(file.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{file}: not valid JSON: {e}") from None
-    except NestedTooDeeply as e:
-        raise CheckpointError(f"{file}: {e}") from None
+    raw = read_json(file, CheckpointError)
     sha = raw.get("tokenizer_sha256") if isinstance(raw, dict) else None
     boundary = raw.get("doc_boundary") if isinstance(raw, dict) else None
     if not (isinstance(sha, str) and SHA256.fullmatch(sha)) or boundary not in DOC_BOUNDARIES:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -28,7 +27,7 @@ from safetensors.torch import save_file
 from ..config import Config, ConfigError, ModelConfig, config_from_dict
 from ..data.format import DOC_BOUNDARIES
 from ..export import DTYPES, FP32_TENSORS, cast_model, dtype_name, expected_shapes, expected_tensors
-from ..fileio import NestedTooDeeply, atomic_path, atomic_write_bytes, atomic_write_json, loads_json
+from ..fileio import atomic_path, atomic_write_bytes, atomic_write_json, loads_json, read_json
 from ..model import MoE, Transformer
 
 MAX_SHARD_BYTES = 5 * 1024**3
@@ -46,12 +45,7 @@ def read_hf_config(path: str | Path) -> dict:
     file = Path(path) / "config.json"
     if not file.is_file():
         raise HFConversionError(f"{file}: not found ({path} is not an HF model directory)")
-    try:
-        hf = loads_json(file.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:  # not text: a corrupt file, named
-        raise HFConversionError(f"{file}: not valid JSON: {e}") from None
-    except NestedTooDeeply as e:
-        raise HFConversionError(f"{file}: {e}") from None
+    hf = read_json(file, HFConversionError)
     if not isinstance(hf, dict):
         raise HFConversionError(f"{file}: holds a JSON {type(hf).__name__}, expected an object")
     return hf
