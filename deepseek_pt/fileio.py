@@ -14,7 +14,7 @@ import shutil
 import sys
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 
 def sha256_file(path: str | Path, chunk_bytes: int = 8 << 20) -> str:
@@ -171,7 +171,7 @@ def loads_json(text: str) -> Any:
     return check_nesting(value)
 
 
-def read_json(file: Path, error: Callable[[str], Exception]) -> Any:
+def read_json(file: Path, error: type[Exception]) -> Any:
     """The JSON value in `file`, or `error` (the reader's own exception class) naming the file where it is not UTF-8
     text, not JSON, or nested too deeply. A missing or unreadable file stays an OSError: each reader says what a
     missing file means."""

@@ -32,7 +32,8 @@ def stop(ranks: list[subprocess.Popen], status: int) -> None:
     for proc in procs:
         with suppress(psutil.NoSuchProcess):
             proc.terminate()
-    for proc in psutil.wait_procs(procs, timeout=STOP_GRACE_SECONDS)[1]:
+    _, alive = psutil.wait_procs(procs, timeout=STOP_GRACE_SECONDS)
+    for proc in alive:
         with suppress(psutil.NoSuchProcess):
             proc.kill()
     sys.exit(status)
